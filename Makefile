@@ -1,0 +1,29 @@
+# Two commands for a newcomer:
+#   make demo   set up, then run the pipeline on the built-in synthetic data
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/siimcovid synth out=datasets/siim-synth
+	$(BIN)/siimcovid prepare data=datasets/siim-synth sizes=256
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_prepare.py
+
+clean:
+	rm -rf runs data_yaml/*.yaml datasets

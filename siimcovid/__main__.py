@@ -1,0 +1,3 @@
+from siimcovid.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,90 @@
+"""The one entry point: ``siimcovid <stage> [mode] key=value ...``.
+
+Stages import lazily, so ``siimcovid synth`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+from siimcovid.config import Config, ConfigError, help_text, load_config
+from siimcovid.utils import LOGGER, SiimError
+
+# stage -> mode -> "module:function"; mode None is the stage without a mode word.
+# Each function takes the resolved Config of its stage.
+STAGES: dict[str, dict[str | None, str]] = {
+    "synth": {None: "siimcovid.data.synth:main"},
+    "prepare": {None: "siimcovid.data.prepare:main"},
+}
+
+USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
+
+stages:
+{stages}
+
+`siimcovid <stage> help` prints a stage's settings and their defaults.
+Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) and key=value.
+"""
+
+# Keys a stage accepts beyond its defaults file (e.g. Ultralytics' own train arguments).
+EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {}
+
+
+def usage() -> str:
+    lines = []
+    for stage, modes in STAGES.items():
+        words = " | ".join(m for m in modes if m) if any(modes) else ""
+        lines.append(f"  {stage:<10} {words}".rstrip())
+    return USAGE.format(stages="\n".join(lines))
+
+
+def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config | None, str | None]:
+    """Split argv into the function to run and its config; (None, None, text) prints text."""
+    if not argv or argv[0] in {"help", "-h", "--help"}:
+        return None, None, usage()
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'.\n{usage()}")
+    modes = STAGES[stage]
+    mode = None
+    if rest and "=" not in rest[0] and not rest[0].startswith("--") and rest[0] != "help":
+        mode, rest = rest[0], rest[1:]
+    if mode not in modes:
+        valid = ", ".join(m for m in modes if m) or "(none)"
+        raise ConfigError(f"unknown mode '{mode}' for stage '{stage}'; valid modes: {valid}")
+    if any(a in {"help", "-h", "--help"} for a in rest):
+        return None, None, help_text(stage)
+    extra = EXTRA_KEYS.get(stage, lambda: set())()
+    cfg = load_config(stage, rest, extra_ok=extra)
+    if mode is not None:
+        cfg["mode"] = mode
+    module_name, func_name = modes[mode].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return func, cfg, None
+
+
+def main(argv: list[str] | None = None) -> object:
+    """Run a stage in-process and return its result (tests call this)."""
+    func, cfg, text = resolve(list(sys.argv[1:] if argv is None else argv))
+    if func is None:
+        print(text, end="" if text.endswith("\n") else "\n")
+        return None
+    return func(cfg)
+
+
+def entrypoint() -> None:
+    """Console script: user errors print one clear line and exit 2, not a traceback."""
+    try:
+        main()
+    except SiimError as e:
+        LOGGER.error(f"siimcovid: error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        LOGGER.error("siimcovid: interrupted; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,118 @@
+"""The prepared dataset: the folder `siimcovid prepare` writes and every later stage reads.
+
+Layout of <out> (default runs/prepare/<name>)::
+
+    prepare.yaml                         the resolved prepare config
+    meta.csv                             one row per image, train and test (schema: META_COLUMNS)
+    skipped.csv                          inputs dropped with on_error=skip (file, line, problem)
+    <size>/images/{train,test}/<image_id>.<ext>   8-bit square images
+    <size>/labels/train/<image_id>.txt   YOLO labels: `0 xc yc w h`, normalised, clipped
+    <size>/masks/train/<image_id>.png    0/255 masks with the opacity boxes filled
+    <size>/fold<k>_train.txt, fold<k>_val.txt, test.txt   image lists for Ultralytics
+
+meta.csv is written last: a folder without it is not a finished prepare.
+Coordinates in meta.csv are ORIGINAL DICOM pixels; an image of size s is the original
+resized to s x s, so a box maps back with x * cols / s, y * rows / s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from siimcovid.data.boxes import boxes_from_json
+from siimcovid.utils import SiimError
+
+META_COLUMNS = [
+    "image_id",  # SOP id without _image
+    "study_id",  # StudyInstanceUID folder name
+    "series_id",
+    "patient_id",  # DICOM PatientID (folds group by it)
+    "split",  # train | test
+    "fold",  # 0..n_folds-1 for train, -1 for test
+    "study_label",  # negative | typical | indeterminate | atypical ('' for test)
+    "boxes",  # JSON [[x_min, y_min, x_max, y_max], ...] in original pixels, clipped to the image
+    "n_boxes",
+    "rows",  # original height
+    "cols",  # original width
+    "photometric",
+    "bits_stored",
+    "transfer_syntax",
+    "voi",  # lut | window | '' (what the conversion applied)
+    "modality",
+    "dicom",  # path of the DICOM relative to the data root
+]
+
+
+def image_file(root: Path, size: int, split: str, image_id: str, ext: str) -> Path:
+    return Path(root) / str(size) / "images" / split / f"{image_id}.{ext}"
+
+
+def label_file(root: Path, size: int, image_id: str) -> Path:
+    return Path(root) / str(size) / "labels" / "train" / f"{image_id}.txt"
+
+
+def mask_file(root: Path, size: int, image_id: str) -> Path:
+    return Path(root) / str(size) / "masks" / "train" / f"{image_id}.png"
+
+
+class Prepared:
+    """Read access to a prepared folder: config, meta table and file paths."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        meta_path, cfg_path = self.root / "meta.csv", self.root / "prepare.yaml"
+        if not meta_path.is_file() or not cfg_path.is_file():
+            raise SiimError(f"{self.root} is not a finished prepared dataset (no meta.csv): run `siimcovid prepare` first")
+        self.cfg = yaml.safe_load(cfg_path.read_text())
+        meta = pd.read_csv(meta_path, dtype={"image_id": str, "study_id": str, "series_id": str, "patient_id": str}, keep_default_na=False)
+        meta["boxes"] = [boxes_from_json(b) for b in meta["boxes"]]
+        self.meta = meta
+
+    @property
+    def name(self) -> str:
+        return self.cfg["name"]
+
+    @property
+    def sizes(self) -> list[int]:
+        return list(self.cfg["sizes"])
+
+    @property
+    def ext(self) -> str:
+        return self.cfg["ext"]
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.cfg["n_folds"])
+
+    def check_size(self, size: int) -> int:
+        size = int(size)
+        if size not in self.sizes:
+            raise SiimError(f"{self.root} has images at sizes {self.sizes}, not {size}: re-run prepare with sizes={self.sizes + [size]}")
+        return size
+
+    def check_fold(self, fold: int) -> int:
+        if not 0 <= int(fold) < self.n_folds:
+            raise SiimError(f"fold {fold} does not exist: {self.root} has folds 0..{self.n_folds - 1}")
+        return int(fold)
+
+    def split(self, split: str) -> pd.DataFrame:
+        return self.meta[self.meta.split == split].reset_index(drop=True)
+
+    def fold(self, fold: int, part: str = "val") -> pd.DataFrame:
+        """Train images of a fold: part='val' (held out) or 'train' (the other folds)."""
+        fold = self.check_fold(fold)
+        train = self.split("train")
+        return train[(train.fold == fold) if part == "val" else (train.fold != fold)].reset_index(drop=True)
+
+    def image_path(self, image_id: str, split: str, size: int) -> Path:
+        return image_file(self.root, size, split, image_id, self.ext)
+
+    def mask_path(self, image_id: str, size: int) -> Path:
+        return mask_file(self.root, size, image_id)
+
+    def label_path(self, image_id: str, size: int) -> Path:
+        return label_file(self.root, size, image_id)

@@ -1,0 +1,394 @@
+"""`siimcovid synth`: a synthetic dataset in exactly the SIIM download layout.
+
+What it draws, so that a model can learn it but not trivially:
+
+* a chest: body, two darker lung fields, mediastinum and heart, clavicles, faint ribs,
+  per-image anatomy jitter, exposure, gamma and noise;
+* opacities as soft, textured bright blobs inside the lungs at the labelled boxes, the
+  study class shaping the pattern: typical = bilateral, peripheral, lower zones, 2 (1-4)
+  boxes; indeterminate = one (or two) fainter box; atypical = central/perihilar or upper
+  lobar, denser; negative = none. Some positive studies have no boxes (faint unlabelled
+  findings), and studies with a second image label it `none`, like the real duplicates;
+* real DICOM variety: CR and DX, MONOCHROME1 and 2, BitsStored 10 to 16, Window
+  Center/Width or a VOI LUT Sequence on some files, uncompressed (explicit and implicit VR)
+  and compressed (RLE Lossless, JPEG 2000 Lossless, JPEG-LS Lossless, as the installed
+  encoders allow), patients with several studies, studies with several images.
+
+Deterministic for a given seed (same CSVs, same pixels).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from tqdm import tqdm
+
+from siimcovid.config import Config
+from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, STUDY_CLASSES, STUDY_COLUMNS, STUDY_CSV
+from siimcovid.utils import LOGGER, SiimError
+
+SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+
+
+def available_compressions() -> list:
+    """Compressed transfer syntaxes whose encoder is installed."""
+    from pydicom.pixels.encoders import JPEG2000LosslessEncoder, JPEGLSLosslessEncoder, RLELosslessEncoder
+
+    encoders = [(RLELossless, RLELosslessEncoder), (JPEG2000Lossless, JPEG2000LosslessEncoder), (JPEGLSLossless, JPEGLSLosslessEncoder)]
+    return [uid for uid, enc in encoders if enc.is_available]
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass
+class ImageSpec:
+    image_id: str
+    series_id: str
+    rows: int
+    cols: int
+    boxes: list  # [[x1, y1, x2, y2]] in pixels, the labelled ones
+    findings: list  # [(box, amplitude, kind)] drawn, labelled or not
+    seed: int
+    geo: dict  # lung geometry the findings were placed in
+    dicom: dict = field(default_factory=dict)  # photometric, bits, voi, transfer syntax, modality
+
+
+@dataclass
+class StudySpec:
+    study_id: str
+    patient_id: str
+    split: str
+    label: str  # one of STUDY_CLASSES ("" for test is never used: test has labels too, hidden)
+    images: list
+
+
+def _hex(rng: np.random.Generator, used: set) -> str:
+    while True:
+        value = "".join(rng.choice(list("0123456789abcdef"), 12))
+        if value not in used:
+            used.add(value)
+            return value
+
+
+def _lung_geometry(rng: np.random.Generator) -> dict:
+    """Fractions of the image: lung centres and semi-axes, shared by drawing and box placement."""
+    cy = 0.47 + rng.uniform(-0.03, 0.03)
+    gap = 0.21 + rng.uniform(-0.02, 0.02)
+    return {
+        "left": (0.5 - gap, cy),  # image left (patient's right lung)
+        "right": (0.5 + gap, cy),
+        "ax": 0.15 + rng.uniform(-0.015, 0.015),
+        "ay": 0.29 + rng.uniform(-0.03, 0.03),
+    }
+
+
+def _place_box(rng, geo, side: str, zone: str, rows: int, cols: int, scale: float = 1.0) -> list:
+    """A box inside one lung: zone in {peripheral_lower, any, central, upper}."""
+    cx, cy = geo[side]
+    ax, ay = geo["ax"], geo["ay"]
+    outward = -1 if side == "left" else 1
+    if zone == "peripheral_lower":
+        fx, fy = cx + outward * ax * rng.uniform(0.25, 0.55), cy + ay * rng.uniform(0.05, 0.5)
+    elif zone == "central":
+        fx, fy = cx - outward * ax * rng.uniform(0.35, 0.6), cy + ay * rng.uniform(-0.25, 0.2)
+    elif zone == "upper":
+        fx, fy = cx + outward * ax * rng.uniform(-0.3, 0.3), cy - ay * rng.uniform(0.35, 0.6)
+    else:
+        fx, fy = cx + ax * rng.uniform(-0.5, 0.5), cy + ay * rng.uniform(-0.5, 0.5)
+    w = cols * ax * rng.uniform(0.6, 1.0) * scale
+    h = rows * ay * rng.uniform(0.55, 1.0) * scale
+    x, y = fx * cols, fy * rows
+    return [x - w / 2, y - h / 2, x + w / 2, y + h / 2]
+
+
+def _findings(rng, label: str, geo: dict, rows: int, cols: int) -> list:
+    """(box, amplitude, kind) of each opacity the class pattern draws."""
+    out = []
+    if label == "typical":
+        n = rng.choice([1, 2, 3, 4], p=[0.1, 0.7, 0.15, 0.05])
+        sides = ["left", "right"] if n >= 2 else [rng.choice(["left", "right"])]
+        sides += [rng.choice(["left", "right"]) for _ in range(n - len(sides))]
+        for side in sides:
+            out.append((_place_box(rng, geo, side, "peripheral_lower", rows, cols), rng.uniform(0.22, 0.4), "ggo"))
+    elif label == "indeterminate":
+        n = rng.choice([1, 2], p=[0.6, 0.4])
+        for side in rng.choice(["left", "right"], size=n, replace=False):
+            out.append((_place_box(rng, geo, side, "any", rows, cols, 0.9), rng.uniform(0.14, 0.28), "ggo"))
+    elif label == "atypical":
+        n = rng.choice([1, 2], p=[0.7, 0.3])
+        for side in rng.choice(["left", "right"], size=n, replace=False):
+            zone = rng.choice(["central", "upper"])
+            out.append((_place_box(rng, geo, side, zone, rows, cols, 0.8), rng.uniform(0.3, 0.5), "dense"))
+    return out
+
+
+def plan_dataset(cfg: Config) -> list[StudySpec]:
+    """Decide every patient, study, image, box and DICOM flavour (cheap; drawing comes later)."""
+    rng = np.random.default_rng(cfg.seed)
+    used: set = set()
+    mix = np.asarray(cfg.class_mix, dtype=float)
+    if mix.shape != (4,) or (mix < 0).any() or mix.sum() <= 0:
+        raise SiimError(f"class_mix needs 4 non-negative weights (negative, typical, indeterminate, atypical), got {cfg.class_mix}")
+    mix = mix / mix.sum()
+    compressions = available_compressions()
+    studies: list[StudySpec] = []
+    for split, n_studies in (("train", int(cfg.train_studies)), ("test", int(cfg.test_studies))):
+        made = 0
+        while made < n_studies:
+            patient = _hex(rng, used)
+            n_for_patient = 1
+            if rng.random() < cfg.multi_study_patients:
+                n_for_patient = int(rng.choice([2, 3], p=[0.8, 0.2]))
+            for _ in range(min(n_for_patient, n_studies - made)):
+                label = str(rng.choice(STUDY_CLASSES, p=mix))
+                n_images = 1 + int(rng.random() < cfg.multi_image_studies)
+                images = []
+                for k in range(n_images):
+                    rows = int(cfg.rows * rng.uniform(1 - cfg.size_jitter, 1 + cfg.size_jitter))
+                    cols = int(cfg.cols * rng.uniform(1 - cfg.size_jitter, 1 + cfg.size_jitter))
+                    geo = _lung_geometry(rng)
+                    findings = _findings(rng, label, geo, rows, cols)
+                    labelled = k == 0  # a study's extra images are labelled none, like the real duplicates
+                    if findings and labelled and rng.random() < cfg.positive_without_boxes:
+                        labelled = False
+                        findings = [(b, a * 0.6, kind) for b, a, kind in findings[:1]]
+                    boxes = [b for b, _, _ in findings] if labelled else []
+                    compressed = compressions and rng.random() < cfg.compressed
+                    if compressed:
+                        tsyntax = compressions[int(rng.integers(len(compressions)))]
+                    else:
+                        tsyntax = ImplicitVRLittleEndian if rng.random() < 0.15 else ExplicitVRLittleEndian
+                    voi = ""
+                    if rng.random() < cfg.voi:
+                        voi = "lut" if rng.random() < 0.35 else "window"
+                    dicom = {
+                        "modality": str(rng.choice(["CR", "DX"])),
+                        "photometric": "MONOCHROME1" if rng.random() < cfg.monochrome1 else "MONOCHROME2",
+                        "bits": int(rng.choice([10, 12, 14, 16], p=[0.1, 0.5, 0.25, 0.15])),
+                        "voi": voi,
+                        "tsyntax": str(tsyntax),
+                    }
+                    images.append(
+                        ImageSpec(_hex(rng, used), _hex(rng, used), rows, cols, boxes, findings, int(rng.integers(2**31)), geo, dicom)
+                    )
+                studies.append(StudySpec(_hex(rng, used), patient, split, label, images))
+                made += 1
+    return studies
+
+
+# ----------------------------------------------------------------------------- drawing
+def _ellipse(shape, center, axes, blur: float) -> np.ndarray:
+    m = np.zeros(shape, np.float32)
+    cv2.ellipse(m, (int(center[0]), int(center[1])), (max(1, int(axes[0])), max(1, int(axes[1]))), 0, 0, 360, 1.0, -1)
+    return cv2.GaussianBlur(m, (0, 0), blur) if blur > 0 else m
+
+
+def draw_chest(spec: ImageSpec) -> np.ndarray:
+    """Float image in [0, 1] of shape (rows, cols): the chest with its opacities."""
+    rng = np.random.default_rng(spec.seed)
+    rows, cols = spec.rows, spec.cols
+    # Draw on a canvas of ~256 px, then upsample: cheap at any original size.
+    k = 256 / max(rows, cols)
+    h, w = max(32, int(rows * k)), max(32, int(cols * k))
+    sx, sy = w / cols, h / rows
+    geo = spec.geo
+    img = np.full((h, w), 0.04, np.float32)
+    img += 0.42 * _ellipse((h, w), (w * 0.5, h * 0.55), (w * 0.46, h * 0.6), 6)  # body
+    for side in ("left", "right"):
+        cx, cy = geo[side]
+        lung = _ellipse((h, w), (cx * w, cy * h), (geo["ax"] * w, geo["ay"] * h), 5)
+        ribs = 0.5 + 0.5 * np.sin(np.linspace(0, rng.uniform(14, 18) * np.pi, h))[:, None] * np.ones((1, w))
+        img -= lung * (0.3 - 0.06 * ribs.astype(np.float32))
+    img += 0.3 * _ellipse((h, w), (w * 0.5, h * 0.5), (w * 0.07, h * 0.45), 4)  # mediastinum / spine
+    img += 0.22 * _ellipse((h, w), (w * (0.56 + rng.uniform(-0.02, 0.02)), h * 0.66), (w * 0.13, h * 0.12), 6)  # heart
+    for sign in (-1, 1):  # clavicles
+        cv2.line(img, (int(w * 0.5), int(h * 0.18)), (int(w * (0.5 + sign * 0.33)), int(h * 0.13)), 0.25, max(1, w // 50))
+    for (x1, y1, x2, y2), amp, kind in spec.findings:
+        cx, cy = (x1 + x2) / 2 * sx, (y1 + y2) / 2 * sy
+        ax, ay = (x2 - x1) / 2 * sx, (y2 - y1) / 2 * sy
+        blob = _ellipse((h, w), (cx, cy), (ax * 0.8, ay * 0.8), max(ax, ay) * (0.25 if kind == "dense" else 0.4))
+        texture = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 2.0)
+        texture = 0.6 + 0.8 * (texture - texture.min()) / max(float(np.ptp(texture)), 1e-6)
+        img += amp * blob * (texture if kind == "ggo" else 1.0)
+    img = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_CUBIC)
+    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+    img += rng.normal(0, rng.uniform(0.01, 0.025), img.shape).astype(np.float32)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
+    return img.astype(np.float32)
+
+
+def _uid(*parts: str) -> str:
+    return generate_uid(entropy_srcs=["siimcovid-synth", *parts])
+
+
+def make_dicom(spec: ImageSpec, study: StudySpec, pixels: np.ndarray) -> Dataset:
+    """Wrap a [0, 1] float image as a DICOM with the spec's flavour."""
+    d = spec.dicom
+    bits = d["bits"]
+    top = 2**bits - 1
+    # Raw detector values rarely span the full range: use a random sub-range.
+    rng = np.random.default_rng(spec.seed + 2)
+    lo = rng.uniform(0.0, 0.1) * top
+    hi = rng.uniform(0.75, 1.0) * top
+    stored = lo + pixels * (hi - lo)
+    if d["photometric"] == "MONOCHROME1":
+        stored = top - stored
+    stored = np.clip(np.rint(stored), 0, top).astype(np.uint16)
+
+    ds = Dataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASS[d["modality"]]
+    meta.MediaStorageSOPInstanceUID = _uid(spec.image_id)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = _uid(study.study_id)
+    ds.SeriesInstanceUID = _uid(spec.series_id)
+    ds.PatientID = study.patient_id
+    ds.PatientName = "Synthetic^" + study.patient_id[:6]
+    ds.Modality = d["modality"]
+    ds.BodyPartExamined = "CHEST"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = d["photometric"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    if d["voi"] == "window":
+        # A window around the body's values, a little narrower than their range.
+        body = stored[stored.shape[0] // 4 : -stored.shape[0] // 4, stored.shape[1] // 4 : -stored.shape[1] // 4]
+        p1, p99 = np.percentile(body, [1, 99])
+        ds.WindowCenter = f"{(p1 + p99) / 2:.1f}"
+        ds.WindowWidth = f"{max(p99 - p1, 2) * 1.1:.1f}"
+    elif d["voi"] == "lut":
+        # A gamma-shaped VOI LUT with one 16-bit entry per stored value.
+        n = top + 1
+        table = (65535 * np.linspace(0, 1, n) ** 0.7).astype("<u2")
+        item = Dataset()
+        item.LUTDescriptor = [n % 65536, 0, 16]  # 0 entries means 65536
+        item.LUTExplanation = "synthetic gamma"
+        item.add_new(0x00283006, "OW", table.tobytes())  # LUTData
+        ds.VOILUTSequence = Sequence([item])
+    ds.PixelData = stored.tobytes()
+    if d["tsyntax"] == str(ImplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif d["tsyntax"] != str(ExplicitVRLittleEndian):
+        ds.compress(d["tsyntax"])
+    return ds
+
+
+def _write_image(job) -> None:
+    spec, study, path = job
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = make_dicom(spec, study, draw_chest(spec))
+    implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+
+
+# ----------------------------------------------------------------------------- CSVs
+def _boxes_cell(boxes: list) -> str:
+    if not boxes:
+        return ""
+    return str([{"x": x1, "y": y1, "width": round(x2 - x1, 5), "height": round(y2 - y1, 5)} for x1, y1, x2, y2 in boxes])
+
+
+def _label_cell(boxes: list) -> str:
+    if not boxes:
+        return "none 1 0 0 1 1"
+    return " ".join(f"opacity 1 {x1} {y1} {round(x1 + (x2 - x1), 5)} {round(y1 + (y2 - y1), 5)}" for x1, y1, x2, y2 in boxes)
+
+
+def _round_boxes(studies: list[StudySpec]) -> None:
+    """Round labelled boxes to 5 decimals like the real CSVs (a box may cross the border, as there)."""
+    for st in studies:
+        for im in st.images:
+            im.boxes = [[round(float(v), 5) for v in box] for box in im.boxes]
+
+
+def write_csvs(studies: list[StudySpec], out: Path) -> None:
+    train = [s for s in studies if s.split == "train"]
+    test = [s for s in studies if s.split == "test"]
+    image_rows = [
+        {"id": f"{im.image_id}_image", "boxes": _boxes_cell(im.boxes), "label": _label_cell(im.boxes), "StudyInstanceUID": st.study_id}
+        for st in train
+        for im in st.images
+    ]
+    pd.DataFrame(image_rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(out / IMAGE_CSV, index=False)
+    study_rows = [{"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in train]
+    pd.DataFrame(study_rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(out / STUDY_CSV, index=False)
+    sub = [{"id": f"{st.study_id}_study", "PredictionString": "negative 1 0 0 1 1"} for st in test]
+    sub += [{"id": f"{im.image_id}_image", "PredictionString": "none 1 0 0 1 1"} for st in test for im in st.images]
+    pd.DataFrame(sub, columns=["id", "PredictionString"]).to_csv(out / SAMPLE_SUBMISSION, index=False)
+    # The hidden test truth, outside the SIIM layout, so the test split can be scored too.
+    truth = out / "test_truth"
+    truth.mkdir(exist_ok=True)
+    rows = [
+        {"id": f"{im.image_id}_image", "boxes": _boxes_cell(im.boxes), "label": _label_cell(im.boxes), "StudyInstanceUID": st.study_id}
+        for st in test
+        for im in st.images
+    ]
+    pd.DataFrame(rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(truth / IMAGE_CSV, index=False)
+    rows = [{"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in test]
+    pd.DataFrame(rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(truth / STUDY_CSV, index=False)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def generate(cfg: Config) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and (out / IMAGE_CSV).exists() and not cfg.overwrite:
+        LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
+        return out
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    studies = plan_dataset(cfg)
+    _round_boxes(studies)
+    jobs = [
+        (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm")
+        for st in studies
+        for im in st.images
+    ]
+    workers = int(cfg.workers) or os.cpu_count() or 1
+    desc = f"synth {len(jobs)} DICOMs"
+    if workers == 1:
+        for job in tqdm(jobs, desc=desc, unit="img"):
+            _write_image(job)
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+            for _ in tqdm(pool.imap_unordered(_write_image, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
+                pass
+    write_csvs(studies, partial)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)  # the dataset appears only once complete
+    n_train = sum(len(s.images) for s in studies if s.split == "train")
+    n_test = sum(len(s.images) for s in studies if s.split == "test")
+    LOGGER.info(f"synth: wrote {n_train} train and {n_test} test DICOMs in {len(studies)} studies to {out}")
+    return out
+
+
+def main(cfg: Config) -> Path:
+    return generate(cfg)

@@ -1,0 +1,68 @@
+"""Small shared helpers: errors, logging, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+LOGGER = logging.getLogger("siimcovid")
+if not LOGGER.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(_handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+
+
+class SiimError(Exception):
+    """An error the user can fix (bad input, bad config). The CLI prints it without a traceback."""
+
+
+class DataError(SiimError, ValueError):
+    """Bad input data. The message names the file and, where there is one, the row."""
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None, row: int | None = None):
+        where = ""
+        if file is not None:
+            where = str(file)
+            if row is not None:
+                where += f", line {row}"
+            where += ": "
+        super().__init__(where + message)
+        self.file, self.row, self.reason = file, row, message
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    Readers never see a half-written file: either the old file, the new one, or none.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def write_csv(df, path: str | os.PathLike, **kwargs) -> Path:
+    """Write a pandas DataFrame as CSV atomically."""
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, **kwargs)
+    return Path(path)
