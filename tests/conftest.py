@@ -1,0 +1,33 @@
+"""Shared fixtures: one small synthetic dataset and its prepared folder for the whole session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic SIIM-layout dataset (about 50 train + 10 test images, ~256 px)."""
+    from siimcovid.config import load_config
+    from siimcovid.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "siim-synth"
+    cfg = load_config("synth", {"out": str(out), "train_studies": 48, "test_studies": 8, "rows": 256, "cols": 300, "workers": 1, "seed": 7})
+    return generate(cfg)
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root, tmp_path_factory) -> Path:
+    """synth_root prepared at 64 and 128 px, 3 folds; data YAMLs in a temp data_yaml/."""
+    from siimcovid.config import load_config
+    from siimcovid.data.prepare import prepare
+
+    base = tmp_path_factory.mktemp("prepared")
+    cfg = load_config(
+        "prepare",
+        {"data": str(synth_root), "name": "tiny", "out": str(base / "tiny"), "sizes": [64, 128], "n_folds": 3,
+         "workers": 1, "data_yaml_dir": str(base / "data_yaml")},
+    )
+    return prepare(cfg)
