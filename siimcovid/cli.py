@@ -17,6 +17,11 @@ from siimcovid.utils import LOGGER, SiimError
 STAGES: dict[str, dict[str | None, str]] = {
     "synth": {None: "siimcovid.data.synth:main"},
     "prepare": {None: "siimcovid.data.prepare:main"},
+    "detect": {
+        "train": "siimcovid.detect.train:main",
+        "predict": "siimcovid.detect.predict:main",
+        "evolve": "siimcovid.detect.evolve:main",
+    },
 }
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
@@ -29,7 +34,14 @@ Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) 
 """
 
 # Keys a stage accepts beyond its defaults file (e.g. Ultralytics' own train arguments).
-EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {}
+# Called only when that stage runs (the detect one imports Ultralytics, hence torch).
+def _ultralytics_keys() -> set[str]:
+    from siimcovid.detect.common import ultralytics_keys
+
+    return ultralytics_keys()
+
+
+EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {"detect": _ultralytics_keys}
 
 
 def usage() -> str:
