@@ -60,14 +60,19 @@ def load_hyp(hyp: str | None) -> dict[str, Any]:
     return values
 
 
-def train_args(cfg: Config, hyp: dict[str, Any]) -> dict[str, Any]:
-    """Ultralytics train arguments: hyp preset < siimcovid's train keys < pass-through keys the user gave."""
+def passthrough(cfg: Config) -> dict[str, Any]:
+    """The Ultralytics settings the user gave beyond siimcovid's own keys (e.g. cos_lr=true)."""
     ours = set(read_yaml(default_config_path("detect"))) | {"mode"}
     extras = {k: v for k, v in cfg.items() if k not in ours}
     managed = sorted(set(extras) & MANAGED_KEYS)
     if managed:
         raise SiimError(f"detect sets {managed} itself (runs go to <project>/<name>/fold<k>, skip and resume are automatic)")
-    args = {**hyp, **{k: cfg[k] for k in TRAIN_KEYS}, **extras}
+    return extras
+
+
+def train_args(cfg: Config, hyp: dict[str, Any]) -> dict[str, Any]:
+    """Ultralytics train arguments: hyp preset < siimcovid's train keys < pass-through keys the user gave."""
+    args = {**hyp, **{k: cfg[k] for k in TRAIN_KEYS}, **passthrough(cfg)}
     args["device"] = device_arg(args.get("device"))
     return args
 
