@@ -63,11 +63,12 @@ def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config 
     mode = None
     if rest and "=" not in rest[0] and not rest[0].startswith("--") and rest[0] != "help":
         mode, rest = rest[0], rest[1:]
-    if mode not in modes:
-        valid = ", ".join(m for m in modes if m) or "(none)"
-        raise ConfigError(f"unknown mode '{mode}' for stage '{stage}'; valid modes: {valid}")
     if any(a in {"help", "-h", "--help"} for a in rest):
         return None, None, help_text(stage)
+    if mode not in modes:
+        valid = ", ".join(m for m in modes if m) or "(none)"
+        what = f"stage '{stage}' needs a mode" if mode is None else f"unknown mode '{mode}' for stage '{stage}'"
+        raise ConfigError(f"{what}; valid modes: {valid}")
     extra = EXTRA_KEYS.get(stage, lambda: set())()
     cfg = load_config(stage, rest, extra_ok=extra)
     if mode is not None:

@@ -155,6 +155,8 @@ def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
         if not match:
             raise SiimError(f"{path}: expected a data YAML named <name>_fold<k>.yaml, as `siimcovid prepare` writes them")
         only_fold = int(match.group(2))
+    elif "/" in text or "\\" in text:
+        raise SiimError(f"data folder not found: {path} (run `siimcovid prepare` first)")
     else:
         first = Path(data_yaml_dir) / f"{text}_fold0.yaml"
         if not first.is_file():
