@@ -122,6 +122,10 @@ def evaluate(cfg: Config) -> Score:
             f"{len(unknown)} id(s) are not in the {cfg.split} truth of {cfg.data}, e.g. '{unknown[0]}' "
             "(wrong split or data?)", sub_path
         )
+    if cfg.fold == "all":  # the convention of every stage: all folds = no restriction
+        cfg.fold = None
+    if cfg.fold is not None and not isinstance(cfg.fold, int):
+        raise SiimError(f"fold must be an integer or all, got '{cfg.fold}'")
     if cfg.fold is not None:
         if (images.fold < 0).all():
             raise SiimError("fold=k needs a prepared dir (data=<prepared dir>): a SIIM root has no folds")

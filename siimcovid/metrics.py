@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from siimcovid.data.boxes import boxes_from_json
 from siimcovid.data.siim import IMAGE_CLASSES, STUDY_CLASSES
 from siimcovid.utils import SiimError
 
@@ -296,7 +297,7 @@ def study_pred(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def image_truth(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with image_id and boxes (lists of [x1, y1, x2, y2], original px) -> truth rows.
+    """Rows with image_id and boxes (lists of [x1, y1, x2, y2], original px, or their JSON) -> truth rows.
 
     An image without boxes gets the truth `none 0 0 1 1`.
     """
@@ -304,6 +305,8 @@ def image_truth(df: pd.DataFrame) -> pd.DataFrame:
         raise SiimError(f"image {df.image_id[df.image_id.duplicated()].iloc[0]} appears twice in the truth")
     ids, classes, boxes = [], [], []
     for image_id, bxs in zip(df.image_id.astype(str), df.boxes):
+        if isinstance(bxs, str):  # a raw meta.csv cell
+            bxs = boxes_from_json(bxs)
         arr = np.asarray(bxs if bxs is not None else [], dtype=np.float64).reshape(-1, 4)
         if len(arr) == 0:
             ids.append(image_id + IMAGE_SUFFIX), classes.append("none"), boxes.append(np.array([WHOLE]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_builders_make_a_perfect_score():
     )
     truth = pd.concat([study_truth(meta), image_truth(meta)], ignore_index=True)
     assert len(truth) == 3 + 3 + 2  # 3 studies, 3 boxes, 2 none images
+    as_json = meta.assign(boxes=[json.dumps(b) for b in meta.boxes])  # raw meta.csv cells
+    pd.testing.assert_frame_equal(image_truth(as_json), image_truth(meta))
     onehot = pd.DataFrame({"study_id": ["s1", "s2", "s3"], "negative": [0, 1, 0], "typical": [1, 0, 0], "indeterminate": [0] * 3, "atypical": [0, 0, 1]})
     boxes = pd.DataFrame(
         [("i1", 0.9, 10, 10, 50, 60), ("i1", 0.8, 70, 10, 120, 60), ("i4", 0.7, 5, 5, 30, 30)],

@@ -76,3 +76,11 @@ def test_agrees_with_podm_when_rows_are_shuffled():
     shuffled = pred.sample(frac=1.0, random_state=3).reset_index(drop=True)
     assert score(truth, shuffled).ap == pytest.approx(podm_ap(truth, shuffled), abs=1e-12)
     assert score(truth, shuffled).ap == pytest.approx(score(truth, pred).ap, abs=1e-12)
+
+
+def test_agrees_with_podm_on_tied_confidences():
+    # confidences rounded to 0.1: many ties, which both break by table order (stable sorts)
+    truth, pred = random_siim_case(5)
+    tied = pred.assign(conf=pred.conf.round(1))
+    assert tied.conf.duplicated().sum() > len(tied) // 2
+    assert score(truth, tied).ap == pytest.approx(podm_ap(truth, tied), abs=1e-12)
