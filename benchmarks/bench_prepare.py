@@ -1,6 +1,6 @@
 """Benchmark `siimcovid prepare` against the naive recipe on real-size synthetic DICOMs.
 
-    python benchmarks/bench_prepare.py [--images 24] [--compressed 0.35] [--sizes 512] [--ext png]
+    python benchmarks/bench_prepare.py [--images 16] [--compressed 0.35] [--sizes 512] [--ext png]
 
 Writes synthetic DICOMs of real size (about 2544 x 3028, 10-16 bit, some compressed) once
 into --work, then measures, each method in a fresh process (so peak memory is its own):
@@ -14,8 +14,10 @@ into --work, then measures, each method in a fresh process (so peak memory is it
   prepare-N   `siimcovid prepare` with all cores
   prepare-re  a re-run of prepare-N on finished output (resume: header reads only)
 
-All reads come from the page cache (the files are read once before timing). Prints
-images/s, ms/image, peak RSS, and the ratios the issue asks for.
+All reads come from the page cache (the files are read once before timing). Each method
+runs on n and 2n images; the difference gives the marginal cost per image, free of fixed
+costs (imports, worker start, CSV parsing, folds), which are printed apart and projected
+to the size of the real dataset. Prints ms/image, images/s, peak RSS and the ratios.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ elif method == "decode-min":
 elif method == "naive":
     from siimcovid.data.dicom import naive_dicom_to_uint8
     os.makedirs(out, exist_ok=True)
+    t = time.perf_counter()
     for f in files:
         for s in sizes:
             cv2.imwrite(os.path.join(out, f"{{s}}_" + os.path.basename(f)[:-4] + "." + ext), naive_dicom_to_uint8(f, s))
 else:
     from siimcovid.config import load_config
     from siimcovid.data.prepare import prepare
+    t = time.perf_counter()
     prepare(load_config("prepare", dict(data=data, out=out, sizes=sizes, ext=ext, workers=workers,
                                            data_yaml_dir=os.path.join(out, "data_yaml"), n_folds=2)))
 dt = time.perf_counter() - t
@@ -72,26 +76,16 @@ def run_child(method: str, data: Path, out: Path, sizes: list[int], ext: str, wo
     return json.loads(line[len("RESULT ") :])
 
 
-def make_data(work: Path, n: int, compressed: float, uncompressed_only: bool) -> Path:
+def make_data(work: Path, n: int, compressed: float, seed: int) -> Path:
     sys.path.insert(0, str(ROOT))
     from siimcovid.config import load_config
     from siimcovid.data.synth import generate
 
-    tag = "u" if uncompressed_only else f"c{compressed}"
-    data = work / f"synth-{n}-{tag}"
+    data = work / f"synth-{n}-c{compressed}-s{seed}"
     cfg = load_config(
         "synth",
-        dict(
-            out=str(data),
-            train_studies=n,
-            test_studies=0,
-            rows=2544,
-            cols=3028,
-            size_jitter=0.15,
-            compressed=0.0 if uncompressed_only else compressed,
-            multi_image_studies=0.0,
-            seed=1,
-        ),
+        dict(out=str(data), train_studies=n, test_studies=0, rows=2544, cols=3028, size_jitter=0.15,
+             compressed=compressed, multi_image_studies=0.0, seed=seed),
     )
     generate(cfg)
     for f in data.rglob("*.dcm"):  # warm the page cache
@@ -99,47 +93,57 @@ def make_data(work: Path, n: int, compressed: float, uncompressed_only: bool) ->
     return data
 
 
-def bench(data: Path, work: Path, sizes: list[int], ext: str, label: str) -> None:
-    cores = os.cpu_count() or 1
+METHODS = [("decode", 1), ("decode-min", 1), ("naive", 1), ("prepare-1", 1), ("prepare-N", os.cpu_count() or 1), ("prepare-re", os.cpu_count() or 1)]
+
+
+def measure(data: Path, work: Path, sizes: list[int], ext: str) -> dict:
     results = {}
-    for method, workers in [
-        ("decode", 1),
-        ("decode-min", 1),
-        ("naive", 1),
-        ("prepare-1", 1),
-        ("prepare-N", cores),
-        ("prepare-re", cores),
-    ]:
-        out = work / f"out-{label}-{method if method != 'prepare-re' else 'prepare-N'}"
+    for method, workers in METHODS:
+        out = work / f"out-{data.name}-{'prepare-N' if method == 'prepare-re' else method}"
         if method != "prepare-re" and out.exists():
             shutil.rmtree(out)
         results[method] = run_child("prepare" if method.startswith("prepare") else method, data, out, sizes, ext, workers)
-    n = results["decode"]["n"]
-    print(f"\n== {label}: {n} DICOMs of ~2544x3028, sizes {sizes}, {ext}, {cores} cores ==")
-    print(f"{'method':<12} {'img/s':>8} {'ms/img':>8} {'peak MB':>8}")
-    for m, r in results.items():
-        print(f"{m:<12} {n / r['seconds']:8.2f} {1000 * r['seconds'] / n:8.1f} {r['peak_mb']:8.0f}")
-    ms = {m: 1000 * r["seconds"] / n for m, r in results.items()}
-    print(f"prepare (1 core) / pure read+decode (dcmread.pixel_array):   {ms['prepare-1'] / ms['decode']:.2f}x  (target <= 1.2x)")
-    print(f"prepare (1 core) / leanest read+decode (pixels.pixel_array): {ms['prepare-1'] / ms['decode-min']:.2f}x")
-    print(f"naive recipe     / pure read+decode:                         {ms['naive'] / ms['decode']:.2f}x")
-    print(f"prepare (1 core) speed-up over naive:                        {ms['naive'] / ms['prepare-1']:.2f}x")
-    print(f"prepare ({cores} cores) speed-up over 1 core:                   {ms['prepare-1'] / ms['prepare-N']:.2f}x")
-    print(f"re-run on finished output (resume) / first run:              {ms['prepare-re'] / ms['prepare-N']:.2f}x")
+    return results
+
+
+def bench(label: str, small: dict, large: dict, sizes: list[int], ext: str, real_n: int = 7597) -> None:
+    """Per-image (marginal) cost from two runs of n and 2n images, so fixed costs (imports,
+    process start, CSV parsing, folds) do not swamp a small benchmark set."""
+    cores = os.cpu_count() or 1
+    n1, n2 = small["decode"]["n"], large["decode"]["n"]
+    per, fixed = {}, {}
+    for m in small:
+        per[m] = 1000 * (large[m]["seconds"] - small[m]["seconds"]) / (n2 - n1)
+        fixed[m] = max(small[m]["seconds"] - n1 * per[m] / 1000, 0.0)
+    print(f"\n== {label}: DICOMs of ~2544x3028 (10-16 bit), sizes {sizes}, {ext}, {cores} cores; runs of {n1} and {n2} images ==")
+    print(f"{'method':<12} {'ms/img':>8} {'img/s':>8} {'fixed s':>8} {'peak MB':>8}   (ms/img: marginal cost of one more image)")
+    for m in small:
+        print(f"{m:<12} {per[m]:8.1f} {1000 / per[m]:8.1f} {fixed[m]:8.2f} {large[m]['peak_mb']:8.0f}")
+    proj = lambda m: (fixed[m] + real_n * per[m] / 1000) / (real_n * per["decode"] / 1000)  # noqa: E731
+    print(f"prepare, 1 core / pure read+decode (dcmread().pixel_array):   {per['prepare-1'] / per['decode']:.2f}x   (target <= 1.2x)")
+    print(f"  the same with fixed costs, projected to the real {real_n} images: {proj('prepare-1'):.2f}x")
+    print(f"prepare, 1 core / leanest read+decode (pixels.pixel_array):   {per['prepare-1'] / per['decode-min']:.2f}x")
+    print(f"naive recipe    / pure read+decode:                            {per['naive'] / per['decode']:.2f}x")
+    print(f"prepare speed-up over the naive recipe, both on 1 core:        {per['naive'] / per['prepare-1']:.2f}x")
+    print(f"prepare on {cores} cores, speed-up over 1 core:                     {per['prepare-1'] / per['prepare-N']:.2f}x")
+    print(f"re-run on finished output (resume), per image:                 {per['prepare-re']:.1f} ms")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=16, help="the small run; the large run has twice as many")
     ap.add_argument("--compressed", type=float, default=0.35, help="fraction compressed in the mixed set")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[512])
     ap.add_argument("--ext", default="png", choices=["png", "jpg"])
     ap.add_argument("--work", type=Path, default=Path("runs/bench_prepare"))
+    ap.add_argument("--only", choices=["uncompressed", "mixed"], default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    for uncompressed_only, label in [(True, "uncompressed"), (False, "mixed")]:
-        data = make_data(args.work, args.images, args.compressed, uncompressed_only)
-        bench(data, args.work, args.sizes, args.ext, label)
+    for compressed, label in [(0.0, "uncompressed"), (args.compressed, "mixed")]:
+        if args.only and args.only != label:
+            continue
+        runs = [measure(make_data(args.work, n, compressed, seed=1), args.work, args.sizes, args.ext) for n in (args.images, 2 * args.images)]
+        bench(label, *runs, args.sizes, args.ext)
 
 
 if __name__ == "__main__":
