@@ -22,6 +22,7 @@ STAGES: dict[str, dict[str | None, str]] = {
         "predict": "siimcovid.detect.predict:main",
         "evolve": "siimcovid.detect.evolve:main",
     },
+    "evaluate": {None: "siimcovid.evaluate:main"},
 }
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
