@@ -195,11 +195,25 @@ def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
 
 
 def test_predict_reports_oof_opacity_ap(predicted, trained):
-    pytest.importorskip("siimcovid.metrics")
     table = pd.read_csv(trained / "oof_ap.csv", dtype={"fold": str})
     assert list(table.fold) == ["0", "1", "2", "all"]
     assert table.set_index("fold").at["all", "images"] == 50
     assert table.opacity_ap.between(0, 1).all()
+
+
+def test_oof_ap_scores_the_truth_boxes_as_perfect_and_shifted_boxes_lower(trained):
+    from siimcovid.detect.predict import load_run, oof_ap
+
+    run = load_run(trained)
+    train = run.prepared.split("train")
+    rows = [(i, run.name, f, *b, 0.9) for i, f, bs in zip(train.image_id, train.fold, train.boxes) for b in bs]
+    perfect = pd.DataFrame(rows, columns=PRED_COLUMNS)
+    assert (oof_ap(perfect, run).opacity_ap == 1.0).all()
+    shifted = perfect.copy()
+    width = shifted.x_max - shifted.x_min
+    shifted.loc[shifted.index % 2 == 0, ["x_min", "x_max"]] += width[shifted.index % 2 == 0].to_numpy()[:, None]
+    table = oof_ap(shifted, run).set_index("fold")
+    assert 0 < table.at["all", "opacity_ap"] < 1  # half the boxes no longer overlap their truth
 
 
 def test_predict_several_runs_at_once(trained, tmp_path):

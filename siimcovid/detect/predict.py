@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from siimcovid import metrics
 from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
@@ -157,11 +158,6 @@ def predict_args(cfg: Config) -> dict:
 
 def oof_ap(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
     """The competition's opacity AP of the OOF boxes: per fold and over all predicted train images."""
-    try:
-        from siimcovid import metrics
-    except ImportError:  # the metric lands from its own branch
-        LOGGER.warning("detect predict: siimcovid.metrics is not available; OOF AP not computed")
-        return pd.DataFrame(columns=["model", "fold", "images", "opacity_ap"])
     train = run.prepared.split("train")
     train = train[train.fold.isin(list(run.weights))]
     rows = []
@@ -183,6 +179,9 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     if bad or not splits:
         raise SiimError(f"split must be oof, test or both (oof,test), got {cfg.split}")
     loaded = [load_run(r, cfg.weights) for r in runs]  # check every run before predicting with any
+    names = [run.name for run in loaded]
+    if len(set(names)) < len(names):
+        raise SiimError(f"runs must have different names (the `model` column): {names}")
     written: dict[str, dict[str, Path]] = {}
     together: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
     for run in loaded:
@@ -193,8 +192,8 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
         for split, df in preds.items():
             written[run.name][split] = write_csv(df, run.dir / f"pred_{split}.csv", float_format="%.5g")
             together[split].append(df)
-        table = oof_ap(preds["oof"], run) if "oof" in splits else None
-        if table is not None and len(table):
+        if "oof" in splits:
+            table = oof_ap(preds["oof"], run)
             written[run.name]["oof_ap"] = write_csv(table, run.dir / "oof_ap.csv")
             LOGGER.info(f"detect predict: OOF opacity AP (IoU 0.5) of {run.name}:\n{table.to_string(index=False)}")
         LOGGER.info(f"detect predict: {', '.join(str(p) for p in written[run.name].values())}")
