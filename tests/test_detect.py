@@ -282,6 +282,8 @@ def test_clear_errors(prepared, project, tmp_path):
         detect("train", f"data={prepared}", *base, "mixupp=0.2")
     with pytest.raises(ConfigError, match="valid modes: train, predict, evolve"):
         cli.main(["detect", "fit"])
+    with pytest.raises(ConfigError, match="needs a mode"):
+        cli.main(["detect", f"data={prepared}"])
     assert not (project / "errors" / "fold0").exists()  # nothing started
 
 

@@ -125,6 +125,8 @@ class DataSource:
         path = self.yamls[fold]
         if not path.is_file():
             raise SiimError(f"data YAML not found: {path}. `siimcovid prepare` writes data_yaml/<name>_fold<k>.yaml (see data_yaml_dir=)")
+        if _prepared_of_yaml(path).resolve() != self.prepared:
+            raise SiimError(f"{path} points into {_prepared_of_yaml(path)}, not {self.prepared}: a stale YAML? re-run prepare")
         return path
 
 

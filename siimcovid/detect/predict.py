@@ -69,7 +69,8 @@ def load_run(run_dir: str | Path, weights: str = "best") -> Run:
     found = {k: p for k, p in found.items() if p.is_file()}
     if not found:
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/weights/{weights}.pt)")
-    args = {k: yaml.safe_load((run_dir / f"fold{k}" / "args.yaml").read_text()) or {} for k in found}
+    args_files = {k: run_dir / f"fold{k}" / "args.yaml" for k in found}
+    args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}
     saved = run_dir / RUN_CONFIG
     if saved.is_file():  # written by `siimcovid detect train`
         cfg = yaml.safe_load(saved.read_text()) or {}
