@@ -38,10 +38,32 @@ def make_data(work: Path, args) -> Path:
     root = work / "siim-synth"
     prepared = work / "prepared" / f"bench{args.imgsz}"
     if not (prepared / "meta.csv").is_file():
-        generate(load_config("synth", {"out": str(root), "train_studies": args.train_studies, "test_studies": args.test_studies,
-                                        "rows": args.orig, "cols": int(args.orig * 1.2), "seed": 0}))
-        prepare(load_config("prepare", {"data": str(root), "name": f"bench{args.imgsz}", "out": str(prepared),
-                                         "sizes": [args.imgsz], "n_folds": 5, "data_yaml_dir": str(work / "data_yaml")}))
+        generate(
+            load_config(
+                "synth",
+                {
+                    "out": str(root),
+                    "train_studies": args.train_studies,
+                    "test_studies": args.test_studies,
+                    "rows": args.orig,
+                    "cols": int(args.orig * 1.2),
+                    "seed": 0,
+                },
+            )
+        )
+        prepare(
+            load_config(
+                "prepare",
+                {
+                    "data": str(root),
+                    "name": f"bench{args.imgsz}",
+                    "out": str(prepared),
+                    "sizes": [args.imgsz],
+                    "n_folds": 5,
+                    "data_yaml_dir": str(work / "data_yaml"),
+                },
+            )
+        )
     return prepared
 
 
@@ -62,12 +84,28 @@ def bench_train(prepared: Path, work: Path, args) -> dict:
     from siimcovid.detect.train import train
 
     name = f"bench-{Path(args.model).stem}-{args.imgsz}-{int(time.time())}"
-    cfg = load_config("detect", {
-        "data": str(prepared), "data_yaml_dir": str(work / "data_yaml"), "model": args.model, "pretrained": False,
-        "hyp": args.hyp, "fold": 0, "epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "device": args.device,
-        "workers": args.workers, "plots": False, "project": str(work / "runs"), "name": name, "amp": not args.no_amp,
-        "val": True,
-    }, extra_ok=ultralytics_keys())
+    cfg = load_config(
+        "detect",
+        {
+            "data": str(prepared),
+            "data_yaml_dir": str(work / "data_yaml"),
+            "model": args.model,
+            "pretrained": False,
+            "hyp": args.hyp,
+            "fold": 0,
+            "epochs": args.epochs,
+            "imgsz": args.imgsz,
+            "batch": args.batch,
+            "device": args.device,
+            "workers": args.workers,
+            "plots": False,
+            "project": str(work / "runs"),
+            "name": name,
+            "amp": not args.no_amp,
+            "val": True,
+        },
+        extra_ok=ultralytics_keys(),
+    )
     epochs: list[tuple[float, int]] = []
     state = {}
 
@@ -93,8 +131,17 @@ def bench_predict(run_dir: Path, args, tta: bool) -> tuple[float, int]:
 
     n_test = len(load_run(run_dir).prepared.split("test"))
     t = time.perf_counter()
-    cli.main(["detect", "predict", f"run={run_dir}", "split=test", f"tta={str(tta).lower()}", f"device={args.device}",
-              f"batch={args.predict_batch}"])
+    cli.main(
+        [
+            "detect",
+            "predict",
+            f"run={run_dir}",
+            "split=test",
+            f"tta={str(tta).lower()}",
+            f"device={args.device}",
+            f"batch={args.predict_batch}",
+        ]
+    )
     seconds = time.perf_counter() - t
     assert (run_dir / "pred_test.csv").is_file()
     pd.read_csv(run_dir / "pred_test.csv")
@@ -125,8 +172,10 @@ def main() -> None:
     without_tta = bench_predict(result["run"], args, tta=False)
 
     amp = "off" if args.no_amp or args.device == "cpu" else "on"
-    print(f"\n=== detect benchmark: {args.model} at {args.imgsz} px, batch {args.batch}, AMP {amp}, "
-          f"device {args.device}: {device_name(args.device)} ===")
+    print(
+        f"\n=== detect benchmark: {args.model} at {args.imgsz} px, batch {args.batch}, AMP {amp}, "
+        f"device {args.device}: {device_name(args.device)} ==="
+    )
     for i, (seconds, n) in enumerate(result["epochs"]):
         label = "epoch 1 (warm-up)" if i == 0 else f"epoch {i + 1}"
         print(f"train {label:<18} {n:5d} images {seconds:8.2f} s  {n / seconds:8.1f} images/s")
@@ -134,8 +183,10 @@ def main() -> None:
     images, seconds = sum(n for _, n in steady), sum(s for s, _ in steady)
     print(f"train steady state        {images / seconds:8.1f} images/s (validation excluded)")
     for label, (secs, n) in (("predict test, TTA", with_tta), ("predict test, no TTA", without_tta)):
-        print(f"{label:<25} {n:5d} images {secs:8.2f} s  {n / secs:8.1f} images/s  "
-              f"-> {REAL_TEST_IMAGES} images x {REAL_FOLDS} folds: {REAL_TEST_IMAGES * REAL_FOLDS * secs / n:8.1f} s")
+        print(
+            f"{label:<25} {n:5d} images {secs:8.2f} s  {n / secs:8.1f} images/s  "
+            f"-> {REAL_TEST_IMAGES} images x {REAL_FOLDS} folds: {REAL_TEST_IMAGES * REAL_FOLDS * secs / n:8.1f} s"
+        )
     print(f"TTA cost ratio (TTA / no TTA time): {with_tta[0] / without_tta[0]:.2f}")
 
 

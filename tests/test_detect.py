@@ -42,8 +42,9 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(prepared, project) -> Path:
     """All 3 folds, one epoch each; a preset plus command-line and pass-through overrides."""
-    return detect("train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup",
-                  "mixup=0.3", "cos_lr=true")
+    return detect(
+        "train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "mixup=0.3", "cos_lr=true"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,9 @@ def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):
         raise AssertionError("a finished fold was trained again")
 
     monkeypatch.setattr(Model, "train", no_training)
-    detect("train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "mixup=0.3", "cos_lr=true")
+    detect(
+        "train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "mixup=0.3", "cos_lr=true"
+    )
     after = {k: (trained / f"fold{k}" / "weights" / "best.pt").stat().st_mtime_ns for k in range(3)}
     assert after == before
 
@@ -125,7 +128,9 @@ def test_presets_are_plain_ultralytics_configs_with_the_documented_augmentation(
         assert not set(raw) & set(TRAIN_KEYS), name  # epochs/imgsz/batch belong to the command line
         cfg = get_cfg(DEFAULT_CFG_DICT, raw)  # what `yolo detect train cfg=<preset>` does: validates keys and types
         assert cfg.mosaic == raw["mosaic"]
-    mixes = {n: (load_hyp(n)["mosaic"], load_hyp(n)["mixup"]) for n in ("yolov5x-mixup", "yolov5x-mosaic", "yolov5-1st", "yolov5m")}
+    mixes = {
+        n: (load_hyp(n)["mosaic"], load_hyp(n)["mixup"]) for n in ("yolov5x-mixup", "yolov5x-mosaic", "yolov5-1st", "yolov5m")
+    }
     assert mixes == {"yolov5x-mixup": (0.7, 0.16), "yolov5x-mosaic": (1.0, 0.0), "yolov5-1st": (1.0, 0.5), "yolov5m": (1.0, 0.0)}
 
 
@@ -163,12 +168,21 @@ def test_predict_agrees_with_ultralytics_after_its_letterbox(trained, predicted,
     rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
     assert rows != cols  # a non-square original, so a rows/cols mix-up would show
     raw = YOLO(str(trained / f"fold{fold}" / "weights" / "best.pt")).predict(
-        str(Prepared(prepared).image_path(image_id, "train", 128)), imgsz=64, conf=0.001, iou=0.5, augment=True,
-        max_det=100, device="cpu", verbose=False)[0]
+        str(Prepared(prepared).image_path(image_id, "train", 128)),
+        imgsz=64,
+        conf=0.001,
+        iou=0.5,
+        augment=True,
+        max_det=100,
+        device="cpu",
+        verbose=False,
+    )[0]
     expected = raw.boxes.xyxy.numpy() * np.array([cols / 128, rows / 128, cols / 128, rows / 128])
     got = oof[oof.image_id == image_id].sort_values("conf", ascending=False, kind="stable")
     order = np.argsort(-raw.boxes.conf.numpy(), kind="stable")
-    np.testing.assert_allclose(got[["x_min", "y_min", "x_max", "y_max"]].to_numpy(), expected[order].clip(0, [cols, rows, cols, rows]), atol=0.05)
+    np.testing.assert_allclose(
+        got[["x_min", "y_min", "x_max", "y_max"]].to_numpy(), expected[order].clip(0, [cols, rows, cols, rows]), atol=0.05
+    )
 
 
 def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
@@ -219,8 +233,15 @@ def test_oof_ap_scores_the_truth_boxes_as_perfect_and_shifted_boxes_lower(traine
 def test_predict_several_runs_at_once(trained, tmp_path):
     other = tmp_path / "tiny3-copy"
     shutil.copytree(trained, other, ignore=shutil.ignore_patterns("pred_*.csv", "oof_ap.csv"))
-    written = detect("predict", f"run={trained},{other}", "split=test", "tta=false", "device=cpu", "predict_imgsz=64",
-                     f"out={tmp_path / 'all'}")
+    written = detect(
+        "predict",
+        f"run={trained},{other}",
+        "split=test",
+        "tta=false",
+        "device=cpu",
+        "predict_imgsz=64",
+        f"out={tmp_path / 'all'}",
+    )
     assert set(written) == {"tiny3", "tiny3-copy"}
     together = pd.read_csv(tmp_path / "all" / "pred_test.csv", dtype={"image_id": str})
     assert set(together.model) == {"tiny3", "tiny3-copy"}
@@ -235,8 +256,9 @@ def test_predict_several_runs_at_once(trained, tmp_path):
 def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
-    out = detect("evolve", f"data={prepared}", *TINY, f"project={project}", "name=evo", "fold=1", "iterations=2",
-                 "hyp=yolov5x-mosaic")
+    out = detect(
+        "evolve", f"data={prepared}", *TINY, f"project={project}", "name=evo", "fold=1", "iterations=2", "hyp=yolov5x-mosaic"
+    )
     tune = project / "evo" / "tune"
     results = [json.loads(line) for line in (tune / "tune_results.ndjson").read_text().splitlines() if line.strip()]
     assert [r["iteration"] for r in results] == [1, 2]
@@ -299,6 +321,5 @@ def test_yaml_path_selects_its_fold(prepared):
 
 def test_cli_does_not_import_torch_for_other_stages():
     code = "import sys; from siimcovid import cli; cli.resolve(['synth', 'out=x']); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False"

@@ -52,7 +52,9 @@ def load_hyp(hyp: str | None) -> dict[str, Any]:
     values = read_yaml(path)
     bad = sorted(set(values) - ultralytics_keys())
     if bad:
-        raise SiimError(f"{path}: {', '.join(bad)} are not Ultralytics settings (a hyp preset holds keys like lr0, mosaic, mixup)")
+        raise SiimError(
+            f"{path}: {', '.join(bad)} are not Ultralytics settings (a hyp preset holds keys like lr0, mosaic, mixup)"
+        )
     ignored = sorted(set(values) & set(TRAIN_KEYS))
     if ignored:
         LOGGER.warning(f"detect: {path} sets {ignored}; siimcovid takes these from its own config (set them on the command line)")
@@ -124,7 +126,9 @@ class DataSource:
     def yaml(self, fold: int) -> Path:
         path = self.yamls[fold]
         if not path.is_file():
-            raise SiimError(f"data YAML not found: {path}. `siimcovid prepare` writes data_yaml/<name>_fold<k>.yaml (see data_yaml_dir=)")
+            raise SiimError(
+                f"data YAML not found: {path}. `siimcovid prepare` writes data_yaml/<name>_fold<k>.yaml (see data_yaml_dir=)"
+            )
         if _prepared_of_yaml(path).resolve() != self.prepared:
             raise SiimError(f"{path} points into {_prepared_of_yaml(path)}, not {self.prepared}: a stale YAML? re-run prepare")
         return path
@@ -137,7 +141,9 @@ def _prepared_of_yaml(path: Path) -> Path:
     if not images.is_absolute():
         images = (path.parent / images).resolve()
     if not (images.parent / "meta.csv").is_file():
-        raise SiimError(f"{path}: its path {images} is not inside a prepared dataset (no meta.csv beside it): run `siimcovid prepare`")
+        raise SiimError(
+            f"{path}: its path {images} is not inside a prepared dataset (no meta.csv beside it): run `siimcovid prepare`"
+        )
     return images.parent
 
 

@@ -92,13 +92,29 @@ def evolve(cfg: Config) -> Path:
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     tune_dir = run_dir / "tune"
-    Config(cfg, mode="evolve", name=name, model=model, fold=fold, prepared=str(source.prepared), size=source.size,
-           data_yaml=str(data_yaml.resolve()), hyp_values=hyp, space={k: list(v) for k, v in space.items()}
-           ).save(run_dir / RUN_CONFIG)
+    Config(
+        cfg,
+        mode="evolve",
+        name=name,
+        model=model,
+        fold=fold,
+        prepared=str(source.prepared),
+        size=source.size,
+        data_yaml=str(data_yaml.resolve()),
+        hyp_values=hyp,
+        space={k: list(v) for k, v in space.items()},
+    ).save(run_dir / RUN_CONFIG)
 
     LOGGER.info(f"detect evolve: {iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
-    YOLO(model).tune(data=str(data_yaml), iterations=iterations, space=space, project=str(run_dir), name=tune_dir.name,
-                     resume=(tune_dir / "tune_results.ndjson").is_file(), **args)
+    YOLO(model).tune(
+        data=str(data_yaml),
+        iterations=iterations,
+        space=space,
+        project=str(run_dir),
+        name=tune_dir.name,
+        resume=(tune_dir / "tune_results.ndjson").is_file(),
+        **args,
+    )
     best = tune_dir / "best_hyperparameters.yaml"
     if not best.is_file():
         raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")

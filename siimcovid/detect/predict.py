@@ -152,8 +152,14 @@ def predict_args(cfg: Config) -> dict:
     device = device_arg(cfg.device)
     if isinstance(device, str) and "," in device:
         device = device.split(",")[0]  # inference runs on one GPU
-    args = {"conf": float(cfg.conf), "iou": float(cfg.iou), "augment": bool(cfg.tta), "max_det": int(cfg.max_det),
-            "batch": int(cfg.batch), "device": device}
+    args = {
+        "conf": float(cfg.conf),
+        "iou": float(cfg.iou),
+        "augment": bool(cfg.tta),
+        "max_det": int(cfg.max_det),
+        "batch": int(cfg.batch),
+        "device": device,
+    }
     return {**args, **passthrough(cfg), "verbose": False, "save": False}
 
 
@@ -187,7 +193,8 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     together: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
     for run in loaded:
         if "oof" in splits and len(run.weights) < run.prepared.n_folds:
-            LOGGER.warning(f"detect predict: {run.dir} has folds {sorted(run.weights)} of {run.prepared.n_folds}: OOF covers those folds only")
+            folds = f"folds {sorted(run.weights)} of {run.prepared.n_folds}"
+            LOGGER.warning(f"detect predict: {run.dir} has {folds}: OOF covers those folds only")
         preds = predict_run(run, splits, cfg)
         written[run.name] = {}
         for split, df in preds.items():

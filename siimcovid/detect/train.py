@@ -58,8 +58,15 @@ def trainer_class(fitness: str):
     return TRAINERS[fitness]
 
 
-def train_fold(cfg_args: dict, model: str, data_yaml: Path, run_dir: Path, fold: int, fitness: str,
-               callbacks: dict[str, Callable] | None = None) -> str:
+def train_fold(
+    cfg_args: dict,
+    model: str,
+    data_yaml: Path,
+    run_dir: Path,
+    fold: int,
+    fitness: str,
+    callbacks: dict[str, Callable] | None = None,
+) -> str:
     """Train (or resume, or skip) one fold. Returns what happened: trained, resumed or skipped."""
     fold_dir = run_dir / f"fold{fold}"
     state = fold_state(fold_dir)
@@ -91,13 +98,15 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
         res = pd.read_csv(csv)
         res.columns = [c.strip() for c in res.columns]
         best = res.loc[res[MAP50].idxmax()] if MAP50 in res and len(res) else None
-        rows.append({
-            "fold": k,
-            "epochs": len(res),
-            "best_epoch": int(best["epoch"]) if best is not None else None,
-            "mAP50": float(best[MAP50]) if best is not None else None,
-            "mAP50-95": float(best["metrics/mAP50-95(B)"]) if best is not None and "metrics/mAP50-95(B)" in res else None,
-        })
+        rows.append(
+            {
+                "fold": k,
+                "epochs": len(res),
+                "best_epoch": int(best["epoch"]) if best is not None else None,
+                "mAP50": float(best[MAP50]) if best is not None else None,
+                "mAP50-95": float(best["metrics/mAP50-95(B)"]) if best is not None and "metrics/mAP50-95(B)" in res else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -115,9 +124,17 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     name = str(cfg.name or f"{source.name}-{Path(model).stem}")
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
-    saved = Config(cfg, mode="train", name=name, model=model, prepared=str(source.prepared), size=source.size,
-                   n_folds=source.n_folds, data_yamls={k: str(p.resolve()) for k, p in source.yamls.items()},
-                   hyp_values=hyp)
+    saved = Config(
+        cfg,
+        mode="train",
+        name=name,
+        model=model,
+        prepared=str(source.prepared),
+        size=source.size,
+        n_folds=source.n_folds,
+        data_yamls={k: str(p.resolve()) for k, p in source.yamls.items()},
+        hyp_values=hyp,
+    )
     saved.save(run_dir / RUN_CONFIG)
 
     done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks) for k in folds}
