@@ -309,7 +309,7 @@ def test_clear_errors(prepared, project, tmp_path):
     assert not (project / "errors" / "fold0").exists()  # nothing started
 
 
-def test_yaml_path_selects_its_fold(prepared):
+def test_data_as_a_yaml_path_or_a_dataset_name(prepared):
     from siimcovid.detect import common
 
     yaml_path = Path(Prepared(prepared).cfg["data_yaml_dir"]) / "tiny_fold1.yaml"
@@ -317,6 +317,9 @@ def test_yaml_path_selects_its_fold(prepared):
     assert common.select_folds("all", source) == [1]
     with pytest.raises(SiimError, match="fold 1"):
         common.select_folds(0, source)
+    by_name = common.resolve_data("tiny", yaml_path.parent)  # data=<name>: data_yaml/<name>_fold<k>.yaml
+    assert by_name.prepared == Path(prepared).resolve() and common.select_folds("all", by_name) == [0, 1, 2]
+    assert by_name.yaml(2) == yaml_path.parent / "tiny_fold2.yaml"
 
 
 def test_cli_does_not_import_torch_for_other_stages():
