@@ -61,3 +61,13 @@ def test_console_entry_point_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "siimcovid", "prepare", "data=/nonexistent"], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "data folder not found: /nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mapping_settings_update_key_by_key(tmp_path):
+    space = load_config("detect", []).space
+    cfg = load_config("detect", ["space.mosaic=[0.8,1.0]"])
+    assert cfg.space["mosaic"] == [0.8, 1.0] and cfg.space["mixup"] == space["mixup"]
+    exp = tmp_path / "e.yaml"
+    exp.write_text("space:\n  mixup: [0.0, 0.1]\n")
+    cfg = load_config("detect", [f"cfg={exp}", "space.lr0=[0.01,0.02]"])
+    assert cfg.space["mixup"] == [0.0, 0.1] and cfg.space["lr0"] == [0.01, 0.02] and cfg.space["mosaic"] == space["mosaic"]
