@@ -18,6 +18,7 @@ STAGES: dict[str, dict[str | None, str]] = {
     "synth": {None: "siimcovid.data.synth:main"},
     "prepare": {None: "siimcovid.data.prepare:main"},
     "evaluate": {None: "siimcovid.evaluate:main"},
+    "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
 }
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
