@@ -31,9 +31,20 @@ from siimcovid.fuse.pipeline import run_fusion
 from siimcovid.fuse.wbf import BOX_COLUMNS, wbf_table
 from siimcovid.metrics import image_truth, score, study_truth
 
-PARAMS = {"det_weights": [], "cls_weights": [], "cls_ensemble": "mean", "iou_thr": 0.6, "skip_box_thr": 0.001, "conf_type": "avg",
-          "none_source": "auto", "none_det": "prod", "none_cls_weight": 0.8, "none_blend": "linear", "opacity_exponent": 0.5,
-          "negative_none_weight": 0.0}
+PARAMS = {
+    "det_weights": [],
+    "cls_weights": [],
+    "cls_ensemble": "mean",
+    "iou_thr": 0.6,
+    "skip_box_thr": 0.001,
+    "conf_type": "avg",
+    "none_source": "auto",
+    "none_det": "prod",
+    "none_cls_weight": 0.8,
+    "none_blend": "linear",
+    "opacity_exponent": 0.5,
+    "negative_none_weight": 0.0,
+}
 
 
 def build(n_images: int, n_sets: int, boxes: int, seed: int = 0, folds: np.ndarray | None = None):
@@ -50,11 +61,22 @@ def build(n_images: int, n_sets: int, boxes: int, seed: int = 0, folds: np.ndarr
         c = centres[img, rng.integers(0, 3, len(img))] + rng.normal(0, 0.04, (len(img), 2))
         wh = rng.uniform(0.08, 0.3, (len(img), 2))
         xy = np.clip(np.hstack([c - wh / 2, c + wh / 2]), 0, 1) * np.stack([cols, rows, cols, rows], 1)[img]
-        parts.append(pd.DataFrame({"image_id": ids[img], "set": s, "fold": images.fold.to_numpy()[img],
-                                   **dict(zip(BOX_COLUMNS, xy.T)), "conf": rng.uniform(0.001, 1, len(img)) ** 2}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "image_id": ids[img],
+                    "set": s,
+                    "fold": images.fold.to_numpy()[img],
+                    **dict(zip(BOX_COLUMNS, xy.T)),
+                    "conf": rng.uniform(0.001, 1, len(img)) ** 2,
+                }
+            )
+        )
     det = pd.concat(parts, ignore_index=True)
-    truth_boxes = [list((np.clip(np.hstack([c - 0.08, c + 0.08]), 0, 1) * [cw, rh, cw, rh]).tolist()) if k else []
-                   for c, cw, rh, k in zip(centres[:, :2], cols, rows, rng.random(n_images) < 0.7)]
+    truth_boxes = [
+        list((np.clip(np.hstack([c - 0.08, c + 0.08]), 0, 1) * [cw, rh, cw, rh]).tolist()) if k else []
+        for c, cw, rh, k in zip(centres[:, :2], cols, rows, rng.random(n_images) < 0.7)
+    ]
     images["boxes"] = truth_boxes
     probs = rng.dirichlet(np.ones(4), n_images)
     member = pd.DataFrame(probs, columns=STUDY_CLASSES).assign(none=rng.uniform(size=n_images))
@@ -67,13 +89,13 @@ def naive(images: pd.DataFrame, det: pd.DataFrame, n_sets: int) -> int:
     for rec in images.itertuples():
         sub = det[det.image_id == rec.image_id]
         scale = np.array([rec.cols, rec.rows, rec.cols, rec.rows], dtype=float)
-        b, s, l = [], [], []
+        b, s, labels = [], [], []
         for k in range(n_sets):
             part = sub[sub.set == k]
             b.append((part[BOX_COLUMNS].to_numpy() / scale).clip(0, 1).tolist())
             s.append(part.conf.tolist())
-            l.append([0] * len(part))
-        fused, _, _ = weighted_boxes_fusion(b, s, l, iou_thr=0.6, skip_box_thr=0.001)
+            labels.append([0] * len(part))
+        fused, _, _ = weighted_boxes_fusion(b, s, labels, iou_thr=0.6, skip_box_thr=0.001)
         total += len(fused * scale)
     return total
 
@@ -97,7 +119,9 @@ def main() -> None:
     n_sets = args.folds * args.models
     images, det, member = build(args.images, n_sets, args.boxes)
     sizes = images[["image_id", "rows", "cols"]]
-    print(f"test-sized input: {args.images} images x {args.folds} folds x {args.models} models, {len(det):,} boxes; {cores} cores")
+    print(
+        f"test-sized input: {args.images} images x {args.folds} folds x {args.models} models, {len(det):,} boxes; {cores} cores"
+    )
 
     k = min(args.naive_images, args.images)
     t_naive, _ = seconds(lambda: naive(images.iloc[:k], det[det.image_id.isin(set(images.image_id[:k]))], n_sets))
@@ -105,9 +129,16 @@ def main() -> None:
     t_one, fused = seconds(lambda: wbf_table(det, sizes, n_sets, workers=1))
     t_all, fused_all = seconds(lambda: wbf_table(det, sizes, n_sets, workers=0))
     pd.testing.assert_frame_equal(fused, fused_all)
-    inputs = FuseInputs(split="test", images=images[["image_id", "study_id", "fold", "rows", "cols"]], study_ids=list(images.study_id),
-                        boxes=det, sets=pd.DataFrame({"set": range(n_sets), "file": 0, "model": "m", "fold": -1, "tta": "", "name": "m"}),
-                        members=[member], member_files=["x.csv"], det_files=["d.csv"])
+    inputs = FuseInputs(
+        split="test",
+        images=images[["image_id", "study_id", "fold", "rows", "cols"]],
+        study_ids=list(images.study_id),
+        boxes=det,
+        sets=pd.DataFrame({"set": range(n_sets), "file": 0, "model": "m", "fold": -1, "tta": "", "name": "m"}),
+        members=[member],
+        member_files=["x.csv"],
+        det_files=["d.csv"],
+    )
     t_fuse, _ = seconds(lambda: run_fusion(inputs, PARAMS, workers=0))
     print(f"  naive loop (1 process, from {k} images)  {t_naive:8.2f} s")
     print(f"  wbf_table workers=1                      {t_one:8.2f} s   ({t_naive / t_one:.1f}x the naive loop)")
@@ -116,11 +147,23 @@ def main() -> None:
 
     folds = np.arange(args.oof_images) % 5
     oof_images, oof_det, oof_member = build(args.oof_images, args.models, args.boxes, seed=1, folds=folds)
-    oof = FuseInputs(split="oof", images=oof_images[["image_id", "study_id", "fold", "rows", "cols"]], study_ids=list(oof_images.study_id),
-                     boxes=oof_det, sets=pd.DataFrame({"set": range(args.models), "file": 0, "model": "m", "fold": -1, "tta": "", "name": "m"}),
-                     members=[oof_member], member_files=["x.csv"], det_files=["d.csv"])
-    truth = pd.concat([study_truth(oof_images.assign(study_label=np.random.default_rng(2).choice(STUDY_CLASSES, len(oof_images)))),
-                       image_truth(oof_images[["image_id", "boxes"]])], ignore_index=True)
+    oof = FuseInputs(
+        split="oof",
+        images=oof_images[["image_id", "study_id", "fold", "rows", "cols"]],
+        study_ids=list(oof_images.study_id),
+        boxes=oof_det,
+        sets=pd.DataFrame({"set": range(args.models), "file": 0, "model": "m", "fold": -1, "tta": "", "name": "m"}),
+        members=[oof_member],
+        member_files=["x.csv"],
+        det_files=["d.csv"],
+    )
+    truth = pd.concat(
+        [
+            study_truth(oof_images.assign(study_label=np.random.default_rng(2).choice(STUDY_CLASSES, len(oof_images)))),
+            image_truth(oof_images[["image_id", "boxes"]]),
+        ],
+        ignore_index=True,
+    )
     t_trial, result = seconds(lambda: score(truth, run_fusion(oof, PARAMS, workers=0).pred()))
     cache = _warm(oof)
     t_formulas, _ = seconds(lambda: score(truth, run_fusion(oof, {**PARAMS, "opacity_exponent": 1.0}, cache=cache).pred()))

@@ -51,7 +51,9 @@ def noisy_detections(images, models=("m1", "m2"), seed=0):
                     continue
                 w, h = b[2] - b[0], b[3] - b[1]
                 x1, y1, x2, y2 = np.asarray(b) + rng.normal(0, 0.12, 4) * [w, h, w, h]
-                rows.append((rec.image_id, m, rec.fold, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2), rng.uniform(0.1, 0.9)))
+                rows.append(
+                    (rec.image_id, m, rec.fold, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2), rng.uniform(0.1, 0.9))
+                )
             for _ in range(int(rng.integers(0, 3))):
                 cx, cy, w, h = rng.uniform(0.3, 0.7) * rec.cols, rng.uniform(0.3, 0.7) * rec.rows, 0.2 * rec.cols, 0.25 * rec.rows
                 rows.append((rec.image_id, m, rec.fold, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, rng.uniform(0.05, 0.7)))
@@ -117,7 +119,9 @@ def test_boxes_survive_the_round_trip_on_non_square_images():
     np.testing.assert_allclose(denormalise_boxes(norm, rows, cols), px, rtol=0, atol=1e-9)
     # per-box sizes (two images of different shapes in one call)
     two = normalise_boxes(px[1:], [rows, 900], [cols, 3100])
-    np.testing.assert_allclose(denormalise_boxes(two, [rows, 900], [cols, 3100]), np.minimum(px[1:], [[cols, rows, cols, rows], [3100, 900, 3100, 900]]))
+    np.testing.assert_allclose(
+        denormalise_boxes(two, [rows, 900], [cols, 3100]), np.minimum(px[1:], [[cols, rows, cols, rows], [3100, 900, 3100, 900]])
+    )
     assert normalise_boxes([[-40, -5, 100, 3000]], rows, cols)[0] == pytest.approx([0, 0, 100 / cols, 1])  # clipped
 
 
@@ -125,13 +129,19 @@ def test_wbf_table_maps_fused_boxes_back_to_original_pixels():
     """Two identical members on two non-square images: the fused boxes are the input boxes, in px."""
     sizes = pd.DataFrame({"image_id": ["wide", "tall"], "rows": [1000, 3000], "cols": [3000, 1000]})
     boxes = pd.DataFrame(
-        [("wide", 100.0, 200.0, 900.0, 700.0, 0.8), ("wide", 2000.0, 100.0, 2900.0, 950.0, 0.4), ("tall", 50.0, 1200.0, 950.0, 2950.0, 0.7)],
+        [
+            ("wide", 100.0, 200.0, 900.0, 700.0, 0.8),
+            ("wide", 2000.0, 100.0, 2900.0, 950.0, 0.4),
+            ("tall", 50.0, 1200.0, 950.0, 2950.0, 0.7),
+        ],
         columns=["image_id", "x_min", "y_min", "x_max", "y_max", "conf"],
     )
     both = pd.concat([boxes.assign(set=0), boxes.assign(set=1)], ignore_index=True)
     fused = wbf_table(both, sizes, n_sets=2)
     expected = boxes.sort_values(["image_id", "conf"], ascending=[False, False])
-    np.testing.assert_allclose(fused[["x_min", "y_min", "x_max", "y_max"]], expected[["x_min", "y_min", "x_max", "y_max"]], atol=1e-3)
+    np.testing.assert_allclose(
+        fused[["x_min", "y_min", "x_max", "y_max"]], expected[["x_min", "y_min", "x_max", "y_max"]], atol=1e-3
+    )
     assert list(fused.image_id) == ["wide", "wide", "tall"]
     assert fused.conf.to_numpy() == pytest.approx(expected.conf.to_numpy())
 
@@ -161,14 +171,24 @@ def test_combine_members_mean_geometric_rank():
     assert formulas.combine_members([a, b], [3, 1], "mean")[:, 0] == pytest.approx([0.35, 0.7, 0.525])
     assert formulas.combine_members([a, b], None, "geometric")[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
     c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
-    assert formulas.combine_members([a, c], [3, 1], "rank")[:, 0] == pytest.approx([(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4])
+    assert formulas.combine_members([a, c], [3, 1], "rank")[:, 0] == pytest.approx(
+        [(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4]
+    )
     with pytest.raises(SiimError, match="cls_ensemble"):
         formulas.combine_members([a], None, "median")
 
 
 def test_study_probabilities_average_images_and_borrow_none():
-    images = pd.DataFrame({"study_id": ["s", "s", "t"], "negative": [0.2, 0.4, 0.5], "typical": [0.8, 0.6, 0.5],
-                           "indeterminate": 0.0, "atypical": 0.0, "none": [0.9, 0.5, 0.1]})
+    images = pd.DataFrame(
+        {
+            "study_id": ["s", "s", "t"],
+            "negative": [0.2, 0.4, 0.5],
+            "typical": [0.8, 0.6, 0.5],
+            "indeterminate": 0.0,
+            "atypical": 0.0,
+            "none": [0.9, 0.5, 0.1],
+        }
+    )
     out = formulas.study_probabilities(images, 0.5).set_index("study_id")
     assert out.loc["s", "typical"] == pytest.approx(0.7)
     assert out.loc["s", "negative"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.7)
@@ -226,7 +246,9 @@ def test_fuse_test_writes_a_submission_that_passes_the_checker(prepared, synth_r
     assert full.final == pytest.approx(1.0)
 
     only_cls = run([f"data={prepared}", f"cls={tmp_path / 'cls.csv'}", "split=test"], tmp_path, "nobox")
-    scored = cli.main(["evaluate", f"submission={only_cls['dir'] / 'submission.csv'}", f"data={synth_root}", "split=test", "ids=all"])
+    scored = cli.main(
+        ["evaluate", f"submission={only_cls['dir'] / 'submission.csv'}", f"data={synth_root}", "split=test", "ids=all"]
+    )
     k = len(scored.ap)
     assert scored.ap["opacity"] == 0.0
     assert scored.final == pytest.approx((k - 1) / k)
@@ -238,7 +260,9 @@ def test_tune_never_returns_worse_than_its_start_and_best_yaml_reproduces(prepar
     classifier(images, seed=1, signal=1.0).to_csv(tmp_path / "cls.csv", index=False)
     common = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=oof"]
     start = ["none_cls_weight=0.3", "opacity_exponent=2.0", "iou_thr=0.5"]  # a deliberately odd start
-    result = cli.main(["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t", "workers=1"])
+    result = cli.main(
+        ["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t", "workers=1"]
+    )
     assert result["best_score"] >= result["default_score"]
     trials = pd.read_csv(tmp_path / "runs" / "t" / "trials.csv")
     assert trials.final.max() == pytest.approx(result["best_score"])
@@ -247,7 +271,9 @@ def test_tune_never_returns_worse_than_its_start_and_best_yaml_reproduces(prepar
     assert start_score == pytest.approx(result["default_score"])  # trial 0 is the config it started from
     best = run([*common, f"cfg={tmp_path / 'runs' / 't' / 'best.yaml'}"], tmp_path, "best")["score"].final
     assert best == pytest.approx(result["best_score"])
-    again = cli.main(["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t2", "workers=1"])
+    again = cli.main(
+        ["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t2", "workers=1"]
+    )
     pd.testing.assert_frame_equal(again["trials"], result["trials"])  # seeded: the same search
 
 
@@ -256,12 +282,24 @@ def test_tune_keeps_the_start_when_nothing_beats_it(prepared, tmp_path):
     images = truth_images(prepared, "oof")
     exact_detections(images).to_csv(tmp_path / "det.csv", index=False)
     classifier(images).to_csv(tmp_path / "cls.csv", index=False)
-    result = cli.main(["fuse", "tune", f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}",
-                       "trials=3", f"project={tmp_path / 'runs'}", "name=t", "workers=1"])
+    result = cli.main(
+        [
+            "fuse",
+            "tune",
+            f"data={prepared}",
+            f"det={tmp_path / 'det.csv'}",
+            f"cls={tmp_path / 'cls.csv'}",
+            "trials=3",
+            f"project={tmp_path / 'runs'}",
+            "name=t",
+            "workers=1",
+        ]
+    )
     assert result["default_score"] == pytest.approx(1.0)
     defaults = cli.resolve(["fuse"])[1]
     assert {k: result["best"][k] for k in ("iou_thr", "opacity_exponent", "none_cls_weight")} == {
-        k: defaults[k] for k in ("iou_thr", "opacity_exponent", "none_cls_weight")}
+        k: defaults[k] for k in ("iou_thr", "opacity_exponent", "none_cls_weight")
+    }
 
 
 # ----------------------------------------------------------------------------- input errors
@@ -292,6 +330,8 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
         run([*base, f"det={tmp_path / 'det.csv'}", "det_weights=2,1"], tmp_path)
     with pytest.raises(SiimError, match="conf_type"):
         run([*base, f"det={tmp_path / 'det.csv'}", "conf_type=mean"], tmp_path)
+    with pytest.raises(SiimError, match="none_blend='mean'"):
+        run([*base, f"det={tmp_path / 'det.csv'}", "none_blend=mean"], tmp_path)
     classifier(images).drop(columns=["atypical"]).to_csv(tmp_path / "cls3.csv", index=False)
     with pytest.raises(DataError, match=r"cls3.csv: missing column\(s\) \['atypical'\]"):
         run([f"data={prepared}", f"cls={tmp_path / 'cls3.csv'}"], tmp_path)

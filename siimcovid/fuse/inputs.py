@@ -106,11 +106,17 @@ def read_classifier(path: str | Path) -> pd.DataFrame:
     probs = STUDY_CLASSES + (["none"] if "none" in df.columns else [])
     _numbers(df, probs, path)
     _first_bad(df["image_id"] == "", path, "empty image_id")
-    _first_bad((df[probs] < 0).any(axis=1) | (df[probs] > 1).any(axis=1), path, f"probabilities ({', '.join(probs)}) must be in [0, 1]")
+    _first_bad(
+        (df[probs] < 0).any(axis=1) | (df[probs] > 1).any(axis=1), path, f"probabilities ({', '.join(probs)}) must be in [0, 1]"
+    )
     studies = df.groupby("image_id")["study_id"].nunique()
     if (studies > 1).any():
         image = studies.index[studies > 1][0]
-        _first_bad((df["image_id"] == image).to_numpy() & df["image_id"].duplicated().to_numpy(), path, f"image {image} has two study_ids")
+        _first_bad(
+            (df["image_id"] == image).to_numpy() & df["image_id"].duplicated().to_numpy(),
+            path,
+            f"image {image} has two study_ids",
+        )
     if "none" not in df.columns:
         df["none"] = np.nan
     out = df.groupby("image_id", sort=False).agg({"study_id": "first", **{c: "mean" for c in [*STUDY_CLASSES, "none"]}})
@@ -147,12 +153,17 @@ def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list[f
     if isinstance(det_weights, dict):
         unknown = sorted(set(map(str, det_weights)) - set(sets["model"]))
         if unknown:
-            raise SiimError(f"det_weights names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})")
+            raise SiimError(
+                f"det_weights names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})"
+            )
         weights = [float(det_weights.get(m, 1.0)) for m in sets["model"]]
     else:
         per_file = [float(w) for w in as_list(det_weights)]
         if len(per_file) != len(det_files):
-            raise SiimError(f"det_weights has {len(per_file)} value(s) for {len(det_files)} det file(s): give one per file, e.g. det_weights=2,1")
+            raise SiimError(
+                f"det_weights has {len(per_file)} value(s) for {len(det_files)} det file(s): "
+                "give one per file, e.g. det_weights=2,1"
+            )
         weights = [per_file[f] for f in sets["file"]]
     if any(w <= 0 for w in weights):
         raise SiimError(f"det_weights must be > 0 (leave a file out rather than weight it 0), got {det_weights}")
@@ -172,7 +183,9 @@ def _sample_path(cfg, prepared: Prepared) -> Path:
     return path
 
 
-def _boxes_and_sets(frames: list[pd.DataFrame], files: list[str], split: str, meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _boxes_and_sets(
+    frames: list[pd.DataFrame], files: list[str], split: str, meta: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every box belongs to the split (and, out of fold, to its image's fold); code box sets."""
     fold_of = dict(zip(meta["image_id"], meta["fold"]))
     boxes, set_rows = [], []
@@ -181,14 +194,19 @@ def _boxes_and_sets(frames: list[pd.DataFrame], files: list[str], split: str, me
         if unknown.any():
             rec = df[unknown].iloc[0]
             where = "train (out-of-fold)" if split == "oof" else "test"
-            raise DataError(f"image {rec.image_id} is not a {where} image of the prepared data (wrong split= or data=?)", path, int(rec.line))
+            raise DataError(
+                f"image {rec.image_id} is not a {where} image of the prepared data (wrong split= or data=?)", path, int(rec.line)
+            )
         if split == "oof":
             wrong = df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy()
             if wrong.any():
                 rec = df[wrong].iloc[0]
                 raise DataError(
                     f"image {rec.image_id} is in fold {fold_of[rec.image_id]} but was predicted by fold {rec.fold}'s model: "
-                    "not out-of-fold predictions (a test file? use split=test)", path, int(rec.line))
+                    "not out-of-fold predictions (a test file? use split=test)",
+                    path,
+                    int(rec.line),
+                )
             key = ["model", "tta"]
         else:
             key = ["model", "fold", "tta"]
@@ -201,7 +219,9 @@ def _boxes_and_sets(frames: list[pd.DataFrame], files: list[str], split: str, me
         coded = df.assign(set=groups.ngroup().to_numpy() + base) if len(df) else df.assign(set=np.zeros(0, dtype=np.int64))
         boxes.append(coded[["image_id", "set", "fold", *BOX_COLUMNS, "conf"]])
     sets = pd.DataFrame(set_rows, columns=["set", "file", "model", "fold", "tta", "name"])
-    box_table = pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=["image_id", "set", "fold", *BOX_COLUMNS, "conf"])
+    box_table = (
+        pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=["image_id", "set", "fold", *BOX_COLUMNS, "conf"])
+    )
     return box_table, sets
 
 
@@ -229,12 +249,16 @@ def load_inputs(cfg) -> FuseInputs:
         unknown = ~m["image_id"].isin(set(meta["image_id"]))
         if unknown.any():
             where = "train (out-of-fold)" if split == "oof" else "test"
-            raise DataError(f"image {m.image_id[unknown].iloc[0]} is not a {where} image of the prepared data (wrong split= or data=?)", path)
+            raise DataError(
+                f"image {m.image_id[unknown].iloc[0]} is not a {where} image of the prepared data (wrong split= or data=?)", path
+            )
         study_of = dict(zip(meta["image_id"], meta["study_id"]))
         clash = m["study_id"] != m["image_id"].map(study_of)
         if clash.any():
             rec = m[clash].iloc[0]
-            raise DataError(f"image {rec.image_id}: study_id {rec.study_id} but the prepared data says {study_of[rec.image_id]}", path)
+            raise DataError(
+                f"image {rec.image_id}: study_id {rec.study_id} but the prepared data says {study_of[rec.image_id]}", path
+            )
 
     sample = None
     if split == "oof":
@@ -251,8 +275,10 @@ def load_inputs(cfg) -> FuseInputs:
         if images.empty:
             raise SiimError("the detection and classifier files share no out-of-fold image: nothing to fuse")
         if len(images) < len(meta):
-            LOGGER.warning(f"fuse: out-of-fold predictions cover {len(images)} of {len(meta)} train images "
-                           f"(folds {sorted(images['fold'].unique())}); scoring those only")
+            LOGGER.warning(
+                f"fuse: out-of-fold predictions cover {len(images)} of {len(meta)} train images "
+                f"(folds {sorted(images['fold'].unique())}); scoring those only"
+            )
         study_ids = list(pd.unique(images["study_id"]))
     else:
         sample = _sample_path(cfg, prepared)
@@ -260,7 +286,10 @@ def load_inputs(cfg) -> FuseInputs:
         by_id = meta.set_index("image_id")
         missing = [i for i in sample_images if i not in by_id.index]
         if missing:
-            raise SiimError(f"{len(missing)} image(s) of {sample} are not in the prepared test data, e.g. {missing[0]}: re-run prepare with splits=train,test")
+            raise SiimError(
+                f"{len(missing)} image(s) of {sample} are not in the prepared test data, e.g. {missing[0]}: "
+                "re-run prepare with splits=train,test"
+            )
         images = by_id.loc[sample_images].reset_index()
         lonely = sorted(set(sample_studies) - set(images["study_id"]))
         if lonely:
@@ -268,7 +297,9 @@ def load_inputs(cfg) -> FuseInputs:
         for m, path in zip(members, cls_files):
             absent = sorted(set(sample_images) - set(m["image_id"]))
             if absent:
-                raise DataError(f"{len(absent)} test image(s) of the sample submission have no prediction, e.g. {absent[0]}", path)
+                raise DataError(
+                    f"{len(absent)} test image(s) of the sample submission have no prediction, e.g. {absent[0]}", path
+                )
         study_ids = list(sample_studies)
 
     images = images[["image_id", "study_id", "fold", "rows", "cols"]].reset_index(drop=True)
@@ -290,6 +321,17 @@ def load_inputs(cfg) -> FuseInputs:
 
         per_image = load_truth(cfg.data, "train")
         truth = truth_rows(per_image[per_image["image_id"].isin(index)])
-    return FuseInputs(split=split, images=images, study_ids=study_ids, boxes=boxes, sets=sets, members=aligned,
-                      member_files=cls_files, det_files=det_files, priors=priors, truth=truth, sample=sample,
-                      data=Path(cfg.data))
+    return FuseInputs(
+        split=split,
+        images=images,
+        study_ids=study_ids,
+        boxes=boxes,
+        sets=sets,
+        members=aligned,
+        member_files=cls_files,
+        det_files=det_files,
+        priors=priors,
+        truth=truth,
+        sample=sample,
+        data=Path(cfg.data),
+    )

@@ -32,10 +32,18 @@ from siimcovid.fuse.wbf import BOX_COLUMNS, wbf_table
 from siimcovid.utils import LOGGER, SiimError
 
 FUSION_KEYS = [
-    "det_weights", "cls_weights", "cls_ensemble",
-    "iou_thr", "skip_box_thr", "conf_type",
-    "none_source", "none_det", "none_cls_weight", "none_blend",
-    "opacity_exponent", "negative_none_weight",
+    "det_weights",
+    "cls_weights",
+    "cls_ensemble",
+    "iou_thr",
+    "skip_box_thr",
+    "conf_type",
+    "none_source",
+    "none_det",
+    "none_cls_weight",
+    "none_blend",
+    "opacity_exponent",
+    "negative_none_weight",
 ]
 IMAGE_TABLE = ["image_id", "study_id", "fold", "rows", "cols", "n_boxes", "none_cls", "none_det", "none"]
 BOX_TABLE = ["image_id", "conf", "wbf_conf", *BOX_COLUMNS]
@@ -50,6 +58,34 @@ def fusion_params(cfg) -> dict:
     return {k: cfg[k] for k in FUSION_KEYS}
 
 
+def check_params(params: dict) -> None:
+    """Fail fast, with the key's name, on a parameter no input would make valid."""
+    from siimcovid.fuse.inputs import NONE_SOURCES
+    from siimcovid.fuse.wbf import check_wbf_params
+
+    def number(key: str, lo: float, hi: float) -> None:
+        try:
+            value = float(params[key])
+        except (TypeError, ValueError):
+            raise SiimError(f"{key}={params[key]!r}: expected a number") from None
+        if not lo <= value <= hi:
+            raise SiimError(f"{key}={value}: expected a number in [{lo}, {hi}]")
+
+    for key in ("iou_thr", "skip_box_thr", "none_cls_weight", "negative_none_weight"):
+        number(key, 0.0, 1.0)
+    number("opacity_exponent", 0.0, float("inf"))
+    check_wbf_params(params["iou_thr"], params["skip_box_thr"], str(params["conf_type"]))
+    choices = {
+        "none_det": formulas.NONE_DET,
+        "none_blend": formulas.NONE_BLEND,
+        "none_source": NONE_SOURCES,
+        "cls_ensemble": tuple(formulas.ENSEMBLES),
+    }
+    for key, allowed in choices.items():
+        if str(params[key]) not in allowed:
+            raise SiimError(f"{key}={params[key]!r}: expected one of {', '.join(allowed)}")
+
+
 @dataclass
 class Fused:
     """The fused predictions of one split, as tidy tables (schemas: README, section Fusion)."""
@@ -61,13 +97,18 @@ class Fused:
     def pred(self) -> pd.DataFrame:
         """The metric's tidy prediction rows: studies (4 classes each), then opacity boxes and none."""
         return pd.concat(
-            [metrics.study_pred(self.studies), metrics.image_pred(self.boxes[["image_id", "conf", *BOX_COLUMNS]], self.images[["image_id", "none"]])],
+            [
+                metrics.study_pred(self.studies),
+                metrics.image_pred(self.boxes[["image_id", "conf", *BOX_COLUMNS]], self.images[["image_id", "none"]]),
+            ],
             ignore_index=True,
         )
 
     def ids(self) -> list[str]:
         """Submission ids: studies, then images, in the inputs' order."""
-        return [s + metrics.STUDY_SUFFIX for s in self.studies["study_id"]] + [i + metrics.IMAGE_SUFFIX for i in self.images["image_id"]]
+        return [s + metrics.STUDY_SUFFIX for s in self.studies["study_id"]] + [
+            i + metrics.IMAGE_SUFFIX for i in self.images["image_id"]
+        ]
 
 
 class WbfCache:
@@ -96,8 +137,16 @@ def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     key = (float(params["iou_thr"]), float(params["skip_box_thr"]), str(params["conf_type"]), tuple(weights))
     fused = cache.get(key) if cache is not None else None
     if fused is None:
-        fused = wbf_table(inputs.boxes, inputs.images[["image_id", "rows", "cols"]], inputs.n_sets, weights,
-                          iou_thr=key[0], skip_box_thr=key[1], conf_type=key[2], workers=workers)
+        fused = wbf_table(
+            inputs.boxes,
+            inputs.images[["image_id", "rows", "cols"]],
+            inputs.n_sets,
+            weights,
+            iou_thr=key[0],
+            skip_box_thr=key[1],
+            conf_type=key[2],
+            workers=workers,
+        )
         if cache is not None:
             cache.put(key, fused)
     return fused
@@ -122,13 +171,16 @@ def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
 
 def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
     """Fuse one split with one parameter set (see the module docstring for the steps)."""
+    check_params(params)
     images = inputs.images
     n = len(images)
     has_det, has_cls = inputs.n_sets > 0, bool(inputs.members)
     if has_det:
         boxes = fuse_boxes(inputs, params, workers, cache)
     else:
-        boxes = pd.DataFrame({c: pd.Series(dtype=object if c == "image_id" else np.float64) for c in ["image_id", "conf", *BOX_COLUMNS]})
+        boxes = pd.DataFrame(
+            {c: pd.Series(dtype=object if c == "image_id" else np.float64) for c in ["image_id", "conf", *BOX_COLUMNS]}
+        )
     codes = pd.Index(images["image_id"]).get_indexer(boxes["image_id"])
     wbf_conf = boxes["conf"].to_numpy(dtype=np.float64)
 
@@ -145,7 +197,9 @@ def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     box_table[BOX_COLUMNS] = boxes[BOX_COLUMNS].to_numpy(dtype=np.float64)
     image_table = images.assign(
         n_boxes=np.bincount(codes, minlength=n) if len(codes) else np.zeros(n, dtype=np.int64),
-        none_cls=none_cls, none_det=none_det, none=none,
+        none_cls=none_cls,
+        none_det=none_det,
+        none=none,
     )[IMAGE_TABLE]
     per_image = image_table[["study_id", "none"]].copy()
     if probs is not None:
@@ -173,8 +227,16 @@ def scores_by_fold(inputs: FuseInputs, fused: Fused) -> pd.DataFrame:
     for fold, images in groups:
         ids = set(images["image_id"] + metrics.IMAGE_SUFFIX) | set(images["study_id"] + metrics.STUDY_SUFFIX)
         result = metrics.score(inputs.truth[inputs.truth["id"].isin(ids)], pred[pred["id"].isin(ids)])
-        rows.append({"fold": fold, "n_images": len(images), **result.ap,
-                     "study_map": result.study_map, "image_map": result.image_map, "final": result.final})
+        rows.append(
+            {
+                "fold": fold,
+                "n_images": len(images),
+                **result.ap,
+                "study_map": result.study_map,
+                "image_map": result.image_map,
+                "final": result.final,
+            }
+        )
     table = pd.DataFrame(rows)
     return table[["fold", "n_images", *[c for c in metrics.CLASSES if c in table.columns], "study_map", "image_map", "final"]]
 

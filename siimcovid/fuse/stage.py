@@ -26,7 +26,7 @@ from pathlib import Path
 
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import load_inputs
-from siimcovid.fuse.pipeline import Fused, describe_inputs, fusion_params, run_fusion, scores_by_fold
+from siimcovid.fuse.pipeline import Fused, check_params, describe_inputs, fusion_params, run_fusion, scores_by_fold
 from siimcovid.fuse.submission import pred_to_submission, write_submission
 from siimcovid.metrics import Score, score
 from siimcovid.utils import LOGGER, atomic_write_text, write_csv
@@ -50,9 +50,11 @@ def write_tables(out: Path, split: str, fused: Fused) -> dict[str, Path]:
 
 def fuse(cfg: Config) -> dict:
     """Run fusion on cfg.split. Returns {"dir", "files", "score" (oof: Score), "fused"}."""
+    params = fusion_params(cfg)
+    check_params(params)  # before reading large files
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
-    fused = run_fusion(inputs, fusion_params(cfg), workers=int(cfg.workers))
+    fused = run_fusion(inputs, params, workers=int(cfg.workers))
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / f"fuse_{inputs.split}.yaml")
@@ -62,13 +64,19 @@ def fuse(cfg: Config) -> dict:
         table = scores_by_fold(inputs, fused)
         overall: Score = score(inputs.truth, fused.pred())
         files["scores"] = write_csv(table, out / "scores_oof.csv", float_format="%.6g")
-        report = {"n_images": len(fused.images), "n_studies": len(fused.studies), **overall.to_dict(),
-                  "folds": json.loads(table.to_json(orient="records"))}
+        report = {
+            "n_images": len(fused.images),
+            "n_studies": len(fused.studies),
+            **overall.to_dict(),
+            "folds": json.loads(table.to_json(orient="records")),
+        }
         files["scores_json"] = atomic_write_text(out / "scores_oof.json", json.dumps(report, indent=2) + "\n")
         files["submission"] = write_submission(pred_to_submission(fused.pred(), fused.ids()), out / "oof_submission.csv")
         LOGGER.info(f"fuse: out-of-fold score of {len(fused.images)} images, {len(fused.studies)} studies\n{overall.format()}")
         if table["fold"].nunique() > 2:
-            LOGGER.info("per fold:\n" + table.drop(columns=["image_map"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            LOGGER.info(
+                "per fold:\n" + table.drop(columns=["image_map"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+            )
         result["score"] = overall
     else:
         sub = pred_to_submission(fused.pred(), fused.ids())

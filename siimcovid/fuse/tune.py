@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from siimcovid.config import Config, read_yaml
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
-from siimcovid.fuse.pipeline import FUSION_KEYS, WbfCache, describe_inputs, fusion_params, run_fusion
+from siimcovid.fuse.pipeline import FUSION_KEYS, WbfCache, check_params, describe_inputs, fusion_params, run_fusion
 from siimcovid.fuse.stage import run_dir
 from siimcovid.metrics import CLASSES, score
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
@@ -97,8 +97,15 @@ class Search:
         fused = run_fusion(self.inputs, params, self.workers, self.cache)
         result = score(self.inputs.truth, fused.pred())
         final = result.final
-        row = {"trial": len(self.rows), "phase": phase, **{k: _flat(params[k]) for k in FUSION_KEYS}, **result.ap,
-               "study_map": result.study_map, "image_map": result.image_map, "final": final}
+        row = {
+            "trial": len(self.rows),
+            "phase": phase,
+            **{k: _flat(params[k]) for k in FUSION_KEYS},
+            **result.ap,
+            "study_map": result.study_map,
+            "image_map": result.image_map,
+            "final": final,
+        }
         self.seen[key] = len(self.rows)
         self.rows.append(row)
         if self.best is None or (not math.isnan(final) and final > self.best[0]):  # ties keep the earlier trial
@@ -142,10 +149,16 @@ def tune(cfg: Config) -> dict:
     if str(cfg.split) != "oof":
         raise SiimError("fuse tune searches on out-of-fold predictions: use split=oof (never tune on the test split)")
     space = load_space(cfg.space)
+    base = canonical(fusion_params(cfg))
+    check_params(base)
+    for key, values in space.items():  # every candidate value, before reading large files
+        for v in values if key not in MEMBER_WEIGHT_KEYS else []:
+            check_params({**base, key: v})
+        if key in MEMBER_WEIGHT_KEYS and any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+            raise SiimError(f"space: {key} values must be numbers > 0 (relative weights), got {values}")
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     n_members = {"det_weights": len(inputs.det_files), "cls_weights": len(inputs.member_files)}
-    base = canonical(fusion_params(cfg))
     search = Search(inputs, int(cfg.workers))
     rng = np.random.default_rng(int(cfg.seed))
     n_random = int(cfg.trials)
@@ -188,19 +201,25 @@ def tune(cfg: Config) -> dict:
     write_csv(trials, out / "trials.csv", float_format="%.6g")
     default_row, best_row = search.rows[0], search.rows[search.seen[_key(best)]]
     classes = [c for c in CLASSES if c in default_row] + ["study_map", "image_map", "final"]
-    compare = pd.DataFrame({"class": classes, "default": [default_row[c] for c in classes], "best": [best_row[c] for c in classes]})
+    compare = pd.DataFrame(
+        {"class": classes, "default": [default_row[c] for c in classes], "best": [best_row[c] for c in classes]}
+    )
     compare["change"] = compare["best"] - compare["default"]
     write_csv(compare, out / "tune_compare.csv", float_format="%.6g")
     changed = {k: best[k] for k in FUSION_KEYS if _key({**base, k: best[k]}) != _key(base)}
-    header = (f"# siimcovid fuse tune: best of {len(search.rows)} trials on {len(inputs.images)} out-of-fold images "
-              f"(seed {cfg.seed}); final {best_score:.6f} vs {default_score:.6f} with the starting parameters.\n"
-              f"# Use: siimcovid fuse cfg={out / 'best.yaml'} split=test data=... det=<test files> cls=<test files>\n")
+    header = (
+        f"# siimcovid fuse tune: best of {len(search.rows)} trials on {len(inputs.images)} out-of-fold images "
+        f"(seed {cfg.seed}); final {best_score:.6f} vs {default_score:.6f} with the starting parameters.\n"
+        f"# Use: siimcovid fuse cfg={out / 'best.yaml'} split=test data=... det=<test files> cls=<test files>\n"
+    )
     body = Config({k: best[k] for k in FUSION_KEYS}).to_yaml()
     atomic_write_text(out / "best.yaml", header + body)
     LOGGER.info(
         f"fuse tune: {len(search.rows)} trials ({len(draws)} random, {len(search.rows) - 1 - len(draws)} refine), "
-        f"{search.cache.runs} WBF runs\n" + compare.to_string(index=False, float_format=lambda v: f"{v:.4f}")
-        + "\nchanged: " + (", ".join(f"{k}={_flat(v)}" for k, v in changed.items()) or "nothing (the starting parameters are best)")
+        f"{search.cache.runs} WBF runs\n"
+        + compare.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        + "\nchanged: "
+        + (", ".join(f"{k}={_flat(v)}" for k, v in changed.items()) or "nothing (the starting parameters are best)")
         + f"\nfuse tune: {out / 'best.yaml'}; trials in {out / 'trials.csv'}"
     )
     return {"best": best, "best_score": best_score, "default_score": default_score, "dir": out, "trials": trials}

@@ -97,7 +97,10 @@ def _fuse_chunk(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fused_b, fused_s = wbf_image(
             [boxes[a:b] for a, b in zip(cuts[:-1], cuts[1:])],
             [scores[a:b] for a, b in zip(cuts[:-1], cuts[1:])],
-            weights, iou_thr, skip_box_thr, conf_type,
+            weights,
+            iou_thr,
+            skip_box_thr,
+            conf_type,
         )
         out_img.append(np.full(len(fused_s), code))
         out_box.append(fused_b)
@@ -157,8 +160,20 @@ def wbf_table(
         if len(chunk) == 0:
             continue
         lo, hi = bounds[chunk[0]], bounds[chunk[-1] + 1]
-        jobs.append((images[chunk], sets[lo:hi], norm[lo:hi], scores[lo:hi], bounds[chunk[0] : chunk[-1] + 2] - lo,
-                     n_sets, weights, float(iou_thr), float(skip_box_thr), conf_type))
+        jobs.append(
+            (
+                images[chunk],
+                sets[lo:hi],
+                norm[lo:hi],
+                scores[lo:hi],
+                bounds[chunk[0] : chunk[-1] + 2] - lo,
+                n_sets,
+                weights,
+                float(iou_thr),
+                float(skip_box_thr),
+                conf_type,
+            )
+        )
     if len(jobs) > 1:
         with ProcessPoolExecutor(len(jobs)) as pool:
             parts = list(pool.map(_fuse_chunk, jobs))
