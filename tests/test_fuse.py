@@ -229,6 +229,23 @@ def test_fuse_oof_scores_a_constructed_case(prepared, tmp_path):
     assert saved["iou_thr"] == 0.6 and saved["split"] == "oof"
 
 
+def test_none_is_wired_from_both_sources(prepared, tmp_path):
+    """A classifier file without `none`: none_cls = its P(negative) (none_source=auto); one detector
+    with every true box at conf 0.9: none_det = 0.1^(boxes); none = their linear blend at w=0.5."""
+    images = truth_images(prepared, "oof")
+    exact_detections(images).to_csv(tmp_path / "det.csv", index=False)
+    cls = classifier(images, seed=2, signal=1.0).drop(columns=["none"])
+    cls.to_csv(tmp_path / "cls.csv", index=False)
+    args = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "none_cls_weight=0.5"]
+    out = run(args, tmp_path)["dir"]
+    got = pd.read_csv(out / "images_oof.csv", dtype={"image_id": str}).set_index("image_id")
+    n_boxes = images.set_index("image_id").boxes.map(len)
+    negative = cls.set_index("image_id").negative
+    assert got.none_cls.to_numpy() == pytest.approx(negative.loc[got.index].to_numpy())
+    assert got.none_det.to_numpy() == pytest.approx(0.1 ** n_boxes.loc[got.index].to_numpy())
+    assert got.none.to_numpy() == pytest.approx(0.5 * got.none_cls.to_numpy() + 0.5 * got.none_det.to_numpy())
+
+
 def test_fuse_test_writes_a_submission_that_passes_the_checker(prepared, synth_root, tmp_path):
     """Every fold's model on every test image (WBF across folds), perfect inputs: the submission holds
     every sample id, passes the checker and scores 1 on the hidden test truth; without boxes,

@@ -160,10 +160,11 @@ def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
     arrays = []
     for m in inputs.members:
         values = m[[*STUDY_CLASSES, "none"]].to_numpy(dtype=np.float64).copy()
-        if source == "negative" or (source == "auto" and np.isnan(values[:, 4]).any()):
-            values[:, 4] = values[:, 0]
-        elif np.isnan(values[:, 4]).any():
+        has_none = not np.isnan(values[:, 4]).any()
+        if source == "none" and not has_none:
             raise SiimError("none_source=none needs a `none` column in every classifier file")
+        head = values[:, 4] if has_none and source != "negative" else None
+        values[:, 4] = formulas.none_from_classifier(values[:, 0], head)
         arrays.append(values)
     weights = as_list(params.get("cls_weights"))
     return formulas.combine_members(arrays, weights or None, str(params.get("cls_ensemble") or "mean"))
