@@ -17,6 +17,11 @@ from siimcovid.utils import LOGGER, SiimError
 STAGES: dict[str, dict[str | None, str]] = {
     "synth": {None: "siimcovid.data.synth:main"},
     "prepare": {None: "siimcovid.data.prepare:main"},
+    "detect": {
+        "train": "siimcovid.detect.train:main",
+        "predict": "siimcovid.detect.predict:main",
+        "evolve": "siimcovid.detect.evolve:main",
+    },
     "evaluate": {None: "siimcovid.evaluate:main"},
     "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
 }
@@ -31,7 +36,14 @@ Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) 
 """
 
 # Keys a stage accepts beyond its defaults file (e.g. Ultralytics' own train arguments).
-EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {}
+# Called only when that stage runs (the detect one imports Ultralytics, hence torch).
+def _ultralytics_keys() -> set[str]:
+    from siimcovid.detect.common import ultralytics_keys
+
+    return ultralytics_keys()
+
+
+EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {"detect": _ultralytics_keys}
 
 
 def usage() -> str:
@@ -53,11 +65,12 @@ def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config 
     mode = None
     if rest and "=" not in rest[0] and not rest[0].startswith("--") and rest[0] != "help":
         mode, rest = rest[0], rest[1:]
-    if mode not in modes:
-        valid = ", ".join(m for m in modes if m) or "(none)"
-        raise ConfigError(f"unknown mode '{mode}' for stage '{stage}'; valid modes: {valid}")
     if any(a in {"help", "-h", "--help"} for a in rest):
         return None, None, help_text(stage)
+    if mode not in modes:
+        valid = ", ".join(m for m in modes if m) or "(none)"
+        what = f"stage '{stage}' needs a mode" if mode is None else f"unknown mode '{mode}' for stage '{stage}'"
+        raise ConfigError(f"{what}; valid modes: {valid}")
     extra = EXTRA_KEYS.get(stage, lambda: set())()
     cfg = load_config(stage, rest, extra_ok=extra)
     if mode is not None:

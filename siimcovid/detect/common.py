@@ -1,0 +1,234 @@
+"""What `detect train`, `evolve` and `predict` share: finding the data, hyp presets, model checks, run layout.
+
+A detect run is a folder <project>/<name>/ holding:
+
+    detect.yaml         the resolved config (with the prepared folder, image size and data YAMLs it used)
+    fold<k>/            one Ultralytics run per fold: weights/{best,last}.pt, args.yaml, results.csv, plots
+    pred_oof.csv, pred_test.csv, oof_ap.csv    written by `detect predict`
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from siimcovid.config import CFG_DIR, Config, default_config_path, read_yaml
+from siimcovid.data.prepared import Prepared
+from siimcovid.utils import LOGGER, SiimError
+
+HYP_DIR = CFG_DIR / "hyp"
+RUN_CONFIG = "detect.yaml"
+
+# Keys of siimcovid/cfg/detect.yaml that go to Ultralytics' trainer under the same name.
+TRAIN_KEYS = ("epochs", "imgsz", "batch", "device", "workers", "pretrained", "plots")
+# Ultralytics keys siimcovid sets itself (per fold); a user setting them would break skip/resume.
+MANAGED_KEYS = {"data", "model", "project", "name", "exist_ok", "resume", "mode", "task", "save_dir", "source"}
+
+
+def ultralytics_keys() -> set[str]:
+    """Every Ultralytics setting (train, val, predict): the keys `detect` passes through."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return set(DEFAULT_CFG_DICT)
+
+
+def hyp_presets() -> list[str]:
+    return sorted(p.stem for p in HYP_DIR.glob("*.yaml"))
+
+
+def load_hyp(hyp: str | None) -> dict[str, Any]:
+    """A preset by name (siimcovid/cfg/hyp/<name>.yaml) or path -> {ultralytics key: value}."""
+    if not hyp:
+        return {}
+    path = Path(str(hyp))
+    if not path.suffix and not path.exists():
+        path = HYP_DIR / f"{hyp}.yaml"
+        if not path.is_file():
+            raise SiimError(f"unknown hyp preset '{hyp}': shipped presets are {', '.join(hyp_presets())} (or give a YAML path)")
+    values = read_yaml(path)
+    bad = sorted(set(values) - ultralytics_keys())
+    if bad:
+        raise SiimError(
+            f"{path}: {', '.join(bad)} are not Ultralytics settings (a hyp preset holds keys like lr0, mosaic, mixup)"
+        )
+    ignored = sorted(set(values) & set(TRAIN_KEYS))
+    if ignored:
+        LOGGER.warning(f"detect: {path} sets {ignored}; siimcovid takes these from its own config (set them on the command line)")
+        values = {k: v for k, v in values.items() if k not in TRAIN_KEYS}
+    return values
+
+
+def passthrough(cfg: Config) -> dict[str, Any]:
+    """The Ultralytics settings the user gave beyond siimcovid's own keys (e.g. cos_lr=true)."""
+    ours = set(read_yaml(default_config_path("detect"))) | {"mode"}
+    extras = {k: v for k, v in cfg.items() if k not in ours}
+    managed = sorted(set(extras) & MANAGED_KEYS)
+    if managed:
+        raise SiimError(f"detect sets {managed} itself (runs go to <project>/<name>/fold<k>, skip and resume are automatic)")
+    return extras
+
+
+def train_args(cfg: Config, hyp: dict[str, Any]) -> dict[str, Any]:
+    """Ultralytics train arguments: hyp preset < siimcovid's train keys < pass-through keys the user gave."""
+    args = {**hyp, **{k: cfg[k] for k in TRAIN_KEYS}, **passthrough(cfg)}
+    args["device"] = device_arg(args.get("device"))
+    return args
+
+
+def device_arg(device: Any) -> Any:
+    """device=0,1 arrives as a list; Ultralytics takes the string '0,1' (and starts DDP)."""
+    if isinstance(device, (list, tuple)):
+        return ",".join(str(d) for d in device)
+    return device
+
+
+def check_model(model: Any) -> str:
+    """A clear error for weights or model YAMLs that do not exist (before Ultralytics tries to download them)."""
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
+
+    text = str(model or "")
+    path = Path(text)
+    if path.suffix == ".pt":
+        if path.is_file() or (path.name == text and text in GITHUB_ASSETS_NAMES):
+            return text  # a file, or an Ultralytics release name that it downloads (yolov5mu.pt, yolov5xu.pt, ...)
+        raise SiimError(
+            f"weights not found: {text}. Give a .pt file, or an Ultralytics name such as yolov5mu.pt or yolov5xu.pt "
+            "(downloaded once into Ultralytics' weights folder)"
+        )
+    if path.suffix in {".yaml", ".yml"}:
+        if path.is_file():
+            return text
+        from ultralytics.nn.tasks import yaml_model_load
+
+        try:
+            yaml_model_load(text)  # resolves yolov5m.yaml -> Ultralytics' yolov5.yaml at scale m
+        except Exception:
+            raise SiimError(f"model YAML not found: {text} (Ultralytics ships yolov5n/s/m/l/x.yaml)") from None
+        return text
+    raise SiimError(f"model must be a .pt weights file or a model .yaml, got '{text}'")
+
+
+@dataclass
+class DataSource:
+    """A prepared dataset and its per-fold Ultralytics data YAMLs."""
+
+    prepared: Path
+    name: str
+    size: int  # side of the square images the YAMLs point to
+    n_folds: int
+    yamls: dict[int, Path] = field(default_factory=dict)
+    only_fold: int | None = None  # set when data= named one fold's YAML
+
+    def yaml(self, fold: int) -> Path:
+        path = self.yamls[fold]
+        if not path.is_file():
+            raise SiimError(
+                f"data YAML not found: {path}. `siimcovid prepare` writes data_yaml/<name>_fold<k>.yaml (see data_yaml_dir=)"
+            )
+        if _prepared_of_yaml(path).resolve() != self.prepared:
+            raise SiimError(f"{path} points into {_prepared_of_yaml(path)}, not {self.prepared}: a stale YAML? re-run prepare")
+        return path
+
+
+def _prepared_of_yaml(path: Path) -> Path:
+    """The prepared folder a data YAML points into: its `path` is <prepared>/<size>."""
+    data = yaml.safe_load(path.read_text()) or {}
+    images = Path(str(data.get("path", "")))
+    if not images.is_absolute():
+        images = (path.parent / images).resolve()
+    if not (images.parent / "meta.csv").is_file():
+        raise SiimError(
+            f"{path}: its path {images} is not inside a prepared dataset (no meta.csv beside it): run `siimcovid prepare`"
+        )
+    return images.parent
+
+
+def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
+    """data= is a prepared folder, a dataset name (data_yaml/<name>_fold<k>.yaml) or one data YAML path."""
+    text = str(data or "")
+    if not text:
+        raise SiimError("data= is required: a prepared folder (runs/prepare/<name>) or a data YAML name")
+    path, only_fold = Path(text), None
+    if path.is_dir():
+        prepared = path
+    elif path.suffix in {".yaml", ".yml"}:
+        if not path.is_file():
+            raise SiimError(f"data YAML not found: {path}")
+        prepared = _prepared_of_yaml(path)
+        match = re.fullmatch(r"(.+)_fold(\d+)", path.stem)
+        if not match:
+            raise SiimError(f"{path}: expected a data YAML named <name>_fold<k>.yaml, as `siimcovid prepare` writes them")
+        only_fold = int(match.group(2))
+    elif "/" in text or "\\" in text:
+        raise SiimError(f"data folder not found: {path} (run `siimcovid prepare` first)")
+    else:
+        first = Path(data_yaml_dir) / f"{text}_fold0.yaml"
+        if not first.is_file():
+            raise SiimError(f"data '{text}' is neither a prepared folder nor a data YAML name: {first} not found")
+        prepared = _prepared_of_yaml(first)
+    prep = Prepared(prepared)
+    if "train" not in set(prep.meta.split):
+        raise SiimError(f"{prepared} has no train images: detectors need the train split")
+    size = int(prep.cfg.get("yolo_size") or max(prep.sizes))
+    if only_fold is not None:
+        yamls = {only_fold: path}
+    else:
+        yaml_dir = Path(data_yaml_dir)
+        recorded = Path(str(prep.cfg.get("data_yaml_dir") or yaml_dir))
+        if not (yaml_dir / f"{prep.name}_fold0.yaml").is_file() and (recorded / f"{prep.name}_fold0.yaml").is_file():
+            yaml_dir = recorded  # where prepare wrote them
+        yamls = {k: yaml_dir / f"{prep.name}_fold{k}.yaml" for k in range(prep.n_folds)}
+    return DataSource(prepared.resolve(), prep.name, size, prep.n_folds, yamls, only_fold)
+
+
+def select_folds(fold: Any, source: DataSource) -> list[int]:
+    """fold=all | k | [k, ...] -> the folds to run, each checked to exist."""
+    if fold is None or str(fold).lower() == "all":
+        return [source.only_fold] if source.only_fold is not None else list(range(source.n_folds))
+    folds = fold if isinstance(fold, list) else [fold]
+    out = []
+    for f in folds:
+        try:
+            k = int(f)
+        except (TypeError, ValueError):
+            raise SiimError(f"fold must be all, a fold number or a list of them, got '{fold}'") from None
+        if not 0 <= k < source.n_folds:
+            raise SiimError(f"fold {k} does not exist: {source.prepared} has folds 0..{source.n_folds - 1}")
+        if source.only_fold is not None and k != source.only_fold:
+            raise SiimError(f"data= names the YAML of fold {source.only_fold}, but fold={k} was asked for")
+        out.append(k)
+    return sorted(set(out))
+
+
+def fold_state(fold_dir: Path) -> str:
+    """'new' (nothing trained), 'partial' (interrupted: resume from last.pt) or 'done'.
+
+    Ultralytics strips the optimizer from last.pt (epoch -1) when a training finishes,
+    so the checkpoint itself says whether the fold is done.
+    """
+    from ultralytics.utils.patches import torch_load
+
+    last = Path(fold_dir) / "weights" / "last.pt"
+    if not last.is_file():
+        return "new"
+    ckpt = torch_load(last, map_location="cpu")
+    epoch = ckpt.get("epoch", -1)
+    if epoch < 0 or ckpt.get("optimizer") is None:
+        return "done"
+    if epoch + 1 >= int((ckpt.get("train_args") or {}).get("epochs", 0)):
+        LOGGER.warning(f"detect: {fold_dir} trained every epoch but stopped before its final validation; taking it as done")
+        return "done"
+    return "partial"
+
+
+def check_run_dataset(run_dir: Path, source: DataSource) -> None:
+    """Refuse to put folds of two different datasets into one run."""
+    saved = run_dir / RUN_CONFIG
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        if old.get("prepared") and Path(old["prepared"]) != source.prepared:
+            raise SiimError(f"{run_dir} holds a run on {old['prepared']}, not {source.prepared}: choose another name=")

@@ -1,0 +1,127 @@
+"""`siimcovid detect evolve`: hyperparameter evolution with Ultralytics' Tuner on one fold.
+
+    siimcovid detect evolve data=runs/prepare/siim model=yolov5mu.pt hyp=yolov5m fold=0 iterations=30 epochs=10
+
+The first iteration trains with the starting preset (hyp=); each later one mutates the best
+so far inside `space` (detect.yaml: mosaic, mixup, scale, translate, hsv_v, lr0, ...). Everything
+stays in <project>/<name>/ (default name <dataset>-<model stem>-evolve):
+
+    tune/tune_results.ndjson          every iteration: fitness and hyperparameters (Ultralytics)
+    tune/best_hyperparameters.yaml    the best iteration's values of the space keys (Ultralytics)
+    tune/tune_scatter_plots.png, tune/weights/   plots and the best iteration's weights
+    multitrain*/                      the iterations' training runs (Ultralytics keeps the best)
+    hyp_evolved.yaml                  the starting preset updated with the best values: a preset that
+                                      `siimcovid detect train hyp=<that path>` (and `yolo ... cfg=`) accepts
+
+Re-running the same command continues from the last finished iteration up to `iterations`.
+Fitness is Ultralytics' (validation mAP50-95 of each short run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from siimcovid.config import Config, read_yaml
+from siimcovid.detect.common import (
+    RUN_CONFIG,
+    check_model,
+    check_run_dataset,
+    load_hyp,
+    resolve_data,
+    select_folds,
+    train_args,
+    ultralytics_keys,
+)
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+
+
+def load_space(space: Any) -> dict[str, tuple]:
+    """{key: [min, max] or [min, max, gain]} (or a YAML path holding it) -> the Tuner's space."""
+    if isinstance(space, (str, Path)):
+        space = read_yaml(space)
+    if not isinstance(space, dict) or not space:
+        raise SiimError(f"space must map Ultralytics settings to [min, max], got {space!r}")
+    valid = ultralytics_keys()
+    out = {}
+    for key, bounds in space.items():
+        if key not in valid:
+            raise SiimError(f"space: '{key}' is not an Ultralytics setting")
+        if not isinstance(bounds, (list, tuple)) or len(bounds) not in (2, 3) or float(bounds[0]) > float(bounds[1]):
+            raise SiimError(f"space: {key} needs [min, max] (or [min, max, gain]) with min <= max, got {bounds!r}")
+        out[key] = tuple(float(b) for b in bounds)
+    return out
+
+
+def evolve_fold(fold: Any, folds: list[int]) -> int:
+    if isinstance(fold, list) and len(folds) > 1:
+        raise SiimError(f"evolve tunes on one fold; got fold={fold}")
+    return folds[0]
+
+
+def export_preset(best_file: Path, start: dict, hyp_name: str, out: Path) -> Path:
+    """Starting preset + the best iteration's values -> a preset YAML for `detect train hyp=`."""
+    best = read_yaml(best_file)
+    header = [line[2:] for line in best_file.read_text().splitlines() if line.startswith("# ")]
+    preset = {**start, **best}
+    text = f"# siimcovid hyperparameter preset evolved from `{hyp_name}` by `siimcovid detect evolve`.\n"
+    text += "".join(f"# {line}\n" for line in header if line.startswith("Best fitness=") or "iterations" in line)
+    text += "# Use: siimcovid detect train hyp=<this file> ...   or   yolo detect train cfg=<this file> ...\n"
+    text += yaml.safe_dump(preset, sort_keys=False)
+    return atomic_write_text(out, text)
+
+
+def evolve(cfg: Config) -> Path:
+    from ultralytics import YOLO
+
+    source = resolve_data(cfg.data, cfg.data_yaml_dir)
+    fold = evolve_fold(cfg.fold, select_folds(cfg.fold, source))
+    data_yaml = source.yaml(fold)
+    model = check_model(cfg.model)
+    if isinstance(cfg.pretrained, str):
+        check_model(cfg.pretrained)
+    hyp = load_hyp(cfg.hyp)
+    space = load_space(cfg.space)
+    iterations = int(cfg.iterations)
+    if iterations < 1:
+        raise SiimError(f"iterations must be at least 1, got {cfg.iterations}")
+    args = train_args(cfg, hyp)
+    name = str(cfg.name or f"{source.name}-{Path(model).stem}-evolve")
+    run_dir = (Path(cfg.project) / name).resolve()
+    check_run_dataset(run_dir, source)
+    tune_dir = run_dir / "tune"
+    Config(
+        cfg,
+        mode="evolve",
+        name=name,
+        model=model,
+        fold=fold,
+        prepared=str(source.prepared),
+        size=source.size,
+        data_yaml=str(data_yaml.resolve()),
+        hyp_values=hyp,
+        space={k: list(v) for k, v in space.items()},
+    ).save(run_dir / RUN_CONFIG)
+
+    LOGGER.info(f"detect evolve: {iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
+    YOLO(model).tune(
+        data=str(data_yaml),
+        iterations=iterations,
+        space=space,
+        project=str(run_dir),
+        name=tune_dir.name,
+        resume=(tune_dir / "tune_results.ndjson").is_file(),
+        **args,
+    )
+    best = tune_dir / "best_hyperparameters.yaml"
+    if not best.is_file():
+        raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
+    out = export_preset(best, hyp, str(cfg.hyp), Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml")
+    LOGGER.info(f"detect evolve: best hyperparameters -> {out}\n  train with: siimcovid detect train hyp={out} ...")
+    return out
+
+
+def main(cfg: Config) -> Path:
+    return evolve(cfg)

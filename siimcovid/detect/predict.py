@@ -1,0 +1,216 @@
+"""`siimcovid detect predict`: opacity boxes from every fold's model, in ORIGINAL DICOM pixels.
+
+    siimcovid detect predict run=runs/detect/siim-yolov5xu split=oof,test tta=true conf=0.001 iou=0.5
+
+split=oof runs each fold's model on the validation images of its own fold (out-of-fold
+predictions for every train image once all folds are trained); split=test runs every fold's
+model on every test image. Several runs at once: run=runs/detect/a,runs/detect/b.
+
+Outputs, in each run dir (and all runs together in <out>/ when out= is set):
+
+    pred_oof.csv, pred_test.csv   one row per predicted box:
+        image_id  the image (SOP instance UID, without the _image suffix)
+        model     the run name (runs/detect/<name>): fusion weights and groups by it
+        fold      the fold whose model predicted the box (test: 0..K-1, one set of boxes per fold)
+        x_min, y_min, x_max, y_max   the box in ORIGINAL DICOM pixels (meta.csv rows/cols)
+        conf      the detector's confidence
+      An image with no box above `conf` has no rows (meta.csv lists every image).
+    oof_ap.csv    the competition's opacity AP (IoU 0.5) of the OOF boxes, per fold and over all
+                  train images of the folds predicted (columns model, fold, images, opacity_ap)
+
+The detector sees the prepared square image of side s (the run's image size); Ultralytics
+returns boxes in that image's pixels, which map back with x * cols / s, y * rows / s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from siimcovid import metrics
+from siimcovid.config import Config
+from siimcovid.data.boxes import scale_boxes
+from siimcovid.data.prepared import Prepared
+from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, passthrough
+from siimcovid.utils import LOGGER, SiimError, write_csv
+
+PRED_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
+SPLITS = ("oof", "test")
+
+
+@dataclass
+class Run:
+    """A trained detect run: its folds' weights and the prepared data it was trained on."""
+
+    dir: Path
+    prepared: Prepared
+    size: int  # side of the prepared square images the detector reads
+    weights: dict[int, Path]
+    imgsz: dict[int, int]  # training image size per fold
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+def load_run(run_dir: str | Path, weights: str = "best") -> Run:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
+    if weights not in {"best", "last"}:
+        raise SiimError(f"weights must be best or last, got '{weights}'")
+    folds = sorted(int(p.name[4:]) for p in run_dir.glob("fold*") if p.name[4:].isdigit())
+    found = {k: run_dir / f"fold{k}" / "weights" / f"{weights}.pt" for k in folds}
+    found = {k: p for k, p in found.items() if p.is_file()}
+    if not found:
+        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/weights/{weights}.pt)")
+    args_files = {k: run_dir / f"fold{k}" / "args.yaml" for k in found}
+    args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}
+    saved = run_dir / RUN_CONFIG
+    if saved.is_file():  # written by `siimcovid detect train`
+        cfg = yaml.safe_load(saved.read_text()) or {}
+        prepared, size = Path(cfg["prepared"]), int(cfg["size"])
+    else:  # folds trained with the plain `yolo` CLI on a prepared data YAML
+        data_yaml = Path(args[min(found)]["data"])
+        prepared = _prepared_of_yaml(data_yaml)
+        size = int(Path(yaml.safe_load(data_yaml.read_text())["path"]).name)
+    prep = Prepared(prepared)
+    prep.check_size(size)
+    return Run(run_dir, prep, size, found, {k: int(a.get("imgsz") or size) for k, a in args.items()})
+
+
+def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:
+    """An Ultralytics Results -> (n, 5) [x_min, y_min, x_max, y_max, conf] in original pixels.
+
+    Ultralytics already undid its own letterbox: boxes are in the pixels of the image it read
+    (orig_shape, the prepared s x s image). The prepared image is the original resized to a
+    square, so x scales by cols / s and y by rows / s.
+    """
+    boxes = result.boxes
+    xyxy = boxes.xyxy.cpu().numpy().astype(np.float64).reshape(-1, 4)
+    conf = boxes.conf.cpu().numpy().astype(np.float64).reshape(-1, 1)
+    height, width = result.orig_shape
+    xyxy = scale_boxes(xyxy, (width, height), (cols, rows))
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, cols)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, rows)
+    return np.hstack([xyxy, conf])
+
+
+def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, args: dict, bar: tqdm) -> pd.DataFrame:
+    """One fold's model on some images, in batches -> tidy rows (PRED_COLUMNS)."""
+    meta = run.prepared.meta.set_index("image_id")
+    paths = [run.prepared.image_path(i, split, run.size) for i in image_ids]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SiimError(f"{len(missing)} prepared images missing, e.g. {missing[0]}: re-run `siimcovid prepare`")
+    batch = max(int(args.get("batch") or 1), 1)
+    frames = []
+    for start in range(0, len(paths), batch):
+        chunk = image_ids[start : start + batch]
+        results = yolo.predict([str(p) for p in paths[start : start + batch]], **args)
+        for image_id, result in zip(chunk, results):
+            found = boxes_to_original(result, int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"]))
+            frame = pd.DataFrame(found, columns=["x_min", "y_min", "x_max", "y_max", "conf"])
+            frame.insert(0, "image_id", image_id)
+            frames.append(frame)
+        bar.update(len(chunk))
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PRED_COLUMNS)
+    out["model"], out["fold"] = run.name, fold
+    return out[PRED_COLUMNS]
+
+
+def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFrame]:
+    """Every fold's model on its OOF images and/or the test images."""
+    from ultralytics import YOLO
+
+    test_ids = list(run.prepared.split("test").image_id) if "test" in splits else []
+    if "test" in splits and not test_ids:
+        LOGGER.warning(f"detect predict: {run.prepared.root} has no test images")
+    jobs = {k: (list(run.prepared.fold(k, "val").image_id) if "oof" in splits else [], test_ids) for k in run.weights}
+    args = predict_args(cfg)
+    out: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
+    total = sum(len(a) + len(b) for a, b in jobs.values())
+    with tqdm(total=total, desc=f"predict {run.name}", unit="img") as bar:
+        for k, (oof_ids, test) in jobs.items():
+            yolo = YOLO(str(run.weights[k]))
+            fold_args = {**args, "imgsz": int(cfg.predict_imgsz or run.imgsz[k])}
+            bar.set_postfix(fold=k)
+            if oof_ids:
+                out["oof"].append(predict_images(yolo, run, k, oof_ids, "train", fold_args, bar))
+            if test:
+                out["test"].append(predict_images(yolo, run, k, test, "test", fold_args, bar))
+    return {s: (pd.concat(f, ignore_index=True) if f else pd.DataFrame(columns=PRED_COLUMNS)) for s, f in out.items()}
+
+
+def predict_args(cfg: Config) -> dict:
+    """Ultralytics predict arguments: siimcovid's predict keys, then any Ultralytics key the user gave."""
+    device = device_arg(cfg.device)
+    if isinstance(device, str) and "," in device:
+        device = device.split(",")[0]  # inference runs on one GPU
+    args = {
+        "conf": float(cfg.conf),
+        "iou": float(cfg.iou),
+        "augment": bool(cfg.tta),
+        "max_det": int(cfg.max_det),
+        "batch": int(cfg.batch),
+        "device": device,
+    }
+    return {**args, **passthrough(cfg), "verbose": False, "save": False}
+
+
+def oof_ap(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
+    """The competition's opacity AP of the OOF boxes: per fold and over all predicted train images."""
+    train = run.prepared.split("train")
+    train = train[train.fold.isin(list(run.weights))]
+    rows = []
+    for fold, images in [*((k, train[train.fold == k]) for k in sorted(run.weights)), ("all", train)]:
+        truth = metrics.image_truth(images[["image_id", "boxes"]])
+        boxes = pred[pred.image_id.isin(set(images.image_id))]
+        scored = metrics.image_pred(boxes[["image_id", "conf", "x_min", "y_min", "x_max", "y_max"]], None)
+        ap = metrics.average_precision(truth, scored, "opacity")
+        rows.append({"model": run.name, "fold": str(fold), "images": len(images), "opacity_ap": round(float(ap), 5)})
+    return pd.DataFrame(rows)
+
+
+def predict(cfg: Config) -> dict[str, dict[str, Path]]:
+    runs = cfg.run if isinstance(cfg.run, list) else [cfg.run] if cfg.run else []
+    if not runs:
+        raise SiimError("run= is required: a detect run dir (runs/detect/<name>), or several: run=a,b")
+    splits = cfg.split if isinstance(cfg.split, list) else [cfg.split]
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise SiimError(f"split must be oof, test or both (oof,test), got {cfg.split}")
+    loaded = [load_run(r, cfg.weights) for r in runs]  # check every run before predicting with any
+    names = [run.name for run in loaded]
+    if len(set(names)) < len(names):
+        raise SiimError(f"runs must have different names (the `model` column): {names}")
+    written: dict[str, dict[str, Path]] = {}
+    together: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
+    for run in loaded:
+        if "oof" in splits and len(run.weights) < run.prepared.n_folds:
+            folds = f"folds {sorted(run.weights)} of {run.prepared.n_folds}"
+            LOGGER.warning(f"detect predict: {run.dir} has {folds}: OOF covers those folds only")
+        preds = predict_run(run, splits, cfg)
+        written[run.name] = {}
+        for split, df in preds.items():
+            written[run.name][split] = write_csv(df, run.dir / f"pred_{split}.csv", float_format="%.5g")
+            together[split].append(df)
+        if "oof" in splits:
+            table = oof_ap(preds["oof"], run)
+            written[run.name]["oof_ap"] = write_csv(table, run.dir / "oof_ap.csv")
+            LOGGER.info(f"detect predict: OOF opacity AP (IoU 0.5) of {run.name}:\n{table.to_string(index=False)}")
+        LOGGER.info(f"detect predict: {', '.join(str(p) for p in written[run.name].values())}")
+    if cfg.out:
+        for split, frames in together.items():
+            path = write_csv(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv", float_format="%.5g")
+            LOGGER.info(f"detect predict: all runs' {split} boxes -> {path}")
+    return written
+
+
+def main(cfg: Config) -> dict[str, dict[str, Path]]:
+    return predict(cfg)

@@ -1,0 +1,328 @@
+"""detect stage: train per fold (skip, resume), presets, evolve, predict in original pixels, errors.
+
+Tiny on purpose: yolov5n.yaml from scratch (pretrained=False), 64 px, one epoch, CPU.
+One trained 3-fold run is shared by the tests that only read it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from siimcovid import cli
+from siimcovid.config import ConfigError
+from siimcovid.data.prepared import Prepared
+from siimcovid.detect.common import HYP_DIR, TRAIN_KEYS, fold_state, hyp_presets, load_hyp
+from siimcovid.detect.predict import PRED_COLUMNS, boxes_to_original
+from siimcovid.utils import SiimError
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=yolov5n.yaml", "pretrained=false", "epochs=1", "imgsz=64", "batch=8", "workers=0", "device=cpu", "plots=false"]
+
+
+def detect(mode: str, *args: str):
+    return cli.main(["detect", mode, *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs_detect")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, project) -> Path:
+    """All 3 folds, one epoch each; a preset plus command-line and pass-through overrides."""
+    return detect(
+        "train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "mixup=0.3", "cos_lr=true"
+    )
+
+
+@pytest.fixture(scope="module")
+def predicted(trained) -> dict:
+    return detect("predict", f"run={trained}", "device=cpu", "batch=16", "predict_imgsz=64")
+
+
+# --- train ------------------------------------------------------------------------------------------------
+
+
+def test_train_writes_one_finished_ultralytics_run_per_fold(trained, prepared):
+    for k in range(3):
+        fold_dir = trained / f"fold{k}"
+        assert (fold_dir / "weights" / "best.pt").is_file()
+        assert fold_state(fold_dir) == "done"
+        assert len(pd.read_csv(fold_dir / "results.csv")) == 1  # one epoch
+        args = yaml.safe_load((fold_dir / "args.yaml").read_text())
+        assert Path(args["data"]).name == f"tiny_fold{k}.yaml"  # each fold from its own data YAML
+        assert args["mosaic"] == 0.7  # from the preset
+        assert args["mixup"] == 0.3  # the command line beats the preset
+        assert args["cos_lr"] is True  # an Ultralytics key passed through
+        assert args["optimizer"] == "SGD" and args["close_mosaic"] == 0
+    saved = yaml.safe_load((trained / "detect.yaml").read_text())
+    assert Path(saved["prepared"]) == Path(prepared).resolve()
+    assert saved["size"] == 128 and saved["hyp"] == "yolov5x-mixup"
+
+
+def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):
+    from ultralytics.engine.model import Model
+
+    before = {k: (trained / f"fold{k}" / "weights" / "best.pt").stat().st_mtime_ns for k in range(3)}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(Model, "train", no_training)
+    detect(
+        "train", f"data={prepared}", *TINY, f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "mixup=0.3", "cos_lr=true"
+    )
+    after = {k: (trained / f"fold{k}" / "weights" / "best.pt").stat().st_mtime_ns for k in range(3)}
+    assert after == before
+
+
+def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
+    from siimcovid.config import load_config
+    from siimcovid.detect.common import ultralytics_keys
+    from siimcovid.detect.train import train
+
+    overrides = dict(item.split("=", 1) for item in TINY)
+    overrides.update(data=str(prepared), fold="2", epochs="2", project=str(project), name="resume")
+    cfg = load_config("detect", [f"{k}={v}" for k, v in overrides.items()], extra_ok=ultralytics_keys())
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(trainer):  # after the first epoch's checkpoint is written
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, callbacks={"on_model_save": interrupt})
+    fold_dir = project / "resume" / "fold2"
+    assert fold_state(fold_dir) == "partial"
+
+    seen = {}
+    train(cfg, callbacks={"on_train_start": lambda trainer: seen.setdefault("start_epoch", trainer.start_epoch)})
+    assert seen["start_epoch"] == 1  # continued at the second epoch, not from scratch
+    assert fold_state(fold_dir) == "done"
+    assert list(pd.read_csv(fold_dir / "results.csv").epoch) == [1, 2]
+    assert not (project / "resume" / "fold0").exists()  # fold=2 trained that fold only
+
+
+# --- presets ----------------------------------------------------------------------------------------------
+
+
+def test_presets_are_plain_ultralytics_configs_with_the_documented_augmentation():
+    from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+
+    assert {"yolov5m", "yolov5x-mixup", "yolov5x-mosaic", "yolov5-1st"} <= set(hyp_presets())
+    for name in hyp_presets():
+        raw = yaml.safe_load((HYP_DIR / f"{name}.yaml").read_text())
+        assert not set(raw) & set(TRAIN_KEYS), name  # epochs/imgsz/batch belong to the command line
+        cfg = get_cfg(DEFAULT_CFG_DICT, raw)  # what `yolo detect train cfg=<preset>` does: validates keys and types
+        assert cfg.mosaic == raw["mosaic"]
+    mixes = {
+        n: (load_hyp(n)["mosaic"], load_hyp(n)["mixup"]) for n in ("yolov5x-mixup", "yolov5x-mosaic", "yolov5-1st", "yolov5m")
+    }
+    assert mixes == {"yolov5x-mixup": (0.7, 0.16), "yolov5x-mosaic": (1.0, 0.0), "yolov5-1st": (1.0, 0.5), "yolov5m": (1.0, 0.0)}
+
+
+# --- predict ----------------------------------------------------------------------------------------------
+
+
+class _Results:
+    """The two fields of an Ultralytics Results that the mapping reads."""
+
+    def __init__(self, xyxy, conf, orig_shape):
+        from ultralytics.engine.results import Boxes
+
+        data = torch.tensor([[*b, c, 0.0] for b, c in zip(xyxy, conf)], dtype=torch.float32).reshape(-1, 6)
+        self.boxes, self.orig_shape = Boxes(data, orig_shape), orig_shape
+
+
+def test_boxes_map_from_the_square_image_back_to_original_pixels():
+    # A 300 wide x 256 high original, prepared as a 128 x 128 square.
+    result = _Results([[32, 64, 96, 128], [0, 0, 128, 128]], [0.9, 0.2], (128, 128))
+    out = boxes_to_original(result, rows=256, cols=300)
+    np.testing.assert_allclose(out, [[75, 128, 225, 256, 0.9], [0, 0, 300, 256, 0.2]], rtol=1e-6)
+    empty = boxes_to_original(_Results([], [], (128, 128)), rows=256, cols=300)
+    assert empty.shape == (0, 5)
+
+
+def test_predict_agrees_with_ultralytics_after_its_letterbox(trained, predicted, prepared):
+    """The model reads 128 px images at imgsz 64 (Ultralytics resizes and maps back to 128 px);
+    the CSV must equal those boxes scaled to the original cols x rows."""
+    from ultralytics import YOLO
+
+    meta = Prepared(prepared).meta.set_index("image_id")
+    oof = pd.read_csv(predicted["tiny3"]["oof"], dtype={"image_id": str})
+    image_id = oof.image_id.iloc[0]
+    fold = int(meta.at[image_id, "fold"])
+    rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
+    assert rows != cols  # a non-square original, so a rows/cols mix-up would show
+    raw = YOLO(str(trained / f"fold{fold}" / "weights" / "best.pt")).predict(
+        str(Prepared(prepared).image_path(image_id, "train", 128)),
+        imgsz=64,
+        conf=0.001,
+        iou=0.5,
+        augment=True,
+        max_det=100,
+        device="cpu",
+        verbose=False,
+    )[0]
+    expected = raw.boxes.xyxy.numpy() * np.array([cols / 128, rows / 128, cols / 128, rows / 128])
+    got = oof[oof.image_id == image_id].sort_values("conf", ascending=False, kind="stable")
+    order = np.argsort(-raw.boxes.conf.numpy(), kind="stable")
+    np.testing.assert_allclose(
+        got[["x_min", "y_min", "x_max", "y_max"]].to_numpy(), expected[order].clip(0, [cols, rows, cols, rows]), atol=0.05
+    )
+
+
+def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
+    prep = Prepared(prepared)
+    meta = prep.meta.set_index("image_id")
+    oof = pd.read_csv(predicted["tiny3"]["oof"], dtype={"image_id": str})
+    test = pd.read_csv(predicted["tiny3"]["test"], dtype={"image_id": str})
+    for df in (oof, test):
+        assert list(df.columns) == PRED_COLUMNS
+        assert (df.model == "tiny3").all()
+        assert (df.x_max >= df.x_min).all() and (df.y_max >= df.y_min).all()
+        assert (df.x_min >= 0).all() and (df.y_min >= 0).all()
+        assert (df.x_max <= meta.loc[df.image_id, "cols"].to_numpy()).all()
+        assert (df.y_max <= meta.loc[df.image_id, "rows"].to_numpy()).all()
+        assert df.conf.between(0.001, 1).all()
+    # OOF: each train image by the model of its own fold only.
+    assert set(oof.image_id) <= set(prep.split("train").image_id)
+    assert (oof.fold.to_numpy() == meta.loc[oof.image_id, "fold"].to_numpy()).all()
+    assert oof.image_id.nunique() > len(prep.split("train")) // 2
+    # test: every fold's model on the test images.
+    assert set(test.image_id) <= set(prep.split("test").image_id)
+    assert set(test.fold) == {0, 1, 2}
+    assert (test.groupby("fold").image_id.nunique() > 0).all()
+
+
+def test_predict_reports_oof_opacity_ap(predicted, trained):
+    table = pd.read_csv(trained / "oof_ap.csv", dtype={"fold": str})
+    assert list(table.fold) == ["0", "1", "2", "all"]
+    assert table.set_index("fold").at["all", "images"] == 50
+    assert table.opacity_ap.between(0, 1).all()
+
+
+def test_oof_ap_scores_the_truth_boxes_as_perfect_and_shifted_boxes_lower(trained):
+    from siimcovid.detect.predict import load_run, oof_ap
+
+    run = load_run(trained)
+    train = run.prepared.split("train")
+    rows = [(i, run.name, f, *b, 0.9) for i, f, bs in zip(train.image_id, train.fold, train.boxes) for b in bs]
+    perfect = pd.DataFrame(rows, columns=PRED_COLUMNS)
+    assert (oof_ap(perfect, run).opacity_ap == 1.0).all()
+    shifted = perfect.copy()
+    width = shifted.x_max - shifted.x_min
+    shifted.loc[shifted.index % 2 == 0, ["x_min", "x_max"]] += width[shifted.index % 2 == 0].to_numpy()[:, None]
+    table = oof_ap(shifted, run).set_index("fold")
+    assert 0 < table.at["all", "opacity_ap"] < 1  # half the boxes no longer overlap their truth
+
+
+def test_predict_several_runs_at_once(trained, tmp_path):
+    other = tmp_path / "tiny3-copy"
+    shutil.copytree(trained, other, ignore=shutil.ignore_patterns("pred_*.csv", "oof_ap.csv"))
+    written = detect(
+        "predict",
+        f"run={trained},{other}",
+        "split=test",
+        "tta=false",
+        "device=cpu",
+        "predict_imgsz=64",
+        f"out={tmp_path / 'all'}",
+    )
+    assert set(written) == {"tiny3", "tiny3-copy"}
+    together = pd.read_csv(tmp_path / "all" / "pred_test.csv", dtype={"image_id": str})
+    assert set(together.model) == {"tiny3", "tiny3-copy"}
+    copy = pd.read_csv(other / "pred_test.csv", dtype={"image_id": str})
+    assert len(together) == 2 * len(copy)  # same weights, same boxes
+    assert not (other / "pred_oof.csv").exists()  # split=test only
+
+
+# --- evolve -----------------------------------------------------------------------------------------------
+
+
+def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
+    from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+
+    out = detect(
+        "evolve", f"data={prepared}", *TINY, f"project={project}", "name=evo", "fold=1", "iterations=2", "hyp=yolov5x-mosaic"
+    )
+    tune = project / "evo" / "tune"
+    results = [json.loads(line) for line in (tune / "tune_results.ndjson").read_text().splitlines() if line.strip()]
+    assert [r["iteration"] for r in results] == [1, 2]
+    assert results[0]["hyperparameters"]["mosaic"] == 1.0  # the first iteration is the starting preset
+    assert results[1]["hyperparameters"] != results[0]["hyperparameters"]  # the second one mutates it
+    assert set(results[0]["hyperparameters"]) == set(yaml.safe_load((project / "evo" / "detect.yaml").read_text())["space"])
+
+    preset = load_hyp(str(out))  # what `detect train hyp=<out>` does
+    best = yaml.safe_load((tune / "best_hyperparameters.yaml").read_text())
+    assert {k: preset[k] for k in best} == best
+    assert preset["optimizer"] == "SGD" and preset["close_mosaic"] == 0  # the rest of the starting preset
+    get_cfg(DEFAULT_CFG_DICT, preset)  # and a valid plain Ultralytics cfg
+
+
+# --- errors and the CLI -----------------------------------------------------------------------------------
+
+
+def test_clear_errors(prepared, project, tmp_path):
+    base = [*TINY, f"project={project}", "name=errors"]
+    with pytest.raises(SiimError, match="fold 5 does not exist"):
+        detect("train", f"data={prepared}", "fold=5", *base)
+    with pytest.raises(SiimError, match="data YAML not found"):
+        detect("train", f"data={tmp_path / 'missing_fold0.yaml'}", *base)
+    fake = tmp_path / "prepared_without_yamls"  # a prepared folder whose data YAMLs are gone
+    fake.mkdir()
+    shutil.copy(Path(prepared) / "meta.csv", fake)
+    prep_cfg = yaml.safe_load((Path(prepared) / "prepare.yaml").read_text())
+    (fake / "prepare.yaml").write_text(yaml.safe_dump({**prep_cfg, "data_yaml_dir": str(tmp_path / "nowhere")}))
+    with pytest.raises(SiimError, match="data YAML not found"):
+        detect("train", f"data={fake}", f"data_yaml_dir={tmp_path / 'nowhere'}", *base)
+    with pytest.raises(SiimError, match="weights not found"):
+        detect("train", f"data={prepared}", *base, f"model={tmp_path / 'missing.pt'}")
+    with pytest.raises(SiimError, match="weights not found"):
+        detect("train", f"data={prepared}", *base, "model=yolov9000.pt")
+    with pytest.raises(SiimError, match="unknown hyp preset"):
+        detect("train", f"data={prepared}", *base, "hyp=nope")
+    with pytest.raises(SiimError, match="run not found"):
+        detect("predict", f"run={tmp_path / 'nope'}")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(SiimError, match="no trained fold"):
+        detect("predict", f"run={tmp_path / 'empty_run'}")
+    with pytest.raises(ConfigError, match="did you mean 'mixup'"):
+        detect("train", f"data={prepared}", *base, "mixupp=0.2")
+    with pytest.raises(ConfigError, match="valid modes: train, predict, evolve"):
+        cli.main(["detect", "fit"])
+    with pytest.raises(ConfigError, match="needs a mode"):
+        cli.main(["detect", f"data={prepared}"])
+    assert not (project / "errors" / "fold0").exists()  # nothing started
+
+
+def test_data_as_a_yaml_path_or_a_dataset_name(prepared):
+    from siimcovid.detect import common
+
+    yaml_path = Path(Prepared(prepared).cfg["data_yaml_dir"]) / "tiny_fold1.yaml"
+    source = common.resolve_data(str(yaml_path), "data_yaml")
+    assert common.select_folds("all", source) == [1]
+    with pytest.raises(SiimError, match="fold 1"):
+        common.select_folds(0, source)
+    by_name = common.resolve_data("tiny", yaml_path.parent)  # data=<name>: data_yaml/<name>_fold<k>.yaml
+    assert by_name.prepared == Path(prepared).resolve() and common.select_folds("all", by_name) == [0, 1, 2]
+    assert by_name.yaml(2) == yaml_path.parent / "tiny_fold2.yaml"
+
+
+def test_cli_does_not_import_torch_for_other_stages():
+    code = "import sys; from siimcovid import cli; cli.resolve(['synth', 'out=x']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "False"
