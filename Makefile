@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_metric.py
+	$(BIN)/python benchmarks/bench_fuse.py
 
 clean:
 	rm -rf runs data_yaml/*.yaml datasets

@@ -23,6 +23,7 @@ STAGES: dict[str, dict[str | None, str]] = {
         "evolve": "siimcovid.detect.evolve:main",
     },
     "evaluate": {None: "siimcovid.evaluate:main"},
+    "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
 }
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]

@@ -1,0 +1,356 @@
+"""Fusion: WBF, the box round trip, the none formulas, the stage on OOF and test, and tune."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from siimcovid import cli
+from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.evaluate import load_truth
+from siimcovid.fuse import formulas
+from siimcovid.fuse.pipeline import FUSION_KEYS
+from siimcovid.fuse.submission import read_submission, sample_ids
+from siimcovid.fuse.wbf import denormalise_boxes, normalise_boxes, wbf_image, wbf_table
+from siimcovid.utils import DataError, SiimError
+
+DET = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
+
+
+# ----------------------------------------------------------------------------- synthetic predictions
+def truth_images(prepared, split):
+    """Per-image truth of a split (unclipped boxes) with original sizes and folds."""
+    from siimcovid.data.prepared import Prepared
+
+    meta = Prepared(prepared).split("train" if split == "oof" else "test")[["image_id", "fold", "rows", "cols"]]
+    truth = load_truth(prepared, "train" if split == "oof" else "test")
+    return truth.drop(columns=["fold"]).merge(meta, on="image_id")
+
+
+def exact_detections(images, models=("m1",), folds=None, conf=0.9):
+    """The true boxes as predictions: one set per model (and per fold when `folds` is given)."""
+    rows = []
+    for m in models:
+        for rec in images.itertuples():
+            for k in [rec.fold] if folds is None else folds:
+                rows += [(rec.image_id, m, k, *b, conf) for b in rec.boxes]
+    return pd.DataFrame(rows, columns=DET)
+
+
+def noisy_detections(images, models=("m1", "m2"), seed=0):
+    """Jittered true boxes (some missed) plus random false positives, as a detector would give."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in models:
+        for rec in images.itertuples():
+            for b in rec.boxes:
+                if rng.random() < 0.2:
+                    continue
+                w, h = b[2] - b[0], b[3] - b[1]
+                x1, y1, x2, y2 = np.asarray(b) + rng.normal(0, 0.12, 4) * [w, h, w, h]
+                rows.append(
+                    (rec.image_id, m, rec.fold, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2), rng.uniform(0.1, 0.9))
+                )
+            for _ in range(int(rng.integers(0, 3))):
+                cx, cy, w, h = rng.uniform(0.3, 0.7) * rec.cols, rng.uniform(0.3, 0.7) * rec.rows, 0.2 * rec.cols, 0.25 * rec.rows
+                rows.append((rec.image_id, m, rec.fold, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, rng.uniform(0.05, 0.7)))
+    return pd.DataFrame(rows, columns=DET)
+
+
+def classifier(images, seed=0, signal=None):
+    """Probabilities: signal=None gives near-certain correct ones; a number, noisy correlated ones."""
+    rng = np.random.default_rng(seed)
+    onehot = np.stack([(images.study_label == c).to_numpy(float) for c in STUDY_CLASSES], 1)
+    empty = np.array([len(b) == 0 for b in images.boxes], float)
+    if signal is None:
+        probs, none = 0.01 + 0.96 * onehot, 0.01 + 0.98 * empty
+    else:
+        logits = signal * onehot + rng.normal(0, 1, onehot.shape)
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        none = 1 / (1 + np.exp(-(signal * (2 * empty - 1) + rng.normal(0, 1.5, len(images)))))
+    out = pd.DataFrame(probs, columns=STUDY_CLASSES)
+    out.insert(0, "study_id", images.study_id.to_numpy())
+    out.insert(0, "image_id", images.image_id.to_numpy())
+    out["none"] = none
+    return out
+
+
+def run(args, tmp_path, name="exp"):
+    return cli.main(["fuse", *args, f"project={tmp_path / 'runs'}", f"name={name}", "workers=1"])
+
+
+# ----------------------------------------------------------------------------- WBF and boxes
+def grid_boxes(n, rng):
+    """n boxes on a 4 x 4 grid of cells (no two overlap), normalised, with random scores."""
+    cells = rng.choice(16, n, replace=False)
+    x, y = (cells % 4) / 4, (cells // 4) / 4
+    boxes = np.stack([x + 0.02, y + 0.03, x + 0.2, y + 0.22], 1)
+    return boxes, rng.uniform(0.01, 1, n)
+
+
+@pytest.mark.parametrize("conf_type", ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"])
+def test_wbf_of_two_identical_sets_equals_either(conf_type):
+    rng = np.random.default_rng(1)
+    boxes, scores = grid_boxes(7, rng)
+    fused_b, fused_s = wbf_image([boxes, boxes], [scores, scores], [1, 1], iou_thr=0.6, skip_box_thr=0.0, conf_type=conf_type)
+    order = np.argsort(-scores)
+    np.testing.assert_allclose(fused_s, scores[order], atol=1e-6)
+    np.testing.assert_allclose(fused_b, boxes[order], atol=1e-6)  # ensemble-boxes keeps boxes in float32
+
+
+def test_wbf_counts_a_member_that_found_nothing():
+    """Test split: a box seen by 2 of 3 fold models keeps 2/3 of its mean confidence (conf_type avg)."""
+    box = np.array([[0.1, 0.2, 0.4, 0.6]])
+    _, scores = wbf_image([box, box, np.zeros((0, 4))], [[0.9], [0.6], []], conf_type="avg")
+    assert scores == pytest.approx([0.75 * 2 / 3])
+    _, alone = wbf_image([box, box], [[0.9], [0.6]], conf_type="avg")
+    assert alone == pytest.approx([0.75])
+
+
+def test_boxes_survive_the_round_trip_on_non_square_images():
+    rows, cols = 2544, 3028  # the real median original, rows x cols
+    px = np.array([[0, 0, cols, rows], [694.25, 1024.5, 1320.75, 2267.125], [2190, 902, 2911, 2356]])
+    norm = normalise_boxes(px, rows, cols)
+    np.testing.assert_array_equal(norm[0], [0, 0, 1, 1])  # x by cols, y by rows
+    assert norm[1] == pytest.approx([694.25 / cols, 1024.5 / rows, 1320.75 / cols, 2267.125 / rows])
+    np.testing.assert_allclose(denormalise_boxes(norm, rows, cols), px, rtol=0, atol=1e-9)
+    # per-box sizes (two images of different shapes in one call)
+    two = normalise_boxes(px[1:], [rows, 900], [cols, 3100])
+    np.testing.assert_allclose(
+        denormalise_boxes(two, [rows, 900], [cols, 3100]), np.minimum(px[1:], [[cols, rows, cols, rows], [3100, 900, 3100, 900]])
+    )
+    assert normalise_boxes([[-40, -5, 100, 3000]], rows, cols)[0] == pytest.approx([0, 0, 100 / cols, 1])  # clipped
+
+
+def test_wbf_table_maps_fused_boxes_back_to_original_pixels():
+    """Two identical members on two non-square images: the fused boxes are the input boxes, in px."""
+    sizes = pd.DataFrame({"image_id": ["wide", "tall"], "rows": [1000, 3000], "cols": [3000, 1000]})
+    boxes = pd.DataFrame(
+        [
+            ("wide", 100.0, 200.0, 900.0, 700.0, 0.8),
+            ("wide", 2000.0, 100.0, 2900.0, 950.0, 0.4),
+            ("tall", 50.0, 1200.0, 950.0, 2950.0, 0.7),
+        ],
+        columns=["image_id", "x_min", "y_min", "x_max", "y_max", "conf"],
+    )
+    both = pd.concat([boxes.assign(set=0), boxes.assign(set=1)], ignore_index=True)
+    fused = wbf_table(both, sizes, n_sets=2)
+    expected = boxes.sort_values(["image_id", "conf"], ascending=[False, False])
+    np.testing.assert_allclose(
+        fused[["x_min", "y_min", "x_max", "y_max"]], expected[["x_min", "y_min", "x_max", "y_max"]], atol=1e-3
+    )
+    assert list(fused.image_id) == ["wide", "wide", "tall"]
+    assert fused.conf.to_numpy() == pytest.approx(expected.conf.to_numpy())
+
+
+# ----------------------------------------------------------------------------- the formulas
+def test_none_formulas_on_hand_cases():
+    conf, image = [0.5, 0.2, 1.0], [0, 0, 2]  # image 1 has no box
+    assert formulas.none_from_detector(conf, image, 3, "prod") == pytest.approx([0.5 * 0.8, 1.0, 0.0])
+    assert formulas.none_from_detector(conf, image, 3, "max") == pytest.approx([0.5, 1.0, 0.0])
+    assert formulas.none_from_classifier([0.3, 0.6]) == pytest.approx([0.3, 0.6])  # P(negative)
+    assert formulas.none_from_classifier([0.3, 0.6], none=[0.1, 0.9]) == pytest.approx([0.1, 0.9])  # the none head wins
+    assert formulas.blend_none([0.8], [0.4], 0.25, "linear") == pytest.approx([0.25 * 0.8 + 0.75 * 0.4])
+    assert formulas.blend_none([0.8], [0.2], 0.5, "geometric") == pytest.approx([0.4])
+    assert formulas.blend_none([0.8, 0.3], [0.0, 0.1], 1.0, "geometric") == pytest.approx([0.8, 0.3])  # w=1: classifier alone
+    assert formulas.blend_none([0.8], [0.1], 0.0, "linear") == pytest.approx([0.1])
+    assert formulas.reweight_opacity([0.8, 0.8], [0.75, 1.0], 2.0) == pytest.approx([0.8 * 0.25**2, 0.0])
+    assert formulas.reweight_opacity([0.8], [1.0], 0.0) == pytest.approx([0.8])  # a=0: off, even where none=1
+    assert formulas.negative_from_none([0.2], [0.6], 0.5) == pytest.approx([0.4])
+    with pytest.raises(SiimError, match="none_det"):
+        formulas.none_from_detector(conf, image, 3, "mean")
+    with pytest.raises(SiimError, match="none_cls_weight"):
+        formulas.blend_none([0.5], [0.5], 1.5)
+
+
+def test_combine_members_mean_geometric_rank():
+    a, b = np.array([[0.2], [0.9], [0.5]]), np.array([[0.8], [0.1], [0.6]])
+    assert formulas.combine_members([a, b], [3, 1], "mean")[:, 0] == pytest.approx([0.35, 0.7, 0.525])
+    assert formulas.combine_members([a, b], None, "geometric")[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
+    c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
+    assert formulas.combine_members([a, c], [3, 1], "rank")[:, 0] == pytest.approx(
+        [(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4]
+    )
+    with pytest.raises(SiimError, match="cls_ensemble"):
+        formulas.combine_members([a], None, "median")
+
+
+def test_study_probabilities_average_images_and_borrow_none():
+    images = pd.DataFrame(
+        {
+            "study_id": ["s", "s", "t"],
+            "negative": [0.2, 0.4, 0.5],
+            "typical": [0.8, 0.6, 0.5],
+            "indeterminate": 0.0,
+            "atypical": 0.0,
+            "none": [0.9, 0.5, 0.1],
+        }
+    )
+    out = formulas.study_probabilities(images, 0.5).set_index("study_id")
+    assert out.loc["s", "typical"] == pytest.approx(0.7)
+    assert out.loc["s", "negative"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.7)
+    assert out.loc["t", "negative"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_fuse_oof_scores_a_constructed_case(prepared, tmp_path):
+    """Perfect classifier and boxes plus ONE confident false positive on an empty image.
+
+    With n true boxes, the FP ranks first: AP(opacity) = n / (n + 1) (VOC envelope), the other
+    classes 1. With opacity_exponent=1 the classifier's none (0.99 there) sinks it: AP(opacity)
+    rises to 1. The OOF submission, scored by `siimcovid evaluate`, gives the same final."""
+    images = truth_images(prepared, "oof")
+    det = exact_detections(images, models=("m1", "m2"))
+    empty = images[[len(b) == 0 for b in images.boxes]].iloc[0]
+    fp = pd.DataFrame([(empty.image_id, m, empty.fold, 10.0, 10.0, 60.0, 80.0, 0.95) for m in ("m1", "m2")], columns=DET)
+    pd.concat([det, fp]).to_csv(tmp_path / "det.csv", index=False)
+    classifier(images).to_csv(tmp_path / "cls.csv", index=False)
+    args = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=oof"]
+
+    n = sum(len(b) for b in images.boxes)
+    plain = run(args, tmp_path, "plain")["score"]
+    assert plain.ap["opacity"] == pytest.approx(n / (n + 1))
+    assert all(v == pytest.approx(1.0) for k, v in plain.ap.items() if k != "opacity")
+    sunk = run([*args, "opacity_exponent=1"], tmp_path, "sunk")["score"]
+    assert sunk.ap["opacity"] == pytest.approx(1.0)
+
+    out = tmp_path / "runs" / "plain"
+    report = json.loads((out / "scores_oof.json").read_text())
+    assert report["final"] == pytest.approx(plain.final)
+    folds = pd.read_csv(out / "scores_oof.csv")
+    assert set(folds.fold.astype(str)) == {"all", "0", "1", "2"}
+    assert folds.loc[folds.fold.astype(str) == "all", "n_images"].item() == len(images)
+    again = cli.main(["evaluate", f"submission={out / 'oof_submission.csv'}", f"data={prepared}"])
+    assert again.final == pytest.approx(plain.final, abs=1e-9)
+    saved = yaml.safe_load((out / "fuse_oof.yaml").read_text())
+    assert saved["iou_thr"] == 0.6 and saved["split"] == "oof"
+
+
+def test_none_is_wired_from_both_sources(prepared, tmp_path):
+    """A classifier file without `none`: none_cls = its P(negative) (none_source=auto); one detector
+    with every true box at conf 0.9: none_det = 0.1^(boxes); none = their linear blend at w=0.5."""
+    images = truth_images(prepared, "oof")
+    exact_detections(images).to_csv(tmp_path / "det.csv", index=False)
+    cls = classifier(images, seed=2, signal=1.0).drop(columns=["none"])
+    cls.to_csv(tmp_path / "cls.csv", index=False)
+    args = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "none_cls_weight=0.5"]
+    out = run(args, tmp_path)["dir"]
+    got = pd.read_csv(out / "images_oof.csv", dtype={"image_id": str}).set_index("image_id")
+    n_boxes = images.set_index("image_id").boxes.map(len)
+    negative = cls.set_index("image_id").negative
+    assert got.none_cls.to_numpy() == pytest.approx(negative.loc[got.index].to_numpy())
+    assert got.none_det.to_numpy() == pytest.approx(0.1 ** n_boxes.loc[got.index].to_numpy())
+    assert got.none.to_numpy() == pytest.approx(0.5 * got.none_cls.to_numpy() + 0.5 * got.none_det.to_numpy())
+
+
+def test_fuse_test_writes_a_submission_that_passes_the_checker(prepared, synth_root, tmp_path):
+    """Every fold's model on every test image (WBF across folds), perfect inputs: the submission holds
+    every sample id, passes the checker and scores 1 on the hidden test truth; without boxes,
+    AP(opacity) = 0 and the final is (k - 1) / k over the k classes present."""
+    images = truth_images(prepared, "test")
+    exact_detections(images, models=("m1",), folds=[0, 1, 2]).to_csv(tmp_path / "det.csv", index=False)
+    per_fold = pd.concat([classifier(images).assign(fold=k) for k in range(3)])  # several rows per image: averaged
+    per_fold.to_csv(tmp_path / "cls.csv", index=False)
+    result = run([f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=test"], tmp_path)
+    path = result["dir"] / "submission.csv"
+    sample = synth_root / "sample_submission.csv"
+    sub = read_submission(path, sample=sample)  # raises on anything Kaggle would reject
+    assert list(sub.id) == sample_ids(sample)
+    full = cli.main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test", "ids=all"])
+    assert full.final == pytest.approx(1.0)
+
+    only_cls = run([f"data={prepared}", f"cls={tmp_path / 'cls.csv'}", "split=test"], tmp_path, "nobox")
+    scored = cli.main(
+        ["evaluate", f"submission={only_cls['dir'] / 'submission.csv'}", f"data={synth_root}", "split=test", "ids=all"]
+    )
+    k = len(scored.ap)
+    assert scored.ap["opacity"] == 0.0
+    assert scored.final == pytest.approx((k - 1) / k)
+
+
+def test_tune_never_returns_worse_than_its_start_and_best_yaml_reproduces(prepared, tmp_path):
+    images = truth_images(prepared, "oof")
+    noisy_detections(images).to_csv(tmp_path / "det.csv", index=False)
+    classifier(images, seed=1, signal=1.0).to_csv(tmp_path / "cls.csv", index=False)
+    common = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=oof"]
+    start = ["none_cls_weight=0.3", "opacity_exponent=2.0", "iou_thr=0.5"]  # a deliberately odd start
+    result = cli.main(
+        ["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t", "workers=1"]
+    )
+    assert result["best_score"] >= result["default_score"]
+    trials = pd.read_csv(tmp_path / "runs" / "t" / "trials.csv")
+    assert trials.final.max() == pytest.approx(result["best_score"])
+    assert trials.loc[0, "phase"] == "default" and trials.loc[0, "final"] == pytest.approx(result["default_score"])
+    start_score = run([*common, *start], tmp_path, "start")["score"].final
+    assert start_score == pytest.approx(result["default_score"])  # trial 0 is the config it started from
+    best = run([*common, f"cfg={tmp_path / 'runs' / 't' / 'best.yaml'}"], tmp_path, "best")["score"].final
+    assert best == pytest.approx(result["best_score"])
+    again = cli.main(
+        ["fuse", "tune", *common, *start, "trials=6", "seed=3", f"project={tmp_path / 'runs'}", "name=t2", "workers=1"]
+    )
+    pd.testing.assert_frame_equal(again["trials"], result["trials"])  # seeded: the same search
+
+
+def test_tune_keeps_the_start_when_nothing_beats_it(prepared, tmp_path):
+    """Perfect inputs score 1 with the defaults: no trial may replace them (ties keep trial 0, and
+    simplification puts back any parameter that does not change the score)."""
+    images = truth_images(prepared, "oof")
+    exact_detections(images).to_csv(tmp_path / "det.csv", index=False)
+    classifier(images).to_csv(tmp_path / "cls.csv", index=False)
+    result = cli.main(
+        [
+            "fuse",
+            "tune",
+            f"data={prepared}",
+            f"det={tmp_path / 'det.csv'}",
+            f"cls={tmp_path / 'cls.csv'}",
+            "trials=3",
+            f"project={tmp_path / 'runs'}",
+            "name=t",
+            "workers=1",
+        ]
+    )
+    assert result["default_score"] == pytest.approx(1.0)
+    defaults = cli.resolve(["fuse"])[1]
+    assert result["best"] == {k: defaults[k] for k in FUSION_KEYS}
+
+
+# ----------------------------------------------------------------------------- input errors
+def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
+    images = truth_images(prepared, "oof")
+    det = exact_detections(images)
+    good_cls = tmp_path / "cls.csv"
+    classifier(images).to_csv(good_cls, index=False)
+    base = [f"data={prepared}", f"cls={good_cls}", "split=oof"]
+
+    det.drop(columns=["conf"]).to_csv(tmp_path / "noconf.csv", index=False)
+    with pytest.raises(DataError, match=r"noconf.csv: missing column\(s\) \['conf'\]"):
+        run([*base, f"det={tmp_path / 'noconf.csv'}"], tmp_path)
+    wrong = det.copy()
+    wrong.loc[3, "fold"] = (wrong.loc[3, "fold"] + 1) % 3
+    wrong.to_csv(tmp_path / "wrongfold.csv", index=False)
+    with pytest.raises(DataError, match=r"wrongfold.csv, line 5: .*not out-of-fold"):
+        run([*base, f"det={tmp_path / 'wrongfold.csv'}"], tmp_path)
+    bad = det.astype({"conf": object})
+    bad.loc[1, "conf"] = "high"
+    bad.to_csv(tmp_path / "badconf.csv", index=False)
+    with pytest.raises(DataError, match=r"badconf.csv, line 3: column conf"):
+        run([*base, f"det={tmp_path / 'badconf.csv'}"], tmp_path)
+    det.to_csv(tmp_path / "det.csv", index=False)
+    with pytest.raises(DataError, match="not a test image"):
+        run([f"data={prepared}", f"det={tmp_path / 'det.csv'}", "split=test"], tmp_path)
+    with pytest.raises(SiimError, match="det_weights has 2 value"):
+        run([*base, f"det={tmp_path / 'det.csv'}", "det_weights=2,1"], tmp_path)
+    with pytest.raises(SiimError, match="conf_type"):
+        run([*base, f"det={tmp_path / 'det.csv'}", "conf_type=mean"], tmp_path)
+    with pytest.raises(SiimError, match="none_blend='mean'"):
+        run([*base, f"det={tmp_path / 'det.csv'}", "none_blend=mean"], tmp_path)
+    classifier(images).drop(columns=["atypical"]).to_csv(tmp_path / "cls3.csv", index=False)
+    with pytest.raises(DataError, match=r"cls3.csv: missing column\(s\) \['atypical'\]"):
+        run([f"data={prepared}", f"cls={tmp_path / 'cls3.csv'}"], tmp_path)
+    with pytest.raises(SiimError, match="split=oof"):
+        cli.main(["fuse", "tune", *base, "split=test", f"project={tmp_path}"])
