@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_metric.py
 
 clean:
 	rm -rf runs data_yaml/*.yaml datasets

@@ -17,6 +17,7 @@ from siimcovid.utils import LOGGER, SiimError
 STAGES: dict[str, dict[str | None, str]] = {
     "synth": {None: "siimcovid.data.synth:main"},
     "prepare": {None: "siimcovid.data.prepare:main"},
+    "evaluate": {None: "siimcovid.evaluate:main"},
     "classify": {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
 }
 

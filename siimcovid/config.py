@@ -77,6 +77,11 @@ def parse_value(text: str) -> Any:
         return text
     if isinstance(value, str) and "," in value and not value.startswith(("[", "{")):
         return [parse_value(part) for part in value.split(",") if part != ""]
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads '1e-3' as a string
+        except ValueError:
+            pass
     return value
 
 

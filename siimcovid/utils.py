@@ -34,6 +34,9 @@ class DataError(SiimError, ValueError):
         super().__init__(where + message)
         self.file, self.row, self.reason = file, row, message
 
+    def __reduce__(self):  # keep file and row when sent back from a worker process
+        return (type(self), (self.reason, self.file, self.row))
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):

@@ -14,7 +14,9 @@ def synth_root(tmp_path_factory) -> Path:
     from siimcovid.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "siim-synth"
-    cfg = load_config("synth", {"out": str(out), "train_studies": 48, "test_studies": 8, "rows": 256, "cols": 300, "workers": 1, "seed": 7})
+    cfg = load_config(
+        "synth", {"out": str(out), "train_studies": 48, "test_studies": 8, "rows": 256, "cols": 300, "workers": 1, "seed": 7}
+    )
     return generate(cfg)
 
 
@@ -27,7 +29,32 @@ def prepared(synth_root, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("prepared")
     cfg = load_config(
         "prepare",
-        {"data": str(synth_root), "name": "tiny", "out": str(base / "tiny"), "sizes": [64, 128], "n_folds": 3,
-         "workers": 1, "data_yaml_dir": str(base / "data_yaml")},
+        {
+            "data": str(synth_root),
+            "name": "tiny",
+            "out": str(base / "tiny"),
+            "sizes": [64, 128],
+            "n_folds": 3,
+            "workers": 1,
+            "data_yaml_dir": str(base / "data_yaml"),
+        },
     )
     return prepare(cfg)
+
+
+@pytest.fixture(scope="session")
+def _tiny_source(tmp_path_factory) -> Path:
+    from siimcovid.config import load_config
+    from siimcovid.data.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny") / "root"
+    cfg = load_config("synth", {"out": str(out), "train_studies": 10, "test_studies": 2, "rows": 160, "cols": 180, "workers": 1, "seed": 3})
+    return generate(cfg)
+
+
+@pytest.fixture
+def tiny_root(_tiny_source, tmp_path) -> Path:
+    """A fresh copy of a 10-study synthetic root that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(_tiny_source, tmp_path / "root"))

@@ -24,9 +24,7 @@ def clip_boxes(boxes, width: int, height: int, file=None, line=None) -> np.ndarr
     out[:, [1, 3]] = arr[:, [1, 3]].clip(0, height)
     for box, clipped in zip(arr, out):
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            raise DataError(
-                f"box {np.round(box, 1).tolist()} lies outside the {width}x{height} image", file, line
-            )
+            raise DataError(f"box {np.round(box, 1).tolist()} lies outside the {width}x{height} image", file, line)
     return out
 
 

@@ -13,65 +13,17 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 import yaml
 from tqdm import tqdm
 
 from siimcovid.config import Config
-from siimcovid.data.boxes import as_array, boxes_to_json, clip_boxes, fill_mask, to_yolo
-from siimcovid.data.dicom import dicom_to_uint8, read_header
+from siimcovid.data.boxes import as_array, boxes_to_json
+from siimcovid.data.convert import convert_one, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import META_COLUMNS, image_file, label_file, mask_file
+from siimcovid.data.prepared import META_COLUMNS
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES, Problems, load_test, load_train
-from siimcovid.utils import LOGGER, DataError, SiimError, atomic_write_text, write_csv
-
-IMWRITE = {"png": [cv2.IMWRITE_PNG_COMPRESSION, 1], "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95]}
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_image(path: Path, img: np.ndarray, ext: str) -> None:
-    ok, buf = cv2.imencode(f".{ext}", img, IMWRITE.get(ext, []))
-    if not ok:
-        raise SiimError(f"could not encode {path}")
-    _write_bytes(path, buf.tobytes())
-
-
-def convert_one(job: dict) -> dict:
-    """Convert one DICOM (worker). Returns header info and clipped boxes, or the DataError."""
-    out, sizes, ext, image_id, split = Path(job["out"]), job["sizes"], job["ext"], job["image_id"], job["split"]
-    try:
-        targets = {s: image_file(out, s, split, image_id, ext) for s in sizes}
-        if all(p.exists() for p in targets.values()):
-            info, converted = read_header(job["path"]), False
-        else:
-            images, info = dicom_to_uint8(job["path"], sizes)
-            for s, p in targets.items():
-                _write_image(p, images[s], ext)
-            converted = True
-        boxes = np.zeros((0, 4))
-        if split == "train":
-            if job["boxes"]:
-                boxes = clip_boxes(job["boxes"], info["cols"], info["rows"], job["csv"], job["line"])
-            yolo = to_yolo(boxes, info["cols"], info["rows"])
-            text = "".join(f"0 {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}\n" for xc, yc, w, h in yolo)
-            for s in sizes:
-                _write_bytes(label_file(out, s, image_id), text.encode())
-                _write_image(mask_file(out, s, image_id), fill_mask(boxes, info["cols"], info["rows"], (s, s)), "png")
-        return {"image_id": image_id, "ok": True, "converted": converted, "boxes": boxes.tolist(), **info}
-    except DataError as e:
-        return {"image_id": image_id, "ok": False, "error": e}
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one image per process; threads inside would oversubscribe the cores
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
 
 
 def run_jobs(jobs: list[dict], workers: int, desc: str):
@@ -79,12 +31,12 @@ def run_jobs(jobs: list[dict], workers: int, desc: str):
     bar = tqdm(total=len(jobs), desc=desc, unit="img", smoothing=0.05)
     try:
         if workers <= 1 or len(jobs) <= 1:
-            _init_worker()
+            init_worker()
             for job in jobs:
                 yield convert_one(job)
                 bar.update()
         else:
-            with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
                 for result in pool.imap_unordered(convert_one, jobs, chunksize=2):
                     yield result
                     bar.update()
@@ -101,8 +53,8 @@ def _resolve(cfg: Config) -> tuple[Path, str, Path, list[int], int]:
     sizes = sorted({int(s) for s in cfg.sizes})
     if not sizes or min(sizes) < 32:
         raise SiimError(f"sizes must be image sizes of at least 32 px, got {cfg.sizes}")
-    if cfg.ext not in IMWRITE:
-        raise SiimError(f"ext must be one of {list(IMWRITE)}, got '{cfg.ext}'")
+    if cfg.ext not in ("png", "jpg"):
+        raise SiimError(f"ext must be png or jpg, got '{cfg.ext}'")
     yolo_size = int(cfg.yolo_size or sizes[-1])
     if yolo_size not in sizes:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")
@@ -197,8 +149,17 @@ def prepare(cfg: Config) -> Path:
             (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
     csv = str(root / IMAGE_CSV)
     jobs = [
-        {"out": str(out), "sizes": sizes, "ext": cfg.ext, "image_id": r.image_id, "split": r.split,
-         "path": r.path, "boxes": r.boxes, "line": r.line, "csv": csv}
+        {
+            "out": str(out),
+            "sizes": sizes,
+            "ext": cfg.ext,
+            "image_id": r.image_id,
+            "split": r.split,
+            "path": r.path,
+            "boxes": r.boxes,
+            "line": r.line,
+            "csv": csv,
+        }
         for r in table.itertuples(index=False)
     ]
     workers = int(cfg.workers) or os.cpu_count() or 1

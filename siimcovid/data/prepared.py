@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from siimcovid.data.boxes import boxes_from_json
+from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.utils import SiimError
 
 META_COLUMNS = [
@@ -47,18 +48,6 @@ META_COLUMNS = [
 ]
 
 
-def image_file(root: Path, size: int, split: str, image_id: str, ext: str) -> Path:
-    return Path(root) / str(size) / "images" / split / f"{image_id}.{ext}"
-
-
-def label_file(root: Path, size: int, image_id: str) -> Path:
-    return Path(root) / str(size) / "labels" / "train" / f"{image_id}.txt"
-
-
-def mask_file(root: Path, size: int, image_id: str) -> Path:
-    return Path(root) / str(size) / "masks" / "train" / f"{image_id}.png"
-
-
 class Prepared:
     """Read access to a prepared folder: config, meta table and file paths."""
 
@@ -68,7 +57,9 @@ class Prepared:
         if not meta_path.is_file() or not cfg_path.is_file():
             raise SiimError(f"{self.root} is not a finished prepared dataset (no meta.csv): run `siimcovid prepare` first")
         self.cfg = yaml.safe_load(cfg_path.read_text())
-        meta = pd.read_csv(meta_path, dtype={"image_id": str, "study_id": str, "series_id": str, "patient_id": str}, keep_default_na=False)
+        meta = pd.read_csv(
+            meta_path, dtype={"image_id": str, "study_id": str, "series_id": str, "patient_id": str}, keep_default_na=False
+        )
         meta["boxes"] = [boxes_from_json(b) for b in meta["boxes"]]
         self.meta = meta
 
@@ -91,7 +82,9 @@ class Prepared:
     def check_size(self, size: int) -> int:
         size = int(size)
         if size not in self.sizes:
-            raise SiimError(f"{self.root} has images at sizes {self.sizes}, not {size}: re-run prepare with sizes={self.sizes + [size]}")
+            raise SiimError(
+                f"{self.root} has images at sizes {self.sizes}, not {size}: re-run prepare with sizes={self.sizes + [size]}"
+            )
         return size
 
     def check_fold(self, fold: int) -> int:

@@ -167,7 +167,11 @@ def boxes_agree(a: list[list[float]], b: list[list[float]], tol: float = BOX_TOL
 
 
 def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFrame:
-    """train_image_level.csv -> image_id, study_id, boxes (original pixels), line."""
+    """train_image_level.csv -> image_id, study_id, boxes (original pixels), line.
+
+    ``.attrs["listed_images"]`` / ``["listed_studies"]`` hold every id the file names, rows
+    skipped for errors included, so that a skipped row is not reported twice.
+    """
     df = read_csv_checked(path, ["id", "boxes", "label", "StudyInstanceUID"])
     rows, seen = [], {}
     for i, rec in enumerate(df.itertuples(index=False)):
@@ -189,7 +193,10 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
             continue
         seen[image_id] = line
         rows.append({"image_id": image_id, "study_id": rec.StudyInstanceUID.strip(), "boxes": from_label, "line": line})
-    return pd.DataFrame(rows, columns=["image_id", "study_id", "boxes", "line"])
+    out = pd.DataFrame(rows, columns=["image_id", "study_id", "boxes", "line"])
+    out.attrs["listed_images"] = {i[: -len("_image")] if i.endswith("_image") else i for i in df.id}
+    out.attrs["listed_studies"] = {s.strip() for s in df.StudyInstanceUID}
+    return out
 
 
 def read_study_level(path: str | os.PathLike, problems: Problems) -> pd.DataFrame:
@@ -276,7 +283,9 @@ def load_train(root: str | os.PathLike, problems: Problems) -> pd.DataFrame:
         d = dicoms.loc[rec.image_id]
         if d.study_id != rec.study_id:
             problems.add(
-                DataError(f"image {rec.image_id} lies under study folder {d.study_id}, CSV says {rec.study_id}", image_csv, rec.line)
+                DataError(
+                    f"image {rec.image_id} lies under study folder {d.study_id}, CSV says {rec.study_id}", image_csv, rec.line
+                )
             )
             continue
         rows.append(
@@ -290,14 +299,14 @@ def load_train(root: str | os.PathLike, problems: Problems) -> pd.DataFrame:
                 "line": rec.line,
             }
         )
-    listed_studies = set(images.study_id)
     for rec in studies.itertuples(index=False):
-        if rec.study_id not in listed_studies:
+        if rec.study_id not in images.attrs["listed_studies"]:
             problems.add(DataError(f"study {rec.study_id} has no image in {IMAGE_CSV}", study_csv, rec.line))
-    listed = set(images.image_id)
-    extra = [i for i in dicoms.index if i not in listed]
+    extra = [i for i in dicoms.index if i not in images.attrs["listed_images"]]
     if extra:
-        LOGGER.warning(f"WARNING: {len(extra)} DICOM files under {root / 'train'} are not in {IMAGE_CSV}, ignored (e.g. {extra[0]})")
+        LOGGER.warning(
+            f"WARNING: {len(extra)} DICOM files under {root / 'train'} are not in {IMAGE_CSV}, ignored (e.g. {extra[0]})"
+        )
     return pd.DataFrame(rows, columns=["image_id", "study_id", "series_id", "path", "boxes", "study_label", "line"])
 
 

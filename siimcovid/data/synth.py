@@ -51,7 +51,11 @@ def available_compressions() -> list:
     """Compressed transfer syntaxes whose encoder is installed."""
     from pydicom.pixels.encoders import JPEG2000LosslessEncoder, JPEGLSLosslessEncoder, RLELosslessEncoder
 
-    encoders = [(RLELossless, RLELosslessEncoder), (JPEG2000Lossless, JPEG2000LosslessEncoder), (JPEGLSLossless, JPEGLSLosslessEncoder)]
+    encoders = [
+        (RLELossless, RLELosslessEncoder),
+        (JPEG2000Lossless, JPEG2000LosslessEncoder),
+        (JPEGLSLossless, JPEGLSLosslessEncoder),
+    ]
     return [uid for uid, enc in encoders if enc.is_available]
 
 
@@ -144,7 +148,9 @@ def plan_dataset(cfg: Config) -> list[StudySpec]:
     used: set = set()
     mix = np.asarray(cfg.class_mix, dtype=float)
     if mix.shape != (4,) or (mix < 0).any() or mix.sum() <= 0:
-        raise SiimError(f"class_mix needs 4 non-negative weights (negative, typical, indeterminate, atypical), got {cfg.class_mix}")
+        raise SiimError(
+            f"class_mix needs 4 non-negative weights (negative, typical, indeterminate, atypical), got {cfg.class_mix}"
+        )
     mix = mix / mix.sum()
     compressions = available_compressions()
     studies: list[StudySpec] = []
@@ -185,7 +191,9 @@ def plan_dataset(cfg: Config) -> list[StudySpec]:
                         "tsyntax": str(tsyntax),
                     }
                     images.append(
-                        ImageSpec(_hex(rng, used), _hex(rng, used), rows, cols, boxes, findings, int(rng.integers(2**31)), geo, dicom)
+                        ImageSpec(
+                            _hex(rng, used), _hex(rng, used), rows, cols, boxes, findings, int(rng.integers(2**31)), geo, dicom
+                        )
                     )
                 studies.append(StudySpec(_hex(rng, used), patient, split, label, images))
                 made += 1
@@ -328,7 +336,12 @@ def write_csvs(studies: list[StudySpec], out: Path) -> None:
     train = [s for s in studies if s.split == "train"]
     test = [s for s in studies if s.split == "test"]
     image_rows = [
-        {"id": f"{im.image_id}_image", "boxes": _boxes_cell(im.boxes), "label": _label_cell(im.boxes), "StudyInstanceUID": st.study_id}
+        {
+            "id": f"{im.image_id}_image",
+            "boxes": _boxes_cell(im.boxes),
+            "label": _label_cell(im.boxes),
+            "StudyInstanceUID": st.study_id,
+        }
         for st in train
         for im in st.images
     ]
@@ -342,7 +355,12 @@ def write_csvs(studies: list[StudySpec], out: Path) -> None:
     truth = out / "test_truth"
     truth.mkdir(exist_ok=True)
     rows = [
-        {"id": f"{im.image_id}_image", "boxes": _boxes_cell(im.boxes), "label": _label_cell(im.boxes), "StudyInstanceUID": st.study_id}
+        {
+            "id": f"{im.image_id}_image",
+            "boxes": _boxes_cell(im.boxes),
+            "label": _label_cell(im.boxes),
+            "StudyInstanceUID": st.study_id,
+        }
         for st in test
         for im in st.images
     ]
@@ -367,9 +385,7 @@ def generate(cfg: Config) -> Path:
     studies = plan_dataset(cfg)
     _round_boxes(studies)
     jobs = [
-        (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm")
-        for st in studies
-        for im in st.images
+        (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm") for st in studies for im in st.images
     ]
     workers = int(cfg.workers) or os.cpu_count() or 1
     desc = f"synth {len(jobs)} DICOMs"

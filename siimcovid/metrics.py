@@ -1,0 +1,342 @@
+"""The competition metric: PASCAL VOC 2010 AP at IoU > 0.5 per class, averaged over classes.
+
+Exactly as ../shared/SIIM_FORMAT.md defines it. Everything works on two tidy tables whose ids
+carry the submission suffix (``<study>_study``, ``<image>_image``)::
+
+    truth  id, cls, x_min, y_min, x_max, y_max         one row per ground-truth box
+    pred   id, cls, conf, x_min, y_min, x_max, y_max   one row per predicted box
+
+Study rows have one truth row, the study's class with the box 0 0 1 1; image rows have one
+truth row per opacity box (original pixels), or ``none`` with the box 0 0 1 1.
+
+Per class (VOC devkit rule):
+  * predictions of the class are ranked by confidence, descending; ties keep the order of the
+    prediction table (a stable sort, as the MATLAB devkit's ``sort`` is);
+  * each prediction goes to the ground-truth box of the same row and class with the highest IoU
+    among ALL of them (matched or not; ties: the first in truth-table order);
+  * it is a true positive when that IoU is > iou_threshold (strictly, "exceeds 0.5") and the box
+    was not matched by a higher-ranked prediction; otherwise a false positive. Predictions on rows
+    whose truth lacks the class are false positives; boxes no prediction matches lower recall;
+  * AP = area under the precision/recall curve with VOC 2010 all-point interpolation (precision
+    made monotonically non-increasing, summed over the recall steps).
+
+IoU is computed on continuous coordinates: area = (x_max - x_min) * (y_max - y_min), with no
+VOC "+1" pixel convention. Boxes here are sub-pixel floats in original pixels, and the study /
+none box 0 0 1 1 would otherwise become a 2x2 box; the choice changes IoU only for tiny boxes.
+
+Rows of the prediction whose id has no truth row at all are not part of the evaluated set and
+are ignored (counted in ``Score.n_unscored``); a Kaggle submission holds exactly the truth ids,
+and ``siimcovid evaluate`` restricts the truth to the ids present in an out-of-fold submission.
+
+The score averages AP over the classes present in the truth (optionally restricted to
+``classes``): with all six, final = (4 x study mAP + AP(opacity) + AP(none)) / 6.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from siimcovid.data.boxes import boxes_from_json
+from siimcovid.data.siim import IMAGE_CLASSES, STUDY_CLASSES
+from siimcovid.utils import SiimError
+
+TRUTH_COLUMNS = ["id", "cls", "x_min", "y_min", "x_max", "y_max"]
+PRED_COLUMNS = ["id", "cls", "conf", "x_min", "y_min", "x_max", "y_max"]
+BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
+CLASSES = STUDY_CLASSES + IMAGE_CLASSES  # the six classes, in the order tables print them
+WHOLE = (0.0, 0.0, 1.0, 1.0)  # the box of study predictions and of `none`
+STUDY_SUFFIX, IMAGE_SUFFIX = "_study", "_image"
+CLASS_GROUPS = {"study": STUDY_CLASSES, "image": IMAGE_CLASSES, "all": CLASSES}
+
+
+# ----------------------------------------------------------------------------- the metric
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise IoU of two (n, 4) arrays of x1y1x2y2 boxes (continuous coordinates)."""
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a + area_b - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC 2010 all-point interpolated AP from the cumulative recall / precision of ranked predictions."""
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope: non-increasing
+    step = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
+
+
+def match_predictions(t_row, t_box, p_row, p_box, p_conf, iou_threshold: float = 0.5):
+    """VOC matching of one class. Rows are integer codes. Returns (tp flags in rank order, conf in rank order).
+
+    Vectorised: the box a prediction goes to does not depend on earlier matches (the argmax is over
+    all boxes of its row), so a prediction is a TP exactly when it is the highest-ranked one whose
+    best box is that box and whose IoU exceeds the threshold.
+    """
+    order = np.argsort(-p_conf, kind="stable")
+    p_row, p_box, p_conf = p_row[order], p_box[order], p_conf[order]
+    t_order = np.argsort(t_row, kind="stable")  # keeps truth-table order within a row (argmax ties)
+    t_row, t_box = t_row[t_order], t_box[t_order]
+    n = len(p_row)
+    start = np.searchsorted(t_row, p_row, "left")
+    counts = np.searchsorted(t_row, p_row, "right") - start
+    # all (prediction, truth box of the same row) pairs, grouped by prediction
+    pair_pred = np.repeat(np.arange(n), counts)
+    first_pair = np.cumsum(counts) - counts
+    pair_gt = np.repeat(start - first_pair, counts) + np.arange(len(pair_pred))
+    iou = box_iou(p_box[pair_pred], t_box[pair_gt])
+    has = counts > 0
+    best = np.full(n, -1.0)
+    if has.any():
+        best[has] = np.maximum.reduceat(iou, first_pair[has])
+    # first truth box reaching the best IoU (devkit's max() returns the first)
+    at_best = np.flatnonzero(iou == best[pair_pred])
+    preds_at_best, first = np.unique(pair_pred[at_best], return_index=True)
+    best_gt = np.full(n, -1)
+    best_gt[preds_at_best] = pair_gt[at_best[first]]
+    candidates = np.flatnonzero(has & (best > iou_threshold))
+    tp = np.zeros(n, dtype=bool)
+    _, first_claim = np.unique(best_gt[candidates], return_index=True)  # candidates are in rank order
+    tp[candidates[first_claim]] = True
+    return tp, p_conf
+
+
+def _ap_from_tp(tp: np.ndarray, n_truth: int) -> float:
+    if n_truth == 0:
+        return math.nan
+    if len(tp) == 0:
+        return 0.0
+    ctp = np.cumsum(tp)
+    rank = np.arange(1, len(tp) + 1)
+    return voc_ap(ctp / n_truth, ctp / rank)
+
+
+def _check_table(df: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SiimError(f"{what} table lacks column(s) {missing}; expected {columns}")
+    numeric = [c for c in columns if c not in ("id", "cls")]
+    if len(df) and not np.isfinite(df[numeric].to_numpy(dtype=np.float64)).all():
+        bad = df[~np.isfinite(df[numeric].to_numpy(dtype=np.float64)).all(axis=1)].iloc[0]
+        raise SiimError(f"{what} table has a NaN or infinite value, e.g. id {bad['id']!r} class {bad['cls']!r}")
+
+
+class _Prepared:
+    """Both tables with ids coded as integers once, so each class is a cheap slice."""
+
+    def __init__(self, truth: pd.DataFrame, pred: pd.DataFrame):
+        _check_table(truth, TRUTH_COLUMNS, "truth")
+        _check_table(pred, PRED_COLUMNS, "prediction")
+        truth_ids = pd.Index(pd.unique(truth["id"].astype(str)))
+        t_code = truth_ids.get_indexer(truth["id"].astype(str))
+        p_code = truth_ids.get_indexer(pred["id"].astype(str))
+        scored = p_code >= 0
+        self.n_unscored = int(pd.unique(pred["id"][~scored]).size) if (~scored).any() else 0
+        self.t_code, self.t_cls = t_code, truth["cls"].astype(str).to_numpy()
+        self.t_box = truth[BOX_COLUMNS].to_numpy(dtype=np.float64)
+        self.p_code, self.p_cls = p_code[scored], pred["cls"].astype(str).to_numpy()[scored]
+        self.p_box = pred[BOX_COLUMNS].to_numpy(dtype=np.float64)[scored]
+        self.p_conf = pred["conf"].to_numpy(dtype=np.float64)[scored]
+
+    def classes(self) -> list[str]:
+        present = list(pd.unique(self.t_cls))
+        return [c for c in CLASSES if c in present] + sorted(c for c in present if c not in CLASSES)
+
+    def ap(self, cls: str, iou_threshold: float) -> tuple[float, int, int]:
+        t, p = self.t_cls == cls, self.p_cls == cls
+        tp, _ = match_predictions(self.t_code[t], self.t_box[t], self.p_code[p], self.p_box[p], self.p_conf[p], iou_threshold)
+        n_truth = int(t.sum())
+        return _ap_from_tp(tp, n_truth), n_truth, int(p.sum())
+
+
+def average_precision(truth: pd.DataFrame, pred: pd.DataFrame, cls: str, iou_threshold: float = 0.5) -> float:
+    """VOC 2010 AP of one class (nan when the truth has no box of that class)."""
+    return _Prepared(truth, pred).ap(cls, iou_threshold)[0]
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+@dataclass
+class Score:
+    """AP per class and the averages the competition reports."""
+
+    ap: dict[str, float]  # class -> AP, classes present in the truth (and asked for)
+    n_truth: dict[str, int] = field(default_factory=dict)  # class -> ground-truth boxes
+    n_pred: dict[str, int] = field(default_factory=dict)  # class -> scored predictions
+    n_unscored: int = 0  # prediction ids with no truth row (ignored)
+
+    @property
+    def study_map(self) -> float:
+        """Mean AP over the study classes present (nan if none)."""
+        return _nanmean([v for k, v in self.ap.items() if k in STUDY_CLASSES])
+
+    @property
+    def image_map(self) -> float:
+        """Mean AP over opacity and none, those present (nan if none)."""
+        return _nanmean([v for k, v in self.ap.items() if k in IMAGE_CLASSES])
+
+    @property
+    def final(self) -> float:
+        """Mean AP over all classes scored: (4 x study mAP + AP(opacity) + AP(none)) / 6 with all six."""
+        return _nanmean(self.ap.values())
+
+    def table(self) -> pd.DataFrame:
+        """One row per class: class, AP, n_truth, n_pred."""
+        return pd.DataFrame(
+            [{"class": k, "AP": v, "n_truth": self.n_truth.get(k, 0), "n_pred": self.n_pred.get(k, 0)} for k, v in self.ap.items()],
+            columns=["class", "AP", "n_truth", "n_pred"],
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready; nan becomes None."""
+        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        return {
+            "final": clean(self.final),
+            "study_map": clean(self.study_map),
+            "image_map": clean(self.image_map),
+            "ap": {k: clean(v) for k, v in self.ap.items()},
+            "n_truth": dict(self.n_truth),
+            "n_pred": dict(self.n_pred),
+            "n_unscored": self.n_unscored,
+        }
+
+    def format(self) -> str:
+        """A per-class table and the averages, for people."""
+        lines = [f"{'class':<14} {'n_truth':>8} {'n_pred':>8} {'AP':>7}"]
+        for k, v in self.ap.items():
+            lines.append(f"{k:<14} {self.n_truth.get(k, 0):>8} {self.n_pred.get(k, 0):>8} {v:>7.4f}")
+        lines.append("-" * 40)
+        lines.append(f"{'study mAP':<31} {self.study_map:>8.4f}")
+        lines.append(f"{'image mAP (opacity, none)':<31} {self.image_map:>8.4f}")
+        lines.append(f"{'final (mean over classes)':<31} {self.final:>8.4f}")
+        if self.n_unscored:
+            lines.append(f"({self.n_unscored} predicted ids have no truth and were not scored)")
+        return "\n".join(lines)
+
+
+def resolve_classes(classes) -> list[str] | None:
+    """None | 'study' | 'image' | 'all' | a class | a list of those -> list of class names (None = all present)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = [classes]
+    out: list[str] = []
+    for c in classes:
+        out += CLASS_GROUPS.get(c, [c])
+    return out
+
+
+def score(truth: pd.DataFrame, pred: pd.DataFrame, classes=None, iou_threshold: float = 0.5) -> Score:
+    """Score predictions against the truth: AP per class present in the truth (restricted to `classes`).
+
+    classes: None (all present), a list of class names, or 'study' / 'image' / 'all'.
+    Study rows only (classifier checkpoints): score(study_truth(..), study_pred(..)).
+    Opacity only (detectors): score(image_truth(..), image_pred(..), classes=['opacity']).
+    """
+    prep = _Prepared(truth, pred)
+    wanted = resolve_classes(classes)
+    names = [c for c in prep.classes() if wanted is None or c in wanted]
+    ap, n_truth, n_pred = {}, {}, {}
+    for cls in names:
+        ap[cls], n_truth[cls], n_pred[cls] = prep.ap(cls, iou_threshold)
+    return Score(ap=ap, n_truth=n_truth, n_pred=n_pred, n_unscored=prep.n_unscored)
+
+
+# ----------------------------------------------------------------------------- tidy builders
+def _whole_rows(ids, classes, conf=None) -> pd.DataFrame:
+    n = len(ids)
+    out = {"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)}
+    if conf is not None:
+        out["conf"] = np.asarray(conf, dtype=np.float64)
+    for c, v in zip(BOX_COLUMNS, WHOLE):
+        out[c] = np.full(n, v)
+    return pd.DataFrame(out, columns=PRED_COLUMNS if conf is not None else TRUTH_COLUMNS)
+
+
+def study_truth(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with study_id, study_label (one per study, or one per image as in meta.csv) -> truth rows."""
+    studies = df[["study_id", "study_label"]].astype(str).drop_duplicates()
+    clash = studies.study_id.duplicated(keep=False)
+    if clash.any():
+        raise SiimError(f"study {studies.study_id[clash].iloc[0]} has more than one study_label")
+    bad = ~studies.study_label.isin(STUDY_CLASSES)
+    if bad.any():
+        raise SiimError(f"unknown study_label {studies.study_label[bad].iloc[0]!r}; expected one of {STUDY_CLASSES}")
+    return _whole_rows(studies.study_id + STUDY_SUFFIX, studies.study_label)
+
+
+def study_pred(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with study_id and the four class probabilities -> four pred rows per study.
+
+    Several rows of one study (e.g. one per image) are averaged: the usual study probability.
+    Aggregate beforehand for anything else (geometric mean, rank average).
+    """
+    missing = [c for c in ["study_id", *STUDY_CLASSES] if c not in df.columns]
+    if missing:
+        raise SiimError(f"study prediction table lacks column(s) {missing}")
+    probs = df[["study_id", *STUDY_CLASSES]].copy()
+    probs["study_id"] = probs["study_id"].astype(str)
+    if probs.study_id.duplicated().any():
+        probs = probs.groupby("study_id", sort=False, as_index=False)[STUDY_CLASSES].mean()
+    values = probs[STUDY_CLASSES].to_numpy(dtype=np.float64)  # (n, 4)
+    ids = np.repeat((probs.study_id + STUDY_SUFFIX).to_numpy(), len(STUDY_CLASSES))
+    classes = np.tile(STUDY_CLASSES, len(probs))
+    return _whole_rows(ids, classes, values.reshape(-1))
+
+
+def image_truth(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with image_id and boxes (lists of [x1, y1, x2, y2], original px, or their JSON) -> truth rows.
+
+    An image without boxes gets the truth `none 0 0 1 1`.
+    """
+    if df.image_id.duplicated().any():
+        raise SiimError(f"image {df.image_id[df.image_id.duplicated()].iloc[0]} appears twice in the truth")
+    ids, classes, boxes = [], [], []
+    for image_id, bxs in zip(df.image_id.astype(str), df.boxes):
+        if isinstance(bxs, str):  # a raw meta.csv cell
+            bxs = boxes_from_json(bxs)
+        arr = np.asarray(bxs if bxs is not None else [], dtype=np.float64).reshape(-1, 4)
+        if len(arr) == 0:
+            ids.append(image_id + IMAGE_SUFFIX), classes.append("none"), boxes.append(np.array([WHOLE]))
+        else:
+            ids += [image_id + IMAGE_SUFFIX] * len(arr)
+            classes += ["opacity"] * len(arr)
+            boxes.append(arr)
+    box = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+    out = pd.DataFrame({"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)})
+    out[BOX_COLUMNS] = box
+    return out[TRUTH_COLUMNS]
+
+
+def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Opacity boxes (image_id, conf, x_min, y_min, x_max, y_max; original px) and optional
+    none probabilities (image_id, none) -> pred rows."""
+    parts = []
+    if boxes_df is not None and len(boxes_df):
+        missing = [c for c in ["image_id", "conf", *BOX_COLUMNS] if c not in boxes_df.columns]
+        if missing:
+            raise SiimError(f"box prediction table lacks column(s) {missing}")
+        part = boxes_df[["image_id", "conf", *BOX_COLUMNS]].copy()
+        part.insert(0, "id", part.pop("image_id").astype(str) + IMAGE_SUFFIX)
+        part.insert(1, "cls", "opacity")
+        parts.append(part.astype({"conf": np.float64, **{c: np.float64 for c in BOX_COLUMNS}}))
+    if none_df is not None and len(none_df):
+        missing = [c for c in ["image_id", "none"] if c not in none_df.columns]
+        if missing:
+            raise SiimError(f"none prediction table lacks column(s) {missing}")
+        parts.append(_whole_rows(none_df.image_id.astype(str) + IMAGE_SUFFIX, np.full(len(none_df), "none", dtype=object), none_df["none"]))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "cls") else np.float64) for c in PRED_COLUMNS})
+    return pd.concat(parts, ignore_index=True)[PRED_COLUMNS]

@@ -1,0 +1,138 @@
+"""`siimcovid prepare` outputs, resume, and the data YAML training with plain Ultralytics."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from siimcovid.config import load_config
+from siimcovid.data import convert
+from siimcovid.data.boxes import from_yolo
+from siimcovid.data.prepare import prepare
+from siimcovid.data.prepared import META_COLUMNS, Prepared
+from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, read_sample_submission
+from siimcovid.utils import SiimError
+
+
+def test_outputs_match_the_meta_table(prepared, synth_root):
+    p = Prepared(prepared)
+    meta = p.meta
+    assert list(meta.columns) == META_COLUMNS
+    train, test = p.split("train"), p.split("test")
+    assert len(train) == len(pd.read_csv(synth_root / IMAGE_CSV))
+    studies, images = read_sample_submission(synth_root / SAMPLE_SUBMISSION)
+    assert set(test.image_id) == set(images) and set(test.study_id) == set(studies)
+    assert (test.fold == -1).all() and (test.rows > 0).all()
+    assert set(train.fold) == {0, 1, 2}
+    for size in (64, 128):
+        for r in meta.itertuples():
+            img = cv2.imread(str(p.image_path(r.image_id, r.split, size)), cv2.IMREAD_UNCHANGED)
+            assert img.shape == (size, size) and img.dtype == np.uint8
+    for r in train.itertuples():
+        lines = p.label_path(r.image_id, 128).read_text().split("\n")[:-1]
+        assert len(lines) == r.n_boxes
+        if r.n_boxes:
+            yolo = np.array([[float(v) for v in line.split()[1:]] for line in lines])
+            np.testing.assert_allclose(from_yolo(yolo, r.cols, r.rows), r.boxes, atol=0.02)
+        mask = cv2.imread(str(p.mask_path(r.image_id, 64)), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (64, 64) and (mask.max() == 255) == (r.n_boxes > 0)
+
+
+def test_opacities_are_brighter_inside_boxes(prepared):
+    # The synthetic opacities are drawn at the labelled boxes: the prepared images show them.
+    p = Prepared(prepared)
+    inside, outside = [], []
+    for r in p.split("train").itertuples():
+        if not r.n_boxes:
+            continue
+        img = cv2.imread(str(p.image_path(r.image_id, "train", 128)), cv2.IMREAD_GRAYSCALE).astype(float)
+        mask = cv2.imread(str(p.mask_path(r.image_id, 128)), cv2.IMREAD_GRAYSCALE) > 0
+        inside.append(img[mask].mean())
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) & ~mask
+        outside.append(img[ring].mean())
+    assert np.mean(np.array(inside) > np.array(outside)) > 0.8
+
+
+def test_data_yaml_lists_follow_the_folds(prepared):
+    p = Prepared(prepared)
+    data = yaml.safe_load((prepared.parent / "data_yaml" / "tiny_fold1.yaml").read_text())
+    root = Path(data["path"])
+    assert root == (prepared / "128").resolve() and data["names"] == {0: "opacity"}
+    val = [Path(x).stem for x in (root / data["val"]).read_text().split()]
+    fit = [Path(x).stem for x in (root / data["train"]).read_text().split()]
+    assert set(val) == set(p.fold(1, "val").image_id) and set(fit) == set(p.fold(1, "train").image_id)
+    assert all((root / x).exists() for x in (root / data["val"]).read_text().split())
+
+
+def _cfg(root, out, **kw):
+    return load_config("prepare", {"data": str(root), "out": str(out), "sizes": [64], "n_folds": 2, "workers": 1,
+                                   "data_yaml_dir": str(Path(out).parent / "data_yaml"), **kw})
+
+
+def test_rerun_skips_decoding_and_resumes_an_interrupted_run(tiny_root, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(_cfg(tiny_root, out))
+    calls = []
+    real = convert.dicom_to_uint8
+    monkeypatch.setattr(convert, "dicom_to_uint8", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    prepare(_cfg(tiny_root, out))
+    assert calls == []  # finished: nothing decoded again
+    # Simulate an interruption: meta.csv never written, two images missing.
+    (out / "meta.csv").unlink()
+    gone = sorted((out / "64" / "images" / "train").glob("*.png"))[:2]
+    for g in gone:
+        g.unlink()
+    prepare(_cfg(tiny_root, out))
+    assert sorted(Path(c).stem for c in calls) == sorted(g.stem for g in gone)
+    assert (out / "meta.csv").exists() and all(g.exists() for g in gone)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_exclude_none_from_detector_training(tiny_root, tmp_path):
+    out = prepare(_cfg(tiny_root, tmp_path / "out", yolo_exclude_none=True))
+    meta = Prepared(out).split("train")
+    fit = [Path(x).stem for x in (out / "64" / "fold0_train.txt").read_text().split()]
+    val = [Path(x).stem for x in (out / "64" / "fold0_val.txt").read_text().split()]
+    assert set(fit) == set(meta[(meta.fold != 0) & (meta.n_boxes > 0)].image_id)
+    assert set(val) == set(meta[meta.fold == 0].image_id)  # validation keeps none images
+
+
+def test_refuses_to_mix_two_datasets_in_one_folder(tiny_root, tmp_path):
+    out = tmp_path / "out"
+    prepare(_cfg(tiny_root, out))
+    other = Path(shutil.copytree(tiny_root, tmp_path / "other"))
+    with pytest.raises(SiimError, match="already holds data prepared from"):
+        prepare(_cfg(other, out))
+
+
+def test_parallel_workers_give_the_same_images(tiny_root, tmp_path):
+    one = prepare(_cfg(tiny_root, tmp_path / "one", ext="jpg"))
+    two = prepare(_cfg(tiny_root, tmp_path / "two", ext="jpg", workers=2))
+    a = sorted((one / "64" / "images").rglob("*.jpg"))
+    b = sorted((two / "64" / "images").rglob("*.jpg"))
+    assert [x.name for x in a] == [x.name for x in b] and len(a) > 5
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    pd.testing.assert_frame_equal(pd.read_csv(one / "meta.csv"), pd.read_csv(two / "meta.csv"))
+
+
+@pytest.mark.slow
+def test_generated_data_yaml_trains_with_plain_ultralytics(prepared, tmp_path):
+    yolo = Path(sys.executable).with_name("yolo")
+    data = prepared.parent / "data_yaml" / "tiny_fold0.yaml"
+    cmd = [str(yolo), "detect", "train", f"data={data}", "model=yolov5n.yaml", "pretrained=False", "epochs=1",
+           "imgsz=64", "batch=8", "device=cpu", "workers=0", "plots=False", f"project={tmp_path}", "name=run"]
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "run" / "weights" / "last.pt").exists()
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert len(results) == 1
