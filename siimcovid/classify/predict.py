@@ -98,9 +98,11 @@ def truth_frames(prep, images: pd.DataFrame):
     from siimcovid import metrics
 
     meta = prep.split("train")
-    studies = meta.drop_duplicates("study_id").set_index("study_id").loc[images["study_id"].unique()].reset_index()
-    img_meta = meta.set_index("image_id").loc[images["image_id"].unique()].reset_index()
-    return metrics.study_truth(studies[["study_id", "study_label"]]), metrics.image_truth(img_meta[["image_id", "boxes"]])
+    unknown = set(images["image_id"]) - set(meta["image_id"])
+    if unknown:
+        raise SiimError(f"{len(unknown)} predicted images are not train images of {prep.root} (e.g. {sorted(unknown)[0]})")
+    rows = meta[meta["image_id"].isin(set(images["image_id"]))]
+    return metrics.study_truth(rows[["study_id", "study_label"]]), metrics.image_truth(rows[["image_id", "boxes"]])
 
 
 def score_oof(prep, images: pd.DataFrame, studies: pd.DataFrame, tta: str = "none") -> pd.DataFrame:
@@ -113,8 +115,7 @@ def score_oof(prep, images: pd.DataFrame, studies: pd.DataFrame, tta: str = "non
         im = images if fold == "all" else images[images.fold == fold]
         st_truth, im_truth = truth_frames(prep, im)
         st = metrics.score(st_truth, metrics.study_pred(s[["study_id"] + STUDY_CLASSES]))
-        empty = pd.DataFrame(columns=["image_id", "conf", "x_min", "y_min", "x_max", "y_max"])
-        none_score = metrics.score(im_truth, metrics.image_pred(empty, im[["image_id", "none"]]), classes=["none"])
+        none_score = metrics.score(im_truth, metrics.image_pred(None, im[["image_id", "none"]]), classes=["none"])
         row = {"fold": str(fold), "n_studies": len(s)}
         row.update({c: st.ap.get(c, float("nan")) for c in STUDY_CLASSES})
         row.update(study_map=st.study_map, none_ap=none_score.ap.get("none", float("nan")), tta=tta)
