@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,16 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
                                                     "epochs=2", "fine_lr=1e-4", "fine_epochs=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "siimcovid", "classify", "train", *args]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Own session: on a timeout the whole group (torchrun and its two workers) is killed, no orphans.
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun with 2 gloo processes did not finish in 120 s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     fold = tmp_path / "ddp" / "fold0"
     assert sorted(p.name for p in fold.iterdir()) == sorted(p.name for p in (run / "fold0").iterdir())
     log = pd.read_csv(fold / "results.csv")

@@ -68,10 +68,12 @@ def read_grey(path) -> np.ndarray:
 class StudyDataset(Dataset):
     """Items: image (1,H,W) uint8, mask (1,H,W) uint8 0/255, label (int64), none (float32), index."""
 
-    def __init__(self, prep: Prepared, table: pd.DataFrame, size: int, augment=None, masks: bool = True, flip: bool = False):
-        self.prep, self.table, self.size, self.augment, self.masks, self.flip = prep, table, size, augment, masks, flip
+    def __init__(self, prep: Prepared, table: pd.DataFrame, size: int, augment=None, masks: bool = True):
+        self.table, self.size, self.augment, self.masks = table, size, augment, masks
         self.images = [prep.image_path(i, s, size) for i, s in zip(table.image_id, table.split)]
         self.mask_paths = [prep.mask_path(i, size) for i in table.image_id] if masks else None
+        self.labels = table["label"].to_numpy(dtype=np.int64)
+        self.none = np.nan_to_num(table["none"].to_numpy(dtype=np.float32), nan=0.0)  # test rows: no target
 
     def __len__(self) -> int:
         return len(self.table)
@@ -84,14 +86,11 @@ class StudyDataset(Dataset):
         if self.augment is not None:
             res = self.augment(image=img, mask=mask)
             img, mask = res["image"], res["mask"]
-        if self.flip:
-            img, mask = img[:, ::-1], mask[:, ::-1]
-        row = self.table.iloc[i]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img))[None],
             "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
-            "label": torch.tensor(int(row.label), dtype=torch.long),
-            "none": torch.tensor(0.0 if pd.isna(row.none) else float(row.none), dtype=torch.float32),
+            "label": torch.tensor(self.labels[i], dtype=torch.long),
+            "none": torch.tensor(self.none[i], dtype=torch.float32),
             "index": torch.tensor(i, dtype=torch.long),
         }
 

@@ -125,6 +125,8 @@ class FoldTrainer:
         self.cfg, self.prep, self.fold, self.size, self.dir, self.d = cfg, prep, fold, size, fold_dir, d
         self.device = d.device
         cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         self.channels_last = bool(cfg.channels_last) and cuda
         self.amp_dtype = P.amp_dtype_for(self.device, bool(cfg.amp))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -213,7 +215,8 @@ class FoldTrainer:
             self.scaler.step(opt)
             self.scaler.update()
             step += 1
-            sched.step_update(num_updates=step)
+            if sched is not None:  # sched=none keeps the optimizer's lr
+                sched.step_update(num_updates=step)
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
             for k, v in parts.items():
@@ -252,7 +255,7 @@ class FoldTrainer:
     def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, best: dict) -> dict:
         return {
             "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None, "scaler": self.scaler.state_dict(),
             "wave": wave, "wave_epoch": wave_epoch, "epoch": epoch, "step": step, "best": best,
             "rng": self.rng.bit_generator.state, "model_cfg": model_cfg(self.cfg),
         }
@@ -302,7 +305,8 @@ class FoldTrainer:
                 if self.ema is not None and state["ema"] is not None:
                     self.ema.module.load_state_dict(state["ema"])
                 opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
+                if sched is not None:
+                    sched.load_state_dict(state["scheduler"])
                 self.scaler.load_state_dict(state["scaler"])
                 self.rng.bit_generator.state = state["rng"]
                 step = state["step"]
