@@ -13,7 +13,7 @@ fold<k>/done.json            written last: the fold is finished and is skipped o
 
 Training runs in waves: wave 0 is `epochs` epochs at `lr` with warmup and a cosine decay;
 each later wave (fine_lr, fine_epochs) restarts from the best checkpoint so far with a new
-optimizer and a lower lr (the two-wave schedule that lifted CV 0.392 -> 0.395 in the notes).
+optimizer and a lower lr (the two-wave schedule of the team notes in shared/seeds/).
 The checkpoint criterion is the competition's study mAP on the fold's validation images,
 averaged per study. An interrupted fold resumes from last.pt at the next epoch.
 """
