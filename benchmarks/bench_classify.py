@@ -61,11 +61,16 @@ def compute_only(cfg, device, amp: bool, channels_last: bool, steps: int, warmup
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     n, s = int(cfg.batch), int(cfg.imgsz)
-    batch = to_device({
-        "image": torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8),
-        "mask": (torch.rand(n, 1, s, s) > 0.8).to(torch.uint8) * 255,
-        "label": torch.randint(0, 4, (n,)), "none": torch.randint(0, 2, (n,)).float(), "index": torch.arange(n),
-    }, device)
+    batch = to_device(
+        {
+            "image": torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8),
+            "mask": (torch.rand(n, 1, s, s) > 0.8).to(torch.uint8) * 255,
+            "label": torch.randint(0, 4, (n,)),
+            "none": torch.randint(0, 2, (n,)).float(),
+            "index": torch.arange(n),
+        },
+        device,
+    )
     model.train()
 
     def step():
@@ -87,9 +92,6 @@ def compute_only(cfg, device, amp: bool, channels_last: bool, steps: int, warmup
             step()
         sync(device)
         rate = max(rate, steps * n / (time.perf_counter() - t))
-    del model, opt, batch
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rate
 
 
@@ -109,8 +111,20 @@ def synthetic_prepared(work: Path, imgsz: int, studies: int) -> Path:
     if not (root / "train_study_level.csv").is_file():
         generate(load_config("synth", {"out": str(root), "train_studies": studies, "test_studies": 2, "seed": 1}))
     sizes = sorted({imgsz} | (set(Prepared(out).sizes) if (out / "meta.csv").is_file() else set()))
-    prepare(load_config("prepare", {"data": str(root), "out": str(out), "name": "bench", "sizes": sizes, "n_folds": 5,
-                                     "data_yaml_dir": str(work / "data_yaml"), "splits": ["train"]}))
+    prepare(
+        load_config(
+            "prepare",
+            {
+                "data": str(root),
+                "out": str(out),
+                "name": "bench",
+                "sizes": sizes,
+                "n_folds": 5,
+                "data_yaml_dir": str(work / "data_yaml"),
+                "splits": ["train"],
+            },
+        )
+    )
     return out
 
 
@@ -154,8 +168,19 @@ def main() -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    cfg = load_config("classify", {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "pretrained": False,
-                                   "workers": args.workers, "device": device.type, "amp": True, "channels_last": True})
+    cfg = load_config(
+        "classify",
+        {
+            "model": args.model,
+            "imgsz": args.imgsz,
+            "batch": args.batch,
+            "pretrained": False,
+            "workers": args.workers,
+            "device": device.type,
+            "amp": True,
+            "channels_last": True,
+        },
+    )
     print(f"device: {name} | model {args.model} at {args.imgsz} px, batch {args.batch} | torch {torch.__version__}")
 
     print("\n1. compute only (batch on the device, train steps: forward + mask/none/study loss + backward + AdamW)")
@@ -163,6 +188,7 @@ def main() -> None:
     print(f"   fp32, NCHW               {fp32:9.1f} img/s")
     fast = None
     if gpu:
+        torch.cuda.empty_cache()  # the fp32 model is gone; give its cached memory back
         fast = compute_only(cfg, device, amp=True, channels_last=True, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
         print(f"   AMP + channels_last      {fast:9.1f} img/s   ({fast / fp32:.2f}x fp32)")
     else:
@@ -174,15 +200,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     cfg.data = str(synthetic_prepared(work, args.imgsz, args.studies))
-    print(f"\n2. pipeline: the real training loop on prepared PNGs at {args.imgsz} px "
-          f"(data ready in {time.perf_counter() - t:.0f} s: {cfg.data})")
+    print(
+        f"\n2. pipeline: the real training loop on prepared PNGs at {args.imgsz} px "
+        f"(data ready in {time.perf_counter() - t:.0f} s: {cfg.data})"
+    )
     stats = pipeline(cfg, device, args.epochs)
     best = fast or fp32
     mode = "AMP + channels_last" if gpu else "fp32"
-    print(f"   {mode}, {args.workers} loader workers: {stats['train_img_s']:.1f} img/s "
-          f"(best epoch of 2..{args.epochs}, {stats['steps']} steps each; includes EMA and the per-step loss sync)")
-    print(f"   loader wait: {100 * stats['loader_wait']:.1f}% of the epoch; pipeline / compute-only: "
-          f"{stats['train_img_s'] / best:.2f}")
+    print(
+        f"   {mode}, {args.workers} loader workers: {stats['train_img_s']:.1f} img/s "
+        f"(best epoch of 2..{args.epochs}, {stats['steps']} steps each; includes EMA and the per-step loss sync)"
+    )
+    print(
+        f"   loader wait: {100 * stats['loader_wait']:.1f}% of the epoch; pipeline / compute-only: "
+        f"{stats['train_img_s'] / best:.2f}"
+    )
     verdict = "keeps the device busy" if stats["loader_wait"] < 0.1 else "starves the device: more workers or jpg/smaller images"
     print(f"   -> the data loader {verdict}")
 

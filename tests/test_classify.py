@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,8 +22,17 @@ from siimcovid.data.siim import STUDY_CLASSES  # noqa: E402
 from siimcovid.utils import SiimError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model": "test_efficientnet", "pretrained": False, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu",
-        "drop_rate": 0.0, "drop_path_rate": 0.0, "warmup_epochs": 1}
+TINY = {
+    "model": "test_efficientnet",
+    "pretrained": False,
+    "imgsz": 64,
+    "batch": 8,
+    "workers": 0,
+    "device": "cpu",
+    "drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+    "warmup_epochs": 1,
+}
 
 
 def tiny_cfg(prepared, project, **kw):
@@ -54,6 +62,7 @@ def fixed_batch(prepared, n=8):
 
 # ---------------------------------------------------------------- model and loss
 
+
 def test_train_step_reduces_loss_on_fixed_batch(prepared):
     from timm.optim import create_optimizer_v2
 
@@ -61,8 +70,16 @@ def test_train_step_reduces_loss_on_fixed_batch(prepared):
     from siimcovid.classify.model import StudyLoss, build_model
 
     torch.manual_seed(0)
-    model = build_model({"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0,
-                         "mask_stride": 16, "none_head": True})
+    model = build_model(
+        {
+            "model": "test_efficientnet",
+            "in_chans": 3,
+            "drop_rate": 0.0,
+            "drop_path_rate": 0.0,
+            "mask_stride": 16,
+            "none_head": True,
+        }
+    )
     loss_fn = StudyLoss(mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0)
     opt = create_optimizer_v2(model, opt="adamw", lr=3e-3, weight_decay=0.0)
     b = to_device(fixed_batch(prepared), torch.device("cpu"))
@@ -86,7 +103,14 @@ def test_pretrained_file_loads_local_weights(tmp_path):
 
     ref = timm.create_model("test_efficientnet", num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "weights.pth")
-    mcfg = {"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0, "mask_stride": 16, "none_head": True}
+    mcfg = {
+        "model": "test_efficientnet",
+        "in_chans": 3,
+        "drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+        "mask_stride": 16,
+        "none_head": True,
+    }
     net = build_model(mcfg, pretrained_file=str(tmp_path / "weights.pth"))
     assert torch.equal(net.backbone.conv_stem.weight, ref.conv_stem.weight)
     assert torch.equal(net.backbone.blocks[-1][0].conv_pw.weight, ref.blocks[-1][0].conv_pw.weight)
@@ -162,6 +186,7 @@ def test_mix_batch_moves_masks_with_the_pixels():
 
 # ---------------------------------------------------------------- training runs
 
+
 def test_one_fold_writes_checkpoints_log_and_oof(trained, prepared):
     run, results = trained
     fold = run / "fold0"
@@ -227,13 +252,31 @@ def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
 def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
     run, _ = trained
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [f"{k}={v}" for k, v in TINY.items()] + [f"data={prepared}", f"project={tmp_path}", "name=ddp", "fold=0",
-                                                    "epochs=2", "fine_lr=1e-4", "fine_epochs=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "siimcovid", "classify", "train", *args]
+    args = [f"{k}={v}" for k, v in TINY.items()] + [
+        f"data={prepared}",
+        f"project={tmp_path}",
+        "name=ddp",
+        "fold=0",
+        "epochs=2",
+        "fine_lr=1e-4",
+        "fine_epochs=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "siimcovid",
+        "classify",
+        "train",
+        *args,
+    ]
     # Own session: on a timeout the whole group (torchrun and its two workers) is killed, no orphans.
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -252,11 +295,14 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
 
 # ---------------------------------------------------------------- predict, aggregation, ensembles
 
+
 def test_predict_writes_oof_and_test_tables(trained, prepared):
     from siimcovid.classify.predict import main
 
     run, _ = trained
-    cfg = load_config("classify", {"run": str(run), "split": ["oof", "test"], "tta": "hflip", "workers": 0, "device": "cpu", "batch": 8})
+    cfg = load_config(
+        "classify", {"run": str(run), "split": ["oof", "test"], "tta": "hflip", "workers": 0, "device": "cpu", "batch": 8}
+    )
     main(cfg)
     prep = Prepared(prepared)
     oof_img, oof_st = P.read_tables(run, "oof")
@@ -287,7 +333,10 @@ def test_hflip_tta_averages_the_image_and_its_mirror():
 
     img = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     img[:, :, :, :4] = 255  # bright left half
-    items = [{"image": img[i], "mask": img[i], "label": torch.tensor(0), "none": torch.tensor(0.0), "index": torch.tensor(i)} for i in range(2)]
+    items = [
+        {"image": img[i], "mask": img[i], "label": torch.tensor(0), "none": torch.tensor(0.0), "index": torch.tensor(i)}
+        for i in range(2)
+    ]
     loader = DataLoader(items, batch_size=2)
     _, plain, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="none")
     _, tta, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="hflip")
@@ -296,11 +345,19 @@ def test_hflip_tta_averages_the_image_and_its_mirror():
 
 
 def test_study_aggregation_is_the_mean_over_the_study_images():
-    images = pd.DataFrame({
-        "model": "m", "image_id": ["a", "b", "c"], "study_id": ["s1", "s1", "s2"], "fold": [0, 0, 1],
-        "negative": [0.1, 0.3, 0.7], "typical": [0.6, 0.4, 0.1], "indeterminate": [0.2, 0.2, 0.1],
-        "atypical": [0.1, 0.1, 0.1], "none": [0.0, 1.0, 0.5],
-    })
+    images = pd.DataFrame(
+        {
+            "model": "m",
+            "image_id": ["a", "b", "c"],
+            "study_id": ["s1", "s1", "s2"],
+            "fold": [0, 0, 1],
+            "negative": [0.1, 0.3, 0.7],
+            "typical": [0.6, 0.4, 0.1],
+            "indeterminate": [0.2, 0.2, 0.1],
+            "atypical": [0.1, 0.1, 0.1],
+            "none": [0.0, 1.0, 0.5],
+        }
+    )
     st = P.study_table(images).set_index("study_id")
     assert st.loc["s1", "negative"] == pytest.approx(0.2) and st.loc["s1", "typical"] == pytest.approx(0.5)
     assert st.loc["s1", "none"] == pytest.approx(0.5) and st.loc["s1", "n_images"] == 2 and st.loc["s1", "fold"] == 0
@@ -309,8 +366,19 @@ def test_study_aggregation_is_the_mean_over_the_study_images():
 
 def test_combine_mean_geomean_rank():
     def table(model, neg):
-        return pd.DataFrame({"model": model, "study_id": ["s1", "s2", "s3"], "fold": 0, "n_images": 1,
-                             "negative": neg, "typical": 0.5, "indeterminate": 0.25, "atypical": 0.25, "none": neg})
+        return pd.DataFrame(
+            {
+                "model": model,
+                "study_id": ["s1", "s2", "s3"],
+                "fold": 0,
+                "n_images": 1,
+                "negative": neg,
+                "typical": 0.5,
+                "indeterminate": 0.25,
+                "atypical": 0.25,
+                "none": neg,
+            }
+        )
 
     a, b = table("a", [0.1, 0.4, 0.9]), table("b", [0.9, 0.1, 0.4]).iloc[::-1]  # order must not matter
     mean = P.combine([a, b], "mean").set_index("study_id")
@@ -334,8 +402,18 @@ def test_predict_ensemble_of_two_runs(trained, tmp_path):
     run, _ = trained
     other = tmp_path / "tiny2"
     shutil.copytree(run, other)
-    cfg = load_config("classify", {"run": [str(run), str(other)], "split": "oof", "tta": "none", "workers": 0,
-                                   "device": "cpu", "ensemble": "geomean", "out": str(tmp_path / "ens")})
+    cfg = load_config(
+        "classify",
+        {
+            "run": [str(run), str(other)],
+            "split": "oof",
+            "tta": "none",
+            "workers": 0,
+            "device": "cpu",
+            "ensemble": "geomean",
+            "out": str(tmp_path / "ens"),
+        },
+    )
     main(cfg)
     ens_img, ens_st = P.read_tables(tmp_path / "ens", "oof")
     one_img, one_st = P.read_tables(run, "oof")
@@ -347,6 +425,7 @@ def test_predict_ensemble_of_two_runs(trained, tmp_path):
 
 # ---------------------------------------------------------------- clear errors
 
+
 def run_cli(*args):
     from siimcovid.cli import main
 
@@ -356,6 +435,12 @@ def run_cli(*args):
 def test_unknown_model_name(prepared, tmp_path):
     with pytest.raises(SiimError, match="unknown timm model 'efficientnet_b33'.*efficientnet_b3"):
         run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=64", "model=efficientnet_b33", "pretrained=false")
+
+
+def test_unknown_optimizer(prepared, tmp_path):
+    with pytest.raises(SiimError, match="optimizer=madgard: not a timm optimizer; did you mean madgrad"):
+        run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=64", "model=test_efficientnet", "optimizer=madgard")
+    assert not any(tmp_path.iterdir())
 
 
 def test_missing_fold_and_size(prepared, tmp_path):
@@ -371,16 +456,33 @@ def test_image_without_mask(prepared, tmp_path):
     victim = Prepared(copy).fold(2, "val").image_id.iloc[0]
     Prepared(copy).mask_path(victim, 64).unlink()
     with pytest.raises(SiimError, match=f"image {victim} has no mask"):
-        run_cli("train", f"data={copy}", f"project={tmp_path}", "imgsz=64", "fold=0", "model=test_efficientnet",
-                "pretrained=false", "workers=0")
+        run_cli(
+            "train",
+            f"data={copy}",
+            f"project={tmp_path}",
+            "imgsz=64",
+            "fold=0",
+            "model=test_efficientnet",
+            "pretrained=false",
+            "workers=0",
+        )
     assert not (tmp_path / "test_efficientnet_64" / "fold0").exists()
 
 
 def test_resume_with_other_model_is_refused(trained, prepared):
     run, _ = trained
     with pytest.raises(SiimError, match="other settings.*model"):
-        run_cli("train", f"data={prepared}", f"project={run.parent}", "name=tiny", "imgsz=64", "fold=0",
-                "model=resnet10t", "pretrained=false", "workers=0")
+        run_cli(
+            "train",
+            f"data={prepared}",
+            f"project={run.parent}",
+            "name=tiny",
+            "imgsz=64",
+            "fold=0",
+            "model=resnet10t",
+            "pretrained=false",
+            "workers=0",
+        )
 
 
 def test_predict_unknown_run(tmp_path):
@@ -389,7 +491,9 @@ def test_predict_unknown_run(tmp_path):
 
 
 def test_cli_stays_light_for_other_stages():
-    code = ("import sys; from siimcovid.cli import resolve; resolve(['classify', 'train', 'help']); "
-            "resolve(['synth']); resolve(['prepare']); print('torch' in sys.modules, 'timm' in sys.modules)")
+    code = (
+        "import sys; from siimcovid.cli import resolve; resolve(['classify', 'train', 'help']); "
+        "resolve(['synth']); resolve(['prepare']); print('torch' in sys.modules, 'timm' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stderr

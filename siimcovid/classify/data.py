@@ -49,13 +49,19 @@ def build_augment(cfg):
     """albumentations pipeline; geometric transforms move the mask with the image."""
     import albumentations as A
 
-    return A.Compose([
-        A.HorizontalFlip(p=cfg.hflip),
-        A.Affine(scale=(1 - cfg.affine_scale, 1 + cfg.affine_scale),
-                 translate_percent=(-cfg.affine_shift, cfg.affine_shift),
-                 rotate=(-cfg.affine_rotate, cfg.affine_rotate), border_mode=cv2.BORDER_CONSTANT, p=cfg.affine),
-        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=cfg.brightness_contrast),
-    ])
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.Affine(
+                scale=(1 - cfg.affine_scale, 1 + cfg.affine_scale),
+                translate_percent=(-cfg.affine_shift, cfg.affine_shift),
+                rotate=(-cfg.affine_rotate, cfg.affine_rotate),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=cfg.affine,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=cfg.brightness_contrast),
+        ]
+    )
 
 
 def read_grey(path) -> np.ndarray:
@@ -127,6 +133,11 @@ def mix_batch(batch: dict, n_classes: int, mixup_alpha: float, cutmix_alpha: flo
         masks = masks * lam + flipped_mask * (1 - lam)
     onehot = torch.nn.functional.one_hot(batch["label"], n_classes).float()
     out = dict(batch)
-    out.update(image=images, mask=masks, label=onehot * lam + onehot.flip(0) * (1 - lam),
-               none=batch["none"] * lam + batch["none"].flip(0) * (1 - lam), lam=lam)
+    out.update(
+        image=images,
+        mask=masks,
+        label=onehot * lam + onehot.flip(0) * (1 - lam),
+        none=batch["none"] * lam + batch["none"].flip(0) * (1 - lam),
+        lam=lam,
+    )
     return out

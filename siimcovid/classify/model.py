@@ -66,9 +66,18 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
 class StudyNet(nn.Module):
     """Backbone + study head (4 logits) + optional none head (1 logit) + mask head (1 channel)."""
 
-    def __init__(self, model: str, pretrained: bool = False, pretrained_file: str | None = None, in_chans: int = 3,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, mask_stride: int = 16, none_head: bool = True,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        model: str,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        mask_stride: int = 16,
+        none_head: bool = True,
+        channels_last: bool = False,
+    ):
         super().__init__()
         kwargs = {"in_chans": in_chans, "drop_rate": drop_rate}
         if drop_path_rate:
@@ -98,7 +107,7 @@ class StudyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (N,1,H,W) grey images scaled to [0,1]. Returns logits: study (N,4), none (N,) or None, mask (N,1,h,w)."""
-        x = ((x.expand(-1, self.in_chans, -1, -1) - self.mean) / self.std)
+        x = (x.expand(-1, self.in_chans, -1, -1) - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         final, (feat,) = self.backbone.forward_intermediates(x, indices=[self.mask_index])
@@ -115,16 +124,25 @@ def model_cfg(cfg) -> dict:
     return {k: cfg[k] for k in MODEL_KEYS}
 
 
-def build_model(mcfg: dict, pretrained: bool = False, pretrained_file: str | None = None, channels_last: bool = False) -> StudyNet:
+def build_model(
+    mcfg: dict, pretrained: bool = False, pretrained_file: str | None = None, channels_last: bool = False
+) -> StudyNet:
     """A StudyNet from model_cfg(...) (a checkpoint's copy needs no pretrained weights: its own replace them)."""
     return StudyNet(
-        model=mcfg["model"], pretrained=pretrained, pretrained_file=pretrained_file,
-        in_chans=int(mcfg["in_chans"]), drop_rate=float(mcfg["drop_rate"]), drop_path_rate=float(mcfg["drop_path_rate"]),
-        mask_stride=int(mcfg["mask_stride"]), none_head=bool(mcfg["none_head"]), channels_last=channels_last,
+        model=mcfg["model"],
+        pretrained=pretrained,
+        pretrained_file=pretrained_file,
+        in_chans=int(mcfg["in_chans"]),
+        drop_rate=float(mcfg["drop_rate"]),
+        drop_path_rate=float(mcfg["drop_path_rate"]),
+        mask_stride=int(mcfg["mask_stride"]),
+        none_head=bool(mcfg["none_head"]),
+        channels_last=channels_last,
     )
 
 
 # ---------------------------------------------------------------- losses
+
 
 def mask_target(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Box mask (N,1,H,W) on the 0..255 scale (uint8, or float after mixing) -> the fraction of
@@ -160,7 +178,8 @@ class StudyLoss(nn.Module):
         if self.mask_weight:
             logits = out["mask"].float()
             target = mask_target(mask, logits.shape[-2:])
-            parts["mask"] = self.mask_bce * F.binary_cross_entropy_with_logits(logits, target) + self.mask_dice * dice_loss(logits, target)
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+            parts["mask"] = self.mask_bce * bce + self.mask_dice * dice_loss(logits, target)
         else:
             parts["mask"] = zero
         parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]

@@ -44,6 +44,7 @@ METHODS = ("mean", "geomean", "rank")
 
 # ---------------------------------------------------------------- tables (no torch needed)
 
+
 def study_table(images: pd.DataFrame) -> pd.DataFrame:
     """Aggregate per-image probabilities per study: the mean over the study's images."""
     missing = [c for c in ["model", "study_id", "fold"] + PROB_COLUMNS if c not in images.columns]
@@ -133,8 +134,14 @@ def study_map(prep, images: pd.DataFrame) -> float:
 
 
 def image_frame(table: pd.DataFrame, study: np.ndarray, none: np.ndarray | None, model: str) -> pd.DataFrame:
-    out = pd.DataFrame({"model": model, "image_id": table["image_id"].values, "study_id": table["study_id"].values,
-                        "fold": table["fold"].values.astype(int)})
+    out = pd.DataFrame(
+        {
+            "model": model,
+            "image_id": table["image_id"].values,
+            "study_id": table["study_id"].values,
+            "fold": table["fold"].values.astype(int),
+        }
+    )
     out[STUDY_CLASSES] = study
     out["none"] = none if none is not None else study[:, STUDY_CLASSES.index("negative")]
     return out[IMAGE_COLUMNS]
@@ -155,6 +162,7 @@ def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.Da
 
 
 # ---------------------------------------------------------------- inference
+
 
 def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None, progress: bool = False):
     """Run a model over a loader. Returns (indices, study probs (N,4), none probs (N,) or None, loss sums dict).
@@ -230,8 +238,17 @@ def amp_dtype_for(device, amp: bool):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def predict_run(run_dir: Path, split: str, tta: str, device, batch: int, workers: int, source=None,
-                amp: bool = True, channels_last: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def predict_run(
+    run_dir: Path,
+    split: str,
+    tta: str,
+    device,
+    batch: int,
+    workers: int,
+    source=None,
+    amp: bool = True,
+    channels_last: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict one run on oof or test; returns (image table, study table)."""
     from torch.utils.data import DataLoader
 
@@ -314,8 +331,17 @@ def main(cfg) -> dict:
             if cfg.reuse and len(runs) > 1:
                 images, studies = read_tables(run_dir, split)
             else:
-                images, studies = predict_run(run_dir, split, tta, device, int(cfg.batch), int(cfg.workers), cfg.source,
-                                              bool(cfg.amp), bool(cfg.channels_last))
+                images, studies = predict_run(
+                    run_dir,
+                    split,
+                    tta,
+                    device,
+                    int(cfg.batch),
+                    int(cfg.workers),
+                    cfg.source,
+                    bool(cfg.amp),
+                    bool(cfg.channels_last),
+                )
                 write_tables(run_dir, split, images, studies)
             per_run.append((run_dir, images, studies))
         if len(runs) > 1:
@@ -330,8 +356,10 @@ def main(cfg) -> dict:
                 table = score_oof(prep, images, studies, tta)
                 write_csv(table, run_dir / "score_oof.csv", float_format="%.6g")
                 overall = table.iloc[0]
-                LOGGER.info(f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.none_ap:.4f}  "
-                            f"({overall.n_studies} studies, tta={tta})\n{table.to_string(index=False)}")
+                LOGGER.info(
+                    f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.none_ap:.4f}  "
+                    f"({overall.n_studies} studies, tta={tta})\n{table.to_string(index=False)}"
+                )
                 results[(run_dir.name, split)] = float(overall.study_map)
             else:
                 results[(run_dir.name, split)] = len(studies)
@@ -344,4 +372,3 @@ def _run_data(run_dir: Path, runs: list[Path]) -> str:
 
     src = run_dir if (run_dir / "classify.yaml").is_file() else runs[0]
     return read_yaml(src / "classify.yaml")["data"]
-

@@ -20,6 +20,7 @@ averaged per study. An interrupted fold resumes from last.pt at the next epoch.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import shutil
@@ -41,10 +42,24 @@ from siimcovid.data.siim import STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, write_csv
 
 LOG_COLUMNS = [
-    "epoch", "wave", "wave_epoch", "lr",
-    "train_loss", "train_cls", "train_none", "train_mask",
-    "val_loss", "val_cls", "val_none", "val_mask", "val_map", "val_none_auc",
-    "best", "train_img_s", "loader_wait", "time_s",
+    "epoch",
+    "wave",
+    "wave_epoch",
+    "lr",
+    "train_loss",
+    "train_cls",
+    "train_none",
+    "train_mask",
+    "val_loss",
+    "val_cls",
+    "val_none",
+    "val_mask",
+    "val_map",
+    "val_none_auc",
+    "best",
+    "train_img_s",
+    "loader_wait",
+    "time_s",
 ]
 # Settings that must not change when a run resumes (the checkpoints would not fit or not compare).
 FIXED_KEYS = ("data", "imgsz", "model", "in_chans", "mask_stride", "none_head")
@@ -83,6 +98,14 @@ def check_config(cfg) -> None:
     if int(cfg.in_chans) not in (1, 3):
         raise SiimError(f"in_chans={cfg.in_chans}: expected 1 or 3")
     check_model_name(cfg.model)
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    name = str(cfg.optimizer).lower()
+    if name.split("_", 1)[-1] not in known and name not in known:  # also accepts timm's "lookahead_<opt>"
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise SiimError(f"optimizer={cfg.optimizer}: not a timm optimizer{hint}")
 
 
 def save_torch(obj, path: Path) -> None:
@@ -139,7 +162,9 @@ class FoldTrainer:
         if len(self.train_tab) < self.batch * d.world:
             raise SiimError(f"fold {fold}: {len(self.train_tab)} training images, fewer than batch={cfg.batch}")
         train_ds = StudyDataset(prep, self.train_tab, size, build_augment(cfg))
-        self.sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=int(cfg.seed), drop_last=True)
+        self.sampler = DistributedSampler(
+            train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=int(cfg.seed), drop_last=True
+        )
         kw = {"num_workers": int(cfg.workers), "pin_memory": cuda, "persistent_workers": int(cfg.workers) > 0}
         self.train_loader = DataLoader(train_ds, batch_size=self.batch, sampler=self.sampler, drop_last=True, **kw)
         # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
@@ -147,8 +172,12 @@ class FoldTrainer:
         self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
 
         torch.manual_seed(int(cfg.seed))  # same initial weights on every rank
-        self.model = build_model(model_cfg(cfg), bool(cfg.pretrained) or bool(cfg.pretrained_file), cfg.pretrained_file,
-                                 channels_last=self.channels_last).to(self.device)
+        self.model = build_model(
+            model_cfg(cfg),
+            bool(cfg.pretrained) or bool(cfg.pretrained_file),
+            cfg.pretrained_file,
+            channels_last=self.channels_last,
+        ).to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_model = self.model
@@ -178,8 +207,13 @@ class FoldTrainer:
         except (AssertionError, ValueError) as e:
             raise SiimError(f"optimizer={cfg.optimizer}: {e}") from None
         sched, _ = create_scheduler_v2(
-            opt, sched=cfg.sched, num_epochs=epochs, warmup_epochs=min(warmup, max(epochs - 1, 0)),
-            warmup_lr=float(cfg.warmup_lr), min_lr=float(cfg.min_lr), step_on_epochs=False,
+            opt,
+            sched=cfg.sched,
+            num_epochs=epochs,
+            warmup_epochs=min(warmup, max(epochs - 1, 0)),
+            warmup_lr=float(cfg.warmup_lr),
+            min_lr=float(cfg.min_lr),
+            step_on_epochs=False,
             updates_per_epoch=len(self.train_loader),
         )
         return opt, sched
@@ -254,10 +288,18 @@ class FoldTrainer:
 
     def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, best: dict) -> dict:
         return {
-            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None, "scaler": self.scaler.state_dict(),
-            "wave": wave, "wave_epoch": wave_epoch, "epoch": epoch, "step": step, "best": best,
-            "rng": self.rng.bit_generator.state, "model_cfg": model_cfg(self.cfg),
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "wave": wave,
+            "wave_epoch": wave_epoch,
+            "epoch": epoch,
+            "step": step,
+            "best": best,
+            "rng": self.rng.bit_generator.state,
+            "model_cfg": model_cfg(self.cfg),
         }
 
     def load_best_weights(self) -> None:
@@ -279,7 +321,9 @@ class FoldTrainer:
             if log_path.is_file():
                 rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
             if d.is_main:
-                LOGGER.info(f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {best['score']:.4f})")
+                LOGGER.info(
+                    f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {best['score']:.4f})"
+                )
         self.new_ema()
         for wave, (lr, n_epochs, warmup) in enumerate(waves):
             start = 0
@@ -296,8 +340,10 @@ class FoldTrainer:
                 self.load_best_weights()
                 self.new_ema()
                 if d.is_main:
-                    LOGGER.info(f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {best['epoch']}, "
-                                f"study mAP {best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs")
+                    LOGGER.info(
+                        f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {best['epoch']}, "
+                        f"study mAP {best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
+                    )
             opt, sched = self.new_optimizer(lr, n_epochs, warmup)
             step = 0
             if resuming:
@@ -321,24 +367,49 @@ class FoldTrainer:
                 if improved or best["epoch"] == 0:
                     best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch, "wave": wave}
                     if d.is_main:
-                        save_torch({"model": self.eval_model().state_dict(), "model_cfg": model_cfg(cfg), "epoch": epoch,
-                                    "wave": wave, "score": score, "imgsz": self.size, "classes": STUDY_CLASSES,
-                                    "ema": float(cfg.ema)}, self.dir / "best.pt")
+                        save_torch(
+                            {
+                                "model": self.eval_model().state_dict(),
+                                "model_cfg": model_cfg(cfg),
+                                "epoch": epoch,
+                                "wave": wave,
+                                "score": score,
+                                "imgsz": self.size,
+                                "classes": STUDY_CLASSES,
+                                "ema": float(cfg.ema),
+                            },
+                            self.dir / "best.pt",
+                        )
                         write_csv(images.assign(model=cfg.name), self.dir / "val_pred_image.csv", float_format="%.6g")
-                row = {"epoch": epoch, "wave": wave, "wave_epoch": wave_epoch + 1, "lr": opt.param_groups[0]["lr"],
-                       **train_stats, **val_stats, "best": bool(best["epoch"] == epoch), "time_s": time.perf_counter() - t0}
+                row = {
+                    "epoch": epoch,
+                    "wave": wave,
+                    "wave_epoch": wave_epoch + 1,
+                    "lr": opt.param_groups[0]["lr"],
+                    **train_stats,
+                    **val_stats,
+                    "best": bool(best["epoch"] == epoch),
+                    "time_s": time.perf_counter() - t0,
+                }
                 rows.append(row)
                 log = pd.DataFrame(rows, columns=LOG_COLUMNS)
                 if d.is_main:
                     save_torch(self.checkpoint(opt, sched, wave, wave_epoch, epoch, step, best), last_path)
                     write_csv(log, log_path, float_format="%.6g")
                     plot_log(log, self.dir / "results.png")
-                    LOGGER.info(f"fold {self.fold} epoch {epoch} (wave {wave}): loss {train_stats['train_loss']:.4f} "
-                                f"val loss {val_stats['val_loss']:.4f} study mAP {score:.4f}"
-                                f"{' *best*' if row['best'] else ''}  {train_stats['train_img_s']:.1f} img/s")
+                    LOGGER.info(
+                        f"fold {self.fold} epoch {epoch} (wave {wave}): loss {train_stats['train_loss']:.4f} "
+                        f"val loss {val_stats['val_loss']:.4f} study mAP {score:.4f}"
+                        f"{' *best*' if row['best'] else ''}  {train_stats['train_img_s']:.1f} img/s"
+                    )
                 d.barrier()
-        summary = {"fold": self.fold, "best_score": best["score"], "best_epoch": best["epoch"], "best_wave": best["wave"],
-                   "epochs": int(offsets[-1])}
+        summary = {
+            "fold": self.fold,
+            "best_score": best["score"],
+            "best_epoch": best["epoch"],
+            "best_wave": best["wave"],
+            "epochs": int(offsets[-1]),
+        }
         if d.is_main:
             atomic_write_text(self.dir / "done.json", json.dumps(summary, indent=1))
         d.barrier()
@@ -403,8 +474,10 @@ def report_oof(prep: Prepared, run_dir: Path) -> None:
     if not all((f.parent / "done.json").is_file() and f.is_file() for f in files):
         return
     images = pd.concat([pd.read_csv(f, dtype={"image_id": str, "study_id": str}) for f in files], ignore_index=True)
-    LOGGER.info(f"{run_dir.name}: OOF study mAP over {prep.n_folds} folds (no TTA): {P.study_map(prep, images):.4f}; "
-                f"`siimcovid classify predict run={run_dir}` writes the OOF and test tables")
+    LOGGER.info(
+        f"{run_dir.name}: OOF study mAP over {prep.n_folds} folds (no TTA): {P.study_map(prep, images):.4f}; "
+        f"`siimcovid classify predict run={run_dir}` writes the OOF and test tables"
+    )
 
 
 def main(cfg) -> dict:
