@@ -238,7 +238,12 @@ def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
     fold = tmp_path / "resume" / "fold1"
     assert torch.load(fold / "last.pt", weights_only=False)["epoch"] == 1 and not (fold / "done.json").exists()
 
+    saved = torch.load(fold / "last.pt", weights_only=False)
+
     def recording(self, epoch, *a, **k):
+        if not seen:  # the resumed fold starts from the saved weights and optimizer state, not from scratch
+            assert all(torch.equal(v, saved["model"][n]) for n, v in self.model.state_dict().items())
+            assert a[0].state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
         seen.append(epoch)
         return real(self, epoch, *a, **k)
 
