@@ -23,6 +23,7 @@ STAGES: dict[str, dict[str | None, str]] = {
         "evolve": "siimcovid.detect.evolve:main",
     },
     "evaluate": {None: "siimcovid.evaluate:main"},
+    "classify": {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
     "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
 }
 

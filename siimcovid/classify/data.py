@@ -1,0 +1,143 @@
+"""Images, masks and targets for the classifier, read from a prepared folder.
+
+The loader does as little as possible per image: read the 8-bit grey PNG/JPG and its 0/255
+box mask (decoded once from DICOM by prepare), augment both with albumentations, and hand
+over uint8 tensors. Scaling, normalisation and the repeat to 3 channels happen on the device
+inside the model, so a batch crosses to the GPU as uint8 (4x less than float).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from siimcovid.data.prepared import Prepared
+from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.utils import SiimError
+
+
+def image_table(prep: Prepared, split: str, fold: int | None = None, part: str = "val") -> pd.DataFrame:
+    """Rows to feed: image_id, study_id, fold, label (class index, -1 for test), none (1.0 if no box)."""
+    df = prep.fold(fold, part) if fold is not None else prep.split(split)
+    out = df[["image_id", "study_id", "fold"]].copy()
+    out["split"] = df["split"].values
+    if split == "train":
+        out["label"] = [STUDY_CLASSES.index(c) for c in df["study_label"]]
+        out["none"] = (df["n_boxes"].astype(int) == 0).astype(np.float32).values
+        out["study_label"] = df["study_label"].values
+    else:
+        out["label"], out["none"], out["study_label"] = -1, np.nan, ""
+    return out.reset_index(drop=True)
+
+
+def check_files(prep: Prepared, table: pd.DataFrame, size: int, masks: bool) -> None:
+    """Fail early and clearly on a missing image or mask (not in a worker halfway through an epoch)."""
+    for row in table.itertuples():
+        path = prep.image_path(row.image_id, row.split, size)
+        if not path.is_file():
+            raise SiimError(f"image {row.image_id} has no file {path}: re-run `siimcovid prepare` (sizes include {size})")
+        if masks:
+            mpath = prep.mask_path(row.image_id, size)
+            if not mpath.is_file():
+                raise SiimError(f"image {row.image_id} has no mask {mpath}: re-run `siimcovid prepare` to write the masks")
+
+
+def build_augment(cfg):
+    """albumentations pipeline; geometric transforms move the mask with the image."""
+    import albumentations as A
+
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.Affine(
+                scale=(1 - cfg.affine_scale, 1 + cfg.affine_scale),
+                translate_percent=(-cfg.affine_shift, cfg.affine_shift),
+                rotate=(-cfg.affine_rotate, cfg.affine_rotate),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=cfg.affine,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=cfg.brightness_contrast),
+        ]
+    )
+
+
+def read_grey(path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise SiimError(f"could not read image {path}")
+    return img
+
+
+class StudyDataset(Dataset):
+    """Items: image (1,H,W) uint8, mask (1,H,W) uint8 0/255, label (int64), none (float32), index."""
+
+    def __init__(self, prep: Prepared, table: pd.DataFrame, size: int, augment=None, masks: bool = True):
+        self.table, self.size, self.augment, self.masks = table, size, augment, masks
+        self.images = [prep.image_path(i, s, size) for i, s in zip(table.image_id, table.split)]
+        self.mask_paths = [prep.mask_path(i, size) for i in table.image_id] if masks else None
+        self.labels = table["label"].to_numpy(dtype=np.int64)
+        self.none = np.nan_to_num(table["none"].to_numpy(dtype=np.float32), nan=0.0)  # test rows: no target
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        img = read_grey(self.images[i])
+        if img.shape != (self.size, self.size):
+            raise SiimError(f"{self.images[i]} is {img.shape[1]}x{img.shape[0]}, expected {self.size}x{self.size}")
+        mask = read_grey(self.mask_paths[i]) if self.masks else np.zeros_like(img)
+        if self.augment is not None:
+            res = self.augment(image=img, mask=mask)
+            img, mask = res["image"], res["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
+            "label": torch.tensor(self.labels[i], dtype=torch.long),
+            "none": torch.tensor(self.none[i], dtype=torch.float32),
+            "index": torch.tensor(i, dtype=torch.long),
+        }
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch; images become float in [0,1] on the device (cheap there, not in the loader)."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out["image"] = out["image"].float().div_(255.0)
+    return out
+
+
+def mix_batch(batch: dict, n_classes: int, mixup_alpha: float, cutmix_alpha: float, rng: np.random.Generator) -> dict:
+    """Mask-aware mixup / cutmix: each image is mixed with the batch's reverse (timm's pairing).
+
+    timm's Mixup mixes images and class targets only; here the box masks mix the same way
+    (mixup: blended with lam; cutmix: the pasted rectangle brings its mask along), so the mask
+    head's target stays true to the mixed image. Study targets become soft (N,4); the none
+    target is blended with the final lam. The rectangle comes from timm's cutmix_bbox_and_lam.
+    """
+    from timm.data.mixup import cutmix_bbox_and_lam
+
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    images, masks = batch["image"], batch["mask"].float()
+    flipped_img, flipped_mask = images.flip(0), masks.flip(0)
+    if use_cutmix:
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+        (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
+        images, masks = images.clone(), masks.clone()
+        images[:, :, yl:yh, xl:xh] = flipped_img[:, :, yl:yh, xl:xh]
+        masks[:, :, yl:yh, xl:xh] = flipped_mask[:, :, yl:yh, xl:xh]
+    else:
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        images = images * lam + flipped_img * (1 - lam)
+        masks = masks * lam + flipped_mask * (1 - lam)
+    onehot = torch.nn.functional.one_hot(batch["label"], n_classes).float()
+    out = dict(batch)
+    out.update(
+        image=images,
+        mask=masks,
+        label=onehot * lam + onehot.flip(0) * (1 - lam),
+        none=batch["none"] * lam + batch["none"].flip(0) * (1 - lam),
+        lam=lam,
+    )
+    return out

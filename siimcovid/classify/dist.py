@@ -1,0 +1,78 @@
+"""One code path for one process or many (torchrun + DistributedDataParallel).
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a world of one and every
+helper below is a no-op. NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from siimcovid.utils import SiimError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank gets the list of every rank's obj (picklable), in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch_dist.all_reduce(t)
+        return t.tolist()
+
+
+def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(str(device))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SiimError(f"device={device} but CUDA is not available here; use device=cpu")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def setup(device: str | None = None) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not torch_dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def cleanup(d: Dist) -> None:
+    if d.active:
+        torch_dist.destroy_process_group()

@@ -1,0 +1,193 @@
+"""The study classifier: a timm backbone, a 4-class study head, a "none" head and a mask head.
+
+    image (N,1,H,W) in [0,1] -> repeat to in_chans, normalise with the backbone's mean/std
+      -> backbone.forward_intermediates -> final features -> pooled -> study logits (N,4)
+                                                                   -> none logit   (N,)
+                                        -> feature map at mask_stride -> mask head -> mask logits (N,1,h,w)
+
+The mask head is deliberately light (3x3 conv, BN, ReLU, 1x1 conv): it only has to make the
+backbone look at the opacities (the auxiliary-loss trick of the competition's best teams).
+Its target is the box mask from prepare, area-downsampled to the head's resolution.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.utils import SiimError
+
+# What a checkpoint must remember to rebuild the model (pretrained weights are not needed again).
+MODEL_KEYS = ("model", "in_chans", "drop_rate", "drop_path_rate", "mask_stride", "none_head")
+
+
+def check_model_name(name: str) -> str:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
+        raise SiimError(f"unknown timm model '{name}'.{hint}")
+    return name
+
+
+def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None, **kwargs) -> nn.Module:
+    """timm.create_model without its classifier, with real pretrained-weight loading.
+
+    pretrained=True downloads the ImageNet weights through timm (Hugging Face hub, then cached);
+    pretrained_file loads them from a local file instead (machines without internet).
+    """
+    import timm
+
+    check_model_name(name)
+    extra = {}
+    if pretrained_file:
+        pretrained, extra["pretrained_cfg_overlay"] = True, {"file": str(pretrained_file)}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **extra, **kwargs)
+    except TypeError as e:  # e.g. drop_path_rate on a model without stochastic depth
+        raise SiimError(f"timm model '{name}' does not accept {sorted(kwargs)}: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        if not pretrained:
+            raise
+        raise SiimError(
+            f"could not load pretrained weights for '{name}' ({type(e).__name__}: {e}). "
+            "Without internet use pretrained_file=<weights file> or pretrained=false."
+        ) from None
+    if not hasattr(model, "forward_intermediates"):
+        raise SiimError(f"timm model '{name}' has no forward_intermediates(): the mask head cannot read its features")
+    return model
+
+
+class StudyNet(nn.Module):
+    """Backbone + study head (4 logits) + optional none head (1 logit) + mask head (1 channel)."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        mask_stride: int = 16,
+        none_head: bool = True,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        kwargs = {"in_chans": in_chans, "drop_rate": drop_rate}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.backbone = create_backbone(model, pretrained, pretrained_file, **kwargs)
+        self.in_chans, self.channels_last = in_chans, channels_last
+        strides = [int(f["reduction"]) for f in self.backbone.feature_info]
+        if mask_stride not in strides:
+            raise SiimError(f"mask_stride={mask_stride}: '{model}' has feature maps of strides {sorted(set(strides))}")
+        # The deepest feature map of that stride (richest features at that resolution).
+        self.mask_index = max(i for i, s in enumerate(strides) if s == mask_stride)
+        mask_chs = int(self.backbone.feature_info[self.mask_index]["num_chs"])
+        # The backbone's own normalisation (its pretrained config), applied on the device.
+        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = list(cfg.get("std", (0.229, 0.224, 0.225)))
+        if in_chans == 1:  # timm sums the stem over RGB; use the mean statistics
+            mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+        self.register_buffer("mean", torch.tensor(mean[:in_chans]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std[:in_chans]).view(1, -1, 1, 1), persistent=False)
+        n_feat = self.backbone.num_features
+        self.study_head = nn.Linear(n_feat, len(STUDY_CLASSES))
+        self.none_head = nn.Linear(n_feat, 1) if none_head else None
+        self.mask_head = nn.Sequential(
+            nn.Conv2d(mask_chs, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (N,1,H,W) grey images scaled to [0,1]. Returns logits: study (N,4), none (N,) or None, mask (N,1,h,w)."""
+        x = (x.expand(-1, self.in_chans, -1, -1) - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        final, (feat,) = self.backbone.forward_intermediates(x, indices=[self.mask_index])
+        pooled = self.backbone.forward_head(final, pre_logits=True)
+        return {
+            "study": self.study_head(pooled),
+            "none": self.none_head(pooled).squeeze(1) if self.none_head is not None else None,
+            "mask": self.mask_head(feat),
+        }
+
+
+def model_cfg(cfg) -> dict:
+    """The settings that define the architecture; stored in every checkpoint."""
+    return {k: cfg[k] for k in MODEL_KEYS}
+
+
+def build_model(
+    mcfg: dict, pretrained: bool = False, pretrained_file: str | None = None, channels_last: bool = False
+) -> StudyNet:
+    """A StudyNet from model_cfg(...) (a checkpoint's copy needs no pretrained weights: its own replace them)."""
+    return StudyNet(
+        model=mcfg["model"],
+        pretrained=pretrained,
+        pretrained_file=pretrained_file,
+        in_chans=int(mcfg["in_chans"]),
+        drop_rate=float(mcfg["drop_rate"]),
+        drop_path_rate=float(mcfg["drop_path_rate"]),
+        mask_stride=int(mcfg["mask_stride"]),
+        none_head=bool(mcfg["none_head"]),
+        channels_last=channels_last,
+    )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def mask_target(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Box mask (N,1,H,W) on the 0..255 scale (uint8, or float after mixing) -> the fraction of
+    each head cell covered by boxes, (N,1,h,w) in [0,1]."""
+    m = mask.float() / 255.0
+    return F.adaptive_avg_pool2d(m, size) if tuple(m.shape[-2:]) != tuple(size) else m
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice over the whole batch (stable when many images have empty masks)."""
+    p = torch.sigmoid(logits.float())
+    inter = (p * target).sum()
+    return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
+
+
+class StudyLoss(nn.Module):
+    """CE(study) + none_weight * BCE(none) + mask_weight * (mask_bce * BCE + mask_dice * Dice)."""
+
+    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0, label_smoothing=0.0):
+        super().__init__()
+        self.mask_weight, self.mask_bce, self.mask_dice = mask_weight, mask_bce, mask_dice
+        self.none_weight, self.label_smoothing = none_weight, label_smoothing
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "StudyLoss":
+        return cls(cfg.mask_weight, cfg.mask_bce, cfg.mask_dice, cfg.none_weight, cfg.label_smoothing)
+
+    def forward(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """study: (N,) class indices or (N,4) soft targets; none: (N,) in [0,1]; mask: (N,1,H,W) box masks."""
+        parts = {"cls": F.cross_entropy(out["study"].float(), study, label_smoothing=self.label_smoothing)}
+        zero = parts["cls"].new_zeros(())
+        parts["none"] = F.binary_cross_entropy_with_logits(out["none"].float(), none.float()) if out["none"] is not None else zero
+        if self.mask_weight:
+            logits = out["mask"].float()
+            target = mask_target(mask, logits.shape[-2:])
+            bce = F.binary_cross_entropy_with_logits(logits, target)
+            parts["mask"] = self.mask_bce * bce + self.mask_dice * dice_loss(logits, target)
+        else:
+            parts["mask"] = zero
+        parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
+        return parts
+
+
+def probabilities(out: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Study softmax (N,4) and none sigmoid (N,) from the logits."""
+    study = torch.softmax(out["study"].float(), dim=1)
+    none = torch.sigmoid(out["none"].float()) if out["none"] is not None else None
+    return study, none

@@ -1,0 +1,374 @@
+"""`siimcovid classify predict`: per-image and per-study probabilities, OOF score, ensembles.
+
+Outputs in the run dir (or in `out` for an ensemble of several runs), one pair per split:
+
+pred_<split>_image.csv   one row per image
+    model          run name (ensembles: names joined by '+')
+    image_id       SOP id without _image
+    study_id       StudyInstanceUID
+    fold           oof: the fold the image was held out in (its model never saw it); test: -1
+    negative, typical, indeterminate, atypical   softmax of the study head (sum to 1 for one model)
+    none           P(image has no opacity) from the none head; P(negative) if the run has no none head
+pred_<split>_study.csv   one row per study: the mean over the study's images
+    model, study_id, fold, n_images, negative, typical, indeterminate, atypical, none
+score_oof.csv            one row per fold and one for all ("all"):
+    fold, n_studies, negative, typical, indeterminate, atypical (AP of each class),
+    study_map (mean of the four: the competition's study part), none_ap (AP of the none
+    column on image rows: how much the fusion can gain from it), tta
+
+oof: each fold's best checkpoint predicts its own validation images.
+test: every fold's best checkpoint predicts every test image; the probabilities are averaged.
+tta=hflip averages each model's probabilities on the image and its mirror.
+Ensembles (several run=...) combine the runs' tables row by row: mean, geomean (geometric
+mean: the product of members, up to a power) or rank (mean of each column's percentile rank;
+keeps only the ordering, which is all that AP reads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.utils import LOGGER, SiimError, write_csv
+
+PROB_COLUMNS = STUDY_CLASSES + ["none"]
+IMAGE_COLUMNS = ["model", "image_id", "study_id", "fold"] + PROB_COLUMNS
+STUDY_COLUMNS = ["model", "study_id", "fold", "n_images"] + PROB_COLUMNS
+SPLITS = ("oof", "test")
+TTAS = ("none", "hflip")
+METHODS = ("mean", "geomean", "rank")
+
+
+# ---------------------------------------------------------------- tables (no torch needed)
+
+
+def study_table(images: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate per-image probabilities per study: the mean over the study's images."""
+    missing = [c for c in ["model", "study_id", "fold"] + PROB_COLUMNS if c not in images.columns]
+    if missing:
+        raise SiimError(f"image table lacks columns {missing}")
+    g = images.groupby(["model", "study_id"], sort=True)
+    out = g[PROB_COLUMNS].mean()
+    out.insert(0, "n_images", g.size())
+    out.insert(0, "fold", g["fold"].first())
+    return out.reset_index()[STUDY_COLUMNS]
+
+
+def combine(tables: list[pd.DataFrame], method: str = "mean", weights: list[float] | None = None) -> pd.DataFrame:
+    """Combine several runs' image or study tables (same ids) into one table of the same schema.
+
+    mean: weighted mean; geomean: weighted geometric mean (exp of the mean log, probabilities
+    clipped at 1e-7); rank: weighted mean of each column's percentile rank in (0, 1].
+    """
+    if method not in METHODS:
+        raise SiimError(f"ensemble={method}: expected one of {', '.join(METHODS)}")
+    if not tables:
+        raise SiimError("combine: no tables given")
+    key = "image_id" if "image_id" in tables[0].columns else "study_id"
+    weights = np.ones(len(tables)) if weights is None else np.asarray(weights, dtype=float)
+    if len(weights) != len(tables):
+        raise SiimError(f"combine: {len(weights)} weights for {len(tables)} tables")
+    weights = weights / weights.sum()
+    base = tables[0].sort_values(key).reset_index(drop=True)
+    ids = base[key].tolist()
+    stacked = []
+    for t in tables:
+        t = t.sort_values(key).reset_index(drop=True)
+        if t[key].tolist() != ids:
+            raise SiimError(f"combine: the tables do not hold the same {key}s (models predicted different data?)")
+        vals = t[PROB_COLUMNS].to_numpy(dtype=float)
+        if method == "rank":
+            vals = t[PROB_COLUMNS].rank(pct=True).to_numpy(dtype=float)
+        elif method == "geomean":
+            vals = np.log(np.clip(vals, 1e-7, 1.0))
+        stacked.append(vals)
+    mixed = np.tensordot(weights, np.stack(stacked), axes=1)
+    if method == "geomean":
+        mixed = np.exp(mixed)
+    out = base.copy()
+    out[PROB_COLUMNS] = mixed
+    out["model"] = "+".join(dict.fromkeys(str(m) for t in tables for m in t["model"].unique()))
+    return out
+
+
+def truth_frames(prep, images: pd.DataFrame):
+    """Truth rows (metric API) for the studies and images of a prediction table."""
+    from siimcovid import metrics
+
+    meta = prep.split("train")
+    unknown = set(images["image_id"]) - set(meta["image_id"])
+    if unknown:
+        raise SiimError(f"{len(unknown)} predicted images are not train images of {prep.root} (e.g. {sorted(unknown)[0]})")
+    rows = meta[meta["image_id"].isin(set(images["image_id"]))]
+    return metrics.study_truth(rows[["study_id", "study_label"]]), metrics.image_truth(rows[["image_id", "boxes"]])
+
+
+def score_oof(prep, images: pd.DataFrame, studies: pd.DataFrame, tta: str = "none") -> pd.DataFrame:
+    """Study AP per class, study mAP and AP(none), per fold and for all folds together."""
+    from siimcovid import metrics
+
+    rows = []
+    for fold in ["all"] + sorted(int(f) for f in studies["fold"].unique()):
+        s = studies if fold == "all" else studies[studies.fold == fold]
+        im = images if fold == "all" else images[images.fold == fold]
+        st_truth, im_truth = truth_frames(prep, im)
+        st = metrics.score(st_truth, metrics.study_pred(s[["study_id"] + STUDY_CLASSES]))
+        none_score = metrics.score(im_truth, metrics.image_pred(None, im[["image_id", "none"]]), classes=["none"])
+        row = {"fold": str(fold), "n_studies": len(s)}
+        row.update({c: st.ap.get(c, float("nan")) for c in STUDY_CLASSES})
+        row.update(study_map=st.study_map, none_ap=none_score.ap.get("none", float("nan")), tta=tta)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def study_map(prep, images: pd.DataFrame) -> float:
+    """The study mAP of image-level predictions (aggregated per study): the checkpoint criterion."""
+    from siimcovid import metrics
+
+    studies = study_table(images)
+    st_truth, _ = truth_frames(prep, images)
+    return float(metrics.score(st_truth, metrics.study_pred(studies[["study_id"] + STUDY_CLASSES])).study_map)
+
+
+def image_frame(table: pd.DataFrame, study: np.ndarray, none: np.ndarray | None, model: str) -> pd.DataFrame:
+    out = pd.DataFrame(
+        {
+            "model": model,
+            "image_id": table["image_id"].values,
+            "study_id": table["study_id"].values,
+            "fold": table["fold"].values.astype(int),
+        }
+    )
+    out[STUDY_CLASSES] = study
+    out["none"] = none if none is not None else study[:, STUDY_CLASSES.index("negative")]
+    return out[IMAGE_COLUMNS]
+
+
+def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    paths = [run_dir / f"pred_{split}_image.csv", run_dir / f"pred_{split}_study.csv"]
+    for p in paths:
+        if not p.is_file():
+            raise SiimError(f"{p} does not exist: run `siimcovid classify predict run={run_dir} split={split}` first")
+    kw = {"dtype": {"image_id": str, "study_id": str, "model": str}, "keep_default_na": False}
+    return pd.read_csv(paths[0], **kw), pd.read_csv(paths[1], **kw)
+
+
+def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> None:
+    write_csv(images, out_dir / f"pred_{split}_image.csv", float_format="%.6g")
+    write_csv(studies, out_dir / f"pred_{split}_study.csv", float_format="%.6g")
+
+
+# ---------------------------------------------------------------- inference
+
+
+def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None, progress: bool = False):
+    """Run a model over a loader. Returns (indices, study probs (N,4), none probs (N,) or None, loss sums dict).
+
+    tta=hflip averages the probabilities of each image and its mirror (the loss uses the plain image).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from siimcovid.classify.data import to_device
+    from siimcovid.classify.model import probabilities
+
+    model.eval()
+    idx, studies, nones, sums, n = [], [], [], {}, 0
+    autocast = torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+            b = to_device(batch, device)
+            with autocast:
+                out = model(b["image"])
+            study, none = probabilities(out)
+            if loss_fn is not None:
+                parts = loss_fn(out, b["label"], b["none"], b["mask"])
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(study)
+            if tta == "hflip":
+                with autocast:
+                    s2, n2 = probabilities(model(b["image"].flip(-1)))
+                study = (study + s2) / 2
+                none = (none + n2) / 2 if none is not None else None
+            n += len(study)
+            idx.append(b["index"].cpu())
+            studies.append(study.cpu())
+            if none is not None:
+                nones.append(none.cpu())
+    cat = lambda xs: torch.cat(xs).numpy() if xs else None  # noqa: E731
+    return cat(idx), cat(studies), cat(nones), {k: v for k, v in sums.items()} | {"n": n}
+
+
+def resolve_run(run, project: str | Path) -> Path:
+    for cand in (Path(str(run)), Path(project) / str(run)):
+        if (cand / "classify.yaml").is_file():
+            return cand
+    raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
+
+
+def fold_checkpoints(run_dir: Path) -> dict[int, Path]:
+    found = {int(p.parent.name[4:]): p for p in sorted(run_dir.glob("fold*/best.pt")) if p.parent.name[4:].isdigit()}
+    if not found:
+        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/best.pt): run `siimcovid classify train` first")
+    return found
+
+
+def load_checkpoint_model(path: Path, device, channels_last: bool = False):
+    import torch
+
+    from siimcovid.classify.model import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(ckpt["model_cfg"], pretrained=False, channels_last=channels_last)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval(), ckpt
+
+
+def amp_dtype_for(device, amp: bool):
+    import torch
+
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def predict_run(
+    run_dir: Path,
+    split: str,
+    tta: str,
+    device,
+    batch: int,
+    workers: int,
+    source=None,
+    amp: bool = True,
+    channels_last: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict one run on oof or test; returns (image table, study table)."""
+    from torch.utils.data import DataLoader
+
+    from siimcovid.classify.data import StudyDataset, check_files, image_table
+    from siimcovid.config import read_yaml
+    from siimcovid.data.prepared import Prepared
+
+    run_cfg = read_yaml(run_dir / "classify.yaml")
+    prep = Prepared(source or run_cfg["data"])
+    size = prep.check_size(run_cfg["imgsz"])
+    name = run_dir.name
+    ckpts = fold_checkpoints(run_dir)
+    cl = channels_last and device.type == "cuda"
+    amp_dtype = amp_dtype_for(device, amp)
+    loader_kw = {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"}
+    if split == "oof":
+        parts = []
+        for fold, path in ckpts.items():
+            table = image_table(prep, "train", prep.check_fold(fold), "val")
+            check_files(prep, table, size, masks=False)
+            model, _ = load_checkpoint_model(path, device, cl)
+            loader = DataLoader(StudyDataset(prep, table, size, masks=False), **loader_kw)
+            idx, study, none, _ = infer(model, loader, device, amp_dtype, tta, progress=True)
+            parts.append(image_frame(table.iloc[idx], study, none, name))
+            LOGGER.info(f"{name} fold {fold}: predicted {len(table)} held-out images")
+        missing = sorted(set(range(prep.n_folds)) - set(ckpts))
+        if missing:
+            LOGGER.warning(f"{name}: folds {missing} are not trained; OOF covers folds {sorted(ckpts)} only")
+        images = pd.concat(parts, ignore_index=True)
+    elif split == "test":
+        table = image_table(prep, "test")
+        if table.empty:
+            raise SiimError(f"{prep.root} has no test images (prepare with splits=train,test)")
+        check_files(prep, table, size, masks=False)
+        loader = DataLoader(StudyDataset(prep, table, size, masks=False), **loader_kw)
+        study_sum, none_sum, none_ok = 0.0, 0.0, True
+        for fold, path in ckpts.items():
+            model, _ = load_checkpoint_model(path, device, cl)
+            idx, study, none, _ = infer(model, loader, device, amp_dtype, tta, progress=True)
+            order = np.argsort(idx)
+            study_sum = study_sum + study[order]
+            none_ok = none_ok and none is not None
+            none_sum = none_sum + (none[order] if none is not None else 0.0)
+        k = len(ckpts)
+        images = image_frame(table, study_sum / k, none_sum / k if none_ok else None, name)
+        LOGGER.info(f"{name}: predicted {len(table)} test images with {k} fold models (tta={tta})")
+    else:
+        raise SiimError(f"split={split}: expected oof or test")
+    return images, study_table(images)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def main(cfg) -> dict:
+    """Predict each run (or reuse its tables), combine several runs, score the OOF split."""
+    from siimcovid.classify.dist import pick_device
+    from siimcovid.data.prepared import Prepared
+
+    runs = [resolve_run(r, cfg.project) for r in _as_list(cfg.run)]
+    if not runs:
+        raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
+    splits = _as_list(cfg.split)
+    for s in splits:
+        if s not in SPLITS:
+            raise SiimError(f"split={s}: expected oof and/or test")
+    tta = str(cfg.tta).lower() if cfg.tta not in (None, False) else "none"
+    if tta not in TTAS:
+        raise SiimError(f"tta={cfg.tta}: expected one of {', '.join(TTAS)}")
+    if cfg.ensemble not in METHODS:
+        raise SiimError(f"ensemble={cfg.ensemble}: expected one of {', '.join(METHODS)}")
+    device = pick_device(cfg.device)
+    results = {}
+    for split in splits:
+        per_run = []
+        for run_dir in runs:
+            if cfg.reuse and len(runs) > 1:
+                images, studies = read_tables(run_dir, split)
+            else:
+                images, studies = predict_run(
+                    run_dir,
+                    split,
+                    tta,
+                    device,
+                    int(cfg.batch),
+                    int(cfg.workers),
+                    cfg.source,
+                    bool(cfg.amp),
+                    bool(cfg.channels_last),
+                )
+                write_tables(run_dir, split, images, studies)
+            per_run.append((run_dir, images, studies))
+        if len(runs) > 1:
+            out_dir = Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
+            images = combine([r[1] for r in per_run], cfg.ensemble)
+            studies = combine([r[2] for r in per_run], cfg.ensemble)
+            write_tables(out_dir, split, images, studies)
+            per_run.append((out_dir, images, studies))
+        for run_dir, images, studies in per_run:
+            if split == "oof":
+                prep = Prepared(cfg.source or _run_data(run_dir, runs))
+                table = score_oof(prep, images, studies, tta)
+                write_csv(table, run_dir / "score_oof.csv", float_format="%.6g")
+                overall = table.iloc[0]
+                LOGGER.info(
+                    f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.none_ap:.4f}  "
+                    f"({overall.n_studies} studies, tta={tta})\n{table.to_string(index=False)}"
+                )
+                results[(run_dir.name, split)] = float(overall.study_map)
+            else:
+                results[(run_dir.name, split)] = len(studies)
+            LOGGER.info(f"{run_dir.name}: wrote {run_dir / f'pred_{split}_image.csv'} and pred_{split}_study.csv")
+    return results
+
+
+def _run_data(run_dir: Path, runs: list[Path]) -> str:
+    from siimcovid.config import read_yaml
+
+    src = run_dir if (run_dir / "classify.yaml").is_file() else runs[0]
+    return read_yaml(src / "classify.yaml")["data"]

@@ -1,0 +1,504 @@
+"""The classify stage on CPU: a tiny timm model (test_efficientnet, 0.1M params) on 64 px synthetic data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from siimcovid.classify import predict as P  # noqa: E402
+from siimcovid.config import load_config  # noqa: E402
+from siimcovid.data.prepared import Prepared  # noqa: E402
+from siimcovid.data.siim import STUDY_CLASSES  # noqa: E402
+from siimcovid.utils import SiimError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": "test_efficientnet",
+    "pretrained": False,
+    "imgsz": 64,
+    "batch": 8,
+    "workers": 0,
+    "device": "cpu",
+    "drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+    "warmup_epochs": 1,
+}
+
+
+def tiny_cfg(prepared, project, **kw):
+    return load_config("classify", {**TINY, "data": str(prepared), "project": str(project), **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """Fold 0 trained for 2 epochs + a 1-epoch second wave: shared by the tests that read a run."""
+    from siimcovid.classify.train import main
+
+    project = tmp_path_factory.mktemp("classify_runs")
+    cfg = tiny_cfg(prepared, project, name="tiny", fold=0, epochs=2, fine_lr=[1e-4], fine_epochs=1)
+    results = main(cfg)
+    return project / "tiny", results
+
+
+def fixed_batch(prepared, n=8):
+    from siimcovid.classify.data import StudyDataset, image_table
+
+    prep = Prepared(prepared)
+    table = image_table(prep, "train", 0, "train").iloc[:n].reset_index(drop=True)
+    ds = StudyDataset(prep, table, 64)
+    items = [ds[i] for i in range(len(ds))]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ---------------------------------------------------------------- model and loss
+
+
+def test_train_step_reduces_loss_on_fixed_batch(prepared):
+    from timm.optim import create_optimizer_v2
+
+    from siimcovid.classify.data import to_device
+    from siimcovid.classify.model import StudyLoss, build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        {
+            "model": "test_efficientnet",
+            "in_chans": 3,
+            "drop_rate": 0.0,
+            "drop_path_rate": 0.0,
+            "mask_stride": 16,
+            "none_head": True,
+        }
+    )
+    loss_fn = StudyLoss(mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0)
+    opt = create_optimizer_v2(model, opt="adamw", lr=3e-3, weight_decay=0.0)
+    b = to_device(fixed_batch(prepared), torch.device("cpu"))
+    model.train()
+    history = []
+    for _ in range(25):
+        parts = loss_fn(model(b["image"]), b["label"], b["none"], b["mask"])
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in parts.items()})
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.7 * first["loss"]
+    assert last["cls"] < first["cls"] and last["mask"] < first["mask"] and last["none"] < first["none"]
+
+
+def test_pretrained_file_loads_local_weights(tmp_path):
+    import timm
+
+    from siimcovid.classify.model import build_model
+
+    ref = timm.create_model("test_efficientnet", num_classes=1000)
+    torch.save(ref.state_dict(), tmp_path / "weights.pth")
+    mcfg = {
+        "model": "test_efficientnet",
+        "in_chans": 3,
+        "drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+        "mask_stride": 16,
+        "none_head": True,
+    }
+    net = build_model(mcfg, pretrained_file=str(tmp_path / "weights.pth"))
+    assert torch.equal(net.backbone.conv_stem.weight, ref.conv_stem.weight)
+    assert torch.equal(net.backbone.blocks[-1][0].conv_pw.weight, ref.blocks[-1][0].conv_pw.weight)
+    # in_chans=1: timm folds the RGB stem into one channel (sum over RGB)
+    grey = build_model({**mcfg, "in_chans": 1}, pretrained_file=str(tmp_path / "weights.pth"))
+    assert torch.allclose(grey.backbone.conv_stem.weight[:, 0], ref.conv_stem.weight.sum(1))
+    out = grey(torch.rand(2, 1, 64, 64))
+    assert out["study"].shape == (2, 4) and out["none"].shape == (2,) and out["mask"].shape == (2, 1, 4, 4)
+
+
+def test_mask_target_and_loss_for_known_box():
+    import torch.nn.functional as F
+
+    from siimcovid.classify.model import StudyLoss, mask_target
+
+    # A 64 px mask with the box x 8..40, y 16..48 filled; the head sees a 4x4 grid of 16 px cells.
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
+    mask[..., 16:48, 8:40] = 255
+    expected = torch.tensor([[0, 0, 0, 0], [0.5, 1, 0.5, 0], [0.5, 1, 0.5, 0], [0, 0, 0, 0]], dtype=torch.float32)
+    target = mask_target(mask, (4, 4))
+    assert torch.allclose(target[0, 0], expected)
+    # The loss compares the mask logits with exactly that target.
+    logits = torch.randn(1, 1, 4, 4)
+    out = {"study": torch.zeros(1, 4), "none": torch.zeros(1), "mask": logits}
+    parts = StudyLoss(mask_weight=1.0, mask_bce=1.0, mask_dice=0.0)(out, torch.tensor([1]), torch.tensor([0.0]), mask)
+    assert float(parts["mask"]) == pytest.approx(float(F.binary_cross_entropy_with_logits(logits[0, 0], expected)), rel=1e-5)
+
+
+def test_dataset_mask_matches_the_box_and_follows_the_flip(prepared):
+    import albumentations as A
+
+    from siimcovid.classify.data import StudyDataset, image_table
+
+    prep = Prepared(prepared)
+    table = image_table(prep, "train")
+    meta = prep.split("train").set_index("image_id")
+    i = next(k for k, r in table.iterrows() if meta.loc[r.image_id, "n_boxes"] == 1)
+    row = meta.loc[table.image_id[i]]
+    (x1, y1, x2, y2), sx, sy = row.boxes[0], 64 / row.cols, 64 / row.rows
+    plain = StudyDataset(prep, table, 64)[i]
+    m = plain["mask"][0].numpy()
+    # Inside the box (one pixel in from its edges) the mask is set; outside (one pixel out) it is not.
+    inside = m[int(np.ceil(y1 * sy)) + 1 : int(y2 * sy) - 1, int(np.ceil(x1 * sx)) + 1 : int(x2 * sx) - 1]
+    assert inside.size > 0 and (inside == 255).all()
+    outside = m.copy()
+    outside[max(int(y1 * sy) - 1, 0) : int(np.ceil(y2 * sy)) + 1, max(int(x1 * sx) - 1, 0) : int(np.ceil(x2 * sx)) + 1] = 0
+    assert (outside == 0).all()
+    assert plain["none"] == 0.0 and plain["label"] == STUDY_CLASSES.index(row.study_label)
+    flipped = StudyDataset(prep, table, 64, augment=A.Compose([A.HorizontalFlip(p=1.0)]))[i]
+    assert torch.equal(flipped["mask"], plain["mask"].flip(-1))
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+
+
+def test_mix_batch_moves_masks_with_the_pixels():
+    from siimcovid.classify.data import mix_batch
+
+    img = torch.stack([torch.zeros(1, 32, 32), torch.ones(1, 32, 32)])  # image 0 black, image 1 white
+    mask = torch.stack([torch.zeros(1, 32, 32), torch.full((1, 32, 32), 255.0)])
+    batch = {"image": img, "mask": mask, "label": torch.tensor([0, 2]), "none": torch.tensor([1.0, 0.0])}
+    rng = np.random.default_rng(3)
+    cut = mix_batch(batch, 4, mixup_alpha=0.0, cutmix_alpha=1.0, rng=rng)
+    # cutmix: the pasted rectangle brings its mask; image 0 got white pixels exactly where its mask is 255.
+    assert torch.equal(cut["mask"] == 255, cut["image"] == 1)
+    area = float((cut["image"][0] == 1).float().mean())
+    assert 0 < area < 1
+    assert torch.allclose(cut["label"][0], torch.tensor([1 - area, 0, area, 0]), atol=1e-6)
+    assert float(cut["none"][0]) == pytest.approx(1 - area)
+    mix = mix_batch(batch, 4, mixup_alpha=0.4, cutmix_alpha=0.0, rng=rng)
+    lam = mix["lam"]
+    assert torch.allclose(mix["image"][0], torch.full((1, 32, 32), 1 - lam))
+    assert torch.allclose(mix["mask"][0], torch.full((1, 32, 32), 255 * (1 - lam)))
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def test_one_fold_writes_checkpoints_log_and_oof(trained, prepared):
+    run, results = trained
+    fold = run / "fold0"
+    for f in ("best.pt", "last.pt", "results.csv", "results.png", "val_pred_image.csv", "done.json", "classify.yaml"):
+        assert (fold / f).is_file(), f
+    assert (run / "classify.yaml").is_file()
+    log = pd.read_csv(fold / "results.csv")
+    assert log.epoch.tolist() == [1, 2, 3] and log.wave.tolist() == [0, 0, 1]
+    assert np.isfinite(log[["train_loss", "val_loss", "val_map"]].to_numpy()).all()
+    best = torch.load(fold / "best.pt", weights_only=False)
+    assert best["score"] == pytest.approx(log.val_map.max(), abs=1e-5)
+    assert log.loc[log.best, "epoch"].iloc[-1] == best["epoch"] == results[0]["best_epoch"]
+    oof = pd.read_csv(fold / "val_pred_image.csv", dtype={"image_id": str})
+    val_ids = set(Prepared(prepared).fold(0, "val").image_id)
+    assert set(oof.image_id) == val_ids and len(oof) == len(val_ids)
+    assert np.allclose(oof[STUDY_CLASSES].sum(axis=1), 1, atol=1e-4)
+    # The saved OOF predictions score exactly what the log says the best epoch scored.
+    assert P.study_map(Prepared(prepared), oof) == pytest.approx(best["score"], abs=1e-5)
+
+
+def test_finished_fold_is_skipped(trained, prepared, monkeypatch):
+    from siimcovid.classify import train as T
+
+    run, _ = trained
+    before = (run / "fold0" / "best.pt").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("a finished fold must not be trained again")
+
+    monkeypatch.setattr(T.FoldTrainer, "__init__", boom)
+    out = T.main(tiny_cfg(prepared, run.parent, name="tiny", fold=0, epochs=2, fine_lr=[1e-4], fine_epochs=1))
+    assert out[0]["best_epoch"] >= 1 and (run / "fold0" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
+    from siimcovid.classify import train as T
+
+    cfg = dict(name="resume", fold=1, epochs=2, fine_lr=[1e-4], fine_epochs=1)
+    real, seen = T.FoldTrainer.train_one_epoch, []
+
+    def interrupted(self, epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, epoch, *a, **k)
+
+    monkeypatch.setattr(T.FoldTrainer, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(tiny_cfg(prepared, tmp_path, **cfg))
+    fold = tmp_path / "resume" / "fold1"
+    assert torch.load(fold / "last.pt", weights_only=False)["epoch"] == 1 and not (fold / "done.json").exists()
+
+    saved = torch.load(fold / "last.pt", weights_only=False)
+
+    def recording(self, epoch, *a, **k):
+        if not seen:  # the resumed fold starts from the saved weights and optimizer state, not from scratch
+            assert all(torch.equal(v, saved["model"][n]) for n, v in self.model.state_dict().items())
+            assert a[0].state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+        seen.append(epoch)
+        return real(self, epoch, *a, **k)
+
+    monkeypatch.setattr(T.FoldTrainer, "train_one_epoch", recording)
+    T.main(tiny_cfg(prepared, tmp_path, **cfg))
+    assert seen == [2, 3]
+    log = pd.read_csv(fold / "results.csv")
+    assert log.epoch.tolist() == [1, 2, 3] and (fold / "done.json").is_file()
+
+
+def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
+    run, _ = trained
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [f"{k}={v}" for k, v in TINY.items()] + [
+        f"data={prepared}",
+        f"project={tmp_path}",
+        "name=ddp",
+        "fold=0",
+        "epochs=2",
+        "fine_lr=1e-4",
+        "fine_epochs=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "siimcovid",
+        "classify",
+        "train",
+        *args,
+    ]
+    # Own session: on a timeout the whole group (torchrun and its two workers) is killed, no orphans.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun with 2 gloo processes did not finish in 120 s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    fold = tmp_path / "ddp" / "fold0"
+    assert sorted(p.name for p in fold.iterdir()) == sorted(p.name for p in (run / "fold0").iterdir())
+    log = pd.read_csv(fold / "results.csv")
+    assert log.epoch.tolist() == [1, 2, 3]
+    # The validation predictions of both ranks were gathered: every held-out image exactly once.
+    oof = pd.read_csv(fold / "val_pred_image.csv", dtype={"image_id": str})
+    assert sorted(oof.image_id) == sorted(Prepared(prepared).fold(0, "val").image_id)
+
+
+# ---------------------------------------------------------------- predict, aggregation, ensembles
+
+
+def test_predict_writes_oof_and_test_tables(trained, prepared):
+    from siimcovid.classify.predict import main
+
+    run, _ = trained
+    cfg = load_config(
+        "classify", {"run": str(run), "split": ["oof", "test"], "tta": "hflip", "workers": 0, "device": "cpu", "batch": 8}
+    )
+    main(cfg)
+    prep = Prepared(prepared)
+    oof_img, oof_st = P.read_tables(run, "oof")
+    assert list(oof_img.columns) == P.IMAGE_COLUMNS and list(oof_st.columns) == P.STUDY_COLUMNS
+    assert sorted(oof_img.image_id) == sorted(prep.fold(0, "val").image_id) and (oof_img.fold == 0).all()
+    test_img, test_st = P.read_tables(run, "test")
+    assert sorted(test_img.image_id) == sorted(prep.split("test").image_id) and (test_img.fold == -1).all()
+    assert sorted(test_st.study_id) == sorted(prep.split("test").study_id.unique())
+    assert np.allclose(test_st[STUDY_CLASSES].sum(axis=1), 1, atol=1e-4)
+    assert ((test_img.none >= 0) & (test_img.none <= 1)).all() and (test_img.model == "tiny").all()
+    score = pd.read_csv(run / "score_oof.csv")
+    assert score.fold.astype(str).tolist() == ["all", "0"]
+    assert score.study_map[0] == pytest.approx(score.loc[0, STUDY_CLASSES].mean(), abs=1e-5)
+    assert score.study_map[0] == pytest.approx(P.study_map(prep, oof_img), abs=1e-5)
+
+
+def test_hflip_tta_averages_the_image_and_its_mirror():
+    from torch.utils.data import DataLoader
+
+    class LeftRight(torch.nn.Module):
+        """Study logits = (mean of the left half, mean of the right half, 0, 0)."""
+
+        def forward(self, x):
+            w = x.shape[-1] // 2
+            left, right = x[..., :w].mean((1, 2, 3)), x[..., w:].mean((1, 2, 3))
+            z = torch.zeros_like(left)
+            return {"study": torch.stack([left, right, z, z], 1) * 10, "none": left * 0, "mask": x[:, :, :2, :2]}
+
+    img = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    img[:, :, :, :4] = 255  # bright left half
+    items = [
+        {"image": img[i], "mask": img[i], "label": torch.tensor(0), "none": torch.tensor(0.0), "index": torch.tensor(i)}
+        for i in range(2)
+    ]
+    loader = DataLoader(items, batch_size=2)
+    _, plain, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="none")
+    _, tta, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="hflip")
+    assert plain[0, 0] > 0.9 and plain[0, 1] < 0.1
+    assert tta[0, 0] == pytest.approx(tta[0, 1]) and tta[0, 0] == pytest.approx((plain[0, 0] + plain[0, 1]) / 2)
+
+
+def test_study_aggregation_is_the_mean_over_the_study_images():
+    images = pd.DataFrame(
+        {
+            "model": "m",
+            "image_id": ["a", "b", "c"],
+            "study_id": ["s1", "s1", "s2"],
+            "fold": [0, 0, 1],
+            "negative": [0.1, 0.3, 0.7],
+            "typical": [0.6, 0.4, 0.1],
+            "indeterminate": [0.2, 0.2, 0.1],
+            "atypical": [0.1, 0.1, 0.1],
+            "none": [0.0, 1.0, 0.5],
+        }
+    )
+    st = P.study_table(images).set_index("study_id")
+    assert st.loc["s1", "negative"] == pytest.approx(0.2) and st.loc["s1", "typical"] == pytest.approx(0.5)
+    assert st.loc["s1", "none"] == pytest.approx(0.5) and st.loc["s1", "n_images"] == 2 and st.loc["s1", "fold"] == 0
+    assert st.loc["s2", "negative"] == pytest.approx(0.7) and st.loc["s2", "n_images"] == 1 and st.loc["s2", "fold"] == 1
+
+
+def test_combine_mean_geomean_rank():
+    def table(model, neg):
+        return pd.DataFrame(
+            {
+                "model": model,
+                "study_id": ["s1", "s2", "s3"],
+                "fold": 0,
+                "n_images": 1,
+                "negative": neg,
+                "typical": 0.5,
+                "indeterminate": 0.25,
+                "atypical": 0.25,
+                "none": neg,
+            }
+        )
+
+    a, b = table("a", [0.1, 0.4, 0.9]), table("b", [0.9, 0.1, 0.4]).iloc[::-1]  # order must not matter
+    mean = P.combine([a, b], "mean").set_index("study_id")
+    assert mean.loc["s1", "negative"] == pytest.approx(0.5) and mean.loc["s2", "negative"] == pytest.approx(0.25)
+    assert (mean.model == "a+b").all()
+    geo = P.combine([a, b], "geomean").set_index("study_id")
+    assert geo.loc["s1", "negative"] == pytest.approx(0.3) and geo.loc["s3", "negative"] == pytest.approx(0.6)
+    rank = P.combine([a, b], "rank").set_index("study_id")
+    # ranks in a: s1 1/3, s2 2/3, s3 1; in b: s1 1, s2 1/3, s3 2/3
+    assert rank.negative.to_dict() == pytest.approx({"s1": 2 / 3, "s2": 0.5, "s3": 5 / 6})
+    assert P.combine([a, b], "mean", weights=[3, 1]).set_index("study_id").loc["s1", "negative"] == pytest.approx(0.3)
+    with pytest.raises(SiimError, match="same study_id"):
+        P.combine([a, table("c", [0.1, 0.2, 0.3]).assign(study_id=["s1", "s2", "x"])], "mean")
+    with pytest.raises(SiimError, match="ensemble=vote"):
+        P.combine([a, b], "vote")
+
+
+def test_predict_ensemble_of_two_runs(trained, tmp_path):
+    from siimcovid.classify.predict import main
+
+    run, _ = trained
+    other = tmp_path / "tiny2"
+    shutil.copytree(run, other)
+    cfg = load_config(
+        "classify",
+        {
+            "run": [str(run), str(other)],
+            "split": "oof",
+            "tta": "none",
+            "workers": 0,
+            "device": "cpu",
+            "ensemble": "geomean",
+            "out": str(tmp_path / "ens"),
+        },
+    )
+    main(cfg)
+    ens_img, ens_st = P.read_tables(tmp_path / "ens", "oof")
+    one_img, one_st = P.read_tables(run, "oof")
+    # Two identical members: the geometric mean is the member itself.
+    merged = ens_st.merge(one_st, on="study_id", suffixes=("", "_1"))
+    assert len(merged) == len(one_st) and np.allclose(merged.negative, merged.negative_1, atol=1e-5)
+    assert (ens_st.model == "tiny+tiny2").all() and (tmp_path / "ens" / "score_oof.csv").is_file()
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+def run_cli(*args):
+    from siimcovid.cli import main
+
+    return main(["classify", *args])
+
+
+def test_unknown_model_name(prepared, tmp_path):
+    with pytest.raises(SiimError, match="unknown timm model 'efficientnet_b33'.*efficientnet_b3"):
+        run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=64", "model=efficientnet_b33", "pretrained=false")
+
+
+def test_unknown_optimizer(prepared, tmp_path):
+    with pytest.raises(SiimError, match="optimizer=madgard: not a timm optimizer; did you mean madgrad"):
+        run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=64", "model=test_efficientnet", "optimizer=madgard")
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_fold_and_size(prepared, tmp_path):
+    with pytest.raises(SiimError, match="fold 5 does not exist"):
+        run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=64", "fold=5", "model=test_efficientnet")
+    with pytest.raises(SiimError, match="not 96"):
+        run_cli("train", f"data={prepared}", f"project={tmp_path}", "imgsz=96", "model=test_efficientnet")
+
+
+def test_image_without_mask(prepared, tmp_path):
+    copy = tmp_path / "prep"
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("128"))
+    victim = Prepared(copy).fold(2, "val").image_id.iloc[0]
+    Prepared(copy).mask_path(victim, 64).unlink()
+    with pytest.raises(SiimError, match=f"image {victim} has no mask"):
+        run_cli(
+            "train",
+            f"data={copy}",
+            f"project={tmp_path}",
+            "imgsz=64",
+            "fold=0",
+            "model=test_efficientnet",
+            "pretrained=false",
+            "workers=0",
+        )
+    assert not (tmp_path / "test_efficientnet_64" / "fold0").exists()
+
+
+def test_resume_with_other_model_is_refused(trained, prepared):
+    run, _ = trained
+    with pytest.raises(SiimError, match="other settings.*model"):
+        run_cli(
+            "train",
+            f"data={prepared}",
+            f"project={run.parent}",
+            "name=tiny",
+            "imgsz=64",
+            "fold=0",
+            "model=resnet10t",
+            "pretrained=false",
+            "workers=0",
+        )
+
+
+def test_predict_unknown_run(tmp_path):
+    with pytest.raises(SiimError, match="run 'nope' not found"):
+        run_cli("predict", "run=nope", f"project={tmp_path}")
+
+
+def test_cli_stays_light_for_other_stages():
+    code = (
+        "import sys; from siimcovid.cli import resolve; resolve(['classify', 'train', 'help']); "
+        "resolve(['synth']); resolve(['prepare']); print('torch' in sys.modules, 'timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert out.stdout.strip() == "False False", out.stderr
