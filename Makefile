@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/siimcovid synth out=datasets/siim-synth
-	$(BIN)/siimcovid prepare data=datasets/siim-synth sizes=256
+	$(BIN)/siimcovid run
 
 test: install
 	$(BIN)/python -m pytest -q

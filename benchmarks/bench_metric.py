@@ -27,9 +27,22 @@ STUDY = ["negative", "typical", "indeterminate", "atypical"]
 def build(n_studies: int, n_images: int, boxes_per_image: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     sid = np.array([f"{i:012x}_study" for i in range(n_studies)], dtype=object)
-    truth = [pd.DataFrame({"id": sid, "cls": rng.choice(STUDY, n_studies), "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0})]
-    pred = [pd.DataFrame({"id": np.repeat(sid, 4), "cls": np.tile(STUDY, n_studies), "conf": rng.dirichlet(np.ones(4), n_studies).ravel(),
-                          "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0})]
+    truth = [
+        pd.DataFrame({"id": sid, "cls": rng.choice(STUDY, n_studies), "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0})
+    ]
+    pred = [
+        pd.DataFrame(
+            {
+                "id": np.repeat(sid, 4),
+                "cls": np.tile(STUDY, n_studies),
+                "conf": rng.dirichlet(np.ones(4), n_studies).ravel(),
+                "x_min": 0.0,
+                "y_min": 0.0,
+                "x_max": 1.0,
+                "y_max": 1.0,
+            }
+        )
+    ]
     iid = np.array([f"{i:012x}_image" for i in range(n_images)], dtype=object)
     n_gt = rng.choice([0, 1, 2, 3], n_images, p=[0.3, 0.15, 0.5, 0.05])
     gt_id = np.repeat(iid, n_gt)
@@ -43,9 +56,21 @@ def build(n_studies: int, n_images: int, boxes_per_image: int, seed: int = 0):
     boxes = np.hstack([xy, xy + rng.uniform(200, 1200, (len(p_id), 2))])
     near = rng.integers(0, len(gt), len(gt) * 2)  # hits near the truth, on the right image
     boxes_near = gt[near] + rng.normal(0, 80, (len(near), 4))
-    pred.append(pd.DataFrame({"id": np.concatenate([p_id, gt_id[near]]), "cls": "opacity", "conf": rng.uniform(size=len(p_id) + len(near)),
-                              **dict(zip(["x_min", "y_min", "x_max", "y_max"], np.vstack([boxes, boxes_near]).T))}))
-    pred.append(pd.DataFrame({"id": iid, "cls": "none", "conf": rng.uniform(size=n_images), "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0}))
+    pred.append(
+        pd.DataFrame(
+            {
+                "id": np.concatenate([p_id, gt_id[near]]),
+                "cls": "opacity",
+                "conf": rng.uniform(size=len(p_id) + len(near)),
+                **dict(zip(["x_min", "y_min", "x_max", "y_max"], np.vstack([boxes, boxes_near]).T)),
+            }
+        )
+    )
+    pred.append(
+        pd.DataFrame(
+            {"id": iid, "cls": "none", "conf": rng.uniform(size=n_images), "x_min": 0.0, "y_min": 0.0, "x_max": 1.0, "y_max": 1.0}
+        )
+    )
     truth = pd.concat(truth, ignore_index=True)[TRUTH_COLUMNS]
     pred = pd.concat(pred, ignore_index=True)[PRED_COLUMNS]
     pred = pred[(pred.x_max >= pred.x_min) & (pred.y_max >= pred.y_min)].reset_index(drop=True)

@@ -25,6 +25,8 @@ STAGES: dict[str, dict[str | None, str]] = {
     "evaluate": {None: "siimcovid.evaluate:main"},
     "classify": {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
     "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
+    "run": {None: "siimcovid.run:main"},
+    "runs": {None: "siimcovid.runs:main"},
 }
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
@@ -35,6 +37,7 @@ stages:
 `siimcovid <stage> help` prints a stage's settings and their defaults.
 Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) and key=value.
 """
+
 
 # Keys a stage accepts beyond its defaults file (e.g. Ultralytics' own train arguments).
 # Called only when that stage runs (the detect one imports Ultralytics, hence torch).
@@ -72,13 +75,23 @@ def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config 
         valid = ", ".join(m for m in modes if m) or "(none)"
         what = f"stage '{stage}' needs a mode" if mode is None else f"unknown mode '{mode}' for stage '{stage}'"
         raise ConfigError(f"{what}; valid modes: {valid}")
+    return (*stage_function(stage, mode, rest), None)
+
+
+def stage_function(stage: str, mode: str | None, overrides) -> tuple[Callable[[Config], object], Config]:
+    """The function of a stage's mode and its resolved config (overrides: key=value list or dict)."""
     extra = EXTRA_KEYS.get(stage, lambda: set())()
-    cfg = load_config(stage, rest, extra_ok=extra)
+    cfg = load_config(stage, overrides, extra_ok=extra)
     if mode is not None:
         cfg["mode"] = mode
-    module_name, func_name = modes[mode].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return func, cfg, None
+    module_name, func_name = STAGES[stage][mode].split(":")
+    return getattr(importlib.import_module(module_name), func_name), cfg
+
+
+def call(stage: str, mode: str | None = None, /, **overrides) -> object:
+    """Run a stage from Python with settings as keywords: call("detect", "train", epochs=3)."""
+    func, cfg = stage_function(stage, mode, overrides)
+    return func(cfg)
 
 
 def main(argv: list[str] | None = None) -> object:

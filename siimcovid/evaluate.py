@@ -70,7 +70,7 @@ def load_truth(data: str | Path, split: str = "train") -> pd.DataFrame:
         meta = prepared.split(split)
         if meta.empty:
             raise SiimError(f"{data} has no {split} images")
-        csvs = _csv_folder(Path(str(prepared.cfg.get("data", ""))), split)
+        csvs = _csv_folder(Path(str(prepared.cfg.get("data_resolved") or prepared.cfg.get("data", ""))), split)
         if _has_csvs(csvs):
             truth = read_truth_csvs(csvs)
             fold = dict(zip(meta.image_id, meta.fold))
@@ -78,7 +78,9 @@ def load_truth(data: str | Path, split: str = "train") -> pd.DataFrame:
             truth["fold"] = truth.image_id.map(fold).astype(int)
             missing = sorted(set(meta.image_id) - set(truth.image_id))
             if missing:
-                raise DataError(f"{len(missing)} prepared {split} image(s) are not in the truth CSVs, e.g. {missing[0]}", csvs / IMAGE_CSV)
+                raise DataError(
+                    f"{len(missing)} prepared {split} image(s) are not in the truth CSVs, e.g. {missing[0]}", csvs / IMAGE_CSV
+                )
             return truth.reset_index(drop=True)
         if split != "train":
             raise SiimError(f"no test truth for {data}: expected {csvs / IMAGE_CSV} and {csvs / STUDY_CSV}")
@@ -119,8 +121,8 @@ def evaluate(cfg: Config) -> Score:
     unknown = np.setdiff1d(sub_ids, truth["id"].unique())
     if len(unknown):
         raise DataError(
-            f"{len(unknown)} id(s) are not in the {cfg.split} truth of {cfg.data}, e.g. '{unknown[0]}' "
-            "(wrong split or data?)", sub_path
+            f"{len(unknown)} id(s) are not in the {cfg.split} truth of {cfg.data}, e.g. '{unknown[0]}' (wrong split or data?)",
+            sub_path,
         )
     if cfg.fold == "all":  # the convention of every stage: all folds = no restriction
         cfg.fold = None
@@ -140,7 +142,14 @@ def evaluate(cfg: Config) -> Score:
     result = score(truth, pred, classes=cfg.classes, iou_threshold=float(cfg.iou_threshold))
     n_rows = truth["id"].nunique()
     if cfg.json or cfg.out:
-        report = {"submission": str(sub_path), "data": str(cfg.data), "split": cfg.split, "fold": cfg.fold, "n_ids": n_rows, **result.to_dict()}
+        report = {
+            "submission": str(sub_path),
+            "data": str(cfg.data),
+            "split": cfg.split,
+            "fold": cfg.fold,
+            "n_ids": n_rows,
+            **result.to_dict(),
+        }
         text = json.dumps(report, indent=2)
         if cfg.out:
             atomic_write_text(cfg.out, text + "\n")

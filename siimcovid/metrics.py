@@ -195,7 +195,10 @@ class Score:
     def table(self) -> pd.DataFrame:
         """One row per class: class, AP, n_truth, n_pred."""
         return pd.DataFrame(
-            [{"class": k, "AP": v, "n_truth": self.n_truth.get(k, 0), "n_pred": self.n_pred.get(k, 0)} for k, v in self.ap.items()],
+            [
+                {"class": k, "AP": v, "n_truth": self.n_truth.get(k, 0), "n_pred": self.n_pred.get(k, 0)}
+                for k, v in self.ap.items()
+            ],
             columns=["class", "AP", "n_truth", "n_pred"],
         )
 
@@ -336,7 +339,9 @@ def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = Non
         missing = [c for c in ["image_id", "none"] if c not in none_df.columns]
         if missing:
             raise SiimError(f"none prediction table lacks column(s) {missing}")
-        parts.append(_whole_rows(none_df.image_id.astype(str) + IMAGE_SUFFIX, np.full(len(none_df), "none", dtype=object), none_df["none"]))
+        parts.append(
+            _whole_rows(none_df.image_id.astype(str) + IMAGE_SUFFIX, np.full(len(none_df), "none", dtype=object), none_df["none"])
+        )
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "cls") else np.float64) for c in PRED_COLUMNS})
     return pd.concat(parts, ignore_index=True)[PRED_COLUMNS]

@@ -25,8 +25,11 @@ def pr_curve(truth: pd.DataFrame, pred: pd.DataFrame, cls: str) -> tuple[np.ndar
     p = p[p.id.isin(set(truth.id))]
     codes = pd.Index(pd.unique(truth.id.astype(str)))
     tp, _ = metrics.match_predictions(
-        codes.get_indexer(t.id.astype(str)), t[metrics.BOX_COLUMNS].to_numpy(float),
-        codes.get_indexer(p.id.astype(str)), p[metrics.BOX_COLUMNS].to_numpy(float), p.conf.to_numpy(float),
+        codes.get_indexer(t.id.astype(str)),
+        t[metrics.BOX_COLUMNS].to_numpy(float),
+        codes.get_indexer(p.id.astype(str)),
+        p[metrics.BOX_COLUMNS].to_numpy(float),
+        p.conf.to_numpy(float),
     )
     n = max(len(t), 1)
     ctp = np.cumsum(tp)
@@ -46,7 +49,7 @@ def plot_pr_curves(truth: pd.DataFrame, pred: pd.DataFrame, path: Path, title: s
         ax.step(recall, envelope, where="post", color="C0", lw=2, label="interpolated (VOC)")
         ax.set(title=f"{cls}: AP {ap:.3f}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(classes):]:
+    for ax in list(axes.flat)[len(classes) :]:
         ax.axis("off")
     axes.flat[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(title)
@@ -73,14 +76,18 @@ def plot_confusion(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set(xlabel="predicted (argmax)", ylabel="true", title=title)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            ax.text(j, i, str(values[i, j]), ha="center", va="center", color="white" if values[i, j] > values.max() / 2 else "black")
+            ax.text(
+                j, i, str(values[i, j]), ha="center", va="center", color="white" if values[i, j] > values.max() / 2 else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_samples(prepared: Prepared, boxes: pd.DataFrame, images: pd.DataFrame, path: Path, n: int = 8, min_conf: float = 0.05, seed: int = 0) -> Path:
+def plot_samples(
+    prepared: Prepared, boxes: pd.DataFrame, images: pd.DataFrame, path: Path, n: int = 8, min_conf: float = 0.05, seed: int = 0
+) -> Path:
     """A grid of prepared images: ground truth in green, predicted boxes (conf >= min_conf) in red.
 
     boxes: image_id, conf, x_min, y_min, x_max, y_max (original px); images: image_id, none.
@@ -110,7 +117,7 @@ def plot_samples(prepared: Prepared, boxes: pd.DataFrame, images: pd.DataFrame, 
             ax.text(x1, y1, f"{c:.2f}", color="red", fontsize=6, va="bottom")
         ax.set_title(f"{r.study_label} | none {none.get(image_id, np.nan):.2f}", fontsize=8)
         ax.axis("off")
-    for ax in list(axes.flat)[len(pick):]:
+    for ax in list(axes.flat)[len(pick) :]:
         ax.axis("off")
     fig.suptitle("green: ground truth, red: predicted (conf shown)", fontsize=9)
     fig.tight_layout()

@@ -48,7 +48,9 @@ def _tiny_source(tmp_path_factory) -> Path:
     from siimcovid.data.synth import generate
 
     out = tmp_path_factory.mktemp("tiny") / "root"
-    cfg = load_config("synth", {"out": str(out), "train_studies": 10, "test_studies": 2, "rows": 160, "cols": 180, "workers": 1, "seed": 3})
+    cfg = load_config(
+        "synth", {"out": str(out), "train_studies": 10, "test_studies": 2, "rows": 160, "cols": 180, "workers": 1, "seed": 3}
+    )
     return generate(cfg)
 
 

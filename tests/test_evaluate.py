@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from siimcovid.cli import main
-from siimcovid.data.siim import STUDY_CLASSES, STUDY_COLUMNS
 from siimcovid.data.prepared import Prepared
+from siimcovid.data.siim import STUDY_CLASSES, STUDY_COLUMNS
 from siimcovid.utils import SiimError
 
 

@@ -147,7 +147,15 @@ def test_builders_make_a_perfect_score():
     assert len(truth) == 3 + 3 + 2  # 3 studies, 3 boxes, 2 none images
     as_json = meta.assign(boxes=[json.dumps(b) for b in meta.boxes])  # raw meta.csv cells
     pd.testing.assert_frame_equal(image_truth(as_json), image_truth(meta))
-    onehot = pd.DataFrame({"study_id": ["s1", "s2", "s3"], "negative": [0, 1, 0], "typical": [1, 0, 0], "indeterminate": [0] * 3, "atypical": [0, 0, 1]})
+    onehot = pd.DataFrame(
+        {
+            "study_id": ["s1", "s2", "s3"],
+            "negative": [0, 1, 0],
+            "typical": [1, 0, 0],
+            "indeterminate": [0] * 3,
+            "atypical": [0, 0, 1],
+        }
+    )
     boxes = pd.DataFrame(
         [("i1", 0.9, 10, 10, 50, 60), ("i1", 0.8, 70, 10, 120, 60), ("i4", 0.7, 5, 5, 30, 30)],
         columns=["image_id", "conf", "x_min", "y_min", "x_max", "y_max"],
@@ -161,7 +169,9 @@ def test_builders_make_a_perfect_score():
 
 
 def test_study_pred_averages_images_of_a_study():
-    probs = pd.DataFrame({"study_id": ["s", "s"], "negative": [0.2, 0.4], "typical": [0.8, 0.6], "indeterminate": [0, 0], "atypical": [0, 0]})
+    probs = pd.DataFrame(
+        {"study_id": ["s", "s"], "negative": [0.2, 0.4], "typical": [0.8, 0.6], "indeterminate": [0, 0], "atypical": [0, 0]}
+    )
     rows = study_pred(probs).set_index("cls")
     assert rows.loc["negative", "conf"] == pytest.approx(0.3) and len(rows) == 4
     assert (rows.id == "s_study").all()

@@ -74,8 +74,18 @@ def test_data_yaml_lists_follow_the_folds(prepared):
 
 
 def _cfg(root, out, **kw):
-    return load_config("prepare", {"data": str(root), "out": str(out), "sizes": [64], "n_folds": 2, "workers": 1,
-                                   "data_yaml_dir": str(Path(out).parent / "data_yaml"), **kw})
+    return load_config(
+        "prepare",
+        {
+            "data": str(root),
+            "out": str(out),
+            "sizes": [64],
+            "n_folds": 2,
+            "workers": 1,
+            "data_yaml_dir": str(Path(out).parent / "data_yaml"),
+            **kw,
+        },
+    )
 
 
 def test_rerun_skips_decoding_and_resumes_an_interrupted_run(tiny_root, tmp_path, monkeypatch):
@@ -128,8 +138,22 @@ def test_parallel_workers_give_the_same_images(tiny_root, tmp_path):
 def test_generated_data_yaml_trains_with_plain_ultralytics(prepared, tmp_path):
     yolo = Path(sys.executable).with_name("yolo")
     data = prepared.parent / "data_yaml" / "tiny_fold0.yaml"
-    cmd = [str(yolo), "detect", "train", f"data={data}", "model=yolov5n.yaml", "pretrained=False", "epochs=1",
-           "imgsz=64", "batch=8", "device=cpu", "workers=0", "plots=False", f"project={tmp_path}", "name=run"]
+    cmd = [
+        str(yolo),
+        "detect",
+        "train",
+        f"data={data}",
+        "model=yolov5n.yaml",
+        "pretrained=False",
+        "epochs=1",
+        "imgsz=64",
+        "batch=8",
+        "device=cpu",
+        "workers=0",
+        "plots=False",
+        f"project={tmp_path}",
+        "name=run",
+    ]
     env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -23,7 +23,10 @@ from siimcovid.data.siim import (
 )
 from siimcovid.utils import DataError, SiimError
 
-REAL_BOXES = "[{'x': 789.28836, 'y': 582.43035, 'width': 1026.65662, 'height': 1917.30292}, {'x': 2245.91208, 'y': 591.20528, 'width': 1094.66162, 'height': 1761.54944}]"
+REAL_BOXES = (
+    "[{'x': 789.28836, 'y': 582.43035, 'width': 1026.65662, 'height': 1917.30292}, "
+    "{'x': 2245.91208, 'y': 591.20528, 'width': 1094.66162, 'height': 1761.54944}]"
+)
 REAL_LABEL = "opacity 1 789.28836 582.43035 1815.94498 2499.73327 opacity 1 2245.91208 591.20528 3340.5737 2352.75472"
 
 
@@ -38,8 +41,18 @@ def test_parse_real_format_rows():
 
 
 def _prep(root: Path, tmp: Path, **kw):
-    cfg = load_config("prepare", {"data": str(root), "out": str(tmp / "out"), "sizes": [64], "n_folds": 2, "workers": 1,
-                                  "data_yaml_dir": str(tmp / "data_yaml"), **kw})
+    cfg = load_config(
+        "prepare",
+        {
+            "data": str(root),
+            "out": str(tmp / "out"),
+            "sizes": [64],
+            "n_folds": 2,
+            "workers": 1,
+            "data_yaml_dir": str(tmp / "data_yaml"),
+            **kw,
+        },
+    )
     return prepare(cfg)
 
 
@@ -125,8 +138,10 @@ def test_corrupt_dicom(tiny_root, tmp_path):
 
 def test_box_outside_the_image_is_an_error(tiny_root, tmp_path):
     line = _edit_csv(
-        tiny_root / IMAGE_CSV, _first_with_boxes(tiny_root),
-        boxes="[{'x': 5000, 'y': 10, 'width': 40, 'height': 30}]", label="opacity 1 5000 10 5040 40",
+        tiny_root / IMAGE_CSV,
+        _first_with_boxes(tiny_root),
+        boxes="[{'x': 5000, 'y': 10, 'width': 40, 'height': 30}]",
+        label="opacity 1 5000 10 5040 40",
     )
     with pytest.raises(DataError, match=f"{IMAGE_CSV}, line {line}: box .* lies outside"):
         _prep(tiny_root, tmp_path)
@@ -135,8 +150,10 @@ def test_box_outside_the_image_is_an_error(tiny_root, tmp_path):
 def test_box_crossing_the_border_is_clipped(tiny_root, tmp_path):
     row = _first_with_boxes(tiny_root)
     _edit_csv(
-        tiny_root / IMAGE_CSV, row,
-        boxes="[{'x': -20, 'y': 30, 'width': 60, 'height': 40}]", label="opacity 1 -20 30 40 70",
+        tiny_root / IMAGE_CSV,
+        row,
+        boxes="[{'x': -20, 'y': 30, 'width': 60, 'height': 40}]",
+        label="opacity 1 -20 30 40 70",
     )
     image_id = pd.read_csv(tiny_root / IMAGE_CSV).id[row][: -len("_image")]
     out = _prep(tiny_root, tmp_path)
@@ -170,9 +187,19 @@ def test_on_error_value_is_checked(tiny_root, tmp_path):
 def test_cli_prints_one_clear_line_and_exits_2(tiny_root, tmp_path):
     line = _edit_csv(tiny_root / IMAGE_CSV, _first_with_boxes(tiny_root), label="pneumonia 1 10 10 50 50")
     proc = subprocess.run(
-        [sys.executable, "-m", "siimcovid", "prepare", f"data={tiny_root}", f"out={tmp_path / 'o'}", "workers=1",
-         f"data_yaml_dir={tmp_path / 'y'}"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        [
+            sys.executable,
+            "-m",
+            "siimcovid",
+            "prepare",
+            f"data={tiny_root}",
+            f"out={tmp_path / 'o'}",
+            "workers=1",
+            f"data_yaml_dir={tmp_path / 'y'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2
     assert f"{IMAGE_CSV}, line {line}: unknown class 'pneumonia'" in proc.stderr

@@ -40,7 +40,10 @@ def test_parse_the_format_example():
 
 def test_make_submission_writes_all_four_classes_and_none_in_original_pixels():
     probs = pd.DataFrame({"study_id": ["s1"], "negative": [0.1], "typical": [0.6], "indeterminate": [0.2], "atypical": [0.1]})
-    boxes = pd.DataFrame([("i1", 0.5, 694.25, 1024, 1320, 2267.125), ("i1", 0.83, 2190, 902, 2911, 2356)], columns=["image_id", "conf", "x_min", "y_min", "x_max", "y_max"])
+    boxes = pd.DataFrame(
+        [("i1", 0.5, 694.25, 1024, 1320, 2267.125), ("i1", 0.83, 2190, 902, 2911, 2356)],
+        columns=["image_id", "conf", "x_min", "y_min", "x_max", "y_max"],
+    )
     none = pd.DataFrame({"image_id": ["i1", "i2"], "none": [0.00001, 0.75]})
     out = make_submission(probs, boxes, none).set_index("id")["PredictionString"]
     assert out["s1_study"] == "typical 0.6 0 0 1 1 indeterminate 0.2 0 0 1 1 negative 0.1 0 0 1 1 atypical 0.1 0 0 1 1"

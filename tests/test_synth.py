@@ -69,8 +69,18 @@ def _digest(root):
 
 def test_deterministic_per_seed(tmp_path):
     def make(name, seed):
-        cfg = load_config("synth", {"out": str(tmp_path / name), "train_studies": 6, "test_studies": 1, "rows": 96,
-                                    "cols": 112, "workers": 1, "seed": seed})
+        cfg = load_config(
+            "synth",
+            {
+                "out": str(tmp_path / name),
+                "train_studies": 6,
+                "test_studies": 1,
+                "rows": 96,
+                "cols": 112,
+                "workers": 1,
+                "seed": seed,
+            },
+        )
         return generate(cfg)
 
     a, b, c = make("a", 5), make("b", 5), make("c", 6)
@@ -78,8 +88,9 @@ def test_deterministic_per_seed(tmp_path):
 
 
 def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
-    cfg = load_config("synth", {"out": str(tmp_path / "d"), "train_studies": 3, "test_studies": 1, "rows": 64,
-                                "cols": 64, "workers": 1})
+    cfg = load_config(
+        "synth", {"out": str(tmp_path / "d"), "train_studies": 3, "test_studies": 1, "rows": 64, "cols": 64, "workers": 1}
+    )
     out = generate(cfg)
     marker = out / "marker"
     marker.write_text("x")
@@ -91,8 +102,19 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
 
 
 def test_class_mix_follows_the_parameter(tmp_path):
-    cfg = load_config("synth", {"out": str(tmp_path / "m"), "train_studies": 80, "test_studies": 0, "rows": 48,
-                                "cols": 48, "workers": 1, "class_mix": [0, 1, 0, 1], "multi_image_studies": 0})
+    cfg = load_config(
+        "synth",
+        {
+            "out": str(tmp_path / "m"),
+            "train_studies": 80,
+            "test_studies": 0,
+            "rows": 48,
+            "cols": 48,
+            "workers": 1,
+            "class_mix": [0, 1, 0, 1],
+            "multi_image_studies": 0,
+        },
+    )
     studies = pd.read_csv(generate(cfg) / STUDY_CSV)
     counts = studies.drop(columns="id").sum()
     assert counts["Negative for Pneumonia"] == 0 and counts["Indeterminate Appearance"] == 0

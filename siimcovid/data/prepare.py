@@ -55,6 +55,8 @@ def _resolve(cfg: Config) -> tuple[Path, str, Path, list[int], int]:
         raise SiimError(f"sizes must be image sizes of at least 32 px, got {cfg.sizes}")
     if cfg.ext not in ("png", "jpg"):
         raise SiimError(f"ext must be png or jpg, got '{cfg.ext}'")
+    if not (isinstance(cfg.png_level, int) and 0 <= cfg.png_level <= 9):
+        raise SiimError(f"png_level must be an integer 0..9, got {cfg.png_level!r}")
     yolo_size = int(cfg.yolo_size or sizes[-1])
     if yolo_size not in sizes:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")

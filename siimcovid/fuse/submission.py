@@ -57,7 +57,9 @@ def pred_to_submission(pred: pd.DataFrame, ids: list[str] | None = None) -> pd.D
     strings = parts.groupby(df["id"].astype(str).to_numpy(), sort=False).agg(" ".join)
     if ids is None:
         ids = list(strings.index)
-    return pd.DataFrame({"id": list(ids), "PredictionString": strings.reindex(list(ids)).fillna("").to_numpy()}, columns=SUBMISSION_COLUMNS)
+    return pd.DataFrame(
+        {"id": list(ids), "PredictionString": strings.reindex(list(ids)).fillna("").to_numpy()}, columns=SUBMISSION_COLUMNS
+    )
 
 
 def make_submission(
@@ -117,7 +119,11 @@ def _parse_row(text: str, row_id: str, file, line) -> list[tuple]:
             raise DataError(f"{where}: box has x_max < x_min or y_max < y_min: {' '.join(values[1:])}", file, line)
         if name != "opacity":
             if (x1, y1, x2, y2) != WHOLE:
-                raise DataError(f"{where}: '{name}' must use the box 0 0 1 1 (it is scored by IoU with 0 0 1 1), got {' '.join(values[1:])}", file, line)
+                raise DataError(
+                    f"{where}: '{name}' must use the box 0 0 1 1 (it is scored by IoU with 0 0 1 1), got {' '.join(values[1:])}",
+                    file,
+                    line,
+                )
             if name in seen:
                 raise DataError(f"{where}: '{name}' appears twice (the second would count as a false positive)", file, line)
             seen.add(name)
@@ -147,7 +153,9 @@ def submission_to_pred(sub: pd.DataFrame, sample=None, file: str | os.PathLike |
         expected_set = set(expected)
         extra = [i for i in ids if i not in expected_set]
         if extra:
-            raise DataError(f"{len(extra)} id(s) are not in the sample submission, e.g. '{extra[0]}'", where, first_line[extra[0]])
+            raise DataError(
+                f"{len(extra)} id(s) are not in the sample submission, e.g. '{extra[0]}'", where, first_line[extra[0]]
+            )
         missing = [i for i in expected if i not in first_line]
         if missing:
             raise DataError(f"{len(missing)} id(s) of the sample submission are missing, e.g. '{missing[0]}'", where)

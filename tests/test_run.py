@@ -1,0 +1,131 @@
+"""`siimcovid run` end to end on a very small synthetic set, `siimcovid runs`, and the report plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siimcovid import metrics, report
+from siimcovid.cli import call
+from siimcovid.fuse.submission import check_submission, read_submission
+from siimcovid.runs import list_runs
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The whole pipeline with every knob at its smallest: 2 folds, 1 epoch, 64 px."""
+    base = tmp_path_factory.mktemp("run")
+    result = call(
+        "run",
+        name="e2e",
+        data=str(base / "siim"),
+        project=str(base / "runs"),
+        synth={"train_studies": 24, "test_studies": 4, "rows": 160, "cols": 192, "workers": 1, "seed": 11},
+        prepare={"sizes": [64], "n_folds": 2, "workers": 1, "data_yaml_dir": str(base / "data_yaml")},
+        detect={
+            "model": "yolov5n.yaml",
+            "pretrained": False,
+            "epochs": 1,
+            "imgsz": 64,
+            "batch": 8,
+            "device": "cpu",
+            "workers": 0,
+            "plots": False,
+        },
+        detect_predict={"tta": False, "batch": 8},
+        classify={
+            "model": "resnet10t",
+            "pretrained": False,
+            "imgsz": 64,
+            "epochs": 1,
+            "fine_lr": [],
+            "batch": 8,
+            "workers": 0,
+            "device": "cpu",
+        },
+        classify_predict={"tta": "none", "workers": 0},
+        tune_trials=3,
+    )
+    return base, result
+
+
+def test_run_writes_a_valid_submission_and_the_cv_table(demo):
+    base, result = demo
+    sample = base / "siim" / "sample_submission.csv"
+    sub = read_submission(result["submission"], sample=sample)  # raises if Kaggle would reject it
+    check_submission(sub, sample=sample)
+    ids = set(pd.read_csv(sample).id)
+    assert set(sub.id) == ids
+    table = pd.read_csv(base / "runs" / "run" / "e2e" / "cv_table.csv")
+    assert list(table.method[:2]) == ["fused (tuned on OOF)", "fused, default fusion settings"]
+    assert table.method.str.startswith("baseline").sum() == 3
+    assert table.final.notna().all() and ((table.final >= 0) & (table.final <= 1)).all()
+    assert table.final[0] >= table.final[1]  # tuning never returns worse than the defaults
+    priors = table[table.method.str.contains("priors")].iloc[0]
+    assert priors.opacity == 0  # no boxes, no opacity AP
+
+
+def test_run_report_and_outputs(demo):
+    base, result = demo
+    out = base / "runs" / "run" / "e2e"
+    for name in ("report.md", "pr_curves.png", "confusion.png", "samples.png", "run.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    text = (out / "report.md").read_text()
+    assert "baseline: detector alone" in text and "![PR curves](pr_curves.png)" in text
+    assert (base / "runs" / "detect" / "e2e" / "pred_oof.csv").exists()
+    assert (base / "runs" / "classify" / "e2e" / "pred_test_image.csv").exists()
+
+
+def test_runs_lists_every_stage(demo, capsys):
+    base, _ = demo
+    table = list_runs(base / "runs")
+    by_stage = dict(zip(table.stage + "/" + table.name, table.cv))
+    assert {"prepare/e2e", "detect/e2e", "classify/e2e", "fuse/e2e", "run/e2e"} <= set(by_stage)
+    assert by_stage["detect/e2e"].startswith("opacity AP") and by_stage["classify/e2e"].startswith("study mAP")
+    assert "final" in by_stage["run/e2e"] and "submission.csv" in by_stage["fuse/e2e"]
+    call("runs", project=str(base / "runs"), stage="detect")
+    printed = capsys.readouterr().out
+    assert "e2e" in printed and "classify" not in printed
+
+
+def test_rerun_resumes_without_training_again(demo, monkeypatch):
+    base, result = demo
+    from siimcovid.classify import train as cls_train
+    from siimcovid.detect import train as det_train
+
+    calls = []
+    monkeypatch.setattr(det_train, "YOLO", lambda *a, **k: calls.append("detect"))  # only built to train a fold
+    monkeypatch.setattr(cls_train.FoldTrainer, "run", lambda self: calls.append("classify"))
+    cfg = base / "runs" / "run" / "e2e" / "run.yaml"
+    again = call("run", cfg=str(cfg), tune_trials=0, report=False)
+    assert calls == []  # every fold was finished: skipped
+    assert again["table"].final[0] == pytest.approx(result["table"].final[1], abs=1e-9)  # default settings again
+
+
+def test_pr_curve_area_is_the_metric_ap():
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame({"id": [f"i{k}_image" for k in range(30)], "cls": "opacity"})
+    truth[["x_min", "y_min"]] = rng.uniform(0, 50, (30, 2))
+    truth[["x_max", "y_max"]] = truth[["x_min", "y_min"]].to_numpy() + 20
+    pred = truth.sample(frac=1.0, random_state=1).copy()
+    pred[["x_min", "x_max"]] += rng.normal(0, 6, (30, 1))
+    pred["conf"] = rng.uniform(size=30)
+    pred = pred[metrics.PRED_COLUMNS]
+    recall, precision, ap = report.pr_curve(truth, pred, "opacity")
+    assert ap == pytest.approx(metrics.average_precision(truth, pred, "opacity"))
+    assert recall[-1] <= 1 and np.all(np.diff(recall) >= 0)
+
+
+def test_confusion_matrix_counts():
+    probs = pd.DataFrame(
+        {
+            "negative": [0.9, 0.1, 0.2],
+            "typical": [0.05, 0.8, 0.7],
+            "indeterminate": [0.03, 0.05, 0.05],
+            "atypical": [0.02, 0.05, 0.05],
+        }
+    )
+    table = report.confusion_matrix(np.array(["negative", "typical", "atypical"]), probs)
+    assert table.loc["negative", "negative"] == 1 and table.loc["typical", "typical"] == 1
+    assert table.loc["atypical", "typical"] == 1 and table.to_numpy().sum() == 3
