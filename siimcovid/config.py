@@ -101,12 +101,7 @@ def parse_args(args: Iterable[str]) -> dict:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Match a value to the type of its default where that is unambiguous.
-
-    A mapping given for a mapping setting updates it key by key (one level deep).
-    """
-    if isinstance(default, dict) and isinstance(value, Mapping):
-        return {**default, **value}
+    """Match a value to the type of its default where that is unambiguous."""
     if isinstance(default, list) and not isinstance(value, list) and value is not None:
         return [value]
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in {"true", "false"}:
@@ -154,13 +149,14 @@ def load_config(
         _check_keys(stage, exp, defaults, extra_ok, str(exp_file))
         for k, v in exp.items():
             cfg[k] = _coerce(k, v, defaults.get(k))
-    # `section.key=value` sets one key inside a mapping setting (e.g. run's detect.epochs=3).
+    # A mapping given whole (in a file or as key={...}) replaces the default mapping;
+    # `section.key=value` sets one key inside it (e.g. run's detect.epochs=3).
     for k in [k for k in given if "." in k and isinstance(cfg.get(k.split(".", 1)[0]), dict)]:
         head, sub = k.split(".", 1)
         cfg[head] = {**cfg[head], sub: given.pop(k)}
     _check_keys(stage, given, defaults, extra_ok, "the command line")
     for k, v in given.items():
-        cfg[k] = _coerce(k, v, cfg.get(k) if isinstance(cfg.get(k), dict) else defaults.get(k))
+        cfg[k] = _coerce(k, v, defaults.get(k))
     return cfg
 
 

@@ -68,11 +68,24 @@ def test_console_entry_point_runs(tmp_path):
     assert proc.returncode == 2 and "data folder not found: /nonexistent" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_mapping_settings_update_key_by_key(tmp_path):
+def test_mapping_settings_replace_whole_or_update_by_key(tmp_path):
     space = load_config("detect", []).space
     cfg = load_config("detect", ["space.mosaic=[0.8,1.0]"])
     assert cfg.space["mosaic"] == [0.8, 1.0] and cfg.space["mixup"] == space["mixup"]
     exp = tmp_path / "e.yaml"
     exp.write_text("space:\n  mixup: [0.0, 0.1]\n")
     cfg = load_config("detect", [f"cfg={exp}", "space.lr0=[0.01,0.02]"])
-    assert cfg.space["mixup"] == [0.0, 0.1] and cfg.space["lr0"] == [0.01, 0.02] and cfg.space["mosaic"] == space["mosaic"]
+    assert cfg.space == {"mixup": [0.0, 0.1], "lr0": [0.01, 0.02]}  # the file's mapping replaced the default one
+
+
+def test_shipped_experiment_files_load():
+    demo = load_config("run", [])
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        cfg = load_config("run", [f"cfg={path}"])
+        assert cfg.detect["model"] != demo.detect["model"]  # sections replace the demo's
+        assert "mosaic" not in cfg.detect and cfg.synth is None
+    for cfg in [demo] + [load_config("run", [f"cfg={p}"]) for p in (ROOT / "experiments").glob("*.yaml")]:
+        # every stage section holds only keys its stage knows
+        for stage, section in [("prepare", "prepare"), ("detect", "detect"), ("detect", "detect_predict"),
+                               ("classify", "classify"), ("classify", "classify_predict"), ("fuse", "fuse")]:
+            load_config(stage, cfg[section] or {}, extra_ok=cli.EXTRA_KEYS.get(stage, lambda: set())())
