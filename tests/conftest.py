@@ -7,17 +7,19 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
-def synth_root(tmp_path_factory) -> Path:
-    """A small synthetic SIIM-layout dataset (about 50 train + 10 test images, ~256 px)."""
+def make_synth(out: Path, **settings) -> Path:
+    """A synthetic SIIM root written in this process (workers=1) with the given synth settings."""
     from siimcovid.config import load_config
     from siimcovid.data.synth import generate
 
+    return generate(load_config("synth", {"out": str(out), "workers": 1, **settings}))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic SIIM-layout dataset (about 50 train + 10 test images, ~256 px)."""
     out = tmp_path_factory.mktemp("synth") / "siim-synth"
-    cfg = load_config(
-        "synth", {"out": str(out), "train_studies": 48, "test_studies": 8, "rows": 256, "cols": 300, "workers": 1, "seed": 7}
-    )
-    return generate(cfg)
+    return make_synth(out, train_studies=48, test_studies=8, rows=256, cols=300, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -44,14 +46,7 @@ def prepared(synth_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def _tiny_source(tmp_path_factory) -> Path:
-    from siimcovid.config import load_config
-    from siimcovid.data.synth import generate
-
-    out = tmp_path_factory.mktemp("tiny") / "root"
-    cfg = load_config(
-        "synth", {"out": str(out), "train_studies": 10, "test_studies": 2, "rows": 160, "cols": 180, "workers": 1, "seed": 3}
-    )
-    return generate(cfg)
+    return make_synth(tmp_path_factory.mktemp("tiny") / "root", train_studies=10, test_studies=2, rows=160, cols=180, seed=3)
 
 
 @pytest.fixture

@@ -34,6 +34,10 @@ TINY = {
     "warmup_epochs": 1,
 }
 
+# timm's smallest EfficientNet with the heads the stage builds
+TINY_MODEL = {"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0}
+TINY_MODEL.update(mask_stride=16, none_head=True)
+
 
 def tiny_cfg(prepared, project, **kw):
     return load_config("classify", {**TINY, "data": str(prepared), "project": str(project), **kw})
@@ -70,16 +74,7 @@ def test_train_step_reduces_loss_on_fixed_batch(prepared):
     from siimcovid.classify.model import StudyLoss, build_model
 
     torch.manual_seed(0)
-    model = build_model(
-        {
-            "model": "test_efficientnet",
-            "in_chans": 3,
-            "drop_rate": 0.0,
-            "drop_path_rate": 0.0,
-            "mask_stride": 16,
-            "none_head": True,
-        }
-    )
+    model = build_model(TINY_MODEL)
     loss_fn = StudyLoss(mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0)
     opt = create_optimizer_v2(model, opt="adamw", lr=3e-3, weight_decay=0.0)
     b = to_device(fixed_batch(prepared), torch.device("cpu"))
@@ -103,19 +98,11 @@ def test_pretrained_file_loads_local_weights(tmp_path):
 
     ref = timm.create_model("test_efficientnet", num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "weights.pth")
-    mcfg = {
-        "model": "test_efficientnet",
-        "in_chans": 3,
-        "drop_rate": 0.0,
-        "drop_path_rate": 0.0,
-        "mask_stride": 16,
-        "none_head": True,
-    }
-    net = build_model(mcfg, pretrained_file=str(tmp_path / "weights.pth"))
+    net = build_model(TINY_MODEL, pretrained_file=str(tmp_path / "weights.pth"))
     assert torch.equal(net.backbone.conv_stem.weight, ref.conv_stem.weight)
     assert torch.equal(net.backbone.blocks[-1][0].conv_pw.weight, ref.blocks[-1][0].conv_pw.weight)
     # in_chans=1: timm folds the RGB stem into one channel (sum over RGB)
-    grey = build_model({**mcfg, "in_chans": 1}, pretrained_file=str(tmp_path / "weights.pth"))
+    grey = build_model({**TINY_MODEL, "in_chans": 1}, pretrained_file=str(tmp_path / "weights.pth"))
     assert torch.allclose(grey.backbone.conv_stem.weight[:, 0], ref.conv_stem.weight.sum(1))
     out = grey(torch.rand(2, 1, 64, 64))
     assert out["study"].shape == (2, 4) and out["none"].shape == (2,) and out["mask"].shape == (2, 1, 4, 4)

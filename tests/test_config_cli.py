@@ -86,6 +86,12 @@ def test_shipped_experiment_files_load():
         assert "mosaic" not in cfg.detect and cfg.synth is None
     for cfg in [demo] + [load_config("run", [f"cfg={p}"]) for p in (ROOT / "experiments").glob("*.yaml")]:
         # every stage section holds only keys its stage knows
-        for stage, section in [("prepare", "prepare"), ("detect", "detect"), ("detect", "detect_predict"),
-                               ("classify", "classify"), ("classify", "classify_predict"), ("fuse", "fuse")]:
+        for stage, section in [
+            ("prepare", "prepare"),
+            ("detect", "detect"),
+            ("detect", "detect_predict"),
+            ("classify", "classify"),
+            ("classify", "classify_predict"),
+            ("fuse", "fuse"),
+        ]:
             load_config(stage, cfg[section] or {}, extra_ok=cli.EXTRA_KEYS.get(stage, lambda: set())())

@@ -41,6 +41,7 @@ from pydicom.uid import (
 from tqdm import tqdm
 
 from siimcovid.config import Config
+from siimcovid.data.convert import init_worker
 from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, STUDY_CLASSES, STUDY_COLUMNS, STUDY_CSV
 from siimcovid.utils import LOGGER, SiimError
 
@@ -322,7 +323,7 @@ def _boxes_cell(boxes: list) -> str:
 def _label_cell(boxes: list) -> str:
     if not boxes:
         return "none 1 0 0 1 1"
-    return " ".join(f"opacity 1 {x1} {y1} {round(x1 + (x2 - x1), 5)} {round(y1 + (y2 - y1), 5)}" for x1, y1, x2, y2 in boxes)
+    return " ".join(f"opacity 1 {x1} {y1} {x2} {y2}" for x1, y1, x2, y2 in boxes)
 
 
 def _round_boxes(studies: list[StudySpec]) -> None:
@@ -332,9 +333,9 @@ def _round_boxes(studies: list[StudySpec]) -> None:
             im.boxes = [[round(float(v), 5) for v in box] for box in im.boxes]
 
 
-def write_csvs(studies: list[StudySpec], out: Path) -> None:
-    train = [s for s in studies if s.split == "train"]
-    test = [s for s in studies if s.split == "test"]
+def _write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
+    """train_image_level.csv and train_study_level.csv of these studies."""
+    folder.mkdir(parents=True, exist_ok=True)
     image_rows = [
         {
             "id": f"{im.image_id}_image",
@@ -342,35 +343,24 @@ def write_csvs(studies: list[StudySpec], out: Path) -> None:
             "label": _label_cell(im.boxes),
             "StudyInstanceUID": st.study_id,
         }
-        for st in train
+        for st in studies
         for im in st.images
     ]
-    pd.DataFrame(image_rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(out / IMAGE_CSV, index=False)
-    study_rows = [{"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in train]
-    pd.DataFrame(study_rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(out / STUDY_CSV, index=False)
+    pd.DataFrame(image_rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(folder / IMAGE_CSV, index=False)
+    study_rows = [
+        {"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in studies
+    ]
+    pd.DataFrame(study_rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(folder / STUDY_CSV, index=False)
+
+
+def write_csvs(studies: list[StudySpec], out: Path) -> None:
+    test = [s for s in studies if s.split == "test"]
+    _write_label_csvs([s for s in studies if s.split == "train"], out)
     sub = [{"id": f"{st.study_id}_study", "PredictionString": "negative 1 0 0 1 1"} for st in test]
     sub += [{"id": f"{im.image_id}_image", "PredictionString": "none 1 0 0 1 1"} for st in test for im in st.images]
     pd.DataFrame(sub, columns=["id", "PredictionString"]).to_csv(out / SAMPLE_SUBMISSION, index=False)
     # The hidden test truth, outside the SIIM layout, so the test split can be scored too.
-    truth = out / "test_truth"
-    truth.mkdir(exist_ok=True)
-    rows = [
-        {
-            "id": f"{im.image_id}_image",
-            "boxes": _boxes_cell(im.boxes),
-            "label": _label_cell(im.boxes),
-            "StudyInstanceUID": st.study_id,
-        }
-        for st in test
-        for im in st.images
-    ]
-    pd.DataFrame(rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(truth / IMAGE_CSV, index=False)
-    rows = [{"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in test]
-    pd.DataFrame(rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(truth / STUDY_CSV, index=False)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
+    _write_label_csvs(test, out / "test_truth")
 
 
 def generate(cfg: Config) -> Path:
@@ -393,7 +383,7 @@ def generate(cfg: Config) -> Path:
         for job in tqdm(jobs, desc=desc, unit="img"):
             _write_image(job)
     else:
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
             for _ in tqdm(pool.imap_unordered(_write_image, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
                 pass
     write_csvs(studies, partial)
