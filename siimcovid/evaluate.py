@@ -34,15 +34,20 @@ TRUTH_TABLE_COLUMNS = ["image_id", "study_id", "boxes", "study_label", "fold"]
 TEST_TRUTH = "test_truth"
 
 
-def read_truth_csvs(folder: str | Path) -> pd.DataFrame:
+def read_truth_csvs(folder: str | Path, on_error: str = "raise") -> pd.DataFrame:
     """A folder with train_image_level.csv + train_study_level.csv -> one row per image:
-    image_id, study_id, boxes (original px), study_label, fold (-1: unknown)."""
+    image_id, study_id, boxes (original px), study_label, fold (-1: unknown).
+
+    on_error="skip" passes over bad rows (a prepared dir made with on_error=skip has dropped
+    them already; its images are then checked to all have a truth row)."""
     folder = Path(folder)
-    problems = Problems("raise")
+    problems = Problems(on_error)
     images = read_image_level(folder / IMAGE_CSV, problems)
     studies = read_study_level(folder / STUDY_CSV, problems)
     labels = dict(zip(studies.study_id, studies.study_label))
     orphans = images[~images.study_id.isin(labels)]
+    if len(orphans) and on_error == "skip":
+        images, orphans = images[images.study_id.isin(labels)], orphans.iloc[:0]
     if len(orphans):
         rec = orphans.iloc[0]
         raise DataError(f"image {rec.image_id}: study {rec.study_id} is not in {STUDY_CSV}", folder / IMAGE_CSV, int(rec.line))
@@ -72,7 +77,7 @@ def load_truth(data: str | Path, split: str = "train") -> pd.DataFrame:
             raise SiimError(f"{data} has no {split} images")
         csvs = _csv_folder(Path(str(prepared.cfg.get("data_resolved") or prepared.cfg.get("data", ""))), split)
         if _has_csvs(csvs):
-            truth = read_truth_csvs(csvs)
+            truth = read_truth_csvs(csvs, on_error=str(prepared.cfg.get("on_error", "raise")))
             fold = dict(zip(meta.image_id, meta.fold))
             truth = truth[truth.image_id.isin(fold)].copy()
             truth["fold"] = truth.image_id.map(fold).astype(int)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from siimcovid import metrics
 from siimcovid.cli import call
-from siimcovid.config import Config
+from siimcovid.config import Config, read_yaml
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES
 from siimcovid.metrics import CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
@@ -42,6 +42,36 @@ def _row(method: str, result: dict) -> dict:
         "image_map": s.image_map,
         "final": s.final,
     }
+
+
+def _section(cfg, section: str, **fixed) -> dict:
+    """A stage's settings from its section, plus the ones `run` sets itself (which it must own)."""
+    settings = dict(cfg[section] or {})
+    clash = sorted(set(settings) & set(fixed))
+    if clash:
+        raise SiimError(
+            f"run sets {clash} of `{section}` itself (name=, data=, project= and the splits are the run's): remove them"
+        )
+    return {**settings, **fixed}
+
+
+def nested_tuning(cfg: Config, prepared: Path, fuse, inputs: dict, trials: int) -> dict:
+    """Out-of-fold CV of the tuned fusion that is not scored on the data it was tuned on:
+    for each fold k, tune on the other folds' OOF predictions, fuse fold k with those settings;
+    then score all folds' fused predictions together."""
+    from siimcovid.data.prepared import Prepared
+
+    n_folds = Prepared(prepared).n_folds
+    parts = []
+    for k in range(n_folds):
+        others = [f for f in range(n_folds) if f != k]
+        tag = f"-nested/fold{k}"  # runs/fuse/<name>-nested/fold<k>/
+        result = fuse(tag, "oof", *inputs["oof"], mode="tune", trials=trials, folds=others)
+        best = read_yaml(Path(result["dir"]) / "best.yaml")
+        parts.append(fuse(tag, "oof", *inputs["oof"], folds=[k], **best)["fused"])
+    images = pd.concat([p.images for p in parts], ignore_index=True)
+    pred = pd.concat([p.pred() for p in parts], ignore_index=True)
+    return {"score": metrics.score(_truth(prepared, images.image_id), pred)}
 
 
 def _step(title: str):
@@ -61,55 +91,58 @@ def run(cfg: Config) -> dict:
         if cfg.synth is None:
             raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and synth is off")
         t = _step(f"synth -> {root}")
-        call("synth", None, out=str(root), **(cfg.synth or {}))
+        call("synth", None, **_section(cfg, "synth", out=str(root)))
         timings["synth"] = time.perf_counter() - t
 
     t = _step("prepare")
-    prepared = call("prepare", None, data=str(root), name=name, out=str(project / "prepare" / name), **(cfg.prepare or {}))
+    prepared = call("prepare", None, **_section(cfg, "prepare", data=str(root), name=name, out=str(project / "prepare" / name)))
     timings["prepare"] = time.perf_counter() - t
 
     t = _step("detect train")
     det_project = project / "detect"
-    call("detect", "train", data=str(prepared), name=name, project=str(det_project), **(cfg.detect or {}))
+    call("detect", "train", **_section(cfg, "detect", data=str(prepared), name=name, project=str(det_project)))
     det_dir = det_project / name
-    predict = {
-        "device": (cfg.detect or {}).get("device"),
-        "workers": (cfg.detect or {}).get("workers", 0),
-        **(cfg.detect_predict or {}),
-    }
-    call("detect", "predict", run=str(det_dir), split=["oof", "test"], **predict)
+    inherited = {k: v for k, v in (cfg.detect or {}).items() if k in ("device", "workers")}
+    predict = {**inherited, **(cfg.detect_predict or {})}
+    call("detect", "predict", **_section({"detect_predict": predict}, "detect_predict", run=str(det_dir), split=["oof", "test"]))
     timings["detect"] = time.perf_counter() - t
 
     t = _step("classify train")
     cls_project = project / "classify"
-    call("classify", "train", data=str(prepared), name=name, project=str(cls_project), **(cfg.classify or {}))
+    call("classify", "train", **_section(cfg, "classify", data=str(prepared), name=name, project=str(cls_project)))
     cls_dir = cls_project / name
-    predict = {"device": (cfg.classify or {}).get("device"), **(cfg.classify_predict or {})}
-    call("classify", "predict", run=str(cls_dir), project=str(cls_project), split=["oof", "test"], **predict)
+    inherited = {k: v for k, v in (cfg.classify or {}).items() if k in ("device",)}
+    predict = {**inherited, **(cfg.classify_predict or {})}
+    fixed = {"run": str(cls_dir), "project": str(cls_project), "split": ["oof", "test"]}
+    call("classify", "predict", **_section({"classify_predict": predict}, "classify_predict", **fixed))
     timings["classify"] = time.perf_counter() - t
 
     t = _step("fuse")
     det = {s: str(det_dir / f"pred_{s}.csv") for s in ("oof", "test")}
     cls = {s: str(cls_dir / f"pred_{s}_image.csv") for s in ("oof", "test")}
-    fuse_project = str(project / "fuse")
-    base = {"data": str(prepared), "project": fuse_project, **(cfg.fuse or {})}
+    fuse_settings = dict(cfg.fuse or {})
 
-    def fuse(tag: str, split: str, det_files: list, cls_files: list, **extra) -> dict:
-        return call("fuse", None, **{**base, "name": f"{name}{tag}", "split": split, "det": det_files, "cls": cls_files, **extra})
+    def fuse(tag: str, split: str, det_files: list, cls_files: list, mode=None, **extra) -> dict:
+        fixed = {"data": str(prepared), "project": str(project / "fuse"), "name": f"{name}{tag}", "split": split}
+        settings = {**fuse_settings, **extra}
+        return call("fuse", mode, **_section({"fuse": settings}, "fuse", det=det_files, cls=cls_files, **fixed))
 
-    rows = [_row("fused, default fusion settings", fuse("-default", "oof", [det["oof"]], [cls["oof"]]))]
-    best = None
+    both = {"oof": ([det["oof"]], [cls["oof"]]), "test": ([det["test"]], [cls["test"]])}
+    rows = [_row("fused, default fusion settings", fuse("-default", "oof", *both["oof"]))]
+    tuned = {}
     if int(cfg.tune_trials) > 0:
-        tuned = call(
-            "fuse",
-            "tune",
-            **{**base, "name": name, "split": "oof", "det": [det["oof"]], "cls": [cls["oof"]], "trials": int(cfg.tune_trials)},
-        )
-        best = str(Path(tuned["dir"]) / "best.yaml")
-    settings = {"cfg": best} if best else {}
-    fused = fuse("", "oof", [det["oof"]], [cls["oof"]], **settings)
-    rows.insert(0, _row("fused (tuned on OOF)" if best else "fused", fused))
-    test = fuse("", "test", [det["test"]], [cls["test"]], **settings)
+        trials = int(cfg.tune_trials)
+        if cfg.nested_tuning:
+            rows.insert(
+                0,
+                _row("fused, tuned on the other folds (nested: an honest CV)", nested_tuning(cfg, prepared, fuse, both, trials)),
+            )
+        result = fuse("", "oof", *both["oof"], mode="tune", trials=trials)
+        tuned = read_yaml(Path(result["dir"]) / "best.yaml")  # the tuned fusion settings, for OOF and test
+    fused = fuse("", "oof", *both["oof"], **tuned)
+    label = "fused, tuned on all OOF (optimistic: scored where tuned; makes the submission)" if tuned else "fused"
+    rows.insert(1 if cfg.nested_tuning and tuned else 0, _row(label, fused))
+    test = fuse("", "test", *both["test"], **tuned)
     rows.append(_row("baseline: class priors, no boxes", {"score": priors_baseline(prepared, fused["fused"].images.image_id)}))
     rows.append(
         _row(

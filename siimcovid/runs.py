@@ -94,7 +94,9 @@ def describe(stage: str, run: Path) -> dict | None:
         used = _yaml(run / f"fold{folds[0]}" / "args.yaml") if folds else {}
         used = used or cfg.get("hyp_values") or {}
         row.update(model=Path(str(cfg.get("model", ""))).name, imgsz=str(cfg.get("imgsz", "")), folds=_fmt(folds))
-        row["settings"] = _settings(cfg, ["hyp", "epochs", "batch"]) + " " + _settings(used, ["mosaic", "mixup", "optimizer", "lr0"])
+        row["settings"] = (
+            _settings(cfg, ["hyp", "epochs", "batch"]) + " " + _settings(used, ["mosaic", "mixup", "optimizer", "lr0"])
+        )
         row["cv_value"] = _row_of(_csv(run / "oof_ap.csv"), "opacity_ap", {"fold": "all"})
         row["cv"] = f"opacity AP {row['cv_value']:.4f}" if not math.isnan(row["cv_value"]) else ""
     elif stage == "classify":

@@ -8,7 +8,7 @@ import pytest
 
 from siimcovid.data.boxes import boxes_from_json, boxes_to_json, clip_boxes, fill_mask, from_yolo, scale_boxes, to_yolo
 from siimcovid.data.folds import connected_groups, make_folds
-from siimcovid.data.prepared import Prepared
+from siimcovid.data.prepared import Prepared, folds_fingerprint
 from siimcovid.utils import DataError
 
 
@@ -82,3 +82,18 @@ def test_prepared_folds_group_patients(prepared):
     meta = Prepared(prepared).split("train")
     assert meta.groupby("patient_id").fold.nunique().max() == 1
     assert meta.patient_id.duplicated().any()  # the synthetic data does have multi-study patients
+
+
+def test_fold_fingerprint_follows_the_assignment(prepared):
+    from siimcovid.utils import SiimError
+
+    p = Prepared(prepared)
+    meta = p.meta.copy()
+    assert folds_fingerprint(meta) == p.folds_id
+    p.check_folds(p.folds_id, "a run")  # same folds: fine
+    moved = meta.copy()
+    i = moved.index[moved.split == "train"][0]
+    moved.loc[i, "fold"] = (moved.loc[i, "fold"] + 1) % p.n_folds
+    assert folds_fingerprint(moved) != p.folds_id
+    with pytest.raises(SiimError, match="trained on other folds"):
+        p.check_folds(folds_fingerprint(moved), "a run")

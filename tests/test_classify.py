@@ -489,3 +489,45 @@ def test_cli_stays_light_for_other_stages():
     )
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
+    import yaml
+
+    from siimcovid.classify.predict import fold_checkpoints, predict_run
+
+    run_dir, _ = trained
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("pred_*.csv")))
+    (copy / "fold0" / "done.json").unlink()  # still training (or died)
+    with pytest.raises(SiimError, match=r"folds \[0\] have not finished training"):
+        fold_checkpoints(copy)
+    assert list(fold_checkpoints(copy, allow_unfinished=True)) == [0]
+    cfg = yaml.safe_load((copy / "classify.yaml").read_text())
+    cfg["folds_id"] = "0123456789ab"  # trained on another fold assignment
+    (copy / "classify.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SiimError, match="trained on other folds"):
+        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, allow_unfinished=True)
+
+
+def test_mask_head_stays_in_the_graph_with_mask_weight_zero():
+    """DDP needs a gradient for every parameter: with mask_weight=0 the mask head gets zeros, not None."""
+    from siimcovid.classify.model import StudyLoss, build_model
+
+    model = build_model(TINY_MODEL)
+    images = torch.rand(2, 3, 64, 64)
+    out = model(images)
+    parts = StudyLoss(mask_weight=0.0)(out, torch.tensor([0, 1]), torch.tensor([1.0, 0.0]), torch.zeros(2, 1, 64, 64))
+    parts["loss"].backward()
+    grads = [p.grad for n, p in model.named_parameters() if "mask" in n]
+    assert grads and all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)
+
+
+def test_device_names():
+    from siimcovid.classify.dist import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(SiimError, match="torchrun"):
+        pick_device("0,1")
+    if not torch.cuda.is_available():
+        with pytest.raises(SiimError, match="CUDA is not available"):
+            pick_device(0)  # device=0 means the first GPU, as in Ultralytics

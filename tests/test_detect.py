@@ -107,6 +107,8 @@ def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
         train(cfg, callbacks={"on_model_save": interrupt})
     fold_dir = project / "resume" / "fold2"
     assert fold_state(fold_dir) == "partial"
+    with pytest.raises(SiimError, match=r"folds \[2\] have not finished training"):
+        detect("predict", f"run={project / 'resume'}", "device=cpu", "split=oof")  # a fold still training
 
     seen = {}
     train(cfg, callbacks={"on_train_start": lambda trainer: seen.setdefault("start_epoch", trainer.start_epoch)})
@@ -326,3 +328,23 @@ def test_cli_does_not_import_torch_for_other_stages():
     code = "import sys; from siimcovid import cli; cli.resolve(['synth', 'out=x']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_predict_refuses_a_run_whose_folds_changed(trained, tmp_path):
+    from siimcovid.detect.predict import load_run
+
+    copy = Path(shutil.copytree(trained, tmp_path / "moved", ignore=shutil.ignore_patterns("pred_*.csv")))
+    cfg = yaml.safe_load((copy / "detect.yaml").read_text())
+    assert cfg["folds_id"] == Prepared(cfg["prepared"]).folds_id
+    cfg["folds_id"] = "0123456789ab"  # trained on another fold assignment (prepare re-ran)
+    (copy / "detect.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SiimError, match="trained on other folds"):
+        load_run(copy)
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
+    copy = Path(shutil.copytree(trained / "fold0", tmp_path / "fold0"))
+    last = copy / "weights" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # killed while saving
+    with pytest.raises(SiimError, match="cannot be read"):
+        fold_state(copy)

@@ -354,3 +354,23 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
         run([f"data={prepared}", f"cls={tmp_path / 'cls3.csv'}"], tmp_path)
     with pytest.raises(SiimError, match="split=oof"):
         cli.main(["fuse", "tune", *base, "split=test", f"project={tmp_path}"])
+
+
+def test_test_none_det_is_on_the_out_of_fold_scale(prepared, tmp_path):
+    """On test, a detection found by one fold model of three keeps a third of its WBF confidence;
+    none_det is computed fold by fold (as out of fold, where each image has one fold model) and
+    averaged, so the none formulas fuse tune fitted out of fold mean the same on test."""
+    images = truth_images(prepared, "test")
+    first = images.iloc[0]
+    w, h = first.cols / 10, first.rows / 10
+    two_boxes = [(first.image_id, "m1", 0, w, h, 2 * w, 2 * h, 0.8), (first.image_id, "m1", 0, 5 * w, 5 * h, 6 * w, 6 * h, 0.8)]
+    others = exact_detections(images.iloc[1:], models=("m1",), folds=[0, 1, 2])
+    pd.concat([pd.DataFrame(two_boxes, columns=DET), others]).to_csv(tmp_path / "det.csv", index=False)
+    classifier(images).to_csv(tmp_path / "cls.csv", index=False)
+    args = [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=test", "none_det=prod"]
+    result = run(args, tmp_path)
+    table = pd.read_csv(result["dir"] / "images_test.csv").set_index("image_id")
+    # fold 0: two boxes at 0.8 -> 0.2 * 0.2; folds 1 and 2 found nothing -> 1; mean over the folds
+    assert table.loc[first.image_id, "none_det"] == pytest.approx((0.04 + 1 + 1) / 3)
+    fused = pd.read_csv(result["dir"] / "boxes_test.csv")
+    assert fused[fused.image_id == first.image_id].wbf_conf.to_numpy() == pytest.approx([0.8 / 3, 0.8 / 3])

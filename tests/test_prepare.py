@@ -160,3 +160,16 @@ def test_generated_data_yaml_trains_with_plain_ultralytics(prepared, tmp_path):
     assert (tmp_path / "run" / "weights" / "last.pt").exists()
     results = pd.read_csv(tmp_path / "run" / "results.csv")
     assert len(results) == 1
+
+
+def test_png_level_trades_size_for_speed_not_pixels(tiny_root, tmp_path):
+    stored = prepare(_cfg(tiny_root, tmp_path / "stored"))
+    packed = prepare(_cfg(tiny_root, tmp_path / "packed", png_level=1))
+    a = sorted((stored / "64" / "images").rglob("*.png"))
+    b = sorted((packed / "64" / "images").rglob("*.png"))
+    assert [x.name for x in a] == [x.name for x in b]
+    assert sum(x.stat().st_size for x in b) < 0.8 * sum(x.stat().st_size for x in a)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(cv2.imread(str(x), cv2.IMREAD_UNCHANGED), cv2.imread(str(y), cv2.IMREAD_UNCHANGED))
+    with pytest.raises(SiimError, match="png_level"):
+        prepare(_cfg(tiny_root, tmp_path / "bad", png_level=12))

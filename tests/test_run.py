@@ -58,10 +58,13 @@ def test_run_writes_a_valid_submission_and_the_cv_table(demo):
     ids = set(pd.read_csv(sample).id)
     assert set(sub.id) == ids
     table = pd.read_csv(base / "runs" / "run" / "e2e" / "cv_table.csv")
-    assert list(table.method[:2]) == ["fused (tuned on OOF)", "fused, default fusion settings"]
+    assert table.method[0].startswith("fused, tuned on the other folds (nested")
+    assert table.method[1].startswith("fused, tuned on all OOF") and table.method[2] == "fused, default fusion settings"
     assert table.method.str.startswith("baseline").sum() == 3
     assert table.final.notna().all() and ((table.final >= 0) & (table.final <= 1)).all()
-    assert table.final[0] >= table.final[1]  # tuning never returns worse than the defaults
+    assert table.final[1] >= table.final[2]  # tuning never returns worse than the defaults on the data it tuned on
+    nested = base / "runs" / "fuse" / "e2e-nested"
+    assert (nested / "fold0" / "best.yaml").exists() and (nested / "fold1" / "scores_oof.csv").exists()
     priors = table[table.method.str.contains("priors")].iloc[0]
     assert priors.opacity == 0  # no boxes, no opacity AP
 
@@ -100,7 +103,7 @@ def test_rerun_resumes_without_training_again(demo, monkeypatch):
     cfg = base / "runs" / "run" / "e2e" / "run.yaml"
     again = call("run", cfg=str(cfg), tune_trials=0, report=False)
     assert calls == []  # every fold was finished: skipped
-    assert again["table"].final[0] == pytest.approx(result["table"].final[1], abs=1e-9)  # default settings again
+    assert again["table"].final[0] == pytest.approx(result["table"].final[2], abs=1e-9)  # default settings again
 
 
 def test_pr_curve_area_is_the_metric_ap():
@@ -129,3 +132,12 @@ def test_confusion_matrix_counts():
     table = report.confusion_matrix(np.array(["negative", "typical", "atypical"]), probs)
     assert table.loc["negative", "negative"] == 1 and table.loc["typical", "typical"] == 1
     assert table.loc["atypical", "typical"] == 1 and table.to_numpy().sum() == 3
+
+
+def test_run_owns_the_names_and_paths_of_its_stages():
+    from siimcovid.run import _section
+    from siimcovid.utils import SiimError
+
+    assert _section({"detect": {"epochs": 3}}, "detect", name="x") == {"epochs": 3, "name": "x"}
+    with pytest.raises(SiimError, match=r"run sets \['name'\] of `detect` itself"):
+        _section({"detect": {"name": "v5x"}}, "detect", name="x")

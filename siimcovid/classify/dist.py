@@ -53,6 +53,10 @@ class Dist:
 def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, (list, tuple)) or (isinstance(device, str) and "," in device):
+        raise SiimError(f"device={device}: one process uses one GPU; for several use torchrun --nproc_per_node=N (see README)")
+    if isinstance(device, int) or str(device).isdigit():
+        device = f"cuda:{device}"  # device=0 as in Ultralytics means the first GPU
     dev = torch.device(str(device))
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -181,7 +181,8 @@ class StudyLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, target)
             parts["mask"] = self.mask_bce * bce + self.mask_dice * dice_loss(logits, target)
         else:
-            parts["mask"] = zero
+            # the mask head still runs: tie it to the loss with weight 0, so DDP sees every parameter used
+            parts["mask"] = out["mask"].float().sum() * 0.0
         parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
         return parts
 

@@ -209,10 +209,17 @@ def resolve_run(run, project: str | Path) -> Path:
     raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
 
 
-def fold_checkpoints(run_dir: Path) -> dict[int, Path]:
+def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False) -> dict[int, Path]:
+    """best.pt of every fold; a fold still training (no done.json) is an error unless allowed."""
     found = {int(p.parent.name[4:]): p for p in sorted(run_dir.glob("fold*/best.pt")) if p.parent.name[4:].isdigit()}
     if not found:
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/best.pt): run `siimcovid classify train` first")
+    unfinished = [k for k in found if not (run_dir / f"fold{k}" / "done.json").is_file()]
+    if unfinished and not allow_unfinished:
+        raise SiimError(
+            f"{run_dir}: folds {unfinished} have not finished training (no done.json): re-run `classify train` to finish "
+            "them, or predict with their best checkpoint so far with allow_unfinished=true"
+        )
     return found
 
 
@@ -248,6 +255,7 @@ def predict_run(
     source=None,
     amp: bool = True,
     channels_last: bool = True,
+    allow_unfinished: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict one run on oof or test; returns (image table, study table)."""
     from torch.utils.data import DataLoader
@@ -259,8 +267,10 @@ def predict_run(
     run_cfg = read_yaml(run_dir / "classify.yaml")
     prep = Prepared(source or run_cfg["data"])
     size = prep.check_size(run_cfg["imgsz"])
+    if split == "oof":
+        prep.check_folds(run_cfg.get("folds_id"), str(run_dir))
     name = run_dir.name
-    ckpts = fold_checkpoints(run_dir)
+    ckpts = fold_checkpoints(run_dir, allow_unfinished)
     cl = channels_last and device.type == "cuda"
     amp_dtype = amp_dtype_for(device, amp)
     loader_kw = {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"}
@@ -341,6 +351,7 @@ def main(cfg) -> dict:
                     cfg.source,
                     bool(cfg.amp),
                     bool(cfg.channels_last),
+                    bool(cfg.allow_unfinished),
                 )
                 write_tables(run_dir, split, images, studies)
             per_run.append((run_dir, images, studies))

@@ -62,7 +62,7 @@ LOG_COLUMNS = [
     "time_s",
 ]
 # Settings that must not change when a run resumes (the checkpoints would not fit or not compare).
-FIXED_KEYS = ("data", "imgsz", "model", "in_chans", "mask_stride", "none_head")
+FIXED_KEYS = ("data", "imgsz", "model", "in_chans", "mask_stride", "none_head", "folds_id")
 
 
 def resolve_folds(fold, n_folds: int, prep: Prepared) -> list[int]:
@@ -430,7 +430,10 @@ def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
         changed = [k for k in FIXED_KEYS if str(old.get(k)) != str(cfg[k])]
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)} -> {cfg[k]}" for k in changed)
-            raise SiimError(f"{run_dir} was trained with other settings ({diff}); use another name= or resume=false")
+            raise SiimError(
+                f"{run_dir} was trained with other settings ({diff}); use another name= or resume=false"
+                + (" (folds_id: the prepared folds changed since)" if "folds_id" in changed else "")
+            )
     if d.is_main:
         cfg.save(saved)
 
@@ -443,6 +446,7 @@ def train(cfg, d: Dist) -> dict:
     cfg.name = run_name(cfg)
     cfg.data = str(Path(cfg.data).resolve())
     cfg.imgsz = size
+    cfg.folds_id = prep.folds_id  # predict refuses a run whose folds no longer match
     run_dir = Path(cfg.project) / cfg.name
     check_files(prep, prep.split("train").assign(split="train"), size, masks=True)
     prepare_run_dir(cfg, run_dir, d)

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from siimcovid.config import Config
 from siimcovid.data.boxes import as_array, boxes_to_json
-from siimcovid.data.convert import convert_one, init_worker
+from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import META_COLUMNS
+from siimcovid.data.prepared import META_COLUMNS, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES, Problems, load_test, load_train
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
 
@@ -125,6 +125,17 @@ def fold_summary(meta: pd.DataFrame) -> str:
     return table.to_string()
 
 
+def _warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
+    if not meta_path.is_file():
+        return
+    old = pd.read_csv(meta_path, dtype={"image_id": str}, keep_default_na=False)
+    if folds_fingerprint(old) != folds_fingerprint(meta):
+        LOGGER.warning(
+            f"WARNING: the fold assignment of {meta_path.parent} changed (other images or seed): detectors and "
+            "classifiers trained on the previous folds will refuse to resume or predict; train them under a new name="
+        )
+
+
 def prepare(cfg: Config) -> Path:
     root, name, out, sizes, yolo_size = _resolve(cfg)
     _check_previous(out, root)
@@ -150,11 +161,13 @@ def prepare(cfg: Config) -> Path:
         for sub in ("images/train", "images/test", "labels/train", "masks/train"):
             (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
     csv = str(root / IMAGE_CSV)
+    params = encode_params(cfg.ext, int(cfg.png_level))
     jobs = [
         {
             "out": str(out),
             "sizes": sizes,
             "ext": cfg.ext,
+            "params": params,
             "image_id": r.image_id,
             "split": r.split,
             "path": r.path,
@@ -196,6 +209,7 @@ def prepare(cfg: Config) -> Path:
         write_csv(problems.table(), out / "skipped.csv")
     elif (out / "skipped.csv").exists():
         (out / "skipped.csv").unlink()
+    _warn_if_folds_changed(out / "meta.csv", meta)
     write_csv(meta, out / "meta.csv")  # last: its presence marks a finished prepare
 
     n_train, n_test = int(is_train.sum()), int((~is_train).sum())

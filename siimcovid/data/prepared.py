@@ -17,6 +17,7 @@ resized to s x s, so a box maps back with x * cols / s, y * rows / s.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -46,6 +47,12 @@ META_COLUMNS = [
     "modality",
     "dicom",  # path of the DICOM relative to the data root
 ]
+
+
+def folds_fingerprint(meta: pd.DataFrame) -> str:
+    train = meta[meta.split == "train"]
+    text = "\n".join(sorted(f"{i}:{int(f)}" for i, f in zip(train.image_id, train.fold)))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 class Prepared:
@@ -78,6 +85,23 @@ class Prepared:
     @property
     def n_folds(self) -> int:
         return int(self.cfg["n_folds"])
+
+    @property
+    def folds_id(self) -> str:
+        """A fingerprint of the fold assignment (which train image is in which fold).
+
+        Every stage that trains per fold records it, and refuses to resume, skip or predict
+        when it changed: a model must never predict, as "out-of-fold", images it trained on.
+        """
+        return folds_fingerprint(self.meta)
+
+    def check_folds(self, recorded: str | None, what: str) -> None:
+        """Raise if `what` was trained on other folds than this prepared folder has now."""
+        if recorded and recorded != self.folds_id:
+            raise SiimError(
+                f"{what} was trained on other folds than {self.root} has now (prepare re-ran with other data or seed): "
+                f"its out-of-fold predictions would include images it trained on. Train it again under a new name="
+            )
 
     def check_size(self, size: int) -> int:
         size = int(size)

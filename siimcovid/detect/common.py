@@ -215,7 +215,13 @@ def fold_state(fold_dir: Path) -> str:
     last = Path(fold_dir) / "weights" / "last.pt"
     if not last.is_file():
         return "new"
-    ckpt = torch_load(last, map_location="cpu")
+    try:
+        ckpt = torch_load(last, map_location="cpu")
+    except Exception as e:  # Ultralytics writes checkpoints in place: a kill mid-write truncates them
+        raise SiimError(
+            f"{last} cannot be read ({type(e).__name__}): was the training killed while saving it? "
+            f"Delete {fold_dir} to train this fold again"
+        ) from None
     epoch = ckpt.get("epoch", -1)
     if epoch < 0 or ckpt.get("optimizer") is None:
         return "done"
@@ -232,3 +238,4 @@ def check_run_dataset(run_dir: Path, source: DataSource) -> None:
         old = yaml.safe_load(saved.read_text()) or {}
         if old.get("prepared") and Path(old["prepared"]) != source.prepared:
             raise SiimError(f"{run_dir} holds a run on {old['prepared']}, not {source.prepared}: choose another name=")
+        Prepared(source.prepared).check_folds(old.get("folds_id"), str(run_dir))

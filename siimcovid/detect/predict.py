@@ -36,7 +36,7 @@ from siimcovid import metrics
 from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
-from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, passthrough
+from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, fold_state, passthrough
 from siimcovid.utils import LOGGER, SiimError, write_csv
 
 PRED_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
@@ -58,7 +58,7 @@ class Run:
         return self.dir.name
 
 
-def load_run(run_dir: str | Path, weights: str = "best") -> Run:
+def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool = False) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
@@ -69,9 +69,16 @@ def load_run(run_dir: str | Path, weights: str = "best") -> Run:
     found = {k: p for k, p in found.items() if p.is_file()}
     if not found:
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/weights/{weights}.pt)")
+    unfinished = [k for k in found if fold_state(run_dir / f"fold{k}") != "done"]
+    if unfinished and not allow_unfinished:
+        raise SiimError(
+            f"{run_dir}: folds {unfinished} have not finished training: re-run `detect train` to finish them, "
+            "or predict with their checkpoints so far with allow_unfinished=true"
+        )
     args_files = {k: run_dir / f"fold{k}" / "args.yaml" for k in found}
     args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}
     saved = run_dir / RUN_CONFIG
+    cfg = {}
     if saved.is_file():  # written by `siimcovid detect train`
         cfg = yaml.safe_load(saved.read_text()) or {}
         prepared, size = Path(cfg["prepared"]), int(cfg["size"])
@@ -81,6 +88,7 @@ def load_run(run_dir: str | Path, weights: str = "best") -> Run:
         size = int(Path(yaml.safe_load(data_yaml.read_text())["path"]).name)
     prep = Prepared(prepared)
     prep.check_size(size)
+    prep.check_folds(cfg.get("folds_id"), str(run_dir))
     return Run(run_dir, prep, size, found, {k: int(a.get("imgsz") or size) for k, a in args.items()})
 
 
@@ -137,7 +145,10 @@ def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFr
     total = sum(len(a) + len(b) for a, b in jobs.values())
     with tqdm(total=total, desc=f"predict {run.name}", unit="img") as bar:
         for k, (oof_ids, test) in jobs.items():
-            yolo = YOLO(str(run.weights[k]))
+            try:
+                yolo = YOLO(str(run.weights[k]))
+            except Exception as e:
+                raise SiimError(f"{run.weights[k]} cannot be loaded ({type(e).__name__}: {e})") from None
             fold_args = {**args, "imgsz": int(cfg.predict_imgsz or run.imgsz[k])}
             bar.set_postfix(fold=k)
             if oof_ids:
@@ -185,7 +196,7 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise SiimError(f"split must be oof, test or both (oof,test), got {cfg.split}")
-    loaded = [load_run(r, cfg.weights) for r in runs]  # check every run before predicting with any
+    loaded = [load_run(r, cfg.weights, bool(cfg.allow_unfinished)) for r in runs]  # check every run before predicting with any
     names = [run.name for run in loaded]
     if len(set(names)) < len(names):
         raise SiimError(f"runs must have different names (the `model` column): {names}")

@@ -17,6 +17,7 @@ from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 
 from siimcovid.config import Config
+from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import (
     RUN_CONFIG,
     check_model,
@@ -134,6 +135,7 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         n_folds=source.n_folds,
         data_yamls={k: str(p.resolve()) for k, p in source.yamls.items()},
         hyp_values=hyp,
+        folds_id=Prepared(source.prepared).folds_id,
     )
     saved.save(run_dir / RUN_CONFIG)
 

@@ -99,10 +99,19 @@ def read_detections(path: str | Path) -> pd.DataFrame:
     return out
 
 
-def read_classifier(path: str | Path) -> pd.DataFrame:
-    """One classifier file, checked, averaged per image: image_id, study_id, 4 classes, none (NaN if absent)."""
+def read_classifier(path: str | Path, fold_of: dict | None = None) -> pd.DataFrame:
+    """One classifier file, checked, averaged per image: image_id, study_id, 4 classes, none (NaN if absent).
+
+    fold_of (out of fold): image_id -> its fold; a `fold` column that disagrees is an error.
+    """
     path = Path(path)
     df = _read_csv(path, CLS_COLUMNS, ["image_id", "study_id"])
+    if fold_of is not None and "fold" in df.columns:
+        _numbers(df, ["fold"], path)
+        wrong = df["image_id"].isin(fold_of) & (df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy())
+        _first_bad(
+            wrong, path, "predicted by another fold's model than the image's fold: not out-of-fold (a test file? split=test)"
+        )
     probs = STUDY_CLASSES + (["none"] if "none" in df.columns else [])
     _numbers(df, probs, path)
     _first_bad(df["image_id"] == "", path, "empty image_id")
@@ -244,7 +253,8 @@ def load_inputs(cfg) -> FuseInputs:
 
     det_frames = [read_detections(p) for p in det_files]
     boxes, sets = _boxes_and_sets(det_frames, det_files, split, meta)
-    members = [read_classifier(p) for p in cls_files]
+    fold_of = dict(zip(meta["image_id"], meta["fold"])) if split == "oof" else None
+    members = [read_classifier(p, fold_of) for p in cls_files]
     for m, path in zip(members, cls_files):
         unknown = ~m["image_id"].isin(set(meta["image_id"]))
         if unknown.any():
@@ -263,6 +273,9 @@ def load_inputs(cfg) -> FuseInputs:
     sample = None
     if split == "oof":
         keep = np.ones(len(meta), dtype=bool)
+        if str(cfg.get("folds", "all")) != "all":  # e.g. tune on some folds, score another
+            chosen = {prepared.check_fold(int(k)) for k in as_list(cfg.folds)}
+            keep &= meta["fold"].isin(chosen).to_numpy()
         if len(sets):  # folds every detection member predicted (one fold's model per image)
             covered = None
             for s in sets.itertuples():

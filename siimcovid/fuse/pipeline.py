@@ -152,6 +152,39 @@ def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     return fused
 
 
+def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int = 1) -> np.ndarray:
+    """Test split: the detector's none computed fold by fold, as out of fold, then averaged.
+
+    WBF's confidence averages over its members. Out of fold an image is seen by one fold model
+    per detector; on test by every fold's model, so a box that one fold of five found keeps a
+    fifth of its confidence. The fused test boxes rightly reflect that consensus, but the none
+    formulas and their tuned weights were fitted on the out-of-fold scale: computing none_det on
+    each fold's members alone keeps it on that scale.
+    """
+    weights = set_weights(inputs.sets, params.get("det_weights"), inputs.det_files)
+    n = len(inputs.images)
+    index = pd.Index(inputs.images["image_id"])
+    per_fold = []
+    for fold in sorted(set(inputs.sets["fold"])):
+        members = inputs.sets.loc[inputs.sets["fold"] == fold, "set"].to_numpy()
+        recode = {int(s): i for i, s in enumerate(members)}
+        boxes = inputs.boxes[inputs.boxes["set"].isin(members)]
+        boxes = boxes.assign(set=boxes["set"].map(recode).to_numpy(dtype=np.int64))
+        fused = wbf_table(
+            boxes,
+            inputs.images[["image_id", "rows", "cols"]],
+            len(members),
+            [weights[int(s)] for s in members],
+            iou_thr=float(params["iou_thr"]),
+            skip_box_thr=float(params["skip_box_thr"]),
+            conf_type=str(params["conf_type"]),
+            workers=workers,
+        )
+        codes = index.get_indexer(fused["image_id"])
+        per_fold.append(formulas.none_from_detector(fused["conf"].to_numpy(dtype=np.float64), codes, n, str(params["none_det"])))
+    return np.mean(per_fold, axis=0)
+
+
 def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
     """Combined classifier members -> (n_images, 5): negative, typical, indeterminate, atypical, none_cls."""
     if not inputs.members:
@@ -185,7 +218,12 @@ def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     codes = pd.Index(images["image_id"]).get_indexer(boxes["image_id"])
     wbf_conf = boxes["conf"].to_numpy(dtype=np.float64)
 
-    none_det = formulas.none_from_detector(wbf_conf, codes, n, str(params["none_det"])) if has_det else np.full(n, np.nan)
+    if has_det and inputs.split == "test" and inputs.sets["fold"].nunique() > 1:
+        none_det = none_det_by_fold(inputs, params, workers)
+    elif has_det:
+        none_det = formulas.none_from_detector(wbf_conf, codes, n, str(params["none_det"]))
+    else:
+        none_det = np.full(n, np.nan)
     probs = classifier_table(inputs, params)
     none_cls = probs[:, 4] if probs is not None else np.full(n, np.nan)
     if has_det and has_cls:
