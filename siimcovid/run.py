@@ -55,7 +55,7 @@ def _section(cfg, section: str, **fixed) -> dict:
     return {**settings, **fixed}
 
 
-def nested_tuning(cfg: Config, prepared: Path, fuse, inputs: dict, trials: int) -> dict:
+def nested_tuning(prepared: Path, fuse, inputs: dict, trials: int) -> dict:
     """Out-of-fold CV of the tuned fusion that is not scored on the data it was tuned on:
     for each fold k, tune on the other folds' OOF predictions, fuse fold k with those settings;
     then score all folds' fused predictions together."""
@@ -135,7 +135,7 @@ def run(cfg: Config) -> dict:
         if cfg.nested_tuning:
             rows.insert(
                 0,
-                _row("fused, tuned on the other folds (nested: an honest CV)", nested_tuning(cfg, prepared, fuse, both, trials)),
+                _row("fused, tuned on the other folds (nested: an honest CV)", nested_tuning(prepared, fuse, both, trials)),
             )
         result = fuse("", "oof", *both["oof"], mode="tune", trials=trials)
         tuned = read_yaml(Path(result["dir"]) / "best.yaml")  # the tuned fusion settings, for OOF and test
@@ -208,8 +208,10 @@ Submission (test split): `{submission}`.
 
 {head}{body}
 Each AP is the competition's (VOC 2010, IoU > 0.5) over all out-of-fold images; final = mean over
-the six classes. "fused" uses the fusion settings `siimcovid fuse tune` found on these same
-out-of-fold predictions (it never returns settings below the defaults, shown in the second row).
+the six classes. Tuning the fusion on out-of-fold predictions and scoring it there flatters it:
+the "nested" row tunes on the other folds and scores each fold with those settings (an honest
+estimate); "tuned on all OOF" uses the settings the submission was made with, scored where they
+were tuned (`siimcovid fuse tune` never returns settings below the defaults on the data it tunes on).
 
 ## Plots
 
