@@ -26,9 +26,17 @@ from pathlib import Path
 
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import load_inputs
-from siimcovid.fuse.pipeline import Fused, check_params, describe_inputs, fusion_params, run_fusion, scores_by_fold
+from siimcovid.fuse.pipeline import (
+    Fused,
+    check_params,
+    describe_inputs,
+    fusion_params,
+    run_fusion,
+    score_fused,
+    scores_by_fold,
+)
 from siimcovid.fuse.submission import pred_to_submission, write_submission
-from siimcovid.metrics import Score, score
+from siimcovid.metrics import Score
 from siimcovid.utils import LOGGER, atomic_write_text, write_csv
 
 FLOAT_FORMAT = "%.9g"
@@ -62,7 +70,7 @@ def fuse(cfg: Config) -> dict:
     result: dict = {"dir": out, "files": files, "fused": fused, "score": None}
     if inputs.split == "oof":
         table = scores_by_fold(inputs, fused)
-        overall: Score = score(inputs.truth, fused.pred())
+        overall: Score = score_fused(inputs, fused)
         files["scores"] = write_csv(table, out / "scores_oof.csv", float_format="%.6g")
         report = {
             "n_images": len(fused.images),

@@ -39,9 +39,17 @@ from tqdm import tqdm
 
 from siimcovid.config import Config, read_yaml
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
-from siimcovid.fuse.pipeline import FUSION_KEYS, WbfCache, check_params, describe_inputs, fusion_params, run_fusion
+from siimcovid.fuse.pipeline import (
+    FUSION_KEYS,
+    WbfCache,
+    check_params,
+    describe_inputs,
+    fusion_params,
+    run_fusion,
+    score_fused,
+)
 from siimcovid.fuse.stage import run_dir
-from siimcovid.metrics import CLASSES, score
+from siimcovid.metrics import CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
@@ -96,7 +104,7 @@ class Search:
         if key in self.seen:
             return self.rows[self.seen[key]]["final"]
         fused = run_fusion(self.inputs, params, self.workers, self.cache)
-        result = score(self.inputs.truth, fused.pred())
+        result = score_fused(self.inputs, fused)
         final = result.final
         row = {
             "trial": len(self.rows),
