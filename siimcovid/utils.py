@@ -63,6 +63,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_predictions(df, path: str | os.PathLike) -> Path:
+    """Write a prediction table at full float precision, atomically.
+
+    Rounding would tie scores that differ, and ties change average precision: a score
+    recomputed from the file must equal the score the stage printed.
+    """
+    return write_csv(df, path)
+
+
 def write_csv(df, path: str | os.PathLike, **kwargs) -> Path:
     """Write a pandas DataFrame as CSV atomically."""
     kwargs.setdefault("index", False)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, write_csv
+from siimcovid.utils import LOGGER, SiimError, write_csv, write_predictions
 
 PROB_COLUMNS = STUDY_CLASSES + ["none"]
 IMAGE_COLUMNS = ["model", "image_id", "study_id", "fold"] + PROB_COLUMNS
@@ -142,8 +142,10 @@ def image_frame(table: pd.DataFrame, study: np.ndarray, none: np.ndarray | None,
             "fold": table["fold"].values.astype(int),
         }
     )
+    # float64 now, so the scores computed here equal those recomputed from the written table
+    study = np.asarray(study, dtype=np.float64)
     out[STUDY_CLASSES] = study
-    out["none"] = none if none is not None else study[:, STUDY_CLASSES.index("negative")]
+    out["none"] = np.asarray(none, dtype=np.float64) if none is not None else study[:, STUDY_CLASSES.index("negative")]
     return out[IMAGE_COLUMNS]
 
 
@@ -157,8 +159,8 @@ def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> None:
-    write_csv(images, out_dir / f"pred_{split}_image.csv", float_format="%.6g")
-    write_csv(studies, out_dir / f"pred_{split}_study.csv", float_format="%.6g")
+    write_predictions(images, out_dir / f"pred_{split}_image.csv")
+    write_predictions(studies, out_dir / f"pred_{split}_study.csv")
 
 
 # ---------------------------------------------------------------- inference

@@ -39,7 +39,7 @@ from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, write_csv
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, write_csv, write_predictions
 
 LOG_COLUMNS = [
     "epoch",
@@ -380,7 +380,7 @@ class FoldTrainer:
                             },
                             self.dir / "best.pt",
                         )
-                        write_csv(images.assign(model=cfg.name), self.dir / "val_pred_image.csv", float_format="%.6g")
+                        write_predictions(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
                 row = {
                     "epoch": epoch,
                     "wave": wave,

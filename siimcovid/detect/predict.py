@@ -37,7 +37,7 @@ from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, fold_state, passthrough
-from siimcovid.utils import LOGGER, SiimError, write_csv
+from siimcovid.utils import LOGGER, SiimError, write_csv, write_predictions
 
 PRED_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
 SPLITS = ("oof", "test")
@@ -209,7 +209,7 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
         preds = predict_run(run, splits, cfg)
         written[run.name] = {}
         for split, df in preds.items():
-            written[run.name][split] = write_csv(df, run.dir / f"pred_{split}.csv", float_format="%.5g")
+            written[run.name][split] = write_predictions(df, run.dir / f"pred_{split}.csv")
             together[split].append(df)
         if "oof" in splits:
             table = oof_ap(preds["oof"], run)
@@ -218,7 +218,7 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
         LOGGER.info(f"detect predict: {', '.join(str(p) for p in written[run.name].values())}")
     if cfg.out:
         for split, frames in together.items():
-            path = write_csv(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv", float_format="%.5g")
+            path = write_predictions(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv")
             LOGGER.info(f"detect predict: all runs' {split} boxes -> {path}")
     return written
 

@@ -37,9 +37,7 @@ from siimcovid.fuse.pipeline import (
 )
 from siimcovid.fuse.submission import pred_to_submission, write_submission
 from siimcovid.metrics import Score
-from siimcovid.utils import LOGGER, atomic_write_text, write_csv
-
-FLOAT_FORMAT = "%.9g"
+from siimcovid.utils import LOGGER, atomic_write_text, write_csv, write_predictions
 
 
 def run_dir(cfg: Config) -> Path:
@@ -49,10 +47,10 @@ def run_dir(cfg: Config) -> Path:
 def write_tables(out: Path, split: str, fused: Fused) -> dict[str, Path]:
     pred = fused.pred()
     return {
-        "pred": write_csv(pred, out / f"pred_{split}.csv", float_format=FLOAT_FORMAT),
-        "images": write_csv(fused.images, out / f"images_{split}.csv", float_format=FLOAT_FORMAT),
-        "studies": write_csv(fused.studies, out / f"studies_{split}.csv", float_format=FLOAT_FORMAT),
-        "boxes": write_csv(fused.boxes, out / f"boxes_{split}.csv", float_format=FLOAT_FORMAT),
+        "pred": write_predictions(pred, out / f"pred_{split}.csv"),
+        "images": write_predictions(fused.images, out / f"images_{split}.csv"),
+        "studies": write_predictions(fused.studies, out / f"studies_{split}.csv"),
+        "boxes": write_predictions(fused.boxes, out / f"boxes_{split}.csv"),
     }
 
 
