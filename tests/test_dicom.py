@@ -10,7 +10,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from siimcovid.data.dicom import area_resize, dicom_to_uint8, naive_dicom_to_uint8, read_header, read_pixels
+from siimcovid.data.dicom import (
+    area_resize,
+    area_resize_with_range,
+    dicom_to_uint8,
+    halve_with_range,
+    naive_dicom_to_uint8,
+    read_header,
+    read_pixels,
+)
 from siimcovid.data.siim import find_dicoms
 from siimcovid.utils import DataError
 
@@ -73,6 +81,11 @@ def test_unused_high_bits_are_masked(tmp_path):
     values, _ = read_pixels(path)
     np.testing.assert_array_equal(np.asarray(values), pydicom.dcmread(path).pixel_array)
     assert np.asarray(values).max() < 4096
+    # the conversion (which takes the range during its first halving) sees the clean values too
+    ds.PixelData = pydicom.dcmread(path).pixel_array.tobytes()
+    ds.save_as(tmp_path / "clean.dcm")
+    for got, want in zip(dicom_to_uint8(path, [128])[0].values(), dicom_to_uint8(tmp_path / "clean.dcm", [128])[0].values()):
+        np.testing.assert_array_equal(got, want)
 
 
 def _variant(tmp_path, name, **changes) -> str:
@@ -136,6 +149,21 @@ def test_downsampled_output_is_close_to_the_naive_recipe(synth_root):
         diff = np.abs(ours[128].astype(int) - reference.astype(int))
         assert diff.mean() < 2.0, path  # the last < 2x step is bilinear: some noise aliasing
         assert np.percentile(diff, 99) <= 8, path
+
+
+@pytest.mark.parametrize("shape", [(3029, 2545), (200, 129), (64, 64), (130, 4)])
+def test_halving_with_range_equals_one_resize_and_a_full_min_max(shape):
+    # strip by strip (last strip short, odd row/column dropped), yet the same as one call
+    rng = np.random.default_rng(1)
+    img = rng.integers(100, 4000, shape).astype(np.uint16)
+    img[-1, -1], img[-1, 0] = 7, 4095  # extremes only in the odd last row, which halving drops
+    small, value_range = halve_with_range(img, 2, 2)
+    h, w = shape[0] // 2 * 2, shape[1] // 2 * 2
+    np.testing.assert_array_equal(small, cv2.resize(img[:h, :w], (w // 2, h // 2), interpolation=cv2.INTER_AREA))
+    assert value_range == (float(img.min()), float(img.max()))
+    resized, full_range = area_resize_with_range(img, (32, 32))
+    np.testing.assert_array_equal(resized, area_resize(img, (32, 32)))
+    assert full_range == value_range
 
 
 def test_area_resize_keeps_geometry_exact():

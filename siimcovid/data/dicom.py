@@ -109,13 +109,8 @@ def _min_max(arr: np.ndarray) -> tuple[float, float]:
     return float(arr.min()), float(arr.max())
 
 
-def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, tuple[float, float]]:
-    """Decode the stored values (any transfer syntax the installed plugins support).
-
-    Returns the 2-D array of stored values (read-only and memory-mapped for uncompressed
-    files), the file's dataset (header, VOI LUT module; pixel data left on disk) and the
-    values' (min, max).
-    """
+def _decode(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, bool]:
+    """(2-D stored values, dataset, whether the values are memory-mapped from an uncompressed file)."""
     try:
         ds = pydicom.dcmread(path, defer_size="64 KB")
         if "Rows" not in ds or "Columns" not in ds:
@@ -133,10 +128,27 @@ def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, tuple[flo
         arr = cv2.cvtColor(np.ascontiguousarray(arr).astype(np.float32), cv2.COLOR_RGB2GRAY)
     if arr.ndim != 2:
         raise DataError(f"expected one grayscale frame, got pixel array of shape {arr.shape}", path)
-    value_range = _min_max(arr)
+    return arr, ds, native
+
+
+def _garbage_bits(arr: np.ndarray, ds: Dataset, native: bool, value_range: tuple[float, float]) -> int | None:
+    """The mask of the stored bits where a mapped file's unused high bits hold garbage (old overlays), else None."""
     top = (1 << int(ds.get("BitsStored", 16) or 16)) - 1
-    if native and arr.dtype.kind == "u" and value_range[1] > top:
-        arr = np.bitwise_and(arr, top)  # unused high bits hold garbage (old overlays): drop them, as pydicom does
+    return top if native and arr.dtype.kind == "u" and value_range[1] > top else None
+
+
+def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, tuple[float, float]]:
+    """Decode the stored values (any transfer syntax the installed plugins support).
+
+    Returns the 2-D array of stored values (read-only and memory-mapped for uncompressed
+    files), the file's dataset (header, VOI LUT module; pixel data left on disk) and the
+    values' (min, max).
+    """
+    arr, ds, native = _decode(path)
+    value_range = _min_max(arr)
+    top = _garbage_bits(arr, ds, native, value_range)
+    if top is not None:
+        arr = np.bitwise_and(arr, top)  # drop the unused high bits, as pydicom does
         value_range = _min_max(arr)
     return arr, ds, value_range
 
@@ -145,6 +157,34 @@ def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, Dataset]:
     """The stored values and the dataset (see read_stored)."""
     arr, ds, _ = read_stored(path)
     return arr, ds
+
+
+STRIP_ROWS = 64  # rows per strip when halving and taking the range together (~300 KB of 16-bit: stays in cache)
+_CV_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)  # what OpenCV's area resize takes as is
+
+
+def halve_with_range(arr: np.ndarray, fx: int, fy: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """One exact area halving and the (min, max) of the WHOLE input, in one pass over memory.
+
+    Strip by strip, so each strip is still in cache when the min-max reads it: on a
+    2544 x 3028 16-bit radiograph this costs less than the halving alone plus a separate
+    min-max pass (one ~15 MB read instead of two). The output equals one cv2.resize call:
+    each output row depends on its own `fy` input rows only.
+    """
+    hh, ww = arr.shape[0] // fy * fy, arr.shape[1] // fx * fx
+    out = np.empty((hh // fy, ww // fx), dtype=arr.dtype)
+    lo, hi = np.inf, -np.inf
+    step = STRIP_ROWS // fy * fy
+    for y in range(0, hh, step):
+        strip = arr[y : min(y + step, hh), :ww]
+        s_lo, s_hi = cv2.minMaxLoc(strip)[:2]
+        lo, hi = min(lo, s_lo), max(hi, s_hi)
+        cv2.resize(strip, (ww // fx, len(strip) // fy), dst=out[y // fy : (y + len(strip)) // fy], interpolation=cv2.INTER_AREA)
+    for rest in (arr[hh:], arr[:hh, ww:]):  # an odd last row/column: dropped by halving, but in the range
+        if rest.size:
+            r_lo, r_hi = _min_max(rest)
+            lo, hi = min(lo, r_lo), max(hi, r_hi)
+    return out, (float(lo), float(hi))
 
 
 def area_resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -156,28 +196,43 @@ def area_resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from the ORIGINAL size, so the output covers exactly the original extent and boxes map
     back with x * cols / width. Edge pixels lost to halving are replicated.
     """
+    return area_resize_with_range(arr, size, want_range=False)[0]
+
+
+def area_resize_with_range(
+    arr: np.ndarray, size: tuple[int, int], want_range: bool = True
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """area_resize, plus the (min, max) of the full-size input (the first halving reads it anyway)."""
     h, w = arr.shape[:2]
     out_w, out_h = size
-    if arr.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
+    value_range = None
+    if want_range and arr.ndim == 2 and arr.dtype in _CV_DTYPES and w >= 2 * out_w and h >= 2 * out_h:
+        arr, value_range = halve_with_range(arr, 2, 2)
+        kx = ky = 2
+    else:
+        if want_range:
+            value_range = _min_max(arr)
+        kx = ky = 1  # total halving factor per axis
+    if arr.dtype not in _CV_DTYPES:
         arr = arr.astype(np.float32)
-    kx = ky = 1  # total halving factor per axis
     while arr.shape[1] >= 2 * out_w or arr.shape[0] >= 2 * out_h:
         fx, fy = int(arr.shape[1] >= 2 * out_w) + 1, int(arr.shape[0] >= 2 * out_h) + 1
         hh, ww = arr.shape[0] // fy * fy, arr.shape[1] // fx * fx
         arr = cv2.resize(arr[:hh, :ww], (ww // fx, hh // fy), interpolation=cv2.INTER_AREA)
         kx, ky = kx * fx, ky * fy
     if arr.shape[:2] == (out_h, out_w) and w == out_w * kx and h == out_h * ky:
-        return np.asarray(arr)
+        return np.asarray(arr), value_range
     # dst pixel j (centre j + 0.5) samples source position (j + 0.5) * a - 0.5 in the halved image.
     a, b = w / kx / out_w, h / ky / out_h
     m = np.array([[a, 0, 0.5 * a - 0.5], [0, b, 0.5 * b - 0.5]], dtype=np.float64)
-    return cv2.warpAffine(
+    small = cv2.warpAffine(
         np.ascontiguousarray(arr),
         m,
         (out_w, out_h),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )
+    return small, value_range
 
 
 def output_range(stored_range: tuple[float, float], ds: Dataset) -> tuple[float, float]:
@@ -216,10 +271,13 @@ def dicom_to_uint8(path: str | os.PathLike, sizes: list[int]) -> tuple[dict[int,
     Returns ({size: image}, header info). The largest size is computed from the stored
     values; smaller sizes are area-resized from it.
     """
-    arr, ds, stored_range = read_stored(path)
+    arr, ds, native = _decode(path)
     sizes = sorted({int(s) for s in sizes}, reverse=True)
-    value_range = output_range(stored_range, ds)
-    images = {sizes[0]: window_to_uint8(area_resize(arr, (sizes[0], sizes[0])), ds, value_range)}
+    small, stored_range = area_resize_with_range(arr, (sizes[0], sizes[0]))
+    top = _garbage_bits(arr, ds, native, stored_range)
+    if top is not None:  # rare: redo on the cleaned values
+        small, stored_range = area_resize_with_range(np.bitwise_and(arr, top), (sizes[0], sizes[0]))
+    images = {sizes[0]: window_to_uint8(small, ds, output_range(stored_range, ds))}
     for s in sizes[1:]:
         images[s] = cv2.resize(images[sizes[0]], (s, s), interpolation=cv2.INTER_AREA)
     return images, header_info(ds)
