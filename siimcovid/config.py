@@ -111,6 +111,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+# Facts a run records beside its settings (the mode, where its data came from, the fold
+# fingerprint): skipped when a saved run config is read back with cfg=, so that the file a run
+# saved can seed the next one. A key that is a setting of the stage is never skipped.
+RECORDED_KEYS = frozenset({"mode", "folds_id", "data_resolved", "prepared", "size", "n_folds", "data_yamls", "hyp_values"})
+
+
 def _check_keys(stage: str, given: Mapping, known: Mapping, extra_ok: set[str] | bool, source: str) -> None:
     if extra_ok is True:
         return
@@ -146,6 +152,7 @@ def load_config(
         # An experiment file may hold one section per stage, or plain keys for this stage.
         if isinstance(exp.get(stage), dict):
             exp = exp[stage]
+        exp = {k: v for k, v in exp.items() if k in defaults or k not in RECORDED_KEYS}
         _check_keys(stage, exp, defaults, extra_ok, str(exp_file))
         for k, v in exp.items():
             cfg[k] = _coerce(k, v, defaults.get(k))

@@ -70,6 +70,10 @@ def test_train_writes_one_finished_ultralytics_run_per_fold(trained, prepared):
     saved = yaml.safe_load((trained / "detect.yaml").read_text())
     assert Path(saved["prepared"]) == Path(prepared).resolve()
     assert saved["size"] == 128 and saved["hyp"] == "yolov5x-mixup"
+    # the saved file seeds the next run as is: its settings come back, what it recorded does not
+    _, again = cli.stage_function("detect", "train", {"cfg": str(trained / "detect.yaml"), "name": "next"})
+    assert again.hyp == "yolov5x-mixup" and again.mixup == 0.3 and again.cos_lr is True and again.name == "next"
+    assert not {"prepared", "size", "folds_id", "data_yamls", "hyp_values"} & set(again)
 
 
 def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):

@@ -47,6 +47,15 @@ def test_outputs_match_the_meta_table(prepared, synth_root):
         assert mask.shape == (64, 64) and (mask.max() == 255) == (r.n_boxes > 0)
 
 
+def test_saved_settings_seed_the_next_prepare(prepared):
+    from siimcovid.config import load_config
+
+    cfg = load_config("prepare", {"cfg": str(prepared / "prepare.yaml"), "name": "again"})
+    saved = yaml.safe_load((prepared / "prepare.yaml").read_text())
+    assert cfg.sizes == saved["sizes"] and cfg.n_folds == saved["n_folds"] and cfg.name == "again"
+    assert "data_resolved" in saved and "data_resolved" not in cfg  # recorded, not a setting
+
+
 def test_opacities_are_brighter_inside_boxes(prepared):
     # The synthetic opacities are drawn at the labelled boxes: the prepared images show them.
     p = Prepared(prepared)
