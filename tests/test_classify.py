@@ -15,6 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from siimcovid import cli  # noqa: E402
 from siimcovid.classify import predict as P  # noqa: E402
 from siimcovid.config import load_config  # noqa: E402
 from siimcovid.data.prepared import Prepared  # noqa: E402
@@ -206,6 +207,52 @@ def test_finished_fold_is_skipped(trained, prepared, monkeypatch):
     monkeypatch.setattr(T.FoldTrainer, "__init__", boom)
     out = T.main(tiny_cfg(prepared, run.parent, name="tiny", fold=0, epochs=2, fine_lr=[1e-4], fine_epochs=1))
     assert out[0]["best_epoch"] >= 1 and (run / "fold0" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_saved_run_config_seeds_the_next_run(trained):
+    run, _ = trained
+    _, cfg = cli.stage_function("classify", "train", {"cfg": str(run / "classify.yaml"), "fold": 1})
+    assert cfg.model == "test_efficientnet" and cfg.imgsz == 64 and cfg.fine_epochs == 1 and cfg.fold == 1
+    assert cfg.mode == "train" and "folds_id" not in cfg
+
+
+def test_same_seed_same_run_other_seed_other_run(prepared, tmp_path):
+    # augmentation (albumentations keeps its own generator), dropout and shuffling all follow `seed`
+    from siimcovid.classify.train import main
+
+    def train(name, seed):
+        main(tiny_cfg(prepared, tmp_path, name=name, fold=2, epochs=1, fine_epochs=0, drop_rate=0.3, seed=seed, affine=1.0))
+        log = pd.read_csv(tmp_path / name / "fold2" / "results.csv")
+        weights = torch.load(tmp_path / name / "fold2" / "last.pt", weights_only=False)["model"]
+        return log[["train_loss", "val_loss", "val_map"]], weights
+
+    log_a, w_a = train("a", 7)
+    log_b, w_b = train("b", 7)
+    log_c, _ = train("c", 8)
+    pd.testing.assert_frame_equal(log_a, log_b)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert log_c.train_loss[0] != log_a.train_loss[0]
+
+
+def test_dataloader_workers_draw_different_augmentations(prepared):
+    from torch.utils.data import DataLoader
+
+    from siimcovid.classify.data import StudyDataset, build_augment, image_table, seed_worker
+
+    cfg = tiny_cfg(prepared, "unused", hflip=0.0, affine=1.0, brightness_contrast=0.0)
+    table = image_table(Prepared(prepared), "train", 0, "train").iloc[[0]]
+    ds = StudyDataset(Prepared(prepared), table, 64, build_augment(cfg, seed=3))
+    same_item = torch.utils.data.Subset(ds, [0, 0, 0, 0])  # worker k gets item k: one image, four draws
+
+    def draws(**kw):
+        loader = DataLoader(same_item, batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0), **kw)
+        return [batch["image"] for batch in loader]
+
+    plain = draws()
+    assert torch.equal(plain[0], plain[1])  # what forked workers do alone: the same draw in both
+    seeded = draws(worker_init_fn=seed_worker)
+    assert not torch.equal(seeded[0], seeded[1])
+    assert all(torch.equal(x, y) for x, y in zip(seeded, draws(worker_init_fn=seed_worker)))  # and repeatable
 
 
 def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):

@@ -45,8 +45,12 @@ def check_files(prep: Prepared, table: pd.DataFrame, size: int, masks: bool) -> 
                 raise SiimError(f"image {row.image_id} has no mask {mpath}: re-run `siimcovid prepare` to write the masks")
 
 
-def build_augment(cfg):
-    """albumentations pipeline; geometric transforms move the mask with the image."""
+def build_augment(cfg, seed: int | None = None):
+    """albumentations pipeline; geometric transforms move the mask with the image.
+
+    albumentations draws from its own generator, which global seeds do not touch: `seed`
+    makes the run repeatable (DataLoader workers re-seed it, see seed_worker).
+    """
     import albumentations as A
 
     return A.Compose(
@@ -60,8 +64,23 @@ def build_augment(cfg):
                 p=cfg.affine,
             ),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=cfg.brightness_contrast),
-        ]
+        ],
+        seed=seed,
     )
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give each worker its own augmentation stream.
+
+    Workers are forked copies of one albumentations generator: without this every worker
+    draws the same flips and affines in the same order. The worker seed is the loader's
+    base seed + worker id, so a seeded loader stays repeatable.
+    """
+    info = torch.utils.data.get_worker_info()
+    dataset = getattr(info.dataset, "dataset", info.dataset)  # through a Subset
+    augment = getattr(dataset, "augment", None)
+    if augment is not None:
+        augment.set_random_seed(info.seed % 2**32)
 
 
 def read_grey(path) -> np.ndarray:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from siimcovid.classify import predict as P
-from siimcovid.classify.data import StudyDataset, build_augment, check_files, image_table, mix_batch, to_device
+from siimcovid.classify.data import StudyDataset, build_augment, check_files, image_table, mix_batch, seed_worker, to_device
 from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
 from siimcovid.data.prepared import Prepared
@@ -161,12 +161,21 @@ class FoldTrainer:
         self.batch = max(1, int(cfg.batch) // d.world)
         if len(self.train_tab) < self.batch * d.world:
             raise SiimError(f"fold {fold}: {len(self.train_tab)} training images, fewer than batch={cfg.batch}")
-        train_ds = StudyDataset(prep, self.train_tab, size, build_augment(cfg))
+        # Seeded augmentation (one stream per rank, re-seeded per worker): the same seed gives the same run.
+        train_ds = StudyDataset(prep, self.train_tab, size, build_augment(cfg, seed=int(cfg.seed) + d.rank))
         self.sampler = DistributedSampler(
             train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=int(cfg.seed), drop_last=True
         )
         kw = {"num_workers": int(cfg.workers), "pin_memory": cuda, "persistent_workers": int(cfg.workers) > 0}
-        self.train_loader = DataLoader(train_ds, batch_size=self.batch, sampler=self.sampler, drop_last=True, **kw)
+        self.train_loader = DataLoader(
+            train_ds,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            drop_last=True,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(int(cfg.seed) + d.rank),
+            **kw,
+        )
         # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
         val_ds = Subset(StudyDataset(prep, self.val_tab, size), list(range(d.rank, len(self.val_tab), d.world)))
         self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
