@@ -317,11 +317,11 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
-        pytest.fail(f"torchrun with 2 gloo processes did not finish in 120 s:\n{err[-3000:]}")
+        pytest.fail(f"torchrun with 2 gloo processes did not finish in 300 s:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
     fold = tmp_path / "ddp" / "fold0"
     assert sorted(p.name for p in fold.iterdir()) == sorted(p.name for p in (run / "fold0").iterdir())
