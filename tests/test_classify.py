@@ -556,6 +556,28 @@ def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
         predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, allow_unfinished=True)
 
 
+def test_predict_checks_the_folds_of_each_fold_model(trained, tmp_path):
+    # `train fold=0 resume=false` after a new prepare rewrites the run's classify.yaml but
+    # leaves the other folds' models: each fold model's own fingerprint must be checked.
+    from siimcovid.classify.predict import predict_run
+
+    run_dir, _ = trained
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("pred_*.csv")))
+    ckpt = torch.load(copy / "fold0" / "best.pt", weights_only=False)
+    assert ckpt["folds_id"] == Prepared(ckpt_data(copy)).folds_id and ckpt["fold"] == 0
+    predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0)  # as trained: fine
+    torch.save({**ckpt, "folds_id": "0123456789ab"}, copy / "fold0" / "best.pt")
+    with pytest.raises(SiimError, match=r"fold0 was trained on other folds"):
+        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0)
+    predict_run(copy, "test", "none", torch.device("cpu"), 8, 0)  # test images were never trained on
+
+
+def ckpt_data(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "classify.yaml").read_text())["data"]
+
+
 def test_mask_head_stays_in_the_graph_with_mask_weight_zero():
     """DDP needs a gradient for every parameter: with mask_weight=0 the mask head gets zeros, not None."""
     from siimcovid.classify.model import StudyLoss, build_model

@@ -256,6 +256,16 @@ def test_predict_several_runs_at_once(trained, tmp_path):
     assert not (other / "pred_oof.csv").exists()  # split=test only
 
 
+def test_a_run_from_the_plain_yolo_cli_loads_with_a_warning_about_its_folds(trained, prepared, tmp_path, caplog):
+    from siimcovid.detect.predict import load_run
+
+    plain = Path(shutil.copytree(trained, tmp_path / "plain", ignore=shutil.ignore_patterns("pred_*.csv", "oof_ap.csv")))
+    (plain / "detect.yaml").unlink()  # what `yolo detect train data=data_yaml/<name>_fold<k>.yaml` leaves
+    run = load_run(plain)
+    assert run.prepared.root.resolve() == Path(prepared).resolve() and sorted(run.weights) == [0, 1, 2]
+    assert "fold assignment cannot be checked" in caplog.text
+
+
 # --- evolve -----------------------------------------------------------------------------------------------
 
 

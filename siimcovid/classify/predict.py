@@ -225,6 +225,16 @@ def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False) -> dict[int,
     return found
 
 
+def checkpoint_folds_id(path: Path, ckpt: dict) -> str | None:
+    """The fold fingerprint a fold's model was trained on: in the checkpoint, else in the fold's classify.yaml."""
+    from siimcovid.config import read_yaml
+
+    if ckpt.get("folds_id"):
+        return ckpt["folds_id"]
+    saved = path.parent / "classify.yaml"
+    return read_yaml(saved).get("folds_id") if saved.is_file() else None
+
+
 def load_checkpoint_model(path: Path, device, channels_last: bool = False):
     import torch
 
@@ -281,7 +291,9 @@ def predict_run(
         for fold, path in ckpts.items():
             table = image_table(prep, "train", prep.check_fold(fold), "val")
             check_files(prep, table, size, masks=False)
-            model, _ = load_checkpoint_model(path, device, cl)
+            model, ckpt = load_checkpoint_model(path, device, cl)
+            # Per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were.
+            prep.check_folds(checkpoint_folds_id(path, ckpt), str(path.parent))
             loader = DataLoader(StudyDataset(prep, table, size, masks=False), **loader_kw)
             idx, study, none, _ = infer(model, loader, device, amp_dtype, tta, progress=True)
             parts.append(image_frame(table.iloc[idx], study, none, name))

@@ -386,6 +386,8 @@ class FoldTrainer:
                                 "imgsz": self.size,
                                 "classes": STUDY_CLASSES,
                                 "ema": float(cfg.ema),
+                                "fold": self.fold,
+                                "folds_id": cfg.folds_id,  # travels with the weights: predict checks it per fold
                             },
                             self.dir / "best.pt",
                         )

@@ -86,6 +86,10 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
         data_yaml = Path(args[min(found)]["data"])
         prepared = _prepared_of_yaml(data_yaml)
         size = int(Path(yaml.safe_load(data_yaml.read_text())["path"]).name)
+        LOGGER.warning(
+            f"detect predict: {run_dir} has no {RUN_CONFIG} (trained with the plain yolo CLI?), so its fold assignment "
+            "cannot be checked: its out-of-fold boxes are honest only if prepare has not re-run with other data or seed since"
+        )
     prep = Prepared(prepared)
     prep.check_size(size)
     prep.check_folds(cfg.get("folds_id"), str(run_dir))
