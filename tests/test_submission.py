@@ -58,6 +58,22 @@ def test_roundtrip_through_strings():
     pd.testing.assert_frame_equal(pred.sort_values(key, ignore_index=True), again.sort_values(key, ignore_index=True))
 
 
+def test_tiny_confidences_keep_their_order_and_the_score(tmp_path):
+    # after (1 - none)^a re-weighting confidences reach 1e-10: fixed decimals would write 0 and tie them
+    from siimcovid import metrics
+
+    cols = metrics.PRED_COLUMNS
+    pred = pd.DataFrame(
+        [("i1_image", "opacity", 3e-10, 0, 0, 10, 10), ("i2_image", "opacity", 4e-10, 50, 50, 60, 60)], columns=cols
+    )
+    truth = pd.DataFrame([("i1_image", "opacity", 0, 0, 10, 10), ("i2_image", "none", 0, 0, 1, 1)], columns=metrics.TRUTH_COLUMNS)
+    write_submission(pred_to_submission(pred), tmp_path / "s.csv")
+    back = submission_to_pred(read_submission(tmp_path / "s.csv"))
+    assert back.set_index("id").conf.to_dict() == pytest.approx({"i1_image": 3e-10, "i2_image": 4e-10}, rel=1e-8)
+    # the false positive outranks the hit: AP 0.5 (tied at 0, table order would give 1.0)
+    assert metrics.score(truth, back).ap["opacity"] == metrics.score(truth, pred).ap["opacity"] == 0.5
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

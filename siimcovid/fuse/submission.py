@@ -14,14 +14,15 @@ Study rows are written `<class> <conf> 0 0 1 1` for all four classes (mAP reward
 ranking far more than the argmax alone); image rows hold every `opacity <conf> x1 y1 x2 y2`
 in original pixels plus `none <conf> 0 0 1 1`.
 
-Numbers are written positionally (never 1e-05): confidences with 9 decimals, coordinates
-with 3, trailing zeros trimmed.
+Numbers are written positionally (never 1e-05): confidences with 9 significant digits,
+coordinates with 3 decimals, trailing zeros trimmed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from siimcovid.metrics import BOX_COLUMNS, IMAGE_SUFFIX, PRED_COLUMNS, STUDY_SUF
 from siimcovid.utils import DataError, SiimError, atomic_path
 
 SUBMISSION_COLUMNS = ["id", "PredictionString"]
-CONF_DECIMALS, BOX_DECIMALS = 9, 3
+CONF_DIGITS, BOX_DECIMALS = 9, 3  # confidences: significant digits (a tiny one must not round to 0 and tie)
 
 
 def format_numbers(values, decimals: int) -> pd.Series:
@@ -43,6 +44,16 @@ def format_numbers(values, decimals: int) -> pd.Series:
     return text.mask(text.isin(["", "-0"]), "0")
 
 
+def format_confidences(values, digits: int = CONF_DIGITS) -> pd.Series:
+    """Floats -> positional strings with `digits` significant digits ('0.5', '1', '0.000000025').
+
+    Significant, not fixed decimals: after re-weighting by (1 - none)^a confidences reach 1e-8
+    and below, and fixed decimals would write them all as 0, a tie the OOF score never saw.
+    """
+    fmt = partial(np.format_float_positional, precision=digits, unique=False, fractional=False, trim="-")
+    return pd.Series([fmt(v) for v in np.asarray(values, dtype=np.float64)], dtype=object)
+
+
 def pred_to_submission(pred: pd.DataFrame, ids: list[str] | None = None) -> pd.DataFrame:
     """Tidy pred rows -> id, PredictionString. Within a row, predictions are written by confidence,
     descending. `ids` (with suffixes) fixes the rows and their order; an id without predictions
@@ -51,7 +62,7 @@ def pred_to_submission(pred: pd.DataFrame, ids: list[str] | None = None) -> pd.D
     if missing:
         raise SiimError(f"prediction table lacks column(s) {missing}")
     df = pred[PRED_COLUMNS].sort_values(["id", "conf"], ascending=[True, False], kind="stable")
-    parts = df["cls"].astype(str).reset_index(drop=True) + " " + format_numbers(df["conf"], CONF_DECIMALS)
+    parts = df["cls"].astype(str).reset_index(drop=True) + " " + format_confidences(df["conf"])
     for c in BOX_COLUMNS:
         parts = parts + " " + format_numbers(df[c], BOX_DECIMALS)
     strings = parts.groupby(df["id"].astype(str).to_numpy(), sort=False).agg(" ".join)
