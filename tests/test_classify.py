@@ -572,6 +572,22 @@ def test_predict_checks_the_folds_of_each_fold_model(trained, tmp_path):
     predict_run(copy, "test", "none", torch.device("cpu"), 8, 0)  # test images were never trained on
 
 
+def test_predict_with_the_last_epoch_weights(trained, tmp_path):
+    # weights=last: the final EMA weights from last.pt (no choice made on the fold being predicted)
+    from siimcovid.classify.predict import predict_run
+
+    run_dir, _ = trained
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("pred_*.csv")))
+    last = torch.load(copy / "fold0" / "last.pt", weights_only=False)
+    assert last["ema"] is not None and last["epoch"] == 3
+    with_last, _ = predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="last")
+    torch.save({"model": last["ema"], "model_cfg": last["model_cfg"], "folds_id": last["folds_id"]}, copy / "fold0" / "best.pt")
+    as_best, _ = predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="best")
+    np.testing.assert_allclose(with_last[STUDY_CLASSES], as_best[STUDY_CLASSES], atol=1e-6)
+    with pytest.raises(SiimError, match="weights=final: expected one of best, last"):
+        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="final")
+
+
 def ckpt_data(run_dir):
     import yaml
 

@@ -211,11 +211,16 @@ def resolve_run(run, project: str | Path) -> Path:
     raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
 
 
-def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False) -> dict[int, Path]:
-    """best.pt of every fold; a fold still training (no done.json) is an error unless allowed."""
-    found = {int(p.parent.name[4:]): p for p in sorted(run_dir.glob("fold*/best.pt")) if p.parent.name[4:].isdigit()}
+WEIGHTS = ("best", "last")
+
+
+def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False, weights: str = "best") -> dict[int, Path]:
+    """best.pt (or last.pt) of every fold; a fold still training (no done.json) is an error unless allowed."""
+    if weights not in WEIGHTS:
+        raise SiimError(f"weights={weights}: expected one of {', '.join(WEIGHTS)}")
+    found = {int(p.parent.name[4:]): p for p in sorted(run_dir.glob(f"fold*/{weights}.pt")) if p.parent.name[4:].isdigit()}
     if not found:
-        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/best.pt): run `siimcovid classify train` first")
+        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/{weights}.pt): run `siimcovid classify train` first")
     unfinished = [k for k in found if not (run_dir / f"fold{k}" / "done.json").is_file()]
     if unfinished and not allow_unfinished:
         raise SiimError(
@@ -242,7 +247,9 @@ def load_checkpoint_model(path: Path, device, channels_last: bool = False):
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = build_model(ckpt["model_cfg"], pretrained=False, channels_last=channels_last)
-    model.load_state_dict(ckpt["model"])
+    # last.pt holds the whole training state: evaluate its EMA weights, as best.pt stores them
+    state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -268,6 +275,7 @@ def predict_run(
     amp: bool = True,
     channels_last: bool = True,
     allow_unfinished: bool = False,
+    weights: str = "best",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict one run on oof or test; returns (image table, study table)."""
     from torch.utils.data import DataLoader
@@ -282,7 +290,7 @@ def predict_run(
     if split == "oof":
         prep.check_folds(run_cfg.get("folds_id"), str(run_dir))
     name = run_dir.name
-    ckpts = fold_checkpoints(run_dir, allow_unfinished)
+    ckpts = fold_checkpoints(run_dir, allow_unfinished, weights)
     cl = channels_last and device.type == "cuda"
     amp_dtype = amp_dtype_for(device, amp)
     loader_kw = {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"}
@@ -345,6 +353,8 @@ def main(cfg) -> dict:
     tta = str(cfg.tta).lower() if cfg.tta not in (None, False) else "none"
     if tta not in TTAS:
         raise SiimError(f"tta={cfg.tta}: expected one of {', '.join(TTAS)}")
+    if cfg.weights not in WEIGHTS:
+        raise SiimError(f"weights={cfg.weights}: expected one of {', '.join(WEIGHTS)}")
     if cfg.ensemble not in METHODS:
         raise SiimError(f"ensemble={cfg.ensemble}: expected one of {', '.join(METHODS)}")
     device = pick_device(cfg.device)
@@ -366,6 +376,7 @@ def main(cfg) -> dict:
                     bool(cfg.amp),
                     bool(cfg.channels_last),
                     bool(cfg.allow_unfinished),
+                    str(cfg.weights),
                 )
                 write_tables(run_dir, split, images, studies)
             per_run.append((run_dir, images, studies))
@@ -378,7 +389,7 @@ def main(cfg) -> dict:
         for run_dir, images, studies in per_run:
             if split == "oof":
                 prep = Prepared(cfg.source or _run_data(run_dir, runs))
-                table = score_oof(prep, images, studies, tta)
+                table = score_oof(prep, images, studies, tta).assign(weights=cfg.weights)
                 write_csv(table, run_dir / "score_oof.csv", float_format="%.6g")
                 overall = table.iloc[0]
                 LOGGER.info(

@@ -309,6 +309,8 @@ class FoldTrainer:
             "best": best,
             "rng": self.rng.bit_generator.state,
             "model_cfg": model_cfg(self.cfg),
+            "fold": self.fold,
+            "folds_id": self.cfg.folds_id,
         }
 
     def load_best_weights(self) -> None:
