@@ -1,0 +1,38 @@
+"""Every `siimcovid ...` command the README shows must name real stages, modes and settings."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from siimcovid import cli
+from siimcovid.config import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#|\s>\s", line)[0].strip()  # drop comments and redirections
+            if line.startswith("siimcovid ") and "<" not in line and "..." not in line:
+                commands.append(line)
+    return commands
+
+
+def test_the_readme_shows_commands():
+    assert len(readme_commands()) >= 15
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_resolves(command):
+    try:
+        cli.resolve(shlex.split(command)[1:])
+    except ConfigError as e:
+        # a settings file the README's earlier steps would have written is fine to miss here
+        if not re.match(r"config file not found: runs/", str(e)):
+            raise
