@@ -25,8 +25,9 @@ import pandas as pd
 
 from siimcovid import metrics
 from siimcovid.cli import call
-from siimcovid.config import Config, read_yaml
+from siimcovid.config import Config, default_config_path, read_yaml
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES
+from siimcovid.data.synth import is_synthetic
 from siimcovid.metrics import CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
 
@@ -90,6 +91,11 @@ def run(cfg: Config) -> dict:
     if not (root / IMAGE_CSV).exists():
         if cfg.synth is None:
             raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and synth is off")
+        if root.exists() and any(root.iterdir()) and not is_synthetic(root):
+            # e.g. a download still unzipping: never write synthetic data over it
+            raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and the folder holds other files: not touching it")
+        if root != Path(read_yaml(default_config_path("run"))["data"]):
+            LOGGER.warning(f"run: {root} holds no SIIM data: writing a SYNTHETIC dataset there (synth settings)")
         t = _step(f"synth -> {root}")
         call("synth", None, **_section(cfg, "synth", out=str(root)))
         timings["synth"] = time.perf_counter() - t

@@ -8,10 +8,12 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pydicom
+import pytest
 
 from siimcovid.config import load_config
 from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, STUDY_CSV, Problems, find_dicoms, load_test, load_train
 from siimcovid.data.synth import generate
+from siimcovid.utils import SiimError
 
 
 def test_layout_and_csvs_parse_cleanly(synth_root):
@@ -99,6 +101,23 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
     cfg["overwrite"] = True
     generate(cfg)
     assert not marker.exists() and not (tmp_path / "d.partial").exists()
+
+
+def test_never_replaces_a_folder_it_did_not_write(tmp_path):
+    # `run data=/data/siim` while the real download is still unzipping must not delete it
+    real = tmp_path / "siim"
+    (real / "train").mkdir(parents=True)
+    (real / "train" / "keep.dcm").write_bytes(b"real data")
+    settings = {"out": str(real), "train_studies": 3, "test_studies": 1, "rows": 64, "cols": 64, "workers": 1}
+    for overwrite in (False, True):
+        with pytest.raises(SiimError, match="not a synthetic dataset"):
+            generate(load_config("synth", {**settings, "overwrite": overwrite}))
+    assert (real / "train" / "keep.dcm").read_bytes() == b"real data"
+    from siimcovid.cli import call
+
+    with pytest.raises(SiimError, match="holds other files: not touching it"):
+        call("run", data=str(real), project=str(tmp_path / "runs"))
+    assert (real / "train" / "keep.dcm").read_bytes() == b"real data"
 
 
 def test_class_mix_follows_the_parameter(tmp_path):

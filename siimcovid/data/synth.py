@@ -363,11 +363,21 @@ def write_csvs(studies: list[StudySpec], out: Path) -> None:
     _write_label_csvs(test, out / "test_truth")
 
 
+MARKER = ".siimcovid-synth"  # written into every synthetic dataset: only such a folder may be replaced
+
+
+def is_synthetic(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
 def generate(cfg: Config) -> Path:
     out = Path(cfg.out)
     if out.exists() and (out / IMAGE_CSV).exists() and not cfg.overwrite:
         LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
         return out
+    if out.exists() and any(out.iterdir()) and not is_synthetic(out):
+        # a real download still unzipping, or any other folder: never delete it
+        raise SiimError(f"synth: {out} exists and is not a synthetic dataset written by `siimcovid synth`: choose another out=")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -387,6 +397,7 @@ def generate(cfg: Config) -> Path:
             for _ in tqdm(pool.imap_unordered(_write_image, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
                 pass
     write_csvs(studies, partial)
+    (partial / MARKER).write_text(f"written by siimcovid synth, seed {cfg.seed}\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)  # the dataset appears only once complete
