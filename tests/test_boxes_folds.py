@@ -9,7 +9,7 @@ import pytest
 from siimcovid.data.boxes import boxes_from_json, boxes_to_json, clip_boxes, fill_mask, from_yolo, scale_boxes, to_yolo
 from siimcovid.data.folds import connected_groups, make_folds
 from siimcovid.data.prepared import Prepared, folds_fingerprint
-from siimcovid.utils import DataError
+from siimcovid.utils import DataError, SiimError
 
 
 def test_box_round_trip_original_yolo_original():
@@ -97,3 +97,17 @@ def test_fold_fingerprint_follows_the_assignment(prepared):
     assert folds_fingerprint(moved) != p.folds_id
     with pytest.raises(SiimError, match="trained on other folds"):
         p.check_folds(folds_fingerprint(moved), "a run")
+
+
+def test_too_many_folds_for_the_strata_is_a_clear_error():
+    # six patients, but no class|has-box stratum with three images: sklearn's ValueError, reworded
+    df = pd.DataFrame(
+        {
+            "patient_id": [f"p{i}" for i in range(6)],
+            "study_id": [f"s{i}" for i in range(6)],
+            "study_label": ["negative", "typical", "indeterminate", "atypical", "negative", "typical"],
+            "boxes": [[], [[1, 1, 2, 2]], [[1, 1, 2, 2]], [[1, 1, 2, 2]], [[1, 1, 2, 2]], []],
+        }
+    )
+    with pytest.raises(SiimError, match="n_folds=3 is too many for 6 images"):
+        make_folds(df, n_folds=3)

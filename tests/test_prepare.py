@@ -116,6 +116,24 @@ def test_rerun_skips_decoding_and_resumes_an_interrupted_run(tiny_root, tmp_path
     assert not list(out.rglob("*.tmp"))
 
 
+def test_a_rerun_that_fails_leaves_the_folder_unfinished(tiny_root, tmp_path):
+    # new settings + a DICOM gone bad: the old meta table must not stay beside the new settings
+    from siimcovid.data.siim import find_dicoms
+
+    out = tmp_path / "out"
+    prepare(_cfg(tiny_root, out))
+    old = Prepared(out)
+    Path(find_dicoms(tiny_root / "train").path.iloc[0]).write_bytes(b"not a dicom")
+    with pytest.raises(SiimError, match="not a dicom|DICOM|read"):
+        prepare(_cfg(tiny_root, out, sizes=[32, 64], n_folds=3))
+    assert not (out / "meta.csv").exists()
+    with pytest.raises(SiimError, match="not a finished prepared dataset"):
+        Prepared(out)
+    prepare(_cfg(tiny_root, out, sizes=[32, 64], n_folds=3, on_error="skip"))  # finishing it
+    assert Prepared(out).sizes == [32, 64] and Prepared(out).n_folds == 3 and old.n_folds != 3
+    assert not (out / "meta.previous.csv").exists()
+
+
 def test_exclude_none_from_detector_training(tiny_root, tmp_path):
     out = prepare(_cfg(tiny_root, tmp_path / "out", yolo_exclude_none=True))
     meta = Prepared(out).split("train")

@@ -140,6 +140,11 @@ def prepare(cfg: Config) -> Path:
     root, name, out, sizes, yolo_size = _resolve(cfg)
     _check_previous(out, root)
     out.mkdir(parents=True, exist_ok=True)
+    # Until this run ends the folder is unfinished: set the old meta table aside, so that a run
+    # failing half-way never leaves the old table beside the new settings, looking complete.
+    previous_meta = out / "meta.previous.csv"
+    if (out / "meta.csv").is_file():
+        os.replace(out / "meta.csv", previous_meta)
     saved = Config(cfg, name=name, out=str(out), sizes=sizes, yolo_size=yolo_size, data_resolved=str(root.resolve()))
     saved.save(out / "prepare.yaml")
 
@@ -209,8 +214,9 @@ def prepare(cfg: Config) -> Path:
         write_csv(problems.table(), out / "skipped.csv")
     elif (out / "skipped.csv").exists():
         (out / "skipped.csv").unlink()
-    _warn_if_folds_changed(out / "meta.csv", meta)
+    _warn_if_folds_changed(previous_meta, meta)
     write_csv(meta, out / "meta.csv")  # last: its presence marks a finished prepare
+    previous_meta.unlink(missing_ok=True)
 
     n_train, n_test = int(is_train.sum()), int((~is_train).sum())
     LOGGER.info(
