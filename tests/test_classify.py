@@ -524,6 +524,18 @@ def test_resume_with_other_model_is_refused(trained, prepared):
         )
 
 
+def test_finished_folds_are_not_skipped_under_other_training_settings(trained, prepared):
+    from siimcovid.classify.train import main
+
+    run, _ = trained
+    same = dict(name="tiny", fold=0, epochs=2, fine_lr=[1e-4], fine_epochs=1)
+    before = (run / "classify.yaml").read_text()
+    with pytest.raises(SiimError, match=r"other settings \(mask_weight: 4.0 -> 1.0, epochs: 2 -> 3\)"):
+        main(tiny_cfg(prepared, run.parent, **{**same, "epochs": 3, "mask_weight": 1.0}))
+    assert (run / "classify.yaml").read_text() == before
+    main(tiny_cfg(prepared, run.parent, **same, workers=1))  # where it runs may change: fold 0 is skipped
+
+
 def test_predict_unknown_run(tmp_path):
     with pytest.raises(SiimError, match="run 'nope' not found"):
         run_cli("predict", "run=nope", f"project={tmp_path}")

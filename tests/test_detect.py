@@ -92,6 +92,18 @@ def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):
     assert after == before
 
 
+def test_finished_folds_are_not_skipped_under_other_settings(trained, prepared, project):
+    # their scores would be reported under settings they were never trained with
+    before = (trained / "detect.yaml").read_text()
+    common = [f"data={prepared}", f"project={project}", "name=tiny3", "hyp=yolov5x-mixup", "cos_lr=true"]
+    other = [a for a in TINY if not a.startswith("epochs=")] + ["epochs=2", "mixup=0.3"]
+    with pytest.raises(SiimError, match=r"fold0 was trained with epochs=1 \(now 2\)"):
+        detect("train", *common, *other)
+    with pytest.raises(SiimError, match=r"was trained with model=yolov5n.yaml \(now yolov5s.yaml\), mixup=0.3 \(now 0.1\)"):
+        detect("train", *common, *[a for a in TINY if not a.startswith("model=")], "model=yolov5s.yaml", "mixup=0.1")
+    assert (trained / "detect.yaml").read_text() == before  # the run's saved settings still describe its folds
+
+
 def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
     from siimcovid.config import load_config
     from siimcovid.detect.common import ultralytics_keys

@@ -61,8 +61,13 @@ LOG_COLUMNS = [
     "loader_wait",
     "time_s",
 ]
-# Settings that must not change when a run resumes (the checkpoints would not fit or not compare).
-FIXED_KEYS = ("data", "imgsz", "model", "in_chans", "mask_stride", "none_head", "folds_id")
+# Settings that may differ when a run resumes or skips its finished folds: where and how it runs,
+# and the predict settings. Any other change (model, epochs, lr, augmentation...) would put folds
+# trained one way under settings that say another, so it is refused.
+RUNTIME_KEYS = {
+    "device", "workers", "amp", "channels_last", "project", "name", "resume", "fold", "mode",
+    "run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse",
+}  # fmt: skip
 
 
 def resolve_folds(fold, n_folds: int, prep: Prepared) -> list[int]:
@@ -440,7 +445,7 @@ def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
         from siimcovid.config import read_yaml
 
         old = read_yaml(saved)
-        changed = [k for k in FIXED_KEYS if str(old.get(k)) != str(cfg[k])]
+        changed = [k for k in cfg if k in old and k not in RUNTIME_KEYS and str(old[k]) != str(cfg[k])]
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)} -> {cfg[k]}" for k in changed)
             raise SiimError(

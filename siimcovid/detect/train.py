@@ -9,10 +9,12 @@ the same command skips folds that finished and resumes an interrupted fold from 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
+import yaml
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -57,6 +59,30 @@ def trainer_class(fitness: str):
     if fitness not in TRAINERS:
         raise SiimError(f"fitness must be one of {list(TRAINERS)}, got '{fitness}'")
     return TRAINERS[fitness]
+
+
+# Settings that do not change what a fold learns: a finished or interrupted fold may differ in them.
+RUNTIME_KEYS = {"device", "workers", "project", "name", "exist_ok", "plots", "verbose", "cache", "save_period", "data", "resume"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+def check_fold_settings(fold_dir: Path, cfg_args: dict, model: str) -> None:
+    """Refuse to skip or resume a fold trained with other settings (its scores would be reported under the new ones)."""
+    saved = fold_dir / "args.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    changed = [(k, old[k], v) for k, v in cfg_args.items() if k not in RUNTIME_KEYS and k in old and not _same(old[k], v)]
+    if old.get("model") and Path(str(old["model"])).name != Path(str(model)).name:
+        changed.insert(0, ("model", old["model"], model))
+    if changed:
+        diff = ", ".join(f"{k}={a} (now {b})" for k, a, b in changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise SiimError(f"{fold_dir} was trained with {diff}: use another name=, or delete {fold_dir} to train it again")
 
 
 def train_fold(
@@ -137,6 +163,9 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         hyp_values=hyp,
         folds_id=Prepared(source.prepared).folds_id,
     )
+    for k in folds:  # before the run's settings are saved over those the folds were trained with
+        if fold_state(run_dir / f"fold{k}") in ("done", "partial"):
+            check_fold_settings(run_dir / f"fold{k}", args, model)
     saved.save(run_dir / RUN_CONFIG)
 
     done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks) for k in folds}
