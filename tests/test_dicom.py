@@ -100,6 +100,14 @@ def _variant(tmp_path, name, **changes) -> str:
     return str(path)
 
 
+def test_an_empty_image_is_a_clear_error_not_a_crash(tmp_path):
+    # Rows=0 used to reach OpenCV, which killed the whole process (SIGFPE)
+    path = _variant(tmp_path, "empty.dcm", Rows=0)
+    for read in (lambda p: dicom_to_uint8(p, [32]), read_header):
+        with pytest.raises(DataError, match=r"empty\.dcm.*64 x 0 pixels"):
+            read(path)
+
+
 def test_monochrome1_is_inverted(tmp_path):
     mono2 = _variant(tmp_path, "m2.dcm", WindowCenter=None, WindowWidth=None)
     mono1 = _variant(tmp_path, "m1.dcm", WindowCenter=None, WindowWidth=None, PhotometricInterpretation="MONOCHROME1")

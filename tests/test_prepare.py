@@ -134,6 +134,25 @@ def test_a_rerun_that_fails_leaves_the_folder_unfinished(tiny_root, tmp_path):
     assert not (out / "meta.previous.csv").exists()
 
 
+def path_of(job):
+    return job["path"]
+
+
+def die_on_the_third(job):
+    if job["path"] == "3.dcm":
+        os._exit(1)  # what the kernel's out-of-memory killer does to a worker
+    return job["path"]
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    from siimcovid.data.prepare import run_jobs
+
+    jobs = [{"path": f"{i}.dcm"} for i in range(6)]
+    assert sorted(run_jobs(jobs, 2, "ok", convert=path_of)) == sorted(j["path"] for j in jobs)
+    with pytest.raises(SiimError, match=r"a prepare worker died .* e\.g\. \d\.dcm"):
+        list(run_jobs(jobs, 2, "dies", convert=die_on_the_third))
+
+
 def test_exclude_none_from_detector_training(tiny_root, tmp_path):
     out = prepare(_cfg(tiny_root, tmp_path / "out", yolo_exclude_none=True))
     meta = Prepared(out).split("train")

@@ -53,12 +53,18 @@ def _open_error(path: str | os.PathLike, e: Exception) -> DataError:
     return DataError(f"cannot read DICOM ({type(e).__name__}: {e})", path)
 
 
+def _check_image(ds: Dataset) -> None:
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ValueError("no Rows/Columns: not an image")
+    if int(ds.Rows or 0) < 1 or int(ds.Columns or 0) < 1:  # OpenCV would crash the process on an empty image
+        raise ValueError(f"image of {ds.Columns} x {ds.Rows} pixels")
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """Header only (no pixel decode): fast, used when an image is already converted."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if "Rows" not in ds or "Columns" not in ds:
-            raise ValueError("no Rows/Columns: not an image")
+        _check_image(ds)
         return header_info(ds)
     except Exception as e:  # pydicom raises many types for corrupt files
         raise _open_error(path, e) from None
@@ -113,8 +119,7 @@ def _decode(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, bool]:
     """(2-D stored values, dataset, whether the values are memory-mapped from an uncompressed file)."""
     try:
         ds = pydicom.dcmread(path, defer_size="64 KB")
-        if "Rows" not in ds or "Columns" not in ds:
-            raise ValueError("no Rows/Columns: not an image")
+        _check_image(ds)
         arr = _map_native(path, ds)
         native = arr is not None
         if not native:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pandas as pd
@@ -26,20 +28,33 @@ from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES, Problems, load_test, l
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
 
 
-def run_jobs(jobs: list[dict], workers: int, desc: str):
-    """Yield convert_one results, in parallel when workers > 1, with a progress bar."""
+def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
+    """Yield convert(job) results (convert_one), in parallel when workers > 1, with a progress bar."""
     bar = tqdm(total=len(jobs), desc=desc, unit="img", smoothing=0.05)
     try:
         if workers <= 1 or len(jobs) <= 1:
             init_worker()
             for job in jobs:
-                yield convert_one(job)
+                yield convert(job)
                 bar.update()
         else:
-            with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
-                for result in pool.imap_unordered(convert_one, jobs, chunksize=2):
-                    yield result
-                    bar.update()
+            # concurrent.futures, not mp.Pool: a worker killed outright (out of memory, a crash in a
+            # decoder plugin) raises BrokenProcessPool here instead of hanging the run forever.
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker) as pool:
+                pending = {pool.submit(convert, job): job for job in jobs}
+                finished = set()
+                try:
+                    for future in as_completed(pending):
+                        yield future.result()
+                        finished.add(future)
+                        bar.update()
+                except BrokenProcessPool:
+                    running = [j["path"] for f, j in pending.items() if f not in finished]
+                    raise SiimError(
+                        f"a prepare worker died (killed for memory, or crashed in a DICOM decoder) while converting one of "
+                        f"{len(running)} images, e.g. {running[0] if running else '?'}: finished images are kept; re-run "
+                        "(with workers=1 to name the file)"
+                    ) from None
     finally:
         bar.close()
 
