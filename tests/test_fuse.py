@@ -340,6 +340,11 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
     bad.to_csv(tmp_path / "badconf.csv", index=False)
     with pytest.raises(DataError, match=r"badconf.csv, line 3: column conf"):
         run([*base, f"det={tmp_path / 'badconf.csv'}"], tmp_path)
+    far = det.copy()
+    far.loc[2, ["x_min", "x_max"]] = [images.cols.max() + 10, images.cols.max() + 20]
+    far.to_csv(tmp_path / "far.csv", index=False)
+    with pytest.raises(DataError, match=r"far.csv, line 4: box .* lies outside image .*original DICOM pixels"):
+        run([*base, f"det={tmp_path / 'far.csv'}"], tmp_path)
     det.to_csv(tmp_path / "det.csv", index=False)
     with pytest.raises(DataError, match="not a test image"):
         run([f"data={prepared}", f"det={tmp_path / 'det.csv'}", "split=test"], tmp_path)
@@ -354,6 +359,16 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
         run([f"data={prepared}", f"cls={tmp_path / 'cls3.csv'}"], tmp_path)
     with pytest.raises(SiimError, match="split=oof"):
         cli.main(["fuse", "tune", *base, "split=test", f"project={tmp_path}"])
+
+
+def test_normalised_boxes_are_flagged(prepared, tmp_path, caplog):
+    images = truth_images(prepared, "oof")
+    det = exact_detections(images).merge(images[["image_id", "cols", "rows"]], on="image_id")
+    for c, side in (("x_min", "cols"), ("x_max", "cols"), ("y_min", "rows"), ("y_max", "rows")):
+        det[c] = det[c] / det[side]  # YOLO-style 0..1 coordinates instead of original pixels
+    det[DET].to_csv(tmp_path / "norm.csv", index=False)
+    run([f"data={prepared}", f"det={tmp_path / 'norm.csv'}", "split=oof"], tmp_path)
+    assert "lies within [0, 1]: normalised coordinates?" in caplog.text
 
 
 def test_test_none_det_is_on_the_out_of_fold_scale(prepared, tmp_path):

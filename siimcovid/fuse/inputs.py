@@ -192,6 +192,30 @@ def _sample_path(cfg, prepared: Prepared) -> Path:
     return path
 
 
+def _check_pixels(df: pd.DataFrame, path: str, meta: pd.DataFrame) -> None:
+    """Boxes must be in original DICOM pixels: one wholly outside its image is an error; all in [0, 1] is suspect."""
+    if not len(df):
+        return
+    sizes = meta.set_index("image_id")[["cols", "rows"]].reindex(df["image_id"]).to_numpy(dtype=np.float64)
+    cols, rows = sizes[:, 0], sizes[:, 1]
+    outside = (df["x_min"].to_numpy() >= cols) | (df["y_min"].to_numpy() >= rows)
+    outside |= (df["x_max"].to_numpy() <= 0) | (df["y_max"].to_numpy() <= 0)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        rec = df.iloc[i]
+        box = [round(float(rec[c]), 1) for c in BOX_COLUMNS]
+        raise DataError(
+            f"box {box} lies outside image {rec.image_id} ({int(cols[i])} x {int(rows[i])} px): "
+            "boxes must be in original DICOM pixels",
+            path,
+            int(rec.line),
+        )
+    if (df[BOX_COLUMNS].to_numpy() <= 1.0).all() and (np.minimum(cols, rows) > 32).all():
+        LOGGER.warning(
+            f"fuse: every box in {path} lies within [0, 1]: normalised coordinates? fuse expects original DICOM pixels"
+        )
+
+
 def _boxes_and_sets(
     frames: list[pd.DataFrame], files: list[str], split: str, meta: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -206,6 +230,7 @@ def _boxes_and_sets(
             raise DataError(
                 f"image {rec.image_id} is not a {where} image of the prepared data (wrong split= or data=?)", path, int(rec.line)
             )
+        _check_pixels(df, path, meta)
         if split == "oof":
             wrong = df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy()
             if wrong.any():
