@@ -20,6 +20,7 @@ from siimcovid.data.siim import (
     load_train,
     parse_boxes_cell,
     parse_label_string,
+    read_sample_submission,
 )
 from siimcovid.utils import DataError, SiimError
 
@@ -209,3 +210,10 @@ def test_cli_prints_one_clear_line_and_exits_2(tiny_root, tmp_path):
     assert proc.returncode == 2
     assert f"{IMAGE_CSV}, line {line}: unknown class 'pneumonia'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_duplicate_id_in_sample_submission(tmp_path):
+    path = tmp_path / "sample_submission.csv"
+    path.write_text("id,PredictionString\na_study,negative 1 0 0 1 1\nb_image,none 1 0 0 1 1\na_study,negative 1 0 0 1 1\n")
+    with pytest.raises(DataError, match=r"sample_submission.csv, line 4: id 'a_study' appears twice \(also line 2\)"):
+        read_sample_submission(path)

@@ -250,8 +250,11 @@ def find_dicoms(split_dir: str | os.PathLike) -> pd.DataFrame:
 def read_sample_submission(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """sample_submission.csv -> (study ids, image ids), suffixes stripped."""
     df = read_csv_checked(path, ["id", "PredictionString"])
-    studies, images = [], []
+    studies, images, seen = [], [], {}
     for i, value in enumerate(df["id"]):
+        if value in seen:
+            raise DataError(f"id '{value}' appears twice (also line {seen[value]})", path, i + 2)
+        seen[value] = i + 2
         if value.endswith("_study"):
             studies.append(value[: -len("_study")])
         elif value.endswith("_image"):
