@@ -84,6 +84,8 @@ def run(cfg: Config) -> dict:
     name, project = str(cfg.name), Path(cfg.project)
     out = project / "run" / name
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("cv_table.csv", "report.md"):  # results of an earlier run under other settings
+        (out / stale).unlink(missing_ok=True)
     cfg.save(out / "run.yaml")
     timings = {}
 

@@ -63,7 +63,6 @@ def fuse(cfg: Config) -> dict:
     fused = run_fusion(inputs, params, workers=int(cfg.workers))
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / f"fuse_{inputs.split}.yaml")
     files = write_tables(out, inputs.split, fused)
     result: dict = {"dir": out, "files": files, "fused": fused, "score": None}
     if inputs.split == "oof":
@@ -88,6 +87,7 @@ def fuse(cfg: Config) -> dict:
         sub = pred_to_submission(fused.pred(), fused.ids())
         files["submission"] = write_submission(sub, out / "submission.csv", sample=inputs.sample)
         LOGGER.info(f"fuse: {files['submission']} ({len(sub)} rows: every id of {inputs.sample}, checked)")
+    cfg.save(out / f"fuse_{inputs.split}.yaml")  # last: the settings saved always match the scores beside them
     LOGGER.info(f"fuse: outputs in {out}")
     return result
 
