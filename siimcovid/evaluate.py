@@ -141,7 +141,14 @@ def evaluate(cfg: Config) -> Score:
             raise SiimError(f"fold {cfg.fold} does not exist: the {cfg.split} truth has folds {folds}")
         truth = truth_rows(images[images.fold == int(cfg.fold)])
     if cfg.ids == "present":
+        n_truth = truth["id"].nunique()
         truth = truth[truth["id"].isin(sub_ids)]
+        if cfg.split == "test" and truth["id"].nunique() < n_truth:
+            # a test submission must cover every id: the missing ones would be misses on Kaggle
+            LOGGER.warning(
+                f"evaluate: the submission covers {truth['id'].nunique()} of the {n_truth} test ids; "
+                "ids=all scores the missing ones as misses, as Kaggle would"
+            )
     if truth.empty:
         raise SiimError("nothing to score: no truth row left after the fold / ids restriction")
     result = score(truth, pred, classes=cfg.classes, iou_threshold=float(cfg.iou_threshold))

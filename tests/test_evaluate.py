@@ -36,6 +36,15 @@ def test_perfect_test_submission_scores_one(synth_root, tmp_path, capsys):
         main(["evaluate", f"submission={path}", f"data={synth_root}"])
 
 
+def test_a_partial_test_submission_is_flagged(synth_root, tmp_path, caplog):
+    path = tmp_path / "partial.csv"
+    sub = perfect_from_csvs(synth_root / "test_truth")
+    sub.iloc[1:].to_csv(path, index=False)  # one id left out
+    assert main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test"]).final == 1.0
+    assert f"covers {len(sub) - 1} of the {len(sub)} test ids" in caplog.text
+    assert main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test", "ids=all"]).final < 1.0
+
+
 def test_json_and_imperfect_scores(synth_root, tmp_path, capsys):
     sub = perfect_from_csvs(synth_root)
     images = sub.id.str.endswith("_image")
