@@ -345,6 +345,10 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
     far.to_csv(tmp_path / "far.csv", index=False)
     with pytest.raises(DataError, match=r"far.csv, line 4: box .* lies outside image .*original DICOM pixels"):
         run([*base, f"det={tmp_path / 'far.csv'}"], tmp_path)
+    text = (tmp_path / "badconf.csv").read_text().splitlines()
+    (tmp_path / "blank.csv").write_text("\n".join([text[0], "", *text[1:]]) + "\n")  # a blank line counts
+    with pytest.raises(DataError, match=r"blank.csv, line 4: column conf"):
+        run([*base, f"det={tmp_path / 'blank.csv'}"], tmp_path)
     det.to_csv(tmp_path / "det.csv", index=False)
     with pytest.raises(DataError, match="not a test image"):
         run([f"data={prepared}", f"det={tmp_path / 'det.csv'}", "split=test"], tmp_path)

@@ -90,6 +90,19 @@ def test_bad_image_rows_name_file_and_line(tiny_root, tmp_path, change, match):
     assert not (tmp_path / "out" / "meta.csv").exists()  # nothing looks finished
 
 
+def test_line_numbers_count_blank_lines(tiny_root, tmp_path):
+    path = tiny_root / IMAGE_CSV
+    lines = path.read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    rows[3] = rows[3].replace("_image", "_img", 1)  # a bad id on what becomes file line 7
+    path.write_text("\n".join([header, rows[0], "", rows[1], "", rows[2], rows[3], *rows[4:]]) + "\n\n")
+    with pytest.raises(DataError, match=rf"{IMAGE_CSV}, line 7: id '.*_img' should end with '_image'"):
+        load_train(tiny_root, Problems("raise"))
+    rows[3] = rows[3].replace("_img", "_image", 1)
+    path.write_text("\n".join([header, "", *rows, "", ""]) + "\n")  # blank lines alone are fine
+    assert len(load_train(tiny_root, Problems("raise"))) == len(rows)
+
+
 def test_malformed_csv_row(tiny_root, tmp_path):
     with open(tiny_root / IMAGE_CSV, "a") as f:
         f.write("x_image,,none 1 0 0 1 1,study,extra,fields\n")

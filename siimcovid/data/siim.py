@@ -69,12 +69,12 @@ def _strip_suffix(value: str, suffix: str, file, line) -> str:
 
 
 def read_csv_checked(path: str | os.PathLike, required: list[str]) -> pd.DataFrame:
-    """Read a CSV as strings, check its columns; line numbers are row index + 2."""
+    """Read a CSV as strings, check its columns; a row's file line is its index + 2 (blank lines skipped but counted)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except pd.errors.ParserError as e:
         raise DataError(f"malformed CSV: {e}", path) from None
     except pd.errors.EmptyDataError:
@@ -82,7 +82,7 @@ def read_csv_checked(path: str | os.PathLike, required: list[str]) -> pd.DataFra
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; found {list(df.columns)}", path)
-    return df
+    return df[~(df == "").all(axis=1)]  # blank lines go; the index keeps counting them
 
 
 def _number(value, what: str, file, line) -> float:
@@ -174,7 +174,7 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
     """
     df = read_csv_checked(path, ["id", "boxes", "label", "StudyInstanceUID"])
     rows, seen = [], {}
-    for i, rec in enumerate(df.itertuples(index=False)):
+    for i, rec in zip(df.index, df.itertuples(index=False)):
         line = i + 2
         try:
             image_id = _strip_suffix(rec.id, "_image", path, line)
@@ -204,7 +204,7 @@ def read_study_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
     cols = [STUDY_COLUMNS[c] for c in STUDY_CLASSES]
     df = read_csv_checked(path, ["id", *cols])
     rows, seen = [], {}
-    for i, rec in enumerate(df.to_dict("records")):
+    for i, rec in zip(df.index, df.to_dict("records")):
         line = i + 2
         try:
             study_id = _strip_suffix(rec["id"], "_study", path, line)
@@ -251,7 +251,7 @@ def read_sample_submission(path: str | os.PathLike) -> tuple[list[str], list[str
     """sample_submission.csv -> (study ids, image ids), suffixes stripped."""
     df = read_csv_checked(path, ["id", "PredictionString"])
     studies, images, seen = [], [], {}
-    for i, value in enumerate(df["id"]):
+    for i, value in df["id"].items():
         if value in seen:
             raise DataError(f"id '{value}' appears twice (also line {seen[value]})", path, i + 2)
         seen[value] = i + 2

@@ -54,7 +54,9 @@ def _read_csv(path: Path, required: list[str], text_columns: list[str]) -> pd.Da
     if not path.is_file():
         raise DataError("file not found", path)
     try:
-        df = pd.read_csv(path, dtype={c: str for c in text_columns}, keep_default_na=False, low_memory=False)
+        df = pd.read_csv(
+            path, dtype={c: str for c in text_columns}, keep_default_na=False, low_memory=False, skip_blank_lines=False
+        )
     except pd.errors.EmptyDataError:
         raise DataError("empty file (not even a header)", path) from None
     except pd.errors.ParserError as e:
@@ -62,7 +64,8 @@ def _read_csv(path: Path, required: list[str], text_columns: list[str]) -> pd.Da
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; expected {required} (found {list(df.columns)})", path)
-    return df
+    blank = df.replace("", np.nan).isna().all(axis=1)
+    return df[~blank]  # blank lines go; the index keeps counting them: a row's file line is index + 2
 
 
 def _numbers(df: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -72,14 +75,16 @@ def _numbers(df: pd.DataFrame, columns: list[str], path: Path) -> None:
         bad = ~np.isfinite(values)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"column {c}: not a finite number: {df[c].iloc[i]!r}", path, i + 2)
+            raise DataError(f"column {c}: not a finite number: {df[c].iloc[i]!r}", path, int(df.index[i]) + 2)
         df[c] = values
 
 
 def _first_bad(mask, path: Path, message: str) -> None:
+    index = mask.index if isinstance(mask, pd.Series) else None
     mask = np.asarray(mask)
     if mask.any():
-        raise DataError(message, path, int(np.flatnonzero(mask)[0]) + 2)
+        i = int(np.flatnonzero(mask)[0])
+        raise DataError(message, path, (int(index[i]) if index is not None else i) + 2)
 
 
 def read_detections(path: str | Path) -> pd.DataFrame:
@@ -95,7 +100,7 @@ def read_detections(path: str | Path) -> pd.DataFrame:
     out = df[DET_COLUMNS].copy()
     out["fold"] = out["fold"].astype(np.int64)
     out["tta"] = df["tta"].astype(str) if "tta" in df.columns else ""
-    out["line"] = np.arange(len(df)) + 2
+    out["line"] = df.index.to_numpy() + 2
     return out
 
 
@@ -122,7 +127,7 @@ def read_classifier(path: str | Path, fold_of: dict | None = None) -> pd.DataFra
     if (studies > 1).any():
         image = studies.index[studies > 1][0]
         _first_bad(
-            (df["image_id"] == image).to_numpy() & df["image_id"].duplicated().to_numpy(),
+            (df["image_id"] == image) & df["image_id"].duplicated(),
             path,
             f"image {image} has two study_ids",
         )

@@ -151,8 +151,9 @@ def submission_to_pred(sub: pd.DataFrame, sample=None, file: str | os.PathLike |
     strings = sub["PredictionString"].fillna("").astype(str).to_numpy()
     first_line: dict[str, int] = {}
     rows = []
-    for i, (row_id, text) in enumerate(zip(ids, strings)):
-        line = i + 2  # header is line 1
+    positions = sub.index if pd.api.types.is_integer_dtype(sub.index) else range(len(sub))
+    for i, row_id, text in zip(positions, ids, strings):
+        line = int(i) + 2  # header is line 1 (read_csv_checked keeps counting blank lines in the index)
         if not (row_id.endswith(STUDY_SUFFIX) or row_id.endswith(IMAGE_SUFFIX)) or row_id in (STUDY_SUFFIX, IMAGE_SUFFIX):
             raise DataError(f"id '{row_id}' should be <study>_study or <image>_image", where, line)
         if row_id in first_line:
