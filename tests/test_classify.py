@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -460,6 +461,10 @@ def test_predict_ensemble_of_two_runs(trained, tmp_path):
     merged = ens_st.merge(one_st, on="study_id", suffixes=("", "_1"))
     assert len(merged) == len(one_st) and np.allclose(merged.negative, merged.negative_1, atol=1e-5)
     assert (ens_st.model == "tiny+tiny2").all() and (tmp_path / "ens" / "score_oof.csv").is_file()
+    # another ensemble into the same folder: the first one's OOF tables must not stay beside its test tables
+    main(load_config("classify", {**cfg, "split": "test", "ensemble": "mean"}))
+    assert sorted(p.name for p in (tmp_path / "ens").glob("pred_*.csv")) == ["pred_test_image.csv", "pred_test_study.csv"]
+    assert yaml.safe_load((tmp_path / "ens" / "ensemble.yaml").read_text())["ensemble"] == "mean"
 
 
 # ---------------------------------------------------------------- clear errors

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, write_csv, write_predictions
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv, write_predictions
 
 PROB_COLUMNS = STUDY_CLASSES + ["none"]
 IMAGE_COLUMNS = ["model", "image_id", "study_id", "fold"] + PROB_COLUMNS
@@ -382,6 +382,7 @@ def main(cfg) -> dict:
             per_run.append((run_dir, images, studies))
         if len(runs) > 1:
             out_dir = Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
+            claim_ensemble_dir(out_dir, runs, cfg.ensemble, tta, str(cfg.weights))
             images = combine([r[1] for r in per_run], cfg.ensemble)
             studies = combine([r[2] for r in per_run], cfg.ensemble)
             write_tables(out_dir, split, images, studies)
@@ -401,6 +402,26 @@ def main(cfg) -> dict:
                 results[(run_dir.name, split)] = len(studies)
             LOGGER.info(f"{run_dir.name}: wrote {run_dir / f'pred_{split}_image.csv'} and pred_{split}_study.csv")
     return results
+
+
+def claim_ensemble_dir(out_dir: Path, runs: list[Path], method: str, tta: str, weights: str) -> None:
+    """Record what an ensemble folder holds; files of another ensemble there are removed, not left stale.
+
+    Otherwise `split=oof` with runs a,b then `split=test` with runs a,c would leave OOF tables of
+    one ensemble beside test tables of another, and fusion would tune on one and apply to the other.
+    """
+    import yaml
+
+    from siimcovid.config import read_yaml
+
+    definition = {"runs": [str(Path(r).resolve()) for r in runs], "ensemble": method, "tta": tta, "weights": weights}
+    record = out_dir / "ensemble.yaml"
+    if record.is_file() and read_yaml(record) != definition:
+        stale = sorted(out_dir.glob("pred_*.csv")) + sorted(out_dir.glob("score_oof.csv"))
+        for f in stale:
+            f.unlink()
+        LOGGER.warning(f"{out_dir} held another ensemble: removed its {len(stale)} prediction file(s)")
+    atomic_write_text(record, yaml.safe_dump(definition, sort_keys=False))
 
 
 def _run_data(run_dir: Path, runs: list[Path]) -> str:
