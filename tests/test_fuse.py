@@ -365,6 +365,26 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
         cli.main(["fuse", "tune", *base, "split=test", f"project={tmp_path}"])
 
 
+def test_a_skipped_test_image_is_named_at_prepare_and_at_fuse(tiny_root, tmp_path, caplog):
+    from siimcovid.config import load_config
+    from siimcovid.data.prepare import prepare
+    from siimcovid.data.prepared import Prepared
+    from siimcovid.data.siim import find_dicoms
+
+    bad = find_dicoms(tiny_root / "test").iloc[0]
+    with open(bad.path, "wb") as f:
+        f.write(b"not a dicom")
+    settings = {"data": str(tiny_root), "out": str(tmp_path / "prep"), "sizes": [32], "n_folds": 2, "workers": 1}
+    prepare(load_config("prepare", {**settings, "on_error": "skip", "data_yaml_dir": str(tmp_path / "yaml")}))
+    assert "1 TEST image(s) skipped" in caplog.text
+    test = Prepared(tmp_path / "prep").split("test")
+    pd.DataFrame({"image_id": test.image_id, "study_id": test.study_id, **{c: 0.25 for c in STUDY_CLASSES}}).to_csv(
+        tmp_path / "cls.csv", index=False
+    )
+    with pytest.raises(SiimError, match=rf"{bad.image_id}: prepare skipped unreadable images \(see .*skipped.csv\)"):
+        run([f"data={tmp_path / 'prep'}", f"cls={tmp_path / 'cls.csv'}", "split=test"], tmp_path)
+
+
 def test_normalised_boxes_are_flagged(prepared, tmp_path, caplog):
     images = truth_images(prepared, "oof")
     det = exact_detections(images).merge(images[["image_id", "cols", "rows"]], on="image_id")

@@ -206,6 +206,12 @@ def prepare(cfg: Config) -> Path:
         results[res["image_id"]] = res
         converted += res["converted"]
     problems.report("images")
+    lost_test = int(((table.split == "test") & ~table.image_id.isin(results)).sum())
+    if lost_test:
+        LOGGER.warning(
+            f"WARNING: {lost_test} TEST image(s) skipped: a submission must cover every test image, so `fuse split=test` "
+            "will refuse until they are fixed (see skipped.csv)"
+        )
 
     table = table[table.image_id.isin(results)].reset_index(drop=True)
     info = pd.DataFrame([results[i] for i in table.image_id]).drop(columns=["ok", "converted", "image_id", "boxes"])

@@ -329,10 +329,14 @@ def load_inputs(cfg) -> FuseInputs:
         by_id = meta.set_index("image_id")
         missing = [i for i in sample_images if i not in by_id.index]
         if missing:
-            raise SiimError(
-                f"{len(missing)} image(s) of {sample} are not in the prepared test data, e.g. {missing[0]}: "
-                "re-run prepare with splits=train,test"
+            skipped = prepared.root / "skipped.csv"
+            why = (
+                f"prepare skipped unreadable images (see {skipped}): fix or replace them and re-run prepare, since "
+                "a submission must cover every image"
+                if skipped.is_file() and skipped.read_text().count(missing[0])
+                else "re-run prepare with splits=train,test"
             )
+            raise SiimError(f"{len(missing)} image(s) of {sample} are not in the prepared test data, e.g. {missing[0]}: {why}")
         images = by_id.loc[sample_images].reset_index()
         lonely = sorted(set(sample_studies) - set(images["study_id"]))
         if lonely:
