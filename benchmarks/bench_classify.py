@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from siimcovid.classify.data import to_device  # noqa: E402
 from siimcovid.classify.dist import Dist  # noqa: E402
 from siimcovid.classify.model import StudyLoss, build_model  # noqa: E402
+from siimcovid.classify.predict import amp_dtype_for  # noqa: E402
 from siimcovid.config import load_config  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def compute_only(cfg, device, amp: bool, channels_last: bool, steps: int, warmup
         model.to(memory_format=torch.channels_last)
     loss_fn = StudyLoss.from_cfg(cfg)
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.01)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+    amp_dtype = amp_dtype_for(device, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     n, s = int(cfg.batch), int(cfg.imgsz)
     batch = to_device(
@@ -185,12 +186,15 @@ def main() -> None:
 
     print("\n1. compute only (batch on the device, train steps: forward + mask/none/study loss + backward + AdamW)")
     fp32 = compute_only(cfg, device, amp=False, channels_last=False, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
-    print(f"   fp32, NCHW               {fp32:9.1f} img/s")
+    # cuDNN runs fp32 convolutions in TF32 by default on Ampere+: say so rather than call it plain fp32
+    label = "fp32 (TF32 conv), NCHW" if gpu and torch.backends.cudnn.allow_tf32 else "fp32, NCHW"
+    print(f"   {label:<24} {fp32:9.1f} img/s")
     fast = None
     if gpu:
         torch.cuda.empty_cache()  # the fp32 model is gone; give its cached memory back
         fast = compute_only(cfg, device, amp=True, channels_last=True, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
-        print(f"   AMP + channels_last      {fast:9.1f} img/s   ({fast / fp32:.2f}x fp32)")
+        amp_name = str(amp_dtype_for(device, True)).replace("torch.", "")
+        print(f"   AMP ({amp_name}) + channels_last {fast:9.1f} img/s   ({fast / fp32:.2f}x fp32)")
     else:
         print("   AMP + channels_last      not measured: no GPU here (the training loop uses them on CUDA only)")
 

@@ -117,10 +117,28 @@ def bench_train(prepared: Path, work: Path, args) -> dict:
             import torch
 
             torch.cuda.synchronize()
+        state["amp"] = bool(trainer.amp)  # Ultralytics' check_amp may have turned it off
         epochs.append((time.perf_counter() - state["t"], len(trainer.train_loader.dataset)))
 
     run_dir = train(cfg, callbacks={"on_train_epoch_start": start, "on_train_epoch_end": end})
-    return {"run": run_dir, "epochs": epochs}
+    if not epochs:
+        # several GPUs: Ultralytics trains in torchrun subprocesses, which these callbacks never reach;
+        # take the epoch times from results.csv instead (cumulative seconds, validation included)
+        epochs = epochs_from_results(run_dir / "fold0")
+        state["timing"] = "from results.csv (validation included)"
+    return {"run": run_dir, "epochs": epochs, "amp": state.get("amp"), "timing": state.get("timing", "callbacks")}
+
+
+def epochs_from_results(fold_dir: Path) -> list[tuple[float, int]]:
+    """(seconds, training images) per epoch from an Ultralytics run's results.csv (cumulative `time`)."""
+    import pandas as pd
+    import yaml
+
+    res = pd.read_csv(fold_dir / "results.csv")
+    data = yaml.safe_load(Path(yaml.safe_load((fold_dir / "args.yaml").read_text())["data"]).read_text())
+    train_list = Path(data["train"]) if Path(data["train"]).is_absolute() else Path(data["path"]) / data["train"]
+    n_train = len(train_list.read_text().split())
+    return [(float(t), n_train) for t in res["time"].diff().fillna(res["time"])]
 
 
 def bench_predict(run_dir: Path, args, tta: bool) -> tuple[float, int]:
@@ -171,7 +189,7 @@ def main() -> None:
     with_tta = bench_predict(result["run"], args, tta=True)
     without_tta = bench_predict(result["run"], args, tta=False)
 
-    amp = "off" if args.no_amp or args.device == "cpu" else "on"
+    amp = {True: "on", False: "off"}.get(result["amp"], "requested " + ("off" if args.no_amp else "on"))
     print(
         f"\n=== detect benchmark: {args.model} at {args.imgsz} px, batch {args.batch}, AMP {amp}, "
         f"device {args.device}: {device_name(args.device)} ==="
@@ -181,7 +199,8 @@ def main() -> None:
         print(f"train {label:<18} {n:5d} images {seconds:8.2f} s  {n / seconds:8.1f} images/s")
     steady = result["epochs"][1:] or result["epochs"]
     images, seconds = sum(n for _, n in steady), sum(s for s, _ in steady)
-    print(f"train steady state        {images / seconds:8.1f} images/s (validation excluded)")
+    excluded = "validation excluded" if result["timing"] == "callbacks" else result["timing"]
+    print(f"train steady state        {images / seconds:8.1f} images/s ({excluded})")
     for label, (secs, n) in (("predict test, TTA", with_tta), ("predict test, no TTA", without_tta)):
         print(
             f"{label:<25} {n:5d} images {secs:8.2f} s  {n / secs:8.1f} images/s  "

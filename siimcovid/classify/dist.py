@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from siimcovid.utils import SiimError
+from siimcovid.utils import LOGGER, SiimError
 
 
 @dataclass
@@ -42,6 +42,12 @@ class Dist:
         torch_dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, module) -> None:
+        """Rank 0's buffers (batch-norm statistics) to every rank, so all ranks validate one model."""
+        if self.active:
+            for buf in module.buffers():
+                torch_dist.broadcast(buf, 0)
+
     def sum(self, values: list[float]) -> list[float]:
         if not self.active:
             return list(values)
@@ -70,9 +76,13 @@ def setup(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
+    if world > 1 and dev.type == "cuda" and dev.index != local_rank:
+        # device=0 under torchrun would put every process on one GPU: each takes its own
+        LOGGER.warning(f"device={device} under torchrun: process {rank} uses cuda:{local_rank} (its LOCAL_RANK)")
+        dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # also for one process on cuda:1: no stray context on GPU 0
     if world > 1 and not torch_dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 

@@ -261,7 +261,8 @@ def amp_dtype_for(device, amp: bool):
 
     if not amp or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 needs Ampere or newer; is_bf16_supported() also says yes to emulated bf16 (T4, V100: slow)
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def predict_run(

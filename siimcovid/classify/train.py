@@ -61,6 +61,8 @@ LOG_COLUMNS = [
     "loader_wait",
     "time_s",
 ]
+SYNC_EVERY = 20  # training steps between host syncs (loss check, progress bar)
+
 # Settings that may differ when a run resumes or skips its finished folds: where and how it runs,
 # and the predict settings. Any other change (model, epochs, lr, augmentation...) would put folds
 # trained one way under settings that say another, so it is refused.
@@ -199,6 +201,7 @@ class FoldTrainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
+            torch.manual_seed(int(cfg.seed) + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
         self.loss_fn = StudyLoss.from_cfg(cfg)
         self.ema = None
         self.rng = np.random.default_rng(int(cfg.seed) + d.rank)
@@ -253,8 +256,6 @@ class FoldTrainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 out = self.train_model(b["image"])
             parts = self.loss_fn(out, target, b["none"], b["mask"])
-            if not torch.isfinite(parts["loss"]):
-                raise SiimError(f"fold {self.fold} epoch {epoch}: the loss is {float(parts['loss'])}; lower lr or turn amp off")
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(parts["loss"]).backward()
             if float(cfg.clip_grad) > 0:
@@ -267,12 +268,16 @@ class FoldTrainer:
                 sched.step_update(num_updates=step)
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(target)
+            for k, v in parts.items():  # summed on the device: no host sync per step (it starves a GPU)
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(target)
             n += len(target)
-            if d.is_main:
-                bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
+            if step % SYNC_EVERY == 0:
+                self.check_loss(float(sums["loss"]), epoch)
+                if d.is_main:
+                    bar.set_postfix(loss=f"{float(sums['loss']) / n:.3f}")
             tw = time.perf_counter()
+        sums = {k: float(v) for k, v in sums.items()}
+        self.check_loss(sums.get("loss", 0.0), epoch)
         elapsed = time.perf_counter() - t0
         keys = ["loss", "cls", "none", "mask"]
         tot = d.sum([sums.get(k, 0.0) for k in keys] + [n])
@@ -282,6 +287,7 @@ class FoldTrainer:
         return stats, step
 
     def validate(self) -> tuple[dict, pd.DataFrame]:
+        self.d.broadcast_buffers(self.eval_model())  # each rank's batch-norm statistics drifted apart; rank 0's are saved
         idx, study, none, sums = P.infer(self.eval_model(), self.val_loader, self.device, self.amp_dtype, loss_fn=self.loss_fn)
         # Items carry their row in val_tab (not their position in this rank's shard).
         parts = self.d.gather((idx if idx is not None else np.zeros(0, int), study, none, sums))
@@ -299,6 +305,10 @@ class FoldTrainer:
 
         truth = self.val_tab.set_index("image_id").loc[images.image_id, "none"].values
         return float(roc_auc_score(truth, images["none"])) if len(set(truth)) == 2 else float("nan")
+
+    def check_loss(self, loss_sum: float, epoch: int) -> None:
+        if not math.isfinite(loss_sum):
+            raise SiimError(f"fold {self.fold} epoch {epoch}: the loss became {loss_sum}; lower lr or turn amp off")
 
     def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, best: dict) -> dict:
         return {
@@ -332,7 +342,8 @@ class FoldTrainer:
         state, rows = None, []
         best = {"score": -math.inf, "epoch": 0, "wave": 0}
         if last_path.is_file():
-            state = torch.load(last_path, map_location=self.device, weights_only=False)
+            # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
+            state = torch.load(last_path, map_location="cpu", weights_only=False)
             best = state["best"]
             if log_path.is_file():
                 rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
@@ -369,7 +380,8 @@ class FoldTrainer:
                 opt.load_state_dict(state["optimizer"])
                 if sched is not None:
                     sched.load_state_dict(state["scheduler"])
-                self.scaler.load_state_dict(state["scaler"])
+                if state["scaler"] and self.scaler.is_enabled():  # empty where the run had no fp16 scaler
+                    self.scaler.load_state_dict(state["scaler"])
                 self.rng.bit_generator.state = state["rng"]
                 step = state["step"]
                 state = None

@@ -174,6 +174,7 @@ def predict_args(cfg: Config) -> dict:
         "max_det": int(cfg.max_det),
         "batch": int(cfg.batch),
         "device": device,
+        "half": True,  # fp16 inference on a GPU (Ultralytics ignores it on the CPU); half=false overrides
     }
     return {**args, **passthrough(cfg), "verbose": False, "save": False}
 
