@@ -624,6 +624,18 @@ def test_mask_head_stays_in_the_graph_with_mask_weight_zero():
     assert grads and all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)
 
 
+def test_amp_dtype_follows_the_gpu_generation(monkeypatch):
+    # bf16 only with bf16 hardware (Ampere, compute capability 8+): T4 and V100 emulate it slowly
+    from siimcovid.classify.predict import amp_dtype_for
+
+    gpu = torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
+    assert amp_dtype_for(gpu, True) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
+    assert amp_dtype_for(gpu, True) == torch.bfloat16
+    assert amp_dtype_for(gpu, False) is None and amp_dtype_for(torch.device("cpu"), True) is None
+
+
 def test_device_names():
     from siimcovid.classify.dist import pick_device
 
