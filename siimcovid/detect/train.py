@@ -93,10 +93,14 @@ def train_fold(
     fold: int,
     fitness: str,
     callbacks: dict[str, Callable] | None = None,
+    state: str | None = None,
 ) -> str:
-    """Train (or resume, or skip) one fold. Returns what happened: trained, resumed or skipped."""
+    """Train (or resume, or skip) one fold. Returns what happened: trained, resumed or skipped.
+
+    `state`: the fold's fold_state when the caller has it (it loads last.pt, which is large).
+    """
     fold_dir = run_dir / f"fold{fold}"
-    state = fold_state(fold_dir)
+    state = state or fold_state(fold_dir)
     if state == "done":
         LOGGER.info(f"detect: {fold_dir} is finished, skipping (delete it to train again)")
         return "skipped"
@@ -163,12 +167,13 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         hyp_values=hyp,
         folds_id=Prepared(source.prepared).folds_id,
     )
+    states = {k: fold_state(run_dir / f"fold{k}") for k in folds}
     for k in folds:  # before the run's settings are saved over those the folds were trained with
-        if fold_state(run_dir / f"fold{k}") in ("done", "partial"):
+        if states[k] in ("done", "partial"):
             check_fold_settings(run_dir / f"fold{k}", args, model)
     saved.save(run_dir / RUN_CONFIG)
 
-    done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks) for k in folds}
+    done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
     summary = fold_summary(run_dir, folds)
     LOGGER.info(f"detect train: {run_dir} ({', '.join(f'fold{k} {v}' for k, v in done.items())})")
     if len(summary):
