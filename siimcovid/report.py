@@ -17,7 +17,7 @@ from siimcovid import metrics  # noqa: E402
 from siimcovid.data.boxes import scale_boxes  # noqa: E402
 from siimcovid.data.prepared import Prepared  # noqa: E402
 from siimcovid.data.siim import STUDY_CLASSES  # noqa: E402
-from siimcovid.utils import atomic_path  # noqa: E402
+from siimcovid.utils import save_png  # noqa: E402
 
 
 def pr_curve(truth: pd.DataFrame, pred: pd.DataFrame, cls: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -55,10 +55,7 @@ def plot_pr_curves(truth: pd.DataFrame, pred: pd.DataFrame, path: Path, title: s
     axes.flat[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def confusion_matrix(labels: pd.Series, probs: pd.DataFrame) -> pd.DataFrame:
@@ -82,10 +79,7 @@ def plot_confusion(table: pd.DataFrame, path: Path, title: str = "") -> Path:
                 j, i, str(values[i, j]), ha="center", va="center", color="white" if values[i, j] > values.max() / 2 else "black"
             )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def plot_samples(
@@ -124,7 +118,4 @@ def plot_samples(
         ax.axis("off")
     fig.suptitle("green: ground truth, red: predicted (conf shown)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)

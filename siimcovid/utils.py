@@ -63,6 +63,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it (the caller chose the backend)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def write_predictions(df, path: str | os.PathLike) -> Path:
     """Write a prediction table at full float precision, atomically.
 

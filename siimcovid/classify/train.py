@@ -39,7 +39,7 @@ from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, write_csv, write_predictions
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, save_png, write_csv, write_predictions
 
 LOG_COLUMNS = [
     "epoch",
@@ -143,9 +143,7 @@ def plot_log(log: pd.DataFrame, path: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 class FoldTrainer:
