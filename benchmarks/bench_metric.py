@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from siimcovid.fuse.submission import pred_to_submission, submission_to_pred
 from siimcovid.metrics import PRED_COLUMNS, TRUTH_COLUMNS, score
+from siimcovid.submission import pred_to_submission, submission_to_pred
 
 STUDY = ["negative", "typical", "indeterminate", "atypical"]
 

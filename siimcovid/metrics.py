@@ -40,16 +40,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from siimcovid.data.boxes import boxes_from_json
-from siimcovid.data.siim import IMAGE_CLASSES, STUDY_CLASSES
+from siimcovid.tables import (
+    BOX_COLUMNS,
+    CLASSES,
+    IMAGE_CLASSES,
+    IMAGE_SUFFIX,
+    PREDICTIONS,
+    SCORES,
+    STUDY_CLASSES,
+    STUDY_SUFFIX,
+    TRUTH,
+    WHOLE,
+)
 from siimcovid.utils import SiimError
 
-TRUTH_COLUMNS = ["id", "cls", "x_min", "y_min", "x_max", "y_max"]
-PRED_COLUMNS = ["id", "cls", "conf", "x_min", "y_min", "x_max", "y_max"]
-BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
-CLASSES = STUDY_CLASSES + IMAGE_CLASSES  # the six classes, in the order tables print them
-WHOLE = (0.0, 0.0, 1.0, 1.0)  # the box of study predictions and of `none`
-STUDY_SUFFIX, IMAGE_SUFFIX = "_study", "_image"
+TRUTH_COLUMNS = TRUTH.names  # id, cls, x_min, y_min, x_max, y_max (siimcovid.data.truth builds these rows)
+PRED_COLUMNS = PREDICTIONS.names  # id, cls, conf, x_min, y_min, x_max, y_max
 CLASS_GROUPS = {"study": STUDY_CLASSES, "image": IMAGE_CLASSES, "all": CLASSES}
 
 
@@ -245,8 +251,9 @@ def score(truth: pd.DataFrame, pred: pd.DataFrame, classes=None, iou_threshold: 
     """Score predictions against the truth: AP per class present in the truth (restricted to `classes`).
 
     classes: None (all present), a list of class names, or 'study' / 'image' / 'all'.
-    Study rows only (classifier checkpoints): score(study_truth(..), study_pred(..)).
-    Opacity only (detectors): score(image_truth(..), image_pred(..), classes=['opacity']).
+    Study rows only (classifier checkpoints): score(truth.study_truth(..), study_pred(..)).
+    Opacity only (detectors): score(truth.image_truth(..), image_pred(..), classes=['opacity'])
+    (siimcovid.data.truth builds the truth rows).
     """
     prep = _Prepared(truth, pred)
     wanted = resolve_classes(classes)
@@ -258,26 +265,13 @@ def score(truth: pd.DataFrame, pred: pd.DataFrame, classes=None, iou_threshold: 
 
 
 # ----------------------------------------------------------------------------- tidy builders
-def _whole_rows(ids, classes, conf=None) -> pd.DataFrame:
+def _whole_rows(ids, classes, conf) -> pd.DataFrame:
     n = len(ids)
     out = {"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)}
-    if conf is not None:
-        out["conf"] = np.asarray(conf, dtype=np.float64)
+    out["conf"] = np.asarray(conf, dtype=np.float64)
     for c, v in zip(BOX_COLUMNS, WHOLE):
         out[c] = np.full(n, v)
-    return pd.DataFrame(out, columns=PRED_COLUMNS if conf is not None else TRUTH_COLUMNS)
-
-
-def study_truth(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with study_id, study_label (one per study, or one per image as in meta.csv) -> truth rows."""
-    studies = df[["study_id", "study_label"]].astype(str).drop_duplicates()
-    clash = studies.study_id.duplicated(keep=False)
-    if clash.any():
-        raise SiimError(f"study {studies.study_id[clash].iloc[0]} has more than one study_label")
-    bad = ~studies.study_label.isin(STUDY_CLASSES)
-    if bad.any():
-        raise SiimError(f"unknown study_label {studies.study_label[bad].iloc[0]!r}; expected one of {STUDY_CLASSES}")
-    return _whole_rows(studies.study_id + STUDY_SUFFIX, studies.study_label)
+    return pd.DataFrame(out, columns=PRED_COLUMNS)
 
 
 def study_pred(df: pd.DataFrame) -> pd.DataFrame:
@@ -297,30 +291,6 @@ def study_pred(df: pd.DataFrame) -> pd.DataFrame:
     ids = np.repeat((probs.study_id + STUDY_SUFFIX).to_numpy(), len(STUDY_CLASSES))
     classes = np.tile(STUDY_CLASSES, len(probs))
     return _whole_rows(ids, classes, values.reshape(-1))
-
-
-def image_truth(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with image_id and boxes (lists of [x1, y1, x2, y2], original px, or their JSON) -> truth rows.
-
-    An image without boxes gets the truth `none 0 0 1 1`.
-    """
-    if df.image_id.duplicated().any():
-        raise SiimError(f"image {df.image_id[df.image_id.duplicated()].iloc[0]} appears twice in the truth")
-    ids, classes, boxes = [], [], []
-    for image_id, bxs in zip(df.image_id.astype(str), df.boxes):
-        if isinstance(bxs, str):  # a raw meta.csv cell
-            bxs = boxes_from_json(bxs)
-        arr = np.asarray(bxs if bxs is not None else [], dtype=np.float64).reshape(-1, 4)
-        if len(arr) == 0:
-            ids.append(image_id + IMAGE_SUFFIX), classes.append("none"), boxes.append(np.array([WHOLE]))
-        else:
-            ids += [image_id + IMAGE_SUFFIX] * len(arr)
-            classes += ["opacity"] * len(arr)
-            boxes.append(arr)
-    box = np.concatenate(boxes) if boxes else np.zeros((0, 4))
-    out = pd.DataFrame({"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)})
-    out[BOX_COLUMNS] = box
-    return out[TRUTH_COLUMNS]
 
 
 def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -345,3 +315,31 @@ def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = Non
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "cls") else np.float64) for c in PRED_COLUMNS})
     return pd.concat(parts, ignore_index=True)[PRED_COLUMNS]
+
+
+# ----------------------------------------------------------------------------- per-fold score tables
+def fold_scores(truth: pd.DataFrame, pred: pd.DataFrame, images: pd.DataFrame, classes=None) -> pd.DataFrame:
+    """The SCORES table (siimcovid.tables.SCORES) every stage writes as scores_oof.csv: one row over
+    all images ("all", first), then one per fold.
+
+    images: image_id, study_id, fold of the images scored; truth and pred rows of other ids are left
+    out of each row. classes as in `score` (detectors: ['opacity']; classifiers: the study
+    classes and none)."""
+    rows = []
+    groups = [("all", images)] + [(str(k), g) for k, g in images.groupby("fold", sort=True)]
+    for fold, part in groups:
+        ids = set(part["image_id"].astype(str) + IMAGE_SUFFIX) | set(part["study_id"].astype(str) + STUDY_SUFFIX)
+        result = score(truth[truth["id"].isin(ids)], pred[pred["id"].isin(ids)], classes=classes)
+        rows.append(
+            {
+                "fold": fold,
+                "n_images": len(part),
+                "n_studies": part["study_id"].nunique(),
+                **result.ap,
+                "study_map": result.study_map,
+                "image_map": result.image_map,
+                "final": result.final,
+            }
+        )
+    table = pd.DataFrame(rows)
+    return table[[c for c in SCORES.names if c in table.columns]]

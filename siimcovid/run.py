@@ -29,7 +29,8 @@ from siimcovid.config import Config, default_config_path, read_yaml
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES
 from siimcovid.data.synth import is_synthetic
 from siimcovid.metrics import CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
+from siimcovid.tables import write_csv
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 COLUMNS = [*CLASSES, "study_map", "image_map", "final"]
 
@@ -261,10 +262,9 @@ def priors_baseline(prepared: Path, image_ids) -> metrics.Score:
 
 def _truth(prepared: Path, image_ids) -> pd.DataFrame:
     """The metric's truth rows of these out-of-fold images and their studies."""
-    from siimcovid.evaluate import load_truth, truth_rows
+    from siimcovid.data.truth import oof_truth
 
-    per_image = load_truth(prepared, "train")
-    return truth_rows(per_image[per_image.image_id.isin(set(image_ids))])
+    return oof_truth(prepared, image_ids)
 
 
 def _has_tabulate() -> bool:

@@ -73,18 +73,8 @@ def save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
     return Path(path)
 
 
-def write_predictions(df, path: str | os.PathLike) -> Path:
-    """Write a prediction table at full float precision, atomically.
-
-    Rounding would tie scores that differ, and ties change average precision: a score
-    recomputed from the file must equal the score the stage printed.
-    """
-    return write_csv(df, path)
-
-
-def write_csv(df, path: str | os.PathLike, **kwargs) -> Path:
-    """Write a pandas DataFrame as CSV atomically."""
-    kwargs.setdefault("index", False)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, **kwargs)
-    return Path(path)
+def as_list(value) -> list:
+    """A setting that takes one value or several (a=1 or a=1,2) -> a list; None and '' -> []."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -11,11 +11,11 @@ import yaml
 
 from siimcovid import cli
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.evaluate import load_truth
+from siimcovid.data.truth import load_truth
 from siimcovid.fuse import formulas
 from siimcovid.fuse.pipeline import FUSION_KEYS
-from siimcovid.fuse.submission import read_submission, sample_ids
 from siimcovid.fuse.wbf import denormalise_boxes, normalise_boxes, wbf_image, wbf_table
+from siimcovid.submission import read_submission, sample_ids
 from siimcovid.utils import DataError, SiimError
 
 DET = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]

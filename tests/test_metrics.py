@@ -9,18 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from siimcovid.fuse.submission import make_submission, submission_to_pred
+from siimcovid.data.truth import image_truth, study_truth
 from siimcovid.metrics import (
     PRED_COLUMNS,
     TRUTH_COLUMNS,
     average_precision,
     image_pred,
-    image_truth,
     score,
     study_pred,
-    study_truth,
     voc_ap,
 )
+from siimcovid.submission import make_submission, submission_to_pred
 from siimcovid.utils import SiimError
 
 

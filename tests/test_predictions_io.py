@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from siimcovid import metrics
+from siimcovid.data import truth as truth_mod
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import write_predictions
+from siimcovid.tables import write_csv as write_predictions
 
 
 def near_tied_studies(n=300, dtype=np.float64, spread=1e-7):
@@ -18,7 +19,7 @@ def near_tied_studies(n=300, dtype=np.float64, spread=1e-7):
     ids = [f"s{i}" for i in range(n)]
     pred = pd.DataFrame(probs, columns=STUDY_CLASSES).assign(study_id=ids)
     truth = pd.DataFrame({"study_id": ids, "study_label": rng.choice(STUDY_CLASSES, n)})
-    return pred, metrics.study_truth(truth)
+    return pred, truth_mod.study_truth(truth)
 
 
 def study_map(pred, truth):

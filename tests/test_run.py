@@ -8,8 +8,8 @@ import pytest
 
 from siimcovid import metrics, report
 from siimcovid.cli import call
-from siimcovid.fuse.submission import check_submission, read_submission
 from siimcovid.runs import list_runs
+from siimcovid.submission import check_submission, read_submission
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_skip_mode_drops_bad_images_and_reports_them(tiny_root, tmp_path, caplog
     n_images = len(pd.read_csv(tiny_root / IMAGE_CSV))
     assert (meta.split == "train").sum() == n_images - 2
     # scoring against this prepared dir skips the bad CSV row too, instead of failing on it
-    from siimcovid.evaluate import load_truth
+    from siimcovid.data.truth import load_truth
 
     truth = load_truth(out, "train")
     assert set(truth.image_id) == set(meta[meta.split == "train"].image_id)

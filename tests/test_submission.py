@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from siimcovid.fuse.submission import (
+from siimcovid.submission import (
     check_submission,
     make_submission,
     pred_to_submission,

@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv, write_predictions
+from siimcovid.tables import write_csv
+from siimcovid.tables import write_csv as write_predictions
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 PROB_COLUMNS = STUDY_CLASSES + ["none"]
 IMAGE_COLUMNS = ["model", "image_id", "study_id", "fold"] + PROB_COLUMNS
@@ -96,14 +98,10 @@ def combine(tables: list[pd.DataFrame], method: str = "mean", weights: list[floa
 
 def truth_frames(prep, images: pd.DataFrame):
     """Truth rows (metric API) for the studies and images of a prediction table."""
-    from siimcovid import metrics
+    from siimcovid.data import truth
 
-    meta = prep.split("train")
-    unknown = set(images["image_id"]) - set(meta["image_id"])
-    if unknown:
-        raise SiimError(f"{len(unknown)} predicted images are not train images of {prep.root} (e.g. {sorted(unknown)[0]})")
-    rows = meta[meta["image_id"].isin(set(images["image_id"]))]
-    return metrics.study_truth(rows[["study_id", "study_label"]]), metrics.image_truth(rows[["image_id", "boxes"]])
+    rows = truth.oof_images(prep.root, images["image_id"])
+    return truth.study_truth(rows), truth.image_truth(rows)
 
 
 def score_oof(prep, images: pd.DataFrame, studies: pd.DataFrame, tta: str = "none") -> pd.DataFrame:

@@ -39,7 +39,9 @@ from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, save_png, write_csv, write_predictions
+from siimcovid.tables import write_csv
+from siimcovid.tables import write_csv as write_predictions
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, save_png
 
 LOG_COLUMNS = [
     "epoch",

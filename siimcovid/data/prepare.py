@@ -25,7 +25,8 @@ from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
 from siimcovid.data.prepared import META_COLUMNS, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES, Problems, load_test, load_train
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
+from siimcovid.tables import write_csv
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 
 def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):

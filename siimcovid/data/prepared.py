@@ -24,35 +24,32 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from siimcovid.data.boxes import boxes_from_json
 from siimcovid.data.layout import image_file, label_file, mask_file
-from siimcovid.utils import SiimError
+from siimcovid.tables import META
+from siimcovid.utils import SiimError, as_list
 
-META_COLUMNS = [
-    "image_id",  # SOP id without _image
-    "study_id",  # StudyInstanceUID folder name
-    "series_id",
-    "patient_id",  # DICOM PatientID (folds group by it)
-    "split",  # train | test
-    "fold",  # 0..n_folds-1 for train, -1 for test
-    "study_label",  # negative | typical | indeterminate | atypical ('' for test)
-    "boxes",  # JSON [[x_min, y_min, x_max, y_max], ...] in original pixels, clipped to the image
-    "n_boxes",
-    "rows",  # original height
-    "cols",  # original width
-    "photometric",
-    "bits_stored",
-    "transfer_syntax",
-    "voi",  # lut | window | '' (what the conversion applied)
-    "modality",
-    "dicom",  # path of the DICOM relative to the data root
-]
+META_COLUMNS = META.names  # the contract: siimcovid.tables.META
 
 
 def folds_fingerprint(meta: pd.DataFrame) -> str:
     train = meta[meta.split == "train"]
     text = "\n".join(sorted(f"{i}:{int(f)}" for i, f in zip(train.image_id, train.fold)))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def select_folds(fold, n_folds: int, where: str = "the prepared data") -> list[int]:
+    """fold=all (or None) | k | [k, ...] -> sorted distinct folds, each checked to be in 0..n_folds-1."""
+    if fold is None or str(fold).lower() == "all":
+        return list(range(n_folds))
+    out = set()
+    for f in as_list(fold):
+        if isinstance(f, bool) or not isinstance(f, (int, float, str)) or not str(f).lstrip("-").isdigit():
+            raise SiimError(f"fold must be all, a fold number or a list of them, got '{fold}'")
+        k = int(f)
+        if not 0 <= k < n_folds:
+            raise SiimError(f"fold {k} does not exist: {where} has folds 0..{n_folds - 1}")
+        out.add(k)
+    return sorted(out)
 
 
 class Prepared:
@@ -63,12 +60,13 @@ class Prepared:
         meta_path, cfg_path = self.root / "meta.csv", self.root / "prepare.yaml"
         if not meta_path.is_file() or not cfg_path.is_file():
             raise SiimError(f"{self.root} is not a finished prepared dataset (no meta.csv): run `siimcovid prepare` first")
-        self.cfg = yaml.safe_load(cfg_path.read_text())
-        meta = pd.read_csv(
-            meta_path, dtype={"image_id": str, "study_id": str, "series_id": str, "patient_id": str}, keep_default_na=False
-        )
-        meta["boxes"] = [boxes_from_json(b) for b in meta["boxes"]]
-        self.meta = meta
+        self.cfg = self.read_cfg(self.root)
+        self.meta = META.read(meta_path)[META.names].reset_index(drop=True)
+
+    @staticmethod
+    def read_cfg(root: str | os.PathLike) -> dict:
+        """The settings prepare saved (prepare.yaml): sizes, n_folds, data_resolved..."""
+        return yaml.safe_load((Path(root) / "prepare.yaml").read_text()) or {}
 
     @property
     def name(self) -> str:
@@ -115,6 +113,10 @@ class Prepared:
         if not 0 <= int(fold) < self.n_folds:
             raise SiimError(f"fold {fold} does not exist: {self.root} has folds 0..{self.n_folds - 1}")
         return int(fold)
+
+    def select_folds(self, fold) -> list[int]:
+        """fold=all | k | [k, ...] (the `fold` setting of every stage) -> the folds, each checked to exist."""
+        return select_folds(fold, self.n_folds, str(self.root))
 
     def split(self, split: str) -> pd.DataFrame:
         return self.meta[self.meta.split == split].reset_index(drop=True)

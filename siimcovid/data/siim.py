@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from siimcovid.tables import IMAGE_CLASSES, STUDY_CLASSES, read_csv
 from siimcovid.utils import LOGGER, DataError, SiimError
 
-# Study classes in the order used everywhere (columns of probabilities, class indices).
-STUDY_CLASSES = ["negative", "typical", "indeterminate", "atypical"]
 # Column of train_study_level.csv for each class.
 STUDY_COLUMNS = {
     "negative": "Negative for Pneumonia",
@@ -27,7 +26,6 @@ STUDY_COLUMNS = {
     "indeterminate": "Indeterminate Appearance",
     "atypical": "Atypical Appearance",
 }
-IMAGE_CLASSES = ["opacity", "none"]
 
 IMAGE_CSV = "train_image_level.csv"
 STUDY_CSV = "train_study_level.csv"
@@ -66,23 +64,6 @@ def _strip_suffix(value: str, suffix: str, file, line) -> str:
     if not isinstance(value, str) or not value.endswith(suffix) or len(value) == len(suffix):
         raise DataError(f"id '{value}' should end with '{suffix}'", file, line)
     return value[: -len(suffix)]
-
-
-def read_csv_checked(path: str | os.PathLike, required: list[str]) -> pd.DataFrame:
-    """Read a CSV as strings, check its columns; a row's file line is its index + 2 (blank lines skipped but counted)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except pd.errors.ParserError as e:
-        raise DataError(f"malformed CSV: {e}", path) from None
-    except pd.errors.EmptyDataError:
-        raise DataError("empty CSV", path) from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataError(f"missing column(s) {missing}; found {list(df.columns)}", path)
-    return df[~(df == "").all(axis=1)]  # blank lines go; the index keeps counting them
 
 
 def _number(value, what: str, file, line) -> float:
@@ -172,7 +153,7 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
     ``.attrs["listed_images"]`` / ``["listed_studies"]`` hold every id the file names, rows
     skipped for errors included, so that a skipped row is not reported twice.
     """
-    df = read_csv_checked(path, ["id", "boxes", "label", "StudyInstanceUID"])
+    df = read_csv(path, ["id", "boxes", "label", "StudyInstanceUID"])
     rows, seen = [], {}
     for i, rec in zip(df.index, df.itertuples(index=False)):
         line = i + 2
@@ -202,7 +183,7 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
 def read_study_level(path: str | os.PathLike, problems: Problems) -> pd.DataFrame:
     """train_study_level.csv -> study_id, study_label (one of STUDY_CLASSES), line."""
     cols = [STUDY_COLUMNS[c] for c in STUDY_CLASSES]
-    df = read_csv_checked(path, ["id", *cols])
+    df = read_csv(path, ["id", *cols])
     rows, seen = [], {}
     for i, rec in zip(df.index, df.to_dict("records")):
         line = i + 2
@@ -249,7 +230,7 @@ def find_dicoms(split_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_sample_submission(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """sample_submission.csv -> (study ids, image ids), suffixes stripped."""
-    df = read_csv_checked(path, ["id", "PredictionString"])
+    df = read_csv(path, ["id", "PredictionString"])
     studies, images, seen = [], [], {}
     for i, value in df["id"].items():
         if value in seen:

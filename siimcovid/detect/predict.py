@@ -36,8 +36,11 @@ from siimcovid import metrics
 from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
+from siimcovid.data.truth import image_truth, oof_images
 from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, fold_state, passthrough
-from siimcovid.utils import LOGGER, SiimError, write_csv, write_predictions
+from siimcovid.tables import write_csv
+from siimcovid.tables import write_csv as write_predictions
+from siimcovid.utils import LOGGER, SiimError
 
 PRED_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
 SPLITS = ("oof", "test")
@@ -183,9 +186,10 @@ def oof_ap(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
     """The competition's opacity AP of the OOF boxes: per fold and over all predicted train images."""
     train = run.prepared.split("train")
     train = train[train.fold.isin(list(run.weights))]
+    truth_of = oof_images(run.prepared.root, train.image_id)  # the competition's truth: unclipped boxes
     rows = []
     for fold, images in [*((k, train[train.fold == k]) for k in sorted(run.weights)), ("all", train)]:
-        truth = metrics.image_truth(images[["image_id", "boxes"]])
+        truth = image_truth(truth_of[truth_of.image_id.isin(set(images.image_id))])
         boxes = pred[pred.image_id.isin(set(images.image_id))]
         scored = metrics.image_pred(boxes[["image_id", "conf", "x_min", "y_min", "x_max", "y_max"]], None)
         ap = metrics.average_precision(truth, scored, "opacity")

@@ -35,6 +35,7 @@ import pandas as pd
 
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import SAMPLE_SUBMISSION, STUDY_CLASSES, read_sample_submission
+from siimcovid.data.truth import oof_truth
 from siimcovid.utils import LOGGER, DataError, SiimError
 
 DET_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
@@ -364,10 +365,7 @@ def load_inputs(cfg) -> FuseInputs:
 
     truth = None
     if split == "oof":
-        from siimcovid.evaluate import load_truth, truth_rows
-
-        per_image = load_truth(cfg.data, "train")
-        truth = truth_rows(per_image[per_image["image_id"].isin(index)])
+        truth = oof_truth(cfg.data, index)
     return FuseInputs(
         split=split,
         images=images,

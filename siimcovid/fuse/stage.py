@@ -35,9 +35,11 @@ from siimcovid.fuse.pipeline import (
     score_fused,
     scores_by_fold,
 )
-from siimcovid.fuse.submission import pred_to_submission, write_submission
 from siimcovid.metrics import Score
-from siimcovid.utils import LOGGER, atomic_write_text, write_csv, write_predictions
+from siimcovid.submission import pred_to_submission, write_submission
+from siimcovid.tables import write_csv
+from siimcovid.tables import write_csv as write_predictions
+from siimcovid.utils import LOGGER, atomic_write_text
 
 
 def run_dir(cfg: Config) -> Path:

@@ -50,7 +50,8 @@ from siimcovid.fuse.pipeline import (
 )
 from siimcovid.fuse.stage import run_dir
 from siimcovid.metrics import CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text, write_csv
+from siimcovid.tables import write_csv
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
 WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result

@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siimcovid.data.siim import IMAGE_CLASSES, STUDY_CLASSES, read_csv_checked, read_sample_submission
-from siimcovid.metrics import BOX_COLUMNS, IMAGE_SUFFIX, PRED_COLUMNS, STUDY_SUFFIX, WHOLE, image_pred, study_pred
+from siimcovid.data.siim import read_sample_submission
+from siimcovid.metrics import PRED_COLUMNS, image_pred, study_pred
+from siimcovid.tables import BOX_COLUMNS, IMAGE_CLASSES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX, SUBMISSION, WHOLE, read_csv
 from siimcovid.utils import DataError, SiimError, atomic_path
 
-SUBMISSION_COLUMNS = ["id", "PredictionString"]
+SUBMISSION_COLUMNS = SUBMISSION.names  # id, PredictionString
 CONF_DIGITS, BOX_DECIMALS = 9, 3  # confidences: significant digits (a tiny one must not round to 0 and tie)
 
 
@@ -153,7 +154,7 @@ def submission_to_pred(sub: pd.DataFrame, sample=None, file: str | os.PathLike |
     rows = []
     positions = sub.index if pd.api.types.is_integer_dtype(sub.index) else range(len(sub))
     for i, row_id, text in zip(positions, ids, strings):
-        line = int(i) + 2  # header is line 1 (read_csv_checked keeps counting blank lines in the index)
+        line = int(i) + 2  # header is line 1 (read_csv keeps counting blank lines in the index)
         if not (row_id.endswith(STUDY_SUFFIX) or row_id.endswith(IMAGE_SUFFIX)) or row_id in (STUDY_SUFFIX, IMAGE_SUFFIX):
             raise DataError(f"id '{row_id}' should be <study>_study or <image>_image", where, line)
         if row_id in first_line:
@@ -186,7 +187,7 @@ def check_submission(sub: pd.DataFrame, sample=None, file: str | os.PathLike | N
 
 def read_submission(path: str | os.PathLike, sample=None) -> pd.DataFrame:
     """Read and check a submission CSV; returns the DataFrame (id, PredictionString)."""
-    sub = read_csv_checked(path, SUBMISSION_COLUMNS)
+    sub = read_csv(path, SUBMISSION_COLUMNS)
     check_submission(sub, sample, path)
     return sub
 

@@ -1,0 +1,47 @@
+"""What every run folder shares: its fold folders, each fold's files, and the "were these folds
+trained with other settings?" check that guards skip and resume in detect and classify.
+
+A run of a per-fold stage is <project>/<name>/ with one folder fold<k>/ per trained fold.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from siimcovid.utils import SiimError
+
+
+def fold_numbers(run_dir: str | Path) -> list[int]:
+    """The k of every fold<k>/ folder of a run, sorted."""
+    return sorted(int(p.name[4:]) for p in Path(run_dir).glob("fold*") if p.is_dir() and p.name[4:].isdigit())
+
+
+def fold_files(run_dir: str | Path, relative: str) -> dict[int, Path]:
+    """{k: fold<k>/<relative>} for the folds where that file exists (e.g. relative="weights/best.pt")."""
+    run_dir = Path(run_dir)
+    found = {k: run_dir / f"fold{k}" / relative for k in fold_numbers(run_dir)}
+    return {k: p for k, p in found.items() if p.is_file()}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal as settings: numbers within rounding (1e-3 == 0.001), everything else as text."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+def changed_settings(old: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) of the settings both hold that differ, but for `ignore`."""
+    ignore = set(ignore)
+    return [(k, old[k], v) for k, v in new.items() if k in old and k not in ignore and not same_value(old[k], v)]
+
+
+def refuse_changed(where: str | Path, changed: list[tuple[str, Any, Any]], advice: str) -> None:
+    """Stop before skipping or resuming folds trained with other settings: their scores would be
+    reported under settings they never saw."""
+    if changed:
+        diff = ", ".join(f"{k}={a} (now {b})" for k, a, b in changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise SiimError(f"{where} was trained with {diff}: {advice}")

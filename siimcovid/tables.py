@@ -1,0 +1,365 @@
+"""The tables that cross a stage boundary: one declared contract each, used by writer and reader.
+
+A contract (`Table`) names its columns in the order they are written, each with a dtype, an
+optional range and a one-line meaning. The stage that writes a table calls `TABLE.write(df, path)`
+(checks the columns, orders them, full float precision, atomic); the stage that reads it calls
+`TABLE.read(path)` (types every column; the first bad value is a `DataError` naming the file and
+line). Required columns are what a reader needs; a writer from elsewhere (another detector
+family, a notebook) only has to provide those. Extra columns are kept by `read` and dropped by
+`write`.
+
+A small module of our own rather than pandera: the errors must name the CSV file and line the way
+every other input error of siimcovid does, and the contracts are a dozen lines of data.
+
+| table | written by | file(s) | read by |
+|---|---|---|---|
+| META | prepare | runs/prepare/<name>/meta.csv | every stage (siimcovid.data.prepared.Prepared) |
+| DETECTIONS | detect predict (or any detector) | runs/detect/<name>/pred_{oof,test}.csv | fuse |
+| CLASSIFIER_IMAGES | classify predict | runs/classify/<name>/pred_{oof,test}_image.csv | fuse, classify ensembles |
+| CLASSIFIER_STUDIES | classify predict | runs/classify/<name>/pred_{oof,test}_study.csv | classify ensembles |
+| PREDICTIONS | fuse | runs/fuse/<name>/pred_{oof,test}.csv | report, evaluate (as the metric's rows) |
+| FUSED_IMAGES / FUSED_STUDIES / FUSED_BOXES | fuse | runs/fuse/<name>/{images,studies,boxes}_<split>.csv | people, report |
+| SUBMISSION | fuse, predict | submission.csv, oof_submission.csv | evaluate, Kaggle |
+| SCORES | detect/classify predict, fuse | scores_oof.csv of each stage | runs, people |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from siimcovid.utils import DataError, SiimError, atomic_path
+
+STUDY_CLASSES = ["negative", "typical", "indeterminate", "atypical"]  # column order of every probability table
+IMAGE_CLASSES = ["opacity", "none"]
+CLASSES = STUDY_CLASSES + IMAGE_CLASSES  # the six classes the metric scores, in the order tables print them
+BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]  # a box in ORIGINAL DICOM pixels unless a table says otherwise
+STUDY_SUFFIX, IMAGE_SUFFIX = "_study", "_image"  # submission and metric ids: <study>_study, <image>_image
+WHOLE = (0.0, 0.0, 1.0, 1.0)  # the box of study classes and of `none`
+TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
+
+
+# ----------------------------------------------------------------------------- reading CSVs
+def file_line(df: pd.DataFrame, position: int) -> int:
+    """The file line of a row of a frame read by `read_csv` (header = line 1; blank lines count)."""
+    return int(df.index[position]) + 2
+
+
+def read_csv(path: str | os.PathLike, required: list[str], text: list[str] | None = None) -> pd.DataFrame:
+    """Read a CSV, check its columns; the one CSV reader for inputs whose errors name file and line.
+
+    text: columns read as strings (None: every column, nothing inferred). Blank lines are
+    dropped but counted: a row's file line is `file_line(df, i)`, i.e. its index + 2.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    dtype = str if text is None else {c: str for c in text}
+    try:
+        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, skip_blank_lines=False, low_memory=False)
+    except pd.errors.ParserError as e:
+        raise DataError(f"malformed CSV: {e}", path) from None
+    except pd.errors.EmptyDataError:
+        raise DataError("empty CSV (not even a header)", path) from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; expected {required} (found {list(df.columns)})", path)
+    blank = df.replace("", np.nan).isna().all(axis=1) if len(df.columns) else pd.Series(False, index=df.index)
+    return df[~blank.to_numpy()]
+
+
+def first_bad(mask, path, message: str, df: pd.DataFrame | None = None) -> None:
+    """Raise DataError(message, path, line of the first True in mask); mask is a Series on df's index or an array."""
+    index = mask.index if isinstance(mask, pd.Series) else (df.index if df is not None else None)
+    values = np.asarray(mask, dtype=bool)
+    if values.any():
+        i = int(np.flatnonzero(values)[0])
+        raise DataError(message, path, (int(index[i]) if index is not None else i) + 2)
+
+
+def to_numbers(df: pd.DataFrame, columns: list[str], path) -> None:
+    """Columns -> float64 in place; the first non-number or non-finite value is an error (file, line)."""
+    for c in columns:
+        values = pd.to_numeric(df[c].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"column {c}: not a finite number: {df[c].iloc[i]!r}", path, file_line(df, i))
+        df[c] = values
+
+
+# ----------------------------------------------------------------------------- contracts
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str  # str | int | float | json (a JSON list in a text cell)
+    doc: str
+    required: bool = True  # a reader needs it; optional columns are written when the writer has them
+    lo: float | None = None  # inclusive range of a number column
+    hi: float | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV that one stage writes and another reads (see the module docstring)."""
+
+    name: str
+    files: str
+    columns: tuple[Column, ...]
+    doc: str = ""
+    checks: tuple[Callable[[pd.DataFrame, Path], None], ...] = field(default=())
+
+    @property
+    def names(self) -> list[str]:
+        """Every column, in the order written."""
+        return [c.name for c in self.columns]
+
+    @property
+    def required(self) -> list[str]:
+        return [c.name for c in self.columns if c.required]
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+    def empty(self) -> pd.DataFrame:
+        """A frame with no rows and every column of its dtype."""
+        kinds = {TEXT: object, JSON: object, INT: np.int64, FLOAT: np.float64}
+        return pd.DataFrame({c.name: pd.Series(dtype=kinds[c.dtype]) for c in self.columns})
+
+    def read(self, path: str | os.PathLike) -> pd.DataFrame:
+        """Read and check a file of this table: typed columns, ranges, the table's checks (errors name file and line)."""
+        path = Path(path)
+        present = [c for c in self.columns if c.required or c.name in _header(path)]
+        df = read_csv(path, self.required, text=[c.name for c in present if c.dtype in (TEXT, JSON)])
+        numeric = [c.name for c in present if c.dtype in (INT, FLOAT)]
+        to_numbers(df, numeric, path)
+        for c in present:
+            if c.dtype == INT:
+                first_bad(df[c.name] != np.round(df[c.name]), path, f"{c.name} must be an integer")
+                df[c.name] = df[c.name].astype(np.int64)
+            elif c.dtype == JSON:
+                df[c.name] = [_json_cell(v, c.name, path, file_line(df, i)) for i, v in enumerate(df[c.name])]
+            if c.lo is not None or c.hi is not None:
+                lo = -np.inf if c.lo is None else c.lo
+                hi = np.inf if c.hi is None else c.hi
+                first_bad((df[c.name] < lo) | (df[c.name] > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")
+        for check in self.checks:
+            check(df, path)
+        return df
+
+    def check(self, df: pd.DataFrame, where: str = "") -> pd.DataFrame:
+        """The columns a writer owes (required ones, and optional ones it has), in the written order."""
+        missing = [c for c in self.required if c not in df.columns]
+        if missing:
+            raise SiimError(f"{where or self.name}: table lacks column(s) {missing} of the {self.name} contract ({self.files})")
+        return df[[c for c in self.names if c in df.columns]]
+
+    def write(self, df: pd.DataFrame, path: str | os.PathLike, float_format: str | None = None) -> Path:
+        """Write atomically at full float precision (rounding would tie scores and move AP), columns in contract order."""
+        out = self.check(df, str(path))
+        dump = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+        out = out.assign(**{c.name: [dump(v) for v in out[c.name]] for c in self.columns if c.dtype == JSON and c.name in out})
+        return write_csv(out, path, float_format=float_format)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
+    """Write a DataFrame as CSV atomically (no index)."""
+    kwargs.setdefault("index", False)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, **kwargs)
+    return Path(path)
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="") as f:
+            return [h.strip() for h in f.readline().rstrip("\r\n").split(",")]
+    except OSError:
+        return []
+
+
+def _json_cell(text, column: str, path, line: int):
+    if text in ("", None):
+        return []
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise DataError(f"column {column}: not JSON: {str(text)[:60]!r}", path, line) from None
+
+
+def _boxes_ordered(df: pd.DataFrame, path) -> None:
+    first_bad((df["x_max"] < df["x_min"]) | (df["y_max"] < df["y_min"]), path, "box has x_max < x_min or y_max < y_min")
+
+
+def _not_empty(*columns: str):
+    def check(df: pd.DataFrame, path) -> None:
+        for c in columns:
+            first_bad(df[c] == "", path, f"empty {c}")
+
+    return check
+
+
+_PROB = "probability in [0, 1]"
+_BOX = [Column(c, FLOAT, f"box {c[0]} {c[2:]} in ORIGINAL DICOM pixels") for c in BOX_COLUMNS]
+
+META = Table(
+    "meta",
+    "runs/prepare/<name>/meta.csv",
+    (
+        Column("image_id", TEXT, "SOP instance UID, without _image"),
+        Column("study_id", TEXT, "StudyInstanceUID (the study folder name)"),
+        Column("series_id", TEXT, "series folder name"),
+        Column("patient_id", TEXT, "DICOM PatientID; folds group by it"),
+        Column("split", TEXT, "train | test"),
+        Column("fold", INT, "0..n_folds-1 for train, -1 for test", lo=-1),
+        Column("study_label", TEXT, "negative | typical | indeterminate | atypical ('' for test)"),
+        Column("boxes", JSON, "[[x_min, y_min, x_max, y_max], ...] in original pixels, clipped to the image"),
+        Column("n_boxes", INT, "number of boxes", lo=0),
+        Column("rows", INT, "original height in pixels", lo=1),
+        Column("cols", INT, "original width in pixels", lo=1),
+        Column("photometric", TEXT, "MONOCHROME1 | MONOCHROME2"),
+        Column("bits_stored", INT, "DICOM BitsStored"),
+        Column("transfer_syntax", TEXT, "DICOM transfer syntax UID"),
+        Column("voi", TEXT, "lut | window | '' (what the conversion applied)"),
+        Column("modality", TEXT, "DICOM Modality"),
+        Column("dicom", TEXT, "path of the DICOM relative to the data root"),
+    ),
+    "One row per prepared image, train and test; written last by prepare (its presence marks a finished prepare).",
+)
+
+DETECTIONS = Table(
+    "detections",
+    "runs/detect/<name>/pred_{oof,test}.csv",
+    (
+        Column("image_id", TEXT, "SOP instance UID, without _image"),
+        Column("model", TEXT, "the detector's name (the run name): fusion weights and groups by it"),
+        Column("fold", INT, "the fold whose model predicted the box (out of fold: the image's own fold)"),
+        *_BOX,
+        Column("conf", FLOAT, "the detector's confidence", lo=0.0, hi=1.0),
+        Column("tta", TEXT, "optional: a TTA variant (orig, hflip...); each variant is its own fusion member", required=False),
+    ),
+    "One row per predicted opacity box. Out of fold: each train image by its own fold's model; test: every fold's "
+    "model on every test image. An image with no box has no row. Any detector family that writes this table can be fused.",
+    checks=(_not_empty("image_id", "model"), _boxes_ordered),
+)
+
+_PROBS = [Column(c, FLOAT, f"P({c}) of the study, softmax of the study head", lo=0.0, hi=1.0) for c in STUDY_CLASSES]
+_NONE = Column("none", FLOAT, "P(image has no opacity) from the none head; P(negative) without one", lo=0.0, hi=1.0)
+
+CLASSIFIER_IMAGES = Table(
+    "classifier images",
+    "runs/classify/<name>/pred_{oof,test}_image.csv",
+    (
+        Column("model", TEXT, "run name (an ensemble: names joined by '+')", required=False),
+        Column("image_id", TEXT, "SOP instance UID, without _image"),
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        Column("fold", INT, "oof: the fold the image was held out in; test: -1", required=False),
+        *_PROBS,
+        Column(_NONE.name, FLOAT, _NONE.doc, required=False, lo=0.0, hi=1.0),
+    ),
+    "One row per image (several rows of one image are averaged by fusion).",
+    checks=(_not_empty("image_id"),),
+)
+
+CLASSIFIER_STUDIES = Table(
+    "classifier studies",
+    "runs/classify/<name>/pred_{oof,test}_study.csv",
+    (
+        Column("model", TEXT, "run name"),
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        Column("fold", INT, "oof: the study's fold; test: -1"),
+        Column("n_images", INT, "images averaged", lo=1),
+        *_PROBS,
+        _NONE,
+    ),
+    "One row per study: the mean over the study's images.",
+)
+
+PREDICTIONS = Table(
+    "predictions",
+    "runs/fuse/<name>/pred_{oof,test}.csv",
+    (
+        Column("id", TEXT, "<study>_study or <image>_image"),
+        Column("cls", TEXT, "negative | typical | indeterminate | atypical | opacity | none"),
+        Column("conf", FLOAT, "confidence"),
+        *_BOX,
+    ),
+    "The metric's tidy predictions, one row per predicted box or class (0 0 1 1 for study classes and none).",
+)
+
+TRUTH = Table(
+    "truth",
+    "(in memory: siimcovid.data.truth)",
+    (
+        Column("id", TEXT, "<study>_study or <image>_image"),
+        Column("cls", TEXT, "a study class, opacity or none"),
+        *_BOX,
+    ),
+    "The metric's ground truth, one row per true box or class (0 0 1 1 for study classes and none).",
+)
+
+FUSED_IMAGES = Table(
+    "fused images",
+    "runs/fuse/<name>/images_<split>.csv",
+    (
+        Column("image_id", TEXT, "SOP instance UID"),
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        Column("fold", INT, "the image's fold (test: -1)"),
+        Column("rows", INT, "original height"),
+        Column("cols", INT, "original width"),
+        Column("n_boxes", INT, "fused boxes"),
+        Column("none_cls", FLOAT, "the classifiers' none (NaN without classifier files)"),
+        Column("none_det", FLOAT, "the detectors' none (NaN without detection files)"),
+        Column("none", FLOAT, "the none written"),
+    ),
+)
+
+FUSED_STUDIES = Table(
+    "fused studies",
+    "runs/fuse/<name>/studies_<split>.csv",
+    (Column("study_id", TEXT, "StudyInstanceUID"), *[Column(c, FLOAT, f"P({c})") for c in STUDY_CLASSES]),
+)
+
+FUSED_BOXES = Table(
+    "fused boxes",
+    "runs/fuse/<name>/boxes_<split>.csv",
+    (
+        Column("image_id", TEXT, "SOP instance UID"),
+        Column("conf", FLOAT, "the confidence written"),
+        Column("wbf_conf", FLOAT, "WBF's confidence before the (1 - none)^a re-weighting"),
+        *_BOX,
+    ),
+)
+
+SUBMISSION = Table(
+    "submission",
+    "submission.csv",
+    (
+        Column("id", TEXT, "<study>_study or <image>_image"),
+        Column("PredictionString", TEXT, "groups of `class conf x_min y_min x_max y_max` (see siimcovid.submission)"),
+    ),
+)
+
+SCORES = Table(
+    "scores",
+    "runs/<stage>/<name>/scores_oof.csv",
+    (
+        Column("fold", TEXT, "all (first row), then each fold"),
+        Column("n_images", INT, "images scored"),
+        Column("n_studies", INT, "studies scored"),
+        *[Column(c, FLOAT, f"AP({c}); absent when not scored", required=False) for c in CLASSES],
+        Column("study_map", FLOAT, "mean AP of the study classes scored", required=False),
+        Column("image_map", FLOAT, "mean AP of opacity and none, those scored", required=False),
+        Column("final", FLOAT, "mean AP over every class scored"),
+        Column("model", TEXT, "the run scored", required=False),
+        Column("tta", TEXT, "test-time augmentation of the predictions", required=False),
+        Column("weights", TEXT, "best | last checkpoints", required=False),
+    ),
+    "Out-of-fold scores with the competition metric, one row for all folds and one per fold, alike in every stage.",
+)
