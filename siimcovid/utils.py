@@ -38,6 +38,12 @@ class DataError(SiimError, ValueError):
         return (type(self), (self.reason, self.file, self.row))
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
@@ -47,6 +53,7 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give what a plain open() would (shared prepared folders)
     os.close(fd)
     try:
         yield Path(tmp)
