@@ -1,0 +1,166 @@
+"""The table contracts, the one CSV reader, the shared mechanics (folds, settings, ensembles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from siimcovid import ensemble, registry
+from siimcovid.data.prepared import select_folds
+from siimcovid.rundir import changed_settings, fold_files, refuse_changed
+from siimcovid.tables import CLASSIFIER_IMAGES, DETECTIONS, META, SCORES, read_csv
+from siimcovid.utils import DataError, SiimError
+
+
+def detections(n=3):
+    return pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(n)],
+            "model": "m",
+            "fold": 0,
+            "x_min": 1.0,
+            "y_min": 2.0,
+            "x_max": 3.0,
+            "y_max": 4.0,
+            "conf": np.linspace(0.1, 0.9, n),
+        }
+    )
+
+
+def test_write_orders_the_contract_columns_and_reads_back_typed(tmp_path):
+    df = detections()[["conf", "image_id", "fold", "model", "x_min", "y_min", "x_max", "y_max"]].assign(extra=1)
+    path = DETECTIONS.write(df, tmp_path / "pred.csv")
+    assert path.read_text().splitlines()[0] == ",".join(DETECTIONS.required)  # order, no extra, no absent optional
+    back = DETECTIONS.read(path)
+    assert back["fold"].dtype == np.int64 and back["conf"].dtype == np.float64 and pd.api.types.is_string_dtype(back["image_id"])
+    pd.testing.assert_frame_equal(back.reset_index(drop=True), detections()[DETECTIONS.required])
+
+
+def test_write_refuses_a_table_that_misses_a_required_column(tmp_path):
+    with pytest.raises(SiimError, match=r"lacks column\(s\) \['conf'\]"):
+        DETECTIONS.write(detections().drop(columns="conf"), tmp_path / "pred.csv")
+    assert not (tmp_path / "pred.csv").exists()
+
+
+def test_full_precision_survives_the_round_trip(tmp_path):
+    df = detections().assign(conf=[0.1234567890123456, 1e-17, 0.3])
+    back = DETECTIONS.read(DETECTIONS.write(df, tmp_path / "p.csv"))
+    assert back["conf"].tolist() == df["conf"].tolist()
+
+
+@pytest.mark.parametrize(
+    "edit, message, line",
+    [
+        (lambda d: d.assign(conf=d.conf.astype(object).where(d.index != 1, "high")), "conf: not a finite number", 3),
+        (lambda d: d.assign(conf=d.conf.where(d.index != 2, 1.5)), r"conf must be in \[0, 1\]", 4),
+        (lambda d: d.assign(fold=d.fold.astype(object).where(d.index != 0, 0.5)), "fold must be an integer", 2),
+        (lambda d: d.assign(x_max=d.x_max.where(d.index != 1, 0.0)), "x_max < x_min", 3),
+        (lambda d: d.assign(model=d.model.where(d.index != 2, "")), "empty model", 4),
+    ],
+)
+def test_read_names_the_file_and_line_of_the_first_bad_value(tmp_path, edit, message, line):
+    path = tmp_path / "bad.csv"
+    edit(detections()).to_csv(path, index=False)
+    with pytest.raises(DataError, match=f"bad.csv, line {line}: .*{message}"):
+        DETECTIONS.read(path)
+
+
+def test_blank_lines_are_skipped_but_counted(tmp_path):
+    path = tmp_path / "blank.csv"
+    lines = detections().to_csv(index=False).splitlines()
+    path.write_text("\n".join([lines[0], lines[1], "", lines[2], lines[3].replace(",m,", ",,")]) + "\n")
+    with pytest.raises(DataError, match="blank.csv, line 5: empty model"):
+        DETECTIONS.read(path)
+
+
+def test_optional_columns_are_read_when_present(tmp_path):
+    table = pd.DataFrame({"image_id": ["a"], "study_id": ["s"], "negative": [0.1], "typical": [0.2],
+                          "indeterminate": [0.3], "atypical": [0.4]})  # fmt: skip
+    back = CLASSIFIER_IMAGES.read(CLASSIFIER_IMAGES.write(table, tmp_path / "c.csv"))
+    assert "none" not in back and "fold" not in back
+    with_none = CLASSIFIER_IMAGES.read(CLASSIFIER_IMAGES.write(table.assign(none=0.9, fold=2), tmp_path / "d.csv"))
+    assert with_none["none"].tolist() == [0.9] and with_none["fold"].tolist() == [2]
+    table.assign(none=1.2).to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(DataError, match=r"e.csv, line 2: none must be in \[0, 1\]"):
+        CLASSIFIER_IMAGES.read(tmp_path / "e.csv")
+
+
+def test_json_columns_round_trip_and_strings_stay_as_written(tmp_path):
+    row = {c: "x" for c in META.names} | {"fold": 1, "n_boxes": 1, "rows": 10, "cols": 20, "bits_stored": 12}
+    df = pd.DataFrame([row | {"boxes": "[[1.25, 2.0, 3.0, 4.0]]"}, row | {"boxes": [[5.0, 6.0, 7.0, 8.0]]}])
+    path = META.write(df, tmp_path / "meta.csv")
+    assert '"[[1.25, 2.0, 3.0, 4.0]]"' in path.read_text()
+    assert META.read(path)["boxes"].tolist() == [[[1.25, 2.0, 3.0, 4.0]], [[5.0, 6.0, 7.0, 8.0]]]
+
+
+def test_read_csv_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.csv: file not found"):
+        read_csv(tmp_path / "nope.csv", ["a"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty.csv: empty CSV"):
+        read_csv(tmp_path / "empty.csv", ["a"])
+    (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"cols.csv: missing column\(s\) \['c'\]"):
+        read_csv(tmp_path / "cols.csv", ["a", "c"])
+    assert read_csv(tmp_path / "cols.csv", ["a"])["a"].tolist() == ["1"]  # text unless told otherwise
+
+
+def test_scores_contract_keeps_the_stage_columns_it_declares(tmp_path):
+    table = pd.DataFrame([{"fold": "all", "n_images": 4, "n_studies": 3, "opacity": 0.5, "final": 0.5, "model": "m", "x": 1}])
+    written = SCORES.write(table, tmp_path / "scores_oof.csv").read_text().splitlines()[0]
+    assert written == "fold,n_images,n_studies,opacity,final,model"
+
+
+@pytest.mark.parametrize(
+    "fold, expected", [("all", [0, 1, 2]), (None, [0, 1, 2]), (2, [2]), ("1", [1]), ([2, 0, 2], [0, 2])]
+)
+def test_select_folds(fold, expected):
+    assert select_folds(fold, 3) == expected
+
+
+@pytest.mark.parametrize("fold, message", [(3, "fold 3 does not exist"), ("two", "fold must be all"), (True, "fold must be")])
+def test_select_folds_errors(fold, message):
+    with pytest.raises(SiimError, match=message):
+        select_folds(fold, 3)
+
+
+def test_changed_settings_compare_numbers_as_numbers():
+    old = {"lr": 0.001, "epochs": 3, "model": "a", "device": "cpu"}
+    new = {"lr": 1e-3, "epochs": 4, "model": "a", "device": "cuda", "other": 1}
+    assert changed_settings(old, new, ignore={"device"}) == [("epochs", 3, 4)]
+    with pytest.raises(SiimError, match=r"run was trained with epochs=3 \(now 4\): use another name="):
+        refuse_changed("run", changed_settings(old, new, {"device"}), "use another name=")
+    refuse_changed("run", [], "never raised")
+
+
+def test_fold_files(tmp_path):
+    for k in (0, 2, 10):
+        (tmp_path / f"fold{k}" / "weights").mkdir(parents=True)
+    (tmp_path / "fold0" / "weights" / "best.pt").write_text("x")
+    (tmp_path / "fold10" / "weights" / "best.pt").write_text("x")
+    (tmp_path / "foldx").mkdir()
+    expected = {0: tmp_path / "fold0/weights/best.pt", 10: tmp_path / "fold10/weights/best.pt"}
+    assert fold_files(tmp_path, "weights/best.pt") == expected
+
+
+def test_ensemble_methods_are_registered_and_combine():
+    a = np.array([[0.2, 0.8], [0.6, 0.4], [0.4, 0.6]])
+    b = np.array([[0.4, 0.6], [0.2, 0.8], [0.9, 0.1]])
+    assert set(registry.names("ensemble")) >= {"mean", "geometric", "geomean", "rank"}
+    assert ensemble.combine([a, b], [3, 1], "mean") == pytest.approx(0.75 * a + 0.25 * b)
+    assert ensemble.combine([a, b], None, "geomean") == pytest.approx(np.sqrt(a * b))
+    assert ensemble.combine([a, b], None, "geometric") == pytest.approx(np.sqrt(a * b))
+    ranks = ensemble.combine([a, b], None, "rank")
+    assert ranks[:, 0] == pytest.approx([(1 / 3 + 2 / 3) / 2, (3 / 3 + 1 / 3) / 2, (2 / 3 + 3 / 3) / 2])
+    with pytest.raises(SiimError, match="expected one of mean"):
+        ensemble.combine([a], None, "median")
+    with pytest.raises(SiimError, match="need 2 non-negative weights"):
+        ensemble.combine([a, b], [1], "mean")
+
+
+def test_a_name_registered_twice_is_an_error():
+    registry.register("test-kind", "x")(len)
+    with pytest.raises(SiimError, match="registered twice"):
+        registry.register("test-kind", "x")(max)
+    assert registry.get("test-kind", "x") is len
