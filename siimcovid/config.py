@@ -268,7 +268,7 @@ class Setting:
     spec: str  # the type spec's text, e.g. "int >= 1"
     tags: frozenset[str]
     help: str
-    parsed: Spec = field(repr=False, compare=False, default=None)
+    parsed: Spec | None = field(repr=False, compare=False, default=None)
 
 
 @dataclass(frozen=True)

@@ -268,3 +268,12 @@ def test_a_key_without_a_spec_is_an_error(tmp_path, monkeypatch):
             config.schema("demo")
     finally:
         config.schema.cache_clear()
+
+
+def test_a_registry_kind_is_a_choice_list():
+    from siimcovid import registry
+    from siimcovid.config import _NO, Spec
+
+    registry.register("config_test_kind", "alpha", "a")(lambda: None)
+    spec = Spec.parse("@config_test_kind")
+    assert spec.accept("alpha") == "alpha" and spec.accept("a") == "a" and spec.accept("beta") is _NO
