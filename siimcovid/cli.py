@@ -50,6 +50,25 @@ def _ultralytics_keys() -> set[str]:
 EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {"detect": _ultralytics_keys}
 
 
+def _check_ultralytics(extra: dict) -> dict:
+    """Ultralytics' own type and range check of the settings detect passes through."""
+    from ultralytics.cfg import check_cfg
+
+    out = {}
+    for key, value in extra.items():
+        one = {key: value}
+        try:
+            check_cfg(one)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"detect setting {key}={value!r} (an Ultralytics setting): {e}") from None
+        out.update(one)
+    return out
+
+
+# A check of those extra keys: {key: value} -> the same, checked (a one-line ConfigError if not).
+EXTRA_CHECKS: dict[str, Callable[[dict], dict]] = {"detect": _check_ultralytics}
+
+
 def usage() -> str:
     lines = []
     for stage, modes in STAGES.items():
@@ -81,7 +100,7 @@ def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config 
 def stage_function(stage: str, mode: str | None, overrides) -> tuple[Callable[[Config], object], Config]:
     """The function of a stage's mode and its resolved config (overrides: key=value list or dict)."""
     extra = EXTRA_KEYS.get(stage, lambda: set())()
-    cfg = load_config(stage, overrides, extra_ok=extra)
+    cfg = load_config(stage, overrides, extra_ok=extra, extra_check=EXTRA_CHECKS.get(stage))
     if mode is not None:
         cfg["mode"] = mode
     module_name, func_name = STAGES[stage][mode].split(":")

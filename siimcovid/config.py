@@ -3,16 +3,51 @@
 Defaults live in ``siimcovid/cfg/<stage>.yaml``. A run's config is, in order of precedence:
 command-line ``key=value`` pairs > an experiment file given as ``cfg=path.yaml`` > the defaults.
 The resolved config is saved into every run directory, so a run can be reproduced from it.
+
+Every key is typed once, beside its default: its comment in ``cfg/<stage>.yaml`` starts with a
+type spec in braces, and ``load_config`` checks (and coerces) every value against it, whether it
+came from the defaults, a ``cfg=`` file or the command line, before any stage code runs:
+
+    epochs: 12        # {int >= 1} epochs of the first wave
+    fold: all         # {all | int >= 0 | list[int >= 0]} all, one fold k, or a list
+    name: null        # {str?; runtime} run name
+
+    spec := alt ('|' alt)* [';' tag (',' tag)*]
+    alt  := int | float | bool | str | path | map | any | null, each optionally with a range
+            (int and float: '>= x', '> x', '<= x', '< x', 'x..y' inclusive);
+            'T?' = 'T | null'; 'list[spec]' (a scalar given for it becomes a one-element list);
+            a bare word = that literal choice; '@kind' = any name of that kind in siimcovid.registry
+    tag  := runtime (may differ between a run and its resume: device, workers, project, name ...)
+          | predict (a predict-mode setting; may differ on resume too)
+          | fusion  (a fusion parameter that `fuse tune` searches and writes to best.yaml)
+
+Coercion: int takes ints and integral floats (3.0 -> 3); float takes ints, floats and numeric
+strings (YAML 1.1 reads '1e-3' as a string); bool takes bools and 'true'/'false'; str takes strings
+and numbers (name=123 -> '123'); path takes strings and path objects; words compare as strings.
+Inside a ``map`` nothing is checked (run.yaml's sections are checked by their own stage).
+
+API:
+    schema(stage) -> Schema           cached; .settings {key: Setting(key, default, spec, tags, help)},
+                                      .keys(tag) -> set[str], .check(key, value) -> coerced value
+    runtime_keys(stage) -> set[str]   keys tagged runtime or predict
+    fusion_keys() -> list[str]        fuse.yaml's keys tagged fusion, in file order
+    load_config(stage, overrides, extra_ok, extra_check) -> Config
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from siimcovid import registry
 from siimcovid.utils import SiimError, atomic_write_text
 
 CFG_DIR = Path(__file__).parent / "cfg"
@@ -100,15 +135,208 @@ def parse_args(args: Iterable[str]) -> dict:
     return out
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Match a value to the type of its default where that is unambiguous."""
-    if isinstance(default, list) and not isinstance(value, list) and value is not None:
-        return [value]
-    if isinstance(default, bool) and isinstance(value, str) and value.lower() in {"true", "false"}:
-        return value.lower() == "true"
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+# --- the schema: each key's type spec, in braces at the start of its comment in cfg/<stage>.yaml
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_RANGE = re.compile(rf"(>=|>|<=|<)\s*({_NUM})|({_NUM})\s*\.\.\s*({_NUM})")
+TYPES = frozenset({"int", "float", "bool", "str", "path", "map", "any", "null"})
+TAGS = frozenset({"runtime", "predict", "fusion"})
+_NO = object()  # "this alternative does not accept the value"
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """Split at `sep` outside list[...] brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+@dataclass(frozen=True)
+class Alt:
+    """One alternative of a spec: a type (with an optional range), list[spec], a literal word or @kind."""
+
+    kind: str  # a name in TYPES, "list", "word" (a literal choice) or "@" (a registry kind)
+    word: str = ""
+    lo: tuple[float, bool] | None = None  # (bound, inclusive)
+    hi: tuple[float, bool] | None = None
+    item: Spec | None = None
+
+    def accept(self, v: Any) -> Any:
+        k = self.kind
+        if k == "any":
+            return v
+        if k == "null":
+            return None if v is None else _NO
+        if v is None:
+            return _NO
+        if k == "map":
+            return dict(v) if isinstance(v, Mapping) else _NO
+        if k == "list":
+            if not isinstance(v, (list, tuple)):
+                return _NO
+            out = [self.item.accept(x) for x in v]
+            return _NO if any(x is _NO for x in out) else out
+        if k == "bool":
+            if isinstance(v, str) and v.lower() in {"true", "false"}:
+                return v.lower() == "true"
+            return v if isinstance(v, bool) else _NO
+        if k in ("str", "path"):
+            if isinstance(v, bool):
+                return _NO
+            if isinstance(v, (int, float)) and k == "str":
+                return str(v)  # name=123 is read as a number
+            return v if isinstance(v, (str, os.PathLike)) else _NO
+        if k in ("word", "@"):
+            text = str(v).lower() if isinstance(v, bool) else str(v)
+            words = [self.word] if k == "word" else registry.names(self.word)
+            return v if not isinstance(v, (Mapping, list)) and text in words else _NO
+        if isinstance(v, bool):
+            return _NO
+        if k == "int":
+            v = int(v) if isinstance(v, float) and v.is_integer() else v
+            ok = isinstance(v, int)
+        else:  # float; a cfg file's `1e-3` is a string to YAML 1.1
+            v = float(v) if isinstance(v, (int, float)) or (isinstance(v, str) and re.fullmatch(_NUM, v)) else v
+            ok = isinstance(v, float)
+        if not ok or (self.lo and not (v >= self.lo[0] if self.lo[1] else v > self.lo[0])):
+            return _NO
+        return v if not self.hi or (v <= self.hi[0] if self.hi[1] else v < self.hi[0]) else _NO
+
+
+@dataclass(frozen=True)
+class Spec:
+    """`alt | alt ...`: the first alternative that accepts a value coerces it."""
+
+    text: str
+    alts: tuple[Alt, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        alts: list[Alt] = []
+        for part in _split(text, "|"):
+            part = part.strip()
+            if part.startswith("list[") and "]" in part:
+                end = part.rindex("]")
+                alts.append(Alt("list", item=cls.parse(part[5:end])))
+                rest = part[end + 1 :].strip()
+            else:  # `T?`, `T >= x?` and `T? >= x` all mean "or null"
+                m = re.fullmatch(r"(@?[\w.:-]+)\??\s*(.*?)", part.rstrip("?").strip())
+                if not m:
+                    raise ValueError(f"bad alternative '{part}'")
+                (word, rest), q = m.groups(), "?" if "?" in part else ""
+                kind = word if word in TYPES else "@" if word.startswith("@") else "word"
+                lo = hi = None
+                if rest:
+                    r = _RANGE.fullmatch(rest)
+                    if not r or kind not in ("int", "float"):
+                        raise ValueError(f"bad range '{rest}' (a range follows int or float)")
+                    op, x, a, b = r.groups()
+                    if op:
+                        bound = (float(x), "=" in op)
+                        lo, hi = (bound, None) if op[0] == ">" else (None, bound)
+                    else:
+                        lo, hi = (float(a), True), (float(b), True)
+                alts.append(Alt(kind, word.lstrip("@"), lo, hi))
+                rest = q or ""
+            if rest not in ("", "?"):
+                raise ValueError(f"bad alternative '{part}'")
+            if rest == "?":
+                alts.append(Alt("null"))
+        return cls(text.strip(), tuple(alts))
+
+    def accept(self, value: Any) -> Any:
+        """The coerced value, or _NO; a scalar given where a list is expected becomes a one-element list."""
+        for alt in self.alts:
+            out = alt.accept(value)
+            if out is not _NO:
+                return out
+        if value is not None and not isinstance(value, (list, tuple, Mapping)):
+            for alt in self.alts:
+                if alt.kind == "list" and (out := alt.accept([value])) is not _NO:
+                    return out
+        return _NO
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    spec: str  # the type spec's text, e.g. "int >= 1"
+    tags: frozenset[str]
+    help: str
+    parsed: Spec | None = field(repr=False, compare=False, default=None)
+
+
+@dataclass(frozen=True)
+class Schema:
+    stage: str
+    settings: dict[str, Setting]
+
+    def keys(self, tag: str) -> set[str]:
+        return {k for k, s in self.settings.items() if tag in s.tags}
+
+    def check(self, key: str, value: Any, source: str | None = None) -> Any:
+        """The value coerced to the key's spec; a one-line ConfigError when it does not fit."""
+        setting = self.settings[key]
+        out = setting.parsed.accept(value)
+        if out is _NO:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {setting.spec}")
+        return out
+
+
+def _comments(text: str) -> dict[str, str]:
+    """Top-level key -> its comment (continuation comment lines below it included)."""
+    out: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z_][\w-]*):(.*)$", line)
+        if m:
+            key = m[1]
+            c = re.search(r"(?:^|\s)#\s?(.*)$", m[2])
+            out[key] = c[1].strip() if c else ""
+        elif key and re.match(r"\s+#", line):
+            out[key] += " " + line.strip()[1:].strip()
+        elif line.strip():
+            key = None  # a nested line ends the comment
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def schema(stage: str) -> Schema:
+    """The settings of a stage, read from its commented defaults file."""
+    path = default_config_path(stage)
+    defaults, comments = read_yaml(path), _comments(path.read_text())
+    settings = {}
+    for key, default in defaults.items():
+        m = re.match(r"\{([^{}]*)\}\s*(.*)", comments.get(key, ""))
+        if not m:
+            raise ConfigError(f"{path}: '{key}' has no type spec ({{...}} at the start of its comment)")
+        body, _, tags = m[1].partition(";")
+        tags = frozenset(t.strip() for t in tags.split(",") if t.strip())
+        try:
+            if tags - TAGS:
+                raise ValueError(f"unknown tag(s) {sorted(tags - TAGS)}; known: {sorted(TAGS)}")
+            parsed = Spec.parse(body)
+        except ValueError as e:
+            raise ConfigError(f"{path}: '{key}': type spec {{{m[1]}}}: {e}") from None
+        settings[key] = Setting(key, default, parsed.text, tags, m[2], parsed)
+    return Schema(stage, settings)
+
+
+def runtime_keys(stage: str) -> set[str]:
+    """Keys that may differ between a run and its resume (tagged runtime or predict)."""
+    s = schema(stage)
+    return s.keys("runtime") | s.keys("predict")
+
+
+def fusion_keys() -> list[str]:
+    """The fusion parameters (`fuse tune` searches them), in the order of fuse.yaml."""
+    return [k for k, s in schema("fuse").settings.items() if "fusion" in s.tags]
 
 
 # Facts a run records beside its settings (the mode, where its data came from, the fold
@@ -137,15 +365,19 @@ def load_config(
     stage: str,
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
     extra_ok: set[str] | bool = (),
+    extra_check: Callable[[dict], dict] | None = None,
 ) -> Config:
-    """Resolve the config of a stage: defaults < cfg=<file> < overrides.
+    """Resolve the config of a stage: defaults < cfg=<file> < overrides, every value checked.
 
     ``extra_ok`` names keys allowed beyond the defaults (e.g. Ultralytics train arguments
-    that the detect stage passes through); ``True`` allows any key.
+    that the detect stage passes through); ``True`` allows any key. ``extra_check`` takes a dict
+    of those extra keys and returns it checked (raising a one-line ConfigError).
     """
-    defaults = read_yaml(default_config_path(stage))
+    spec = schema(stage)
+    defaults = {k: s.default for k, s in spec.settings.items()}
     given = dict(overrides) if isinstance(overrides, Mapping) else parse_args(overrides or [])
-    cfg = Config(defaults)
+    cfg = Config(copy.deepcopy(defaults))
+    source: dict[str, str] = {}
     exp_file = given.pop("cfg", None)
     if exp_file:
         exp = read_yaml(exp_file)
@@ -154,16 +386,23 @@ def load_config(
             exp = exp[stage]
         exp = {k: v for k, v in exp.items() if k in defaults or k not in RECORDED_KEYS}
         _check_keys(stage, exp, defaults, extra_ok, str(exp_file))
-        for k, v in exp.items():
-            cfg[k] = _coerce(k, v, defaults.get(k))
+        cfg.update(exp)
+        source.update(dict.fromkeys(exp, str(exp_file)))
     # A mapping given whole (in a file or as key={...}) replaces the default mapping;
     # `section.key=value` sets one key inside it (e.g. run's detect.epochs=3).
     for k in [k for k in given if "." in k and isinstance(cfg.get(k.split(".", 1)[0]), dict)]:
         head, sub = k.split(".", 1)
         cfg[head] = {**cfg[head], sub: given.pop(k)}
+        source.pop(head, None)
     _check_keys(stage, given, defaults, extra_ok, "the command line")
-    for k, v in given.items():
-        cfg[k] = _coerce(k, v, defaults.get(k))
+    cfg.update(given)
+    for k in given:
+        source.pop(k, None)
+    for k in spec.settings:
+        cfg[k] = spec.check(k, cfg[k], source.get(k))
+    extra = {k: v for k, v in cfg.items() if k not in spec.settings}
+    if extra and extra_check is not None:
+        cfg.update(extra_check(extra))
     return cfg
 
 

@@ -95,3 +95,185 @@ def test_shipped_experiment_files_load():
             ("fuse", "fuse"),
         ]:
             load_config(stage, cfg[section] or {}, extra_ok=cli.EXTRA_KEYS.get(stage, lambda: set())())
+
+
+# --- types: every key's spec, checked once at load
+
+
+def test_every_key_has_a_spec_and_its_default_passes():
+    from siimcovid.config import CFG_DIR, read_yaml, schema
+
+    stages = sorted(p.stem for p in CFG_DIR.glob("*.yaml"))
+    assert set(stages) == set(cli.STAGES)
+    for stage in stages:
+        settings = schema(stage).settings
+        assert list(settings) == list(read_yaml(CFG_DIR / f"{stage}.yaml"))  # every top-level key, in order
+        for key, s in settings.items():
+            assert s.spec and s.tags <= {"runtime", "predict", "fusion"}, (stage, key)
+            assert schema(stage).check(key, s.default) == s.default or s.default is None, (stage, key)
+
+
+def test_spec_grammar_and_coercion(tmp_path):
+    from siimcovid.config import _NO, Spec
+
+    def ok(spec, value):
+        return Spec.parse(spec).accept(value)
+
+    assert ok("int >= 1", 3.0) == 3 and type(ok("int >= 1", 3.0)) is int
+    assert ok("int >= 1", 64.5) is _NO and ok("int", True) is _NO and ok("int", "3") is _NO
+    assert ok("float > 0", 1) == 1.0 and ok("float > 0", "1e-3") == 1e-3 and ok("float > 0", 0) is _NO
+    assert ok("float 0..1", 1) == 1.0 and ok("float 0..1", 1.5) is _NO
+    assert ok("bool", "true") is True and ok("bool", 1) is _NO
+    assert ok("str?", 123) == "123" and ok("str?", None) is None and ok("int >= 32?", None) is None
+    assert ok("all | int >= 0 | list[int >= 0]", "all") == "all" and ok("all | int >= 0 | list[int >= 0]", 2) == 2
+    assert ok("list[int >= 32]", 640) == [640] and ok("list[int >= 32]", []) == []
+    assert ok("list[oof | test]", "val") is _NO and ok("none | hflip", "none") == "none"
+    assert ok("list[float > 0] | map", {"yolov5x": 2}) == {"yolov5x": 2}
+    assert ok("any", object) is object and ok("map", [1]) is _NO
+    for bad in ("int >>= 1", "str > 1", "list[int", "a b"):
+        with pytest.raises(ValueError):
+            Spec.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "argv, key, value, expected",
+    [
+        (["prepare", "sizes=foo"], "sizes", "'foo'", "list[int >= 32]"),
+        (["prepare", "sizes=64.5"], "sizes", "64.5", "list[int >= 32]"),
+        (["prepare", "sizes=16"], "sizes", "16", "list[int >= 32]"),
+        (["prepare", "n_folds=abc"], "n_folds", "'abc'", "int >= 2"),
+        (["prepare", "n_folds=1"], "n_folds", "1", "int >= 2"),
+        (["prepare", "workers=-3"], "workers", "-3", "int >= 0"),
+        (["classify", "train", "epochs=abc"], "epochs", "'abc'", "int >= 1"),
+        (["classify", "train", "lr=abc"], "lr", "'abc'", "float > 0"),
+        (["fuse", "tune", "trials=abc"], "trials", "'abc'", "int >= 0"),
+        (["fuse", "tune", "trials=-5"], "trials", "-5", "int >= 0"),
+        (["classify", "predict", "split=val"], "split", "'val'", "list[oof | test]"),
+    ],
+)
+def test_bad_values_are_one_line_errors_at_load(argv, key, value, expected):
+    stage = argv[0]
+    with pytest.raises(ConfigError) as e:
+        cli.main(argv)
+    assert str(e.value) == f"{stage} setting {key}={value}: expected {expected}"
+
+
+def test_values_the_stages_accept_still_load():
+    assert load_config("prepare", ["workers=0", "sizes=256,512", "png_level=9"]).sizes == [256, 512]
+    cfg = load_config("detect", ["batch=-1", "device=0,1", "pretrained=x.pt", "hyp=null"])
+    assert cfg.batch == -1 and cfg.device == [0, 1] and cfg.pretrained == "x.pt" and cfg.hyp is None
+    assert load_config("detect", ["device=cpu"]).device == "cpu" and load_config("detect", ["device=0"]).device == 0
+    for device in ("cpu", "cuda", "cuda:1", 1, None):
+        assert load_config("classify", {"device": device}).device == device
+    cfg = load_config("classify", ["fine_lr=[]", "lr=1e-3", "name=123", "epochs=3.0"])
+    assert cfg.fine_lr == [] and cfg.lr == 1e-3 and cfg.name == "123" and cfg.epochs == 3 and type(cfg.epochs) is int
+    assert load_config("classify", ["fine_lr=1e-4,1e-5"]).fine_lr == [1e-4, 1e-5]
+    cfg = load_config("fuse", ["det=a.csv,b.csv", "det_weights=2,1", "space=s.yaml"])
+    assert cfg.det == ["a.csv", "b.csv"] and cfg.det_weights == [2.0, 1.0] and cfg.space == "s.yaml"
+    assert load_config("fuse", {"det_weights": {"yolov5x": 2}}).det_weights == {"yolov5x": 2}
+    for fold in (None, "all", 2):
+        assert load_config("evaluate", {"fold": fold}).fold == fold
+    for classes in (None, "study", ["opacity", "none"]):
+        assert load_config("evaluate", {"classes": classes}).classes == classes
+
+
+def test_ultralytics_settings_are_checked_by_ultralytics():
+    with pytest.raises(ConfigError, match=r"^detect setting cos_lr='abc' \(an Ultralytics setting\): [^\n]*bool[^\n]*$"):
+        cli.main(["detect", "train", "cos_lr=abc"])
+    func, cfg = cli.stage_function("detect", "train", ["cos_lr=true", "close_mosaic=3.0", "cache=ram"])
+    assert cfg.cos_lr is True and cfg.close_mosaic == 3 and cfg.cache == "ram"
+
+
+def test_the_console_script_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "siimcovid", "prepare", "n_folds=abc"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "siimcovid: error: prepare setting n_folds='abc': expected int >= 2"
+
+
+def test_a_bad_value_writes_no_run(tmp_path):
+    project = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="lr='abc'"):
+        cli.main(["classify", "train", "lr=abc", "name=x", f"project={project}"])
+    assert not project.exists() or not any(project.rglob("*"))
+
+
+def test_a_cfg_file_with_a_wrong_type_names_the_file(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("prepare:\n  n_folds: five\n")
+    with pytest.raises(ConfigError, match=rf"^prepare setting n_folds='five' in {exp}: expected int >= 2$"):
+        load_config("prepare", [f"cfg={exp}"])
+    assert load_config("prepare", [f"cfg={exp}", "n_folds=3"]).n_folds == 3  # the command line wins
+
+
+def test_a_saved_run_config_is_checked_when_given_back(tmp_path):
+    cfg = load_config("classify", ["epochs=3"])
+    cfg["mode"], cfg["folds_id"] = "train", "abc123"  # recorded facts: skipped, as before
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config("classify", [f"cfg={tmp_path / 'config.yaml'}"]).epochs == 3
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml().replace("epochs: 3", "epochs: three"))
+    with pytest.raises(ConfigError, match="classify setting epochs='three' in .*config.yaml: expected int >= 1"):
+        load_config("classify", [f"cfg={tmp_path / 'config.yaml'}"])
+
+
+def test_run_sections_are_checked_by_their_stage():
+    cfg = load_config("run", ["detect.epochs=abc"])  # a run section is a map: its stage checks it
+    assert cfg.detect["epochs"] == "abc"
+    with pytest.raises(ConfigError, match="detect setting epochs='abc': expected int >= 1"):
+        cli.stage_function("detect", "train", cfg.detect)
+    with pytest.raises(ConfigError, match="run setting detect=3: expected map"):
+        load_config("run", ["detect=3"])
+
+
+def test_runtime_and_fusion_keys():
+    from siimcovid.config import fusion_keys, runtime_keys, schema
+
+    keys = runtime_keys("classify")
+    assert {"device", "workers", "name", "project", "resume", "tta", "split"} <= keys and "lr" not in keys
+    assert {"device", "workers", "plots", "data"} <= runtime_keys("detect") and "epochs" not in runtime_keys("detect")
+    assert schema("classify").keys("predict") == {
+        "run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse"
+    }  # fmt: skip
+    expected = [
+        "det_weights", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
+        "none_det", "none_cls_weight", "none_blend", "opacity_exponent", "negative_none_weight",
+    ]  # fmt: skip
+    assert fusion_keys() == expected
+    from siimcovid.fuse.pipeline import FUSION_KEYS
+
+    assert sorted(fusion_keys()) == sorted(FUSION_KEYS)
+
+
+def test_help_shows_the_specs(capsys):
+    cli.main(["classify", "help"])
+    assert "# {float > 0} peak lr of the first wave" in capsys.readouterr().out
+
+
+def test_a_key_without_a_spec_is_an_error(tmp_path, monkeypatch):
+    from siimcovid import config
+
+    monkeypatch.setattr(config, "CFG_DIR", tmp_path)
+    config.schema.cache_clear()
+    try:
+        (tmp_path / "demo.yaml").write_text("a: 1  # {int >= 0} fine\nb: 2  # no spec here\n")
+        with pytest.raises(ConfigError, match="'b' has no type spec"):
+            config.schema("demo")
+        (tmp_path / "demo.yaml").write_text("a: 1  # {int >= 0; nightly} an unknown tag\n")
+        with pytest.raises(ConfigError, match="unknown tag"):
+            config.schema("demo")
+    finally:
+        config.schema.cache_clear()
+
+
+def test_a_registry_kind_is_a_choice_list():
+    from siimcovid import registry
+    from siimcovid.config import _NO, Spec
+
+    registry.register("config_test_kind", "alpha", "a")(lambda: None)
+    spec = Spec.parse("@config_test_kind")
+    assert spec.accept("alpha") == "alpha" and spec.accept("a") == "a" and spec.accept("beta") is _NO
