@@ -410,18 +410,3 @@ def help_text(stage: str) -> str:
     """The defaults file of a stage, comments included: the best documentation of its keys."""
     return default_config_path(stage).read_text()
 
-
-# Placeholders until the typed schema lands (branch `config`): the same facts, one place.
-def runtime_keys(stage: str) -> set[str]:
-    """Settings that may differ between a run and its resume (where and how it runs, predict settings)."""
-    common = {"device", "workers", "project", "name", "resume", "fold", "mode", "plots"}
-    predict = {"run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse"}
-    return common | predict | ({"amp", "channels_last"} if stage == "classify" else set())
-
-
-def fusion_keys() -> list[str]:
-    """The fusion parameters of fuse.yaml: what `fuse tune` searches and writes to best.yaml."""
-    return [
-        "det_weights", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
-        "none_det", "none_cls_weight", "none_blend", "opacity_exponent", "negative_none_weight",
-    ]  # fmt: skip
