@@ -10,24 +10,12 @@ import sys
 from typing import Callable
 
 from siimcovid.config import Config, ConfigError, help_text, load_config
+from siimcovid.stages import modes_by_stage
 from siimcovid.utils import LOGGER, SiimError
 
 # stage -> mode -> "module:function"; mode None is the stage without a mode word.
-# Each function takes the resolved Config of its stage.
-STAGES: dict[str, dict[str | None, str]] = {
-    "synth": {None: "siimcovid.data.synth:main"},
-    "prepare": {None: "siimcovid.data.prepare:main"},
-    "detect": {
-        "train": "siimcovid.detect.train:main",
-        "predict": "siimcovid.detect.predict:main",
-        "evolve": "siimcovid.detect.evolve:main",
-    },
-    "evaluate": {None: "siimcovid.evaluate:main"},
-    "classify": {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
-    "fuse": {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
-    "run": {None: "siimcovid.run:main"},
-    "runs": {None: "siimcovid.runs:main"},
-}
+# Each function takes the resolved Config of its stage. The one list of stages: siimcovid.stages.
+STAGES: dict[str, dict[str | None, str]] = modes_by_stage()
 
 USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
 

@@ -16,7 +16,8 @@ import pandas as pd  # noqa: E402
 from siimcovid import metrics  # noqa: E402
 from siimcovid.data.boxes import scale_boxes  # noqa: E402
 from siimcovid.data.prepared import Prepared  # noqa: E402
-from siimcovid.data.siim import STUDY_CLASSES  # noqa: E402
+from siimcovid.data.truth import oof_images  # noqa: E402
+from siimcovid.tables import BOX_COLUMNS, CLASSES, STUDY_CLASSES  # noqa: E402
 from siimcovid.utils import save_png  # noqa: E402
 
 
@@ -27,9 +28,9 @@ def pr_curve(truth: pd.DataFrame, pred: pd.DataFrame, cls: str) -> tuple[np.ndar
     codes = pd.Index(pd.unique(truth.id.astype(str)))
     tp, _ = metrics.match_predictions(
         codes.get_indexer(t.id.astype(str)),
-        t[metrics.BOX_COLUMNS].to_numpy(float),
+        t[BOX_COLUMNS].to_numpy(float),
         codes.get_indexer(p.id.astype(str)),
-        p[metrics.BOX_COLUMNS].to_numpy(float),
+        p[BOX_COLUMNS].to_numpy(float),
         p.conf.to_numpy(float),
     )
     n = max(len(t), 1)
@@ -39,7 +40,7 @@ def pr_curve(truth: pd.DataFrame, pred: pd.DataFrame, cls: str) -> tuple[np.ndar
 
 
 def plot_pr_curves(truth: pd.DataFrame, pred: pd.DataFrame, path: Path, title: str = "") -> Path:
-    classes = [c for c in metrics.CLASSES if (truth.cls == c).any()]
+    classes = [c for c in CLASSES if (truth.cls == c).any()]
     cols = 3
     rows = (len(classes) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
@@ -88,13 +89,15 @@ def plot_samples(
     """A grid of prepared images: ground truth in green, predicted boxes (conf >= min_conf) in red.
 
     boxes: image_id, conf, x_min, y_min, x_max, y_max (original px); images: image_id, none.
-    Picks images with boxes in the truth and some without.
+    Picks images with boxes in the truth and some without. The truth is siimcovid.data.truth's
+    (the competition's unclipped boxes), drawn on the prepared image.
     """
     meta = prepared.split("train").set_index("image_id")
     ids = [i for i in images.image_id if i in meta.index]
+    truth = oof_images(prepared.root, ids).set_index("image_id")
     rng = np.random.default_rng(seed)
-    with_box = [i for i in ids if meta.loc[i, "n_boxes"] > 0]
-    without = [i for i in ids if meta.loc[i, "n_boxes"] == 0]
+    with_box = [i for i in ids if len(truth.loc[i, "boxes"]) > 0]
+    without = [i for i in ids if len(truth.loc[i, "boxes"]) == 0]
     pick = list(rng.permutation(with_box)[: n - n // 4]) + list(rng.permutation(without)[: n // 4])
     size = max(prepared.sizes)
     none = images.set_index("image_id")["none"]
@@ -102,17 +105,17 @@ def plot_samples(
     rows = max(1, (len(pick) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax, image_id in zip(axes.flat, pick):
-        r = meta.loc[image_id]
+        r, truth_boxes = meta.loc[image_id], truth.loc[image_id, "boxes"]
         img = cv2.imread(str(prepared.image_path(image_id, "train", size)), cv2.IMREAD_GRAYSCALE)
         ax.imshow(img, cmap="gray")
-        for x1, y1, x2, y2 in scale_boxes(r.boxes, (r.cols, r.rows), (size, size)):
+        for x1, y1, x2, y2 in scale_boxes(truth_boxes, (r.cols, r.rows), (size, size)):
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.5))
         mine = boxes[(boxes.image_id == image_id) & (boxes.conf >= min_conf)]
-        xyxy = scale_boxes(mine[metrics.BOX_COLUMNS].to_numpy(float), (r.cols, r.rows), (size, size))
+        xyxy = scale_boxes(mine[BOX_COLUMNS].to_numpy(float), (r.cols, r.rows), (size, size))
         for (x1, y1, x2, y2), c in zip(xyxy, mine.conf):
             ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1))
             ax.text(x1, y1, f"{c:.2f}", color="red", fontsize=6, va="bottom")
-        ax.set_title(f"{r.study_label} | none {none.get(image_id, np.nan):.2f}", fontsize=8)
+        ax.set_title(f"{truth.loc[image_id, 'study_label']} | none {none.get(image_id, np.nan):.2f}", fontsize=8)
         ax.axis("off")
     for ax in list(axes.flat)[len(pick) :]:
         ax.axis("off")

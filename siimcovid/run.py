@@ -1,7 +1,10 @@
 """`siimcovid run`: the whole pipeline on one dataset, ending with the CV table and a report.
 
-Every step is the same stage a user runs by hand (this module only chains them), so each one
-skips work already done: re-running `siimcovid run` after an interruption resumes.
+Every step is the same stage a user runs by hand: this module builds each stage's config
+(`siimcovid.config.load_config`, typed and checked as on the command line) and calls the
+stage's Python function, so each one skips work already done: re-running `siimcovid run` after
+an interruption resumes. Stages are imported when their step runs (this module stays light:
+`siimcovid runs` imports it for its `describe`).
 
 Outputs in <project>/run/<name>/:
     run.yaml         the resolved settings
@@ -19,34 +22,26 @@ The submission is <project>/fuse/<name>/submission.csv.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 from siimcovid import metrics
-from siimcovid.cli import call
-from siimcovid.config import Config, default_config_path, read_yaml
-from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES
-from siimcovid.data.synth import is_synthetic
-from siimcovid.metrics import CLASSES
-from siimcovid.tables import write_csv
+from siimcovid import stages as registry
+from siimcovid.config import Config, default_config_path, load_config, read_yaml
+from siimcovid.data.siim import IMAGE_CSV
+from siimcovid.runs import quiet_csv, quiet_yaml
+from siimcovid.tables import CLASSES, STUDY_CLASSES, write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 COLUMNS = [*CLASSES, "study_map", "image_map", "final"]
+NESTED = "fused, tuned on the other folds (nested: an honest CV)"
+TUNED = "fused, tuned on all OOF (optimistic: scored where tuned; makes the submission)"
 
 
-def _row(method: str, result: dict) -> dict:
-    s = result["score"]
-    return {
-        "method": method,
-        **{c: s.ap.get(c) for c in CLASSES},
-        "study_map": s.study_map,
-        "image_map": s.image_map,
-        "final": s.final,
-    }
-
-
-def _section(cfg, section: str, **fixed) -> dict:
+# ----------------------------------------------------------------------------- calling a stage
+def section_settings(cfg, section: str, **fixed) -> dict:
     """A stage's settings from its section, plus the ones `run` sets itself (which it must own)."""
     settings = dict(cfg[section] or {})
     clash = sorted(set(settings) & set(fixed))
@@ -57,111 +52,202 @@ def _section(cfg, section: str, **fixed) -> dict:
     return {**settings, **fixed}
 
 
-def nested_tuning(prepared: Path, fuse, inputs: dict, trials: int) -> dict:
+def stage_config(stage: str, mode: str | None, settings: dict) -> Config:
+    """A stage's config from settings, typed and checked as the CLI does; the mode recorded as the CLI records it."""
+    cfg = load_config(stage, settings, extra_ok=registry.extra_keys(stage))
+    if mode is not None:
+        cfg["mode"] = mode
+    return cfg
+
+
+def stage_dir(project: Path, stage: str) -> Path:
+    """<project>/<the stage's folder>: where that stage's runs go."""
+    return Path(project) / registry.stage(stage).folder
+
+
+@contextmanager
+def step(title: str, key: str, timings: dict):
+    """Log a step's title; record its seconds in timings[key] when it ends."""
+    LOGGER.info(f"\n===== siimcovid run: {title} =====")
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the steps
+def ensure_data(cfg: Config, timings: dict) -> Path:
+    """The SIIM root of the run; a synthetic dataset is written there when it holds no SIIM data."""
+    root = Path(cfg.data)
+    if (root / IMAGE_CSV).exists():
+        return root
+    from siimcovid.data.synth import generate, is_synthetic
+
+    if cfg.synth is None:
+        raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and synth is off")
+    if root.exists() and any(root.iterdir()) and not is_synthetic(root):
+        # e.g. a download still unzipping: never write synthetic data over it
+        raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and the folder holds other files: not touching it")
+    if root != Path(read_yaml(default_config_path("run"))["data"]):
+        LOGGER.warning(f"run: {root} holds no SIIM data: writing a SYNTHETIC dataset there (synth settings)")
+    with step(f"synth -> {root}", "synth", timings):
+        generate(stage_config("synth", None, section_settings(cfg, "synth", out=str(root))))
+    return root
+
+
+def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
+    """`siimcovid prepare` of the run's data into <project>/prepare/<name>; the prepared dir."""
+    from siimcovid.data.prepare import prepare
+
+    out = stage_dir(project, "prepare") / cfg.name
+    settings = section_settings(cfg, "prepare", data=str(root), name=cfg.name, out=str(out))
+    return prepare(stage_config("prepare", None, settings))
+
+
+def detect(cfg: Config, prepared: Path, project: Path) -> Path:
+    """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run dir."""
+    from siimcovid.detect.predict import predict
+    from siimcovid.detect.train import train
+
+    det_project = stage_dir(project, "detect")
+    settings = section_settings(cfg, "detect", data=str(prepared), name=cfg.name, project=str(det_project))
+    train(stage_config("detect", "train", settings))
+    det_dir = det_project / cfg.name
+    inherited = {k: v for k, v in (cfg.detect or {}).items() if k in ("device", "workers")}
+    settings = section_settings(
+        {"detect_predict": {**inherited, **(cfg.detect_predict or {})}}, "detect_predict", run=str(det_dir), split=["oof", "test"]
+    )
+    predict(stage_config("detect", "predict", settings))
+    return det_dir
+
+
+def classify(cfg: Config, prepared: Path, project: Path) -> Path:
+    """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify run dir."""
+    from siimcovid.classify import predict, train
+
+    cls_project = stage_dir(project, "classify")
+    settings = section_settings(cfg, "classify", data=str(prepared), name=cfg.name, project=str(cls_project))
+    train.main(stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
+    cls_dir = cls_project / cfg.name
+    inherited = {k: v for k, v in (cfg.classify or {}).items() if k in ("device",)}
+    settings = section_settings(
+        {"classify_predict": {**inherited, **(cfg.classify_predict or {})}},
+        "classify_predict",
+        run=str(cls_dir),
+        project=str(cls_project),
+        split=["oof", "test"],
+    )
+    predict.main(stage_config("classify", "predict", settings))
+    return cls_dir
+
+
+# ----------------------------------------------------------------------------- fusion
+def tuned_params(result: dict) -> dict:
+    """The best fusion parameters of what `fuse tune` returned."""
+    if "best" not in result:  # until fuse.tune returns "best"
+        return read_yaml(Path(result["dir"]) / "best.yaml")
+    return dict(result["best"])
+
+
+class Fusion:
+    """`siimcovid fuse` and `fuse tune` on this run's predictions; a call with tag t writes <project>/fuse/<name><t>/."""
+
+    def __init__(self, cfg: Config, prepared: Path, project: Path):
+        self.name, self.settings = cfg.name, dict(cfg.fuse or {})
+        self.data, self.project = str(prepared), str(stage_dir(project, "fuse"))
+
+    def config(self, tag: str, split: str, det: list, cls: list, mode: str | None = None, **extra) -> Config:
+        fixed = {"data": self.data, "project": self.project, "name": f"{self.name}{tag}", "split": split}
+        settings = {**self.settings, **extra}
+        return stage_config("fuse", mode, section_settings({"fuse": settings}, "fuse", det=det, cls=cls, **fixed))
+
+    def fuse(self, tag: str, split: str, det: list, cls: list, **extra) -> dict:
+        """Fuse one split: {"dir", "files", "fused", "score" (oof)}."""
+        from siimcovid.fuse.stage import fuse
+
+        return fuse(self.config(tag, split, det, cls, **extra))
+
+    def tune(self, tag: str, det: list, cls: list, **extra) -> dict:
+        """Tune the fusion on the OOF predictions; the best fusion parameters."""
+        from siimcovid.fuse.tune import tune
+
+        return tuned_params(tune(self.config(tag, "oof", det, cls, mode="tune", **extra)))
+
+
+def nested_tuning(prepared: Path, fusion: Fusion, oof: tuple[list, list], trials: int) -> dict:
     """Out-of-fold CV of the tuned fusion that is not scored on the data it was tuned on:
     for each fold k, tune on the other folds' OOF predictions, fuse fold k with those settings;
     then score all folds' fused predictions together."""
     from siimcovid.data.prepared import Prepared
+    from siimcovid.data.truth import oof_truth
 
     n_folds = Prepared(prepared).n_folds
     parts = []
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
         tag = f"-nested/fold{k}"  # runs/fuse/<name>-nested/fold<k>/
-        result = fuse(tag, "oof", *inputs["oof"], mode="tune", trials=trials, folds=others)
-        best = read_yaml(Path(result["dir"]) / "best.yaml")
-        parts.append(fuse(tag, "oof", *inputs["oof"], folds=[k], **best)["fused"])
+        best = fusion.tune(tag, *oof, trials=trials, folds=others)
+        parts.append(fusion.fuse(tag, "oof", *oof, folds=[k], **best)["fused"])
     images = pd.concat([p.images for p in parts], ignore_index=True)
     pred = pd.concat([p.pred() for p in parts], ignore_index=True)
-    return {"score": metrics.score(_truth(prepared, images.image_id), pred)}
+    return {"score": metrics.score(oof_truth(prepared, images.image_id), pred)}
 
 
-def _step(title: str):
-    LOGGER.info(f"\n===== siimcovid run: {title} =====")
-    return time.perf_counter()
-
-
-def run(cfg: Config) -> dict:
-    name, project = str(cfg.name), Path(cfg.project)
-    out = project / "run" / name
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("cv_table.csv", "report.md"):  # results of an earlier run under other settings
-        (out / stale).unlink(missing_ok=True)
-    cfg.save(out / "run.yaml")
-    timings = {}
-
-    root = Path(cfg.data)
-    if not (root / IMAGE_CSV).exists():
-        if cfg.synth is None:
-            raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and synth is off")
-        if root.exists() and any(root.iterdir()) and not is_synthetic(root):
-            # e.g. a download still unzipping: never write synthetic data over it
-            raise SiimError(f"no SIIM data at {root} ({IMAGE_CSV} missing), and the folder holds other files: not touching it")
-        if root != Path(read_yaml(default_config_path("run"))["data"]):
-            LOGGER.warning(f"run: {root} holds no SIIM data: writing a SYNTHETIC dataset there (synth settings)")
-        t = _step(f"synth -> {root}")
-        call("synth", None, **_section(cfg, "synth", out=str(root)))
-        timings["synth"] = time.perf_counter() - t
-
-    t = _step("prepare")
-    prepared = call("prepare", None, **_section(cfg, "prepare", data=str(root), name=name, out=str(project / "prepare" / name)))
-    timings["prepare"] = time.perf_counter() - t
-
-    t = _step("detect train")
-    det_project = project / "detect"
-    call("detect", "train", **_section(cfg, "detect", data=str(prepared), name=name, project=str(det_project)))
-    det_dir = det_project / name
-    inherited = {k: v for k, v in (cfg.detect or {}).items() if k in ("device", "workers")}
-    predict = {**inherited, **(cfg.detect_predict or {})}
-    call("detect", "predict", **_section({"detect_predict": predict}, "detect_predict", run=str(det_dir), split=["oof", "test"]))
-    timings["detect"] = time.perf_counter() - t
-
-    t = _step("classify train")
-    cls_project = project / "classify"
-    call("classify", "train", **_section(cfg, "classify", data=str(prepared), name=name, project=str(cls_project)))
-    cls_dir = cls_project / name
-    inherited = {k: v for k, v in (cfg.classify or {}).items() if k in ("device",)}
-    predict = {**inherited, **(cfg.classify_predict or {})}
-    fixed = {"run": str(cls_dir), "project": str(cls_project), "split": ["oof", "test"]}
-    call("classify", "predict", **_section({"classify_predict": predict}, "classify_predict", **fixed))
-    timings["classify"] = time.perf_counter() - t
-
-    t = _step("fuse")
-    det = {s: str(det_dir / f"pred_{s}.csv") for s in ("oof", "test")}
-    cls = {s: str(cls_dir / f"pred_{s}_image.csv") for s in ("oof", "test")}
-    fuse_settings = dict(cfg.fuse or {})
-
-    def fuse(tag: str, split: str, det_files: list, cls_files: list, mode=None, **extra) -> dict:
-        fixed = {"data": str(prepared), "project": str(project / "fuse"), "name": f"{name}{tag}", "split": split}
-        settings = {**fuse_settings, **extra}
-        return call("fuse", mode, **_section({"fuse": settings}, "fuse", det=det_files, cls=cls_files, **fixed))
-
+def fusion_rows(cfg: Config, fusion: Fusion, det: dict, cls: dict, prepared: Path) -> tuple[list[dict], dict, dict]:
+    """The CV rows of the fusion (tuned when tune_trials > 0) and of the baselines; the fused OOF and test results."""
     both = {"oof": ([det["oof"]], [cls["oof"]]), "test": ([det["test"]], [cls["test"]])}
-    rows = [_row("fused, default fusion settings", fuse("-default", "oof", *both["oof"]))]
+    rows = [cv_row("fused, default fusion settings", fusion.fuse("-default", "oof", *both["oof"]))]
     tuned = {}
-    if int(cfg.tune_trials) > 0:
-        trials = int(cfg.tune_trials)
+    if cfg.tune_trials > 0:
         if cfg.nested_tuning:
-            rows.insert(
-                0,
-                _row("fused, tuned on the other folds (nested: an honest CV)", nested_tuning(prepared, fuse, both, trials)),
-            )
-        result = fuse("", "oof", *both["oof"], mode="tune", trials=trials)
-        tuned = read_yaml(Path(result["dir"]) / "best.yaml")  # the tuned fusion settings, for OOF and test
-    fused = fuse("", "oof", *both["oof"], **tuned)
-    label = "fused, tuned on all OOF (optimistic: scored where tuned; makes the submission)" if tuned else "fused"
-    rows.insert(1 if cfg.nested_tuning and tuned else 0, _row(label, fused))
-    test = fuse("", "test", *both["test"], **tuned)
-    rows.append(_row("baseline: class priors, no boxes", {"score": priors_baseline(prepared, fused["fused"].images.image_id)}))
-    rows.append(
-        _row(
-            "baseline: detector alone (none = 1 - max conf)",
-            fuse("-baseline-detector", "oof", [det["oof"]], [], none_det="max", none_cls_weight=0.0),
-        )
-    )
-    rows.append(_row("baseline: classifier alone (no boxes)", fuse("-baseline-classifier", "oof", [], [cls["oof"]])))
-    timings["fuse"] = time.perf_counter() - t
+            rows.insert(0, cv_row(NESTED, nested_tuning(prepared, fusion, both["oof"], cfg.tune_trials)))
+        tuned = fusion.tune("", *both["oof"], trials=cfg.tune_trials)  # the tuned fusion settings, for OOF and test
+    fused = fusion.fuse("", "oof", *both["oof"], **tuned)
+    rows.insert(1 if cfg.nested_tuning and tuned else 0, cv_row(TUNED if tuned else "fused", fused))
+    test = fusion.fuse("", "test", *both["test"], **tuned)
+    return rows + baseline_rows(fusion, det, cls, prepared, fused), fused, test
 
+
+def baseline_rows(fusion: Fusion, det: dict, cls: dict, prepared: Path, fused: dict) -> list[dict]:
+    """The baselines on the images the fusion scored: class priors, the detector alone, the classifier alone."""
+    priors = {"score": priors_baseline(prepared, fused["fused"].images.image_id)}
+    detector = fusion.fuse("-baseline-detector", "oof", [det["oof"]], [], none_det="max", none_cls_weight=0.0)
+    classifier = fusion.fuse("-baseline-classifier", "oof", [], [cls["oof"]])
+    return [
+        cv_row("baseline: class priors, no boxes", priors),
+        cv_row("baseline: detector alone (none = 1 - max conf)", detector),
+        cv_row("baseline: classifier alone (no boxes)", classifier),
+    ]
+
+
+def priors_baseline(prepared: Path, image_ids) -> metrics.Score:
+    """Every study gets the train class frequencies, every image the train share of `none`, no boxes."""
+    from siimcovid.data.prepared import Prepared
+    from siimcovid.data.truth import oof_truth
+
+    meta = Prepared(prepared).split("train")
+    meta = meta[meta.image_id.isin(set(image_ids))]
+    studies = meta.drop_duplicates("study_id")
+    freq = studies.study_label.value_counts(normalize=True)
+    probs = pd.DataFrame({"study_id": studies.study_id, **{c: float(freq.get(c, 0.0)) for c in STUDY_CLASSES}})
+    none = pd.DataFrame({"image_id": meta.image_id, "none": float((meta.n_boxes == 0).mean())})
+    pred = pd.concat([metrics.study_pred(probs), metrics.image_pred(None, none)], ignore_index=True)
+    return metrics.score(oof_truth(prepared, meta.image_id), pred)
+
+
+# ----------------------------------------------------------------------------- the CV table
+def cv_row(method: str, result: dict) -> dict:
+    s = result["score"]
+    return {
+        "method": method,
+        **{c: s.ap.get(c) for c in CLASSES},
+        "study_map": s.study_map,
+        "image_map": s.image_map,
+        "final": s.final,
+    }
+
+
+def cv_table(rows: list[dict], out: Path, name: str) -> tuple[pd.DataFrame, float]:
+    """Write cv_table.csv and log it; the table and the margin of the first row over the best baseline."""
     table = pd.DataFrame(rows, columns=["method", *COLUMNS])
     write_csv(table, out / "cv_table.csv", float_format="%.4f")
     LOGGER.info(
@@ -171,16 +257,43 @@ def run(cfg: Config) -> dict:
     baselines = table[table.method.str.startswith("baseline")]
     margin = float(table.final[0] - baselines.final.max())
     LOGGER.info(f"fused final CV {table.final[0]:.4f}: {margin:+.4f} over the best baseline ({baselines.final.max():.4f})")
-    LOGGER.info(f"submission: {test['files']['submission']}")
+    return table, margin
 
-    result = {"dir": out, "table": table, "submission": test["files"]["submission"], "timings": timings, "margin": margin}
+
+# ----------------------------------------------------------------------------- the pipeline
+def run(cfg: Config) -> dict:
+    project = Path(cfg.project)
+    out = stage_dir(project, "run") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("cv_table.csv", "report.md"):  # results of an earlier run under other settings
+        (out / stale).unlink(missing_ok=True)
+    cfg.save(out / "run.yaml")
+    timings = {}
+
+    root = ensure_data(cfg, timings)
+    with step("prepare", "prepare", timings):
+        prepared = prepare_data(cfg, root, project)
+    with step("detect train", "detect", timings):
+        det_dir = detect(cfg, prepared, project)
+    with step("classify train", "classify", timings):
+        cls_dir = classify(cfg, prepared, project)
+    with step("fuse", "fuse", timings):
+        det = {s: str(det_dir / f"pred_{s}.csv") for s in ("oof", "test")}
+        cls = {s: str(cls_dir / f"pred_{s}_image.csv") for s in ("oof", "test")}
+        rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)
+
+    table, margin = cv_table(rows, out, cfg.name)
+    submission = test["files"]["submission"]
+    LOGGER.info(f"submission: {submission}")
+    result = {"dir": out, "table": table, "submission": submission, "timings": timings, "margin": margin}
     if cfg.report:
-        t = time.perf_counter()
-        result["report"] = write_report(out, cfg, table, fused, prepared, det_dir, cls_dir, test["files"]["submission"], timings)
-        timings["report"] = time.perf_counter() - t
+        start = time.perf_counter()
+        result["report"] = write_report(out, cfg, table, fused, prepared, det_dir, cls_dir, submission, timings)
+        timings["report"] = time.perf_counter() - start
     return result
 
 
+# ----------------------------------------------------------------------------- the report
 def write_report(
     out: Path,
     cfg: Config,
@@ -192,30 +305,43 @@ def write_report(
     submission: Path,
     timings: dict,
 ) -> Path:
-    """report.md with the CV table and the plots."""
+    """The plots and report.md with the CV table."""
     from siimcovid import report
     from siimcovid.data.prepared import Prepared
+    from siimcovid.data.truth import oof_truth
 
     prep = Prepared(prepared)
     pred = pd.read_csv(fused["files"]["pred"])
-    truth = _truth(prepared, fused["fused"].images.image_id)
+    truth = oof_truth(prepared, fused["fused"].images.image_id)
     report.plot_pr_curves(truth, pred, out / "pr_curves.png", title=f"{cfg.name}: fused out-of-fold predictions")
     studies = fused["fused"].studies
     labels = prep.split("train").drop_duplicates("study_id").set_index("study_id").study_label
     confusion = report.confusion_matrix(labels.loc[studies.study_id].to_numpy(), studies)
     report.plot_confusion(confusion, out / "confusion.png", title="study classes, out-of-fold")
     report.plot_samples(prep, fused["fused"].boxes, fused["fused"].images, out / "samples.png")
+    sources = f"""Data: `{cfg.data}`, prepared in `{prepared}`. Detector: `{det_dir}`. Classifier: `{cls_dir}`.
+Submission (test split): `{submission}`."""
+    return atomic_write_text(out / "report.md", report_text(cfg.name, sources, table, confusion, timings))
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The CV table in markdown, scores with 4 decimals."""
     fmt = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
     head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join("| " + r.method + " | " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |\n" for r in table.itertuples())
-    text = f"""# siimcovid run: {cfg.name}
+    return head + "".join(
+        "| " + r.method + " | " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |\n" for r in table.itertuples()
+    )
 
-Data: `{cfg.data}`, prepared in `{prepared}`. Detector: `{det_dir}`. Classifier: `{cls_dir}`.
-Submission (test split): `{submission}`.
+
+def report_text(name: str, sources: str, table: pd.DataFrame, confusion: pd.DataFrame, timings: dict) -> str:
+    """report.md: the CV table and how to read it, the plots, the time per step."""
+    return f"""# siimcovid run: {name}
+
+{sources}
 
 ## Out-of-fold CV (the competition metric)
 
-{head}{body}
+{markdown_table(table)}
 Each AP is the competition's (VOC 2010, IoU > 0.5) over all out-of-fold images; final = mean over
 the six classes. Tuning the fusion on out-of-fold predictions and scoring it there flatters it:
 the "nested" row tunes on the other folds and scores each fold with those settings (an honest
@@ -243,28 +369,6 @@ Out-of-fold images, ground truth in green, fused boxes in red:
 
 {chr(10).join(f"- {k}: {v:.0f}" for k, v in timings.items())}
 """
-    return atomic_write_text(out / "report.md", text)
-
-
-def priors_baseline(prepared: Path, image_ids) -> metrics.Score:
-    """Every study gets the train class frequencies, every image the train share of `none`, no boxes."""
-    from siimcovid.data.prepared import Prepared
-
-    meta = Prepared(prepared).split("train")
-    meta = meta[meta.image_id.isin(set(image_ids))]
-    studies = meta.drop_duplicates("study_id")
-    freq = studies.study_label.value_counts(normalize=True)
-    probs = pd.DataFrame({"study_id": studies.study_id, **{c: float(freq.get(c, 0.0)) for c in STUDY_CLASSES}})
-    none = pd.DataFrame({"image_id": meta.image_id, "none": float((meta.n_boxes == 0).mean())})
-    pred = pd.concat([metrics.study_pred(probs), metrics.image_pred(None, none)], ignore_index=True)
-    return metrics.score(_truth(prepared, meta.image_id), pred)
-
-
-def _truth(prepared: Path, image_ids) -> pd.DataFrame:
-    """The metric's truth rows of these out-of-fold images and their studies."""
-    from siimcovid.data.truth import oof_truth
-
-    return oof_truth(prepared, image_ids)
 
 
 def _has_tabulate() -> bool:
@@ -274,6 +378,26 @@ def _has_tabulate() -> bool:
         return True
     except ImportError:
         return False
+
+
+# ----------------------------------------------------------------------------- its row in `siimcovid runs`
+def describe(run: Path) -> dict | None:
+    """A run folder -> its two models, image sizes, data and tuning, its final CV beside the best baseline; None if not one."""
+    cfg = quiet_yaml(run / "run.yaml")
+    if not cfg:
+        return None
+    det, cls = cfg.get("detect") or {}, cfg.get("classify") or {}
+    row = {
+        "model": f"{Path(str(det.get('model', ''))).name} + {cls.get('model', '')}",
+        "imgsz": f"{det.get('imgsz', '')}/{cls.get('imgsz', '')}",
+        "settings": f"data={cfg.get('data')} tune_trials={cfg.get('tune_trials')}",
+    }
+    table = quiet_csv(run / "cv_table.csv")
+    if table is not None and len(table):
+        best_baseline = table[table.method.str.startswith("baseline")].final.max()
+        row["cv_value"] = float(table.final.iloc[0])
+        row["cv"] = f"final {row['cv_value']:.4f} (best baseline {best_baseline:.4f})"
+    return row
 
 
 def main(cfg: Config) -> dict:

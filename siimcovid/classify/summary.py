@@ -1,0 +1,28 @@
+"""The row of a classify run in `siimcovid runs` (light: yaml and pandas only, never torch)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from siimcovid.rundir import fold_files
+from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
+
+SETTINGS = ["epochs", "lr", "fine_lr", "optimizer", "mask_weight", "ema", "mixup"]
+
+
+def describe(run: Path) -> dict | None:
+    """A classify run -> model, image size, finished folds, the settings that matter, its OOF study mAP; None if not one."""
+    cfg = quiet_yaml(run / "classify.yaml")
+    if not cfg:
+        return None
+    scores = overall_scores(run)
+    study_map, none_ap = score(scores, "study_map"), score(scores, "none")
+    return {
+        "model": str(cfg.get("model", "")),
+        "imgsz": str(cfg.get("imgsz", "")),
+        "folds": fmt(sorted(fold_files(run, "done.json"))),
+        "settings": settings_text(cfg, SETTINGS),
+        "cv_value": study_map,
+        "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",
+    }

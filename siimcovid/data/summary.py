@@ -1,0 +1,21 @@
+"""The row of a prepare run in `siimcovid runs` (light: yaml and pandas only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from siimcovid.runs import fmt, quiet_csv, quiet_yaml, settings_text
+
+
+def describe(run: Path) -> dict | None:
+    """A prepared folder -> image sizes, folds, split settings and its number of images; None if not one."""
+    cfg = quiet_yaml(run / "prepare.yaml")
+    if not cfg:
+        return None
+    meta = quiet_csv(run / "meta.csv")
+    return {
+        "imgsz": fmt(cfg.get("sizes", "")),
+        "folds": str(cfg.get("n_folds", "")),
+        "settings": settings_text(cfg, ["ext", "seed", "yolo_exclude_none"]),
+        "cv": f"{len(meta)} images" if meta is not None else "unfinished (no meta.csv)",
+    }

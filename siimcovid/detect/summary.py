@@ -1,0 +1,32 @@
+"""The row of a detect run in `siimcovid runs` (light: yaml and pandas only, never Ultralytics)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from siimcovid.rundir import fold_numbers
+from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
+
+SETTINGS = ["hyp", "epochs", "batch"]  # of detect.yaml
+TRAINED_WITH = ["mosaic", "mixup", "optimizer", "lr0"]  # as Ultralytics recorded them (preset + overrides)
+
+
+def describe(run: Path) -> dict | None:
+    """A detect run -> model, image size, folds, the settings that matter, and its OOF opacity AP; None if not one."""
+    cfg = quiet_yaml(run / "detect.yaml")
+    if not cfg:
+        return None
+    folds = fold_numbers(run)
+    # what a fold really trained with (preset + overrides), as Ultralytics recorded it
+    used = quiet_yaml(run / f"fold{folds[0]}" / "args.yaml") if folds else {}
+    used = used or cfg.get("hyp_values") or {}
+    ap = score(overall_scores(run), "opacity")
+    return {
+        "model": Path(str(cfg.get("model", ""))).name,
+        "imgsz": str(cfg.get("imgsz", "")),
+        "folds": fmt(folds),
+        "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH),
+        "cv_value": ap,
+        "cv": "" if math.isnan(ap) else f"opacity AP {ap:.4f}",
+    }

@@ -1,0 +1,98 @@
+"""The stages of siimcovid, each registered once: what `siimcovid <stage> [mode]` runs, where its
+runs go, and how `siimcovid runs` describes one of them.
+
+The CLI (`siimcovid.cli`), the pipeline (`siimcovid.run`) and the runs table (`siimcovid.runs`)
+read this registry; nothing else lists the stages. Functions are named by "module:function" and
+imported only when used, so reading the registry (or `siimcovid runs`) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from siimcovid.utils import SiimError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the command line.
+
+    modes: mode word (None: the stage takes no mode word) -> "module:function" taking the stage's Config.
+    folder: the sub-folder of the project its runs go to (<project>/<folder>/<name>); None: no run folders.
+    describe: "module:function" turning one run folder into one row of `siimcovid runs` (a dict, or
+        None when the folder is not a run of this stage); None: the stage has no rows.
+    extra_keys: "module:function" returning the settings the stage accepts beyond its defaults file
+        (e.g. Ultralytics' own train arguments); None: only the defaults file's keys.
+    """
+
+    name: str
+    modes: dict[str | None, str]
+    folder: str | None = None
+    describe: str | None = None
+    extra_keys: str | None = None
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("synth", {None: "siimcovid.data.synth:main"}),
+        Stage("prepare", {None: "siimcovid.data.prepare:main"}, "prepare", "siimcovid.data.summary:describe"),
+        Stage(
+            "detect",
+            {
+                "train": "siimcovid.detect.train:main",
+                "predict": "siimcovid.detect.predict:main",
+                "evolve": "siimcovid.detect.evolve:main",
+            },
+            "detect",
+            "siimcovid.detect.summary:describe",
+            extra_keys="siimcovid.detect.common:ultralytics_keys",
+        ),
+        Stage("evaluate", {None: "siimcovid.evaluate:main"}),
+        Stage(
+            "classify",
+            {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
+            "classify",
+            "siimcovid.classify.summary:describe",
+        ),
+        Stage(
+            "fuse",
+            {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
+            "fuse",
+            "siimcovid.fuse.summary:describe",
+        ),
+        Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
+        Stage("runs", {None: "siimcovid.runs:main"}),
+    )
+}
+
+
+def stage(name: str) -> Stage:
+    """The registered stage of that name."""
+    if name not in STAGES:
+        raise SiimError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def modes_by_stage() -> dict[str, dict[str | None, str]]:
+    """stage -> mode -> "module:function", in registry order (the CLI's table)."""
+    return {name: dict(s.modes) for name, s in STAGES.items()}
+
+
+def with_runs() -> list[str]:
+    """The stages that have run folders and a row in `siimcovid runs`, in registry order."""
+    return [name for name, s in STAGES.items() if s.folder and s.describe]
+
+
+def load(target: str) -> Callable:
+    """Import "module:function" and return the function."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def extra_keys(name: str) -> set[str]:
+    """The settings a stage accepts beyond its defaults file (imports the stage's module when it has some)."""
+    target = stage(name).extra_keys
+    return set(load(target)()) if target else set()
