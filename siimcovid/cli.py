@@ -5,12 +5,11 @@ Stages import lazily, so ``siimcovid synth`` does not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Callable
 
-from siimcovid.config import Config, ConfigError, help_text, load_config
-from siimcovid.stages import modes_by_stage
+from siimcovid.config import Config, ConfigError, help_text
+from siimcovid.stages import load, modes_by_stage, stage_config
 from siimcovid.utils import LOGGER, SiimError
 
 # stage -> mode -> "module:function"; mode None is the stage without a mode word.
@@ -25,36 +24,6 @@ stages:
 `siimcovid <stage> help` prints a stage's settings and their defaults.
 Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) and key=value.
 """
-
-
-# Keys a stage accepts beyond its defaults file (e.g. Ultralytics' own train arguments).
-# Called only when that stage runs (the detect one imports Ultralytics, hence torch).
-def _ultralytics_keys() -> set[str]:
-    from siimcovid.detect.common import ultralytics_keys
-
-    return ultralytics_keys()
-
-
-EXTRA_KEYS: dict[str, Callable[[], set[str] | bool]] = {"detect": _ultralytics_keys}
-
-
-def _check_ultralytics(extra: dict) -> dict:
-    """Ultralytics' own type and range check of the settings detect passes through."""
-    from ultralytics.cfg import check_cfg
-
-    out = {}
-    for key, value in extra.items():
-        one = {key: value}
-        try:
-            check_cfg(one)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"detect setting {key}={value!r} (an Ultralytics setting): {e}") from None
-        out.update(one)
-    return out
-
-
-# A check of those extra keys: {key: value} -> the same, checked (a one-line ConfigError if not).
-EXTRA_CHECKS: dict[str, Callable[[dict], dict]] = {"detect": _check_ultralytics}
 
 
 def usage() -> str:
@@ -87,12 +56,7 @@ def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config 
 
 def stage_function(stage: str, mode: str | None, overrides) -> tuple[Callable[[Config], object], Config]:
     """The function of a stage's mode and its resolved config (overrides: key=value list or dict)."""
-    extra = EXTRA_KEYS.get(stage, lambda: set())()
-    cfg = load_config(stage, overrides, extra_ok=extra, extra_check=EXTRA_CHECKS.get(stage))
-    if mode is not None:
-        cfg["mode"] = mode
-    module_name, func_name = STAGES[stage][mode].split(":")
-    return getattr(importlib.import_module(module_name), func_name), cfg
+    return load(STAGES[stage][mode]), stage_config(stage, mode, overrides)
 
 
 def call(stage: str, mode: str | None = None, /, **overrides) -> object:

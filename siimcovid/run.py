@@ -27,9 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from siimcovid import metrics
-from siimcovid import stages as registry
-from siimcovid.config import Config, default_config_path, load_config, read_yaml
+from siimcovid import metrics, stages
+from siimcovid.config import Config, default_config_path, read_yaml
 from siimcovid.data.siim import IMAGE_CSV
 from siimcovid.runs import quiet_csv, quiet_yaml
 from siimcovid.tables import CLASSES, STUDY_CLASSES, write_csv
@@ -52,17 +51,9 @@ def section_settings(cfg, section: str, **fixed) -> dict:
     return {**settings, **fixed}
 
 
-def stage_config(stage: str, mode: str | None, settings: dict) -> Config:
-    """A stage's config from settings, typed and checked as the CLI does; the mode recorded as the CLI records it."""
-    cfg = load_config(stage, settings, extra_ok=registry.extra_keys(stage))
-    if mode is not None:
-        cfg["mode"] = mode
-    return cfg
-
-
 def stage_dir(project: Path, stage: str) -> Path:
     """<project>/<the stage's folder>: where that stage's runs go."""
-    return Path(project) / registry.stage(stage).folder
+    return Path(project) / stages.stage(stage).folder
 
 
 @contextmanager
@@ -90,7 +81,7 @@ def ensure_data(cfg: Config, timings: dict) -> Path:
     if root != Path(read_yaml(default_config_path("run"))["data"]):
         LOGGER.warning(f"run: {root} holds no SIIM data: writing a SYNTHETIC dataset there (synth settings)")
     with step(f"synth -> {root}", "synth", timings):
-        generate(stage_config("synth", None, section_settings(cfg, "synth", out=str(root))))
+        generate(stages.stage_config("synth", None, section_settings(cfg, "synth", out=str(root))))
     return root
 
 
@@ -100,7 +91,7 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
 
     out = stage_dir(project, "prepare") / cfg.name
     settings = section_settings(cfg, "prepare", data=str(root), name=cfg.name, out=str(out))
-    return prepare(stage_config("prepare", None, settings))
+    return prepare(stages.stage_config("prepare", None, settings))
 
 
 def detect(cfg: Config, prepared: Path, project: Path) -> Path:
@@ -110,13 +101,13 @@ def detect(cfg: Config, prepared: Path, project: Path) -> Path:
 
     det_project = stage_dir(project, "detect")
     settings = section_settings(cfg, "detect", data=str(prepared), name=cfg.name, project=str(det_project))
-    train(stage_config("detect", "train", settings))
+    train(stages.stage_config("detect", "train", settings))
     det_dir = det_project / cfg.name
     inherited = {k: v for k, v in (cfg.detect or {}).items() if k in ("device", "workers")}
     settings = section_settings(
         {"detect_predict": {**inherited, **(cfg.detect_predict or {})}}, "detect_predict", run=str(det_dir), split=["oof", "test"]
     )
-    predict(stage_config("detect", "predict", settings))
+    predict(stages.stage_config("detect", "predict", settings))
     return det_dir
 
 
@@ -126,7 +117,7 @@ def classify(cfg: Config, prepared: Path, project: Path) -> Path:
 
     cls_project = stage_dir(project, "classify")
     settings = section_settings(cfg, "classify", data=str(prepared), name=cfg.name, project=str(cls_project))
-    train.main(stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
+    train.main(stages.stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
     cls_dir = cls_project / cfg.name
     inherited = {k: v for k, v in (cfg.classify or {}).items() if k in ("device",)}
     settings = section_settings(
@@ -136,7 +127,7 @@ def classify(cfg: Config, prepared: Path, project: Path) -> Path:
         project=str(cls_project),
         split=["oof", "test"],
     )
-    predict.main(stage_config("classify", "predict", settings))
+    predict.main(stages.stage_config("classify", "predict", settings))
     return cls_dir
 
 
@@ -158,7 +149,7 @@ class Fusion:
     def config(self, tag: str, split: str, det: list, cls: list, mode: str | None = None, **extra) -> Config:
         fixed = {"data": self.data, "project": self.project, "name": f"{self.name}{tag}", "split": split}
         settings = {**self.settings, **extra}
-        return stage_config("fuse", mode, section_settings({"fuse": settings}, "fuse", det=det, cls=cls, **fixed))
+        return stages.stage_config("fuse", mode, section_settings({"fuse": settings}, "fuse", det=det, cls=cls, **fixed))
 
     def fuse(self, tag: str, split: str, det: list, cls: list, **extra) -> dict:
         """Fuse one split: {"dir", "files", "fused", "score" (oof)}."""

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from siimcovid.config import Config, load_config
 from siimcovid.utils import SiimError
 
 
@@ -25,6 +26,8 @@ class Stage:
         None when the folder is not a run of this stage); None: the stage has no rows.
     extra_keys: "module:function" returning the settings the stage accepts beyond its defaults file
         (e.g. Ultralytics' own train arguments); None: only the defaults file's keys.
+    extra_check: "module:function" checking those extra settings ({key: value} -> the same, or a
+        one-line ConfigError); None: not checked.
     """
 
     name: str
@@ -32,6 +35,7 @@ class Stage:
     folder: str | None = None
     describe: str | None = None
     extra_keys: str | None = None
+    extra_check: str | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -49,6 +53,7 @@ STAGES: dict[str, Stage] = {
             "detect",
             "siimcovid.detect.summary:describe",
             extra_keys="siimcovid.detect.common:ultralytics_keys",
+            extra_check="siimcovid.detect.common:check_ultralytics_settings",
         ),
         Stage("evaluate", {None: "siimcovid.evaluate:main"}),
         Stage(
@@ -96,3 +101,14 @@ def extra_keys(name: str) -> set[str]:
     """The settings a stage accepts beyond its defaults file (imports the stage's module when it has some)."""
     target = stage(name).extra_keys
     return set(load(target)()) if target else set()
+
+
+def stage_config(name: str, mode: str | None, overrides) -> Config:
+    """A stage's resolved config (overrides: key=value strings or a dict), typed and checked, its
+    extra settings checked by the stage, the mode recorded: what the CLI and `siimcovid run` run."""
+    spec = stage(name)
+    check = load(spec.extra_check) if spec.extra_check else None
+    cfg = load_config(name, overrides, extra_ok=extra_keys(name), extra_check=check)
+    if mode is not None:
+        cfg["mode"] = mode
+    return cfg

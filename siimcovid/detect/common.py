@@ -239,3 +239,20 @@ def check_run_dataset(run_dir: Path, source: DataSource) -> None:
         if old.get("prepared") and Path(old["prepared"]) != source.prepared:
             raise SiimError(f"{run_dir} holds a run on {old['prepared']}, not {source.prepared}: choose another name=")
         Prepared(source.prepared).check_folds(old.get("folds_id"), str(run_dir))
+
+
+def check_ultralytics_settings(extra: dict) -> dict:
+    """Ultralytics' own type and range check of the settings detect passes through (one-line errors)."""
+    from ultralytics.cfg import check_cfg
+
+    from siimcovid.config import ConfigError
+
+    out = {}
+    for key, value in extra.items():
+        one = {key: value}
+        try:
+            check_cfg(one)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"detect setting {key}={value!r} (an Ultralytics setting): {e}") from None
+        out.update(one)
+    return out
