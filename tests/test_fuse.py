@@ -10,15 +10,18 @@ import pytest
 import yaml
 
 from siimcovid import cli
+from siimcovid.config import load_config
 from siimcovid.data.siim import STUDY_CLASSES
 from siimcovid.data.truth import load_truth
-from siimcovid.fuse import formulas
+from siimcovid.fuse import formulas, pipeline
+from siimcovid.fuse.inputs import FuseInputs
 from siimcovid.fuse.pipeline import FUSION_KEYS
 from siimcovid.fuse.wbf import denormalise_boxes, normalise_boxes, wbf_image, wbf_table
 from siimcovid.submission import read_submission, sample_ids
 from siimcovid.utils import DataError, SiimError
 
 DET = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
+DEFAULTS = load_config("fuse")
 
 
 # ----------------------------------------------------------------------------- synthetic predictions
@@ -163,20 +166,41 @@ def test_none_formulas_on_hand_cases():
     assert formulas.negative_from_none([0.2], [0.6], 0.5) == pytest.approx([0.4])
     with pytest.raises(SiimError, match="none_det"):
         formulas.none_from_detector(conf, image, 3, "mean")
-    with pytest.raises(SiimError, match="none_cls_weight"):
-        formulas.blend_none([0.5], [0.5], 1.5)
+    params = {k: DEFAULTS[k] for k in FUSION_KEYS}
+    with pytest.raises(SiimError, match=r"none_cls_weight=1.5: expected a number in \[0.0, 1.0\]"):
+        pipeline.check_params({**params, "none_cls_weight": 1.5})
+    with pytest.raises(SiimError, match="opacity_exponent"):
+        pipeline.check_params({**params, "opacity_exponent": -1.0})
+    with pytest.raises(SiimError, match="none_blend='mean': expected one of linear, geometric"):
+        pipeline.check_params({**params, "none_blend": "mean"})
 
 
-def test_combine_members_mean_geometric_rank():
-    a, b = np.array([[0.2], [0.9], [0.5]]), np.array([[0.8], [0.1], [0.6]])
-    assert formulas.combine_members([a, b], [3, 1], "mean")[:, 0] == pytest.approx([0.35, 0.7, 0.525])
-    assert formulas.combine_members([a, b], None, "geometric")[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
-    c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
-    assert formulas.combine_members([a, c], [3, 1], "rank")[:, 0] == pytest.approx(
-        [(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4]
+def member_inputs(*members):
+    """FuseInputs of three images with only classifier members (each an (n, 1) array: P(negative), the rest 0)."""
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "study_id": ["a", "b", "c"], "fold": 0, "rows": 10, "cols": 10})
+    frames = [
+        pd.DataFrame({"negative": m[:, 0], "typical": 0.0, "indeterminate": 0.0, "atypical": 0.0, "none": m[:, 0]})
+        for m in members
+    ]
+    return FuseInputs(
+        split="oof", images=images, study_ids=["a", "b", "c"], boxes=pd.DataFrame(), sets=pd.DataFrame(), members=frames
     )
-    with pytest.raises(SiimError, match="cls_ensemble"):
-        formulas.combine_members([a], None, "median")
+
+
+def test_classifier_members_combine_by_cls_ensemble_and_cls_weights():
+    a, b = np.array([[0.2], [0.9], [0.5]]), np.array([[0.8], [0.1], [0.6]])
+    params = {k: DEFAULTS[k] for k in FUSION_KEYS}
+    mean = pipeline.classifier_table(member_inputs(a, b), {**params, "cls_weights": [3, 1]})
+    assert mean[:, 0] == pytest.approx([0.35, 0.7, 0.525])
+    geo = pipeline.classifier_table(member_inputs(a, b), {**params, "cls_ensemble": "geometric"})
+    assert geo[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
+    c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
+    rank = pipeline.classifier_table(member_inputs(a, c), {**params, "cls_ensemble": "rank", "cls_weights": [3, 1]})
+    assert rank[:, 0] == pytest.approx([(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4])
+    with pytest.raises(SiimError, match="cls_ensemble='median': expected one of mean, geometric, geomean, rank"):
+        pipeline.check_params({**params, "cls_ensemble": "median"})
+    with pytest.raises(SiimError, match="cls_weights"):
+        pipeline.classifier_table(member_inputs(a, b), {**params, "cls_weights": [1, 1, 1]})
 
 
 def test_study_probabilities_average_images_and_borrow_none():

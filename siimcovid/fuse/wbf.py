@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
+from siimcovid.tables import BOX_COLUMNS
 from siimcovid.utils import SiimError
 
-BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 FUSED_COLUMNS = ["image_id", "conf", *BOX_COLUMNS]
 
