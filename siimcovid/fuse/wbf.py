@@ -111,7 +111,7 @@ def _fuse_chunk(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def resolve_workers(workers: int) -> int:
-    return (os.cpu_count() or 1) if int(workers) <= 0 else int(workers)
+    return (os.cpu_count() or 1) if workers <= 0 else workers
 
 
 def wbf_table(
@@ -169,8 +169,8 @@ def wbf_table(
                 bounds[chunk[0] : chunk[-1] + 2] - lo,
                 n_sets,
                 weights,
-                float(iou_thr),
-                float(skip_box_thr),
+                iou_thr,
+                skip_box_thr,
                 conf_type,
             )
         )
