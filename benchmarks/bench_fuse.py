@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
-from siimcovid.data.siim import STUDY_CLASSES
 from siimcovid.data.truth import image_truth, study_truth
 from siimcovid.fuse.inputs import FuseInputs
 from siimcovid.fuse.pipeline import run_fusion
-from siimcovid.fuse.wbf import BOX_COLUMNS, wbf_table
+from siimcovid.fuse.wbf import wbf_table
 from siimcovid.metrics import score
+from siimcovid.tables import BOX_COLUMNS, STUDY_CLASSES
 
 PARAMS = {
     "det_weights": [],

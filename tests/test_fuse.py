@@ -10,15 +10,18 @@ import pytest
 import yaml
 
 from siimcovid import cli
+from siimcovid.config import load_config
 from siimcovid.data.siim import STUDY_CLASSES
 from siimcovid.data.truth import load_truth
-from siimcovid.fuse import formulas
+from siimcovid.fuse import formulas, pipeline
+from siimcovid.fuse.inputs import FuseInputs
 from siimcovid.fuse.pipeline import FUSION_KEYS
 from siimcovid.fuse.wbf import denormalise_boxes, normalise_boxes, wbf_image, wbf_table
 from siimcovid.submission import read_submission, sample_ids
 from siimcovid.utils import DataError, SiimError
 
 DET = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
+DEFAULTS = load_config("fuse")
 
 
 # ----------------------------------------------------------------------------- synthetic predictions
@@ -163,20 +166,41 @@ def test_none_formulas_on_hand_cases():
     assert formulas.negative_from_none([0.2], [0.6], 0.5) == pytest.approx([0.4])
     with pytest.raises(SiimError, match="none_det"):
         formulas.none_from_detector(conf, image, 3, "mean")
-    with pytest.raises(SiimError, match="none_cls_weight"):
-        formulas.blend_none([0.5], [0.5], 1.5)
+    params = {k: DEFAULTS[k] for k in FUSION_KEYS}
+    with pytest.raises(SiimError, match=r"none_cls_weight=1.5: expected a number in \[0.0, 1.0\]"):
+        pipeline.check_params({**params, "none_cls_weight": 1.5})
+    with pytest.raises(SiimError, match="opacity_exponent"):
+        pipeline.check_params({**params, "opacity_exponent": -1.0})
+    with pytest.raises(SiimError, match="none_blend='mean': expected one of linear, geometric"):
+        pipeline.check_params({**params, "none_blend": "mean"})
 
 
-def test_combine_members_mean_geometric_rank():
-    a, b = np.array([[0.2], [0.9], [0.5]]), np.array([[0.8], [0.1], [0.6]])
-    assert formulas.combine_members([a, b], [3, 1], "mean")[:, 0] == pytest.approx([0.35, 0.7, 0.525])
-    assert formulas.combine_members([a, b], None, "geometric")[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
-    c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
-    assert formulas.combine_members([a, c], [3, 1], "rank")[:, 0] == pytest.approx(
-        [(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4]
+def member_inputs(*members):
+    """FuseInputs of three images with only classifier members (each an (n, 1) array: P(negative), the rest 0)."""
+    images = pd.DataFrame({"image_id": ["a", "b", "c"], "study_id": ["a", "b", "c"], "fold": 0, "rows": 10, "cols": 10})
+    frames = [
+        pd.DataFrame({"negative": m[:, 0], "typical": 0.0, "indeterminate": 0.0, "atypical": 0.0, "none": m[:, 0]})
+        for m in members
+    ]
+    return FuseInputs(
+        split="oof", images=images, study_ids=["a", "b", "c"], boxes=pd.DataFrame(), sets=pd.DataFrame(), members=frames
     )
-    with pytest.raises(SiimError, match="cls_ensemble"):
-        formulas.combine_members([a], None, "median")
+
+
+def test_classifier_members_combine_by_cls_ensemble_and_cls_weights():
+    a, b = np.array([[0.2], [0.9], [0.5]]), np.array([[0.8], [0.1], [0.6]])
+    params = {k: DEFAULTS[k] for k in FUSION_KEYS}
+    mean = pipeline.classifier_table(member_inputs(a, b), {**params, "cls_weights": [3, 1]})
+    assert mean[:, 0] == pytest.approx([0.35, 0.7, 0.525])
+    geo = pipeline.classifier_table(member_inputs(a, b), {**params, "cls_ensemble": "geometric"})
+    assert geo[:, 0] == pytest.approx([0.4, 0.3, np.sqrt(0.3)])
+    c = np.array([[0.8], [0.6], [0.1]])  # percentile ranks: a -> 1/3, 1, 2/3; c -> 1, 2/3, 1/3
+    rank = pipeline.classifier_table(member_inputs(a, c), {**params, "cls_ensemble": "rank", "cls_weights": [3, 1]})
+    assert rank[:, 0] == pytest.approx([(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4])
+    with pytest.raises(SiimError, match="cls_ensemble='median': expected one of mean, geometric, geomean, rank"):
+        pipeline.check_params({**params, "cls_ensemble": "median"})
+    with pytest.raises(SiimError, match="cls_weights"):
+        pipeline.classifier_table(member_inputs(a, b), {**params, "cls_weights": [1, 1, 1]})
 
 
 def test_study_probabilities_average_images_and_borrow_none():
@@ -365,6 +389,34 @@ def test_readers_reject_bad_inputs_with_file_and_line(prepared, tmp_path):
         cli.main(["fuse", "tune", *base, "split=test", f"project={tmp_path}"])
 
 
+def test_classifier_files_are_checked_against_the_prepared_data_with_file_and_line(prepared, tmp_path):
+    images = truth_images(prepared, "oof")
+    cls = classifier(images).assign(fold=images.fold.to_numpy())
+    base = [f"data={prepared}", "split=oof"]
+
+    wrong = cls.copy()
+    wrong.loc[4, "fold"] = (wrong.loc[4, "fold"] + 1) % 3
+    wrong.to_csv(tmp_path / "wrongfold.csv", index=False)
+    with pytest.raises(DataError, match=r"wrongfold.csv, line 6: predicted by another fold's model"):
+        run([*base, f"cls={tmp_path / 'wrongfold.csv'}"], tmp_path)
+    two = pd.concat([cls, cls.iloc[[2]].assign(study_id="another")], ignore_index=True)
+    two.to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(DataError, match=rf"two.csv, line {len(two) + 1}: image {cls.image_id[2]} has two study_ids"):
+        run([*base, f"cls={tmp_path / 'two.csv'}"], tmp_path)
+    moved = cls.assign(study_id=np.roll(cls.study_id.to_numpy(), 1))
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    with pytest.raises(DataError, match=r"moved.csv: image .*: study_id .* but the prepared data says"):
+        run([*base, f"cls={tmp_path / 'moved.csv'}"], tmp_path)
+    high = cls.copy()
+    high.loc[1, "typical"] = 1.5
+    high.to_csv(tmp_path / "high.csv", index=False)
+    with pytest.raises(DataError, match=r"high.csv, line 3: typical must be in \[0, 1\]"):
+        run([*base, f"cls={tmp_path / 'high.csv'}"], tmp_path)
+    with pytest.raises(DataError, match=r"cls.csv: image .* is not a test image"):
+        cls.to_csv(tmp_path / "cls.csv", index=False)
+        run([f"data={prepared}", f"cls={tmp_path / 'cls.csv'}", "split=test"], tmp_path)
+
+
 def test_a_skipped_test_image_is_named_at_prepare_and_at_fuse(tiny_root, tmp_path, caplog):
     from siimcovid.config import load_config
     from siimcovid.data.prepare import prepare
@@ -413,3 +465,185 @@ def test_test_none_det_is_on_the_out_of_fold_scale(prepared, tmp_path):
     assert table.loc[first.image_id, "none_det"] == pytest.approx((0.04 + 1 + 1) / 3)
     fused = pd.read_csv(result["dir"] / "boxes_test.csv")
     assert fused[fused.image_id == first.image_id].wbf_conf.to_numpy() == pytest.approx([0.8 / 3, 0.8 / 3])
+
+
+# ----------------------------------------------------------------------------- several members, end to end
+def shifted(images, model, conf, dx=0.0, tta=None):
+    """The true boxes of the images with boxes, moved right by dx of their width, at one confidence."""
+    rows = []
+    for rec in images.itertuples():
+        for x1, y1, x2, y2 in rec.boxes:
+            w = x2 - x1
+            rows.append((rec.image_id, model, rec.fold, x1 + dx * w, y1, x2 + dx * w, y2, conf))
+    out = pd.DataFrame(rows, columns=DET)
+    return out if tta is None else out.assign(tta=tta)
+
+
+def fused_boxes(result) -> pd.DataFrame:
+    return pd.read_csv(result["dir"] / "boxes_oof.csv", dtype={"image_id": str})
+
+
+def test_det_weights_per_file_and_per_model_pull_the_fused_boxes_toward_the_heavier_file(prepared, tmp_path):
+    """File a: the true boxes at conf 0.9; file b: the same boxes moved right by 10% of their width
+    at conf 0.3. WBF (conf_type avg) gives conf = weighted mean of the members' confs and box =
+    mean of the boxes weighted by conf x weight: weighting a 2:1 moves both toward a."""
+    images = truth_images(prepared, "oof")
+    with_boxes = images[[len(b) > 0 for b in images.boxes]]
+    shifted(with_boxes, "ma", 0.9).to_csv(tmp_path / "a.csv", index=False)
+    shifted(with_boxes, "mb", 0.3, dx=0.1).to_csv(tmp_path / "b.csv", index=False)
+    args = [f"data={prepared}", f"det={tmp_path / 'a.csv'},{tmp_path / 'b.csv'}"]
+    equal = fused_boxes(run(args, tmp_path, "equal"))
+    heavy_a = fused_boxes(run([*args, "det_weights=2,1"], tmp_path, "heavy_a"))
+    heavy_b = fused_boxes(run([*args, "det_weights=1,2"], tmp_path, "heavy_b"))
+
+    n = sum(len(b) for b in with_boxes.boxes)
+    assert len(equal) == len(heavy_a) == len(heavy_b) == n  # each true box and its shifted copy make one cluster
+    assert equal.wbf_conf.to_numpy() == pytest.approx(np.full(n, (0.9 + 0.3) / 2))
+    assert heavy_a.wbf_conf.to_numpy() == pytest.approx(np.full(n, (2 * 0.9 + 0.3) / 3))
+    assert heavy_b.wbf_conf.to_numpy() == pytest.approx(np.full(n, (0.9 + 2 * 0.3) / 3))
+    key = ["image_id", "y_min", "y_max"]  # the shift moves x only: y pairs each fused box with its true box
+    true = shifted(with_boxes, "t", 1.0).sort_values(key).reset_index(drop=True)
+    width = (true.x_max - true.x_min).to_numpy()
+    offset = {}  # fused x_min - true x_min, in units of box width: a's share is 0, b's 0.1
+    for name, table in (("equal", equal), ("heavy_a", heavy_a), ("heavy_b", heavy_b)):
+        table = table.sort_values(key).reset_index(drop=True)
+        assert table.y_min.to_numpy() == pytest.approx(true.y_min.to_numpy(), abs=0.01)
+        offset[name] = (table.x_min.to_numpy() - true.x_min.to_numpy()) / width
+    assert offset["equal"] == pytest.approx(np.full(n, 0.1 * 0.3 / (0.9 + 0.3)), abs=1e-3)
+    assert offset["heavy_a"] == pytest.approx(np.full(n, 0.1 * 0.3 / (2 * 0.9 + 0.3)), abs=1e-3)
+    assert offset["heavy_b"] == pytest.approx(np.full(n, 0.1 * 0.6 / (0.9 + 0.6)), abs=1e-3)
+
+    # the same weights per model, from a cfg file: {ma: 2} (mb, not named, keeps 1)
+    (tmp_path / "weights.yaml").write_text("det_weights: {ma: 2}\n")
+    per_model = fused_boxes(run([*args, f"cfg={tmp_path / 'weights.yaml'}"], tmp_path, "per_model"))
+    pd.testing.assert_frame_equal(per_model, fused_boxes(run([*args, "det_weights=2,1"], tmp_path, "per_file")))
+    (tmp_path / "unknown.yaml").write_text("det_weights: {yolo: 2}\n")
+    with pytest.raises(SiimError, match=r"det_weights names model\(s\) \['yolo'\]"):
+        run([*args, f"cfg={tmp_path / 'unknown.yaml'}"], tmp_path, "unknown")
+
+
+def expected_studies(images, per_image: np.ndarray) -> pd.DataFrame:
+    """Study probabilities = the mean of their images' rows (per_image aligned with images)."""
+    frame = pd.DataFrame(per_image, columns=STUDY_CLASSES).assign(study_id=images.study_id.to_numpy())
+    return frame.groupby("study_id", sort=False)[STUDY_CLASSES].mean()
+
+
+def test_cls_ensemble_and_cls_weights_over_two_classifier_files(prepared, tmp_path):
+    """Two classifier files through the stage: mean with cls_weights=3,1 is the weighted mean per
+    image; geometric lies at or below it (AM-GM), strictly where the files disagree; rank mixes
+    each file's percentile ranks over the fused images."""
+    images = truth_images(prepared, "oof")
+    a, b = classifier(images, seed=11, signal=1.5), classifier(images, seed=12, signal=0.5)
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    args = [f"data={prepared}", f"cls={tmp_path / 'a.csv'},{tmp_path / 'b.csv'}"]
+
+    def studies(name, *extra):
+        result = run([*args, *extra], tmp_path, name)
+        return pd.read_csv(result["dir"] / "studies_oof.csv", dtype={"study_id": str}).set_index("study_id")
+
+    pa, pb = a[STUDY_CLASSES].to_numpy(), b[STUDY_CLASSES].to_numpy()
+    mean = studies("mean", "cls_ensemble=mean", "cls_weights=3,1")
+    want = expected_studies(images, (3 * pa + pb) / 4)
+    np.testing.assert_allclose(mean.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-12)
+    plain = studies("plain", "cls_ensemble=mean")
+    assert not np.allclose(plain.to_numpy(), mean.loc[plain.index].to_numpy())  # the weights matter
+
+    geo = studies("geometric", "cls_ensemble=geometric")
+    want = expected_studies(images, np.sqrt(np.clip(pa, 1e-7, 1) * np.clip(pb, 1e-7, 1)))
+    np.testing.assert_allclose(geo.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-9)
+    assert (geo.to_numpy() <= plain.loc[geo.index].to_numpy() + 1e-12).all()
+    assert (geo.to_numpy() < plain.loc[geo.index].to_numpy() - 1e-3).any()
+
+    rank = studies("rank", "cls_ensemble=rank", "cls_weights=1,3")
+    pct = lambda p: pd.DataFrame(p).rank(pct=True).to_numpy()  # noqa: E731
+    want = expected_studies(images, (pct(pa) + 3 * pct(pb)) / 4)
+    np.testing.assert_allclose(rank.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-12)
+
+    with pytest.raises(SiimError, match="cls_ensemble='median': expected one of mean, geometric, geomean, rank"):
+        run([*args, "cls_ensemble=median"], tmp_path, "bad")
+    with pytest.raises(SiimError, match="cls_weights"):
+        run([*args, "cls_weights=1,2,3"], tmp_path, "bad")
+
+
+def test_a_tta_column_makes_each_variant_its_own_member(prepared, tmp_path):
+    """The true boxes at 0.8 as variant `orig` everywhere and as `hflip` on half the images: with the
+    tta column the file holds two box sets (test: two per fold), and a box only `orig` found keeps
+    half its confidence (conf_type avg); without the column the rows are one set, every conf 0.8."""
+    from siimcovid.fuse.inputs import load_inputs
+
+    images = truth_images(prepared, "oof")
+    with_boxes = images[[len(b) > 0 for b in images.boxes]]
+    half = with_boxes.iloc[::2]
+    tta = pd.concat([shifted(with_boxes, "m1", 0.8, tta="orig"), shifted(half, "m1", 0.8, tta="hflip")])
+    tta.to_csv(tmp_path / "tta.csv", index=False)
+    tta.drop(columns=["tta"]).to_csv(tmp_path / "plain.csv", index=False)
+
+    def n_sets(path, split="oof"):
+        return load_inputs(load_config("fuse", {"data": str(prepared), "det": [str(path)], "split": split})).n_sets
+
+    assert n_sets(tmp_path / "plain.csv") == 1
+    assert n_sets(tmp_path / "tta.csv") == 2
+    test = truth_images(prepared, "test")
+    test_tta = pd.concat(
+        [shifted(test.assign(fold=k), "m1", 0.8, tta=t) for k in range(3) for t in ("orig", "hflip")], ignore_index=True
+    )
+    test_tta.to_csv(tmp_path / "test_tta.csv", index=False)
+    test_tta.drop(columns=["tta"]).to_csv(tmp_path / "test_plain.csv", index=False)
+    assert n_sets(tmp_path / "test_plain.csv", "test") == 3
+    assert n_sets(tmp_path / "test_tta.csv", "test") == 6
+
+    by_tta = fused_boxes(run([f"data={prepared}", f"det={tmp_path / 'tta.csv'}"], tmp_path, "tta"))
+    plain = fused_boxes(run([f"data={prepared}", f"det={tmp_path / 'plain.csv'}"], tmp_path, "plain"))
+    assert len(by_tta) == len(plain) == sum(len(b) for b in with_boxes.boxes)
+    both = by_tta.image_id.isin(set(half.image_id))
+    assert by_tta.wbf_conf[both].to_numpy() == pytest.approx(np.full(both.sum(), 0.8))
+    assert by_tta.wbf_conf[~both].to_numpy() == pytest.approx(np.full((~both).sum(), 0.4))
+    assert plain.wbf_conf.to_numpy() == pytest.approx(np.full(len(plain), 0.8))
+
+
+def test_tune_searches_member_weights_over_several_files(prepared, tmp_path):
+    """Two det files (the true boxes; pure noise) and two cls files (good; pure noise): trials try
+    unequal member weights, the search gives the noise files the smallest weight of the space, and
+    the best.yaml it writes (the parameters it returns) reproduces its score as cfg=."""
+    images = truth_images(prepared, "oof")
+    rng = np.random.default_rng(5)
+    good = noisy_detections(images, models=("good",), seed=6)
+    noise = good.assign(model="noise", conf=rng.uniform(0.05, 0.95, len(good)))
+    noise[["x_min", "x_max"]] = noise[["x_min", "x_max"]].to_numpy()[rng.permutation(len(noise))]
+    noise[["x_min", "x_max"]] = np.sort(noise[["x_min", "x_max"]].to_numpy(), axis=1)
+    good.to_csv(tmp_path / "det_good.csv", index=False)
+    noise.to_csv(tmp_path / "det_noise.csv", index=False)
+    classifier(images, seed=7, signal=2.0).to_csv(tmp_path / "cls_good.csv", index=False)
+    classifier(images, seed=8, signal=0.0).to_csv(tmp_path / "cls_noise.csv", index=False)
+    (tmp_path / "space.yaml").write_text("space:\n  det_weights: [0.25, 4.0]\n  cls_weights: [0.25, 4.0]\n")
+    common = [
+        f"data={prepared}",
+        f"det={tmp_path / 'det_good.csv'},{tmp_path / 'det_noise.csv'}",
+        f"cls={tmp_path / 'cls_good.csv'},{tmp_path / 'cls_noise.csv'}",
+    ]
+    result = cli.main(
+        ["fuse", "tune", *common, f"cfg={tmp_path / 'space.yaml'}", "trials=4", "seed=1"]
+        + [f"project={tmp_path / 'runs'}", "name=t", "workers=1"]
+    )
+    trials = pd.read_csv(tmp_path / "runs" / "t" / "trials.csv", dtype={"det_weights": str, "cls_weights": str}).fillna("")
+    returned = result["trials"]  # the table it returns is the one it wrote
+    assert trials[["trial", "phase", "det_weights", "cls_weights"]].equals(
+        returned[["trial", "phase", "det_weights", "cls_weights"]]
+    )
+    assert trials.final.to_numpy() == pytest.approx(returned.final.to_numpy(), rel=1e-5)
+
+    def unequal(column):
+        return {tuple(float(v) for v in w.split(",")) for w in trials[column] if w and len({*w.split(",")}) > 1}
+
+    assert unequal("det_weights") >= {(1.0, 0.25), (1.0, 4.0)}
+    assert unequal("cls_weights") >= {(1.0, 0.25), (1.0, 4.0)}
+    assert result["best"]["det_weights"] == [1.0, 0.25]
+    assert result["best"]["cls_weights"] == [1.0, 0.25]
+    assert result["best_score"] > result["default_score"]
+
+    best_file = tmp_path / "runs" / "t" / "best.yaml"
+    assert result["best_file"] == best_file
+    assert yaml.safe_load(best_file.read_text()) == result["best"]
+    again = run([*common, f"cfg={best_file}"], tmp_path, "best")["score"].final
+    assert again == pytest.approx(result["best_score"])

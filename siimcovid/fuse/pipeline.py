@@ -2,52 +2,41 @@
 
     run_fusion(inputs, params) -> Fused
         1. WBF of every image's box sets (siimcovid.fuse.wbf), weights per set from det_weights
-        2. none_det from the fused confidences: prod(1 - conf) or 1 - max(conf)
-        3. classifier members combined (cls_ensemble, cls_weights); none_cls = their none
-           (none_source: auto = a file's none column where it has one, else its P(negative))
-        4. none = blend(none_cls, none_det, none_cls_weight, none_blend); one source alone if
-           only one kind of file was given
+        2. none_det from the fused confidences, by the registered `none_det` kind
+           (prod: prod(1 - conf); max: 1 - max(conf))
+        3. classifier members combined by siimcovid.ensemble.combine (cls_ensemble, cls_weights);
+           none_cls = their none (none_source: auto = a file's none column where it has one,
+           else its P(negative))
+        4. none = the registered `none_blend` of (none_cls, none_det) with weight none_cls_weight;
+           one source alone if only one kind of file was given
         5. opacity conf *= (1 - none)^opacity_exponent
         6. study probabilities = mean over the study's images; negative blended with their mean
            none by negative_none_weight. Without classifier files: the train class frequencies.
 
-The parameters are the FUSION_KEYS of siimcovid/cfg/fuse.yaml: what `fuse tune` searches and
-writes to best.yaml. WBF results are cached per (iou_thr, skip_box_thr, conf_type, weights),
-so a search over the cheap formula parameters costs one WBF.
+The parameters are FUSION_KEYS (siimcovid.config.fusion_keys(): the keys of cfg/fuse.yaml that
+`fuse tune` searches and writes to best.yaml). WBF results are cached per (iou_thr,
+skip_box_thr, conf_type, weights), so a search over the cheap formula parameters costs one WBF.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 import pandas as pd
 
-from siimcovid import metrics
-from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid import ensemble, metrics, registry
+from siimcovid.config import fusion_keys
 from siimcovid.fuse import formulas
-from siimcovid.fuse.inputs import FuseInputs, as_list, set_weights
-from siimcovid.fuse.wbf import BOX_COLUMNS, wbf_table
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.fuse.inputs import NONE_SOURCES, FuseInputs
+from siimcovid.fuse.wbf import check_wbf_params, wbf_table
+from siimcovid.tables import BOX_COLUMNS, FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX
+from siimcovid.utils import LOGGER, SiimError, as_list
 
-FUSION_KEYS = [
-    "det_weights",
-    "cls_weights",
-    "cls_ensemble",
-    "iou_thr",
-    "skip_box_thr",
-    "conf_type",
-    "none_source",
-    "none_det",
-    "none_cls_weight",
-    "none_blend",
-    "opacity_exponent",
-    "negative_none_weight",
-]
-IMAGE_TABLE = ["image_id", "study_id", "fold", "rows", "cols", "n_boxes", "none_cls", "none_det", "none"]
-BOX_TABLE = ["image_id", "conf", "wbf_conf", *BOX_COLUMNS]
-STUDY_TABLE = ["study_id", *STUDY_CLASSES]
+FUSION_KEYS = fusion_keys()
+UNIT_KEYS = ("iou_thr", "skip_box_thr", "none_cls_weight", "negative_none_weight")  # numbers in [0, 1]
 
 
 def fusion_params(cfg) -> dict:
@@ -58,44 +47,78 @@ def fusion_params(cfg) -> dict:
     return {k: cfg[k] for k in FUSION_KEYS}
 
 
+def choices() -> dict[str, list[str]]:
+    """The accepted names of each choice parameter: registered formulas and ensemble methods."""
+    return {
+        "none_det": registry.names("none_det"),
+        "none_blend": registry.names("none_blend"),
+        "none_source": list(NONE_SOURCES),
+        "cls_ensemble": registry.names("ensemble"),
+    }
+
+
 def check_params(params: dict) -> None:
-    """Fail fast, with the key's name, on a parameter no input would make valid."""
-    from siimcovid.fuse.inputs import NONE_SOURCES
-    from siimcovid.fuse.wbf import check_wbf_params
+    """Fail fast, with the key's name, on a parameter no input would make valid.
+
+    A loaded config is already typed and range-checked; this guards parameter dicts given from
+    Python (`fuse tune`'s trials, run_fusion called directly)."""
+    missing = [k for k in FUSION_KEYS if k not in params]
+    if missing:
+        raise SiimError(f"fusion parameters lack {missing}")
 
     def number(key: str, lo: float, hi: float) -> None:
-        try:
-            value = float(params[key])
-        except (TypeError, ValueError):
-            raise SiimError(f"{key}={params[key]!r}: expected a number") from None
+        value = params[key]
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise SiimError(f"{key}={value!r}: expected a number")
         if not lo <= value <= hi:
             raise SiimError(f"{key}={value}: expected a number in [{lo}, {hi}]")
 
-    for key in ("iou_thr", "skip_box_thr", "none_cls_weight", "negative_none_weight"):
+    for key in UNIT_KEYS:
         number(key, 0.0, 1.0)
     number("opacity_exponent", 0.0, float("inf"))
-    check_wbf_params(params["iou_thr"], params["skip_box_thr"], str(params["conf_type"]))
-    choices = {
-        "none_det": formulas.NONE_DET,
-        "none_blend": formulas.NONE_BLEND,
-        "none_source": NONE_SOURCES,
-        "cls_ensemble": tuple(formulas.ENSEMBLES),
-    }
-    for key, allowed in choices.items():
-        if str(params[key]) not in allowed:
+    check_wbf_params(params["iou_thr"], params["skip_box_thr"], params["conf_type"])
+    for key, allowed in choices().items():
+        if params[key] not in allowed:
             raise SiimError(f"{key}={params[key]!r}: expected one of {', '.join(allowed)}")
+
+
+def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
+    """One WBF weight per box set, from det_weights: [] (all 1), a list (one per det file), or a
+    mapping {model name: weight} (models not named get 1)."""
+    if isinstance(det_weights, list) and len(det_weights) == 1 and isinstance(det_weights[0], dict):
+        det_weights = det_weights[0]  # a mapping in a cfg file, listed by the untyped config (until the typed schema)
+    if det_weights is None or (isinstance(det_weights, (list, tuple, dict)) and len(det_weights) == 0):
+        return [1.0] * len(sets)
+    if isinstance(det_weights, dict):
+        unknown = sorted(set(map(str, det_weights)) - set(sets["model"]))
+        if unknown:
+            raise SiimError(
+                f"det_weights names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})"
+            )
+        weights = [det_weights.get(m, 1.0) for m in sets["model"]]
+    else:
+        per_file = as_list(det_weights)
+        if len(per_file) != len(det_files):
+            raise SiimError(
+                f"det_weights has {len(per_file)} value(s) for {len(det_files)} det file(s): "
+                "give one per file, e.g. det_weights=2,1"
+            )
+        weights = [per_file[f] for f in sets["file"]]
+    if any(isinstance(w, bool) or not isinstance(w, Real) or w <= 0 for w in weights):
+        raise SiimError(f"det_weights must be numbers > 0 (leave a file out rather than weight it 0), got {det_weights}")
+    return weights
 
 
 @dataclass
 class Fused:
-    """The fused predictions of one split, as tidy tables (schemas: README, section Fusion)."""
+    """The fused predictions of one split, as tidy tables (columns: siimcovid.tables FUSED_*)."""
 
-    boxes: pd.DataFrame  # BOX_TABLE: final conf, the WBF conf before re-weighting, box (original px)
-    images: pd.DataFrame  # IMAGE_TABLE
-    studies: pd.DataFrame  # STUDY_TABLE
+    boxes: pd.DataFrame  # FUSED_BOXES: final conf, the WBF conf before re-weighting, box (original px)
+    images: pd.DataFrame  # FUSED_IMAGES
+    studies: pd.DataFrame  # FUSED_STUDIES
 
     def pred(self) -> pd.DataFrame:
-        """The metric's tidy prediction rows: studies (4 classes each), then opacity boxes and none."""
+        """The metric's tidy prediction rows (tables.PREDICTIONS): studies (4 classes each), then opacity boxes and none."""
         return pd.concat(
             [
                 metrics.study_pred(self.studies),
@@ -106,9 +129,7 @@ class Fused:
 
     def ids(self) -> list[str]:
         """Submission ids: studies, then images, in the inputs' order."""
-        return [s + metrics.STUDY_SUFFIX for s in self.studies["study_id"]] + [
-            i + metrics.IMAGE_SUFFIX for i in self.images["image_id"]
-        ]
+        return [s + STUDY_SUFFIX for s in self.studies["study_id"]] + [i + IMAGE_SUFFIX for i in self.images["image_id"]]
 
 
 class WbfCache:
@@ -133,8 +154,8 @@ class WbfCache:
 
 def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> pd.DataFrame:
     """WBF of every image (image_id, conf, x_min, y_min, x_max, y_max in original px), cached."""
-    weights = set_weights(inputs.sets, params.get("det_weights"), inputs.det_files)
-    key = (float(params["iou_thr"]), float(params["skip_box_thr"]), str(params["conf_type"]), tuple(weights))
+    weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
+    key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights))
     fused = cache.get(key) if cache is not None else None
     if fused is None:
         fused = wbf_table(
@@ -142,9 +163,9 @@ def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
             inputs.images[["image_id", "rows", "cols"]],
             inputs.n_sets,
             weights,
-            iou_thr=key[0],
-            skip_box_thr=key[1],
-            conf_type=key[2],
+            iou_thr=params["iou_thr"],
+            skip_box_thr=params["skip_box_thr"],
+            conf_type=params["conf_type"],
             workers=workers,
         )
         if cache is not None:
@@ -161,7 +182,7 @@ def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int = 1) -> np.n
     formulas and their tuned weights were fitted on the out-of-fold scale: computing none_det on
     each fold's members alone keeps it on that scale.
     """
-    weights = set_weights(inputs.sets, params.get("det_weights"), inputs.det_files)
+    weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
     n = len(inputs.images)
     index = pd.Index(inputs.images["image_id"])
     per_fold = []
@@ -175,21 +196,31 @@ def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int = 1) -> np.n
             inputs.images[["image_id", "rows", "cols"]],
             len(members),
             [weights[int(s)] for s in members],
-            iou_thr=float(params["iou_thr"]),
-            skip_box_thr=float(params["skip_box_thr"]),
-            conf_type=str(params["conf_type"]),
+            iou_thr=params["iou_thr"],
+            skip_box_thr=params["skip_box_thr"],
+            conf_type=params["conf_type"],
             workers=workers,
         )
         codes = index.get_indexer(fused["image_id"])
-        per_fold.append(formulas.none_from_detector(fused["conf"].to_numpy(dtype=np.float64), codes, n, str(params["none_det"])))
+        per_fold.append(formulas.none_from_detector(fused["conf"].to_numpy(dtype=np.float64), codes, n, params["none_det"]))
     return np.mean(per_fold, axis=0)
+
+
+def detector_none(inputs: FuseInputs, params: dict, wbf_conf: np.ndarray, codes: np.ndarray, workers: int) -> np.ndarray:
+    """none_det per image (NaN without detection files); on test with several folds, fold by fold."""
+    n = len(inputs.images)
+    if inputs.n_sets == 0:
+        return np.full(n, np.nan)
+    if inputs.split == "test" and inputs.sets["fold"].nunique() > 1:
+        return none_det_by_fold(inputs, params, workers)
+    return formulas.none_from_detector(wbf_conf, codes, n, params["none_det"])
 
 
 def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
     """Combined classifier members -> (n_images, 5): negative, typical, indeterminate, atypical, none_cls."""
     if not inputs.members:
         return None
-    source = str(params.get("none_source") or "auto")
+    source = params["none_source"]
     arrays = []
     for m in inputs.members:
         values = m[[*STUDY_CLASSES, "none"]].to_numpy(dtype=np.float64).copy()
@@ -199,8 +230,24 @@ def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
         head = values[:, 4] if has_none and source != "negative" else None
         values[:, 4] = formulas.none_from_classifier(values[:, 0], head)
         arrays.append(values)
-    weights = as_list(params.get("cls_weights"))
-    return formulas.combine_members(arrays, weights or None, str(params.get("cls_ensemble") or "mean"))
+    weights = as_list(params["cls_weights"])
+    try:
+        return ensemble.combine(arrays, weights or None, params["cls_ensemble"])
+    except SiimError as e:
+        raise SiimError(f"cls_weights / cls_ensemble: {e}") from None
+
+
+def study_table(inputs: FuseInputs, params: dict, images: pd.DataFrame, probs: np.ndarray | None) -> pd.DataFrame:
+    """One FUSED_STUDIES row per study of inputs.study_ids: the mean of its images' classifier
+    probabilities (the train class frequencies without classifier files), negative blended with none."""
+    per_image = images[["study_id", "none"]].copy()
+    if probs is not None:
+        per_image[STUDY_CLASSES] = probs[:, :4]
+    else:
+        for c in STUDY_CLASSES:
+            per_image[c] = inputs.priors[c]
+    studies = formulas.study_probabilities(per_image, params["negative_none_weight"])
+    return studies.set_index("study_id").loc[inputs.study_ids].reset_index()[FUSED_STUDIES.names]
 
 
 def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
@@ -209,28 +256,18 @@ def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     images = inputs.images
     n = len(images)
     has_det, has_cls = inputs.n_sets > 0, bool(inputs.members)
-    if has_det:
-        boxes = fuse_boxes(inputs, params, workers, cache)
-    else:
-        boxes = pd.DataFrame(
-            {c: pd.Series(dtype=object if c == "image_id" else np.float64) for c in ["image_id", "conf", *BOX_COLUMNS]}
-        )
+    boxes = fuse_boxes(inputs, params, workers, cache) if has_det else FUSED_BOXES.empty()[["image_id", "conf", *BOX_COLUMNS]]
     codes = pd.Index(images["image_id"]).get_indexer(boxes["image_id"])
     wbf_conf = boxes["conf"].to_numpy(dtype=np.float64)
 
-    if has_det and inputs.split == "test" and inputs.sets["fold"].nunique() > 1:
-        none_det = none_det_by_fold(inputs, params, workers)
-    elif has_det:
-        none_det = formulas.none_from_detector(wbf_conf, codes, n, str(params["none_det"]))
-    else:
-        none_det = np.full(n, np.nan)
+    none_det = detector_none(inputs, params, wbf_conf, codes, workers)
     probs = classifier_table(inputs, params)
     none_cls = probs[:, 4] if probs is not None else np.full(n, np.nan)
     if has_det and has_cls:
-        none = formulas.blend_none(none_cls, none_det, float(params["none_cls_weight"]), str(params["none_blend"]))
+        none = formulas.blend_none(none_cls, none_det, params["none_cls_weight"], params["none_blend"])
     else:
         none = none_det if has_det else none_cls
-    conf = formulas.reweight_opacity(wbf_conf, none[codes] if len(codes) else np.zeros(0), float(params["opacity_exponent"]))
+    conf = formulas.reweight_opacity(wbf_conf, none[codes] if len(codes) else np.zeros(0), params["opacity_exponent"])
 
     box_table = pd.DataFrame({"image_id": boxes["image_id"].to_numpy(dtype=object), "conf": conf, "wbf_conf": wbf_conf})
     box_table[BOX_COLUMNS] = boxes[BOX_COLUMNS].to_numpy(dtype=np.float64)
@@ -239,16 +276,9 @@ def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
         none_cls=none_cls,
         none_det=none_det,
         none=none,
-    )[IMAGE_TABLE]
-    per_image = image_table[["study_id", "none"]].copy()
-    if probs is not None:
-        per_image[STUDY_CLASSES] = probs[:, :4]
-    else:
-        for c in STUDY_CLASSES:
-            per_image[c] = inputs.priors[c]
-    studies = formulas.study_probabilities(per_image, float(params["negative_none_weight"]))
-    studies = studies.set_index("study_id").loc[inputs.study_ids].reset_index()[STUDY_TABLE]
-    return Fused(boxes=box_table[BOX_TABLE], images=image_table, studies=studies)
+    )[FUSED_IMAGES.names]
+    studies = study_table(inputs, params, image_table, probs)
+    return Fused(boxes=box_table[FUSED_BOXES.names], images=image_table, studies=studies)
 
 
 def score_fused(inputs: FuseInputs, fused: Fused) -> metrics.Score:
@@ -258,26 +288,11 @@ def score_fused(inputs: FuseInputs, fused: Fused) -> metrics.Score:
     return metrics.score(inputs.truth, fused.pred())
 
 
-def scores_by_fold(inputs: FuseInputs, fused: Fused) -> pd.DataFrame:
-    """One row per fold and one for all ("all"): n_images, AP of each class, study_map, image_map, final."""
-    pred = fused.pred()
-    rows = []
-    groups = [("all", fused.images)] + [(str(k), g) for k, g in fused.images.groupby("fold", sort=True)]
-    for fold, images in groups:
-        ids = set(images["image_id"] + metrics.IMAGE_SUFFIX) | set(images["study_id"] + metrics.STUDY_SUFFIX)
-        result = metrics.score(inputs.truth[inputs.truth["id"].isin(ids)], pred[pred["id"].isin(ids)])
-        rows.append(
-            {
-                "fold": fold,
-                "n_images": len(images),
-                **result.ap,
-                "study_map": result.study_map,
-                "image_map": result.image_map,
-                "final": result.final,
-            }
-        )
-    table = pd.DataFrame(rows)
-    return table[["fold", "n_images", *[c for c in metrics.CLASSES if c in table.columns], "study_map", "image_map", "final"]]
+def fold_scores(inputs: FuseInputs, fused: Fused) -> pd.DataFrame:
+    """The SCORES table of out-of-fold fused predictions: "all", then one row per fold."""
+    if inputs.truth is None:
+        raise SiimError("no truth to score against (test split)")
+    return metrics.fold_scores(inputs.truth, fused.pred(), fused.images)
 
 
 def describe_inputs(inputs: FuseInputs) -> None:

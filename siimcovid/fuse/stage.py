@@ -1,18 +1,15 @@
 """`siimcovid fuse`: fuse detection and classifier predictions of one split; score OOF, write the submission.
 
-Outputs in <project>/<name>/ (tidy CSVs, written atomically):
+Outputs in <project>/<name>/ (CSVs written atomically by their contracts in siimcovid/tables.py,
+which documents their columns):
 
-    fuse_<split>.yaml     the resolved config
-    pred_<split>.csv      the fused predictions in the metric's tidy form, one row per prediction:
-                          id (<study>_study / <image>_image), cls (4 study classes, opacity, none),
-                          conf, x_min, y_min, x_max, y_max (original px; 0 0 1 1 for study classes and none)
-    images_<split>.csv    one row per image: image_id, study_id, fold, rows, cols, n_boxes (fused),
-                          none_cls, none_det (NaN without that kind of input), none (the one written)
-    studies_<split>.csv   one row per study: study_id, negative, typical, indeterminate, atypical
-    boxes_<split>.csv     one row per fused box: image_id, conf (written), wbf_conf (before the
-                          (1 - none)^a re-weighting), x_min, y_min, x_max, y_max (original px)
+    fuse_<split>.yaml     the resolved config (written last: it always matches the files beside it)
+    pred_<split>.csv      tables.PREDICTIONS: the fused predictions in the metric's tidy form
+    images_<split>.csv    tables.FUSED_IMAGES: one row per image (none_cls, none_det, the none written)
+    studies_<split>.csv   tables.FUSED_STUDIES: one row per study
+    boxes_<split>.csv     tables.FUSED_BOXES: one row per fused box (conf written, WBF's conf before re-weighting)
   split=oof:
-    scores_oof.csv        one row per fold and one "all": fold, n_images, AP per class, study_map, image_map, final
+    scores_oof.csv        tables.SCORES: "all", then one row per fold (siimcovid.metrics.fold_scores)
     scores_oof.json       the "all" score (siimcovid.metrics.Score.to_dict) with the fold table
     oof_submission.csv    the same predictions as a submission (score it again with `siimcovid evaluate`)
   split=test:
@@ -25,35 +22,50 @@ import json
 from pathlib import Path
 
 from siimcovid.config import Config
-from siimcovid.fuse.inputs import load_inputs
-from siimcovid.fuse.pipeline import (
-    Fused,
-    check_params,
-    describe_inputs,
-    fusion_params,
-    run_fusion,
-    score_fused,
-    scores_by_fold,
-)
-from siimcovid.metrics import Score
+from siimcovid.fuse.inputs import FuseInputs, load_inputs
+from siimcovid.fuse.pipeline import Fused, check_params, describe_inputs, fold_scores, fusion_params, run_fusion, score_fused
 from siimcovid.submission import pred_to_submission, write_submission
-from siimcovid.tables import write_csv
-from siimcovid.tables import write_csv as write_predictions
+from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
 from siimcovid.utils import LOGGER, atomic_write_text
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.project) / str(cfg.name)
+    return Path(cfg.project) / cfg.name
 
 
 def write_tables(out: Path, split: str, fused: Fused) -> dict[str, Path]:
-    pred = fused.pred()
+    """The four fused tables of a split, each by its contract."""
     return {
-        "pred": write_predictions(pred, out / f"pred_{split}.csv"),
-        "images": write_predictions(fused.images, out / f"images_{split}.csv"),
-        "studies": write_predictions(fused.studies, out / f"studies_{split}.csv"),
-        "boxes": write_predictions(fused.boxes, out / f"boxes_{split}.csv"),
+        "pred": PREDICTIONS.write(fused.pred(), out / f"pred_{split}.csv"),
+        "images": FUSED_IMAGES.write(fused.images, out / f"images_{split}.csv"),
+        "studies": FUSED_STUDIES.write(fused.studies, out / f"studies_{split}.csv"),
+        "boxes": FUSED_BOXES.write(fused.boxes, out / f"boxes_{split}.csv"),
     }
+
+
+def write_oof_scores(out: Path, inputs: FuseInputs, fused: Fused, files: dict[str, Path]):
+    """scores_oof.csv (per fold), scores_oof.json and oof_submission.csv; returns the overall Score."""
+    table = fold_scores(inputs, fused)
+    overall = score_fused(inputs, fused)
+    files["scores"] = SCORES.write(table, out / "scores_oof.csv", float_format="%.6g")
+    report = {
+        "n_images": len(fused.images),
+        "n_studies": len(fused.studies),
+        **overall.to_dict(),
+        "folds": json.loads(table.to_json(orient="records")),
+    }
+    files["scores_json"] = atomic_write_text(out / "scores_oof.json", json.dumps(report, indent=2) + "\n")
+    files["submission"] = write_submission(pred_to_submission(fused.pred(), fused.ids()), out / "oof_submission.csv")
+    LOGGER.info(f"fuse: out-of-fold score of {len(fused.images)} images, {len(fused.studies)} studies\n{overall.format()}")
+    if table["fold"].nunique() > 2:
+        LOGGER.info("per fold:\n" + table.drop(columns=["image_map"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return overall
+
+
+def write_test_submission(out: Path, inputs: FuseInputs, fused: Fused, files: dict[str, Path]) -> None:
+    sub = pred_to_submission(fused.pred(), fused.ids())
+    files["submission"] = write_submission(sub, out / "submission.csv", sample=inputs.sample)
+    LOGGER.info(f"fuse: {files['submission']} ({len(sub)} rows: every id of {inputs.sample}, checked)")
 
 
 def fuse(cfg: Config) -> dict:
@@ -62,33 +74,15 @@ def fuse(cfg: Config) -> dict:
     check_params(params)  # before reading large files
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
-    fused = run_fusion(inputs, params, workers=int(cfg.workers))
+    fused = run_fusion(inputs, params, workers=cfg.workers)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = write_tables(out, inputs.split, fused)
     result: dict = {"dir": out, "files": files, "fused": fused, "score": None}
     if inputs.split == "oof":
-        table = scores_by_fold(inputs, fused)
-        overall: Score = score_fused(inputs, fused)
-        files["scores"] = write_csv(table, out / "scores_oof.csv", float_format="%.6g")
-        report = {
-            "n_images": len(fused.images),
-            "n_studies": len(fused.studies),
-            **overall.to_dict(),
-            "folds": json.loads(table.to_json(orient="records")),
-        }
-        files["scores_json"] = atomic_write_text(out / "scores_oof.json", json.dumps(report, indent=2) + "\n")
-        files["submission"] = write_submission(pred_to_submission(fused.pred(), fused.ids()), out / "oof_submission.csv")
-        LOGGER.info(f"fuse: out-of-fold score of {len(fused.images)} images, {len(fused.studies)} studies\n{overall.format()}")
-        if table["fold"].nunique() > 2:
-            LOGGER.info(
-                "per fold:\n" + table.drop(columns=["image_map"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
-            )
-        result["score"] = overall
+        result["score"] = write_oof_scores(out, inputs, fused, files)
     else:
-        sub = pred_to_submission(fused.pred(), fused.ids())
-        files["submission"] = write_submission(sub, out / "submission.csv", sample=inputs.sample)
-        LOGGER.info(f"fuse: {files['submission']} ({len(sub)} rows: every id of {inputs.sample}, checked)")
+        write_test_submission(out, inputs, fused, files)
     cfg.save(out / f"fuse_{inputs.split}.yaml")  # last: the settings saved always match the scores beside them
     LOGGER.info(f"fuse: outputs in {out}")
     return result

@@ -154,58 +154,53 @@ def _neighbours(best: dict, key: str, values: list, n_members: dict[str, int]) -
     return [{**best, key: current[:i] + [float(v)] + current[i + 1 :]} for i in range(1, n) for v in values]
 
 
-def tune(cfg: Config) -> dict:
-    """Run the search; returns {"best": params, "best_score", "default_score", "dir", "trials"}."""
-    if str(cfg.split) != "oof":
-        raise SiimError("fuse tune searches on out-of-fold predictions: use split=oof (never tune on the test split)")
-    space = load_space(cfg.space)
-    base = canonical(fusion_params(cfg))
-    check_params(base)
-    for key, values in space.items():  # every candidate value, before reading large files
-        for v in values if key not in MEMBER_WEIGHT_KEYS else []:
-            check_params({**base, key: v})
-        if key in MEMBER_WEIGHT_KEYS and any(not isinstance(v, (int, float)) or v <= 0 for v in values):
-            raise SiimError(f"space: {key} values must be numbers > 0 (relative weights), got {values}")
-    inputs = load_inputs(cfg)
-    describe_inputs(inputs)
-    n_members = {"det_weights": len(inputs.det_files), "cls_weights": len(inputs.member_files)}
-    search = Search(inputs, int(cfg.workers))
-    rng = np.random.default_rng(int(cfg.seed))
-    n_random = int(cfg.trials)
+def check_space(base: dict, space: dict) -> None:
+    """Every candidate value of the space, checked before reading large files."""
+    for key, values in space.items():
+        if key in MEMBER_WEIGHT_KEYS:
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values):
+                raise SiimError(f"space: {key} values must be numbers > 0 (relative weights), got {values}")
+        else:
+            for v in values:
+                check_params({**base, key: v})
 
-    default_score = search.evaluate(base, "default")
-    # WBF settings come from a small pool (the start's first): a random trial costs one WBF only
-    # when it brings a new setting, and trials are run grouped by setting so the cache holds.
+
+def wbf_pool(rng: np.random.Generator, base: dict, space: dict, n_members: dict[str, int], size: int) -> list[dict]:
+    """Up to `size` distinct WBF settings (base's first) that the random trials share: a random trial
+    costs one WBF only when it brings a new setting."""
     wbf_space = {k: v for k, v in space.items() if k in WBF_KEYS}
-    formula_space = {k: v for k, v in space.items() if k not in WBF_KEYS}
     pool = [{k: base[k] for k in WBF_KEYS}]
-    pool_size = min(int(cfg.wbf_pool), n_random + 1)
-    for _ in range(pool_size * 20):
-        if len(pool) >= pool_size:
+    for _ in range(size * 20):
+        if len(pool) >= size:
             break
         setting = {k: v for k, v in canonical(_draw(rng, base, wbf_space, n_members)).items() if k in WBF_KEYS}
         if all(_key({**base, **setting}) != _key({**base, **p}) for p in pool):
             pool.append(setting)
+    return pool
+
+
+def random_draws(
+    rng: np.random.Generator, base: dict, space: dict, pool: list[dict], n_members: dict[str, int], n: int
+) -> list[dict]:
+    """n distinct random parameter sets (a WBF setting of the pool, formula parameters drawn afresh),
+    grouped by WBF setting so that the WBF cache holds."""
+    formula_space = {k: v for k, v in space.items() if k not in WBF_KEYS}
     draws, seen = [], {_key(base)}
-    for _ in range(n_random * 20):  # duplicates are skipped: bounded attempts for small spaces
-        if len(draws) == n_random:
+    for _ in range(n * 20):  # duplicates are skipped: bounded attempts for small spaces
+        if len(draws) == n:
             break
         which = int(rng.integers(len(pool)))
         params = canonical({**_draw(rng, base, formula_space, n_members), **pool[which]})
         if _key(params) not in seen:
             seen.add(_key(params))
             draws.append((which, len(draws), params))
-    draws = [params for _, _, params in sorted(draws, key=lambda d: (d[0], d[1]))]
-    for params in tqdm(draws, desc="fuse tune: random", leave=False):
-        search.evaluate(params, "random")
-    refine = [k for k in space]
-    for key in tqdm(refine, desc="fuse tune: refine", leave=False):
-        for params in _neighbours(search.best[1], key, space[key], n_members):
-            search.evaluate(params, "refine")
+    return [params for _, _, params in sorted(draws, key=lambda d: (d[0], d[1]))]
 
+
+def simplify(search: Search, base: dict) -> tuple[float, dict]:
+    """Put back the starting value of every changed parameter that does not earn its place (same
+    score or better without it), so best.yaml changes only what matters."""
     best_score, best = search.best
-    # Simplify: put back the starting value of every changed parameter that does not earn its
-    # place (same score or better without it), so best.yaml changes only what matters.
     for key in FUSION_KEYS:
         if _key({**best, key: base[key]}) == _key(best):
             continue
@@ -213,6 +208,27 @@ def tune(cfg: Config) -> dict:
         score_without = search.evaluate(candidate, "simplify")
         if score_without >= best_score:
             best_score, best = score_without, candidate
+    return best_score, best
+
+
+def search_space(cfg: Config, inputs: FuseInputs, base: dict, space: dict) -> tuple[Search, int]:
+    """Trial 0 (base), the random trials, the refinement pass; returns the search and the number of random trials."""
+    n_members = {"det_weights": len(inputs.det_files), "cls_weights": len(inputs.member_files)}
+    search = Search(inputs, cfg.workers)
+    rng = np.random.default_rng(cfg.seed)
+    search.evaluate(base, "default")
+    pool = wbf_pool(rng, base, space, n_members, min(cfg.wbf_pool, cfg.trials + 1))
+    draws = random_draws(rng, base, space, pool, n_members, cfg.trials)
+    for params in tqdm(draws, desc="fuse tune: random", leave=False):
+        search.evaluate(params, "random")
+    for key in tqdm(list(space), desc="fuse tune: refine", leave=False):
+        for params in _neighbours(search.best[1], key, space[key], n_members):
+            search.evaluate(params, "refine")
+    return search, len(draws)
+
+
+def write_results(cfg: Config, search: Search, base: dict, best: dict, best_score: float, n_images: int) -> dict:
+    """tune.yaml, trials.csv, tune_compare.csv and best.yaml in the run dir; returns their paths and tables."""
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "tune.yaml")
@@ -225,23 +241,43 @@ def tune(cfg: Config) -> dict:
     )
     compare["change"] = compare["best"] - compare["default"]
     write_csv(compare, out / "tune_compare.csv", float_format="%.6g")
-    changed = {k: best[k] for k in FUSION_KEYS if _key({**base, k: best[k]}) != _key(base)}
     header = (
-        f"# siimcovid fuse tune: best of {len(search.rows)} trials on {len(inputs.images)} out-of-fold images "
-        f"(seed {cfg.seed}); final {best_score:.6f} vs {default_score:.6f} with the starting parameters.\n"
+        f"# siimcovid fuse tune: best of {len(search.rows)} trials on {n_images} out-of-fold images "
+        f"(seed {cfg.seed}); final {best_score:.6f} vs {default_row['final']:.6f} with the starting parameters.\n"
         f"# Use: siimcovid fuse cfg={out / 'best.yaml'} split=test data=... det=<test files> cls=<test files>\n"
     )
     body = Config({k: best[k] for k in FUSION_KEYS}).to_yaml()
-    atomic_write_text(out / "best.yaml", header + body)
+    best_file = atomic_write_text(out / "best.yaml", header + body)
+    return {"dir": out, "trials": trials, "compare": compare, "best_file": best_file}
+
+
+def tune(cfg: Config) -> dict:
+    """Run the search (see the module docstring) and write its files.
+
+    Returns {"best": the best parameters (FUSION_KEYS), "best_score", "default_score", "dir",
+    "trials" (the trials table), "compare" (per class, start vs best), "best_file" (best.yaml)}."""
+    if cfg.split != "oof":
+        raise SiimError("fuse tune searches on out-of-fold predictions: use split=oof (never tune on the test split)")
+    space = load_space(cfg.space)
+    base = canonical(fusion_params(cfg))
+    check_params(base)
+    check_space(base, space)
+    inputs = load_inputs(cfg)
+    describe_inputs(inputs)
+    search, n_random = search_space(cfg, inputs, base, space)
+    default_score = search.rows[0]["final"]
+    best_score, best = simplify(search, base)
+    written = write_results(cfg, search, base, best, best_score, len(inputs.images))
+    changed = {k: best[k] for k in FUSION_KEYS if _key({**base, k: best[k]}) != _key(base)}
     LOGGER.info(
-        f"fuse tune: {len(search.rows)} trials ({len(draws)} random, then refine and simplify), "
+        f"fuse tune: {len(search.rows)} trials ({n_random} random, then refine and simplify), "
         f"{search.cache.runs} WBF runs\n"
-        + compare.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        + written["compare"].to_string(index=False, float_format=lambda v: f"{v:.4f}")
         + "\nchanged: "
         + (", ".join(f"{k}={_flat(v)}" for k, v in changed.items()) or "nothing (the starting parameters are best)")
-        + f"\nfuse tune: {out / 'best.yaml'}; trials in {out / 'trials.csv'}"
+        + f"\nfuse tune: {written['best_file']}; trials in {written['dir'] / 'trials.csv'}"
     )
-    return {"best": best, "best_score": best_score, "default_score": default_score, "dir": out, "trials": trials}
+    return {"best": best, "best_score": best_score, "default_score": default_score, **written}
 
 
 def main(cfg: Config) -> dict:

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
+from siimcovid.tables import BOX_COLUMNS
 from siimcovid.utils import SiimError
 
-BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]
 CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
 FUSED_COLUMNS = ["image_id", "conf", *BOX_COLUMNS]
 
@@ -111,7 +111,7 @@ def _fuse_chunk(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def resolve_workers(workers: int) -> int:
-    return (os.cpu_count() or 1) if int(workers) <= 0 else int(workers)
+    return (os.cpu_count() or 1) if workers <= 0 else workers
 
 
 def wbf_table(
@@ -169,8 +169,8 @@ def wbf_table(
                 bounds[chunk[0] : chunk[-1] + 2] - lo,
                 n_sets,
                 weights,
-                float(iou_thr),
-                float(skip_box_thr),
+                iou_thr,
+                skip_box_thr,
                 conf_type,
             )
         )
