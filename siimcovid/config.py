@@ -248,6 +248,10 @@ class Spec:
                 alts.append(Alt("null"))
         return cls(text.strip(), tuple(alts))
 
+    def describe(self) -> str:
+        """The spec for an error message, a registry kind spelt out: `@ensemble` -> `one of mean, geometric, ...`."""
+        return re.sub(r"@([\w.:-]+)", lambda m: "one of " + ", ".join(registry.names(m[1])), self.text)
+
     def accept(self, value: Any) -> Any:
         """The coerced value, or _NO; a scalar given where a list is expected becomes a one-element list."""
         for alt in self.alts:
@@ -285,7 +289,7 @@ class Schema:
         out = setting.parsed.accept(value)
         if out is _NO:
             where = f" in {source}" if source else ""
-            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {setting.spec}")
+            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {setting.parsed.describe()}")
         return out
 
 

@@ -134,8 +134,6 @@ def classify(cfg: Config, prepared: Path, project: Path) -> Path:
 # ----------------------------------------------------------------------------- fusion
 def tuned_params(result: dict) -> dict:
     """The best fusion parameters of what `fuse tune` returned."""
-    if "best" not in result:  # until fuse.tune returns "best"
-        return read_yaml(Path(result["dir"]) / "best.yaml")
     return dict(result["best"])
 
 

@@ -85,8 +85,6 @@ def check_params(params: dict) -> None:
 def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
     """One WBF weight per box set, from det_weights: [] (all 1), a list (one per det file), or a
     mapping {model name: weight} (models not named get 1)."""
-    if isinstance(det_weights, list) and len(det_weights) == 1 and isinstance(det_weights[0], dict):
-        det_weights = det_weights[0]  # a mapping in a cfg file, listed by the untyped config (until the typed schema)
     if det_weights is None or (isinstance(det_weights, (list, tuple, dict)) and len(det_weights) == 0):
         return [1.0] * len(sets)
     if isinstance(det_weights, dict):
