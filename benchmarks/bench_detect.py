@@ -131,10 +131,11 @@ def bench_train(prepared: Path, work: Path, args) -> dict:
 
 def epochs_from_results(fold_dir: Path) -> list[tuple[float, int]]:
     """(seconds, training images) per epoch from an Ultralytics run's results.csv (cumulative `time`)."""
-    import pandas as pd
     import yaml
 
-    res = pd.read_csv(fold_dir / "results.csv")
+    from siimcovid.tables import read_csv
+
+    res = read_csv(fold_dir / "results.csv", ["time"], text=[])  # Ultralytics' numbers, inferred
     data = yaml.safe_load(Path(yaml.safe_load((fold_dir / "args.yaml").read_text())["data"]).read_text())
     train_list = Path(data["train"]) if Path(data["train"]).is_absolute() else Path(data["path"]) / data["train"]
     n_train = len(train_list.read_text().split())
@@ -142,10 +143,9 @@ def epochs_from_results(fold_dir: Path) -> list[tuple[float, int]]:
 
 
 def bench_predict(run_dir: Path, args, tta: bool) -> tuple[float, int]:
-    import pandas as pd
-
     from siimcovid import cli
     from siimcovid.detect.predict import load_run
+    from siimcovid.tables import DETECTIONS
 
     n_test = len(load_run(run_dir).prepared.split("test"))
     t = time.perf_counter()
@@ -161,8 +161,7 @@ def bench_predict(run_dir: Path, args, tta: bool) -> tuple[float, int]:
         ]
     )
     seconds = time.perf_counter() - t
-    assert (run_dir / "pred_test.csv").is_file()
-    pd.read_csv(run_dir / "pred_test.csv")
+    DETECTIONS.read(run_dir / "pred_test.csv")  # written, and to its contract
     return seconds, n_test
 
 

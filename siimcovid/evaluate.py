@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid.config import Config
+from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import load_truth, truth_rows
 from siimcovid.metrics import CLASSES, Score, resolve_classes, score
 from siimcovid.submission import SUBMISSION_COLUMNS, submission_to_pred
@@ -49,17 +50,9 @@ def evaluate(cfg: Config) -> Score:
             f"{len(unknown)} id(s) are not in the {cfg.split} truth of {cfg.data}, e.g. '{unknown[0]}' (wrong split or data?)",
             sub_path,
         )
-    if cfg.fold == "all":  # the convention of every stage: all folds = no restriction
-        cfg.fold = None
-    if cfg.fold is not None and not isinstance(cfg.fold, int):
-        raise SiimError(f"fold must be an integer or all, got '{cfg.fold}'")
-    if cfg.fold is not None:
-        if (images.fold < 0).all():
-            raise SiimError("fold=k needs a prepared dir (data=<prepared dir>): a SIIM root has no folds")
-        folds = sorted(images.fold.unique())
-        if int(cfg.fold) not in folds:
-            raise SiimError(f"fold {cfg.fold} does not exist: the {cfg.split} truth has folds {folds}")
-        truth = truth_rows(images[images.fold == int(cfg.fold)])
+    fold = one_fold(cfg.fold, images, cfg)
+    if fold is not None:
+        truth = truth_rows(images[images.fold == fold])
     if cfg.ids == "present":
         n_truth = truth["id"].nunique()
         truth = truth[truth["id"].isin(sub_ids)]
@@ -71,14 +64,14 @@ def evaluate(cfg: Config) -> Score:
             )
     if truth.empty:
         raise SiimError("nothing to score: no truth row left after the fold / ids restriction")
-    result = score(truth, pred, classes=cfg.classes, iou_threshold=float(cfg.iou_threshold))
+    result = score(truth, pred, classes=cfg.classes, iou_threshold=cfg.iou_threshold)
     n_rows = truth["id"].nunique()
     if cfg.json or cfg.out:
         report = {
             "submission": str(sub_path),
             "data": str(cfg.data),
             "split": cfg.split,
-            "fold": cfg.fold,
+            "fold": fold,
             "n_ids": n_rows,
             **result.to_dict(),
         }
@@ -88,10 +81,22 @@ def evaluate(cfg: Config) -> Score:
         if cfg.json:
             print(text)
     if not cfg.json:
-        fold = f", fold {cfg.fold}" if cfg.fold is not None else ""
-        print(f"{sub_path.name}: {n_rows} ids scored against the {cfg.split} truth of {cfg.data}{fold}")
+        where = f", fold {fold}" if fold is not None else ""
+        print(f"{sub_path.name}: {n_rows} ids scored against the {cfg.split} truth of {cfg.data}{where}")
         print(result.format())
     return result
+
+
+def one_fold(fold, images: pd.DataFrame, cfg: Config) -> int | None:
+    """fold=all (or null): None, every fold; fold=k: k, checked to be a fold of the prepared dir."""
+    if fold is None or fold == "all":  # the convention of every stage: all folds = no restriction
+        return None
+    if isinstance(fold, list):
+        raise SiimError(f"evaluate scores one fold or all of them, got fold={fold}")
+    if (images.fold < 0).all():
+        raise SiimError("fold=k needs a prepared dir (data=<prepared dir>): a SIIM root has no folds")
+    [k] = Prepared(cfg.data).select_folds(fold)
+    return k
 
 
 def main(cfg: Config) -> Score:

@@ -1,11 +1,13 @@
-"""detect stage: train per fold (skip, resume), presets, evolve, predict in original pixels, errors.
+"""detect stage: train per fold (skip, resume), presets, evolve, predict in original pixels, OOF scores, errors.
 
 Tiny on purpose: yolov5n.yaml from scratch (pretrained=False), 64 px, one epoch, CPU.
-One trained 3-fold run is shared by the tests that only read it.
+One trained 3-fold run is shared by the tests that only read it. Every test that trains a model
+(or uses the trained run) is marked slow; the scoring tests use hand-written box tables.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
@@ -21,11 +23,11 @@ import yaml
 from siimcovid import cli
 from siimcovid.config import ConfigError
 from siimcovid.data.prepared import Prepared
+from siimcovid.data.siim import IMAGE_CSV, Problems, read_image_level
 from siimcovid.detect.common import HYP_DIR, TRAIN_KEYS, fold_state, hyp_presets, load_hyp
-from siimcovid.detect.predict import PRED_COLUMNS, boxes_to_original
+from siimcovid.detect.predict import boxes_to_original, scores_oof
+from siimcovid.tables import DETECTIONS
 from siimcovid.utils import SiimError
-
-pytestmark = pytest.mark.slow
 
 TINY = ["model=yolov5n.yaml", "pretrained=false", "epochs=1", "imgsz=64", "batch=8", "workers=0", "device=cpu", "plots=false"]
 
@@ -55,6 +57,7 @@ def predicted(trained) -> dict:
 # --- train ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_writes_one_finished_ultralytics_run_per_fold(trained, prepared):
     for k in range(3):
         fold_dir = trained / f"fold{k}"
@@ -76,6 +79,7 @@ def test_train_writes_one_finished_ultralytics_run_per_fold(trained, prepared):
     assert not {"prepared", "size", "folds_id", "data_yamls", "hyp_values"} & set(again)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):
     from ultralytics.engine.model import Model
 
@@ -92,6 +96,7 @@ def test_rerun_skips_finished_folds(trained, prepared, project, monkeypatch):
     assert after == before
 
 
+@pytest.mark.slow
 def test_finished_folds_are_not_skipped_under_other_settings(trained, prepared, project):
     # their scores would be reported under settings they were never trained with
     before = (trained / "detect.yaml").read_text()
@@ -104,6 +109,7 @@ def test_finished_folds_are_not_skipped_under_other_settings(trained, prepared, 
     assert (trained / "detect.yaml").read_text() == before  # the run's saved settings still describe its folds
 
 
+@pytest.mark.slow
 def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
     from siimcovid.config import load_config
     from siimcovid.detect.common import ultralytics_keys
@@ -137,6 +143,7 @@ def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
 # --- presets ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_presets_are_plain_ultralytics_configs_with_the_documented_augmentation():
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
@@ -165,6 +172,7 @@ class _Results:
         self.boxes, self.orig_shape = Boxes(data, orig_shape), orig_shape
 
 
+@pytest.mark.slow
 def test_boxes_map_from_the_square_image_back_to_original_pixels():
     # A 300 wide x 256 high original, prepared as a 128 x 128 square.
     result = _Results([[32, 64, 96, 128], [0, 0, 128, 128]], [0.9, 0.2], (128, 128))
@@ -174,6 +182,7 @@ def test_boxes_map_from_the_square_image_back_to_original_pixels():
     assert empty.shape == (0, 5)
 
 
+@pytest.mark.slow
 def test_predict_agrees_with_ultralytics_after_its_letterbox(trained, predicted, prepared):
     """The model reads 128 px images at imgsz 64 (Ultralytics resizes and maps back to 128 px);
     the CSV must equal those boxes scaled to the original cols x rows."""
@@ -203,13 +212,14 @@ def test_predict_agrees_with_ultralytics_after_its_letterbox(trained, predicted,
     )
 
 
+@pytest.mark.slow
 def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
     prep = Prepared(prepared)
     meta = prep.meta.set_index("image_id")
     oof = pd.read_csv(predicted["tiny3"]["oof"], dtype={"image_id": str})
     test = pd.read_csv(predicted["tiny3"]["test"], dtype={"image_id": str})
     for df in (oof, test):
-        assert list(df.columns) == PRED_COLUMNS
+        assert list(df.columns) == DETECTIONS.required
         assert (df.model == "tiny3").all()
         assert (df.x_max >= df.x_min).all() and (df.y_max >= df.y_min).all()
         assert (df.x_min >= 0).all() and (df.y_min >= 0).all()
@@ -226,31 +236,82 @@ def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
     assert (test.groupby("fold").image_id.nunique() > 0).all()
 
 
+@pytest.mark.slow
 def test_predict_reports_oof_opacity_ap(predicted, trained):
-    table = pd.read_csv(trained / "oof_ap.csv", dtype={"fold": str})
-    assert list(table.fold) == ["0", "1", "2", "all"]
-    assert table.set_index("fold").at["all", "images"] == 50
-    assert table.opacity_ap.between(0, 1).all()
+    table = pd.read_csv(trained / "scores_oof.csv", dtype={"fold": str})
+    assert list(table.fold) == ["all", "0", "1", "2"]
+    assert table.set_index("fold").at["all", "n_images"] == 50
+    assert table.opacity.between(0, 1).all() and (table.model == "tiny3").all()
 
 
-def test_oof_ap_scores_the_truth_boxes_as_perfect_and_shifted_boxes_lower(trained):
-    from siimcovid.detect.predict import load_run, oof_ap
+def _oof_boxes(prepared: Path, boxes_of: dict, conf) -> pd.DataFrame:
+    """A DETECTIONS table: these boxes (image_id -> list of x1y1x2y2) of every train image, by its own fold."""
+    train = Prepared(prepared).split("train")
+    rows = [(i, "handmade", f, *b) for i, f in zip(train.image_id, train.fold) for b in boxes_of.get(i, [])]
+    table = pd.DataFrame(rows, columns=["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max"])
+    table["conf"] = conf(len(table))
+    return table[DETECTIONS.required]
 
-    run = load_run(trained)
-    train = run.prepared.split("train")
-    rows = [(i, run.name, f, *b, 0.9) for i, f, bs in zip(train.image_id, train.fold, train.boxes) for b in bs]
-    perfect = pd.DataFrame(rows, columns=PRED_COLUMNS)
-    assert (oof_ap(perfect, run).opacity_ap == 1.0).all()
+
+def test_oof_scores_take_the_truth_boxes_as_perfect_and_shifted_boxes_lower(prepared, synth_root):
+    truth = read_image_level(synth_root / IMAGE_CSV, Problems())  # the competition's boxes, straight from the CSV
+    perfect = _oof_boxes(prepared, dict(zip(truth.image_id, truth.boxes)), lambda n: np.full(n, 0.9))
+    table = scores_oof(perfect, Prepared(prepared), [0, 1, 2], "handmade")
+    assert list(table.fold) == ["all", "0", "1", "2"] and (table.model == "handmade").all()
+    assert (table.opacity == 1.0).all() and table.at[0, "n_images"] == len(Prepared(prepared).split("train"))
     shifted = perfect.copy()
     width = shifted.x_max - shifted.x_min
     shifted.loc[shifted.index % 2 == 0, ["x_min", "x_max"]] += width[shifted.index % 2 == 0].to_numpy()[:, None]
-    table = oof_ap(shifted, run).set_index("fold")
-    assert 0 < table.at["all", "opacity_ap"] < 1  # half the boxes no longer overlap their truth
+    assert 0 < scores_oof(shifted, Prepared(prepared), [0, 1, 2], "handmade").at[0, "opacity"] < 1  # half no longer overlap
 
 
+def _cross_the_left_border(root: Path) -> str:
+    """Move the first box of the first image with boxes across the left border of train_image_level.csv
+    (its boxes and label columns both): x from -40 to 20, so the box clipped to the image has IoU 1/3
+    with it. Returns the image id."""
+    path = root / IMAGE_CSV
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    i = df.index[df.boxes != ""][0]
+    boxes = ast.literal_eval(df.at[i, "boxes"])
+    boxes[0] = {**boxes[0], "x": -40.0, "width": 60.0}
+    df.at[i, "boxes"] = str(boxes)
+    df.at[i, "label"] = " ".join(f"opacity 1 {b['x']} {b['y']} {b['x'] + b['width']} {b['y'] + b['height']}" for b in boxes)
+    df.to_csv(path, index=False)
+    return df.at[i, "id"].removesuffix("_image")
+
+
+def test_detector_oof_scores_and_fusion_score_one_box_table_against_the_same_truth(tiny_root, tmp_path):
+    """The same boxes scored by `detect predict`'s OOF scores and by fusion of that one member
+    (no re-weighting) give the same AP(opacity): both score against the unclipped CSV boxes."""
+    from siimcovid.config import load_config
+    from siimcovid.data.prepare import prepare
+    from siimcovid.metrics import box_iou
+
+    crossing = _cross_the_left_border(tiny_root)
+    settings = {"data": str(tiny_root), "out": str(tmp_path / "prep"), "sizes": [64], "n_folds": 2, "workers": 1}
+    prepared = prepare(load_config("prepare", {**settings, "data_yaml_dir": str(tmp_path / "data_yaml")}))
+    meta = Prepared(prepared).split("train")
+    clipped = dict(zip(meta.image_id, meta.boxes))  # what the old truth scored: boxes clipped to the image
+    assert clipped[crossing][0][0] == 0 and clipped[crossing][0][2] == 20
+    for boxes in clipped.values():  # no two boxes of an image overlap enough for WBF to merge them
+        pairs = [(a, b) for j, a in enumerate(boxes) for b in boxes[j + 1 :]]
+        assert all(box_iou(np.array([a]), np.array([b]))[0] < 0.5 for a, b in pairs)
+    # the detector found every box as the image shows it (clipped), with distinct confidences
+    pred = _oof_boxes(prepared, clipped, lambda n: np.linspace(0.95, 0.05, n))
+    det_ap = scores_oof(pred, Prepared(prepared), [0, 1], "handmade").at[0, "opacity"]
+    det_file = DETECTIONS.write(pred, tmp_path / "pred_oof.csv")
+    fused = cli.main(
+        ["fuse", "split=oof", f"data={prepared}", f"det={det_file}", "opacity_exponent=0", "workers=1"]
+        + [f"project={tmp_path / 'fuse'}", "name=one"]
+    )
+    assert det_ap == pytest.approx(fused["score"].ap["opacity"], abs=1e-12)
+    assert det_ap < 1.0  # the crossing box counts as missed: scored against the unclipped truth, not the clipped one
+
+
+@pytest.mark.slow
 def test_predict_several_runs_at_once(trained, tmp_path):
     other = tmp_path / "tiny3-copy"
-    shutil.copytree(trained, other, ignore=shutil.ignore_patterns("pred_*.csv", "oof_ap.csv"))
+    shutil.copytree(trained, other, ignore=shutil.ignore_patterns("pred_*.csv", "scores_oof.csv"))
     written = detect(
         "predict",
         f"run={trained},{other}",
@@ -268,10 +329,11 @@ def test_predict_several_runs_at_once(trained, tmp_path):
     assert not (other / "pred_oof.csv").exists()  # split=test only
 
 
+@pytest.mark.slow
 def test_a_run_from_the_plain_yolo_cli_loads_with_a_warning_about_its_folds(trained, prepared, tmp_path, caplog):
     from siimcovid.detect.predict import load_run
 
-    plain = Path(shutil.copytree(trained, tmp_path / "plain", ignore=shutil.ignore_patterns("pred_*.csv", "oof_ap.csv")))
+    plain = Path(shutil.copytree(trained, tmp_path / "plain", ignore=shutil.ignore_patterns("pred_*.csv", "scores_oof.csv")))
     (plain / "detect.yaml").unlink()  # what `yolo detect train data=data_yaml/<name>_fold<k>.yaml` leaves
     run = load_run(plain)
     assert run.prepared.root.resolve() == Path(prepared).resolve() and sorted(run.weights) == [0, 1, 2]
@@ -281,6 +343,7 @@ def test_a_run_from_the_plain_yolo_cli_loads_with_a_warning_about_its_folds(trai
 # --- evolve -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
@@ -304,6 +367,7 @@ def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
 # --- errors and the CLI -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clear_errors(prepared, project, tmp_path):
     base = [*TINY, f"project={project}", "name=errors"]
     with pytest.raises(SiimError, match="fold 5 does not exist"):
@@ -337,6 +401,7 @@ def test_clear_errors(prepared, project, tmp_path):
     assert not (project / "errors" / "fold0").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_data_as_a_yaml_path_or_a_dataset_name(prepared):
     from siimcovid.detect import common
 
@@ -350,12 +415,14 @@ def test_data_as_a_yaml_path_or_a_dataset_name(prepared):
     assert by_name.yaml(2) == yaml_path.parent / "tiny_fold2.yaml"
 
 
+@pytest.mark.slow
 def test_cli_does_not_import_torch_for_other_stages():
     code = "import sys; from siimcovid import cli; cli.resolve(['synth', 'out=x']); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_run_whose_folds_changed(trained, tmp_path):
     from siimcovid.detect.predict import load_run
 
@@ -368,6 +435,7 @@ def test_predict_refuses_a_run_whose_folds_changed(trained, tmp_path):
         load_run(copy)
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     copy = Path(shutil.copytree(trained / "fold0", tmp_path / "fold0"))
     last = copy / "weights" / "last.pt"

@@ -78,6 +78,10 @@ def test_out_of_fold_scoring_with_a_prepared_dir(synth_root, prepared, tmp_path)
     assert main(["evaluate", f"submission={path}", f"data={prepared}", "fold=all"]).final == 1.0
     with pytest.raises(SiimError, match=r"fold='first': expected all \| int >= 0"):
         main(["evaluate", f"submission={path}", f"data={prepared}", "fold=first"])
+    with pytest.raises(SiimError, match="fold 3 does not exist"):
+        main(["evaluate", f"submission={path}", f"data={prepared}", "fold=3"])
+    with pytest.raises(SiimError, match=r"fold=\[0, 1\]: expected"):  # one fold or all
+        main(["evaluate", f"submission={path}", f"data={prepared}", "fold=0,1"])
     # ids=all: the other folds' boxes and studies count as misses
     assert main(["evaluate", f"submission={path}", f"data={prepared}", "ids=all"]).final < 0.9
     # a fold the submission does not cover leaves nothing to score

@@ -219,3 +219,12 @@ def test_png_level_trades_size_for_speed_not_pixels(tiny_root, tmp_path):
         np.testing.assert_array_equal(cv2.imread(str(x), cv2.IMREAD_UNCHANGED), cv2.imread(str(y), cv2.IMREAD_UNCHANGED))
     with pytest.raises(SiimError, match="png_level"):
         prepare(_cfg(tiny_root, tmp_path / "bad", png_level=12))
+
+
+def test_too_many_folds_fail_before_any_decode(tiny_root, tmp_path, monkeypatch):
+    # the fold split needs the CSVs only: a bad n_folds must not cost a pass over the DICOMs first
+    decoded = []
+    monkeypatch.setattr(convert, "dicom_to_uint8", lambda *a, **k: decoded.append(a[0]))
+    with pytest.raises(SiimError, match="lower n_folds"):
+        prepare(_cfg(tiny_root, tmp_path / "out", n_folds=8))
+    assert decoded == [] and not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,9 +24,9 @@ from siimcovid.config import Config
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import META_COLUMNS, folds_fingerprint
-from siimcovid.data.siim import IMAGE_CSV, STUDY_CLASSES, Problems, load_test, load_train
-from siimcovid.tables import write_csv
+from siimcovid.data.prepared import folds_fingerprint
+from siimcovid.data.siim import IMAGE_CSV, Problems, load_test, load_train
+from siimcovid.tables import META, STUDY_CLASSES, read_csv, write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 
@@ -60,29 +61,43 @@ def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
         bar.close()
 
 
-def _resolve(cfg: Config) -> tuple[Path, str, Path, list[int], int]:
+@dataclass(frozen=True)
+class Target:
+    """Where a prepare run reads and writes, from its settings."""
+
+    root: Path  # the SIIM root
+    name: str
+    out: Path
+    sizes: list[int]
+    yolo_size: int
+
+
+def check_settings(cfg: Config) -> Target:
+    """The settings and the input folder, checked before anything is read or written."""
     root = Path(cfg.data)
     if not root.is_dir():
         raise SiimError(f"data folder not found: {root}")
-    name = str(cfg.name or root.resolve().name)
+    name = cfg.name or root.resolve().name
     out = Path(cfg.out or Path("runs") / "prepare" / name)
-    sizes = sorted({int(s) for s in cfg.sizes})
+    sizes = sorted(set(cfg.sizes))
+    # sizes, ext, png_level and splits repeat what the typed config checks at load (branch config): drop them once it lands
     if not sizes or min(sizes) < 32:
         raise SiimError(f"sizes must be image sizes of at least 32 px, got {cfg.sizes}")
     if cfg.ext not in ("png", "jpg"):
         raise SiimError(f"ext must be png or jpg, got '{cfg.ext}'")
     if not (isinstance(cfg.png_level, int) and 0 <= cfg.png_level <= 9):
         raise SiimError(f"png_level must be an integer 0..9, got {cfg.png_level!r}")
-    yolo_size = int(cfg.yolo_size or sizes[-1])
+    yolo_size = cfg.yolo_size or sizes[-1]
     if yolo_size not in sizes:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")
     bad = set(cfg.splits) - {"train", "test"}
     if bad or not cfg.splits:
         raise SiimError(f"splits must be a subset of [train, test], got {cfg.splits}")
-    return root, name, out, sizes, yolo_size
+    check_previous(out, root)
+    return Target(root, name, out, sizes, yolo_size)
 
 
-def _check_previous(out: Path, root: Path) -> None:
+def check_previous(out: Path, root: Path) -> None:
     """Refuse to mix two datasets in one output folder."""
     previous = out / "prepare.yaml"
     if previous.is_file():
@@ -92,6 +107,110 @@ def _check_previous(out: Path, root: Path) -> None:
                 f"{out} already holds data prepared from {old['data_resolved']}; "
                 f"choose another name= or out= for {root.resolve()}"
             )
+
+
+def read_inputs(root: Path, splits: list[str], problems: Problems) -> pd.DataFrame:
+    """The CSVs and DICOM trees of the splits -> one row per image to convert (boxes unclipped, from the CSV)."""
+    frames = []
+    if "train" in splits:
+        train = load_train(root, problems)
+        train["split"] = "train"
+        frames.append(train)
+    if "test" in splits:
+        test = load_test(root, problems)
+        test["split"], test["boxes"], test["study_label"], test["line"] = "test", [[]] * len(test), "", None
+        frames.append(test)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if table.empty:
+        raise SiimError(f"no images found under {root} for splits {splits}")
+    return table
+
+
+def check_folds_possible(table: pd.DataFrame, n_folds: int, seed: int) -> None:
+    """Fail before the first decode when n_folds cannot split the train images (too few studies, or of
+    every class|has-box stratum). Patient ids come from the DICOM headers, so here every study counts
+    as its own patient; `build_meta` makes the real assignment, grouped by patient, after decoding."""
+    train = table[table.split == "train"]
+    if len(train):
+        make_folds(train.assign(patient_id=""), n_folds, seed)
+
+
+def start_output(cfg: Config, target: Target) -> Path:
+    """Create the output folder, set the old meta table aside and save the settings; returns the set-aside path.
+
+    Until this run ends the folder is unfinished: a run failing half-way never leaves the old table
+    beside the new settings, looking complete."""
+    out = target.out
+    out.mkdir(parents=True, exist_ok=True)
+    previous_meta = out / "meta.previous.csv"
+    if (out / "meta.csv").is_file():
+        os.replace(out / "meta.csv", previous_meta)
+    saved = Config(
+        cfg,
+        name=target.name,
+        out=str(out),
+        sizes=target.sizes,
+        yolo_size=target.yolo_size,
+        data_resolved=str(target.root.resolve()),
+    )
+    saved.save(out / "prepare.yaml")
+    for s in target.sizes:
+        for sub in ("images/train", "images/test", "labels/train", "masks/train"):
+            (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
+    return previous_meta
+
+
+def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Problems) -> tuple[dict[str, dict], int]:
+    """Convert every DICOM (skipping those whose images exist) -> ({image_id: convert_one result}, number decoded)."""
+    csv = str(target.root / IMAGE_CSV)
+    params = encode_params(cfg.ext, cfg.png_level)
+    jobs = [
+        {
+            "out": str(target.out),
+            "sizes": target.sizes,
+            "ext": cfg.ext,
+            "params": params,
+            "image_id": r.image_id,
+            "split": r.split,
+            "path": r.path,
+            "boxes": r.boxes,
+            "line": r.line,
+            "csv": csv,
+        }
+        for r in table.itertuples(index=False)
+    ]
+    workers = cfg.workers or os.cpu_count() or 1
+    results, converted = {}, 0
+    for res in run_jobs(jobs, workers, f"prepare {target.name} {target.sizes}"):
+        if not res["ok"]:
+            problems.add(res["error"])  # raises unless on_error=skip
+            continue
+        results[res["image_id"]] = res
+        converted += res["converted"]
+    problems.report("images")
+    lost_test = int(((table.split == "test") & ~table.image_id.isin(results)).sum())
+    if lost_test:
+        LOGGER.warning(
+            f"WARNING: {lost_test} TEST image(s) skipped: a submission must cover every test image, so `fuse split=test` "
+            "will refuse until they are fixed (see skipped.csv)"
+        )
+    return results, converted
+
+
+def build_meta(table: pd.DataFrame, results: dict[str, dict], root: Path, n_folds: int, seed: int) -> pd.DataFrame:
+    """The converted images -> the META table: header facts, clipped boxes (JSON), folds grouped by patient."""
+    table = table[table.image_id.isin(results)].reset_index(drop=True)
+    info = pd.DataFrame([results[i] for i in table.image_id]).drop(columns=["ok", "converted", "image_id", "boxes"])
+    meta = pd.concat([table.drop(columns=["boxes"]), info], axis=1)
+    meta["boxes"] = [results[i]["boxes"] for i in table.image_id]
+    meta["n_boxes"] = [len(b) for b in meta.boxes]
+    meta["fold"] = -1
+    is_train = (meta.split == "train").to_numpy()
+    if is_train.any():
+        meta.loc[is_train, "fold"] = make_folds(meta[is_train], n_folds, seed)
+    meta["dicom"] = [os.path.relpath(p, root) for p in meta.path]
+    meta["boxes"] = [boxes_to_json(as_array(b)) for b in meta.boxes]
+    return meta[META.names]
 
 
 def write_yolo_lists(meta: pd.DataFrame, out: Path, size: int, n_folds: int, exclude_none: bool, ext: str) -> list[Path]:
@@ -144,7 +263,7 @@ def fold_summary(meta: pd.DataFrame) -> str:
 def _warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
     if not meta_path.is_file():
         return
-    old = pd.read_csv(meta_path, dtype={"image_id": str}, keep_default_na=False)
+    old = read_csv(meta_path, ["image_id", "split", "fold"])
     if folds_fingerprint(old) != folds_fingerprint(meta):
         LOGGER.warning(
             f"WARNING: the fold assignment of {meta_path.parent} changed (other images or seed): detectors and "
@@ -152,103 +271,43 @@ def _warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
         )
 
 
-def prepare(cfg: Config) -> Path:
-    root, name, out, sizes, yolo_size = _resolve(cfg)
-    _check_previous(out, root)
-    out.mkdir(parents=True, exist_ok=True)
-    # Until this run ends the folder is unfinished: set the old meta table aside, so that a run
-    # failing half-way never leaves the old table beside the new settings, looking complete.
-    previous_meta = out / "meta.previous.csv"
-    if (out / "meta.csv").is_file():
-        os.replace(out / "meta.csv", previous_meta)
-    saved = Config(cfg, name=name, out=str(out), sizes=sizes, yolo_size=yolo_size, data_resolved=str(root.resolve()))
-    saved.save(out / "prepare.yaml")
-
-    problems = Problems(cfg.on_error)
-    frames = []
-    if "train" in cfg.splits:
-        train = load_train(root, problems)
-        train["split"] = "train"
-        frames.append(train)
-    if "test" in cfg.splits:
-        test = load_test(root, problems)
-        test["split"], test["boxes"], test["study_label"], test["line"] = "test", [[]] * len(test), "", None
-        frames.append(test)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if table.empty:
-        raise SiimError(f"no images found under {root} for splits {cfg.splits}")
-
-    for s in sizes:
-        for sub in ("images/train", "images/test", "labels/train", "masks/train"):
-            (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
-    csv = str(root / IMAGE_CSV)
-    params = encode_params(cfg.ext, int(cfg.png_level))
-    jobs = [
-        {
-            "out": str(out),
-            "sizes": sizes,
-            "ext": cfg.ext,
-            "params": params,
-            "image_id": r.image_id,
-            "split": r.split,
-            "path": r.path,
-            "boxes": r.boxes,
-            "line": r.line,
-            "csv": csv,
-        }
-        for r in table.itertuples(index=False)
-    ]
-    workers = int(cfg.workers) or os.cpu_count() or 1
-    results, converted = {}, 0
-    for res in run_jobs(jobs, workers, f"prepare {name} {sizes}"):
-        if not res["ok"]:
-            problems.add(res["error"])  # raises unless on_error=skip
-            continue
-        results[res["image_id"]] = res
-        converted += res["converted"]
-    problems.report("images")
-    lost_test = int(((table.split == "test") & ~table.image_id.isin(results)).sum())
-    if lost_test:
-        LOGGER.warning(
-            f"WARNING: {lost_test} TEST image(s) skipped: a submission must cover every test image, so `fuse split=test` "
-            "will refuse until they are fixed (see skipped.csv)"
-        )
-
-    table = table[table.image_id.isin(results)].reset_index(drop=True)
-    info = pd.DataFrame([results[i] for i in table.image_id]).drop(columns=["ok", "converted", "image_id", "boxes"])
-    meta = pd.concat([table.drop(columns=["boxes"]), info], axis=1)
-    meta["boxes"] = [results[i]["boxes"] for i in table.image_id]
-    meta["n_boxes"] = [len(b) for b in meta.boxes]
-    meta["fold"] = -1
-    is_train = (meta.split == "train").to_numpy()
-    if is_train.any():
-        meta.loc[is_train, "fold"] = make_folds(meta[is_train], int(cfg.n_folds), int(cfg.seed))
-    meta["dicom"] = [os.path.relpath(p, root) for p in meta.path]
-    meta["boxes"] = [boxes_to_json(as_array(b)) for b in meta.boxes]
-    meta = meta[META_COLUMNS]
-
-    if is_train.any():
-        write_yolo_lists(meta, out, yolo_size, int(cfg.n_folds), bool(cfg.yolo_exclude_none), cfg.ext)
-        yamls = write_data_yamls(name, out, yolo_size, int(cfg.n_folds), Path(cfg.data_yaml_dir), (meta.split == "test").any())
-    else:
-        yamls = []
+def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Problems, previous_meta: Path) -> list[Path]:
+    """Image lists, data YAMLs, skipped.csv, then meta.csv (last: its presence marks a finished prepare).
+    Returns the data YAMLs written."""
+    out, yamls = target.out, []
+    if (meta.split == "train").any():
+        write_yolo_lists(meta, out, target.yolo_size, cfg.n_folds, cfg.yolo_exclude_none, cfg.ext)
+        has_test = (meta.split == "test").any()
+        yamls = write_data_yamls(target.name, out, target.yolo_size, cfg.n_folds, Path(cfg.data_yaml_dir), has_test)
     if problems.items:
         write_csv(problems.table(), out / "skipped.csv")
     elif (out / "skipped.csv").exists():
         (out / "skipped.csv").unlink()
     _warn_if_folds_changed(previous_meta, meta)
-    write_csv(meta, out / "meta.csv")  # last: its presence marks a finished prepare
+    META.write(meta, out / "meta.csv")
     previous_meta.unlink(missing_ok=True)
+    return yamls
 
-    n_train, n_test = int(is_train.sum()), int((~is_train).sum())
+
+def prepare(cfg: Config) -> Path:
+    target = check_settings(cfg)
+    problems = Problems(cfg.on_error)
+    table = read_inputs(target.root, cfg.splits, problems)
+    check_folds_possible(table, cfg.n_folds, cfg.seed)
+    previous_meta = start_output(cfg, target)
+    results, converted = decode_images(table, cfg, target, problems)
+    meta = build_meta(table, results, target.root, cfg.n_folds, cfg.seed)
+    yamls = write_outputs(meta, cfg, target, problems, previous_meta)
+
+    n_train = int((meta.split == "train").sum())
     LOGGER.info(
-        f"prepare: {n_train} train + {n_test} test images -> {out} "
+        f"prepare: {n_train} train + {len(meta) - n_train} test images -> {target.out} "
         f"({converted} decoded, {len(results) - converted} already done, {len(problems.items)} skipped)"
     )
-    if is_train.any():
+    if n_train:
         LOGGER.info("folds (grouped by patient):\n" + fold_summary(meta))
         LOGGER.info(f"data YAMLs: {yamls[0]} ... {yamls[-1].name}")
-    return out
+    return target.out
 
 
 def main(cfg: Config) -> Path:

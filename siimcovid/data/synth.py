@@ -155,7 +155,7 @@ def plan_dataset(cfg: Config) -> list[StudySpec]:
     mix = mix / mix.sum()
     compressions = available_compressions()
     studies: list[StudySpec] = []
-    for split, n_studies in (("train", int(cfg.train_studies)), ("test", int(cfg.test_studies))):
+    for split, n_studies in (("train", cfg.train_studies), ("test", cfg.test_studies)):
         made = 0
         while made < n_studies:
             patient = _hex(rng, used)
@@ -387,7 +387,7 @@ def generate(cfg: Config) -> Path:
     jobs = [
         (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm") for st in studies for im in st.images
     ]
-    workers = int(cfg.workers) or os.cpu_count() or 1
+    workers = cfg.workers or os.cpu_count() or 1
     desc = f"synth {len(jobs)} DICOMs"
     if workers == 1:
         for job in tqdm(jobs, desc=desc, unit="img"):

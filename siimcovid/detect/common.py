@@ -4,7 +4,7 @@ A detect run is a folder <project>/<name>/ holding:
 
     detect.yaml         the resolved config (with the prepared folder, image size and data YAMLs it used)
     fold<k>/            one Ultralytics run per fold: weights/{best,last}.pt, args.yaml, results.csv, plots
-    pred_oof.csv, pred_test.csv, oof_ap.csv    written by `detect predict`
+    pred_oof.csv, pred_test.csv, scores_oof.csv    written by `detect predict`
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from siimcovid.config import CFG_DIR, Config, default_config_path, read_yaml
+from siimcovid.data import prepared as prepared_data
 from siimcovid.data.prepared import Prepared
 from siimcovid.utils import LOGGER, SiimError
 
@@ -44,7 +45,7 @@ def load_hyp(hyp: str | None) -> dict[str, Any]:
     """A preset by name (siimcovid/cfg/hyp/<name>.yaml) or path -> {ultralytics key: value}."""
     if not hyp:
         return {}
-    path = Path(str(hyp))
+    path = Path(hyp)
     if not path.suffix and not path.exists():
         path = HYP_DIR / f"{hyp}.yaml"
         if not path.is_file():
@@ -129,12 +130,12 @@ class DataSource:
             raise SiimError(
                 f"data YAML not found: {path}. `siimcovid prepare` writes data_yaml/<name>_fold<k>.yaml (see data_yaml_dir=)"
             )
-        if _prepared_of_yaml(path).resolve() != self.prepared:
-            raise SiimError(f"{path} points into {_prepared_of_yaml(path)}, not {self.prepared}: a stale YAML? re-run prepare")
+        if prepared_of_yaml(path).resolve() != self.prepared:
+            raise SiimError(f"{path} points into {prepared_of_yaml(path)}, not {self.prepared}: a stale YAML? re-run prepare")
         return path
 
 
-def _prepared_of_yaml(path: Path) -> Path:
+def prepared_of_yaml(path: Path) -> Path:
     """The prepared folder a data YAML points into: its `path` is <prepared>/<size>."""
     data = yaml.safe_load(path.read_text()) or {}
     images = Path(str(data.get("path", "")))
@@ -149,31 +150,30 @@ def _prepared_of_yaml(path: Path) -> Path:
 
 def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
     """data= is a prepared folder, a dataset name (data_yaml/<name>_fold<k>.yaml) or one data YAML path."""
-    text = str(data or "")
-    if not text:
+    if not data:
         raise SiimError("data= is required: a prepared folder (runs/prepare/<name>) or a data YAML name")
-    path, only_fold = Path(text), None
+    path, only_fold = Path(data), None
     if path.is_dir():
         prepared = path
     elif path.suffix in {".yaml", ".yml"}:
         if not path.is_file():
             raise SiimError(f"data YAML not found: {path}")
-        prepared = _prepared_of_yaml(path)
+        prepared = prepared_of_yaml(path)
         match = re.fullmatch(r"(.+)_fold(\d+)", path.stem)
         if not match:
             raise SiimError(f"{path}: expected a data YAML named <name>_fold<k>.yaml, as `siimcovid prepare` writes them")
         only_fold = int(match.group(2))
-    elif "/" in text or "\\" in text:
+    elif len(path.parts) > 1:  # a path, not a dataset name
         raise SiimError(f"data folder not found: {path} (run `siimcovid prepare` first)")
     else:
-        first = Path(data_yaml_dir) / f"{text}_fold0.yaml"
+        first = Path(data_yaml_dir) / f"{path.name}_fold0.yaml"
         if not first.is_file():
-            raise SiimError(f"data '{text}' is neither a prepared folder nor a data YAML name: {first} not found")
-        prepared = _prepared_of_yaml(first)
+            raise SiimError(f"data '{path.name}' is neither a prepared folder nor a data YAML name: {first} not found")
+        prepared = prepared_of_yaml(first)
     prep = Prepared(prepared)
     if "train" not in set(prep.meta.split):
         raise SiimError(f"{prepared} has no train images: detectors need the train split")
-    size = int(prep.cfg.get("yolo_size") or max(prep.sizes))
+    size = prep.cfg.get("yolo_size") or max(prep.sizes)
     if only_fold is not None:
         yamls = {only_fold: path}
     else:
@@ -186,22 +186,17 @@ def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
 
 
 def select_folds(fold: Any, source: DataSource) -> list[int]:
-    """fold=all | k | [k, ...] -> the folds to run, each checked to exist."""
-    if fold is None or str(fold).lower() == "all":
-        return [source.only_fold] if source.only_fold is not None else list(range(source.n_folds))
-    folds = fold if isinstance(fold, list) else [fold]
-    out = []
-    for f in folds:
-        try:
-            k = int(f)
-        except (TypeError, ValueError):
-            raise SiimError(f"fold must be all, a fold number or a list of them, got '{fold}'") from None
-        if not 0 <= k < source.n_folds:
-            raise SiimError(f"fold {k} does not exist: {source.prepared} has folds 0..{source.n_folds - 1}")
-        if source.only_fold is not None and k != source.only_fold:
-            raise SiimError(f"data= names the YAML of fold {source.only_fold}, but fold={k} was asked for")
-        out.append(k)
-    return sorted(set(out))
+    """fold=all | k | [k, ...] -> the folds to run (siimcovid.data.prepared.select_folds checks them);
+    data=<one fold's YAML> allows that fold only, and fold=all means it."""
+    folds = prepared_data.select_folds(fold, source.n_folds, str(source.prepared))
+    if source.only_fold is None:
+        return folds
+    if fold is None or fold == "all":
+        return [source.only_fold]
+    other = [k for k in folds if k != source.only_fold]
+    if other:
+        raise SiimError(f"data= names the YAML of fold {source.only_fold}, but fold={other[0]} was asked for")
+    return folds
 
 
 def fold_state(fold_dir: Path) -> str:

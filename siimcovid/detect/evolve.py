@@ -61,7 +61,7 @@ def evolve_fold(fold: Any, folds: list[int]) -> int:
     return folds[0]
 
 
-def export_preset(best_file: Path, start: dict, hyp_name: str, out: Path) -> Path:
+def export_preset(best_file: Path, start: dict, hyp_name: str | None, out: Path) -> Path:
     """Starting preset + the best iteration's values -> a preset YAML for `detect train hyp=`."""
     best = read_yaml(best_file)
     header = [line[2:] for line in best_file.read_text().splitlines() if line.startswith("# ")]
@@ -84,11 +84,8 @@ def evolve(cfg: Config) -> Path:
         check_model(cfg.pretrained)
     hyp = load_hyp(cfg.hyp)
     space = load_space(cfg.space)
-    iterations = int(cfg.iterations)
-    if iterations < 1:
-        raise SiimError(f"iterations must be at least 1, got {cfg.iterations}")
     args = train_args(cfg, hyp)
-    name = str(cfg.name or f"{source.name}-{Path(model).stem}-evolve")
+    name = cfg.name or f"{source.name}-{Path(model).stem}-evolve"
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     tune_dir = run_dir / "tune"
@@ -105,10 +102,10 @@ def evolve(cfg: Config) -> Path:
         space={k: list(v) for k, v in space.items()},
     ).save(run_dir / RUN_CONFIG)
 
-    LOGGER.info(f"detect evolve: {iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
+    LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
     YOLO(model).tune(
         data=str(data_yaml),
-        iterations=iterations,
+        iterations=cfg.iterations,
         space=space,
         project=str(run_dir),
         name=tune_dir.name,
@@ -118,7 +115,7 @@ def evolve(cfg: Config) -> Path:
     best = tune_dir / "best_hyperparameters.yaml"
     if not best.is_file():
         raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
-    out = export_preset(best, hyp, str(cfg.hyp), Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml")
+    out = export_preset(best, hyp, cfg.hyp, Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml")
     LOGGER.info(f"detect evolve: best hyperparameters -> {out}\n  train with: siimcovid detect train hyp={out} ...")
     return out
 

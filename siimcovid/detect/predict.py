@@ -15,8 +15,9 @@ Outputs, in each run dir (and all runs together in <out>/ when out= is set):
         x_min, y_min, x_max, y_max   the box in ORIGINAL DICOM pixels (meta.csv rows/cols)
         conf      the detector's confidence
       An image with no box above `conf` has no rows (meta.csv lists every image).
-    oof_ap.csv    the competition's opacity AP (IoU 0.5) of the OOF boxes, per fold and over all
-                  train images of the folds predicted (columns model, fold, images, opacity_ap)
+    scores_oof.csv  the competition's opacity AP (IoU 0.5) of the OOF boxes against the competition's
+                  truth (the unclipped boxes of the CSVs): one row over all train images of the folds
+                  predicted, then one per fold (siimcovid.tables.SCORES, plus the `model` column)
 
 The detector sees the prepared square image of side s (the run's image size); Ultralytics
 returns boxes in that image's pixels, which map back with x * cols / s, y * rows / s.
@@ -37,12 +38,11 @@ from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import image_truth, oof_images
-from siimcovid.detect.common import RUN_CONFIG, _prepared_of_yaml, device_arg, fold_state, passthrough
-from siimcovid.tables import write_csv
-from siimcovid.tables import write_csv as write_predictions
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.detect.common import RUN_CONFIG, device_arg, fold_state, passthrough, prepared_of_yaml
+from siimcovid.rundir import fold_files
+from siimcovid.tables import BOX_COLUMNS, DETECTIONS, SCORES
+from siimcovid.utils import LOGGER, SiimError, as_list
 
-PRED_COLUMNS = ["image_id", "model", "fold", "x_min", "y_min", "x_max", "y_max", "conf"]
 SPLITS = ("oof", "test")
 
 
@@ -65,11 +65,7 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
-    if weights not in {"best", "last"}:
-        raise SiimError(f"weights must be best or last, got '{weights}'")
-    folds = sorted(int(p.name[4:]) for p in run_dir.glob("fold*") if p.name[4:].isdigit())
-    found = {k: run_dir / f"fold{k}" / "weights" / f"{weights}.pt" for k in folds}
-    found = {k: p for k, p in found.items() if p.is_file()}
+    found = fold_files(run_dir, f"weights/{weights}.pt")
     if not found:
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/weights/{weights}.pt)")
     unfinished = [k for k in found if fold_state(run_dir / f"fold{k}") != "done"]
@@ -87,7 +83,7 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
         prepared, size = Path(cfg["prepared"]), int(cfg["size"])
     else:  # folds trained with the plain `yolo` CLI on a prepared data YAML
         data_yaml = Path(args[min(found)]["data"])
-        prepared = _prepared_of_yaml(data_yaml)
+        prepared = prepared_of_yaml(data_yaml)
         size = int(Path(yaml.safe_load(data_yaml.read_text())["path"]).name)
         LOGGER.warning(
             f"detect predict: {run_dir} has no {RUN_CONFIG} (trained with the plain yolo CLI?), so its fold assignment "
@@ -117,13 +113,13 @@ def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:
 
 
 def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, args: dict, bar: tqdm) -> pd.DataFrame:
-    """One fold's model on some images, in batches -> tidy rows (PRED_COLUMNS)."""
+    """One fold's model on some images, in batches -> tidy rows (the DETECTIONS contract, without tta)."""
     meta = run.prepared.meta.set_index("image_id")
     paths = [run.prepared.image_path(i, split, run.size) for i in image_ids]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SiimError(f"{len(missing)} prepared images missing, e.g. {missing[0]}: re-run `siimcovid prepare`")
-    batch = max(int(args.get("batch") or 1), 1)
+    batch = max(args.get("batch") or 1, 1)
     frames = []
     for start in range(0, len(paths), batch):
         chunk = image_ids[start : start + batch]
@@ -134,9 +130,9 @@ def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, 
             frame.insert(0, "image_id", image_id)
             frames.append(frame)
         bar.update(len(chunk))
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PRED_COLUMNS)
+    out = pd.concat(frames, ignore_index=True) if frames else no_detections()
     out["model"], out["fold"] = run.name, fold
-    return out[PRED_COLUMNS]
+    return out[DETECTIONS.required]
 
 
 def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFrame]:
@@ -156,13 +152,18 @@ def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFr
                 yolo = YOLO(str(run.weights[k]))
             except Exception as e:
                 raise SiimError(f"{run.weights[k]} cannot be loaded ({type(e).__name__}: {e})") from None
-            fold_args = {**args, "imgsz": int(cfg.predict_imgsz or run.imgsz[k])}
+            fold_args = {**args, "imgsz": cfg.predict_imgsz or run.imgsz[k]}
             bar.set_postfix(fold=k)
             if oof_ids:
                 out["oof"].append(predict_images(yolo, run, k, oof_ids, "train", fold_args, bar))
             if test:
                 out["test"].append(predict_images(yolo, run, k, test, "test", fold_args, bar))
-    return {s: (pd.concat(f, ignore_index=True) if f else pd.DataFrame(columns=PRED_COLUMNS)) for s, f in out.items()}
+    return {s: (pd.concat(f, ignore_index=True) if f else no_detections()) for s, f in out.items()}
+
+
+def no_detections() -> pd.DataFrame:
+    """An empty detection table: the DETECTIONS columns `detect predict` writes (no tta variants)."""
+    return DETECTIONS.empty()[DETECTIONS.required]
 
 
 def predict_args(cfg: Config) -> dict:
@@ -171,64 +172,66 @@ def predict_args(cfg: Config) -> dict:
     if isinstance(device, str) and "," in device:
         device = device.split(",")[0]  # inference runs on one GPU
     args = {
-        "conf": float(cfg.conf),
-        "iou": float(cfg.iou),
-        "augment": bool(cfg.tta),
-        "max_det": int(cfg.max_det),
-        "batch": int(cfg.batch),
+        "conf": cfg.conf,
+        "iou": cfg.iou,
+        "augment": cfg.tta,
+        "max_det": cfg.max_det,
+        "batch": cfg.batch,
         "device": device,
         "half": True,  # fp16 inference on a GPU (Ultralytics ignores it on the CPU); half=false overrides
     }
     return {**args, **passthrough(cfg), "verbose": False, "save": False}
 
 
-def oof_ap(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
-    """The competition's opacity AP of the OOF boxes: per fold and over all predicted train images."""
-    train = run.prepared.split("train")
-    train = train[train.fold.isin(list(run.weights))]
-    truth_of = oof_images(run.prepared.root, train.image_id)  # the competition's truth: unclipped boxes
-    rows = []
-    for fold, images in [*((k, train[train.fold == k]) for k in sorted(run.weights)), ("all", train)]:
-        truth = image_truth(truth_of[truth_of.image_id.isin(set(images.image_id))])
-        boxes = pred[pred.image_id.isin(set(images.image_id))]
-        scored = metrics.image_pred(boxes[["image_id", "conf", "x_min", "y_min", "x_max", "y_max"]], None)
-        ap = metrics.average_precision(truth, scored, "opacity")
-        rows.append({"model": run.name, "fold": str(fold), "images": len(images), "opacity_ap": round(float(ap), 5)})
-    return pd.DataFrame(rows)
+def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: str) -> pd.DataFrame:
+    """The competition's opacity AP of out-of-fold boxes (a DETECTIONS table) against the competition's
+    truth (siimcovid.data.truth: the unclipped boxes): the SCORES table over every train image of
+    `folds` ("all", first), then per fold, with the `model` column."""
+    train = prepared.split("train")
+    images = train[train.fold.isin(folds)]
+    truth = image_truth(oof_images(prepared.root, images.image_id))
+    boxes = metrics.image_pred(pred[["image_id", "conf", *BOX_COLUMNS]], None)
+    return metrics.fold_scores(truth, boxes, images, classes=["opacity"]).assign(model=model)
 
 
 def predict(cfg: Config) -> dict[str, dict[str, Path]]:
-    runs = cfg.run if isinstance(cfg.run, list) else [cfg.run] if cfg.run else []
+    runs = as_list(cfg.run)
     if not runs:
         raise SiimError("run= is required: a detect run dir (runs/detect/<name>), or several: run=a,b")
-    splits = cfg.split if isinstance(cfg.split, list) else [cfg.split]
+    splits = as_list(cfg.split)
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise SiimError(f"split must be oof, test or both (oof,test), got {cfg.split}")
-    loaded = [load_run(r, cfg.weights, bool(cfg.allow_unfinished)) for r in runs]  # check every run before predicting with any
+    loaded = [load_run(r, cfg.weights, cfg.allow_unfinished) for r in runs]  # check every run before predicting with any
     names = [run.name for run in loaded]
     if len(set(names)) < len(names):
         raise SiimError(f"runs must have different names (the `model` column): {names}")
     written: dict[str, dict[str, Path]] = {}
     together: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
     for run in loaded:
-        if "oof" in splits and len(run.weights) < run.prepared.n_folds:
-            folds = f"folds {sorted(run.weights)} of {run.prepared.n_folds}"
-            LOGGER.warning(f"detect predict: {run.dir} has {folds}: OOF covers those folds only")
-        preds = predict_run(run, splits, cfg)
-        written[run.name] = {}
-        for split, df in preds.items():
-            written[run.name][split] = write_predictions(df, run.dir / f"pred_{split}.csv")
-            together[split].append(df)
-        if "oof" in splits:
-            table = oof_ap(preds["oof"], run)
-            written[run.name]["oof_ap"] = write_csv(table, run.dir / "oof_ap.csv")
-            LOGGER.info(f"detect predict: OOF opacity AP (IoU 0.5) of {run.name}:\n{table.to_string(index=False)}")
-        LOGGER.info(f"detect predict: {', '.join(str(p) for p in written[run.name].values())}")
+        written[run.name] = predict_and_score(run, splits, cfg, together)
     if cfg.out:
         for split, frames in together.items():
-            path = write_predictions(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv")
+            path = DETECTIONS.write(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv")
             LOGGER.info(f"detect predict: all runs' {split} boxes -> {path}")
+    return written
+
+
+def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[str, list[pd.DataFrame]]) -> dict[str, Path]:
+    """One run: its pred_<split>.csv files (each split's table also appended to `together`) and, for oof, scores_oof.csv."""
+    if "oof" in splits and len(run.weights) < run.prepared.n_folds:
+        folds = f"folds {sorted(run.weights)} of {run.prepared.n_folds}"
+        LOGGER.warning(f"detect predict: {run.dir} has {folds}: OOF covers those folds only")
+    preds = predict_run(run, splits, cfg)
+    written = {}
+    for split, df in preds.items():
+        written[split] = DETECTIONS.write(df, run.dir / f"pred_{split}.csv")
+        together[split].append(df)
+    if "oof" in splits:
+        table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name)
+        written["scores"] = SCORES.write(table, run.dir / "scores_oof.csv")
+        LOGGER.info(f"detect predict: OOF opacity AP (IoU 0.5, unclipped truth) of {run.name}:\n{table.to_string(index=False)}")
+    LOGGER.info(f"detect predict: {', '.join(str(p) for p in written.values())}")
     return written
 
 

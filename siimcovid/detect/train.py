@@ -9,16 +9,15 @@ the same command skips folds that finished and resumes an interrupted fold from 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 import yaml
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 
-from siimcovid.config import Config
+from siimcovid.config import Config, runtime_keys
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import (
     RUN_CONFIG,
@@ -30,6 +29,8 @@ from siimcovid.detect.common import (
     select_folds,
     train_args,
 )
+from siimcovid.rundir import changed_settings, refuse_changed
+from siimcovid.tables import read_csv
 from siimcovid.utils import LOGGER, SiimError
 
 MAP50 = "metrics/mAP50(B)"
@@ -61,14 +62,9 @@ def trainer_class(fitness: str):
     return TRAINERS[fitness]
 
 
-# Settings that do not change what a fold learns: a finished or interrupted fold may differ in them.
-RUNTIME_KEYS = {"device", "workers", "project", "name", "exist_ok", "plots", "verbose", "cache", "save_period", "data", "resume"}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return str(a) == str(b)
+# Ultralytics-only settings that do not change what a fold learns (siimcovid's own are config.runtime_keys("detect")):
+# a finished or interrupted fold may differ in them.
+ULTRALYTICS_RUNTIME_KEYS = frozenset({"verbose", "cache", "save_period", "exist_ok", "data", "resume"})
 
 
 def check_fold_settings(fold_dir: Path, cfg_args: dict, model: str) -> None:
@@ -77,12 +73,10 @@ def check_fold_settings(fold_dir: Path, cfg_args: dict, model: str) -> None:
     if not saved.is_file():
         return
     old = yaml.safe_load(saved.read_text()) or {}
-    changed = [(k, old[k], v) for k, v in cfg_args.items() if k not in RUNTIME_KEYS and k in old and not _same(old[k], v)]
-    if old.get("model") and Path(str(old["model"])).name != Path(str(model)).name:
+    changed = changed_settings(old, cfg_args, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS)
+    if old.get("model") and Path(str(old["model"])).name != Path(model).name:
         changed.insert(0, ("model", old["model"], model))
-    if changed:
-        diff = ", ".join(f"{k}={a} (now {b})" for k, a, b in changed[:6]) + (" ..." if len(changed) > 6 else "")
-        raise SiimError(f"{fold_dir} was trained with {diff}: use another name=, or delete {fold_dir} to train it again")
+    refuse_changed(fold_dir, changed, f"use another name=, or delete {fold_dir} to train it again")
 
 
 def train_fold(
@@ -126,7 +120,7 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
         csv = run_dir / f"fold{k}" / "results.csv"
         if not csv.is_file():
             continue
-        res = pd.read_csv(csv)
+        res = read_csv(csv, [], text=[])  # Ultralytics' numbers, inferred
         res.columns = [c.strip() for c in res.columns]
         best = res.loc[res[MAP50].idxmax()] if MAP50 in res and len(res) else None
         rows.append(
@@ -152,7 +146,7 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     trainer_class(cfg.fitness)
     hyp = load_hyp(cfg.hyp)
     args = train_args(cfg, hyp)
-    name = str(cfg.name or f"{source.name}-{Path(model).stem}")
+    name = cfg.name or f"{source.name}-{Path(model).stem}"
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     saved = Config(
