@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from siimcovid.classify.data import to_device  # noqa: E402
 from siimcovid.classify.dist import Dist  # noqa: E402
-from siimcovid.classify.model import StudyLoss, build_model  # noqa: E402
+from siimcovid.classify.model import StudyLoss, build_model, model_cfg  # noqa: E402
 from siimcovid.classify.predict import amp_dtype_for  # noqa: E402
 from siimcovid.config import load_config  # noqa: E402
 
@@ -51,17 +51,17 @@ def compute_only(cfg, device, amp: bool, channels_last: bool, steps: int, warmup
     """Images/s of train steps on a device-resident batch: the best of `rounds` rounds of `steps` steps
     (the least disturbed round; on a shared machine the others measure the neighbours)."""
     from timm.optim import create_optimizer_v2
+    from timm.utils import NativeScaler
 
     torch.manual_seed(0)
-    mcfg = {k: cfg[k] for k in ("model", "in_chans", "drop_rate", "drop_path_rate", "mask_stride", "none_head")}
-    model = build_model(mcfg, channels_last=channels_last).to(device)
+    model = build_model(model_cfg(cfg), channels_last=channels_last).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loss_fn = StudyLoss.from_cfg(cfg)
     opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.01)
     amp_dtype = amp_dtype_for(device, amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    n, s = int(cfg.batch), int(cfg.imgsz)
+    scaler = NativeScaler("cuda") if amp_dtype == torch.float16 else None  # as the training loop (FoldTrainer.backward_step)
+    n, s = cfg.batch, cfg.imgsz
     batch = to_device(
         {
             "image": torch.randint(0, 256, (n, 1, s, s), dtype=torch.uint8),
@@ -79,9 +79,11 @@ def compute_only(cfg, device, amp: bool, channels_last: bool, steps: int, warmup
             out = model(batch["image"])
         loss = loss_fn(out, batch["label"], batch["none"], batch["mask"])["loss"]
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        if scaler is not None:
+            scaler(loss, opt)
+        else:
+            loss.backward()
+            opt.step()
 
     for _ in range(warmup):
         step()
@@ -136,9 +138,9 @@ def pipeline(cfg, device, epochs: int) -> dict:
 
     prep = Prepared(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = FoldTrainer(cfg, prep, 0, int(cfg.imgsz), Path(tmp), Dist(device=device))
+        trainer = FoldTrainer(cfg, prep, 0, cfg.imgsz, Path(tmp), Dist(device=device))
         trainer.new_ema()
-        opt, sched = trainer.new_optimizer(float(cfg.lr), epochs, 0)
+        opt, sched = trainer.new_optimizer(cfg.lr, epochs, 0)
         step, best = 0, {}
         for epoch in range(1, epochs + 1):
             stats, step = trainer.train_one_epoch(epoch, opt, sched, step)

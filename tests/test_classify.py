@@ -1,4 +1,7 @@
-"""The classify stage on CPU: a tiny timm model (test_efficientnet, 0.1M params) on 64 px synthetic data."""
+"""The classify stage on CPU: a tiny timm model (test_efficientnet, 0.1M params) on 64 px synthetic data.
+
+Every test that trains a model (or reads the module's trained run) is marked slow.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from siimcovid import cli  # noqa: E402
 from siimcovid.classify import predict as P  # noqa: E402
 from siimcovid.config import load_config  # noqa: E402
 from siimcovid.data.prepared import Prepared  # noqa: E402
-from siimcovid.data.siim import STUDY_CLASSES  # noqa: E402
+from siimcovid.tables import CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES  # noqa: E402
 from siimcovid.utils import SiimError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +72,7 @@ def fixed_batch(prepared, n=8):
 # ---------------------------------------------------------------- model and loss
 
 
+@pytest.mark.slow
 def test_train_step_reduces_loss_on_fixed_batch(prepared):
     from timm.optim import create_optimizer_v2
 
@@ -176,6 +180,7 @@ def test_mix_batch_moves_masks_with_the_pixels():
 # ---------------------------------------------------------------- training runs
 
 
+@pytest.mark.slow
 def test_one_fold_writes_checkpoints_log_and_oof(trained, prepared):
     run, results = trained
     fold = run / "fold0"
@@ -196,6 +201,7 @@ def test_one_fold_writes_checkpoints_log_and_oof(trained, prepared):
     assert P.study_map(Prepared(prepared), oof) == pytest.approx(best["score"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_finished_fold_is_skipped(trained, prepared, monkeypatch):
     from siimcovid.classify import train as T
 
@@ -210,6 +216,7 @@ def test_finished_fold_is_skipped(trained, prepared, monkeypatch):
     assert out[0]["best_epoch"] >= 1 and (run / "fold0" / "best.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_saved_run_config_seeds_the_next_run(trained):
     run, _ = trained
     _, cfg = cli.stage_function("classify", "train", {"cfg": str(run / "classify.yaml"), "fold": 1})
@@ -217,6 +224,7 @@ def test_saved_run_config_seeds_the_next_run(trained):
     assert cfg.mode == "train" and "folds_id" not in cfg
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_other_seed_other_run(prepared, tmp_path):
     # augmentation (albumentations keeps its own generator), dropout and shuffling all follow `seed`
     from siimcovid.classify.train import main
@@ -256,6 +264,7 @@ def test_dataloader_workers_draw_different_augmentations(prepared):
     assert all(torch.equal(x, y) for x, y in zip(seeded, draws(worker_init_fn=seed_worker)))  # and repeatable
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
     from siimcovid.classify import train as T
 
@@ -289,6 +298,7 @@ def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
     assert log.epoch.tolist() == [1, 2, 3] and (fold / "done.json").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
     run, _ = trained
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -333,9 +343,191 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
     assert sorted(oof.image_id) == sorted(Prepared(prepared).fold(0, "val").image_id)
 
 
+# ---------------------------------------------------------------- trainer hooks
+
+
+def test_unknown_event_and_clashing_loss_term_are_clear_errors():
+    from siimcovid.classify import train as T
+
+    assert T.default_callbacks()["is_better"] == [T.study_map_improved]
+    trainer = T.FoldTrainer.__new__(T.FoldTrainer)  # the hook mechanics only: no data, no model
+    trainer.callbacks = T.default_callbacks()
+    with pytest.raises(SiimError, match="unknown training event 'on_epoch_end'"):
+        trainer.add_callback("on_epoch_end", print)
+    trainer.add_callback("on_loss", lambda t, out, batch, parts: {"mask": parts["loss"] * 0})
+    with pytest.raises(SiimError, match="already has a term 'mask'"):
+        trainer.add_extra_losses({}, {}, {"loss": torch.tensor(1.0), "mask": torch.tensor(0.5)})
+    best = {"score": 0.5, "epoch": 1, "wave": 0}
+    trainer.best = best
+    assert trainer.is_better({"val_map": 0.6}) and not trainer.is_better({"val_map": 0.5})
+    assert not trainer.is_better({"val_map": float("nan")})  # the default rule, as before hooks
+    trainer.add_callback("is_better", lambda t, stats, b: stats["val_loss"] < 1.0)  # the last one added decides
+    assert trainer.is_better({"val_map": 0.0, "val_loss": 0.5})
+
+
+def test_backward_step_without_a_scaler_is_the_former_disabled_gradscaler_step():
+    """On CPU (and with bf16) there is no fp16 scaler: plain backward, timm's clip, step, bit for bit as before."""
+    from timm.optim import create_optimizer_v2
+
+    from siimcovid.classify import train as T
+    from siimcovid.classify.model import StudyLoss, build_model
+
+    def one_step(new: bool):
+        torch.manual_seed(0)
+        model = build_model(TINY_MODEL)
+        opt = create_optimizer_v2(model, opt="adamw", lr=1e-2, weight_decay=0.01)
+        x = torch.rand(4, 1, 64, 64)
+        parts = StudyLoss()(model(x), torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 0, 0, 1]), torch.zeros(4, 1, 64, 64))
+        if new:
+            trainer = T.FoldTrainer.__new__(T.FoldTrainer)
+            trainer.cfg, trainer.model, trainer.scaler = load_config("classify", {"clip_grad": 0.05}), model, None
+            trainer.backward_step(parts["loss"], opt)
+        else:
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+            scaler.scale(parts["loss"]).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            scaler.step(opt)
+            scaler.update()
+        return model.state_dict()
+
+    old, new = one_step(False), one_step(True)
+    assert all(torch.equal(old[k], new[k]) for k in old)
+
+
+@pytest.fixture(scope="module")
+def hooked(prepared, tmp_path_factory):
+    """Fold 1 trained (2 epochs + a 1-epoch wave) with an extra loss term, an epoch-end hook and a checkpoint rule."""
+    from siimcovid.classify.train import main
+
+    calls = {"end": [], "rule": []}
+
+    def l2(trainer, out, batch, parts):
+        return {"l2": 0.01 * out["study"].float().pow(2).mean()}
+
+    def at_end(trainer, row):
+        calls["end"].append(dict(row))
+
+    def third_epoch_only(trainer, stats, best):
+        calls["rule"].append((dict(stats), dict(best)))
+        return len(trainer.rows) == 2  # rows holds the epochs before this one
+
+    project = tmp_path_factory.mktemp("classify_hooks")
+    cfg = tiny_cfg(prepared, project, name="hooks", fold=1, epochs=2, fine_lr=[1e-4], fine_epochs=1)
+    results = main(cfg, callbacks={"on_loss": l2, "on_fit_epoch_end": [at_end], "is_better": third_epoch_only})
+    return project / "hooks" / "fold1", results, calls
+
+
+@pytest.mark.slow
+def test_extra_loss_term_is_added_to_the_loss_and_logged(hooked):
+    fold, _, _ = hooked
+    log = pd.read_csv(fold / "results.csv")
+    assert list(log.columns[-1:]) == ["train_l2"] and (log.train_l2 > 0).all()
+    # StudyLoss alone is cls + none_weight * none + mask_weight * mask; the hook's term comes on top
+    builtin = log.train_cls + 1.0 * log.train_none + 4.0 * log.train_mask
+    np.testing.assert_allclose(log.train_loss, builtin + log.train_l2, rtol=1e-4)
+    assert (log.train_loss - builtin > 1e-4).all()
+
+
+@pytest.mark.slow
+def test_epoch_end_hook_sees_each_epoch_once_with_its_stats(hooked):
+    fold, _, calls = hooked
+    log = pd.read_csv(fold / "results.csv")
+    assert [r["epoch"] for r in calls["end"]] == [1, 2, 3]
+    for row, (_, logged) in zip(calls["end"], log.iterrows()):
+        assert row["val_map"] == pytest.approx(logged.val_map, abs=1e-5) and row["best"] == logged.best
+        assert row["train_l2"] == pytest.approx(logged.train_l2, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_checkpoint_rule_decides_which_epoch_best_pt_holds(hooked):
+    fold, results, calls = hooked
+    log = pd.read_csv(fold / "results.csv")
+    # epoch 1 is always kept (later waves restart from it); then only the rule's choice, epoch 3
+    assert log.best.tolist() == [True, False, True]
+    best = torch.load(fold / "best.pt", weights_only=False)
+    assert best["epoch"] == results[1]["best_epoch"] == 3
+    assert best["score"] == pytest.approx(log.val_map[2], abs=1e-5)
+    assert [b["epoch"] for _, b in calls["rule"]] == [0, 1, 1]  # the best so far, as the rule saw it
+    assert all({"val_map", "val_loss", "train_loss", "train_l2"} <= set(stats) for stats, _ in calls["rule"])
+    oof = pd.read_csv(fold / "val_pred_image.csv", dtype={"image_id": str})  # written with the chosen checkpoint
+    assert P.study_map(Prepared(best_data(fold)), oof) == pytest.approx(best["score"], abs=1e-5)
+
+
+def best_data(fold):
+    return yaml.safe_load((fold / "classify.yaml").read_text())["data"]
+
+
+@pytest.mark.slow
+def test_extra_training_data_reaches_the_loader(prepared, tmp_path):
+    from torch.utils.data import ConcatDataset, Dataset
+
+    from siimcovid.classify.data import StudyDataset, image_table
+    from siimcovid.classify.train import main
+
+    class Spy(Dataset):
+        """Extra images (here: fold 0's held-out images, as pseudo-labels would be) that record each fetch."""
+
+        def __init__(self, dataset):
+            self.dataset, self.fetched = dataset, []
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            self.fetched.append(i)
+            return self.dataset[i]
+
+    prep = Prepared(prepared)
+    spy = Spy(StudyDataset(prep, image_table(prep, "train", 0, "val"), 64))
+    seen = []
+
+    def more_data(trainer):
+        seen.append(len(trainer.train_dataset))
+        trainer.train_dataset = ConcatDataset([trainer.train_dataset, spy])
+
+    def steps(trainer, row):
+        seen.append(len(trainer.train_loader))
+
+    main(tiny_cfg(prepared, tmp_path, name="more", fold=1, epochs=1, fine_epochs=0),
+         callbacks={"on_train_data": more_data, "on_fit_epoch_end": steps})  # fmt: skip
+    n_train = len(prep.fold(1, "train"))
+    assert seen == [n_train, (n_train + len(spy)) // 8]  # batch 8, the last partial batch dropped
+    assert len(spy.fetched) > 0 and set(spy.fetched) <= set(range(len(spy)))
+    assert len(spy.fetched) == len(set(spy.fetched))  # one epoch: each extra image at most once
+
+
+def test_oof_scores_equal_the_per_fold_study_map_and_none_ap(prepared):
+    """scores_oof.csv (metrics.fold_scores) gives the study mAP and AP(none) of the former per-fold scoring."""
+    from siimcovid import metrics
+    from siimcovid.data import truth
+
+    prep = Prepared(prepared)
+    meta = prep.split("train")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), len(meta))
+    images = pd.DataFrame({"model": "m", "image_id": meta.image_id, "study_id": meta.study_id, "fold": meta.fold})
+    images[STUDY_CLASSES] = probs
+    images["none"] = rng.random(len(meta))
+    studies = P.study_table(images)
+    table = P.oof_scores(prep, images, studies).set_index("fold")
+    assert table.index.tolist() == ["all", "0", "1", "2"]
+    for fold in table.index:  # the former score_oof: per fold, study truth and image truth of the fold's images
+        im = images if fold == "all" else images[images.fold == int(fold)]
+        st = studies if fold == "all" else studies[studies.fold == int(fold)]
+        rows = truth.oof_images(prep.root, im.image_id)
+        study = metrics.score(truth.study_truth(rows), metrics.study_pred(st[["study_id"] + STUDY_CLASSES]))
+        none = metrics.score(truth.image_truth(rows), metrics.image_pred(None, im[["image_id", "none"]]), classes=["none"])
+        assert table.loc[fold, "study_map"] == pytest.approx(study.study_map, abs=1e-12)
+        assert table.loc[fold, "none"] == pytest.approx(none.ap["none"], abs=1e-12)
+        assert [table.loc[fold, c] for c in STUDY_CLASSES] == pytest.approx([study.ap[c] for c in STUDY_CLASSES], abs=1e-12)
+        assert table.loc[fold, "n_studies"] == len(st) and table.loc[fold, "n_images"] == len(im)
+
+
 # ---------------------------------------------------------------- predict, aggregation, ensembles
 
 
+@pytest.mark.slow
 def test_predict_writes_oof_and_test_tables(trained, prepared):
     from siimcovid.classify.predict import main
 
@@ -346,15 +538,16 @@ def test_predict_writes_oof_and_test_tables(trained, prepared):
     main(cfg)
     prep = Prepared(prepared)
     oof_img, oof_st = P.read_tables(run, "oof")
-    assert list(oof_img.columns) == P.IMAGE_COLUMNS and list(oof_st.columns) == P.STUDY_COLUMNS
+    assert list(oof_img.columns) == CLASSIFIER_IMAGES.names and list(oof_st.columns) == CLASSIFIER_STUDIES.names
     assert sorted(oof_img.image_id) == sorted(prep.fold(0, "val").image_id) and (oof_img.fold == 0).all()
     test_img, test_st = P.read_tables(run, "test")
     assert sorted(test_img.image_id) == sorted(prep.split("test").image_id) and (test_img.fold == -1).all()
     assert sorted(test_st.study_id) == sorted(prep.split("test").study_id.unique())
     assert np.allclose(test_st[STUDY_CLASSES].sum(axis=1), 1, atol=1e-4)
     assert ((test_img.none >= 0) & (test_img.none <= 1)).all() and (test_img.model == "tiny").all()
-    score = pd.read_csv(run / "score_oof.csv")
-    assert score.fold.astype(str).tolist() == ["all", "0"]
+    score = SCORES.read(run / "scores_oof.csv")
+    assert score.fold.tolist() == ["all", "0"] and (score.tta == "hflip").all() and (score.weights == "best").all()
+    assert list(score.columns) == [c for c in SCORES.names if c != "opacity"]
     assert score.study_map[0] == pytest.approx(score.loc[0, STUDY_CLASSES].mean(), abs=1e-5)
     assert score.study_map[0] == pytest.approx(P.study_map(prep, oof_img), abs=1e-5)
 
@@ -436,6 +629,7 @@ def test_combine_mean_geomean_rank():
         P.combine([a, b], "vote")
 
 
+@pytest.mark.slow
 def test_predict_ensemble_of_two_runs(trained, tmp_path):
     from siimcovid.classify.predict import main
 
@@ -460,7 +654,7 @@ def test_predict_ensemble_of_two_runs(trained, tmp_path):
     # Two identical members: the geometric mean is the member itself.
     merged = ens_st.merge(one_st, on="study_id", suffixes=("", "_1"))
     assert len(merged) == len(one_st) and np.allclose(merged.negative, merged.negative_1, atol=1e-5)
-    assert (ens_st.model == "tiny+tiny2").all() and (tmp_path / "ens" / "score_oof.csv").is_file()
+    assert (ens_st.model == "tiny+tiny2").all() and (tmp_path / "ens" / "scores_oof.csv").is_file()
     # another ensemble into the same folder: the first one's OOF tables must not stay beside its test tables
     main(load_config("classify", {**cfg, "split": "test", "ensemble": "mean"}))
     assert sorted(p.name for p in (tmp_path / "ens").glob("pred_*.csv")) == ["pred_test_image.csv", "pred_test_study.csv"]
@@ -513,9 +707,10 @@ def test_image_without_mask(prepared, tmp_path):
     assert not (tmp_path / "test_efficientnet_64" / "fold0").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_model_is_refused(trained, prepared):
     run, _ = trained
-    with pytest.raises(SiimError, match="other settings.*model"):
+    with pytest.raises(SiimError, match=r"was trained with model=test_efficientnet \(now resnet10t\)"):
         run_cli(
             "train",
             f"data={prepared}",
@@ -529,13 +724,14 @@ def test_resume_with_other_model_is_refused(trained, prepared):
         )
 
 
+@pytest.mark.slow
 def test_finished_folds_are_not_skipped_under_other_training_settings(trained, prepared):
     from siimcovid.classify.train import main
 
     run, _ = trained
     same = dict(name="tiny", fold=0, epochs=2, fine_lr=[1e-4], fine_epochs=1)
     before = (run / "classify.yaml").read_text()
-    with pytest.raises(SiimError, match=r"other settings \(mask_weight: 4.0 -> 1.0, epochs: 2 -> 3\)"):
+    with pytest.raises(SiimError, match=r"trained with mask_weight=4.0 \(now 1.0\), epochs=2 \(now 3\)"):
         main(tiny_cfg(prepared, run.parent, **{**same, "epochs": 3, "mask_weight": 1.0}))
     assert (run / "classify.yaml").read_text() == before
     main(tiny_cfg(prepared, run.parent, **same, workers=1))  # where it runs may change: fold 0 is skipped
@@ -555,6 +751,7 @@ def test_cli_stays_light_for_other_stages():
     assert out.stdout.strip() == "False False", out.stderr
 
 
+@pytest.mark.slow
 def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
     import yaml
 
@@ -573,6 +770,7 @@ def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
         predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, allow_unfinished=True)
 
 
+@pytest.mark.slow
 def test_predict_checks_the_folds_of_each_fold_model(trained, tmp_path):
     # `train fold=0 resume=false` after a new prepare rewrites the run's classify.yaml but
     # leaves the other folds' models: each fold model's own fingerprint must be checked.
@@ -589,6 +787,7 @@ def test_predict_checks_the_folds_of_each_fold_model(trained, tmp_path):
     predict_run(copy, "test", "none", torch.device("cpu"), 8, 0)  # test images were never trained on
 
 
+@pytest.mark.slow
 def test_predict_with_the_last_epoch_weights(trained, tmp_path):
     # weights=last: the final EMA weights from last.pt (no choice made on the fold being predicted)
     from siimcovid.classify.predict import predict_run

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from siimcovid.data.prepared import Prepared
-from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.tables import STUDY_CLASSES
 from siimcovid.utils import SiimError
 
 
@@ -78,9 +78,11 @@ def seed_worker(worker_id: int) -> None:
     """
     info = torch.utils.data.get_worker_info()
     dataset = getattr(info.dataset, "dataset", info.dataset)  # through a Subset
-    augment = getattr(dataset, "augment", None)
-    if augment is not None:
-        augment.set_random_seed(info.seed % 2**32)
+    # a ConcatDataset (extra training data of an on_train_data hook): each part its own stream
+    for i, part in enumerate(getattr(dataset, "datasets", [dataset])):
+        augment = getattr(part, "augment", None)
+        if augment is not None:
+            augment.set_random_seed((info.seed + i) % 2**32)
 
 
 def read_grey(path) -> np.ndarray:

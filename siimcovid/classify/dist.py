@@ -1,7 +1,8 @@
 """One code path for one process or many (torchrun + DistributedDataParallel).
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a world of one and every
-helper below is a no-op. NCCL on GPUs, gloo on CPU.
+helper below is a no-op. NCCL on GPUs, gloo on CPU. Before validation the trainer gives every
+rank rank 0's batch-norm statistics with timm.utils.distribute_bn.
 """
 
 from __future__ import annotations
@@ -41,12 +42,6 @@ class Dist:
         out = [None] * self.world
         torch_dist.all_gather_object(out, obj)
         return out
-
-    def broadcast_buffers(self, module) -> None:
-        """Rank 0's buffers (batch-norm statistics) to every rank, so all ranks validate one model."""
-        if self.active:
-            for buf in module.buffers():
-                torch_dist.broadcast(buf, 0)
 
     def sum(self, values: list[float]) -> list[float]:
         if not self.active:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siimcovid.data.siim import STUDY_CLASSES
+from siimcovid.tables import STUDY_CLASSES
 from siimcovid.utils import SiimError
 
 # What a checkpoint must remember to rebuild the model (pretrained weights are not needed again).
@@ -132,11 +132,11 @@ def build_model(
         model=mcfg["model"],
         pretrained=pretrained,
         pretrained_file=pretrained_file,
-        in_chans=int(mcfg["in_chans"]),
-        drop_rate=float(mcfg["drop_rate"]),
-        drop_path_rate=float(mcfg["drop_path_rate"]),
-        mask_stride=int(mcfg["mask_stride"]),
-        none_head=bool(mcfg["none_head"]),
+        in_chans=mcfg["in_chans"],
+        drop_rate=mcfg["drop_rate"],
+        drop_path_rate=mcfg["drop_path_rate"],
+        mask_stride=mcfg["mask_stride"],
+        none_head=mcfg["none_head"],
         channels_last=channels_last,
     )
 

@@ -1,47 +1,36 @@
-"""`siimcovid classify predict`: per-image and per-study probabilities, OOF score, ensembles.
+"""`siimcovid classify predict`: per-image and per-study probabilities, OOF scores, ensembles.
 
-Outputs in the run dir (or in `out` for an ensemble of several runs), one pair per split:
+Outputs in the run dir (or in `out` for an ensemble of several runs); the columns of each table
+are its contract in siimcovid/tables.py:
 
-pred_<split>_image.csv   one row per image
-    model          run name (ensembles: names joined by '+')
-    image_id       SOP id without _image
-    study_id       StudyInstanceUID
-    fold           oof: the fold the image was held out in (its model never saw it); test: -1
-    negative, typical, indeterminate, atypical   softmax of the study head (sum to 1 for one model)
-    none           P(image has no opacity) from the none head; P(negative) if the run has no none head
-pred_<split>_study.csv   one row per study: the mean over the study's images
-    model, study_id, fold, n_images, negative, typical, indeterminate, atypical, none
-score_oof.csv            one row per fold and one for all ("all"):
-    fold, n_studies, negative, typical, indeterminate, atypical (AP of each class),
-    study_map (mean of the four: the competition's study part), none_ap (AP of the none
-    column on image rows: how much the fusion can gain from it), tta
+pred_<split>_image.csv   tables.CLASSIFIER_IMAGES: one row per image
+pred_<split>_study.csv   tables.CLASSIFIER_STUDIES: one row per study, the mean over its images
+scores_oof.csv           tables.SCORES: AP of the four study classes (on the study table) and of none
+                         (on the image rows), per fold and for all folds, with model, tta and weights
 
 oof: each fold's best checkpoint predicts its own validation images.
 test: every fold's best checkpoint predicts every test image; the probabilities are averaged.
 tta=hflip averages each model's probabilities on the image and its mirror.
-Ensembles (several run=...) combine the runs' tables row by row: mean, geomean (geometric
-mean: the product of members, up to a power) or rank (mean of each column's percentile rank;
-keeps only the ordering, which is all that AP reads).
+Ensembles (several run=...) combine the runs' tables row by row with siimcovid.ensemble.combine:
+mean, geometric (alias geomean: the product of members, up to a power) or rank (mean of each
+column's percentile rank; keeps only the ordering, which is all that AP reads).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.tables import write_csv
-from siimcovid.tables import write_csv as write_predictions
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+from siimcovid import ensemble, rundir
+from siimcovid.tables import CLASSES, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
+from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
-PROB_COLUMNS = STUDY_CLASSES + ["none"]
-IMAGE_COLUMNS = ["model", "image_id", "study_id", "fold"] + PROB_COLUMNS
-STUDY_COLUMNS = ["model", "study_id", "fold", "n_images"] + PROB_COLUMNS
-SPLITS = ("oof", "test")
-TTAS = ("none", "hflip")
-METHODS = ("mean", "geomean", "rank")
+PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
+SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
+WEIGHTS = ("best", "last")
 
 
 # ---------------------------------------------------------------- tables (no torch needed)
@@ -56,42 +45,23 @@ def study_table(images: pd.DataFrame) -> pd.DataFrame:
     out = g[PROB_COLUMNS].mean()
     out.insert(0, "n_images", g.size())
     out.insert(0, "fold", g["fold"].first())
-    return out.reset_index()[STUDY_COLUMNS]
+    return out.reset_index()[CLASSIFIER_STUDIES.names]
 
 
 def combine(tables: list[pd.DataFrame], method: str = "mean", weights: list[float] | None = None) -> pd.DataFrame:
-    """Combine several runs' image or study tables (same ids) into one table of the same schema.
-
-    mean: weighted mean; geomean: weighted geometric mean (exp of the mean log, probabilities
-    clipped at 1e-7); rank: weighted mean of each column's percentile rank in (0, 1].
-    """
-    if method not in METHODS:
-        raise SiimError(f"ensemble={method}: expected one of {', '.join(METHODS)}")
+    """Combine several runs' image or study tables (same ids, any row order) into one table of the same schema:
+    the probability columns by siimcovid.ensemble.combine, model = the members' names joined by '+'."""
+    if method not in ensemble.methods():
+        raise SiimError(f"ensemble={method}: expected one of {', '.join(ensemble.methods())}")
     if not tables:
         raise SiimError("combine: no tables given")
     key = "image_id" if "image_id" in tables[0].columns else "study_id"
-    weights = np.ones(len(tables)) if weights is None else np.asarray(weights, dtype=float)
-    if len(weights) != len(tables):
-        raise SiimError(f"combine: {len(weights)} weights for {len(tables)} tables")
-    weights = weights / weights.sum()
-    base = tables[0].sort_values(key).reset_index(drop=True)
-    ids = base[key].tolist()
-    stacked = []
-    for t in tables:
-        t = t.sort_values(key).reset_index(drop=True)
-        if t[key].tolist() != ids:
-            raise SiimError(f"combine: the tables do not hold the same {key}s (models predicted different data?)")
-        vals = t[PROB_COLUMNS].to_numpy(dtype=float)
-        if method == "rank":
-            vals = t[PROB_COLUMNS].rank(pct=True).to_numpy(dtype=float)
-        elif method == "geomean":
-            vals = np.log(np.clip(vals, 1e-7, 1.0))
-        stacked.append(vals)
-    mixed = np.tensordot(weights, np.stack(stacked), axes=1)
-    if method == "geomean":
-        mixed = np.exp(mixed)
-    out = base.copy()
-    out[PROB_COLUMNS] = mixed
+    aligned = [t.sort_values(key).reset_index(drop=True) for t in tables]
+    ids = aligned[0][key].tolist()
+    if any(t[key].tolist() != ids for t in aligned[1:]):
+        raise SiimError(f"combine: the tables do not hold the same {key}s (models predicted different data?)")
+    out = aligned[0].copy()
+    out[PROB_COLUMNS] = ensemble.combine([t[PROB_COLUMNS].to_numpy(dtype=float) for t in aligned], weights, method)
     out["model"] = "+".join(dict.fromkeys(str(m) for t in tables for m in t["model"].unique()))
     return out
 
@@ -104,22 +74,17 @@ def truth_frames(prep, images: pd.DataFrame):
     return truth.study_truth(rows), truth.image_truth(rows)
 
 
-def score_oof(prep, images: pd.DataFrame, studies: pd.DataFrame, tta: str = "none") -> pd.DataFrame:
-    """Study AP per class, study mAP and AP(none), per fold and for all folds together."""
+def oof_scores(prep, images: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
+    """The SCORES table of OOF tables (siimcovid.metrics.fold_scores): AP of the study classes on the
+    study table and AP(none) on the image rows, for all folds and per fold."""
     from siimcovid import metrics
+    from siimcovid.data import truth
 
-    rows = []
-    for fold in ["all"] + sorted(int(f) for f in studies["fold"].unique()):
-        s = studies if fold == "all" else studies[studies.fold == fold]
-        im = images if fold == "all" else images[images.fold == fold]
-        st_truth, im_truth = truth_frames(prep, im)
-        st = metrics.score(st_truth, metrics.study_pred(s[["study_id"] + STUDY_CLASSES]))
-        none_score = metrics.score(im_truth, metrics.image_pred(None, im[["image_id", "none"]]), classes=["none"])
-        row = {"fold": str(fold), "n_studies": len(s)}
-        row.update({c: st.ap.get(c, float("nan")) for c in STUDY_CLASSES})
-        row.update(study_map=st.study_map, none_ap=none_score.ap.get("none", float("nan")), tta=tta)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    pred = pd.concat(
+        [metrics.study_pred(studies[["study_id"] + STUDY_CLASSES]), metrics.image_pred(None, images[["image_id", "none"]])],
+        ignore_index=True,
+    )
+    return metrics.fold_scores(truth.oof_truth(prep.root, images["image_id"]), pred, images, classes=SCORED_CLASSES)
 
 
 def study_map(prep, images: pd.DataFrame) -> float:
@@ -144,7 +109,7 @@ def image_frame(table: pd.DataFrame, study: np.ndarray, none: np.ndarray | None,
     study = np.asarray(study, dtype=np.float64)
     out[STUDY_CLASSES] = study
     out["none"] = np.asarray(none, dtype=np.float64) if none is not None else study[:, STUDY_CLASSES.index("negative")]
-    return out[IMAGE_COLUMNS]
+    return out[CLASSIFIER_IMAGES.names]
 
 
 def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -152,13 +117,12 @@ def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     for p in paths:
         if not p.is_file():
             raise SiimError(f"{p} does not exist: run `siimcovid classify predict run={run_dir} split={split}` first")
-    kw = {"dtype": {"image_id": str, "study_id": str, "model": str}, "keep_default_na": False}
-    return pd.read_csv(paths[0], **kw), pd.read_csv(paths[1], **kw)
+    return CLASSIFIER_IMAGES.read(paths[0]), CLASSIFIER_STUDIES.read(paths[1])
 
 
 def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> None:
-    write_predictions(images, out_dir / f"pred_{split}_image.csv")
-    write_predictions(studies, out_dir / f"pred_{split}_study.csv")
+    CLASSIFIER_IMAGES.write(images, out_dir / f"pred_{split}_image.csv")
+    CLASSIFIER_STUDIES.write(studies, out_dir / f"pred_{split}_study.csv")
 
 
 # ---------------------------------------------------------------- inference
@@ -209,14 +173,11 @@ def resolve_run(run, project: str | Path) -> Path:
     raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
 
 
-WEIGHTS = ("best", "last")
-
-
 def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False, weights: str = "best") -> dict[int, Path]:
     """best.pt (or last.pt) of every fold; a fold still training (no done.json) is an error unless allowed."""
     if weights not in WEIGHTS:
         raise SiimError(f"weights={weights}: expected one of {', '.join(WEIGHTS)}")
-    found = {int(p.parent.name[4:]): p for p in sorted(run_dir.glob(f"fold*/{weights}.pt")) if p.parent.name[4:].isdigit()}
+    found = rundir.fold_files(run_dir, f"{weights}.pt")
     if not found:
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/{weights}.pt): run `siimcovid classify train` first")
     unfinished = [k for k in found if not (run_dir / f"fold{k}" / "done.json").is_file()]
@@ -263,6 +224,22 @@ def amp_dtype_for(device, amp: bool):
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
+@dataclass
+class Inference:
+    """How one run's fold models predict: device, precision, memory format, TTA and loader settings."""
+
+    device: object
+    amp_dtype: object
+    channels_last: bool
+    tta: str
+    loader_kw: dict
+
+    def loader(self, dataset):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, **self.loader_kw)
+
+
 def predict_run(
     run_dir: Path,
     split: str,
@@ -277,9 +254,6 @@ def predict_run(
     weights: str = "best",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict one run on oof or test; returns (image table, study table)."""
-    from torch.utils.data import DataLoader
-
-    from siimcovid.classify.data import StudyDataset, check_files, image_table
     from siimcovid.config import read_yaml
     from siimcovid.data.prepared import Prepared
 
@@ -288,119 +262,130 @@ def predict_run(
     size = prep.check_size(run_cfg["imgsz"])
     if split == "oof":
         prep.check_folds(run_cfg.get("folds_id"), str(run_dir))
-    name = run_dir.name
     ckpts = fold_checkpoints(run_dir, allow_unfinished, weights)
-    cl = channels_last and device.type == "cuda"
-    amp_dtype = amp_dtype_for(device, amp)
-    loader_kw = {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"}
+    how = Inference(
+        device,
+        amp_dtype_for(device, amp),
+        channels_last and device.type == "cuda",
+        tta,
+        {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"},
+    )
     if split == "oof":
-        parts = []
-        for fold, path in ckpts.items():
-            table = image_table(prep, "train", prep.check_fold(fold), "val")
-            check_files(prep, table, size, masks=False)
-            model, ckpt = load_checkpoint_model(path, device, cl)
-            # Per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were.
-            prep.check_folds(checkpoint_folds_id(path, ckpt), str(path.parent))
-            loader = DataLoader(StudyDataset(prep, table, size, masks=False), **loader_kw)
-            idx, study, none, _ = infer(model, loader, device, amp_dtype, tta, progress=True)
-            parts.append(image_frame(table.iloc[idx], study, none, name))
-            LOGGER.info(f"{name} fold {fold}: predicted {len(table)} held-out images")
-        missing = sorted(set(range(prep.n_folds)) - set(ckpts))
-        if missing:
-            LOGGER.warning(f"{name}: folds {missing} are not trained; OOF covers folds {sorted(ckpts)} only")
-        images = pd.concat(parts, ignore_index=True)
+        images = predict_oof(prep, size, ckpts, run_dir.name, how)
     elif split == "test":
-        table = image_table(prep, "test")
-        if table.empty:
-            raise SiimError(f"{prep.root} has no test images (prepare with splits=train,test)")
-        check_files(prep, table, size, masks=False)
-        loader = DataLoader(StudyDataset(prep, table, size, masks=False), **loader_kw)
-        study_sum, none_sum, none_ok = 0.0, 0.0, True
-        for fold, path in ckpts.items():
-            model, _ = load_checkpoint_model(path, device, cl)
-            idx, study, none, _ = infer(model, loader, device, amp_dtype, tta, progress=True)
-            order = np.argsort(idx)
-            study_sum = study_sum + study[order]
-            none_ok = none_ok and none is not None
-            none_sum = none_sum + (none[order] if none is not None else 0.0)
-        k = len(ckpts)
-        images = image_frame(table, study_sum / k, none_sum / k if none_ok else None, name)
-        LOGGER.info(f"{name}: predicted {len(table)} test images with {k} fold models (tta={tta})")
+        images = predict_test(prep, size, ckpts, run_dir.name, how)
     else:
         raise SiimError(f"split={split}: expected oof or test")
     return images, study_table(images)
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def predict_oof(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
+    """Each fold model on its own held-out images: the image table, fold by fold."""
+    from siimcovid.classify.data import StudyDataset, check_files, image_table
+
+    parts = []
+    for fold, path in ckpts.items():
+        table = image_table(prep, "train", prep.check_fold(fold), "val")
+        check_files(prep, table, size, masks=False)
+        model, ckpt = load_checkpoint_model(path, how.device, how.channels_last)
+        # Per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were.
+        prep.check_folds(checkpoint_folds_id(path, ckpt), str(path.parent))
+        loader = how.loader(StudyDataset(prep, table, size, masks=False))
+        idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
+        parts.append(image_frame(table.iloc[idx], study, none, name))
+        LOGGER.info(f"{name} fold {fold}: predicted {len(table)} held-out images")
+    missing = sorted(set(range(prep.n_folds)) - set(ckpts))
+    if missing:
+        LOGGER.warning(f"{name}: folds {missing} are not trained; OOF covers folds {sorted(ckpts)} only")
+    return pd.concat(parts, ignore_index=True)
+
+
+def predict_test(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
+    """Every fold model on every test image: the image table of their mean probabilities."""
+    from siimcovid.classify.data import StudyDataset, check_files, image_table
+
+    table = image_table(prep, "test")
+    if table.empty:
+        raise SiimError(f"{prep.root} has no test images (prepare with splits=train,test)")
+    check_files(prep, table, size, masks=False)
+    loader = how.loader(StudyDataset(prep, table, size, masks=False))
+    study_sum, none_sum, none_ok = 0.0, 0.0, True
+    for fold, path in ckpts.items():
+        model, _ = load_checkpoint_model(path, how.device, how.channels_last)
+        idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
+        order = np.argsort(idx)
+        study_sum = study_sum + study[order]
+        none_ok = none_ok and none is not None
+        none_sum = none_sum + (none[order] if none is not None else 0.0)
+    k = len(ckpts)
+    LOGGER.info(f"{name}: predicted {len(table)} test images with {k} fold models (tta={how.tta})")
+    return image_frame(table, study_sum / k, none_sum / k if none_ok else None, name)
 
 
 def main(cfg) -> dict:
     """Predict each run (or reuse its tables), combine several runs, score the OOF split."""
     from siimcovid.classify.dist import pick_device
-    from siimcovid.data.prepared import Prepared
 
-    runs = [resolve_run(r, cfg.project) for r in _as_list(cfg.run)]
+    runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
-    splits = _as_list(cfg.split)
-    for s in splits:
-        if s not in SPLITS:
-            raise SiimError(f"split={s}: expected oof and/or test")
-    tta = str(cfg.tta).lower() if cfg.tta not in (None, False) else "none"
-    if tta not in TTAS:
-        raise SiimError(f"tta={cfg.tta}: expected one of {', '.join(TTAS)}")
-    if cfg.weights not in WEIGHTS:
-        raise SiimError(f"weights={cfg.weights}: expected one of {', '.join(WEIGHTS)}")
-    if cfg.ensemble not in METHODS:
-        raise SiimError(f"ensemble={cfg.ensemble}: expected one of {', '.join(METHODS)}")
     device = pick_device(cfg.device)
     results = {}
-    for split in splits:
-        per_run = []
-        for run_dir in runs:
-            if cfg.reuse and len(runs) > 1:
-                images, studies = read_tables(run_dir, split)
-            else:
-                images, studies = predict_run(
-                    run_dir,
-                    split,
-                    tta,
-                    device,
-                    int(cfg.batch),
-                    int(cfg.workers),
-                    cfg.source,
-                    bool(cfg.amp),
-                    bool(cfg.channels_last),
-                    bool(cfg.allow_unfinished),
-                    str(cfg.weights),
-                )
-                write_tables(run_dir, split, images, studies)
-            per_run.append((run_dir, images, studies))
-        if len(runs) > 1:
-            out_dir = Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
-            claim_ensemble_dir(out_dir, runs, cfg.ensemble, tta, str(cfg.weights))
-            images = combine([r[1] for r in per_run], cfg.ensemble)
-            studies = combine([r[2] for r in per_run], cfg.ensemble)
-            write_tables(out_dir, split, images, studies)
-            per_run.append((out_dir, images, studies))
-        for run_dir, images, studies in per_run:
+    for split in as_list(cfg.split):
+        for run_dir, images, studies in split_tables(cfg, runs, split, device):
             if split == "oof":
-                prep = Prepared(cfg.source or _run_data(run_dir, runs))
-                table = score_oof(prep, images, studies, tta).assign(weights=cfg.weights)
-                write_csv(table, run_dir / "score_oof.csv", float_format="%.6g")
-                overall = table.iloc[0]
-                LOGGER.info(
-                    f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.none_ap:.4f}  "
-                    f"({overall.n_studies} studies, tta={tta})\n{table.to_string(index=False)}"
-                )
-                results[(run_dir.name, split)] = float(overall.study_map)
+                results[(run_dir.name, split)] = write_scores(cfg, run_dir, runs, images, studies)
             else:
                 results[(run_dir.name, split)] = len(studies)
             LOGGER.info(f"{run_dir.name}: wrote {run_dir / f'pred_{split}_image.csv'} and pred_{split}_study.csv")
     return results
+
+
+def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, pd.DataFrame, pd.DataFrame]]:
+    """(folder, image table, study table) of each run (predicted and written, or reused), then of their ensemble."""
+    per_run = []
+    for run_dir in runs:
+        if cfg.reuse and len(runs) > 1:
+            images, studies = read_tables(run_dir, split)
+        else:
+            images, studies = predict_run(
+                run_dir,
+                split,
+                cfg.tta,
+                device,
+                cfg.batch,
+                cfg.workers,
+                cfg.source,
+                cfg.amp,
+                cfg.channels_last,
+                cfg.allow_unfinished,
+                cfg.weights,
+            )
+            write_tables(run_dir, split, images, studies)
+        per_run.append((run_dir, images, studies))
+    if len(runs) > 1:
+        out_dir = Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
+        claim_ensemble_dir(out_dir, runs, cfg.ensemble, cfg.tta, cfg.weights)
+        images = combine([r[1] for r in per_run], cfg.ensemble)
+        studies = combine([r[2] for r in per_run], cfg.ensemble)
+        write_tables(out_dir, split, images, studies)
+        per_run.append((out_dir, images, studies))
+    return per_run
+
+
+def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> float:
+    """scores_oof.csv of a run's (or an ensemble's) OOF tables; returns the study mAP over all folds."""
+    from siimcovid.data.prepared import Prepared
+
+    prep = Prepared(cfg.source or run_data(run_dir, runs))
+    table = oof_scores(prep, images, studies).assign(model=run_dir.name, tta=cfg.tta, weights=cfg.weights)
+    SCORES.write(table, run_dir / "scores_oof.csv", float_format="%.6g")
+    overall = table.iloc[0]
+    LOGGER.info(
+        f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.get('none', float('nan')):.4f}  "
+        f"({overall.n_studies} studies, tta={cfg.tta})\n{table.to_string(index=False)}"
+    )
+    return float(overall.study_map)
 
 
 def claim_ensemble_dir(out_dir: Path, runs: list[Path], method: str, tta: str, weights: str) -> None:
@@ -416,14 +401,14 @@ def claim_ensemble_dir(out_dir: Path, runs: list[Path], method: str, tta: str, w
     definition = {"runs": [str(Path(r).resolve()) for r in runs], "ensemble": method, "tta": tta, "weights": weights}
     record = out_dir / "ensemble.yaml"
     if record.is_file() and read_yaml(record) != definition:
-        stale = sorted(out_dir.glob("pred_*.csv")) + sorted(out_dir.glob("score_oof.csv"))
+        stale = sorted(out_dir.glob("pred_*.csv")) + sorted(out_dir.glob("scores_oof.csv"))
         for f in stale:
             f.unlink()
         LOGGER.warning(f"{out_dir} held another ensemble: removed its {len(stale)} prediction file(s)")
     atomic_write_text(record, yaml.safe_dump(definition, sort_keys=False))
 
 
-def _run_data(run_dir: Path, runs: list[Path]) -> str:
+def run_data(run_dir: Path, runs: list[Path]) -> str:
     from siimcovid.config import read_yaml
 
     src = run_dir if (run_dir / "classify.yaml").is_file() else runs[0]

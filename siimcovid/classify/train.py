@@ -3,19 +3,35 @@
 Run dir <project>/<name>/ (the resolved config in classify.yaml), one folder per fold:
 
 fold<k>/classify.yaml        the resolved config
-fold<k>/last.pt              everything to resume: model, EMA, optimizer, scheduler, scaler, wave/epoch
-fold<k>/best.pt              the weights with the best validation study mAP (EMA weights when ema > 0)
-fold<k>/results.csv          one row per epoch (columns: LOG_COLUMNS)
+fold<k>/last.pt              everything to resume: model, EMA, optimizer, scheduler, scaler, wave/epoch, rng
+fold<k>/best.pt              the weights of the best epoch by the checkpoint rule (EMA weights when ema > 0)
+fold<k>/results.csv          one row per epoch (columns: LOG_COLUMNS, then any extra loss term of an on_loss hook)
 fold<k>/results.png          losses, study mAP and lr per epoch
-fold<k>/val_pred_image.csv   the best checkpoint's predictions on the fold's held-out images
-                             (schema of pred_oof_image.csv in predict.py, no TTA)
+fold<k>/val_pred_image.csv   the best checkpoint's predictions on the fold's held-out images, no TTA
+                             (a siimcovid.tables.CLASSIFIER_IMAGES table)
 fold<k>/done.json            written last: the fold is finished and is skipped on a re-run
 
 Training runs in waves: wave 0 is `epochs` epochs at `lr` with warmup and a cosine decay;
 each later wave (fine_lr, fine_epochs) restarts from the best checkpoint so far with a new
 optimizer and a lower lr (the two-wave schedule of the team notes in shared/seeds/).
-The checkpoint criterion is the competition's study mAP on the fold's validation images,
+The default checkpoint rule is the competition's study mAP on the fold's validation images,
 averaged per study. An interrupted fold resumes from last.pt at the next epoch.
+
+Hooks (in the spirit of Ultralytics' trainer callbacks): `train(cfg, d, callbacks={event: fn or [fn]})`
+adds functions to the events below without touching the loop. With none added, training is
+exactly the plain loop: hooks draw no random numbers and change no order of operations.
+
+    on_train_data(trainer)                  before the training loader is built: may replace
+                                            trainer.train_dataset (e.g. ConcatDataset with pseudo-labelled
+                                            images; items as StudyDataset's); trainer.train_tab = the fold's rows
+    on_loss(trainer, out, batch, parts)     each training step, after the loss: return {name: tensor} extra
+                                            terms; each is added to the loss and logged as train_<name>
+    on_fit_epoch_end(trainer, row)          after the epoch's checkpoints and log are written (every rank);
+                                            row = the epoch's results.csv row
+    is_better(trainer, stats, best) -> bool the checkpoint rule (the last one added decides; default
+                                            study_map_improved); stats: the epoch's train_*/val_* values,
+                                            best: {score, epoch, wave} of the best so far (its row: trainer.rows).
+                                            The first epoch always makes a best.pt (later waves restart from it).
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -33,15 +50,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from siimcovid import rundir
 from siimcovid.classify import predict as P
 from siimcovid.classify.data import StudyDataset, build_augment, check_files, image_table, mix_batch, seed_worker, to_device
 from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
+from siimcovid.config import runtime_keys
 from siimcovid.data.prepared import Prepared
-from siimcovid.data.siim import STUDY_CLASSES
-from siimcovid.tables import write_csv
-from siimcovid.tables import write_csv as write_predictions
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, save_png
+from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES, write_csv
+from siimcovid.utils import LOGGER, SiimError, as_list, atomic_path, atomic_write_text, save_png
 
 LOG_COLUMNS = [
     "epoch",
@@ -63,60 +80,52 @@ LOG_COLUMNS = [
     "loader_wait",
     "time_s",
 ]
+LOSS_PARTS = ["loss", "cls", "none", "mask"]  # what StudyLoss returns, logged as train_* and val_*
 SYNC_EVERY = 20  # training steps between host syncs (loss check, progress bar)
 
-# Settings that may differ when a run resumes or skips its finished folds: where and how it runs,
-# and the predict settings. Any other change (model, epochs, lr, augmentation...) would put folds
-# trained one way under settings that say another, so it is refused.
-RUNTIME_KEYS = {
-    "device", "workers", "amp", "channels_last", "project", "name", "resume", "fold", "mode",
-    "run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse",
-}  # fmt: skip
+
+# ---------------------------------------------------------------- hooks
 
 
-def resolve_folds(fold, n_folds: int, prep: Prepared) -> list[int]:
-    if fold in (None, "all", "ALL"):
-        return list(range(n_folds))
-    folds = fold if isinstance(fold, list) else [fold]
-    try:
-        return [prep.check_fold(int(f)) for f in folds]
-    except (TypeError, ValueError):
-        raise SiimError(f"fold={fold}: expected all, an integer or a list of integers") from None
+def study_map_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
+    """The default checkpoint rule: the validation study mAP beats the best so far (NaN never does)."""
+    score = stats["val_map"]
+    return not math.isnan(score) and score > best["score"]
+
+
+def default_callbacks() -> dict[str, list[Callable]]:
+    """Every training event with its default functions (see the module docstring)."""
+    return {"on_train_data": [], "on_loss": [], "on_fit_epoch_end": [], "is_better": [study_map_improved]}
+
+
+# ---------------------------------------------------------------- settings and files
 
 
 def wave_plan(cfg) -> list[tuple[float, int, int]]:
     """[(lr, epochs, warmup_epochs)] per wave; later waves restart from the best checkpoint, no warmup."""
-    fine = cfg.fine_lr if isinstance(cfg.fine_lr, list) else ([] if cfg.fine_lr in (None, 0) else [cfg.fine_lr])
-    waves = [(float(cfg.lr), int(cfg.epochs), int(cfg.warmup_epochs))]
-    waves += [(float(lr), int(cfg.fine_epochs), 0) for lr in fine if int(cfg.fine_epochs) > 0]
+    fine = [] if cfg.fine_lr in (None, 0) else as_list(cfg.fine_lr)
+    waves = [(cfg.lr, cfg.epochs, cfg.warmup_epochs)]
+    waves += [(lr, cfg.fine_epochs, 0) for lr in fine if cfg.fine_epochs > 0]
     return waves
 
 
 def check_config(cfg) -> None:
-    if int(cfg.epochs) < 1:
-        raise SiimError(f"epochs={cfg.epochs}: need at least 1")
-    if int(cfg.batch) < 1:
-        raise SiimError(f"batch={cfg.batch}: need at least 1")
-    for key in ("mask_weight", "mask_bce", "mask_dice", "none_weight", "mixup", "ema"):
-        if float(cfg[key]) < 0:
-            raise SiimError(f"{key}={cfg[key]} must be >= 0")
-    if not 0 <= float(cfg.ema) < 1:
-        raise SiimError(f"ema={cfg.ema}: expected a decay in [0, 1), e.g. 0.997 (0 = off)")
-    if float(cfg.mixup) > 0 and float(cfg.mixup_alpha) <= 0 and float(cfg.cutmix_alpha) <= 0:
+    """What the settings' declared types and ranges cannot say: combinations, timm's model and optimizer names."""
+    if cfg.mixup > 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         raise SiimError("mixup > 0 needs mixup_alpha > 0 or cutmix_alpha > 0")
-    if int(cfg.in_chans) not in (1, 3):
-        raise SiimError(f"in_chans={cfg.in_chans}: expected 1 or 3")
     check_model_name(cfg.model)
     from timm.optim import list_optimizers
 
     known = list_optimizers()
-    name = str(cfg.optimizer).lower()
+    name = cfg.optimizer.lower()
     if name.split("_", 1)[-1] not in known and name not in known:  # also accepts timm's "lookahead_<opt>"
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise SiimError(f"optimizer={cfg.optimizer}: not a timm optimizer{hint}")
 
 
+# Not timm.utils.CheckpointSaver: its checkpoints hold model, EMA, optimizer and scaler only (no scheduler, wave, rng,
+# folds_id) under its own keys, and predict reads ours; torch.save to a temporary file + rename keeps the writes atomic.
 def save_torch(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -151,48 +160,26 @@ def plot_log(log: pd.DataFrame, path: Path) -> None:
 class FoldTrainer:
     """Everything one fold needs; `run()` trains it (or resumes it) to the end."""
 
-    def __init__(self, cfg, prep: Prepared, fold: int, size: int, fold_dir: Path, d: Dist):
+    def __init__(self, cfg, prep: Prepared, fold: int, size: int, fold_dir: Path, d: Dist, callbacks: dict | None = None):
         self.cfg, self.prep, self.fold, self.size, self.dir, self.d = cfg, prep, fold, size, fold_dir, d
+        self.callbacks = default_callbacks()
+        for event, fns in (callbacks or {}).items():
+            for fn in as_list(fns):
+                self.add_callback(event, fn)
         self.device = d.device
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        self.channels_last = bool(cfg.channels_last) and cuda
-        self.amp_dtype = P.amp_dtype_for(self.device, bool(cfg.amp))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.channels_last = cfg.channels_last and cuda
+        self.amp_dtype = P.amp_dtype_for(self.device, cfg.amp)
+        self.scaler = self.new_scaler()
+        self.rows: list[dict] = []  # results.csv so far
+        self.best = {"score": -math.inf, "epoch": 0, "wave": 0}
+        self.build_loaders(cuda)
 
-        self.train_tab = image_table(prep, "train", fold, "train")
-        self.val_tab = image_table(prep, "train", fold, "val")
-        if self.val_tab.empty or self.train_tab.empty:
-            raise SiimError(f"fold {fold} has {len(self.train_tab)} training and {len(self.val_tab)} validation images")
-        self.batch = max(1, int(cfg.batch) // d.world)
-        if len(self.train_tab) < self.batch * d.world:
-            raise SiimError(f"fold {fold}: {len(self.train_tab)} training images, fewer than batch={cfg.batch}")
-        # Seeded augmentation (one stream per rank, re-seeded per worker): the same seed gives the same run.
-        train_ds = StudyDataset(prep, self.train_tab, size, build_augment(cfg, seed=int(cfg.seed) + d.rank))
-        self.sampler = DistributedSampler(
-            train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=int(cfg.seed), drop_last=True
-        )
-        kw = {"num_workers": int(cfg.workers), "pin_memory": cuda, "persistent_workers": int(cfg.workers) > 0}
-        self.train_loader = DataLoader(
-            train_ds,
-            batch_size=self.batch,
-            sampler=self.sampler,
-            drop_last=True,
-            worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(int(cfg.seed) + d.rank),
-            **kw,
-        )
-        # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
-        val_ds = Subset(StudyDataset(prep, self.val_tab, size), list(range(d.rank, len(self.val_tab), d.world)))
-        self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
-
-        torch.manual_seed(int(cfg.seed))  # same initial weights on every rank
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model = build_model(
-            model_cfg(cfg),
-            bool(cfg.pretrained) or bool(cfg.pretrained_file),
-            cfg.pretrained_file,
-            channels_last=self.channels_last,
+            model_cfg(cfg), cfg.pretrained or cfg.pretrained_file not in (None, ""), cfg.pretrained_file, self.channels_last
         ).to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -201,18 +188,78 @@ class FoldTrainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-            torch.manual_seed(int(cfg.seed) + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
+            torch.manual_seed(cfg.seed + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
         self.loss_fn = StudyLoss.from_cfg(cfg)
         self.ema = None
-        self.rng = np.random.default_rng(int(cfg.seed) + d.rank)
+        self.rng = np.random.default_rng(cfg.seed + d.rank)
+
+    # ---------------------------------------------------------------- hooks
+
+    def add_callback(self, event: str, fn: Callable) -> None:
+        if event not in self.callbacks:
+            raise SiimError(f"unknown training event '{event}': expected one of {', '.join(self.callbacks)}")
+        self.callbacks[event].append(fn)
+
+    def run_callbacks(self, event: str, *args) -> list:
+        """Call the event's functions in the order added, with the trainer first; their results."""
+        return [fn(self, *args) for fn in self.callbacks[event]]
+
+    def is_better(self, stats: dict) -> bool:
+        """The checkpoint rule: the last is_better function added (default: study_map_improved)."""
+        return bool(self.callbacks["is_better"][-1](self, stats, self.best))
+
+    def add_extra_losses(self, out: dict, batch: dict, parts: dict) -> None:
+        """The on_loss hooks' extra terms, each added to parts (logged) and to the loss, in the order returned."""
+        for fn in self.callbacks["on_loss"]:
+            for name, value in (fn(self, out, batch, parts) or {}).items():
+                if name in parts:
+                    raise SiimError(f"on_loss hook {getattr(fn, '__name__', fn)}: the loss already has a term '{name}'")
+                parts[name] = value
+                parts["loss"] = parts["loss"] + value
 
     # ---------------------------------------------------------------- pieces
+
+    def build_loaders(self, cuda: bool) -> None:
+        """The fold's tables, the training dataset (after on_train_data), its sampler and both loaders."""
+        cfg, d, fold = self.cfg, self.d, self.fold
+        self.train_tab = image_table(self.prep, "train", fold, "train")
+        self.val_tab = image_table(self.prep, "train", fold, "val")
+        if self.val_tab.empty or self.train_tab.empty:
+            raise SiimError(f"fold {fold} has {len(self.train_tab)} training and {len(self.val_tab)} validation images")
+        self.batch = max(1, cfg.batch // d.world)
+        # Seeded augmentation (one stream per rank, re-seeded per worker): the same seed gives the same run.
+        self.train_dataset = StudyDataset(self.prep, self.train_tab, self.size, build_augment(cfg, seed=cfg.seed + d.rank))
+        self.run_callbacks("on_train_data")
+        if len(self.train_dataset) < self.batch * d.world:
+            raise SiimError(f"fold {fold}: {len(self.train_dataset)} training images, fewer than batch={cfg.batch}")
+        self.sampler = DistributedSampler(
+            self.train_dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        kw = {"num_workers": cfg.workers, "pin_memory": cuda, "persistent_workers": cfg.workers > 0}
+        self.train_loader = DataLoader(
+            self.train_dataset,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            drop_last=True,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(cfg.seed + d.rank),
+            **kw,
+        )
+        # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
+        val_ds = Subset(StudyDataset(self.prep, self.val_tab, self.size), list(range(d.rank, len(self.val_tab), d.world)))
+        self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
+
+    def new_scaler(self):
+        """timm's NativeScaler for CUDA fp16 only (bf16 and fp32 need no loss scaling), as timm's train.py."""
+        from timm.utils import NativeScaler
+
+        return NativeScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     def new_ema(self):
         from timm.utils import ModelEmaV3
 
         # Warmup: the decay grows with the step count, so short runs still get a useful average.
-        self.ema = ModelEmaV3(self.model, decay=float(self.cfg.ema), use_warmup=True) if float(self.cfg.ema) > 0 else None
+        self.ema = ModelEmaV3(self.model, decay=self.cfg.ema, use_warmup=True) if self.cfg.ema > 0 else None
 
     def new_optimizer(self, lr: float, epochs: int, warmup: int):
         from timm.optim import create_optimizer_v2
@@ -220,7 +267,7 @@ class FoldTrainer:
 
         cfg = self.cfg
         try:
-            opt = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=lr, weight_decay=float(cfg.weight_decay))
+            opt = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
         except (AssertionError, ValueError) as e:
             raise SiimError(f"optimizer={cfg.optimizer}: {e}") from None
         sched, _ = create_scheduler_v2(
@@ -228,8 +275,8 @@ class FoldTrainer:
             sched=cfg.sched,
             num_epochs=epochs,
             warmup_epochs=min(warmup, max(epochs - 1, 0)),
-            warmup_lr=float(cfg.warmup_lr),
-            min_lr=float(cfg.min_lr),
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
             step_on_epochs=False,
             updates_per_epoch=len(self.train_loader),
         )
@@ -238,31 +285,39 @@ class FoldTrainer:
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.model
 
+    def backward_step(self, loss: torch.Tensor, opt) -> None:
+        """timm's train.py step: the fp16 scaler (scale, backward, unscale, clip, step, update), else backward, clip, step."""
+        from timm.utils import dispatch_clip_grad
+
+        clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else None
+        if self.scaler is not None:
+            self.scaler(loss, opt, clip_grad=clip, parameters=self.model.parameters())
+            return
+        loss.backward()
+        if clip is not None:
+            dispatch_clip_grad(self.model.parameters(), clip)
+        opt.step()
+
     def train_one_epoch(self, epoch: int, opt, sched, step: int) -> tuple[dict, int]:
         cfg, d = self.cfg, self.d
         self.train_model.train()
         self.sampler.set_epoch(epoch)
         sums, n, wait, t0 = {}, 0, 0.0, time.perf_counter()
-        mixing = float(cfg.mixup) > 0
+        mixing = cfg.mixup > 0
         bar = tqdm(self.train_loader, desc=f"fold {self.fold} epoch {epoch}", unit="batch", disable=not d.is_main, leave=False)
         tw = time.perf_counter()
         for batch in bar:
             wait += time.perf_counter() - tw
             b = to_device(batch, self.device)
+            if mixing and self.rng.random() < cfg.mixup:
+                b = mix_batch(b, len(STUDY_CLASSES), cfg.mixup_alpha, cfg.cutmix_alpha, self.rng)
             target = b["label"]
-            if mixing and self.rng.random() < float(cfg.mixup):
-                b = mix_batch(b, len(STUDY_CLASSES), float(cfg.mixup_alpha), float(cfg.cutmix_alpha), self.rng)
-                target = b["label"]
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 out = self.train_model(b["image"])
             parts = self.loss_fn(out, target, b["none"], b["mask"])
+            self.add_extra_losses(out, b, parts)
             opt.zero_grad(set_to_none=True)
-            self.scaler.scale(parts["loss"]).backward()
-            if float(cfg.clip_grad) > 0:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg.clip_grad))
-            self.scaler.step(opt)
-            self.scaler.update()
+            self.backward_step(parts["loss"], opt)
             step += 1
             if sched is not None:  # sched=none keeps the optimizer's lr
                 sched.step_update(num_updates=step)
@@ -279,7 +334,7 @@ class FoldTrainer:
         sums = {k: float(v) for k, v in sums.items()}
         self.check_loss(sums.get("loss", 0.0), epoch)
         elapsed = time.perf_counter() - t0
-        keys = ["loss", "cls", "none", "mask"]
+        keys = LOSS_PARTS + [k for k in sums if k not in LOSS_PARTS]  # the built-in parts, then the hooks' terms
         tot = d.sum([sums.get(k, 0.0) for k in keys] + [n])
         stats = {f"train_{k}": tot[i] / max(tot[-1], 1) for i, k in enumerate(keys)}
         stats["train_img_s"] = tot[-1] / max(elapsed, 1e-9)
@@ -287,7 +342,10 @@ class FoldTrainer:
         return stats, step
 
     def validate(self) -> tuple[dict, pd.DataFrame]:
-        self.d.broadcast_buffers(self.eval_model())  # each rank's batch-norm statistics drifted apart; rank 0's are saved
+        if self.d.active:  # each rank's batch-norm statistics drifted apart; rank 0's are saved
+            from timm.utils import distribute_bn
+
+            distribute_bn(self.eval_model(), self.d.world, reduce=False)
         idx, study, none, sums = P.infer(self.eval_model(), self.val_loader, self.device, self.amp_dtype, loss_fn=self.loss_fn)
         # Items carry their row in val_tab (not their position in this rank's shard).
         parts = self.d.gather((idx if idx is not None else np.zeros(0, int), study, none, sums))
@@ -295,7 +353,7 @@ class FoldTrainer:
         study = np.concatenate([p[1] for p in parts if p[1] is not None])
         none = np.concatenate([p[2] for p in parts if p[2] is not None]) if parts[0][2] is not None else None
         n = sum(p[3]["n"] for p in parts)
-        loss = {f"val_{k}": sum(p[3].get(k, 0.0) for p in parts) / max(n, 1) for k in ("loss", "cls", "none", "mask")}
+        loss = {f"val_{k}": sum(p[3].get(k, 0.0) for p in parts) / max(n, 1) for k in LOSS_PARTS}
         images = P.image_frame(self.val_tab.iloc[rows], study, none, self.cfg.name).sort_values("image_id").reset_index(drop=True)
         stats = dict(loss, val_map=P.study_map(self.prep, images), val_none_auc=self.none_auc(images))
         return stats, images
@@ -310,18 +368,18 @@ class FoldTrainer:
         if not math.isfinite(loss_sum):
             raise SiimError(f"fold {self.fold} epoch {epoch}: the loss became {loss_sum}; lower lr or turn amp off")
 
-    def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, best: dict) -> dict:
+    def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int) -> dict:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "wave": wave,
             "wave_epoch": wave_epoch,
             "epoch": epoch,
             "step": step,
-            "best": best,
+            "best": self.best,
             "rng": self.rng.bit_generator.state,
             "model_cfg": model_cfg(self.cfg),
             "fold": self.fold,
@@ -332,122 +390,151 @@ class FoldTrainer:
         state = torch.load(self.dir / "best.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
 
+    # ---------------------------------------------------------------- resume and waves
+
+    def load_resume_state(self) -> dict | None:
+        """last.pt of an interrupted fold (None: a fresh start); restores the best so far and the log up to it."""
+        last_path, log_path = self.dir / "last.pt", self.dir / "results.csv"
+        if not last_path.is_file():
+            return None
+        # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        self.best = state["best"]
+        if log_path.is_file():
+            self.rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
+        if self.d.is_main:
+            LOGGER.info(
+                f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {self.best['score']:.4f})"
+            )
+        return state
+
+    def restore(self, state: dict, opt, sched) -> int:
+        """Put the interrupted wave's training state back; returns its step count."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        if state["scaler"] and self.scaler is not None:  # empty where the run had no fp16 scaler
+            self.scaler.load_state_dict(state["scaler"])
+        self.rng.bit_generator.state = state["rng"]
+        return state["step"]
+
+    def restart_from_best(self, wave: int, lr: float, n_epochs: int) -> None:
+        """A later wave starts from the best checkpoint so far, with a fresh EMA."""
+        self.d.barrier()
+        self.load_best_weights()
+        self.new_ema()
+        if self.d.is_main:
+            LOGGER.info(
+                f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {self.best['epoch']}, "
+                f"study mAP {self.best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
+            )
+
+    # ---------------------------------------------------------------- one epoch
+
+    def fit_epoch(self, epoch: int, wave: int, wave_epoch: int, opt, sched, step: int) -> int:
+        """Train, validate, keep the best checkpoint, write the log; returns the step count."""
+        t0 = time.perf_counter()
+        train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
+        val_stats, images = self.validate()
+        if self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0:
+            score = val_stats["val_map"]
+            self.best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch, "wave": wave}
+            if self.d.is_main:
+                self.save_best(epoch, wave, score, images)
+        row = {
+            "epoch": epoch,
+            "wave": wave,
+            "wave_epoch": wave_epoch + 1,
+            "lr": opt.param_groups[0]["lr"],
+            **train_stats,
+            **val_stats,
+            "best": bool(self.best["epoch"] == epoch),
+            "time_s": time.perf_counter() - t0,
+        }
+        self.rows.append(row)
+        if self.d.is_main:
+            save_torch(self.checkpoint(opt, sched, wave, wave_epoch, epoch, step), self.dir / "last.pt")
+            self.write_log(row)
+        self.run_callbacks("on_fit_epoch_end", row)
+        self.d.barrier()
+        return step
+
+    def save_best(self, epoch: int, wave: int, score: float, images: pd.DataFrame) -> None:
+        cfg = self.cfg
+        best = {
+            "model": self.eval_model().state_dict(),
+            "model_cfg": model_cfg(cfg),
+            "epoch": epoch,
+            "wave": wave,
+            "score": score,
+            "imgsz": self.size,
+            "classes": STUDY_CLASSES,
+            "ema": cfg.ema,
+            "fold": self.fold,
+            "folds_id": cfg.folds_id,  # travels with the weights: predict checks it per fold
+        }
+        save_torch(best, self.dir / "best.pt")
+        CLASSIFIER_IMAGES.write(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
+
+    def log_columns(self) -> list[str]:
+        """LOG_COLUMNS, then the extra loss terms of on_loss hooks in the order they appeared."""
+        extra = dict.fromkeys(k for r in self.rows for k in r if k not in LOG_COLUMNS)
+        return LOG_COLUMNS + list(extra)
+
+    def write_log(self, row: dict) -> None:
+        log = pd.DataFrame(self.rows, columns=self.log_columns())
+        write_csv(log, self.dir / "results.csv", float_format="%.6g")
+        plot_log(log, self.dir / "results.png")
+        LOGGER.info(
+            f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
+            f"val loss {row['val_loss']:.4f} study mAP {row['val_map']:.4f}"
+            f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
+        )
+
     # ---------------------------------------------------------------- the fold
 
     def run(self) -> dict:
-        cfg, d = self.cfg, self.d
-        waves = wave_plan(cfg)
+        waves = wave_plan(self.cfg)
         offsets = np.cumsum([0] + [w[1] for w in waves])
-        last_path, log_path = self.dir / "last.pt", self.dir / "results.csv"
-        state, rows = None, []
-        best = {"score": -math.inf, "epoch": 0, "wave": 0}
-        if last_path.is_file():
-            # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
-            state = torch.load(last_path, map_location="cpu", weights_only=False)
-            best = state["best"]
-            if log_path.is_file():
-                rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
-            if d.is_main:
-                LOGGER.info(
-                    f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {best['score']:.4f})"
-                )
+        state = self.load_resume_state()
         self.new_ema()
         for wave, (lr, n_epochs, warmup) in enumerate(waves):
-            start = 0
-            resuming = state is not None and wave == state["wave"]
             if state is not None and wave < state["wave"]:
-                continue
-            if resuming:
-                start = state["wave_epoch"] + 1
-                if start >= n_epochs:  # that wave had finished; the next one restarts from best
-                    state = None
-                    continue
-            elif wave > 0:
-                d.barrier()
-                self.load_best_weights()
-                self.new_ema()
-                if d.is_main:
-                    LOGGER.info(
-                        f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {best['epoch']}, "
-                        f"study mAP {best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
-                    )
-            opt, sched = self.new_optimizer(lr, n_epochs, warmup)
-            step = 0
-            if resuming:
-                self.model.load_state_dict(state["model"])
-                if self.ema is not None and state["ema"] is not None:
-                    self.ema.module.load_state_dict(state["ema"])
-                opt.load_state_dict(state["optimizer"])
-                if sched is not None:
-                    sched.load_state_dict(state["scheduler"])
-                if state["scaler"] and self.scaler.is_enabled():  # empty where the run had no fp16 scaler
-                    self.scaler.load_state_dict(state["scaler"])
-                self.rng.bit_generator.state = state["rng"]
-                step = state["step"]
+                continue  # finished before the interruption
+            resuming = state is not None and wave == state["wave"]
+            start = state["wave_epoch"] + 1 if resuming else 0
+            if resuming and start >= n_epochs:  # that wave had finished; the next one restarts from best
                 state = None
+                continue
+            if not resuming and wave > 0:
+                self.restart_from_best(wave, lr, n_epochs)
+            opt, sched = self.new_optimizer(lr, n_epochs, warmup)
+            step = self.restore(state, opt, sched) if resuming else 0
+            state = None
             for wave_epoch in range(start, n_epochs):
-                epoch = int(offsets[wave]) + wave_epoch + 1
-                t0 = time.perf_counter()
-                train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
-                val_stats, images = self.validate()
-                score = val_stats["val_map"]
-                improved = not math.isnan(score) and score > best["score"]
-                if improved or best["epoch"] == 0:
-                    best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch, "wave": wave}
-                    if d.is_main:
-                        save_torch(
-                            {
-                                "model": self.eval_model().state_dict(),
-                                "model_cfg": model_cfg(cfg),
-                                "epoch": epoch,
-                                "wave": wave,
-                                "score": score,
-                                "imgsz": self.size,
-                                "classes": STUDY_CLASSES,
-                                "ema": float(cfg.ema),
-                                "fold": self.fold,
-                                "folds_id": cfg.folds_id,  # travels with the weights: predict checks it per fold
-                            },
-                            self.dir / "best.pt",
-                        )
-                        write_predictions(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
-                row = {
-                    "epoch": epoch,
-                    "wave": wave,
-                    "wave_epoch": wave_epoch + 1,
-                    "lr": opt.param_groups[0]["lr"],
-                    **train_stats,
-                    **val_stats,
-                    "best": bool(best["epoch"] == epoch),
-                    "time_s": time.perf_counter() - t0,
-                }
-                rows.append(row)
-                log = pd.DataFrame(rows, columns=LOG_COLUMNS)
-                if d.is_main:
-                    save_torch(self.checkpoint(opt, sched, wave, wave_epoch, epoch, step, best), last_path)
-                    write_csv(log, log_path, float_format="%.6g")
-                    plot_log(log, self.dir / "results.png")
-                    LOGGER.info(
-                        f"fold {self.fold} epoch {epoch} (wave {wave}): loss {train_stats['train_loss']:.4f} "
-                        f"val loss {val_stats['val_loss']:.4f} study mAP {score:.4f}"
-                        f"{' *best*' if row['best'] else ''}  {train_stats['train_img_s']:.1f} img/s"
-                    )
-                d.barrier()
+                step = self.fit_epoch(int(offsets[wave]) + wave_epoch + 1, wave, wave_epoch, opt, sched, step)
+        return self.finish(int(offsets[-1]))
+
+    def finish(self, epochs: int) -> dict:
+        """done.json: the fold's summary; its presence marks the fold finished."""
         summary = {
             "fold": self.fold,
-            "best_score": best["score"],
-            "best_epoch": best["epoch"],
-            "best_wave": best["wave"],
-            "epochs": int(offsets[-1]),
+            "best_score": self.best["score"],
+            "best_epoch": self.best["epoch"],
+            "best_wave": self.best["wave"],
+            "epochs": epochs,
         }
-        if d.is_main:
+        if self.d.is_main:
             atomic_write_text(self.dir / "done.json", json.dumps(summary, indent=1))
-        d.barrier()
+        self.d.barrier()
         return summary
 
 
 def run_name(cfg) -> str:
-    return cfg.name or f"{cfg.model}_{int(cfg.imgsz)}"
+    return cfg.name or f"{cfg.model}_{cfg.imgsz}"
 
 
 def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
@@ -456,22 +543,37 @@ def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
     if saved.is_file() and cfg.resume:
         from siimcovid.config import read_yaml
 
-        old = read_yaml(saved)
-        changed = [k for k in cfg if k in old and k not in RUNTIME_KEYS and str(old[k]) != str(cfg[k])]
-        if changed:
-            diff = ", ".join(f"{k}: {old.get(k)} -> {cfg[k]}" for k in changed)
-            raise SiimError(
-                f"{run_dir} was trained with other settings ({diff}); use another name= or resume=false"
-                + (" (folds_id: the prepared folds changed since)" if "folds_id" in changed else "")
-            )
+        changed = rundir.changed_settings(read_yaml(saved), cfg, ignore=runtime_keys("classify"))
+        folds_note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
+        rundir.refuse_changed(run_dir, changed, f"use another name= or resume=false{folds_note}")
     if d.is_main:
         cfg.save(saved)
 
 
-def train(cfg, d: Dist) -> dict:
+def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist, callbacks: dict | None) -> dict:
+    """One fold: skipped when finished before (resume), else trained or resumed in fold<k>/."""
+    fold_dir = run_dir / f"fold{fold}"
+    done = fold_dir / "done.json"
+    if cfg.resume and done.is_file():
+        result = json.loads(done.read_text())
+        if d.is_main:
+            LOGGER.info(f"fold {fold}: finished before (best study mAP {result['best_score']:.4f}), skipping")
+        return result
+    if not cfg.resume and fold_dir.exists() and d.is_main:
+        shutil.rmtree(fold_dir)
+    d.barrier()
+    if d.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(fold_dir / "classify.yaml")
+    d.barrier()
+    return FoldTrainer(cfg, prep, fold, size, fold_dir, d, callbacks).run()
+
+
+def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
+    """Train the folds of cfg.fold; callbacks: {event: fn or [fn, ...]} added to every fold's trainer."""
     prep = Prepared(cfg.data)
     size = prep.check_size(cfg.imgsz)
-    folds = resolve_folds(cfg.fold, prep.n_folds, prep)
+    folds = prep.select_folds(cfg.fold)
     check_config(cfg)
     cfg.name = run_name(cfg)
     cfg.data = str(Path(cfg.data).resolve())
@@ -480,23 +582,7 @@ def train(cfg, d: Dist) -> dict:
     run_dir = Path(cfg.project) / cfg.name
     check_files(prep, prep.split("train").assign(split="train"), size, masks=True)
     prepare_run_dir(cfg, run_dir, d)
-    results = {}
-    for fold in folds:
-        fold_dir = run_dir / f"fold{fold}"
-        done = fold_dir / "done.json"
-        if cfg.resume and done.is_file():
-            results[fold] = json.loads(done.read_text())
-            if d.is_main:
-                LOGGER.info(f"fold {fold}: finished before (best study mAP {results[fold]['best_score']:.4f}), skipping")
-            continue
-        if not cfg.resume and fold_dir.exists() and d.is_main:
-            shutil.rmtree(fold_dir)
-        d.barrier()
-        if d.is_main:
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(fold_dir / "classify.yaml")
-        d.barrier()
-        results[fold] = FoldTrainer(cfg, prep, fold, size, fold_dir, d).run()
+    results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in folds}
     if d.is_main:
         report_oof(prep, run_dir)
     return results
@@ -507,16 +593,16 @@ def report_oof(prep: Prepared, run_dir: Path) -> None:
     files = [run_dir / f"fold{k}" / "val_pred_image.csv" for k in range(prep.n_folds)]
     if not all((f.parent / "done.json").is_file() and f.is_file() for f in files):
         return
-    images = pd.concat([pd.read_csv(f, dtype={"image_id": str, "study_id": str}) for f in files], ignore_index=True)
+    images = pd.concat([CLASSIFIER_IMAGES.read(f) for f in files], ignore_index=True)
     LOGGER.info(
         f"{run_dir.name}: OOF study mAP over {prep.n_folds} folds (no TTA): {P.study_map(prep, images):.4f}; "
         f"`siimcovid classify predict run={run_dir}` writes the OOF and test tables"
     )
 
 
-def main(cfg) -> dict:
+def main(cfg, callbacks: dict | None = None) -> dict:
     d = setup(cfg.device)
     try:
-        return train(cfg, d)
+        return train(cfg, d, callbacks)
     finally:
         cleanup(d)
