@@ -115,7 +115,6 @@ def test_no_import_cycle():
         assert not [m for m in reached if m == b or m.startswith(b + ".")], f"{a} imports {b}"
 
 
-@pytest.mark.xfail(strict=False, reason="until the stage branches merge")
 def test_no_private_name_is_imported_from_another_module():
     private = [
         f"{module}: from {source} import {name}"

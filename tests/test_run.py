@@ -95,7 +95,6 @@ def test_runs_lists_every_stage(demo, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="until the stage branches merge: each stage writes scores_oof.csv (tables.SCORES)")
 def test_runs_shows_the_cv_every_stage_saved(demo):
     base, _ = demo
     table = list_runs(base / "runs")
