@@ -171,6 +171,8 @@ def test_mix_batch_moves_masks_with_the_pixels():
     assert 0 < area < 1
     assert torch.allclose(cut["label"][0], torch.tensor([1 - area, 0, area, 0]), atol=1e-6)
     assert float(cut["none"][0]) == pytest.approx(1 - area)
+    again = mix_batch(batch, 4, mixup_alpha=0.0, cutmix_alpha=1.0, rng=np.random.default_rng(3))
+    assert torch.equal(again["image"], cut["image"])  # the rectangle comes from the run's seeded generator
     mix = mix_batch(batch, 4, mixup_alpha=0.4, cutmix_alpha=0.0, rng=rng)
     lam = mix["lam"]
     assert torch.allclose(mix["image"][0], torch.full((1, 32, 32), 1 - lam))

@@ -18,15 +18,16 @@ from siimcovid.config import load_config
 from siimcovid.data import convert
 from siimcovid.data.boxes import from_yolo
 from siimcovid.data.prepare import prepare
-from siimcovid.data.prepared import META_COLUMNS, Prepared
+from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, read_sample_submission
+from siimcovid.tables import META
 from siimcovid.utils import SiimError
 
 
 def test_outputs_match_the_meta_table(prepared, synth_root):
     p = Prepared(prepared)
     meta = p.meta
-    assert list(meta.columns) == META_COLUMNS
+    assert list(meta.columns) == META.names
     train, test = p.split("train"), p.split("test")
     assert len(train) == len(pd.read_csv(synth_root / IMAGE_CSV))
     studies, images = read_sample_submission(synth_root / SAMPLE_SUBMISSION)

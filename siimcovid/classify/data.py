@@ -129,22 +129,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def cutmix_box(shape, lam: float, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], float]:
+    """The cutmix rectangle of timm's `cutmix_bbox_and_lam` (sides sqrt(1 - lam) of the image's, centre
+    uniform, clipped; lam corrected to the pasted area), its centre drawn from `rng`: timm draws it
+    from numpy's global generator, which no seed of the run reaches, so cutmix runs did not repeat."""
+    h, w = shape[-2:]
+    cut_h, cut_w = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    yl, yh = (int(np.clip(v, 0, h)) for v in (cy - cut_h // 2, cy + cut_h // 2))
+    xl, xh = (int(np.clip(v, 0, w)) for v in (cx - cut_w // 2, cx + cut_w // 2))
+    return (yl, yh, xl, xh), 1.0 - (yh - yl) * (xh - xl) / float(h * w)
+
+
 def mix_batch(batch: dict, n_classes: int, mixup_alpha: float, cutmix_alpha: float, rng: np.random.Generator) -> dict:
     """Mask-aware mixup / cutmix: each image is mixed with the batch's reverse (timm's pairing).
 
     timm's Mixup mixes images and class targets only; here the box masks mix the same way
     (mixup: blended with lam; cutmix: the pasted rectangle brings its mask along), so the mask
     head's target stays true to the mixed image. Study targets become soft (N,4); the none
-    target is blended with the final lam. The rectangle comes from timm's cutmix_bbox_and_lam.
+    target is blended with the final lam. The rectangle is timm's (cutmix_box).
     """
-    from timm.data.mixup import cutmix_bbox_and_lam
-
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
     images, masks = batch["image"], batch["mask"].float()
     flipped_img, flipped_mask = images.flip(0), masks.flip(0)
     if use_cutmix:
         lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
-        (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
+        (yl, yh, xl, xh), lam = cutmix_box(images.shape, lam, rng)
         images, masks = images.clone(), masks.clone()
         images[:, :, yl:yh, xl:xh] = flipped_img[:, :, yl:yh, xl:xh]
         masks[:, :, yl:yh, xl:xh] = flipped_mask[:, :, yl:yh, xl:xh]

@@ -80,19 +80,13 @@ def check_settings(cfg: Config) -> Target:
     name = cfg.name or root.resolve().name
     out = Path(cfg.out or Path("runs") / "prepare" / name)
     sizes = sorted(set(cfg.sizes))
-    # sizes, ext, png_level and splits repeat what the typed config checks at load (branch config): drop them once it lands
-    if not sizes or min(sizes) < 32:
-        raise SiimError(f"sizes must be image sizes of at least 32 px, got {cfg.sizes}")
-    if cfg.ext not in ("png", "jpg"):
-        raise SiimError(f"ext must be png or jpg, got '{cfg.ext}'")
-    if not (isinstance(cfg.png_level, int) and 0 <= cfg.png_level <= 9):
-        raise SiimError(f"png_level must be an integer 0..9, got {cfg.png_level!r}")
+    if not sizes:  # each size's type and range is checked with the settings (cfg/prepare.yaml)
+        raise SiimError("sizes= is empty: give at least one image size")
     yolo_size = cfg.yolo_size or sizes[-1]
     if yolo_size not in sizes:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")
-    bad = set(cfg.splits) - {"train", "test"}
-    if bad or not cfg.splits:
-        raise SiimError(f"splits must be a subset of [train, test], got {cfg.splits}")
+    if not cfg.splits:
+        raise SiimError("splits= is empty: give train, test or both")
     check_previous(out, root)
     return Target(root, name, out, sizes, yolo_size)
 

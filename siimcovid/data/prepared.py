@@ -3,7 +3,7 @@
 Layout of <out> (default runs/prepare/<name>)::
 
     prepare.yaml                         the resolved prepare config
-    meta.csv                             one row per image, train and test (schema: META_COLUMNS)
+    meta.csv                             one row per image, train and test (columns: siimcovid.tables.META)
     skipped.csv                          inputs dropped with on_error=skip (file, line, problem)
     <size>/images/{train,test}/<image_id>.<ext>   8-bit square images
     <size>/labels/train/<image_id>.txt   YOLO labels: `0 xc yc w h`, normalised, clipped
@@ -27,8 +27,6 @@ import yaml
 from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.tables import META
 from siimcovid.utils import SiimError, as_list
-
-META_COLUMNS = META.names  # the contract: siimcovid.tables.META
 
 
 def folds_fingerprint(meta: pd.DataFrame) -> str:
