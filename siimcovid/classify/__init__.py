@@ -6,7 +6,7 @@ and `siimcovid runs` stay light):
     data.py     prepared images + masks -> tensors: image_table, StudyDataset, build_augment, mask-aware mix_batch
     train.py    `siimcovid classify train`: main(cfg) (sets up the device group, then train(cfg, dist)):
                 folds, waves, EMA, AMP, DDP, resume
-    predict.py  `siimcovid classify predict`: main(cfg) OOF / test tables, study aggregation, ensembles, score_oof
+    predict.py  `siimcovid classify predict`: main(cfg) OOF / test tables, study aggregation, ensembles, scores_oof.csv
     dist.py     torchrun / DDP helpers: setup, cleanup, pick_device (a world of one without torchrun)
     summary.py  describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
 
