@@ -83,11 +83,16 @@ def first_bad(mask, path, message: str, df: pd.DataFrame | None = None) -> None:
         raise DataError(message, path, (int(index[i]) if index is not None else i) + 2)
 
 
-def to_numbers(df: pd.DataFrame, columns: list[str], path) -> None:
-    """Columns -> float64 in place; the first non-number or non-finite value is an error (file, line)."""
+def to_numbers(df: pd.DataFrame, columns: list[str], path, nullable=()) -> None:
+    """Columns -> float64 in place; the first non-number or non-finite value is an error (file, line).
+
+    nullable: columns where an empty cell is a missing value (NaN), e.g. the AP of a class not scored."""
     for c in columns:
+        empty = df[c].astype(str).to_numpy() == ""
         values = pd.to_numeric(df[c].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values)
+        if c in nullable:
+            bad &= ~empty
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(f"column {c}: not a finite number: {df[c].iloc[i]!r}", path, file_line(df, i))
@@ -101,6 +106,7 @@ class Column:
     dtype: str  # str | int | float | json (a JSON list in a text cell)
     doc: str
     required: bool = True  # a reader needs it; optional columns are written when the writer has them
+    nullable: bool = False  # an empty cell is a missing value (NaN) rather than an error
     lo: float | None = None  # inclusive range of a number column
     hi: float | None = None
 
@@ -138,7 +144,7 @@ class Table:
         present = [c for c in self.columns if c.required or c.name in _header(path)]
         df = read_csv(path, self.required, text=[c.name for c in present if c.dtype in (TEXT, JSON)])
         numeric = [c.name for c in present if c.dtype in (INT, FLOAT)]
-        to_numbers(df, numeric, path)
+        to_numbers(df, numeric, path, nullable=[c.name for c in present if c.nullable])
         for c in present:
             if c.dtype == INT:
                 first_bad(df[c.name] != np.round(df[c.name]), path, f"{c.name} must be an integer")
@@ -148,7 +154,7 @@ class Table:
             if c.lo is not None or c.hi is not None:
                 lo = -np.inf if c.lo is None else c.lo
                 hi = np.inf if c.hi is None else c.hi
-                first_bad((df[c.name] < lo) | (df[c.name] > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")
+                first_bad((df[c.name] < lo) | (df[c.name] > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")  # NaN passes
         for check in self.checks:
             check(df, path)
         return df
@@ -205,7 +211,6 @@ def _not_empty(*columns: str):
     return check
 
 
-_PROB = "probability in [0, 1]"
 _BOX = [Column(c, FLOAT, f"box {c[0]} {c[2:]} in ORIGINAL DICOM pixels") for c in BOX_COLUMNS]
 
 META = Table(
@@ -314,8 +319,8 @@ FUSED_IMAGES = Table(
         Column("rows", INT, "original height"),
         Column("cols", INT, "original width"),
         Column("n_boxes", INT, "fused boxes"),
-        Column("none_cls", FLOAT, "the classifiers' none (NaN without classifier files)"),
-        Column("none_det", FLOAT, "the detectors' none (NaN without detection files)"),
+        Column("none_cls", FLOAT, "the classifiers' none (empty without classifier files)", nullable=True),
+        Column("none_det", FLOAT, "the detectors' none (empty without detection files)", nullable=True),
         Column("none", FLOAT, "the none written"),
     ),
 )
@@ -353,10 +358,11 @@ SCORES = Table(
         Column("fold", TEXT, "all (first row), then each fold"),
         Column("n_images", INT, "images scored"),
         Column("n_studies", INT, "studies scored"),
-        *[Column(c, FLOAT, f"AP({c}); absent when not scored", required=False) for c in CLASSES],
-        Column("study_map", FLOAT, "mean AP of the study classes scored", required=False),
-        Column("image_map", FLOAT, "mean AP of opacity and none, those scored", required=False),
-        Column("final", FLOAT, "mean AP over every class scored"),
+        *[Column(c, FLOAT, f"AP({c}); absent when not scored, empty when a fold lacks it", required=False, nullable=True)
+          for c in CLASSES],
+        Column("study_map", FLOAT, "mean AP of the study classes scored", required=False, nullable=True),
+        Column("image_map", FLOAT, "mean AP of opacity and none, those scored", required=False, nullable=True),
+        Column("final", FLOAT, "mean AP over every class scored", nullable=True),
         Column("model", TEXT, "the run scored", required=False),
         Column("tta", TEXT, "test-time augmentation of the predictions", required=False),
         Column("weights", TEXT, "best | last checkpoints", required=False),

@@ -164,3 +164,12 @@ def test_a_name_registered_twice_is_an_error():
     with pytest.raises(SiimError, match="registered twice"):
         registry.register("test-kind", "x")(max)
     assert registry.get("test-kind", "x") is len
+
+
+def test_nullable_columns_read_an_empty_cell_as_missing(tmp_path):
+    table = pd.DataFrame([{"fold": "all", "n_images": 4, "n_studies": 3, "opacity": 0.5, "study_map": np.nan, "final": 0.5}])
+    back = SCORES.read(SCORES.write(table, tmp_path / "scores_oof.csv"))
+    assert np.isnan(back.at[0, "study_map"]) and back.at[0, "opacity"] == 0.5
+    (tmp_path / "bad.csv").write_text("fold,n_images,n_studies,final\nall,,3,0.5\n")
+    with pytest.raises(DataError, match="bad.csv, line 2: column n_images: not a finite number"):
+        SCORES.read(tmp_path / "bad.csv")  # a count is never missing
