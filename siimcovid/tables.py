@@ -21,6 +21,13 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | FUSED_IMAGES / FUSED_STUDIES / FUSED_BOXES | fuse | runs/fuse/<name>/{images,studies,boxes}_<split>.csv | people, report |
 | SUBMISSION | fuse, predict | submission.csv, oof_submission.csv | evaluate, Kaggle |
 | SCORES | detect/classify predict, fuse | scores_oof.csv of each stage | runs, people |
+| SKIPPED | prepare (on_error=skip) | runs/prepare/<name>/skipped.csv | fuse (Prepared.was_skipped), people |
+
+The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
+contracts too: IMAGE_LEVEL (train_image_level.csv), STUDY_LEVEL (train_study_level.csv) and
+SAMPLE (sample_submission.csv), read by siimcovid.data.siim. Their cells are text: the parsers
+of siimcovid.data.siim check them row by row (boxes literals, label strings, 0/1 class columns)
+and can skip a bad row (on_error=skip) instead of stopping at it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ CLASSES = STUDY_CLASSES + IMAGE_CLASSES  # the six classes the metric scores, in
 BOX_COLUMNS = ["x_min", "y_min", "x_max", "y_max"]  # a box in ORIGINAL DICOM pixels unless a table says otherwise
 STUDY_SUFFIX, IMAGE_SUFFIX = "_study", "_image"  # submission and metric ids: <study>_study, <image>_image
 WHOLE = (0.0, 0.0, 1.0, 1.0)  # the box of study classes and of `none`
+IMAGE_CSV, STUDY_CSV = "train_image_level.csv", "train_study_level.csv"  # the competition's files, in the SIIM root
+SAMPLE_SUBMISSION = "sample_submission.csv"
+STUDY_COLUMNS = {  # the column of train_study_level.csv for each study class
+    "negative": "Negative for Pneumonia",
+    "typical": "Typical Appearance",
+    "indeterminate": "Indeterminate Appearance",
+    "atypical": "Atypical Appearance",
+}
 TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
 
 
@@ -349,6 +364,47 @@ SUBMISSION = Table(
         Column("id", TEXT, "<study>_study or <image>_image"),
         Column("PredictionString", TEXT, "groups of `class conf x_min y_min x_max y_max` (see siimcovid.submission)"),
     ),
+)
+
+SAMPLE = Table(
+    "sample submission",
+    f"<SIIM root>/{SAMPLE_SUBMISSION}",
+    SUBMISSION.columns,
+    "The competition's list of test ids (<study>_study, <image>_image), in the submission's format.",
+)
+
+IMAGE_LEVEL = Table(
+    "train image level",
+    f"<SIIM root>/{IMAGE_CSV} (and <root>/test_truth/ of synthetic data)",
+    (
+        Column("id", TEXT, "<image>_image"),
+        Column("boxes", TEXT, "Python literal list of {'x', 'y', 'width', 'height'} dicts, original pixels; empty: none"),
+        Column("label", TEXT, "groups of `opacity 1 x_min y_min x_max y_max`, or `none 1 0 0 1 1`"),
+        Column("StudyInstanceUID", TEXT, "the image's study"),
+    ),
+    "The competition's image labels, one row per train image (checked by siimcovid.data.siim.read_image_level).",
+)
+
+STUDY_LEVEL = Table(
+    "train study level",
+    f"<SIIM root>/{STUDY_CSV} (and <root>/test_truth/ of synthetic data)",
+    (
+        Column("id", TEXT, "<study>_study"),
+        *[Column(STUDY_COLUMNS[c], TEXT, f"1 if the study is {c}, else 0") for c in STUDY_CLASSES],
+    ),
+    "The competition's study labels, one row per train study, exactly one class 1 "
+    "(checked by siimcovid.data.siim.read_study_level).",
+)
+
+SKIPPED = Table(
+    "skipped",
+    "runs/prepare/<name>/skipped.csv",
+    (
+        Column("file", TEXT, "the input file of the problem (a CSV or a DICOM)"),
+        Column("line", FLOAT, "its line in that file; empty when the problem concerns the whole file", nullable=True, lo=1),
+        Column("problem", TEXT, "what is wrong"),
+    ),
+    "The inputs prepare dropped with on_error=skip, one row per problem; absent when it dropped none.",
 )
 
 SCORES = Table(

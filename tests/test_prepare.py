@@ -229,3 +229,18 @@ def test_too_many_folds_fail_before_any_decode(tiny_root, tmp_path, monkeypatch)
     with pytest.raises(SiimError, match="lower n_folds"):
         prepare(_cfg(tiny_root, tmp_path / "out", n_folds=8))
     assert decoded == [] and not (tmp_path / "out").exists()
+
+
+def test_a_changed_fold_assignment_is_reported_from_the_previous_meta_table(prepared, tmp_path, caplog):
+    from siimcovid.data.prepare import warn_if_folds_changed
+
+    meta = Prepared(prepared).meta
+    previous = META.write(meta, tmp_path / "meta.previous.csv")
+    warn_if_folds_changed(previous, meta)
+    assert "fold assignment" not in caplog.text
+    train = meta.split == "train"
+    warn_if_folds_changed(previous, meta.assign(fold=np.where(train, (meta.fold + 1) % meta.fold[train].max(), -1)))
+    assert f"the fold assignment of {tmp_path} changed" in caplog.text
+    previous.write_text(previous.read_text().replace("train,", "train,x", 1))  # fold 'x0': unreadable
+    warn_if_folds_changed(previous, meta)
+    assert "cannot compare the folds with the previous meta table" in caplog.text and "line 2" in caplog.text

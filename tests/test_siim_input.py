@@ -22,6 +22,7 @@ from siimcovid.data.siim import (
     parse_label_string,
     read_sample_submission,
 )
+from siimcovid.tables import SKIPPED
 from siimcovid.utils import DataError, SiimError
 
 REAL_BOXES = (
@@ -183,12 +184,14 @@ def test_skip_mode_drops_bad_images_and_reports_them(tiny_root, tmp_path, caplog
     path = next(tiny_root.glob("train/*/*/*.dcm"))
     path.write_bytes(b"garbage")
     out = _prep(tiny_root, tmp_path, on_error="skip")
-    skipped = pd.read_csv(out / "skipped.csv")
-    assert len(skipped) == 2
+    prepared = Prepared(out)
+    skipped = prepared.skipped()  # skipped.csv read through its contract (tables.SKIPPED)
+    assert list(skipped.columns) == SKIPPED.names and len(skipped) == 2
     assert set(skipped.line.dropna().astype(int)) == {line}
     assert any(path.name in f for f in skipped.file) or any(path.name in p for p in skipped.problem)
-    meta = Prepared(out).meta
+    meta = prepared.meta
     assert path.stem not in set(meta.image_id)
+    assert prepared.was_skipped(path.stem) and not prepared.was_skipped(meta.image_id.iloc[0])
     n_images = len(pd.read_csv(tiny_root / IMAGE_CSV))
     assert (meta.split == "train").sum() == n_images - 2
     # scoring against this prepared dir skips the bad CSV row too, instead of failing on it
@@ -230,3 +233,22 @@ def test_duplicate_id_in_sample_submission(tmp_path):
     path.write_text("id,PredictionString\na_study,negative 1 0 0 1 1\nb_image,none 1 0 0 1 1\na_study,negative 1 0 0 1 1\n")
     with pytest.raises(DataError, match=r"sample_submission.csv, line 4: id 'a_study' appears twice \(also line 2\)"):
         read_sample_submission(path)
+
+
+def test_a_prepare_without_problems_has_no_skipped_file(tiny_root, tmp_path):
+    prepared = Prepared(_prep(tiny_root, tmp_path, on_error="skip"))
+    assert not prepared.skipped_path.exists() and prepared.skipped().empty
+    assert not prepared.was_skipped(prepared.meta.image_id.iloc[0])
+
+
+def test_the_competition_csvs_are_the_contracts_synth_writes_and_siim_reads(tiny_root):
+    from siimcovid.tables import IMAGE_LEVEL, SAMPLE, STUDY_LEVEL
+
+    for table, name in ((IMAGE_LEVEL, IMAGE_CSV), (STUDY_LEVEL, STUDY_CSV), (SAMPLE, "sample_submission.csv")):
+        assert (tiny_root / name).read_text().splitlines()[0].split(",") == table.names, name
+    (tiny_root / STUDY_CSV).write_text("id,Negative for Pneumonia\n")
+    with pytest.raises(DataError, match=rf"{STUDY_CSV}: missing column\(s\) \['Typical Appearance'"):
+        load_train(tiny_root, Problems())
+    (tiny_root / "sample_submission.csv").write_text("id\na_study\n")
+    with pytest.raises(DataError, match=r"sample_submission.csv: missing column\(s\) \['PredictionString'\]"):
+        read_sample_submission(tiny_root / "sample_submission.csv")

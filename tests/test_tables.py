@@ -173,3 +173,19 @@ def test_nullable_columns_read_an_empty_cell_as_missing(tmp_path):
     (tmp_path / "bad.csv").write_text("fold,n_images,n_studies,final\nall,,3,0.5\n")
     with pytest.raises(DataError, match="bad.csv, line 2: column n_images: not a finite number"):
         SCORES.read(tmp_path / "bad.csv")  # a count is never missing
+
+
+def test_skipped_table_reads_what_prepare_writes(tmp_path):
+    from siimcovid.data.siim import Problems
+    from siimcovid.tables import SKIPPED
+
+    problems = Problems("skip")
+    problems.add(DataError("unknown class 'pneumonia'", "train_image_level.csv", 12))
+    problems.add(DataError("not a DICOM", "train/s/x/abc.dcm"))  # a whole file: no line
+    path = SKIPPED.write(problems.table(), tmp_path / "skipped.csv")
+    back = SKIPPED.read(path)
+    assert back["line"].iloc[0] == 12 and np.isnan(back["line"].iloc[1])
+    assert back["file"].tolist() == ["train_image_level.csv", "train/s/x/abc.dcm"] and back["problem"].iloc[1] == "not a DICOM"
+    path.write_text("file,line,problem\na.csv,0,x\n")
+    with pytest.raises(DataError, match=r"skipped\.csv, line 2: line must be in \[1, inf\]"):
+        SKIPPED.read(path)

@@ -24,9 +24,9 @@ from siimcovid.config import Config
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import folds_fingerprint
+from siimcovid.data.prepared import SKIPPED_CSV, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, Problems, load_test, load_train
-from siimcovid.tables import META, STUDY_CLASSES, read_csv, write_csv
+from siimcovid.tables import META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 
@@ -254,10 +254,15 @@ def fold_summary(meta: pd.DataFrame) -> str:
     return table.to_string()
 
 
-def _warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
+def warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
+    """Warn when the new fold assignment differs from the one of the previous meta table (set aside at `meta_path`)."""
     if not meta_path.is_file():
         return
-    old = read_csv(meta_path, ["image_id", "split", "fold"])
+    try:
+        old = META.read(meta_path)
+    except SiimError as e:  # the set-aside table only feeds this warning: an unreadable one must not undo the run
+        LOGGER.warning(f"WARNING: cannot compare the folds with the previous meta table: {e}")
+        return
     if folds_fingerprint(old) != folds_fingerprint(meta):
         LOGGER.warning(
             f"WARNING: the fold assignment of {meta_path.parent} changed (other images or seed): detectors and "
@@ -274,10 +279,10 @@ def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Pro
         has_test = (meta.split == "test").any()
         yamls = write_data_yamls(target.name, out, target.yolo_size, cfg.n_folds, Path(cfg.data_yaml_dir), has_test)
     if problems.items:
-        write_csv(problems.table(), out / "skipped.csv")
-    elif (out / "skipped.csv").exists():
-        (out / "skipped.csv").unlink()
-    _warn_if_folds_changed(previous_meta, meta)
+        SKIPPED.write(problems.table(), out / SKIPPED_CSV)
+    else:
+        (out / SKIPPED_CSV).unlink(missing_ok=True)
+    warn_if_folds_changed(previous_meta, meta)
     META.write(meta, out / "meta.csv")
     previous_meta.unlink(missing_ok=True)
     return yamls

@@ -4,7 +4,7 @@ Layout of <out> (default runs/prepare/<name>)::
 
     prepare.yaml                         the resolved prepare config
     meta.csv                             one row per image, train and test (columns: siimcovid.tables.META)
-    skipped.csv                          inputs dropped with on_error=skip (file, line, problem)
+    skipped.csv                          inputs dropped with on_error=skip (columns: siimcovid.tables.SKIPPED)
     <size>/images/{train,test}/<image_id>.<ext>   8-bit square images
     <size>/labels/train/<image_id>.txt   YOLO labels: `0 xc yc w h`, normalised, clipped
     <size>/masks/train/<image_id>.png    0/255 masks with the opacity boxes filled
@@ -25,8 +25,10 @@ import pandas as pd
 import yaml
 
 from siimcovid.data.layout import image_file, label_file, mask_file
-from siimcovid.tables import META
+from siimcovid.tables import META, SKIPPED
 from siimcovid.utils import SiimError, as_list
+
+SKIPPED_CSV = "skipped.csv"  # written by prepare only when it dropped inputs (on_error=skip)
 
 
 def folds_fingerprint(meta: pd.DataFrame) -> str:
@@ -115,6 +117,20 @@ class Prepared:
     def select_folds(self, fold) -> list[int]:
         """fold=all | k | [k, ...] (the `fold` setting of every stage) -> the folds, each checked to exist."""
         return select_folds(fold, self.n_folds, str(self.root))
+
+    @property
+    def skipped_path(self) -> Path:
+        return self.root / SKIPPED_CSV
+
+    def skipped(self) -> pd.DataFrame:
+        """The inputs prepare dropped (tables.SKIPPED: file, line, problem); no rows when it dropped none."""
+        return SKIPPED.read(self.skipped_path) if self.skipped_path.is_file() else SKIPPED.empty()
+
+    def was_skipped(self, image_id: str) -> bool:
+        """Whether prepare dropped this image: a row of skipped.csv names it (in its file or its problem)."""
+        rows = self.skipped()
+        names = rows["file"].str.contains(image_id, regex=False) | rows["problem"].str.contains(image_id, regex=False)
+        return bool(names.any())
 
     def split(self, split: str) -> pd.DataFrame:
         return self.meta[self.meta.split == split].reset_index(drop=True)

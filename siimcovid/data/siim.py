@@ -1,6 +1,7 @@
 """The SIIM-FISABIO-RSNA download: its CSVs and folder tree (see SIIM_FORMAT.md).
 
-Every parser here checks its input and names the file and line of anything wrong.
+The CSVs are read through their contracts (siimcovid.tables: IMAGE_LEVEL, STUDY_LEVEL, SAMPLE),
+the ones `siimcovid synth` writes them with. Every parser here checks its input and names the file and line of anything wrong.
 ``on_error="raise"`` stops at the first problem; ``on_error="skip"`` drops the image (or
 study) concerned, collects the problem in a `Problems` list and carries on.
 """
@@ -16,20 +17,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siimcovid.tables import IMAGE_CLASSES, STUDY_CLASSES, read_csv
+from siimcovid.tables import (
+    IMAGE_CLASSES,
+    IMAGE_CSV,
+    IMAGE_LEVEL,
+    IMAGE_SUFFIX,
+    SAMPLE,
+    SAMPLE_SUBMISSION,
+    SKIPPED,
+    STUDY_CLASSES,
+    STUDY_COLUMNS,
+    STUDY_CSV,
+    STUDY_LEVEL,
+    STUDY_SUFFIX,
+    file_line,
+)
 from siimcovid.utils import LOGGER, DataError, SiimError
 
-# Column of train_study_level.csv for each class.
-STUDY_COLUMNS = {
-    "negative": "Negative for Pneumonia",
-    "typical": "Typical Appearance",
-    "indeterminate": "Indeterminate Appearance",
-    "atypical": "Atypical Appearance",
-}
-
-IMAGE_CSV = "train_image_level.csv"
-STUDY_CSV = "train_study_level.csv"
-SAMPLE_SUBMISSION = "sample_submission.csv"
 BOX_TOL = 0.01  # pixels: boxes column and label string must agree this closely
 
 
@@ -50,9 +54,10 @@ class Problems:
         self.items.append(error)
 
     def table(self) -> pd.DataFrame:
+        """The problems as the SKIPPED table (file, line, problem) that prepare writes to skipped.csv."""
         return pd.DataFrame(
             [{"file": str(e.file or ""), "line": e.row, "problem": e.reason} for e in self.items],
-            columns=["file", "line", "problem"],
+            columns=SKIPPED.names,
         )
 
     def report(self, what: str = "problems") -> None:
@@ -153,12 +158,12 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
     ``.attrs["listed_images"]`` / ``["listed_studies"]`` hold every id the file names, rows
     skipped for errors included, so that a skipped row is not reported twice.
     """
-    df = read_csv(path, ["id", "boxes", "label", "StudyInstanceUID"])
+    df = IMAGE_LEVEL.read(path)
     rows, seen = [], {}
-    for i, rec in zip(df.index, df.itertuples(index=False)):
-        line = i + 2
+    for k, rec in enumerate(df.itertuples(index=False)):
+        line = file_line(df, k)
         try:
-            image_id = _strip_suffix(rec.id, "_image", path, line)
+            image_id = _strip_suffix(rec.id, IMAGE_SUFFIX, path, line)
             if image_id in seen:
                 raise DataError(f"duplicate image id '{rec.id}' (first on line {seen[image_id]})", path, line)
             if not rec.StudyInstanceUID.strip():
@@ -175,7 +180,7 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
         seen[image_id] = line
         rows.append({"image_id": image_id, "study_id": rec.StudyInstanceUID.strip(), "boxes": from_label, "line": line})
     out = pd.DataFrame(rows, columns=["image_id", "study_id", "boxes", "line"])
-    out.attrs["listed_images"] = {i[: -len("_image")] if i.endswith("_image") else i for i in df.id}
+    out.attrs["listed_images"] = {i[: -len(IMAGE_SUFFIX)] if i.endswith(IMAGE_SUFFIX) else i for i in df.id}
     out.attrs["listed_studies"] = {s.strip() for s in df.StudyInstanceUID}
     return out
 
@@ -183,12 +188,12 @@ def read_image_level(path: str | os.PathLike, problems: Problems) -> pd.DataFram
 def read_study_level(path: str | os.PathLike, problems: Problems) -> pd.DataFrame:
     """train_study_level.csv -> study_id, study_label (one of STUDY_CLASSES), line."""
     cols = [STUDY_COLUMNS[c] for c in STUDY_CLASSES]
-    df = read_csv(path, ["id", *cols])
+    df = STUDY_LEVEL.read(path)
     rows, seen = [], {}
-    for i, rec in zip(df.index, df.to_dict("records")):
-        line = i + 2
+    for k, rec in enumerate(df.to_dict("records")):
+        line = file_line(df, k)
         try:
-            study_id = _strip_suffix(rec["id"], "_study", path, line)
+            study_id = _strip_suffix(rec["id"], STUDY_SUFFIX, path, line)
             if study_id in seen:
                 raise DataError(f"duplicate study id '{rec['id']}' (first on line {seen[study_id]})", path, line)
             values = [rec[c].strip() for c in cols]
@@ -230,18 +235,19 @@ def find_dicoms(split_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_sample_submission(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """sample_submission.csv -> (study ids, image ids), suffixes stripped."""
-    df = read_csv(path, ["id", "PredictionString"])
+    df = SAMPLE.read(path)
     studies, images, seen = [], [], {}
-    for i, value in df["id"].items():
+    for k, value in enumerate(df["id"]):
+        line = file_line(df, k)
         if value in seen:
-            raise DataError(f"id '{value}' appears twice (also line {seen[value]})", path, i + 2)
-        seen[value] = i + 2
-        if value.endswith("_study"):
-            studies.append(value[: -len("_study")])
-        elif value.endswith("_image"):
-            images.append(value[: -len("_image")])
+            raise DataError(f"id '{value}' appears twice (also line {seen[value]})", path, line)
+        seen[value] = line
+        if value.endswith(STUDY_SUFFIX):
+            studies.append(value[: -len(STUDY_SUFFIX)])
+        elif value.endswith(IMAGE_SUFFIX):
+            images.append(value[: -len(IMAGE_SUFFIX)])
         else:
-            raise DataError(f"id '{value}' ends in neither _study nor _image", path, i + 2)
+            raise DataError(f"id '{value}' ends in neither _study nor _image", path, line)
     return studies, images
 
 

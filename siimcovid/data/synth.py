@@ -42,7 +42,18 @@ from tqdm import tqdm
 
 from siimcovid.config import Config
 from siimcovid.data.convert import init_worker
-from siimcovid.data.siim import IMAGE_CSV, SAMPLE_SUBMISSION, STUDY_CLASSES, STUDY_COLUMNS, STUDY_CSV
+from siimcovid.tables import (
+    IMAGE_CSV,
+    IMAGE_LEVEL,
+    IMAGE_SUFFIX,
+    SAMPLE,
+    SAMPLE_SUBMISSION,
+    STUDY_CLASSES,
+    STUDY_COLUMNS,
+    STUDY_CSV,
+    STUDY_LEVEL,
+    STUDY_SUFFIX,
+)
 from siimcovid.utils import LOGGER, SiimError
 
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
@@ -148,7 +159,7 @@ def plan_dataset(cfg: Config) -> list[StudySpec]:
     rng = np.random.default_rng(cfg.seed)
     used: set = set()
     mix = np.asarray(cfg.class_mix, dtype=float)
-    if mix.shape != (4,) or (mix < 0).any() or mix.sum() <= 0:
+    if mix.shape != (4,) or mix.sum() <= 0:  # each weight is >= 0 (cfg/synth.yaml)
         raise SiimError(
             f"class_mix needs 4 non-negative weights (negative, typical, indeterminate, atypical), got {cfg.class_mix}"
         )
@@ -334,11 +345,11 @@ def _round_boxes(studies: list[StudySpec]) -> None:
 
 
 def _write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
-    """train_image_level.csv and train_study_level.csv of these studies."""
+    """train_image_level.csv and train_study_level.csv of these studies (contracts IMAGE_LEVEL, STUDY_LEVEL)."""
     folder.mkdir(parents=True, exist_ok=True)
     image_rows = [
         {
-            "id": f"{im.image_id}_image",
+            "id": f"{im.image_id}{IMAGE_SUFFIX}",
             "boxes": _boxes_cell(im.boxes),
             "label": _label_cell(im.boxes),
             "StudyInstanceUID": st.study_id,
@@ -346,19 +357,19 @@ def _write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
         for st in studies
         for im in st.images
     ]
-    pd.DataFrame(image_rows, columns=["id", "boxes", "label", "StudyInstanceUID"]).to_csv(folder / IMAGE_CSV, index=False)
+    IMAGE_LEVEL.write(pd.DataFrame(image_rows, columns=IMAGE_LEVEL.names), folder / IMAGE_CSV)
     study_rows = [
-        {"id": f"{st.study_id}_study", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in studies
+        {"id": f"{st.study_id}{STUDY_SUFFIX}", **{STUDY_COLUMNS[c]: int(c == st.label) for c in STUDY_CLASSES}} for st in studies
     ]
-    pd.DataFrame(study_rows, columns=["id", *STUDY_COLUMNS.values()]).to_csv(folder / STUDY_CSV, index=False)
+    STUDY_LEVEL.write(pd.DataFrame(study_rows, columns=STUDY_LEVEL.names), folder / STUDY_CSV)
 
 
 def write_csvs(studies: list[StudySpec], out: Path) -> None:
     test = [s for s in studies if s.split == "test"]
     _write_label_csvs([s for s in studies if s.split == "train"], out)
-    sub = [{"id": f"{st.study_id}_study", "PredictionString": "negative 1 0 0 1 1"} for st in test]
-    sub += [{"id": f"{im.image_id}_image", "PredictionString": "none 1 0 0 1 1"} for st in test for im in st.images]
-    pd.DataFrame(sub, columns=["id", "PredictionString"]).to_csv(out / SAMPLE_SUBMISSION, index=False)
+    sub = [{"id": f"{st.study_id}{STUDY_SUFFIX}", "PredictionString": "negative 1 0 0 1 1"} for st in test]
+    sub += [{"id": f"{im.image_id}{IMAGE_SUFFIX}", "PredictionString": "none 1 0 0 1 1"} for st in test for im in st.images]
+    SAMPLE.write(pd.DataFrame(sub, columns=SAMPLE.names), out / SAMPLE_SUBMISSION)
     # The hidden test truth, outside the SIIM layout, so the test split can be scored too.
     _write_label_csvs(test, out / "test_truth")
 
