@@ -23,9 +23,9 @@ import pandas as pd
 from siimcovid.config import Config
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import load_truth, truth_rows
-from siimcovid.metrics import CLASSES, Score, resolve_classes, score
-from siimcovid.submission import SUBMISSION_COLUMNS, submission_to_pred
-from siimcovid.tables import read_csv
+from siimcovid.metrics import Score, score
+from siimcovid.submission import submission_to_pred
+from siimcovid.tables import SUBMISSION
 from siimcovid.utils import LOGGER, DataError, SiimError, atomic_write_text
 
 
@@ -34,13 +34,8 @@ def evaluate(cfg: Config) -> Score:
         raise SiimError("evaluate needs submission=<file.csv>")
     if not cfg.data:
         raise SiimError("evaluate needs data=<SIIM root or prepared dir>")
-    if cfg.ids not in {"present", "all"}:
-        raise SiimError(f"ids must be present or all, got '{cfg.ids}'")
-    unknown_classes = [c for c in (resolve_classes(cfg.classes) or []) if c not in CLASSES]
-    if unknown_classes:
-        raise SiimError(f"unknown class(es) {unknown_classes}: use study, image, or some of {CLASSES}")
     sub_path = Path(cfg.submission)
-    pred = submission_to_pred(read_csv(sub_path, SUBMISSION_COLUMNS), file=sub_path)
+    pred = submission_to_pred(SUBMISSION.read(sub_path), file=sub_path)
     images = load_truth(cfg.data, cfg.split)
     truth = truth_rows(images)
     sub_ids = pd.unique(pred["id"])
@@ -91,8 +86,6 @@ def one_fold(fold, images: pd.DataFrame, cfg: Config) -> int | None:
     """fold=all (or null): None, every fold; fold=k: k, checked to be a fold of the prepared dir."""
     if fold is None or fold == "all":  # the convention of every stage: all folds = no restriction
         return None
-    if isinstance(fold, list):
-        raise SiimError(f"evaluate scores one fold or all of them, got fold={fold}")
     if (images.fold < 0).all():
         raise SiimError("fold=k needs a prepared dir (data=<prepared dir>): a SIIM root has no folds")
     [k] = Prepared(cfg.data).select_folds(fold)

@@ -1,14 +1,15 @@
 """Submission writing, reading and checking (format: ../shared/SIIM_FORMAT.md).
 
-The tidy prediction table of siimcovid.metrics (id, cls, conf, x_min, y_min, x_max, y_max) is
-the one form everything converts to and from:
+A submission file is the SUBMISSION table of siimcovid.tables (id, PredictionString), read and
+written through that contract. The metric's tidy prediction rows (siimcovid.tables.PREDICTIONS:
+id, cls, conf, x_min, y_min, x_max, y_max) are the one form everything converts to and from:
 
     pred_to_submission(pred)       tidy rows -> DataFrame id, PredictionString (one row per id)
     submission_to_pred(sub)        the inverse, checking every string
     make_submission(study, boxes, none)   classifier / detector tables -> submission DataFrame
     check_submission(sub, sample)  raise DataError (file, line) on anything Kaggle would reject or mis-score
-    write_submission(sub, path, sample)   check, then write atomically
-    read_submission(path, sample)  read, check, return the DataFrame
+    write_submission(sub, path, sample)   check, then write atomically (SUBMISSION.write)
+    read_submission(path, sample)  read (SUBMISSION.read), check, return the DataFrame
 
 Study rows are written `<class> <conf> 0 0 1 1` for all four classes (mAP rewards the full
 ranking far more than the argmax alone); image rows hold every `opacity <conf> x1 y1 x2 y2`
@@ -30,10 +31,10 @@ import pandas as pd
 
 from siimcovid.data.siim import read_sample_submission
 from siimcovid.metrics import PRED_COLUMNS, image_pred, study_pred
-from siimcovid.tables import BOX_COLUMNS, IMAGE_CLASSES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX, SUBMISSION, WHOLE, read_csv
-from siimcovid.utils import DataError, SiimError, atomic_path
+from siimcovid.tables import BOX_COLUMNS, IMAGE_CLASSES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX, SUBMISSION, WHOLE, file_line
+from siimcovid.utils import DataError, SiimError
 
-SUBMISSION_COLUMNS = SUBMISSION.names  # id, PredictionString
+SUBMISSION_COLUMNS = SUBMISSION.names  # id, PredictionString: an alias of the contract's columns
 CONF_DIGITS, BOX_DECIMALS = 9, 3  # confidences: significant digits (a tiny one must not round to 0 and tie)
 
 
@@ -148,13 +149,14 @@ def submission_to_pred(sub: pd.DataFrame, sample=None, file: str | os.PathLike |
     where = file or "submission"
     if list(sub.columns) != SUBMISSION_COLUMNS:
         raise DataError(f"columns must be exactly {SUBMISSION_COLUMNS}, got {list(sub.columns)}", where)
+    if not pd.api.types.is_integer_dtype(sub.index):  # not read from a file: its rows are lines 2, 3, ...
+        sub = sub.reset_index(drop=True)
     ids = sub["id"].astype(str).to_numpy()
     strings = sub["PredictionString"].fillna("").astype(str).to_numpy()
     first_line: dict[str, int] = {}
     rows = []
-    positions = sub.index if pd.api.types.is_integer_dtype(sub.index) else range(len(sub))
-    for i, row_id, text in zip(positions, ids, strings):
-        line = int(i) + 2  # header is line 1 (read_csv keeps counting blank lines in the index)
+    for k, (row_id, text) in enumerate(zip(ids, strings)):
+        line = file_line(sub, k)  # a frame read by SUBMISSION.read keeps counting blank lines in its index
         if not (row_id.endswith(STUDY_SUFFIX) or row_id.endswith(IMAGE_SUFFIX)) or row_id in (STUDY_SUFFIX, IMAGE_SUFFIX):
             raise DataError(f"id '{row_id}' should be <study>_study or <image>_image", where, line)
         if row_id in first_line:
@@ -172,7 +174,7 @@ def submission_to_pred(sub: pd.DataFrame, sample=None, file: str | os.PathLike |
         missing = [i for i in expected if i not in first_line]
         if missing:
             raise DataError(f"{len(missing)} id(s) of the sample submission are missing, e.g. '{missing[0]}'", where)
-    pred = pd.DataFrame(rows, columns=["id", "cls", "conf", *BOX_COLUMNS])
+    pred = pd.DataFrame(rows, columns=PRED_COLUMNS)
     return pred.astype({c: np.float64 for c in ["conf", *BOX_COLUMNS]})
 
 
@@ -187,7 +189,7 @@ def check_submission(sub: pd.DataFrame, sample=None, file: str | os.PathLike | N
 
 def read_submission(path: str | os.PathLike, sample=None) -> pd.DataFrame:
     """Read and check a submission CSV; returns the DataFrame (id, PredictionString)."""
-    sub = read_csv(path, SUBMISSION_COLUMNS)
+    sub = SUBMISSION.read(path)
     check_submission(sub, sample, path)
     return sub
 
@@ -195,6 +197,4 @@ def read_submission(path: str | os.PathLike, sample=None) -> pd.DataFrame:
 def write_submission(sub: pd.DataFrame, path: str | os.PathLike, sample=None) -> Path:
     """Check, then write atomically (a failed check leaves no file)."""
     check_submission(sub, sample, path)
-    with atomic_path(path) as tmp:
-        sub[SUBMISSION_COLUMNS].to_csv(tmp, index=False)
-    return Path(path)
+    return SUBMISSION.write(sub, path)

@@ -90,6 +90,7 @@ def test_out_of_fold_scoring_with_a_prepared_dir(synth_root, prepared, tmp_path)
     # opacity only (detector checkpoints) and study only (classifiers)
     assert list(main(["evaluate", f"submission={path}", f"data={prepared}", "classes=opacity"]).ap) == ["opacity"]
     assert set(main(["evaluate", f"submission={path}", f"data={prepared}", "classes=study"]).ap) <= set(STUDY_CLASSES)
+    assert list(main(["evaluate", f"submission={path}", f"data={prepared}", "classes=opacity,none"]).ap) == ["opacity", "none"]
 
 
 def test_user_errors(synth_root, tmp_path):
@@ -97,8 +98,13 @@ def test_user_errors(synth_root, tmp_path):
     perfect_from_csvs(synth_root).to_csv(path, index=False)
     with pytest.raises(SiimError, match="needs a prepared dir"):
         main(["evaluate", f"submission={path}", f"data={synth_root}", "fold=0"])
-    with pytest.raises(SiimError, match="unknown class"):
-        main(["evaluate", f"submission={path}", f"data={synth_root}", "classes=opacty"])
+    # the choices of classes and ids are checked with the settings (cfg/evaluate.yaml), before any file is read
+    with pytest.raises(SiimError, match=r"classes='opacty': expected study \| image \| all \| negative"):
+        main(["evaluate", f"submission={tmp_path / 'absent.csv'}", f"data={synth_root}", "classes=opacty"])
+    with pytest.raises(SiimError, match=r"classes=\['opacity', 'nonee'\]: expected"):
+        main(["evaluate", f"submission={tmp_path / 'absent.csv'}", f"data={synth_root}", "classes=opacity,nonee"])
+    with pytest.raises(SiimError, match=r"ids='some': expected present \| all"):
+        main(["evaluate", f"submission={tmp_path / 'absent.csv'}", f"data={synth_root}", "ids=some"])
     with pytest.raises(SiimError, match="neither a prepared dir"):
         main(["evaluate", f"submission={path}", f"data={tmp_path}"])
     with pytest.raises(SiimError, match="needs submission"):

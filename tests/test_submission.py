@@ -132,3 +132,22 @@ def test_read_names_file_and_line(tmp_path):
     path.write_text("id,PredictionString\ni1_image,none 1 0 0 1 1\ni2_image,opacity 1 5 5 1 1\n")
     with pytest.raises(DataError, match=r"s\.csv, line 3: i2_image, prediction 1: box has x_max < x_min"):
         read_submission(path)
+
+
+def test_lines_count_blank_lines_of_the_file_and_start_at_2_for_a_frame(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("id,PredictionString\ni1_image,none 1 0 0 1 1\n\ni2_image,none 1 0 0 1 1\ni1_image,none 1 0 0 1 1\n")
+    with pytest.raises(DataError, match=r"s\.csv, line 5: duplicate id 'i1_image' \(first on line 2\)"):
+        read_submission(path)
+    named = sub(GOOD + [("i1_image", "none 1 0 0 1 1")]).set_index(pd.Index(["a", "b", "c", "d"]))  # not read from a file
+    with pytest.raises(DataError, match=r"my\.csv, line 5: duplicate id 'i1_image' \(first on line 3\)"):
+        check_submission(named, file="my.csv")
+
+
+def test_written_file_is_the_submission_contract(tmp_path):
+    from siimcovid.tables import SUBMISSION
+
+    path = write_submission(sub(), tmp_path / "submission.csv")
+    assert path.read_text() == "id,PredictionString\n" + "".join(f"{i},{s}\n" for i, s in GOOD)
+    assert SUBMISSION.names == ["id", "PredictionString"]
+    assert SUBMISSION.read(path).equals(sub())
