@@ -20,7 +20,7 @@ import yaml
 
 from siimcovid import stages as registry
 from siimcovid.config import Config
-from siimcovid.tables import SCORES
+from siimcovid.tables import SCORES, Table
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 COLUMNS = ["stage", "name", "model", "imgsz", "folds", "settings", "cv", "cv_value", "date"]
@@ -45,15 +45,22 @@ def quiet_csv(path: Path) -> pd.DataFrame | None:
         return None
 
 
+def quiet_table(table: Table, path: Path) -> pd.DataFrame | None:
+    """A run's table read through its contract; None when missing, or (with a warning) when invalid."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return table.read(path)
+    except SiimError as e:  # one bad file must not hide the other runs: say so, show nothing of it
+        LOGGER.warning(f"siimcovid runs: {e}")
+        return None
+
+
 def overall_scores(run: Path) -> dict:
     """The "all" row of the run's scores_oof.csv (tables.SCORES) as {column: value}; {} when absent or invalid."""
-    path = Path(run) / "scores_oof.csv"
-    if not path.is_file():
-        return {}
-    try:
-        table = SCORES.read(path)
-    except SiimError as e:  # one bad file must not hide the other runs: say so, show no cv
-        LOGGER.warning(f"siimcovid runs: {e}")
+    table = quiet_table(SCORES, Path(run) / "scores_oof.csv")
+    if table is None:
         return {}
     rows = table[table["fold"] == "all"]
     return rows.iloc[0].to_dict() if len(rows) else {}
@@ -122,18 +129,13 @@ def list_runs(project: str | Path = "runs", stages=None) -> pd.DataFrame:
 
 def main(cfg: Config) -> pd.DataFrame:
     table = list_runs(cfg.project, cfg.stage)
-    if cfg.sort not in ("date", "cv"):
-        raise SiimError(f"sort must be date or cv, got {cfg.sort}")
     table = table.sort_values(["stage", "cv_value" if cfg.sort == "cv" else "date"], na_position="first", kind="stable")
     if cfg.format == "csv":
         print(table.to_csv(index=False), end="")
     elif cfg.format == "json":
         print(table.to_json(orient="records", indent=1))
-    elif cfg.format == "table":
-        if table.empty:
-            print(f"no runs under {cfg.project}/")
-        else:
-            print(table.drop(columns=["cv_value"]).to_string(index=False, max_colwidth=60))
+    elif table.empty:  # format=table
+        print(f"no runs under {cfg.project}/")
     else:
-        raise SiimError(f"format must be table, csv or json, got {cfg.format}")
+        print(table.drop(columns=["cv_value"]).to_string(index=False, max_colwidth=60))
     return table

@@ -13,7 +13,7 @@ import yaml
 from siimcovid import cli, stages
 from siimcovid.config import default_config_path, fusion_keys, read_yaml
 from siimcovid.runs import list_runs
-from siimcovid.tables import SCORES
+from siimcovid.tables import META, SCORES
 from siimcovid.utils import SiimError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +31,24 @@ def write_scores(run: Path, **all_row) -> None:
     SCORES.write(pd.DataFrame(rows), run / "scores_oof.csv")
 
 
+def meta_rows(image_ids: list[str]) -> pd.DataFrame:
+    """A meta.csv (tables.META) of these train images, one study each, no boxes."""
+    n = len(image_ids)
+    return pd.DataFrame(
+        {"image_id": image_ids, "study_id": [f"s{i}" for i in image_ids], "series_id": "x", "patient_id": "p", "split": "train",
+         "fold": 0, "study_label": "negative", "boxes": [[] for _ in range(n)], "n_boxes": 0, "rows": 64, "cols": 64,
+         "photometric": "MONOCHROME2", "bits_stored": 12, "transfer_syntax": "1.2.840.10008.1.2.1", "voi": "", "modality": "CR",
+         "dicom": [f"train/s{i}/x/{i}.dcm" for i in image_ids]}
+    )
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     """One run folder per stage (and a few that are not runs), holding only the small files each stage writes."""
     p = tmp_path / "runs"
     prep = p / "prepare" / "siim"
     write_yaml(prep / "prepare.yaml", {"sizes": [256, 512], "n_folds": 5, "ext": "png", "seed": 42})
-    pd.DataFrame({"image_id": ["a", "b", "c"]}).to_csv(prep / "meta.csv", index=False)
+    META.write(meta_rows(["a", "b", "c"]), prep / "meta.csv")
     write_yaml(p / "prepare" / "half" / "prepare.yaml", {"sizes": [128], "n_folds": 3})
 
     det = p / "detect" / "v5n"
@@ -120,9 +131,20 @@ def test_a_run_without_scores_or_with_a_bad_scores_file_has_no_cv(project, caplo
     assert "scores_oof.csv" in caplog.text  # the bad file is named, not silently skipped
 
 
+def test_a_prepare_run_with_an_invalid_meta_table_says_so(project, caplog):
+    meta = project / "prepare" / "siim" / "meta.csv"
+    meta.write_text(meta.read_text().replace(",0,negative,", ",zero,negative,", 1))
+    assert rows_by_name(list_runs(project, "prepare"))["prepare/siim"]["cv"] == "invalid meta.csv"
+    assert "meta.csv, line 2: column fold: not a finite number: 'zero'" in caplog.text
+
+
 def test_stage_selection_sorting_and_formats(project, capsys):
     with pytest.raises(SiimError, match="stage must be all or among"):
         list_runs(project, "synth")  # a stage without run folders
+    with pytest.raises(SiimError, match=r"stage must be all or among \[.*\], got \['synth'\]"):
+        cli.call("runs", project=str(project), stage="synth")  # the spec takes any name: the registry decides
+    with pytest.raises(SiimError, match=r"runs setting sort='best': expected date \| cv"):
+        cli.call("runs", project=str(project), sort="best")
     table = cli.call("runs", project=str(project), stage=["prepare", "fuse"], sort="cv", format="csv")
     assert set(table.stage) == {"prepare", "fuse"}
     fuse = table[table.stage == "fuse"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siimcovid.runs import fmt, quiet_csv, quiet_yaml, settings_text
+from siimcovid.runs import fmt, quiet_table, quiet_yaml, settings_text
+from siimcovid.tables import META
 
 
 def describe(run: Path) -> dict | None:
@@ -12,10 +13,14 @@ def describe(run: Path) -> dict | None:
     cfg = quiet_yaml(run / "prepare.yaml")
     if not cfg:
         return None
-    meta = quiet_csv(run / "meta.csv")
+    meta = quiet_table(META, run / "meta.csv")
+    if meta is not None:
+        images = f"{len(meta)} images"
+    else:
+        images = "invalid meta.csv" if (run / "meta.csv").is_file() else "unfinished (no meta.csv)"
     return {
         "imgsz": fmt(cfg.get("sizes", "")),
         "folds": str(cfg.get("n_folds", "")),
         "settings": settings_text(cfg, ["ext", "seed", "yolo_exclude_none"]),
-        "cv": f"{len(meta)} images" if meta is not None else "unfinished (no meta.csv)",
+        "cv": images,
     }
