@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from siimcovid import cli
-from siimcovid.config import ConfigError, load_config, parse_args
+from siimcovid.config import ConfigError, Schema, Setting, Spec, load_config, parse_args
 from siimcovid.stages import stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,23 +114,27 @@ def test_every_key_has_a_spec_and_its_default_passes():
             assert schema(stage).check(key, s.default) == s.default or s.default is None, (stage, key)
 
 
+def checked(spec_text: str, value):
+    """The value as a setting of type `spec_text` comes out of the check load_config makes (Schema.check)."""
+    spec = Spec.parse(spec_text)
+    return Schema("test", {"x": Setting("x", None, spec.text, frozenset(), "", spec)}).check("x", value)
+
+
 def test_spec_grammar_and_coercion(tmp_path):
-    from siimcovid.config import _NO, Spec
-
-    def ok(spec, value):
-        return Spec.parse(spec).accept(value)
-
-    assert ok("int >= 1", 3.0) == 3 and type(ok("int >= 1", 3.0)) is int
-    assert ok("int >= 1", 64.5) is _NO and ok("int", True) is _NO and ok("int", "3") is _NO
-    assert ok("float > 0", 1) == 1.0 and ok("float > 0", "1e-3") == 1e-3 and ok("float > 0", 0) is _NO
-    assert ok("float 0..1", 1) == 1.0 and ok("float 0..1", 1.5) is _NO
-    assert ok("bool", "true") is True and ok("bool", 1) is _NO
-    assert ok("str?", 123) == "123" and ok("str?", None) is None and ok("int >= 32?", None) is None
-    assert ok("all | int >= 0 | list[int >= 0]", "all") == "all" and ok("all | int >= 0 | list[int >= 0]", 2) == 2
-    assert ok("list[int >= 32]", 640) == [640] and ok("list[int >= 32]", []) == []
-    assert ok("list[oof | test]", "val") is _NO and ok("none | hflip", "none") == "none"
-    assert ok("list[float > 0] | map", {"yolov5x": 2}) == {"yolov5x": 2}
-    assert ok("any", object) is object and ok("map", [1]) is _NO
+    assert checked("int >= 1", 3.0) == 3 and type(checked("int >= 1", 3.0)) is int
+    assert checked("float > 0", 1) == 1.0 and checked("float > 0", "1e-3") == 1e-3 and checked("float 0..1", 1) == 1.0
+    assert checked("bool", "true") is True
+    assert checked("str?", 123) == "123" and checked("str?", None) is None and checked("int >= 32?", None) is None
+    assert checked("all | int >= 0 | list[int >= 0]", "all") == "all" and checked("all | int >= 0 | list[int >= 0]", 2) == 2
+    assert checked("list[int >= 32]", 640) == [640] and checked("list[int >= 32]", []) == []
+    assert checked("none | hflip", "none") == "none"
+    assert checked("list[float > 0] | map", {"yolov5x": 2}) == {"yolov5x": 2}
+    assert checked("any", object) is object
+    rejected = [("int >= 1", 64.5), ("int", True), ("int", "3"), ("float > 0", 0), ("float 0..1", 1.5), ("bool", 1),
+                ("list[oof | test]", "val"), ("map", [1])]
+    for spec_text, value in rejected:
+        with pytest.raises(ConfigError, match=r"test setting x=.*: expected "):
+            checked(spec_text, value)
     for bad in ("int >>= 1", "str > 1", "list[int", "a b"):
         with pytest.raises(ValueError):
             Spec.parse(bad)
@@ -273,8 +277,8 @@ def test_a_key_without_a_spec_is_an_error(tmp_path, monkeypatch):
 
 def test_a_registry_kind_is_a_choice_list():
     from siimcovid import registry
-    from siimcovid.config import _NO, Spec
 
     registry.register("config_test_kind", "alpha", "a")(lambda: None)
-    spec = Spec.parse("@config_test_kind")
-    assert spec.accept("alpha") == "alpha" and spec.accept("a") == "a" and spec.accept("beta") is _NO
+    assert checked("@config_test_kind", "alpha") == "alpha" and checked("@config_test_kind", "a") == "a"
+    with pytest.raises(ConfigError, match="expected one of alpha, a"):
+        checked("@config_test_kind", "beta")
