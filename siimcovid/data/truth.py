@@ -9,8 +9,17 @@ Sources, in order:
   * a SIIM root: its CSVs (fold -1: a root has no folds).
 
 `load_truth` gives one row per image (TRUTH_IMAGE_COLUMNS); `truth_rows` turns such rows into
-the metric's truth table (siimcovid.tables.TRUTH); `oof_truth(prepared, image_ids)` is both for
-out-of-fold images, as evaluate, fuse, detect predict, classify and run's baselines score them.
+the metric's truth table (siimcovid.tables.TRUTH), studies then images; `study_truth` and
+`image_truth` make either half. For the out-of-fold train images of a prepared dir,
+`oof_images(prepared, image_ids)` gives their rows of `load_truth` and `oof_truth` their metric rows.
+
+Who uses what:
+  * evaluate: load_truth + truth_rows (any split, a SIIM root or a prepared dir, one fold or all);
+  * detect predict: oof_images + image_truth (the detector's OOF opacity AP);
+  * classify predict: oof_images + study_truth / image_truth (the checkpoint scores), and
+    oof_truth (its scores_oof.csv);
+  * fuse and run (the baselines and the report's scores): oof_truth;
+  * report: oof_images (the truth boxes its sample grid draws).
 """
 
 from __future__ import annotations
