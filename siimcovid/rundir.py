@@ -1,5 +1,6 @@
-"""What every run folder shares: its fold folders, each fold's files, and the "were these folds
-trained with other settings?" check that guards skip and resume in detect and classify.
+"""What every run folder shares: its fold folders, each fold's files, the "has every fold finished
+training?" check before predicting, and the "were these folds trained with other settings?" check
+that guards skip and resume in detect and classify.
 
 A run of a per-fold stage is <project>/<name>/ with one folder fold<k>/ per trained fold.
 """
@@ -8,9 +9,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from siimcovid.utils import SiimError
+
+
+def fold_dir(run_dir: str | Path, fold: int) -> Path:
+    """The folder of fold k of a run: <run_dir>/fold<k>."""
+    return Path(run_dir) / f"fold{fold}"
 
 
 def fold_numbers(run_dir: str | Path) -> list[int]:
@@ -20,9 +26,36 @@ def fold_numbers(run_dir: str | Path) -> list[int]:
 
 def fold_files(run_dir: str | Path, relative: str) -> dict[int, Path]:
     """{k: fold<k>/<relative>} for the folds where that file exists (e.g. relative="weights/best.pt")."""
-    run_dir = Path(run_dir)
-    found = {k: run_dir / f"fold{k}" / relative for k in fold_numbers(run_dir)}
+    found = {k: fold_dir(run_dir, k) / relative for k in fold_numbers(run_dir)}
     return {k: p for k, p in found.items() if p.is_file()}
+
+
+def check_finished(
+    run_dir: str | Path, found: Mapping[int, Path], is_done: Callable[[Path], bool], allow_unfinished: bool, stage: str
+) -> None:
+    """Refuse to predict with folds still training (or killed), unless allow_unfinished.
+
+    found: {k: checkpoint} of the folds to predict with; is_done(fold folder) says whether fold k finished;
+    stage: the stage whose `train` finishes them (detect, classify).
+    """
+    unfinished = [k for k in found if not is_done(fold_dir(run_dir, k))]  # asked even when allowed: it may fail
+    if unfinished and not allow_unfinished:
+        raise SiimError(
+            f"{run_dir}: folds {unfinished} have not finished training: re-run `siimcovid {stage} train` to finish them, "
+            "or predict with their checkpoints so far with allow_unfinished=true"
+        )
+
+
+def fold_checkpoints(
+    run_dir: str | Path, relative: str, is_done: Callable[[Path], bool], allow_unfinished: bool, stage: str
+) -> dict[int, Path]:
+    """{k: fold<k>/<relative>} of every fold that has that checkpoint (e.g. "weights/best.pt"): an error when
+    no fold has one, or when one of them has not finished training and allow_unfinished is false."""
+    found = fold_files(run_dir, relative)
+    if not found:
+        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/{relative}): run `siimcovid {stage} train` first")
+    check_finished(run_dir, found, is_done, allow_unfinished, stage)
+    return found
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -627,7 +627,7 @@ def test_combine_mean_geomean_rank():
     assert P.combine([a, b], "mean", weights=[3, 1]).set_index("study_id").loc["s1", "negative"] == pytest.approx(0.3)
     with pytest.raises(SiimError, match="same study_id"):
         P.combine([a, table("c", [0.1, 0.2, 0.3]).assign(study_id=["s1", "s2", "x"])], "mean")
-    with pytest.raises(SiimError, match="ensemble=vote"):
+    with pytest.raises(SiimError, match="ensemble method 'vote'"):  # siimcovid.ensemble's own check
         P.combine([a, b], "vote")
 
 
@@ -739,6 +739,32 @@ def test_finished_folds_are_not_skipped_under_other_training_settings(trained, p
     main(tiny_cfg(prepared, run.parent, **same, workers=1))  # where it runs may change: fold 0 is skipped
 
 
+def test_fold_checkpoints_need_done_json_unless_allowed(tmp_path):
+    run = tmp_path / "run"
+    for k in (0, 1):
+        (run / f"fold{k}").mkdir(parents=True)
+        (run / f"fold{k}" / "best.pt").write_text("weights")
+    (run / "fold0" / P.DONE).write_text("{}")  # what `classify train` writes last
+    with pytest.raises(SiimError, match=r"folds \[1\] have not finished training: re-run `siimcovid classify train`"):
+        P.fold_checkpoints(run)
+    assert P.fold_checkpoints(run, allow_unfinished=True) == {0: run / "fold0" / "best.pt", 1: run / "fold1" / "best.pt"}
+    with pytest.raises(SiimError, match=r"no trained fold \(no fold<k>/last.pt\)"):
+        P.fold_checkpoints(run, weights="last")
+    (run / "fold1" / P.DONE).write_text("{}")
+    assert list(P.fold_checkpoints(run)) == [0, 1]
+
+
+def test_wave_plan_one_later_wave_per_fine_lr():
+    from siimcovid.classify.train import wave_plan
+
+    cfg = load_config("classify", {"epochs": 3, "lr": 1e-3, "warmup_epochs": 1, "fine_lr": [1e-4, 1e-5], "fine_epochs": 2})
+    assert wave_plan(cfg) == [(1e-3, 3, 1), (1e-4, 2, 0), (1e-5, 2, 0)]
+    assert wave_plan(load_config("classify", {"fine_lr": []})) == [(1e-3, 12, 1)]
+    assert wave_plan(load_config("classify", {"fine_epochs": 0})) == [(1e-3, 12, 1)]
+    with pytest.raises(SiimError, match="fine_lr"):  # 0 (the old "one wave") is refused when the config loads
+        load_config("classify", ["fine_lr=0"])
+
+
 def test_predict_unknown_run(tmp_path):
     with pytest.raises(SiimError, match="run 'nope' not found"):
         run_cli("predict", "run=nope", f"project={tmp_path}")
@@ -802,7 +828,7 @@ def test_predict_with_the_last_epoch_weights(trained, tmp_path):
     torch.save({"model": last["ema"], "model_cfg": last["model_cfg"], "folds_id": last["folds_id"]}, copy / "fold0" / "best.pt")
     as_best, _ = predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="best")
     np.testing.assert_allclose(with_last[STUDY_CLASSES], as_best[STUDY_CLASSES], atol=1e-6)
-    with pytest.raises(SiimError, match="weights=final: expected one of best, last"):
+    with pytest.raises(SiimError, match=r"no trained fold \(no fold<k>/final.pt\)"):  # the config only allows best, last
         predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="final")
 
 

@@ -140,6 +140,50 @@ def test_interrupted_fold_resumes_from_last_checkpoint(prepared, project):
     assert not (project / "resume" / "fold0").exists()  # fold=2 trained that fold only
 
 
+def test_a_resume_passes_on_the_train_keys_that_may_change_and_refuses_the_others(tmp_path, monkeypatch):
+    # batch is a training setting (not tagged runtime): a changed batch is refused before a resume, as before,
+    # and the resume keeps the checkpoint's batch; device, workers and plots may change and go to Ultralytics
+    from siimcovid.detect import train as train_module
+
+    assert set(train_module.RESUME_KEYS) == {"device", "workers", "plots"}
+    trained_with = {"epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu", "workers": 0, "pretrained": False, "plots": False}
+    other = {"epochs": 2, "imgsz": 128, "batch": 16, "device": 0, "workers": 4, "pretrained": True, "plots": True}
+    assert set(other) == set(TRAIN_KEYS)
+    folder = tmp_path / "fold0"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "args.yaml").write_text(yaml.safe_dump({**trained_with, "model": "yolov5n.yaml", "mosaic": 1.0}))
+    for key in TRAIN_KEYS:
+        now = {**trained_with, "mosaic": 1.0, key: other[key]}
+        if key in train_module.RESUME_KEYS:
+            train_module.check_fold_settings(folder, now, "yolov5n.yaml")
+        else:
+            with pytest.raises(SiimError, match=rf"fold0 was trained with {key}=.* \(now {other[key]}\)"):
+                train_module.check_fold_settings(folder, now, "yolov5n.yaml")
+
+    calls = []
+
+    class FakeYOLO:  # records what a resume hands to Ultralytics
+        def __init__(self, weights):
+            calls.append(Path(weights))
+
+        def train(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(train_module, "YOLO", FakeYOLO)
+    now = {**trained_with, "mosaic": 1.0, "device": 0, "workers": 4}
+    done = train_module.train_fold(now, "yolov5n.yaml", tmp_path / "d_fold0.yaml", tmp_path, 0, "map50", state="partial")
+    assert done == "resumed"
+    assert calls[0] == folder / "weights" / "last.pt"
+    assert calls[1] == {
+        "resume": True,
+        "data": str(tmp_path / "d_fold0.yaml"),
+        "device": 0,
+        "workers": 4,
+        "plots": False,
+        "trainer": train_module.Map50Trainer,
+    }
+
+
 # --- presets ----------------------------------------------------------------------------------------------
 
 
@@ -362,6 +406,38 @@ def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
     assert {k: preset[k] for k in best} == best
     assert preset["optimizer"] == "SGD" and preset["close_mosaic"] == 0  # the rest of the starting preset
     get_cfg(DEFAULT_CFG_DICT, preset)  # and a valid plain Ultralytics cfg
+
+
+def test_evolve_continues_a_tuning_run_only_under_its_settings(prepared, tmp_path, monkeypatch):
+    # no training: Ultralytics' tune is replaced by one that writes what a finished iteration leaves
+    from ultralytics.engine.model import Model
+
+    calls = []
+
+    def fake_tune(self, **kwargs):
+        calls.append(kwargs)
+        tune = Path(kwargs["project"]) / kwargs["name"]
+        tune.mkdir(parents=True, exist_ok=True)
+        (tune / "tune_results.ndjson").write_text(json.dumps({"iteration": 1, "fitness": 0.1}) + "\n")
+        (tune / "best_hyperparameters.yaml").write_text("mosaic: 0.9\n")
+
+    monkeypatch.setattr(Model, "tune", fake_tune)
+    base = [f"data={prepared}", *TINY, f"project={tmp_path}", "name=evo", "fold=1", "hyp=yolov5m"]
+    out = detect("evolve", *base, "iterations=2")
+    assert calls[-1]["resume"] is False and load_hyp(str(out))["mosaic"] == 0.9
+    saved = (tmp_path / "evo" / "detect.yaml").read_text()
+
+    with pytest.raises(SiimError, match=r"evo was trained with epochs=1 \(now 2\): use another name=, or delete .*tune"):
+        detect("evolve", *[a for a in base if not a.startswith("epochs=")], "epochs=2", "iterations=2")
+    with pytest.raises(SiimError, match=r"trained with hyp=yolov5m \(now yolov5x-mixup\), hyp_values="):
+        detect("evolve", *[a for a in base if not a.startswith("hyp=")], "hyp=yolov5x-mixup", "iterations=2")
+    assert (tmp_path / "evo" / "detect.yaml").read_text() == saved  # still the settings of the iterations so far
+    assert len(calls) == 1
+
+    # more iterations and other runtime settings: the tuning continues where it stopped
+    detect("evolve", *[a for a in base if not a.startswith("workers=")], "workers=1", "iterations=4")
+    assert calls[-1]["resume"] is True and calls[-1]["iterations"] == 4
+    assert yaml.safe_load((tmp_path / "evo" / "detect.yaml").read_text())["iterations"] == 4
 
 
 # --- errors and the CLI -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
-WEIGHTS = ("best", "last")
+DONE = "done.json"  # fold<k>/done.json, written last by `classify train`: the fold is finished
 
 
 # ---------------------------------------------------------------- tables (no torch needed)
@@ -51,8 +51,6 @@ def study_table(images: pd.DataFrame) -> pd.DataFrame:
 def combine(tables: list[pd.DataFrame], method: str = "mean", weights: list[float] | None = None) -> pd.DataFrame:
     """Combine several runs' image or study tables (same ids, any row order) into one table of the same schema:
     the probability columns by siimcovid.ensemble.combine, model = the members' names joined by '+'."""
-    if method not in ensemble.methods():
-        raise SiimError(f"ensemble={method}: expected one of {', '.join(ensemble.methods())}")
     if not tables:
         raise SiimError("combine: no tables given")
     key = "image_id" if "image_id" in tables[0].columns else "study_id"
@@ -173,20 +171,14 @@ def resolve_run(run, project: str | Path) -> Path:
     raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
 
 
+def fold_done(fold_dir: Path) -> bool:
+    """A fold whose training finished: `classify train` wrote its done.json last."""
+    return (fold_dir / DONE).is_file()
+
+
 def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False, weights: str = "best") -> dict[int, Path]:
     """best.pt (or last.pt) of every fold; a fold still training (no done.json) is an error unless allowed."""
-    if weights not in WEIGHTS:
-        raise SiimError(f"weights={weights}: expected one of {', '.join(WEIGHTS)}")
-    found = rundir.fold_files(run_dir, f"{weights}.pt")
-    if not found:
-        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/{weights}.pt): run `siimcovid classify train` first")
-    unfinished = [k for k in found if not (run_dir / f"fold{k}" / "done.json").is_file()]
-    if unfinished and not allow_unfinished:
-        raise SiimError(
-            f"{run_dir}: folds {unfinished} have not finished training (no done.json): re-run `classify train` to finish "
-            "them, or predict with their best checkpoint so far with allow_unfinished=true"
-        )
-    return found
+    return rundir.fold_checkpoints(run_dir, f"{weights}.pt", fold_done, allow_unfinished, "classify")
 
 
 def checkpoint_folds_id(path: Path, ckpt: dict) -> str | None:
@@ -270,12 +262,7 @@ def predict_run(
         tta,
         {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"},
     )
-    if split == "oof":
-        images = predict_oof(prep, size, ckpts, run_dir.name, how)
-    elif split == "test":
-        images = predict_test(prep, size, ckpts, run_dir.name, how)
-    else:
-        raise SiimError(f"split={split}: expected oof or test")
+    images = (predict_oof if split == "oof" else predict_test)(prep, size, ckpts, run_dir.name, how)
     return images, study_table(images)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from siimcovid.classify.predict import DONE
 from siimcovid.rundir import fold_files
 from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
 
@@ -21,7 +22,7 @@ def describe(run: Path) -> dict | None:
     return {
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
-        "folds": fmt(sorted(fold_files(run, "done.json"))),
+        "folds": fmt(sorted(fold_files(run, DONE))),
         "settings": settings_text(cfg, SETTINGS),
         "cv_value": study_map,
         "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",

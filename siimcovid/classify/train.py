@@ -103,9 +103,8 @@ def default_callbacks() -> dict[str, list[Callable]]:
 
 def wave_plan(cfg) -> list[tuple[float, int, int]]:
     """[(lr, epochs, warmup_epochs)] per wave; later waves restart from the best checkpoint, no warmup."""
-    fine = [] if cfg.fine_lr in (None, 0) else as_list(cfg.fine_lr)
     waves = [(cfg.lr, cfg.epochs, cfg.warmup_epochs)]
-    waves += [(lr, cfg.fine_epochs, 0) for lr in fine if cfg.fine_epochs > 0]
+    waves += [(lr, cfg.fine_epochs, 0) for lr in cfg.fine_lr if cfg.fine_epochs > 0]
     return waves
 
 
@@ -528,7 +527,7 @@ class FoldTrainer:
             "epochs": epochs,
         }
         if self.d.is_main:
-            atomic_write_text(self.dir / "done.json", json.dumps(summary, indent=1))
+            atomic_write_text(self.dir / P.DONE, json.dumps(summary, indent=1))
         self.d.barrier()
         return summary
 
@@ -552,8 +551,8 @@ def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
 
 def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist, callbacks: dict | None) -> dict:
     """One fold: skipped when finished before (resume), else trained or resumed in fold<k>/."""
-    fold_dir = run_dir / f"fold{fold}"
-    done = fold_dir / "done.json"
+    fold_dir = rundir.fold_dir(run_dir, fold)
+    done = fold_dir / P.DONE
     if cfg.resume and done.is_file():
         result = json.loads(done.read_text())
         if d.is_main:
@@ -590,8 +589,8 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
 
 def report_oof(prep: Prepared, run_dir: Path) -> None:
     """When every fold is finished, print the OOF study mAP of the best checkpoints (no TTA)."""
-    files = [run_dir / f"fold{k}" / "val_pred_image.csv" for k in range(prep.n_folds)]
-    if not all((f.parent / "done.json").is_file() and f.is_file() for f in files):
+    files = [rundir.fold_dir(run_dir, k) / "val_pred_image.csv" for k in range(prep.n_folds)]
+    if not all(P.fold_done(f.parent) and f.is_file() for f in files):
         return
     images = pd.concat([CLASSIFIER_IMAGES.read(f) for f in files], ignore_index=True)
     LOGGER.info(

@@ -28,6 +28,9 @@ RUN_CONFIG = "detect.yaml"
 TRAIN_KEYS = ("epochs", "imgsz", "batch", "device", "workers", "pretrained", "plots")
 # Ultralytics keys siimcovid sets itself (per fold); a user setting them would break skip/resume.
 MANAGED_KEYS = {"data", "model", "project", "name", "exist_ok", "resume", "mode", "task", "save_dir", "source"}
+# Ultralytics-only settings that do not change what a fold learns (siimcovid's own are config.runtime_keys("detect")):
+# a finished or interrupted fold (or tuning run) may differ in them.
+ULTRALYTICS_RUNTIME_KEYS = frozenset({"verbose", "cache", "save_period", "exist_ok", "data", "resume"})
 
 
 def ultralytics_keys() -> set[str]:

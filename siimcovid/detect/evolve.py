@@ -13,8 +13,9 @@ stays in <project>/<name>/ (default name <dataset>-<model stem>-evolve):
     hyp_evolved.yaml                  the starting preset updated with the best values: a preset that
                                       `siimcovid detect train hyp=<that path>` (and `yolo ... cfg=`) accepts
 
-Re-running the same command continues from the last finished iteration up to `iterations`.
-Fitness is Ultralytics' (validation mAP50-95 of each short run).
+Re-running the same command continues from the last finished iteration up to `iterations`
+(`iterations`, `export` and the runtime settings may change; any other setting is refused: the
+iterations so far were trained under it). Fitness is Ultralytics' (validation mAP50-95 of each short run).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from siimcovid.config import Config, read_yaml
+from siimcovid.config import Config, read_yaml, runtime_keys
 from siimcovid.detect.common import (
     RUN_CONFIG,
+    ULTRALYTICS_RUNTIME_KEYS,
     check_model,
     check_run_dataset,
     load_hyp,
@@ -35,7 +37,11 @@ from siimcovid.detect.common import (
     train_args,
     ultralytics_keys,
 )
+from siimcovid.rundir import changed_settings, refuse_changed
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+
+RESULTS = "tune_results.ndjson"  # Ultralytics' record of the iterations so far: its presence means resume
+CONTINUE_KEYS = frozenset({"iterations", "export"})  # a resumed tuning may run longer, or export elsewhere
 
 
 def load_space(space: Any) -> dict[str, tuple]:
@@ -59,6 +65,17 @@ def evolve_fold(fold: Any, folds: list[int]) -> int:
     if isinstance(fold, list) and len(folds) > 1:
         raise SiimError(f"evolve tunes on one fold; got fold={fold}")
     return folds[0]
+
+
+def check_tuning_settings(run_dir: Path, tune_dir: Path, saved: Config) -> None:
+    """Refuse to continue a tuning run under other settings than its iterations so far were trained with
+    (before its detect.yaml is saved over)."""
+    old_file = run_dir / RUN_CONFIG
+    if not (tune_dir / RESULTS).is_file() or not old_file.is_file():
+        return
+    new = yaml.safe_load(saved.to_yaml())  # as it would be saved: plain values, like the old file's
+    changed = changed_settings(read_yaml(old_file), new, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS | CONTINUE_KEYS)
+    refuse_changed(run_dir, changed, f"use another name=, or delete {tune_dir} to tune again")
 
 
 def export_preset(best_file: Path, start: dict, hyp_name: str | None, out: Path) -> Path:
@@ -89,7 +106,7 @@ def evolve(cfg: Config) -> Path:
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     tune_dir = run_dir / "tune"
-    Config(
+    saved = Config(
         cfg,
         mode="evolve",
         name=name,
@@ -100,7 +117,9 @@ def evolve(cfg: Config) -> Path:
         data_yaml=str(data_yaml.resolve()),
         hyp_values=hyp,
         space={k: list(v) for k, v in space.items()},
-    ).save(run_dir / RUN_CONFIG)
+    )
+    check_tuning_settings(run_dir, tune_dir, saved)
+    saved.save(run_dir / RUN_CONFIG)
 
     LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
     YOLO(model).tune(
@@ -109,7 +128,7 @@ def evolve(cfg: Config) -> Path:
         space=space,
         project=str(run_dir),
         name=tune_dir.name,
-        resume=(tune_dir / "tune_results.ndjson").is_file(),
+        resume=(tune_dir / RESULTS).is_file(),
         **args,
     )
     best = tune_dir / "best_hyperparameters.yaml"

@@ -39,7 +39,7 @@ from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import image_truth, oof_images
 from siimcovid.detect.common import RUN_CONFIG, device_arg, fold_state, passthrough, prepared_of_yaml
-from siimcovid.rundir import fold_files
+from siimcovid.rundir import fold_checkpoints, fold_dir
 from siimcovid.tables import BOX_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
 
@@ -59,20 +59,17 @@ class Run:
         return self.dir.name
 
 
+def fold_done(fold_dir: Path) -> bool:
+    """A fold whose training finished (its last.pt says so)."""
+    return fold_state(fold_dir) == "done"
+
+
 def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool = False) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
-    found = fold_files(run_dir, f"weights/{weights}.pt")
-    if not found:
-        raise SiimError(f"{run_dir} has no trained fold (no fold<k>/weights/{weights}.pt)")
-    unfinished = [k for k in found if fold_state(run_dir / f"fold{k}") != "done"]
-    if unfinished and not allow_unfinished:
-        raise SiimError(
-            f"{run_dir}: folds {unfinished} have not finished training: re-run `detect train` to finish them, "
-            "or predict with their checkpoints so far with allow_unfinished=true"
-        )
-    args_files = {k: run_dir / f"fold{k}" / "args.yaml" for k in found}
+    found = fold_checkpoints(run_dir, f"weights/{weights}.pt", fold_done, allow_unfinished, "detect")
+    args_files = {k: fold_dir(run_dir, k) / "args.yaml" for k in found}
     args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}
     saved = run_dir / RUN_CONFIG
     cfg = {}
@@ -124,7 +121,7 @@ def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, 
         results = yolo.predict([str(p) for p in paths[start : start + batch]], **args)
         for image_id, result in zip(chunk, results):
             found = boxes_to_original(result, int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"]))
-            frame = pd.DataFrame(found, columns=["x_min", "y_min", "x_max", "y_max", "conf"])
+            frame = pd.DataFrame(found, columns=[*BOX_COLUMNS, "conf"])
             frame.insert(0, "image_id", image_id)
             frames.append(frame)
         bar.update(len(chunk))

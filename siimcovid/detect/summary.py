@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from siimcovid.rundir import fold_numbers
+from siimcovid.rundir import fold_dir, fold_numbers
 from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
 
 SETTINGS = ["hyp", "epochs", "batch"]  # of detect.yaml
@@ -19,7 +19,7 @@ def describe(run: Path) -> dict | None:
         return None
     folds = fold_numbers(run)
     # what a fold really trained with (preset + overrides), as Ultralytics recorded it
-    used = quiet_yaml(run / f"fold{folds[0]}" / "args.yaml") if folds else {}
+    used = quiet_yaml(fold_dir(run, folds[0]) / "args.yaml") if folds else {}
     used = used or cfg.get("hyp_values") or {}
     ap = score(overall_scores(run), "opacity")
     return {

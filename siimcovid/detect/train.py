@@ -21,6 +21,8 @@ from siimcovid.config import Config, runtime_keys
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import (
     RUN_CONFIG,
+    TRAIN_KEYS,
+    ULTRALYTICS_RUNTIME_KEYS,
     check_model,
     check_run_dataset,
     fold_state,
@@ -29,12 +31,15 @@ from siimcovid.detect.common import (
     select_folds,
     train_args,
 )
-from siimcovid.rundir import changed_settings, refuse_changed
+from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER
 
 MAP50 = "metrics/mAP50(B)"
-RESUME_KEYS = ("device", "workers", "batch", "plots")  # what Ultralytics lets a resume change
+# What a resume passes on to Ultralytics (it lets a resume change these): the train keys that may differ between a
+# run and its resume. The others, batch included, are refused by check_fold_settings when changed, so the
+# resumed fold keeps them from its checkpoint.
+RESUME_KEYS = tuple(k for k in TRAIN_KEYS if k in runtime_keys("detect"))
 
 
 class Map50Trainer(DetectionTrainer):
@@ -53,30 +58,19 @@ class Map50Trainer(DetectionTrainer):
         return metrics, fitness
 
 
-TRAINERS = {"map50": Map50Trainer, "map50-95": DetectionTrainer}
+TRAINERS = {"map50": Map50Trainer, "map50-95": DetectionTrainer}  # by detect.yaml's `fitness`, whose spec lists these
 
 
-def trainer_class(fitness: str):
-    if fitness not in TRAINERS:
-        raise SiimError(f"fitness must be one of {list(TRAINERS)}, got '{fitness}'")
-    return TRAINERS[fitness]
-
-
-# Ultralytics-only settings that do not change what a fold learns (siimcovid's own are config.runtime_keys("detect")):
-# a finished or interrupted fold may differ in them.
-ULTRALYTICS_RUNTIME_KEYS = frozenset({"verbose", "cache", "save_period", "exist_ok", "data", "resume"})
-
-
-def check_fold_settings(fold_dir: Path, cfg_args: dict, model: str) -> None:
+def check_fold_settings(folder: Path, cfg_args: dict, model: str) -> None:
     """Refuse to skip or resume a fold trained with other settings (its scores would be reported under the new ones)."""
-    saved = fold_dir / "args.yaml"
+    saved = folder / "args.yaml"
     if not saved.is_file():
         return
     old = yaml.safe_load(saved.read_text()) or {}
     changed = changed_settings(old, cfg_args, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS)
     if old.get("model") and Path(str(old["model"])).name != Path(model).name:
         changed.insert(0, ("model", old["model"], model))
-    refuse_changed(fold_dir, changed, f"use another name=, or delete {fold_dir} to train it again")
+    refuse_changed(folder, changed, f"use another name=, or delete {folder} to train it again")
 
 
 def train_fold(
@@ -93,20 +87,20 @@ def train_fold(
 
     `state`: the fold's fold_state when the caller has it (it loads last.pt, which is large).
     """
-    fold_dir = run_dir / f"fold{fold}"
-    state = state or fold_state(fold_dir)
+    folder = fold_dir(run_dir, fold)
+    state = state or fold_state(folder)
     if state == "done":
-        LOGGER.info(f"detect: {fold_dir} is finished, skipping (delete it to train again)")
+        LOGGER.info(f"detect: {folder} is finished, skipping (delete it to train again)")
         return "skipped"
-    trainer = trainer_class(fitness)
+    trainer = TRAINERS[fitness]
     if state == "partial":
-        LOGGER.info(f"detect: resuming {fold_dir} from weights/last.pt")
-        yolo = YOLO(str(fold_dir / "weights" / "last.pt"))
+        LOGGER.info(f"detect: resuming {folder} from weights/last.pt")
+        yolo = YOLO(str(folder / "weights" / "last.pt"))
         kwargs = {"resume": True, "data": str(data_yaml), **{k: cfg_args[k] for k in RESUME_KEYS if k in cfg_args}}
     else:
-        LOGGER.info(f"detect: training fold {fold} -> {fold_dir}")
+        LOGGER.info(f"detect: training fold {fold} -> {folder}")
         yolo = YOLO(model)
-        kwargs = {**cfg_args, "data": str(data_yaml), "project": str(run_dir), "name": fold_dir.name, "exist_ok": True}
+        kwargs = {**cfg_args, "data": str(data_yaml), "project": str(run_dir), "name": folder.name, "exist_ok": True}
     for event, fn in (callbacks or {}).items():
         yolo.add_callback(event, fn)
     yolo.train(trainer=trainer, **kwargs)
@@ -117,7 +111,7 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     """Best validation mAP@0.5 and mAP50-95 per fold, from each fold's results.csv."""
     rows = []
     for k in folds:
-        csv = run_dir / f"fold{k}" / "results.csv"
+        csv = fold_dir(run_dir, k) / "results.csv"
         if not csv.is_file():
             continue
         res = read_csv(csv, [], text=[])  # Ultralytics' numbers, inferred
@@ -143,7 +137,6 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     model = check_model(cfg.model)
     if isinstance(cfg.pretrained, str):
         check_model(cfg.pretrained)
-    trainer_class(cfg.fitness)
     hyp = load_hyp(cfg.hyp)
     args = train_args(cfg, hyp)
     name = cfg.name or f"{source.name}-{Path(model).stem}"
@@ -161,10 +154,10 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         hyp_values=hyp,
         folds_id=Prepared(source.prepared).folds_id,
     )
-    states = {k: fold_state(run_dir / f"fold{k}") for k in folds}
+    states = {k: fold_state(fold_dir(run_dir, k)) for k in folds}
     for k in folds:  # before the run's settings are saved over those the folds were trained with
         if states[k] in ("done", "partial"):
-            check_fold_settings(run_dir / f"fold{k}", args, model)
+            check_fold_settings(fold_dir(run_dir, k), args, model)
     saved.save(run_dir / RUN_CONFIG)
 
     done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
