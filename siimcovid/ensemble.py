@@ -36,9 +36,9 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-MEAN = registry.register("ensemble", "mean")(Method(_identity, _identity))
-GEOMETRIC = registry.register("ensemble", "geometric", "geomean")(Method(lambda x: np.log(np.clip(x, EPS, 1.0)), np.exp))
-RANK = registry.register("ensemble", "rank")(Method(lambda x: pd.DataFrame(x).rank(pct=True).to_numpy(), _identity))
+registry.register("ensemble", "mean")(Method(_identity, _identity))
+registry.register("ensemble", "geometric", "geomean")(Method(lambda x: np.log(np.clip(x, EPS, 1.0)), np.exp))
+registry.register("ensemble", "rank")(Method(lambda x: pd.DataFrame(x).rank(pct=True).to_numpy(), _identity))
 
 
 def methods() -> list[str]:

@@ -43,6 +43,8 @@ import pandas as pd
 from siimcovid.tables import (
     BOX_COLUMNS,
     CLASSES,
+    FLOAT,
+    FUSED_BOXES,
     IMAGE_CLASSES,
     IMAGE_SUFFIX,
     PREDICTIONS,
@@ -52,10 +54,15 @@ from siimcovid.tables import (
     TRUTH,
     WHOLE,
 )
-from siimcovid.utils import SiimError
+from siimcovid.utils import SiimError, as_list
 
 TRUTH_COLUMNS = TRUTH.names  # id, cls, x_min, y_min, x_max, y_max (siimcovid.data.truth builds these rows)
 PRED_COLUMNS = PREDICTIONS.names  # id, cls, conf, x_min, y_min, x_max, y_max
+# A table of opacity boxes, one per row in original px: what `image_pred` turns into prediction rows,
+# what WBF returns; tables.FUSED_BOXES without its wbf_conf.
+BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id, conf, x_min, y_min, x_max, y_max
+# What a score reports, in table order (tables.SCORES' numbers): AP per class, study_map, image_map, final.
+SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT]
 CLASS_GROUPS = {"study": STUDY_CLASSES, "image": IMAGE_CLASSES, "all": CLASSES}
 
 
@@ -116,14 +123,19 @@ def match_predictions(t_row, t_box, p_row, p_box, p_conf, iou_threshold: float =
     return tp, p_conf
 
 
-def _ap_from_tp(tp: np.ndarray, n_truth: int) -> float:
+def precision_recall(tp: np.ndarray, n_truth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative recall and precision at each ranked prediction (tp: TP flags in rank order)."""
+    ctp = np.cumsum(tp)
+    return ctp / n_truth, ctp / np.arange(1, len(tp) + 1)
+
+
+def ap_from_tp(tp: np.ndarray, n_truth: int) -> float:
+    """VOC 2010 AP of one class from its TP flags in rank order (nan without truth, 0 without predictions)."""
     if n_truth == 0:
         return math.nan
     if len(tp) == 0:
         return 0.0
-    ctp = np.cumsum(tp)
-    rank = np.arange(1, len(tp) + 1)
-    return voc_ap(ctp / n_truth, ctp / rank)
+    return voc_ap(*precision_recall(tp, n_truth))
 
 
 def _check_table(df: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -157,11 +169,21 @@ class _Prepared:
         present = list(pd.unique(self.t_cls))
         return [c for c in CLASSES if c in present] + sorted(c for c in present if c not in CLASSES)
 
-    def ap(self, cls: str, iou_threshold: float) -> tuple[float, int, int]:
+    def matches(self, cls: str, iou_threshold: float) -> tuple[np.ndarray, int, int]:
+        """TP flags of the class's scored predictions in rank order, its truth boxes, its predictions."""
         t, p = self.t_cls == cls, self.p_cls == cls
         tp, _ = match_predictions(self.t_code[t], self.t_box[t], self.p_code[p], self.p_box[p], self.p_conf[p], iou_threshold)
-        n_truth = int(t.sum())
-        return _ap_from_tp(tp, n_truth), n_truth, int(p.sum())
+        return tp, int(t.sum()), int(p.sum())
+
+    def ap(self, cls: str, iou_threshold: float) -> tuple[float, int, int]:
+        tp, n_truth, n_pred = self.matches(cls, iou_threshold)
+        return ap_from_tp(tp, n_truth), n_truth, n_pred
+
+
+def class_matches(truth: pd.DataFrame, pred: pd.DataFrame, cls: str, iou_threshold: float = 0.5) -> tuple[np.ndarray, int]:
+    """The metric's matching of one class: TP flags of its scored predictions in rank order, and its number of truth boxes."""
+    tp, n_truth, _ = _Prepared(truth, pred).matches(cls, iou_threshold)
+    return tp, n_truth
 
 
 def average_precision(truth: pd.DataFrame, pred: pd.DataFrame, cls: str, iou_threshold: float = 0.5) -> float:
@@ -208,6 +230,11 @@ class Score:
             columns=["class", "AP", "n_truth", "n_pred"],
         )
 
+    def row(self) -> dict:
+        """The score as a table row (SCORE_COLUMNS: AP per class scored, study_map, image_map, final);
+        a class not scored has no key. The rows of scores_oof.csv, of run's CV table and of tune's trials."""
+        return {**self.ap, "study_map": self.study_map, "image_map": self.image_map, "final": self.final}
+
     def to_dict(self) -> dict:
         """JSON-ready; nan becomes None."""
         clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
@@ -239,10 +266,8 @@ def resolve_classes(classes) -> list[str] | None:
     """None | 'study' | 'image' | 'all' | a class | a list of those -> list of class names (None = all present)."""
     if classes is None:
         return None
-    if isinstance(classes, str):
-        classes = [classes]
     out: list[str] = []
-    for c in classes:
+    for c in as_list(classes):
         out += CLASS_GROUPS.get(c, [c])
     return out
 
@@ -265,13 +290,31 @@ def score(truth: pd.DataFrame, pred: pd.DataFrame, classes=None, iou_threshold: 
 
 
 # ----------------------------------------------------------------------------- tidy builders
-def _whole_rows(ids, classes, conf) -> pd.DataFrame:
+def whole_rows(ids, classes, conf=None) -> pd.DataFrame:
+    """Rows of whole-image classes (the study classes, none) with the box 0 0 1 1: truth rows
+    (TRUTH_COLUMNS) without conf, prediction rows (PRED_COLUMNS) with one conf per row."""
     n = len(ids)
     out = {"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)}
-    out["conf"] = np.asarray(conf, dtype=np.float64)
+    if conf is not None:
+        out["conf"] = np.asarray(conf, dtype=np.float64)
     for c, v in zip(BOX_COLUMNS, WHOLE):
         out[c] = np.full(n, v)
-    return pd.DataFrame(out, columns=PRED_COLUMNS)
+    return pd.DataFrame(out, columns=TRUTH_COLUMNS if conf is None else PRED_COLUMNS)
+
+
+def study_mean(images: pd.DataFrame, columns: list[str], by="study_id", sort: bool = False) -> pd.DataFrame:
+    """THE study probability: the mean of `columns` over each study's rows (one per image, or
+    per model and image); one row per study (per `by`: a key or a list of keys), indexed by it,
+    in order of first appearance (sort=False) or of the keys (sort=True)."""
+    return images.groupby(by, sort=sort)[columns].mean()
+
+
+def class_priors(studies: pd.DataFrame) -> dict[str, float]:
+    """The study classes' frequencies over the studies of these rows (study_id, study_label; one row
+    per study, or per image): what a study gets without a classifier."""
+    labels = studies.drop_duplicates("study_id")["study_label"]
+    counts = labels.value_counts()
+    return {c: float(counts.get(c, 0)) / max(len(labels), 1) for c in STUDY_CLASSES}
 
 
 def study_pred(df: pd.DataFrame) -> pd.DataFrame:
@@ -286,22 +329,22 @@ def study_pred(df: pd.DataFrame) -> pd.DataFrame:
     probs = df[["study_id", *STUDY_CLASSES]].copy()
     probs["study_id"] = probs["study_id"].astype(str)
     if probs.study_id.duplicated().any():
-        probs = probs.groupby("study_id", sort=False, as_index=False)[STUDY_CLASSES].mean()
+        probs = study_mean(probs, STUDY_CLASSES).reset_index()
     values = probs[STUDY_CLASSES].to_numpy(dtype=np.float64)  # (n, 4)
     ids = np.repeat((probs.study_id + STUDY_SUFFIX).to_numpy(), len(STUDY_CLASSES))
     classes = np.tile(STUDY_CLASSES, len(probs))
-    return _whole_rows(ids, classes, values.reshape(-1))
+    return whole_rows(ids, classes, values.reshape(-1))
 
 
 def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Opacity boxes (image_id, conf, x_min, y_min, x_max, y_max; original px) and optional
-    none probabilities (image_id, none) -> pred rows."""
+    """Opacity boxes (BOX_PRED_COLUMNS: image_id, conf, x_min, y_min, x_max, y_max; original px) and
+    optional none probabilities (image_id, none) -> pred rows."""
     parts = []
     if boxes_df is not None and len(boxes_df):
-        missing = [c for c in ["image_id", "conf", *BOX_COLUMNS] if c not in boxes_df.columns]
+        missing = [c for c in BOX_PRED_COLUMNS if c not in boxes_df.columns]
         if missing:
             raise SiimError(f"box prediction table lacks column(s) {missing}")
-        part = boxes_df[["image_id", "conf", *BOX_COLUMNS]].copy()
+        part = boxes_df[BOX_PRED_COLUMNS].copy()
         part.insert(0, "id", part.pop("image_id").astype(str) + IMAGE_SUFFIX)
         part.insert(1, "cls", "opacity")
         parts.append(part.astype({"conf": np.float64, **{c: np.float64 for c in BOX_COLUMNS}}))
@@ -310,7 +353,7 @@ def image_pred(boxes_df: pd.DataFrame | None, none_df: pd.DataFrame | None = Non
         if missing:
             raise SiimError(f"none prediction table lacks column(s) {missing}")
         parts.append(
-            _whole_rows(none_df.image_id.astype(str) + IMAGE_SUFFIX, np.full(len(none_df), "none", dtype=object), none_df["none"])
+            whole_rows(none_df.image_id.astype(str) + IMAGE_SUFFIX, np.full(len(none_df), "none", dtype=object), none_df["none"])
         )
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("id", "cls") else np.float64) for c in PRED_COLUMNS})
@@ -330,16 +373,6 @@ def fold_scores(truth: pd.DataFrame, pred: pd.DataFrame, images: pd.DataFrame, c
     for fold, part in groups:
         ids = set(part["image_id"].astype(str) + IMAGE_SUFFIX) | set(part["study_id"].astype(str) + STUDY_SUFFIX)
         result = score(truth[truth["id"].isin(ids)], pred[pred["id"].isin(ids)], classes=classes)
-        rows.append(
-            {
-                "fold": fold,
-                "n_images": len(part),
-                "n_studies": part["study_id"].nunique(),
-                **result.ap,
-                "study_map": result.study_map,
-                "image_map": result.image_map,
-                "final": result.final,
-            }
-        )
+        rows.append({"fold": fold, "n_images": len(part), "n_studies": part["study_id"].nunique(), **result.row()})
     table = pd.DataFrame(rows)
     return table[[c for c in SCORES.names if c in table.columns]]

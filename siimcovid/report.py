@@ -23,20 +23,9 @@ from siimcovid.utils import save_png  # noqa: E402
 
 def pr_curve(truth: pd.DataFrame, pred: pd.DataFrame, cls: str) -> tuple[np.ndarray, np.ndarray, float]:
     """Recall, precision (at each ranked prediction) and VOC AP of one class, with the metric's matching."""
-    t, p = truth[truth.cls == cls], pred[pred.cls == cls]
-    p = p[p.id.isin(set(truth.id))]
-    codes = pd.Index(pd.unique(truth.id.astype(str)))
-    tp, _ = metrics.match_predictions(
-        codes.get_indexer(t.id.astype(str)),
-        t[BOX_COLUMNS].to_numpy(float),
-        codes.get_indexer(p.id.astype(str)),
-        p[BOX_COLUMNS].to_numpy(float),
-        p.conf.to_numpy(float),
-    )
-    n = max(len(t), 1)
-    ctp = np.cumsum(tp)
-    recall, precision = ctp / n, ctp / np.arange(1, len(tp) + 1)
-    return recall, precision, metrics.voc_ap(recall, precision) if len(tp) else 0.0
+    tp, n_truth = metrics.class_matches(truth, pred, cls)
+    recall, precision = metrics.precision_recall(tp, max(n_truth, 1))
+    return recall, precision, metrics.ap_from_tp(tp, n_truth)
 
 
 def plot_pr_curves(truth: pd.DataFrame, pred: pd.DataFrame, path: Path, title: str = "") -> Path:

@@ -28,13 +28,13 @@ from pathlib import Path
 import pandas as pd
 
 from siimcovid import metrics, stages
-from siimcovid.config import Config, default_config_path, read_yaml
+from siimcovid.config import Config, default_config_path, read_yaml, schema
 from siimcovid.data.siim import IMAGE_CSV
+from siimcovid.metrics import SCORE_COLUMNS
 from siimcovid.runs import quiet_csv, quiet_yaml
-from siimcovid.tables import CLASSES, STUDY_CLASSES, write_csv
+from siimcovid.tables import write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
-COLUMNS = [*CLASSES, "study_map", "image_map", "final"]
 NESTED = "fused, tuned on the other folds (nested: an honest CV)"
 TUNED = "fused, tuned on all OOF (optimistic: scored where tuned; makes the submission)"
 
@@ -49,6 +49,15 @@ def section_settings(cfg, section: str, **fixed) -> dict:
             f"run sets {clash} of `{section}` itself (name=, data=, project= and the splits are the run's): remove them"
         )
     return {**settings, **fixed}
+
+
+def predict_settings(cfg, stage: str) -> dict:
+    """The `<stage>_predict` section, over the train section's runtime settings (those tagged
+    `runtime` in cfg/<stage>.yaml: the machine's, e.g. device and workers), so that predict runs
+    where train ran unless the predict section says otherwise."""
+    runtime = schema(stage).keys("runtime")
+    inherited = {k: v for k, v in (cfg[stage] or {}).items() if k in runtime}
+    return {**inherited, **(cfg[f"{stage}_predict"] or {})}
 
 
 def stage_dir(project: Path, stage: str) -> Path:
@@ -94,8 +103,9 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
     return prepare(stages.stage_config("prepare", None, settings))
 
 
-def detect(cfg: Config, prepared: Path, project: Path) -> Path:
-    """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run dir."""
+def detect(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str, Path]]:
+    """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run
+    dir and the files detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...})."""
     from siimcovid.detect.predict import predict
     from siimcovid.detect.train import train
 
@@ -103,32 +113,32 @@ def detect(cfg: Config, prepared: Path, project: Path) -> Path:
     settings = section_settings(cfg, "detect", data=str(prepared), name=cfg.name, project=str(det_project))
     train(stages.stage_config("detect", "train", settings))
     det_dir = det_project / cfg.name
-    inherited = {k: v for k, v in (cfg.detect or {}).items() if k in ("device", "workers")}
     settings = section_settings(
-        {"detect_predict": {**inherited, **(cfg.detect_predict or {})}}, "detect_predict", run=str(det_dir), split=["oof", "test"]
+        {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_dir), split=["oof", "test"]
     )
-    predict(stages.stage_config("detect", "predict", settings))
-    return det_dir
+    written = predict(stages.stage_config("detect", "predict", settings))  # {run name: {split: file}}
+    return det_dir, written[det_dir.name]
 
 
-def classify(cfg: Config, prepared: Path, project: Path) -> Path:
-    """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify run dir."""
+def classify(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str, Path]]:
+    """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify
+    run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv})."""
     from siimcovid.classify import predict, train
 
     cls_project = stage_dir(project, "classify")
     settings = section_settings(cfg, "classify", data=str(prepared), name=cfg.name, project=str(cls_project))
     train.main(stages.stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
     cls_dir = cls_project / cfg.name
-    inherited = {k: v for k, v in (cfg.classify or {}).items() if k in ("device",)}
     settings = section_settings(
-        {"classify_predict": {**inherited, **(cfg.classify_predict or {})}},
+        {"classify_predict": predict_settings(cfg, "classify")},
         "classify_predict",
         run=str(cls_dir),
         project=str(cls_project),
         split=["oof", "test"],
     )
     predict.main(stages.stage_config("classify", "predict", settings))
-    return cls_dir
+    # classify.predict.main returns no paths yet: the image tables it writes (its write_tables)
+    return cls_dir, {s: cls_dir / f"pred_{s}_image.csv" for s in ("oof", "test")}
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -198,7 +208,7 @@ def fusion_rows(cfg: Config, fusion: Fusion, det: dict, cls: dict, prepared: Pat
 
 def baseline_rows(fusion: Fusion, det: dict, cls: dict, prepared: Path, fused: dict) -> list[dict]:
     """The baselines on the images the fusion scored: class priors, the detector alone, the classifier alone."""
-    priors = {"score": priors_baseline(prepared, fused["fused"].images.image_id)}
+    priors = {"score": priors_baseline(scored_truth(prepared, fused))}
     detector = fusion.fuse("-baseline-detector", "oof", [det["oof"]], [], none_det="max", none_cls_weight=0.0)
     classifier = fusion.fuse("-baseline-classifier", "oof", [], [cls["oof"]])
     return [
@@ -208,36 +218,34 @@ def baseline_rows(fusion: Fusion, det: dict, cls: dict, prepared: Path, fused: d
     ]
 
 
-def priors_baseline(prepared: Path, image_ids) -> metrics.Score:
-    """Every study gets the train class frequencies, every image the train share of `none`, no boxes."""
-    from siimcovid.data.prepared import Prepared
-    from siimcovid.data.truth import oof_truth
+def scored_truth(prepared: Path, fused: dict) -> pd.DataFrame:
+    """The truth per image (siimcovid.data.truth.oof_images) of the out-of-fold images fused, in their order."""
+    from siimcovid.data.truth import oof_images
 
-    meta = Prepared(prepared).split("train")
-    meta = meta[meta.image_id.isin(set(image_ids))]
-    studies = meta.drop_duplicates("study_id")
-    freq = studies.study_label.value_counts(normalize=True)
-    probs = pd.DataFrame({"study_id": studies.study_id, **{c: float(freq.get(c, 0.0)) for c in STUDY_CLASSES}})
-    none = pd.DataFrame({"image_id": meta.image_id, "none": float((meta.n_boxes == 0).mean())})
+    ids = fused["fused"].images.image_id
+    return oof_images(prepared, ids).set_index("image_id").loc[ids].reset_index()
+
+
+def priors_baseline(images: pd.DataFrame) -> metrics.Score:
+    """Every study gets the class frequencies of these images' studies, every image their share of
+    `none`, no boxes (images: the truth per image, scored_truth)."""
+    from siimcovid.data.truth import truth_rows
+
+    studies = images.drop_duplicates("study_id")
+    probs = pd.DataFrame({"study_id": studies.study_id, **metrics.class_priors(studies)})
+    none = pd.DataFrame({"image_id": images.image_id, "none": float((images.boxes.map(len) == 0).mean())})
     pred = pd.concat([metrics.study_pred(probs), metrics.image_pred(None, none)], ignore_index=True)
-    return metrics.score(oof_truth(prepared, meta.image_id), pred)
+    return metrics.score(truth_rows(images), pred)
 
 
 # ----------------------------------------------------------------------------- the CV table
 def cv_row(method: str, result: dict) -> dict:
-    s = result["score"]
-    return {
-        "method": method,
-        **{c: s.ap.get(c) for c in CLASSES},
-        "study_map": s.study_map,
-        "image_map": s.image_map,
-        "final": s.final,
-    }
+    return {"method": method, **result["score"].row()}
 
 
 def cv_table(rows: list[dict], out: Path, name: str) -> tuple[pd.DataFrame, float]:
     """Write cv_table.csv and log it; the table and the margin of the first row over the best baseline."""
-    table = pd.DataFrame(rows, columns=["method", *COLUMNS])
+    table = pd.DataFrame(rows, columns=["method", *SCORE_COLUMNS])
     write_csv(table, out / "cv_table.csv", float_format="%.4f")
     LOGGER.info(
         f"\n===== siimcovid run: out-of-fold CV ({name}) =====\n"
@@ -263,12 +271,12 @@ def run(cfg: Config) -> dict:
     with step("prepare", "prepare", timings):
         prepared = prepare_data(cfg, root, project)
     with step("detect train", "detect", timings):
-        det_dir = detect(cfg, prepared, project)
+        det_dir, det_files = detect(cfg, prepared, project)
     with step("classify train", "classify", timings):
-        cls_dir = classify(cfg, prepared, project)
+        cls_dir, cls_files = classify(cfg, prepared, project)
     with step("fuse", "fuse", timings):
-        det = {s: str(det_dir / f"pred_{s}.csv") for s in ("oof", "test")}
-        cls = {s: str(cls_dir / f"pred_{s}_image.csv") for s in ("oof", "test")}
+        det = {s: str(det_files[s]) for s in ("oof", "test")}
+        cls = {s: str(cls_files[s]) for s in ("oof", "test")}
         rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)
 
     table, margin = cv_table(rows, out, cfg.name)
@@ -297,17 +305,16 @@ def write_report(
     """The plots and report.md with the CV table."""
     from siimcovid import report
     from siimcovid.data.prepared import Prepared
-    from siimcovid.data.truth import oof_truth
+    from siimcovid.data.truth import truth_rows
 
-    prep = Prepared(prepared)
-    pred = pd.read_csv(fused["files"]["pred"])
-    truth = oof_truth(prepared, fused["fused"].images.image_id)
-    report.plot_pr_curves(truth, pred, out / "pr_curves.png", title=f"{cfg.name}: fused out-of-fold predictions")
+    images = scored_truth(prepared, fused)
+    title = f"{cfg.name}: fused out-of-fold predictions"
+    report.plot_pr_curves(truth_rows(images), fused["fused"].pred(), out / "pr_curves.png", title=title)
     studies = fused["fused"].studies
-    labels = prep.split("train").drop_duplicates("study_id").set_index("study_id").study_label
+    labels = images.drop_duplicates("study_id").set_index("study_id").study_label
     confusion = report.confusion_matrix(labels.loc[studies.study_id].to_numpy(), studies)
     report.plot_confusion(confusion, out / "confusion.png", title="study classes, out-of-fold")
-    report.plot_samples(prep, fused["fused"].boxes, fused["fused"].images, out / "samples.png")
+    report.plot_samples(Prepared(prepared), fused["fused"].boxes, fused["fused"].images, out / "samples.png")
     sources = f"""Data: `{cfg.data}`, prepared in `{prepared}`. Detector: `{det_dir}`. Classifier: `{cls_dir}`.
 Submission (test split): `{submission}`."""
     return atomic_write_text(out / "report.md", report_text(cfg.name, sources, table, confusion, timings))
@@ -316,9 +323,9 @@ Submission (test split): `{submission}`."""
 def markdown_table(table: pd.DataFrame) -> str:
     """The CV table in markdown, scores with 4 decimals."""
     fmt = lambda v: "" if pd.isna(v) else f"{v:.4f}"  # noqa: E731
-    head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    head = "| method | " + " | ".join(SCORE_COLUMNS) + " |\n|---|" + "---|" * len(SCORE_COLUMNS) + "\n"
     return head + "".join(
-        "| " + r.method + " | " + " | ".join(fmt(getattr(r, c)) for c in COLUMNS) + " |\n" for r in table.itertuples()
+        "| " + r.method + " | " + " | ".join(fmt(getattr(r, c)) for c in SCORE_COLUMNS) + " |\n" for r in table.itertuples()
     )
 
 

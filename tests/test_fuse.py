@@ -167,12 +167,14 @@ def test_none_formulas_on_hand_cases():
     with pytest.raises(SiimError, match="none_det"):
         formulas.none_from_detector(conf, image, 3, "mean")
     params = {k: DEFAULTS[k] for k in FUSION_KEYS}
-    with pytest.raises(SiimError, match=r"none_cls_weight=1.5: expected a number in \[0.0, 1.0\]"):
+    with pytest.raises(SiimError, match=r"none_cls_weight=1.5: expected float 0\.\.1"):  # fuse.yaml's spec
         pipeline.check_params({**params, "none_cls_weight": 1.5})
-    with pytest.raises(SiimError, match="opacity_exponent"):
+    with pytest.raises(SiimError, match="opacity_exponent=-1.0: expected float >= 0"):
         pipeline.check_params({**params, "opacity_exponent": -1.0})
     with pytest.raises(SiimError, match="none_blend='mean': expected one of linear, geometric"):
         pipeline.check_params({**params, "none_blend": "mean"})
+    with pytest.raises(SiimError, match=r"fusion parameters lack \['conf_type'\]"):
+        pipeline.check_params({k: v for k, v in params.items() if k != "conf_type"})
 
 
 def member_inputs(*members):
@@ -198,9 +200,23 @@ def test_classifier_members_combine_by_cls_ensemble_and_cls_weights():
     rank = pipeline.classifier_table(member_inputs(a, c), {**params, "cls_ensemble": "rank", "cls_weights": [3, 1]})
     assert rank[:, 0] == pytest.approx([(1 + 1) / 4, (3 + 2 / 3) / 4, (2 + 1 / 3) / 4])
     with pytest.raises(SiimError, match="cls_ensemble='median': expected one of mean, geometric, geomean, rank"):
-        pipeline.check_params({**params, "cls_ensemble": "median"})
+        pipeline.run_fusion(member_inputs(a, b), {**params, "cls_ensemble": "median"})  # parameters from Python: checked
     with pytest.raises(SiimError, match="cls_weights"):
         pipeline.classifier_table(member_inputs(a, b), {**params, "cls_weights": [1, 1, 1]})
+    headless = member_inputs(a)
+    headless.members[0]["none"] = np.nan  # a file without a none column
+    with pytest.raises(SiimError, match=r"none_source=none but classifier member 0 has no `none` column"):
+        pipeline.classifier_table(headless, {**params, "none_source": "none"})
+
+
+def test_tune_checks_every_candidate_of_its_space_against_fuse_yaml():
+    from siimcovid.fuse.tune import check_space
+
+    check_space({"iou_thr": [0.5, 0.7], "det_weights": [0.5, 2.0], "cls_ensemble": ["rank"]})  # fine
+    with pytest.raises(SiimError, match=r"space: iou_thr: fuse setting iou_thr=1.5: expected float 0\.\.1"):
+        check_space({"iou_thr": [0.5, 1.5]})
+    with pytest.raises(SiimError, match=r"space: det_weights: .*det_weights=\[0\]"):
+        check_space({"det_weights": [1.0, 0]})  # a relative member weight must be > 0
 
 
 def test_study_probabilities_average_images_and_borrow_none():

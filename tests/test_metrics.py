@@ -12,12 +12,17 @@ import pytest
 from siimcovid.data.truth import image_truth, study_truth
 from siimcovid.metrics import (
     PRED_COLUMNS,
+    SCORE_COLUMNS,
     TRUTH_COLUMNS,
     average_precision,
+    class_priors,
+    fold_scores,
     image_pred,
     score,
+    study_mean,
     study_pred,
     voc_ap,
+    whole_rows,
 )
 from siimcovid.submission import make_submission, submission_to_pred
 from siimcovid.utils import SiimError
@@ -196,3 +201,34 @@ def test_all_four_classes_beat_argmax_only():
     assert s_full.study_map == pytest.approx(0.75)
     assert s_argmax.study_map == pytest.approx(0.5)
     assert s_argmax.study_map < s_full.study_map
+
+
+def test_whole_rows_are_truth_rows_without_conf_and_prediction_rows_with_it():
+    truth = whole_rows(["s_study", "i_image"], ["typical", "none"])
+    assert list(truth.columns) == TRUTH_COLUMNS and truth[["x_min", "y_min", "x_max", "y_max"]].to_numpy().tolist() == [
+        [0, 0, 1, 1]
+    ] * 2
+    pred = whole_rows(["s_study", "i_image"], ["typical", "none"], [0.7, 0.2])
+    assert list(pred.columns) == PRED_COLUMNS and pred.conf.tolist() == [0.7, 0.2]
+    assert score(truth, pred).final == 1.0
+    pd.testing.assert_frame_equal(study_truth(pd.DataFrame({"study_id": ["s"], "study_label": ["typical"]})), truth.iloc[:1])
+
+
+def test_study_mean_and_class_priors():
+    images = pd.DataFrame({"study_id": ["b", "a", "b"], "study_label": ["typical", "negative", "typical"], "p": [0.2, 0.5, 0.4]})
+    means = study_mean(images, ["p"])
+    assert list(means.index) == ["b", "a"] and means.p.tolist() == pytest.approx([0.3, 0.5])  # first appearance order
+    assert list(study_mean(images, ["p"], sort=True).index) == ["a", "b"]
+    assert class_priors(images) == {"negative": 0.5, "typical": 0.5, "indeterminate": 0.0, "atypical": 0.0}  # per study
+
+
+def test_score_row_is_a_row_of_the_scores_table():
+    truth = T(("s_study", "typical", 0, 0, 1, 1), ("i_image", "opacity", *BOX))
+    pred = P(("s_study", "typical", 0.9, 0, 0, 1, 1), ("i_image", "opacity", 0.3, *FAR))
+    s = score(truth, pred)
+    assert s.row() == {"typical": 1.0, "opacity": 0.0, "study_map": 1.0, "image_map": 0.0, "final": 0.5}
+    assert SCORE_COLUMNS[-3:] == ["study_map", "image_map", "final"] and set(s.row()) <= set(SCORE_COLUMNS)
+    images = pd.DataFrame({"image_id": ["i"], "study_id": ["s"], "fold": [0]})
+    table = fold_scores(truth, pred, images)
+    assert list(table.columns) == ["fold", "n_images", "n_studies", *s.row()]
+    assert table.iloc[0][list(s.row())].tolist() == list(s.row().values())

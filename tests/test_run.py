@@ -153,3 +153,12 @@ def test_run_owns_the_names_and_paths_of_its_stages():
     assert section_settings({"detect": {"epochs": 3}}, "detect", name="x") == {"epochs": 3, "name": "x"}
     with pytest.raises(SiimError, match=r"run sets \['name'\] of `detect` itself"):
         section_settings({"detect": {"name": "v5x"}}, "detect", name="x")
+
+
+def test_predict_inherits_the_runtime_settings_of_the_train_section():
+    from siimcovid.run import predict_settings
+
+    cfg = {"detect": {"device": "cpu", "workers": 0, "plots": False, "epochs": 3, "batch": 8}, "detect_predict": {"workers": 2}}
+    assert predict_settings(cfg, "detect") == {"device": "cpu", "workers": 2, "plots": False}  # predict's own win
+    cfg = {"classify": {"device": "cpu", "amp": False, "epochs": 1}, "classify_predict": None}
+    assert predict_settings(cfg, "classify") == {"device": "cpu", "amp": False}

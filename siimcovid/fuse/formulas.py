@@ -19,7 +19,9 @@ tuned on out-of-fold predictions. Why each exists:
 The choices of `none_det` and `none_blend` are functions registered here under those kinds
 (`siimcovid.registry`): adding one is one registered function, and the settings' checks list
 the registered names. The classifier members are combined by `siimcovid.ensemble.combine`.
-Parameter ranges are checked once, by `siimcovid.fuse.pipeline.check_params`.
+The parameters' types, ranges and choices are declared once, in cfg/fuse.yaml: a loaded config is
+checked against it, and so are parameters built in Python (`siimcovid.fuse.pipeline.check_params`);
+these functions do not check them again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid import registry
+from siimcovid.metrics import study_mean
 from siimcovid.tables import STUDY_CLASSES
 
 
@@ -101,9 +104,9 @@ def negative_from_none(negative, mean_none, v: float):
 
 def study_probabilities(images: pd.DataFrame, negative_none_weight: float = 0.0) -> pd.DataFrame:
     """Per-image rows (study_id, the four class columns, none) -> one row per study: the mean over
-    its images, with negative blended with the mean none (negative_from_none)."""
-    grouped = images.groupby("study_id", sort=False)
-    out = grouped[STUDY_CLASSES].mean()
-    if "none" in images.columns and negative_none_weight > 0:
-        out["negative"] = negative_from_none(out["negative"], grouped["none"].mean(), negative_none_weight)
+    its images (siimcovid.metrics.study_mean), with negative blended with the mean none (negative_from_none)."""
+    borrow = "none" in images.columns and negative_none_weight > 0
+    out = study_mean(images, [*STUDY_CLASSES, "none"] if borrow else STUDY_CLASSES)
+    if borrow:
+        out["negative"] = negative_from_none(out["negative"], out["none"], negative_none_weight)
     return out.reset_index()[["study_id", *STUDY_CLASSES]]

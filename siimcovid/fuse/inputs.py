@@ -35,12 +35,13 @@ import pandas as pd
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import SAMPLE_SUBMISSION, read_sample_submission
 from siimcovid.data.truth import oof_truth
+from siimcovid.metrics import class_priors
 from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES, first_bad
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list
 
 DET_COLUMNS = DETECTIONS.required  # image_id, model, fold, x_min, y_min, x_max, y_max, conf
+BOX_SET_COLUMNS = ["image_id", "set", "fold", *BOX_COLUMNS, "conf"]  # FuseInputs.boxes: each box with its set (WBF member)
 SET_COLUMNS = ["set", "file", "model", "fold", "tta", "name"]
-NONE_SOURCES = ("auto", "none", "negative")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class FuseInputs:
     split: str
     images: pd.DataFrame  # image_id, study_id, fold, rows, cols (row i = image code i)
     study_ids: list[str]  # studies to write (test: sample_submission's; oof: those of `images`)
-    boxes: pd.DataFrame  # image_id, set, fold, x_min, y_min, x_max, y_max, conf (images of `images` only)
+    boxes: pd.DataFrame  # BOX_SET_COLUMNS (images of `images` only)
     sets: pd.DataFrame  # one row per box set: SET_COLUMNS (fold -1 out of fold)
     members: list[pd.DataFrame] = field(default_factory=list)  # per cls file, aligned with images: 4 classes, none
     member_files: list[str] = field(default_factory=list)
@@ -162,7 +163,7 @@ def code_box_sets(df: pd.DataFrame, f: int, path: str, split: str, first: int) -
         name = f"{Path(path).name}:{k.model}" + (f":fold{fold}" if fold >= 0 else "") + (f":{k.tta}" if k.tta else "")
         rows.append({"set": first + len(rows), "file": f, "model": k.model, "fold": fold, "tta": k.tta, "name": name})
     coded = df.assign(set=groups.ngroup().to_numpy() + first) if len(df) else df.assign(set=np.zeros(0, dtype=np.int64))
-    return coded[["image_id", "set", "fold", *BOX_COLUMNS, "conf"]], rows
+    return coded[BOX_SET_COLUMNS], rows
 
 
 # ----------------------------------------------------------------------------- every file
@@ -176,8 +177,7 @@ def read_detection_files(files: list[str], split: str, meta: pd.DataFrame) -> tu
         boxes.append(coded)
         set_rows += rows
     sets = pd.DataFrame(set_rows, columns=SET_COLUMNS)
-    columns = ["image_id", "set", "fold", *BOX_COLUMNS, "conf"]
-    return (pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=columns)), sets
+    return (pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=BOX_SET_COLUMNS)), sets
 
 
 def read_classifier_files(files: list[str], split: str, meta: pd.DataFrame) -> list[pd.DataFrame]:
@@ -268,21 +268,9 @@ def submission_images(
     return images, list(sample_studies)
 
 
-def align_members(members, index: pd.Index, cls_files: list[str], none_source: str) -> list[pd.DataFrame]:
-    """Each classifier member's 4 classes and none, in the order of `index`."""
-    aligned = [m.set_index("image_id").loc[index, [*STUDY_CLASSES, "none"]].reset_index(drop=True) for m in members]
-    if none_source == "none":
-        lacking = [p for m, p in zip(aligned, cls_files) if m["none"].isna().any()]
-        if lacking:
-            raise SiimError(f"none_source=none but {lacking[0]} has no `none` column (use none_source=auto or negative)")
-    return aligned
-
-
-def class_priors(prepared: Prepared) -> dict[str, float]:
-    """The train studies' class frequencies: the study rows when no classifier file is given."""
-    labels = prepared.split("train")[["study_id", "study_label"]].drop_duplicates("study_id")
-    counts = labels["study_label"].value_counts()
-    return {c: float(counts.get(c, 0)) / max(len(labels), 1) for c in STUDY_CLASSES}
+def align_members(members, index: pd.Index) -> list[pd.DataFrame]:
+    """Each classifier member's 4 classes and none (NaN without a none column), in the order of `index`."""
+    return [m.set_index("image_id").loc[index, [*STUDY_CLASSES, "none"]].reset_index(drop=True) for m in members]
 
 
 def load_inputs(cfg) -> FuseInputs:
@@ -316,10 +304,10 @@ def load_inputs(cfg) -> FuseInputs:
         study_ids=study_ids,
         boxes=boxes[boxes["image_id"].isin(index)].reset_index(drop=True),
         sets=sets,
-        members=align_members(members, index, cls_files, cfg.none_source),
+        members=align_members(members, index),
         member_files=cls_files,
         det_files=det_files,
-        priors=class_priors(prepared),
+        priors=class_priors(prepared.split("train")),  # the study rows when no classifier file is given
         truth=oof_truth(cfg.data, index) if split == "oof" else None,
         sample=sample,
         data=Path(cfg.data),

@@ -1,6 +1,7 @@
 """Fusion as one function of (inputs, parameters): WBF, then the formulas, then tidy tables.
 
-    run_fusion(inputs, params) -> Fused
+    run_fusion(inputs, params) -> Fused    (params built in Python: checked first by check_params)
+    fuse_split(inputs, params) -> Fused    (params of a loaded config: checked at load)
         1. WBF of every image's box sets (siimcovid.fuse.wbf), weights per set from det_weights
         2. none_det from the fused confidences, by the registered `none_det` kind
            (prod: prod(1 - conf); max: 1 - max(conf))
@@ -27,16 +28,16 @@ from numbers import Real
 import numpy as np
 import pandas as pd
 
-from siimcovid import ensemble, metrics, registry
-from siimcovid.config import fusion_keys
+from siimcovid import ensemble, metrics
+from siimcovid.config import fusion_keys, schema
 from siimcovid.fuse import formulas
-from siimcovid.fuse.inputs import NONE_SOURCES, FuseInputs
-from siimcovid.fuse.wbf import check_wbf_params, wbf_table
+from siimcovid.fuse.inputs import FuseInputs
+from siimcovid.fuse.wbf import wbf_table
+from siimcovid.metrics import BOX_PRED_COLUMNS
 from siimcovid.tables import BOX_COLUMNS, FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 FUSION_KEYS = fusion_keys()
-UNIT_KEYS = ("iou_thr", "skip_box_thr", "none_cls_weight", "negative_none_weight")  # numbers in [0, 1]
 
 
 def fusion_params(cfg) -> dict:
@@ -47,39 +48,22 @@ def fusion_params(cfg) -> dict:
     return {k: cfg[k] for k in FUSION_KEYS}
 
 
-def choices() -> dict[str, list[str]]:
-    """The accepted names of each choice parameter: registered formulas and ensemble methods."""
-    return {
-        "none_det": registry.names("none_det"),
-        "none_blend": registry.names("none_blend"),
-        "none_source": list(NONE_SOURCES),
-        "cls_ensemble": registry.names("ensemble"),
-    }
+def check_param(key: str, value) -> None:
+    """One fusion parameter against its spec in cfg/fuse.yaml (the one place of the parameters'
+    types, ranges and choices); a one-line ConfigError naming the key."""
+    schema("fuse").check(key, value)
 
 
 def check_params(params: dict) -> None:
-    """Fail fast, with the key's name, on a parameter no input would make valid.
+    """Fail fast, with the key's name, on a parameter no input would make valid (check_param).
 
-    A loaded config is already typed and range-checked; this guards parameter dicts given from
-    Python (`fuse tune`'s trials, run_fusion called directly)."""
+    A loaded config is checked already; this is for parameter dicts built in Python (run_fusion
+    called directly; `fuse tune` checks its candidate values the same way)."""
     missing = [k for k in FUSION_KEYS if k not in params]
     if missing:
         raise SiimError(f"fusion parameters lack {missing}")
-
-    def number(key: str, lo: float, hi: float) -> None:
-        value = params[key]
-        if isinstance(value, bool) or not isinstance(value, Real):
-            raise SiimError(f"{key}={value!r}: expected a number")
-        if not lo <= value <= hi:
-            raise SiimError(f"{key}={value}: expected a number in [{lo}, {hi}]")
-
-    for key in UNIT_KEYS:
-        number(key, 0.0, 1.0)
-    number("opacity_exponent", 0.0, float("inf"))
-    check_wbf_params(params["iou_thr"], params["skip_box_thr"], params["conf_type"])
-    for key, allowed in choices().items():
-        if params[key] not in allowed:
-            raise SiimError(f"{key}={params[key]!r}: expected one of {', '.join(allowed)}")
+    for key in FUSION_KEYS:
+        check_param(key, params[key])
 
 
 def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
@@ -94,6 +78,8 @@ def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
                 f"det_weights names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})"
             )
         weights = [det_weights.get(m, 1.0) for m in sets["model"]]
+        if any(isinstance(w, bool) or not isinstance(w, Real) or w <= 0 for w in weights):  # fuse.yaml checks lists, not maps
+            raise SiimError(f"det_weights must be numbers > 0 (leave a model out rather than weight it 0), got {det_weights}")
     else:
         per_file = as_list(det_weights)
         if len(per_file) != len(det_files):
@@ -102,8 +88,6 @@ def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
                 "give one per file, e.g. det_weights=2,1"
             )
         weights = [per_file[f] for f in sets["file"]]
-    if any(isinstance(w, bool) or not isinstance(w, Real) or w <= 0 for w in weights):
-        raise SiimError(f"det_weights must be numbers > 0 (leave a file out rather than weight it 0), got {det_weights}")
     return weights
 
 
@@ -120,7 +104,7 @@ class Fused:
         return pd.concat(
             [
                 metrics.study_pred(self.studies),
-                metrics.image_pred(self.boxes[["image_id", "conf", *BOX_COLUMNS]], self.images[["image_id", "none"]]),
+                metrics.image_pred(self.boxes[BOX_PRED_COLUMNS], self.images[["image_id", "none"]]),
             ],
             ignore_index=True,
         )
@@ -151,7 +135,7 @@ class WbfCache:
 
 
 def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> pd.DataFrame:
-    """WBF of every image (image_id, conf, x_min, y_min, x_max, y_max in original px), cached."""
+    """WBF of every image (BOX_PRED_COLUMNS: image_id, conf, box in original px), cached."""
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
     key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights))
     fused = cache.get(key) if cache is not None else None
@@ -220,11 +204,12 @@ def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
         return None
     source = params["none_source"]
     arrays = []
-    for m in inputs.members:
+    for i, m in enumerate(inputs.members):
         values = m[[*STUDY_CLASSES, "none"]].to_numpy(dtype=np.float64).copy()
         has_none = not np.isnan(values[:, 4]).any()
         if source == "none" and not has_none:
-            raise SiimError("none_source=none needs a `none` column in every classifier file")
+            name = inputs.member_files[i] if i < len(inputs.member_files) else f"classifier member {i}"
+            raise SiimError(f"none_source=none but {name} has no `none` column (use none_source=auto or negative)")
         head = values[:, 4] if has_none and source != "negative" else None
         values[:, 4] = formulas.none_from_classifier(values[:, 0], head)
         arrays.append(values)
@@ -249,12 +234,18 @@ def study_table(inputs: FuseInputs, params: dict, images: pd.DataFrame, probs: n
 
 
 def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
-    """Fuse one split with one parameter set (see the module docstring for the steps)."""
+    """Fuse one split with a parameter dict built in Python: checked (check_params), then fuse_split."""
     check_params(params)
+    return fuse_split(inputs, params, workers, cache)
+
+
+def fuse_split(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
+    """Fuse one split with checked parameters (a loaded config's, or checked by check_params); the
+    steps of the module docstring."""
     images = inputs.images
     n = len(images)
     has_det, has_cls = inputs.n_sets > 0, bool(inputs.members)
-    boxes = fuse_boxes(inputs, params, workers, cache) if has_det else FUSED_BOXES.empty()[["image_id", "conf", *BOX_COLUMNS]]
+    boxes = fuse_boxes(inputs, params, workers, cache) if has_det else FUSED_BOXES.empty()[BOX_PRED_COLUMNS]
     codes = pd.Index(images["image_id"]).get_indexer(boxes["image_id"])
     wbf_conf = boxes["conf"].to_numpy(dtype=np.float64)
 

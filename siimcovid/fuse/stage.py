@@ -23,7 +23,7 @@ from pathlib import Path
 
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
-from siimcovid.fuse.pipeline import Fused, check_params, describe_inputs, fold_scores, fusion_params, run_fusion, score_fused
+from siimcovid.fuse.pipeline import Fused, describe_inputs, fold_scores, fuse_split, fusion_params, score_fused
 from siimcovid.submission import pred_to_submission, write_submission
 from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
 from siimcovid.utils import LOGGER, atomic_write_text
@@ -47,7 +47,7 @@ def write_oof_scores(out: Path, inputs: FuseInputs, fused: Fused, files: dict[st
     """scores_oof.csv (per fold), scores_oof.json and oof_submission.csv; returns the overall Score."""
     table = fold_scores(inputs, fused)
     overall = score_fused(inputs, fused)
-    files["scores"] = SCORES.write(table, out / "scores_oof.csv", float_format="%.6g")
+    files["scores"] = SCORES.write(table, out / "scores_oof.csv")
     report = {
         "n_images": len(fused.images),
         "n_studies": len(fused.studies),
@@ -70,11 +70,9 @@ def write_test_submission(out: Path, inputs: FuseInputs, fused: Fused, files: di
 
 def fuse(cfg: Config) -> dict:
     """Run fusion on cfg.split. Returns {"dir", "files", "score" (oof: Score), "fused"}."""
-    params = fusion_params(cfg)
-    check_params(params)  # before reading large files
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
-    fused = run_fusion(inputs, params, workers=cfg.workers)
+    fused = fuse_split(inputs, fusion_params(cfg), workers=cfg.workers)  # cfg: typed and checked at load
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = write_tables(out, inputs.split, fused)

@@ -42,16 +42,16 @@ from siimcovid.fuse.inputs import FuseInputs, load_inputs
 from siimcovid.fuse.pipeline import (
     FUSION_KEYS,
     WbfCache,
-    check_params,
+    check_param,
     describe_inputs,
+    fuse_split,
     fusion_params,
-    run_fusion,
     score_fused,
 )
 from siimcovid.fuse.stage import run_dir
-from siimcovid.metrics import CLASSES
+from siimcovid.metrics import SCORE_COLUMNS
 from siimcovid.tables import write_csv
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
 WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result
@@ -68,7 +68,7 @@ def load_space(space) -> dict[str, list]:
         raise SiimError(f"space: unknown parameter(s) {bad}; tunable: {', '.join(FUSION_KEYS)}")
     out = {}
     for k, values in space.items():
-        values = values if isinstance(values, list) else [values]
+        values = as_list(values)
         if not values:
             raise SiimError(f"space: {k} has no values")
         out[k] = values
@@ -104,18 +104,10 @@ class Search:
         key = _key(params)
         if key in self.seen:
             return self.rows[self.seen[key]]["final"]
-        fused = run_fusion(self.inputs, params, self.workers, self.cache)
+        fused = fuse_split(self.inputs, params, self.workers, self.cache)  # every value checked: config load, check_space
         result = score_fused(self.inputs, fused)
         final = result.final
-        row = {
-            "trial": len(self.rows),
-            "phase": phase,
-            **{k: _flat(params[k]) for k in FUSION_KEYS},
-            **result.ap,
-            "study_map": result.study_map,
-            "image_map": result.image_map,
-            "final": final,
-        }
+        row = {"trial": len(self.rows), "phase": phase, **{k: _flat(params[k]) for k in FUSION_KEYS}, **result.row()}
         self.seen[key] = len(self.rows)
         self.rows.append(row)
         if self.best is None or (not math.isnan(final) and final > self.best[0]):  # ties keep the earlier trial
@@ -154,15 +146,15 @@ def _neighbours(best: dict, key: str, values: list, n_members: dict[str, int]) -
     return [{**best, key: current[:i] + [float(v)] + current[i + 1 :]} for i in range(1, n) for v in values]
 
 
-def check_space(base: dict, space: dict) -> None:
-    """Every candidate value of the space, checked before reading large files."""
+def check_space(space: dict) -> None:
+    """Every candidate value of the space against its spec in cfg/fuse.yaml (a relative member
+    weight as a one-member list), before reading large files: the trials are built of these values."""
     for key, values in space.items():
-        if key in MEMBER_WEIGHT_KEYS:
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values):
-                raise SiimError(f"space: {key} values must be numbers > 0 (relative weights), got {values}")
-        else:
-            for v in values:
-                check_params({**base, key: v})
+        for v in values:
+            try:
+                check_param(key, [v] if key in MEMBER_WEIGHT_KEYS else v)
+            except SiimError as e:
+                raise SiimError(f"space: {key}: {e}") from None
 
 
 def wbf_pool(rng: np.random.Generator, base: dict, space: dict, n_members: dict[str, int], size: int) -> list[dict]:
@@ -235,7 +227,7 @@ def write_results(cfg: Config, search: Search, base: dict, best: dict, best_scor
     trials = pd.DataFrame(search.rows)
     write_csv(trials, out / "trials.csv", float_format="%.6g")
     default_row, best_row = search.rows[0], search.rows[search.seen[_key(best)]]
-    classes = [c for c in CLASSES if c in default_row] + ["study_map", "image_map", "final"]
+    classes = [c for c in SCORE_COLUMNS if c in default_row]
     compare = pd.DataFrame(
         {"class": classes, "default": [default_row[c] for c in classes], "best": [best_row[c] for c in classes]}
     )
@@ -259,9 +251,8 @@ def tune(cfg: Config) -> dict:
     if cfg.split != "oof":
         raise SiimError("fuse tune searches on out-of-fold predictions: use split=oof (never tune on the test split)")
     space = load_space(cfg.space)
-    base = canonical(fusion_params(cfg))
-    check_params(base)
-    check_space(base, space)
+    base = canonical(fusion_params(cfg))  # cfg: typed and checked at load
+    check_space(space)
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     search, n_random = search_space(cfg, inputs, base, space)

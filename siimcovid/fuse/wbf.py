@@ -26,11 +26,10 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
+from siimcovid.config import schema
+from siimcovid.metrics import BOX_PRED_COLUMNS
 from siimcovid.tables import BOX_COLUMNS
 from siimcovid.utils import SiimError
-
-CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
-FUSED_COLUMNS = ["image_id", "conf", *BOX_COLUMNS]
 
 
 def _scale(n: int, rows, cols) -> np.ndarray:
@@ -55,13 +54,11 @@ def denormalise_boxes(boxes, rows, cols) -> np.ndarray:
 
 
 def check_wbf_params(iou_thr: float, skip_box_thr: float, conf_type: str) -> None:
-    """ensemble-boxes prints and calls exit() on a bad conf_type: check first, with a clear error."""
-    if conf_type not in CONF_TYPES:
-        raise SiimError(f"conf_type={conf_type!r}: expected one of {', '.join(CONF_TYPES)}")
-    if not 0.0 < float(iou_thr) < 1.0:
-        raise SiimError(f"iou_thr={iou_thr}: expected a number in (0, 1) (the field used about 0.6)")
-    if not 0.0 <= float(skip_box_thr) < 1.0:
-        raise SiimError(f"skip_box_thr={skip_box_thr}: expected a number in [0, 1) (small, e.g. 0.001)")
+    """ensemble-boxes prints and calls exit() on a bad conf_type: wbf_table, callable on its own,
+    checks its settings first against their specs in cfg/fuse.yaml (a one-line ConfigError)."""
+    settings = schema("fuse")
+    for key, value in {"iou_thr": iou_thr, "skip_box_thr": skip_box_thr, "conf_type": conf_type}.items():
+        settings.check(key, value)
 
 
 def wbf_image(box_sets, score_sets, weights=None, iou_thr: float = 0.6, skip_box_thr: float = 0.001, conf_type: str = "avg"):
@@ -129,8 +126,9 @@ def wbf_table(
     boxes: image_id, set (int 0..n_sets-1: the member that predicted it), x_min, y_min, x_max,
            y_max (original px), conf.
     sizes: image_id, rows, cols (the original size of every image in `boxes`).
-    weights: one per set (None: all 1). Returns image_id, conf, x_min, y_min, x_max, y_max in
-    original pixels, images in the order of `sizes`, boxes by descending conf within an image.
+    weights: one per set (None: all 1). Returns BOX_PRED_COLUMNS (image_id, conf, x_min, y_min,
+    x_max, y_max in original pixels), images in the order of `sizes`, boxes by descending conf
+    within an image.
     """
     check_wbf_params(iou_thr, skip_box_thr, conf_type)
     if weights is not None and len(weights) != n_sets:
@@ -185,4 +183,4 @@ def wbf_table(
     px = denormalise_boxes(box, rows[img], cols[img])
     out = pd.DataFrame({"image_id": index[img].to_numpy(dtype=object), "conf": conf})
     out[BOX_COLUMNS] = px
-    return out[FUSED_COLUMNS]
+    return out[BOX_PRED_COLUMNS]
