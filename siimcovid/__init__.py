@@ -18,7 +18,8 @@ Modules:
     submission.py  submission strings: make_submission, read_submission, check_submission
     ensemble.py    combine(members, weights, method): THE way to combine ensemble members
     registry.py    register / names / get: named implementations (fusion formulas, ensemble methods)
-    rundir.py      fold_numbers, fold_files, changed_settings, refuse_changed: what run folders share
+    rundir.py      fold_dir, fold_numbers, fold_files, fold_checkpoints, check_finished, changed_settings,
+                   refuse_changed: what run folders share
     evaluate.py    `siimcovid evaluate`: evaluate(cfg) a submission against known truth
     run.py         `siimcovid run`: run(cfg) the whole pipeline, the CV table and the report
     runs.py        `siimcovid runs`: list_runs(project) every run as one table

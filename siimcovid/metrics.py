@@ -42,9 +42,8 @@ import pandas as pd
 
 from siimcovid.tables import (
     BOX_COLUMNS,
+    BOX_PRED_COLUMNS,
     CLASSES,
-    FLOAT,
-    FUSED_BOXES,
     IMAGE_CLASSES,
     IMAGE_SUFFIX,
     PREDICTIONS,
@@ -58,11 +57,6 @@ from siimcovid.utils import SiimError, as_list
 
 TRUTH_COLUMNS = TRUTH.names  # id, cls, x_min, y_min, x_max, y_max (siimcovid.data.truth builds these rows)
 PRED_COLUMNS = PREDICTIONS.names  # id, cls, conf, x_min, y_min, x_max, y_max
-# A table of opacity boxes, one per row in original px: what `image_pred` turns into prediction rows,
-# what WBF returns; tables.FUSED_BOXES without its wbf_conf.
-BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id, conf, x_min, y_min, x_max, y_max
-# What a score reports, in table order (tables.SCORES' numbers): AP per class, study_map, image_map, final.
-SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT]
 CLASS_GROUPS = {"study": STUDY_CLASSES, "image": IMAGE_CLASSES, "all": CLASSES}
 
 

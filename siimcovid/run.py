@@ -30,9 +30,8 @@ import pandas as pd
 from siimcovid import metrics, stages
 from siimcovid.config import Config, default_config_path, read_yaml, schema
 from siimcovid.data.siim import IMAGE_CSV
-from siimcovid.metrics import SCORE_COLUMNS
 from siimcovid.runs import quiet_csv, quiet_yaml
-from siimcovid.tables import write_csv
+from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 NESTED = "fused, tuned on the other folds (nested: an honest CV)"
@@ -136,9 +135,8 @@ def classify(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str
         project=str(cls_project),
         split=["oof", "test"],
     )
-    predict.main(stages.stage_config("classify", "predict", settings))
-    # classify.predict.main returns no paths yet: the image tables it writes (its write_tables)
-    return cls_dir, {s: cls_dir / f"pred_{s}_image.csv" for s in ("oof", "test")}
+    written = predict.main(stages.stage_config("classify", "predict", settings))[cls_dir.name]
+    return cls_dir, {s: written[s] for s in ("oof", "test")}
 
 
 # ----------------------------------------------------------------------------- fusion

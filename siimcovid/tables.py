@@ -61,9 +61,14 @@ TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
 
 
 # ----------------------------------------------------------------------------- reading CSVs
+def file_lines(df: pd.DataFrame) -> np.ndarray:
+    """The file line of every row of a frame read by `read_csv` (header = line 1; blank lines count)."""
+    return df.index.to_numpy() + 2
+
+
 def file_line(df: pd.DataFrame, position: int) -> int:
-    """The file line of a row of a frame read by `read_csv` (header = line 1; blank lines count)."""
-    return int(df.index[position]) + 2
+    """The file line of one row (by position) of a frame read by `read_csv`."""
+    return int(file_lines(df)[position])
 
 
 def read_csv(path: str | os.PathLike, required: list[str], text: list[str] | None = None) -> pd.DataFrame:
@@ -425,3 +430,8 @@ SCORES = Table(
     ),
     "Out-of-fold scores with the competition metric, one row for all folds and one per fold, alike in every stage.",
 )
+
+
+# Column lists derived from the contracts, for the code that builds these tables
+BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id, conf, x_min, y_min, x_max, y_max
+SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT]  # AP per class, study_map, image_map, final

@@ -12,7 +12,6 @@ import pytest
 from siimcovid.data.truth import image_truth, study_truth
 from siimcovid.metrics import (
     PRED_COLUMNS,
-    SCORE_COLUMNS,
     TRUTH_COLUMNS,
     average_precision,
     class_priors,
@@ -25,6 +24,7 @@ from siimcovid.metrics import (
     whole_rows,
 )
 from siimcovid.submission import make_submission, submission_to_pred
+from siimcovid.tables import SCORE_COLUMNS
 from siimcovid.utils import SiimError
 
 

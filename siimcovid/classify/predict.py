@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siimcovid import ensemble, rundir
+from siimcovid import ensemble, metrics, rundir
 from siimcovid.tables import CLASSES, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
@@ -42,7 +42,7 @@ def study_table(images: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise SiimError(f"image table lacks columns {missing}")
     g = images.groupby(["model", "study_id"], sort=True)
-    out = g[PROB_COLUMNS].mean()
+    out = metrics.study_mean(images, PROB_COLUMNS, by=["model", "study_id"], sort=True)
     out.insert(0, "n_images", g.size())
     out.insert(0, "fold", g["fold"].first())
     return out.reset_index()[CLASSIFIER_STUDIES.names]
@@ -75,7 +75,6 @@ def truth_frames(prep, images: pd.DataFrame):
 def oof_scores(prep, images: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
     """The SCORES table of OOF tables (siimcovid.metrics.fold_scores): AP of the study classes on the
     study table and AP(none) on the image rows, for all folds and per fold."""
-    from siimcovid import metrics
     from siimcovid.data import truth
 
     pred = pd.concat(
@@ -87,7 +86,6 @@ def oof_scores(prep, images: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFram
 
 def study_map(prep, images: pd.DataFrame) -> float:
     """The study mAP of image-level predictions (aggregated per study): the checkpoint criterion."""
-    from siimcovid import metrics
 
     studies = study_table(images)
     st_truth, _ = truth_frames(prep, images)
@@ -118,9 +116,14 @@ def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return CLASSIFIER_IMAGES.read(paths[0]), CLASSIFIER_STUDIES.read(paths[1])
 
 
-def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> None:
-    CLASSIFIER_IMAGES.write(images, out_dir / f"pred_{split}_image.csv")
-    CLASSIFIER_STUDIES.write(studies, out_dir / f"pred_{split}_study.csv")
+def table_paths(out_dir: Path, split: str) -> tuple[Path, Path]:
+    """Where a run (or an ensemble) keeps its image and study tables of a split."""
+    return out_dir / f"pred_{split}_image.csv", out_dir / f"pred_{split}_study.csv"
+
+
+def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> tuple[Path, Path]:
+    image_path, study_path = table_paths(out_dir, split)
+    return CLASSIFIER_IMAGES.write(images, image_path), CLASSIFIER_STUDIES.write(studies, study_path)
 
 
 # ---------------------------------------------------------------- inference
@@ -309,23 +312,26 @@ def predict_test(prep, size: int, ckpts: dict[int, Path], name: str, how: Infere
     return image_frame(table, study_sum / k, none_sum / k if none_ok else None, name)
 
 
-def main(cfg) -> dict:
-    """Predict each run (or reuse its tables), combine several runs, score the OOF split."""
+def main(cfg) -> dict[str, dict[str, Path]]:
+    """Predict each run (or reuse its tables), combine several runs, score the OOF split.
+
+    Returns, per run (and ensemble) folder name, the files written: {split: image table,
+    "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
     from siimcovid.classify.dist import pick_device
 
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
     device = pick_device(cfg.device)
-    results = {}
+    written: dict[str, dict[str, Path]] = {}
     for split in as_list(cfg.split):
         for run_dir, images, studies in split_tables(cfg, runs, split, device):
+            files = written.setdefault(run_dir.name, {})
+            files[split], files[f"{split}_study"] = table_paths(run_dir, split)
             if split == "oof":
-                results[(run_dir.name, split)] = write_scores(cfg, run_dir, runs, images, studies)
-            else:
-                results[(run_dir.name, split)] = len(studies)
-            LOGGER.info(f"{run_dir.name}: wrote {run_dir / f'pred_{split}_image.csv'} and pred_{split}_study.csv")
-    return results
+                files["scores"] = write_scores(cfg, run_dir, runs, images, studies)
+            LOGGER.info(f"{run_dir.name}: wrote {files[split]} and {files[f'{split}_study'].name}")
+    return written
 
 
 def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, pd.DataFrame, pd.DataFrame]]:
@@ -360,19 +366,19 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
     return per_run
 
 
-def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> float:
-    """scores_oof.csv of a run's (or an ensemble's) OOF tables; returns the study mAP over all folds."""
+def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> Path:
+    """scores_oof.csv of a run's (or an ensemble's) OOF tables (full precision, as every stage writes it)."""
     from siimcovid.data.prepared import Prepared
 
     prep = Prepared(cfg.source or run_data(run_dir, runs))
     table = oof_scores(prep, images, studies).assign(model=run_dir.name, tta=cfg.tta, weights=cfg.weights)
-    SCORES.write(table, run_dir / "scores_oof.csv", float_format="%.6g")
+    path = SCORES.write(table, run_dir / "scores_oof.csv")
     overall = table.iloc[0]
     LOGGER.info(
         f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.get('none', float('nan')):.4f}  "
         f"({overall.n_studies} studies, tta={cfg.tta})\n{table.to_string(index=False)}"
     )
-    return float(overall.study_map)
+    return path
 
 
 def claim_ensemble_dir(out_dir: Path, runs: list[Path], method: str, tta: str, weights: str) -> None:

@@ -34,6 +34,7 @@ import pandas as pd
 from siimcovid.data.boxes import boxes_from_json
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import IMAGE_CSV, STUDY_CSV, Problems, read_image_level, read_study_level
+from siimcovid.metrics import whole_rows
 from siimcovid.tables import BOX_COLUMNS, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX, TRUTH, WHOLE
 from siimcovid.utils import LOGGER, DataError, SiimError
 
@@ -125,13 +126,6 @@ def _load_truth(data: str, split: str, stamp) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the metric's rows
-def _whole_rows(ids, classes) -> pd.DataFrame:
-    out = pd.DataFrame({"id": np.asarray(ids, dtype=object), "cls": np.asarray(classes, dtype=object)})
-    for c, v in zip(BOX_COLUMNS, WHOLE):
-        out[c] = np.full(len(out), v)
-    return out[TRUTH.names]
-
-
 def study_truth(df: pd.DataFrame) -> pd.DataFrame:
     """Rows with study_id, study_label (one per study, or one per image as in meta.csv) -> truth rows."""
     studies = df[["study_id", "study_label"]].astype(str).drop_duplicates()
@@ -141,7 +135,7 @@ def study_truth(df: pd.DataFrame) -> pd.DataFrame:
     bad = ~studies.study_label.isin(STUDY_CLASSES)
     if bad.any():
         raise SiimError(f"unknown study_label {studies.study_label[bad].iloc[0]!r}; expected one of {STUDY_CLASSES}")
-    return _whole_rows(studies.study_id + STUDY_SUFFIX, studies.study_label)
+    return whole_rows(studies.study_id + STUDY_SUFFIX, studies.study_label)
 
 
 def image_truth(df: pd.DataFrame) -> pd.DataFrame:

@@ -40,7 +40,7 @@ from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import image_truth, oof_images
 from siimcovid.detect.common import RUN_CONFIG, device_arg, fold_state, passthrough, prepared_of_yaml
 from siimcovid.rundir import fold_checkpoints, fold_dir
-from siimcovid.tables import BOX_COLUMNS, DETECTIONS, SCORES
+from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 
@@ -185,7 +185,7 @@ def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: 
     train = prepared.split("train")
     images = train[train.fold.isin(folds)]
     truth = image_truth(oof_images(prepared.root, images.image_id))
-    boxes = metrics.image_pred(pred[["image_id", "conf", *BOX_COLUMNS]], None)
+    boxes = metrics.image_pred(pred[BOX_PRED_COLUMNS], None)
     return metrics.fold_scores(truth, boxes, images, classes=["opacity"]).assign(model=model)
 
 

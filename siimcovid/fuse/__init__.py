@@ -3,8 +3,8 @@
 Modules:
     stage.py     `siimcovid fuse`: fuse(cfg) one split -> tables, scores_oof.csv (oof) or submission.csv (test)
     tune.py      `siimcovid fuse tune`: tune(cfg) a seeded search of the fusion parameters on OOF -> best.yaml
-    pipeline.py  fusion as one function of (inputs, parameters): run_fusion, fusion_params, check_params,
-                 score_fused, scores_by_fold, Fused, WbfCache
+    pipeline.py  fusion as one function of (inputs, parameters): run_fusion (checks Python-built
+                 parameters), fuse_split, fusion_params, check_params, score_fused, fold_scores, Fused, WbfCache
     inputs.py    load_inputs(cfg) -> FuseInputs: the detection and classifier files, checked
     formulas.py  the none / opacity / member formulas (registered by name in siimcovid.registry)
     wbf.py       Weighted Boxes Fusion per image (ensemble-boxes): wbf_table, check_wbf_params

@@ -36,7 +36,7 @@ from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import SAMPLE_SUBMISSION, read_sample_submission
 from siimcovid.data.truth import oof_truth
 from siimcovid.metrics import class_priors
-from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES, first_bad
+from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES, file_lines, first_bad
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list
 
 DET_COLUMNS = DETECTIONS.required  # image_id, model, fold, x_min, y_min, x_max, y_max, conf
@@ -72,7 +72,7 @@ def read_detections(path: str | Path) -> pd.DataFrame:
     df = DETECTIONS.read(path)
     out = df[DET_COLUMNS].copy()
     out["tta"] = df["tta"] if "tta" in df.columns else ""
-    out["line"] = df.index.to_numpy() + 2
+    out["line"] = file_lines(df)
     return out
 
 
@@ -249,11 +249,11 @@ def submission_images(
     by_id = meta.set_index("image_id")
     missing = [i for i in sample_images if i not in by_id.index]
     if missing:
-        skipped = prepared.root / "skipped.csv"
+        skipped = prepared.skipped_path
         why = (
             f"prepare skipped unreadable images (see {skipped}): fix or replace them and re-run prepare, since "
             "a submission must cover every image"
-            if skipped.is_file() and skipped.read_text().count(missing[0])
+            if prepared.was_skipped(missing[0])
             else "re-run prepare with splits=train,test"
         )
         raise SiimError(f"{len(missing)} image(s) of {sample} are not in the prepared test data, e.g. {missing[0]}: {why}")

@@ -33,8 +33,16 @@ from siimcovid.config import fusion_keys, schema
 from siimcovid.fuse import formulas
 from siimcovid.fuse.inputs import FuseInputs
 from siimcovid.fuse.wbf import wbf_table
-from siimcovid.metrics import BOX_PRED_COLUMNS
-from siimcovid.tables import BOX_COLUMNS, FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, IMAGE_SUFFIX, STUDY_CLASSES, STUDY_SUFFIX
+from siimcovid.tables import (
+    BOX_COLUMNS,
+    BOX_PRED_COLUMNS,
+    FUSED_BOXES,
+    FUSED_IMAGES,
+    FUSED_STUDIES,
+    IMAGE_SUFFIX,
+    STUDY_CLASSES,
+    STUDY_SUFFIX,
+)
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 FUSION_KEYS = fusion_keys()

@@ -49,8 +49,7 @@ from siimcovid.fuse.pipeline import (
     score_fused,
 )
 from siimcovid.fuse.stage import run_dir
-from siimcovid.metrics import SCORE_COLUMNS
-from siimcovid.tables import write_csv
+from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}

@@ -27,8 +27,7 @@ import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
 from siimcovid.config import schema
-from siimcovid.metrics import BOX_PRED_COLUMNS
-from siimcovid.tables import BOX_COLUMNS
+from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS
 from siimcovid.utils import SiimError
 
 
