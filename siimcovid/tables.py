@@ -32,6 +32,8 @@ and can skip a bad row (on_error=skip) instead of stopping at it.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -62,7 +64,8 @@ TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
 
 # ----------------------------------------------------------------------------- reading CSVs
 def file_lines(df: pd.DataFrame) -> np.ndarray:
-    """The file line of every row of a frame read by `read_csv` (header = line 1; blank lines count)."""
+    """The file line where each row of a frame read by `read_csv` starts (header = line 1; blank lines and the
+    extra lines of quoted fields that span lines count): its index + 2."""
     return df.index.to_numpy() + 2
 
 
@@ -71,25 +74,52 @@ def file_line(df: pd.DataFrame, position: int) -> int:
     return int(file_lines(df)[position])
 
 
+def _count_lines(data: bytes) -> int:
+    """Lines of a file's bytes as a text editor counts them (\\n, \\r\\n or \\r ends a line)."""
+    ends = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return ends + (1 if data and not data.endswith((b"\n", b"\r")) else 0)
+
+
+def _record_lines(data: bytes) -> np.ndarray:
+    """The file line on which each CSV record (header included, blank lines as empty records) starts."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace"), newline=""))
+    starts, end = [], 0
+    try:
+        for _ in reader:
+            starts.append(end + 1)
+            end = reader.line_num
+    except csv.Error:  # pandas read it: keep what was counted, the caller checks the count
+        pass
+    return np.array(starts, dtype=np.int64)
+
+
 def read_csv(path: str | os.PathLike, required: list[str], text: list[str] | None = None) -> pd.DataFrame:
     """Read a CSV, check its columns; the one CSV reader for inputs whose errors name file and line.
 
     text: columns read as strings (None: every column, nothing inferred). Blank lines are
-    dropped but counted: a row's file line is `file_line(df, i)`, i.e. its index + 2.
+    dropped but counted: a row's file line is `file_line(df, i)`, i.e. its index + 2, where the
+    index counts file lines (a quoted field spanning lines moves the rows after it down).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
     dtype = str if text is None else {c: str for c in text}
+    data = path.read_bytes()
     try:
-        df = pd.read_csv(path, dtype=dtype, keep_default_na=False, skip_blank_lines=False, low_memory=False)
+        df = pd.read_csv(io.BytesIO(data), dtype=dtype, keep_default_na=False, skip_blank_lines=False, low_memory=False)
     except pd.errors.ParserError as e:
         raise DataError(f"malformed CSV: {e}", path) from None
     except pd.errors.EmptyDataError:
         raise DataError("empty CSV (not even a header)", path) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start}): save it as UTF-8 CSV", path) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; expected {required} (found {list(df.columns)})", path)
+    if len(df) and _count_lines(data) > len(df) + 1:  # a quoted field spans lines: find the line each record starts on
+        starts = _record_lines(data)
+        if len(starts) == len(df) + 1 and (starts[1:] - 2 != df.index.to_numpy()).any():
+            df.index = pd.Index(starts[1:] - 2)
     blank = df.replace("", np.nan).isna().all(axis=1) if len(df.columns) else pd.Series(False, index=df.index)
     return df[~blank.to_numpy()]
 
@@ -167,14 +197,16 @@ class Table:
         to_numbers(df, numeric, path, nullable=[c.name for c in present if c.nullable])
         for c in present:
             if c.dtype == INT:
-                first_bad(df[c.name] != np.round(df[c.name]), path, f"{c.name} must be an integer")
-                df[c.name] = df[c.name].astype(np.int64)
+                whole = (df[c.name] == np.round(df[c.name])) | df[c.name].isna()  # NaN: an empty cell of a nullable column
+                first_bad(~whole, path, f"{c.name} must be an integer")
+                df[c.name] = df[c.name].astype("Int64" if c.nullable else np.int64)
             elif c.dtype == JSON:
                 df[c.name] = [_json_cell(v, c.name, path, file_line(df, i)) for i, v in enumerate(df[c.name])]
             if c.lo is not None or c.hi is not None:
                 lo = -np.inf if c.lo is None else c.lo
                 hi = np.inf if c.hi is None else c.hi
-                first_bad((df[c.name] < lo) | (df[c.name] > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")  # NaN passes
+                values = df[c.name].astype(np.float64)  # a nullable int's missing value -> NaN, which passes
+                first_bad((values < lo) | (values > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")
         for check in self.checks:
             check(df, path)
         return df
@@ -191,6 +223,8 @@ class Table:
         out = self.check(df, str(path))
         dump = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
         out = out.assign(**{c.name: [dump(v) for v in out[c.name]] for c in self.columns if c.dtype == JSON and c.name in out})
+        nullable_ints = [c.name for c in self.columns if c.dtype == INT and c.nullable and c.name in out]
+        out = out.astype(dict.fromkeys(nullable_ints, "Int64"))  # 14, not 14.0, beside the empty cells
         return write_csv(out, path, float_format=float_format)
 
 
@@ -406,7 +440,7 @@ SKIPPED = Table(
     "runs/prepare/<name>/skipped.csv",
     (
         Column("file", TEXT, "the input file of the problem (a CSV or a DICOM)"),
-        Column("line", FLOAT, "its line in that file; empty when the problem concerns the whole file", nullable=True, lo=1),
+        Column("line", INT, "its line in that file; empty when the problem concerns the whole file", nullable=True, lo=1),
         Column("problem", TEXT, "what is wrong"),
     ),
     "The inputs prepare dropped with on_error=skip, one row per problem; absent when it dropped none.",

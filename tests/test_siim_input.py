@@ -252,3 +252,17 @@ def test_the_competition_csvs_are_the_contracts_synth_writes_and_siim_reads(tiny
     (tiny_root / "sample_submission.csv").write_text("id\na_study\n")
     with pytest.raises(DataError, match=r"sample_submission.csv: missing column\(s\) \['PredictionString'\]"):
         read_sample_submission(tiny_root / "sample_submission.csv")
+
+
+def test_a_boxes_cell_spanning_two_lines_does_not_shift_the_lines_after_it(tiny_root, tmp_path):
+    # a Python literal may break lines inside its quotes; the next row is then one file line further down
+    k = _first_with_boxes(tiny_root)
+    df = pd.read_csv(tiny_root / IMAGE_CSV, dtype=str, keep_default_na=False)
+    df.loc[k, "boxes"] = df.loc[k, "boxes"].replace("[{", "[\n{", 1)
+    df.loc[k + 1, "label"] = "pneumonia 1 10 10 50 50"
+    df.to_csv(tiny_root / IMAGE_CSV, index=False)
+    with pytest.raises(DataError, match=rf"{IMAGE_CSV}, line {k + 4}: unknown class 'pneumonia'"):
+        load_train(tiny_root, Problems("raise"))
+    out = _prep(tiny_root, tmp_path, on_error="skip")  # the multi-line row itself is fine and prepared
+    assert (out / "skipped.csv").read_text().splitlines()[1].startswith(f"{tiny_root / IMAGE_CSV},{k + 4},\"unknown class")
+    assert df.id[k].removesuffix("_image") in set(Prepared(out).meta.image_id)

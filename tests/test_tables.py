@@ -9,7 +9,7 @@ import pytest
 from siimcovid import ensemble, registry
 from siimcovid.data.prepared import select_folds
 from siimcovid.rundir import changed_settings, fold_files, refuse_changed
-from siimcovid.tables import CLASSIFIER_IMAGES, DETECTIONS, META, SCORES, read_csv
+from siimcovid.tables import CLASSIFIER_IMAGES, DETECTIONS, META, SCORES, file_line, file_lines, read_csv
 from siimcovid.utils import DataError, SiimError
 
 
@@ -183,9 +183,42 @@ def test_skipped_table_reads_what_prepare_writes(tmp_path):
     problems.add(DataError("unknown class 'pneumonia'", "train_image_level.csv", 12))
     problems.add(DataError("not a DICOM", "train/s/x/abc.dcm"))  # a whole file: no line
     path = SKIPPED.write(problems.table(), tmp_path / "skipped.csv")
+    rows = path.read_text().splitlines()[1:]
+    assert rows == ["train_image_level.csv,12,unknown class 'pneumonia'", "train/s/x/abc.dcm,,not a DICOM"]
     back = SKIPPED.read(path)
-    assert back["line"].iloc[0] == 12 and np.isnan(back["line"].iloc[1])
+    assert back["line"].dtype == "Int64" and back["line"].iloc[0] == 12 and pd.isna(back["line"].iloc[1])
+    path.write_text("file,line,problem\na.csv,14.0,x\nb.dcm,,y\n")  # written by an earlier version: still read
+    assert SKIPPED.read(path)["line"].tolist() == [14, pd.NA]
+    path.write_text("file,line,problem\na.csv,14.5,x\n")
+    with pytest.raises(DataError, match=r"skipped\.csv, line 2: line must be an integer"):
+        SKIPPED.read(path)
     assert back["file"].tolist() == ["train_image_level.csv", "train/s/x/abc.dcm"] and back["problem"].iloc[1] == "not a DICOM"
     path.write_text("file,line,problem\na.csv,0,x\n")
     with pytest.raises(DataError, match=r"skipped\.csv, line 2: line must be in \[1, inf\]"):
         SKIPPED.read(path)
+
+
+def test_a_quoted_field_spanning_lines_keeps_the_file_lines_true(tmp_path):
+    # records and file lines part ways after a multi-line field: errors must still name the bad row's own line
+    path = tmp_path / "multi.csv"
+    path.write_text('a,b\n1,"two\nlines"\n\n2,x\n3,"three\n\nlines"\n4,x\n5,y\n')
+    df = read_csv(path, ["a", "b"])
+    assert df["a"].tolist() == ["1", "2", "3", "4", "5"] and file_lines(df).tolist() == [2, 5, 6, 9, 10]
+    assert file_line(df, 3) == 9
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))  # Windows line ends count once
+    assert file_lines(read_csv(path, ["a"])).tolist() == [2, 5, 6, 9, 10]
+    rows = DETECTIONS.write(detections(), tmp_path / "d.csv").read_text().splitlines()
+    bad = rows[3].replace(",m,", ",,")  # the third row, after a model name that spans two lines
+    path.write_text("\n".join([rows[0], rows[1].replace(",m,", ',"m\nm",'), "", rows[2], bad]) + "\n")
+    with pytest.raises(DataError, match="multi.csv, line 6: empty model"):
+        DETECTIONS.read(path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:5], lines[5].replace(",0.9", ",high")]) + "\n")
+    with pytest.raises(DataError, match="multi.csv, line 6: column conf: not a finite number"):
+        DETECTIONS.read(path)
+
+
+def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "latin.csv").write_bytes("a,b\n1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin.csv: not UTF-8 text"):
+        read_csv(tmp_path / "latin.csv", ["a"])
