@@ -222,13 +222,35 @@ def test_png_level_trades_size_for_speed_not_pixels(tiny_root, tmp_path):
         prepare(_cfg(tiny_root, tmp_path / "bad", png_level=12))
 
 
-def test_too_many_folds_fail_before_any_decode(tiny_root, tmp_path, monkeypatch):
-    # the fold split needs the CSVs only: a bad n_folds must not cost a pass over the DICOMs first
-    decoded = []
-    monkeypatch.setattr(convert, "dicom_to_uint8", lambda *a, **k: decoded.append(a[0]))
-    with pytest.raises(SiimError, match="lower n_folds"):
-        prepare(_cfg(tiny_root, tmp_path / "out", n_folds=8))
-    assert decoded == [] and not (tmp_path / "out").exists()
+def _no_dicom_read(*args, **kwargs):
+    raise AssertionError(f"a DICOM was read before the settings were checked: {args[0]}")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("n_folds=1", r"prepare setting n_folds=1: expected int >= 2"),
+        ("n_folds=0", r"prepare setting n_folds=0: expected int >= 2"),
+        ("n_folds=-1", r"prepare setting n_folds=-1: expected int >= 2"),
+        ("n_folds=8", r"n_folds=8 is too many for \d+ images .*lower n_folds"),  # too many for the strata of 10 studies
+        ("n_folds=40", r"only \d+ patients for 40 folds: lower n_folds"),
+        ("yolo_size=32", r"yolo_size 32 is not one of sizes \[64\]"),
+        ("splits=[]", r"splits= is empty"),
+    ],
+)
+def test_settings_fail_before_any_dicom_is_read(tiny_root, tmp_path, monkeypatch, setting, message):
+    # a bad setting must not cost a pass over the DICOMs first (most of an hour on the real data)
+    from siimcovid import cli
+
+    monkeypatch.setattr(convert, "dicom_to_uint8", _no_dicom_read)
+    monkeypatch.setattr(convert, "read_header", _no_dicom_read)  # the resume path reads headers: none either
+    args = ["prepare", f"data={tiny_root}", f"out={tmp_path / 'out'}", "sizes=[64]", "n_folds=2", "workers=1"]
+    args.append(f"data_yaml_dir={tmp_path}/y")
+    with pytest.raises(SiimError, match=message):
+        cli.main([*args, setting])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="a DICOM was read"):  # with good values it gets past the checks to the DICOMs
+        cli.main(args)
 
 
 def test_a_changed_fold_assignment_is_reported_from_the_previous_meta_table(prepared, tmp_path, caplog):
