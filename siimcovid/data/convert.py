@@ -6,7 +6,12 @@ Every file is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -84,5 +89,36 @@ def convert_one(job: dict) -> dict:
         return {"image_id": image_id, "ok": False, "error": e}
 
 
-def init_worker() -> None:
+def init_worker(parent: int | None = None) -> None:
+    """Set up a decode process. parent: the pid of the prepare process, whose death must end this one."""
     cv2.setNumThreads(1)  # one image per process; threads inside would oversubscribe the cores
+    if parent is not None:
+        die_with_parent(parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` dies, however it dies (kill -9 included): a worker must not outlive prepare.
+
+    Linux: the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG). Elsewhere, or if prctl
+    is unavailable, a daemon thread polls the parent pid once a second.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # the parent died before the signal was armed: nobody would send it
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int, period: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)

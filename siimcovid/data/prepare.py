@@ -42,7 +42,9 @@ def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
         else:
             # concurrent.futures, not mp.Pool: a worker killed outright (out of memory, a crash in a
             # decoder plugin) raises BrokenProcessPool here instead of hanging the run forever.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker) as pool:
+            # Workers get this pid to die with it: a kill -9 of prepare must not leave them decoding.
+            context, parent = mp.get_context("spawn"), (os.getpid(),)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=parent) as pool:
                 pending = {pool.submit(convert, job): job for job in jobs}
                 finished = set()
                 try:

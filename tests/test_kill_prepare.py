@@ -1,0 +1,94 @@
+"""kill -9 of `siimcovid prepare`: its workers die with it, and a re-run finishes to the output of an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]; None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> dict[int, str]:
+    """{child pid: its start time} of the live children of `pid`."""
+    kids = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[1] == str(pid) and fields[0] not in "ZX":
+            kids[int(entry.name)] = fields[19]
+    return kids
+
+
+def _alive(pid: int, started: str) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[19] == started and fields[0] not in "ZX"  # a zombie is dead; a new pid is not it
+
+
+def _prepare_cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "siimcovid",
+        "prepare",
+        f"data={root}",
+        f"out={out}",
+        "sizes=[32,64]",
+        "n_folds=2",
+        "workers=2",
+        f"data_yaml_dir={out.parent / (out.name + '_yaml')}",
+        *extra,
+    ]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_kill_9_of_prepare_kills_its_workers(tiny_root, tmp_path):
+    # One DICOM is a named pipe: reading it blocks for ever, like a decode that takes long. Its worker stays busy,
+    # the other one idle, waiting for work, and prepare waiting for both: then kill -9 prepare alone.
+    dicoms = sorted(tiny_root.glob("train/*/*/*.dcm"))
+    n_images = len(dicoms) + len(list(tiny_root.glob("test/*/*/*.dcm")))
+    dicoms[0].unlink()
+    os.mkfifo(dicoms[0])
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_prepare_cmd(tiny_root, out), env=_env(), cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / "64" / "images").rglob("*.png"))) < n_images - 1:  # every image but the blocked one
+            assert proc.poll() is None, f"prepare ended with {proc.returncode} before the kill"
+            assert time.monotonic() < deadline, "prepare did not convert the other images in 60 s"
+            time.sleep(0.05)
+        children = _children(proc.pid)
+        assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, not its group
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while (alive := [p for p, t in children.items() if _alive(p, t)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive == [], f"processes of the killed prepare still alive after 5 s: {alive}"
+        assert not (out / "meta.csv").exists()
+    finally:
+        _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group of `proc` (none left: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
