@@ -92,3 +92,29 @@ def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_the_fallback_watchdog_ends_a_worker_whose_parent_died(tmp_path):
+    # where prctl is missing (macOS, BSD) a worker polls its parent pid; here: a parent killed -9, its child polling
+    child = (
+        "import os; from siimcovid.data.convert import _watch_parent; "
+        "p = os.getppid(); print('watching', flush=True); _watch_parent(p, 0.05)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); print(p.pid, flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], env=_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert proc.stdout.readline() == "watching\n"
+        started = _stat(pid)[19]
+        assert _alive(pid, started)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _alive(pid, started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid, started)
+    finally:
+        _kill_group(proc)
