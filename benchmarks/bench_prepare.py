@@ -22,6 +22,12 @@ runs on it (best of --repeat), so drift in the machine's speed hits all methods 
 Part 2, the whole command in a fresh process (CSV parsing, folds, meta table, worker start):
 `siimcovid prepare` with 1 worker and with all cores, then a re-run on the finished output
 (resume), with images/s and peak memory (RSS of the process and its largest worker).
+
+Part 3 (--resume-only runs just this): the cost of checking that a finished image is whole on
+resume (siimcovid.data.convert.image_is_whole: PNG/JPEG head and tail, two small reads) against
+trusting any file that exists (os.path.exists, before), side by side on the same finished folder:
+per file (best of --repeat, interleaved), and whole re-runs of prepare in one process (workers=1,
+so the check can be swapped), alternating the two checks, --repeat runs each.
 """
 
 from __future__ import annotations
@@ -177,6 +183,63 @@ def bench(data: Path, work: Path, sizes: list[int], repeat: int, label: str) -> 
     print(f"speed-up with {cores} workers over 1 (worker start included):  {one['seconds'] / many['seconds']:.2f}x")
 
 
+def resume_check(data: Path, work: Path, sizes: list[int], repeat: int) -> None:
+    """Part 3: resume with the whole-image check vs with a plain existence check, on the same finished folder."""
+    import statistics
+
+    from siimcovid.config import load_config
+    from siimcovid.data import convert
+    from siimcovid.data.dicom import read_header
+    from siimcovid.data.prepare import prepare
+    from siimcovid.data.siim import find_dicoms
+    from siimcovid.utils import LOGGER
+
+    out = work / f"out-{data.name}-resume"
+    cfg = load_config("prepare", dict(data=str(data), out=str(out), sizes=sizes, workers=1, n_folds=2,
+                                      data_yaml_dir=str(out / "data_yaml")))  # fmt: skip
+    prepare(cfg)  # finished (or resumed to finished)
+    images = sorted((out / str(sizes[0]) / "images" / "train").glob("*.png"))
+    dicoms = list(find_dicoms(data / "train").path)
+    whole = convert.image_is_whole
+    checks = {
+        "exists (before)": lambda p: p.exists(),
+        "image_is_whole": lambda p: whole(p, sizes[0], "png"),
+        "read_header (DICOM)": None,  # what every resumed image costs anyway
+    }
+    best = dict.fromkeys(checks, float("inf"))
+    for _ in range(repeat):
+        for name, fn in checks.items():
+            t = time.perf_counter()
+            if fn is None:
+                for d in dicoms:
+                    read_header(d)
+            else:
+                assert all(fn(p) for p in images)
+            best[name] = min(best[name], time.perf_counter() - t)
+    n = len(images)
+    print(f"\n== Part 3: resume on a finished folder, {n} images, sizes {sizes} ==")
+    print(f"per image, best of {repeat}:")
+    for name, v in best.items():
+        print(f"  {name:<22} {1e6 * v / n:8.1f} us")
+    runs = {"exists (before)": [], "image_is_whole (after)": []}
+    level = LOGGER.level
+    LOGGER.setLevel("WARNING")  # the runs' summaries would bury the table
+    try:
+        for _ in range(repeat):
+            for name in runs:
+                convert.image_is_whole = (lambda p, s, e: Path(p).exists()) if name.startswith("exists") else whole
+                t = time.perf_counter()
+                prepare(cfg)
+                runs[name].append(time.perf_counter() - t)
+    finally:
+        convert.image_is_whole = whole
+        LOGGER.setLevel(level)
+    print(f"whole re-run of prepare in one process (workers=1), {repeat} runs each, alternating:")
+    print(f"  {'check':<24} {'best s':>8} {'median s':>9} {'ms/img':>8}")
+    for name, v in runs.items():
+        print(f"  {name:<24} {min(v):8.3f} {statistics.median(v):9.3f} {1000 * statistics.median(v) / n:8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=48, help="images per set")
@@ -185,11 +248,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per method and file in part 1; the fastest counts")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_prepare"))
     ap.add_argument("--only", choices=["uncompressed", "mixed"], default=None)
+    ap.add_argument("--resume-only", action="store_true", help="only part 3 (resume check), on the uncompressed set")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.resume_only:
+        resume_check(make_data(args.work, args.images, 0.0), args.work, args.sizes, args.repeat)
+        return
     for compressed, label, repeat in [(0.0, "uncompressed", args.repeat), (args.compressed, "mixed", 1)]:
         if args.only in (None, label):
-            bench(make_data(args.work, args.images, compressed), args.work, args.sizes, repeat, label)
+            data = make_data(args.work, args.images, compressed)
+            bench(data, args.work, args.sizes, repeat, label)
+            if label == "uncompressed":
+                resume_check(data, args.work, args.sizes, args.repeat)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,28 @@ def test_rerun_skips_decoding_and_resumes_an_interrupted_run(tiny_root, tmp_path
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_resume_decodes_again_an_image_that_is_not_whole(tiny_root, tmp_path, monkeypatch, ext):
+    # a file that merely exists is not a finished image: 0 bytes, cut short, or another size are decoded again
+    out = tmp_path / "out"
+    prepare(_cfg(tiny_root, out, ext=ext))
+    images = sorted((out / "64" / "images").rglob(f"*.{ext}"))
+    before = {p: p.read_bytes() for p in images}
+    empty, cut, small, damaged_end = images[0], images[3], images[5], images[-1]
+    empty.write_bytes(b"")
+    cut.write_bytes(before[cut][: len(before[cut]) // 2])
+    cv2.imwrite(str(small), np.zeros((32, 32), np.uint8))  # whole, but 32 px in the 64 px folder
+    damaged_end.write_bytes(before[damaged_end][:-1])
+    (out / "meta.csv").unlink()
+    calls = []
+    real = convert.dicom_to_uint8
+    monkeypatch.setattr(convert, "dicom_to_uint8", lambda *a, **k: calls.append(Path(a[0]).stem) or real(*a, **k))
+    prepare(_cfg(tiny_root, out, ext=ext))
+    assert sorted(calls) == sorted(p.stem for p in (empty, cut, small, damaged_end))
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert all(convert.image_is_whole(p, 64, ext) for p in images)
+
+
 def test_a_rerun_that_fails_leaves_the_folder_unfinished(tiny_root, tmp_path):
     # new settings + a DICOM gone bad: the old meta table must not stay beside the new settings
     from siimcovid.data.siim import find_dicoms

@@ -61,12 +61,50 @@ def _write_image(path: Path, img: np.ndarray, ext: str, params: list[int]) -> No
     _write_bytes(path, buf.tobytes())
 
 
+PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # signature, then the IHDR chunk's length and type
+PNG_TAIL = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk (with its CRC) that ends every whole PNG
+
+
+def image_is_whole(path: Path, size: int, ext: str) -> bool:
+    """Whether a prepared image is one prepare finished: a size x size 8-bit grey PNG (or JPEG) that ends as it
+    should. Two small reads, no decode: a resume must stay as fast as checking that the file exists. Catches
+    a 0-byte, truncated or foreign file (another size, colour), whatever put it there."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024 if ext == "jpg" else 26)
+            f.seek(-len(PNG_TAIL), os.SEEK_END)
+            tail = f.read()
+    except OSError:  # missing, or shorter than its tail
+        return False
+    if ext == "jpg":
+        return tail.endswith(b"\xff\xd9") and _jpeg_shape(head) == (size, size, 1)
+    if not (head.startswith(PNG_HEAD) and tail == PNG_TAIL):
+        return False
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return (width, height, head[24], head[25]) == (size, size, 8, 0)  # bit depth 8, colour type 0: grey
+
+
+def _jpeg_shape(head: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from the start-of-frame segment of a JPEG's first bytes; None if not found."""
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 4 <= len(head) and head[i] == 0xFF:
+        marker, length = head[i + 1], int.from_bytes(head[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            if i + 10 > len(head):
+                return None
+            return int.from_bytes(head[i + 7 : i + 9], "big"), int.from_bytes(head[i + 5 : i + 7], "big"), head[i + 9]
+        i += 2 + length
+    return None
+
+
 def convert_one(job: dict) -> dict:
     """Convert one DICOM (worker). Returns header info and clipped boxes, or the DataError."""
     out, sizes, ext, image_id, split = Path(job["out"]), job["sizes"], job["ext"], job["image_id"], job["split"]
     try:
         targets = {s: image_file(out, s, split, image_id, ext) for s in sizes}
-        if all(p.exists() for p in targets.values()):
+        if all(image_is_whole(p, s, ext) for s, p in targets.items()):  # done by an earlier run
             info, converted = read_header(job["path"]), False
         else:
             images, info = dicom_to_uint8(job["path"], sizes)

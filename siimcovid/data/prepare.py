@@ -3,8 +3,10 @@
 Decoding runs in a pool of processes, one image at a time each (memory stays bounded by
 the number of workers), with a progress bar. Every file is written under a temporary name
 and renamed, so an interrupted run leaves no half-written image; re-running skips the
-DICOMs whose images all exist (reading only their header) and rewrites the cheap parts
-(labels, masks, folds, lists, meta.csv, which is written last).
+DICOMs whose images are all whole (convert.image_is_whole: the PNG/JPEG head and tail, not
+just a file that exists; reading only the DICOM's header) and rewrites the cheap parts
+(labels, masks, folds, lists, meta.csv, which is written last). The decode workers die with
+the prepare process, even on kill -9.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def start_output(cfg: Config, target: Target) -> Path:
 
 
 def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Problems) -> tuple[dict[str, dict], int]:
-    """Convert every DICOM (skipping those whose images exist) -> ({image_id: convert_one result}, number decoded)."""
+    """Convert every DICOM (skipping those whose images are whole) -> ({image_id: convert_one result}, number decoded)."""
     csv = str(target.root / IMAGE_CSV)
     params = encode_params(cfg.ext, cfg.png_level)
     jobs = [
