@@ -118,3 +118,88 @@ def test_the_fallback_watchdog_ends_a_worker_whose_parent_died(tmp_path):
         assert not _alive(pid, started)
     finally:
         _kill_group(proc)
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """{relative path: path} of the files under `folder`, temporary ones (hidden names) left out."""
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def _written_since(folders: list[Path], start_ns: int) -> int:
+    """Files under `folders` written (renamed into place) since `start_ns`."""
+
+    def mtime(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except FileNotFoundError:  # meta.csv set aside between the listing and now
+            return 0
+
+    return sum(mtime(p) >= start_ns for f in folders for p in _files(f).values())
+
+
+def _same_bytes(path: Path, ref: Path, subs: dict[str, str]) -> bool:
+    """Byte-identical, with the paths that name each output folder (the data YAMLs, prepare.yaml) substituted."""
+    if path.suffix != ".yaml":
+        return path.read_bytes() == ref.read_bytes()
+    text = path.read_text()
+    for mine, theirs in subs.items():
+        text = text.replace(mine, theirs)
+    return text == ref.read_text()
+
+
+KILLS = 3  # kill -9 of the whole group, in a row, each run resuming the one before
+
+
+def test_prepare_killed_anywhere_resumes_to_the_uninterrupted_output(tiny_root, tmp_path):
+    import numpy as np
+
+    from siimcovid.config import load_config
+    from siimcovid.data.prepare import prepare
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    ref_yaml, out_yaml = tmp_path / "ref_yaml", tmp_path / "out_yaml"
+    prepare(load_config("prepare", dict(data=str(tiny_root), out=str(ref), sizes=[32, 64], n_folds=2, workers=2,
+                                        data_yaml_dir=str(ref_yaml))))  # fmt: skip
+    reference = {**_files(ref), **{f"yaml/{k}": p for k, p in _files(ref_yaml).items()}}
+    subs = {str(out.resolve()): str(ref.resolve()), str(out): str(ref), str(out_yaml): str(ref_yaml)}
+    rng = np.random.default_rng(2024)
+    points = []
+    n = len(reference)
+    for kill in range(KILLS):
+        # kill once this run has written `target` files: one point in each part of a run, the last part first
+        # (a resumed run writes fewer files: no image already whole) then the middle, then the beginning
+        lo, hi = n * (KILLS - 1 - kill) // KILLS + 1, n * (KILLS - kill) // KILLS
+        target = int(rng.integers(lo, hi + 1))
+        start = time.time_ns()
+        proc = subprocess.Popen(_prepare_cmd(tiny_root, out), env=_env(), cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and _written_since([out, out_yaml], start) < target:
+                assert time.monotonic() < deadline, "prepare neither finished nor wrote its files in 120 s"
+                time.sleep(0.002)
+            finished = proc.poll() is not None
+            if not finished:
+                os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            _kill_group(proc)
+        points.append((target, "finished first" if finished else "killed"))
+        if finished:
+            assert proc.returncode == 0 and (out / "meta.csv").is_file()
+        else:
+            assert not (out / "meta.csv").exists(), f"kill {kill} (after {target} files): meta.csv of an unfinished run"
+        # no file looks complete before it is: every file there is the reference's, byte for byte
+        present = {**_files(out), **{f"yaml/{k}": p for k, p in _files(out_yaml).items()}}
+        previous = present.pop("meta.previous.csv", None)  # a finished run's table, set aside by the run killed
+        assert previous is None or previous.read_bytes() == reference["meta.csv"].read_bytes()
+        assert set(present) <= set(reference), sorted(set(present) - set(reference))
+        assert [k for k, p in present.items() if not _same_bytes(p, reference[k], subs)] == [], f"kill {kill}"
+    assert any(p[1] == "killed" for p in points), points
+    print(f"\nkill points (files written by the run when killed): {points}")
+
+    subprocess.run(_prepare_cmd(tiny_root, out), env=_env(), cwd=tmp_path, check=True, capture_output=True)
+    final = {**_files(out), **{f"yaml/{k}": p for k, p in _files(out_yaml).items()}}
+    assert sorted(final) == sorted(reference)  # meta.csv, images, labels, masks, fold lists, test list, YAMLs
+    assert [k for k, p in final.items() if not _same_bytes(p, reference[k], subs)] == []
