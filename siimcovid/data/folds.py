@@ -60,7 +60,7 @@ def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> np.ndarray
             for k, (_, val_idx) in enumerate(splitter.split(np.zeros(len(df)), strata, groups)):
                 folds[val_idx] = k
         except ValueError as e:  # sklearn: no stratum has n_folds members
-            counts = dict(zip(*np.unique(strata, return_counts=True)))
+            counts = {str(k): int(v) for k, v in zip(*np.unique(strata, return_counts=True))}
             raise SiimError(
                 f"n_folds={n_folds} is too many for {len(df)} images (images per class|has-box: {counts}): lower n_folds"
             ) from e
