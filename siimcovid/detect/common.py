@@ -3,7 +3,8 @@
 A detect run is a folder <project>/<name>/ holding:
 
     detect.yaml         the resolved config (with the prepared folder, image size and data YAMLs it used)
-    fold<k>/            one Ultralytics run per fold: weights/{best,last}.pt, args.yaml, results.csv, plots
+    fold<k>/            one Ultralytics run per fold: weights/{best,last}.pt, args.yaml, results.csv, plots;
+                        args_start.yaml once it resumed (args.yaml as it was when the fold started)
     pred_oof.csv, pred_test.csv, scores_oof.csv    written by `detect predict`
 """
 
@@ -215,7 +216,7 @@ def fold_state(fold_dir: Path) -> str:
         return "new"
     try:
         ckpt = torch_load(last, map_location="cpu")
-    except Exception as e:  # Ultralytics writes checkpoints in place: a kill mid-write truncates them
+    except Exception as e:  # detect train writes them atomically; the plain yolo CLI (or an old siimcovid) in place
         raise SiimError(
             f"{last} cannot be read ({type(e).__name__}): was the training killed while saving it? "
             f"Delete {fold_dir} to train this fold again"

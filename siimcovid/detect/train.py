@@ -5,17 +5,28 @@ with a hyperparameter preset (siimcovid/cfg/hyp/) under the command-line setting
 the same command skips folds that finished and resumes an interrupted fold from its last.pt
 (Ultralytics resume), so folds can also go to different machines: `fold=k` on each.
 `device=0,1` trains one fold with Ultralytics DDP over two GPUs.
+
+A kill at any instant costs at most the epoch in progress: the trainers write every checkpoint
+through a temporary file and a rename (last.pt last, as the commit of an epoch), a resume trims
+results.csv to the epochs its last.pt holds, and the settings a fold started with are kept in
+args_start.yaml (Ultralytics' resume rewrites args.yaml with model=<fold>/weights/last.pt), so a
+fold resumes, and a finished one is skipped, however often it was interrupted.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import pandas as pd
+import ultralytics.engine.trainer as ultralytics_trainer
 import yaml
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import RANK
+from ultralytics.utils.torch_utils import strip_optimizer
 
 from siimcovid.config import Config, runtime_keys
 from siimcovid.data.prepared import Prepared
@@ -33,16 +44,111 @@ from siimcovid.detect.common import (
 )
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
-from siimcovid.utils import LOGGER
+from siimcovid.utils import LOGGER, atomic_path, atomic_write_text
 
 MAP50 = "metrics/mAP50(B)"
 # What a resume passes on to Ultralytics (it lets a resume change these): the train keys that may differ between a
 # run and its resume. The others, batch included, are refused by check_fold_settings when changed, so the
 # resumed fold keeps them from its checkpoint.
 RESUME_KEYS = tuple(k for k in TRAIN_KEYS if k in runtime_keys("detect"))
+START_ARGS = "args_start.yaml"  # a fold's args.yaml as Ultralytics wrote it when the fold started (kept at its first resume)
 
 
-class Map50Trainer(DetectionTrainer):
+class AtomicFile(type(Path())):
+    """A checkpoint path whose write_bytes goes through a temporary file and os.replace (siimcovid.utils.atomic_path):
+    a kill leaves the previous file or the new one, never a truncated one."""
+
+    def write_bytes(self, data) -> int:
+        with atomic_path(self) as tmp:
+            tmp.write_bytes(data)
+        return len(data)
+
+
+class PendingFile(AtomicFile):
+    """last.pt during a save: held until the other checkpoints are written, then committed (AtomicSaveTrainer)."""
+
+    def write_bytes(self, data) -> int:
+        self.data = data
+        return len(data)
+
+    def commit(self) -> None:
+        if getattr(self, "data", None) is not None:
+            AtomicFile(self).write_bytes(self.data)
+            self.data = None
+
+
+def strip_optimizer_atomically(f, s: str = "", updates: dict | None = None) -> dict:
+    """Ultralytics' strip_optimizer (the end of a training: last.pt and best.pt lose their optimizer), written through
+    a temporary file: it torch.saves over the checkpoint in place otherwise."""
+    target, stripped = Path(s or f), {}
+
+    class NotACheckpoint(Exception):
+        pass
+
+    try:
+        with atomic_path(target) as tmp:
+            stripped = strip_optimizer(f, str(tmp), updates)
+            if not stripped:  # not an Ultralytics checkpoint: it wrote nothing, leave the file as it is
+                raise NotACheckpoint
+    except NotACheckpoint:
+        pass
+    return stripped
+
+
+def keep_epochs(csv: Path, epochs: int) -> None:
+    """results.csv as far as the checkpoint goes: its header and the rows of epochs 1..`epochs`.
+
+    Ultralytics appends an epoch's row before it saves last.pt, so a kill in between (or in the append) leaves a
+    row, maybe half of one, that the resumed epoch would append again. No epochs: no file.
+    """
+    if not csv.is_file():
+        return
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = lines[:1] if lines and lines[0].endswith("\n") else []
+    for line in lines[1:] if keep else []:
+        head = line.split(",", 1)[0].strip()
+        if not line.endswith("\n") or not head.isdigit() or int(head) > epochs:
+            break
+        keep.append(line)
+    if len(keep) <= 1 and epochs == 0:
+        csv.unlink()
+        LOGGER.info(f"detect: removed {csv} of an attempt killed before its first checkpoint")
+    elif keep != lines:
+        atomic_write_text(csv, "".join(keep))
+        LOGGER.info(f"detect: {csv} trimmed to epochs 1-{epochs}, those its last.pt holds (the rest was written before a kill)")
+
+
+class AtomicSaveTrainer(DetectionTrainer):
+    """Ultralytics' DetectionTrainer whose checkpoints survive a kill at any instant.
+
+    Ultralytics writes last.pt, best.pt (and epoch<k>.pt) in place: a kill while saving truncates last.pt and the fold
+    cannot resume. Here each goes through a temporary file and a rename, last.pt after the others: once last.pt says
+    an epoch is done, best.pt is as of that epoch too. The final strip of the optimizer is atomic as well.
+    Kept at module level: DDP pickles the trainer class by reference into the script torchrun runs.
+    """
+
+    def save_model(self):
+        paths = self.wdir, self.last, self.best
+        self.wdir, self.best = AtomicFile(self.wdir), AtomicFile(self.best)
+        self.last = last = PendingFile(paths[1])
+        try:
+            saved = super().save_model()
+        finally:
+            self.wdir, self.last, self.best = paths
+        last.commit()
+        return saved
+
+    def final_eval(self):
+        with mock.patch.object(ultralytics_trainer, "strip_optimizer", strip_optimizer_atomically):
+            return super().final_eval()
+
+    def resume_training(self, ckpt):
+        super().resume_training(ckpt)
+        if RANK in {-1, 0}:  # before the first epoch appends its row
+            keep_epochs(self.csv, self.start_epoch if self.resume else 0)
+
+
+class Map50Trainer(AtomicSaveTrainer):
     """Ultralytics ranks checkpoints by mAP50-95; the competition scores boxes at IoU 0.5.
 
     With this trainer best.pt, early stopping (patience) and the fitness in the checkpoint follow
@@ -58,19 +164,44 @@ class Map50Trainer(DetectionTrainer):
         return metrics, fitness
 
 
-TRAINERS = {"map50": Map50Trainer, "map50-95": DetectionTrainer}  # by detect.yaml's `fitness`, whose spec lists these
+TRAINERS = {"map50": Map50Trainer, "map50-95": AtomicSaveTrainer}  # by detect.yaml's `fitness`, whose spec lists these
 
 
 def check_fold_settings(folder: Path, cfg_args: dict, model: str) -> None:
     """Refuse to skip or resume a fold trained with other settings (its scores would be reported under the new ones)."""
-    saved = folder / "args.yaml"
+    saved = folder / START_ARGS  # a resumed fold's args.yaml says model=<fold>/weights/last.pt
+    if not saved.is_file():
+        saved = folder / "args.yaml"
     if not saved.is_file():
         return
     old = yaml.safe_load(saved.read_text()) or {}
     changed = changed_settings(old, cfg_args, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS)
-    if old.get("model") and Path(str(old["model"])).name != Path(model).name:
-        changed.insert(0, ("model", old["model"], model))
+    was = old.get("model")
+    if was and not own_last(folder, was) and Path(str(was)).name != Path(model).name:
+        changed.insert(0, ("model", was, model))
     refuse_changed(folder, changed, f"use another name=, or delete {folder} to train it again")
+
+
+def own_last(folder: Path, model) -> bool:
+    """The model a resume records: the fold's own weights/last.pt (wherever the run was when it resumed).
+
+    A fold resumed before args_start.yaml existed has no other record of its model, which then goes unchecked.
+    """
+    return Path(str(model)).parts[-3:] == (folder.name, "weights", "last.pt")
+
+
+def keep_start_args(folder: Path) -> None:
+    """Before a fold's first resume: args.yaml (the settings it started with) -> args_start.yaml."""
+    args, start = folder / "args.yaml", folder / START_ARGS
+    if args.is_file() and not start.is_file():
+        with atomic_path(start) as tmp:
+            shutil.copyfile(args, tmp)
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Checkpoints a kill left half-written beside the real ones (.last.<random>.tmp.pt): never read, as large as one."""
+    for tmp in (folder / "weights").glob(".*.tmp.pt"):
+        tmp.unlink(missing_ok=True)
 
 
 def train_fold(
@@ -93,12 +224,15 @@ def train_fold(
         LOGGER.info(f"detect: {folder} is finished, skipping (delete it to train again)")
         return "skipped"
     trainer = TRAINERS[fitness]
+    remove_temporary_files(folder)
     if state == "partial":
         LOGGER.info(f"detect: resuming {folder} from weights/last.pt")
+        keep_start_args(folder)
         yolo = YOLO(str(folder / "weights" / "last.pt"))
         kwargs = {"resume": True, "data": str(data_yaml), **{k: cfg_args[k] for k in RESUME_KEYS if k in cfg_args}}
     else:
         LOGGER.info(f"detect: training fold {fold} -> {folder}")
+        (folder / START_ARGS).unlink(missing_ok=True)  # of a fold whose weights were deleted: it starts again
         yolo = YOLO(model)
         kwargs = {**cfg_args, "data": str(data_yaml), "project": str(run_dir), "name": folder.name, "exist_ok": True}
     for event, fn in (callbacks or {}).items():
