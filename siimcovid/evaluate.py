@@ -6,7 +6,10 @@ root, from the hidden test truth `siimcovid synth` writes (split=test), or from 
 
 Out-of-fold submissions hold only some ids: ids=present (the default) restricts the truth to
 the ids in the submission, fold=k to one fold. Ids of the submission that are not in the truth
-at all are an error (e.g. test predictions scored against the train truth).
+at all are an error (e.g. test predictions scored against the train truth). A split=test
+submission must cover every test id, as Kaggle requires: one that misses ids is an error, unless
+partial=true (a warning, and the score of the ids present) or ids=all (the missing ids count as
+misses, the score Kaggle would give had it accepted the file).
 
 Prints a per-class table (AP, truth and prediction counts), the study mAP, the image mAP and the
 final score; --json prints {"final", "study_map", "image_map", "ap", "n_truth", "n_pred", ...}.
@@ -49,14 +52,21 @@ def evaluate(cfg: Config) -> Score:
     if fold is not None:
         truth = truth_rows(images[images.fold == fold])
     if cfg.ids == "present":
-        n_truth = truth["id"].nunique()
+        truth_ids = truth["id"].unique()
+        n_truth = len(truth_ids)
         truth = truth[truth["id"].isin(sub_ids)]
-        if cfg.split == "test" and truth["id"].nunique() < n_truth:
-            # a test submission must cover every id: the missing ones would be misses on Kaggle
-            LOGGER.warning(
-                f"evaluate: the submission covers {truth['id'].nunique()} of the {n_truth} test ids; "
-                "ids=all scores the missing ones as misses, as Kaggle would"
-            )
+        n_present = truth["id"].nunique()
+        if cfg.split == "test" and n_present < n_truth:
+            # a test submission must cover every id: Kaggle rejects a file that misses one
+            missing = sorted(set(truth_ids) - set(sub_ids))
+            what = f"the submission covers {n_present} of the {n_truth} test ids (missing e.g. '{missing[0]}')"
+            if not cfg.partial:
+                raise DataError(
+                    f"{what}: Kaggle rejects such a file; partial=true scores the ids present, "
+                    "ids=all scores the missing ones as misses",
+                    sub_path,
+                )
+            LOGGER.warning(f"evaluate: {what}; partial=true: scoring only those (ids=all scores the missing ones as misses)")
     if truth.empty:
         raise SiimError("nothing to score: no truth row left after the fold / ids restriction")
     result = score(truth, pred, classes=cfg.classes, iou_threshold=cfg.iou_threshold)

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from siimcovid.cli import main
+from siimcovid.cli import entrypoint, main
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import STUDY_CLASSES, STUDY_COLUMNS
 from siimcovid.utils import SiimError
@@ -36,13 +36,34 @@ def test_perfect_test_submission_scores_one(synth_root, tmp_path, capsys):
         main(["evaluate", f"submission={path}", f"data={synth_root}"])
 
 
-def test_a_partial_test_submission_is_flagged(synth_root, tmp_path, caplog):
+def test_a_partial_test_submission_is_an_error(synth_root, tmp_path, caplog, monkeypatch):
     path = tmp_path / "partial.csv"
     sub = perfect_from_csvs(synth_root / "test_truth")
     sub.iloc[1:].to_csv(path, index=False)  # one id left out
-    assert main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test"]).final == 1.0
-    assert f"covers {len(sub) - 1} of the {len(sub)} test ids" in caplog.text
+    # Kaggle rejects a submission that misses test ids: so does evaluate split=test
+    message = rf"covers {len(sub) - 1} of the {len(sub)} test ids \(missing e.g. '{sub.id.iloc[0]}'\): Kaggle rejects"
+    with pytest.raises(SiimError, match=message) as raised:
+        main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test"])
+    assert str(path) in str(raised.value)
+    # on the command line: one error line and exit 2
+    monkeypatch.setattr("sys.argv", ["siimcovid", "evaluate", f"submission={path}", f"data={synth_root}", "split=test"])
+    with pytest.raises(SystemExit) as exited:
+        entrypoint()
+    assert exited.value.code == 2 and "siimcovid: error:" in caplog.text and "Kaggle rejects" in caplog.text
+    caplog.clear()
+    # partial=true scores the ids present, knowingly (a warning)
+    assert main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test", "partial=true"]).final == 1.0
+    assert f"covers {len(sub) - 1} of the {len(sub)} test ids" in caplog.text and "partial=true" in caplog.text
+    # ids=all: the missing id counts as misses (no error: that is the score Kaggle would give)
     assert main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test", "ids=all"]).final < 1.0
+    # the whole file is no error, and the train split keeps scoring partial (out-of-fold) files
+    sub.to_csv(tmp_path / "whole.csv", index=False)
+    assert main(["evaluate", f"submission={tmp_path / 'whole.csv'}", f"data={synth_root}", "split=test"]).final == 1.0
+    train = perfect_from_csvs(synth_root)
+    train.iloc[1:].to_csv(tmp_path / "train_partial.csv", index=False)
+    assert main(["evaluate", f"submission={tmp_path / 'train_partial.csv'}", f"data={synth_root}"]).final == 1.0
+    with pytest.raises(SiimError, match=r"partial='maybe': expected bool"):
+        main(["evaluate", f"submission={path}", f"data={synth_root}", "split=test", "partial=maybe"])
 
 
 def test_json_and_imperfect_scores(synth_root, tmp_path, capsys):

@@ -85,6 +85,36 @@ def seed_worker(worker_id: int) -> None:
             augment.set_random_seed((info.seed + i) % 2**32)
 
 
+def _augment_nodes(dataset) -> list:
+    """Every albumentations pipeline and transform of a dataset (through a Subset or a ConcatDataset), in a fixed order."""
+    dataset = getattr(dataset, "dataset", dataset)
+    nodes, todo = [], [getattr(part, "augment", None) for part in getattr(dataset, "datasets", [dataset])]
+    while todo:
+        node = todo.pop(0)
+        if node is not None and hasattr(node, "random_generator"):
+            nodes.append(node)
+            todo = list(getattr(node, "transforms", [])) + todo
+    return nodes
+
+
+def augment_state(dataset) -> list:
+    """The random state of the dataset's augmentation in this process (albumentations keeps one generator
+    pair per transform, which no global seed reaches): what a resumed run needs to draw what an
+    uninterrupted one would. DataLoader workers hold their own copies (seed_worker), not this one."""
+    return [(node.random_generator.bit_generator.state, node.py_random.getstate()) for node in _augment_nodes(dataset)]
+
+
+def set_augment_state(dataset, state: list) -> bool:
+    """Put back what augment_state returned; False (nothing changed) when the augmentation has another shape."""
+    nodes = _augment_nodes(dataset)
+    if len(nodes) != len(state):
+        return False
+    for node, (np_state, py_state) in zip(nodes, state):
+        node.random_generator.bit_generator.state = np_state
+        node.py_random.setstate(py_state)
+    return True
+
+
 def read_grey(path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if img is None:

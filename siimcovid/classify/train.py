@@ -3,7 +3,8 @@
 Run dir <project>/<name>/ (the resolved config in classify.yaml), one folder per fold:
 
 fold<k>/classify.yaml        the resolved config
-fold<k>/last.pt              everything to resume: model, EMA, optimizer, scheduler, scaler, wave/epoch, rng
+fold<k>/last.pt              everything to resume: model, EMA, optimizer, scheduler, scaler, wave/epoch, the log,
+                             every random stream (numpy, torch, loader, augmentation; per rank); written first each epoch
 fold<k>/best.pt              the weights of the best epoch by the checkpoint rule (EMA weights when ema > 0)
 fold<k>/results.csv          one row per epoch (columns: LOG_COLUMNS, then any extra loss term of an on_loss hook)
 fold<k>/results.png          losses, study mAP and lr per epoch
@@ -16,6 +17,15 @@ each later wave (fine_lr, fine_epochs) restarts from the best checkpoint so far 
 optimizer and a lower lr (the two-wave schedule of the team notes in shared/seeds/).
 The default checkpoint rule is the competition's study mAP on the fold's validation images,
 averaged per study. An interrupted fold resumes from last.pt at the next epoch.
+
+Kill -9 at any instant costs at most the epoch in progress. last.pt is the record of an epoch:
+written (atomically) before the files that follow from it (best.pt, val_pred_image.csv,
+results.csv), which a resume writes again from last.pt, so a kill between them leaves nothing
+inconsistent; done.json comes last. With workers=0 a resumed fold draws what the uninterrupted
+one would (last.pt holds every random stream of every rank): on the CPU it ends weight for weight
+the same (tests/test_kill_classify.py). With workers > 0 the DataLoader workers' augmentation
+streams restart at a resume (they live in the workers, out of reach of last.pt), so the resumed
+epochs draw other augmentations than an uninterrupted run would.
 
 Hooks (in the spirit of Ultralytics' trainer callbacks): `train(cfg, d, callbacks={event: fn or [fn]})`
 adds functions to the events below without touching the loop. With none added, training is
@@ -52,7 +62,17 @@ from tqdm import tqdm
 
 from siimcovid import rundir
 from siimcovid.classify import predict as P
-from siimcovid.classify.data import StudyDataset, build_augment, check_files, image_table, mix_batch, seed_worker, to_device
+from siimcovid.classify.data import (
+    StudyDataset,
+    augment_state,
+    build_augment,
+    check_files,
+    image_table,
+    mix_batch,
+    seed_worker,
+    set_augment_state,
+    to_device,
+)
 from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
 from siimcovid.config import runtime_keys
@@ -367,7 +387,29 @@ class FoldTrainer:
         if not math.isfinite(loss_sum):
             raise SiimError(f"fold {self.fold} epoch {epoch}: the loss became {loss_sum}; lower lr or turn amp off")
 
-    def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int) -> dict:
+    def rng_streams(self) -> dict:
+        """This process's random streams: mixing (numpy), torch (dropout, drop-path, the validation loader's seed),
+        CUDA, the training loader's generator and the augmentation's generators (with workers=0 they draw here)."""
+        return {
+            "numpy": self.rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "loader": self.train_loader.generator.get_state(),
+            "augment": augment_state(self.train_dataset),
+        }
+
+    def set_rng_streams(self, streams: dict) -> None:
+        self.rng.bit_generator.state = streams["numpy"]
+        torch.set_rng_state(streams["torch"])
+        if streams["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(streams["cuda"], self.device)
+        self.train_loader.generator.set_state(streams["loader"])
+        if not set_augment_state(self.train_dataset, streams["augment"]) and self.d.is_main:
+            LOGGER.warning(f"fold {self.fold}: the augmentation changed since last.pt; its random draws start afresh")
+
+    def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, streams: list, best_images) -> dict:
+        """last.pt: everything to resume; streams: every rank's rng_streams; best_images: this epoch's validation
+        predictions when it is the best (a resume writes best.pt and val_pred_image.csv again from them)."""
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -379,7 +421,9 @@ class FoldTrainer:
             "epoch": epoch,
             "step": step,
             "best": self.best,
-            "rng": self.rng.bit_generator.state,
+            "best_images": best_images,
+            "rows": self.rows,
+            "rng_ranks": streams,
             "model_cfg": model_cfg(self.cfg),
             "fold": self.fold,
             "folds_id": self.cfg.folds_id,
@@ -399,16 +443,39 @@ class FoldTrainer:
         # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
         state = torch.load(last_path, map_location="cpu", weights_only=False)
         self.best = state["best"]
-        if log_path.is_file():
+        if "rows" in state:
+            self.rows = [dict(r) for r in state["rows"]]
+        elif log_path.is_file():  # a last.pt of an older version: the log holds the rows
             self.rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
+        streams = state.get("rng_ranks")
+        if streams and len(streams) == self.d.world:
+            self.set_rng_streams(streams[self.d.rank])
+        elif "rng" in state:  # a last.pt of an older version: the mixing stream only
+            self.rng.bit_generator.state = state["rng"]
+        elif self.d.is_main:
+            LOGGER.warning(
+                f"fold {self.fold}: last.pt was written by {len(streams or [])} processes, now {self.d.world}: "
+                "the random streams start afresh"
+            )
         if self.d.is_main:
             LOGGER.info(
                 f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {self.best['score']:.4f})"
             )
+            self.rewrite_outputs(state)
         return state
 
+    def rewrite_outputs(self, state: dict) -> None:
+        """The files that follow last.pt, written again from it: a kill after last.pt and before them must not
+        leave the previous epoch's log or a best.pt older than the best last.pt records."""
+        best_row = [r for r in self.rows if r["epoch"] == state["epoch"]]
+        if state["best"]["epoch"] == state["epoch"] and state.get("best_images") is not None and best_row:
+            weights = state["ema"] if state["ema"] is not None else state["model"]  # as eval_model() gave them
+            self.save_best(state["epoch"], state["wave"], best_row[0]["val_map"], state["best_images"], weights)
+        if self.rows:
+            self.write_log()
+
     def restore(self, state: dict, opt, sched) -> int:
-        """Put the interrupted wave's training state back; returns its step count."""
+        """Put the interrupted wave's training state back (the random streams: load_resume_state); returns its step count."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -417,7 +484,6 @@ class FoldTrainer:
             sched.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler is not None:  # empty where the run had no fp16 scaler
             self.scaler.load_state_dict(state["scaler"])
-        self.rng.bit_generator.state = state["rng"]
         return state["step"]
 
     def restart_from_best(self, wave: int, lr: float, n_epochs: int) -> None:
@@ -438,11 +504,10 @@ class FoldTrainer:
         t0 = time.perf_counter()
         train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
         val_stats, images = self.validate()
-        if self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0:
-            score = val_stats["val_map"]
+        new_best = self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0
+        score = val_stats["val_map"]
+        if new_best:
             self.best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch, "wave": wave}
-            if self.d.is_main:
-                self.save_best(epoch, wave, score, images)
         row = {
             "epoch": epoch,
             "wave": wave,
@@ -454,17 +519,28 @@ class FoldTrainer:
             "time_s": time.perf_counter() - t0,
         }
         self.rows.append(row)
+        streams = self.d.gather(self.rng_streams())  # every rank's: each resumes its own
         if self.d.is_main:
-            save_torch(self.checkpoint(opt, sched, wave, wave_epoch, epoch, step), self.dir / "last.pt")
-            self.write_log(row)
+            # last.pt first, the record of the epoch; then what follows from it (rewrite_outputs on a resume)
+            last = self.checkpoint(opt, sched, wave, wave_epoch, epoch, step, streams, images if new_best else None)
+            save_torch(last, self.dir / "last.pt")
+            if new_best:
+                self.save_best(epoch, wave, score, images, self.eval_model().state_dict())
+            self.write_log()
+            LOGGER.info(
+                f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
+                f"val loss {row['val_loss']:.4f} study mAP {row['val_map']:.4f}"
+                f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
+            )
         self.run_callbacks("on_fit_epoch_end", row)
         self.d.barrier()
         return step
 
-    def save_best(self, epoch: int, wave: int, score: float, images: pd.DataFrame) -> None:
+    def save_best(self, epoch: int, wave: int, score: float, images: pd.DataFrame, weights: dict) -> None:
+        """best.pt (weights: the evaluated ones, EMA when ema > 0) and val_pred_image.csv of the best epoch."""
         cfg = self.cfg
         best = {
-            "model": self.eval_model().state_dict(),
+            "model": weights,
             "model_cfg": model_cfg(cfg),
             "epoch": epoch,
             "wave": wave,
@@ -483,15 +559,11 @@ class FoldTrainer:
         extra = dict.fromkeys(k for r in self.rows for k in r if k not in LOG_COLUMNS)
         return LOG_COLUMNS + list(extra)
 
-    def write_log(self, row: dict) -> None:
+    def write_log(self) -> None:
+        """results.csv and results.png of the epochs so far."""
         log = pd.DataFrame(self.rows, columns=self.log_columns())
         write_csv(log, self.dir / "results.csv", float_format="%.6g")
         plot_log(log, self.dir / "results.png")
-        LOGGER.info(
-            f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
-            f"val loss {row['val_loss']:.4f} study mAP {row['val_map']:.4f}"
-            f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
-        )
 
     # ---------------------------------------------------------------- the fold
 
@@ -560,6 +632,9 @@ def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist
         return result
     if not cfg.resume and fold_dir.exists() and d.is_main:
         shutil.rmtree(fold_dir)
+    if d.is_main and fold_dir.is_dir():  # temporaries of atomic writes a kill -9 interrupted (a checkpoint each)
+        for tmp in fold_dir.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
     d.barrier()
     if d.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,12 @@ Outputs in <project>/<name>/:
     tune_compare.csv   class, default, best, change (the per-class table printed at the end)
     best.yaml          the best parameters (FUSION_KEYS): `siimcovid fuse cfg=best.yaml split=test ...`
 
+A tune does not resume: a re-run searches again (same inputs + seed = the same files). best.yaml
+marks a finished tune: the files are written only once the search is over, best.yaml removed first
+and written last. So after a kill -9, either best.yaml is absent (the files beside it may be
+partly the new run's), or every file is one finished tune's: the previous one's, untouched, when
+the kill came before the search ended.
+
 Tuning on OOF is the point (never on the leaderboard), but a small OOF set can be overfitted by
 many trials: compare the per-fold scores of the best with the defaults (scores_oof.csv of
 `fuse cfg=best.yaml split=oof`) before trusting a gain of a few thousandths.
@@ -54,6 +60,7 @@ from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
 WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result
+OUTPUTS = ("tune.yaml", "trials.csv", "tune_compare.csv", "best.yaml")  # in the order written (best.yaml last)
 
 
 def load_space(space) -> dict[str, list]:
@@ -222,6 +229,11 @@ def write_results(cfg: Config, search: Search, base: dict, best: dict, best_scor
     """tune.yaml, trials.csv, tune_compare.csv and best.yaml in the run dir; returns their paths and tables."""
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # temporaries of writes a kill -9 interrupted (utils.atomic_path names them .<stem>.*.tmp<suffix>)
+        for tmp in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
+            tmp.unlink(missing_ok=True)
+    # best.yaml goes first and comes back last: present, it always stands beside the files of a finished tune
+    (out / "best.yaml").unlink(missing_ok=True)
     cfg.save(out / "tune.yaml")
     trials = pd.DataFrame(search.rows)
     write_csv(trials, out / "trials.csv", float_format="%.6g")
