@@ -643,12 +643,54 @@ def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist
     return FoldTrainer(cfg, prep, fold, size, fold_dir, d, callbacks).run()
 
 
+def check_ray(cfg, d: Dist) -> None:
+    """engine=ray: Ray is installed; each fold is one process on at most one GPU (DDP inside a fold is torchrun)."""
+    from siimcovid.ray_engine import import_ray
+
+    import_ray()
+    if d.world > 1:
+        raise SiimError(
+            "engine=ray trains each fold in one process of its own; under torchrun (DDP inside a fold) use engine=serial"
+        )
+    cpu, gpus = str(cfg.device).lower() == "cpu", cfg.gpus_per_fold
+    if gpus > 1:
+        raise SiimError(
+            f"engine=ray: gpus_per_fold={gpus:g}, but a fold trains in one process on one GPU: at most 1 "
+            "(for DDP inside a fold use torchrun with engine=serial)"
+        )
+    if cpu and gpus > 0:
+        raise SiimError(f"engine=ray: device={cfg.device} trains on the CPU; set gpus_per_fold=0")
+    if cfg.device not in (None, "", "auto") and not cpu and gpus == 0:
+        raise SiimError(f"engine=ray: device={cfg.device} asks for a GPU, but gpus_per_fold=0 gives a fold's task none")
+
+
+def ray_fold(cfg, fold: int, size: int, run_dir: Path, callbacks: dict | None) -> dict:
+    """One fold as a Ray task (engine=ray): train_fold in a world of one, on the GPU Ray gave the task (Ray sets its
+    CUDA_VISIBLE_DEVICES: that GPU is cuda:0 here) or the CPU. A task run again after its process died resumes the
+    fold from its last.pt, as a re-run does."""
+    from siimcovid.config import Config
+    from siimcovid.ray_engine import task_gpus
+
+    if str(cfg.device).lower() != "cpu":
+        cfg = Config({**cfg, "device": "cuda" if task_gpus() else "cpu"})
+    d = setup(cfg.device)
+    try:
+        return train_fold(cfg, Prepared(cfg.data), fold, size, run_dir, d, callbacks)
+    finally:
+        cleanup(d)
+
+
 def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
-    """Train the folds of cfg.fold; callbacks: {event: fn or [fn, ...]} added to every fold's trainer."""
+    """Train the folds of cfg.fold; callbacks: {event: fn or [fn, ...]} added to every fold's trainer.
+
+    engine=ray: each fold is a Ray task (siimcovid/ray_engine.py) running train_fold as the serial path does; the
+    run's checks and settings are done here before any task starts, the OOF report after they all end."""
     prep = Prepared(cfg.data)
     size = prep.check_size(cfg.imgsz)
     folds = prep.select_folds(cfg.fold)
     check_config(cfg)
+    if cfg.engine == "ray":
+        check_ray(cfg, d)
     cfg.name = run_name(cfg)
     cfg.data = str(Path(cfg.data).resolve())
     cfg.imgsz = size
@@ -656,7 +698,18 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     run_dir = Path(cfg.project) / cfg.name
     check_files(prep, prep.split("train").assign(split="train"), size, masks=True)
     prepare_run_dir(cfg, run_dir, d)
-    results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in folds}
+    if cfg.engine == "ray":
+        from siimcovid.ray_engine import run_folds
+
+        # the finished folds are skipped here (as train_fold skips them), the others go to Ray
+        finished = [fold for fold in folds if cfg.resume and P.fold_done(rundir.fold_dir(run_dir, fold))]
+        results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in finished}
+        todo = {fold: (cfg, fold, size, run_dir.resolve(), callbacks) for fold in folds if fold not in results}
+        if todo:
+            results.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "classify"))
+        results = {fold: results[fold] for fold in folds}
+    else:
+        results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in folds}
     if d.is_main:
         report_oof(prep, run_dir)
     return results

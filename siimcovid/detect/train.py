@@ -4,7 +4,9 @@ Each fold trains from the data YAML `siimcovid prepare` wrote (data_yaml/<name>_
 with a hyperparameter preset (siimcovid/cfg/hyp/) under the command-line settings. Re-running
 the same command skips folds that finished and resumes an interrupted fold from its last.pt
 (Ultralytics resume), so folds can also go to different machines: `fold=k` on each.
-`device=0,1` trains one fold with Ultralytics DDP over two GPUs.
+`device=0,1` trains one fold with Ultralytics DDP over two GPUs. `engine=ray` trains the folds in parallel, each as a
+Ray task (siimcovid/ray_engine.py) running train_fold as the serial path does; with `gpus_per_fold=2 device=0,1` each
+fold's task trains with DDP over the two GPUs Ray gave it.
 
 A kill at any instant costs at most the epoch in progress: the trainers write every checkpoint
 through a temporary file and a rename (last.pt last, as the commit of an epoch), a resume trims
@@ -42,9 +44,10 @@ from siimcovid.detect.common import (
     select_folds,
     train_args,
 )
+from siimcovid.ray_engine import import_ray, run_folds
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
-from siimcovid.utils import LOGGER, atomic_path, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 
 MAP50 = "metrics/mAP50(B)"
 # What a resume passes on to Ultralytics (it lets a resume change these): the train keys that may differ between a
@@ -241,6 +244,58 @@ def train_fold(
     return "resumed" if state == "partial" else "trained"
 
 
+def requested_gpus(device) -> int | None:
+    """How many GPUs an Ultralytics `device` names: None (null: the first GPU if any, else the CPU), 0 (cpu), 1, 2, ..."""
+    text = str(device if device is not None else "").lower().replace("cuda:", "").replace(" ", "")
+    if not text:
+        return None
+    if text in ("cpu", "mps"):
+        return 0
+    return len([d for d in text.split(",") if d])
+
+
+def check_ray_devices(device, gpus: float) -> None:
+    """engine=ray: how `device` and gpus_per_fold combine (each fold's task uses the GPUs Ray gave it, see ray_device)."""
+    n = requested_gpus(device)
+    if n is None and gpus > 1:
+        raise SiimError(
+            f"engine=ray: gpus_per_fold={gpus:g} gives each fold {gpus:g} GPUs; to train a fold over them with DDP "
+            f"name them, device=0,1,... (they count the task's own GPUs)"
+        )
+    if n == 0 and gpus > 0:
+        raise SiimError(f"engine=ray: device={device} trains on the CPU; set gpus_per_fold=0")
+    if n == 1 and not 0 < gpus <= 1:
+        raise SiimError(
+            f"engine=ray: device={device} trains each fold on one GPU: gpus_per_fold must be more than 0 and at most 1 "
+            f"(0.5: two folds share a GPU), not {gpus:g}"
+        )
+    if n is not None and n > 1 and gpus != n:
+        raise SiimError(
+            f"engine=ray: device={device} trains each fold with DDP over {n} GPUs: set gpus_per_fold={n} "
+            f"(each fold's task then gets {n} GPUs of one node and trains over those)"
+        )
+
+
+def ray_device(device, gpus: list[str]):
+    """Inside a fold's Ray task: `device` as the GPUs Ray gave the task (CUDA numbers of the node; Ultralytics sets
+    CUDA_VISIBLE_DEVICES to what it is given, so device=0 would take the node's first GPU whichever the task got)."""
+    n = requested_gpus(device)
+    if n == 0:
+        return device
+    if not gpus:  # device=null and gpus_per_fold=0
+        return "cpu"
+    return ",".join(gpus[: n or 1])
+
+
+def ray_fold(cfg_args: dict, model: str, data_yaml: Path, run_dir: Path, fold: int, fitness: str, callbacks) -> str:
+    """One fold as a Ray task (engine=ray): train_fold on the task's GPUs. The fold's state is read here, not taken
+    from the driver: a task run again after its process died resumes what the dead one left."""
+    from siimcovid.ray_engine import task_gpus
+
+    args = {**cfg_args, "device": ray_device(cfg_args.get("device"), task_gpus())}
+    return train_fold(args, model, data_yaml, run_dir, fold, fitness, callbacks)
+
+
 def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     """Best validation mAP@0.5 and mAP50-95 per fold, from each fold's results.csv."""
     rows = []
@@ -273,6 +328,9 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         check_model(cfg.pretrained)
     hyp = load_hyp(cfg.hyp)
     args = train_args(cfg, hyp)
+    if cfg.engine == "ray":
+        import_ray()
+        check_ray_devices(args["device"], cfg.gpus_per_fold)
     name = cfg.name or f"{source.name}-{Path(model).stem}"
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
@@ -294,7 +352,15 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
             check_fold_settings(fold_dir(run_dir, k), args, model)
     saved.save(run_dir / RUN_CONFIG)
 
-    done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
+    if cfg.engine == "ray":  # the finished folds are skipped here, the others go to Ray
+        finished = [k for k in folds if states[k] == "done"]
+        done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, "done") for k in finished}
+        todo = {k: (args, model, source.yaml(k).resolve(), run_dir, k, cfg.fitness, callbacks) for k in folds if k not in done}
+        if todo:
+            done.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "detect"))
+        done = {k: done[k] for k in folds}
+    else:
+        done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
     summary = fold_summary(run_dir, folds)
     LOGGER.info(f"detect train: {run_dir} ({', '.join(f'fold{k} {v}' for k, v in done.items())})")
     if len(summary):
