@@ -169,5 +169,8 @@ def test_evolve_on_a_local_ray_cluster(prepared, tmp_path):
         detect("evolve", *args)
         assert {p: p.stat().st_mtime_ns for p in (run / "trials").glob("*/results.csv")} == stamps
         assert ((run / "ray_trials.csv").read_bytes(), out.read_bytes()) == before
+        # as on the serial path, the experiment continues only under the settings its trials were trained with
+        with pytest.raises(SiimError, match=r"evo was trained with epochs=2 \(now 3\): use another name=, or delete .*ray_tune"):
+            detect("evolve", *[a for a in args if not a.startswith("epochs=")], "epochs=3")
     finally:
         ray.shutdown()
