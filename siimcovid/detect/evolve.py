@@ -1,9 +1,11 @@
-"""`siimcovid detect evolve`: hyperparameter evolution with Ultralytics' Tuner on one fold.
+"""`siimcovid detect evolve`: hyperparameter evolution on one fold, serially with Ultralytics' Tuner or on Ray.
 
     siimcovid detect evolve data=runs/prepare/siim model=yolov5mu.pt hyp=yolov5m fold=0 iterations=30 epochs=10
+    siimcovid detect evolve ... engine=ray [ray_address=head:6379] [grace_period=3] [gpu_per_trial=1]
 
-The first iteration trains with the starting preset (hyp=); each later one mutates the best
-so far inside `space` (detect.yaml: mosaic, mixup, scale, translate, hsv_v, lr0, ...). Everything
+engine=serial (the default): the first iteration trains with the starting preset (hyp=); each later one
+mutates the best so far inside `space` (detect.yaml: mosaic, mixup, scale, translate, hsv_v, lr0, ...), one
+after another in this process. Fitness is Ultralytics' (validation mAP50-95 of each short run). Everything
 stays in <project>/<name>/ (default name <dataset>-<model stem>-evolve):
 
     tune/tune_results.ndjson          every iteration: fitness and hyperparameters (Ultralytics)
@@ -15,7 +17,17 @@ stays in <project>/<name>/ (default name <dataset>-<model stem>-evolve):
 
 Re-running the same command continues from the last finished iteration up to `iterations`
 (`iterations`, `export` and the runtime settings may change; any other setting is refused: the
-iterations so far were trained under it). Fitness is Ultralytics' (validation mAP50-95 of each short run).
+iterations so far were trained under it).
+
+engine=ray (siimcovid.detect.ray_tune; `pip install siimcovid[ray]`): `iterations` Ray Tune trials (max_samples)
+on the cluster `ray_address` reaches (null: a local one on 127.0.0.1), as many at once as the cluster has
+`cpu_per_trial` CPUs and `gpu_per_trial` GPUs for. The first trial is the preset, the others sample `space`
+uniformly (tune.uniform(min, max)); every trial reports each validated epoch, and ASHA stops the worse ones
+after `grace_period` epochs. Fitness is detect.yaml's `fitness` (map50 by default: the best validation
+mAP@0.5 of the trial). A trial that dies is restarted up to `max_failures` times (from its last.pt), then
+reported as failed. It writes ray_tune/ (Ray's experiment; re-running restores it and runs what is left),
+trials/<trial id>/ (each trial's Ultralytics run), ray_trials.csv (trial, status: finished / stopped early /
+failed, epochs, fitness, the values) and the same hyp_evolved.yaml, from the best trial.
 """
 
 from __future__ import annotations
@@ -69,9 +81,9 @@ def evolve_fold(fold: Any, folds: list[int]) -> int:
 
 def check_tuning_settings(run_dir: Path, tune_dir: Path, saved: Config) -> None:
     """Refuse to continue a tuning run under other settings than its iterations so far were trained with
-    (before its detect.yaml is saved over)."""
+    (before its detect.yaml is saved over). `tune_dir`: the Tuner's folder, or Ray Tune's experiment."""
     old_file = run_dir / RUN_CONFIG
-    if not (tune_dir / RESULTS).is_file() or not old_file.is_file():
+    if not (tune_dir / RESULTS).is_file() and not (tune_dir / "tuner.pkl").is_file() or not old_file.is_file():
         return
     new = yaml.safe_load(saved.to_yaml())  # as it would be saved: plain values, like the old file's
     changed = changed_settings(read_yaml(old_file), new, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS | CONTINUE_KEYS)
@@ -79,12 +91,18 @@ def check_tuning_settings(run_dir: Path, tune_dir: Path, saved: Config) -> None:
 
 
 def export_preset(best_file: Path, start: dict, hyp_name: str | None, out: Path) -> Path:
-    """Starting preset + the best iteration's values -> a preset YAML for `detect train hyp=`."""
-    best = read_yaml(best_file)
+    """Starting preset + the best iteration's values (Ultralytics' best_hyperparameters.yaml) -> a preset YAML
+    for `detect train hyp=`."""
     header = [line[2:] for line in best_file.read_text().splitlines() if line.startswith("# ")]
+    header = [line for line in header if line.startswith("Best fitness=") or "iterations" in line]
+    return write_preset(read_yaml(best_file), header, start, hyp_name, out)
+
+
+def write_preset(best: dict, header: list[str], start: dict, hyp_name: str | None, out: Path) -> Path:
+    """Starting preset updated with `best` -> the preset YAML, with `header` as comments."""
     preset = {**start, **best}
     text = f"# siimcovid hyperparameter preset evolved from `{hyp_name}` by `siimcovid detect evolve`.\n"
-    text += "".join(f"# {line}\n" for line in header if line.startswith("Best fitness=") or "iterations" in line)
+    text += "".join(f"# {line}\n" for line in header)
     text += "# Use: siimcovid detect train hyp=<this file> ...   or   yolo detect train cfg=<this file> ...\n"
     text += yaml.safe_dump(preset, sort_keys=False)
     return atomic_write_text(out, text)
@@ -118,23 +136,39 @@ def evolve(cfg: Config) -> Path:
         hyp_values=hyp,
         space={k: list(v) for k, v in space.items()},
     )
+    use_ray = cfg.engine == "ray"
+    if use_ray:
+        from siimcovid.detect import ray_tune
+        from siimcovid.ray_engine import import_ray
+
+        import_ray()  # the install hint before anything is written
+        tune_dir = run_dir / ray_tune.EXPERIMENT
     check_tuning_settings(run_dir, tune_dir, saved)
     saved.save(run_dir / RUN_CONFIG)
-
-    LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
-    YOLO(model).tune(
-        data=str(data_yaml),
-        iterations=cfg.iterations,
-        space=space,
-        project=str(run_dir),
-        name=tune_dir.name,
-        resume=(tune_dir / RESULTS).is_file(),
-        **args,
-    )
-    best = tune_dir / "best_hyperparameters.yaml"
-    if not best.is_file():
-        raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
-    out = export_preset(best, hyp, cfg.hyp, Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml")
+    out = Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml"
+    if use_ray:
+        best, table = ray_tune.evolve_ray(cfg, model=model, data_yaml=data_yaml, hyp=hyp, space=space, args=args, run_dir=run_dir)
+        header = [
+            f"Best fitness={best.fitness:g} ({cfg.fitness}, best epoch) observed in trial {best.trial} "
+            f"({best.status}, {best.epochs} epochs) of {len(table)} Ray Tune trials ({ray_tune.summary(table)})",
+            f"Trials: {run_dir / ray_tune.TABLE}",
+        ]
+        out = write_preset({k: float(best[k]) for k in space}, header, hyp, cfg.hyp, out)
+    else:
+        LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
+        YOLO(model).tune(
+            data=str(data_yaml),
+            iterations=cfg.iterations,
+            space=space,
+            project=str(run_dir),
+            name=tune_dir.name,
+            resume=(tune_dir / RESULTS).is_file(),
+            **args,
+        )
+        best_file = tune_dir / "best_hyperparameters.yaml"
+        if not best_file.is_file():
+            raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
+        out = export_preset(best_file, hyp, cfg.hyp, out)
     LOGGER.info(f"detect evolve: best hyperparameters -> {out}\n  train with: siimcovid detect train hyp={out} ...")
     return out
 
