@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-ray bench clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the Ray tests (engine=ray on a local cluster on 127.0.0.1), with the optional ray extra
+test-ray: install
+	$(BIN)/pip install --quiet -e '.[test,ray]'
+	$(BIN)/python -m pytest -q tests/test_ray_folds.py tests/test_ray_evolve.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py
