@@ -39,7 +39,16 @@ class DataError(SiimError, ValueError):
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    """The process's umask, read without changing it where Linux shows it (setting it to read it would, for a
+    moment, give files other threads create, e.g. Ray's logs beside a training thread, no mask at all)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it
     os.umask(mask)
     return mask
 

@@ -75,7 +75,7 @@ from siimcovid.classify.data import (
 )
 from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
-from siimcovid.config import runtime_keys
+from siimcovid.config import Config, runtime_keys
 from siimcovid.data.prepared import Prepared
 from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_path, atomic_write_text, save_png
@@ -668,7 +668,6 @@ def ray_fold(cfg, fold: int, size: int, run_dir: Path, callbacks: dict | None) -
     """One fold as a Ray task (engine=ray): train_fold in a world of one, on the GPU Ray gave the task (Ray sets its
     CUDA_VISIBLE_DEVICES: that GPU is cuda:0 here) or the CPU. A task run again after its process died resumes the
     fold from its last.pt, as a re-run does."""
-    from siimcovid.config import Config
     from siimcovid.ray_engine import task_gpus
 
     if str(cfg.device).lower() != "cpu":
@@ -704,7 +703,11 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
         # the finished folds are skipped here (as train_fold skips them), the others go to Ray
         finished = [fold for fold in folds if cfg.resume and P.fold_done(rundir.fold_dir(run_dir, fold))]
         results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in finished}
-        todo = {fold: (cfg, fold, size, run_dir.resolve(), callbacks) for fold in folds if fold not in results}
+        if not cfg.resume:  # retrain from scratch: cleared here once, so that a task Ray runs again resumes, not restarts
+            for fold in folds:
+                shutil.rmtree(rundir.fold_dir(run_dir, fold), ignore_errors=True)
+        task_cfg = Config({**cfg, "resume": True}) if not cfg.resume else cfg
+        todo = {fold: (task_cfg, fold, size, run_dir.resolve(), callbacks) for fold in folds if fold not in results}
         if todo:
             results.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "classify"))
         results = {fold: results[fold] for fold in folds}

@@ -20,6 +20,7 @@ every node sees. siimcovid (and Ray) must be installed on every node.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class Reporter:
     the best value so far of detect.yaml's fitness metric (what the trial's best.pt holds)."""
 
     def __init__(self, metric: str):
-        self.metric, self.best = metric, -math.inf
+        self.metric, self.best, self.stopped = metric, -math.inf, False
 
     def start(self, trainer) -> None:
         from ultralytics.utils.callbacks import raytune
@@ -89,6 +90,9 @@ class Reporter:
     def epoch(self, trainer) -> None:
         from ray import tune
 
+        if self.stopped:  # Ultralytics' final validation calls on_fit_epoch_end once more, after the last epoch
+            return
+        self.stopped = bool(trainer.stop)
         metrics = trainer.metrics or {}
         self.best = max(self.best, float(metrics.get(self.metric, 0.0)))
         tune.report(
@@ -109,8 +113,11 @@ def run_trial(config: dict, job: dict) -> None:
     from ultralytics import YOLO
 
     from siimcovid.detect.common import fold_state
-    from siimcovid.detect.train import TRAINERS
+    from siimcovid.detect.train import TRAINERS, ray_device
+    from siimcovid.ray_engine import task_gpus
 
+    os.chdir(job["cwd"])
+    job = {**job, "args": {**job["args"], "device": ray_device(job["args"]["device"], task_gpus())}}
     trial = tune.get_context().get_trial_id()
     folder = Path(job["trials_dir"]) / trial
     state = fold_state(folder)
@@ -199,14 +206,18 @@ def evolve_ray(
         model = attempt_download_asset(model)  # once, here: a trial runs in its own folder
     model = str(Path(model).resolve()) if Path(model).is_file() else model  # a file, or an Ultralytics model YAML name
 
+    from siimcovid.ray_engine import check_fits
+
     with cluster(cfg.ray_address) as ray:  # a local one stays on 127.0.0.1 (siimcovid.ray_engine)
         gpus = gpus_per_trial(cfg, ray)
+        check_fits(ray, gpus, cfg.cpu_per_trial, "detect evolve engine=ray")  # Ray Tune would wait forever
         job = {
             "model": model,
             "data": str(Path(data_yaml).resolve()),
             "trials_dir": str(run_dir / TRIALS),
             "fitness": cfg.fitness,
-            "args": {**args, "device": 0 if gpus > 0 else "cpu"},  # a trial sees only the GPU Ray gave it
+            "args": {**args, "device": None if gpus > 0 else "cpu"},  # a trial trains on the GPU Ray gave it (run_trial)
+            "cwd": os.getcwd(),  # Ray starts a trial in its own folder: relative paths (pretrained=...) are the command's
         }
         trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cfg.cpu_per_trial, "gpu": gpus})
         experiment = run_dir / EXPERIMENT

@@ -257,10 +257,12 @@ def requested_gpus(device) -> int | None:
 def check_ray_devices(device, gpus: float) -> None:
     """engine=ray: how `device` and gpus_per_fold combine (each fold's task uses the GPUs Ray gave it, see ray_device)."""
     n = requested_gpus(device)
-    if n is None and gpus > 1:
+    if (n is not None and n > 1) or gpus > 1:
+        # Ultralytics' DDP ranks run in sessions of their own: a task killed by Ray (memory, a lost node) would leave
+        # them training while Ray's retry trains the same fold beside them
         raise SiimError(
-            f"engine=ray: gpus_per_fold={gpus:g} gives each fold {gpus:g} GPUs; to train a fold over them with DDP "
-            f"name them, device=0,1,... (they count the task's own GPUs)"
+            f"engine=ray trains each fold on at most one GPU (device={device}, gpus_per_fold={gpus:g}): DDP inside a fold "
+            "and engine=ray do not combine; use one or the other"
         )
     if n == 0 and gpus > 0:
         raise SiimError(f"engine=ray: device={device} trains on the CPU; set gpus_per_fold=0")
@@ -268,11 +270,6 @@ def check_ray_devices(device, gpus: float) -> None:
         raise SiimError(
             f"engine=ray: device={device} trains each fold on one GPU: gpus_per_fold must be more than 0 and at most 1 "
             f"(0.5: two folds share a GPU), not {gpus:g}"
-        )
-    if n is not None and n > 1 and gpus != n:
-        raise SiimError(
-            f"engine=ray: device={device} trains each fold with DDP over {n} GPUs: set gpus_per_fold={n} "
-            f"(each fold's task then gets {n} GPUs of one node and trains over those)"
         )
 
 
