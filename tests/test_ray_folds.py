@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from test_classify import TINY
 
 from siimcovid import cli
 from siimcovid.config import load_config, runtime_keys
@@ -22,20 +23,7 @@ from siimcovid.utils import SiimError
 
 DETECT_TINY = ["model=yolov5n.yaml", "pretrained=false", "epochs=1", "imgsz=64", "batch=8", "workers=0", "device=cpu"]
 DETECT_TINY += ["plots=false"]
-CLASSIFY_TINY = {
-    "model": "test_efficientnet",
-    "pretrained": False,
-    "imgsz": 64,
-    "batch": 8,
-    "workers": 0,
-    "device": "cpu",
-    "drop_rate": 0.0,
-    "drop_path_rate": 0.0,
-    "warmup_epochs": 1,
-    "epochs": 1,
-    "fine_epochs": 0,
-    "fold": [0, 1],
-}
+CLASSIFY_TINY = {**TINY, "epochs": 1, "fine_epochs": 0, "fold": [0, 1]}  # test_classify's tiny model, 2 folds
 RAY_CPU = ["engine=ray", "gpus_per_fold=0", "cpus_per_fold=1"]
 TIMING = ["train_img_s", "loader_wait", "time_s"]  # results.csv columns that measure time, not training
 
