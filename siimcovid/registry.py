@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "none_det": "siimcovid.fuse.formulas",
     "none_blend": "siimcovid.fuse.formulas",
     "ensemble": "siimcovid.ensemble",
+    "layout": "siimcovid.data.layouts",
 }
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}

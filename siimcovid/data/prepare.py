@@ -27,7 +27,7 @@ from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
 from siimcovid.data.prepared import SKIPPED_CSV, folds_fingerprint
-from siimcovid.data.siim import IMAGE_CSV, Problems, load_test, load_train
+from siimcovid.data.siim import IMAGE_CSV, Problems
 from siimcovid.tables import META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
@@ -107,20 +107,14 @@ def check_previous(out: Path, root: Path) -> None:
             )
 
 
-def read_inputs(root: Path, splits: list[str], problems: Problems) -> pd.DataFrame:
-    """The CSVs and DICOM trees of the splits -> one row per image to convert (boxes unclipped, from the CSV)."""
-    frames = []
-    if "train" in splits:
-        train = load_train(root, problems)
-        train["split"] = "train"
-        frames.append(train)
-    if "test" in splits:
-        test = load_test(root, problems)
-        test["split"], test["boxes"], test["study_label"], test["line"] = "test", [[]] * len(test), "", None
-        frames.append(test)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def read_inputs(root: Path, splits: list[str], problems: Problems, layout: str = "siim") -> pd.DataFrame:
+    """The inputs of the splits in the registered `layout` (siimcovid.data.layouts) -> one row per image
+    to convert (boxes unclipped, as the input gives them)."""
+    from siimcovid import registry
+
+    table = registry.get("layout", layout)(root, splits, problems)
     if table.empty:
-        raise SiimError(f"no images found under {root} for splits {splits}")
+        raise SiimError(f"no images found under {root} for splits {splits} (layout={layout})")
     return table
 
 
@@ -295,7 +289,7 @@ def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Pro
 def prepare(cfg: Config) -> Path:
     target = check_settings(cfg)
     problems = Problems(cfg.on_error)
-    table = read_inputs(target.root, cfg.splits, problems)
+    table = read_inputs(target.root, cfg.splits, problems, cfg.layout)
     check_folds_possible(table, cfg.n_folds, cfg.seed)
     previous_meta = start_output(cfg, target)
     results, converted = decode_images(table, cfg, target, problems)
