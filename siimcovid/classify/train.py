@@ -712,7 +712,10 @@ class FoldTrainer:
 
 
 def run_name(cfg) -> str:
-    return cfg.name or f"{cfg.model}_{cfg.imgsz}"
+    """The name= given, else <model>_<imgsz> (multi-label pretraining: _<the external set's folder name> added)."""
+    if cfg.name:
+        return cfg.name
+    return f"{cfg.model}_{cfg.imgsz}" + (f"_{Path(cfg.data).name}" if cfg.get("label_names") else "")
 
 
 def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
