@@ -185,19 +185,22 @@ def label_value(text: str, uncertain: str, blank: str, column: str, file, line) 
 
 
 def label_columns(df: pd.DataFrame, cfg, path: Path) -> list[str]:
-    """The label columns of a `columns`-format CSV: `labels`, each checked to exist, or every column whose values
-    are all 1 / 0 / -1 / blank (at least one not blank)."""
+    """The label columns of a `columns`-format CSV: `labels`, each checked to exist, or every column most of whose
+    non-blank values are 1 / 0 / -1 (so that a stray value in a label column is an error, not a dropped column)."""
     if cfg.labels:
         unknown = [c for c in cfg.labels if c not in df.columns]
         if unknown:
             raise DataError(f"unknown label column(s) {unknown}; the CSV has {list(df.columns)}", path, 1)
         return list(cfg.labels)
-    skip = {cfg.path_column, cfg.patient_column}
-    names = [
-        c for c in df.columns if c not in skip and df[c].str.strip().isin(LABEL_VALUES).all() and (df[c].str.strip() != "").any()
-    ]
+    names = []
+    for c in df.columns:
+        values = df[c].str.strip()
+        values = values[values != ""]
+        if c not in {cfg.path_column, cfg.patient_column} and len(values) and values.isin(LABEL_VALUES).mean() > 0.5:
+            names.append(c)
     if not names:
         raise DataError("no label column found (columns of 1 / 0 / -1 / blank values): name them with labels=", path, 1)
+    LOGGER.info(f"prepare: label columns of {path.name}: {names} (others: {[c for c in df.columns if c not in names]})")
     return names
 
 
@@ -227,6 +230,15 @@ class ImageFinder:
 
     def __init__(self, root: Path, base: Path):
         self.root, self.base, self.by_name = root, base, None
+
+    def relative(self, text: str) -> str:
+        """An absolute path inside `base` as relative to it (image ids do not depend on how a path is written)."""
+        if os.path.isabs(text):
+            try:
+                return str(Path(text).relative_to(self.base))
+            except ValueError:
+                return text
+        return text
 
     def find(self, text: str, file, line) -> Path:
         path = Path(text) if os.path.isabs(text) else self.base / text
@@ -286,7 +298,7 @@ def csv_layout(root: Path, splits: list[str], problems: Problems, cfg=None) -> p
     df = read_csv(path, required)
     names = pipe_labels(df, cfg, path) if cfg.label_format == "pipe" else label_columns(df, cfg, path)
     finder = ImageFinder(root, root / cfg.image_dir if cfg.image_dir else root)
-    ids = image_ids([str(v).strip() for v in df[cfg.path_column]])
+    ids = image_ids([finder.relative(str(v).strip()) for v in df[cfg.path_column]])
     rows, seen = [], {}
     for k, (rec, image_id) in enumerate(zip(df.to_dict("records"), ids)):
         line, text = file_line(df, k), rec[cfg.path_column].strip()
