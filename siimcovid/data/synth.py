@@ -41,6 +41,7 @@ from pydicom.uid import (
 )
 from tqdm import tqdm
 
+from siimcovid import registry
 from siimcovid.config import Config
 from siimcovid.data.convert import init_worker
 from siimcovid.tables import (
@@ -383,10 +384,8 @@ def is_synthetic(path: Path) -> bool:
 
 
 def generate(cfg: Config) -> Path:
-    if cfg.kind != "siim":  # an external set in its own layout (siimcovid/data/synth_external.py)
-        from siimcovid.data.synth_external import generate_external
-
-        return generate_external(cfg)
+    if cfg.kind != "siim":  # an external set in its own layout, registered by siimcovid/data/synth_external.py
+        return registry.get("synth", cfg.kind)(cfg)
     out = Path(cfg.out)
     if out.exists() and (out / IMAGE_CSV).exists() and not cfg.overwrite:
         LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")

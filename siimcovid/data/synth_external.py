@@ -38,6 +38,7 @@ from tqdm import tqdm
 from siimcovid.config import Config
 from siimcovid.data.convert import init_worker
 from siimcovid.data.synth import MARKER, StudySpec, draw_chest, is_synthetic, make_dicom, plan_dataset, write_label_csvs
+from siimcovid.registry import register
 from siimcovid.tables import IMAGE_CSV, write_csv
 from siimcovid.utils import LOGGER, SiimError
 
@@ -222,6 +223,7 @@ def pool_set(studies: list[StudySpec], out: Path) -> list[tuple]:
 SETS = {"rsna": rsna_set, "chestxray14": chestxray14_set, "chexpert": chexpert_set, "pool": pool_set}
 
 
+@register("synth", *SETS)
 def generate_external(cfg: Config) -> Path:
     """Write the kind's set to `out` (all at once: it appears only complete)."""
     out = Path(cfg.out)
