@@ -67,6 +67,9 @@ def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
         bar.close()
 
 
+FOLDER_LAYOUTS = ("siim", "rsna", "csv")  # layouts whose root must be a folder (layout=folder also takes one file)
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a prepare run reads and writes, from its settings."""
@@ -81,7 +84,7 @@ class Target:
 def check_settings(cfg: Config) -> Target:
     """The settings and the input folder, checked before anything is read or written."""
     root = Path(cfg.data)
-    if not root.is_dir():
+    if not root.exists() or (not root.is_dir() and cfg.layout in FOLDER_LAYOUTS):
         raise SiimError(f"data folder not found: {root}")
     name = cfg.name or root.resolve().name
     out = Path(cfg.out or Path("runs") / "prepare" / name)
