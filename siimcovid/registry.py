@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "none_blend": "siimcovid.fuse.formulas",
     "ensemble": "siimcovid.ensemble",
     "layout": "siimcovid.data.layouts",
+    "synth": "siimcovid.data.synth_external",
 }
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
