@@ -346,7 +346,9 @@ def fusion_keys() -> list[str]:
 # Facts a run records beside its settings (the mode, where its data came from, the fold
 # fingerprint): skipped when a saved run config is read back with cfg=, so that the file a run
 # saved can seed the next one. A key that is a setting of the stage is never skipped.
-RECORDED_KEYS = frozenset({"mode", "folds_id", "data_resolved", "prepared", "size", "n_folds", "data_yamls", "hyp_values"})
+RECORDED_KEYS = frozenset(
+    {"mode", "folds_id", "data_resolved", "prepared", "size", "n_folds", "data_yamls", "hyp_values", "label_names"}
+)
 
 
 def _check_keys(stage: str, given: Mapping, known: Mapping, extra_ok: set[str] | bool, source: str) -> None:

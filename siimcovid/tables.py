@@ -22,6 +22,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | SUBMISSION | fuse, predict | submission.csv, oof_submission.csv | evaluate, Kaggle |
 | SCORES | detect/classify predict, fuse | scores_oof.csv of each stage | runs, people |
 | SKIPPED | prepare (on_error=skip) | runs/prepare/<name>/skipped.csv | fuse (Prepared.was_skipped), people |
+| EXTERNAL_LABELS | prepare layout=rsna, csv | runs/prepare/<name>/labels.csv | extra training data (pretraining) |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
 contracts too: IMAGE_LEVEL (train_image_level.csv), STUDY_LEVEL (train_study_level.csv) and
@@ -36,7 +37,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -170,11 +171,18 @@ class Table:
     columns: tuple[Column, ...]
     doc: str = ""
     checks: tuple[Callable[[pd.DataFrame, Path], None], ...] = field(default=())
+    extra: Column | None = None  # a table with free columns (one per label): each column not declared is of this kind
 
     @property
     def names(self) -> list[str]:
-        """Every column, in the order written."""
+        """Every declared column, in the order written."""
         return [c.name for c in self.columns]
+
+    def with_extra(self, names) -> list[Column]:
+        """The declared columns, then (for a table with `extra`) those of `names` not declared, typed like `extra`."""
+        if self.extra is None:
+            return list(self.columns)
+        return list(self.columns) + [replace(self.extra, name=n, required=False) for n in names if n not in self.names]
 
     @property
     def required(self) -> list[str]:
@@ -191,7 +199,8 @@ class Table:
     def read(self, path: str | os.PathLike) -> pd.DataFrame:
         """Read and check a file of this table: typed columns, ranges, the table's checks (errors name file and line)."""
         path = Path(path)
-        present = [c for c in self.columns if c.required or c.name in _header(path)]
+        header = _header(path)
+        present = [c for c in self.with_extra(header) if c.required or c.name in header]
         df = read_csv(path, self.required, text=[c.name for c in present if c.dtype in (TEXT, JSON)])
         numeric = [c.name for c in present if c.dtype in (INT, FLOAT)]
         to_numbers(df, numeric, path, nullable=[c.name for c in present if c.nullable])
@@ -216,14 +225,15 @@ class Table:
         missing = [c for c in self.required if c not in df.columns]
         if missing:
             raise SiimError(f"{where or self.name}: table lacks column(s) {missing} of the {self.name} contract ({self.files})")
-        return df[[c for c in self.names if c in df.columns]]
+        return df[[c.name for c in self.with_extra(df.columns) if c.name in df.columns]]
 
     def write(self, df: pd.DataFrame, path: str | os.PathLike, float_format: str | None = None) -> Path:
         """Write atomically at full float precision (rounding would tie scores and move AP), columns in contract order."""
         out = self.check(df, str(path))
         dump = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
-        out = out.assign(**{c.name: [dump(v) for v in out[c.name]] for c in self.columns if c.dtype == JSON and c.name in out})
-        nullable_ints = [c.name for c in self.columns if c.dtype == INT and c.nullable and c.name in out]
+        columns = self.with_extra(out.columns)
+        out = out.assign(**{c.name: [dump(v) for v in out[c.name]] for c in columns if c.dtype == JSON and c.name in out})
+        nullable_ints = [c.name for c in columns if c.dtype == INT and c.nullable and c.name in out]
         out = out.astype(dict.fromkeys(nullable_ints, "Int64"))  # 14, not 14.0, beside the empty cells
         return write_csv(out, path, float_format=float_format)
 
@@ -274,20 +284,20 @@ META = Table(
         Column("image_id", TEXT, "SOP instance UID, without _image"),
         Column("study_id", TEXT, "StudyInstanceUID (the study folder name)"),
         Column("series_id", TEXT, "series folder name"),
-        Column("patient_id", TEXT, "DICOM PatientID; folds group by it"),
+        Column("patient_id", TEXT, "DICOM PatientID (or the external CSV's patient column); folds group by it"),
         Column("split", TEXT, "train | test"),
         Column("fold", INT, "0..n_folds-1 for train, -1 for test", lo=-1),
-        Column("study_label", TEXT, "negative | typical | indeterminate | atypical ('' for test)"),
+        Column("study_label", TEXT, "negative | typical | indeterminate | atypical ('' for test and external data)"),
         Column("boxes", JSON, "[[x_min, y_min, x_max, y_max], ...] in original pixels, clipped to the image"),
         Column("n_boxes", INT, "number of boxes", lo=0),
         Column("rows", INT, "original height in pixels", lo=1),
         Column("cols", INT, "original width in pixels", lo=1),
-        Column("photometric", TEXT, "MONOCHROME1 | MONOCHROME2"),
-        Column("bits_stored", INT, "DICOM BitsStored"),
+        Column("photometric", TEXT, "MONOCHROME1 | MONOCHROME2 ('' for a PNG/JPEG input, as the other DICOM-only facts)"),
+        Column("bits_stored", INT, "DICOM BitsStored (a PNG/JPEG input: its bit depth, 8 or 16)"),
         Column("transfer_syntax", TEXT, "DICOM transfer syntax UID"),
         Column("voi", TEXT, "lut | window | '' (what the conversion applied)"),
         Column("modality", TEXT, "DICOM Modality"),
-        Column("dicom", TEXT, "path of the DICOM relative to the data root"),
+        Column("dicom", TEXT, "path of the input file (DICOM, PNG or JPEG) relative to the data root"),
     ),
     "One row per prepared image, train and test; written last by prepare (its presence marks a finished prepare).",
 )
@@ -444,6 +454,16 @@ SKIPPED = Table(
         Column("problem", TEXT, "what is wrong"),
     ),
     "The inputs prepare dropped with on_error=skip, one row per problem; absent when it dropped none.",
+)
+
+EXTERNAL_LABELS = Table(
+    "external labels",
+    "runs/prepare/<name>/labels.csv",
+    (Column("image_id", TEXT, "the prepared image (meta.csv's image_id)"),),
+    "The labels of an external set (prepare layout=rsna|csv), one row per prepared image; its columns after image_id "
+    "are prepare.yaml's `label_names`, in that order (rsna: opacity).",
+    checks=(_not_empty("image_id"),),
+    extra=Column("<label>", FLOAT, "1.0 = present, 0.0 = absent, empty = unknown", nullable=True, lo=0.0, hi=1.0),
 )
 
 SCORES = Table(

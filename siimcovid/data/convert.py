@@ -1,4 +1,4 @@
-"""Convert one DICOM: the work each `siimcovid prepare` process does.
+"""Convert one image (a DICOM, or a PNG/JPEG file): the work each `siimcovid prepare` process does.
 
 Kept free of heavy imports (no pandas, sklearn, torch) so worker processes start fast.
 Every file is written under a temporary name and renamed into place.
@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from siimcovid.data.boxes import clip_boxes, fill_mask, to_yolo
-from siimcovid.data.dicom import dicom_to_uint8, read_header
+from siimcovid.data.dicom import area_resize_with_range, dicom_to_uint8, read_header
 from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.utils import DataError, SiimError
 
@@ -99,15 +99,77 @@ def _jpeg_shape(head: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # inputs read as image files, not DICOM
+
+
+def is_picture(path: str | os.PathLike) -> bool:
+    """Whether prepare reads `path` as a PNG/JPEG file (by its suffix) rather than as a DICOM."""
+    return Path(path).suffix.lower() in PICTURE_SUFFIXES
+
+
+def _picture_info(rows: int, cols: int, bits: int) -> dict:
+    """META's header facts for an image file: its size and bit depth; the DICOM-only facts empty."""
+    return {
+        "rows": rows,
+        "cols": cols,
+        "patient_id": "",
+        "modality": "",
+        "photometric": "",
+        "bits_stored": bits,
+        "transfer_syntax": "",
+        "voi": "",
+    }
+
+
+def picture_header(path: str | os.PathLike) -> dict:
+    """Size and bit depth of a PNG/JPEG without decoding its pixels (the resume path)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            cols, rows = im.size
+            bits = 16 if im.mode.startswith("I") else 8
+    except FileNotFoundError:
+        raise DataError("image file not found", path) from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise DataError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+    return _picture_info(rows, cols, bits)
+
+
+def picture_to_uint8(path: str | os.PathLike, sizes: list[int]) -> tuple[dict[int, np.ndarray], dict]:
+    """A PNG/JPEG (8 or 16 bit, grey or colour -> luminance) -> square 8-bit images at each size, like a DICOM:
+    an area resize of the original values to the largest size, smaller sizes from it. 8-bit values are kept
+    as they are (the file is already windowed); 16-bit ones are min-max stretched over the full image."""
+    if not Path(path).is_file():
+        raise DataError("image file not found", path)
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        raise DataError("cannot read image (not a PNG/JPEG OpenCV can decode)", path)
+    if arr.ndim == 3:  # OpenCV gives BGR or BGRA
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"unsupported pixel type {arr.dtype} (expected 8 or 16 bit)", path)
+    sizes = sorted({int(s) for s in sizes}, reverse=True)
+    small, (lo, hi) = area_resize_with_range(arr, (sizes[0], sizes[0]))
+    if arr.dtype == np.uint16:
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        small = np.clip((small.astype(np.float32) - lo) * scale, 0, 255)
+    images = {sizes[0]: np.rint(small).astype(np.uint8) if small.dtype != np.uint8 else small}
+    for s in sizes[1:]:
+        images[s] = cv2.resize(images[sizes[0]], (s, s), interpolation=cv2.INTER_AREA)
+    return images, _picture_info(arr.shape[0], arr.shape[1], 16 if arr.dtype == np.uint16 else 8)
+
+
 def convert_one(job: dict) -> dict:
-    """Convert one DICOM (worker). Returns header info and clipped boxes, or the DataError."""
+    """Convert one DICOM or PNG/JPEG file (worker). Returns header info and clipped boxes, or the DataError."""
     out, sizes, ext, image_id, split = Path(job["out"]), job["sizes"], job["ext"], job["image_id"], job["split"]
+    picture = is_picture(job["path"])
     try:
         targets = {s: image_file(out, s, split, image_id, ext) for s in sizes}
         if all(image_is_whole(p, s, ext) for s, p in targets.items()):  # done by an earlier run
-            info, converted = read_header(job["path"]), False
+            info, converted = (picture_header if picture else read_header)(job["path"]), False
         else:
-            images, info = dicom_to_uint8(job["path"], sizes)
+            images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], sizes)
             for s, p in targets.items():
                 _write_image(p, images[s], ext, job.get("params") or encode_params(ext))
             converted = True

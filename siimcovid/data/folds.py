@@ -38,7 +38,7 @@ def connected_groups(patient_ids, study_ids) -> np.ndarray:
 
 
 def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> np.ndarray:
-    """Fold per row of `df` (columns patient_id, study_id, study_label, boxes).
+    """Fold per row of `df` (columns patient_id, study_id, study_label, boxes; optional stratum).
 
     Patients with an empty PatientID are treated as one patient per study.
     """
@@ -51,6 +51,8 @@ def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> np.ndarray
         raise SiimError(f"only {n_groups} patients for {n_folds} folds: lower n_folds")
     has_box = np.array([len(b) > 0 for b in df.boxes])
     strata = np.array([f"{c}|{int(b)}" for c, b in zip(df.study_label, has_box)])
+    if "stratum" in df:  # an external set (no study class) names what to stratify on: its first label, its boxes
+        strata = np.array([s or f"|{int(b)}" for s, b in zip(df.stratum.fillna(""), has_box)])
     folds = np.full(len(df), -1, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():

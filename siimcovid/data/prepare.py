@@ -1,4 +1,5 @@
-"""`siimcovid prepare`: a SIIM-layout root -> images, labels, masks, folds, data YAMLs, meta table.
+"""`siimcovid prepare`: a data root in a registered layout (SIIM, RSNA, a labelled CSV, a folder) -> images,
+labels, masks, folds, data YAMLs, meta table (and labels.csv for external labelled sets).
 
 Decoding runs in a pool of processes, one image at a time each (memory stays bounded by
 the number of workers), with a progress bar. Every file is written under a temporary name
@@ -11,6 +12,7 @@ the prepare process, even on kill -9.
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,7 +30,7 @@ from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
 from siimcovid.data.prepared import SKIPPED_CSV, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, Problems
-from siimcovid.tables import META, SKIPPED, STUDY_CLASSES
+from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 
@@ -107,12 +109,18 @@ def check_previous(out: Path, root: Path) -> None:
             )
 
 
-def read_inputs(root: Path, splits: list[str], problems: Problems, layout: str = "siim") -> pd.DataFrame:
+def read_inputs(
+    root: Path, splits: list[str], problems: Problems, layout: str = "siim", cfg: Config | None = None
+) -> pd.DataFrame:
     """The inputs of the splits in the registered `layout` (siimcovid.data.layouts) -> one row per image
-    to convert (boxes unclipped, as the input gives them)."""
+    to convert (boxes unclipped, as the input gives them). A layout function that takes `cfg` gets the
+    settings (layout=csv reads its own); its rows may carry patient_id, file, stratum and labels (see
+    siimcovid/data/external.py), and attrs["label_names"]."""
     from siimcovid import registry
 
-    table = registry.get("layout", layout)(root, splits, problems)
+    read = registry.get("layout", layout)
+    takes_cfg = "cfg" in inspect.signature(read).parameters
+    table = read(root, splits, problems, cfg=cfg) if takes_cfg else read(root, splits, problems)
     if table.empty:
         raise SiimError(f"no images found under {root} for splits {splits} (layout={layout})")
     return table
@@ -124,10 +132,10 @@ def check_folds_possible(table: pd.DataFrame, n_folds: int, seed: int) -> None:
     as its own patient; `build_meta` makes the real assignment, grouped by patient, after decoding."""
     train = table[table.split == "train"]
     if len(train):
-        make_folds(train.assign(patient_id=""), n_folds, seed)
+        make_folds(train if "patient_id" in train else train.assign(patient_id=""), n_folds, seed)
 
 
-def start_output(cfg: Config, target: Target) -> Path:
+def start_output(cfg: Config, target: Target, label_names: list[str] | None = None) -> Path:
     """Create the output folder, set the old meta table aside and save the settings; returns the set-aside path.
 
     Until this run ends the folder is unfinished: a run failing half-way never leaves the old table
@@ -144,6 +152,7 @@ def start_output(cfg: Config, target: Target) -> Path:
         sizes=target.sizes,
         yolo_size=target.yolo_size,
         data_resolved=str(target.root.resolve()),
+        **({"label_names": list(label_names)} if label_names is not None else {}),
     )
     saved.save(out / "prepare.yaml")
     for s in target.sizes:
@@ -154,7 +163,7 @@ def start_output(cfg: Config, target: Target) -> Path:
 
 def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Problems) -> tuple[dict[str, dict], int]:
     """Convert every DICOM (skipping those whose images are whole) -> ({image_id: convert_one result}, number decoded)."""
-    csv = str(target.root / IMAGE_CSV)
+    csv = str(target.root / IMAGE_CSV)  # the file a box's line refers to, unless the layout names it (column `file`)
     params = encode_params(cfg.ext, cfg.png_level)
     jobs = [
         {
@@ -167,7 +176,7 @@ def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Pr
             "path": r.path,
             "boxes": r.boxes,
             "line": r.line,
-            "csv": csv,
+            "csv": getattr(r, "file", None) or csv,
         }
         for r in table.itertuples(index=False)
     ]
@@ -193,6 +202,10 @@ def build_meta(table: pd.DataFrame, results: dict[str, dict], root: Path, n_fold
     """The converted images -> the META table: header facts, clipped boxes (JSON), folds grouped by patient."""
     table = table[table.image_id.isin(results)].reset_index(drop=True)
     info = pd.DataFrame([results[i] for i in table.image_id]).drop(columns=["ok", "converted", "image_id", "boxes"])
+    if "patient_id" in table:  # the layout's patient (an external CSV's column) wins over the header's
+        given = table.patient_id.fillna("").astype(str)
+        table = table.assign(patient_id=given.where(given != "", info.patient_id))
+        info = info.drop(columns=["patient_id"])
     meta = pd.concat([table.drop(columns=["boxes"]), info], axis=1)
     meta["boxes"] = [results[i]["boxes"] for i in table.image_id]
     meta["n_boxes"] = [len(b) for b in meta.boxes]
@@ -246,6 +259,8 @@ def write_data_yamls(name: str, out: Path, size: int, n_folds: int, yaml_dir: Pa
 def fold_summary(meta: pd.DataFrame) -> str:
     train = meta[meta.split == "train"]
     table = pd.crosstab(train.fold, train.study_label).reindex(columns=STUDY_CLASSES, fill_value=0)
+    if not (train.study_label != "").any():  # an external set: no study classes
+        table = table.drop(columns=STUDY_CLASSES)
     table["with_boxes"] = train.groupby("fold").n_boxes.apply(lambda s: int((s > 0).sum()))
     table["patients"] = train.groupby("fold").patient_id.nunique()
     table["images"] = train.groupby("fold").size()
@@ -266,6 +281,17 @@ def warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
             f"WARNING: the fold assignment of {meta_path.parent} changed (other images or seed): detectors and "
             "classifiers trained on the previous folds will refuse to resume or predict; train them under a new name="
         )
+
+
+def write_labels(table: pd.DataFrame, meta: pd.DataFrame, label_names: list[str] | None, out: Path) -> None:
+    """labels.csv (tables.EXTERNAL_LABELS) of an external labelled set: one row per prepared image."""
+    path = out / "labels.csv"
+    if label_names is None:
+        path.unlink(missing_ok=True)
+        return
+    kept = table[table.image_id.isin(set(meta.image_id))]
+    values = pd.DataFrame(kept["labels"].tolist(), columns=label_names, index=kept.index, dtype=float)
+    EXTERNAL_LABELS.write(pd.concat([kept[["image_id"]], values], axis=1), path)
 
 
 def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Problems, previous_meta: Path) -> list[Path]:
@@ -289,11 +315,13 @@ def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Pro
 def prepare(cfg: Config) -> Path:
     target = check_settings(cfg)
     problems = Problems(cfg.on_error)
-    table = read_inputs(target.root, cfg.splits, problems, cfg.layout)
+    table = read_inputs(target.root, cfg.splits, problems, cfg.layout, cfg)
+    label_names = table.attrs.get("label_names")
     check_folds_possible(table, cfg.n_folds, cfg.seed)
-    previous_meta = start_output(cfg, target)
+    previous_meta = start_output(cfg, target, label_names)
     results, converted = decode_images(table, cfg, target, problems)
     meta = build_meta(table, results, target.root, cfg.n_folds, cfg.seed)
+    write_labels(table, meta, label_names, target.out)
     yamls = write_outputs(meta, cfg, target, problems, previous_meta)
 
     n_train = int((meta.split == "train").sum())

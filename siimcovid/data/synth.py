@@ -1,4 +1,5 @@
-"""`siimcovid synth`: a synthetic dataset in exactly the SIIM download layout.
+"""`siimcovid synth`: a synthetic dataset in exactly the SIIM download layout (`kind=rsna|chestxray14|chexpert|pool`:
+an external set in its own layout, drawn by this generator: siimcovid/data/synth_external.py).
 
 What it draws, so that a model can learn it but not trivially:
 
@@ -311,7 +312,7 @@ def make_dicom(spec: ImageSpec, study: StudySpec, pixels: np.ndarray) -> Dataset
     if d["tsyntax"] == str(ImplicitVRLittleEndian):
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     elif d["tsyntax"] != str(ExplicitVRLittleEndian):
-        ds.compress(d["tsyntax"])
+        ds.compress(d["tsyntax"], generate_instance_uid=False)  # keep the SOP Instance UID: same seed, same bytes
     return ds
 
 
@@ -344,7 +345,7 @@ def _round_boxes(studies: list[StudySpec]) -> None:
             im.boxes = [[round(float(v), 5) for v in box] for box in im.boxes]
 
 
-def _write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
+def write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
     """train_image_level.csv and train_study_level.csv of these studies (contracts IMAGE_LEVEL, STUDY_LEVEL)."""
     folder.mkdir(parents=True, exist_ok=True)
     image_rows = [
@@ -366,12 +367,12 @@ def _write_label_csvs(studies: list[StudySpec], folder: Path) -> None:
 
 def write_csvs(studies: list[StudySpec], out: Path) -> None:
     test = [s for s in studies if s.split == "test"]
-    _write_label_csvs([s for s in studies if s.split == "train"], out)
+    write_label_csvs([s for s in studies if s.split == "train"], out)
     sub = [{"id": f"{st.study_id}{STUDY_SUFFIX}", "PredictionString": "negative 1 0 0 1 1"} for st in test]
     sub += [{"id": f"{im.image_id}{IMAGE_SUFFIX}", "PredictionString": "none 1 0 0 1 1"} for st in test for im in st.images]
     SAMPLE.write(pd.DataFrame(sub, columns=SAMPLE.names), out / SAMPLE_SUBMISSION)
     # The hidden test truth, outside the SIIM layout, so the test split can be scored too.
-    _write_label_csvs(test, out / "test_truth")
+    write_label_csvs(test, out / "test_truth")
 
 
 MARKER = ".siimcovid-synth"  # written into every synthetic dataset: only such a folder may be replaced
@@ -382,6 +383,10 @@ def is_synthetic(path: Path) -> bool:
 
 
 def generate(cfg: Config) -> Path:
+    if cfg.kind != "siim":  # an external set in its own layout (siimcovid/data/synth_external.py)
+        from siimcovid.data.synth_external import generate_external
+
+        return generate_external(cfg)
     out = Path(cfg.out)
     if out.exists() and (out / IMAGE_CSV).exists() and not cfg.overwrite:
         LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
