@@ -183,3 +183,69 @@ def test_round_trip_through_extra_data(prepared, tmp_path):
         assert len(rows) == len(fold)
         got = rows.assign(image_id=[Path(p).stem for p in rows.image]).set_index("image_id").loc[fold.image_id]
         assert np.allclose(got[STUDY_CLASSES + ["none"]].to_numpy(float), fold[STUDY_CLASSES + ["none"]].to_numpy(float))
+
+
+# ----------------------------------------------------------------------------- slow: real teachers, students, run rounds
+DETECT_TINY = {"model": "yolov5n.yaml", "pretrained": False, "epochs": 1, "imgsz": 64, "batch": 8, "workers": 0,
+               "device": "cpu", "plots": False}  # fmt: skip
+CLASSIFY_TINY = {"model": "resnet10t", "pretrained": False, "imgsz": 64, "epochs": 1, "fine_lr": [], "batch": 8,
+                 "workers": 0, "device": "cpu"}  # fmt: skip
+EASY = {"negative_max": 1.0, "positive_min": 0.0, "box_conf": 0.0, "none_min": 1.0}  # untrained teachers: label everything
+
+
+@pytest.fixture(scope="module")
+def teachers(prepared, tmp_path_factory):
+    """A tiny detect run and classify run trained on every fold of the session's prepared folder."""
+    base = tmp_path_factory.mktemp("teachers")
+    cli.call("detect", "train", data=str(prepared), project=str(base / "detect"), name="t", **DETECT_TINY)
+    cli.call("classify", "train", data=str(prepared), project=str(base / "classify"), name="t", **CLASSIFY_TINY)
+    return base / "detect" / "t", base / "classify" / "t", base
+
+
+@pytest.mark.slow
+def test_real_teachers_make_a_folder_and_a_student_trains_on_it(prepared, teachers):
+    det, cls, base = teachers
+    out = run_pseudo(det, cls, base / "pseudo", sizes=[64], det_tta=False, cls_tta="none", device="cpu", **EASY)
+    labels = PSEUDO_LABELS.read(out / "labels.csv")
+    test = Prepared(prepared).split("test")
+    assert len(labels) == 3 * len(test) and sorted(labels.fold.unique()) == [0, 1, 2]
+    per_fold = CLASSIFIER_FOLDS.read(out / "teachers" / cls.name / "pred_test_image_folds.csv")
+    assert per_fold.groupby("image_id").typical.nunique().max() > 1  # each fold's own model, not one mean
+    assert (labels.kind == "boxes").sum() == (labels.n_boxes > 0).sum() > 0
+    pytest.importorskip("siimcovid.data.extra", reason="extra= is on branch pretrain")
+    student = cli.call("detect", "train", data=str(prepared), project=str(base / "detect"), name="s", fold=0,
+                       extra=str(out), **DETECT_TINY)  # fmt: skip
+    assert student is not None and (base / "detect" / "s" / "fold0" / "weights" / "best.pt").is_file()
+    cli.call("classify", "train", data=str(prepared), project=str(base / "classify"), name="s", fold=0, extra=str(out),
+             **CLASSIFY_TINY)  # fmt: skip
+    assert (base / "classify" / "s" / "fold0" / "done.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_with_one_pseudo_round_adds_its_rows(tmp_path):
+    pytest.importorskip("siimcovid.data.extra", reason="extra= is on branch pretrain")
+    result = cli.call(
+        "run",
+        name="ps",
+        data=str(tmp_path / "siim"),
+        project=str(tmp_path / "runs"),
+        synth={"train_studies": 24, "test_studies": 8, "rows": 160, "cols": 192, "workers": 1, "seed": 11},
+        prepare={"sizes": [64], "n_folds": 2, "workers": 1, "data_yaml_dir": str(tmp_path / "data_yaml")},
+        detect=DETECT_TINY,
+        detect_predict={"tta": False, "batch": 8},
+        classify=CLASSIFY_TINY,
+        classify_predict={"tta": "none", "workers": 0},
+        tune_trials=2,
+        nested_tuning=False,
+        report=False,
+        pseudo={"rounds": 1, **EASY},
+    )
+    table = result["table"]
+    before = table[~table.method.str.startswith("pseudo round")]
+    after = table[table.method.str.startswith("pseudo round 1: ")]
+    assert {m.removeprefix("pseudo round 1: ") for m in after.method} == set(before.method) - {
+        m for m in before.method if "priors" in m
+    }
+    assert after.final.notna().all()
+    assert (tmp_path / "runs" / "pseudo" / "ps-pseudo1" / "labels.csv").is_file()
+    assert (tmp_path / "runs" / "detect" / "ps-pseudo1").is_dir() and (tmp_path / "runs" / "classify" / "ps-pseudo1").is_dir()
