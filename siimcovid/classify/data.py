@@ -8,6 +8,8 @@ inside the model, so a batch crosses to the GPU as uint8 (4x less than float).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -152,6 +154,65 @@ class StudyDataset(Dataset):
         }
 
 
+class TargetDataset(Dataset):
+    """Items from explicit files and float targets (extra training data, multi-label pretraining): image, mask
+    (zeros where unknown), label (C,) float32 (NaN = unknown), none float32 (NaN = unknown), has_mask (bool), index."""
+
+    def __init__(self, images: list, masks: list, targets: np.ndarray, none: np.ndarray, size: int, augment=None):
+        self.images, self.mask_paths, self.size, self.augment = list(images), list(masks), size, augment
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.none = np.asarray(none, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        img = read_grey(self.images[i])
+        if img.shape != (self.size, self.size):
+            raise SiimError(f"{self.images[i]} is {img.shape[1]}x{img.shape[0]}, expected {self.size}x{self.size}")
+        has_mask = self.mask_paths[i] is not None
+        mask = read_grey(self.mask_paths[i]) if has_mask else np.zeros_like(img)
+        if self.augment is not None:
+            res = self.augment(image=img, mask=mask)
+            img, mask = res["image"], res["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
+            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
+            "label": torch.from_numpy(self.targets[i].copy()),
+            "none": torch.tensor(self.none[i], dtype=torch.float32),
+            "has_mask": torch.tensor(has_mask),
+            "index": torch.tensor(i, dtype=torch.long),
+        }
+
+
+class SoftTargets(Dataset):
+    """A StudyDataset whose items look like TargetDataset's (one-hot study target, has_mask True): the two can
+    then share a ConcatDataset and a batch."""
+
+    def __init__(self, dataset: StudyDataset, n_classes: int):
+        self.dataset, self.n_classes = dataset, n_classes
+
+    @property
+    def augment(self):  # seed_worker and the resume's augment_state reach the wrapped dataset's pipeline
+        return self.dataset.augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        item["label"] = torch.nn.functional.one_hot(item["label"], self.n_classes).float()
+        item["has_mask"] = torch.tensor(self.dataset.masks)
+        return item
+
+
+def check_paths(paths, what: str) -> None:
+    """Fail early on a missing file of extra or external data (not in a worker halfway through an epoch)."""
+    for p in paths:
+        if p is not None and not Path(p).is_file():
+            raise SiimError(f"{what}: file not found {p}")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch; images become float in [0,1] on the device (cheap there, not in the loader)."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -192,8 +253,11 @@ def mix_batch(batch: dict, n_classes: int, mixup_alpha: float, cutmix_alpha: flo
         lam = float(rng.beta(mixup_alpha, mixup_alpha))
         images = images * lam + flipped_img * (1 - lam)
         masks = masks * lam + flipped_mask * (1 - lam)
-    onehot = torch.nn.functional.one_hot(batch["label"], n_classes).float()
+    label = batch["label"]  # class indices, or soft targets of extra data (NaN stays NaN: still masked out)
+    onehot = label.float() if label.is_floating_point() else torch.nn.functional.one_hot(label, n_classes).float()
     out = dict(batch)
+    if "has_mask" in batch:  # a mixed mask is known where both images' masks are
+        out["has_mask"] = batch["has_mask"] & batch["has_mask"].flip(0)
     out.update(
         image=images,
         mask=masks,

@@ -1,5 +1,9 @@
 """The study classifier: a timm backbone, a 4-class study head, a "none" head and a mask head.
 
+Multi-label pretraining (`labels`: the label names of an external set) swaps the study and none heads for one
+label head of that size (out["labels"], BCE with unknown labels masked); `init_from` starts a model from
+another's checkpoint (the backbone and every tensor whose name and shape match; the rest keeps its fresh init).
+
     image (N,1,H,W) in [0,1] -> repeat to in_chans, normalise with the backbone's mean/std
       -> backbone.forward_intermediates -> final features -> pooled -> study logits (N,4)
                                                                    -> none logit   (N,)
@@ -77,6 +81,7 @@ class StudyNet(nn.Module):
         mask_stride: int = 16,
         none_head: bool = True,
         channels_last: bool = False,
+        labels: list[str] | None = None,
     ):
         super().__init__()
         kwargs = {"in_chans": in_chans, "drop_rate": drop_rate}
@@ -99,8 +104,13 @@ class StudyNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean[:in_chans]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std[:in_chans]).view(1, -1, 1, 1), persistent=False)
         n_feat = self.backbone.num_features
-        self.study_head = nn.Linear(n_feat, len(STUDY_CLASSES))
-        self.none_head = nn.Linear(n_feat, 1) if none_head else None
+        self.labels = list(labels) if labels else None
+        if self.labels:  # multi-label pretraining: one head over the external set's labels, no SIIM heads
+            self.label_head = nn.Linear(n_feat, len(self.labels))
+            self.study_head = self.none_head = None
+        else:
+            self.study_head = nn.Linear(n_feat, len(STUDY_CLASSES))
+            self.none_head = nn.Linear(n_feat, 1) if none_head else None
         self.mask_head = nn.Sequential(
             nn.Conv2d(mask_chs, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.Conv2d(64, 1, 1)
         )
@@ -112,6 +122,8 @@ class StudyNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         final, (feat,) = self.backbone.forward_intermediates(x, indices=[self.mask_index])
         pooled = self.backbone.forward_head(final, pre_logits=True)
+        if self.labels:
+            return {"labels": self.label_head(pooled), "none": None, "mask": self.mask_head(feat)}
         return {
             "study": self.study_head(pooled),
             "none": self.none_head(pooled).squeeze(1) if self.none_head is not None else None,
@@ -120,8 +132,11 @@ class StudyNet(nn.Module):
 
 
 def model_cfg(cfg) -> dict:
-    """The settings that define the architecture; stored in every checkpoint."""
-    return {k: cfg[k] for k in MODEL_KEYS}
+    """The settings that define the architecture; stored in every checkpoint (`labels`: multi-label runs only)."""
+    out = {k: cfg[k] for k in MODEL_KEYS}
+    if cfg.get("label_names"):
+        out["labels"] = list(cfg["label_names"])
+    return out
 
 
 def build_model(
@@ -138,7 +153,35 @@ def build_model(
         mask_stride=mcfg["mask_stride"],
         none_head=mcfg["none_head"],
         channels_last=channels_last,
+        labels=mcfg.get("labels"),
     )
+
+
+# ---------------------------------------------------------------- init from another run
+
+
+def init_weights(path) -> tuple[dict, dict]:
+    """(weights, model_cfg) of a checkpoint: best.pt's (the evaluated ones) or last.pt's EMA, else its model."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise SiimError(f"init={path}: not a siimcovid classify checkpoint (no 'model' weights)")
+    state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]
+    return state, ckpt.get("model_cfg") or {}
+
+
+def init_from(model: nn.Module, path, expect_model: str | None = None) -> tuple[int, list[str]]:
+    """Load every tensor of the checkpoint whose name and shape match the model's; the others keep their fresh init.
+    Returns (tensors loaded, the modules rebuilt: those with a tensor not loaded, e.g. study_head, none_head)."""
+    state, mcfg = init_weights(path)
+    if expect_model and mcfg.get("model") and mcfg["model"] != expect_model:
+        raise SiimError(f"init={path}: a checkpoint of model={mcfg['model']}, this run builds model={expect_model}")
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not any(k.startswith("backbone.") for k in fits):
+        raise SiimError(f"init={path}: none of its backbone tensors fit this model (another architecture?)")
+    model.load_state_dict(fits, strict=False)
+    rebuilt = dict.fromkeys(k.split(".", 1)[0] for k in own if k not in fits)
+    return len(fits), list(rebuilt)
 
 
 # ---------------------------------------------------------------- losses
@@ -158,6 +201,35 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with target probabilities (N,C); rows with an unknown (NaN) target contribute nothing.
+    The mean is over the known rows (0, still tied to the graph, when none is known)."""
+    known = ~torch.isnan(target).any(dim=1)
+    if not known.any():
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float()[known], target[known].float(), label_smoothing=label_smoothing)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE with logits over the known (non-NaN) targets only, averaged over them (0 when none is known)."""
+    known = ~torch.isnan(target)
+    if not known.any():
+        return logits.float().sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits.float()[known], target[known].float())
+
+
+def mask_loss(logits: torch.Tensor, mask: torch.Tensor, bce_share: float, dice_share: float, has_mask=None) -> torch.Tensor:
+    """bce_share * BCE + dice_share * Dice of the mask head against the box masks; has_mask (N,) bool: the samples
+    whose mask is known (the others contribute nothing; None: all)."""
+    logits = logits.float()
+    if has_mask is not None:
+        if not has_mask.any():
+            return logits.sum() * 0.0
+        logits, mask = logits[has_mask], mask[has_mask]
+    target = mask_target(mask, logits.shape[-2:])
+    return bce_share * F.binary_cross_entropy_with_logits(logits, target) + dice_share * dice_loss(logits, target)
+
+
 class StudyLoss(nn.Module):
     """CE(study) + none_weight * BCE(none) + mask_weight * (mask_bce * BCE + mask_dice * Dice)."""
 
@@ -170,8 +242,13 @@ class StudyLoss(nn.Module):
     def from_cfg(cls, cfg) -> "StudyLoss":
         return cls(cfg.mask_weight, cfg.mask_bce, cfg.mask_dice, cfg.none_weight, cfg.label_smoothing)
 
-    def forward(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """study: (N,) class indices or (N,4) soft targets; none: (N,) in [0,1]; mask: (N,1,H,W) box masks."""
+    def forward(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask=None) -> dict:
+        """study: (N,) class indices or (N,4) soft targets; none: (N,) in [0,1]; mask: (N,1,H,W) box masks.
+
+        has_mask (N,) bool: a batch with extra training data (soft targets, NaN = unknown): the study CE, the none
+        BCE and the mask loss each count the samples whose target is known only. None: the plain SIIM loss."""
+        if has_mask is not None:
+            return self.masked(out, study, none, mask, has_mask)
         parts = {"cls": F.cross_entropy(out["study"].float(), study, label_smoothing=self.label_smoothing)}
         zero = parts["cls"].new_zeros(())
         parts["none"] = F.binary_cross_entropy_with_logits(out["none"].float(), none.float()) if out["none"] is not None else zero
@@ -184,6 +261,36 @@ class StudyLoss(nn.Module):
             # the mask head still runs: tie it to the loss with weight 0, so DDP sees every parameter used
             parts["mask"] = out["mask"].float().sum() * 0.0
         parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
+        return parts
+
+    def masked(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask) -> dict:
+        """The loss of a batch with soft, partly unknown targets (see forward)."""
+        parts = {"cls": soft_cross_entropy(out["study"], study, self.label_smoothing)}
+        parts["none"] = masked_bce(out["none"], none) if out["none"] is not None else parts["cls"].new_zeros(())
+        if self.mask_weight:
+            parts["mask"] = mask_loss(out["mask"], mask, self.mask_bce, self.mask_dice, has_mask.bool())
+        else:  # tied to the loss with weight 0 (DDP must see every parameter used)
+            parts["mask"] = out["mask"].float().sum() * 0.0
+        parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
+        return parts
+
+
+class LabelLoss(nn.Module):
+    """Multi-label pretraining: BCE over the known labels (NaN = unknown, masked) + mask_weight * the mask loss
+    (mask_weight 0: the external set has no boxes). Parts named as StudyLoss's (cls = the label BCE)."""
+
+    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4):
+        super().__init__()
+        self.mask_weight, self.mask_bce, self.mask_dice = mask_weight, mask_bce, mask_dice
+
+    def forward(self, out: dict, labels: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask=None) -> dict:
+        parts = {"cls": masked_bce(out["labels"], labels)}
+        parts["none"] = parts["cls"].new_zeros(())
+        if self.mask_weight:
+            parts["mask"] = mask_loss(out["mask"], mask, self.mask_bce, self.mask_dice, has_mask)
+        else:  # tied to the loss with weight 0 (DDP must see every parameter used)
+            parts["mask"] = out["mask"].float().sum() * 0.0
+        parts["loss"] = parts["cls"] + self.mask_weight * parts["mask"]
         return parts
 
 

@@ -18,6 +18,15 @@ optimizer and a lower lr (the two-wave schedule of the team notes in shared/seed
 The default checkpoint rule is the competition's study mAP on the fold's validation images,
 averaged per study. An interrupted fold resumes from last.pt at the next epoch.
 
+Pretraining and extra data (siimcovid/data/extra.py):
+- data=<a prepared folder of layout rsna or csv>: multi-label pretraining over that folder's label_names (one
+  BCE head, unknown labels masked; the mask loss only where the folder has boxes); the checkpoint rule is the mean
+  ROC AUC over the labels (val_auc); fold<k>/val_pred_labels.csv holds the best epoch's validation probabilities.
+- init=<a classify run dir (its fold init_fold's best.pt) or a .pt>: every fold's model starts from those weights
+  (each tensor whose name and shape match; the heads that do not fit keep their fresh init, "rebuilt" in the log).
+- extra=<dir>[,<dir>]: every fold's TRAINING data gains ExtraData(dir).classifier_rows(fold, imgsz) through the
+  on_train_data hook (soft targets, unknown ones masked out of the loss); the validation images never change.
+
 Kill -9 at any instant costs at most the epoch in progress. last.pt is the record of an epoch:
 written (atomically) before the files that follow from it (best.pt, val_pred_image.csv,
 results.csv), which a resume writes again from last.pt, so a kill between them leaves nothing
@@ -57,16 +66,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from siimcovid import rundir
 from siimcovid.classify import predict as P
 from siimcovid.classify.data import (
+    SoftTargets,
     StudyDataset,
+    TargetDataset,
     augment_state,
     build_augment,
     check_files,
+    check_paths,
     image_table,
     mix_batch,
     seed_worker,
@@ -74,8 +86,9 @@ from siimcovid.classify.data import (
     to_device,
 )
 from siimcovid.classify.dist import Dist, cleanup, setup
-from siimcovid.classify.model import StudyLoss, build_model, check_model_name, model_cfg
+from siimcovid.classify.model import LabelLoss, StudyLoss, build_model, check_model_name, init_from, model_cfg
 from siimcovid.config import Config, runtime_keys
+from siimcovid.data.extra import TARGETS, ExtraData, extra_roots, multilabel_layout, open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_path, atomic_write_text, save_png
@@ -101,6 +114,8 @@ LOG_COLUMNS = [
     "time_s",
 ]
 LOSS_PARTS = ["loss", "cls", "none", "mask"]  # what StudyLoss returns, logged as train_* and val_*
+EXTRA_SEED = 1000  # the extra data's augmentation stream: seed + rank + this (the SIIM images' stream is unchanged)
+LABEL_PREDICTIONS = "val_pred_labels.csv"  # multi-label runs: the best epoch's validation probabilities
 SYNC_EVERY = 20  # training steps between host syncs (loss check, progress bar)
 
 
@@ -111,6 +126,25 @@ def study_map_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
     """The default checkpoint rule: the validation study mAP beats the best so far (NaN never does)."""
     score = stats["val_map"]
     return not math.isnan(score) and score > best["score"]
+
+
+def auc_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
+    """The checkpoint rule of multi-label pretraining: the mean validation ROC AUC over labels beats the best so far."""
+    score = stats["val_auc"]
+    return not math.isnan(score) and score > best["score"]
+
+
+def mean_auc(truth: np.ndarray, probs: np.ndarray) -> float:
+    """Mean ROC AUC over the label columns that have both classes among the known (non-NaN) targets; NaN if none."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = []
+    for j in range(truth.shape[1]):
+        known = ~np.isnan(truth[:, j])
+        t = truth[known, j] >= 0.5
+        if t.any() and not t.all():
+            aucs.append(roc_auc_score(t, probs[known, j]))
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def default_callbacks() -> dict[str, list[Callable]]:
@@ -160,10 +194,11 @@ def plot_log(log: pd.DataFrame, path: Path) -> None:
     for col in ("train_loss", "val_loss", "train_mask", "val_mask"):
         axes[0].plot(log.epoch, log[col], marker=".", label=col)
     axes[0].set_title("loss")
-    axes[1].plot(log.epoch, log.val_map, marker="o", label="val study mAP")
+    metric, title = ("val_auc", "mean ROC AUC") if "val_auc" in log else ("val_map", "study mAP")
+    axes[1].plot(log.epoch, log[metric], marker="o", label=f"val {title}")
     best = log[log.best.astype(bool)]
-    axes[1].scatter(best.epoch, best.val_map, color="red", zorder=3, label="new best")
-    axes[1].set_title("validation study mAP")
+    axes[1].scatter(best.epoch, best[metric], color="red", zorder=3, label="new best")
+    axes[1].set_title(f"validation {title}")
     axes[2].plot(log.epoch, log.lr, marker=".")
     axes[2].set_yscale("log")
     axes[2].set_title("lr (end of epoch)")
@@ -190,6 +225,8 @@ class FoldTrainer:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         self.channels_last = cfg.channels_last and cuda
+        self.label_names = cfg.get("label_names")  # multi-label pretraining on an external set
+        self.metric = "val_auc" if self.label_names else "val_map"  # the score of best.pt and of the log's lines
         self.amp_dtype = P.amp_dtype_for(self.device, cfg.amp)
         self.scaler = self.new_scaler()
         self.rows: list[dict] = []  # results.csv so far
@@ -200,6 +237,8 @@ class FoldTrainer:
         self.model = build_model(
             model_cfg(cfg), cfg.pretrained or cfg.pretrained_file not in (None, ""), cfg.pretrained_file, self.channels_last
         ).to(self.device)
+        if cfg.get("init"):
+            self.load_init()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_model = self.model
@@ -209,6 +248,8 @@ class FoldTrainer:
             self.train_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
             torch.manual_seed(cfg.seed + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
         self.loss_fn = StudyLoss.from_cfg(cfg)
+        if self.label_names:  # the mask loss trains where the external set has boxes (rsna), else it is off
+            self.loss_fn = LabelLoss(cfg.mask_weight if self.has_boxes else 0.0, cfg.mask_bce, cfg.mask_dice)
         self.ema = None
         self.rng = np.random.default_rng(cfg.seed + d.rank)
 
@@ -236,18 +277,46 @@ class FoldTrainer:
                 parts[name] = value
                 parts["loss"] = parts["loss"] + value
 
+    def load_init(self) -> None:
+        """init=: the model starts from another run's weights (every tensor whose name and shape match)."""
+        n, rebuilt = init_from(self.model, self.cfg.init_file, self.cfg.model)
+        if self.d.is_main:
+            LOGGER.info(f"init: loaded {n} tensors from {self.cfg.init_file}, rebuilt: {', '.join(rebuilt) or 'nothing'}")
+
     # ---------------------------------------------------------------- pieces
+
+    def fold_datasets(self, augment) -> tuple[Dataset, Dataset]:
+        """(training dataset, validation dataset): the SIIM fold's, or a multi-label external set's (label_names)."""
+        if not self.label_names:
+            return StudyDataset(self.prep, self.train_tab, self.size, augment), StudyDataset(self.prep, self.val_tab, self.size)
+        ds = []
+        for tab, aug in ((self.train_tab, augment), (self.val_tab, None)):
+            images = [self.prep.image_path(i, "train", self.size) for i in tab.image_id]
+            masks = [self.prep.mask_path(i, self.size) if self.has_boxes else None for i in tab.image_id]
+            ds.append(TargetDataset(images, masks, tab[self.label_names].to_numpy(), np.full(len(tab), np.nan), self.size, aug))
+        return ds[0], ds[1]
+
+    def fold_tables(self) -> None:
+        """train_tab / val_tab: the fold's rows (multi-label: image_id, study_id, fold, then the label columns)."""
+        fold = self.fold
+        if self.label_names:
+            labels = ExtraData(self.prep.root).label_table().set_index("image_id")
+            self.has_boxes = bool((self.prep.meta.n_boxes > 0).any())
+            tabs = [self.prep.fold(fold, part)[["image_id", "study_id", "fold"]] for part in ("train", "val")]
+            self.train_tab, self.val_tab = (t.join(labels, on="image_id").reset_index(drop=True) for t in tabs)
+        else:
+            self.train_tab = image_table(self.prep, "train", fold, "train")
+            self.val_tab = image_table(self.prep, "train", fold, "val")
 
     def build_loaders(self, cuda: bool) -> None:
         """The fold's tables, the training dataset (after on_train_data), its sampler and both loaders."""
         cfg, d, fold = self.cfg, self.d, self.fold
-        self.train_tab = image_table(self.prep, "train", fold, "train")
-        self.val_tab = image_table(self.prep, "train", fold, "val")
+        self.fold_tables()
         if self.val_tab.empty or self.train_tab.empty:
             raise SiimError(f"fold {fold} has {len(self.train_tab)} training and {len(self.val_tab)} validation images")
         self.batch = max(1, cfg.batch // d.world)
         # Seeded augmentation (one stream per rank, re-seeded per worker): the same seed gives the same run.
-        self.train_dataset = StudyDataset(self.prep, self.train_tab, self.size, build_augment(cfg, seed=cfg.seed + d.rank))
+        self.train_dataset, val_dataset = self.fold_datasets(build_augment(cfg, seed=cfg.seed + d.rank))
         self.run_callbacks("on_train_data")
         if len(self.train_dataset) < self.batch * d.world:
             raise SiimError(f"fold {fold}: {len(self.train_dataset)} training images, fewer than batch={cfg.batch}")
@@ -265,7 +334,7 @@ class FoldTrainer:
             **kw,
         )
         # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
-        val_ds = Subset(StudyDataset(self.prep, self.val_tab, self.size), list(range(d.rank, len(self.val_tab), d.world)))
+        val_ds = Subset(val_dataset, list(range(d.rank, len(self.val_tab), d.world)))
         self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
 
     def new_scaler(self):
@@ -333,7 +402,7 @@ class FoldTrainer:
             target = b["label"]
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 out = self.train_model(b["image"])
-            parts = self.loss_fn(out, target, b["none"], b["mask"])
+            parts = self.loss_fn(out, target, b["none"], b["mask"], b.get("has_mask"))
             self.add_extra_losses(out, b, parts)
             opt.zero_grad(set_to_none=True)
             self.backward_step(parts["loss"], opt)
@@ -365,6 +434,8 @@ class FoldTrainer:
             from timm.utils import distribute_bn
 
             distribute_bn(self.eval_model(), self.d.world, reduce=False)
+        if self.label_names:
+            return self.validate_labels()
         idx, study, none, sums = P.infer(self.eval_model(), self.val_loader, self.device, self.amp_dtype, loss_fn=self.loss_fn)
         # Items carry their row in val_tab (not their position in this rank's shard).
         parts = self.d.gather((idx if idx is not None else np.zeros(0, int), study, none, sums))
@@ -376,6 +447,39 @@ class FoldTrainer:
         images = P.image_frame(self.val_tab.iloc[rows], study, none, self.cfg.name).sort_values("image_id").reset_index(drop=True)
         stats = dict(loss, val_map=P.study_map(self.prep, images), val_none_auc=self.none_auc(images))
         return stats, images
+
+    def infer_labels(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Multi-label validation on this rank's shard: (rows of val_tab, label probabilities, loss sums)."""
+        model, idx, probs, sums, n = self.eval_model(), [], [], {}, 0
+        model.eval()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        with torch.inference_mode():
+            for batch in self.val_loader:
+                b = to_device(batch, self.device)
+                with autocast:
+                    out = model(b["image"])
+                for k, v in self.loss_fn(out, b["label"], b["none"], b["mask"], b["has_mask"]).items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(b["image"])
+                n += len(b["image"])
+                idx.append(b["index"].cpu().numpy())
+                probs.append(torch.sigmoid(out["labels"].float()).cpu().numpy())
+        width = len(self.label_names)
+        cat = lambda xs, empty: np.concatenate(xs) if xs else empty  # noqa: E731
+        return cat(idx, np.zeros(0, int)), cat(probs, np.zeros((0, width))), sums | {"n": n}
+
+    def validate_labels(self) -> tuple[dict, pd.DataFrame]:
+        """Multi-label validation: the losses and the mean ROC AUC over labels (val_auc) of every rank's shard."""
+        parts = self.d.gather(self.infer_labels())
+        rows = np.concatenate([p[0] for p in parts])
+        probs = np.concatenate([p[1] for p in parts])
+        n = sum(p[2]["n"] for p in parts)
+        loss = {f"val_{k}": sum(p[2].get(k, 0.0) for p in parts) / max(n, 1) for k in LOSS_PARTS}
+        tab = self.val_tab.iloc[rows]
+        images = pd.DataFrame({"image_id": tab.image_id.values, "study_id": tab.study_id.values, "fold": self.fold})
+        images[self.label_names] = probs
+        auc = mean_auc(tab[self.label_names].to_numpy(dtype=np.float64), probs)
+        stats = dict(loss, val_map=float("nan"), val_none_auc=float("nan"), val_auc=auc)
+        return stats, images.sort_values("image_id").reset_index(drop=True)
 
     def none_auc(self, images: pd.DataFrame) -> float:
         from sklearn.metrics import roc_auc_score
@@ -470,7 +574,7 @@ class FoldTrainer:
         best_row = [r for r in self.rows if r["epoch"] == state["epoch"]]
         if state["best"]["epoch"] == state["epoch"] and state.get("best_images") is not None and best_row:
             weights = state["ema"] if state["ema"] is not None else state["model"]  # as eval_model() gave them
-            self.save_best(state["epoch"], state["wave"], best_row[0]["val_map"], state["best_images"], weights)
+            self.save_best(state["epoch"], state["wave"], best_row[0][self.metric], state["best_images"], weights)
         if self.rows:
             self.write_log()
 
@@ -494,7 +598,7 @@ class FoldTrainer:
         if self.d.is_main:
             LOGGER.info(
                 f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {self.best['epoch']}, "
-                f"study mAP {self.best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
+                f"{self.metric} {self.best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
             )
 
     # ---------------------------------------------------------------- one epoch
@@ -505,7 +609,7 @@ class FoldTrainer:
         train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
         val_stats, images = self.validate()
         new_best = self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0
-        score = val_stats["val_map"]
+        score = val_stats[self.metric]
         if new_best:
             self.best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch, "wave": wave}
         row = {
@@ -529,7 +633,7 @@ class FoldTrainer:
             self.write_log()
             LOGGER.info(
                 f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
-                f"val loss {row['val_loss']:.4f} study mAP {row['val_map']:.4f}"
+                f"val loss {row['val_loss']:.4f} {'mean AUC' if self.label_names else 'study mAP'} {row[self.metric]:.4f}"
                 f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
             )
         self.run_callbacks("on_fit_epoch_end", row)
@@ -546,13 +650,16 @@ class FoldTrainer:
             "wave": wave,
             "score": score,
             "imgsz": self.size,
-            "classes": STUDY_CLASSES,
+            "classes": self.label_names or STUDY_CLASSES,
             "ema": cfg.ema,
             "fold": self.fold,
             "folds_id": cfg.folds_id,  # travels with the weights: predict checks it per fold
         }
         save_torch(best, self.dir / "best.pt")
-        CLASSIFIER_IMAGES.write(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
+        if self.label_names:
+            write_csv(images, self.dir / LABEL_PREDICTIONS)
+        else:
+            CLASSIFIER_IMAGES.write(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
 
     def log_columns(self) -> list[str]:
         """LOG_COLUMNS, then the extra loss terms of on_loss hooks in the order they appeared."""
@@ -679,6 +786,63 @@ def ray_fold(cfg, fold: int, size: int, run_dir: Path, callbacks: dict | None) -
         cleanup(d)
 
 
+def resolve_init(init, init_fold: int) -> Path:
+    """init=: a classify run dir (its fold init_fold's best.pt) or a checkpoint file."""
+    path = Path(init)
+    if path.is_dir():
+        if not (path / "classify.yaml").is_file():
+            raise SiimError(f"init={init}: not a classify run dir (no classify.yaml) and not a .pt file")
+        path = rundir.fold_dir(path, init_fold) / "best.pt"
+    if not path.is_file():
+        raise SiimError(f"init={init}: {path} not found (train that run's fold {init_fold} first, or give init_fold=)")
+    return path.resolve()
+
+
+def extra_data_hook(cfg, extras: list[ExtraData]) -> Callable:
+    """on_train_data: the fold's SIIM images (one-hot targets) + every extra folder's classifier_rows (soft targets)."""
+
+    def add_extra_data(trainer: "FoldTrainer") -> None:
+        rows = pd.concat([e.classifier_rows(trainer.fold, trainer.size) for e in extras], ignore_index=True)
+        check_paths(rows["image"], "extra data image")
+        check_paths(rows["mask"], "extra data mask")
+        augment = build_augment(cfg, seed=cfg.seed + trainer.d.rank + EXTRA_SEED)
+        extra = TargetDataset(
+            rows["image"], rows["mask"], rows[STUDY_CLASSES].to_numpy(), rows["none"].to_numpy(), trainer.size, augment
+        )
+        base = len(trainer.train_dataset)
+        trainer.train_dataset = ConcatDataset([SoftTargets(trainer.train_dataset, len(STUDY_CLASSES)), extra])
+        trainer.extra_rows = rows
+        if trainer.d.is_main:
+            known = ", ".join(f"{c} {int(rows[c].notna().sum())}" for c in TARGETS)
+            LOGGER.info(f"fold {trainer.fold}: {base} training images + {len(extra)} extra ({known} known targets)")
+
+    return add_extra_data
+
+
+def run_callbacks(cfg, prep: Prepared, callbacks: dict | None) -> dict:
+    """The built-in hooks of the run's settings (extra data, the multi-label checkpoint rule), then the caller's."""
+    out: dict[str, list] = {}
+    if cfg.extra:
+        out["on_train_data"] = [extra_data_hook(cfg, open_extra(cfg.extra, prep.folds_id, prep.n_folds))]
+    if cfg.get("label_names"):
+        out["is_better"] = [auc_improved]
+    for event, fns in (callbacks or {}).items():
+        out[event] = out.get(event, []) + as_list(fns)
+    return out
+
+
+def check_multilabel(cfg, prep: Prepared) -> None:
+    """data= an external labelled set (layout rsna or csv): multi-label pretraining over its label_names."""
+    if not multilabel_layout(prep.root):
+        return
+    if cfg.extra:
+        raise SiimError(f"extra= adds SIIM targets to a SIIM run; {prep.root} is an external set (multi-label pretraining)")
+    names = ExtraData(prep.root).label_names
+    if not names:
+        raise SiimError(f"{prep.root}/prepare.yaml names no label_names: nothing to pretrain on")
+    cfg.label_names = list(names)
+
+
 def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     """Train the folds of cfg.fold; callbacks: {event: fn or [fn, ...]} added to every fold's trainer.
 
@@ -690,12 +854,19 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     check_config(cfg)
     if cfg.engine == "ray":
         check_ray(cfg, d)
+    check_multilabel(cfg, prep)
     cfg.name = run_name(cfg)
     cfg.data = str(Path(cfg.data).resolve())
     cfg.imgsz = size
     cfg.folds_id = prep.folds_id  # predict refuses a run whose folds no longer match
+    if cfg.init:
+        cfg.init_file = str(resolve_init(cfg.init, cfg.init_fold))
+        cfg.init = str(Path(cfg.init).resolve())
+    cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
+    callbacks = run_callbacks(cfg, prep, callbacks)
     run_dir = Path(cfg.project) / cfg.name
-    check_files(prep, prep.split("train").assign(split="train"), size, masks=True)
+    masks = not cfg.get("label_names") or bool((prep.meta.n_boxes > 0).any())
+    check_files(prep, prep.split("train").assign(split="train"), size, masks=masks)
     prepare_run_dir(cfg, run_dir, d)
     if cfg.engine == "ray":
         from siimcovid.ray_engine import run_folds
@@ -714,7 +885,7 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     else:
         results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in folds}
     if d.is_main:
-        report_oof(prep, run_dir)
+        (report_oof_labels if cfg.get("label_names") else report_oof)(prep, run_dir)
     return results
 
 
@@ -727,6 +898,21 @@ def report_oof(prep: Prepared, run_dir: Path) -> None:
     LOGGER.info(
         f"{run_dir.name}: OOF study mAP over {prep.n_folds} folds (no TTA): {P.study_map(prep, images):.4f}; "
         f"`siimcovid classify predict run={run_dir}` writes the OOF and test tables"
+    )
+
+
+def report_oof_labels(prep: Prepared, run_dir: Path) -> None:
+    """Multi-label pretraining: when every fold is finished, the OOF mean ROC AUC over labels of the best checkpoints."""
+    files = [rundir.fold_dir(run_dir, k) / LABEL_PREDICTIONS for k in range(prep.n_folds)]
+    if not all(P.fold_done(f.parent) and f.is_file() for f in files):
+        return
+    probs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    labels = ExtraData(prep.root).label_table().set_index("image_id").loc[probs.image_id]
+    names = list(labels.columns)
+    auc = mean_auc(labels.to_numpy(dtype=np.float64), probs[names].to_numpy(dtype=np.float64))
+    LOGGER.info(
+        f"{run_dir.name}: OOF mean ROC AUC over {len(names)} labels ({', '.join(names)}), {prep.n_folds} folds: {auc:.4f}; "
+        f"fine-tune with `siimcovid classify train data=<SIIM prepared> init={run_dir}`"
     )
 
 

@@ -20,7 +20,7 @@ import yaml
 from siimcovid.config import CFG_DIR, Config, default_config_path, read_yaml
 from siimcovid.data import prepared as prepared_data
 from siimcovid.data.prepared import Prepared
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 HYP_DIR = CFG_DIR / "hyp"
 RUN_CONFIG = "detect.yaml"
@@ -255,3 +255,41 @@ def check_ultralytics_settings(extra: dict) -> dict:
             raise ConfigError(f"detect setting {key}={value!r} (an Ultralytics setting): {e}") from None
         out.update(one)
     return out
+
+
+def resolve_init(init: Any, init_fold: int) -> Path:
+    """init=: a detect run dir (its fold init_fold's weights/best.pt) or a weights file."""
+    path = Path(str(init))
+    if path.is_dir():
+        if not (path / RUN_CONFIG).is_file():
+            raise SiimError(f"init={init}: not a detect run dir (no {RUN_CONFIG}) and not a .pt file")
+        path = path / f"fold{init_fold}" / "weights" / "best.pt"
+    if not path.is_file() or path.suffix != ".pt":
+        raise SiimError(f"init={init}: {path} not found (train that run's fold {init_fold} first, or give init_fold=)")
+    return path.resolve()
+
+
+def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list) -> Path:
+    """The fold's data YAML with extra training images: `train` = [the fold's list, a list of the extra images];
+    `val` (and test) as prepare wrote them. Written to <run>/data/fold<k>.yaml beside fold<k>_extra.txt."""
+    base = yaml.safe_load(source.yaml(fold).read_text()) or {}
+    images = [p for e in extras for p in e.detector_images(fold, source.size)]
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise SiimError(f"extra data: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    folder = run_dir / "data"
+    listed = folder / f"fold{fold}_extra.txt"
+    atomic_write_text(listed, "".join(f"{Path(p).resolve()}\n" for p in images))
+    root = Path(str(base["path"]))
+    train = [str(root / t) if not Path(t).is_absolute() else t for t in as_list(base["train"])]
+    data = {**base, "train": train + [str(listed.resolve())]}
+    path = folder / f"fold{fold}.yaml"
+    text = f"# Written by `siimcovid detect train`: fold {fold} of {source.prepared} + {len(images)} extra training images.\n"
+    atomic_write_text(path, text + yaml.safe_dump(data, sort_keys=False))
+    LOGGER.info(f"detect: fold {fold} trains on its {len(list_lines(train))} images + {len(images)} extra ({path})")
+    return path
+
+
+def list_lines(files: list[str]) -> list[str]:
+    """The image lines of Ultralytics list files (.txt)."""
+    return [line for f in files for line in Path(f).read_text().splitlines() if line.strip()]

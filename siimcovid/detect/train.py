@@ -13,6 +13,12 @@ through a temporary file and a rename (last.pt last, as the commit of an epoch),
 results.csv to the epochs its last.pt holds, and the settings a fold started with are kept in
 args_start.yaml (Ultralytics' resume rewrites args.yaml with model=<fold>/weights/last.pt), so a
 fold resumes, and a finished one is skipped, however often it was interrupted.
+
+Pretraining and extra data: `data=<a prepared folder of layout rsna>` trains on its boxes like on SIIM's;
+`init=<a detect run dir or .pt>` starts every fold from those weights (Ultralytics' pretrained=<weights>: each
+tensor whose name and shape match; it logs "Transferred N/M items from pretrained weights");
+`extra=<dir>[,<dir>]` adds ExtraData(dir).detector_images(fold, size) to every fold's TRAINING list through a
+data YAML of the run's own (<run>/data/fold<k>.yaml), its validation list unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import strip_optimizer
 
 from siimcovid.config import Config, runtime_keys
+from siimcovid.data.extra import extra_roots, open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import (
     RUN_CONFIG,
@@ -38,9 +45,11 @@ from siimcovid.detect.common import (
     ULTRALYTICS_RUNTIME_KEYS,
     check_model,
     check_run_dataset,
+    extra_data_yaml,
     fold_state,
     load_hyp,
     resolve_data,
+    resolve_init,
     select_folds,
     train_args,
 )
@@ -315,6 +324,25 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+RUN_SETTINGS = ("init", "init_fold", "extra")  # siimcovid's own settings that change what a fold learns
+
+
+def check_run_settings(run_dir: Path, cfg: Config) -> None:
+    """Refuse to skip or resume folds trained with other init / extra settings (recorded in the run's detect.yaml)."""
+    saved = run_dir / RUN_CONFIG
+    old = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    changed = changed_settings({k: old[k] for k in RUN_SETTINGS if k in old}, {k: cfg[k] for k in RUN_SETTINGS})
+    refuse_changed(run_dir, changed, f"use another name=, or delete {run_dir} to train it again")
+
+
+def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path) -> dict[int, Path]:
+    """Each fold's data YAML: prepare's, or with extra=, the run's own one whose training list has the extra images."""
+    if not cfg.extra:
+        return {k: source.yaml(k) for k in folds}
+    extras = open_extra(cfg.extra, Prepared(source.prepared).folds_id, source.n_folds)
+    return {k: extra_data_yaml(source, k, run_dir, extras) for k in folds}
+
+
 def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     source = resolve_data(cfg.data, cfg.data_yaml_dir)
     folds = select_folds(cfg.fold, source)
@@ -323,6 +351,11 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     model = check_model(cfg.model)
     if isinstance(cfg.pretrained, str):
         check_model(cfg.pretrained)
+    cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
+    if cfg.init:
+        cfg.init = str(resolve_init(cfg.init, cfg.init_fold))
+        cfg.pretrained = cfg.init  # Ultralytics transfers every tensor of it whose name and shape match
+        LOGGER.info(f"detect: init from {cfg.init} (Ultralytics logs how many tensors it transferred)")
     hyp = load_hyp(cfg.hyp)
     args = train_args(cfg, hyp)
     if cfg.engine == "ray":
@@ -347,17 +380,21 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     for k in folds:  # before the run's settings are saved over those the folds were trained with
         if states[k] in ("done", "partial"):
             check_fold_settings(fold_dir(run_dir, k), args, model)
+    if any(s != "new" for s in states.values()):
+        check_run_settings(run_dir, saved)
+    yamls = fold_yamls(cfg, source, folds, run_dir)
+    saved.data_yamls = {**saved.data_yamls, **{k: str(p.resolve()) for k, p in yamls.items()}}
     saved.save(run_dir / RUN_CONFIG)
 
     if cfg.engine == "ray":  # the finished folds are skipped here, the others go to Ray
         finished = [k for k in folds if states[k] == "done"]
-        done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, "done") for k in finished}
-        todo = {k: (args, model, source.yaml(k).resolve(), run_dir, k, cfg.fitness, callbacks) for k in folds if k not in done}
+        done = {k: train_fold(args, model, yamls[k], run_dir, k, cfg.fitness, callbacks, "done") for k in finished}
+        todo = {k: (args, model, yamls[k].resolve(), run_dir, k, cfg.fitness, callbacks) for k in folds if k not in done}
         if todo:
             done.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "detect"))
         done = {k: done[k] for k in folds}
     else:
-        done = {k: train_fold(args, model, source.yaml(k), run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
+        done = {k: train_fold(args, model, yamls[k], run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
     summary = fold_summary(run_dir, folds)
     LOGGER.info(f"detect train: {run_dir} ({', '.join(f'fold{k} {v}' for k, v in done.items())})")
     if len(summary):
