@@ -205,7 +205,7 @@ def teachers(prepared, tmp_path_factory):
 @pytest.mark.slow
 def test_real_teachers_make_a_folder_and_a_student_trains_on_it(prepared, teachers):
     det, cls, base = teachers
-    out = run_pseudo(det, cls, base / "pseudo", sizes=[64], det_tta=False, cls_tta="none", device="cpu", **EASY)
+    out = run_pseudo(det, cls, base / "pseudo", det_tta=False, cls_tta="none", device="cpu", **EASY)
     labels = PSEUDO_LABELS.read(out / "labels.csv")
     test = Prepared(prepared).split("test")
     assert len(labels) == 3 * len(test) and sorted(labels.fold.unique()) == [0, 1, 2]
