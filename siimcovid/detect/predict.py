@@ -5,6 +5,8 @@
 split=oof runs each fold's model on the validation images of its own fold (out-of-fold
 predictions for every train image once all folds are trained); split=test runs every fold's
 model on every test image. Several runs at once: run=runs/detect/a,runs/detect/b.
+source=<prepared folder> (split=test, with out=) predicts that folder's test split instead (e.g. an
+unlabelled pool for `siimcovid pseudo`); its boxes go to <out>/<run name>/pred_test.csv, not the run dir.
 
 Outputs, in each run dir (and all runs together in <out>/ when out= is set):
 
