@@ -102,16 +102,17 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
     return prepare(stages.stage_config("prepare", None, settings))
 
 
-def detect(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str, Path]]:
+def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
     """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run
-    dir and the files detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...})."""
+    dir and the files detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...}).
+    name: the run's name (default the run's); extra: settings run sets itself (e.g. extra=<pseudo folder>)."""
     from siimcovid.detect.predict import predict
     from siimcovid.detect.train import train
 
-    det_project = stage_dir(project, "detect")
-    settings = section_settings(cfg, "detect", data=str(prepared), name=cfg.name, project=str(det_project))
+    det_project, name = stage_dir(project, "detect"), name or cfg.name
+    settings = section_settings(cfg, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
     train(stages.stage_config("detect", "train", settings))
-    det_dir = det_project / cfg.name
+    det_dir = det_project / name
     settings = section_settings(
         {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_dir), split=["oof", "test"]
     )
@@ -119,15 +120,16 @@ def detect(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str, 
     return det_dir, written[det_dir.name]
 
 
-def classify(cfg: Config, prepared: Path, project: Path) -> tuple[Path, dict[str, Path]]:
+def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
     """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify
-    run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv})."""
+    run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv}).
+    name, extra: as for detect."""
     from siimcovid.classify import predict, train
 
-    cls_project = stage_dir(project, "classify")
-    settings = section_settings(cfg, "classify", data=str(prepared), name=cfg.name, project=str(cls_project))
+    cls_project, name = stage_dir(project, "classify"), name or cfg.name
+    settings = section_settings(cfg, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
     train.main(stages.stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
-    cls_dir = cls_project / cfg.name
+    cls_dir = cls_project / name
     settings = section_settings(
         {"classify_predict": predict_settings(cfg, "classify")},
         "classify_predict",
@@ -148,8 +150,8 @@ def tuned_params(result: dict) -> dict:
 class Fusion:
     """`siimcovid fuse` and `fuse tune` on this run's predictions; a call with tag t writes <project>/fuse/<name><t>/."""
 
-    def __init__(self, cfg: Config, prepared: Path, project: Path):
-        self.name, self.settings = cfg.name, dict(cfg.fuse or {})
+    def __init__(self, cfg: Config, prepared: Path, project: Path, name: str | None = None):
+        self.name, self.settings = name or cfg.name, dict(cfg.fuse or {})
         self.data, self.project = str(prepared), str(stage_dir(project, "fuse"))
 
     def config(self, tag: str, split: str, det: list, cls: list, mode: str | None = None, **extra) -> Config:
@@ -236,6 +238,46 @@ def priors_baseline(images: pd.DataFrame) -> metrics.Score:
     return metrics.score(truth_rows(images), pred)
 
 
+# ----------------------------------------------------------------------------- pseudo-label rounds
+PSEUDO_ROUND = "pseudo round {r}: "  # the prefix of a round's rows in the CV table
+
+
+def pseudo_settings(cfg: Config, teacher_det: Path, teacher_cls: Path, prepared: Path, out: Path) -> dict:
+    """`siimcovid pseudo` settings of a round: the pseudo section (less `rounds`), the teachers' predict TTA and
+    machine where it does not say otherwise, and the teachers, data and folder, which run sets itself."""
+    settings = {k: v for k, v in (cfg.get("pseudo") or {}).items() if k != "rounds"}
+    det_tta, cls_tta = (cfg.detect_predict or {}).get("tta"), (cfg.classify_predict or {}).get("tta")
+    machine = {k: v for k, v in (cfg.classify or {}).items() if k in ("device", "workers")}
+    inherited = {"det_tta": det_tta, "cls_tta": cls_tta, **machine}
+    settings = {**{k: v for k, v in inherited.items() if v is not None}, **settings}
+    fixed = {"teacher_det": str(teacher_det), "teacher_cls": str(teacher_cls), "data": str(prepared), "out": str(out)}
+    return section_settings({"pseudo": settings}, "pseudo", **fixed)
+
+
+def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls_dir: Path, timings: dict) -> list[dict]:
+    """`pseudo.rounds` rounds: round r pseudo-labels the unlabelled pool (the run's test split, or pseudo.source) with
+    the previous round's models, trains <name>-pseudo<r> students on the train split plus those labels (extra=),
+    predicts and fuses them; the round's CV rows, prefixed "pseudo round r: " (none when rounds is 0)."""
+    from siimcovid.pseudo import pseudo
+
+    rows = []
+    for r in range(1, int((cfg.get("pseudo") or {}).get("rounds") or 0) + 1):
+        name = f"{cfg.name}-pseudo{r}"
+        with step(f"pseudo round {r}: labels from {det_dir.name} + {cls_dir.name}", f"pseudo{r}", timings):
+            settings = pseudo_settings(cfg, det_dir, cls_dir, prepared, stage_dir(project, "pseudo") / name)
+            folder = pseudo(stages.stage_config("pseudo", None, settings))
+        with step(f"pseudo round {r}: students {name}", f"pseudo{r} students", timings):
+            det_dir, det_files = detect(cfg, prepared, project, name=name, extra=str(folder))
+            cls_dir, cls_files = classify(cfg, prepared, project, name=name, extra=str(folder))
+            det = {s: str(det_files[s]) for s in ("oof", "test")}
+            cls = {s: str(cls_files[s]) for s in ("oof", "test")}
+            found, _, _ = fusion_rows(cfg, Fusion(cfg, prepared, project, name=name), det, cls, prepared)
+        leaky = " [LEAKY: teacher=all]" if settings.get("teacher") == "all" else ""
+        prefix = PSEUDO_ROUND.format(r=r)
+        rows += [{**row, "method": prefix + row["method"] + leaky} for row in found if "priors" not in row["method"]]
+    return rows
+
+
 # ----------------------------------------------------------------------------- the CV table
 def cv_row(method: str, result: dict) -> dict:
     return {"method": method, **result["score"].row()}
@@ -276,6 +318,7 @@ def run(cfg: Config) -> dict:
         det = {s: str(det_files[s]) for s in ("oof", "test")}
         cls = {s: str(cls_files[s]) for s in ("oof", "test")}
         rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)
+    rows += pseudo_rounds(cfg, prepared, project, det_dir, cls_dir, timings)
 
     table, margin = cv_table(rows, out, cfg.name)
     submission = test["files"]["submission"]

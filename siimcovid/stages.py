@@ -68,6 +68,7 @@ STAGES: dict[str, Stage] = {
             "fuse",
             "siimcovid.fuse.summary:describe",
         ),
+        Stage("pseudo", {None: "siimcovid.pseudo:main"}, "pseudo", "siimcovid.pseudo:describe"),
         Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
         Stage("runs", {None: "siimcovid.runs:main"}),
     )

@@ -489,3 +489,56 @@ SCORES = Table(
 # Column lists derived from the contracts, for the code that builds these tables
 BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id, conf, x_min, y_min, x_max, y_max
 SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT]  # AP per class, study_map, image_map, final
+
+
+# ----------------------------------------------------------------------------- per-fold teachers and pseudo-labels (issue 12)
+CLASSIFIER_FOLDS = Table(
+    "classifier folds",
+    "runs/classify/<name>/pred_test_image_folds.csv (classify predict per_fold=true)",
+    (
+        Column("model", TEXT, "run name"),
+        Column("image_id", TEXT, "SOP instance UID, without _image"),
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        Column("fold", INT, "the fold whose model predicted the row (it never saw that fold's validation images)", lo=0),
+        *_PROBS,
+        Column(_NONE.name, FLOAT, _NONE.doc, lo=0.0, hi=1.0),
+    ),
+    "One row per (fold model, test image): each fold model's own probabilities, not their mean "
+    "(pred_test_image.csv holds the mean). Read by `siimcovid pseudo` (teacher=fold).",
+    checks=(_not_empty("image_id", "study_id"),),
+)
+
+PSEUDO_LABELS = Table(
+    "pseudo labels",
+    "runs/pseudo/<name>/labels.csv",
+    (
+        Column("image_id", TEXT, "the unlabelled image (its id in the source's prepared folder)"),
+        Column("study_id", TEXT, "its study"),
+        Column("fold", INT, "the teacher fold k (its labels are for fold k's students only); -1 = the all-folds teacher", lo=-1),
+        *[Column(c, FLOAT, f"soft target P({c}): the teacher's study probability", lo=0.0, hi=1.0) for c in STUDY_CLASSES],
+        Column("none", FLOAT, "soft target P(image has no opacity): the teacher's none", lo=0.0, hi=1.0),
+        Column("n_boxes", INT, "confident boxes kept (labels and masks written); 0: none (kind says why)", lo=0),
+        Column(
+            "kind",
+            TEXT,
+            "boxes | negative | soft: in the detector list with boxes, in it with an empty label file, study labels only "
+            "(no label file, no mask)",
+            required=False,
+        ),
+    ),
+    "One row per (teacher fold, unlabelled image), written last by `siimcovid pseudo` (its presence marks a finished folder).",
+    checks=(_not_empty("image_id", "study_id"),),
+)
+
+PSEUDO_BOXES = Table(
+    "pseudo boxes",
+    "runs/pseudo/<name>/boxes.csv",
+    (
+        Column("image_id", TEXT, "the unlabelled image"),
+        Column("fold", INT, "the teacher fold (-1: all folds)", lo=-1),
+        *_BOX,
+        Column("conf", FLOAT, "the teacher detector's confidence", lo=0.0, hi=1.0),
+    ),
+    "The confident teacher boxes written as pseudo-labels, one row per box.",
+    checks=(_not_empty("image_id"), _boxes_ordered),
+)

@@ -76,6 +76,8 @@ def project(tmp_path) -> Path:
     write_yaml(p / "fuse" / "plain" / "tune.yaml", {**defaults, "det": ["a.csv"], "cls": []})
     write_yaml(p / "fuse" / "x-nested" / "fold0" / "fuse_oof.yaml", defaults)  # only fold folders: not a run itself
 
+    write_yaml(p / "pseudo" / "pool" / "prepare.yaml", {"layout": "pseudo", "teacher": "all", "leaky": True, "sizes": [128]})
+
     run = p / "run" / "demo"
     write_yaml(run / "run.yaml", {"data": "siim", "tune_trials": 30, "detect": {"model": "yolov5n.yaml", "imgsz": 128}})
     pd.DataFrame({"method": ["fused", "baseline: a", "baseline: b"], "final": [0.5, 0.3, 0.35]}).to_csv(run / "cv_table.csv")
@@ -88,7 +90,9 @@ def rows_by_name(table: pd.DataFrame) -> dict[str, dict]:
 
 def test_every_stage_describes_its_runs_with_the_cv_of_its_scores_file(project):
     rows = rows_by_name(list_runs(project))
-    assert set(rows) == {"prepare/siim", "prepare/half", "detect/v5n", "classify/r10", "fuse/best", "fuse/plain", "run/demo"}
+    assert set(rows) == {"prepare/siim", "prepare/half", "detect/v5n", "classify/r10", "fuse/best", "fuse/plain", "pseudo/pool",
+                         "run/demo"}  # fmt: skip
+    assert "LEAKY" in rows["pseudo/pool"]["cv"]
     assert list(list_runs(project).stage.unique()) == stages.with_runs()
 
     assert rows["prepare/siim"]["cv"] == "3 images" and rows["prepare/siim"]["imgsz"] == "256,512"
@@ -157,7 +161,7 @@ def test_stage_selection_sorting_and_formats(project, capsys):
 
 def test_the_cli_reads_the_stage_registry():
     assert cli.STAGES == stages.modes_by_stage()
-    assert stages.with_runs() == ["prepare", "detect", "classify", "fuse", "run"]
+    assert stages.with_runs() == ["prepare", "detect", "classify", "fuse", "pseudo", "run"]
     assert {s.name for s in stages.STAGES.values() if s.folder is None} == {"synth", "evaluate", "runs"}
     assert stages.extra_keys("prepare") == set()
     with pytest.raises(SiimError, match="unknown stage 'nope'"):

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid import ensemble, metrics, rundir
-from siimcovid.tables import CLASSES, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
+from siimcovid.tables import CLASSES, CLASSIFIER_FOLDS, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
@@ -119,6 +119,11 @@ def read_tables(run_dir: Path, split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 def table_paths(out_dir: Path, split: str) -> tuple[Path, Path]:
     """Where a run (or an ensemble) keeps its image and study tables of a split."""
     return out_dir / f"pred_{split}_image.csv", out_dir / f"pred_{split}_study.csv"
+
+
+def folds_path(out_dir: Path) -> Path:
+    """Where `classify predict per_fold=true` keeps each fold model's test predictions (tables.CLASSIFIER_FOLDS)."""
+    return Path(out_dir) / "pred_test_image_folds.csv"
 
 
 def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> tuple[Path, Path]:
@@ -235,7 +240,7 @@ class Inference:
         return DataLoader(dataset, **self.loader_kw)
 
 
-def predict_run(
+def run_inference(
     run_dir: Path,
     split: str,
     tta: str,
@@ -247,8 +252,8 @@ def predict_run(
     channels_last: bool = True,
     allow_unfinished: bool = False,
     weights: str = "best",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict one run on oof or test; returns (image table, study table)."""
+):
+    """What predicting one run needs: (prepared folder, image size, fold checkpoints, Inference); folds checked for oof."""
     from siimcovid.config import read_yaml
     from siimcovid.data.prepared import Prepared
 
@@ -265,8 +270,22 @@ def predict_run(
         tta,
         {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"},
     )
+    return prep, size, ckpts, how
+
+
+def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict one run on oof or test; returns (image table, study table). Arguments: those of run_inference."""
+    prep, size, ckpts, how = run_inference(run_dir, split, *args, **kwargs)
     images = (predict_oof if split == "oof" else predict_test)(prep, size, ckpts, run_dir.name, how)
     return images, study_table(images)
+
+
+def predict_run_folds(run_dir: Path, *args, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Predict one run on test (or a source's test split); returns (image table of the fold mean, study table,
+    the per-fold table CLASSIFIER_FOLDS: each fold model's own probabilities, for honest per-fold pseudo-labels)."""
+    prep, size, ckpts, how = run_inference(run_dir, "test", *args, **kwargs)
+    images, folds = predict_test_folds(prep, size, ckpts, run_dir.name, how)
+    return images, study_table(images), folds
 
 
 def predict_oof(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
@@ -290,8 +309,9 @@ def predict_oof(prep, size: int, ckpts: dict[int, Path], name: str, how: Inferen
     return pd.concat(parts, ignore_index=True)
 
 
-def predict_test(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
-    """Every fold model on every test image: the image table of their mean probabilities."""
+def fold_probabilities(prep, size: int, ckpts: dict[int, Path], how: Inference, name: str):
+    """Every fold model on every test image: (the test image table, [(fold, study (N,4), none (N,) or None)]),
+    the probabilities in the table's row order."""
     from siimcovid.classify.data import StudyDataset, check_files, image_table
 
     table = image_table(prep, "test")
@@ -299,17 +319,43 @@ def predict_test(prep, size: int, ckpts: dict[int, Path], name: str, how: Infere
         raise SiimError(f"{prep.root} has no test images (prepare with splits=train,test)")
     check_files(prep, table, size, masks=False)
     loader = how.loader(StudyDataset(prep, table, size, masks=False))
-    study_sum, none_sum, none_ok = 0.0, 0.0, True
+    per_fold = []
     for fold, path in ckpts.items():
         model, _ = load_checkpoint_model(path, how.device, how.channels_last)
         idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
         order = np.argsort(idx)
-        study_sum = study_sum + study[order]
+        per_fold.append((fold, study[order], none[order] if none is not None else None))
+    LOGGER.info(f"{name}: predicted {len(table)} test images with {len(ckpts)} fold models (tta={how.tta})")
+    return table, per_fold
+
+
+def mean_over_folds(table: pd.DataFrame, per_fold: list, name: str) -> pd.DataFrame:
+    """The image table of the fold models' mean probabilities (fold = -1)."""
+    study_sum, none_sum, none_ok = 0.0, 0.0, True
+    for _, study, none in per_fold:
+        study_sum = study_sum + study
         none_ok = none_ok and none is not None
-        none_sum = none_sum + (none[order] if none is not None else 0.0)
-    k = len(ckpts)
-    LOGGER.info(f"{name}: predicted {len(table)} test images with {k} fold models (tta={how.tta})")
+        none_sum = none_sum + (none if none is not None else 0.0)
+    k = len(per_fold)
     return image_frame(table, study_sum / k, none_sum / k if none_ok else None, name)
+
+
+def each_fold(table: pd.DataFrame, per_fold: list, name: str) -> pd.DataFrame:
+    """The CLASSIFIER_FOLDS table: one row per (fold model, test image), fold = the model's fold."""
+    parts = [image_frame(table.assign(fold=fold), study, none, name) for fold, study, none in per_fold]
+    return CLASSIFIER_FOLDS.check(pd.concat(parts, ignore_index=True))
+
+
+def predict_test(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
+    """Every fold model on every test image: the image table of their mean probabilities."""
+    table, per_fold = fold_probabilities(prep, size, ckpts, how, name)
+    return mean_over_folds(table, per_fold, name)
+
+
+def predict_test_folds(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every fold model on every test image: (the mean image table, as predict_test; the per-fold table)."""
+    table, per_fold = fold_probabilities(prep, size, ckpts, how, name)
+    return mean_over_folds(table, per_fold, name), each_fold(table, per_fold, name)
 
 
 def main(cfg) -> dict[str, dict[str, Path]]:
@@ -341,19 +387,14 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
         if cfg.reuse and len(runs) > 1:
             images, studies = read_tables(run_dir, split)
         else:
-            images, studies = predict_run(
-                run_dir,
-                split,
-                cfg.tta,
-                device,
-                cfg.batch,
-                cfg.workers,
-                cfg.source,
-                cfg.amp,
-                cfg.channels_last,
-                cfg.allow_unfinished,
-                cfg.weights,
-            )
+            how = (cfg.tta, device, cfg.batch, cfg.workers, cfg.source, cfg.amp, cfg.channels_last)
+            how += (cfg.allow_unfinished, cfg.weights)
+            if cfg.per_fold and split == "test":
+                images, studies, folds = predict_run_folds(run_dir, *how)
+                CLASSIFIER_FOLDS.write(folds, folds_path(run_dir))
+                LOGGER.info(f"{run_dir.name}: wrote each fold model's test predictions to {folds_path(run_dir)}")
+            else:
+                images, studies = predict_run(run_dir, split, *how)
             write_tables(run_dir, split, images, studies)
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:

@@ -5,6 +5,8 @@
 split=oof runs each fold's model on the validation images of its own fold (out-of-fold
 predictions for every train image once all folds are trained); split=test runs every fold's
 model on every test image. Several runs at once: run=runs/detect/a,runs/detect/b.
+source=<prepared folder> (split=test, with out=) predicts that folder's test split instead (e.g. an
+unlabelled pool for `siimcovid pseudo`); its boxes go to <out>/<run name>/pred_test.csv, not the run dir.
 
 Outputs, in each run dir (and all runs together in <out>/ when out= is set):
 
@@ -25,7 +27,7 @@ returns boxes in that image's pixels, which map back with x * cols / s, y * rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,17 @@ def predict_args(cfg: Config) -> dict:
     return {**args, **passthrough(cfg), "verbose": False, "save": False}
 
 
+def on_source(run: Run, source, splits: list[str], out) -> Run:
+    """The run, predicting the test split of another prepared folder (`source=`: e.g. an unlabelled pool)."""
+    if splits != ["test"]:
+        raise SiimError(f"detect predict source={source}: only split=test (out-of-fold images are the run's own data)")
+    if not out:
+        raise SiimError(f"detect predict source={source} needs out=<folder>: the run's own pred_test.csv is left as it is")
+    prepared = Prepared(source)
+    prepared.check_size(run.size)
+    return replace(run, prepared=prepared)
+
+
 def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: str) -> pd.DataFrame:
     """The competition's opacity AP of out-of-fold boxes (a DETECTIONS table) against the competition's
     truth (siimcovid.data.truth: the unclipped boxes): the SCORES table over every train image of
@@ -197,6 +210,8 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     if not splits:
         raise SiimError("split= is empty: give oof, test or both")
     loaded = [load_run(r, cfg.weights, cfg.allow_unfinished) for r in runs]  # check every run before predicting with any
+    if cfg.source:
+        loaded = [on_source(run, cfg.source, splits, cfg.out) for run in loaded]
     names = [run.name for run in loaded]
     if len(set(names)) < len(names):
         raise SiimError(f"runs must have different names (the `model` column): {names}")
@@ -218,8 +233,10 @@ def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[s
         LOGGER.warning(f"detect predict: {run.dir} has {folds}: OOF covers those folds only")
     preds = predict_run(run, splits, cfg)
     written = {}
+    # another source's boxes are not the run's test predictions: they go to <out>/<run name>/
+    where = Path(cfg.out) / run.name if cfg.source else run.dir
     for split, df in preds.items():
-        written[split] = DETECTIONS.write(df, run.dir / f"pred_{split}.csv")
+        written[split] = DETECTIONS.write(df, where / f"pred_{split}.csv")
         together[split].append(df)
     if "oof" in splits:
         table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name)
