@@ -1,9 +1,8 @@
 """Extra training data (siimcovid/data/extra.py): external and pseudo-labelled prepared folders that join every fold's
 TRAINING data (detect and classify `extra=`), never a validation list.
 
-The external folders are SIIM synth + prepare, turned into the rsna / csv layouts by writing the keys
-`prepare layout=rsna|csv` writes (prepare.yaml `layout`, `label_names`; labels.csv; study_label ''), per
-CONTRACT.md section 1; the pseudo folder is written by hand in the format of section 5.
+The external folders are `siimcovid synth kind=rsna|chestxray14` + `prepare layout=rsna|csv`; the pseudo folder is
+written by hand in the format of CONTRACT.md section 5 (tests/test_pseudo.py runs the real `siimcovid pseudo`).
 """
 
 from __future__ import annotations
@@ -21,81 +20,53 @@ import yaml
 from siimcovid.config import load_config
 from siimcovid.data.extra import TARGETS, ExtraData, open_extra
 from siimcovid.data.prepared import Prepared
-from siimcovid.tables import META, STUDY_CLASSES
+from siimcovid.tables import STUDY_CLASSES
 from siimcovid.utils import SiimError
 
 torch = pytest.importorskip("torch")
 
-CSV_LABELS = ["Effusion", "typical", "opacity"]  # one finding of its own, two of SIIM's names (one a study class)
+SIZES = [64, 128]  # the session's SIIM folder's sizes: its detector lists point at 128 px images
+NIH = {"layout": "csv", "csv": "Data_Entry_2017.csv", "path_column": "Image Index", "patient_column": "Patient ID"}
+NIH |= {"label_format": "pipe"}
 
 
-# ---------------------------------------------------------------- hand-built folders
+# ---------------------------------------------------------------- folders
 
 
-def as_external(out: Path, layout: str, label_names: list[str], labels: pd.DataFrame | None = None) -> Path:
-    """A prepared folder as `prepare layout=rsna|csv` leaves it: prepare.yaml layout / label_names, no study labels."""
-    cfg = yaml.safe_load((out / "prepare.yaml").read_text())
-    cfg.update(layout=layout, label_names=label_names)
-    (out / "prepare.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    meta = META.read(out / "meta.csv")
-    META.write(meta.assign(study_label=""), out / "meta.csv")
-    if labels is not None:
-        labels.to_csv(out / "labels.csv", index=False)
-    return out
-
-
-def prepare_external(root: Path, out: Path, name: str, n_folds: int = 2) -> Path:
+def prepare_external(root: Path, out: Path, **settings) -> Path:
     from siimcovid.data.prepare import prepare
 
-    settings = {"data": str(root), "name": name, "out": str(out), "sizes": [64, 128], "n_folds": n_folds, "workers": 1}
-    return prepare(load_config("prepare", {**settings, "splits": ["train"], "data_yaml_dir": str(out.parent / "data_yaml")}))
+    cfg = {"data": str(root), "out": str(out), "name": out.name, "sizes": SIZES, "n_folds": 2, "workers": 1}
+    return prepare(load_config("prepare", {**cfg, "data_yaml_dir": str(out.parent / "data_yaml"), **settings}))
 
 
-def csv_labels(prep: Prepared, seed: int = 0) -> pd.DataFrame:
-    """A labelled-CSV set's labels.csv: 1.0 / 0.0 / empty (unknown) per finding."""
-    rng = np.random.default_rng(seed)
-    train = prep.split("train")
-    labels = pd.DataFrame({"image_id": train.image_id})
-    labels["Effusion"] = rng.integers(0, 2, len(train)).astype(float)
-    labels["typical"] = (train.study_label.values == "typical").astype(float)  # before as_external blanks them
-    labels["opacity"] = (train.n_boxes.values > 0).astype(float)
-    for c in CSV_LABELS:  # a few unknowns in every column
-        labels.loc[rng.random(len(train)) < 0.2, c] = np.nan
-    return labels
-
-
-@pytest.fixture(scope="session")
-def external_siim(tmp_path_factory) -> Path:
-    """A small SIIM set prepared at 64 px, 2 folds, train split only (the source of the external fixtures)."""
+def synth_external(base: Path, kind: str) -> Path:
     from conftest import make_synth
 
-    base = tmp_path_factory.mktemp("external")
-    root = make_synth(base / "root", train_studies=14, test_studies=2, rows=160, cols=180, seed=11)
-    return prepare_external(root, base / "ext-siim", "ext-siim")
+    return make_synth(base / kind, kind=kind, train_studies=14, rows=128, cols=160, seed=11)
 
 
 @pytest.fixture(scope="session")
-def rsna_prepared(external_siim, tmp_path_factory) -> Path:
-    """An rsna-layout prepared folder (label_names [opacity], boxes, masks, its own data YAMLs)."""
-    out = tmp_path_factory.mktemp("rsna") / "rsna-tiny"
-    shutil.copytree(external_siim, out)
-    from siimcovid.data.prepare import write_data_yamls
+def rsna_prepared(tmp_path_factory) -> Path:
+    """`synth kind=rsna` + `prepare layout=rsna`: label_names [opacity], boxes, masks, its own data YAMLs."""
+    base = tmp_path_factory.mktemp("rsna")
+    return prepare_external(synth_external(base, "rsna"), base / "rsna-tiny", layout="rsna")
 
+
+@pytest.fixture(scope="session")
+def csv_prepared(tmp_path_factory) -> Path:
+    """`synth kind=chestxray14` + `prepare layout=csv` (ChestX-ray14's pipe-separated findings): labels.csv."""
+    base = tmp_path_factory.mktemp("nih")
+    return prepare_external(synth_external(base, "chestxray14"), base / "nih-tiny", **NIH)
+
+
+def with_labels(folder: Path, out: Path, labels: pd.DataFrame) -> Path:
+    """A copy of an external folder whose labels.csv (and prepare.yaml's label_names) are `labels`."""
+    out = Path(shutil.copytree(folder, out))
     cfg = yaml.safe_load((out / "prepare.yaml").read_text())
-    cfg.update(name="rsna-tiny", out=str(out), data_yaml_dir=str(out.parent / "data_yaml"))
-    (out / "prepare.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # the lists name images relative to <out>/<size>: the copy's own YAMLs point into the copy
-    write_data_yamls("rsna-tiny", out, 128, 2, out.parent / "data_yaml", has_test=False)
-    return as_external(out, "rsna", ["opacity"])
-
-
-@pytest.fixture(scope="session")
-def csv_prepared(external_siim, tmp_path_factory) -> Path:
-    """A csv-layout prepared folder: labels.csv with Effusion, typical, opacity (some unknown)."""
-    out = tmp_path_factory.mktemp("csv") / "cxr-tiny"
-    shutil.copytree(external_siim, out)
-    labels = csv_labels(Prepared(out))
-    return as_external(out, "csv", CSV_LABELS, labels)
+    (out / "prepare.yaml").write_text(yaml.safe_dump({**cfg, "label_names": list(labels.columns[1:])}, sort_keys=False))
+    labels.to_csv(out / "labels.csv", index=False)
+    return out
 
 
 def make_pseudo(prepared: Path, out: Path, folds=(0, 1, 2), folds_id: str | None = None, sizes=(64, 128)) -> Path:
@@ -163,42 +134,46 @@ def test_rsna_rows_and_images(rsna_prepared):
     images = extra.detector_images(0, 64)
     assert sorted(p.stem for p in images) == sorted(train.image_id)
     assert images == extra.detector_images(1, 64)  # an external set is not split by the SIIM folds
+    boxes = train.set_index("image_id").n_boxes
     for p in images:  # the YOLO label where Ultralytics looks for it (/images/ -> /labels/, .txt)
         label = Path(str(p).replace("/images/", "/labels/")).with_suffix(".txt")
-        assert label.is_file() or int(train.set_index("image_id").n_boxes[p.stem]) == 0
-    rows = extra.classifier_rows(0, 64).set_index(pd.Index([Path(p).stem for p in extra.classifier_rows(0, 64).image]))
+        assert (label.is_file() and label.read_text().count("\n") == boxes[p.stem]) or boxes[p.stem] == 0
+    assert (boxes > 0).any() and (boxes == 0).any()
+    rows = extra.classifier_rows(0, 64)
+    rows.index = [Path(p).stem for p in rows.image]
     assert rows[STUDY_CLASSES].isna().all().all()  # RSNA says nothing about the SIIM study classes
     expected_none = (train.set_index("image_id").n_boxes.loc[rows.index] == 0).astype(float).values
     np.testing.assert_array_equal(rows["none"].values, expected_none)
     assert all(Path(m).is_file() for m in rows["mask"])
-    assert extra.label_table().columns.tolist() == ["image_id", "opacity"]
+    table = extra.label_table().set_index("image_id")
+    assert table.columns.tolist() == ["opacity"]
+    np.testing.assert_array_equal(table.opacity.loc[rows.index].values, 1.0 - expected_none)
     with pytest.raises(SiimError, match="sizes=256"):
         extra.detector_images(0, 256)
 
 
 def test_csv_rows(csv_prepared, tmp_path):
     extra = ExtraData(csv_prepared)
-    assert extra.label_names == CSV_LABELS
-    labels = pd.read_csv(csv_prepared / "labels.csv").set_index("image_id")
-    rows = extra.classifier_rows(0, 64)
-    ids = [Path(p).stem for p in rows.image]
-    # only the SIIM targets it names: typical; the rest unknown, no masks
-    np.testing.assert_array_equal(rows["typical"].values, labels.loc[ids, "typical"].values)
-    assert rows[["negative", "indeterminate", "atypical", "none"]].isna().all().all()
-    assert rows["mask"].isna().all()
+    labels = pd.read_csv(csv_prepared / "labels.csv")
+    assert extra.label_names == Prepared(csv_prepared).cfg["label_names"] == list(labels.columns[1:])
+    # ChestX-ray14's findings are none of the classifier's targets: pretrain on it instead
+    with pytest.raises(SiimError, match="pretrain on it instead"):
+        extra.classifier_rows(0, 64)
     with pytest.raises(SiimError, match="has no boxes"):
         extra.detector_images(0, 64)
-    # a set with none of the classifier's targets: pretrain on it instead
-    other = Path(shutil.copytree(csv_prepared, tmp_path / "cxr-other"))
-    as_external(other, "csv", ["Effusion"], labels.reset_index()[["image_id", "Effusion"]])
-    with pytest.raises(SiimError, match="pretrain on it instead"):
-        ExtraData(other).classifier_rows(0, 64)
+    # a set that names SIIM targets (here: none = no finding, some unknown): those columns, the rest unknown, no masks
+    names = extra.label_names
+    own = labels.assign(none=(labels[names].sum(axis=1) == 0).astype(float))
+    own.loc[own.index % 3 == 0, "none"] = np.nan
+    rows = ExtraData(with_labels(csv_prepared, tmp_path / "own", own)).classifier_rows(0, 64)
+    ids = [Path(p).stem for p in rows.image]
+    np.testing.assert_array_equal(rows["none"].values, own.set_index("image_id").loc[ids, "none"].values)
+    assert rows[STUDY_CLASSES].isna().all().all() and rows["mask"].isna().all()
     # a bad label value names the file and line
-    bad = labels.reset_index()
-    bad.loc[3, "Effusion"] = 2.0
-    bad.to_csv(other / "labels.csv", index=False)
-    with pytest.raises(SiimError, match=r"labels.csv, line 5: column Effusion"):
-        ExtraData(other).label_table()
+    bad = labels.copy()
+    bad.loc[3, names[0]] = 2.0
+    with pytest.raises(SiimError, match=rf"labels.csv, line 5: {names[0]} must be in"):
+        ExtraData(with_labels(csv_prepared, tmp_path / "bad", bad)).label_table()
 
 
 def test_pseudo_two_folds(prepared, tmp_path):

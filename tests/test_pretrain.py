@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from test_classify import TINY_MODEL, tiny_cfg
-from test_extra import CSV_LABELS, csv_prepared, external_siim, pseudo_dir, rsna_prepared  # noqa: F401  fixtures
+from test_extra import csv_prepared, pseudo_dir, rsna_prepared  # noqa: F401  fixtures
 
 from siimcovid.classify.model import LabelLoss, StudyLoss, build_model, init_from, soft_cross_entropy
 from siimcovid.data.extra import ExtraData
@@ -85,7 +85,7 @@ def save_ckpt(model, path: Path, mcfg: dict) -> Path:
 
 
 def test_init_loads_matching_tensors_and_rebuilds_heads(tmp_path):
-    pre_cfg = {**TINY_MODEL, "labels": CSV_LABELS}
+    pre_cfg = {**TINY_MODEL, "labels": ["Effusion", "Mass", "Nodule"]}
     torch.manual_seed(0)
     pretrained = build_model(pre_cfg)
     ckpt = save_ckpt(pretrained, tmp_path / "pre.pt", pre_cfg)
@@ -125,9 +125,10 @@ def test_classify_pretrain_then_finetune(prepared, csv_prepared, tmp_path, caplo
     log = pd.read_csv(fold / "results.csv")
     assert "val_auc" in log and np.isfinite(log.val_auc).all() and log.val_map.isna().all()
     best = torch.load(fold / "best.pt", weights_only=False)
-    assert best["model_cfg"]["labels"] == CSV_LABELS and best["classes"] == CSV_LABELS
+    names = ExtraData(csv_prepared).label_names
+    assert best["model_cfg"]["labels"] == names and best["classes"] == names
     probs = pd.read_csv(fold / "val_pred_labels.csv")
-    assert list(probs.columns[-3:]) == CSV_LABELS
+    assert list(probs.columns[-len(names) :]) == names
     assert set(probs.image_id) == set(ExtraData(csv_prepared).prep.fold(0, "val").image_id)
 
     caplog.clear()

@@ -279,9 +279,10 @@ class FoldTrainer:
 
     def load_init(self) -> None:
         """init=: the model starts from another run's weights (every tensor whose name and shape match)."""
-        n, rebuilt = init_from(self.model, self.cfg.init_file, self.cfg.model)
+        path = resolve_init(self.cfg.init, self.cfg.init_fold)
+        n, rebuilt = init_from(self.model, path, self.cfg.model)
         if self.d.is_main:
-            LOGGER.info(f"init: loaded {n} tensors from {self.cfg.init_file}, rebuilt: {', '.join(rebuilt) or 'nothing'}")
+            LOGGER.info(f"init: loaded {n} tensors from {path}, rebuilt: {', '.join(rebuilt) or 'nothing'}")
 
     # ---------------------------------------------------------------- pieces
 
@@ -863,7 +864,7 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     cfg.imgsz = size
     cfg.folds_id = prep.folds_id  # predict refuses a run whose folds no longer match
     if cfg.init:
-        cfg.init_file = str(resolve_init(cfg.init, cfg.init_fold))
+        resolve_init(cfg.init, cfg.init_fold)  # exists, before any fold starts
         cfg.init = str(Path(cfg.init).resolve())
     cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
     callbacks = run_callbacks(cfg, prep, callbacks)

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from siimcovid import tables
 from siimcovid.data.prepared import Prepared
-from siimcovid.tables import STUDY_CLASSES, read_csv, to_numbers
+from siimcovid.tables import EXTERNAL_LABELS, PSEUDO_LABELS, STUDY_CLASSES
 from siimcovid.utils import LOGGER, DataError, SiimError
 
 TARGETS = STUDY_CLASSES + ["none"]  # the SIIM targets of classifier_rows, in this order
@@ -37,22 +36,6 @@ def read_prepare_yaml(root: Path) -> dict:
     return Prepared.read_cfg(root)
 
 
-def read_labels(path: Path, names: list[str], index: list[str], folds: list[str] = ()) -> pd.DataFrame:
-    """labels.csv: `index` text columns, then one float column per name (1.0, 0.0 or a soft value; empty = unknown),
-    `folds` integer columns. The contracts EXTERNAL_LABELS / PSEUDO_LABELS of siimcovid.tables say the same."""
-    df = read_csv(path, index + list(folds) + names)  # every column as text; numbers checked below
-    to_numbers(df, names + list(folds), path, nullable=names)
-    for c in folds:
-        tables.first_bad(df[c] != np.round(df[c]), path, f"{c} must be an integer")
-        df[c] = df[c].astype(int)
-    for name in names:
-        bad = (df[name] < 0) | (df[name] > 1)
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"column {name}: {df[name].iloc[i]} is not in [0, 1]", path, tables.file_line(df, i))
-    return df
-
-
 class ExtraData:
     """One prepared folder of extra training data (see the module docstring)."""
 
@@ -65,7 +48,7 @@ class ExtraData:
         if self.layout == "folder":
             raise SiimError(f"extra data {self.root} holds unlabelled images: make pseudo-labels of it with `siimcovid pseudo`")
         if self.layout == "pseudo":
-            self.labels = read_labels(self.root / LABELS_CSV, TARGETS, ["image_id", "study_id"], ["fold"])
+            self.labels = PSEUDO_LABELS.read(self.root / LABELS_CSV)
         elif self.layout in EXTERNAL:
             self.prep = Prepared(self.root)
             self.label_names = list(self.cfg.get("label_names") or (["opacity"] if self.layout == "rsna" else []))
@@ -176,14 +159,18 @@ class ExtraData:
 
     def label_table(self) -> pd.DataFrame:
         """image_id, then one float column per label name (NaN = unknown): rsna from its boxes, csv from labels.csv."""
-        if self.layout == "rsna":
+        path = self.root / LABELS_CSV
+        if self.layout == "rsna" and not path.is_file():
             train = self.prep.split("train")
             return pd.DataFrame({"image_id": train.image_id, "opacity": (train.n_boxes > 0).astype(np.float64)})
-        if self.layout != "csv":
+        if self.layout not in EXTERNAL:
             raise SiimError(f"{self.root} (layout {self.layout}) has no label space of its own")
         if not self.label_names:
             raise SiimError(f"{self.root}/prepare.yaml names no label_names")
-        table = read_labels(self.root / LABELS_CSV, self.label_names, ["image_id"])
+        table = EXTERNAL_LABELS.read(path)
+        missing = [n for n in self.label_names if n not in table.columns]
+        if missing:
+            raise DataError(f"no column(s) {missing} of prepare.yaml's label_names", path)
         return table[["image_id"] + self.label_names]
 
 
