@@ -817,8 +817,9 @@ def extra_data_hook(cfg, extras: list[ExtraData]) -> Callable:
         trainer.train_dataset = ConcatDataset([SoftTargets(trainer.train_dataset, len(STUDY_CLASSES)), extra])
         trainer.extra_rows = rows
         if trainer.d.is_main:
-            known = ", ".join(f"{c} {int(rows[c].notna().sum())}" for c in TARGETS)
-            LOGGER.info(f"fold {trainer.fold}: {base} training images + {len(extra)} extra ({known} known targets)")
+            known = ", ".join(f"{c} {int(rows[c].notna().sum())}" for c in TARGETS if rows[c].notna().any())
+            masks = int(rows["mask"].notna().sum())
+            LOGGER.info(f"fold {trainer.fold}: {base} training images + {len(extra)} extra (known: {known}; masks {masks})")
 
     return add_extra_data
 
