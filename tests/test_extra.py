@@ -161,6 +161,10 @@ def test_csv_rows(csv_prepared, tmp_path):
         extra.classifier_rows(0, 64)
     with pytest.raises(SiimError, match="has no boxes"):
         extra.detector_images(0, 64)
+    from siimcovid.detect.common import resolve_data
+
+    with pytest.raises(SiimError, match="no boxes to train a detector"):
+        resolve_data(str(csv_prepared), csv_prepared.parent / "data_yaml")
     # a set that names SIIM targets (here: none = no finding, some unknown): those columns, the rest unknown, no masks
     names = extra.label_names
     own = labels.assign(none=(labels[names].sum(axis=1) == 0).astype(float))

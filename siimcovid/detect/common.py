@@ -177,6 +177,8 @@ def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
     prep = Prepared(prepared)
     if "train" not in set(prep.meta.split):
         raise SiimError(f"{prepared} has no train images: detectors need the train split")
+    if prep.cfg.get("layout") == "csv":
+        raise SiimError(f"{prepared} is a labelled-CSV set (layout=csv): it has no boxes to train a detector on")
     size = prep.cfg.get("yolo_size") or max(prep.sizes)
     if only_fold is not None:
         yamls = {only_fold: path}
