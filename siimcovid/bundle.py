@@ -223,6 +223,8 @@ def member_order(files: list[str], members: list[Member], anchors: list[Path], k
 
 def fusion_file(fuse: Path) -> Path:
     """A fuse run folder -> the settings of its submission (fuse_test.yaml), else its tuned best.yaml."""
+    if not fuse.exists():
+        raise SiimError(f"export: fuse={fuse} not found")
     if fuse.is_file():
         return fuse
     for name in ("fuse_test.yaml", "best.yaml"):
