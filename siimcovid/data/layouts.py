@@ -41,3 +41,6 @@ def siim_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataFra
         frames.append(test)
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True)[ROW_COLUMNS] if frames else pd.DataFrame(columns=ROW_COLUMNS)
+
+
+from siimcovid.data import folder  # noqa: E402,F401  registers "folder"
