@@ -157,3 +157,20 @@ def test_predict_end_to_end_with_the_network_blocked(no_network, bundle, synth_r
     assert all((out / p).is_file() for p in images.picture) and (out / "index.html").is_file()
     assert (out / "skipped.csv").is_file() and "README.txt" in (out / "skipped.csv").read_text()
     assert no_network == []
+
+
+# ----------------------------------------------------------------------------- the Kaggle example
+def test_the_kaggle_example_compiles_and_its_predict_command_line_parses():
+    import importlib.util
+    import py_compile
+
+    from siimcovid.stages import stage_config
+
+    path = REPO / "examples" / "kaggle_submission.py"
+    py_compile.compile(str(path), doraise=True)
+    spec = importlib.util.spec_from_file_location("kaggle_submission", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the settings and steps; main() runs only as a script
+    cfg = stage_config("predict", None, module.PREDICT_ARGS)  # as `siimcovid predict ...` would read them
+    assert (cfg.bundle, cfg.source, cfg.device) == (str(module.BUNDLE), str(module.DATA), 0)
+    assert str(cfg.out).startswith("/kaggle/working/")
