@@ -16,7 +16,7 @@ import pytest
 
 from siimcovid.config import ConfigError
 from siimcovid.data.siim import read_sample_submission
-from siimcovid.predict.members import member_tta
+from siimcovid.predict.members import Hardware, detector_config, member_tta
 from siimcovid.predict.record import RECORD, Record, images_id
 from siimcovid.predict.source import loader_workers, pool_workers, prepare_settings, sample_from_meta, source_layout
 from siimcovid.stages import stage_config
@@ -82,6 +82,19 @@ def test_tta_null_keeps_each_members_own_and_a_bool_sets_every_member():
     cls = SimpleNamespace(kind="classify", settings={"tta": "hflip"})
     assert member_tta(det, None) is True and member_tta(cls, None) == "hflip"
     assert member_tta(det, False) is False and member_tta(cls, False) == "none" and member_tta(cls, True) == "hflip"
+
+
+def test_a_detector_members_settings_reach_ultralytics_as_its_run_gave_them():
+    import torch
+
+    from siimcovid.detect.predict import predict_args
+
+    settings = {"conf": 0.01, "iou": 0.4, "max_det": 50, "predict_imgsz": None, "tta": True}
+    settings["ultralytics"] = {"agnostic_nms": True}
+    member = SimpleNamespace(kind="detect", name="v5", settings=settings)
+    args = predict_args(detector_config(member, Hardware(torch.device("cpu"), 4, 0, True), member_tta(member, False)))
+    assert (args["conf"], args["iou"], args["max_det"], args["augment"]) == (0.01, 0.4, 50, False)
+    assert (args["batch"], args["device"], args["agnostic_nms"], args["quantize"]) == (4, "cpu", True, 16)
 
 
 def test_the_record_reuses_a_table_only_for_the_same_bundle_images_and_tta(tmp_path):
@@ -186,6 +199,8 @@ def test_a_loose_folder_is_grouped_by_study_and_lists_what_is_not_a_dicom(traine
     import random
     import shutil
 
+    import pydicom
+
     _, root, _, bundle = trained
     loose = tmp_path / "loose"
     (loose / "deeper").mkdir(parents=True)
@@ -198,9 +213,12 @@ def test_a_loose_folder_is_grouped_by_study_and_lists_what_is_not_a_dicom(traine
     assert result["submission"] is None and result["n_images"] == len(dicoms)
     skipped = pd.read_csv(result["skipped"])
     assert list(skipped.file) == [str(loose / "notes.txt")]
-    studies = pd.read_csv(result["out"] / "fuse" / "studies_test.csv").set_index("study_id").sort_index()
+    # the SIIM root names a study by its folder (test/<study>/<series>/<image>.dcm); a loose file has only its tags
+    tag_to_folder = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID): f.parent.parent.name for f in dicoms}
+    studies = pd.read_csv(result["out"] / "fuse" / "studies_test.csv")
+    studies = studies.assign(study_id=studies.study_id.map(tag_to_folder)).set_index("study_id").sort_index()
     expected = pd.read_csv(on_siim["out"] / "fuse" / "studies_test.csv").set_index("study_id").sort_index()
-    assert list(studies.index) == list(expected.index)  # the SIIM root's studies, found from the tags alone
+    assert list(studies.index) == list(expected.index)  # the SIIM root's studies, grouped from the tags alone
     pd.testing.assert_frame_equal(studies, expected, atol=1e-6)  # the same models on the same pixels
 
     one = predict(bundle, dicoms[0], tmp_path / "one")  # a single DICOM file

@@ -50,6 +50,7 @@ def detector_config(member, hw: Hardware, tta: bool):
     """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones."""
     s = member.settings
     settings = {
+        **(s.get("ultralytics") or {}),  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
         "conf": s["conf"],
         "iou": s["iou"],
         "max_det": s["max_det"],
