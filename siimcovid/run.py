@@ -281,6 +281,12 @@ def run(cfg: Config) -> dict:
     submission = test["files"]["submission"]
     LOGGER.info(f"submission: {submission}")
     result = {"dir": out, "table": table, "submission": submission, "timings": timings, "margin": margin}
+    if cfg.export:  # the trained pipeline as one portable bundle (siimcovid predict bundle=<project>/bundle/<name>)
+        from siimcovid.bundle import export
+
+        with step("export", "export", timings):
+            settings = {"run": cfg.name, "project": str(project), "overwrite": True}
+            result["bundle"] = export(stages.stage_config("export", None, settings))
     if cfg.report:
         start = time.perf_counter()
         result["report"] = write_report(out, cfg, table, fused, prepared, det_dir, cls_dir, submission, timings)

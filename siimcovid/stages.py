@@ -69,6 +69,7 @@ STAGES: dict[str, Stage] = {
             "siimcovid.fuse.summary:describe",
         ),
         Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
+        Stage("export", {None: "siimcovid.bundle:main"}, "bundle"),
         Stage("predict", {None: "siimcovid.predict.stage:main"}),
         Stage("runs", {None: "siimcovid.runs:main"}),
     )

@@ -50,6 +50,7 @@ def detector_config(member, hw: Hardware, tta: bool):
     """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones."""
     s = member.settings
     settings = {
+        **(s.get("ultralytics") or {}),  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
         "conf": s["conf"],
         "iou": s["iou"],
         "max_det": s["max_det"],
@@ -57,7 +58,7 @@ def detector_config(member, hw: Hardware, tta: bool):
         "tta": tta,
         "batch": hw.batch,
         "device": ultralytics_device(hw.device),
-        "half": hw.half,  # Ultralytics' own setting: fp16 on a GPU, ignored on the CPU
+        "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
     }
     return stage_config("detect", "predict", settings)
 

@@ -5,7 +5,7 @@
     members                 {"detect/<name>" | "classify/<name>": {images, tta, half}}, added as each member's
                             table is written: a table is reused only when its entry matches what would make it now
                             (same bundle, the same prepared test images, TTA and precision) and the file is there
-    seconds                 the time of each step of the last run
+    n_images, seconds       the images predicted and the time of each step of the last run
 
 Another bundle in the same folder: its members' tables (and the fused ones) are removed, not mixed in.
 """

@@ -166,6 +166,7 @@ def predict(cfg: Config) -> dict:
     steps = Steps(record)
     prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
     skipped = list_skipped(prepared, out)
+    n_images = record.data["n_images"] = len(prepared.split("test"))
     det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.detectors]
     cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.classifiers]
     sample = sample_for(layout, source, prepared, out)
@@ -173,7 +174,6 @@ def predict(cfg: Config) -> dict:
     fused = steps.run("fuse", run_fuse, fuse_cfg)
     submission = copy_submission(fused, out) if layout == "siim" else None
     view = steps.run("view", write_view, prepared, fused, out)
-    n_images = len(prepared.split("test"))
     log_seconds(record.data["seconds"], n_images)
     if skipped is not None:
         LOGGER.warning(f"WARNING: predict: {len(prepared.skipped())} file(s) skipped, listed in {skipped}")

@@ -1,0 +1,326 @@
+"""`siimcovid export` and `open_bundle`: the bundle's layout, manifest and checks.
+
+Fast tests export hand-built run folders that hold small real checkpoints (a yolov5n model saved the
+way Ultralytics leaves a finished fold, timm's test_efficientnet in a classify best.pt); the slow
+test exports what a tiny `siimcovid run` trained, as `run` itself does at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from siimcovid.bundle import MANIFEST, open_bundle
+from siimcovid.cli import call
+from siimcovid.config import load_config
+from siimcovid.utils import SiimError
+
+CLS_MODEL = {"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0}
+CLS_MODEL.update(mask_stride=16, none_head=True)
+FOLDS = (0, 1)  # trained folds of every fake run (the prepared data has 3: a run may pack some of them)
+
+
+def yaml_file(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def fake_detect_run(run_dir: Path, prepared: Path, checkpoint: Path) -> Path:
+    """A detect run as `detect train` leaves it: detect.yaml, fold<k>/args.yaml, weights/{best,last}.pt (finished)."""
+    from siimcovid.data.prepared import Prepared
+
+    yaml_file(run_dir / "detect.yaml", {"prepared": str(prepared), "size": 64, "folds_id": Prepared(prepared).folds_id})
+    for k in FOLDS:
+        yaml_file(run_dir / f"fold{k}" / "args.yaml", {"imgsz": 64})
+        (run_dir / f"fold{k}" / "weights").mkdir()
+        for name in ("best.pt", "last.pt"):
+            (run_dir / f"fold{k}" / "weights" / name).hardlink_to(checkpoint)
+    return run_dir
+
+
+def fake_classify_run(run_dir: Path, prepared: Path) -> Path:
+    """A classify run as `classify train` leaves it: classify.yaml, fold<k>/best.pt and done.json."""
+    import torch
+
+    from siimcovid.classify.model import build_model
+    from siimcovid.data.prepared import Prepared
+
+    folds_id = Prepared(prepared).folds_id
+    yaml_file(run_dir / "classify.yaml", {"data": str(prepared), "imgsz": 64, "folds_id": folds_id, **CLS_MODEL})
+    for k in FOLDS:
+        torch.manual_seed(k)
+        state = build_model(CLS_MODEL).state_dict()
+        best = {"model": state, "model_cfg": CLS_MODEL, "epoch": 1, "ema": 0.997, "fold": k, "folds_id": folds_id}
+        (run_dir / f"fold{k}").mkdir(parents=True)
+        torch.save(best, run_dir / f"fold{k}" / "best.pt")
+        (run_dir / f"fold{k}" / "done.json").write_text(json.dumps({"fold": k}))
+    return run_dir
+
+
+def fake_fuse_run(fuse_dir: Path, det_dirs: list[Path], cls_dirs: list[Path], **params) -> Path:
+    """A fuse run's saved test settings (fuse_test.yaml) over the runs' prediction files."""
+    det = [str(d / "pred_test.csv") for d in det_dirs]
+    cls = [str(d / "pred_test_image.csv") for d in cls_dirs]
+    load_config("fuse", {"det": det, "cls": cls, "split": "test", **params}).save(fuse_dir / "fuse_test.yaml")
+    return fuse_dir
+
+
+@pytest.fixture(scope="session")
+def yolo_checkpoint(tmp_path_factory) -> Path:
+    """yolov5n (1 class) saved as Ultralytics saves a finished fold: the model in fp16, no optimizer, epoch -1."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov5n.yaml", nc=1, verbose=False).half()
+    path = tmp_path_factory.mktemp("yolo") / "best.pt"
+    torch.save({"epoch": -1, "model": model, "ema": None, "optimizer": None, "train_args": {"imgsz": 64}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def runs(prepared, yolo_checkpoint, tmp_path_factory) -> Path:
+    """A project with a `siimcovid run` named x (run.yaml, detect/x, classify/x, fuse/x) and two more detectors
+    and classifiers (v5a, v5b, b3, b5) with a fuse run `ens` that lists them in its own order."""
+    project = tmp_path_factory.mktemp("project") / "runs"
+    run_yaml = {"name": "x", "detect": {"device": "cpu"}, "detect_predict": {"tta": False, "conf": 0.01}}
+    yaml_file(project / "run" / "x" / "run.yaml", {**run_yaml, "classify_predict": {"tta": "none"}})
+    det = [fake_detect_run(project / "detect" / n, prepared, yolo_checkpoint) for n in ("x", "v5a", "v5b")]
+    cls = [fake_classify_run(project / "classify" / n, prepared) for n in ("x", "b3", "b5")]
+    fake_fuse_run(project / "fuse" / "x", det[:1], cls[:1], iou_thr=0.55, none_cls_weight=0.7)
+    fake_fuse_run(project / "fuse" / "ens", det[:0:-1], cls[:0:-1], det_weights=[2.0, 1.0], cls_weights=[1.0, 3.0])
+    return project
+
+
+def export(project: Path, **settings) -> Path:
+    return call("export", project=str(project), **settings)
+
+
+@pytest.fixture
+def bundle(runs, tmp_path) -> Path:
+    return export(runs, run="x", out=str(tmp_path / "b"))
+
+
+def rewrite_manifest(bundle: Path, **changes) -> None:
+    data = yaml.safe_load((bundle / MANIFEST).read_text())
+    for key, value in changes.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    (bundle / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_of_a_run_lays_out_members_settings_and_manifest(runs, bundle):
+    import hashlib
+
+    files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    expected = ["classify/x/fold0.pt", "classify/x/fold1.pt", "classify/x/settings.yaml"]
+    expected += ["detect/x/fold0.pt", "detect/x/fold1.pt", "detect/x/settings.yaml", "fuse.yaml", MANIFEST, "prepare.yaml"]
+    assert files == sorted(expected)
+    manifest = yaml.safe_load((bundle / MANIFEST).read_text())
+    assert manifest["format"] == 1 and manifest["half"] is False and manifest["created"].endswith("Z")
+    assert set(manifest["files"]) == set(expected) - {MANIFEST}
+    for rel, entry in manifest["files"].items():
+        data = (bundle / rel).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert {"python", "torch", "ultralytics", "timm", "ensemble_boxes"} <= set(manifest["versions"])
+    assert manifest["sources"]["run"] == "x" and manifest["dtypes"] == {"detect/x": "float16", "classify/x": "float32"}
+    # the run's predict settings (run.yaml's detect_predict / classify_predict), the fusion of its submission
+    det = yaml.safe_load((bundle / "detect/x/settings.yaml").read_text())
+    assert det["tta"] is False and det["conf"] == 0.01 and det["size"] == 64 and det["imgsz"] == {0: 64, 1: 64}
+    assert yaml.safe_load((bundle / "classify/x/settings.yaml").read_text()) == {"imgsz": 64, "tta": "none", "weights": "best"}
+    fusion = yaml.safe_load((bundle / "fuse.yaml").read_text())
+    assert fusion["iou_thr"] == 0.55 and fusion["none_cls_weight"] == 0.7 and fusion["det"] == ["x"] and fusion["cls"] == ["x"]
+    assert yaml.safe_load((bundle / "prepare.yaml").read_text()) == {"sizes": [64], "ext": "png", "png_level": 0}
+
+
+def test_classifier_checkpoints_are_stripped_to_what_predict_loads(runs, bundle):
+    import torch
+
+    from siimcovid.classify.predict import load_checkpoint_model
+
+    packed = torch.load(bundle / "classify/x/fold1.pt", weights_only=False)
+    assert set(packed) == {"model_cfg", "model", "folds_id"}
+    source = torch.load(runs / "classify/x/fold1/best.pt", weights_only=False)["model"]
+    model, _ = load_checkpoint_model(bundle / "classify/x/fold1.pt", torch.device("cpu"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
+
+
+def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
+    out = export(runs, detect=[str(runs / "detect/v5a"), str(runs / "detect/v5b")], classify=[str(runs / "classify/b3"),
+                 str(runs / "classify/b5")], fuse=str(runs / "fuse/ens"), out=str(tmp_path / "ens"))  # fmt: skip
+    opened = open_bundle(out)
+    # fuse/ens fused v5b then v5a, b5 then b3: the weights follow that order, so the members do too
+    assert [m.name for m in opened.detectors] == ["v5b", "v5a"] and [m.name for m in opened.classifiers] == ["b5", "b3"]
+    assert opened.fusion["det_weights"] == [2.0, 1.0] and opened.fusion["cls_weights"] == [1.0, 3.0]
+    assert all(m.kind == "detect" and sorted(m.weights) == [0, 1] for m in opened.detectors)
+    assert opened.classifiers[0].weights[1] == out / "classify/b5/fold1.pt" and opened.classifiers[0].weights[1].is_file()
+    assert opened.detectors[0].settings["tta"] is True  # runs named one by one: cfg/detect.yaml's predict defaults
+    assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"].endswith("ens")
+
+
+def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs, tmp_path):
+    import shutil
+
+    partial = Path(shutil.copytree(runs / "classify/b3", tmp_path / "b3"))
+    (partial / "fold1" / "done.json").unlink()
+    with pytest.raises(SiimError, match="not finished training"):
+        export(runs, classify=[str(partial)], out=str(tmp_path / "b"))
+    with pytest.raises(SiimError, match=r"fused det models \['v5b', 'v5a'\], but the runs exported are \['v5a'\]"):
+        export(runs, detect=[str(runs / "detect/v5a")], classify=[str(runs / "classify/b3"), str(runs / "classify/b5")],
+               fuse=str(runs / "fuse/ens"), out=str(tmp_path / "b"))  # fmt: skip
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_an_existing_out_is_refused_unless_overwrite(runs, bundle):
+    before = (bundle / MANIFEST).read_text()
+    with pytest.raises(SiimError, match="exists: choose another out= or give overwrite=true"):
+        export(runs, run="x", out=str(bundle))
+    assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle
+    assert (bundle / MANIFEST).read_text() != before and not list(bundle.parent.glob(f".{bundle.name}.*"))
+    open_bundle(bundle)
+
+
+def test_half_stores_classifiers_in_fp16_and_they_load_back_as_fp32(runs, bundle, tmp_path):
+    import torch
+
+    from siimcovid.classify.predict import load_checkpoint_model
+
+    half = export(runs, run="x", out=str(tmp_path / "half"), half=True)
+    full_bytes, half_bytes = ((b / "classify/x/fold0.pt").stat().st_size for b in (bundle, half))
+    assert half_bytes < 0.6 * full_bytes
+    assert yaml.safe_load((half / MANIFEST).read_text())["half"] is True
+    assert all(
+        v.dtype == torch.float16 for v in torch.load(half / "classify/x/fold0.pt")["model"].values() if v.is_floating_point()
+    )
+    full_model, _ = load_checkpoint_model(bundle / "classify/x/fold0.pt", torch.device("cpu"))
+    half_model, _ = load_checkpoint_model(half / "classify/x/fold0.pt", torch.device("cpu"))
+    for (name, a), b in zip(full_model.state_dict().items(), half_model.state_dict().values()):
+        if a.is_floating_point():
+            assert b.dtype == torch.float32 and (a - b).abs().max() <= 1e-3 * max(1.0, a.abs().max()), name
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(full_model(x)["study"], half_model(x)["study"], atol=1e-2)
+    assert (half / "detect/x/fold0.pt").read_bytes() == (bundle / "detect/x/fold0.pt").read_bytes()  # fp16 already
+
+
+# ----------------------------------------------------------------------------- open_bundle's checks
+def test_a_corrupt_file_is_an_error_naming_it(bundle):
+    path = bundle / "detect/x/fold1.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SiimError, match=rf"bundle {bundle}: detect/x/fold1.pt is corrupt"):
+        open_bundle(bundle)
+
+
+def test_a_missing_or_an_unlisted_file_is_an_error_naming_it(bundle):
+    (bundle / "classify/x/fold0.pt").rename(bundle / "classify/x/fold7.pt")
+    with pytest.raises(SiimError, match="classify/x/fold0.pt is missing"):
+        open_bundle(bundle)
+    (bundle / "classify/x/fold7.pt").rename(bundle / "classify/x/fold0.pt")
+    (bundle / "detect/x/notes.txt").write_text("hello")
+    with pytest.raises(SiimError, match="detect/x/notes.txt is not listed in manifest.yaml"):
+        open_bundle(bundle)
+
+
+def test_not_a_bundle_and_a_newer_format_are_errors(bundle, tmp_path):
+    with pytest.raises(SiimError, match=r"not a siimcovid bundle \(manifest.yaml missing\)"):
+        open_bundle(tmp_path)
+    rewrite_manifest(bundle, format=2)
+    with pytest.raises(SiimError, match="format 2 was written by a newer siimcovid.*reads format 1: upgrade"):
+        open_bundle(bundle)
+
+
+def test_another_major_version_is_an_error_a_minor_one_a_warning(bundle, caplog):
+    from importlib import metadata
+
+    rewrite_manifest(bundle, versions={"numpy": "0.0.1"})
+    open_bundle(bundle)
+    assert "made with other package versions: numpy 0.0.1 (here " in caplog.text
+    rewrite_manifest(bundle, versions={"torch": "1.13.1"})
+    with pytest.raises(SiimError, match=rf"made with torch 1.13.1, this environment has torch {metadata.version('torch')}"):
+        open_bundle(bundle)
+
+
+def test_a_member_with_no_folds_is_an_error(bundle):
+    for k in FOLDS:
+        (bundle / f"classify/x/fold{k}.pt").unlink()
+    from siimcovid.bundle import file_table
+
+    data = yaml.safe_load((bundle / MANIFEST).read_text())
+    data["files"] = file_table(bundle)  # a manifest that agrees with the files: only the member check is left
+    (bundle / MANIFEST).write_text(yaml.safe_dump(data))
+    with pytest.raises(SiimError, match="classify/x/ has no fold<k>.pt: a member with no folds"):
+        open_bundle(bundle)
+
+
+def test_zip_round_trip_extracts_once_into_the_cache(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIIMCOVID_CACHE", str(tmp_path / "cache"))
+    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    with zipfile.ZipFile(out) as zf:
+        assert MANIFEST in zf.namelist() and all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+    opened = open_bundle(out)
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and opened.root == cached[0] and len(cached[0].name) == 64
+    assert [m.name for m in opened.detectors] == ["x"] and opened.detectors[0].weights[0].is_file()
+    assert open_bundle(out).root == opened.root  # the second open reuses the extracted copy
+    opened.detectors[0].weights[0].write_bytes(b"changed")
+    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.pt is corrupt.*delete it to extract the zip again"):
+        open_bundle(out)
+
+
+def test_a_corrupt_zip_is_an_error(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIIMCOVID_CACHE", str(tmp_path / "cache"))
+    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    data = bytearray(out.read_bytes())
+    with zipfile.ZipFile(out) as zf:
+        info = zf.getinfo("detect/x/fold0.pt")
+    data[info.header_offset + 200] ^= 0xFF  # inside the stored file's bytes
+    out.write_bytes(bytes(data))
+    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.pt is corrupt"):
+        open_bundle(out)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# ----------------------------------------------------------------------------- from a trained run
+@pytest.mark.slow
+def test_siimcovid_run_ends_by_exporting_a_bundle_that_opens(tmp_path):
+    import torch
+    from ultralytics import YOLO
+
+    from siimcovid.classify.predict import load_checkpoint_model
+
+    result = call(
+        "run",
+        name="e2e",
+        data=str(tmp_path / "siim"),
+        project=str(tmp_path / "runs"),
+        synth={"train_studies": 16, "test_studies": 2, "rows": 160, "cols": 192, "workers": 1, "seed": 5},
+        prepare={"sizes": [64], "n_folds": 2, "workers": 1, "data_yaml_dir": str(tmp_path / "data_yaml")},
+        detect={"model": "yolov5n.yaml", "pretrained": False, "epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu"}
+        | {"workers": 0, "plots": False},
+        detect_predict={"tta": False, "batch": 8},
+        classify={"model": "resnet10t", "pretrained": False, "imgsz": 64, "epochs": 1, "fine_lr": [], "batch": 8}
+        | {"workers": 0, "device": "cpu"},
+        classify_predict={"tta": "none", "workers": 0},
+        tune_trials=2,
+        nested_tuning=False,
+        report=False,
+    )
+    opened = open_bundle(result["bundle"])
+    assert result["bundle"] == tmp_path / "runs/bundle/e2e" and "export" in result["timings"]
+    fuse_test = yaml.safe_load((tmp_path / "runs/fuse/e2e/fuse_test.yaml").read_text())
+    assert all(opened.fusion[k] == fuse_test[k] for k in ("iou_thr", "none_det", "none_cls_weight", "det_weights"))
+    assert [m.name for m in opened.detectors + opened.classifiers] == ["e2e", "e2e"]
+    assert sorted(opened.detectors[0].weights) == [0, 1] and opened.detectors[0].settings["tta"] is False
+    image = next((tmp_path / "runs/prepare/e2e/64/images/test").iterdir())
+    boxes = [YOLO(str(p)).predict(str(image), conf=0.001, verbose=False)[0].boxes.data for p in
+             (opened.detectors[0].weights[1], tmp_path / "runs/detect/e2e/fold1/weights/best.pt")]  # fmt: skip
+    assert torch.equal(*boxes)
+    packed, _ = load_checkpoint_model(opened.classifiers[0].weights[0], torch.device("cpu"))
+    trained, _ = load_checkpoint_model(tmp_path / "runs/classify/e2e/fold0/best.pt", torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(packed.state_dict().values(), trained.state_dict().values()))
