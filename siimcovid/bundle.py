@@ -156,11 +156,9 @@ def export_sources(cfg: Config) -> Sources:
 
 def predict_config(stage: str, src: Sources, weights: str | None) -> Config:
     """The `<stage> predict` settings the run's predictions were made with: run.yaml's `<stage>_predict` section
-    (as `siimcovid run` built it); runs named one by one saved none, so cfg/<stage>.yaml's defaults."""
-    from siimcovid.run import predict_settings
-
-    sections = {k: src.run.get(k) for k in (stage, f"{stage}_predict")}
-    settings = predict_settings(sections, stage) if src.run else {}
+    over cfg/<stage>.yaml (the runtime settings `run` adds from the train section change no prediction);
+    runs named one by one saved none, so cfg/<stage>.yaml's defaults."""
+    settings = dict(src.run.get(f"{stage}_predict") or {})
     if weights:
         settings["weights"] = weights
     return stages.stage_config(stage, "predict", settings)
@@ -225,6 +223,8 @@ def member_order(files: list[str], members: list[Member], anchors: list[Path], k
 
 def fusion_file(fuse: Path) -> Path:
     """A fuse run folder -> the settings of its submission (fuse_test.yaml), else its tuned best.yaml."""
+    if not fuse.exists():
+        raise SiimError(f"export: fuse={fuse} not found")
     if fuse.is_file():
         return fuse
     for name in ("fuse_test.yaml", "best.yaml"):
