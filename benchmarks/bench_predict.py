@@ -8,7 +8,8 @@ JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures 
 (best of --repeat after one warm-up; torch uses every core):
 
   prepare       decode + VOI LUT + resize + write of one DICOM at sizes 512 and 640 (convert_one: one
-                prepare worker's work per image; the DICOM read from the page cache)
+                prepare worker's work per image; the DICOM read from the page cache), uncompressed and
+                compressed (2 more DICOMs, every one compressed); the projection assumes 35% compressed
   detect        one fold's Ultralytics predict of one image (pre-processing, forward, NMS at predict's
                 conf 0.001), yolov5m.yaml / yolov5x.yaml at 512 and 640, built untrained (pretrained=False:
                 the weights do not change the speed), loaded from a checkpoint as predict loads it;
@@ -49,6 +50,8 @@ DETECTORS = ["yolov5m.yaml", "yolov5x.yaml"]
 CLASSIFIERS = ["tf_efficientnet_b3_ns", "tf_efficientnet_b5_ns"]
 SIZES = [512, 640]
 LIMIT_H = 9.0  # the notebook's limit
+SHARE_COMPRESSED = 0.35  # ASSUMED share of compressed DICOMs in the test set (synth's default) for the projection
+NATIVE = {"Implicit VR Little Endian", "Explicit VR Little Endian"}
 
 
 def best_of(fn, repeat: int) -> float:
@@ -61,30 +64,32 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def make_data(work: Path, n: int) -> Path:
+def make_data(work: Path, n: int, compressed: float, seed: int) -> Path:
     from siimcovid.config import load_config
     from siimcovid.data.synth import generate
 
-    settings = dict(out=str(work / f"synth-{n}"), train_studies=1, test_studies=n, rows=2544, cols=3028, size_jitter=0.15)
-    return generate(load_config("synth", {**settings, "compressed": 0.35, "multi_image_studies": 0.0, "seed": 1}))
+    settings = dict(out=str(work / f"synth-{n}-c{compressed}"), train_studies=1, test_studies=n, rows=2544, cols=3028)
+    settings.update(size_jitter=0.15, compressed=compressed, multi_image_studies=0.0, seed=seed)
+    return generate(load_config("synth", settings))
 
 
-def bench_prepare(data: Path, work: Path, repeat: int) -> tuple[float, Path, pd.DataFrame]:
-    """Seconds per image of convert_one (sizes 512 and 640), and the prepared folder for the later steps."""
+def prepare_folder(data: Path, out: Path) -> tuple[Path, pd.DataFrame]:
     from siimcovid.config import load_config
-    from siimcovid.data.convert import convert_one, encode_params, init_worker
     from siimcovid.data.prepare import prepare
 
-    out = work / "prepared"
     prepared = prepare(load_config("prepare", dict(data=str(data), out=str(out), sizes=SIZES, splits=["test"], workers=1)))
-    meta = pd.read_csv(prepared / "meta.csv")
+    return prepared, pd.read_csv(prepared / "meta.csv", keep_default_na=False)
+
+
+def time_convert(data: Path, meta: pd.DataFrame, scratch: Path, repeat: int) -> list[tuple[bool, float]]:
+    """(compressed?, seconds) of convert_one (sizes 512 and 640) per DICOM: one prepare worker's work."""
+    from siimcovid.data.convert import convert_one, encode_params, init_worker
+
     init_worker()
-    scratch = work / "scratch"
-    per_image = []
+    out = []
     for row in meta.itertuples():
-        path = str(data / row.dicom)
         job = dict(out=str(scratch), sizes=SIZES, ext="png", params=encode_params("png"), image_id=row.image_id, split="test")
-        job.update(path=path, boxes=[], line=None, csv="")
+        job.update(path=str(data / row.dicom), boxes=[], line=None, csv="")
 
         def convert(job=job):
             shutil.rmtree(scratch, ignore_errors=True)
@@ -92,10 +97,26 @@ def bench_prepare(data: Path, work: Path, repeat: int) -> tuple[float, Path, pd.
                 (scratch / str(s) / "images" / "test").mkdir(parents=True)
             assert convert_one(job)["ok"]
 
-        per_image.append(best_of(convert, repeat))
-        print(f"  prepare {row.cols} x {row.rows}, {row.bits_stored} bit, {row.transfer_syntax}: {per_image[-1]:.3f} s")
+        out.append((row.transfer_syntax not in NATIVE, best_of(convert, repeat)))
+        print(f"  prepare {row.cols} x {row.rows}, {row.bits_stored} bit, {row.transfer_syntax}: {out[-1][1]:.3f} s")
     shutil.rmtree(scratch, ignore_errors=True)
-    return float(np.mean(per_image)), prepared, meta
+    return out
+
+
+def bench_prepare(work: Path, n: int, repeat: int) -> tuple[dict, Path, pd.DataFrame]:
+    """Seconds per DICOM, uncompressed and compressed (a second set, every file compressed), and the prepared
+    folder of the first set for the later steps."""
+    data = make_data(work, n, 0.35, seed=1)
+    prepared, meta = prepare_folder(data, work / "prepared")
+    packed = make_data(work, 2, 1.0, seed=2)
+    _, packed_meta = prepare_folder(packed, work / "prepared-compressed")
+    timed = time_convert(data, meta, work / "scratch", repeat) + time_convert(packed, packed_meta, work / "scratch", repeat)
+    times = {kind: [t for c, t in timed if c == (kind == "compressed")] for kind in ("uncompressed", "compressed")}
+    result = {kind: float(np.mean(v)) for kind, v in times.items() if v}
+    result["mix"] = sum(
+        result.get(k, 0.0) * w for k, w in (("compressed", SHARE_COMPRESSED), ("uncompressed", 1 - SHARE_COMPRESSED))
+    )
+    return result, prepared, meta
 
 
 def gflops(model, x) -> float:
@@ -209,7 +230,9 @@ def print_report(t: dict, n_images: int) -> None:
     cores = os.cpu_count()
     print(f"\nsiimcovid predict, seconds per image on this CPU ({cores} cores, torch {threads()} threads), {n_images} DICOMs")
     print(f"  {'step':<44} {'plain':>8} {'flip x2':>8} {'augment':>8} {'GFLOPs':>8}")
-    print(f"  {'prepare: decode + resize + write (512, 640)':<44} {t['prepare']:8.3f}")
+    for kind, seconds in t["prepare_kinds"].items():
+        what = f"{SHARE_COMPRESSED:.0%} compressed (assumed)" if kind == "mix" else kind
+        print(f"  {f'prepare (512, 640), {what}':<44} {seconds:8.3f}")
     for kind, models in (("detect", DETECTORS), ("classify", CLASSIFIERS)):
         for m in models:
             for s in SIZES:
@@ -259,9 +282,9 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = make_data(args.work, args.images)
     t: dict = {}
-    t["prepare"], prepared, meta = bench_prepare(data, args.work, args.repeat)
+    t["prepare_kinds"], prepared, meta = bench_prepare(args.work, args.images, args.repeat)
+    t["prepare"] = t["prepare_kinds"]["mix"]
     big = [cv2.imread(str(prepared / "640" / "images" / "test" / f"{i}.png")) for i in meta.image_id]
     for m in DETECTORS:
         for s in SIZES:

@@ -6,8 +6,9 @@ so that the imports happen under the guard: importing predict, opening a bundle,
 slow ones run `siimcovid predict` end to end under the guard, and show that the guard does catch what
 Ultralytics tries when it is not told to stay offline.
 
-The bundle comes from tests/test_bundle.py's fixtures (hand-built run folders with real checkpoints,
-exported by `siimcovid export`); without that module (branch `bundle` not merged) those tests skip.
+The bundles come from the fixtures of tests/test_bundle.py (hand-built run folders with real checkpoints,
+exported by `siimcovid export`: the fast test) and tests/test_predict.py (`trained`: a tiny `siimcovid run`,
+exported: the slow test); without them (branches bundle and predict not merged) those tests skip.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import pytest
 
 from siimcovid.cli import call
 
-try:  # the bundle fixtures (branch `bundle`): a project of small real checkpoints and its export
+try:  # bundle fixtures: hand-built runs of small real checkpoints, exported (fast); a tiny trained run, exported (slow)
     from test_bundle import bundle, runs, yolo_checkpoint  # noqa: F401
+    from test_predict import trained  # noqa: F401
 
     HAVE_BUNDLE = True
-except ImportError:
+except ImportError:  # branches bundle and predict not merged
     HAVE_BUNDLE = False
 
 needs_bundle = pytest.mark.skipif(not HAVE_BUNDLE, reason="needs tests/test_bundle.py (branch bundle: siimcovid export)")
@@ -140,22 +142,23 @@ def loose_folder(siim_root: Path, out: Path) -> Path:
 
 @pytest.mark.slow
 @needs_bundle
-def test_predict_end_to_end_with_the_network_blocked(no_network, bundle, synth_root, tmp_path):
+def test_predict_end_to_end_with_the_network_blocked(trained, no_network, tmp_path):
     from siimcovid.submission import read_submission
     from siimcovid.tables import PREDICTED_IMAGES, SAMPLE, SAMPLE_SUBMISSION
 
-    settings = {"bundle": str(bundle), "device": "cpu", "workers": 0, "batch": 4}
-    result = call("predict", source=str(synth_root), out=str(tmp_path / "siim"), **settings)
-    sample = SAMPLE.read(synth_root / SAMPLE_SUBMISSION)
-    assert len(read_submission(result["submission"], sample=synth_root / SAMPLE_SUBMISSION)) == len(sample)
+    _, root, run_submission, bundle = trained  # trained before the guard: only predict runs under it
+    settings = {"bundle": str(bundle), "device": "cpu", "workers": 0}
+    result = call("predict", source=str(root), out=str(tmp_path / "siim"), **settings)
+    sample = SAMPLE.read(root / SAMPLE_SUBMISSION)
+    assert len(read_submission(result["submission"], sample=root / SAMPLE_SUBMISSION)) == len(sample)
+    assert result["submission"].read_bytes() == run_submission.read_bytes()
 
-    source = loose_folder(synth_root, tmp_path / "loose")
-    result = call("predict", source=str(source), out=str(tmp_path / "loose_out"), **settings)
-    out = tmp_path / "loose_out"
+    source = loose_folder(root, tmp_path / "loose")
+    out = call("predict", source=str(source), out=str(tmp_path / "loose_out"), **settings)["out"]
     images = PREDICTED_IMAGES.read(out / "images.csv")
-    assert len(images) == len(list((synth_root / "test").rglob("*.dcm")))
+    assert len(images) == len(list((root / "test").rglob("*.dcm")))
     assert all((out / p).is_file() for p in images.picture) and (out / "index.html").is_file()
-    assert (out / "skipped.csv").is_file() and "README.txt" in (out / "skipped.csv").read_text()
+    assert "README.txt" in (out / "skipped.csv").read_text()
     assert no_network == []
 
 
