@@ -509,7 +509,7 @@ PREDICTED_BOXES = Table(
     (
         Column("image_id", TEXT, "image id"),
         *_BOX,
-        Column("conf", FLOAT, "confidence of the opacity box (fused)", lo=0.0, hi=1.0),
+        Column("conf", FLOAT, "confidence of the opacity box (fused: WBF with unequal model weights can pass 1)", lo=0.0),
     ),
     "One row per predicted opacity box of `siimcovid predict`, in original pixels, most confident first per image.",
     checks=(_not_empty("image_id"), _boxes_ordered),
