@@ -71,6 +71,7 @@ STAGES: dict[str, Stage] = {
         Stage("pseudo", {None: "siimcovid.pseudo:main"}, "pseudo", "siimcovid.pseudo:describe"),
         Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
         Stage("export", {None: "siimcovid.bundle:main"}, "bundle"),
+        Stage("predict", {None: "siimcovid.predict.stage:main"}),
         Stage("runs", {None: "siimcovid.runs:main"}),
     )
 }

@@ -540,5 +540,46 @@ PSEUDO_BOXES = Table(
         Column("conf", FLOAT, "the teacher detector's confidence", lo=0.0, hi=1.0),
     ),
     "The confident teacher boxes written as pseudo-labels, one row per box.",
+# ----------------------------------------------------------------------------- predict's tables for people
+PREDICTED_STUDIES = Table(
+    "predicted studies",
+    "<predict out>/studies.csv",
+    (
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        *[Column(c, FLOAT, f"P({c}) of the study (fused)", lo=0.0, hi=1.0) for c in STUDY_CLASSES],
+        Column("predicted", TEXT, "the most probable class", required=False),
+        Column("n_images", INT, "images of the study", required=False, lo=1),
+    ),
+    "One row per study of `siimcovid predict` (siimcovid.predict.view), the four class probabilities.",
+    checks=(_not_empty("study_id"),),
+)
+
+PREDICTED_IMAGES = Table(
+    "predicted images",
+    "<predict out>/images.csv",
+    (
+        Column("image_id", TEXT, "image id (DICOM SOPInstanceUID, made unique)"),
+        Column("study_id", TEXT, "StudyInstanceUID"),
+        Column("file", TEXT, "the source image file"),
+        Column("rows", INT, "original height in pixels", lo=1),
+        Column("cols", INT, "original width in pixels", lo=1),
+        Column("none", FLOAT, "P(no opacity in the image)", lo=0.0, hi=1.0),
+        Column("n_boxes", INT, "predicted opacity boxes (rows of boxes.csv)", lo=0),
+        Column("n_shown", INT, "of which drawn on the picture (confident enough)", required=False, lo=0),
+        Column("picture", TEXT, "the drawn picture, relative to the output folder", required=False),
+    ),
+    "One row per image of `siimcovid predict` (siimcovid.predict.view).",
+    checks=(_not_empty("image_id", "study_id"),),
+)
+
+PREDICTED_BOXES = Table(
+    "predicted boxes",
+    "<predict out>/boxes.csv",
+    (
+        Column("image_id", TEXT, "image id"),
+        *_BOX,
+        Column("conf", FLOAT, "confidence of the opacity box (fused: WBF with unequal model weights can pass 1)", lo=0.0),
+    ),
+    "One row per predicted opacity box of `siimcovid predict`, in original pixels, most confident first per image.",
     checks=(_not_empty("image_id"), _boxes_ordered),
 )

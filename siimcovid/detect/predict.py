@@ -48,17 +48,18 @@ from siimcovid.utils import LOGGER, SiimError, as_list
 
 @dataclass
 class Run:
-    """A trained detect run: its folds' weights and the prepared data it was trained on."""
+    """A trained detect run: its folds' weights and the prepared data it predicts (the one it was
+    trained on, or, for a bundle's member, the data `siimcovid predict` prepared)."""
 
     dir: Path
     prepared: Prepared
     size: int  # side of the prepared square images the detector reads
     weights: dict[int, Path]
     imgsz: dict[int, int]  # training image size per fold
+    name: str = ""  # the `model` column of its boxes; default: the run folder's name
 
-    @property
-    def name(self) -> str:
-        return self.dir.name
+    def __post_init__(self):
+        self.name = self.name or self.dir.name
 
 
 def fold_done(fold_dir: Path) -> bool:

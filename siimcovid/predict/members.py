@@ -1,0 +1,94 @@
+"""One member of a bundle (siimcovid.bundle.Member: kind, name, weights {fold: checkpoint}, settings) on a prepared folder.
+
+The numerics are `detect predict` and `classify predict`'s own (their per-fold functions run the
+bundle's checkpoints), so a bundle predicts what its runs predicted on the same images:
+
+    detector    siimcovid.detect.predict.predict_run on a Run built from the member: each fold's
+                model loaded once, every test image in batches of `batch` -> tables.DETECTIONS
+    classifier  siimcovid.classify.predict.predict_test: one loader for all folds, each fold's model
+                loaded once, the fold mean (and hflip TTA) -> tables.CLASSIFIER_IMAGES
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from siimcovid.data.prepared import Prepared
+from siimcovid.stages import stage_config
+from siimcovid.utils import SiimError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how the members run (predict's runtime settings, resolved once)."""
+
+    device: object  # torch.device
+    batch: int
+    loader_workers: int
+    half: bool
+
+
+def member_tta(member, tta: bool | None):
+    """The member's TTA: the bundle's (tta=null), or on/off for every member (detector: bool, classifier: hflip | none)."""
+    recorded = member.settings.get("tta")
+    if member.kind == "detect":
+        return bool(recorded) if tta is None else tta
+    if tta is None:
+        return recorded or "none"
+    return "hflip" if tta else "none"
+
+
+def ultralytics_device(device) -> str | int:
+    """A torch.device -> Ultralytics' device argument ('cpu' or the GPU's index)."""
+    return (device.index or 0) if device.type == "cuda" else "cpu"
+
+
+def detector_config(member, hw: Hardware, tta: bool):
+    """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones."""
+    s = member.settings
+    settings = {
+        **(s.get("ultralytics") or {}),  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
+        "conf": s["conf"],
+        "iou": s["iou"],
+        "max_det": s["max_det"],
+        "predict_imgsz": s.get("predict_imgsz"),
+        "tta": tta,
+        "batch": hw.batch,
+        "device": ultralytics_device(hw.device),
+        "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
+    }
+    return stage_config("detect", "predict", settings)
+
+
+def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.DataFrame:
+    """Every fold of a detector member on every test image of `prepared`: tables.DETECTIONS (model = member name)."""
+    from siimcovid.detect.predict import Run, predict_run
+
+    s = member.settings
+    size = prepared.check_size(s["size"])
+    imgsz = {int(k): int(v) for k, v in (s.get("imgsz") or {}).items()}
+    weights = dict(sorted(member.weights.items()))
+    if set(weights) - set(imgsz):
+        raise SiimError(f"detector {member.name}: settings.yaml gives no imgsz for folds {sorted(set(weights) - set(imgsz))}")
+    folder = Path(next(iter(weights.values()))).parent
+    run = Run(folder, prepared, size, weights, imgsz, name=member.name)
+    return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
+
+
+def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str) -> pd.DataFrame:
+    """Every fold of a classifier member on every test image of `prepared`, averaged: tables.CLASSIFIER_IMAGES."""
+    from siimcovid.classify.predict import Inference, amp_dtype_for, predict_test
+
+    size = prepared.check_size(member.settings["imgsz"])
+    cuda = hw.device.type == "cuda"
+    how = Inference(
+        hw.device,
+        amp_dtype_for(hw.device, hw.half),
+        cuda,  # channels_last on a GPU, as `classify predict` does by default
+        tta,
+        {"batch_size": hw.batch, "num_workers": hw.loader_workers, "pin_memory": cuda},
+    )
+    return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)

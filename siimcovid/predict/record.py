@@ -1,0 +1,78 @@
+"""<out>/predict.yaml: what made the tables in an output folder, so that a re-run reuses only its own.
+
+    bundle, bundle_sha256   the bundle and the sha256 of its manifest.yaml (which holds every file's sha256)
+    settings                predict's resolved settings
+    members                 {"detect/<name>" | "classify/<name>": {images, tta, half}}, added as each member's
+                            table is written: a table is reused only when its entry matches what would make it now
+                            (same bundle, the same prepared test images, TTA and precision) and the file is there
+    n_images, seconds       the images predicted and the time of each step of the last run
+
+Another bundle in the same folder: its members' tables (and the fused ones) are removed, not mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import yaml
+
+from siimcovid.utils import LOGGER, atomic_write_text
+
+RECORD = "predict.yaml"
+RESULT_DIRS = ("detect", "classify", "fuse")  # what a bundle's members and their fusion wrote
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def images_id(image_ids) -> str:
+    """A fingerprint of the ordered test images a table was predicted on."""
+    return hashlib.sha1("\n".join(map(str, image_ids)).encode()).hexdigest()[:16]
+
+
+class Record:
+    """The output folder's predict.yaml, kept in memory and written after every change."""
+
+    def __init__(self, out: Path, bundle: str, bundle_sha256: str, settings: dict):
+        self.path = Path(out) / RECORD
+        old = (yaml.safe_load(self.path.read_text()) or {}) if self.path.is_file() else {}
+        members = old.get("members") or {}
+        if old and old.get("bundle_sha256") != bundle_sha256:
+            self.clear_results(old.get("bundle"))
+            members = {}
+        self.data = {"bundle": str(bundle), "bundle_sha256": bundle_sha256, "settings": settings, "members": members}
+        self.data["seconds"] = {}
+
+    def clear_results(self, old_bundle) -> None:
+        """Remove the tables another bundle made here (the prepared images stay: same source, same conversion or not)."""
+        removed = [d for d in RESULT_DIRS if (self.path.parent / d).exists()]
+        for d in removed:
+            shutil.rmtree(self.path.parent / d)
+        LOGGER.warning(f"predict: {self.path.parent} held predictions of another bundle ({old_bundle}): removed {removed}")
+
+    def save(self) -> Path:
+        return atomic_write_text(self.path, yaml.safe_dump(self.data, sort_keys=False))
+
+    def reusable(self, key: str, entry: dict, table: Path) -> bool:
+        """Whether the table of member `key` was made by this bundle as it would be made now."""
+        return table.is_file() and self.data["members"].get(key) == entry
+
+    def forget(self, key: str) -> None:
+        """Before a member's table is (re)written: until it is done, the record does not vouch for it."""
+        if self.data["members"].pop(key, None) is not None:
+            self.save()
+
+    def done(self, key: str, entry: dict) -> None:
+        self.data["members"][key] = entry
+        self.save()
+
+    def timed(self, step: str, seconds: float) -> None:
+        self.data["seconds"][step] = round(seconds, 3)
+        self.save()

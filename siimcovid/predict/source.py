@@ -1,0 +1,72 @@
+"""What `siimcovid predict` reads: a SIIM root or any DICOM tree (or one file), prepared as the bundle's models were trained.
+
+A SIIM root (a `test/` folder and `sample_submission.csv`) is prepared with `layout=siim` and its
+sample submission fixes the submission's rows; anything else goes through `layout=folder` (every
+file looked at, DICOMs grouped into studies by StudyInstanceUID) and the sample submission is
+written from what prepare found: every study and image of the test split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from siimcovid.tables import IMAGE_SUFFIX, SAMPLE, SAMPLE_SUBMISSION, STUDY_SUFFIX
+from siimcovid.utils import SiimError
+
+PREPARE_KEYS = ("sizes", "ext", "png_level")  # the bundle's conversion settings (its prepare.yaml)
+
+
+def source_layout(source: str | os.PathLike) -> str:
+    """'siim' for a SIIM root (test/ and sample_submission.csv), else 'folder' (a DICOM tree or one file)."""
+    path = Path(source)
+    if not path.exists():
+        raise SiimError(f"source not found: {path} (a SIIM root, a folder of DICOMs, or one DICOM file)")
+    if path.is_dir() and (path / "test").is_dir() and (path / SAMPLE_SUBMISSION).is_file():
+        return "siim"
+    return "folder"
+
+
+def prepare_settings(conversion: dict, source: Path, layout: str, out: Path, workers: int | None, on_error: str) -> dict:
+    """`siimcovid prepare` settings for the source: the bundle's conversion settings, the test split only."""
+    missing = [k for k in PREPARE_KEYS if k not in conversion]
+    if missing:
+        raise SiimError(f"the bundle's prepare settings lack {missing}: export the bundle again")
+    return {
+        **{k: conversion[k] for k in PREPARE_KEYS},
+        "data": str(source),
+        "layout": layout,
+        "name": "predict",
+        "out": str(out),
+        "splits": ["test"],
+        "on_error": on_error,
+        "workers": pool_workers(workers),
+        "data_yaml_dir": str(out / "data_yaml"),  # test-only: prepare writes none, but never into the current folder
+    }
+
+
+def pool_workers(workers: int | None) -> int:
+    """predict's workers -> a process pool's (prepare's decoding, fuse's WBF): null = every core (their 0),
+    0 = work in this process (their 1)."""
+    return 0 if workers is None else max(workers, 1)
+
+
+def loader_workers(workers: int | None) -> int:
+    """predict's workers -> a DataLoader's: null = every core, at most 8; 0 = read in this process."""
+    return min(os.cpu_count() or 1, 8) if workers is None else workers
+
+
+def sample_from_meta(test: pd.DataFrame) -> pd.DataFrame:
+    """A sample submission (tables.SAMPLE) of prepared test images: every study (in order of first image), then every image."""
+    studies = list(dict.fromkeys(test["study_id"]))
+    rows = [(f"{s}{STUDY_SUFFIX}", "negative 1 0 0 1 1") for s in studies]
+    rows += [(f"{i}{IMAGE_SUFFIX}", "none 1 0 0 1 1") for i in test["image_id"]]
+    return pd.DataFrame(rows, columns=SAMPLE.names)
+
+
+def write_sample(test: pd.DataFrame, path: Path) -> Path:
+    if test.empty:
+        raise SiimError("no readable image in the source: nothing to predict (see skipped.csv)")
+    return SAMPLE.write(sample_from_meta(test), path)

@@ -1,0 +1,198 @@
+"""`siimcovid predict bundle=<bundle> source=<SIIM root | DICOM folder | one DICOM> out=<folder>`.
+
+A bundle's models on new data, with nothing else present (no runs folder, no train data, no network):
+
+    1. open_bundle: every check of the bundle (files, checksums, versions) before any work
+    2. `siimcovid prepare` of the source into <out>/prepared with the bundle's conversion settings
+       (test split only; layout siim for a SIIM root, else folder; unreadable files skipped and listed)
+    3. every detector member's folds on every image -> <out>/detect/<name>/pred_test.csv
+    4. every classifier member's folds -> <out>/classify/<name>/pred_test_image.csv
+    5. `siimcovid fuse split=test` of those with the bundle's fusion settings -> <out>/fuse/
+       (submission.csv checked against the SIIM root's sample_submission.csv, or against one
+       written from the prepared images: every study and image found)
+    6. <out>/submission.csv (SIIM source), then the tables, pictures and index.html (siimcovid.predict.view)
+
+On a SIIM root the submission is the one the bundle's run wrote with `fuse split=test` on the same
+images (same conversion, same models, same batches, same fusion). Re-running with the same out=
+resumes: prepare skips converted images, and each member's table is reused when predict.yaml says
+this bundle made it on these images with this TTA and precision (siimcovid.predict.record).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from siimcovid.config import Config, fusion_keys
+from siimcovid.data.prepared import SKIPPED_CSV, Prepared
+from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
+from siimcovid.predict.record import Record, file_sha256, images_id
+from siimcovid.predict.source import loader_workers, pool_workers, prepare_settings, source_layout, write_sample
+from siimcovid.stages import stage_config
+from siimcovid.tables import DETECTIONS, SAMPLE_SUBMISSION, SKIPPED
+from siimcovid.utils import LOGGER, SiimError, atomic_path
+
+
+def offline() -> None:
+    """Nothing in predict touches the network: Ultralytics and the Hugging Face hub (timm) are told so
+    before they are imported (a user's own setting wins)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def check_inputs(cfg: Config):
+    """The bundle (opened and verified), the source and its layout, the output folder: checked before any work."""
+    for key in ("bundle", "source", "out"):
+        if not cfg[key]:
+            raise SiimError(f"predict needs {key}=: `siimcovid predict bundle=<bundle> source=<SIIM root | DICOMs> out=<folder>`")
+    from siimcovid.bundle import open_bundle
+
+    bundle = open_bundle(cfg.bundle)
+    if not bundle.detectors and not bundle.classifiers:
+        raise SiimError(f"bundle {cfg.bundle} holds no detector and no classifier")
+    source = Path(cfg.source)
+    layout = source_layout(source)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SiimError(f"out={out} is a file, not a folder")
+    return bundle, source, layout, out
+
+
+def hardware(cfg: Config) -> Hardware:
+    from siimcovid.classify.dist import pick_device
+
+    return Hardware(pick_device(cfg.device), cfg.batch, loader_workers(cfg.workers), cfg.half)
+
+
+class Steps:
+    """Times each step of predict into the record (predict.yaml `seconds`) and the log."""
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def run(self, step: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.record.timed(step, time.perf_counter() - start)
+        return result
+
+
+def prepare_source(bundle, cfg: Config, source: Path, layout: str, out: Path) -> Prepared:
+    """`siimcovid prepare` of the source into <out>/prepared as the bundle's models were trained (resumes)."""
+    from siimcovid.data.prepare import prepare
+
+    settings = prepare_settings(bundle.prepare, source, layout, out / "prepared", cfg.workers, cfg.on_error)
+    return Prepared(prepare(stage_config("prepare", None, settings)))
+
+
+def list_skipped(prepared: Prepared, out: Path) -> Path | None:
+    """<out>/skipped.csv: the source files prepare could not read (absent when none), with a warning."""
+    rows = prepared.skipped()
+    path = out / SKIPPED_CSV
+    if rows.empty:
+        path.unlink(missing_ok=True)
+        return None
+    SKIPPED.write(rows, path)
+    LOGGER.warning(f"WARNING: predict: {len(rows)} file(s) of the source are not readable images and were skipped: see {path}")
+    return path
+
+
+def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record) -> Path:
+    """A member's prediction table on the prepared test images: reused when the record vouches for it, else predicted."""
+    from siimcovid.classify.predict import study_table, write_tables
+
+    key = f"{member.kind}/{member.name}"
+    tta = member_tta(member, cfg.tta)
+    table = out / key / ("pred_test.csv" if member.kind == "detect" else "pred_test_image.csv")
+    entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
+    if record.reusable(key, entry, table):
+        LOGGER.info(f"predict: {key}: reusing {table} (this bundle, these images)")
+        return table
+    record.forget(key)
+    if member.kind == "detect":
+        DETECTIONS.write(predict_detector(member, prepared, hw, tta), table)
+    else:
+        images = predict_classifier(member, prepared, hw, tta)
+        write_tables(table.parent, "test", images, study_table(images))
+    record.done(key, entry)
+    return table
+
+
+def sample_for(layout: str, source: Path, prepared: Prepared, out: Path) -> Path:
+    """The sample submission fixing the submission's rows: the SIIM root's, else one of every prepared study and image."""
+    if layout == "siim":
+        return source / SAMPLE_SUBMISSION
+    return write_sample(prepared.split("test"), out / "fuse" / SAMPLE_SUBMISSION)
+
+
+def fuse_config(bundle, prepared: Prepared, det: list[Path], cls: list[Path], sample: Path, out: Path, workers) -> Config:
+    """`fuse split=test` of the members' tables (in the bundle's member order) with the bundle's fusion settings."""
+    params = {k: v for k, v in bundle.fusion.items() if k in set(fusion_keys())}
+    fixed = {"data": str(prepared.root), "split": "test", "sample": str(sample), "project": str(out), "name": "fuse"}
+    members = {"det": [str(p) for p in det], "cls": [str(p) for p in cls]}
+    return stage_config("fuse", None, {**params, **fixed, **members, "workers": workers})
+
+
+def run_fuse(fuse_cfg: Config) -> dict:
+    from siimcovid.fuse.stage import fuse
+
+    return fuse(fuse_cfg)
+
+
+def copy_submission(fused: dict, out: Path) -> Path:
+    path = out / "submission.csv"
+    with atomic_path(path) as tmp:
+        shutil.copyfile(fused["files"]["submission"], tmp)
+    LOGGER.info(f"predict: {path}")
+    return path
+
+
+def write_view(prepared: Prepared, fused: dict, out: Path) -> dict:
+    from siimcovid.predict.view import write_view as view
+
+    return view(prepared.root, fused["dir"], out)
+
+
+def predict(cfg: Config) -> dict:
+    """Run the steps (module docstring). Returns {"out", "prepared", "submission" (SIIM source, else None),
+    "fused" (fuse's result), "view" (the files written), "skipped" (path or None), "seconds", "n_images"}."""
+    offline()
+    bundle, source, layout, out = check_inputs(cfg)
+    hw = hardware(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    record = Record(out, cfg.bundle, file_sha256(bundle.root / "manifest.yaml"), dict(cfg))
+    steps = Steps(record)
+    prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
+    skipped = list_skipped(prepared, out)
+    n_images = record.data["n_images"] = len(prepared.split("test"))
+    det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.detectors]
+    cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.classifiers]
+    sample = sample_for(layout, source, prepared, out)
+    fuse_cfg = fuse_config(bundle, prepared, det, cls, sample, out, pool_workers(cfg.workers))
+    fused = steps.run("fuse", run_fuse, fuse_cfg)
+    submission = copy_submission(fused, out) if layout == "siim" else None
+    view = steps.run("view", write_view, prepared, fused, out)
+    log_seconds(record.data["seconds"], n_images)
+    if skipped is not None:
+        LOGGER.warning(f"WARNING: predict: {len(prepared.skipped())} file(s) skipped, listed in {skipped}")
+    return {
+        "out": out,
+        "prepared": prepared.root,
+        "submission": submission,
+        "fused": fused,
+        "view": view,
+        "skipped": skipped,
+        "seconds": dict(record.data["seconds"]),
+        "n_images": n_images,
+    }
+
+
+def log_seconds(seconds: dict, n_images: int) -> None:
+    lines = [f"  {step:<28} {s:8.2f} s  {s / max(n_images, 1):.4f} s/image" for step, s in seconds.items()]
+    LOGGER.info(f"predict: {n_images} images, time per step:\n" + "\n".join(lines))
+
+
+def main(cfg: Config) -> dict:
+    return predict(cfg)
