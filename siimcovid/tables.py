@@ -540,6 +540,10 @@ PSEUDO_BOXES = Table(
         Column("conf", FLOAT, "the teacher detector's confidence", lo=0.0, hi=1.0),
     ),
     "The confident teacher boxes written as pseudo-labels, one row per box.",
+    checks=(_not_empty("image_id"), _boxes_ordered),
+)
+
+
 # ----------------------------------------------------------------------------- predict's tables for people
 PREDICTED_STUDIES = Table(
     "predicted studies",

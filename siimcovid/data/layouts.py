@@ -43,8 +43,4 @@ def siim_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataFra
     return pd.concat(frames, ignore_index=True)[ROW_COLUMNS] if frames else pd.DataFrame(columns=ROW_COLUMNS)
 
 
-<<<<<<< HEAD
-from siimcovid.data import external  # noqa: E402,F401  registers "rsna" and "csv"
-=======
-from siimcovid.data import folder  # noqa: E402,F401  registers "folder"
->>>>>>> view
+from siimcovid.data import external, folder  # noqa: E402,F401  registers "rsna", "csv" (external) and "folder"

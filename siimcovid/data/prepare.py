@@ -84,11 +84,7 @@ class Target:
 def check_settings(cfg: Config) -> Target:
     """The settings and the input folder, checked before anything is read or written."""
     root = Path(cfg.data)
-<<<<<<< HEAD
-    if not root.exists() or (not root.is_dir() and cfg.layout in FOLDER_LAYOUTS):
-=======
-    if not root.is_dir() and not root.is_file():  # a file: layout=folder reads one DICOM
->>>>>>> view
+    if not root.exists() or (not root.is_dir() and cfg.layout in FOLDER_LAYOUTS):  # layout=folder also reads one file
         raise SiimError(f"data folder not found: {root}")
     name = cfg.name or root.resolve().name
     out = Path(cfg.out or Path("runs") / "prepare" / name)
