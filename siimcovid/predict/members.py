@@ -84,11 +84,9 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str) -> pd
 
     size = prepared.check_size(member.settings["imgsz"])
     cuda = hw.device.type == "cuda"
-    how = Inference(
-        hw.device,
-        amp_dtype_for(hw.device, hw.half),
-        cuda,  # channels_last on a GPU, as `classify predict` does by default
-        tta,
-        {"batch_size": hw.batch, "num_workers": hw.loader_workers, "pin_memory": cuda},
-    )
+    # one loader for every fold; its worker processes live through the fold loop instead of restarting per fold
+    loader = {"batch_size": hw.batch, "num_workers": hw.loader_workers, "pin_memory": cuda}
+    loader["persistent_workers"] = hw.loader_workers > 0
+    channels_last = cuda  # as `classify predict` does by default
+    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader)
     return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)
