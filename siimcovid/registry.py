@@ -19,16 +19,17 @@ from typing import Callable
 
 from siimcovid.utils import SiimError
 
-# kind -> the module whose import registers its implementations
-KINDS: dict[str, str] = {
+# kind -> the module (or modules) whose import registers its implementations
+KINDS: dict[str, str | tuple[str, ...]] = {
     "none_det": "siimcovid.fuse.formulas",
     "none_blend": "siimcovid.fuse.formulas",
     "ensemble": "siimcovid.ensemble",
-    "layout": "siimcovid.data.layouts",
+    "layout": ("siimcovid.data.layouts", "siimcovid.data.external", "siimcovid.data.folder"),
     "synth": "siimcovid.data.synth_external",
 }
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+_IMPORTED: set[str] = set()  # kinds whose KINDS modules were imported
 
 
 def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callable]:
@@ -46,8 +47,10 @@ def register(kind: str, name: str, *aliases: str) -> Callable[[Callable], Callab
 
 
 def _load(kind: str) -> dict[str, Callable]:
-    if kind not in _REGISTRY and kind in KINDS:
-        importlib.import_module(KINDS[kind])
+    if kind in KINDS and kind not in _IMPORTED:  # every module of the kind, even when one registered already
+        for module in (KINDS[kind],) if isinstance(KINDS[kind], str) else KINDS[kind]:
+            importlib.import_module(module)
+        _IMPORTED.add(kind)
     if kind not in _REGISTRY:
         raise SiimError(f"no registry '{kind}' (known: {', '.join(sorted(set(KINDS) | set(_REGISTRY)))})")
     return _REGISTRY[kind]

@@ -14,6 +14,8 @@ A layout turns a data root into the rows prepare converts, one per image:
     @register("layout", "siim")
     def siim_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataFrame: ...
 
+A layout in another module registers itself there; `siimcovid.registry.KINDS["layout"]` lists the
+modules to import (siim here, rsna and csv in external.py, folder in folder.py).
 Bad inputs go to `problems` (it raises unless on_error=skip), naming file and line.
 """
 
@@ -41,6 +43,3 @@ def siim_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataFra
         frames.append(test)
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True)[ROW_COLUMNS] if frames else pd.DataFrame(columns=ROW_COLUMNS)
-
-
-from siimcovid.data import external, folder  # noqa: E402,F401  registers "rsna", "csv" (external) and "folder"
