@@ -130,6 +130,10 @@ def test_classify_pretrain_then_finetune(prepared, csv_prepared, tmp_path, caplo
     probs = pd.read_csv(fold / "val_pred_labels.csv")
     assert list(probs.columns[-len(names) :]) == names
     assert set(probs.image_id) == set(ExtraData(csv_prepared).prep.fold(0, "val").image_id)
+    from siimcovid.classify.predict import predict_run
+
+    with pytest.raises(SiimError, match="multi-label pretraining run"):  # no study head to predict with
+        predict_run(tmp_path / "pre", "oof", "none", torch.device("cpu"), 4, 0)
 
     caplog.clear()
     main(tiny_cfg(prepared, tmp_path, name="fine", fold=0, epochs=1, fine_lr=[], init=str(tmp_path / "pre")))

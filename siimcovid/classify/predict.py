@@ -258,6 +258,11 @@ def run_inference(
     from siimcovid.data.prepared import Prepared
 
     run_cfg = read_yaml(run_dir / "classify.yaml")
+    if run_cfg.get("label_names"):
+        raise SiimError(
+            f"{run_dir} is a multi-label pretraining run (labels {run_cfg['label_names']}): it predicts no study classes; "
+            f"start a SIIM classifier from it with `classify train init={run_dir}`"
+        )
     prep = Prepared(source or run_cfg["data"])
     size = prep.check_size(run_cfg["imgsz"])
     if split == "oof":

@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from siimcovid.utils import SiimError
 
@@ -42,6 +41,8 @@ def make_folds(df: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> np.ndarray
 
     Patients with an empty PatientID are treated as one patient per study.
     """
+    from sklearn.model_selection import StratifiedGroupKFold  # here: importing sklearn costs seconds (predict never folds)
+
     if n_folds < 2:
         raise SiimError(f"n_folds must be at least 2, got {n_folds}")
     patients = [p if p else f"study:{s}" for p, s in zip(df.patient_id, df.study_id)]
