@@ -178,9 +178,17 @@ def test_detect_pretrain_on_rsna_then_finetune(prepared, rsna_prepared, pseudo_d
     siim_yamls = Path(prepared).parent / "data_yaml"
     common = [f"data={prepared}", f"data_yaml_dir={siim_yamls}", *DETECT_TINY, "fold=0", f"project={tmp_path}"]
     extra = f"extra={rsna_prepared},{pseudo_dir}"
-    detect(*common, "name=fine", f"init={tmp_path / 'rsna'}", extra)
+    # Ultralytics' own logger (no propagation; its stream handler may hold a stream an earlier test captured): listen to it
+    messages = logging.Handler()
+    messages.emit = lambda record: lines.append(record.getMessage())
+    lines: list[str] = []
+    logging.getLogger("ultralytics").addHandler(messages)
+    try:
+        detect(*common, "name=fine", f"init={tmp_path / 'rsna'}", extra)
+    finally:
+        logging.getLogger("ultralytics").removeHandler(messages)
     out = capfd.readouterr()
-    text = out.out + out.err
+    text = out.out + out.err + "\n".join(lines)
     transferred = re.search(r"Transferred (\d+)/(\d+) items from pretrained weights", text)
     assert transferred and transferred.group(1) == transferred.group(2)  # same architecture, one class: every tensor
     args = yaml.safe_load((tmp_path / "fine" / "fold0" / "args.yaml").read_text())
