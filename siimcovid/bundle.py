@@ -47,13 +47,13 @@ from tqdm import tqdm
 
 from siimcovid import __version__, stages
 from siimcovid.config import Config, load_config, read_yaml
+from siimcovid.rundir import saved_predict_settings
 from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 
 FORMAT = 1  # the bundle format this siimcovid writes and reads
 MANIFEST = "manifest.yaml"
 PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "ensemble_boxes", "pydicom", "numpy", "pandas")
 MAJOR_CHECKED = ("torch", "ultralytics", "timm")  # another major version may not load (or run) the checkpoints
-DETECT_KEYS = ("conf", "iou", "tta", "max_det", "predict_imgsz")  # detect predict's settings that change the boxes
 CONVERSION_KEYS = ("ext", "png_level")  # prepare's settings that change the pixels a model sees (besides the size)
 CACHE_ENV = "SIIMCOVID_CACHE"
 KINDS = {"detect": "det", "classify": "cls"}  # member kind -> its list in fuse.yaml
@@ -167,11 +167,13 @@ def predict_config(stage: str, src: Sources, weights: str | None) -> Config:
 def detector_member(run_dir: Path, pcfg: Config) -> tuple[Member, Path]:
     """A finished detect run -> its Member (source checkpoints) and the prepared folder it trained on."""
     from siimcovid.detect.common import passthrough
-    from siimcovid.detect.predict import load_run
+    from siimcovid.detect.predict import PREDICT_KEYS, load_run
 
     run = load_run(run_dir, pcfg.weights)  # refuses folds still training
-    settings = {"size": run.size, "imgsz": dict(run.imgsz), **{k: pcfg[k] for k in DETECT_KEYS}, "weights": pcfg.weights}
-    extra = passthrough(pcfg)  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
+    saved = saved_predict_settings(run_dir)  # what made its own pred_*.csv, when its predict recorded it
+    chosen = {k: saved.get(k, pcfg[k]) for k in PREDICT_KEYS}
+    settings = {"size": run.size, "imgsz": dict(run.imgsz), **chosen, "weights": pcfg.weights}
+    extra = saved.get("ultralytics", {}) if saved else passthrough(pcfg)  # Ultralytics arguments the run gave (agnostic_nms...)
     if extra:
         settings["ultralytics"] = extra
     return Member("detect", run.name, dict(run.weights), settings), run.prepared.root
@@ -189,7 +191,8 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path]) -> tuple
     prepared = locate(run_cfg["data"], [*anchors, *run_dir.resolve().parents])
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
-    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": pcfg.tta, "weights": pcfg.weights}
+    tta = saved_predict_settings(run_dir).get("tta", pcfg.tta)  # what made its own tables, when its predict recorded it
+    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": tta, "weights": pcfg.weights}
     return Member("classify", run_dir.name, weights, settings), prepared
 
 
@@ -383,9 +386,15 @@ def export(cfg: Config) -> Path:
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite)
     det_cfg, cls_cfg = predict_config("detect", src, cfg.weights), predict_config("classify", src, cfg.weights)
-    if not src.run:
-        shown = " ".join(f"{k}={det_cfg[k]}" for k in DETECT_KEYS)
-        LOGGER.info(f"export: the runs saved no predict settings: the defaults, detect {shown}, classify tta={cls_cfg.tta}")
+    unsaved = [d for d in src.detect + src.classify if not saved_predict_settings(d)]
+    if unsaved and not src.run:
+        from siimcovid.detect.predict import PREDICT_KEYS
+
+        shown = " ".join(f"{k}={det_cfg[k]}" for k in PREDICT_KEYS)
+        LOGGER.info(
+            f"export: {', '.join(map(str, unsaved))} saved no predict settings (predicted before siimcovid recorded them): "
+            f"the defaults, detect {shown}, classify tta={cls_cfg.tta}"
+        )
     det = [detector_member(d, det_cfg) for d in src.detect]
     cls = [classifier_member(d, cls_cfg, src.anchors) for d in src.classify]
     members = [m for m, _ in det + cls]

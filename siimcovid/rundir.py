@@ -78,3 +78,23 @@ def refuse_changed(where: str | Path, changed: list[tuple[str, Any, Any]], advic
     if changed:
         diff = ", ".join(f"{k}={a} (now {b})" for k, a, b in changed[:6]) + (" ..." if len(changed) > 6 else "")
         raise SiimError(f"{where} was trained with {diff}: {advice}")
+
+
+PREDICT_SETTINGS = "predict.yaml"  # <run>/predict.yaml: the settings of the run's latest own predictions
+
+
+def save_predict_settings(run_dir: str | Path, settings: Mapping[str, Any]) -> Path:
+    """Record the settings that made the prediction tables now in the run folder (what `export` packs)."""
+    import yaml
+
+    from siimcovid.utils import atomic_write_text
+
+    return atomic_write_text(Path(run_dir) / PREDICT_SETTINGS, yaml.safe_dump(dict(settings), sort_keys=False))
+
+
+def saved_predict_settings(run_dir: str | Path) -> dict:
+    """The settings save_predict_settings recorded; {} when the run's predict saved none (older runs)."""
+    import yaml
+
+    path = Path(run_dir) / PREDICT_SETTINGS
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}

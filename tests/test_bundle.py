@@ -162,6 +162,21 @@ def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
     assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"].endswith("ens")
 
 
+def test_runs_named_one_by_one_take_the_settings_their_own_predict_recorded(runs, tmp_path):
+    from siimcovid.rundir import save_predict_settings
+
+    save_predict_settings(runs / "detect/v5a", {"conf": 0.05, "iou": 0.6, "tta": False, "max_det": 50, "predict_imgsz": 96})
+    save_predict_settings(runs / "classify/b5", {"tta": "none", "weights": "best"})
+    out = export(runs, detect=[str(runs / "detect/v5a"), str(runs / "detect/v5b")], classify=[str(runs / "classify/b3"),
+                 str(runs / "classify/b5")], fuse=str(runs / "fuse/ens"), out=str(tmp_path / "ens"))  # fmt: skip
+    opened = open_bundle(out)
+    det = {m.name: m.settings for m in opened.detectors}
+    assert {k: det["v5a"][k] for k in ("conf", "iou", "tta", "max_det", "predict_imgsz")} == {
+        "conf": 0.05, "iou": 0.6, "tta": False, "max_det": 50, "predict_imgsz": 96}  # fmt: skip
+    assert det["v5b"]["tta"] is True and det["v5b"]["conf"] == 0.001  # recorded nothing: the defaults
+    assert {m.name: m.settings["tta"] for m in opened.classifiers} == {"b3": "hflip", "b5": "none"}
+
+
 def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs, tmp_path):
     import shutil
 

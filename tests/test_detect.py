@@ -278,6 +278,11 @@ def test_predict_writes_tidy_oof_and_test_files(trained, predicted, prepared):
     assert set(test.image_id) <= set(prep.split("test").image_id)
     assert set(test.fold) == {0, 1, 2}
     assert (test.groupby("fold").image_id.nunique() > 0).all()
+    # the settings that made them, recorded for `siimcovid export`
+    from siimcovid.rundir import saved_predict_settings
+
+    assert saved_predict_settings(trained) == {"conf": 0.001, "iou": 0.5, "tta": True, "max_det": 100, "predict_imgsz": 64,
+                                               "weights": "best"}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -41,9 +41,11 @@ from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import image_truth, oof_images
 from siimcovid.detect.common import RUN_CONFIG, device_arg, fold_state, passthrough, prepared_of_yaml
-from siimcovid.rundir import fold_checkpoints, fold_dir
+from siimcovid.rundir import fold_checkpoints, fold_dir, save_predict_settings
 from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
+
+PREDICT_KEYS = ("conf", "iou", "tta", "max_det", "predict_imgsz")  # the settings that change the boxes
 
 
 @dataclass
@@ -239,6 +241,9 @@ def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[s
     for split, df in preds.items():
         written[split] = DETECTIONS.write(df, where / f"pred_{split}.csv")
         together[split].append(df)
+    if not cfg.source:  # what made the run's own tables: `siimcovid export` packs these settings
+        saved = {k: cfg[k] for k in (*PREDICT_KEYS, "weights")}
+        save_predict_settings(run.dir, {**saved, "ultralytics": passthrough(cfg)} if passthrough(cfg) else saved)
     if "oof" in splits:
         table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name)
         written["scores"] = SCORES.write(table, run.dir / "scores_oof.csv")
