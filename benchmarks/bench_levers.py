@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--train-studies", type=int, default=48, help="labelled SIIM train studies (small on purpose)")
     parser.add_argument("--pool-studies", type=int, default=144, help="unlabelled pool: the SIIM test split")
     parser.add_argument("--external-studies", type=int, default=240, help="RSNA-like and NIH-like studies each")
-    parser.add_argument("--det-epochs", type=int, default=8)
+    parser.add_argument("--det-epochs", type=int, default=12)
     parser.add_argument("--cls-epochs", type=int, default=6)
     parser.add_argument("--box-conf", type=float, default=0.25, help="pseudo: teacher box confidence kept")
     parser.add_argument("--quick", action="store_true", help="2 epochs, few tuning trials: a smoke test")
