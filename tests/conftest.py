@@ -1,4 +1,5 @@
-"""Shared fixtures: one small synthetic dataset and its prepared folder for the whole session."""
+"""Shared fixtures: one small synthetic dataset and its prepared folder, and one tiny trained `siimcovid run` (with
+its bundle), for the whole session."""
 
 from __future__ import annotations
 
@@ -55,3 +56,36 @@ def tiny_root(_tiny_source, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(_tiny_source, tmp_path / "root"))
+
+
+# The smallest `siimcovid run`: 2 folds, 1 epoch, 64 px, CPU. Predict's batch (16, the default) is the run's predict batch.
+TINY_RUN = {
+    "synth": {"train_studies": 24, "test_studies": 4, "rows": 160, "cols": 192, "workers": 1, "seed": 11},
+    "prepare": {"sizes": [64], "n_folds": 2, "workers": 1},
+    "detect": {"model": "yolov5n.yaml", "pretrained": False, "epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu"}
+    | {"workers": 0, "plots": False},
+    "detect_predict": {"tta": False},
+    "classify": {"model": "resnet10t", "pretrained": False, "imgsz": 64, "epochs": 1, "fine_lr": [], "batch": 8}
+    | {"workers": 0, "device": "cpu"},
+    "classify_predict": {"tta": "hflip", "workers": 0},
+    "tune_trials": 3,
+    "nested_tuning": False,
+    "report": False,
+}
+
+
+def tiny_run_call(base: Path, name: str = "e2e", **overrides) -> dict:
+    """`siimcovid run` with TINY_RUN (sections replaced by `overrides`) on a synthetic root under `base`."""
+    from siimcovid.cli import call
+
+    settings = {**TINY_RUN, **overrides}
+    settings["prepare"] = {**settings["prepare"], "data_yaml_dir": str(base / "data_yaml")}
+    return call("run", name=name, data=str(base / "siim"), project=str(base / "runs"), **settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    """(base folder, what `siimcovid run` returned): trained once for the session; it ends with its bundle
+    (runs/bundle/e2e). Tests read it and must not change it (re-run or damage a copy)."""
+    base = tmp_path_factory.mktemp("tiny_run")
+    return base, tiny_run_call(base)

@@ -303,29 +303,13 @@ def test_a_corrupt_zip_is_an_error(runs, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- from a trained run
 @pytest.mark.slow
-def test_siimcovid_run_ends_by_exporting_a_bundle_that_opens(tmp_path):
+def test_siimcovid_run_ends_by_exporting_a_bundle_that_opens(tiny_run):
     import torch
     from ultralytics import YOLO
 
     from siimcovid.classify.predict import load_checkpoint_model
 
-    result = call(
-        "run",
-        name="e2e",
-        data=str(tmp_path / "siim"),
-        project=str(tmp_path / "runs"),
-        synth={"train_studies": 16, "test_studies": 2, "rows": 160, "cols": 192, "workers": 1, "seed": 5},
-        prepare={"sizes": [64], "n_folds": 2, "workers": 1, "data_yaml_dir": str(tmp_path / "data_yaml")},
-        detect={"model": "yolov5n.yaml", "pretrained": False, "epochs": 1, "imgsz": 64, "batch": 8, "device": "cpu"}
-        | {"workers": 0, "plots": False},
-        detect_predict={"tta": False, "batch": 8},
-        classify={"model": "resnet10t", "pretrained": False, "imgsz": 64, "epochs": 1, "fine_lr": [], "batch": 8}
-        | {"workers": 0, "device": "cpu"},
-        classify_predict={"tta": "none", "workers": 0},
-        tune_trials=2,
-        nested_tuning=False,
-        report=False,
-    )
+    tmp_path, result = tiny_run  # conftest: the session's tiny `siimcovid run`
     opened = open_bundle(result["bundle"])
     assert result["bundle"] == tmp_path / "runs/bundle/e2e" and "export" in result["timings"]
     fuse_test = yaml.safe_load((tmp_path / "runs/fuse/e2e/fuse_test.yaml").read_text())

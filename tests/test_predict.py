@@ -115,48 +115,11 @@ def test_the_record_reuses_a_table_only_for_the_same_bundle_images_and_tta(tmp_p
 
 
 # ----------------------------------------------------------------------------- slow: a tiny run, exported
-# test_run.py's tiny `siimcovid run` (2 folds, 1 epoch, 64 px); predict's batch (16) is the run's predict batch.
-TINY_RUN = {
-    "synth": {"train_studies": 24, "test_studies": 4, "rows": 160, "cols": 192, "workers": 1, "seed": 11},
-    "prepare": {"sizes": [64], "n_folds": 2, "workers": 1},
-    "detect": {
-        "model": "yolov5n.yaml",
-        "pretrained": False,
-        "epochs": 1,
-        "imgsz": 64,
-        "batch": 8,
-        "device": "cpu",
-        "workers": 0,
-        "plots": False,
-    },
-    "detect_predict": {"tta": False},
-    "classify": {
-        "model": "resnet10t",
-        "pretrained": False,
-        "imgsz": 64,
-        "epochs": 1,
-        "fine_lr": [],
-        "batch": 8,
-        "workers": 0,
-        "device": "cpu",
-    },
-    "classify_predict": {"tta": "hflip", "workers": 0},
-    "tune_trials": 3,
-    "nested_tuning": False,
-    "report": False,
-}
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny run on a synthetic SIIM root, exported: (base folder, SIIM root, the run's submission, the bundle)."""
-    from siimcovid.cli import call
-
-    base = tmp_path_factory.mktemp("predict")
-    settings = {**TINY_RUN, "prepare": {**TINY_RUN["prepare"], "data_yaml_dir": str(base / "data_yaml")}}
-    result = call("run", name="e2e", data=str(base / "siim"), project=str(base / "runs"), **settings)
-    bundle = call("export", run="e2e", project=str(base / "runs"), out=str(base / "bundle"), overwrite=True)
-    return base, base / "siim", result["submission"], bundle
+def trained(tiny_run):
+    """The session's tiny run (conftest.tiny_run), exported: (base folder, SIIM root, the run's submission, the bundle)."""
+    base, result = tiny_run
+    return base, base / "siim", result["submission"], result["bundle"]
 
 
 def predict(bundle, source, out, **settings):

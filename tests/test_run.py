@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_run_call
 
 from siimcovid import metrics, report
 from siimcovid.cli import call
@@ -14,39 +15,12 @@ from siimcovid.submission import check_submission, read_submission
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The whole pipeline with every knob at its smallest: 2 folds, 1 epoch, 64 px."""
+    """The whole pipeline with every knob at its smallest (conftest.TINY_RUN), with the report and nested tuning:
+    its own run, since test_rerun_resumes_without_training_again runs it again under other settings."""
     base = tmp_path_factory.mktemp("run")
-    result = call(
-        "run",
-        name="e2e",
-        data=str(base / "siim"),
-        project=str(base / "runs"),
-        synth={"train_studies": 24, "test_studies": 4, "rows": 160, "cols": 192, "workers": 1, "seed": 11},
-        prepare={"sizes": [64], "n_folds": 2, "workers": 1, "data_yaml_dir": str(base / "data_yaml")},
-        detect={
-            "model": "yolov5n.yaml",
-            "pretrained": False,
-            "epochs": 1,
-            "imgsz": 64,
-            "batch": 8,
-            "device": "cpu",
-            "workers": 0,
-            "plots": False,
-        },
-        detect_predict={"tta": False, "batch": 8},
-        classify={
-            "model": "resnet10t",
-            "pretrained": False,
-            "imgsz": 64,
-            "epochs": 1,
-            "fine_lr": [],
-            "batch": 8,
-            "workers": 0,
-            "device": "cpu",
-        },
-        classify_predict={"tta": "none", "workers": 0},
-        tune_trials=3,
-    )
+    classify_predict = {"tta": "none", "workers": 0}
+    result = tiny_run_call(base, detect_predict={"tta": False, "batch": 8}, classify_predict=classify_predict,
+                           nested_tuning=True, report=True)  # fmt: skip
     return base, result
 
 
