@@ -158,6 +158,28 @@ def test_a_corrupt_bundle_stops_before_any_work(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unreadable_test_dicom_still_gives_a_complete_submission(trained, on_siim, tmp_path):
+    import shutil
+
+    from siimcovid.predict.stage import UNREAD_IMAGE, UNREAD_STUDY
+    from siimcovid.submission import read_submission
+
+    _, root, _, bundle = trained
+    copy = Path(shutil.copytree(root, tmp_path / "siim"))
+    broken = sorted((copy / "test").rglob("*.dcm"))[0]
+    broken.write_bytes(broken.read_bytes()[:200])  # cut inside the header: not a readable DICOM
+    result = predict(bundle, copy, tmp_path / "out")
+    sub = read_submission(result["submission"], sample=copy / SAMPLE_SUBMISSION)  # every id, as Kaggle checks
+    rows = dict(zip(sub.id, sub.PredictionString))
+    assert rows[f"{broken.stem}_image"] == UNREAD_IMAGE
+    study = f"{broken.parent.parent.name}_study"
+    alone = len(list(broken.parent.parent.rglob("*.dcm"))) == 1
+    assert (rows[study] == UNREAD_STUDY) == alone  # a study keeps its fused row while it has a readable image
+    full = dict(zip(*read_submission(on_siim["submission"]).T.to_numpy()))
+    assert all(rows[i] == full[i] for i in rows if i not in (f"{broken.stem}_image", study))  # the others: as before
+
+
+@pytest.mark.slow
 def test_a_loose_folder_is_grouped_by_study_and_lists_what_is_not_a_dicom(trained, on_siim, tmp_path):
     import random
     import shutil

@@ -21,9 +21,10 @@ this bundle made it on these images with this TTA and precision (siimcovid.predi
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
@@ -31,8 +32,18 @@ from siimcovid.predict.members import Hardware, member_tta, predict_classifier, 
 from siimcovid.predict.record import Record, file_sha256, images_id
 from siimcovid.predict.source import loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
-from siimcovid.tables import DETECTIONS, SAMPLE_SUBMISSION, SKIPPED
-from siimcovid.utils import LOGGER, SiimError, atomic_path
+from siimcovid.submission import write_submission
+from siimcovid.tables import (
+    DETECTIONS,
+    IMAGE_SUFFIX,
+    SAMPLE,
+    SAMPLE_SUBMISSION,
+    SKIPPED,
+    STUDY_CLASSES,
+    STUDY_SUFFIX,
+    SUBMISSION,
+)
+from siimcovid.utils import LOGGER, SiimError
 
 
 def offline() -> None:
@@ -121,10 +132,48 @@ def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
 
 
 def sample_for(layout: str, source: Path, prepared: Prepared, out: Path) -> Path:
-    """The sample submission fixing the submission's rows: the SIIM root's, else one of every prepared study and image."""
-    if layout == "siim":
+    """The sample submission fixing the fused rows: the SIIM root's (less the images prepare could not read, which
+    complete_submission fills in), else one of every prepared study and image."""
+    if layout != "siim":
+        return write_sample(prepared.split("test"), out / "fuse" / SAMPLE_SUBMISSION)
+    sample, readable = SAMPLE.read(source / SAMPLE_SUBMISSION), set(prepared.split("test").image_id)
+    unread = unreadable_ids(sample, readable, prepared)
+    if not unread:
         return source / SAMPLE_SUBMISSION
-    return write_sample(prepared.split("test"), out / "fuse" / SAMPLE_SUBMISSION)
+    return SAMPLE.write(sample[~sample["id"].isin(unread)], out / "fuse" / SAMPLE_SUBMISSION)
+
+
+def unreadable_ids(sample, readable: set, prepared: Prepared) -> set:
+    """Sample ids prepare could not give an image for: unreadable images, and studies left with none."""
+    test = prepared.split("test")
+    studies = {f"{s}{STUDY_SUFFIX}" for s in test.study_id}
+    ids = sample["id"]
+    images = ids[ids.str.endswith(IMAGE_SUFFIX)]
+    unread = {i for i in images if i[: -len(IMAGE_SUFFIX)] not in readable}
+    return unread | {i for i in ids[ids.str.endswith(STUDY_SUFFIX)] if i not in studies}
+
+
+# What a submission says for what could not be read: no box, and a study whose class is anyone's guess.
+UNREAD_IMAGE = "none 1 0 0 1 1"
+UNREAD_STUDY = " ".join(f"{c} 0.25 0 0 1 1" for c in STUDY_CLASSES)
+
+
+def complete_submission(fused: dict, source: Path, out: Path) -> Path:
+    """<out>/submission.csv: the fused rows, plus a row for every sample id whose image could not be read (a
+    Kaggle re-run on hidden data cannot be fixed by hand: one bad DICOM must not cost the submission)."""
+    sample = SAMPLE.read(source / SAMPLE_SUBMISSION)
+    sub = SUBMISSION.read(fused["files"]["submission"]).set_index("id")
+    missing = [i for i in sample["id"] if i not in sub.index]
+    if missing:
+        fill = [UNREAD_IMAGE if i.endswith(IMAGE_SUFFIX) else UNREAD_STUDY for i in missing]
+        sub = pd.concat([sub, pd.DataFrame({"PredictionString": fill}, index=pd.Index(missing, name="id"))])
+        LOGGER.warning(
+            f"WARNING: predict: {len(missing)} submission row(s) of images that could not be read (see skipped.csv) "
+            f"say '{UNREAD_IMAGE}' (studies with no readable image: 0.25 for each class)"
+        )
+    path = write_submission(sub.loc[list(sample["id"])].reset_index(), out / "submission.csv", sample=source / SAMPLE_SUBMISSION)
+    LOGGER.info(f"predict: {path}")
+    return path
 
 
 def fuse_config(bundle, prepared: Prepared, det: list[Path], cls: list[Path], sample: Path, out: Path, workers) -> Config:
@@ -139,14 +188,6 @@ def run_fuse(fuse_cfg: Config) -> dict:
     from siimcovid.fuse.stage import fuse
 
     return fuse(fuse_cfg)
-
-
-def copy_submission(fused: dict, out: Path) -> Path:
-    path = out / "submission.csv"
-    with atomic_path(path) as tmp:
-        shutil.copyfile(fused["files"]["submission"], tmp)
-    LOGGER.info(f"predict: {path}")
-    return path
 
 
 def write_view(prepared: Prepared, fused: dict, out: Path) -> dict:
@@ -172,7 +213,7 @@ def predict(cfg: Config) -> dict:
     sample = sample_for(layout, source, prepared, out)
     fuse_cfg = fuse_config(bundle, prepared, det, cls, sample, out, pool_workers(cfg.workers))
     fused = steps.run("fuse", run_fuse, fuse_cfg)
-    submission = copy_submission(fused, out) if layout == "siim" else None
+    submission = complete_submission(fused, source, out) if layout == "siim" else None
     view = steps.run("view", write_view, prepared, fused, out)
     log_seconds(record.data["seconds"], n_images)
     if skipped is not None:
