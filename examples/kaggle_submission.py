@@ -23,7 +23,7 @@ WHEELS = Path("/kaggle/input/siimcovid-wheels")  # the dataset of wheels (exampl
 BUNDLE = Path("/kaggle/input/siimcovid-bundle")  # the bundle folder (manifest.yaml inside), or a .zip bundle file
 DATA = Path("/kaggle/input/siim-covid19-detection")  # the competition: test/ and sample_submission.csv
 WORK = Path("/kaggle/working")  # the notebook's writable folder; submission.csv must end up here
-OUT = WORK / "predict"  # predict's outputs (prepared images, every model's table, fuse's tables...)
+OUT = Path("/tmp/siimcovid-predict")  # predict's outputs (prepared images...): not the notebook's saved output
 DEVICE = "0"  # the GPU; "cpu" to try the notebook without one
 
 PREDICT_ARGS = [f"bundle={BUNDLE}", f"source={DATA}", f"out={OUT}", f"device={DEVICE}"]
@@ -46,7 +46,7 @@ def predict() -> Path:
     # predict sets these itself; set here too so nothing imported in this notebook tries the network
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("SIIMCOVID_CACHE", str(WORK / "bundle_cache"))  # where a .zip bundle is extracted
+    os.environ.setdefault("SIIMCOVID_CACHE", "/tmp/siimcovid-bundles")  # where a .zip bundle is extracted (not saved)
     sh(sys.executable, "-m", "siimcovid", "predict", *PREDICT_ARGS)
     return OUT / "submission.csv"
 

@@ -164,22 +164,23 @@ def predict_config(stage: str, src: Sources, weights: str | None) -> Config:
     return stages.stage_config(stage, "predict", settings)
 
 
-def detector_member(run_dir: Path, pcfg: Config) -> tuple[Member, Path]:
+def detector_member(run_dir: Path, pcfg: Config, explicit: str | None = None) -> tuple[Member, Path]:
     """A finished detect run -> its Member (source checkpoints) and the prepared folder it trained on."""
     from siimcovid.detect.common import passthrough
     from siimcovid.detect.predict import PREDICT_KEYS, load_run
 
-    run = load_run(run_dir, pcfg.weights)  # refuses folds still training
-    saved = saved_predict_settings(run_dir)  # what made its own pred_*.csv, when its predict recorded it
+    saved = saved_predict_settings(run_dir)  # what made its own pred_test.csv, when its predict recorded it
+    weights = explicit or saved.get("weights", pcfg.weights)
+    run = load_run(run_dir, weights)  # refuses folds still training
     chosen = {k: saved.get(k, pcfg[k]) for k in PREDICT_KEYS}
-    settings = {"size": run.size, "imgsz": dict(run.imgsz), **chosen, "weights": pcfg.weights}
+    settings = {"size": run.size, "imgsz": dict(run.imgsz), **chosen, "weights": weights}
     extra = saved.get("ultralytics", {}) if saved else passthrough(pcfg)  # Ultralytics arguments the run gave (agnostic_nms...)
     if extra:
         settings["ultralytics"] = extra
     return Member("detect", run.name, dict(run.weights), settings), run.prepared.root
 
 
-def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path]) -> tuple[Member, Path]:
+def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit: str | None = None) -> tuple[Member, Path]:
     """A finished classify run -> its Member (source checkpoints) and the prepared folder it trained on."""
     from siimcovid.classify.predict import fold_checkpoints
 
@@ -187,12 +188,13 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path]) -> tuple
     if not saved.is_file():
         raise SiimError(f"export: {run_dir} is not a classify run (no classify.yaml)")
     run_cfg = read_yaml(saved)
-    weights = fold_checkpoints(run_dir, False, pcfg.weights)  # refuses folds still training
+    saved = saved_predict_settings(run_dir)  # what made its own pred_test tables, when its predict recorded it
+    chosen = explicit or saved.get("weights", pcfg.weights)
+    weights = fold_checkpoints(run_dir, False, chosen)  # refuses folds still training
     prepared = locate(run_cfg["data"], [*anchors, *run_dir.resolve().parents])
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
-    tta = saved_predict_settings(run_dir).get("tta", pcfg.tta)  # what made its own tables, when its predict recorded it
-    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": tta, "weights": pcfg.weights}
+    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": saved.get("tta", pcfg.tta), "weights": chosen}
     return Member("classify", run_dir.name, weights, settings), prepared
 
 
@@ -395,8 +397,8 @@ def export(cfg: Config) -> Path:
             f"export: {', '.join(map(str, unsaved))} saved no predict settings (predicted before siimcovid recorded them): "
             f"the defaults, detect {shown}, classify tta={cls_cfg.tta}"
         )
-    det = [detector_member(d, det_cfg) for d in src.detect]
-    cls = [classifier_member(d, cls_cfg, src.anchors) for d in src.classify]
+    det = [detector_member(d, det_cfg, cfg.weights) for d in src.detect]
+    cls = [classifier_member(d, cls_cfg, src.anchors, cfg.weights) for d in src.classify]
     members = [m for m, _ in det + cls]
     for group in ([m for m, _ in det], [m for m, _ in cls]):
         if group:

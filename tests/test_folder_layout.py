@@ -76,6 +76,15 @@ def test_pictures_are_listed_with_their_folder_as_study(tmp_path):
     assert sorted(table.image_id) == ["a", "b", "c"] and set(table.study_id) == {"study_7"} and set(table.series_id) == {""}
 
 
+def test_folders_of_one_name_in_two_places_are_two_studies(tmp_path):
+    for patient in ("p1", "p2"):
+        (tmp_path / patient / "DICOM").mkdir(parents=True)
+        (tmp_path / patient / "DICOM" / f"{patient}.png").write_bytes(b"")
+    (tmp_path / "loose.png").write_bytes(b"")
+    table = folder_layout(tmp_path, ["test"], Problems("raise")).set_index("image_id")
+    assert table.study_id.to_dict() == {"loose": tmp_path.name, "p1": "p1_DICOM", "p2": "p2_DICOM"}
+
+
 def test_ids_made_unique_never_take_another_files_id():
     assert unique_ids(["a", "a", "a_2", "b", "a"]) == ["a", "a_3", "a_2", "b", "a_4"]
 

@@ -176,4 +176,4 @@ def test_the_kaggle_example_compiles_and_its_predict_command_line_parses():
     spec.loader.exec_module(module)  # defines the settings and steps; main() runs only as a script
     cfg = stage_config("predict", None, module.PREDICT_ARGS)  # as `siimcovid predict ...` would read them
     assert (cfg.bundle, cfg.source, cfg.device) == (str(module.BUNDLE), str(module.DATA), 0)
-    assert str(cfg.out).startswith("/kaggle/working/")
+    assert not str(cfg.out).startswith("/kaggle/input")  # read-only there; /tmp keeps the prepared images out of the saved output

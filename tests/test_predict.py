@@ -77,6 +77,15 @@ def test_predict_needs_a_bundle_a_source_and_an_out():
         call("predict", source="s", out="o")
 
 
+def test_an_out_inside_a_folder_source_is_refused_before_anything(tmp_path):
+    from siimcovid.cli import call
+
+    (tmp_path / "dicoms").mkdir()
+    with pytest.raises(SiimError, match="lies inside source="):
+        call("predict", bundle=str(tmp_path / "no-bundle"), source=str(tmp_path / "dicoms"), out=str(tmp_path / "dicoms/out"))
+    assert not (tmp_path / "dicoms" / "out").exists()
+
+
 def test_tta_null_keeps_each_members_own_and_a_bool_sets_every_member():
     det = SimpleNamespace(kind="detect", settings={"tta": True})
     cls = SimpleNamespace(kind="classify", settings={"tta": "hflip"})

@@ -401,7 +401,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
             else:
                 images, studies = predict_run(run_dir, split, *how)
             write_tables(run_dir, split, images, studies)
-            if not cfg.source:  # what made the run's own tables: `siimcovid export` packs these settings
+            if not cfg.source and split == "test":  # what made the run's test tables: `siimcovid export` packs these
                 rundir.save_predict_settings(run_dir, {"tta": cfg.tta, "weights": cfg.weights})
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:

@@ -53,7 +53,16 @@ def has_dicom_preamble(path: Path) -> bool:
     return head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC
 
 
-def dicom_ids(path: Path) -> dict:
+def folder_study(path: Path, root: Path) -> str:
+    """A study id for a file whose header names none: its folder's path under the root (two folders of one name,
+    a/DICOM and b/DICOM, stay two studies); the root's own name for files lying in the root."""
+    parent = path.parent.resolve()
+    base = root.resolve() if root.is_dir() else root.resolve().parent
+    rel = parent.relative_to(base).as_posix() if parent.is_relative_to(base) else ""
+    return rel if rel and rel != "." else base.name
+
+
+def dicom_ids(path: Path, root: Path) -> dict:
     """image_id, study_id, series_id of a DICOM file from its header; DataError when it is not a DICOM image."""
     preamble = has_dicom_preamble(path)
     try:  # without the preamble, force the read: old files (ACR-NEMA style) start straight with their elements
@@ -68,17 +77,17 @@ def dicom_ids(path: Path) -> dict:
         raise DataError("DICOM without an image (no Rows/Columns)" if preamble else "neither a DICOM nor a PNG/JPEG", path)
     return {
         "image_id": str(ds.get("SOPInstanceUID", "") or "").strip() or path.stem,
-        "study_id": str(ds.get("StudyInstanceUID", "") or "").strip() or path.parent.name,
+        "study_id": str(ds.get("StudyInstanceUID", "") or "").strip() or folder_study(path, root),
         "series_id": str(ds.get("SeriesInstanceUID", "") or "").strip(),
     }
 
 
-def file_ids(path: Path) -> dict:
-    """The ids of one input file (DICOM or PNG/JPEG); DataError when it is neither."""
+def file_ids(path: Path, root: Path) -> dict:
+    """The ids of one input file (DICOM or PNG/JPEG) under `root`; DataError when it is neither."""
     if path.suffix.lower() in PICTURE_SUFFIXES:
-        return {"image_id": path.stem, "study_id": path.parent.name, "series_id": ""}
+        return {"image_id": path.stem, "study_id": folder_study(path, root), "series_id": ""}
     try:
-        return dicom_ids(path)
+        return dicom_ids(path, root)
     except OSError as e:
         raise DataError(f"cannot read the file ({e.strerror or e})", path) from None
 
@@ -112,7 +121,7 @@ def folder_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataF
     rows = []
     for path in tqdm(list_files(root), desc=f"scan {root.name}", unit="file", leave=False):
         try:
-            ids = file_ids(path)
+            ids = file_ids(path, root)
         except DataError as e:
             problems.add(e)  # raises unless on_error=skip
             continue

@@ -241,7 +241,7 @@ def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[s
     for split, df in preds.items():
         written[split] = DETECTIONS.write(df, where / f"pred_{split}.csv")
         together[split].append(df)
-    if not cfg.source:  # what made the run's own tables: `siimcovid export` packs these settings
+    if not cfg.source and "test" in splits:  # what made the run's test boxes: `siimcovid export` packs these settings
         saved = {k: cfg[k] for k in (*PREDICT_KEYS, "weights")}
         save_predict_settings(run.dir, {**saved, "ultralytics": passthrough(cfg)} if passthrough(cfg) else saved)
     if "oof" in splits:

@@ -58,16 +58,17 @@ def check_inputs(cfg: Config):
     for key in ("bundle", "source", "out"):
         if not cfg[key]:
             raise SiimError(f"predict needs {key}=: `siimcovid predict bundle=<bundle> source=<SIIM root | DICOMs> out=<folder>`")
+    source, out = Path(cfg.source), Path(cfg.out)
+    layout = source_layout(source)
+    if out.exists() and not out.is_dir():
+        raise SiimError(f"out={out} is a file, not a folder")
+    if layout == "folder" and out.resolve().is_relative_to(source.resolve()):  # a re-run would read its own pictures
+        raise SiimError(f"out={out} lies inside source={source}: choose an out= outside it")
     from siimcovid.bundle import open_bundle
 
     bundle = open_bundle(cfg.bundle)
     if not bundle.detectors and not bundle.classifiers:
         raise SiimError(f"bundle {cfg.bundle} holds no detector and no classifier")
-    source = Path(cfg.source)
-    layout = source_layout(source)
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SiimError(f"out={out} is a file, not a folder")
     return bundle, source, layout, out
 
 
