@@ -254,6 +254,19 @@ def pseudo_settings(cfg: Config, teacher_det: Path, teacher_cls: Path, prepared:
     return section_settings({"pseudo": settings}, "pseudo", **fixed)
 
 
+def student_extra(cfg: Config, section: str, folder: Path) -> list[str]:
+    """A student's extra training data: its section's own extra= (e.g. RSNA boxes), then the round's pseudo-labels."""
+    from siimcovid.utils import as_list
+
+    return [*as_list((cfg[section] or {}).get("extra")), str(folder)]
+
+
+def students_config(cfg: Config) -> Config:
+    """The run's settings with extra= left to student_extra (run sets it for the students)."""
+    drop = lambda section: {k: v for k, v in (cfg[section] or {}).items() if k != "extra"}  # noqa: E731
+    return Config(cfg, detect=drop("detect"), classify=drop("classify"))
+
+
 def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls_dir: Path, timings: dict) -> list[dict]:
     """`pseudo.rounds` rounds: round r pseudo-labels the unlabelled pool (the run's test split, or pseudo.source) with
     the previous round's models, trains <name>-pseudo<r> students on the train split plus those labels (extra=),
@@ -267,8 +280,9 @@ def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls
             settings = pseudo_settings(cfg, det_dir, cls_dir, prepared, stage_dir(project, "pseudo") / name)
             folder = pseudo(stages.stage_config("pseudo", None, settings))
         with step(f"pseudo round {r}: students {name}", f"pseudo{r} students", timings):
-            det_dir, det_files = detect(cfg, prepared, project, name=name, extra=str(folder))
-            cls_dir, cls_files = classify(cfg, prepared, project, name=name, extra=str(folder))
+            students = students_config(cfg)
+            det_dir, det_files = detect(students, prepared, project, name=name, extra=student_extra(cfg, "detect", folder))
+            cls_dir, cls_files = classify(students, prepared, project, name=name, extra=student_extra(cfg, "classify", folder))
             det = {s: str(det_files[s]) for s in ("oof", "test")}
             cls = {s: str(cls_files[s]) for s in ("oof", "test")}
             found, _, _ = fusion_rows(cfg, Fusion(cfg, prepared, project, name=name), det, cls, prepared)

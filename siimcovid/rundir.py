@@ -98,3 +98,17 @@ def saved_predict_settings(run_dir: str | Path) -> dict:
 
     path = Path(run_dir) / PREDICT_SETTINGS
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def refuse_init_on_same_folds(init: Any, init_run: Path, folds_id: str | None, config_name: str) -> None:
+    """init= a run trained on these very folds: fold k would start from a model that trained on fold k's validation
+    images (every fold from fold init_fold's), and its out-of-fold scores would be optimistic. Refused."""
+    import yaml
+
+    saved = Path(init_run) / config_name
+    recorded = (yaml.safe_load(saved.read_text()) or {}).get("folds_id") if saved.is_file() else None
+    if folds_id and recorded == folds_id:
+        raise SiimError(
+            f"init={init} was trained on the same folds as this run's data: every fold would start from a model that "
+            "saw that fold's validation images (an optimistic out-of-fold score). init= a pretraining run (another data set)"
+        )

@@ -144,6 +144,8 @@ def test_classify_pretrain_then_finetune(prepared, csv_prepared, tmp_path, caplo
     assert saved["init"] == str((tmp_path / "pre").resolve())
     with pytest.raises(SiimError, match="init="):  # a recorded setting: a resume without it is refused
         main(tiny_cfg(prepared, tmp_path, name="fine", fold=0, epochs=1, fine_lr=[]))
+    with pytest.raises(SiimError, match="trained on the same folds"):  # fold 0's model saw the other folds' images
+        main(tiny_cfg(prepared, tmp_path, name="fine2", fold=0, epochs=1, fine_lr=[], init=str(tmp_path / "fine")))
 
 
 @pytest.mark.slow
@@ -199,3 +201,5 @@ def test_detect_pretrain_on_rsna_then_finetune(prepared, rsna_prepared, pseudo_d
     assert n_extra == len(ExtraData(rsna_prepared).detector_images(0, 128)) + len(ExtraData(pseudo_dir).detector_images(0, 128))
     with pytest.raises(SiimError, match="extra"):  # extra is a recorded setting
         detect(*common, "name=fine", f"init={tmp_path / 'rsna'}")
+    with pytest.raises(SiimError, match="trained on the same folds"):  # a SIIM run's fold 0 saw the other folds' images
+        detect(*common, "name=fine2", f"init={tmp_path / 'fine'}")

@@ -249,3 +249,13 @@ def test_run_with_one_pseudo_round_adds_its_rows(tmp_path):
     assert after.final.notna().all()
     assert (tmp_path / "runs" / "pseudo" / "ps-pseudo1" / "labels.csv").is_file()
     assert (tmp_path / "runs" / "detect" / "ps-pseudo1").is_dir() and (tmp_path / "runs" / "classify" / "ps-pseudo1").is_dir()
+
+
+def test_students_keep_the_runs_own_extra_data_beside_the_pseudo_labels():
+    from siimcovid import stages
+    from siimcovid.run import student_extra, students_config
+
+    cfg = stages.stage_config("run", None, {"detect": {"extra": ["rsna"], "epochs": 1}})
+    assert student_extra(cfg, "detect", Path("p")) == ["rsna", "p"] and student_extra(cfg, "classify", Path("p")) == ["p"]
+    students = students_config(cfg)
+    assert students.detect == {"epochs": 1} and cfg.detect["extra"] == ["rsna"]  # run sets extra= for the students

@@ -865,7 +865,8 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     cfg.imgsz = size
     cfg.folds_id = prep.folds_id  # predict refuses a run whose folds no longer match
     if cfg.init:
-        resolve_init(cfg.init, cfg.init_fold)  # exists, before any fold starts
+        path = resolve_init(cfg.init, cfg.init_fold)  # exists, before any fold starts
+        rundir.refuse_init_on_same_folds(cfg.init, path.parent.parent, prep.folds_id, "classify.yaml")
         cfg.init = str(Path(cfg.init).resolve())
     cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
     callbacks = run_callbacks(cfg, prep, callbacks)

@@ -54,7 +54,7 @@ from siimcovid.detect.common import (
     train_args,
 )
 from siimcovid.ray_engine import import_ray, run_folds
-from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
+from siimcovid.rundir import changed_settings, fold_dir, refuse_changed, refuse_init_on_same_folds
 from siimcovid.tables import read_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 
@@ -354,6 +354,8 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
     if cfg.init:
         cfg.init = str(resolve_init(cfg.init, cfg.init_fold))
+        folds_id = Prepared(source.prepared).folds_id if source.prepared else None
+        refuse_init_on_same_folds(cfg.init, Path(cfg.init).parents[2], folds_id, RUN_CONFIG)
         cfg.pretrained = cfg.init  # Ultralytics transfers every tensor of it whose name and shape match
         LOGGER.info(f"detect: init from {cfg.init} (Ultralytics logs how many tensors it transferred)")
     hyp = load_hyp(cfg.hyp)
