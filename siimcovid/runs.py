@@ -86,6 +86,17 @@ def settings_text(cfg: dict, keys) -> str:
     return " ".join(f"{k}={fmt(cfg[k])}" for k in keys if k in cfg and cfg[k] not in (None, [], {}))
 
 
+def trained_on(cfg: dict) -> str:
+    """` init=<name> extra=<names>` of a detect/classify run, flagged LEAKY when an extra folder holds all-folds
+    pseudo-labels (`siimcovid pseudo teacher=all`: the run's out-of-fold scores are optimistic)."""
+    extra = [Path(str(p)) for p in (cfg.get("extra") or [])]
+    text = (f" init={Path(str(cfg['init'])).name}" if cfg.get("init") else "") + (
+        f" extra={','.join(p.name for p in extra)}" if extra else ""
+    )
+    leaky = any(quiet_yaml(p / "prepare.yaml").get("leaky") for p in extra)
+    return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky else "")
+
+
 # ----------------------------------------------------------------------------- the table
 def newest_date(run: Path) -> str:
     files = [p for p in run.rglob("*") if p.is_file()]

@@ -116,6 +116,19 @@ def test_every_stage_describes_its_runs_with_the_cv_of_its_scores_file(project):
     assert all(r["date"] for r in rows.values())
 
 
+def test_runs_trained_with_all_folds_pseudo_labels_are_flagged_leaky(project):
+    honest, leaky = project / "pseudo" / "honest", project / "pseudo" / "all"
+    write_yaml(honest / "prepare.yaml", {"layout": "pseudo", "teacher": "fold", "leaky": False})
+    write_yaml(leaky / "prepare.yaml", {"layout": "pseudo", "teacher": "all", "leaky": True})
+    for name, extra in (("student", [str(honest)]), ("final", [str(honest), str(leaky)])):
+        write_yaml(project / "classify" / name / "classify.yaml", {"model": "resnet10t", "imgsz": 128, "extra": extra})
+        write_yaml(project / "detect" / name / "detect.yaml", {"model": "yolov5n.yaml", "imgsz": 128, "extra": extra})
+    table = list_runs(project, ["detect", "classify"]).set_index(["stage", "name"]).settings
+    for stage in ("detect", "classify"):
+        assert table[stage, "student"].endswith("extra=honest") and "LEAKY" not in table[stage, "student"]
+        assert "extra=honest,all LEAKY" in table[stage, "final"]
+
+
 def test_fuse_shows_the_fusion_parameters_that_differ_from_the_defaults(project):
     rows = rows_by_name(list_runs(project, "fuse"))
     assert rows["fuse/best"]["settings"] == "iou_thr=0.5"

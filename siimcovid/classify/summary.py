@@ -7,7 +7,7 @@ from pathlib import Path
 
 from siimcovid.classify.predict import DONE
 from siimcovid.rundir import fold_files
-from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
+from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text, trained_on
 
 SETTINGS = ["epochs", "lr", "fine_lr", "optimizer", "mask_weight", "ema", "mixup"]
 
@@ -23,7 +23,7 @@ def describe(run: Path) -> dict | None:
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(sorted(fold_files(run, DONE))),
-        "settings": settings_text(cfg, SETTINGS),
+        "settings": settings_text(cfg, SETTINGS) + trained_on(cfg),
         "cv_value": study_map,
         "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",
     }

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from siimcovid.rundir import fold_dir, fold_numbers
-from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text
+from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text, trained_on
 
 SETTINGS = ["hyp", "epochs", "batch"]  # of detect.yaml
 TRAINED_WITH = ["mosaic", "mixup", "optimizer", "lr0"]  # as Ultralytics recorded them (preset + overrides)
@@ -26,7 +26,7 @@ def describe(run: Path) -> dict | None:
         "model": Path(str(cfg.get("model", ""))).name,
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(folds),
-        "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH),
+        "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH) + trained_on(cfg),
         "cv_value": ap,
         "cv": "" if math.isnan(ap) else f"opacity AP {ap:.4f}",
     }
