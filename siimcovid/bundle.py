@@ -238,6 +238,15 @@ def fusion_file(fuse: Path) -> Path:
     raise SiimError(f"export: {fuse} holds neither fuse_test.yaml nor best.yaml (fuse=<a fuse run folder or a YAML file>)")
 
 
+def fused_files(cfg: Config, path: Path) -> tuple[list, list]:
+    """The det and cls files the fusion settings were made for, in their order: the settings file's own lists, or, for
+    a tuned best.yaml (which has none), those of the tuning beside it (tune.yaml): list weights follow that order."""
+    if cfg.det or cfg.cls or path.name != "best.yaml":
+        return list(cfg.det), list(cfg.cls)
+    tuned = read_yaml(path.parent / "tune.yaml") if (path.parent / "tune.yaml").is_file() else {}
+    return list(tuned.get("det") or []), list(tuned.get("cls") or [])
+
+
 def fusion_settings(src: Sources, det: list[Member], cls: list[Member]) -> dict:
     """fuse.yaml of the bundle: every fusion parameter and the member order (det, cls) of the fusion that made the
     submission; per-file det_weights become per-model ones when one file held several models."""
@@ -252,10 +261,11 @@ def fusion_settings(src: Sources, det: list[Member], cls: list[Member]) -> dict:
         LOGGER.info(f"export: fusion settings from {path}")
     out = {k: cfg[k] for k in FUSION_KEYS}
     det_names, cls_names = [m.name for m in det], [m.name for m in cls]
-    if cfg.det or cfg.cls:  # a fuse run's saved settings: its files give the member order
+    det_list, cls_list = fused_files(cfg, path) if src.fuse is not None else ([], [])
+    if det_list or cls_list:  # a fuse run's saved settings: its files give the member order
         anchors = [*src.anchors, *Path(src.fuse).resolve().parents]
-        det_files = member_order(cfg.det, det, anchors, "det", src.fuse)
-        cls_files = member_order(cfg.cls, cls, anchors, "cls", src.fuse)
+        det_files = member_order(det_list, det, anchors, "det", src.fuse)
+        cls_files = member_order(cls_list, cls, anchors, "cls", src.fuse)
         det_names, cls_names = [n for f in det_files for n in f], [f[0] for f in cls_files]
         if isinstance(out["det_weights"], list) and out["det_weights"] and any(len(f) > 1 for f in det_files):
             out["det_weights"] = {n: w for w, names in zip(out["det_weights"], det_files) for n in names}

@@ -162,6 +162,18 @@ def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
     assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"].endswith("ens")
 
 
+def test_a_tuned_best_yaml_takes_its_member_order_from_the_tuning_beside_it(runs, tmp_path):
+    tuned = tmp_path / "fuse" / "tuned"
+    tuned.mkdir(parents=True)
+    (tuned / "best.yaml").write_text(yaml.safe_dump({"det_weights": [2.0, 1.0], "iou_thr": 0.5}))
+    det_oof = [str(runs / f"detect/{n}/pred_test.csv") for n in ("v5b", "v5a")]  # the files name their models
+    (tuned / "tune.yaml").write_text(yaml.safe_dump({"det": det_oof, "cls": [str(runs / "classify/b3/pred_test_image.csv")]}))
+    out = export(runs, detect=[str(runs / "detect/v5a"), str(runs / "detect/v5b")], classify=[str(runs / "classify/b3")],
+                 fuse=str(tuned), out=str(tmp_path / "b"))  # fmt: skip
+    opened = open_bundle(out)
+    assert [m.name for m in opened.detectors] == ["v5b", "v5a"] and opened.fusion["det_weights"] == [2.0, 1.0]
+
+
 def test_runs_named_one_by_one_take_the_settings_their_own_predict_recorded(runs, tmp_path):
     from siimcovid.rundir import save_predict_settings
 

@@ -67,8 +67,8 @@ def check_inputs(cfg: Config):
     from siimcovid.bundle import open_bundle
 
     bundle = open_bundle(cfg.bundle)
-    if not bundle.detectors and not bundle.classifiers:
-        raise SiimError(f"bundle {cfg.bundle} holds no detector and no classifier")
+    if not bundle.classifiers:  # fuse's fallback, train class priors, does not travel: there is no train split here
+        raise SiimError(f"bundle {cfg.bundle} holds no classifier: predict needs one for the study probabilities")
     return bundle, source, layout, out
 
 
