@@ -33,6 +33,7 @@ The folder (CONTRACT.md section 5; siimcovid.data.extra.ExtraData reads it):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -209,6 +210,16 @@ def claim_cache(cache: Path, definition: dict) -> None:
     atomic_write_text(record, yaml.safe_dump(definition, sort_keys=False))
 
 
+def checkpoints_id(run_dir: Path, relative: str) -> str:
+    """A fingerprint of a teacher's fold checkpoints (size, modification time): teachers retrained in the same folder
+    are other teachers, whose labels and cached predictions must not be reused."""
+    from siimcovid.rundir import fold_files
+
+    files = fold_files(run_dir, relative)
+    text = "\n".join(f"{k}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for k, p in sorted(files.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------- the folder
 def link(src: Path, dst: Path) -> None:
     """A hard link of the source's image (a copy where links do not work, e.g. across file systems)."""
@@ -291,6 +302,7 @@ def definition(cfg: Config, det_dir: Path, cls_dir: Path, data: Prepared, source
         "data": str(data.root.resolve()),
         "teacher_det": str(det_dir.resolve()),
         "teacher_cls": str(cls_dir.resolve()),
+        "teacher_weights": {"det": checkpoints_id(det_dir, "weights/best.pt"), "cls": checkpoints_id(cls_dir, "best.pt")},
         "teacher": cfg.teacher,
         "leaky": cfg.teacher == "all",
         "folds_id": data.folds_id,
@@ -327,7 +339,8 @@ def pseudo(cfg: Config) -> Path:
     if (out / LABELS).is_file() and (out / CONFIG).is_file() and read_yaml(out / CONFIG) == record:
         LOGGER.info(f"pseudo: {out} is finished with these settings: nothing to do")
         return out
-    claim_cache(out / "teachers", {k: record[k] for k in ("source", "teacher_det", "teacher_cls", "predict")})
+    teachers = ("source", "teacher_det", "teacher_cls", "teacher_weights", "predict")
+    claim_cache(out / "teachers", {k: record[k] for k in teachers})
     labels, boxes = teacher_labels(cfg, det_dir, cls_dir, source, pool, out / "teachers")
     atomic_write_text(out / CONFIG, yaml.safe_dump(record, sort_keys=False))
     write_folder(out, sizes, labels, boxes, source)

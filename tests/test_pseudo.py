@@ -113,6 +113,19 @@ def test_fold_k_labels_come_from_fold_k_teacher_only(prepared, tmp_path):
     assert record["folds_id"] == Prepared(prepared).folds_id and record["sizes"] == [64]
 
 
+def test_teachers_retrained_in_the_same_folder_make_new_labels(prepared, tmp_path):
+    det, cls = fake_teachers(prepared, tmp_path)
+    for k in (0, 1, 2):  # the teachers' checkpoints, as training leaves them
+        (det / f"fold{k}" / "weights").mkdir()
+        (det / f"fold{k}" / "weights" / "best.pt").write_bytes(b"v1")
+    out = run_pseudo(det, cls, tmp_path / "pseudo", sizes=[64])
+    before = PSEUDO_BOXES.read(out / "boxes.csv")
+    fake_teachers(prepared, tmp_path, seed=1)  # retrained: other predictions...
+    (det / "fold1" / "weights" / "best.pt").write_bytes(b"v2, retrained")  # ...and another checkpoint
+    after = PSEUDO_BOXES.read(run_pseudo(det, cls, tmp_path / "pseudo", sizes=[64]) / "boxes.csv")
+    assert len(after) == len(before) and not np.allclose(after.x_min, before.x_min)  # the new teachers' boxes
+
+
 def test_the_folder_format(prepared, tmp_path):
     import cv2
 
