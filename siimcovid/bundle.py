@@ -48,7 +48,7 @@ from tqdm import tqdm
 from siimcovid import __version__, stages
 from siimcovid.config import Config, load_config, read_yaml
 from siimcovid.rundir import saved_predict_settings
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, temp_dir_beside
 
 FORMAT = 1  # the bundle format this siimcovid writes and reads
 MANIFEST = "manifest.yaml"
@@ -419,7 +419,7 @@ def export(cfg: Config) -> Path:
     record = source_record(src, members, prepared)
     members = ordered([m for m, _ in det], fusion["det"]) + ordered([m for m, _ in cls], fusion["cls"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         write_yaml(tmp / "prepare.yaml", prepare_settings(prepared, sizes))
         write_yaml(tmp / "fuse.yaml", fusion)
@@ -475,7 +475,7 @@ def extract_zip(path: Path) -> Path:
             if bad is not None:
                 raise SiimError(f"bundle {path}: {bad} is corrupt (its CRC does not match the zip's)")
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+            tmp = temp_dir_beside(cache, suffix="")
             try:
                 zf.extractall(tmp)
                 with contextlib.suppress(OSError):  # another process extracted it meanwhile: keep theirs

@@ -73,6 +73,15 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def temp_dir_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new temporary folder beside `path` (to build a whole tree, then rename it), with the permissions of a plain
+    mkdir (mkdtemp makes 0700: a bundle on a shared disk or a shared cache must be readable by the team)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

@@ -22,6 +22,20 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     assert mode(tmp_path / "atomic.txt") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_temporary_folders_get_the_permissions_of_a_plain_mkdir(tmp_path, umask):
+    from siimcovid.utils import temp_dir_beside
+
+    old = os.umask(umask)
+    try:
+        built = temp_dir_beside(tmp_path / "bundle")  # e.g. a bundle built there, then renamed
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(built) == mode(tmp_path / "plain") == 0o777 & ~umask
+
+
 def test_a_failed_atomic_write_leaves_nothing(tmp_path):
     from siimcovid.utils import atomic_path
 
