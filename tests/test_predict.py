@@ -77,6 +77,15 @@ def test_predict_needs_a_bundle_a_source_and_an_out():
         call("predict", source="s", out="o")
 
 
+def test_a_source_file_that_is_no_image_is_one_line_and_leaves_no_out(tmp_path):
+    from siimcovid.cli import call
+
+    (tmp_path / "notes.csv").write_text("id,x\n1,2\n")
+    with pytest.raises(SiimError, match=r"source=.*notes.csv is not an image to predict: neither a DICOM nor a PNG/JPEG"):
+        call("predict", bundle=str(tmp_path / "no-bundle"), source=str(tmp_path / "notes.csv"), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_inside_a_folder_source_is_refused_before_anything(tmp_path):
     from siimcovid.cli import call
 
@@ -164,6 +173,16 @@ def test_a_corrupt_bundle_stops_before_any_work(trained, tmp_path):
     with pytest.raises(SiimError, match="fold0.pt"):
         predict(broken, root, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing prepared, nothing created
+
+
+@pytest.mark.slow
+def test_a_folder_with_no_image_is_an_error_that_leaves_no_out(trained, tmp_path):
+    _, _, _, bundle = trained
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.txt").write_text("no image here")
+    with pytest.raises(SiimError):
+        predict(bundle, tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -127,6 +127,8 @@ def test_runs_trained_with_all_folds_pseudo_labels_are_flagged_leaky(project):
     for stage in ("detect", "classify"):
         assert table[stage, "student"].endswith("extra=honest") and "LEAKY" not in table[stage, "student"]
         assert "extra=honest,all LEAKY" in table[stage, "final"]
+    write_yaml(project / "classify" / "nih" / "classify.yaml", {"model": "r", "data": "/x/nih14", "label_names": ["a", "b"]})
+    assert list_runs(project, ["classify"]).set_index("name").settings["nih"].startswith("multi-label on nih14 (2 labels)")
 
 
 def test_fuse_shows_the_fusion_parameters_that_differ_from_the_defaults(project):

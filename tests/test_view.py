@@ -152,3 +152,12 @@ def test_text_on_the_page_is_escaped():
     text = study_html(next(pd.DataFrame([study]).itertuples(index=False)), images)
     assert "a&lt;b&amp;c" in text and "<odd>" not in text and "i<1>" not in text
     assert '<td class="top">0.700</td>' in text
+
+
+def test_a_rerun_removes_the_pictures_of_images_no_longer_predicted(loose_prepared, tmp_path):
+    fused_by_hand(loose_prepared, tmp_path / "fuse")
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "gone.jpg").write_bytes(b"an image an earlier run predicted")
+    files = write_view(loose_prepared, tmp_path / "fuse", tmp_path)
+    images = pd.read_csv(files["images"])
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == sorted(Path(p).name for p in images.picture)

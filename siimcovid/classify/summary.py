@@ -23,7 +23,13 @@ def describe(run: Path) -> dict | None:
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(sorted(fold_files(run, DONE))),
-        "settings": settings_text(cfg, SETTINGS) + trained_on(cfg),
+        "settings": pretraining(cfg) + settings_text(cfg, SETTINGS) + trained_on(cfg),
         "cv_value": study_map,
         "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",
     }
+
+
+def pretraining(cfg: dict) -> str:
+    """'multi-label on <set> (N labels) ' for a pretraining run on an external set, else ''."""
+    labels = cfg.get("label_names") or []
+    return f"multi-label on {Path(str(cfg.get('data', ''))).name} ({len(labels)} labels) " if labels else ""

@@ -739,7 +739,8 @@ def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist
     if cfg.resume and done.is_file():
         result = json.loads(done.read_text())
         if d.is_main:
-            LOGGER.info(f"fold {fold}: finished before (best study mAP {result['best_score']:.4f}), skipping")
+            metric = "mean AUC" if cfg.get("label_names") else "study mAP"
+            LOGGER.info(f"fold {fold}: finished before (best {metric} {result['best_score']:.4f}), skipping")
         return result
     if not cfg.resume and fold_dir.exists() and d.is_main:
         shutil.rmtree(fold_dir)
@@ -846,6 +847,11 @@ def check_multilabel(cfg, prep: Prepared) -> None:
     if not names:
         raise SiimError(f"{prep.root}/prepare.yaml names no label_names: nothing to pretrain on")
     cfg.label_names = list(names)
+    masks = "with the mask head on its boxes" if ExtraData(prep.root).layout == "rsna" else "no mask loss (no boxes)"
+    LOGGER.info(
+        f"classify: multi-label pretraining on {prep.root.name}: {len(names)} labels ({', '.join(names)}), BCE with unknown "
+        f"labels left out, {masks}; best.pt by the mean validation ROC AUC. Then: classify train data=<SIIM> init=<this run>"
+    )
 
 
 def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:

@@ -193,7 +193,7 @@ def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Pr
         converted += res["converted"]
     problems.report("images")
     lost_test = int(((table.split == "test") & ~table.image_id.isin(results)).sum())
-    if lost_test:
+    if lost_test and cfg.layout == "siim":  # a submission lists SIIM's test images (a folder's are just unlabelled)
         LOGGER.warning(
             f"WARNING: {lost_test} TEST image(s) skipped: a submission must cover every test image, so `fuse split=test` "
             "will refuse until they are fixed (see skipped.csv)"

@@ -21,6 +21,7 @@ this bundle made it on these images with this TTA and precision (siimcovid.predi
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from siimcovid.tables import (
     STUDY_SUFFIX,
     SUBMISSION,
 )
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER, DataError, SiimError
 
 
 def offline() -> None:
@@ -64,6 +65,13 @@ def check_inputs(cfg: Config):
         raise SiimError(f"out={out} is a file, not a folder")
     if layout == "folder" and out.resolve().is_relative_to(source.resolve()):  # a re-run would read its own pictures
         raise SiimError(f"out={out} lies inside source={source}: choose an out= outside it")
+    if layout == "folder" and source.is_file():
+        from siimcovid.data.folder import file_ids
+
+        try:
+            file_ids(source, source)
+        except DataError as e:
+            raise SiimError(f"source={source} is not an image to predict: {e.reason}") from None
     from siimcovid.bundle import open_bundle
 
     bundle = open_bundle(cfg.bundle)
@@ -203,10 +211,16 @@ def predict(cfg: Config) -> dict:
     offline()
     bundle, source, layout, out = check_inputs(cfg)
     hw = hardware(cfg)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     record = Record(out, cfg.bundle, file_sha256(bundle.root / "manifest.yaml"), dict(cfg))
     steps = Steps(record)
-    prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
+    try:
+        prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
+    except BaseException:
+        if created and not any(p.suffix in (".png", ".jpg") for p in (out / "prepared").rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # nothing was converted: leave no folder that looks like a result
+        raise
     skipped = list_skipped(prepared, out)
     n_images = record.data["n_images"] = len(prepared.split("test"))
     det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.detectors]

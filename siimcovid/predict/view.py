@@ -138,6 +138,10 @@ def write_pictures(prepared: Prepared, images: pd.DataFrame, shown: pd.DataFrame
             raise SiimError(f"could not encode the picture of {row.image_id}")
         with atomic_path(out / row.picture) as tmp:
             tmp.write_bytes(data.tobytes())
+    drawn = {Path(p).name for p in images.picture}
+    for old in (out / PICTURES).glob("*.jpg"):  # pictures of images an earlier run of this out predicted, not this one
+        if old.name not in drawn:
+            old.unlink()
 
 
 PAGE_STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
