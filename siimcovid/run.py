@@ -111,27 +111,13 @@ def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, 
 
     det_project, name = stage_dir(project, "detect"), name or cfg.name
     settings = section_settings(cfg, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
-    with torch_threads_kept():
-        train(stages.stage_config("detect", "train", settings))
-        det_dir = det_project / name
-        settings = section_settings(
-            {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_dir), split=["oof", "test"]
-        )
-        written = predict(stages.stage_config("detect", "predict", settings))  # {run name: {split: file}}
+    train(stages.stage_config("detect", "train", settings))
+    det_dir = det_project / name
+    settings = section_settings(
+        {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_dir), split=["oof", "test"]
+    )
+    written = predict(stages.stage_config("detect", "predict", settings))  # {run name: {split: file}}
     return det_dir, written[det_dir.name]
-
-
-@contextmanager
-def torch_threads_kept():
-    """Ultralytics sets torch to (cores - 1) CPU threads for itself and leaves it so: the stages after it get the
-    threads a fresh `siimcovid <stage>` process gets (the classifier trained on one of 2 cores took 1.7x as long)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:

@@ -136,18 +136,3 @@ def test_predict_inherits_the_runtime_settings_of_the_train_section():
     assert predict_settings(cfg, "detect") == {"device": "cpu", "workers": 2, "plots": False}  # predict's own win
     cfg = {"classify": {"device": "cpu", "amp": False, "epochs": 1}, "classify_predict": None}
     assert predict_settings(cfg, "classify") == {"device": "cpu", "amp": False}
-
-
-def test_the_torch_threads_ultralytics_changes_are_given_back_to_the_next_stage():
-    import torch
-
-    from siimcovid.run import torch_threads_kept
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with torch_threads_kept():
-            torch.set_num_threads(1)  # what Ultralytics' select_device does on a 2-core CPU
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
