@@ -383,13 +383,12 @@ def is_synthetic(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def generate(cfg: Config) -> Path:
-    if cfg.kind != "siim":  # an external set in its own layout, registered by siimcovid/data/synth_external.py
-        return registry.get("synth", cfg.kind)(cfg)
-    out = Path(cfg.out)
-    if out.exists() and (out / IMAGE_CSV).exists() and not cfg.overwrite:
+def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
+    """The empty <out>.partial folder a dataset is written into (renamed to `out` by finish_partial); None when
+    `done_file` says `out` is already written and overwrite is off."""
+    if out.exists() and done_file.exists() and not overwrite:
         LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
-        return out
+        return None
     if out.exists() and any(out.iterdir()) and not is_synthetic(out):
         # a real download still unzipping, or any other folder: never delete it
         raise SiimError(f"synth: {out} exists and is not a synthetic dataset written by `siimcovid synth`: choose another out=")
@@ -397,25 +396,43 @@ def generate(cfg: Config) -> Path:
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
+    return partial
+
+
+def write_all(jobs: list, write, workers: int, desc: str) -> None:
+    """write(job) for every job, in a pool of `workers` processes (1: here), with a progress bar."""
+    if workers == 1:
+        for job in tqdm(jobs, desc=desc, unit="img"):
+            write(job)
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
+            for _ in tqdm(pool.imap_unordered(write, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
+                pass
+
+
+def finish_partial(partial: Path, out: Path, marker: str) -> None:
+    """Mark the written dataset synthetic and put it in place: it appears only once complete."""
+    (partial / MARKER).write_text(marker)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+
+
+def generate(cfg: Config) -> Path:
+    if cfg.kind != "siim":  # an external set in its own layout, registered by siimcovid/data/synth_external.py
+        return registry.get("synth", cfg.kind)(cfg)
+    out = Path(cfg.out)
+    partial = start_partial(out, out / IMAGE_CSV, cfg.overwrite)
+    if partial is None:
+        return out
     studies = plan_dataset(cfg)
     _round_boxes(studies)
     jobs = [
         (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm") for st in studies for im in st.images
     ]
-    workers = cfg.workers or os.cpu_count() or 1
-    desc = f"synth {len(jobs)} DICOMs"
-    if workers == 1:
-        for job in tqdm(jobs, desc=desc, unit="img"):
-            _write_image(job)
-    else:
-        with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_image, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
-                pass
+    write_all(jobs, _write_image, cfg.workers or os.cpu_count() or 1, f"synth {len(jobs)} DICOMs")
     write_csvs(studies, partial)
-    (partial / MARKER).write_text(f"written by siimcovid synth, seed {cfg.seed}\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)  # the dataset appears only once complete
+    finish_partial(partial, out, f"written by siimcovid synth, seed {cfg.seed}\n")
     n_train = sum(len(s.images) for s in studies if s.split == "train")
     n_test = sum(len(s.images) for s in studies if s.split == "test")
     LOGGER.info(f"synth: wrote {n_train} train and {n_test} test DICOMs in {len(studies)} studies to {out}")

@@ -22,9 +22,7 @@ latent variables SIIM's labels come from, so that what a model learns on them ca
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import shutil
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +31,18 @@ import cv2
 import numpy as np
 import pandas as pd
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from tqdm import tqdm
 
 from siimcovid.config import Config
-from siimcovid.data.convert import init_worker
-from siimcovid.data.synth import MARKER, StudySpec, draw_chest, is_synthetic, make_dicom, plan_dataset, write_label_csvs
+from siimcovid.data.synth import (
+    StudySpec,
+    draw_chest,
+    finish_partial,
+    make_dicom,
+    plan_dataset,
+    start_partial,
+    write_all,
+    write_label_csvs,
+)
 from siimcovid.registry import register
 from siimcovid.tables import IMAGE_CSV, write_csv
 from siimcovid.utils import LOGGER, SiimError
@@ -227,29 +232,12 @@ SETS = {"rsna": rsna_set, "chestxray14": chestxray14_set, "chexpert": chexpert_s
 def generate_external(cfg: Config) -> Path:
     """Write the kind's set to `out` (all at once: it appears only complete)."""
     out = Path(cfg.out)
-    if (out / MAIN_FILE[cfg.kind]).exists() and not cfg.overwrite:
-        LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
+    partial = start_partial(out, out / MAIN_FILE[cfg.kind], cfg.overwrite)
+    if partial is None:
         return out
-    if out.exists() and any(out.iterdir()) and not is_synthetic(out):
-        raise SiimError(f"synth: {out} exists and is not a synthetic dataset written by `siimcovid synth`: choose another out=")
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
     studies = plan(cfg)
     jobs = SETS[cfg.kind](studies, partial)
-    workers = cfg.workers or os.cpu_count() or 1
-    desc = f"synth {cfg.kind}: {len(jobs)} images"
-    if workers == 1:
-        for job in tqdm(jobs, desc=desc, unit="img"):
-            write_one(job)
-    else:
-        with mp.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
-            for _ in tqdm(pool.imap_unordered(write_one, jobs, chunksize=1), total=len(jobs), desc=desc, unit="img"):
-                pass
-    (partial / MARKER).write_text(f"written by siimcovid synth kind={cfg.kind}, seed {cfg.seed}\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    write_all(jobs, write_one, cfg.workers or os.cpu_count() or 1, f"synth {cfg.kind}: {len(jobs)} images")
+    finish_partial(partial, out, f"written by siimcovid synth kind={cfg.kind}, seed {cfg.seed}\n")
     LOGGER.info(f"synth: wrote a {cfg.kind} set of {len(jobs)} images ({len(studies)} studies) to {out}")
     return out
