@@ -124,6 +124,14 @@ def read_grey(path) -> np.ndarray:
     return img
 
 
+def read_square(path, size: int) -> np.ndarray:
+    """The grey image at `path`, which must be size x size (a prepared image of that size)."""
+    img = read_grey(path)
+    if img.shape != (size, size):
+        raise SiimError(f"{path} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}")
+    return img
+
+
 class StudyDataset(Dataset):
     """Items: image (1,H,W) uint8, mask (1,H,W) uint8 0/255, label (int64), none (float32), index."""
 
@@ -138,9 +146,7 @@ class StudyDataset(Dataset):
         return len(self.table)
 
     def __getitem__(self, i: int) -> dict:
-        img = read_grey(self.images[i])
-        if img.shape != (self.size, self.size):
-            raise SiimError(f"{self.images[i]} is {img.shape[1]}x{img.shape[0]}, expected {self.size}x{self.size}")
+        img = read_square(self.images[i], self.size)
         mask = read_grey(self.mask_paths[i]) if self.masks else np.zeros_like(img)
         if self.augment is not None:
             res = self.augment(image=img, mask=mask)
@@ -167,9 +173,7 @@ class TargetDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        img = read_grey(self.images[i])
-        if img.shape != (self.size, self.size):
-            raise SiimError(f"{self.images[i]} is {img.shape[1]}x{img.shape[0]}, expected {self.size}x{self.size}")
+        img = read_square(self.images[i], self.size)
         has_mask = self.mask_paths[i] is not None
         mask = read_grey(self.mask_paths[i]) if has_mask else np.zeros_like(img)
         if self.augment is not None:
