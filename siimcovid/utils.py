@@ -38,6 +38,33 @@ class DataError(SiimError, ValueError):
         return (type(self), (self.reason, self.file, self.row))
 
 
+def name_problem(text) -> str | None:
+    """Why `text` cannot be a run or member name, or None. A name is one path component: it becomes a folder
+    (<project>/<stage>/<name>) or a file stem, so it must stay where the user expects."""
+    text = str(text)
+    if text in ("", ".", ".."):
+        return "is empty, '.' or '..'"
+    if "/" in text or "\\" in text:
+        return "holds a path separator ('/' or '\\')"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return "holds a control character"
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > 200:
+        return f"is {size} bytes long (at most 200: it is a file or folder name)"
+    return None
+
+
+def check_name(text, what: str = "name") -> str:
+    """`text` if it is one plain path component (name_problem), else a one-line SiimError naming `what`."""
+    problem = name_problem(text)
+    if problem:
+        raise SiimError(f"{what}={str(text)!r} {problem}: a name is one folder name, not a path")
+    return str(text)
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (setting it to read it would, for a
     moment, give files other threads create, e.g. Ray's logs beside a training thread, no mask at all)."""
