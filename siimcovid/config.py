@@ -10,10 +10,11 @@ came from the defaults, a ``cfg=`` file or the command line, before any stage co
 
     epochs: 12        # {int >= 1} epochs of the first wave
     fold: all         # {all | int >= 0 | list[int >= 0]} all, one fold k, or a list
-    name: null        # {str?; runtime} run name
+    name: null        # {name?; runtime} run name
+    project: runs     # {folder; runtime} where the runs go
 
     spec := alt ('|' alt)* [';' tag (',' tag)*]
-    alt  := int | float | bool | str | path | map | any | null, each optionally with a range
+    alt  := int | float | bool | str | path | name | folder | map | any | null, each optionally with a range
             (int and float: '>= x', '> x', '<= x', '< x', 'x..y' inclusive);
             'T?' = 'T | null'; 'list[spec]' (a scalar given for it becomes a one-element list);
             a bare word = that literal choice; '@kind' = any name of that kind in siimcovid.registry
@@ -21,16 +22,26 @@ came from the defaults, a ``cfg=`` file or the command line, before any stage co
           | predict (a predict-mode setting; may differ on resume too)
           | fusion  (a fusion parameter that `fuse tune` searches and writes to best.yaml)
 
-Coercion: int takes ints and integral floats (3.0 -> 3); float takes ints, floats and numeric
-strings (YAML 1.1 reads '1e-3' as a string); bool takes bools and 'true'/'false'; str takes strings
-and numbers (name=123 -> '123'); path takes strings and path objects; words compare as strings.
-Inside a ``map`` nothing is checked (run.yaml's sections are checked by their own stage).
+Coercion: int takes ints and integral floats (3.0 -> 3) that fit in 64 bits; float takes ints, floats
+and numeric strings (YAML 1.1 reads '1e-3' as a string), finite only (no inf, -inf, nan, 1e400); bool
+takes bools and 'true'/'false'; str takes strings and numbers (name=123 -> '123'); path takes strings
+and path objects; words compare as strings. Inside a ``map`` nothing is checked (run.yaml's sections
+are checked by their own stage). Two kinds of path are checked against what they become:
+    name    a run name, read as a str: ONE path component (siimcovid.utils.name_problem: not empty, '.' or
+            '..', no '/' or '\\', no control characters, at most 200 bytes), because it becomes a folder
+            <project>/<stage>/<name> or a file stem; names the code makes (e.g. from a folder) pass check_name
+    folder  a folder a stage writes in (project=, out=): a path that is a folder or can become one,
+            i.e. neither it nor a folder above it is an existing file (folder_problem)
+An error names the stage, the key and the value, and says what was expected (and why a name or a
+folder was refused): one line, e.g. `prepare setting name='../x': expected name? (a name is one
+folder name, not a path; this one holds a path separator ('/' or '\\'))`.
 
 API:
     schema(stage) -> Schema           cached; .settings {key: Setting(key, default, spec, tags, help)},
                                       .keys(tag) -> set[str], .check(key, value) -> coerced value
     runtime_keys(stage) -> set[str]   keys tagged runtime or predict
     fusion_keys() -> list[str]        fuse.yaml's keys tagged fusion, in file order
+    default_name(stage, name, made_from) -> name   a run name made in code, checked as name= is
     load_config(stage, overrides, extra_ok, extra_check) -> Config
 """
 
@@ -39,6 +50,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,7 +60,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from siimcovid import registry
-from siimcovid.utils import SiimError, atomic_write_text
+from siimcovid.utils import SiimError, atomic_write_text, check_name, name_problem
 
 CFG_DIR = Path(__file__).parent / "cfg"
 
@@ -139,9 +151,62 @@ def parse_args(args: Iterable[str]) -> dict:
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RANGE = re.compile(rf"(>=|>|<=|<)\s*({_NUM})|({_NUM})\s*\.\.\s*({_NUM})")
-TYPES = frozenset({"int", "float", "bool", "str", "path", "map", "any", "null"})
+TYPES = frozenset({"int", "float", "bool", "str", "path", "name", "folder", "map", "any", "null"})
 TAGS = frozenset({"runtime", "predict", "fusion"})
 _NO = object()  # "this alternative does not accept the value"
+INT_LIMIT = 2**63  # an int setting fits in 64 bits (numpy, torch and the file formats hold no bigger one)
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why a stage cannot make or write in a folder at `path` (it, or a folder above it, is a file), or None.
+    Checked at load, so that `project=<a file>` is one line, not a traceback from the first mkdir."""
+    path = Path(path)
+    try:
+        for above in (path, *path.parents):
+            if above.is_dir():
+                return None
+            if above.exists() or above.is_symlink():  # a file, or a device, a broken link, a link loop
+                if above == path:
+                    return "is an existing file, not a folder" if above.is_file() else "exists and is not a folder"
+                return f"lies under {str(above)!r}, " + ("a file" if above.is_file() else "which is not a folder")
+    except OSError:  # e.g. a folder we may not look into: the stage itself says what is wrong
+        return None
+    return None
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+
+def _notes(spec: Spec, value: Any) -> list[str]:
+    """What the spec's text does not say but `value` broke: what a name and a folder are, finite floats, 64-bit ints."""
+    notes = []
+    for alt in spec.alts:
+        if alt.kind == "list":
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                notes += _notes(alt.item, item)
+        elif alt.kind == "name":
+            problem = name_problem(value) if _scalar(value) else None
+            notes.append("a name is one folder name, not a path" + (f"; this one {problem}" if problem else ""))
+        elif alt.kind == "folder" and isinstance(value, (str, os.PathLike)) and (problem := folder_problem(value)):
+            notes.append(f"a folder to write in; this one {problem}")
+        elif alt.kind == "float" and _scalar(value) and _float(value) is not None and not math.isfinite(_float(value)):
+            notes.append("a finite number")
+        elif alt.kind == "int" and not alt.hi and _scalar(value) and not isinstance(value, str) and abs(value) >= INT_LIMIT:
+            notes.append("a 64-bit integer, below 2**63")
+    return list(dict.fromkeys(notes))
+
+
+def _float(v: Any) -> float | None:
+    """v as a float setting reads it (ints, floats, numeric strings; 1e400 is inf), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        try:
+            return float(v)
+        except OverflowError:  # an int too big for a float
+            return math.inf if v > 0 else -math.inf
+    if isinstance(v, str) and re.fullmatch(_NUM, v):
+        return float(v)
+    return None
 
 
 def _split(text: str, sep: str) -> list[str]:
@@ -190,6 +255,10 @@ class Alt:
             if isinstance(v, (int, float)) and k == "str":
                 return str(v)  # name=123 is read as a number
             return v if isinstance(v, (str, os.PathLike)) else _NO
+        if k == "name":  # one path component (utils.name_problem): it becomes a folder or a file stem
+            return str(v) if _scalar(v) and name_problem(v) is None else _NO
+        if k == "folder":
+            return v if isinstance(v, (str, os.PathLike)) and folder_problem(v) is None else _NO
         if k in ("word", "@"):
             text = str(v).lower() if isinstance(v, bool) else str(v)
             words = [self.word] if k == "word" else registry.names(self.word)
@@ -198,10 +267,10 @@ class Alt:
             return _NO
         if k == "int":
             v = int(v) if isinstance(v, float) and v.is_integer() else v
-            ok = isinstance(v, int)
-        else:  # float; a cfg file's `1e-3` is a string to YAML 1.1
-            v = float(v) if isinstance(v, (int, float)) or (isinstance(v, str) and re.fullmatch(_NUM, v)) else v
-            ok = isinstance(v, float)
+            ok = isinstance(v, int) and abs(v) < INT_LIMIT
+        else:  # float; a cfg file's `1e-3` is a string to YAML 1.1; inf, nan and 1e400 (inf) are refused
+            v = _float(v)
+            ok = v is not None and math.isfinite(v)
         if not ok or (self.lo and not (v >= self.lo[0] if self.lo[1] else v > self.lo[0])):
             return _NO
         return v if not self.hi or (v <= self.hi[0] if self.hi[1] else v < self.hi[0]) else _NO
@@ -248,9 +317,12 @@ class Spec:
                 alts.append(Alt("null"))
         return cls(text.strip(), tuple(alts))
 
-    def describe(self) -> str:
-        """The spec for an error message, a registry kind spelt out: `@ensemble` -> `one of mean, geometric, ...`."""
-        return re.sub(r"@([\w.:-]+)", lambda m: "one of " + ", ".join(registry.names(m[1])), self.text)
+    def describe(self, value: Any = _NO) -> str:
+        """The spec for an error message, a registry kind spelt out: `@ensemble` -> `one of mean, geometric, ...`;
+        with the value refused, what it broke that the text does not say (e.g. why a name is not one)."""
+        text = re.sub(r"@([\w.:-]+)", lambda m: "one of " + ", ".join(registry.names(m[1])), self.text)
+        notes = _notes(self, value) if value is not _NO else []
+        return text + (f" ({'; '.join(notes)})" if notes else "")
 
     def accept(self, value: Any) -> Any:
         """The coerced value, or _NO; a scalar given where a list is expected becomes a one-element list."""
@@ -289,7 +361,8 @@ class Schema:
         out = setting.parsed.accept(value)
         if out is _NO:
             where = f" in {source}" if source else ""
-            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {setting.parsed.describe()}")
+            expected = setting.parsed.describe(value)
+            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {expected}")
         return out
 
 
@@ -330,6 +403,12 @@ def schema(stage: str) -> Schema:
             raise ConfigError(f"{path}: '{key}': type spec {{{m[1]}}}: {e}") from None
         settings[key] = Setting(key, default, parsed.text, tags, m[2], parsed)
     return Schema(stage, settings)
+
+
+def default_name(stage: str, name: str, made_from: str) -> str:
+    """A run name a stage made itself (from a folder or a model name), held to the rule of a name= setting
+    (utils.check_name), so that an odd folder name cannot take the run out of <project>/."""
+    return check_name(name, f"{stage}: the default name, made from {made_from} (give name= instead): name")
 
 
 def runtime_keys(stage: str) -> set[str]:

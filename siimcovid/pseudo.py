@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from siimcovid.config import Config, read_yaml
+from siimcovid.config import Config, default_name, read_yaml
 from siimcovid.data.boxes import fill_mask, to_yolo
 from siimcovid.data.prepared import Prepared
 from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_FOLDS, DETECTIONS, PSEUDO_BOXES, PSEUDO_LABELS, STUDY_CLASSES
@@ -281,7 +281,8 @@ def resolve(cfg: Config) -> tuple[Path, Path, Prepared, Prepared, Path]:
             raise SiimError(f"{run_dir} is not a {config.split('.')[0]} run (no {config})")
     data = Prepared(cfg.data or read_yaml(cls_dir / "classify.yaml")["data"])
     source = Prepared(cfg.source) if cfg.source else data
-    out = Path(cfg.out) if cfg.out else Path(cfg.project) / (cfg.name or f"{det_dir.name}-pseudo")
+    name = cfg.name or default_name("pseudo", f"{det_dir.name}-pseudo", "teacher_det")
+    out = Path(cfg.out) if cfg.out else Path(cfg.project) / name
     return det_dir, cls_dir, data, source, out
 
 

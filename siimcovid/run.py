@@ -21,6 +21,7 @@ The submission is <project>/fuse/<name>/submission.csv.
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from siimcovid.config import Config, default_config_path, read_yaml, schema
 from siimcovid.data.siim import IMAGE_CSV
 from siimcovid.runs import quiet_csv, quiet_yaml
 from siimcovid.tables import SCORE_COLUMNS, write_csv
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, check_name
 
 NESTED = "fused, tuned on the other folds (nested: an honest CV)"
 TUNED = "fused, tuned on all OOF (optimistic: scored where tuned; makes the submission)"
@@ -159,6 +160,13 @@ class Fusion:
         settings = {**self.settings, **extra}
         return stages.stage_config("fuse", mode, section_settings({"fuse": settings}, "fuse", det=det, cls=cls, **fixed))
 
+    def within(self, folder: str) -> Fusion:
+        """This fusion writing <project>/fuse/<folder>/<tag>/ instead: a fuse name is one folder name, so nested
+        tuning's fold<k>/ are runs of a project of their own."""
+        inner = copy.copy(self)
+        inner.project, inner.name = str(Path(self.project) / check_name(folder, "fusion folder")), ""
+        return inner
+
     def fuse(self, tag: str, split: str, det: list, cls: list, **extra) -> dict:
         """Fuse one split: {"dir", "files", "fused", "score" (oof)}."""
         from siimcovid.fuse.stage import fuse
@@ -180,12 +188,12 @@ def nested_tuning(prepared: Path, fusion: Fusion, oof: tuple[list, list], trials
     from siimcovid.data.truth import oof_truth
 
     n_folds = Prepared(prepared).n_folds
+    nested = fusion.within(f"{fusion.name}-nested")  # runs/fuse/<name>-nested/fold<k>/
     parts = []
     for k in range(n_folds):
         others = [f for f in range(n_folds) if f != k]
-        tag = f"-nested/fold{k}"  # runs/fuse/<name>-nested/fold<k>/
-        best = fusion.tune(tag, *oof, trials=trials, folds=others)
-        parts.append(fusion.fuse(tag, "oof", *oof, folds=[k], **best)["fused"])
+        best = nested.tune(f"fold{k}", *oof, trials=trials, folds=others)
+        parts.append(nested.fuse(f"fold{k}", "oof", *oof, folds=[k], **best)["fused"])
     images = pd.concat([p.images for p in parts], ignore_index=True)
     pred = pd.concat([p.pred() for p in parts], ignore_index=True)
     return {"score": metrics.score(oof_truth(prepared, images.image_id), pred)}

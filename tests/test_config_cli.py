@@ -143,9 +143,9 @@ def test_spec_grammar_and_coercion(tmp_path):
 @pytest.mark.parametrize(
     "argv, key, value, expected",
     [
-        (["prepare", "sizes=foo"], "sizes", "'foo'", "list[int >= 32]"),
-        (["prepare", "sizes=64.5"], "sizes", "64.5", "list[int >= 32]"),
-        (["prepare", "sizes=16"], "sizes", "16", "list[int >= 32]"),
+        (["prepare", "sizes=foo"], "sizes", "'foo'", "list[int 32..8192]"),
+        (["prepare", "sizes=64.5"], "sizes", "64.5", "list[int 32..8192]"),
+        (["prepare", "sizes=16"], "sizes", "16", "list[int 32..8192]"),
         (["prepare", "n_folds=abc"], "n_folds", "'abc'", "int >= 2"),
         (["prepare", "n_folds=1"], "n_folds", "1", "int >= 2"),
         (["prepare", "workers=-3"], "workers", "-3", "int >= 0"),

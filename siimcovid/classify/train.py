@@ -87,7 +87,7 @@ from siimcovid.classify.data import (
 )
 from siimcovid.classify.dist import Dist, cleanup, setup
 from siimcovid.classify.model import LabelLoss, StudyLoss, build_model, check_model_name, init_from, model_cfg
-from siimcovid.config import Config, runtime_keys
+from siimcovid.config import Config, default_name, runtime_keys
 from siimcovid.data.extra import TARGETS, ExtraData, extra_roots, multilabel_layout, open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES, write_csv
@@ -716,7 +716,8 @@ def run_name(cfg) -> str:
     """The name= given, else <model>_<imgsz> (multi-label pretraining: _<the external set's folder name> added)."""
     if cfg.name:
         return cfg.name
-    return f"{cfg.model}_{cfg.imgsz}" + (f"_{Path(cfg.data).name}" if cfg.get("label_names") else "")
+    name = f"{cfg.model}_{cfg.imgsz}" + (f"_{Path(cfg.data).name}" if cfg.get("label_names") else "")
+    return default_name("classify", name, "model= and imgsz=")  # e.g. hf-hub:timm/<model> holds a '/'
 
 
 def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from siimcovid.config import Config
+from siimcovid.config import Config, default_name
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
@@ -86,7 +86,7 @@ def check_settings(cfg: Config) -> Target:
     root = Path(cfg.data)
     if not root.exists() or (not root.is_dir() and cfg.layout in FOLDER_LAYOUTS):  # layout=folder also reads one file
         raise SiimError(f"data folder not found: {root}")
-    name = cfg.name or root.resolve().name
+    name = cfg.name or default_name("prepare", root.resolve().name, "the folder name of data")
     out = Path(cfg.out or Path("runs") / "prepare" / name)
     sizes = sorted(set(cfg.sizes))
     if not sizes:  # each size's type and range is checked with the settings (cfg/prepare.yaml)

@@ -10,6 +10,7 @@ A detect run is a folder <project>/<name>/ holding:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,8 @@ def check_ultralytics_settings(extra: dict) -> dict:
 
     out = {}
     for key, value in extra.items():
+        if isinstance(value, float) and not math.isfinite(value):  # Ultralytics' float keys take inf and nan
+            raise ConfigError(f"detect setting {key}={value!r} (an Ultralytics setting): expected a finite number")
         one = {key: value}
         try:
             check_cfg(one)

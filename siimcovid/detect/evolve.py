@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from siimcovid.config import Config, read_yaml, runtime_keys
+from siimcovid.config import Config, default_name, read_yaml, runtime_keys
 from siimcovid.detect.common import (
     RUN_CONFIG,
     ULTRALYTICS_RUNTIME_KEYS,
@@ -120,7 +120,7 @@ def evolve(cfg: Config) -> Path:
     hyp = load_hyp(cfg.hyp)
     space = load_space(cfg.space)
     args = train_args(cfg, hyp)
-    name = cfg.name or f"{source.name}-{Path(model).stem}-evolve"
+    name = cfg.name or default_name("detect", f"{source.name}-{Path(model).stem}-evolve", "the dataset and the model")
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     tune_dir = run_dir / "tune"

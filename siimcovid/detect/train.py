@@ -36,7 +36,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import strip_optimizer
 
-from siimcovid.config import Config, runtime_keys
+from siimcovid.config import Config, default_name, runtime_keys
 from siimcovid.data.extra import extra_roots, open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import (
@@ -363,7 +363,7 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
     if cfg.engine == "ray":
         import_ray()
         check_ray_devices(args["device"], cfg.gpus_per_fold)
-    name = cfg.name or f"{source.name}-{Path(model).stem}"
+    name = cfg.name or default_name("detect", f"{source.name}-{Path(model).stem}", "the dataset and the model")
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     saved = Config(
