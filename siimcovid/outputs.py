@@ -11,8 +11,9 @@ a YAML mapping whose `files` lists, relative to the folder, every file the stage
         refused ("out=<X> holds files siimcovid did not write (e.g. <a file>): ...") unless overwrite
     Written(folder, record, stage)            the record; `.data` holds the stage's other keys
         .owns(path)        whether the record lists it
-        .claim(*paths)     before writing them: a path that exists and is not listed is refused (even with
-                           overwrite=true: only the stage's own files are replaced); the rest are listed and saved
+        .check(*paths)     refuse a path that exists and is not listed (even with overwrite=true: only the stage's
+                           own files are replaced): before long work, for the files it will write at the end
+        .claim(*paths)     before writing them: check, then list them and save the record
         .remove(*paths)    unlink the listed ones (never another), forget them
         .remove_all(under) every listed file (under a sub-folder)
     open_out(out, record, stage, overwrite, sources, what) -> Written
@@ -53,7 +54,7 @@ def check_place(out, sources: Iterable = (), what: str = "out") -> Path:
         raise SiimError(f"{what}={out} is your home folder: choose a new folder inside it for siimcovid's outputs")
     for source in sources:
         if source and Path(source).resolve().is_relative_to(here):
-            raise SiimError(f"{what}={out} holds the input {source}: outputs could overwrite it; choose an {what}= outside it")
+            raise SiimError(f"{what}={out} holds the input {source}: outputs could overwrite it; choose another {what}= outside it")
     if out.exists() and not out.is_dir():
         raise SiimError(f"{what}={out} is a file, not a folder")
     return out
@@ -122,14 +123,18 @@ class Written:
     def owns(self, path) -> bool:
         return self.relative(path) in self.files
 
-    def claim(self, *paths) -> None:
-        """Before the stage writes `paths`: refuse one that exists and is not the stage's; list them all and save."""
+    def check(self, *paths) -> None:
+        """Refuse a path that exists and is not the stage's: the stage would overwrite a file it did not write."""
         for path in paths:
             if Path(path).exists() and not self.owns(path):
                 raise SiimError(
                     f"{path} is not a file siimcovid {self.stage} wrote (not listed in {self.path}): "
                     "move it away or choose another out="
                 )
+
+    def claim(self, *paths) -> None:
+        """Before the stage writes `paths`: check them, list them all and save the record."""
+        self.check(*paths)
         new = {self.relative(p) for p in paths} - self.files
         if new or not self.path.is_file():
             self.files |= new
