@@ -14,6 +14,9 @@ which documents their columns):
     oof_submission.csv    the same predictions as a submission (score it again with `siimcovid evaluate`)
   split=test:
     submission.csv        every id of sample_submission.csv, checked; written last
+    fuse_files.yaml       the record of what fuse and `fuse tune` wrote in the folder (siimcovid.outputs): they
+                          write into a new, empty or own folder (else overwrite=true, beside the other files), and
+                          replace or remove only the files it lists
 """
 
 from __future__ import annotations
@@ -24,13 +27,31 @@ from pathlib import Path
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
 from siimcovid.fuse.pipeline import Fused, describe_inputs, fold_scores, fuse_split, fusion_params, score_fused
+from siimcovid.outputs import Written, open_out
 from siimcovid.submission import pred_to_submission, write_submission
 from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
 from siimcovid.utils import LOGGER, atomic_write_text
 
 
+RECORD = "fuse_files.yaml"
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.project) / cfg.name
+
+
+def open_run_dir(cfg: Config) -> Written:
+    """<project>/<name>/ by the outputs rule (fuse's and tune's record), checked before any input is read; the
+    folder may not hold its inputs."""
+    inputs = [*cfg.det, *cfg.cls, cfg.data, cfg.get("sample")]
+    return open_out(run_dir(cfg), RECORD, "fuse", cfg.overwrite, inputs, what="project/name")
+
+
+def split_files(out: Path, split: str) -> list[Path]:
+    """Every file `fuse split=<split>` writes (module docstring)."""
+    names = [f"{t}_{split}.csv" for t in ("pred", "images", "studies", "boxes")] + [f"fuse_{split}.yaml"]
+    names += ["scores_oof.csv", "scores_oof.json", "oof_submission.csv"] if split == "oof" else ["submission.csv"]
+    return [out / n for n in names]
 
 
 def write_tables(out: Path, split: str, fused: Fused) -> dict[str, Path]:
@@ -70,11 +91,12 @@ def write_test_submission(out: Path, inputs: FuseInputs, fused: Fused, files: di
 
 def fuse(cfg: Config) -> dict:
     """Run fusion on cfg.split. Returns {"dir", "files", "score" (oof: Score), "fused"}."""
+    written = open_run_dir(cfg)
+    written.claim(*split_files(written.folder, cfg.split))
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     fused = fuse_split(inputs, fusion_params(cfg), workers=cfg.workers)  # cfg: typed and checked at load
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    out = written.folder
     files = write_tables(out, inputs.split, fused)
     result: dict = {"dir": out, "files": files, "fused": fused, "score": None}
     if inputs.split == "oof":

@@ -21,6 +21,8 @@ Outputs in <project>/<name>/:
                        AP per class, study_map, image_map, final
     tune_compare.csv   class, default, best, change (the per-class table printed at the end)
     best.yaml          the best parameters (FUSION_KEYS): `siimcovid fuse cfg=best.yaml split=test ...`
+    fuse_files.yaml    the record fuse and tune keep of what they wrote here (siimcovid.fuse.stage.open_run_dir:
+                       they replace or remove only those files; a folder of other files needs overwrite=true)
 
 A tune does not resume: a re-run searches again (same inputs + seed = the same files). best.yaml
 marks a finished tune: the files are written only once the search is over, best.yaml removed first
@@ -54,7 +56,8 @@ from siimcovid.fuse.pipeline import (
     fusion_params,
     score_fused,
 )
-from siimcovid.fuse.stage import run_dir
+from siimcovid.fuse.stage import open_run_dir
+from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
@@ -225,10 +228,12 @@ def search_space(cfg: Config, inputs: FuseInputs, base: dict, space: dict) -> tu
     return search, len(draws)
 
 
-def write_results(cfg: Config, search: Search, base: dict, best: dict, best_score: float, n_images: int) -> dict:
-    """tune.yaml, trials.csv, tune_compare.csv and best.yaml in the run dir; returns their paths and tables."""
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+def write_results(
+    cfg: Config, written: Written, search: Search, base: dict, best: dict, best_score: float, n_images: int
+) -> dict:
+    """tune.yaml, trials.csv, tune_compare.csv and best.yaml in the run dir (claimed by tune: its own to replace);
+    returns their paths and tables."""
+    out = written.folder
     for name in OUTPUTS:  # temporaries of writes a kill -9 interrupted (utils.atomic_path names them .<stem>.*.tmp<suffix>)
         for tmp in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
             tmp.unlink(missing_ok=True)
@@ -264,22 +269,24 @@ def tune(cfg: Config) -> dict:
     space = load_space(cfg.space)
     base = canonical(fusion_params(cfg))  # cfg: typed and checked at load
     check_space(space)
+    written = open_run_dir(cfg)
+    written.claim(*(written.folder / name for name in OUTPUTS))  # before the search: a user's best.yaml stops it at once
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     search, n_random = search_space(cfg, inputs, base, space)
     default_score = search.rows[0]["final"]
     best_score, best = simplify(search, base)
-    written = write_results(cfg, search, base, best, best_score, len(inputs.images))
+    files = write_results(cfg, written, search, base, best, best_score, len(inputs.images))
     changed = {k: best[k] for k in FUSION_KEYS if _key({**base, k: best[k]}) != _key(base)}
     LOGGER.info(
         f"fuse tune: {len(search.rows)} trials ({n_random} random, then refine and simplify), "
         f"{search.cache.runs} WBF runs\n"
-        + written["compare"].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        + files["compare"].to_string(index=False, float_format=lambda v: f"{v:.4f}")
         + "\nchanged: "
         + (", ".join(f"{k}={_flat(v)}" for k, v in changed.items()) or "nothing (the starting parameters are best)")
-        + f"\nfuse tune: {written['best_file']}; trials in {written['dir'] / 'trials.csv'}"
+        + f"\nfuse tune: {files['best_file']}; trials in {files['dir'] / 'trials.csv'}"
     )
-    return {"best": best, "best_score": best_score, "default_score": default_score, **written}
+    return {"best": best, "best_score": best_score, "default_score": default_score, **files}
 
 
 def main(cfg: Config) -> dict:
