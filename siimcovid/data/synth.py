@@ -44,6 +44,7 @@ from tqdm import tqdm
 from siimcovid import registry
 from siimcovid.config import Config
 from siimcovid.data.convert import init_worker
+from siimcovid.outputs import check_place
 from siimcovid.tables import (
     IMAGE_CSV,
     IMAGE_LEVEL,
@@ -376,7 +377,7 @@ def write_csvs(studies: list[StudySpec], out: Path) -> None:
     write_label_csvs(test, out / "test_truth")
 
 
-MARKER = ".siimcovid-synth"  # written into every synthetic dataset: only such a folder may be replaced
+MARKER = ".siimcovid-synth"  # written first into every partial, so into every dataset: only such a folder is replaced
 
 
 def is_synthetic(path: Path) -> bool:
@@ -384,8 +385,9 @@ def is_synthetic(path: Path) -> bool:
 
 
 def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
-    """The empty <out>.partial folder a dataset is written into (renamed to `out` by finish_partial); None when
-    `done_file` says `out` is already written and overwrite is off."""
+    """The <out>.partial folder a dataset is written into (renamed to `out` by finish_partial), holding only the
+    marker; None when `done_file` says `out` is already written and overwrite is off."""
+    check_place(out)  # never the root or the home folder, whatever is in it
     if out.exists() and done_file.exists() and not overwrite:
         LOGGER.info(f"synth: {out} already exists; pass overwrite=True to regenerate")
         return None
@@ -393,9 +395,12 @@ def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
         # a real download still unzipping, or any other folder: never delete it
         raise SiimError(f"synth: {out} exists and is not a synthetic dataset written by `siimcovid synth`: choose another out=")
     partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not is_synthetic(partial):  # a folder of that name synth did not start: never delete it
+        raise SiimError(f"synth: {partial} exists and was not started by `siimcovid synth` (no {MARKER} in it): move it away")
     if partial.exists():
-        shutil.rmtree(partial)
+        shutil.rmtree(partial)  # an interrupted synth's
     partial.mkdir(parents=True)
+    (partial / MARKER).write_text("being written by siimcovid synth\n")
     return partial
 
 
