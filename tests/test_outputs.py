@@ -80,3 +80,203 @@ def test_a_hostile_record_cannot_point_a_removal_outside_its_folder(tmp_path):
     written = Written(out, "rec.yaml", "test")
     written.remove_all()
     assert victim.read_text() == "keep" and (elsewhere / "x.jpg").read_text() == "keep too"
+
+
+def siimcovid_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line, for its exit code and its message."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "siimcovid", *args], capture_output=True, text=True, env=env, cwd=cwd or REPO)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- synth
+def synth_settings(out: Path) -> dict:
+    return {"out": str(out), "train_studies": 2, "test_studies": 1, "rows": 64, "cols": 64, "workers": 1}
+
+
+def test_synth_never_deletes_a_partial_folder_it_did_not_start(tmp_path):
+    partial = tmp_path / "X.partial"
+    partial.mkdir()
+    (partial / "thesis.txt").write_text("four years of work")
+    line = one_line_error(siimcovid_cli("synth", *(f"{k}={v}" for k, v in synth_settings(tmp_path / "X").items())))
+    assert "X.partial exists and was not started by `siimcovid synth`" in line
+    assert (partial / "thesis.txt").read_text() == "four years of work" and not (tmp_path / "X").exists()
+
+
+def test_synth_replaces_the_partial_an_interrupted_synth_left(tmp_path):
+    from siimcovid.cli import call
+    from siimcovid.data.synth import MARKER, start_partial
+
+    out = tmp_path / "X"
+    interrupted = start_partial(out, out / "train_image_level.csv", overwrite=False)  # synth's first step, then a kill
+    assert (interrupted / MARKER).is_file() and list(interrupted.iterdir()) == [interrupted / MARKER]
+    (interrupted / "train").mkdir()
+    call("synth", **synth_settings(out))
+    assert (out / "train_image_level.csv").is_file() and not interrupted.exists()
+
+
+def test_synth_refuses_the_home_folder_even_when_empty(tmp_path, monkeypatch):
+    from siimcovid.cli import call
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    with pytest.raises(SiimError, match="is your home folder"):
+        call("synth", **synth_settings(tmp_path / "home"))
+    assert list((tmp_path / "home").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- fuse and fuse tune
+@pytest.fixture
+def fuse_inputs(prepared, tmp_path) -> list[str]:
+    """A detection and a classifier table of the prepared out-of-fold images (tests/test_fuse.py's constructions)."""
+    from test_fuse import classifier, exact_detections, truth_images
+
+    images = truth_images(prepared, "oof")
+    exact_detections(images).to_csv(tmp_path / "det.csv", index=False)
+    classifier(images).to_csv(tmp_path / "cls.csv", index=False)
+    return [f"data={prepared}", f"det={tmp_path / 'det.csv'}", f"cls={tmp_path / 'cls.csv'}", "split=oof", "workers=1"]
+
+
+def fuse(*args: str, project: Path, name: str = "mine"):
+    from siimcovid import cli
+
+    return cli.main(["fuse", *args, f"project={project}", f"name={name}"])
+
+
+def test_fuse_refuses_a_folder_of_the_users_files_and_writes_beside_them_with_overwrite(fuse_inputs, tmp_path):
+    folder = tmp_path / "runs" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    with pytest.raises(SiimError, match=r"holds files siimcovid did not write \(e.g. notes.txt\)") as e:
+        fuse(*fuse_inputs, project=tmp_path / "runs")
+    assert "\n" not in str(e.value) and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    fuse(*fuse_inputs, "overwrite=true", project=tmp_path / "runs")
+    again = fuse(*fuse_inputs, project=tmp_path / "runs")  # its own folder now: a re-run needs no overwrite
+    assert (again["dir"] / "scores_oof.json").is_file() and (folder / "notes.txt").read_text() == "my notes"
+    listed = yaml.safe_load((folder / "fuse_files.yaml").read_text())["files"]
+    assert "notes.txt" not in listed and "scores_oof.json" in listed
+
+
+def test_fuse_and_tune_never_overwrite_a_file_of_the_users_even_with_overwrite(fuse_inputs, tmp_path):
+    folder = tmp_path / "runs" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "best.yaml").write_text("iou_thr: 0.5  # tuned by hand\n")
+    (folder / "scores_oof.csv").write_text("my own scores\n")
+    with pytest.raises(SiimError, match="scores_oof.csv is not a file siimcovid fuse wrote"):
+        fuse(*fuse_inputs, "overwrite=true", project=tmp_path / "runs")
+    with pytest.raises(SiimError, match="best.yaml is not a file siimcovid fuse wrote"):
+        fuse("tune", *fuse_inputs, "trials=1", "overwrite=true", project=tmp_path / "runs")
+    assert (folder / "best.yaml").read_text() == "iou_thr: 0.5  # tuned by hand\n"
+    assert (folder / "scores_oof.csv").read_text() == "my own scores\n"
+
+
+def test_fuse_refuses_a_folder_that_holds_its_inputs(fuse_inputs, tmp_path):
+    with pytest.raises(SiimError, match="holds the input"):
+        fuse(*fuse_inputs, "overwrite=true", project=tmp_path, name=".")
+    assert not (tmp_path / "fuse_files.yaml").exists()
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_refuses_the_root_the_home_folder_and_a_folder_holding_the_source(tmp_path, monkeypatch):
+    """Refused before the bundle is even opened (none is needed here), overwrite=true or not."""
+    from siimcovid.cli import call
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    pictures = tmp_path / "D" / "pictures"
+    pictures.mkdir(parents=True)
+    (pictures / "scan0.jpg").write_bytes(b"the user's scan")
+    for out, message in [("/", "filesystem root"), (tmp_path / "home", "home folder"), (tmp_path / "D", "holds the input")]:
+        with pytest.raises(SiimError, match=message):
+            call("predict", bundle=str(tmp_path / "no-bundle"), source=str(pictures), out=str(out), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "D").rglob("*")) == ["pictures", "scan0.jpg"]
+    assert list((tmp_path / "home").iterdir()) == []
+
+
+def test_predict_into_a_folder_of_the_users_files_is_one_line_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    (out / "pictures").mkdir(parents=True)
+    (out / "pictures" / "holiday.jpg").write_bytes(b"a user's photo")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.dcm").write_bytes(b"whatever: refused before it is read")
+    line = one_line_error(siimcovid_cli("predict", f"bundle={tmp_path / 'no-bundle'}", f"source={tmp_path / 'src'}", f"out={out}"))
+    assert "holds files siimcovid did not write (e.g. pictures/)" in line and "overwrite=true" in line
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["pictures", "pictures/holiday.jpg"]
+
+
+try:  # a bundle exported from hand-built runs of small real checkpoints (tests/test_bundle.py): seconds, no training
+    from test_bundle import bundle, runs, yolo_checkpoint  # noqa: F401
+except ImportError:  # pragma: no cover
+    bundle = None
+
+
+def dicom_folder(synth_root: Path, folder: Path, n: int = 3) -> Path:
+    import shutil
+
+    folder.mkdir(parents=True)
+    for k, dicom in enumerate(sorted((synth_root / "test").rglob("*.dcm"))[:n]):
+        shutil.copy(dicom, folder / f"img{k}.dcm")
+    return folder
+
+
+def predict(bundle, source, out, **settings):
+    from siimcovid.cli import call
+
+    return call("predict", bundle=str(bundle), source=str(source), out=str(out), workers=0, device="cpu", **settings)
+
+
+def test_predict_with_overwrite_writes_beside_the_users_files_and_removes_only_its_own(bundle, synth_root, tmp_path):
+    source, out = dicom_folder(synth_root, tmp_path / "src"), tmp_path / "out"
+    user = {"pictures/holiday.jpg": b"a user's photo", "notes.txt": b"notes", "fuse/notes.txt": b"more notes"}
+    for rel, data in user.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    first = predict(bundle, source, out, overwrite=True)
+    record = yaml.safe_load((out / "predict.yaml").read_text())
+    drawn = sorted(f"pictures/{Path(p).name}" for p in pd_read(first["view"]["images"]).picture)
+    assert [f for f in record["files"] if f.startswith("pictures/")] == drawn  # the record lists what predict drew
+    assert not set(user) & set(record["files"])
+
+    (out / "pictures" / "new.jpg").write_bytes(b"dropped in after the first run")
+    predict(bundle, source, out)  # its own folder: the re-run resumes, without overwrite
+    assert all((out / rel).read_bytes() == data for rel, data in user.items())
+    assert (out / "pictures" / "new.jpg").is_file()
+
+    (out / "detect" / "mine.txt").write_text("a user's file beside the tables")
+    predict(rebuilt(bundle, tmp_path / "other"), source, out)  # another bundle: the first one's tables go, not the user's
+    assert (out / "detect" / "mine.txt").read_text() == "a user's file beside the tables"
+    assert all((out / rel).read_bytes() == data for rel, data in user.items())
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == sorted(["holiday.jpg", "new.jpg", *(Path(p).name for p in drawn)])
+
+
+def test_predict_never_overwrites_a_users_file_named_like_its_output(bundle, synth_root, tmp_path):
+    source, out = dicom_folder(synth_root, tmp_path / "src"), tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("<p>my own page</p>")
+    with pytest.raises(SiimError, match="index.html is not a file siimcovid predict wrote"):
+        predict(bundle, source, out, overwrite=True)
+    assert (out / "index.html").read_text() == "<p>my own page</p>"
+    assert not (out / "prepared").exists()  # stopped before any work
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def rebuilt(bundle: Path, copy: Path) -> Path:
+    """The same models as another bundle (another manifest checksum)."""
+    import shutil
+
+    copy = Path(shutil.copytree(bundle, copy))
+    manifest = yaml.safe_load((copy / "manifest.yaml").read_text())
+    manifest["created"] = "another time"
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return copy

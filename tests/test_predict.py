@@ -118,9 +118,10 @@ def test_a_detector_members_settings_reach_ultralytics_as_its_run_gave_them():
 def test_the_record_reuses_a_table_only_for_the_same_bundle_images_and_tta(tmp_path):
     table = tmp_path / "detect" / "a" / "pred_test.csv"
     table.parent.mkdir(parents=True)
-    table.write_text("x")
     entry = {"images": images_id(["i1", "i2"]), "tta": False, "half": False}
     record = Record(tmp_path, "b1", "sha-1", {})
+    record.claim(table)  # as predict does before it writes a table: predict.yaml lists it
+    table.write_text("x")
     assert not record.reusable("detect/a", entry, table)
     record.done("detect/a", entry)
     again = Record(tmp_path, "b1", "sha-1", {})  # a re-run reads predict.yaml

@@ -155,7 +155,11 @@ def test_text_on_the_page_is_escaped():
 
 
 def test_a_rerun_removes_the_pictures_of_images_no_longer_predicted(loose_prepared, tmp_path):
+    from siimcovid.outputs import Written
+    from siimcovid.predict.record import RECORD
+
     fused_by_hand(loose_prepared, tmp_path / "fuse")
+    Written(tmp_path, RECORD, "predict").claim(tmp_path / "pictures" / "gone.jpg")  # predict.yaml: predict drew it
     (tmp_path / "pictures").mkdir()
     (tmp_path / "pictures" / "gone.jpg").write_bytes(b"an image an earlier run predicted")
     files = write_view(loose_prepared, tmp_path / "fuse", tmp_path)

@@ -6,22 +6,24 @@
                             table is written: a table is reused only when its entry matches what would make it now
                             (same bundle, the same prepared test images, TTA and precision) and the file is there
     n_images, seconds       the images predicted and the time of each step of the last run
+    files                   every file predict wrote in the folder (siimcovid.outputs.Written): only these are ever
+                            replaced or removed (a user's photo in pictures/ stays)
 
-Another bundle in the same folder: its members' tables (and the fused ones) are removed, not mixed in.
+Another bundle in the same folder: its members' tables (and the fused ones) are removed, not mixed in; a file
+of the user's in those folders stays.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
-import yaml
-
-from siimcovid.utils import LOGGER, atomic_write_text
+from siimcovid.outputs import Written
+from siimcovid.utils import LOGGER
 
 RECORD = "predict.yaml"
-RESULT_DIRS = ("detect", "classify", "fuse")  # what a bundle's members and their fusion wrote
+MEMBER_DIRS = ("detect", "classify")  # where a bundle's members' tables are
+FUSE_DIR = "fuse"  # predict's fusion: `siimcovid fuse` writes <out>/fuse, with a record of its own
 
 
 def file_sha256(path: Path) -> str:
@@ -37,13 +39,12 @@ def images_id(image_ids) -> str:
     return hashlib.sha1("\n".join(map(str, image_ids)).encode()).hexdigest()[:16]
 
 
-class Record:
+class Record(Written):
     """The output folder's predict.yaml, kept in memory and written after every change."""
 
     def __init__(self, out: Path, bundle: str, bundle_sha256: str, settings: dict):
-        self.path = Path(out) / RECORD
-        old = (yaml.safe_load(self.path.read_text()) or {}) if self.path.is_file() else {}
-        members = old.get("members") or {}
+        super().__init__(out, RECORD, "predict")
+        old, members = self.data, self.data.get("members") or {}
         if old and old.get("bundle_sha256") != bundle_sha256:
             self.clear_results(old.get("bundle"))
             members = {}
@@ -51,14 +52,13 @@ class Record:
         self.data["seconds"] = {}
 
     def clear_results(self, old_bundle) -> None:
-        """Remove the tables another bundle made here (the prepared images stay: same source, same conversion or not)."""
-        removed = [d for d in RESULT_DIRS if (self.path.parent / d).exists()]
-        for d in removed:
-            shutil.rmtree(self.path.parent / d)
-        LOGGER.warning(f"predict: {self.path.parent} held predictions of another bundle ({old_bundle}): removed {removed}")
+        """Remove the tables another bundle made here (the prepared images stay: same source, same conversion or not):
+        only those the records list, predict's and its fusion's."""
+        from siimcovid.fuse.stage import RECORD as FUSE_RECORD
 
-    def save(self) -> Path:
-        return atomic_write_text(self.path, yaml.safe_dump(self.data, sort_keys=False))
+        removed = [f for d in MEMBER_DIRS for f in self.remove_all(d)]
+        removed += [f"{FUSE_DIR}/{f}" for f in Written(self.folder / FUSE_DIR, FUSE_RECORD, "fuse").remove_all()]
+        LOGGER.warning(f"predict: {self.folder} held predictions of another bundle ({old_bundle}): removed {len(removed)} files")
 
     def reusable(self, key: str, entry: dict, table: Path) -> bool:
         """Whether the table of member `key` was made by this bundle as it would be made now."""

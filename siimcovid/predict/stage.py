@@ -16,6 +16,10 @@ On a SIIM root the submission is the one the bundle's run wrote with `fuse split
 images (same conversion, same models, same batches, same fusion). Re-running with the same out=
 resumes: prepare skips converted images, and each member's table is reused when predict.yaml says
 this bundle made it on these images with this TTA and precision (siimcovid.predict.record).
+
+out= follows the outputs rule (siimcovid.outputs): a new, empty or own folder (it holds predict.yaml), else
+overwrite=true; never the root, the home folder or a folder holding the source. predict.yaml is written first and
+lists every file predict writes: only those are ever replaced or removed (a user's files beside them stay).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import pandas as pd
 from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
 from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
-from siimcovid.predict.record import Record, file_sha256, images_id
+from siimcovid.outputs import check_out
+from siimcovid.predict.record import FUSE_DIR, RECORD, Record, file_sha256, images_id
 from siimcovid.predict.source import loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
 from siimcovid.submission import write_submission
@@ -61,8 +66,7 @@ def check_inputs(cfg: Config):
             raise SiimError(f"predict needs {key}=: `siimcovid predict bundle=<bundle> source=<SIIM root | DICOMs> out=<folder>`")
     source, out = Path(cfg.source), Path(cfg.out)
     layout = source_layout(source)
-    if out.exists() and not out.is_dir():
-        raise SiimError(f"out={out} is a file, not a folder")
+    check_out(out, RECORD, cfg.overwrite, sources=[source])
     if layout == "folder" and out.resolve().is_relative_to(source.resolve()):  # a re-run would read its own pictures
         raise SiimError(f"out={out} lies inside source={source}: choose an out= outside it")
     if layout == "folder" and source.is_file():
@@ -107,13 +111,14 @@ def prepare_source(bundle, cfg: Config, source: Path, layout: str, out: Path) ->
     return Prepared(prepare(stage_config("prepare", None, settings)))
 
 
-def list_skipped(prepared: Prepared, out: Path) -> Path | None:
+def list_skipped(prepared: Prepared, out: Path, record: Record) -> Path | None:
     """<out>/skipped.csv: the source files prepare could not read (absent when none), with a warning."""
     rows = prepared.skipped()
     path = out / SKIPPED_CSV
     if rows.empty:
-        path.unlink(missing_ok=True)
+        record.remove(path)
         return None
+    record.claim(path)
     SKIPPED.write(rows, path)
     LOGGER.warning(f"WARNING: predict: {len(rows)} file(s) of the source are not readable images and were skipped: see {path}")
     return path
@@ -121,7 +126,7 @@ def list_skipped(prepared: Prepared, out: Path) -> Path | None:
 
 def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record) -> Path:
     """A member's prediction table on the prepared test images: reused when the record vouches for it, else predicted."""
-    from siimcovid.classify.predict import study_table, write_tables
+    from siimcovid.classify.predict import study_table, table_paths, write_tables
 
     key = f"{member.kind}/{member.name}"
     tta = member_tta(member, cfg.tta)
@@ -131,6 +136,7 @@ def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
         LOGGER.info(f"predict: {key}: reusing {table} (this bundle, these images)")
         return table
     record.forget(key)
+    record.claim(*([table] if member.kind == "detect" else table_paths(table.parent, "test")))
     if member.kind == "detect":
         DETECTIONS.write(predict_detector(member, prepared, hw, tta), table)
     else:
@@ -140,16 +146,21 @@ def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
     return table
 
 
-def sample_for(layout: str, source: Path, prepared: Prepared, out: Path) -> Path:
+def sample_for(layout: str, source: Path, prepared: Prepared, out: Path, record: Record) -> Path:
     """The sample submission fixing the fused rows: the SIIM root's (less the images prepare could not read, which
-    complete_submission fills in), else one of every prepared study and image."""
+    complete_submission fills in), else one of every prepared study and image (<out>/sample_submission.csv: beside
+    fuse's folder, which holds only fuse's files)."""
+    path = out / SAMPLE_SUBMISSION
     if layout != "siim":
-        return write_sample(prepared.split("test"), out / "fuse" / SAMPLE_SUBMISSION)
+        record.claim(path)
+        return write_sample(prepared.split("test"), path)
     sample, readable = SAMPLE.read(source / SAMPLE_SUBMISSION), set(prepared.split("test").image_id)
     unread = unreadable_ids(sample, readable, prepared)
     if not unread:
+        record.remove(path)  # an earlier run's, when it had unreadable images
         return source / SAMPLE_SUBMISSION
-    return SAMPLE.write(sample[~sample["id"].isin(unread)], out / "fuse" / SAMPLE_SUBMISSION)
+    record.claim(path)
+    return SAMPLE.write(sample[~sample["id"].isin(unread)], path)
 
 
 def unreadable_ids(sample, readable: set, prepared: Prepared) -> set:
@@ -167,7 +178,7 @@ UNREAD_IMAGE = "none 1 0 0 1 1"
 UNREAD_STUDY = " ".join(f"{c} 0.25 0 0 1 1" for c in STUDY_CLASSES)
 
 
-def complete_submission(fused: dict, source: Path, out: Path) -> Path:
+def complete_submission(fused: dict, source: Path, out: Path, record: Record) -> Path:
     """<out>/submission.csv: the fused rows, plus a row for every sample id whose image could not be read (a
     Kaggle re-run on hidden data cannot be fixed by hand: one bad DICOM must not cost the submission)."""
     sample = SAMPLE.read(source / SAMPLE_SUBMISSION)
@@ -180,17 +191,19 @@ def complete_submission(fused: dict, source: Path, out: Path) -> Path:
             f"WARNING: predict: {len(missing)} submission row(s) of images that could not be read (see skipped.csv) "
             f"say '{UNREAD_IMAGE}' (studies with no readable image: 0.25 for each class)"
         )
+    record.claim(out / "submission.csv")
     path = write_submission(sub.loc[list(sample["id"])].reset_index(), out / "submission.csv", sample=source / SAMPLE_SUBMISSION)
     LOGGER.info(f"predict: {path}")
     return path
 
 
-def fuse_config(bundle, prepared: Prepared, det: list[Path], cls: list[Path], sample: Path, out: Path, workers) -> Config:
+def fuse_config(bundle, prepared: Prepared, det: list[Path], cls: list[Path], sample: Path, out: Path, cfg: Config) -> Config:
     """`fuse split=test` of the members' tables (in the bundle's member order) with the bundle's fusion settings."""
     params = {k: v for k, v in bundle.fusion.items() if k in set(fusion_keys())}
-    fixed = {"data": str(prepared.root), "split": "test", "sample": str(sample), "project": str(out), "name": "fuse"}
+    fixed = {"data": str(prepared.root), "split": "test", "sample": str(sample), "project": str(out), "name": FUSE_DIR}
+    fixed |= {"overwrite": cfg.overwrite, "workers": pool_workers(cfg.workers)}
     members = {"det": [str(p) for p in det], "cls": [str(p) for p in cls]}
-    return stage_config("fuse", None, {**params, **fixed, **members, "workers": workers})
+    return stage_config("fuse", None, {**params, **fixed, **members})
 
 
 def run_fuse(fuse_cfg: Config) -> dict:
@@ -199,10 +212,17 @@ def run_fuse(fuse_cfg: Config) -> dict:
     return fuse(fuse_cfg)
 
 
-def write_view(prepared: Prepared, fused: dict, out: Path) -> dict:
+def write_view(prepared: Prepared, fused: dict, out: Path, record: Record) -> dict:
     from siimcovid.predict.view import write_view as view
 
-    return view(prepared.root, fused["dir"], out)
+    return view(prepared.root, fused["dir"], out, record=record)
+
+
+def fixed_outputs() -> list[str]:
+    """The files predict writes in <out> whatever the images (the pictures' names come with the images)."""
+    from siimcovid.predict.view import PAGE_FILES
+
+    return ["submission.csv", SAMPLE_SUBMISSION, SKIPPED_CSV, *PAGE_FILES]
 
 
 def predict(cfg: Config) -> dict:
@@ -214,6 +234,8 @@ def predict(cfg: Config) -> dict:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     record = Record(out, cfg.bundle, file_sha256(bundle.root / "manifest.yaml"), dict(cfg))
+    record.save()  # first: a folder predict was killed in is still its own on the re-run
+    record.check(*(out / name for name in fixed_outputs()))  # a user's file in the way stops it now, not at the end
     steps = Steps(record)
     try:
         prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
@@ -221,15 +243,15 @@ def predict(cfg: Config) -> dict:
         if created and not any(p.suffix in (".png", ".jpg") for p in (out / "prepared").rglob("*")):
             shutil.rmtree(out, ignore_errors=True)  # nothing was converted: leave no folder that looks like a result
         raise
-    skipped = list_skipped(prepared, out)
+    skipped = list_skipped(prepared, out, record)
     n_images = record.data["n_images"] = len(prepared.split("test"))
     det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.detectors]
     cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.classifiers]
-    sample = sample_for(layout, source, prepared, out)
-    fuse_cfg = fuse_config(bundle, prepared, det, cls, sample, out, pool_workers(cfg.workers))
+    sample = sample_for(layout, source, prepared, out, record)
+    fuse_cfg = fuse_config(bundle, prepared, det, cls, sample, out, cfg)
     fused = steps.run("fuse", run_fuse, fuse_cfg)
-    submission = complete_submission(fused, source, out) if layout == "siim" else None
-    view = steps.run("view", write_view, prepared, fused, out)
+    submission = complete_submission(fused, source, out, record) if layout == "siim" else None
+    view = steps.run("view", write_view, prepared, fused, out, record)
     log_seconds(record.data["seconds"], n_images)
     if skipped is not None:
         LOGGER.warning(f"WARNING: predict: {len(prepared.skipped())} file(s) skipped, listed in {skipped}")

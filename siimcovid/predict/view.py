@@ -14,7 +14,9 @@
                              the pictures; written last
 
 boxes.csv keeps every box (the submission's low-confidence boxes included: they count for the metric); the
-pictures show only the confident ones, and the page says which.
+pictures show only the confident ones, and the page says which. Every file is claimed in predict's record first
+(predict.yaml, siimcovid.outputs.Written): a file of the user's is never overwritten, and a re-run removes only the
+pictures the record says predict drew.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from siimcovid.data.prepared import Prepared
+from siimcovid.outputs import Written
+from siimcovid.predict.record import RECORD
 from siimcovid.tables import (
     BOX_COLUMNS,
     FUSED_BOXES,
@@ -47,6 +51,7 @@ MAX_BOXES = 8  # ...and at most this many per image, the most confident
 BOX_BGR, TEXT_BGR = (0, 0, 255), (255, 255, 255)  # red boxes; white text on a red label
 JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
 PICTURES = "pictures"
+PAGE_FILES = ("studies.csv", "images.csv", "boxes.csv", "index.html")  # besides the pictures and skipped.csv
 
 
 def read_fused(fused: Path, split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -123,8 +128,10 @@ def shown_boxes(boxes: pd.DataFrame, min_conf: float, max_boxes: int) -> pd.Data
     return kept.groupby("image_id", sort=False).head(max_boxes)
 
 
-def write_pictures(prepared: Prepared, images: pd.DataFrame, shown: pd.DataFrame, out: Path) -> None:
+def write_pictures(prepared: Prepared, images: pd.DataFrame, shown: pd.DataFrame, out: Path, record: Written) -> None:
     """<out>/pictures/<image_id>.jpg for every image, from its prepared image at the largest size."""
+    drawn = [out / p for p in images.picture]
+    record.claim(*drawn)
     size, by_image = max(prepared.sizes), dict(tuple(shown.groupby("image_id")))
     split = prepared.meta.set_index("image_id").split
     for row in tqdm(images.itertuples(index=False), total=len(images), desc="pictures", unit="img"):
@@ -138,10 +145,8 @@ def write_pictures(prepared: Prepared, images: pd.DataFrame, shown: pd.DataFrame
             raise SiimError(f"could not encode the picture of {row.image_id}")
         with atomic_path(out / row.picture) as tmp:
             tmp.write_bytes(data.tobytes())
-    drawn = {Path(p).name for p in images.picture}
-    for old in (out / PICTURES).glob("*.jpg"):  # pictures of images an earlier run of this out predicted, not this one
-        if old.name not in drawn:
-            old.unlink()
+    stale = set(record.files) - {record.relative(p) for p in drawn}  # of images an earlier run predicted, not this one
+    record.remove(*(out / p for p in sorted(stale) if p.startswith(f"{PICTURES}/")))
 
 
 PAGE_STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
@@ -190,20 +195,26 @@ def page_html(studies, images, skipped, min_conf: float, max_boxes: int) -> str:
     )
 
 
-def write_view(prepared: Path, fused: Path, out: Path, min_conf: float = MIN_CONF, max_boxes: int = MAX_BOXES) -> dict[str, Path]:
-    """The tables, pictures and page of a prediction (see the module docstring); index.html last."""
+def write_view(
+    prepared: Path, fused: Path, out: Path, min_conf: float = MIN_CONF, max_boxes: int = MAX_BOXES, record: Written | None = None
+) -> dict[str, Path]:
+    """The tables, pictures and page of a prediction (see the module docstring); index.html last. `record`:
+    predict's (by default the one in `out`)."""
     data, out = Prepared(prepared), Path(out)
+    record = Written(out, RECORD, "predict") if record is None else record
     studies, images, boxes = build_tables(data, *read_fused(Path(fused)))
     shown = shown_boxes(boxes, min_conf, max_boxes)
     images["n_shown"] = images.image_id.map(shown.image_id.value_counts()).fillna(0).astype(int)
-    write_pictures(data, images, shown, out)
+    skipped = data.skipped()
+    names = [*PAGE_FILES, *(["skipped.csv"] if len(skipped) else [])]
+    record.claim(*(out / name for name in names))
+    write_pictures(data, images, shown, out, record)
     files = {
         "studies": PREDICTED_STUDIES.write(studies, out / "studies.csv"),
         "images": PREDICTED_IMAGES.write(images, out / "images.csv"),
         "boxes": PREDICTED_BOXES.write(boxes, out / "boxes.csv"),
         "pictures": out / PICTURES,
     }
-    skipped = data.skipped()
     if len(skipped):
         files["skipped"] = SKIPPED.write(skipped, out / "skipped.csv")
     files["html"] = atomic_write_text(out / "index.html", page_html(studies, images, skipped, min_conf, max_boxes))
