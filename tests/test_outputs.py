@@ -178,7 +178,7 @@ def test_fuse_and_tune_never_overwrite_a_file_of_the_users_even_with_overwrite(f
 
 def test_fuse_refuses_a_folder_that_holds_its_inputs(fuse_inputs, tmp_path):
     with pytest.raises(SiimError, match="holds the input"):
-        fuse(*fuse_inputs, "overwrite=true", project=tmp_path, name=".")
+        fuse(*fuse_inputs, "overwrite=true", project=tmp_path.parent, name=tmp_path.name)  # det.csv is in there
     assert not (tmp_path / "fuse_files.yaml").exists()
 
 
