@@ -297,6 +297,8 @@ META = Table(
         Column("transfer_syntax", TEXT, "DICOM transfer syntax UID"),
         Column("voi", TEXT, "lut | window | '' (what the conversion applied)"),
         Column("modality", TEXT, "DICOM Modality"),
+        Column("body_part", TEXT, "DICOM BodyPartExamined ('' where the file has none)", required=False),
+        Column("view_position", TEXT, "DICOM ViewPosition: AP, PA, LL... ('' where the file has none)", required=False),
         Column("dicom", TEXT, "path of the input file (DICOM, PNG or JPEG) relative to the data root"),
     ),
     "One row per prepared image, train and test; written last by prepare (its presence marks a finished prepare).",
@@ -453,7 +455,8 @@ SKIPPED = Table(
         Column("line", INT, "its line in that file; empty when the problem concerns the whole file", nullable=True, lo=1),
         Column("problem", TEXT, "what is wrong"),
     ),
-    "The inputs prepare dropped with on_error=skip, one row per problem; absent when it dropped none.",
+    "The inputs prepare dropped with on_error=skip (and, whatever on_error, the images modality_check refuses), one row "
+    "per problem; absent when it dropped none.",
 )
 
 EXTERNAL_LABELS = Table(
@@ -558,6 +561,9 @@ PREDICTED_STUDIES = Table(
     checks=(_not_empty("study_id"),),
 )
 
+TAG_MISSING = "missing"  # images.csv's value of a tag the image lacks
+_NO_TAG = f"{TAG_MISSING!r}: the file has no such tag or an empty one (a PNG/JPEG has none), the check passed it on the others"
+
 PREDICTED_IMAGES = Table(
     "predicted images",
     "<predict out>/images.csv",
@@ -567,6 +573,9 @@ PREDICTED_IMAGES = Table(
         Column("file", TEXT, "the source image file"),
         Column("rows", INT, "original height in pixels", lo=1),
         Column("cols", INT, "original width in pixels", lo=1),
+        Column("modality", TEXT, f"DICOM Modality (modality_check: CR or DX); {_NO_TAG}", required=False),
+        Column("body_part", TEXT, f"DICOM BodyPartExamined (modality_check: the chest); {_NO_TAG}", required=False),
+        Column("view_position", TEXT, f"DICOM ViewPosition (modality_check: not lateral); {_NO_TAG}", required=False),
         Column("none", FLOAT, "P(no opacity in the image)", lo=0.0, hi=1.0),
         Column("n_boxes", INT, "predicted opacity boxes (rows of boxes.csv)", lo=0),
         Column("n_shown", INT, "of which drawn on the picture (confident enough)", required=False, lo=0),

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from siimcovid.data.boxes import clip_boxes, fill_mask, to_yolo
-from siimcovid.data.dicom import area_resize_with_range, dicom_to_uint8, read_header
+from siimcovid.data.dicom import TAGS_CHECKED, area_resize_with_range, check_pixel_count, dicom_to_uint8, read_header
 from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.utils import DataError, SiimError
 
@@ -113,7 +113,7 @@ def _picture_info(rows: int, cols: int, bits: int) -> dict:
         "rows": rows,
         "cols": cols,
         "patient_id": "",
-        "modality": "",
+        **dict.fromkeys(TAGS_CHECKED, ""),
         "photometric": "",
         "bits_stored": bits,
         "transfer_syntax": "",
@@ -121,27 +121,34 @@ def _picture_info(rows: int, cols: int, bits: int) -> dict:
     }
 
 
-def picture_header(path: str | os.PathLike) -> dict:
-    """Size and bit depth of a PNG/JPEG without decoding its pixels (the resume path)."""
-    from PIL import Image, UnidentifiedImageError
+def picture_header(path: str | os.PathLike, max_pixels: int | None = None) -> dict:
+    """Size and bit depth of a PNG/JPEG without decoding its pixels (the resume path, and the size check before a
+    decode: DataError when it holds more than max_pixels values)."""
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             cols, rows = im.size
             bits = 16 if im.mode.startswith("I") else 8
+            count = rows * cols * len(im.getbands())
     except FileNotFoundError:
         raise DataError("image file not found", path) from None
-    except (OSError, UnidentifiedImageError) as e:
+    except Exception as e:  # PIL: OSError, UnidentifiedImageError, DecompressionBombError (past twice its own limit)
         raise DataError(f"cannot read image ({type(e).__name__}: {e})", path) from None
+    check_pixel_count(rows, cols, count, max_pixels, path)
     return _picture_info(rows, cols, bits)
 
 
-def picture_to_uint8(path: str | os.PathLike, sizes: list[int]) -> tuple[dict[int, np.ndarray], dict]:
+def picture_to_uint8(
+    path: str | os.PathLike, sizes: list[int], max_pixels: int | None = None
+) -> tuple[dict[int, np.ndarray], dict]:
     """A PNG/JPEG (8 or 16 bit, grey or colour -> luminance) -> square 8-bit images at each size, like a DICOM:
     an area resize of the original values to the largest size, smaller sizes from it. 8-bit values are kept
-    as they are (the file is already windowed); 16-bit ones are min-max stretched over the full image."""
+    as they are (the file is already windowed); 16-bit ones are min-max stretched over the full image. One
+    of more than max_pixels values is refused from its header, before decoding."""
     if not Path(path).is_file():
         raise DataError("image file not found", path)
+    picture_header(path, max_pixels)
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.size == 0:
         raise DataError("cannot read image (not a PNG/JPEG OpenCV can decode)", path)
@@ -169,7 +176,7 @@ def convert_one(job: dict) -> dict:
         if all(image_is_whole(p, s, ext) for s, p in targets.items()):  # done by an earlier run
             info, converted = (picture_header if picture else read_header)(job["path"]), False
         else:
-            images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], sizes)
+            images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], sizes, job.get("max_pixels"))
             for s, p in targets.items():
                 _write_image(p, images[s], ext, job.get("params") or encode_params(ext))
             converted = True

@@ -21,25 +21,32 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
+import unicodedata
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.pixels import apply_voi_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from siimcovid.utils import DataError
 
+TAGS_CHECKED = {"modality": "Modality", "body_part": "BodyPartExamined", "view_position": "ViewPosition"}  # column: tag
+
 
 def header_info(ds: Dataset) -> dict:
-    """The header fields the meta table keeps."""
+    """The header fields the meta table keeps ('' for a tag the file lacks or leaves empty)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     return {
         "rows": int(ds.Rows),
         "cols": int(ds.Columns),
         "patient_id": str(ds.get("PatientID", "") or ""),
-        "modality": str(ds.get("Modality", "") or ""),
+        **{column: str(ds.get(tag, "") or "").strip() for column, tag in TAGS_CHECKED.items()},
         "photometric": str(ds.get("PhotometricInterpretation", "")),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "transfer_syntax": tsyntax.name if tsyntax is not None else "",
@@ -47,7 +54,38 @@ def header_info(ds: Dataset) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- is it a frontal chest radiograph?
+RADIOGRAPH_MODALITIES = ("CR", "DX")  # DICOM Modality of computed and digital radiography
+CHEST_WORDS = {"CHEST", "THORAX", "THORACIC", "TORAX", "TORACE", "TORACICO", "LUNG", "LUNGS", "PECHO"}  # as vendors spell it
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"}  # ViewPosition of a lateral projection
+
+
+def _words(value: str) -> set[str]:
+    """The upper-case words of a free-text tag, accents dropped ('Tórax' -> {'TORAX'}, 'PORT CHEST' -> {'PORT', 'CHEST'})."""
+    plain = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode()
+    return set(re.split(r"[^A-Z]+", plain.upper())) - {""}
+
+
+def radiograph_problem(modality: str, body_part: str, view_position: str) -> str | None:
+    """Why an image's tags say it is not a frontal chest radiograph, or None. A missing (empty) tag says nothing:
+    the image passes on the tags it has (a PNG/JPEG has none)."""
+    if modality and modality.upper() not in RADIOGRAPH_MODALITIES:
+        return f"Modality {modality!r} is not a radiograph ({' or '.join(RADIOGRAPH_MODALITIES)})"
+    if body_part and not _words(body_part) & CHEST_WORDS:
+        return f"BodyPartExamined {body_part!r} is not the chest"
+    if view_position and _words(view_position) & LATERAL_VIEWS:
+        return f"ViewPosition {view_position!r} is a lateral view, not a frontal one"
+    return None
+
+
+# ----------------------------------------------------------------------------- reading a file, pixels last
+HEADER_BYTES = 16 * 2**20  # the most of a deflated file inflated to read its header (a radiograph's: a few KB)
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float and integer pixel data
+
+
 def _open_error(path: str | os.PathLike, e: Exception) -> DataError:
+    if isinstance(e, DataError):
+        return e
     if isinstance(e, FileNotFoundError) or not Path(path).exists():
         return DataError("DICOM file not found", path)
     return DataError(f"cannot read DICOM ({type(e).__name__}: {e})", path)
@@ -60,10 +98,108 @@ def _check_image(ds: Dataset) -> None:
         raise ValueError(f"image of {ds.Columns} x {ds.Rows} pixels")
 
 
+def pixel_count(ds: Dataset) -> int:
+    """The values the header says the pixel data holds: rows x columns x frames x samples per pixel."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return int(ds.Rows) * int(ds.Columns) * max(frames, 1) * max(int(ds.get("SamplesPerPixel", 1) or 1), 1)
+
+
+def check_pixel_count(rows: int, cols: int, count: int, max_pixels: int | None, path) -> None:
+    """DataError before any decoding when an image claims more than max_pixels values (a few KB of deflate or JPEG
+    can claim gigabytes). The largest radiographs hold about 4300 x 3500 = 15 megapixels."""
+    if max_pixels is not None and count > max_pixels:
+        raise DataError(
+            f"claims {cols} x {rows} pixels, {count:,} values with its frames and colour samples: more than "
+            f"max_pixels={max_pixels}, not decoded (raise max_pixels= if it is a real image)",
+            path,
+        )
+
+
+class _Inflated:
+    """A deflated data set as a file for pydicom's reader, inflated only as far as it is read, and never past `limit`
+    bytes (read() then gives less: pydicom sees a truncated file). Reading a header costs the header's bytes only."""
+
+    def __init__(self, f, limit: int):
+        self._f, self._limit, self._pos = f, limit, 0
+        self._inflater, self._data = zlib.decompressobj(-zlib.MAX_WBITS), bytearray()
+
+    def _fill(self, end: int) -> None:
+        end = min(end, self._limit + 1)  # one byte past the limit: tells a cut stream from one that ends there
+        while len(self._data) < end and not self._inflater.eof:
+            chunk = self._inflater.unconsumed_tail or self._f.read(1 << 16)
+            if not chunk:
+                break
+            self._data += self._inflater.decompress(chunk, end - len(self._data))
+
+    @property
+    def cut(self) -> bool:
+        """Whether the stream holds more than `limit` bytes."""
+        self._fill(self._limit + 1)
+        return len(self._data) > self._limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._limit if size is None or size < 0 else min(self._pos + size, self._limit)
+        self._fill(end)
+        out = bytes(self._data[self._pos : end])
+        self._pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END:
+            raise OSError("a deflated data set has no known end")
+        self._pos = max(0, offset + (self._pos if whence == os.SEEK_CUR else 0))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _file_meta(f) -> FileMetaDataset:
+    """The file meta group (0002,xxxx), always explicit VR little endian; `f` is left at the data set's start."""
+    return FileMetaDataset(read_dataset(f, False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2))
+
+
+def _read_deflated(path, f, meta: FileMetaDataset, header_only: bool, max_pixels: int | None) -> Dataset:
+    """A deflated file's data set: its header (at most HEADER_BYTES inflated), then, once checked, no more than its
+    pixels need."""
+    start = f.tell()
+    ds = read_dataset(_Inflated(f, HEADER_BYTES), False, True, stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
+    ds.file_meta = meta
+    if header_only:
+        return ds
+    _check_image(ds)
+    check_pixel_count(int(ds.Rows), int(ds.Columns), pixel_count(ds), max_pixels, path)
+    f.seek(start)
+    bits = max(int(ds.get("BitsAllocated", 16) or 16), 8)
+    whole = _Inflated(f, 2 * HEADER_BYTES + pixel_count(ds) * bits // 8)
+    ds = read_dataset(whole, False, True)
+    if whole.cut:
+        raise DataError(f"its deflated data inflates to more than its {ds.Columns} x {ds.Rows} pixels need: not read", path)
+    ds.file_meta = meta
+    return ds
+
+
+def read_dicom(path: str | os.PathLike, header_only: bool = False, max_pixels: int | None = None, force: bool = False) -> Dataset:
+    """The data set with its pixel data deferred (not read), after the checks that need no pixel: an image of at most
+    `max_pixels` values (header_only: the header, unchecked). pydicom inflates the whole of a deflated file even to
+    stop before its pixels (a 0.8 MB file of 20000 x 20000 pixels: 1.6 GB of memory); here at most HEADER_BYTES
+    for the header, then only what its pixels need. Raises what pydicom raises on a damaged file, or DataError."""
+    with open(path, "rb") as f:
+        read_preamble(f, force)
+        meta = _file_meta(f)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            return _read_deflated(path, f, meta, header_only, max_pixels)
+    ds = pydicom.dcmread(path, stop_before_pixels=header_only, defer_size=None if header_only else "64 KB", force=force)
+    if not header_only:
+        _check_image(ds)
+        check_pixel_count(int(ds.Rows), int(ds.Columns), pixel_count(ds), max_pixels, path)
+    return ds
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """Header only (no pixel decode): fast, used when an image is already converted."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = read_dicom(path, header_only=True)
         _check_image(ds)
         return header_info(ds)
     except Exception as e:  # pydicom raises many types for corrupt files
@@ -115,11 +251,11 @@ def _min_max(arr: np.ndarray) -> tuple[float, float]:
     return float(arr.min()), float(arr.max())
 
 
-def _decode(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, bool]:
-    """(2-D stored values, dataset, whether the values are memory-mapped from an uncompressed file)."""
+def _decode(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[np.ndarray, Dataset, bool]:
+    """(2-D stored values, dataset, whether the values are memory-mapped from an uncompressed file); an image of
+    more than max_pixels values is refused before its pixels are read."""
     try:
-        ds = pydicom.dcmread(path, defer_size="64 KB")
-        _check_image(ds)
+        ds = read_dicom(path, max_pixels=max_pixels)
         arr = _map_native(path, ds)
         native = arr is not None
         if not native:
@@ -142,14 +278,14 @@ def _garbage_bits(arr: np.ndarray, ds: Dataset, native: bool, value_range: tuple
     return top if native and arr.dtype.kind == "u" and value_range[1] > top else None
 
 
-def read_stored(path: str | os.PathLike) -> tuple[np.ndarray, Dataset, tuple[float, float]]:
+def read_stored(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[np.ndarray, Dataset, tuple[float, float]]:
     """Decode the stored values (any transfer syntax the installed plugins support).
 
     Returns the 2-D array of stored values (read-only and memory-mapped for uncompressed
     files), the file's dataset (header, VOI LUT module; pixel data left on disk) and the
     values' (min, max).
     """
-    arr, ds, native = _decode(path)
+    arr, ds, native = _decode(path, max_pixels)
     value_range = _min_max(arr)
     top = _garbage_bits(arr, ds, native, value_range)
     if top is not None:
@@ -270,13 +406,16 @@ def window_to_uint8(values: np.ndarray, ds: Dataset, value_range: tuple[float, f
     return np.clip(out, 0, 255).astype(np.uint8)  # truncates, like the usual recipe
 
 
-def dicom_to_uint8(path: str | os.PathLike, sizes: list[int]) -> tuple[dict[int, np.ndarray], dict]:
+def dicom_to_uint8(
+    path: str | os.PathLike, sizes: list[int], max_pixels: int | None = None
+) -> tuple[dict[int, np.ndarray], dict]:
     """Convert one DICOM to square 8-bit images at each size (largest first).
 
     Returns ({size: image}, header info). The largest size is computed from the stored
-    values; smaller sizes are area-resized from it.
+    values; smaller sizes are area-resized from it. An image of more than max_pixels
+    values is refused (DataError) before its pixels are read.
     """
-    arr, ds, native = _decode(path)
+    arr, ds, native = _decode(path, max_pixels)
     sizes = sorted({int(s) for s in sizes}, reverse=True)
     small, stored_range = area_resize_with_range(arr, (sizes[0], sizes[0]))
     top = _garbage_bits(arr, ds, native, stored_range)

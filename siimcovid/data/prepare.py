@@ -29,7 +29,7 @@ from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
 from siimcovid.data.prepared import SKIPPED_CSV, folds_fingerprint
-from siimcovid.data.siim import IMAGE_CSV, Problems
+from siimcovid.data.siim import IMAGE_CSV, Problems, printable
 from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
@@ -124,7 +124,7 @@ def read_inputs(
     read = registry.get("layout", layout)
     takes_cfg = "cfg" in inspect.signature(read).parameters
     table = read(root, splits, problems, cfg=cfg) if takes_cfg else read(root, splits, problems)
-    if table.empty:
+    if table.empty and not problems.items:  # with problems: prepare lists them before it stops (nothing_readable)
         raise SiimError(f"no images found under {root} for splits {splits} (layout={layout})")
     return table
 
@@ -180,6 +180,7 @@ def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Pr
             "boxes": r.boxes,
             "line": r.line,
             "csv": getattr(r, "file", None) or csv,
+            "max_pixels": cfg.max_pixels,
         }
         for r in table.itertuples(index=False)
     ]
@@ -216,7 +217,7 @@ def build_meta(table: pd.DataFrame, results: dict[str, dict], root: Path, n_fold
     is_train = (meta.split == "train").to_numpy()
     if is_train.any():
         meta.loc[is_train, "fold"] = make_folds(meta[is_train], n_folds, seed)
-    meta["dicom"] = [os.path.relpath(p, root) for p in meta.path]
+    meta["dicom"] = [printable(os.path.relpath(p, root)) for p in meta.path]  # a name not UTF-8: its bytes as \xNN
     meta["boxes"] = [boxes_to_json(as_array(b)) for b in meta.boxes]
     return meta[META.names]
 
@@ -315,14 +316,46 @@ def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Pro
     return yamls
 
 
+def nothing_readable(target: Target, problems: Problems) -> SiimError:
+    """Every input was skipped: skipped.csv says why, and the one line to stop with names it (prepare.yaml and the
+    empty folders of a folder this run created are gone by then: see prepare)."""
+    path = SKIPPED.write(problems.table(), target.out / SKIPPED_CSV)
+    first = problems.items[0]
+    return SiimError(
+        f"no readable image in {printable(target.root)}: all {len(problems.items)} files skipped, see {printable(path)} "
+        f"(first: {printable(str(first))})"
+    )
+
+
+def abandon_output(out: Path) -> None:
+    """Undo start_output in a folder this run created, when it wrote no image there: its prepare.yaml and empty
+    folders go, so that nothing looks like a prepared folder (skipped.csv stays: the error names it). A folder
+    holding images keeps its prepare.yaml: the re-run resumes from them."""
+    kept = {out / "prepare.yaml", out / SKIPPED_CSV}
+    if any(p not in kept and not p.is_dir() for p in out.rglob("*")):
+        return
+    (out / "prepare.yaml").unlink(missing_ok=True)
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def prepare(cfg: Config) -> Path:
     target = check_settings(cfg)
     problems = Problems(cfg.on_error)
     table = read_inputs(target.root, cfg.splits, problems, cfg.layout, cfg)
     label_names = table.attrs.get("label_names")
     check_folds_possible(table, cfg.n_folds, cfg.seed)
+    created = not target.out.exists()
     previous_meta = start_output(cfg, target, label_names)
-    results, converted = decode_images(table, cfg, target, problems)
+    try:
+        results, converted = decode_images(table, cfg, target, problems)
+        if not results:
+            raise nothing_readable(target, problems)
+    except BaseException:
+        if created:
+            abandon_output(target.out)
+        raise
     meta = build_meta(table, results, target.root, cfg.n_folds, cfg.seed)
     write_labels(table, meta, label_names, target.out)
     yamls = write_outputs(meta, cfg, target, problems, previous_meta)

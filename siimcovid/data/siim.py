@@ -37,6 +37,12 @@ from siimcovid.utils import LOGGER, DataError, SiimError
 BOX_TOL = 0.01  # pixels: boxes column and label string must agree this closely
 
 
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that can be written anywhere: the bytes of a name that is not UTF-8 (which Python holds as
+    surrogate escapes, and a UTF-8 CSV or YAML cannot encode) become \\xNN."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 @dataclass
 class Problems:
     """Collects input problems: raises at once, or (on_error='skip') records and counts them."""
@@ -53,16 +59,20 @@ class Problems:
             raise error
         self.items.append(error)
 
+    def exclude(self, error: DataError) -> None:
+        """Record an input left out on purpose (not a broken one: an image the models do not read), whatever on_error."""
+        self.items.append(error)
+
     def table(self) -> pd.DataFrame:
         """The problems as the SKIPPED table (file, line, problem) that prepare writes to skipped.csv."""
         return pd.DataFrame(
-            [{"file": str(e.file or ""), "line": e.row, "problem": e.reason} for e in self.items],
+            [{"file": printable(e.file or ""), "line": e.row, "problem": printable(e.reason)} for e in self.items],
             columns=SKIPPED.names,
         )
 
     def report(self, what: str = "problems") -> None:
         if self.items:
-            LOGGER.warning(f"WARNING: skipped {len(self.items)} {what} (on_error=skip); first: {self.items[0]}")
+            LOGGER.warning(f"WARNING: skipped {len(self.items)} {what}; first: {self.items[0]}")
 
 
 def _strip_suffix(value: str, suffix: str, file, line) -> str:

@@ -17,6 +17,12 @@ from siimcovid.tables import IMAGE_SUFFIX, SAMPLE, SAMPLE_SUBMISSION, STUDY_SUFF
 from siimcovid.utils import SiimError
 
 PREPARE_KEYS = ("sizes", "ext", "png_level")  # the bundle's conversion settings (its prepare.yaml)
+INPUT_CHECKS = ("max_pixels", "modality_check")  # predict's own settings that prepare applies to the source
+
+
+def input_checks(cfg) -> dict:
+    """predict's settings of the input checks (INPUT_CHECKS), for prepare_settings(..., **input_checks(cfg))."""
+    return {k: cfg[k] for k in INPUT_CHECKS}
 
 
 def source_layout(source: str | os.PathLike) -> str:
@@ -29,13 +35,18 @@ def source_layout(source: str | os.PathLike) -> str:
     return "folder"
 
 
-def prepare_settings(conversion: dict, source: Path, layout: str, out: Path, workers: int | None, on_error: str) -> dict:
-    """`siimcovid prepare` settings for the source: the bundle's conversion settings, the test split only."""
+def prepare_settings(
+    conversion: dict, source: Path, layout: str, out: Path, workers: int | None, on_error: str, **checks
+) -> dict:
+    """`siimcovid prepare` settings for the source: the bundle's conversion settings, the test split only.
+    checks: predict's input checks, passed on as they are (INPUT_CHECKS: max_pixels, modality_check); one not
+    given keeps prepare's default."""
     missing = [k for k in PREPARE_KEYS if k not in conversion]
     if missing:
         raise SiimError(f"the bundle's prepare settings lack {missing}: export the bundle again")
     return {
         **{k: conversion[k] for k in PREPARE_KEYS},
+        **{k: v for k, v in checks.items() if v is not None},
         "data": str(source),
         "layout": layout,
         "name": "predict",

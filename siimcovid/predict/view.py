@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from siimcovid.data.dicom import TAGS_CHECKED
 from siimcovid.data.prepared import Prepared
 from siimcovid.outputs import Written
 from siimcovid.predict.record import RECORD
@@ -43,6 +44,7 @@ from siimcovid.tables import (
     PREDICTED_STUDIES,
     SKIPPED,
     STUDY_CLASSES,
+    TAG_MISSING,
 )
 from siimcovid.utils import SiimError, atomic_path, atomic_write_text
 
@@ -85,6 +87,7 @@ def build_tables(prepared: Prepared, images, studies, boxes) -> tuple[pd.DataFra
             "file": source_files(prepared, rows),
             "rows": rows.rows.to_numpy(),
             "cols": rows.cols.to_numpy(),
+            **{c: rows[c].replace("", TAG_MISSING).to_numpy() for c in TAGS_CHECKED if c in rows},  # say so, never guess
             "none": images["none"].to_numpy(),
             "n_boxes": images.image_id.map(boxes.image_id.value_counts()).fillna(0).astype(int).to_numpy(),
             "picture": [f"{PICTURES}/{i}.jpg" for i in images.image_id],

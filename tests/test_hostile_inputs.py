@@ -1,0 +1,289 @@
+"""Inputs that cannot hang prepare or predict, nor blow them up (issue 17, items 5-7): what is no regular file is never
+opened, linked and unreadable folders are never skipped in silence, a header claiming too many pixels is refused before
+any decoding, images whose tags say they are no frontal chest radiograph are left out with the reason, a source of
+unreadable files is one line, and a file name that is not UTF-8 costs nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+
+from siimcovid import cli
+from siimcovid.data.convert import convert_one
+from siimcovid.data.dicom import radiograph_problem
+from siimcovid.data.folder import folder_layout
+from siimcovid.data.prepared import Prepared
+from siimcovid.data.siim import Problems
+from siimcovid.utils import DataError, SiimError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_dicom(path, rows=32, cols=32, modality="DX", body="CHEST", view="PA", tsyntax=ExplicitVRLittleEndian) -> Path:
+    """A small 12-bit chest DICOM; a tag given as None is left out."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    for keyword, value in (("Modality", modality), ("BodyPartExamined", body), ("ViewPosition", view)):
+        if value is not None:
+            setattr(ds, keyword, value)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(rows * cols, dtype=np.uint16) % 4096).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+def deflated_bomb(path: Path, rows: int, cols: int) -> Path:
+    """A deflated DICOM whose zero pixels inflate to rows x cols x 2 bytes: a few hundred KB on disk."""
+    header = pydicom.dcmread(tiny_dicom(path, rows=1, cols=1))
+    del header.PixelData
+    header.Rows, header.Columns = rows, cols
+    header.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    for buf in (meta, body):
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(meta, header.file_meta, enforce_standard=True)
+    write_dataset(body, header)
+    size = rows * cols * 2
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        f.write(deflate.compress(body.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little")))
+        for _ in range(size // 2**24):
+            f.write(deflate.compress(bytes(2**24)))
+        f.write(deflate.compress(bytes(size % 2**24)) + deflate.flush())
+    return path
+
+
+def prepare_folder(src: Path, out: Path, *extra: str) -> Path:
+    """`siimcovid prepare layout=folder` of `src`, in this process."""
+    cli.main(["prepare", f"data={src}", "layout=folder", "splits=test", f"out={out}", "sizes=32", "workers=1",
+              f"data_yaml_dir={out.parent / 'data_yaml'}", *extra])  # fmt: skip
+    return out
+
+
+def run_prepare(src: Path, out: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`siimcovid prepare layout=folder on_error=skip` of `src` as a user runs it (exit code, stderr), within `timeout` s."""
+    command = [sys.executable, "-m", "siimcovid", "prepare", f"data={src}", "layout=folder", "splits=test", "on_error=skip",
+               f"out={out}", "sizes=32", "workers=1", f"data_yaml_dir={out.parent / 'data_yaml'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, timeout=timeout)
+
+
+def skipped(out: Path) -> dict[str, str]:
+    """{file name: problem} of a prepared folder's skipped.csv."""
+    table = pd.read_csv(out / "skipped.csv", keep_default_na=False)
+    return {Path(f).name: p for f, p in zip(table.file, table.problem)}
+
+
+# ----------------------------------------------------------------------------- item 5: hangs and blow-ups
+def test_a_fifo_and_a_link_to_dev_zero_are_listed_never_opened(tmp_path):
+    src = tmp_path / "src"
+    tiny_dicom(src / "chest.dcm")
+    os.mkfifo(src / "pipe")  # opening it blocks until someone writes; /dev/zero reads for ever
+    (src / "zero").symlink_to("/dev/zero")
+    (src / "gone").symlink_to(src / "nothing-here")
+    done = run_prepare(src, tmp_path / "out", timeout=60)  # a hang fails here, it does not block the suite
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert len(Prepared(tmp_path / "out").meta) == 1
+    reasons = skipped(tmp_path / "out")
+    assert set(reasons) == {"pipe", "zero", "gone"}
+    assert "FIFO" in reasons["pipe"] and "character device" in reasons["zero"] and "broken" in reasons["gone"]
+
+
+def test_a_linked_subfolder_is_followed_once_and_a_loop_is_listed(tmp_path):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    tiny_dicom(src / "a.dcm")
+    tiny_dicom(elsewhere / "b.dcm")
+    (src / "linked").symlink_to(elsewhere)
+    (src / "same again").symlink_to(elsewhere)
+    (src / "loop").symlink_to(src)
+    problems = Problems("skip")
+    table = folder_layout(src, ["test"], problems)
+    assert sorted(Path(p).relative_to(src).as_posix() for p in table.path) == ["a.dcm", "linked/b.dcm"]
+    listed = problems.table()
+    assert sorted(Path(f).name for f in listed.file) == ["loop", "same again"]
+    assert listed.problem.str.contains("scanned already").all()
+
+
+def test_an_unreadable_subfolder_is_listed_not_skipped_in_silence(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    tiny_dicom(src / "a.dcm")
+    tiny_dicom(src / "locked" / "b.dcm")
+    real = os.scandir
+
+    def scandir(path="."):  # the tests run as root, whom chmod 000 does not stop: refuse the listing here
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    problems = Problems("skip")
+    assert [Path(p).name for p in folder_layout(src, ["test"], problems).path] == ["a.dcm"]
+    assert [(Path(e.file).name, "Permission denied" in e.reason) for e in problems.items] == [("locked", True)]
+    with pytest.raises(DataError, match="locked: cannot list the folder"):
+        folder_layout(src, ["test"], Problems("raise"))
+
+
+def test_a_deflated_dicom_claiming_a_huge_image_is_refused_from_its_header(tmp_path):
+    bomb = deflated_bomb(tmp_path / "src" / "bomb.dcm", 8000, 8000)  # 128 MB of pixels in ~130 KB
+    assert bomb.stat().st_size < 1_000_000
+    tracemalloc.start()
+    try:
+        table = folder_layout(tmp_path / "src", ["test"], Problems("raise"))  # the scan reads the header only
+        job = {"out": str(tmp_path / "out"), "sizes": [32], "ext": "png", "image_id": "bomb", "split": "test",
+               "path": str(bomb), "max_pixels": 10_000_000}  # fmt: skip
+        result = convert_one(job)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(table) == 1 and not result["ok"]
+    assert "claims 8000 x 8000 pixels" in result["error"].reason and "max_pixels=10000000" in result["error"].reason
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a file that was not decoded"
+
+
+def test_max_pixels_skips_a_large_dicom_and_png_with_the_reason_and_is_typed(tmp_path):
+    import cv2
+
+    src = tmp_path / "src"
+    tiny_dicom(src / "small.dcm", rows=32, cols=32)
+    tiny_dicom(src / "large.dcm", rows=64, cols=64)
+    cv2.imwrite(str(src / "large.png"), np.zeros((64, 64), np.uint8))
+    out = prepare_folder(src, tmp_path / "out", "on_error=skip", "max_pixels=2000")
+    assert len(Prepared(out).meta) == 1
+    reasons = skipped(out)
+    assert set(reasons) == {"large.dcm", "large.png"}
+    assert all("claims 64 x 64 pixels" in r and "max_pixels=2000" in r for r in reasons.values())
+    with pytest.raises(SiimError, match="max_pixels"):
+        prepare_folder(src, tmp_path / "out2", "max_pixels=0")
+
+
+# ----------------------------------------------------------------------------- item 6: not a chest radiograph
+@pytest.mark.parametrize(
+    "tags,refused",
+    [
+        (("DX", "CHEST", "PA"), None),
+        (("CR", "Tórax", "AP"), None),
+        (("DX", "PORT CHEST", ""), None),
+        (("dx", "thorax", "ap"), None),
+        (("", "", ""), None),  # no tag says otherwise: passed, and images.csv says the tags are missing
+        (("US", "ABDOMEN", ""), "Modality"),
+        (("CT", "CHEST", ""), "Modality"),
+        (("DX", "SKULL", "PA"), "BodyPartExamined"),
+        (("DX", "CHEST", "LL"), "ViewPosition"),
+        (("CR", "CHEST", "LATERAL"), "ViewPosition"),
+    ],
+)
+def test_the_tags_that_say_an_image_is_no_frontal_chest_radiograph(tags, refused):
+    problem = radiograph_problem(*tags)
+    assert (problem is None) if refused is None else (refused in problem)
+
+
+def test_a_non_chest_dicom_is_listed_not_prepared_unless_modality_check_is_off(tmp_path):
+    src = tmp_path / "src"
+    tiny_dicom(src / "chest.dcm")
+    tiny_dicom(src / "bare.dcm", modality=None, body=None, view=None)
+    tiny_dicom(src / "ultrasound.dcm", modality="US", body="ABDOMEN", view=None)
+    tiny_dicom(src / "lateral.dcm", view="LL")
+    out = prepare_folder(src, tmp_path / "out")  # on_error=raise: these are not broken, they are left out all the same
+    meta = Prepared(out).meta.assign(file=lambda m: m.dicom)
+    assert sorted(meta.file) == ["bare.dcm", "chest.dcm"]
+    reasons = skipped(out)
+    assert set(reasons) == {"ultrasound.dcm", "lateral.dcm"}
+    assert "Modality 'US'" in reasons["ultrasound.dcm"] and "lateral" in reasons["lateral.dcm"]
+    assert all("modality_check=false" in r for r in reasons.values())
+    tags = pd.read_csv(out / "meta.csv", keep_default_na=False).set_index("dicom")
+    assert tags.loc["chest.dcm", ["modality", "body_part", "view_position"]].tolist() == ["DX", "CHEST", "PA"]
+    assert tags.loc["bare.dcm", ["modality", "body_part", "view_position"]].tolist() == ["", "", ""]
+
+    everything = prepare_folder(src, tmp_path / "all", "modality_check=false")
+    assert len(Prepared(everything).meta) == 4 and not (everything / "skipped.csv").exists()
+
+
+def test_synthetic_data_passes_the_check_and_a_siim_root_keeps_every_test_image(tiny_root, tmp_path):
+    problems = Problems("raise")
+    table = folder_layout(tiny_root / "test", ["test"], problems)
+    assert len(table) == len(list((tiny_root / "test").rglob("*.dcm"))) and not problems.items
+    first = sorted((tiny_root / "test").rglob("*.dcm"))[0]  # a SIIM test image tagged as an ultrasound
+    ds = pydicom.dcmread(first)
+    ds.Modality = "US"
+    ds.save_as(first)
+    out = tmp_path / "siim"
+    cli.main(["prepare", f"data={tiny_root}", "splits=test", f"out={out}", "sizes=32", "workers=1"])
+    meta = Prepared(out).meta
+    assert first.stem in set(meta.image_id) and len(meta) == len(table)  # a submission must cover every test image
+    assert meta.set_index("image_id").modality[first.stem] == "US"
+
+
+def test_images_csv_carries_the_tags_checked_and_says_which_are_missing(tmp_path):
+    import cv2
+    from test_view import fused_by_hand
+
+    from siimcovid.predict.view import write_view
+    from siimcovid.tables import PREDICTED_IMAGES
+
+    src = tmp_path / "src"
+    tiny_dicom(src / "a.dcm", view=None)
+    cv2.imwrite(str(src / "b.png"), np.full((40, 30), 128, np.uint8))
+    prepared = prepare_folder(src, tmp_path / "prepared")
+    fused_by_hand(prepared, tmp_path / "predict" / "fuse")
+    write_view(prepared, tmp_path / "predict" / "fuse", tmp_path / "predict")
+    images = PREDICTED_IMAGES.read(tmp_path / "predict" / "images.csv").set_index("image_id")
+    rows = {Path(f).name: r for f, (_, r) in zip(images.file, images.iterrows())}
+    assert rows["a.dcm"][["modality", "body_part", "view_position"]].tolist() == ["DX", "CHEST", "missing"]
+    assert rows["b.png"][["modality", "body_part", "view_position"]].tolist() == ["missing"] * 3
+
+
+# ----------------------------------------------------------------------------- item 7: no tracebacks
+def test_a_source_of_unreadable_files_is_one_line_and_leaves_no_prepared_folder(tmp_path):
+    src = tmp_path / "src"
+    for name in ("a.dcm", "b.dcm"):
+        path = tiny_dicom(src / name)
+        path.write_bytes(path.read_bytes()[:-1000])  # cut in the pixels: found when decoding
+    out = tmp_path / "out"
+    done = run_prepare(src, out)
+    assert done.returncode == 2
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"siimcovid: error: no readable image in {src}: all 2 files skipped, see {out / 'skipped.csv'}")
+    assert "Traceback" not in done.stderr.decode()
+    assert set(skipped(out)) == {"a.dcm", "b.dcm"}
+    assert not (out / "prepare.yaml").exists() and not (out / "meta.csv").exists() and not (out / "32").exists()
+
+    with pytest.raises(DataError, match="a.dcm"):  # on_error=raise: the first one stops, and no prepare.yaml stays
+        prepare_folder(src, tmp_path / "raised")
+    assert not (tmp_path / "raised" / "prepare.yaml").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared_and_written_safely(tmp_path):
+    src = tmp_path / "src"
+    data = tiny_dicom(src / "tmp.dcm").read_bytes()
+    (src / "tmp.dcm").unlink()
+    for name, content in ((b"\xff.dcm", data), (b"notes \xfe.txt", b"not an image")):
+        fd = os.open(os.path.join(os.fsencode(src), name), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, content)
+        os.close(fd)
+    out = prepare_folder(src, tmp_path / "out", "on_error=skip")
+    meta = Prepared(out).meta
+    assert meta.dicom.tolist() == ["\\xff.dcm"]  # the bytes that are not UTF-8, as \xNN
+    assert Prepared(out).image_path(meta.image_id[0], "test", 32).is_file()
+    assert list(skipped(out)) == ["notes \\xfe.txt"]
+    shutil.rmtree(src)
