@@ -5,25 +5,33 @@
     siimcovid export detect=runs/detect/v5m,runs/detect/v5x classify=runs/classify/b3,runs/classify/b5 \\
         fuse=runs/fuse/ens out=ens.zip                      # runs named one by one: an ensemble bundle
 
-A bundle is a folder (out=x.zip: the same tree in one stored zip file):
+A bundle is a folder (out=x.zip: the same tree in one stored zip file). Nothing in it is code: weights are
+safetensors, every other file is YAML read with a safe loader, and each model is rebuilt from a checked,
+data-only description (siimcovid.weights), so a bundle from a stranger cannot run anything when it is opened:
 
-    manifest.yaml                 format, siimcovid version, created (UTC), sources, package versions, half,
-                                  files: {relative path: {sha256, bytes}} of every other file
-    prepare.yaml                  the conversion the models were trained on: sizes (those the members read), ext, png_level
-    fuse.yaml                     the fusion settings of the run's submission (every fusion key) and the member
-                                  order: det: [names], cls: [names] (fusion weights follow it)
-    detect/<name>/settings.yaml   size (prepared side it reads), imgsz {fold: int}, conf, iou, tta, max_det,
-                                  predict_imgsz, weights (and `ultralytics`: other predict arguments the run gave)
-    detect/<name>/fold<k>.pt      the Ultralytics checkpoint as training left it (stripped: EMA weights, fp16)
-    classify/<name>/settings.yaml imgsz, tta, weights
-    classify/<name>/fold<k>.pt    {model_cfg, model, folds_id}: the weights load_checkpoint_model evaluates (EMA)
+    manifest.yaml                  format, siimcovid version, created (UTC), sources (run and folder names, no
+                                   absolute paths), package versions, half, dtypes,
+                                   files: {relative path: {sha256, bytes}} of every other file
+    signature.yaml                 (sign=<private key> only) an Ed25519 signature of every file (siimcovid.signing)
+    prepare.yaml                   the conversion the models were trained on: sizes (those the members read), ext, png_level
+    fuse.yaml                      the fusion settings of the run's submission (every fusion key) and the member
+                                   order: det: [names], cls: [names] (fusion weights follow it)
+    detect/<name>/model.yaml       the detector's description: its Ultralytics model YAML, class names (siimcovid.weights)
+    detect/<name>/settings.yaml    size (prepared side it reads), imgsz {fold: int}, conf, iou, tta, max_det,
+                                   predict_imgsz, weights (and `ultralytics`: agnostic_nms / classes, when the run gave them)
+    detect/<name>/fold<k>.safetensors  the weights predict evaluates (Ultralytics' EMA, fp16 as training left them)
+    classify/<name>/model.yaml     the classifier's description: timm name and build_model's arguments
+    classify/<name>/settings.yaml  imgsz, tta, weights, folds_id {fold: the fold fingerprint it trained on}
+    classify/<name>/fold<k>.safetensors  the weights load_checkpoint_model evaluates (EMA); fp16 with half=true
 
 Only finished folds are packed (the predict stages' rules). The bundle is built in a temporary
 folder beside `out` and renamed at the end (a zip: a temporary file, renamed): an `out` that exists
 is complete. `open_bundle` checks everything before any work: the manifest, the format, the package
-versions (another major version of torch, Ultralytics or timm is an error), every file's checksum,
-no file unlisted, every member with folds; a zip is tested and extracted once into a cache folder
-named by its sha256 (~/.cache/siimcovid/bundles/<sha256>, or $SIIMCOVID_CACHE/<sha256>).
+versions (another major version of torch, Ultralytics or timm is an error), the signature (trust=),
+every file's checksum, regular files only, no file unlisted, every YAML (typed as the stages type
+their settings), every description, every member with folds. A zip is checked against its manifest
+entry by entry as it is extracted, once, into a cache folder named by its sha256
+(~/.cache/siimcovid/bundles/<sha256>, or $SIIMCOVID_CACHE/<sha256>); nothing unlisted is written there.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -45,13 +54,16 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from siimcovid import __version__, stages
-from siimcovid.config import Config, load_config, read_yaml
+from siimcovid import __version__, signing, stages, weights
+from siimcovid.config import Config, load_config, read_yaml, schema
 from siimcovid.rundir import saved_predict_settings
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, temp_dir_beside
+from siimcovid.signing import SIGNATURE
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, name_problem, temp_dir_beside
 
-FORMAT = 1  # the bundle format this siimcovid writes and reads
+FORMAT = 2  # the bundle format this siimcovid writes and reads (1: pickled checkpoints, no longer read)
 MANIFEST = "manifest.yaml"
+MAX_YAML_BYTES = 16 << 20  # a bundle's YAML files are a few KB (a manifest of 1,000 folds: ~200 KB)
+ULTRALYTICS_PREDICT = {"agnostic_nms": bool, "classes": list}  # Ultralytics predict arguments a bundle may carry
 PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "ensemble_boxes", "pydicom", "numpy", "pandas")
 MAJOR_CHECKED = ("torch", "ultralytics", "timm")  # another major version may not load (or run) the checkpoints
 CONVERSION_KEYS = ("ext", "png_level")  # prepare's settings that change the pixels a model sees (besides the size)
@@ -62,12 +74,14 @@ KINDS = {"detect": "det", "classify": "cls"}  # member kind -> its list in fuse.
 @dataclass
 class Member:
     """One model of a bundle: kind "detect" | "classify", name (the `model` column of its predictions: fusion
-    weights key on it), weights {fold: checkpoint file}, settings (its settings.yaml)."""
+    weights key on it), weights {fold: weights file}, settings (its settings.yaml), model (its description:
+    siimcovid.weights; export fills it in as it packs the folds)."""
 
     kind: str
     name: str
     weights: dict[int, Path]
     settings: dict
+    model: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,8 +120,38 @@ def major(version: str) -> str:
     return str(version).split(".")[0]
 
 
+class PlainDumper(yaml.SafeDumper):
+    """A bundle's YAML is written without anchors and aliases (the reader refuses them: see PlainLoader)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+class PlainLoader(yaml.SafeLoader):
+    """The safe loader without aliases: a few bytes of nested aliases expand into billions of items when walked."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "an alias (*name): a bundle's YAML has none", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def write_yaml(path: Path, data: dict) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return atomic_write_text(path, yaml.dump(data, Dumper=PlainDumper, sort_keys=False, allow_unicode=True))
+
+
+def parse_yaml(data: bytes, rel: str, where) -> dict:
+    """A bundle file's bytes -> its mapping (safe YAML, no aliases, bounded size and depth)."""
+    if len(data) > MAX_YAML_BYTES:
+        raise SiimError(f"bundle {where}: {rel} is {len(data)} bytes (a bundle's YAML files are far smaller)")
+    try:
+        out = yaml.load(data.decode("utf-8"), Loader=PlainLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise SiimError(f"bundle {where}: {rel} is not valid YAML ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(out, dict):
+        raise SiimError(f"bundle {where}: {rel} is not a mapping of key: value")
+    return out
 
 
 def locate(text: str | Path, anchors: list[Path]) -> Path | None:
@@ -175,6 +219,11 @@ def detector_member(run_dir: Path, pcfg: Config, explicit: str | None = None) ->
     chosen = {k: saved.get(k, pcfg[k]) for k in PREDICT_KEYS}
     settings = {"size": run.size, "imgsz": dict(run.imgsz), **chosen, "weights": weights}
     extra = saved.get("ultralytics", {}) if saved else passthrough(pcfg)  # Ultralytics arguments the run gave (agnostic_nms...)
+    dropped = sorted(set(extra) - set(ULTRALYTICS_PREDICT))
+    if dropped:
+        LOGGER.warning(f"export: {run_dir}: its predict's Ultralytics arguments {dropped} do not travel (a bundle carries "
+                       f"{sorted(ULTRALYTICS_PREDICT)}, which change the boxes)")  # fmt: skip
+    extra = {k: v for k, v in extra.items() if k in ULTRALYTICS_PREDICT}
     if extra:
         settings["ultralytics"] = extra
     return Member("detect", run.name, dict(run.weights), settings), run.prepared.root
@@ -291,56 +340,64 @@ def ordered(members: list[Member], names: list[str]) -> list[Member]:
 
 
 # ----------------------------------------------------------------------------- export: writing
-def pack_classifier(src: Path, dst: Path, half: bool) -> str:
-    """A classify checkpoint -> {model_cfg, model, folds_id}: the weights load_checkpoint_model evaluates (the EMA of a
-    last.pt), no optimizer state; half: floating tensors in fp16. Returns the weights' dtype."""
+def pack_classifier(src: Path, dst: Path, half: bool) -> tuple[str, dict, str | None]:
+    """A classify checkpoint of a run (the user's own: a pickle is read here, never from a bundle) -> the weights
+    load_checkpoint_model evaluates (the EMA of a last.pt) as safetensors at dst (half: fp16).
+    Returns (the weights' dtype, the model's description, the fold fingerprint it trained on)."""
     import torch
 
     from siimcovid.classify.predict import checkpoint_folds_id, load_checkpoint_model
 
     model, ckpt = load_checkpoint_model(src, torch.device("cpu"))
-    state = model.state_dict()
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    with atomic_path(dst) as tmp:
-        torch.save({"model_cfg": ckpt["model_cfg"], "model": state, "folds_id": checkpoint_folds_id(src, ckpt)}, tmp)
-    return "float16" if half else str(next(iter(model.parameters())).dtype).replace("torch.", "")
+    dtype = weights.save_state(model.state_dict(), dst, half)
+    return dtype, weights.classifier_description(ckpt["model_cfg"]), checkpoint_folds_id(src, ckpt)
 
 
-def pack_detector(src: Path, dst: Path, half: bool) -> str:
-    """An Ultralytics checkpoint, copied (Ultralytics stripped it at the end of training: EMA weights in fp16);
-    one holding fp32 weights is stripped into fp16 by Ultralytics itself when half. Returns the weights' dtype."""
+def pack_detector(src: Path, dst: Path, half: bool) -> tuple[str, dict, None]:
+    """An Ultralytics checkpoint of a run -> the weights YOLO() predicts with (its EMA, else its model: fp16 when
+    training finished) as safetensors at dst (half: fp32 ones in fp16). Returns (dtype, description, None)."""
     from ultralytics.utils.patches import torch_load
 
-    model = torch_load(src, map_location="cpu").get("model")
-    dtype = str(next(iter(model.parameters())).dtype).replace("torch.", "") if model is not None else "unknown"
-    if half and dtype == "float32":
-        from ultralytics.utils.torch_utils import strip_optimizer
-
-        strip_optimizer(src, s=str(dst))
-        return "float16"
-    shutil.copyfile(src, dst)
-    return dtype
+    ckpt = torch_load(src, map_location="cpu")
+    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if model is None or not hasattr(model, "yaml"):
+        raise SiimError(f"export: {src} is not an Ultralytics detection checkpoint (no model)")
+    single_cls = bool((ckpt.get("train_args") or {}).get("single_cls"))
+    return weights.save_state(model.state_dict(), dst, half), weights.detector_description(model, single_cls), None
 
 
 def write_members(root: Path, members: list[Member], half: bool) -> dict[str, str]:
-    """settings.yaml and fold<k>.pt of every member under root/<kind>/<name>/; {"<kind>/<name>": weights dtype}."""
+    """model.yaml, settings.yaml and fold<k>.safetensors of every member under root/<kind>/<name>/;
+    returns {"<kind>/<name>": weights dtype}. The folds of a member share one description (one architecture)."""
     dtypes = {}
     jobs = [(m, k, p) for m in members for k, p in sorted(m.weights.items())]
+    folds_id: dict[str, dict[int, str]] = {}
     for m, k, src in tqdm(jobs, desc="export", unit="checkpoint"):
-        folder = root / m.kind / m.name
-        folder.mkdir(parents=True, exist_ok=True)
+        key = f"{m.kind}/{m.name}"
         pack = pack_detector if m.kind == "detect" else pack_classifier
-        dtypes[f"{m.kind}/{m.name}"] = pack(src, folder / f"fold{k}.pt", half)
+        dtypes[key], desc, fold_id = pack(src, root / key / f"fold{k}{weights.SUFFIX}", half)
+        if m.model and desc != m.model:
+            raise SiimError(f"export: {src}: fold {k} of {key} has another architecture than its other folds")
+        m.model = desc
+        if fold_id:
+            folds_id.setdefault(key, {})[k] = fold_id
     for m in members:
-        write_yaml(root / m.kind / m.name / "settings.yaml", m.settings)
+        key = f"{m.kind}/{m.name}"
+        weights.check_description(m.model, m.kind, f"export: {key}/{weights.DESCRIPTION}")  # predict will read it so
+        write_yaml(root / key / weights.DESCRIPTION, m.model)
+        write_yaml(root / key / "settings.yaml", {**m.settings, **({"folds_id": folds_id[key]} if key in folds_id else {})})
     return dtypes
 
 
+def manifest_files(root: Path) -> list[str]:
+    """The relative paths of every file under root that the manifest lists: all but itself and the signature."""
+    files = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(rel for rel in files if rel not in (MANIFEST, SIGNATURE))
+
+
 def file_table(root: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} of every file under root but the manifest."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
-    return {p.relative_to(root).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    """{relative path: {sha256, bytes}} of every file under root but the manifest and the signature."""
+    return {rel: {"sha256": sha256(root / rel), "bytes": (root / rel).stat().st_size} for rel in manifest_files(root)}
 
 
 def manifest(root: Path, sources: dict, half: bool, dtypes: dict) -> dict:
@@ -356,14 +413,21 @@ def manifest(root: Path, sources: dict, half: bool, dtypes: dict) -> dict:
     }
 
 
-def source_record(src: Sources, members: list[Member], prepared: list[Path]) -> dict:
+def portable(path: str | Path, project: Path) -> str:
+    """A folder as the manifest records it: relative to the project when inside it, else its own name (the
+    manifest travels: it keeps no absolute path of the machine that made it)."""
+    path, project = Path(path).resolve(), Path(project).resolve()
+    return path.relative_to(project).as_posix() if path.is_relative_to(project) else path.name
+
+
+def source_record(src: Sources, members: list[Member], prepared: list[Path], project: Path) -> dict:
     """Where a bundle came from: the run, each member's run folder, the fusion file, the prepared folders."""
-    dirs = {f"{m.kind}/{m.name}": str(Path(d).resolve()) for m, d in zip(members, src.detect + src.classify)}
+    dirs = {f"{m.kind}/{m.name}": portable(d, project) for m, d in zip(members, src.detect + src.classify)}
     return {
         "run": src.name if src.run else None,
         "members": dirs,
-        "fuse": str(Path(src.fuse).resolve()) if src.fuse else None,
-        "prepared": sorted({str(Path(p).resolve()) for p in prepared}),
+        "fuse": portable(src.fuse, project) if src.fuse else None,
+        "prepared": sorted({portable(p, project) for p in prepared}),
     }
 
 
@@ -394,6 +458,8 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def export(cfg: Config) -> Path:
     """`siimcovid export`: pack the run(s) into a bundle folder or zip; returns its path."""
+    if cfg.sign:
+        signing.private_key(cfg.sign)  # a key that cannot sign fails before any packing
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite)
@@ -416,7 +482,7 @@ def export(cfg: Config) -> Path:
     fusion = fusion_settings(src, [m for m, _ in det], [m for m, _ in cls])
     prepared = [p for _, p in det + cls]
     sizes = [m.settings["size"] for m, _ in det] + [m.settings["imgsz"] for m, _ in cls]
-    record = source_record(src, members, prepared)
+    record = source_record(src, members, prepared, Path(cfg.project))
     members = ordered([m for m, _ in det], fusion["det"]) + ordered([m for m, _ in cls], fusion["cls"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
@@ -424,7 +490,9 @@ def export(cfg: Config) -> Path:
         write_yaml(tmp / "prepare.yaml", prepare_settings(prepared, sizes))
         write_yaml(tmp / "fuse.yaml", fusion)
         dtypes = write_members(tmp, members, cfg.half)
-        write_yaml(tmp / MANIFEST, manifest(tmp, record, cfg.half, dtypes))  # last: it lists every file
+        write_yaml(tmp / MANIFEST, manifest(tmp, record, cfg.half, dtypes))  # it lists every file
+        if cfg.sign:  # last: it vouches for every file, the manifest included
+            signing.sign_bundle(tmp, {rel: sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
         if out.suffix == ".zip":
             zip_tree(tmp, out)
         else:
@@ -447,72 +515,50 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "siimcovid" / "bundles"
 
 
-def zip_root(names: list[str]) -> str:
-    """The folder of the zip that holds manifest.yaml: '' (the top), or its one top folder (a zipped bundle folder)."""
-    if MANIFEST in names:
-        return ""
-    tops = {n.split("/", 1)[0] for n in names}
-    if len(tops) == 1 and f"{next(iter(tops))}/{MANIFEST}" in names:
-        return next(iter(tops)) + "/"
-    return None
+def safe_relpath(rel, where) -> str:
+    """A path a bundle lists: relative, '/'-separated, each part a plain name (nothing outside the bundle)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or any(name_problem(part) for part in rel.split("/")):
+        raise SiimError(f"bundle {where}: {MANIFEST} lists {rel!r}, which is not a path inside the bundle")
+    return rel
 
 
-def extract_zip(path: Path) -> Path:
-    """A zip bundle, tested (CRCs), extracted once into <cache>/<its sha256>/; that folder's bundle root."""
-    cache = cache_dir() / sha256(path)
-    if not cache.is_dir():
-        try:
-            zf = zipfile.ZipFile(path)
-        except zipfile.BadZipFile:
-            raise SiimError(f"bundle {path}: neither a bundle folder nor a zip file") from None
-        with zf:
-            names = zf.namelist()
-            if any(n.startswith("/") or ".." in Path(n).parts for n in names):
-                raise SiimError(f"bundle {path}: holds a path outside the bundle: not extracting it")
-            if zip_root(names) is None:
-                raise SiimError(f"bundle {path}: not a siimcovid bundle ({MANIFEST} missing)")
-            bad = zf.testzip()
-            if bad is not None:
-                raise SiimError(f"bundle {path}: {bad} is corrupt (its CRC does not match the zip's)")
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_dir_beside(cache, suffix="")
-            try:
-                zf.extractall(tmp)
-                with contextlib.suppress(OSError):  # another process extracted it meanwhile: keep theirs
-                    os.rename(tmp, cache)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    names = [p.relative_to(cache).as_posix() for p in cache.rglob("*")]
-    return cache / (zip_root(names) or "")
-
-
-def read_manifest(root: Path, where: Path) -> dict:
-    path = root / MANIFEST
-    if not path.is_file():
-        raise SiimError(f"bundle {where}: not a siimcovid bundle ({MANIFEST} missing)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SiimError(f"bundle {where}: {MANIFEST} is not valid YAML ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+def check_manifest(data: dict, where) -> dict:
+    """The manifest's format and its files table: safe paths, each with a sha256 and a size."""
+    check_format(data, where)
+    files = data.get("files")
+    if not isinstance(files, dict):
         raise SiimError(f"bundle {where}: {MANIFEST} is not a bundle manifest (no `files` table)")
+    for rel, entry in files.items():
+        safe_relpath(rel, where)
+        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+        if not ok or not isinstance(entry.get("bytes"), int) or isinstance(entry["bytes"], bool) or entry["bytes"] < 0:
+            raise SiimError(f"bundle {where}: {MANIFEST}: the entry of {rel} is not {{sha256: <64 hex digits>, bytes: <size>}}")
+    if {MANIFEST, SIGNATURE} & set(files):
+        raise SiimError(f"bundle {where}: {MANIFEST} lists itself or {SIGNATURE}")
     return data
 
 
-def check_format(data: dict, where: Path) -> None:
+def check_format(data: dict, where) -> None:
     fmt = data.get("format")
-    if not isinstance(fmt, int) or fmt < 1:
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
         raise SiimError(f"bundle {where}: {MANIFEST}: unknown bundle format {fmt!r} (this siimcovid reads format {FORMAT})")
     if fmt > FORMAT:
         raise SiimError(
             f"bundle {where}: {MANIFEST}: format {fmt} was written by a newer siimcovid ({data.get('siimcovid')}); "
             f"this one ({__version__}) reads format {FORMAT}: upgrade siimcovid"
         )
+    if fmt < FORMAT:
+        raise SiimError(
+            f"bundle {where}: {MANIFEST}: format {fmt} (siimcovid {data.get('siimcovid')}) holds pickled checkpoints, "
+            f"which run whatever code they hold when loaded; this siimcovid reads format {FORMAT} (weights only): "
+            "export the runs again with `siimcovid export`"
+        )
 
 
 def check_versions(data: dict, where: Path) -> None:
     """Another major version of torch / Ultralytics / timm than the bundle's: an error; any other difference: a warning."""
-    made, here = data.get("versions") or {}, package_versions()
+    made = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+    made, here = {str(k): str(v) for k, v in made.items() if v}, package_versions()
     for name in MAJOR_CHECKED:
         if made.get(name) and not here.get(name):
             raise SiimError(f"bundle {where}: {MANIFEST}: made with {name} {made[name]}, which is not installed here")
@@ -526,68 +572,295 @@ def check_versions(data: dict, where: Path) -> None:
         LOGGER.warning(f"bundle {where}: made with other package versions: {', '.join(differ)}")
 
 
-def check_files(root: Path, data: dict, where: Path) -> None:
-    """Every listed file present, of its size and sha256; no file unlisted."""
+def read_limited(path: Path, limit: int, rel: str, where) -> bytes:
+    """A regular file's bytes, refused past `limit` (a FIFO or a device is never read: it could block or never end)."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise SiimError(f"bundle {where}: {rel} is not a regular file (a link, a device or a pipe)")
+    if info.st_size > limit:
+        raise SiimError(f"bundle {where}: {rel} is {info.st_size} bytes (a bundle's {rel} is far smaller)")
+    return path.read_bytes()
+
+
+def read_manifest(root: Path, where) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise SiimError(f"bundle {where}: not a siimcovid bundle ({MANIFEST} missing)")
+    return check_manifest(parse_yaml(read_limited(path, MAX_YAML_BYTES, MANIFEST, where), MANIFEST, where), where)
+
+
+def read_signature(root: Path, where) -> dict | None:
+    path = root / SIGNATURE
+    if not os.path.lexists(path):
+        return None
+    return parse_yaml(read_limited(path, MAX_YAML_BYTES, SIGNATURE, where), SIGNATURE, where)
+
+
+# ----------------------------------------------------------------------------- zip bundles
+def zip_root(names: list[str]) -> str | None:
+    """The folder of the zip that holds manifest.yaml: '' (the top), or its one top folder (a zipped bundle folder)."""
+    if MANIFEST in names:
+        return ""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and f"{next(iter(tops))}/{MANIFEST}" in names:
+        return next(iter(tops)) + "/"
+    return None
+
+
+def zip_entries(zf: zipfile.ZipFile, where) -> tuple[str, dict, dict[str, zipfile.ZipInfo]]:
+    """(the bundle's folder in the zip, its manifest, {relative path: entry}), every entry checked against the
+    manifest before anything is extracted: a listed path of the listed size, or the manifest and the signature."""
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    names = [i.filename for i in infos]
+    if len(set(names)) < len(names):
+        raise SiimError(f"bundle {where}: the zip holds two entries of one name: not extracting it")
+    if any(n.startswith("/") or "\\" in n or any(name_problem(part) for part in n.split("/")) for n in names):
+        raise SiimError(f"bundle {where}: holds a path outside the bundle: not extracting it")
+    prefix = zip_root(names)
+    if prefix is None:
+        raise SiimError(f"bundle {where}: not a siimcovid bundle ({MANIFEST} missing)")
+    entries = {i.filename[len(prefix) :]: i for i in infos}
+    if len(entries) < len(infos) or any(not i.filename.startswith(prefix) for i in infos):
+        raise SiimError(f"bundle {where}: the zip holds files beside its bundle folder {prefix}: not extracting it")
+    for rel in (MANIFEST, SIGNATURE):
+        if rel in entries and entries[rel].file_size > MAX_YAML_BYTES:
+            raise SiimError(f"bundle {where}: {rel} is {entries[rel].file_size} bytes (a bundle's {rel} is far smaller)")
+    data = check_manifest(parse_yaml(read_entry(zf, entries[MANIFEST], where), MANIFEST, where), where)
+    listed = data["files"]
+    for rel, info in entries.items():
+        if rel in (MANIFEST, SIGNATURE):
+            continue
+        if rel not in listed:
+            raise SiimError(f"bundle {where}: {rel} is not listed in {MANIFEST}: not extracting it (not as exported)")
+        if info.file_size != listed[rel]["bytes"]:
+            raise SiimError(f"bundle {where}: {rel} is corrupt: its size in the zip is not the one {MANIFEST} lists")
+    missing = sorted(set(listed) - set(entries))
+    if missing:
+        raise SiimError(f"bundle {where}: {missing[0]} is missing (listed in {MANIFEST}): an incomplete copy?")
+    return prefix, data, entries
+
+
+def read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where) -> bytes:
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise SiimError(f"bundle {where}: {info.filename} is corrupt ({e})") from None
+
+
+def extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst: Path, entry: dict | None, rel: str, where) -> None:
+    """One zip entry to dst, streamed: never more bytes than listed, and its sha256 as listed (entry None: the
+    manifest or the signature, checked by their readers)."""
+    digest, written = hashlib.sha256(), 0
+    limit = entry["bytes"] if entry else MAX_YAML_BYTES
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with zf.open(info) as src, open(dst, "xb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > limit:
+                    raise SiimError(f"bundle {where}: {rel} is corrupt: it holds more bytes than {MANIFEST} lists")
+                digest.update(chunk)
+                out.write(chunk)
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise SiimError(f"bundle {where}: {rel} is corrupt ({e})") from None
+    if entry and (written != entry["bytes"] or digest.hexdigest() != entry["sha256"]):
+        raise SiimError(f"bundle {where}: {rel} is corrupt: its checksum does not match {MANIFEST}")
+
+
+def extract_zip(path: Path) -> Path:
+    """A zip bundle, checked entry by entry against its manifest and extracted once into <cache>/<its sha256>/;
+    that folder's bundle root. A zip that fails a check leaves nothing in the cache."""
+    cache = cache_dir() / sha256(path)
+    if not cache.is_dir():
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SiimError(f"bundle {path}: neither a bundle folder nor a zip file ({e})") from None
+        with zf:
+            prefix, data, entries = zip_entries(zf, path)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            need = sum(e["bytes"] for e in data["files"].values())
+            free = shutil.disk_usage(cache.parent).free
+            if need > free:
+                raise SiimError(f"bundle {path}: needs {need / 1e9:.1f} GB to extract, {cache.parent} has {free / 1e9:.1f} GB")
+            tmp = temp_dir_beside(cache, suffix="")
+            try:
+                for rel, info in tqdm(entries.items(), desc="extract bundle", unit="file", leave=False):
+                    extract_entry(zf, info, tmp / prefix / rel, data["files"].get(rel), rel, path)
+                with contextlib.suppress(OSError):  # another process extracted it meanwhile: keep theirs
+                    os.rename(tmp, cache)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    prefix = "" if (cache / MANIFEST).is_file() else next((p.name for p in cache.iterdir() if (p / MANIFEST).is_file()), "")
+    return cache / prefix
+
+
+# ----------------------------------------------------------------------------- files
+def check_files(root: Path, data: dict, where) -> None:
+    """Regular files only (no link, device or pipe anywhere), every listed file present, of its size and sha256;
+    no file unlisted."""
+    present = set()
+    for folder, dirs, files in os.walk(root):  # links to folders are listed in dirs, never followed
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and name in dirs)):
+                raise SiimError(f"bundle {where}: {rel} is not a regular file or folder (a link, a device or a pipe)")
+            if stat.S_ISREG(mode):
+                present.add(rel)
     listed = data["files"]
     for rel, entry in tqdm(listed.items(), desc="check bundle", unit="file", leave=False):
-        path = root / rel
-        if not path.is_file():
+        if rel not in present:
             raise SiimError(f"bundle {where}: {rel} is missing (listed in {MANIFEST}): an incomplete copy?")
-        if path.stat().st_size != entry.get("bytes") or sha256(path) != entry.get("sha256"):
+        if (root / rel).stat().st_size != entry["bytes"] or sha256(root / rel) != entry["sha256"]:
             raise SiimError(f"bundle {where}: {rel} is corrupt: its checksum does not match {MANIFEST}")
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
-    extra = sorted(present - set(listed))
+    extra = sorted(present - set(listed) - {MANIFEST, SIGNATURE})
     if extra:
         raise SiimError(f"bundle {where}: {extra[0]} is not listed in {MANIFEST} ({len(extra)} unlisted): not as exported")
 
 
-def bundle_yaml(root: Path, rel: str, where: Path) -> dict:
+def file_digest(root: Path, rel: str) -> str | None:
+    """The sha256 of a regular file of the bundle (None: absent, or not a regular file inside it)."""
+    if name_problem(rel.replace("/", "_")) is not None or rel.startswith("/") or ".." in rel.split("/"):
+        return None
+    path = root / rel
+    return sha256(path) if os.path.lexists(path) and stat.S_ISREG(os.lstat(path).st_mode) else None
+
+
+def bundle_yaml(root: Path, rel: str, where) -> dict:
     if not (root / rel).is_file():
         raise SiimError(f"bundle {where}: {rel} is missing")
-    return read_yaml(root / rel)
+    return parse_yaml(read_limited(root / rel, MAX_YAML_BYTES, rel, where), rel, where)
 
 
-def read_member(root: Path, kind: str, name: str, listed: dict, where: Path) -> Member:
-    """One member of fuse.yaml's lists: its settings and its fold checkpoints (at least one)."""
-    pattern = re.compile(rf"{re.escape(kind)}/{re.escape(str(name))}/fold(\d+)\.pt")
-    weights = {int(m[1]): root / rel for rel in listed if (m := pattern.fullmatch(rel))}
-    if not weights:
-        raise SiimError(f"bundle {where}: {kind}/{name}/ has no fold<k>.pt: a member with no folds")
-    settings = bundle_yaml(root, f"{kind}/{name}/settings.yaml", where)
-    return Member(kind, str(name), dict(sorted(weights.items())), settings)
+# ----------------------------------------------------------------------------- settings, typed as the stages type them
+def typed(stage: str, key: str, value, rel: str, where):
+    """A bundle's value of a stage setting, checked against that setting's type in cfg/<stage>.yaml."""
+    try:
+        return schema(stage).check(key, value)
+    except SiimError as e:
+        raise SiimError(f"bundle {where}: {rel}: {e}") from None
 
 
-def read_members(root: Path, data: dict, fusion: dict, where: Path) -> dict[str, list[Member]]:
+def check_keys(data: dict, known, rel: str, where) -> None:
+    unknown = sorted(map(str, set(data) - set(known)))
+    if unknown:
+        raise SiimError(f"bundle {where}: {rel}: unknown key(s) {unknown} (this siimcovid knows {sorted(known)})")
+
+
+def member_settings(kind: str, data: dict, rel: str, where) -> dict:
+    """A member's settings.yaml, every value typed (detect and classify predict's own types)."""
+    if kind == "classify":
+        check_keys(data, ("imgsz", "tta", "weights", "folds_id"), rel, where)
+        out = {k: typed("classify", k, data.get(k), rel, where) for k in ("imgsz", "tta", "weights")}
+        return {**out, "folds_id": data.get("folds_id") if isinstance(data.get("folds_id"), dict) else {}}
+    from siimcovid.detect.predict import PREDICT_KEYS
+
+    check_keys(data, ("size", "imgsz", *PREDICT_KEYS, "weights", "ultralytics"), rel, where)
+    out = {k: typed("detect", k, data.get(k), rel, where) for k in (*PREDICT_KEYS, "weights")}
+    out["size"] = typed("detect", "imgsz", data.get("size"), rel, where)  # a prepared side: an image size
+    imgsz = data.get("imgsz")
+    if not isinstance(imgsz, dict) or not imgsz:
+        raise SiimError(f"bundle {where}: {rel}: imgsz must map each fold to its training image size")
+    out["imgsz"] = {}
+    for fold, size in imgsz.items():
+        if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+            raise SiimError(f"bundle {where}: {rel}: imgsz has a key {fold!r}, not a fold number")
+        out["imgsz"][fold] = typed("detect", "imgsz", size, rel, where)
+    extra = data.get("ultralytics") or {}
+    if not isinstance(extra, dict):
+        raise SiimError(f"bundle {where}: {rel}: `ultralytics` is not a mapping")
+    check_keys(extra, ULTRALYTICS_PREDICT, f"{rel}: ultralytics", where)
+    for key, value in extra.items():
+        ok = isinstance(value, bool) if ULTRALYTICS_PREDICT[key] is bool else value is None or (
+            isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))  # fmt: skip
+        if not ok:
+            raise SiimError(f"bundle {where}: {rel}: ultralytics {key}={value!r} is not a {ULTRALYTICS_PREDICT[key].__name__}")
+    if extra:
+        out["ultralytics"] = dict(extra)
+    return out
+
+
+def prepare_record(data: dict, where) -> dict:
+    """prepare.yaml: the sizes, ext and png_level predict converts new images with (prepare's own types)."""
+    check_keys(data, ("sizes", *CONVERSION_KEYS), "prepare.yaml", where)
+    return {k: typed("prepare", k, data.get(k), "prepare.yaml", where) for k in ("sizes", *CONVERSION_KEYS)}
+
+
+def fusion_record(data: dict, where) -> dict:
+    """fuse.yaml: every fusion setting (fuse's own types) and the member names of det: and cls:."""
+    from siimcovid.config import fusion_keys
+
+    keys = fusion_keys()
+    check_keys(data, (*keys, "det", "cls"), "fuse.yaml", where)
+    out = {k: typed("fuse", k, data[k], "fuse.yaml", where) for k in keys if k in data}
+    for key in KINDS.values():
+        names = data.get(key) or []
+        if not isinstance(names, list) or any(name_problem(n) for n in names) or len(set(map(str, names))) < len(names):
+            raise SiimError(f"bundle {where}: fuse.yaml: {key}: {names!r} is not a list of distinct member names")
+        out[key] = [str(n) for n in names]
+    return out
+
+
+def read_member(root: Path, kind: str, name: str, listed: dict, where) -> Member:
+    """One member of fuse.yaml's lists: its description, its settings and its fold weights (at least one)."""
+    pattern = re.compile(rf"{re.escape(kind)}/{re.escape(name)}/fold(\d{{1,4}}){re.escape(weights.SUFFIX)}")
+    found = {int(m[1]): root / rel for rel in listed if (m := pattern.fullmatch(rel))}
+    if not found:
+        raise SiimError(f"bundle {where}: {kind}/{name}/ has no fold<k>{weights.SUFFIX}: a member with no folds")
+    for k, path in found.items():  # the header only: a file that is no safetensors stops here, before any work
+        weights.check_state_file(path, f"bundle {where}: {path.relative_to(root).as_posix()}")
+    rel = f"{kind}/{name}/{weights.DESCRIPTION}"
+    model = weights.check_description(bundle_yaml(root, rel, where), kind, f"bundle {where}: {rel}")
+    rel = f"{kind}/{name}/settings.yaml"
+    settings = member_settings(kind, bundle_yaml(root, rel, where), rel, where)
+    if kind == "detect" and set(found) - set(settings["imgsz"]):
+        raise SiimError(f"bundle {where}: {rel} gives no imgsz for folds {sorted(set(found) - set(settings['imgsz']))}")
+    return Member(kind, name, dict(sorted(found.items())), settings, model)
+
+
+def read_members(root: Path, data: dict, fusion: dict, where) -> dict[str, list[Member]]:
     """{kind: members in fuse.yaml's order}; a member folder fuse.yaml does not name is an error."""
     out = {}
     for kind, key in KINDS.items():
-        names = list(fusion.get(key) or [])
+        names = fusion[key]
         out[kind] = [read_member(root, kind, n, data["files"], where) for n in names]
-        folders = {rel.split("/")[1] for rel in data["files"] if rel.startswith(f"{kind}/")}
-        stray = sorted(folders - set(map(str, names)))
+        folders = {rel.split("/")[1] for rel in data["files"] if rel.startswith(f"{kind}/") and rel.count("/") >= 2}
+        stray = sorted(folders - set(names))
         if stray:
             raise SiimError(f"bundle {where}: {kind}/{stray[0]}/ is not a member of fuse.yaml's {key}: {names}")
+    tops = {rel.split("/")[0] for rel in data["files"] if "/" in rel} - set(KINDS)
+    if tops:
+        raise SiimError(f"bundle {where}: {sorted(tops)[0]}/ is not a folder of a bundle (only {sorted(KINDS)})")
     if not out["detect"] and not out["classify"]:
         raise SiimError(f"bundle {where}: fuse.yaml names no member (det: [], cls: [])")
     return out
 
 
-def open_bundle(path: str | Path) -> Bundle:
-    """A bundle folder or zip, every check done before any work (each a SiimError naming the bundle and the file)."""
+def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:
+    """A bundle folder or zip, every check done before any work (each a SiimError naming the bundle and the file).
+    trust: a public key file or a folder of them: the bundle must be signed by one of them (siimcovid.signing)."""
     where = Path(path)
     if not where.exists():
         raise SiimError(f"bundle {where} not found")
+    if trust is not None:
+        signing.trusted_keys(trust)  # a bad trust= fails before a zip is extracted
     root = extract_zip(where) if where.is_file() else where
     data = read_manifest(root, where)
-    check_format(data, where)
     check_versions(data, where)
+    signature = read_signature(root, where)
     try:
+        if trust is not None:
+            signing.check_signature(signature, trust, where, lambda rel: file_digest(root, rel))
         check_files(root, data, where)
     except SiimError as e:
         if root != where:  # the zip's sha256 matched: its extracted copy was changed since
             raise SiimError(f"{e} (in the extracted copy {root}: delete it to extract the zip again)") from None
         raise
-    prepare = bundle_yaml(root, "prepare.yaml", where)
-    fusion = bundle_yaml(root, "fuse.yaml", where)
+    prepare = prepare_record(bundle_yaml(root, "prepare.yaml", where), where)
+    fusion = fusion_record(bundle_yaml(root, "fuse.yaml", where), where)
     members = read_members(root, data, fusion, where)
+    if trust is None:
+        signing.unsigned_note(signature, where)
     return Bundle(root, data, prepare, fusion, members["detect"], members["classify"])

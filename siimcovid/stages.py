@@ -73,6 +73,7 @@ STAGES: dict[str, Stage] = {
         Stage("export", {None: "siimcovid.bundle:main"}, "bundle"),
         Stage("predict", {None: "siimcovid.predict.stage:main"}),
         Stage("runs", {None: "siimcovid.runs:main"}),
+        Stage("keygen", {None: "siimcovid.signing:main"}),
     )
 }
 

@@ -117,36 +117,46 @@ def test_export_of_a_run_lays_out_members_settings_and_manifest(runs, bundle):
     import hashlib
 
     files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
-    expected = ["classify/x/fold0.pt", "classify/x/fold1.pt", "classify/x/settings.yaml"]
-    expected += ["detect/x/fold0.pt", "detect/x/fold1.pt", "detect/x/settings.yaml", "fuse.yaml", MANIFEST, "prepare.yaml"]
-    assert files == sorted(expected)
+    member = ["fold0.safetensors", "fold1.safetensors", "model.yaml", "settings.yaml"]
+    expected = [f"{kind}/x/{f}" for kind in ("classify", "detect") for f in member]
+    assert files == sorted(expected + ["fuse.yaml", MANIFEST, "prepare.yaml"])
     manifest = yaml.safe_load((bundle / MANIFEST).read_text())
-    assert manifest["format"] == 1 and manifest["half"] is False and manifest["created"].endswith("Z")
-    assert set(manifest["files"]) == set(expected) - {MANIFEST}
+    assert manifest["format"] == 2 and manifest["half"] is False and manifest["created"].endswith("Z")
+    assert set(manifest["files"]) == set(files) - {MANIFEST}
     for rel, entry in manifest["files"].items():
         data = (bundle / rel).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert {"python", "torch", "ultralytics", "timm", "ensemble_boxes"} <= set(manifest["versions"])
     assert manifest["sources"]["run"] == "x" and manifest["dtypes"] == {"detect/x": "float16", "classify/x": "float32"}
+    # the manifest travels: no absolute path of the machine that made it, only names relative to the project
+    assert manifest["sources"]["members"] == {"detect/x": "detect/x", "classify/x": "classify/x"}
+    assert str(runs.parent) not in (bundle / MANIFEST).read_text() and manifest["sources"]["fuse"] == "fuse/x/fuse_test.yaml"
     # the run's predict settings (run.yaml's detect_predict / classify_predict), the fusion of its submission
     det = yaml.safe_load((bundle / "detect/x/settings.yaml").read_text())
     assert det["tta"] is False and det["conf"] == 0.01 and det["size"] == 64 and det["imgsz"] == {0: 64, 1: 64}
-    assert yaml.safe_load((bundle / "classify/x/settings.yaml").read_text()) == {"imgsz": 64, "tta": "none", "weights": "best"}
+    cls = yaml.safe_load((bundle / "classify/x/settings.yaml").read_text())
+    assert {k: cls[k] for k in ("imgsz", "tta", "weights")} == {"imgsz": 64, "tta": "none", "weights": "best"}
+    assert yaml.safe_load((bundle / "classify/x/model.yaml").read_text()) == {"family": "timm", **CLS_MODEL}
+    det_model = yaml.safe_load((bundle / "detect/x/model.yaml").read_text())
+    assert det_model["family"] == "ultralytics" and det_model["yaml"]["nc"] == 1
+    assert det_model["yaml"]["yaml_file"] == "yolov5n.yaml"  # the file's name, without the folders of the machine
     fusion = yaml.safe_load((bundle / "fuse.yaml").read_text())
     assert fusion["iou_thr"] == 0.55 and fusion["none_cls_weight"] == 0.7 and fusion["det"] == ["x"] and fusion["cls"] == ["x"]
     assert yaml.safe_load((bundle / "prepare.yaml").read_text()) == {"sizes": [64], "ext": "png", "png_level": 0}
 
 
-def test_classifier_checkpoints_are_stripped_to_what_predict_loads(runs, bundle):
+def test_classifier_weights_are_the_evaluated_state_dict_in_safetensors(runs, bundle):
     import torch
+    from safetensors.torch import load_file
 
-    from siimcovid.classify.predict import load_checkpoint_model
+    from siimcovid import weights
 
-    packed = torch.load(bundle / "classify/x/fold1.pt", weights_only=False)
-    assert set(packed) == {"model_cfg", "model", "folds_id"}
+    packed = load_file(bundle / "classify/x/fold1.safetensors")
     source = torch.load(runs / "classify/x/fold1/best.pt", weights_only=False)["model"]
-    model, _ = load_checkpoint_model(bundle / "classify/x/fold1.pt", torch.device("cpu"))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
+    assert set(packed) == set(source) and all(torch.equal(packed[k], v) for k, v in source.items())
+    desc = weights.check_description(yaml.safe_load((bundle / "classify/x/model.yaml").read_text()), "classify", "t")
+    model = weights.classifier(desc, bundle / "classify/x/fold1.safetensors", "t", torch.device("cpu"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items()) and not model.training
 
 
 def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
@@ -157,7 +167,8 @@ def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
     assert [m.name for m in opened.detectors] == ["v5b", "v5a"] and [m.name for m in opened.classifiers] == ["b5", "b3"]
     assert opened.fusion["det_weights"] == [2.0, 1.0] and opened.fusion["cls_weights"] == [1.0, 3.0]
     assert all(m.kind == "detect" and sorted(m.weights) == [0, 1] for m in opened.detectors)
-    assert opened.classifiers[0].weights[1] == out / "classify/b5/fold1.pt" and opened.classifiers[0].weights[1].is_file()
+    assert opened.classifiers[0].weights[1] == out / "classify/b5/fold1.safetensors"
+    assert opened.classifiers[0].weights[1].is_file()
     assert opened.detectors[0].settings["tta"] is True  # runs named one by one: cfg/detect.yaml's predict defaults
     assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"].endswith("ens")
 
@@ -213,42 +224,43 @@ def test_an_existing_out_is_refused_unless_overwrite(runs, bundle):
 
 def test_half_stores_classifiers_in_fp16_and_they_load_back_as_fp32(runs, bundle, tmp_path):
     import torch
+    from safetensors.torch import load_file
 
-    from siimcovid.classify.predict import load_checkpoint_model
+    from siimcovid import weights
 
     half = export(runs, run="x", out=str(tmp_path / "half"), half=True)
-    full_bytes, half_bytes = ((b / "classify/x/fold0.pt").stat().st_size for b in (bundle, half))
+    rel = "classify/x/fold0.safetensors"
+    full_bytes, half_bytes = ((b / rel).stat().st_size for b in (bundle, half))
     assert half_bytes < 0.6 * full_bytes
     assert yaml.safe_load((half / MANIFEST).read_text())["half"] is True
-    assert all(
-        v.dtype == torch.float16 for v in torch.load(half / "classify/x/fold0.pt")["model"].values() if v.is_floating_point()
-    )
-    full_model, _ = load_checkpoint_model(bundle / "classify/x/fold0.pt", torch.device("cpu"))
-    half_model, _ = load_checkpoint_model(half / "classify/x/fold0.pt", torch.device("cpu"))
+    assert all(v.dtype == torch.float16 for v in load_file(half / rel).values() if v.is_floating_point())
+    desc = open_bundle(half).classifiers[0].model
+    full_model, half_model = (weights.classifier(desc, b / rel, "t", torch.device("cpu")) for b in (bundle, half))
     for (name, a), b in zip(full_model.state_dict().items(), half_model.state_dict().values()):
         if a.is_floating_point():
             assert b.dtype == torch.float32 and (a - b).abs().max() <= 1e-3 * max(1.0, a.abs().max()), name
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(full_model(x)["study"], half_model(x)["study"], atol=1e-2)
-    assert (half / "detect/x/fold0.pt").read_bytes() == (bundle / "detect/x/fold0.pt").read_bytes()  # fp16 already
+    same = "detect/x/fold0.safetensors"
+    assert (half / same).read_bytes() == (bundle / same).read_bytes()  # fp16 already
 
 
 # ----------------------------------------------------------------------------- open_bundle's checks
 def test_a_corrupt_file_is_an_error_naming_it(bundle):
-    path = bundle / "detect/x/fold1.pt"
+    path = bundle / "detect/x/fold1.safetensors"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(SiimError, match=rf"bundle {bundle}: detect/x/fold1.pt is corrupt"):
+    with pytest.raises(SiimError, match=rf"bundle {bundle}: detect/x/fold1.safetensors is corrupt"):
         open_bundle(bundle)
 
 
 def test_a_missing_or_an_unlisted_file_is_an_error_naming_it(bundle):
-    (bundle / "classify/x/fold0.pt").rename(bundle / "classify/x/fold7.pt")
-    with pytest.raises(SiimError, match="classify/x/fold0.pt is missing"):
+    (bundle / "classify/x/fold0.safetensors").rename(bundle / "classify/x/fold7.safetensors")
+    with pytest.raises(SiimError, match="classify/x/fold0.safetensors is missing"):
         open_bundle(bundle)
-    (bundle / "classify/x/fold7.pt").rename(bundle / "classify/x/fold0.pt")
+    (bundle / "classify/x/fold7.safetensors").rename(bundle / "classify/x/fold0.safetensors")
     (bundle / "detect/x/notes.txt").write_text("hello")
     with pytest.raises(SiimError, match="detect/x/notes.txt is not listed in manifest.yaml"):
         open_bundle(bundle)
@@ -257,8 +269,11 @@ def test_a_missing_or_an_unlisted_file_is_an_error_naming_it(bundle):
 def test_not_a_bundle_and_a_newer_format_are_errors(bundle, tmp_path):
     with pytest.raises(SiimError, match=r"not a siimcovid bundle \(manifest.yaml missing\)"):
         open_bundle(tmp_path)
-    rewrite_manifest(bundle, format=2)
-    with pytest.raises(SiimError, match="format 2 was written by a newer siimcovid.*reads format 1: upgrade"):
+    rewrite_manifest(bundle, format=3)
+    with pytest.raises(SiimError, match="format 3 was written by a newer siimcovid.*reads format 2: upgrade"):
+        open_bundle(bundle)
+    rewrite_manifest(bundle, format=1)  # pickled checkpoints: refused, not loaded
+    with pytest.raises(SiimError, match="format 1 .* holds pickled checkpoints, which run whatever code.*export the runs again"):
         open_bundle(bundle)
 
 
@@ -275,13 +290,13 @@ def test_another_major_version_is_an_error_a_minor_one_a_warning(bundle, caplog)
 
 def test_a_member_with_no_folds_is_an_error(bundle):
     for k in FOLDS:
-        (bundle / f"classify/x/fold{k}.pt").unlink()
+        (bundle / f"classify/x/fold{k}.safetensors").unlink()
     from siimcovid.bundle import file_table
 
     data = yaml.safe_load((bundle / MANIFEST).read_text())
     data["files"] = file_table(bundle)  # a manifest that agrees with the files: only the member check is left
     (bundle / MANIFEST).write_text(yaml.safe_dump(data))
-    with pytest.raises(SiimError, match="classify/x/ has no fold<k>.pt: a member with no folds"):
+    with pytest.raises(SiimError, match="classify/x/ has no fold<k>.safetensors: a member with no folds"):
         open_bundle(bundle)
 
 
@@ -296,7 +311,7 @@ def test_zip_round_trip_extracts_once_into_the_cache(runs, tmp_path, monkeypatch
     assert [m.name for m in opened.detectors] == ["x"] and opened.detectors[0].weights[0].is_file()
     assert open_bundle(out).root == opened.root  # the second open reuses the extracted copy
     opened.detectors[0].weights[0].write_bytes(b"changed")
-    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.pt is corrupt.*delete it to extract the zip again"):
+    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.safetensors is corrupt.*delete it to extract the zip"):
         open_bundle(out)
 
 
@@ -305,10 +320,10 @@ def test_a_corrupt_zip_is_an_error(runs, tmp_path, monkeypatch):
     out = export(runs, run="x", out=str(tmp_path / "x.zip"))
     data = bytearray(out.read_bytes())
     with zipfile.ZipFile(out) as zf:
-        info = zf.getinfo("detect/x/fold0.pt")
+        info = zf.getinfo("detect/x/fold0.safetensors")
     data[info.header_offset + 200] ^= 0xFF  # inside the stored file's bytes
     out.write_bytes(bytes(data))
-    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.pt is corrupt"):
+    with pytest.raises(SiimError, match=f"bundle {out}: detect/x/fold0.safetensors is corrupt"):
         open_bundle(out)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
@@ -319,6 +334,7 @@ def test_siimcovid_run_ends_by_exporting_a_bundle_that_opens(tiny_run):
     import torch
     from ultralytics import YOLO
 
+    from siimcovid import weights
     from siimcovid.classify.predict import load_checkpoint_model
 
     tmp_path, result = tiny_run  # conftest: the session's tiny `siimcovid run`
@@ -328,10 +344,14 @@ def test_siimcovid_run_ends_by_exporting_a_bundle_that_opens(tiny_run):
     assert all(opened.fusion[k] == fuse_test[k] for k in ("iou_thr", "none_det", "none_cls_weight", "det_weights"))
     assert [m.name for m in opened.detectors + opened.classifiers] == ["e2e", "e2e"]
     assert sorted(opened.detectors[0].weights) == [0, 1] and opened.detectors[0].settings["tta"] is False
+    # rebuilt from the description and the safetensors: the boxes of the run's own checkpoint, bit for bit
     image = next((tmp_path / "runs/prepare/e2e/64/images/test").iterdir())
-    boxes = [YOLO(str(p)).predict(str(image), conf=0.001, verbose=False)[0].boxes.data for p in
-             (opened.detectors[0].weights[1], tmp_path / "runs/detect/e2e/fold1/weights/best.pt")]  # fmt: skip
-    assert torch.equal(*boxes)
-    packed, _ = load_checkpoint_model(opened.classifiers[0].weights[0], torch.device("cpu"))
+    det = opened.detectors[0]
+    rebuilt = weights.detector(det.model, det.weights[1], "t")
+    trained = YOLO(str(tmp_path / "runs/detect/e2e/fold1/weights/best.pt"))
+    boxes = [y.predict(str(image), conf=0.001, imgsz=64, verbose=False)[0].boxes.data for y in (rebuilt, trained)]
+    assert len(boxes[0]) and torch.equal(*boxes)
+    cls = opened.classifiers[0]
+    packed = weights.classifier(cls.model, cls.weights[0], "t", torch.device("cpu"))
     trained, _ = load_checkpoint_model(tmp_path / "runs/classify/e2e/fold0/best.pt", torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(packed.state_dict().values(), trained.state_dict().values()))

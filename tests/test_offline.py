@@ -103,14 +103,13 @@ import siimcovid.predict.members, siimcovid.detect.predict, siimcovid.classify.p
 
 LOAD_BUNDLE = """
 import torch
-from ultralytics import YOLO
+from siimcovid import weights
 from siimcovid.bundle import open_bundle
-from siimcovid.classify.predict import load_checkpoint_model
 b = open_bundle({path!r})
 for m in b.detectors:
-    [YOLO(str(p)) for p in m.weights.values()]
+    [weights.detector(m.model, p, str(p)) for p in m.weights.values()]
 for m in b.classifiers:
-    [load_checkpoint_model(p, torch.device("cpu")) for p in m.weights.values()]
+    [weights.classifier(m.model, p, str(p), torch.device("cpu")) for p in m.weights.values()]
 """
 
 

@@ -169,9 +169,9 @@ def test_a_corrupt_bundle_stops_before_any_work(trained, tmp_path):
 
     _, root, _, bundle = trained
     broken = Path(shutil.copytree(bundle, tmp_path / "bundle"))
-    checkpoint = next((broken / "classify").glob("*/fold0.pt"))
+    checkpoint = next((broken / "classify").glob("*/fold0.safetensors"))
     checkpoint.write_bytes(checkpoint.read_bytes()[:-10])
-    with pytest.raises(SiimError, match="fold0.pt"):
+    with pytest.raises(SiimError, match="fold0.safetensors"):
         predict(broken, root, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing prepared, nothing created
 

@@ -161,8 +161,23 @@ def build_model(
 
 
 def init_weights(path) -> tuple[dict, dict]:
-    """(weights, model_cfg) of a checkpoint: best.pt's (the evaluated ones) or last.pt's EMA, else its model."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """(weights, model_cfg) of a checkpoint: best.pt's (the evaluated ones) or last.pt's EMA, else its model.
+
+    init= may name a file from elsewhere: it is read with weights_only=True (tensors and plain containers only), so a
+    pickle that names code to run is refused instead of run; a .safetensors file is read as one."""
+    import pickle
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SiimError(
+            f"init={path}: holds Python objects besides weights, and loading those could run code: give a classify run "
+            "(its best.pt holds weights only), or weights as .safetensors"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise SiimError(f"init={path}: not a siimcovid classify checkpoint (no 'model' weights)")
     state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]

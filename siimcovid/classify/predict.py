@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -233,6 +234,13 @@ class Inference:
     channels_last: bool
     tta: str
     loader_kw: dict
+    load: Callable | None = None  # (weights file, device, channels_last) -> model; None: a run's own checkpoint
+
+    def model(self, path: Path):
+        """The model of one fold's weights file, on the device, in eval mode."""
+        if self.load is not None:
+            return self.load(path, self.device, self.channels_last)
+        return load_checkpoint_model(path, self.device, self.channels_last)[0]
 
     def loader(self, dataset):
         from torch.utils.data import DataLoader
@@ -326,7 +334,7 @@ def fold_probabilities(prep, size: int, ckpts: dict[int, Path], how: Inference, 
     loader = how.loader(StudyDataset(prep, table, size, masks=False))
     per_fold = []
     for fold, path in ckpts.items():
-        model, _ = load_checkpoint_model(path, how.device, how.channels_last)
+        model = how.model(path)
         idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
         order = np.argsort(idx)
         per_fold.append((fold, study[order], none[order] if none is not None else None))

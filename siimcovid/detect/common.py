@@ -100,6 +100,8 @@ def check_model(model: Any) -> str:
     path = Path(text)
     if path.suffix == ".pt":
         if path.is_file() or (path.name == text and text in GITHUB_ASSETS_NAMES):
+            if path.is_file():
+                warn_if_foreign(path, "model")
             return text  # a file, or an Ultralytics release name that it downloads (yolov5mu.pt, yolov5xu.pt, ...)
         raise SiimError(
             f"weights not found: {text}. Give a .pt file, or an Ultralytics name such as yolov5mu.pt or yolov5xu.pt "
@@ -262,6 +264,17 @@ def check_ultralytics_settings(extra: dict) -> dict:
     return out
 
 
+def warn_if_foreign(path: Path, key: str) -> None:
+    """One warning for a .pt that no siimcovid detect run wrote: Ultralytics checkpoints are pickles, and loading one
+    runs whatever code it names (a bundle carries safetensors instead: siimcovid.weights)."""
+    run = Path(path).resolve().parent.parent.parent  # <run>/fold<k>/weights/<name>.pt
+    if not (run / RUN_CONFIG).is_file():
+        LOGGER.warning(
+            f"WARNING: {key}={path} is a pickle (as every Ultralytics .pt is): loading it runs any code it holds; "
+            "use only checkpoints you made or trust"
+        )
+
+
 def resolve_init(init: Any, init_fold: int) -> Path:
     """init=: a detect run dir (its fold init_fold's weights/best.pt) or a weights file."""
     path = Path(str(init))
@@ -271,6 +284,7 @@ def resolve_init(init: Any, init_fold: int) -> Path:
         path = path / f"fold{init_fold}" / "weights" / "best.pt"
     if not path.is_file() or path.suffix != ".pt":
         raise SiimError(f"init={init}: {path} not found (train that run's fold {init_fold} first, or give init_fold=)")
+    warn_if_foreign(path, "init")
     return path.resolve()
 
 

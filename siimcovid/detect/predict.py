@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,7 @@ class Run:
     weights: dict[int, Path]
     imgsz: dict[int, int]  # training image size per fold
     name: str = ""  # the `model` column of its boxes; default: the run folder's name
+    load: Callable | None = None  # weights file -> Ultralytics YOLO; None: YOLO(file), a run's own checkpoint
 
     def __post_init__(self):
         self.name = self.name or self.dir.name
@@ -149,7 +151,9 @@ def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFr
     with tqdm(total=total, desc=f"predict {run.name}", unit="img") as bar:
         for k, (oof_ids, test) in jobs.items():
             try:
-                yolo = YOLO(str(run.weights[k]))
+                yolo = run.load(run.weights[k]) if run.load else YOLO(str(run.weights[k]))
+            except SiimError:
+                raise
             except Exception as e:
                 raise SiimError(f"{run.weights[k]} cannot be loaded ({type(e).__name__}: {e})") from None
             fold_args = {**args, "imgsz": cfg.predict_imgsz or run.imgsz[k]}

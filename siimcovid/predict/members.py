@@ -1,12 +1,14 @@
-"""One member of a bundle (siimcovid.bundle.Member: kind, name, weights {fold: checkpoint}, settings) on a prepared folder.
+"""One member of a bundle (siimcovid.bundle.Member: kind, name, weights {fold: safetensors file}, settings, model
+description) on a prepared folder.
 
 The numerics are `detect predict` and `classify predict`'s own (their per-fold functions run the
 bundle's checkpoints), so a bundle predicts what its runs predicted on the same images:
 
     detector    siimcovid.detect.predict.predict_run on a Run built from the member: each fold's
-                model loaded once, every test image in batches of `batch` -> tables.DETECTIONS
+                model rebuilt once from its description and weights (siimcovid.weights.detector), every
+                test image in batches of `batch` -> tables.DETECTIONS
     classifier  siimcovid.classify.predict.predict_test: one loader for all folds, each fold's model
-                loaded once, the fold mean (and hflip TTA) -> tables.CLASSIFIER_IMAGES
+                rebuilt once (siimcovid.weights.classifier), the fold mean (and hflip TTA) -> tables.CLASSIFIER_IMAGES
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from siimcovid import weights as weights_of
 from siimcovid.data.prepared import Prepared
 from siimcovid.stages import stage_config
 from siimcovid.utils import SiimError
@@ -74,7 +77,8 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.
     if set(weights) - set(imgsz):
         raise SiimError(f"detector {member.name}: settings.yaml gives no imgsz for folds {sorted(set(weights) - set(imgsz))}")
     folder = Path(next(iter(weights.values()))).parent
-    run = Run(folder, prepared, size, weights, imgsz, name=member.name)
+    load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}")  # noqa: E731
+    run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
     return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
 
 
@@ -88,5 +92,7 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str) -> pd
     loader = {"batch_size": hw.batch, "num_workers": hw.loader_workers, "pin_memory": cuda}
     loader["persistent_workers"] = hw.loader_workers > 0
     channels_last = cuda  # as `classify predict` does by default
-    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader)
+    where = f"{member.kind}/{member.name}"
+    load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl)  # noqa: E731
+    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader, load)
     return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)

@@ -2,7 +2,7 @@
 
 A bundle's models on new data, with nothing else present (no runs folder, no train data, no network):
 
-    1. open_bundle: every check of the bundle (files, checksums, versions) before any work
+    1. open_bundle: every check of the bundle (signature with trust=, files, checksums, versions) before any work
     2. `siimcovid prepare` of the source into <out>/prepared with the bundle's conversion settings
        (test split only; layout siim for a SIIM root, else folder; unreadable files skipped and listed)
     3. every detector member's folds on every image -> <out>/detect/<name>/pred_test.csv
@@ -78,7 +78,7 @@ def check_inputs(cfg: Config):
             raise SiimError(f"source={source} is not an image to predict: {e.reason}") from None
     from siimcovid.bundle import open_bundle
 
-    bundle = open_bundle(cfg.bundle)
+    bundle = open_bundle(cfg.bundle, cfg.trust)
     if not bundle.classifiers:  # fuse's fallback, train class priors, does not travel: there is no train split here
         raise SiimError(f"bundle {cfg.bundle} holds no classifier: predict needs one for the study probabilities")
     return bundle, source, layout, out

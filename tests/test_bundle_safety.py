@@ -1,0 +1,317 @@
+"""A bundle from a stranger cannot run code, fill the disk or hang predict; a signed one cannot be changed unseen.
+
+The bundles are the fast ones of tests/test_bundle.py (hand-built runs of small real checkpoints, exported), made
+hostile the way an attacker would: a payload whose unpickling writes a marker file, placed where a loader could
+run it, and the manifest's checksums recomputed so that every plain check passes. Each test checks that the
+bundle is refused (or the payload ignored) and that the marker never appears.
+"""
+
+# ruff: noqa: F811  (bundle, runs, yolo_checkpoint: fixtures of test_bundle.py, imported, then test arguments)
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from test_bundle import bundle, export, runs, yolo_checkpoint  # noqa: F401  (fixtures)
+
+from siimcovid.bundle import MANIFEST, open_bundle
+from siimcovid.cli import call
+from siimcovid.signing import SIGNATURE
+from siimcovid.utils import SiimError
+
+
+class Payload:
+    """Unpickling it runs os.system: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo PWNED > {self.marker}",))
+
+
+def relist(bundle: Path, *rels: str) -> None:
+    """Recompute the manifest entries of the files `rels` (added or changed), as an attacker would."""
+    data = yaml.safe_load((bundle / MANIFEST).read_text())
+    for rel in rels:
+        body = (bundle / rel).read_bytes()
+        data["files"][rel] = {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+    (bundle / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def edit_yaml(bundle: Path, rel: str, change) -> None:
+    data = yaml.safe_load((bundle / rel).read_text())
+    change(data)
+    (bundle / rel).write_text(yaml.safe_dump(data, sort_keys=False))
+    relist(bundle, rel)
+
+
+def zipped(folder: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            zf.write(path, path.relative_to(folder).as_posix())
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("SIIMCOVID_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_hang():
+    """Fail a test that blocks (a read of a FIFO or /dev/zero) instead of hanging the suite."""
+
+    def alarm(*_):
+        raise TimeoutError("blocked for 60 s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+# ----------------------------------------------------------------------------- no code runs
+@pytest.mark.parametrize("member", ["classify/x/fold0.safetensors", "detect/x/fold1.safetensors"])
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "zip"])
+def test_a_pickle_in_place_of_weights_is_refused_and_never_run(bundle, member, as_zip, tmp_path, cache):
+    import torch
+
+    marker = tmp_path / "marker"
+    torch.save({"model": {}, "x": Payload(marker)}, bundle / member)  # the attack on format 1, on format 2's files
+    relist(bundle, member)
+    (tmp_path / "dicoms").mkdir()
+    target = zipped(bundle, tmp_path / "evil.zip") if as_zip else bundle
+    with pytest.raises(SiimError, match=rf"{member}: not a readable safetensors file"):
+        call("predict", bundle=str(target), source=str(tmp_path / "dicoms"), out=str(tmp_path / "out"))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_pickle_listed_beside_the_weights_is_refused(bundle, tmp_path):
+    import torch
+
+    marker = tmp_path / "marker"
+    torch.save({"x": Payload(marker)}, bundle / "classify/x/fold0.pt")
+    relist(bundle, "classify/x/fold0.pt")
+    opened = open_bundle(bundle)  # a file of another name is no fold of the member: never loaded
+    assert all(p.suffix == ".safetensors" for m in opened.detectors + opened.classifiers for p in m.weights.values())
+    assert not marker.exists()
+
+
+def test_the_check_is_what_stops_an_ultralytics_yaml_from_running_code(bundle, tmp_path):
+    """Control: Ultralytics itself evals a model YAML's `activation`, so the description check is load-bearing."""
+    import copy
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    marker = tmp_path / "marker"
+    arch = copy.deepcopy(yaml.safe_load((bundle / "detect/x/model.yaml").read_text())["yaml"])
+    arch["activation"] = f"__import__('os').system('echo PWNED > {marker}') or nn.SiLU()"
+    DetectionModel(copy.deepcopy(arch), verbose=False)  # what loading a bundle without the check would do
+    assert marker.exists()
+    marker.unlink()
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"].update(activation=arch["activation"]))
+    with pytest.raises(SiimError, match=r"detect/x/model.yaml: activation .* is not of the form nn.<Module>\(literal"):
+        open_bundle(bundle)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ("torch_safe_load", "names 'torch_safe_load', not a model layer"),  # a function of Ultralytics' tasks module
+        ("TorchVision", "names 'TorchVision', not a model layer"),  # loads torchvision weights (the network)
+        ("nn.functional", "names 'nn.functional', not a model layer"),
+    ],
+)
+def test_a_detector_description_naming_anything_but_a_layer_is_refused(bundle, layer, message):
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"]["head"][-2].__setitem__(2, layer))
+    with pytest.raises(SiimError, match=rf"bundle {bundle}: detect/x/model.yaml: layer \d+ {message}"):
+        open_bundle(bundle)
+
+
+def test_descriptions_that_would_fetch_or_blow_up_are_refused(bundle):
+    edit_yaml(bundle, "classify/x/model.yaml", lambda d: d.update(model="hf-hub:someone/evil"))
+    with pytest.raises(SiimError, match="classify/x/model.yaml: model 'hf-hub:someone/evil' is not a timm model"):
+        open_bundle(bundle)
+    edit_yaml(bundle, "classify/x/model.yaml", lambda d: d.update(model="test_efficientnet", pretrained_file="/x"))
+    with pytest.raises(SiimError, match=r"unknown key\(s\) \['pretrained_file'\]"):
+        open_bundle(bundle)
+    edit_yaml(bundle, "classify/x/model.yaml", lambda d: d.pop("pretrained_file"))
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"]["backbone"][0][3].__setitem__(0, 10**9))
+    with pytest.raises(SiimError, match="layer 0: an argument above 100000"):
+        open_bundle(bundle)
+
+
+def test_weights_that_do_not_fit_the_description_are_an_error_not_a_guess(bundle):
+    import torch
+
+    from siimcovid import weights
+
+    member = open_bundle(bundle).classifiers[0]
+    other = {**member.model, "model": "resnet10t"}
+    with pytest.raises(SiimError, match=r"t: the weights do not fit the model its model.yaml describes \(\d+ missing"):
+        weights.classifier(weights.check_description(other, "classify", "t"), member.weights[0], "t", torch.device("cpu"))
+
+
+def test_bundle_yaml_with_aliases_or_unknown_keys_is_refused(bundle):
+    (bundle / "fuse.yaml").write_text("a: &a [1, 1, 1]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n")
+    relist(bundle, "fuse.yaml")
+    with pytest.raises(SiimError, match=r"fuse.yaml is not valid YAML \(an alias"):
+        open_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    "rel, change, message",
+    [
+        ("fuse.yaml", lambda d: d.update(det=["../../escape"]), r"fuse.yaml: det: \['../../escape'\] is not a list of"),
+        ("fuse.yaml", lambda d: d.update(iou_thr="a lot"), "fuse.yaml: fuse setting iou_thr='a lot'"),
+        ("prepare.yaml", lambda d: d.update(sizes=[10**20]), "prepare.yaml: prepare setting sizes="),
+        ("detect/x/settings.yaml", lambda d: d.update(ultralytics={"save": 1}), "detect/x/settings.yaml: ultralytics: unknown"),
+        ("detect/x/settings.yaml", lambda d: d.update(conf="high"), "detect/x/settings.yaml: detect setting conf=.high."),
+        ("classify/x/settings.yaml", lambda d: d.update(imgsz=-1), "classify/x/settings.yaml: classify setting imgsz=-1"),
+    ],
+)
+def test_every_setting_a_bundle_holds_is_typed_as_the_stages_type_it(bundle, rel, change, message):
+    edit_yaml(bundle, rel, change)
+    with pytest.raises(SiimError, match=rf"bundle {bundle}: {message}"):
+        open_bundle(bundle)
+
+
+def test_a_manifest_path_outside_the_bundle_is_refused(bundle):
+    edit_yaml(bundle, MANIFEST, lambda d: d["files"].update({"../outside": {"sha256": "0" * 64, "bytes": 0}}))
+    with pytest.raises(SiimError, match=r"lists '../outside', which is not a path inside the bundle"):
+        open_bundle(bundle)
+
+
+# ----------------------------------------------------------------------------- no hang, no flood
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo"])
+def test_a_link_or_a_pipe_in_a_bundle_folder_is_refused_without_reading_it(bundle, kind, no_hang):
+    path = bundle / "detect/x/fold0.safetensors"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(SiimError, match="detect/x/fold0.safetensors is not a regular file or folder"):
+        open_bundle(bundle)
+
+
+def test_a_zip_is_checked_entry_by_entry_and_nothing_unlisted_reaches_the_cache(bundle, tmp_path, cache):
+    out = zipped(bundle, tmp_path / "big.zip")
+    before = out.stat().st_size
+    with zipfile.ZipFile(out, "a", zipfile.ZIP_DEFLATED) as zf:  # 64 MB of zeros in a 64 KB entry
+        zf.writestr("detect/x/extra.bin", b"\0" * (64 << 20))
+    assert out.stat().st_size - before < 1 << 20
+    with pytest.raises(SiimError, match="detect/x/extra.bin is not listed in manifest.yaml: not extracting it"):
+        open_bundle(out)
+    assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def test_a_zip_entry_of_another_size_than_listed_is_refused_before_extraction(bundle, tmp_path, cache):
+    (bundle / "prepare.yaml").write_text((bundle / "prepare.yaml").read_text() + "# one more line\n")
+    out = zipped(bundle, tmp_path / "b.zip")  # the manifest still lists the old size
+    with pytest.raises(SiimError, match="prepare.yaml is corrupt: its size in the zip is not the one manifest.yaml lists"):
+        open_bundle(out)
+    assert not cache.exists() or not any(cache.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- signatures
+@pytest.fixture
+def keys(tmp_path) -> dict[str, Path]:
+    return call("keygen", out=str(tmp_path / "keys" / "team"))
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites_one(keys):
+    assert stat.S_IMODE(keys["private"].stat().st_mode) == 0o600 and b"PRIVATE KEY" in keys["private"].read_bytes()
+    assert b"PUBLIC KEY" in keys["public"].read_bytes()
+    before = keys["private"].read_bytes()
+    with pytest.raises(SiimError, match="exists: a key is never overwritten"):
+        call("keygen", out=str(keys["private"].with_suffix("")))
+    assert keys["private"].read_bytes() == before
+
+
+def test_a_signed_bundle_opens_with_its_key_and_names_the_file_changed_after_signing(runs, keys, tmp_path, caplog):
+    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    assert (signed / SIGNATURE).is_file()
+    assert open_bundle(signed, trust=keys["public"]).fusion["iou_thr"] == 0.55
+    assert open_bundle(signed, trust=keys["public"].parent).detectors  # a folder of trusted keys
+    open_bundle(signed)
+    assert "is signed by key" in caplog.text and "not checked: give trust=" in caplog.text
+    # the attack the manifest alone cannot see: edit fuse.yaml, recompute its checksum
+    edit_yaml(signed, "fuse.yaml", lambda d: d.update(iou_thr=0.9))
+    open_bundle(signed)  # without trust= the checksums agree...
+    with pytest.raises(SiimError, match=r"fuse.yaml changed after the bundle was signed by key [0-9a-f]{16}"):
+        open_bundle(signed, trust=keys["public"])  # ...with it, the change is named
+
+
+def test_trust_refuses_an_unsigned_bundle_another_key_and_a_forged_signature(runs, bundle, keys, tmp_path, caplog):
+    with pytest.raises(SiimError, match=f"bundle {bundle} is not signed, and trust=.* asks for a signature by key"):
+        open_bundle(bundle, trust=keys["public"])
+    open_bundle(bundle)
+    assert f"bundle {bundle} is unsigned" in caplog.text
+    other = call("keygen", out=str(tmp_path / "other"))
+    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(other["private"]))
+    with pytest.raises(SiimError, match=r"signed by key [0-9a-f]{16}, which trust=.* does not hold"):
+        open_bundle(signed, trust=keys["public"])
+    forged = yaml.safe_load((signed / SIGNATURE).read_text())
+    forged["signed"]["files"]["fuse.yaml"] = "0" * 64  # vouch for another fuse.yaml, keeping the signature
+    (signed / SIGNATURE).write_text(yaml.safe_dump(forged))
+    with pytest.raises(SiimError, match="signature.yaml does not verify with key"):
+        open_bundle(signed, trust=other["public"])
+
+
+def test_predict_with_trust_refuses_before_any_work(bundle, keys, tmp_path):
+    (tmp_path / "dicoms").mkdir()
+    with pytest.raises(SiimError, match="is not signed, and trust="):
+        call("predict", bundle=str(bundle), source=str(tmp_path / "dicoms"), out=str(tmp_path / "out"), trust=str(keys["public"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_openssh_public_key_is_a_trusted_key(runs, keys, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from siimcovid.signing import private_key
+
+    public = private_key(keys["private"]).public_key()
+    ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (tmp_path / "id_ed25519.pub").write_bytes(ssh + b" someone@host\n")
+    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    assert open_bundle(signed, trust=tmp_path / "id_ed25519.pub").classifiers
+
+
+# ----------------------------------------------------------------------------- pickles named on the command line
+def test_a_classify_init_from_elsewhere_is_read_as_weights_only(tmp_path, runs):
+    import torch
+
+    from siimcovid.classify.model import init_weights
+
+    marker = tmp_path / "marker"
+    evil = tmp_path / "best.pt"
+    torch.save({"model": {}, "x": Payload(marker)}, evil)
+    with pytest.raises(SiimError, match=f"init={evil}: holds Python objects besides weights"):
+        init_weights(evil)
+    assert not marker.exists()
+    state, model_cfg = init_weights(runs / "classify/x/fold0/best.pt")  # a run's own best.pt: weights and plain data
+    assert state and model_cfg["model"] == "test_efficientnet"
+
+
+def test_a_detector_pt_from_elsewhere_is_named_as_a_pickle(tmp_path, runs, yolo_checkpoint, caplog):  # noqa: F811
+    import shutil
+
+    from siimcovid.detect.common import check_model, resolve_init
+
+    check_model(str(runs / "detect/x/fold0/weights/best.pt"))  # a run's own checkpoint
+    resolve_init(str(runs / "detect/x"), 0)
+    assert "is a pickle" not in caplog.text
+    foreign = Path(shutil.copy(yolo_checkpoint, tmp_path / "downloaded.pt"))
+    check_model(str(foreign))
+    assert f"model={foreign} is a pickle (as every Ultralytics .pt is): loading it runs any code it holds" in caplog.text
