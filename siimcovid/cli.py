@@ -10,7 +10,7 @@ from typing import Callable
 
 from siimcovid.config import Config, ConfigError, help_text
 from siimcovid.stages import load, modes_by_stage, stage_config
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER, SiimError, os_problem
 
 # stage -> mode -> "module:function"; mode None is the stage without a mode word.
 # Each function takes the resolved Config of its stage. The one list of stages: siimcovid.stages.
@@ -80,6 +80,11 @@ def entrypoint() -> None:
         main()
     except SiimError as e:
         LOGGER.error(f"siimcovid: error: {e}")
+        sys.exit(2)
+    except OSError as e:  # a full or read-only disk, no permission: one line (utils.os_problem); others are bugs
+        if os_problem(e) is None:
+            raise
+        LOGGER.error(f"siimcovid: error: {os_problem(e)}")
         sys.exit(2)
     except KeyboardInterrupt:
         LOGGER.error("siimcovid: interrupted; re-run the same command to resume")

@@ -6,12 +6,16 @@ files each stage writes (configs and score tables); never loads a model.
 
 The stages and their folders come from the registry (`siimcovid.stages`); each stage describes
 its own row (its `describe` function, e.g. `siimcovid.detect.summary.describe`) with the helpers
-below. This module keeps the table mechanics: listing folders, sorting, formats.
+below. This module keeps the table mechanics: listing folders, sorting, formats. A run folder whose
+files cannot be read (not UTF-8, not YAML, a FIFO where a file should be) is one row that says
+`unreadable: <why>`, and the other runs are listed as usual.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import yaml
 from siimcovid import stages as registry
 from siimcovid.config import Config
 from siimcovid.tables import SCORES, Table
-from siimcovid.utils import LOGGER, SiimError, as_list
+from siimcovid.utils import LOGGER, DataError, SiimError, as_list, read_text_input
 
 COLUMNS = ["stage", "name", "model", "imgsz", "folds", "settings", "cv", "cv_value", "date"]
 ROW_FIELDS = ["model", "imgsz", "folds", "settings", "cv", "cv_value"]  # what a stage's describe may fill
@@ -29,19 +33,28 @@ ROW_FIELDS = ["model", "imgsz", "folds", "settings", "cv", "cv_value"]  # what a
 
 # ----------------------------------------------------------------------------- helpers of the describe functions
 def quiet_yaml(path: Path) -> dict:
-    """A run's small YAML file as a dict; {} when missing or unreadable (a run may be unfinished)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    """A run's small YAML file as a dict; {} when missing (a run may be unfinished) or not a mapping. One that is
+    there but cannot be read (not UTF-8, not YAML, not a file) is a DataError: its run's row says so."""
+    path = Path(path)
+    if not os.path.lexists(path):
         return {}
+    try:
+        data = yaml.safe_load(read_text_input(path, what="YAML file"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DataError(f"not valid YAML ({getattr(e, 'problem', None) or e})", path, mark.line + 1 if mark else None) from None
     return data if isinstance(data, dict) else {}
 
 
 def quiet_csv(path: Path) -> pd.DataFrame | None:
-    """A run's small CSV file, or None when missing or unreadable."""
+    """A run's small CSV file, or None when missing or (with a warning) unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
     try:
-        return pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return pd.read_csv(io.StringIO(read_text_input(path, what="CSV")))
+    except (SiimError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:  # a SiimError names the file itself
+        LOGGER.warning(f"siimcovid runs: {e if isinstance(e, SiimError) else f'{path}: {e}'}")
         return None
 
 
@@ -104,8 +117,14 @@ def newest_date(run: Path) -> str:
 
 
 def describe(stage: str, run: Path) -> dict | None:
-    """One row for a run dir (the stage's own describe, plus name and date), or None if the folder is not a run of that stage."""
-    found = registry.load(registry.stage(stage).describe)(run)
+    """One row for a run dir (the stage's own describe, plus name and date), or None if the folder is not a run of that stage.
+    A folder whose files cannot be read is a row that says why (one bad folder must not hide the others)."""
+    try:
+        found = registry.load(registry.stage(stage).describe)(run)
+    except Exception as e:  # noqa: BLE001 - whatever damage one folder holds, the other rows are shown
+        reason = str(e) if isinstance(e, SiimError) else f"{run}: {type(e).__name__}: {e}"
+        LOGGER.warning(f"siimcovid runs: unreadable run: {reason}")
+        found = {"cv": "unreadable: " + reason.replace(f"{run}{os.sep}", "").replace(f"{run}: ", "")}
     if not found:
         return None
     unknown = set(found) - set(ROW_FIELDS)

@@ -8,6 +8,15 @@ line). Required columns are what a reader needs; a writer from elsewhere (anothe
 family, a notebook) only has to provide those. Extra columns are kept by `read` and dropped by
 `write`.
 
+A contract with a `key` (the columns that identify a row, e.g. CLASSIFIER_IMAGES: image_id, fold,
+model) has one row per key: `read` refuses a file with two, naming both lines (two probabilities of
+one image would otherwise be averaged, or one would win, in silence), and `write` refuses to write
+one (a bug of ours). An optional key column counts where a file has it. Tables of many rows per id
+have no key: DETECTIONS, PREDICTIONS and the *_BOXES tables (boxes), SKIPPED (several problems of
+one file). Every file is read whole, a regular file only (a FIFO or /dev/zero is refused, not read),
+UTF-8, and no larger than the contract's `max_bytes` where the format has a natural size (the
+competition's CSVs).
+
 A small module of our own rather than pandera: the errors must name the CSV file and line the way
 every other input error of siimcovid does, and the contracts are a dozen lines of data.
 
@@ -27,8 +36,9 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
 contracts too: IMAGE_LEVEL (train_image_level.csv), STUDY_LEVEL (train_study_level.csv) and
 SAMPLE (sample_submission.csv), read by siimcovid.data.siim. Their cells are text: the parsers
-of siimcovid.data.siim check them row by row (boxes literals, label strings, 0/1 class columns)
-and can skip a bad row (on_error=skip) instead of stopping at it.
+of siimcovid.data.siim check them row by row (boxes literals, label strings, 0/1 class columns,
+an id listed twice) and can skip a bad row (on_error=skip) instead of stopping at it; so these
+three declare no key (a key would stop at a duplicate that on_error=skip drops and lists).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from siimcovid.utils import DataError, SiimError, atomic_path
+from siimcovid.utils import DataError, SiimError, atomic_path, decode_utf8, read_input
 
 STUDY_CLASSES = ["negative", "typical", "indeterminate", "atypical"]  # column order of every probability table
 IMAGE_CLASSES = ["opacity", "none"]
@@ -61,6 +71,10 @@ STUDY_COLUMNS = {  # the column of train_study_level.csv for each study class
     "atypical": "Atypical Appearance",
 }
 TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
+# The competition's CSVs have a natural size: one row per test study and image (2,477 rows, ~0.5 MB with a few boxes
+# an image), or per train image (6,334). An out-of-fold submission of every train image with 100 boxes each is ~40 MB:
+# 256 MiB leaves room for more members' boxes and still refuses, before reading it, a file that is no such CSV.
+COMPETITION_CSV_MAX_BYTES = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------- reading CSVs
@@ -94,26 +108,33 @@ def _record_lines(data: bytes) -> np.ndarray:
     return np.array(starts, dtype=np.int64)
 
 
-def read_csv(path: str | os.PathLike, required: list[str], text: list[str] | None = None) -> pd.DataFrame:
+def csv_bytes(path: str | os.PathLike, max_bytes: int | None = None, what: str = "CSV") -> bytes:
+    """The bytes of an input CSV: a regular file of at most max_bytes (utils.read_input), checked to be UTF-8
+    (utils.decode_utf8: the error names the line)."""
+    data = read_input(path, max_bytes, what)
+    decode_utf8(data, path)
+    return data
+
+
+def read_csv(
+    path: str | os.PathLike, required: list[str], text: list[str] | None = None, data: bytes | None = None
+) -> pd.DataFrame:
     """Read a CSV, check its columns; the one CSV reader for inputs whose errors name file and line.
 
     text: columns read as strings (None: every column, nothing inferred). Blank lines are
     dropped but counted: a row's file line is `file_line(df, i)`, i.e. its index + 2, where the
     index counts file lines (a quoted field spanning lines moves the rows after it down).
+    data: the file's bytes when the caller read them already (csv_bytes).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path)
     dtype = str if text is None else {c: str for c in text}
-    data = path.read_bytes()
+    data = csv_bytes(path) if data is None else data
     try:
         df = pd.read_csv(io.BytesIO(data), dtype=dtype, keep_default_na=False, skip_blank_lines=False, low_memory=False)
     except pd.errors.ParserError as e:
         raise DataError(f"malformed CSV: {e}", path) from None
     except pd.errors.EmptyDataError:
         raise DataError("empty CSV (not even a header)", path) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text (byte {e.start}): save it as UTF-8 CSV", path) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; expected {required} (found {list(df.columns)})", path)
@@ -172,6 +193,8 @@ class Table:
     doc: str = ""
     checks: tuple[Callable[[pd.DataFrame, Path], None], ...] = field(default=())
     extra: Column | None = None  # a table with free columns (one per label): each column not declared is of this kind
+    key: tuple[str, ...] = ()  # the columns that identify a row (an optional one counts where a file has it)
+    max_bytes: int | None = None  # the largest file of a format with a natural size (read refuses a larger one)
 
     @property
     def names(self) -> list[str]:
@@ -197,11 +220,13 @@ class Table:
         return pd.DataFrame({c.name: pd.Series(dtype=kinds[c.dtype]) for c in self.columns})
 
     def read(self, path: str | os.PathLike) -> pd.DataFrame:
-        """Read and check a file of this table: typed columns, ranges, the table's checks (errors name file and line)."""
+        """Read and check a file of this table: typed columns, ranges, the table's checks, its key (errors name file
+        and line)."""
         path = Path(path)
-        header = _header(path)
+        data = csv_bytes(path, self.max_bytes, f"{self.name} file")
+        header = _header(data)
         present = [c for c in self.with_extra(header) if c.required or c.name in header]
-        df = read_csv(path, self.required, text=[c.name for c in present if c.dtype in (TEXT, JSON)])
+        df = read_csv(path, self.required, text=[c.name for c in present if c.dtype in (TEXT, JSON)], data=data)
         numeric = [c.name for c in present if c.dtype in (INT, FLOAT)]
         to_numbers(df, numeric, path, nullable=[c.name for c in present if c.nullable])
         for c in present:
@@ -218,7 +243,36 @@ class Table:
                 first_bad((values < lo) | (values > hi), path, f"{c.name} must be in [{lo:g}, {hi:g}]")
         for check in self.checks:
             check(df, path)
+        repeated = self.repeated(df)
+        if repeated:
+            first, again = repeated
+            raise DataError(
+                f"duplicate {self._key_text(df, again)} (first on line {file_line(df, first)}): "
+                f"a {self.name} file has one row per {', '.join(self.key_in(df.columns))}",
+                path,
+                file_line(df, again),
+            )
         return df
+
+    def key_in(self, columns) -> list[str]:
+        """The key columns a frame has (an optional one, e.g. the model of a classifier file, may be absent)."""
+        return [c for c in self.key if c in columns]
+
+    def repeated(self, df: pd.DataFrame) -> tuple[int, int] | None:
+        """Positions (first, again) of the first row whose key an earlier row already has; None if every key is unique.
+        Two rows of one key would be merged, or one would win, in silence (e.g. two probabilities of one image)."""
+        key = self.key_in(df.columns)
+        if not key or len(df) < 2:
+            return None
+        codes = df.groupby(key, sort=False, dropna=False).ngroup().to_numpy()
+        again = np.flatnonzero(pd.Series(codes).duplicated().to_numpy())
+        if not len(again):
+            return None
+        return int(np.flatnonzero(codes == codes[again[0]])[0]), int(again[0])
+
+    def _key_text(self, df: pd.DataFrame, position: int) -> str:
+        values = df.iloc[position]
+        return ", ".join(f"{c} {v!r}" if isinstance(v := values[c], str) else f"{c} {v}" for c in self.key_in(df.columns))
 
     def check(self, df: pd.DataFrame, where: str = "") -> pd.DataFrame:
         """The columns a writer owes (required ones, and optional ones it has), in the written order."""
@@ -230,6 +284,12 @@ class Table:
     def write(self, df: pd.DataFrame, path: str | os.PathLike, float_format: str | None = None) -> Path:
         """Write atomically at full float precision (rounding would tie scores and move AP), columns in contract order."""
         out = self.check(df, str(path))
+        repeated = self.repeated(out)
+        if repeated:  # the readers refuse such a file: a bug upstream, not the user's
+            raise SiimError(
+                f"{path}: not written: its rows {repeated[0] + 1} and {repeated[1] + 1} share {self._key_text(out, repeated[1])} "
+                f"(a {self.name} table has one row per {', '.join(self.key_in(out.columns))}); a bug of siimcovid: please report it"
+            )
         dump = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
         columns = self.with_extra(out.columns)
         out = out.assign(**{c.name: [dump(v) for v in out[c.name]] for c in columns if c.dtype == JSON and c.name in out})
@@ -246,12 +306,10 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
-def _header(path: Path) -> list[str]:
-    try:
-        with open(path, newline="") as f:
-            return [h.strip() for h in f.readline().rstrip("\r\n").split(",")]
-    except OSError:
-        return []
+def _header(data: bytes) -> list[str]:
+    """The column names of a CSV's first line (read_csv checks the rest)."""
+    first = data.split(b"\n", 1)[0].split(b"\r", 1)[0]
+    return [h.strip() for h in first.decode("utf-8-sig").split(",")]
 
 
 def _json_cell(text, column: str, path, line: int):
@@ -265,6 +323,14 @@ def _json_cell(text, column: str, path, line: int):
 
 def _boxes_ordered(df: pd.DataFrame, path) -> None:
     first_bad((df["x_max"] < df["x_min"]) | (df["y_max"] < df["y_min"]), path, "box has x_max < x_min or y_max < y_min")
+
+
+def _one_study_per_image(df: pd.DataFrame, path) -> None:
+    """An image belongs to one study: a second study_id for it is an error (before the key: it says more)."""
+    studies = df.groupby("image_id")["study_id"].transform("nunique").to_numpy()
+    clash = (studies > 1) & df["image_id"].duplicated().to_numpy()
+    if clash.any():
+        first_bad(clash, path, f"image {df['image_id'].iloc[int(np.flatnonzero(clash)[0])]} has two study_ids", df)
 
 
 def _not_empty(*columns: str):
@@ -302,6 +368,7 @@ META = Table(
         Column("dicom", TEXT, "path of the input file (DICOM, PNG or JPEG) relative to the data root"),
     ),
     "One row per prepared image, train and test; written last by prepare (its presence marks a finished prepare).",
+    key=("image_id",),
 )
 
 DETECTIONS = Table(
@@ -334,8 +401,10 @@ CLASSIFIER_IMAGES = Table(
         *_PROBS,
         Column(_NONE.name, FLOAT, _NONE.doc, required=False, lo=0.0, hi=1.0),
     ),
-    "One row per image (several rows of one image are averaged by fusion).",
-    checks=(_not_empty("image_id"),),
+    "One row per image and fold model (rows of one image from several folds or models are averaged by fusion; two "
+    "rows of one image, fold and model are an error).",
+    checks=(_not_empty("image_id"), _one_study_per_image),
+    key=("image_id", "fold", "model"),
 )
 
 CLASSIFIER_STUDIES = Table(
@@ -350,6 +419,7 @@ CLASSIFIER_STUDIES = Table(
         _NONE,
     ),
     "One row per study: the mean over the study's images.",
+    key=("study_id", "fold", "model"),
 )
 
 PREDICTIONS = Table(
@@ -389,12 +459,14 @@ FUSED_IMAGES = Table(
         Column("none_det", FLOAT, "the detectors' none (empty without detection files)", nullable=True),
         Column("none", FLOAT, "the none written"),
     ),
+    key=("image_id",),
 )
 
 FUSED_STUDIES = Table(
     "fused studies",
     "runs/fuse/<name>/studies_<split>.csv",
     (Column("study_id", TEXT, "StudyInstanceUID"), *[Column(c, FLOAT, f"P({c})") for c in STUDY_CLASSES]),
+    key=("study_id",),
 )
 
 FUSED_BOXES = Table(
@@ -415,6 +487,8 @@ SUBMISSION = Table(
         Column("id", TEXT, "<study>_study or <image>_image"),
         Column("PredictionString", TEXT, "groups of `class conf x_min y_min x_max y_max` (see siimcovid.submission)"),
     ),
+    key=("id",),
+    max_bytes=COMPETITION_CSV_MAX_BYTES,
 )
 
 SAMPLE = Table(
@@ -422,6 +496,7 @@ SAMPLE = Table(
     f"<SIIM root>/{SAMPLE_SUBMISSION}",
     SUBMISSION.columns,
     "The competition's list of test ids (<study>_study, <image>_image), in the submission's format.",
+    max_bytes=COMPETITION_CSV_MAX_BYTES,
 )
 
 IMAGE_LEVEL = Table(
@@ -434,6 +509,7 @@ IMAGE_LEVEL = Table(
         Column("StudyInstanceUID", TEXT, "the image's study"),
     ),
     "The competition's image labels, one row per train image (checked by siimcovid.data.siim.read_image_level).",
+    max_bytes=COMPETITION_CSV_MAX_BYTES,
 )
 
 STUDY_LEVEL = Table(
@@ -445,6 +521,7 @@ STUDY_LEVEL = Table(
     ),
     "The competition's study labels, one row per train study, exactly one class 1 "
     "(checked by siimcovid.data.siim.read_study_level).",
+    max_bytes=COMPETITION_CSV_MAX_BYTES,
 )
 
 SKIPPED = Table(
@@ -467,6 +544,7 @@ EXTERNAL_LABELS = Table(
     "are prepare.yaml's `label_names`, in that order (rsna: opacity).",
     checks=(_not_empty("image_id"),),
     extra=Column("<label>", FLOAT, "1.0 = present, 0.0 = absent, empty = unknown", nullable=True, lo=0.0, hi=1.0),
+    key=("image_id",),
 )
 
 SCORES = Table(
@@ -486,6 +564,7 @@ SCORES = Table(
         Column("weights", TEXT, "best | last checkpoints", required=False),
     ),
     "Out-of-fold scores with the competition metric, one row for all folds and one per fold, alike in every stage.",
+    key=("fold", "model"),
 )
 
 
@@ -508,7 +587,8 @@ CLASSIFIER_FOLDS = Table(
     ),
     "One row per (fold model, test image): each fold model's own probabilities, not their mean "
     "(pred_test_image.csv holds the mean). Read by `siimcovid pseudo` (teacher=fold).",
-    checks=(_not_empty("image_id", "study_id"),),
+    checks=(_not_empty("image_id", "study_id"), _one_study_per_image),
+    key=("image_id", "fold", "model"),
 )
 
 PSEUDO_LABELS = Table(
@@ -531,6 +611,7 @@ PSEUDO_LABELS = Table(
     ),
     "One row per (teacher fold, unlabelled image), written last by `siimcovid pseudo` (its presence marks a finished folder).",
     checks=(_not_empty("image_id", "study_id"),),
+    key=("image_id", "fold"),
 )
 
 PSEUDO_BOXES = Table(
@@ -559,6 +640,7 @@ PREDICTED_STUDIES = Table(
     ),
     "One row per study of `siimcovid predict` (siimcovid.predict.view), the four class probabilities.",
     checks=(_not_empty("study_id"),),
+    key=("study_id",),
 )
 
 TAG_MISSING = "missing"  # images.csv's value of a tag the image lacks
@@ -583,6 +665,7 @@ PREDICTED_IMAGES = Table(
     ),
     "One row per image of `siimcovid predict` (siimcovid.predict.view).",
     checks=(_not_empty("image_id", "study_id"),),
+    key=("image_id",),
 )
 
 PREDICTED_BOXES = Table(

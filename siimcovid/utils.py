@@ -1,10 +1,12 @@
-"""Small shared helpers: errors, logging, atomic writes."""
+"""Small shared helpers: errors, logging, reading input files, atomic writes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -80,23 +82,111 @@ def _umask() -> int:
     return mask
 
 
+# ----------------------------------------------------------------------------- reading inputs
+_NOT_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> bytes:
+    """The bytes of an input file, which must be a regular file (a FIFO blocks forever, /dev/zero never ends) of at
+    most `max_bytes` (a format with a natural size, e.g. a submission: a wrong file is refused before it is read)."""
+    path = Path(path)
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except OSError as e:
+        raise DataError(f"cannot read it: {_reason(e)}", path) from None
+    too_big = f"larger than {(max_bytes or 0) / 2**20:g} MiB, the most a {what} can be: is it the right file?"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _NOT_FILES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise DataError(f"{kind}, not a {what}: give a file", path)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise DataError(too_big, path)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)  # bounded also if it grows meanwhile
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DataError(too_big, path)
+    return data
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
+    """An input file's bytes as text; not UTF-8 (a CSV saved by Excel is often Windows-1252) is a DataError naming
+    the file and the line of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        raise DataError(f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): save it as UTF-8", path) from None
+
+
+def read_text_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> str:
+    """An input text file (a YAML, a CSV): read_input, then decode_utf8."""
+    return decode_utf8(read_input(path, max_bytes, what), path)
+
+
+# ----------------------------------------------------------------------------- writing outputs
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # the disk (or the user's quota, or ulimit -f) is full
+_REFUSED = {errno.EROFS, errno.EACCES, errno.EPERM}  # the folder or the filesystem does not let us in
+_NOT_THERE = {errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}  # writing `path`: a folder, or a file above it
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or os.strerror(error.errno or 0) or str(error)).lower()
+
+
+def os_problem(error: OSError, path: str | os.PathLike | None = None) -> str | None:
+    """One line for an OSError the user fixes (a full or read-only disk, no permission: free space, another out=;
+    writing `path`: a folder in its place or a file above it), naming `path` (what was being written) or else the
+    error's own file; None for any other OSError (a bug of ours, which keeps its traceback)."""
+    if error.errno not in _FULL | _REFUSED | (_NOT_THERE if path is not None else set()):
+        return None
+    where = path if path is not None else error.filename
+    if where is None:
+        return f"cannot write: {_reason(error)}"
+    if path is None and error.errno in (errno.EACCES, errno.EPERM):  # a read or a write: say only whose permission
+        return f"{where}: {_reason(error)}"
+    if error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename is not None:  # mkdir met a file on the way
+        met = Path(os.fsdecode(error.filename))
+        blocker = next((p for p in (met, *met.parents) if p.exists() and not p.is_dir()), met)
+        return f"cannot write {where}: {blocker} is a file, not a folder"
+    return f"cannot write {where}: {_reason(error)}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
 
-    Readers never see a half-written file: either the old file, the new one, or none.
+    Readers never see a half-written file: either the old file, the new one, or none. A full or read-only disk is
+    one SiimError naming `path` (os_problem), and the temporary file is removed whatever failed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give what a plain open() would (shared prepared folders)
-    os.close(fd)
+    tmp, in_block = None, False
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give what a plain open() would (shared folders)
+        finally:
+            os.close(fd)
+        in_block = True
         yield Path(tmp)
+        in_block = False
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # an error of the block about another file (e.g. reading an input) is not about writing `path`
+        ours = isinstance(e, OSError) and not (in_block and e.filename is not None and os.fspath(e.filename) != tmp)
+        problem = os_problem(e, path) if ours else None
+        if problem:
+            raise SiimError(problem) from e
         raise
 
 
@@ -104,8 +194,18 @@ def temp_dir_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     """A new temporary folder beside `path` (to build a whole tree, then rename it), with the permissions of a plain
     mkdir (mkdtemp makes 0700: a bundle on a shared disk or a shared cache must be readable by the team)."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+        problem = os_problem(e, path)
+        if problem:
+            raise SiimError(problem) from e
+        raise
     return tmp
 
 

@@ -88,7 +88,7 @@ def test_optional_columns_are_read_when_present(tmp_path):
 
 def test_json_columns_round_trip_and_strings_stay_as_written(tmp_path):
     row = {c: "x" for c in META.names} | {"fold": 1, "n_boxes": 1, "rows": 10, "cols": 20, "bits_stored": 12}
-    df = pd.DataFrame([row | {"boxes": "[[1.25, 2.0, 3.0, 4.0]]"}, row | {"boxes": [[5.0, 6.0, 7.0, 8.0]]}])
+    df = pd.DataFrame([row | {"boxes": "[[1.25, 2.0, 3.0, 4.0]]"}, row | {"image_id": "y", "boxes": [[5.0, 6.0, 7.0, 8.0]]}])
     path = META.write(df, tmp_path / "meta.csv")
     assert '"[[1.25, 2.0, 3.0, 4.0]]"' in path.read_text()
     assert META.read(path)["boxes"].tolist() == [[[1.25, 2.0, 3.0, 4.0]], [[5.0, 6.0, 7.0, 8.0]]]

@@ -13,7 +13,8 @@ and, where there is one, the line):
   on test. A `tta` column (e.g. orig / hflip) makes each TTA variant its own member; Ultralytics'
   augment=True merges its TTA itself, so its files have no such column.
 * classifier rows of one image (e.g. one per fold) are averaged; their study_id must be the
-  prepared one, and out of fold a `fold` column must be the image's fold. `none` is P(image has
+  prepared one, and out of fold a `fold` column must be the image's fold. Two rows of one
+  (image, fold, model) are an error naming both lines (the contract's key). `none` is P(image has
   no opacity) from a none head. Study probabilities are computed by fusion, as the mean over the
   study's images (a study-level file is not accepted: it has no none).
 
@@ -89,10 +90,6 @@ def read_classifier(path: str | Path, fold_of: dict | None = None) -> pd.DataFra
         first_bad(
             wrong, path, "predicted by another fold's model than the image's fold: not out-of-fold (a test file? split=test)"
         )
-    studies = df.groupby("image_id")["study_id"].nunique()
-    if (studies > 1).any():
-        image = studies.index[studies > 1][0]
-        first_bad((df["image_id"] == image) & df["image_id"].duplicated(), path, f"image {image} has two study_ids")
     if "none" not in df.columns:
         df["none"] = np.nan
     out = df.groupby("image_id", sort=False).agg({"study_id": "first", **{c: "mean" for c in [*STUDY_CLASSES, "none"]}})
