@@ -54,7 +54,7 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from siimcovid import __version__, signing, stages, weights
+from siimcovid import __version__, outputs, signing, stages, weights
 from siimcovid.config import Config, load_config, read_yaml, schema
 from siimcovid.rundir import saved_predict_settings
 from siimcovid.signing import SIGNATURE
@@ -449,11 +449,34 @@ def move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+def is_bundle(path: Path) -> bool:
+    """Whether an existing path is a bundle siimcovid wrote (a folder or a zip holding manifest.yaml): the only thing
+    export replaces."""
+    if path.is_dir():
+        return (path / MANIFEST).is_file()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zip_root(zf.namelist()) is not None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def check_out(out: Path, overwrite: bool, sources: list) -> None:
+    """out= is new, or (overwrite=true) a bundle of the same kind; never the root, the home folder or a folder that
+    holds the runs being exported (replacing it would delete them)."""
+    if out.suffix == ".zip" and not out.is_dir():
+        if any(Path(s).resolve() == out.resolve() for s in sources if s):
+            raise SiimError(f"out={out} is one of the files being exported")
+    else:
+        outputs.check_place(out, sources)
+    if not out.exists():
+        return
+    if not overwrite:
         raise SiimError(f"export: {out} exists: choose another out= or give overwrite=true")
-    if out.exists() and (out.suffix == ".zip") != out.is_file():
+    if (out.suffix == ".zip") != out.is_file():
         raise SiimError(f"export: {out} exists and is a {'file' if out.is_file() else 'folder'}: not replacing it")
+    if not is_bundle(out):
+        raise SiimError(f"export: {out} exists and is not a bundle (no {MANIFEST}): overwrite=true replaces only a bundle")
 
 
 def export(cfg: Config) -> Path:
@@ -462,7 +485,7 @@ def export(cfg: Config) -> Path:
         signing.private_key(cfg.sign)  # a key that cannot sign fails before any packing
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
-    check_out(out, cfg.overwrite)
+    check_out(out, cfg.overwrite, [Path(cfg.project), *src.detect, *src.classify, src.fuse])
     det_cfg, cls_cfg = predict_config("detect", src, cfg.weights), predict_config("classify", src, cfg.weights)
     unsaved = [d for d in src.detect + src.classify if not saved_predict_settings(d)]
     if unsaved and not src.run:

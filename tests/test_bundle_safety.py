@@ -315,3 +315,20 @@ def test_a_detector_pt_from_elsewhere_is_named_as_a_pickle(tmp_path, runs, yolo_
     foreign = Path(shutil.copy(yolo_checkpoint, tmp_path / "downloaded.pt"))
     check_model(str(foreign))
     assert f"model={foreign} is a pickle (as every Ultralytics .pt is): loading it runs any code it holds" in caplog.text
+
+
+# ----------------------------------------------------------------------------- export never replaces what is not a bundle
+def test_export_overwrite_replaces_only_a_bundle_and_never_a_folder_holding_the_runs(runs, bundle, tmp_path):
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(SiimError, match=r"documents exists and is not a bundle \(no manifest.yaml\): overwrite=true replaces"):
+        export(runs, run="x", out=str(mine), overwrite=True)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    (tmp_path / "notes.zip").write_bytes(b"not a zip of a bundle")
+    with pytest.raises(SiimError, match="notes.zip exists and is not a bundle"):
+        export(runs, run="x", out=str(tmp_path / "notes.zip"), overwrite=True)
+    with pytest.raises(SiimError, match="holds the input"):  # replacing runs/ (or a folder above it) would delete them
+        export(runs, run="x", out=str(runs), overwrite=True)
+    assert (runs / "run/x/run.yaml").is_file()
+    assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle  # a bundle: replaced
