@@ -129,23 +129,25 @@ def gflops(model, x) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def detector_checkpoint(yaml: str, work: Path) -> Path:
-    """An untrained 1-class model saved as Ultralytics saves a finished fold (fp16), loaded back as predict does."""
-    import torch
+def detector_weights(yaml: str, work: Path):
+    """An untrained 1-class model stored as a bundle stores a fold (fp16 safetensors + its description), loaded back
+    as predict loads a bundle's detector (siimcovid.weights.detector)."""
     from ultralytics.nn.tasks import DetectionModel
 
-    path = work / f"{Path(yaml).stem}-fold0.pt"  # not yolov5m.pt: Ultralytics would take that for its own yolov5mu.pt
+    from siimcovid import weights
+
+    model = DetectionModel(yaml, nc=1, verbose=False).half()
+    desc = weights.check_description(weights.detector_description(model), "detect", yaml)
+    path = work / f"{Path(yaml).stem}-fold0{weights.SUFFIX}"
     if not path.is_file():
-        model = DetectionModel(yaml, nc=1, verbose=False).half()
-        torch.save({"epoch": -1, "model": model, "ema": None, "optimizer": None, "train_args": {}}, path)
-    return path
+        weights.save_state(model.state_dict(), path)
+    return weights.detector(desc, path, str(path))
 
 
 def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, repeat: int) -> dict:
     import torch
-    from ultralytics import YOLO
 
-    yolo = YOLO(str(detector_checkpoint(yaml, work)))
+    yolo = detector_weights(yaml, work)
     args = dict(imgsz=size, conf=0.001, iou=0.5, max_det=100, device="cpu", verbose=False)
     plain = np.mean([best_of(lambda im=im: yolo.predict(im, **args), repeat) for im in images])
     flip = np.mean([best_of(lambda im=im: yolo.predict([im, im[:, ::-1].copy()], **args), repeat) for im in images])

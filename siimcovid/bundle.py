@@ -43,7 +43,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -442,7 +441,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished tree tmp to out; an existing out (overwrite=true) is moved aside first, then removed."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        old = temp_dir_beside(out, suffix=".old")
         os.replace(out, old / out.name)
     os.replace(tmp, out)
     if old is not None:
