@@ -8,6 +8,14 @@ DICOMs whose images are all whole (convert.image_is_whole: the PNG/JPEG head and
 just a file that exists; reading only the DICOM's header) and rewrites the cheap parts
 (labels, masks, folds, lists, meta.csv, which is written last). The decode workers die with
 the prepare process, even on kill -9.
+
+out= follows the outputs rule (siimcovid.outputs): a new, empty or own folder (it holds prepare's record,
+prepare_files.yaml, written first), else overwrite=true; never the root, the home folder or a folder holding the
+data; with layout=folder never inside the data either (a re-run would read its own images). Every file prepare
+may write there is listed in the record before any is written, so a user's file in the way stops it before any
+work, and only listed files are replaced or removed. A folder an earlier siimcovid prepared (its prepare.yaml,
+no record) is adopted as prepare's own. A data YAML is replaced only when it is one prepare wrote (its first line
+says so): data_yaml_dir is shared by every dataset, a user's YAML of the same name stays.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from siimcovid.config import Config, default_name
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import SKIPPED_CSV, folds_fingerprint
+from siimcovid.data.layout import image_file, label_file, mask_file
+from siimcovid.data.prepared import RECORD, SKIPPED_CSV, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, Problems, printable
+from siimcovid.outputs import Written, check_out, check_place
 from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
@@ -96,20 +106,46 @@ def check_settings(cfg: Config) -> Target:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")
     if not cfg.splits:
         raise SiimError("splits= is empty: give train, test or both")
+    check_out_folder(out, root, cfg)
     check_previous(out, root)
-    return Target(root, name, out, sizes, yolo_size)
+    target = Target(root, name, out, sizes, yolo_size)
+    if "train" in cfg.splits:
+        check_data_yamls(data_yaml_paths(name, cfg.n_folds, Path(cfg.data_yaml_dir)))
+    return target
+
+
+def earlier_settings(out: Path) -> dict | None:
+    """The settings in <out>/prepare.yaml when a siimcovid prepare saved them there (a mapping naming its data), else
+    None (no file, or a user's own file of that name)."""
+    try:
+        saved = yaml.safe_load((out / "prepare.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("data_resolved") else None
+
+
+def adopted(out: Path) -> bool:
+    """Whether `out` is a folder an earlier siimcovid prepared before prepare kept a record: its prepare.yaml, no record."""
+    return not (out / RECORD).exists() and earlier_settings(out) is not None
+
+
+def check_out_folder(out: Path, root: Path, cfg: Config) -> None:
+    """The outputs rule for prepare's folder (module docstring), before anything is read or written."""
+    if adopted(out):
+        check_place(out, [root])
+    else:
+        check_out(out, RECORD, cfg.overwrite, sources=[root])
+    if cfg.layout == "folder" and root.is_dir() and out.resolve().is_relative_to(root.resolve()):
+        raise SiimError(f"out={out} lies inside data={root}: a re-run would read its own images; choose an out= outside it")
 
 
 def check_previous(out: Path, root: Path) -> None:
     """Refuse to mix two datasets in one output folder."""
-    previous = out / "prepare.yaml"
-    if previous.is_file():
-        old = yaml.safe_load(previous.read_text()) or {}
-        if old.get("data_resolved") and old["data_resolved"] != str(root.resolve()):
-            raise SiimError(
-                f"{out} already holds data prepared from {old['data_resolved']}; "
-                f"choose another name= or out= for {root.resolve()}"
-            )
+    old = earlier_settings(out)
+    if old is not None and old["data_resolved"] != str(root.resolve()):
+        raise SiimError(
+            f"{out} already holds data prepared from {old['data_resolved']}; choose another name= or out= for {root.resolve()}"
+        )
 
 
 def read_inputs(
@@ -138,13 +174,50 @@ def check_folds_possible(table: pd.DataFrame, n_folds: int, seed: int) -> None:
         make_folds(train if "patient_id" in train else train.assign(patient_id=""), n_folds, seed)
 
 
-def start_output(cfg: Config, target: Target, label_names: list[str] | None = None) -> Path:
-    """Create the output folder, set the old meta table aside and save the settings; returns the set-aside path.
+def output_files(table: pd.DataFrame, cfg: Config, target: Target, label_names: list[str] | None) -> list[Path]:
+    """Every file this run may write in its folder: the record lists them all before the first is written."""
+    out, files = target.out, [target.out / n for n in ("prepare.yaml", "meta.csv", "meta.previous.csv", SKIPPED_CSV)]
+    if label_names is not None:
+        files.append(out / "labels.csv")
+    for r in table.itertuples(index=False):
+        files += [image_file(out, s, r.split, r.image_id, cfg.ext) for s in target.sizes]
+        if r.split == "train":
+            files += [f(out, s, r.image_id) for s in target.sizes for f in (label_file, mask_file)]
+    if (table.split == "train").any():
+        files += [out / str(target.yolo_size) / f"fold{k}_{part}.txt" for k in range(cfg.n_folds) for part in ("train", "val")]
+        files += [out / str(target.yolo_size) / "test.txt"]
+    return files
+
+
+def adopt_earlier(out: Path) -> None:
+    """The record of a folder an earlier siimcovid prepared without one (see adopted): every file in it is prepare's."""
+    written = Written(out, RECORD, "prepare")
+    written.files |= {written.relative(p) for p in out.rglob("*") if p.is_file()}
+    written.save()
+    LOGGER.info(f"prepare: {out} was prepared by an earlier siimcovid: its files are listed in {written.path}")
+
+
+def remove_own(written: Written, path: Path) -> None:
+    """Delete `path` when the record lists it, never another file. It stays listed: the record is every file this
+    prepare may write, whatever it wrote so far, so that a killed run leaves the record an uninterrupted one does."""
+    if written.owns(path):
+        path.unlink(missing_ok=True)
+
+
+def start_output(cfg: Config, target: Target, files: list[Path], label_names: list[str] | None = None) -> tuple[Path, Written]:
+    """Open the output folder by the outputs rule, list every file the run may write (a user's file in the way stops
+    it here), set the old meta table aside and save the settings; returns the set-aside path and the record.
 
     Until this run ends the folder is unfinished: a run failing half-way never leaves the old table
     beside the new settings, looking complete."""
     out = target.out
+    if adopted(out):
+        adopt_earlier(out)
+    written = Written(out, RECORD, "prepare")
+    written.check(*files)  # a user's file in the way: refused before anything is written
+    check_out(out, RECORD, cfg.overwrite, sources=[target.root])
     out.mkdir(parents=True, exist_ok=True)
+    written.claim(*files)  # the record first, whole in one write: the same at every moment of a run (see remove_own)
     previous_meta = out / "meta.previous.csv"
     if (out / "meta.csv").is_file():
         os.replace(out / "meta.csv", previous_meta)
@@ -161,7 +234,7 @@ def start_output(cfg: Config, target: Target, label_names: list[str] | None = No
     for s in target.sizes:
         for sub in ("images/train", "images/test", "labels/train", "masks/train"):
             (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
-    return previous_meta
+    return previous_meta, written
 
 
 def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Problems) -> tuple[dict[str, dict], int]:
@@ -241,10 +314,35 @@ def write_yolo_lists(meta: pd.DataFrame, out: Path, size: int, n_folds: int, exc
     return lists
 
 
+DATA_YAML_HEAD = "# Generated by `siimcovid prepare`"  # the first line of every data YAML prepare writes
+
+
+def data_yaml_paths(name: str, n_folds: int, yaml_dir: Path) -> list[Path]:
+    return [yaml_dir / f"{name}_fold{k}.yaml" for k in range(n_folds)]
+
+
+def check_data_yamls(paths: list[Path]) -> None:
+    """Refuse to replace a YAML in data_yaml_dir that prepare did not write (its first line says who did)."""
+    for path in paths:
+        if path.is_symlink() or (path.exists() and not _starts_with(path, DATA_YAML_HEAD)):
+            raise SiimError(
+                f"{path} is not a data YAML siimcovid prepare wrote: move it away, or give another data_yaml_dir= or name="
+            )
+
+
+def _starts_with(path: Path, head: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head)) == head.encode()
+    except OSError:
+        return False
+
+
 def write_data_yamls(name: str, out: Path, size: int, n_folds: int, yaml_dir: Path, has_test: bool) -> list[Path]:
     """data_yaml/<name>_fold<k>.yaml: plain Ultralytics data files, usable with `yolo detect train`."""
-    paths = []
-    for k in range(n_folds):
+    paths = data_yaml_paths(name, n_folds, yaml_dir)
+    check_data_yamls(paths)
+    for k, path in enumerate(paths):
         data = {
             "path": str((out / str(size)).resolve()),
             "train": f"fold{k}_train.txt",
@@ -252,11 +350,9 @@ def write_data_yamls(name: str, out: Path, size: int, n_folds: int, yaml_dir: Pa
             **({"test": "test.txt"} if has_test else {}),
             "names": {0: "opacity"},
         }
-        text = f"# Generated by `siimcovid prepare` from {out}: fold {k} of {n_folds}, {size} px images.\n"
+        text = f"{DATA_YAML_HEAD} from {out}: fold {k} of {n_folds}, {size} px images.\n"
         text += yaml.safe_dump(data, sort_keys=False)
-        path = yaml_dir / f"{name}_fold{k}.yaml"
         atomic_write_text(path, text)
-        paths.append(path)
     return paths
 
 
@@ -287,20 +383,22 @@ def warn_if_folds_changed(meta_path: Path, meta: pd.DataFrame) -> None:
         )
 
 
-def write_labels(table: pd.DataFrame, meta: pd.DataFrame, label_names: list[str] | None, out: Path) -> None:
+def write_labels(table: pd.DataFrame, meta: pd.DataFrame, label_names: list[str] | None, written: Written) -> None:
     """labels.csv (tables.EXTERNAL_LABELS) of an external labelled set: one row per prepared image."""
-    path = out / "labels.csv"
+    path = written.folder / "labels.csv"
     if label_names is None:
-        path.unlink(missing_ok=True)
+        remove_own(written, path)  # an earlier run's
         return
     kept = table[table.image_id.isin(set(meta.image_id))]
     values = pd.DataFrame(kept["labels"].tolist(), columns=label_names, index=kept.index, dtype=float)
     EXTERNAL_LABELS.write(pd.concat([kept[["image_id"]], values], axis=1), path)
 
 
-def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Problems, previous_meta: Path) -> list[Path]:
+def write_outputs(
+    meta: pd.DataFrame, cfg: Config, target: Target, problems: Problems, previous_meta: Path, written: Written
+) -> list[Path]:
     """Image lists, data YAMLs, skipped.csv, then meta.csv (last: its presence marks a finished prepare).
-    Returns the data YAMLs written."""
+    Returns the data YAMLs written. Every file in the folder was claimed by start_output."""
     out, yamls = target.out, []
     if (meta.split == "train").any():
         write_yolo_lists(meta, out, target.yolo_size, cfg.n_folds, cfg.yolo_exclude_none, cfg.ext)
@@ -309,10 +407,10 @@ def write_outputs(meta: pd.DataFrame, cfg: Config, target: Target, problems: Pro
     if problems.items:
         SKIPPED.write(problems.table(), out / SKIPPED_CSV)
     else:
-        (out / SKIPPED_CSV).unlink(missing_ok=True)
+        remove_own(written, out / SKIPPED_CSV)
     warn_if_folds_changed(previous_meta, meta)
     META.write(meta, out / "meta.csv")
-    previous_meta.unlink(missing_ok=True)
+    remove_own(written, previous_meta)
     return yamls
 
 
@@ -327,14 +425,15 @@ def nothing_readable(target: Target, problems: Problems) -> SiimError:
     )
 
 
-def abandon_output(out: Path) -> None:
+def abandon_output(written: Written) -> None:
     """Undo start_output in a folder this run created, when it wrote no image there: its prepare.yaml and empty
-    folders go, so that nothing looks like a prepared folder (skipped.csv stays: the error names it). A folder
-    holding images keeps its prepare.yaml: the re-run resumes from them."""
-    kept = {out / "prepare.yaml", out / SKIPPED_CSV}
+    folders go, so that nothing looks like a prepared folder (skipped.csv stays: the error names it; the record
+    stays: the re-run knows the folder). A folder holding images keeps its prepare.yaml: the re-run resumes."""
+    out = written.folder
+    kept = {out / "prepare.yaml", out / SKIPPED_CSV, written.path}
     if any(p not in kept and not p.is_dir() for p in out.rglob("*")):
         return
-    (out / "prepare.yaml").unlink(missing_ok=True)
+    remove_own(written, out / "prepare.yaml")
     for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -347,18 +446,18 @@ def prepare(cfg: Config) -> Path:
     label_names = table.attrs.get("label_names")
     check_folds_possible(table, cfg.n_folds, cfg.seed)
     created = not target.out.exists()
-    previous_meta = start_output(cfg, target, label_names)
+    previous_meta, written = start_output(cfg, target, output_files(table, cfg, target, label_names), label_names)
     try:
         results, converted = decode_images(table, cfg, target, problems)
         if not results:
             raise nothing_readable(target, problems)
     except BaseException:
         if created:
-            abandon_output(target.out)
+            abandon_output(written)
         raise
     meta = build_meta(table, results, target.root, cfg.n_folds, cfg.seed)
-    write_labels(table, meta, label_names, target.out)
-    yamls = write_outputs(meta, cfg, target, problems, previous_meta)
+    write_labels(table, meta, label_names, written)
+    yamls = write_outputs(meta, cfg, target, problems, previous_meta, written)
 
     n_train = int((meta.split == "train").sum())
     LOGGER.info(

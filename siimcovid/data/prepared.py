@@ -2,6 +2,7 @@
 
 Layout of <out> (default runs/prepare/<name>)::
 
+    prepare_files.yaml                   prepare's record: every file it wrote here (siimcovid.outputs)
     prepare.yaml                         the resolved prepare config
     meta.csv                             one row per image, train and test (columns: siimcovid.tables.META)
     skipped.csv                          inputs dropped with on_error=skip (columns: siimcovid.tables.SKIPPED)
@@ -29,6 +30,7 @@ from siimcovid.tables import META, SKIPPED
 from siimcovid.utils import SiimError, as_list
 
 SKIPPED_CSV = "skipped.csv"  # written by prepare only when it dropped inputs (on_error=skip)
+RECORD = "prepare_files.yaml"  # prepare's record of its folder (siimcovid.outputs): prepare.yaml stays a valid cfg=
 
 
 def folds_fingerprint(meta: pd.DataFrame) -> str:
