@@ -345,3 +345,39 @@ def test_an_out_at_or_around_the_data_is_refused(tmp_path, where):
     with pytest.raises(SiimError, match=f"out={out}"):
         prepare_folder(src, out, "overwrite=true")
     assert sorted(p.name for p in src.iterdir()) == ["chest.dcm"]
+
+
+# ----------------------------------------------------------------------------- predict on a hostile folder (trains the tiny run)
+@pytest.mark.slow
+def test_predict_on_a_hostile_folder_predicts_the_chest_radiograph_and_lists_the_rest(tiny_run, tmp_path):
+    base, result = tiny_run
+    src = tmp_path / "src"
+    src.mkdir()
+    chest = sorted((base / "siim" / "test").rglob("*.dcm"))[0]
+    shutil.copy(chest, src / "chest.dcm")
+    ultrasound = pydicom.dcmread(chest)
+    ultrasound.Modality, ultrasound.SOPInstanceUID = "US", generate_uid()
+    ultrasound.save_as(src / "ultrasound.dcm")
+    os.mkfifo(src / "pipe")
+    (src / "zero").symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "siimcovid", "predict", f"bundle={result['bundle']}", f"source={src}", f"out={out}",
+               "workers=0", "device=cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=300)  # a hang fails, not blocks
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    images = pd.read_csv(out / "images.csv", keep_default_na=False)
+    assert [Path(f).name for f in images.file] == ["chest.dcm"]
+    assert images.loc[0, "modality"] in ("CR", "DX") and images.loc[0, "body_part"] == "CHEST"
+    assert images.loc[0, "view_position"] == "missing"  # synth writes no ViewPosition: said, not guessed
+    reasons = skipped(out)
+    assert set(reasons) == {"ultrasound.dcm", "pipe", "zero"} and "Modality 'US'" in reasons["ultrasound.dcm"]
+
+    for name in ("chest.dcm", "ultrasound.dcm", "pipe", "zero"):
+        (src / name).unlink()
+    (src / "cut.dcm").write_bytes(chest.read_bytes()[:-2000])
+    done = subprocess.run([*command[:-3], f"out={tmp_path / 'none'}", *command[-2:]], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().splitlines()[-1].startswith(f"siimcovid: error: no readable image in {src}: all 1 files")
+    assert "Traceback" not in done.stderr.decode() and not (tmp_path / "none").exists()
