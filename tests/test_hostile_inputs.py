@@ -110,6 +110,21 @@ def test_a_fifo_and_a_link_to_dev_zero_are_listed_never_opened(tmp_path):
     assert "FIFO" in reasons["pipe"] and "character device" in reasons["zero"] and "broken" in reasons["gone"]
 
 
+def test_a_large_file_of_zeros_is_told_from_a_dicom_at_once(tmp_path):
+    import time
+
+    src = tmp_path / "src"
+    tiny_dicom(src / "chest.dcm")
+    with open(src / "disk.img", "wb") as f:
+        f.truncate(2 * 10**9)  # 2 GB of zeros, sparse: a forced DICOM read parsed them as empty elements, minutes long
+    start = time.monotonic()
+    problems = Problems("skip")
+    table = folder_layout(src, ["test"], problems)
+    assert time.monotonic() - start < 20
+    assert [Path(p).name for p in table.path] == ["chest.dcm"]
+    assert [(Path(e.file).name, e.reason) for e in problems.items] == [("disk.img", "neither a DICOM nor a PNG/JPEG")]
+
+
 def test_a_linked_subfolder_is_followed_once_and_a_loop_is_listed(tmp_path):
     src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
     tiny_dicom(src / "a.dcm")
