@@ -396,3 +396,18 @@ def test_predict_on_a_hostile_folder_predicts_the_chest_radiograph_and_lists_the
     assert done.returncode == 2
     assert done.stderr.decode().strip().splitlines()[-1].startswith(f"siimcovid: error: no readable image in {src}: all 1 files")
     assert "Traceback" not in done.stderr.decode() and not (tmp_path / "none").exists()
+
+
+def test_predicts_input_checks_reach_prepare_typed():
+    from siimcovid.config import load_config
+    from siimcovid.predict.source import input_checks, prepare_settings
+    from siimcovid.stages import stage_config
+
+    cfg = load_config("predict", {"modality_check": False, "max_pixels": 5000})
+    settings = prepare_settings({"sizes": [64], "ext": "png", "png_level": 0}, Path("src"), "folder", Path("out/prepared"),
+                                0, "skip", **input_checks(cfg))  # fmt: skip
+    prepare_cfg = stage_config("prepare", None, settings)
+    assert (prepare_cfg.modality_check, prepare_cfg.max_pixels) == (False, 5000)
+    defaults = stage_config("prepare", None, prepare_settings({"sizes": [64], "ext": "png", "png_level": 0}, Path("s"),
+                                                              "folder", Path("o"), 0, "skip"))  # fmt: skip
+    assert (defaults.modality_check, defaults.max_pixels) == (True, 100_000_000)
