@@ -132,12 +132,15 @@ def test_a_linked_subfolder_is_followed_once_and_a_loop_is_listed(tmp_path):
     (src / "linked").symlink_to(elsewhere)
     (src / "same again").symlink_to(elsewhere)
     (src / "loop").symlink_to(src)
+    (src / "disk").symlink_to("/")  # would scan the whole machine
+    (src / "up").symlink_to(tmp_path)
     problems = Problems("skip")
     table = folder_layout(src, ["test"], problems)
     assert sorted(Path(p).relative_to(src).as_posix() for p in table.path) == ["a.dcm", "linked/b.dcm"]
-    listed = problems.table()
-    assert sorted(Path(f).name for f in listed.file) == ["loop", "same again"]
-    assert listed.problem.str.contains("scanned already").all()
+    listed = dict(zip((Path(f).name for f in problems.table().file), problems.table().problem))
+    assert sorted(listed) == ["disk", "loop", "same again", "up"]
+    assert "scanned already" in listed["loop"] and "scanned already" in listed["same again"]
+    assert "holding the source" in listed["disk"] and "holding the source" in listed["up"]
 
 
 def test_an_unreadable_subfolder_is_listed_not_skipped_in_silence(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from siimcovid.config import Config
-from siimcovid.data.dicom import header_info, radiograph_problem, read_dicom
+from siimcovid.data.dicom import TAGS_CHECKED, header_info, radiograph_problem, read_dicom
 from siimcovid.data.layouts import ROW_COLUMNS
 from siimcovid.data.siim import Problems
 from siimcovid.registry import register
@@ -71,10 +71,10 @@ def list_files(root: Path, problems: Problems) -> list[Path]:
     out. Symbolic links to folders are followed, each folder once (a link back up the tree would loop); what is no
     regular file, a folder that cannot be listed, and a second way into a folder already scanned go to problems."""
     if root.is_dir():
-        files, seen = [], {_folder_key(root)}
+        files, seen, top = [], {_folder_key(root)}, root.resolve()
         for dirpath, dirnames, names in os.walk(root, followlinks=True, onerror=lambda e: _unlistable(e, problems)):
             kept = [d for d in sorted(dirnames) if not d.startswith(".")]
-            dirnames[:] = [d for d in kept if _first_visit(Path(dirpath) / d, seen, problems)]
+            dirnames[:] = [d for d in kept if _first_visit(Path(dirpath) / d, top, seen, problems)]
             files += [Path(dirpath) / n for n in names if not n.startswith(".")]
     else:
         files = [root]
@@ -93,8 +93,9 @@ def _folder_key(path: Path) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _first_visit(folder: Path, seen: set, problems: Problems) -> bool:
-    """Whether to scan `folder`: not when a link leads back into a folder scanned already (listed in problems)."""
+def _first_visit(folder: Path, top: Path, seen: set, problems: Problems) -> bool:
+    """Whether to scan `folder`: not when a link leads back into a folder scanned already, nor to one holding the
+    root (`top`, resolved: a link to / or to a parent would scan the whole disk); listed in problems."""
     try:
         key = _folder_key(folder)
     except OSError as e:
@@ -102,6 +103,9 @@ def _first_visit(folder: Path, seen: set, problems: Problems) -> bool:
         return False
     if key in seen:
         problems.add(DataError(f"a link to a folder scanned already ({folder.resolve()}): not scanned twice", folder))
+        return False
+    if top.is_relative_to(folder.resolve()):
+        problems.add(DataError(f"a link to a folder holding the source ({folder.resolve()}): not scanned", folder))
         return False
     seen.add(key)
     return True
@@ -146,7 +150,7 @@ def dicom_ids(path: Path, root: Path) -> dict:
         "image_id": str(ds.get("SOPInstanceUID", "") or "").strip() or path.stem,
         "study_id": str(ds.get("StudyInstanceUID", "") or "").strip() or folder_study(path, root),
         "series_id": str(ds.get("SeriesInstanceUID", "") or "").strip(),
-        **{k: info[k] for k in ("modality", "body_part", "view_position")},
+        **{k: info[k] for k in TAGS_CHECKED},
     }
 
 
