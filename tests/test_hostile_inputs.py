@@ -390,6 +390,11 @@ def test_predict_on_a_hostile_folder_predicts_the_chest_radiograph_and_lists_the
     assert images.loc[0, "view_position"] == "missing"  # synth writes no ViewPosition: said, not guessed
     reasons = skipped(out)
     assert set(reasons) == {"ultrasound.dcm", "pipe", "zero"} and "Modality 'US'" in reasons["ultrasound.dcm"]
+    anyway = subprocess.run([*command[:-3], f"out={tmp_path / 'all'}", "modality_check=false", *command[-2:]], cwd=tmp_path,
+                            env=env, capture_output=True, timeout=300)  # fmt: skip
+    assert anyway.returncode == 0, anyway.stderr.decode()[-3000:]  # predict's own setting reaches its prepare
+    predicted = pd.read_csv(tmp_path / "all" / "images.csv", keep_default_na=False)
+    assert sorted(Path(f).name for f in predicted.file) == ["chest.dcm", "ultrasound.dcm"]
 
     for name in ("chest.dcm", "ultrasound.dcm", "pipe", "zero"):
         (src / name).unlink()

@@ -414,15 +414,20 @@ def write_outputs(
     return yamls
 
 
-def nothing_readable(target: Target, problems: Problems) -> SiimError:
+class NothingReadable(SiimError):
+    """Every input of a prepare was skipped (`skipped`: the skipped.csv that says why, `count`, `first` problem)."""
+
+    def __init__(self, root, skipped: Path, count: int, first: str):
+        super().__init__(f"no readable image in {root}: all {count} files skipped, see {skipped} (first: {first})")
+        self.root, self.skipped, self.count, self.first = root, skipped, count, first
+
+
+def nothing_readable(target: Target, problems: Problems) -> NothingReadable:
     """Every input was skipped: skipped.csv says why, and the one line to stop with names it (prepare.yaml and the
     empty folders of a folder this run created are gone by then: see prepare)."""
     path = SKIPPED.write(problems.table(), target.out / SKIPPED_CSV)
-    first = problems.items[0]
-    return SiimError(
-        f"no readable image in {printable(target.root)}: all {len(problems.items)} files skipped, see {printable(path)} "
-        f"(first: {printable(str(first))})"
-    )
+    first = printable(str(problems.items[0]))
+    return NothingReadable(printable(target.root), Path(printable(path)), len(problems.items), first)
 
 
 def abandon_output(written: Written) -> None:

@@ -32,11 +32,12 @@ from pathlib import Path
 import pandas as pd
 
 from siimcovid.config import Config, fusion_keys
+from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
-from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
 from siimcovid.outputs import check_out
+from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
 from siimcovid.predict.record import FUSE_DIR, RECORD, Record, file_sha256, images_id
-from siimcovid.predict.source import loader_workers, pool_workers, prepare_settings, source_layout, write_sample
+from siimcovid.predict.source import input_checks, loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
 from siimcovid.submission import write_submission
 from siimcovid.tables import (
@@ -107,8 +108,19 @@ def prepare_source(bundle, cfg: Config, source: Path, layout: str, out: Path) ->
     """`siimcovid prepare` of the source into <out>/prepared as the bundle's models were trained (resumes)."""
     from siimcovid.data.prepare import prepare
 
-    settings = prepare_settings(bundle.prepare, source, layout, out / "prepared", cfg.workers, cfg.on_error)
+    checks = input_checks(cfg)  # max_pixels, modality_check: what prepare refuses to read
+    settings = prepare_settings(bundle.prepare, source, layout, out / "prepared", cfg.workers, cfg.on_error, **checks)
     return Prepared(prepare(stage_config("prepare", None, settings)))
+
+
+def show_skipped(path: Path, most: int = 20) -> None:
+    """The files prepare skipped, as warnings (when predict removes the out it created, their list goes with it)."""
+    if not path.is_file():
+        return
+    rows = SKIPPED.read(path)
+    lines = [f"  {r.file}: {r.problem}" for r in rows.head(most).itertuples()]
+    more = f"\n  ... and {len(rows) - most} more" if len(rows) > most else ""
+    LOGGER.warning(f"WARNING: predict: the {len(rows)} file(s) skipped:\n" + "\n".join(lines) + more)
 
 
 def list_skipped(prepared: Prepared, out: Path, record: Record) -> Path | None:
@@ -239,9 +251,12 @@ def predict(cfg: Config) -> dict:
     steps = Steps(record)
     try:
         prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
-    except BaseException:
+    except BaseException as e:
         if created and not any(p.suffix in (".png", ".jpg") for p in (out / "prepared").rglob("*")):
+            show_skipped(out / "prepared" / SKIPPED_CSV)  # the reasons, before the folder that holds them goes
             shutil.rmtree(out, ignore_errors=True)  # nothing was converted: leave no folder that looks like a result
+            if isinstance(e, NothingReadable):  # its skipped.csv went with the folder: the list is the warning above
+                raise SiimError(f"no readable image in {e.root}: all {e.count} files skipped (listed above)") from None
         raise
     skipped = list_skipped(prepared, out, record)
     n_images = record.data["n_images"] = len(prepared.split("test"))
