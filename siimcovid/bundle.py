@@ -537,9 +537,13 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "siimcovid" / "bundles"
 
 
+def inside(rel) -> bool:
+    """Whether a path a bundle lists stays inside it: relative, '/'-separated, each part a plain name."""
+    return isinstance(rel, str) and bool(rel) and not rel.startswith("/") and not any(map(name_problem, rel.split("/")))
+
+
 def safe_relpath(rel, where) -> str:
-    """A path a bundle lists: relative, '/'-separated, each part a plain name (nothing outside the bundle)."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or any(name_problem(part) for part in rel.split("/")):
+    if not inside(rel):
         raise SiimError(f"bundle {where}: {MANIFEST} lists {rel!r}, which is not a path inside the bundle")
     return rel
 
@@ -636,7 +640,7 @@ def zip_entries(zf: zipfile.ZipFile, where) -> tuple[str, dict, dict[str, zipfil
     names = [i.filename for i in infos]
     if len(set(names)) < len(names):
         raise SiimError(f"bundle {where}: the zip holds two entries of one name: not extracting it")
-    if any(n.startswith("/") or "\\" in n or any(name_problem(part) for part in n.split("/")) for n in names):
+    if not all(map(inside, names)):
         raise SiimError(f"bundle {where}: holds a path outside the bundle: not extracting it")
     prefix = zip_root(names)
     if prefix is None:
@@ -744,7 +748,7 @@ def check_files(root: Path, data: dict, where) -> None:
 
 def file_digest(root: Path, rel: str) -> str | None:
     """The sha256 of a regular file of the bundle (None: absent, or not a regular file inside it)."""
-    if name_problem(rel.replace("/", "_")) is not None or rel.startswith("/") or ".." in rel.split("/"):
+    if not inside(rel):
         return None
     path = root / rel
     return sha256(path) if os.path.lexists(path) and stat.S_ISREG(os.lstat(path).st_mode) else None
