@@ -61,7 +61,10 @@ from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, n
 
 FORMAT = 2  # the bundle format this siimcovid writes and reads (1: pickled checkpoints, no longer read)
 MANIFEST = "manifest.yaml"
-MAX_YAML_BYTES = 16 << 20  # a bundle's YAML files are a few KB (a manifest of 1,000 folds: ~200 KB)
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest of 1,000 folds is ~200 KB
+MAX_YAML_BYTES = 1 << 20  # every other YAML file of a bundle is a few KB
+MAX_PATH = 1024  # bytes of a path a bundle lists (its longest real one: ~60)
+MANIFEST_KEYS = ("format", "siimcovid", "created", "sources", "versions", "half", "dtypes", "files")
 ULTRALYTICS_PREDICT = {"agnostic_nms": bool, "classes": list}  # Ultralytics predict arguments a bundle may carry
 PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "ensemble_boxes", "pydicom", "numpy", "pandas")
 MAJOR_CHECKED = ("torch", "ultralytics", "timm")  # another major version may not load (or run) the checkpoints
@@ -81,6 +84,7 @@ class Member:
     weights: dict[int, Path]
     settings: dict
     model: dict = field(default_factory=dict)
+    digests: dict[int, str] = field(default_factory=dict)  # {fold: sha256 of its weights file}: checked when loaded
 
 
 @dataclass
@@ -120,32 +124,27 @@ def major(version: str) -> str:
 
 
 class PlainDumper(yaml.SafeDumper):
-    """A bundle's YAML is written without anchors and aliases (the reader refuses them: see PlainLoader)."""
+    """A bundle's YAML is written without anchors and aliases (the reader refuses them: see parse_yaml)."""
 
     def ignore_aliases(self, data) -> bool:
         return True
-
-
-class PlainLoader(yaml.SafeLoader):
-    """The safe loader without aliases: a few bytes of nested aliases expand into billions of items when walked."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "an alias (*name): a bundle's YAML has none", event.start_mark)
-        return super().compose_node(parent, index)
 
 
 def write_yaml(path: Path, data: dict) -> Path:
     return atomic_write_text(path, yaml.dump(data, Dumper=PlainDumper, sort_keys=False, allow_unicode=True))
 
 
-def parse_yaml(data: bytes, rel: str, where) -> dict:
-    """A bundle file's bytes -> its mapping (safe YAML, no aliases, bounded size and depth)."""
-    if len(data) > MAX_YAML_BYTES:
-        raise SiimError(f"bundle {where}: {rel} is {len(data)} bytes (a bundle's YAML files are far smaller)")
+def parse_yaml(data: bytes, rel: str, where, limit: int = MAX_YAML_BYTES) -> dict:
+    """A bundle file's bytes -> its mapping: safe YAML (libyaml's parser where installed), no anchors or aliases (a
+    few bytes of nested aliases expand into billions of items when walked), a size limit, a bounded depth."""
+    if len(data) > limit:
+        raise SiimError(f"bundle {where}: {rel} is {len(data)} bytes (a bundle's {rel} is at most {limit})")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        out = yaml.load(data.decode("utf-8"), Loader=PlainLoader)
+        text = data.decode("utf-8")
+        if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in yaml.parse(text, Loader=loader)):
+            raise SiimError(f"bundle {where}: {rel} is not valid YAML (an anchor or alias: a bundle's YAML has none)")
+        out = yaml.load(text, Loader=loader)
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise SiimError(f"bundle {where}: {rel} is not valid YAML ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(out, dict):
@@ -538,27 +537,31 @@ def cache_dir() -> Path:
 
 
 def inside(rel) -> bool:
-    """Whether a path a bundle lists stays inside it: relative, '/'-separated, each part a plain name."""
-    return isinstance(rel, str) and bool(rel) and not rel.startswith("/") and not any(map(name_problem, rel.split("/")))
-
-
-def safe_relpath(rel, where) -> str:
-    if not inside(rel):
-        raise SiimError(f"bundle {where}: {MANIFEST} lists {rel!r}, which is not a path inside the bundle")
-    return rel
+    """Whether a path a bundle lists stays inside it: relative, '/'-separated, each part a plain name, not long."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or len(rel.encode("utf-8", "replace")) > MAX_PATH:
+        return False
+    return not any(map(name_problem, rel.split("/")))
 
 
 def check_manifest(data: dict, where) -> dict:
-    """The manifest's format and its files table: safe paths, each with a sha256 and a size."""
+    """The manifest's keys, format and files table: paths inside the bundle (none also another's folder), each
+    with a sha256 and a size."""
+    check_keys(data, MANIFEST_KEYS, MANIFEST, where)
     check_format(data, where)
     files = data.get("files")
     if not isinstance(files, dict):
         raise SiimError(f"bundle {where}: {MANIFEST} is not a bundle manifest (no `files` table)")
+    folders = set()
     for rel, entry in files.items():
-        safe_relpath(rel, where)
+        if not inside(rel):
+            raise SiimError(f"bundle {where}: {MANIFEST} lists {rel!r}, which is not a path inside the bundle")
+        folders.update("/".join(rel.split("/")[:i]) for i in range(1, rel.count("/") + 1))
         ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
         if not ok or not isinstance(entry.get("bytes"), int) or isinstance(entry["bytes"], bool) or entry["bytes"] < 0:
             raise SiimError(f"bundle {where}: {MANIFEST}: the entry of {rel} is not {{sha256: <64 hex digits>, bytes: <size>}}")
+    clash = sorted(folders & (set(files) | {MANIFEST, SIGNATURE}))
+    if clash:
+        raise SiimError(f"bundle {where}: {MANIFEST} lists {clash[0]} as a file and as a folder")
     if {MANIFEST, SIGNATURE} & set(files):
         raise SiimError(f"bundle {where}: {MANIFEST} lists itself or {SIGNATURE}")
     return data
@@ -600,26 +603,50 @@ def check_versions(data: dict, where: Path) -> None:
 
 def read_limited(path: Path, limit: int, rel: str, where) -> bytes:
     """A regular file's bytes, refused past `limit` (a FIFO or a device is never read: it could block or never end)."""
+    if not os.path.lexists(path):
+        raise SiimError(f"bundle {where}: {rel} is missing")
     info = os.lstat(path)
     if not stat.S_ISREG(info.st_mode):
         raise SiimError(f"bundle {where}: {rel} is not a regular file (a link, a device or a pipe)")
     if info.st_size > limit:
-        raise SiimError(f"bundle {where}: {rel} is {info.st_size} bytes (a bundle's {rel} is far smaller)")
-    return path.read_bytes()
+        raise SiimError(f"bundle {where}: {rel} is {info.st_size} bytes (a bundle's {rel} is at most {limit})")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)[:limit]
 
 
-def read_manifest(root: Path, where) -> dict:
-    path = root / MANIFEST
-    if not path.is_file():
+@dataclass
+class Header:
+    """What a bundle says of itself, read once: the manifest (its bytes, parsed) and the signature (parsed, or None).
+    Every later check uses these bytes, not a second read of the files."""
+
+    manifest: dict
+    manifest_sha256: str
+    signature: dict | None
+
+    def vouched(self) -> dict[str, str]:
+        """{path: sha256} of every file the bundle holds now, by its manifest (the manifest's own: of its bytes)."""
+        return {MANIFEST: self.manifest_sha256, **{rel: e["sha256"] for rel, e in self.manifest["files"].items()}}
+
+
+def header_of(manifest: bytes, signature: bytes | None, where) -> Header:
+    data = check_manifest(parse_yaml(manifest, MANIFEST, where, MAX_MANIFEST_BYTES), where)
+    parsed = parse_yaml(signature, SIGNATURE, where) if signature is not None else None
+    return Header(data, hashlib.sha256(manifest).hexdigest(), parsed)
+
+
+def read_header(root: Path, where) -> Header:
+    if not os.path.lexists(root / MANIFEST):
         raise SiimError(f"bundle {where}: not a siimcovid bundle ({MANIFEST} missing)")
-    return check_manifest(parse_yaml(read_limited(path, MAX_YAML_BYTES, MANIFEST, where), MANIFEST, where), where)
+    manifest = read_limited(root / MANIFEST, MAX_MANIFEST_BYTES, MANIFEST, where)
+    signature = read_limited(root / SIGNATURE, MAX_YAML_BYTES, SIGNATURE, where) if os.path.lexists(root / SIGNATURE) else None
+    return header_of(manifest, signature, where)
 
 
-def read_signature(root: Path, where) -> dict | None:
-    path = root / SIGNATURE
-    if not os.path.lexists(path):
-        return None
-    return parse_yaml(read_limited(path, MAX_YAML_BYTES, SIGNATURE, where), SIGNATURE, where)
+def check_header(header: Header, trust, where) -> None:
+    """Versions, then (trust=) the signature against what the manifest vouches for: before any file is read."""
+    check_versions(header.manifest, where)
+    if trust is not None:
+        signing.check_signature(header.signature, trust, where, header.vouched())
 
 
 # ----------------------------------------------------------------------------- zip bundles
@@ -633,26 +660,31 @@ def zip_root(names: list[str]) -> str | None:
     return None
 
 
-def zip_entries(zf: zipfile.ZipFile, where) -> tuple[str, dict, dict[str, zipfile.ZipInfo]]:
-    """(the bundle's folder in the zip, its manifest, {relative path: entry}), every entry checked against the
-    manifest before anything is extracted: a listed path of the listed size, or the manifest and the signature."""
+def zip_entries(zf: zipfile.ZipFile, where) -> tuple[str, Header, dict[str, zipfile.ZipInfo]]:
+    """(the bundle's folder in the zip, its header, {relative path: entry}), every entry checked against the
+    manifest before anything is extracted: stored (a bundle's zip is never compressed: nothing can inflate),
+    not encrypted, a listed path of the listed size, or the manifest and the signature."""
     infos = [i for i in zf.infolist() if not i.is_dir()]
     names = [i.filename for i in infos]
     if len(set(names)) < len(names):
         raise SiimError(f"bundle {where}: the zip holds two entries of one name: not extracting it")
     if not all(map(inside, names)):
         raise SiimError(f"bundle {where}: holds a path outside the bundle: not extracting it")
+    odd = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1]
+    if odd:
+        raise SiimError(f"bundle {where}: {odd[0]} is compressed or encrypted in the zip: a bundle's zip stores its files")
     prefix = zip_root(names)
     if prefix is None:
         raise SiimError(f"bundle {where}: not a siimcovid bundle ({MANIFEST} missing)")
     entries = {i.filename[len(prefix) :]: i for i in infos}
     if len(entries) < len(infos) or any(not i.filename.startswith(prefix) for i in infos):
         raise SiimError(f"bundle {where}: the zip holds files beside its bundle folder {prefix}: not extracting it")
-    for rel in (MANIFEST, SIGNATURE):
-        if rel in entries and entries[rel].file_size > MAX_YAML_BYTES:
-            raise SiimError(f"bundle {where}: {rel} is {entries[rel].file_size} bytes (a bundle's {rel} is far smaller)")
-    data = check_manifest(parse_yaml(read_entry(zf, entries[MANIFEST], where), MANIFEST, where), where)
-    listed = data["files"]
+    for rel, limit in ((MANIFEST, MAX_MANIFEST_BYTES), (SIGNATURE, MAX_YAML_BYTES)):
+        if rel in entries and entries[rel].file_size > limit:
+            raise SiimError(f"bundle {where}: {rel} is {entries[rel].file_size} bytes (a bundle's {rel} is at most {limit})")
+    signature = read_entry(zf, entries[SIGNATURE], where) if SIGNATURE in entries else None
+    header = header_of(read_entry(zf, entries[MANIFEST], where), signature, where)
+    listed = header.manifest["files"]
     for rel, info in entries.items():
         if rel in (MANIFEST, SIGNATURE):
             continue
@@ -663,13 +695,13 @@ def zip_entries(zf: zipfile.ZipFile, where) -> tuple[str, dict, dict[str, zipfil
     missing = sorted(set(listed) - set(entries))
     if missing:
         raise SiimError(f"bundle {where}: {missing[0]} is missing (listed in {MANIFEST}): an incomplete copy?")
-    return prefix, data, entries
+    return prefix, header, entries
 
 
 def read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where) -> bytes:
     try:
         return zf.read(info)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
         raise SiimError(f"bundle {where}: {info.filename} is corrupt ({e})") from None
 
 
@@ -677,9 +709,9 @@ def extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst: Path, entry: 
     """One zip entry to dst, streamed: never more bytes than listed, and its sha256 as listed (entry None: the
     manifest or the signature, checked by their readers)."""
     digest, written = hashlib.sha256(), 0
-    limit = entry["bytes"] if entry else MAX_YAML_BYTES
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    limit = entry["bytes"] if entry else MAX_MANIFEST_BYTES
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(info) as src, open(dst, "xb") as out:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
@@ -687,38 +719,81 @@ def extract_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst: Path, entry: 
                     raise SiimError(f"bundle {where}: {rel} is corrupt: it holds more bytes than {MANIFEST} lists")
                 digest.update(chunk)
                 out.write(chunk)
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
         raise SiimError(f"bundle {where}: {rel} is corrupt ({e})") from None
+    except OSError as e:
+        raise SiimError(f"bundle {where}: {rel} cannot be extracted to {dst.parent} ({e.strerror})") from None
     if entry and (written != entry["bytes"] or digest.hexdigest() != entry["sha256"]):
         raise SiimError(f"bundle {where}: {rel} is corrupt: its checksum does not match {MANIFEST}")
 
 
-def extract_zip(path: Path) -> Path:
-    """A zip bundle, checked entry by entry against its manifest and extracted once into <cache>/<its sha256>/;
-    that folder's bundle root. A zip that fails a check leaves nothing in the cache."""
-    cache = cache_dir() / sha256(path)
-    if not cache.is_dir():
+def cached(cache: Path, prefix: str, header: Header, where) -> Header | None:
+    """The header of the extracted copy of a zip in the cache, if there is one and it holds the zip's own manifest
+    and signature byte for byte (a copy left by another zip, or planted by someone else, is refused)."""
+    if not os.path.lexists(cache):
+        return None
+    if not stat.S_ISDIR(os.lstat(cache).st_mode) or (prefix and not stat.S_ISDIR(os.lstat(cache / prefix).st_mode)):
+        raise SiimError(f"bundle {where}: its cache entry {cache} is not a folder siimcovid extracted: delete it")
+    try:
+        same = read_header(cache / prefix, where)
+    except SiimError as e:
+        raise SiimError(f"bundle {where}: its extracted copy {cache} is not the zip's ({e}): delete it") from None
+    if same.manifest_sha256 != header.manifest_sha256 or same.signature != header.signature:
+        raise SiimError(f"bundle {where}: its extracted copy {cache} holds another manifest than the zip: delete it")
+    return same
+
+
+def extract_zip(path: Path, trust) -> tuple[Path, Header, Path | None]:
+    """A zip bundle -> (its bundle root in the cache, the header read there, the cache entry if extracted now).
+    The zip is read through one handle (the bytes hashed are the bytes extracted); its header is checked (with
+    trust=, the signature) before anything is extracted; every entry is checked against the manifest as it is
+    streamed out into <cache>/<the zip's sha256>/."""
+    try:
+        handle = open(path, "rb")
+    except OSError as e:
+        raise SiimError(f"bundle {path}: cannot be read ({e.strerror})") from None
+    with handle:
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+        handle.seek(0)
         try:
-            zf = zipfile.ZipFile(path)
+            zf = zipfile.ZipFile(handle)
         except (zipfile.BadZipFile, OSError) as e:
             raise SiimError(f"bundle {path}: neither a bundle folder nor a zip file ({e})") from None
         with zf:
-            prefix, data, entries = zip_entries(zf, path)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            need = sum(e["bytes"] for e in data["files"].values())
-            free = shutil.disk_usage(cache.parent).free
-            if need > free:
-                raise SiimError(f"bundle {path}: needs {need / 1e9:.1f} GB to extract, {cache.parent} has {free / 1e9:.1f} GB")
-            tmp = temp_dir_beside(cache, suffix="")
-            try:
-                for rel, info in tqdm(entries.items(), desc="extract bundle", unit="file", leave=False):
-                    extract_entry(zf, info, tmp / prefix / rel, data["files"].get(rel), rel, path)
-                with contextlib.suppress(OSError):  # another process extracted it meanwhile: keep theirs
-                    os.rename(tmp, cache)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    prefix = "" if (cache / MANIFEST).is_file() else next((p.name for p in cache.iterdir() if (p / MANIFEST).is_file()), "")
-    return cache / prefix
+            prefix, header, entries = zip_entries(zf, path)
+            check_header(header, trust, path)
+            cache = cache_dir() / digest.hexdigest()
+            copy = cached(cache, prefix, header, path)
+            if copy is not None:
+                return cache / prefix, copy, None
+            extract_all(zf, entries, header, cache, prefix, path)
+    try:
+        return cache / prefix, cached(cache, prefix, header, path), cache  # what was extracted is what was checked
+    except SiimError:
+        shutil.rmtree(cache, ignore_errors=True)
+        raise
+
+
+def extract_all(zf: zipfile.ZipFile, entries: dict, header: Header, cache: Path, prefix: str, where) -> None:
+    """Every entry into a temporary folder beside the cache entry, renamed to it at the end (all or nothing)."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SiimError(f"bundle {where}: cannot make its cache folder {cache.parent} ({e.strerror})") from None
+    need = sum(e["bytes"] for e in header.manifest["files"].values())
+    free = shutil.disk_usage(cache.parent).free
+    if need > free:
+        raise SiimError(f"bundle {where}: needs {need / 1e9:.1f} GB to extract, {cache.parent} has {free / 1e9:.1f} GB")
+    tmp = temp_dir_beside(cache, suffix="")
+    try:
+        for rel, info in tqdm(entries.items(), desc="extract bundle", unit="file", leave=False):
+            extract_entry(zf, info, tmp / prefix / rel, header.manifest["files"].get(rel), rel, where)
+        with contextlib.suppress(OSError):  # another process extracted it meanwhile: keep theirs
+            os.rename(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- files
@@ -746,18 +821,16 @@ def check_files(root: Path, data: dict, where) -> None:
         raise SiimError(f"bundle {where}: {extra[0]} is not listed in {MANIFEST} ({len(extra)} unlisted): not as exported")
 
 
-def file_digest(root: Path, rel: str) -> str | None:
-    """The sha256 of a regular file of the bundle (None: absent, or not a regular file inside it)."""
-    if not inside(rel):
-        return None
-    path = root / rel
-    return sha256(path) if os.path.lexists(path) and stat.S_ISREG(os.lstat(path).st_mode) else None
-
-
-def bundle_yaml(root: Path, rel: str, where) -> dict:
-    if not (root / rel).is_file():
+def bundle_yaml(root: Path, rel: str, header: Header, where) -> dict:
+    """A bundle's YAML file, parsed from the bytes whose sha256 is checked (read once: what is parsed is what was
+    vouched for)."""
+    entry = header.manifest["files"].get(rel)
+    if entry is None:
         raise SiimError(f"bundle {where}: {rel} is missing")
-    return parse_yaml(read_limited(root / rel, MAX_YAML_BYTES, rel, where), rel, where)
+    data = read_limited(root / rel, MAX_YAML_BYTES, rel, where)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise SiimError(f"bundle {where}: {rel} is corrupt: its checksum does not match {MANIFEST}")
+    return parse_yaml(data, rel, where)
 
 
 # ----------------------------------------------------------------------------- settings, typed as the stages type them
@@ -775,8 +848,9 @@ def check_keys(data: dict, known, rel: str, where) -> None:
         raise SiimError(f"bundle {where}: {rel}: unknown key(s) {unknown} (this siimcovid knows {sorted(known)})")
 
 
-def member_settings(kind: str, data: dict, rel: str, where) -> dict:
-    """A member's settings.yaml, every value typed (detect and classify predict's own types)."""
+def member_settings(kind: str, data: dict, rel: str, where, model: dict) -> dict:
+    """A member's settings.yaml, every value typed (detect and classify predict's own types; `classes`: of the
+    model's classes)."""
     if kind == "classify":
         check_keys(data, ("imgsz", "tta", "weights", "folds_id"), rel, where)
         out = {k: typed("classify", k, data.get(k), rel, where) for k in ("imgsz", "tta", "weights")}
@@ -799,19 +873,26 @@ def member_settings(kind: str, data: dict, rel: str, where) -> dict:
         raise SiimError(f"bundle {where}: {rel}: `ultralytics` is not a mapping")
     check_keys(extra, ULTRALYTICS_PREDICT, f"{rel}: ultralytics", where)
     for key, value in extra.items():
+        nc = len(model["names"])
+        is_class = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < nc  # noqa: E731
         ok = isinstance(value, bool) if ULTRALYTICS_PREDICT[key] is bool else value is None or (
-            isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))  # fmt: skip
+            isinstance(value, list) and all(map(is_class, value)))  # fmt: skip
         if not ok:
-            raise SiimError(f"bundle {where}: {rel}: ultralytics {key}={value!r} is not a {ULTRALYTICS_PREDICT[key].__name__}")
+            what = "a bool" if ULTRALYTICS_PREDICT[key] is bool else f"a list of the model's classes (0 to {nc - 1})"
+            raise SiimError(f"bundle {where}: {rel}: ultralytics {key}={value!r}: expected {what}")
     if extra:
         out["ultralytics"] = dict(extra)
     return out
 
 
-def prepare_record(data: dict, where) -> dict:
-    """prepare.yaml: the sizes, ext and png_level predict converts new images with (prepare's own types)."""
+def prepare_record(data: dict, sizes: set[int], where) -> dict:
+    """prepare.yaml: the sizes, ext and png_level predict converts new images with (prepare's own types); the sizes
+    are those the members read, no more (each is an image written per source image)."""
     check_keys(data, ("sizes", *CONVERSION_KEYS), "prepare.yaml", where)
-    return {k: typed("prepare", k, data.get(k), "prepare.yaml", where) for k in ("sizes", *CONVERSION_KEYS)}
+    out = {k: typed("prepare", k, data.get(k), "prepare.yaml", where) for k in ("sizes", *CONVERSION_KEYS)}
+    if set(out["sizes"]) != sizes:
+        raise SiimError(f"bundle {where}: prepare.yaml: sizes {out['sizes']}, but its members read {sorted(sizes)}")
+    return out
 
 
 def fusion_record(data: dict, where) -> dict:
@@ -829,39 +910,56 @@ def fusion_record(data: dict, where) -> dict:
     return out
 
 
-def read_member(root: Path, kind: str, name: str, listed: dict, where) -> Member:
-    """One member of fuse.yaml's lists: its description, its settings and its fold weights (at least one)."""
+def read_member(root: Path, kind: str, name: str, header: Header, where) -> Member:
+    """One member of fuse.yaml's lists: its description, its settings and its fold weights (at least one), each
+    weights file's tensors checked against the model its description builds (on the meta device: no memory)."""
+    listed = header.manifest["files"]
     pattern = re.compile(rf"{re.escape(kind)}/{re.escape(name)}/fold(\d{{1,4}}){re.escape(weights.SUFFIX)}")
     found = {int(m[1]): root / rel for rel in listed if (m := pattern.fullmatch(rel))}
     if not found:
         raise SiimError(f"bundle {where}: {kind}/{name}/ has no fold<k>{weights.SUFFIX}: a member with no folds")
-    for k, path in found.items():  # the header only: a file that is no safetensors stops here, before any work
-        weights.check_state_file(path, f"bundle {where}: {path.relative_to(root).as_posix()}")
     rel = f"{kind}/{name}/{weights.DESCRIPTION}"
-    model = weights.check_description(bundle_yaml(root, rel, where), kind, f"bundle {where}: {rel}")
+    model = weights.check_description(bundle_yaml(root, rel, header, where), kind, f"bundle {where}: {rel}")
     rel = f"{kind}/{name}/settings.yaml"
-    settings = member_settings(kind, bundle_yaml(root, rel, where), rel, where)
+    settings = member_settings(kind, bundle_yaml(root, rel, header, where), rel, where, model)
     if kind == "detect" and set(found) - set(settings["imgsz"]):
         raise SiimError(f"bundle {where}: {rel} gives no imgsz for folds {sorted(set(found) - set(settings['imgsz']))}")
-    return Member(kind, name, dict(sorted(found.items())), settings, model)
+    shapes = {}
+    for k, path in sorted(found.items()):
+        rel = path.relative_to(root).as_posix()
+        fold = weights.header_shapes(path, f"bundle {where}: {rel}")
+        if fold != shapes:  # the folds of a member share an architecture: each new one is built once, on meta
+            weights.check_fits(model, kind, fold, f"bundle {where}: {rel}", settings["imgsz"] if kind == "classify" else None)
+            shapes = fold
+    digests = {k: listed[p.relative_to(root).as_posix()]["sha256"] for k, p in found.items()}
+    return Member(kind, name, dict(sorted(found.items())), settings, model, digests)
 
 
-def read_members(root: Path, data: dict, fusion: dict, where) -> dict[str, list[Member]]:
+def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, list[Member]]:
     """{kind: members in fuse.yaml's order}; a member folder fuse.yaml does not name is an error."""
-    out = {}
+    files, out = header.manifest["files"], {}
     for kind, key in KINDS.items():
         names = fusion[key]
-        out[kind] = [read_member(root, kind, n, data["files"], where) for n in names]
-        folders = {rel.split("/")[1] for rel in data["files"] if rel.startswith(f"{kind}/") and rel.count("/") >= 2}
+        out[kind] = [read_member(root, kind, n, header, where) for n in names]
+        folders = {rel.split("/")[1] for rel in files if rel.startswith(f"{kind}/") and rel.count("/") >= 2}
         stray = sorted(folders - set(names))
         if stray:
             raise SiimError(f"bundle {where}: {kind}/{stray[0]}/ is not a member of fuse.yaml's {key}: {names}")
-    tops = {rel.split("/")[0] for rel in data["files"] if "/" in rel} - set(KINDS)
+    tops = {rel.split("/")[0] for rel in files if "/" in rel} - set(KINDS)
     if tops:
         raise SiimError(f"bundle {where}: {sorted(tops)[0]}/ is not a folder of a bundle (only {sorted(KINDS)})")
     if not out["detect"] and not out["classify"]:
         raise SiimError(f"bundle {where}: fuse.yaml names no member (det: [], cls: [])")
     return out
+
+
+def read_bundle(root: Path, header: Header, where) -> Bundle:
+    """The checked files of a bundle root -> the Bundle (its YAML parsed from checked bytes, its members)."""
+    fusion = fusion_record(bundle_yaml(root, "fuse.yaml", header, where), where)
+    members = read_members(root, header, fusion, where)
+    sizes = {m.settings["size"] for m in members["detect"]} | {m.settings["imgsz"] for m in members["classify"]}
+    prepare = prepare_record(bundle_yaml(root, "prepare.yaml", header, where), sizes, where)
+    return Bundle(root, header.manifest, prepare, fusion, members["detect"], members["classify"])
 
 
 def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:
@@ -871,22 +969,21 @@ def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:
     if not where.exists():
         raise SiimError(f"bundle {where} not found")
     if trust is not None:
-        signing.trusted_keys(trust)  # a bad trust= fails before a zip is extracted
-    root = extract_zip(where) if where.is_file() else where
-    data = read_manifest(root, where)
-    check_versions(data, where)
-    signature = read_signature(root, where)
+        signing.trusted_keys(trust)  # a bad trust= fails before a zip is read
+    if where.is_file():
+        root, header, fresh = extract_zip(where, trust)  # its header checked (versions, signature) before extraction
+    else:
+        root, header, fresh = where, read_header(where, where), None
+        check_header(header, trust, where)
     try:
-        if trust is not None:
-            signing.check_signature(signature, trust, where, lambda rel: file_digest(root, rel))
-        check_files(root, data, where)
+        check_files(root, header.manifest, where)
+        bundle = read_bundle(root, header, where)
     except SiimError as e:
-        if root != where:  # the zip's sha256 matched: its extracted copy was changed since
+        if fresh is not None:  # extracted now, refused now: nothing of it stays in the cache
+            shutil.rmtree(fresh, ignore_errors=True)
+        elif root != where:  # a copy extracted earlier from this zip, changed since
             raise SiimError(f"{e} (in the extracted copy {root}: delete it to extract the zip again)") from None
         raise
-    prepare = prepare_record(bundle_yaml(root, "prepare.yaml", where), where)
-    fusion = fusion_record(bundle_yaml(root, "fuse.yaml", where), where)
-    members = read_members(root, data, fusion, where)
     if trust is None:
-        signing.unsigned_note(signature, where)
-    return Bundle(root, data, prepare, fusion, members["detect"], members["classify"])
+        signing.unsigned_note(header.signature, where)
+    return bundle

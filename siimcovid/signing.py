@@ -164,9 +164,10 @@ def signature_of(data, where) -> tuple[str, dict, bytes]:
     return key, signed, signature
 
 
-def check_signature(data, trust: str | os.PathLike, where, digest) -> str:
-    """Verify a bundle's parsed signature.yaml (None: unsigned) against the keys of trust=; then every file against
-    what was signed (`digest(rel)`: the sha256 of the bundle file rel, None when it is absent). Returns the key id."""
+def check_signature(data, trust: str | os.PathLike, where, vouched: dict[str, str]) -> str:
+    """Verify a bundle's parsed signature.yaml (None: unsigned) against the keys of trust=, then what was signed
+    against what the bundle holds now (`vouched`: {path: sha256} by its manifest, the manifest's own included; the
+    files are checked against the manifest when read). Returns the key id; names the first file that changed."""
     keys = trusted_keys(trust)
     if data is None:
         raise SiimError(f"bundle {where} is not signed, and trust={trust} asks for a signature by key {', '.join(keys)}")
@@ -182,11 +183,12 @@ def check_signature(data, trust: str | os.PathLike, where, digest) -> str:
             f"bundle {where}: {SIGNATURE} does not verify with key {key}: the signature or what it signed was changed"
         ) from None
     files = signed["files"]
-    for rel in sorted(files, key=lambda r: (r == "manifest.yaml", r)):  # name the file that changed, not the manifest
-        actual = digest(rel)
-        if actual is None:
+    for rel in sorted(set(files) | set(vouched), key=lambda r: (r == "manifest.yaml", r)):  # a file, not the manifest
+        if rel not in vouched:
             raise SiimError(f"bundle {where}: {rel} is missing (it was signed by key {key})")
-        if actual != files[rel]:
+        if rel not in files:
+            raise SiimError(f"bundle {where}: {rel} was added after the bundle was signed by key {key}")
+        if vouched[rel] != files[rel]:
             raise SiimError(f"bundle {where}: {rel} changed after the bundle was signed by key {key}")
     return key
 

@@ -60,29 +60,83 @@ def save_state(state: dict, path: Path, half: bool = False) -> str:
     return str(floats[0] if floats else torch.float32).replace("torch.", "")
 
 
-def load_state(path: Path, where: str) -> dict:
-    """A safetensors file -> its state dict (on the CPU); anything else is a one-line error naming `where`."""
+def load_state(path: Path, where: str, sha256: str | None = None) -> dict:
+    """A safetensors file -> its state dict (on the CPU); anything else is a one-line error naming `where`.
+
+    sha256: what the file must hash to. The bytes hashed are the bytes deserialized (read once): a file swapped
+    after open_bundle checked it is refused, not loaded."""
+    import hashlib
+
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SiimError(f"{where}: cannot be read ({e.strerror})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SiimError(f"{where} changed after the bundle was checked: its checksum no longer matches the manifest")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
         raise SiimError(f"{where}: not a readable safetensors file ({e})") from None
 
 
-def check_state_file(path: Path, where: str) -> int:
-    """A safetensors file's header read (not its tensors): the number of tensors; anything else is an error."""
+def header_shapes(path: Path, where: str) -> dict[str, tuple]:
+    """{tensor name: shape} from a safetensors file's header (no tensor is read); anything else is an error."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            n = len(list(f.keys()))
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise SiimError(f"{where}: not a readable safetensors file ({e})") from None
-    if not n:
+    if not shapes:
         raise SiimError(f"{where}: a safetensors file with no tensor")
-    return n
+    return shapes
+
+
+def meta_model(desc: dict, kind: str):
+    """The described model with every tensor on the meta device (shapes, no memory): a description that asks for
+    a billion parameters costs nothing here. A detector is its layers only (parse_model, keys under `model.`)."""
+    import torch
+
+    with torch.device("meta"):
+        if kind == "detect":
+            from ultralytics.nn.tasks import parse_model
+
+            arch = copy.deepcopy(desc["yaml"])
+            layers, _ = parse_model(arch, ch=int(arch.get("channels") or 3), verbose=False)
+            return torch.nn.ModuleDict({"model": layers})
+        from siimcovid.classify.model import build_model
+
+        return build_model({k: desc[k] for k in CLASSIFIER_KEYS}, pretrained=False)
+
+
+def check_fits(desc: dict, kind: str, shapes: dict[str, tuple], where: str, imgsz: int | None = None) -> None:
+    """Before any memory is spent: the model the description builds has exactly the tensors of the weights file
+    (names and shapes), and a classifier runs at its image size (a timm model of a fixed input size would not)."""
+    import torch
+
+    try:
+        model = meta_model(desc, kind)
+    except SiimError:
+        raise
+    except Exception as e:  # a description that passed the checks but that the library cannot build
+        raise SiimError(f"{where}: its model does not build ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if own != shapes:
+        differ = sorted(set(own) ^ set(shapes)) or [k for k in own if own[k] != shapes[k]]
+        raise SiimError(
+            f"{where}: the weights do not fit the model its {DESCRIPTION} describes ({len(own)} tensors of the model, "
+            f"{len(shapes)} in the file; e.g. {differ[0]!r})"
+        )
+    if kind == "classify" and imgsz:
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, 1, imgsz, imgsz, device="meta"))
+        except Exception as e:
+            raise SiimError(f"{where}: its model does not run on {imgsz} px images ({str(e).splitlines()[0][:160]})") from None
 
 
 def load_into(model, state: dict, where: str) -> None:
@@ -278,7 +332,7 @@ def classifier_description(model_cfg: dict) -> dict:
 SHELL = Path(__file__).parent / "cfg" / "models" / "shell.yaml"
 
 
-def detector(desc: dict, path: Path, where: str):
+def detector(desc: dict, path: Path, where: str, sha256: str | None = None):
     """An Ultralytics YOLO predicting with the weights at `path`, built from the checked description `desc`.
 
     The model is built as training built it (DetectionModel from the YAML dict, so no file name is guessed at)
@@ -290,7 +344,7 @@ def detector(desc: dict, path: Path, where: str):
 
     arch = copy.deepcopy(desc["yaml"])
     model = DetectionModel(arch, ch=int(arch.get("channels") or 3), nc=arch["nc"], verbose=False)
-    load_into(model, load_state(path, where), where)
+    load_into(model, load_state(path, where, sha256), where)
     model = model.float().eval()
     model.names = dict(enumerate(desc["names"]))
     model.task = "detect"
@@ -303,14 +357,14 @@ def detector(desc: dict, path: Path, where: str):
     return yolo
 
 
-def classifier(desc: dict, path: Path, where: str, device, channels_last: bool = False):
+def classifier(desc: dict, path: Path, where: str, device, channels_last: bool = False, sha256: str | None = None):
     """A siimcovid StudyNet in eval mode on `device`, built from the checked description with the weights at `path`."""
     import torch
 
     from siimcovid.classify.model import build_model
 
     model = build_model({k: desc[k] for k in CLASSIFIER_KEYS}, pretrained=False, channels_last=channels_last)
-    load_into(model, load_state(path, where), where)
+    load_into(model, load_state(path, where, sha256), where)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -214,11 +214,12 @@ def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs
 
 
 def test_an_existing_out_is_refused_unless_overwrite(runs, bundle):
-    before = (bundle / MANIFEST).read_text()
+    before = (bundle / MANIFEST).stat().st_ino
     with pytest.raises(SiimError, match="exists: choose another out= or give overwrite=true"):
         export(runs, run="x", out=str(bundle))
+    assert (bundle / MANIFEST).stat().st_ino == before
     assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle
-    assert (bundle / MANIFEST).read_text() != before and not list(bundle.parent.glob(f".{bundle.name}.*"))
+    assert (bundle / MANIFEST).stat().st_ino != before and not list(bundle.parent.glob(f".{bundle.name}.*"))  # replaced
     open_bundle(bundle)
 
 

@@ -165,7 +165,7 @@ def test_weights_that_do_not_fit_the_description_are_an_error_not_a_guess(bundle
 def test_bundle_yaml_with_aliases_or_unknown_keys_is_refused(bundle):
     (bundle / "fuse.yaml").write_text("a: &a [1, 1, 1]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n")
     relist(bundle, "fuse.yaml")
-    with pytest.raises(SiimError, match=r"fuse.yaml is not valid YAML \(an alias"):
+    with pytest.raises(SiimError, match=r"fuse.yaml is not valid YAML \(an anchor or alias"):
         open_bundle(bundle)
 
 
@@ -206,14 +206,137 @@ def test_a_link_or_a_pipe_in_a_bundle_folder_is_refused_without_reading_it(bundl
 
 
 def test_a_zip_is_checked_entry_by_entry_and_nothing_unlisted_reaches_the_cache(bundle, tmp_path, cache):
-    out = zipped(bundle, tmp_path / "big.zip")
-    before = out.stat().st_size
-    with zipfile.ZipFile(out, "a", zipfile.ZIP_DEFLATED) as zf:  # 64 MB of zeros in a 64 KB entry
-        zf.writestr("detect/x/extra.bin", b"\0" * (64 << 20))
-    assert out.stat().st_size - before < 1 << 20
+    out = zipped(bundle, tmp_path / "extra.zip")
+    with zipfile.ZipFile(out, "a", zipfile.ZIP_STORED) as zf:
+        zf.writestr("detect/x/extra.bin", b"\0" * 1000)
     with pytest.raises(SiimError, match="detect/x/extra.bin is not listed in manifest.yaml: not extracting it"):
         open_bundle(out)
     assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def test_a_zip_bomb_is_refused_unread_even_when_listed_with_its_true_size(bundle, tmp_path, cache):
+    (bundle / "detect/x/fold0.safetensors").write_bytes(b"\0" * (64 << 20))  # 64 MB of zeros, listed as they are
+    relist(bundle, "detect/x/fold0.safetensors")
+    out = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+            zf.write(path, path.relative_to(bundle).as_posix())
+    assert out.stat().st_size < 16 << 20
+    with pytest.raises(SiimError, match="is compressed or encrypted in the zip: a bundle's zip stores its files"):
+        open_bundle(out)
+    assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def test_with_trust_a_zip_signed_by_another_key_is_refused_before_extraction(runs, tmp_path, cache):
+    other = call("keygen", out=str(tmp_path / "other"))
+    mine = call("keygen", out=str(tmp_path / "mine"))
+    out = export(runs, run="x", out=str(tmp_path / "b.zip"), sign=str(other["private"]))
+    with pytest.raises(SiimError, match="which trust=.* does not hold"):
+        open_bundle(out, trust=mine["public"])
+    assert not cache.exists() or not any(cache.rglob("*"))
+    assert open_bundle(out, trust=other["public"]).classifiers and any(cache.iterdir())
+
+
+def test_a_bundle_refused_after_extraction_leaves_nothing_in_the_cache(bundle, tmp_path, cache):
+    edit_yaml(bundle, "fuse.yaml", lambda d: d.update(iou_thr="a lot"))
+    with pytest.raises(SiimError, match="fuse setting iou_thr='a lot'"):
+        open_bundle(zipped(bundle, tmp_path / "b.zip"))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_cache_entry_not_made_from_the_zip_is_refused(runs, bundle, tmp_path, cache):
+    import shutil
+
+    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    entry = cache / hashlib.sha256(out.read_bytes()).hexdigest()
+    other = export(runs, run="x", out=str(tmp_path / "other"), half=True)  # another bundle, same names
+    cache.mkdir()
+    shutil.copytree(other, entry)  # planted where the zip would be extracted
+    with pytest.raises(SiimError, match="holds another manifest than the zip: delete it"):
+        open_bundle(out)
+    shutil.rmtree(entry)
+    entry.write_text("not a folder")
+    with pytest.raises(SiimError, match="is not a folder siimcovid extracted: delete it"):
+        open_bundle(out)
+    entry.unlink()
+    assert open_bundle(out).root == entry
+
+
+def test_weights_changed_after_the_checks_are_refused_when_loaded(runs, keys, tmp_path):
+    import torch
+
+    from siimcovid import weights
+
+    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    member = open_bundle(signed, trust=keys["public"]).classifiers[0]
+    path = member.weights[0]
+    other = export(runs, run="x", out=str(tmp_path / "other"))  # same architecture, fold 1's weights under fold 0's name
+    path.write_bytes((other / "classify/x/fold1.safetensors").read_bytes())
+    with pytest.raises(SiimError, match="fold0.safetensors changed after the bundle was checked"):
+        weights.classifier(member.model, path, str(path), torch.device("cpu"), sha256=member.digests[0])
+
+
+def test_a_description_that_would_allocate_without_bound_is_refused_before_any_memory(bundle):
+    from siimcovid import weights
+
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"]["backbone"][0][3].__setitem__(0, "100000"))  # a string
+    with pytest.raises(SiimError, match="detect/x/fold0.safetensors: the weights do not fit the model its model.yaml"):
+        open_bundle(bundle)
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"]["backbone"][0][3].__setitem__(0, 64))
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"].update(activation="nn.Linear(100000, 100000)"))
+    with pytest.raises(SiimError, match="the weights do not fit the model"):
+        open_bundle(bundle)
+    edit_yaml(bundle, "detect/x/model.yaml", lambda d: d["yaml"].pop("activation"))
+    edit_yaml(bundle, "classify/x/model.yaml", lambda d: d.update(model="vit_7b_patch16_dinov3"))  # 27 GB in fp32
+    with pytest.raises(SiimError, match="classify/x/fold0.safetensors: the weights do not fit"):
+        open_bundle(bundle)
+    assert weights.MAX_ARG  # the literal bounds stay a first line of defence
+
+
+def test_a_classifier_that_cannot_run_at_the_bundles_image_size_is_refused_at_open(bundle):
+    from siimcovid import weights
+    from siimcovid.classify.model import build_model
+
+    desc = {"family": "timm", **yaml.safe_load((bundle / "classify/x/model.yaml").read_text()), "model": "test_vit3"}
+    desc.pop("family")
+    state = build_model(desc).state_dict()  # a fixed 160 px input; the bundle predicts at 64 px
+    for k in (0, 1):
+        weights.save_state(state, bundle / f"classify/x/fold{k}.safetensors")
+    relist(bundle, "classify/x/fold0.safetensors", "classify/x/fold1.safetensors")
+    edit_yaml(bundle, "classify/x/model.yaml", lambda d: d.update(model="test_vit3"))
+    with pytest.raises(SiimError, match="classify/x/fold0.safetensors: its model does not run on 64 px images"):
+        open_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d["files"].update({"detect/x/settings.yaml/x": {"sha256": "0" * 64, "bytes": 1}}), "as a file and as a"),
+        (lambda d: d["files"].update({"/".join(["a" * 190] * 8): {"sha256": "0" * 64, "bytes": 1}}), "not a path inside"),
+        (lambda d: d.update(junk=[0] * 10), r"manifest.yaml: unknown key\(s\) \['junk'\]"),
+    ],
+)
+def test_manifest_tricks_are_one_line_errors(bundle, change, message):
+    edit_yaml(bundle, MANIFEST, change)
+    with pytest.raises(SiimError, match=message):
+        open_bundle(bundle)
+
+
+def test_prepare_sizes_the_members_do_not_read_and_classes_they_do_not_have_are_refused(bundle):
+    edit_yaml(bundle, "prepare.yaml", lambda d: d.update(sizes=list(range(32, 600))))
+    with pytest.raises(SiimError, match=r"prepare.yaml: sizes \[32, 33.*but its members read \[64\]"):
+        open_bundle(bundle)
+    edit_yaml(bundle, "prepare.yaml", lambda d: d.update(sizes=[64]))
+    edit_yaml(bundle, "detect/x/settings.yaml", lambda d: d.update(ultralytics={"classes": [10**30]}))
+    with pytest.raises(SiimError, match=r"ultralytics classes=\[.*expected a list of the model's classes \(0 to 0\)"):
+        open_bundle(bundle)
+
+
+def test_a_yaml_file_past_its_limit_is_refused_unparsed(bundle):
+    (bundle / "fuse.yaml").write_text("junk: [" + "0, " * 600_000 + "0]\n")  # 1.8 MB: a bundle's fuse.yaml is ~1 KB
+    relist(bundle, "fuse.yaml")
+    with pytest.raises(SiimError, match="fuse.yaml is .* bytes \\(a bundle's fuse.yaml is at most 1048576\\)"):
+        open_bundle(bundle)
 
 
 def test_a_zip_entry_of_another_size_than_listed_is_refused_before_extraction(bundle, tmp_path, cache):

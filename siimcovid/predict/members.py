@@ -77,7 +77,8 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.
     if set(weights) - set(imgsz):
         raise SiimError(f"detector {member.name}: settings.yaml gives no imgsz for folds {sorted(set(weights) - set(imgsz))}")
     folder = Path(next(iter(weights.values()))).parent
-    load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}")  # noqa: E731
+    sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
+    load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
     return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
 
@@ -93,6 +94,7 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str) -> pd
     loader["persistent_workers"] = hw.loader_workers > 0
     channels_last = cuda  # as `classify predict` does by default
     where = f"{member.kind}/{member.name}"
-    load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl)  # noqa: E731
+    sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
+    load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl, sha[path])  # noqa: E731
     how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader, load)
     return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)
