@@ -54,7 +54,9 @@ def check_place(out, sources: Iterable = (), what: str = "out") -> Path:
         raise SiimError(f"{what}={out} is your home folder: choose a new folder inside it for siimcovid's outputs")
     for source in sources:
         if source and Path(source).resolve().is_relative_to(here):
-            raise SiimError(f"{what}={out} holds the input {source}: outputs could overwrite it; choose another {what}= outside it")
+            raise SiimError(
+                f"{what}={out} holds the input {source}: outputs could overwrite it; choose another {what}= outside it"
+            )
     if out.exists() and not out.is_dir():
         raise SiimError(f"{what}={out} is a file, not a folder")
     return out

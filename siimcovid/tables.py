@@ -288,7 +288,8 @@ class Table:
         if repeated:  # the readers refuse such a file: a bug upstream, not the user's
             raise SiimError(
                 f"{path}: not written: its rows {repeated[0] + 1} and {repeated[1] + 1} share {self._key_text(out, repeated[1])} "
-                f"(a {self.name} table has one row per {', '.join(self.key_in(out.columns))}); a bug of siimcovid: please report it"
+                f"(a {self.name} table has one row per {', '.join(self.key_in(out.columns))}); "
+                "a bug of siimcovid: please report it"
             )
         dump = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
         columns = self.with_extra(out.columns)

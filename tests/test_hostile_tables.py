@@ -73,7 +73,8 @@ def test_conflicting_classifier_rows_are_an_error_naming_both_lines(prepared, tm
         fuse(prepared, tmp_path, f"cls={tmp_path / 'dup.csv'}", "split=oof")
     assert not (tmp_path / "runs" / "f" / "pred_oof.csv").exists()
     # one image from two models (or two folds) is what fusion averages: not a duplicate
-    two_models = pd.concat([cls.assign(model="a"), cls.assign(model="b", negative=0.7, typical=0.1, atypical=0.1, indeterminate=0.1)])
+    other = cls.assign(model="b", negative=0.7, typical=0.1, atypical=0.1, indeterminate=0.1)
+    two_models = pd.concat([cls.assign(model="a"), other])
     two_models.to_csv(tmp_path / "two.csv", index=False)
     fuse(prepared, tmp_path, f"cls={tmp_path / 'two.csv'}", "split=oof")
     fused = pd.read_csv(tmp_path / "runs" / "f" / "studies_oof.csv")
@@ -263,7 +264,8 @@ def test_a_read_only_out_is_one_line(synth_root, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("siimcovid.cli.main", lambda: os.mkdir(tmp_path / "ro" / "fuse"))
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint()
-    assert exited.value.code == 2 and f"siimcovid: error: cannot write {tmp_path / 'ro' / 'fuse'}: read-only file system" in caplog.text
+    assert exited.value.code == 2
+    assert f"siimcovid: error: cannot write {tmp_path / 'ro' / 'fuse'}: read-only file system" in caplog.text
     # any other OSError is a bug of ours: it keeps its traceback
     monkeypatch.setattr("siimcovid.cli.main", lambda: os.rmdir(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError):

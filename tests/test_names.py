@@ -244,5 +244,6 @@ def test_a_link_loop_or_a_device_as_project_is_one_line(tmp_path):
         load_config("fuse", {"project": str(loop)})
     with pytest.raises(ConfigError, match=rf"this one lies under '{loop}', which is not a folder\)$"):
         load_config("fuse", {"project": str(loop / "x")})
-    with pytest.raises(ConfigError, match=r"^predict setting out='/dev/null': expected folder\? \(.* exists and is not a folder\)$"):
+    message = r"^predict setting out='/dev/null': expected folder\? \(.* exists and is not a folder\)$"
+    with pytest.raises(ConfigError, match=message):
         load_config("predict", {"out": "/dev/null"})

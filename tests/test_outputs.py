@@ -205,7 +205,8 @@ def test_predict_into_a_folder_of_the_users_files_is_one_line_and_touches_nothin
     (out / "pictures" / "holiday.jpg").write_bytes(b"a user's photo")
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.dcm").write_bytes(b"whatever: refused before it is read")
-    line = one_line_error(siimcovid_cli("predict", f"bundle={tmp_path / 'no-bundle'}", f"source={tmp_path / 'src'}", f"out={out}"))
+    args = (f"bundle={tmp_path / 'no-bundle'}", f"source={tmp_path / 'src'}", f"out={out}")
+    line = one_line_error(siimcovid_cli("predict", *args))
     assert "holds files siimcovid did not write (e.g. pictures/)" in line and "overwrite=true" in line
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["pictures", "pictures/holiday.jpg"]
 
@@ -252,7 +253,8 @@ def test_predict_with_overwrite_writes_beside_the_users_files_and_removes_only_i
     predict(rebuilt(bundle, tmp_path / "other"), source, out)  # another bundle: the first one's tables go, not the user's
     assert (out / "detect" / "mine.txt").read_text() == "a user's file beside the tables"
     assert all((out / rel).read_bytes() == data for rel, data in user.items())
-    assert sorted(p.name for p in (out / "pictures").iterdir()) == sorted(["holiday.jpg", "new.jpg", *(Path(p).name for p in drawn)])
+    expected = sorted(["holiday.jpg", "new.jpg", *(Path(p).name for p in drawn)])
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == expected
 
 
 def test_predict_never_overwrites_a_users_file_named_like_its_output(bundle, synth_root, tmp_path):

@@ -32,7 +32,6 @@ from siimcovid.submission import pred_to_submission, write_submission
 from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
 from siimcovid.utils import LOGGER, atomic_write_text
 
-
 RECORD = "fuse_files.yaml"
 
 
