@@ -49,7 +49,6 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
 import yaml
 from tqdm import tqdm
 
@@ -57,13 +56,14 @@ from siimcovid import __version__, outputs, signing, stages, weights
 from siimcovid.config import Config, load_config, read_yaml, schema
 from siimcovid.rundir import saved_predict_settings
 from siimcovid.signing import SIGNATURE
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, name_problem, temp_dir_beside
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, name_problem, read_input, temp_dir_beside
 
 FORMAT = 2  # the bundle format this siimcovid writes and reads (1: pickled checkpoints, no longer read)
 MANIFEST = "manifest.yaml"
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest of 1,000 folds is ~200 KB
 MAX_YAML_BYTES = 1 << 20  # every other YAML file of a bundle is a few KB
 MAX_PATH = 1024  # bytes of a path a bundle lists (its longest real one: ~60)
+MAX_DEPTH = 32  # nesting of a bundle's YAML (its deepest real one, a model YAML's layer arguments: 6)
 MANIFEST_KEYS = ("format", "siimcovid", "created", "sources", "versions", "half", "dtypes", "files")
 ULTRALYTICS_PREDICT = {"agnostic_nms": bool, "classes": list}  # Ultralytics predict arguments a bundle may carry
 PACKAGES = ("torch", "torchvision", "ultralytics", "timm", "ensemble_boxes", "pydicom", "numpy", "pandas")
@@ -71,6 +71,7 @@ MAJOR_CHECKED = ("torch", "ultralytics", "timm")  # another major version may no
 CONVERSION_KEYS = ("ext", "png_level")  # prepare's settings that change the pixels a model sees (besides the size)
 CACHE_ENV = "SIIMCOVID_CACHE"
 KINDS = {"detect": "det", "classify": "cls"}  # member kind -> its list in fuse.yaml
+TOP_FILES = ("prepare.yaml", "fuse.yaml")  # besides the manifest and the signature; each member: member_files
 
 
 @dataclass
@@ -142,8 +143,13 @@ def parse_yaml(data: bytes, rel: str, where, limit: int = MAX_YAML_BYTES) -> dic
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         text = data.decode("utf-8")
-        if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in yaml.parse(text, Loader=loader)):
-            raise SiimError(f"bundle {where}: {rel} is not valid YAML (an anchor or alias: a bundle's YAML has none)")
+        depth = 0
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise SiimError(f"bundle {where}: {rel} is not valid YAML (an anchor or alias: a bundle's YAML has none)")
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_DEPTH:
+                raise SiimError(f"bundle {where}: {rel} nests deeper than {MAX_DEPTH} levels (a bundle's YAML is flat)")
         out = yaml.load(text, Loader=loader)
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise SiimError(f"bundle {where}: {rel} is not valid YAML ({str(e).splitlines()[0][:200]})") from None
@@ -255,10 +261,12 @@ def check_names(members: list[Member]) -> None:
 def file_models(text: str, anchors: list[Path]) -> list[str]:
     """The `model` names of one prediction file fusion read, in order of appearance; when the file is gone, the name
     its writer gives it (detect and classify predict write <run dir>/pred_*.csv with model = the run's name)."""
+    from siimcovid.tables import read_csv
+
     path = locate(text, anchors)
     if path is None or not path.is_file():
         return [Path(text).parent.name]
-    return list(dict.fromkeys(pd.read_csv(path, usecols=["model"], dtype=str)["model"]))
+    return list(dict.fromkeys(read_csv(path, ["model"], text=["model"])["model"]))  # one line if the file is bad
 
 
 def member_order(files: list[str], members: list[Member], anchors: list[Path], key: str, fuse: Path) -> list[list[str]]:
@@ -448,15 +456,19 @@ def move_into_place(tmp: Path, out: Path) -> None:
 
 
 def is_bundle(path: Path) -> bool:
-    """Whether an existing path is a bundle siimcovid wrote (a folder or a zip holding manifest.yaml): the only thing
-    export replaces."""
-    if path.is_dir():
-        return (path / MANIFEST).is_file()
+    """Whether an existing path is a bundle as export leaves one (a folder holding nothing but a manifest's files,
+    all whole; or a zip whose entries its manifest lists): the only thing export replaces. A folder that merely
+    holds a file named manifest.yaml, or a bundle a user added notes to, is not."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            return zip_root(zf.namelist()) is not None
-    except (zipfile.BadZipFile, OSError):
+        if path.is_dir():
+            header = read_header(path, path)
+            check_files(path, header.manifest, path)
+        else:
+            with zipfile.ZipFile(path) as zf:
+                zip_entries(zf, path)
+    except (SiimError, zipfile.BadZipFile, OSError):
         return False
+    return True
 
 
 def check_out(out: Path, overwrite: bool, sources: list) -> None:
@@ -602,16 +614,12 @@ def check_versions(data: dict, where: Path) -> None:
 
 
 def read_limited(path: Path, limit: int, rel: str, where) -> bytes:
-    """A regular file's bytes, refused past `limit` (a FIFO or a device is never read: it could block or never end)."""
-    if not os.path.lexists(path):
-        raise SiimError(f"bundle {where}: {rel} is missing")
-    info = os.lstat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise SiimError(f"bundle {where}: {rel} is not a regular file (a link, a device or a pipe)")
-    if info.st_size > limit:
-        raise SiimError(f"bundle {where}: {rel} is {info.st_size} bytes (a bundle's {rel} is at most {limit})")
-    with open(path, "rb") as f:
-        return f.read(limit + 1)[:limit]
+    """A regular file's bytes (not a link, a FIFO or a device: each could point anywhere, block or never end), refused
+    past `limit`."""
+    try:
+        return read_input(path, limit, rel, links=False)
+    except SiimError as e:
+        raise SiimError(f"bundle {where}: {rel}: {getattr(e, 'reason', e)}") from None
 
 
 @dataclass
@@ -631,6 +639,8 @@ class Header:
 def header_of(manifest: bytes, signature: bytes | None, where) -> Header:
     data = check_manifest(parse_yaml(manifest, MANIFEST, where, MAX_MANIFEST_BYTES), where)
     parsed = parse_yaml(signature, SIGNATURE, where) if signature is not None else None
+    if parsed is not None:
+        signing.signature_of(parsed, where)  # a malformed signature stops here, before a zip is extracted
     return Header(data, hashlib.sha256(manifest).hexdigest(), parsed)
 
 
@@ -935,21 +945,26 @@ def read_member(root: Path, kind: str, name: str, header: Header, where) -> Memb
     return Member(kind, name, dict(sorted(found.items())), settings, model, digests)
 
 
+def member_files(member: Member, root: Path) -> set[str]:
+    """The files of one member (relative paths), as export writes them."""
+    folder = f"{member.kind}/{member.name}"
+    weights_files = {p.relative_to(root).as_posix() for p in member.weights.values()}
+    return {f"{folder}/{weights.DESCRIPTION}", f"{folder}/settings.yaml", *weights_files}
+
+
 def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, list[Member]]:
-    """{kind: members in fuse.yaml's order}; a member folder fuse.yaml does not name is an error."""
-    files, out = header.manifest["files"], {}
-    for kind, key in KINDS.items():
-        names = fusion[key]
-        out[kind] = [read_member(root, kind, n, header, where) for n in names]
-        folders = {rel.split("/")[1] for rel in files if rel.startswith(f"{kind}/") and rel.count("/") >= 2}
-        stray = sorted(folders - set(names))
-        if stray:
-            raise SiimError(f"bundle {where}: {kind}/{stray[0]}/ is not a member of fuse.yaml's {key}: {names}")
-    tops = {rel.split("/")[0] for rel in files if "/" in rel} - set(KINDS)
-    if tops:
-        raise SiimError(f"bundle {where}: {sorted(tops)[0]}/ is not a folder of a bundle (only {sorted(KINDS)})")
+    """{kind: members in fuse.yaml's order}; a file that is none of the bundle's files (TOP_FILES and those of the
+    members fuse.yaml names) is an error: a bundle holds nothing else, so nothing else can be slipped in."""
+    out = {kind: [read_member(root, kind, n, header, where) for n in fusion[key]] for kind, key in KINDS.items()}
     if not out["detect"] and not out["classify"]:
         raise SiimError(f"bundle {where}: fuse.yaml names no member (det: [], cls: [])")
+    known = set(TOP_FILES).union(*(member_files(m, root) for members in out.values() for m in members))
+    unknown = sorted(set(header.manifest["files"]) - known)
+    if unknown:
+        first = unknown[0].split("/")
+        member = first[0] in KINDS and len(first) > 2 and first[1] not in fusion[KINDS[first[0]]]
+        why = f"{first[0]}/{first[1]}/ is not a member of fuse.yaml's {KINDS[first[0]]}" if member else "not a file of a bundle"
+        raise SiimError(f"bundle {where}: {unknown[0]}: {why} ({len(unknown)} such file(s)): not as exported")
     return out
 
 

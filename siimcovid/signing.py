@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, name_problem, read_input
 
 SIGNATURE = "signature.yaml"
 STATEMENT_FORMAT = 1
@@ -36,11 +36,10 @@ MAX_KEY_BYTES = 64 << 10  # a key file is a few hundred bytes: anything far larg
 
 # ----------------------------------------------------------------------------- keys
 def read_key_file(path: Path, what: str) -> bytes:
-    if not path.is_file():
-        raise SiimError(f"{what}={path}: no such key file")
-    if path.stat().st_size > MAX_KEY_BYTES:
-        raise SiimError(f"{what}={path}: {path.stat().st_size} bytes, not a key file")
-    return path.read_bytes()
+    try:
+        return read_input(path, MAX_KEY_BYTES, "key file")
+    except SiimError as e:
+        raise SiimError(f"{what}={path}: {getattr(e, 'reason', e)}") from None
 
 
 def private_key(path: str | os.PathLike):
@@ -109,6 +108,8 @@ def keygen(cfg) -> dict[str, Path]:
     if not cfg.out:
         raise SiimError("keygen needs out=<path>: writes <path>.key (private) and <path>.pub")
     base = Path(cfg.out)
+    if name_problem(base.name):
+        raise SiimError(f"keygen: out={cfg.out} names no file: give a path ending in a name, e.g. out=keys/team")
     private, public = base.with_name(base.name + ".key"), base.with_name(base.name + ".pub")
     for p in (private, public):
         if p.exists() or p.is_symlink():
@@ -153,15 +154,19 @@ def sign_bundle(root: Path, files: dict[str, str], key_path: str | os.PathLike) 
 
 def signature_of(data, where) -> tuple[str, dict, bytes]:
     """(key id, signed statement, signature bytes) of a parsed signature.yaml; a malformed one is an error."""
+    bad = SiimError(f"bundle {where}: {SIGNATURE} is not a siimcovid signature (ed25519: key, signed, signature)")
+    if not isinstance(data, dict) or data.get("algorithm") != "ed25519" or not isinstance(data.get("key"), str):
+        raise bad
+    signed = data.get("signed")
+    if not isinstance(signed, dict) or signed.get("format") != STATEMENT_FORMAT or not isinstance(signed.get("files"), dict):
+        raise bad
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in signed["files"].items()):
+        raise bad
     try:
-        assert isinstance(data, dict) and data.get("algorithm") == "ed25519"
-        key, signed = str(data["key"]), data["signed"]
-        assert isinstance(signed, dict) and signed.get("format") == STATEMENT_FORMAT and isinstance(signed.get("files"), dict)
-        assert all(isinstance(k, str) and isinstance(v, str) for k, v in signed["files"].items())
-        signature = base64.b64decode(str(data["signature"]), validate=True)
-    except (AssertionError, KeyError, ValueError, TypeError):
-        raise SiimError(f"bundle {where}: {SIGNATURE} is not a siimcovid signature (ed25519: key, signed, signature)") from None
-    return key, signed, signature
+        signature = base64.b64decode(str(data.get("signature")), validate=True)
+    except ValueError:
+        raise bad from None
+    return data["key"], signed, signature
 
 
 def check_signature(data, trust: str | os.PathLike, where, vouched: dict[str, str]) -> str:

@@ -87,15 +87,19 @@ _NOT_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character de
               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
-def read_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> bytes:
+def read_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file", links: bool = True) -> bytes:
     """The bytes of an input file, which must be a regular file (a FIFO blocks forever, /dev/zero never ends) of at
-    most `max_bytes` (a format with a natural size, e.g. a submission: a wrong file is refused before it is read)."""
+    most `max_bytes` (a format with a natural size, e.g. a submission: a wrong file is refused before it is read);
+    links=False: a symbolic link is refused too (inside a bundle, a link could point anywhere)."""
     path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if links else getattr(os, "O_NOFOLLOW", 0))
     try:  # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise DataError("file not found", path) from None
     except OSError as e:
+        if e.errno == errno.ELOOP and not links:
+            raise DataError(f"a symbolic link, not a {what}", path) from None
         raise DataError(f"cannot read it: {_reason(e)}", path) from None
     too_big = f"larger than {(max_bytes or 0) / 2**20:g} MiB, the most a {what} can be: is it the right file?"
     try:
@@ -128,6 +132,12 @@ def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
 def read_text_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> str:
     """An input text file (a YAML, a CSV): read_input, then decode_utf8."""
     return decode_utf8(read_input(path, max_bytes, what), path)
+
+
+def printable(path: str | os.PathLike) -> str:
+    """A path as text that can be written anywhere: the bytes of a name that is not UTF-8 (which Python holds as
+    surrogate escapes, and a UTF-8 CSV or YAML cannot encode) become \\xNN."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 # ----------------------------------------------------------------------------- writing outputs

@@ -36,6 +36,14 @@ ULTRALYTICS_KEYS = {  # the keys of an Ultralytics model YAML that a detection m
     "width_multiple", "end2end", "reg_max", "inplace",
 }  # fmt: skip
 NOT_LAYERS = {"TorchVision"}  # Ultralytics layers that load weights of their own (torchvision's, from the network)
+# torch.nn layers a model YAML may name: those YOLO architectures use (a layer without weights could otherwise grow
+# the images a forward pass holds, e.g. Upsample(scale_factor=1000), past any memory: no weights file would tell)
+TORCH_LAYERS = {"Upsample", "Identity", "BatchNorm2d", "ConvTranspose2d", "MaxPool2d", "Dropout"}
+# the layers that enlarge their input, and the positions of their YAML arguments that say by how much
+UPSAMPLING = {"nn.Upsample": (1,), "nn.ConvTranspose2d": (1, 2), "ConvTranspose": (1, 2), "DWConvTranspose2d": (1, 2)}
+MAX_UPSAMPLING = 8  # YOLO upsamples by 2 at a time
+ACTIVATIONS = {"SiLU", "ReLU", "ReLU6", "LeakyReLU", "Hardswish", "Hardsigmoid", "GELU", "Mish", "Sigmoid", "Tanh",
+               "Identity", "ELU", "SELU"}  # element-wise: an activation of another kind changes every Conv's output  # fmt: skip
 # Bounds far above any real YOLO (a yolov5x has 25 layers of at most 1,280 channels; scales multiply by at most
 # 1.33 and cap channels at 1,024 or 2,048): a description past them would only allocate memory until killed.
 MAX_LAYERS, MAX_REPEATS, MAX_ARG, MAX_MULTIPLE = 1000, 100, 100_000, 16
@@ -186,7 +194,7 @@ def ultralytics_layer(name: str):
     import ultralytics.nn.tasks as tasks
 
     if name.startswith("nn."):
-        return torch_module(name[3:])
+        return torch_module(name[3:]) if name[3:] in TORCH_LAYERS else None
     if name in NOT_LAYERS or name not in getattr(modules, "__all__", ()):
         return None
     cls = getattr(modules, name, None)
@@ -206,12 +214,12 @@ def check_activation(text, where: str) -> None:
         parts.append(func.id)
         dotted = ".".join(reversed(parts))
         args = [*call.args, *(k.value for k in call.keywords)]
-        ok = dotted.rsplit(".", 1)[0] in ("nn", "torch.nn") and torch_module(parts[0]) is not None
+        ok = dotted.rsplit(".", 1)[0] in ("nn", "torch.nn") and parts[0] in ACTIVATIONS and torch_module(parts[0]) is not None
         ok = ok and all(isinstance(a, ast.Constant) for a in args) and all(k.arg for k in call.keywords)
     except (SyntaxError, AttributeError, ValueError):
         ok = False
     if not ok:
-        raise SiimError(f"{where}: activation {text!r} is not of the form nn.<Module>(literal arguments)")
+        raise SiimError(f"{where}: activation {text!r} is not of the form nn.<Activation>(literal arguments), e.g. nn.SiLU()")
 
 
 def check_ultralytics_yaml(arch, where: str) -> dict:
@@ -242,8 +250,15 @@ def check_ultralytics_yaml(arch, where: str) -> dict:
             raise SiimError(f"{where}: layer {i}: `number` {number!r} is not a count of 1 to {MAX_REPEATS}")
         if ultralytics_layer(module) is None:
             raise SiimError(f"{where}: layer {i} names {module!r}, not a model layer of torch.nn or Ultralytics")
-        if any(abs(v) > MAX_ARG for v in numbers(args)):
+        values = [literal_number(a) for a in args]  # Ultralytics reads a string argument as the literal it spells
+        if any(abs(v) > MAX_ARG for v in numbers(values)):
             raise SiimError(f"{where}: layer {i}: an argument above {MAX_ARG} (channels, kernel sizes): not a real model")
+        for at in UPSAMPLING.get(module, ()):
+            factor = values[at] if at < len(values) else None
+            if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= MAX_UPSAMPLING:
+                raise SiimError(f"{where}: layer {i}: {module} enlarges by {factor!r}: at most {MAX_UPSAMPLING}, a number")
+        if module == "nn.Upsample" and values and values[0] is not None:
+            raise SiimError(f"{where}: layer {i}: nn.Upsample to a fixed size {values[0]!r}: give a scale factor only")
     if not (arch.get("channels") is None or (is_int(arch["channels"]) and 1 <= arch["channels"] <= 4)):
         raise SiimError(f"{where}: yaml.channels={arch['channels']!r} (image channels: 1 to 4)")
     scales = arch.get("scales") or {}
@@ -257,6 +272,16 @@ def check_ultralytics_yaml(arch, where: str) -> dict:
         if not (0 < m[0] <= MAX_MULTIPLE and 0 < m[1] <= MAX_MULTIPLE and 1 <= m[2] <= MAX_ARG):
             raise SiimError(f"{where}: a scale {m} out of range (depth and width multiples up to {MAX_MULTIPLE})")
     return arch
+
+
+def literal_number(value):
+    """A YAML layer argument as Ultralytics will read it: a string that spells a Python literal becomes it."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return value
+    return value
 
 
 def is_int(value) -> bool:

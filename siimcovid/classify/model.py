@@ -17,6 +17,7 @@ Its target is the box mask from prepare, area-downsampled to the head's resoluti
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -168,9 +169,9 @@ def init_weights(path) -> tuple[dict, dict]:
     import pickle
 
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from siimcovid.weights import load_state
 
-        return load_file(str(path), device="cpu"), {}
+        return load_state(Path(path), f"init={path}"), {}
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -178,6 +179,8 @@ def init_weights(path) -> tuple[dict, dict]:
             f"init={path}: holds Python objects besides weights, and loading those could run code: give a classify run "
             "(its best.pt holds weights only), or weights as .safetensors"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SiimError(f"init={path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise SiimError(f"init={path}: not a siimcovid classify checkpoint (no 'model' weights)")
     state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]

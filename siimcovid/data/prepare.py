@@ -38,10 +38,10 @@ from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
 from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.data.prepared import RECORD, SKIPPED_CSV, folds_fingerprint
-from siimcovid.data.siim import IMAGE_CSV, Problems, printable
+from siimcovid.data.siim import IMAGE_CSV, Problems
 from siimcovid.outputs import Written, check_out, check_place
 from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, printable
 
 
 def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):

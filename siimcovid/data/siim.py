@@ -32,15 +32,9 @@ from siimcovid.tables import (
     STUDY_SUFFIX,
     file_line,
 )
-from siimcovid.utils import LOGGER, DataError, SiimError
+from siimcovid.utils import LOGGER, DataError, SiimError, printable
 
 BOX_TOL = 0.01  # pixels: boxes column and label string must agree this closely
-
-
-def printable(path: str | os.PathLike) -> str:
-    """A path as text that can be written anywhere: the bytes of a name that is not UTF-8 (which Python holds as
-    surrogate escapes, and a UTF-8 CSV or YAML cannot encode) become \\xNN."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 @dataclass

@@ -92,8 +92,9 @@ def device_arg(device: Any) -> Any:
     return device
 
 
-def check_model(model: Any) -> str:
-    """A clear error for weights or model YAMLs that do not exist (before Ultralytics tries to download them)."""
+def check_model(model: Any, key: str = "model") -> str:
+    """A clear error for weights or model YAMLs that do not exist (before Ultralytics tries to download them);
+    `key`: the setting that names it (model, pretrained), for the messages."""
     from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 
     text = str(model or "")
@@ -101,7 +102,7 @@ def check_model(model: Any) -> str:
     if path.suffix == ".pt":
         if path.is_file() or (path.name == text and text in GITHUB_ASSETS_NAMES):
             if path.is_file():
-                warn_if_foreign(path, "model")
+                warn_if_foreign(path, key)
             return text  # a file, or an Ultralytics release name that it downloads (yolov5mu.pt, yolov5xu.pt, ...)
         raise SiimError(
             f"weights not found: {text}. Give a .pt file, or an Ultralytics name such as yolov5mu.pt or yolov5xu.pt "
@@ -265,8 +266,9 @@ def check_ultralytics_settings(extra: dict) -> dict:
 
 
 def warn_if_foreign(path: Path, key: str) -> None:
-    """One warning for a .pt that no siimcovid detect run wrote: Ultralytics checkpoints are pickles, and loading one
-    runs whatever code it names (a bundle carries safetensors instead: siimcovid.weights)."""
+    """One warning for a .pt that no siimcovid detect run wrote (as far as a detect.yaml three folders up tells: a
+    hint, not a proof): Ultralytics checkpoints are pickles, and loading one runs whatever code it names (a bundle
+    carries safetensors instead: siimcovid.weights)."""
     run = Path(path).resolve().parent.parent.parent  # <run>/fold<k>/weights/<name>.pt
     if not (run / RUN_CONFIG).is_file():
         LOGGER.warning(

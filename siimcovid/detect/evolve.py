@@ -116,7 +116,7 @@ def evolve(cfg: Config) -> Path:
     data_yaml = source.yaml(fold)
     model = check_model(cfg.model)
     if isinstance(cfg.pretrained, str):
-        check_model(cfg.pretrained)
+        check_model(cfg.pretrained, "pretrained")
     hyp = load_hyp(cfg.hyp)
     space = load_space(cfg.space)
     args = train_args(cfg, hyp)

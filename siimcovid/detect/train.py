@@ -350,7 +350,7 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         source.yaml(k)  # every YAML must exist before the first fold starts
     model = check_model(cfg.model)
     if isinstance(cfg.pretrained, str):
-        check_model(cfg.pretrained)
+        check_model(cfg.pretrained, "pretrained")
     cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
     if cfg.init:
         cfg.init = str(resolve_init(cfg.init, cfg.init_fold))
