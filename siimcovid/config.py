@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from siimcovid import registry
-from siimcovid.utils import SiimError, atomic_write_text, check_name, name_problem
+from siimcovid.utils import SiimError, atomic_write_text, check_name, decode_utf8, name_problem
 
 CFG_DIR = Path(__file__).parent / "cfg"
 
@@ -108,7 +108,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(decode_utf8(path.read_bytes(), path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -28,6 +28,8 @@ from siimcovid.tables import SCORES, Table
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list, read_text_input
 
 COLUMNS = ["stage", "name", "model", "imgsz", "folds", "settings", "cv", "cv_value", "date"]
+# what a damaged or hand-edited run folder raises in a describe function: unreadable files, values of the wrong type
+DAMAGE = (SiimError, OSError, yaml.YAMLError, UnicodeError, ValueError, TypeError, KeyError, pd.errors.ParserError)
 ROW_FIELDS = ["model", "imgsz", "folds", "settings", "cv", "cv_value"]  # what a stage's describe may fill
 
 
@@ -121,7 +123,7 @@ def describe(stage: str, run: Path) -> dict | None:
     A folder whose files cannot be read is a row that says why (one bad folder must not hide the others)."""
     try:
         found = registry.load(registry.stage(stage).describe)(run)
-    except Exception as e:  # noqa: BLE001 - whatever damage one folder holds, the other rows are shown
+    except DAMAGE as e:  # whatever damage one folder holds, the other rows are shown (a bug of ours still raises)
         reason = str(e) if isinstance(e, SiimError) else f"{run}: {type(e).__name__}: {e}"
         LOGGER.warning(f"siimcovid runs: unreadable run: {reason}")
         found = {"cv": "unreadable: " + reason.replace(f"{run}{os.sep}", "").replace(f"{run}: ", "")}

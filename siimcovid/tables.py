@@ -498,6 +498,7 @@ SAMPLE = Table(
     SUBMISSION.columns,
     "The competition's list of test ids (<study>_study, <image>_image), in the submission's format.",
     max_bytes=COMPETITION_CSV_MAX_BYTES,
+    key=("id",),  # one row per id: a sample listing one twice would make a submission with it twice
 )
 
 IMAGE_LEVEL = Table(

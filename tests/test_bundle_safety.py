@@ -459,6 +459,14 @@ def test_export_overwrite_replaces_only_a_bundle_and_never_a_folder_holding_the_
     with pytest.raises(SiimError, match="holds the input"):  # replacing runs/ (or a folder above it) would delete them
         export(runs, run="x", out=str(runs), overwrite=True)
     assert (runs / "run/x/run.yaml").is_file()
+    (mine / MANIFEST).write_text("apiVersion: v1\n")  # a folder that merely holds a file of that name
+    with pytest.raises(SiimError, match="documents exists and is not a bundle"):
+        export(runs, run="x", out=str(mine), overwrite=True)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    (bundle / "notes.txt").write_text("mine")  # a bundle with a user's notes added: not replaced either
+    with pytest.raises(SiimError, match="exists and is not a bundle"):
+        export(runs, run="x", out=str(bundle), overwrite=True)
+    (bundle / "notes.txt").unlink()
     assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle  # a bundle: replaced
 
 

@@ -98,6 +98,7 @@ def test_which_contracts_have_a_key():
         "FUSED_IMAGES": ("image_id",),
         "FUSED_STUDIES": ("study_id",),
         "SUBMISSION": ("id",),
+        "SAMPLE": ("id",),
         "EXTERNAL_LABELS": ("image_id",),
         "SCORES": ("fold", "model"),
         "CLASSIFIER_FOLDS": ("image_id", "fold", "model"),

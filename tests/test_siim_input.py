@@ -231,7 +231,7 @@ def test_cli_prints_one_clear_line_and_exits_2(tiny_root, tmp_path):
 def test_duplicate_id_in_sample_submission(tmp_path):
     path = tmp_path / "sample_submission.csv"
     path.write_text("id,PredictionString\na_study,negative 1 0 0 1 1\nb_image,none 1 0 0 1 1\na_study,negative 1 0 0 1 1\n")
-    with pytest.raises(DataError, match=r"sample_submission.csv, line 4: id 'a_study' appears twice \(also line 2\)"):
+    with pytest.raises(DataError, match=r"sample_submission.csv, line 4: duplicate id 'a_study' \(first on line 2\)"):
         read_sample_submission(path)
 
 

@@ -415,11 +415,12 @@ def write_outputs(
 
 
 class NothingReadable(SiimError):
-    """Every input of a prepare was skipped (`skipped`: the skipped.csv that says why, `count`, `first` problem)."""
+    """Every input of a prepare was skipped: the message names skipped.csv; `root` and `count` let predict, which
+    removes the folder that holds it, say it its own way."""
 
     def __init__(self, root, skipped: Path, count: int, first: str):
         super().__init__(f"no readable image in {root}: all {count} files skipped, see {skipped} (first: {first})")
-        self.root, self.skipped, self.count, self.first = root, skipped, count, first
+        self.root, self.count = root, count
 
 
 def nothing_readable(target: Target, problems: Problems) -> NothingReadable:

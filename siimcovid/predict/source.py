@@ -21,8 +21,9 @@ INPUT_CHECKS = ("max_pixels", "modality_check")  # predict's own settings that p
 
 
 def input_checks(cfg) -> dict:
-    """predict's settings of the input checks (INPUT_CHECKS), for prepare_settings(..., **input_checks(cfg))."""
-    return {k: cfg[k] for k in INPUT_CHECKS}
+    """predict's settings of the input checks (INPUT_CHECKS), for prepare_settings(..., **input_checks(cfg)); one left
+    null is prepare's default (cfg/prepare.yaml: the one place of those defaults)."""
+    return {k: cfg[k] for k in INPUT_CHECKS if cfg[k] is not None}
 
 
 def source_layout(source: str | os.PathLike) -> str:
