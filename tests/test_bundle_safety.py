@@ -489,3 +489,16 @@ def test_keygen_needs_a_file_name(out, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SiimError, match="names no file: give a path ending in a name"):
         call("keygen", out=out)
+
+
+def test_a_pretrained_file_that_names_code_is_refused_before_timm_loads_it(tmp_path):
+    import torch
+
+    from siimcovid.classify.model import build_model
+
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": {}, "x": Payload(marker)}, tmp_path / "weights.pth")
+    cfg = {"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0, "mask_stride": 16}
+    with pytest.raises(SiimError, match="pretrained_file=.*weights.pth: holds Python objects besides weights"):
+        build_model({**cfg, "none_head": True}, pretrained_file=str(tmp_path / "weights.pth"))
+    assert not marker.exists()

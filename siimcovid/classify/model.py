@@ -51,6 +51,7 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     check_model_name(name)
     extra = {}
     if pretrained_file:
+        check_weights_only(pretrained_file)
         pretrained, extra["pretrained_cfg_overlay"] = True, {"file": str(pretrained_file)}
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **extra, **kwargs)
@@ -66,6 +67,21 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     if not hasattr(model, "forward_intermediates"):
         raise SiimError(f"timm model '{name}' has no forward_intermediates(): the mask head cannot read its features")
     return model
+
+
+def check_weights_only(path) -> None:
+    """pretrained_file= may come from anywhere: a .pth / .pt must load with weights_only=True (tensors and plain
+    containers: nothing it names can run), whichever torch.load default the installed timm passes on."""
+    import pickle
+
+    if str(path).endswith(".safetensors"):
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SiimError(f"pretrained_file={path}: holds Python objects besides weights (loading them could run code)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SiimError(f"pretrained_file={path}: not a weights file ({str(e).splitlines()[0][:160]})") from None
 
 
 class StudyNet(nn.Module):
