@@ -53,6 +53,7 @@ import functools
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -103,7 +104,12 @@ def default_config_path(stage: str) -> Path:
     return CFG_DIR / f"{stage}.yaml"
 
 
+MAX_NODES = 1_000_000  # values a settings file may hold once its aliases are expanded (a real one: a few hundred)
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A settings file (cfg=, a run's saved settings) as a mapping. Anchors and aliases are allowed, but not a few
+    bytes of nested aliases that expand into billions of values (every later check and message walks them)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -111,9 +117,24 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(decode_utf8(path.read_bytes(), path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep to be a settings file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    if expanded_size(data, {}) > MAX_NODES:
+        raise ConfigError(f"{path}: its aliases expand into more than {MAX_NODES:,} values: not a settings file")
     return data
+
+
+def expanded_size(value: Any, seen: dict) -> int:
+    """How many values `value` holds with every alias expanded, counted once per distinct object (so in linear time)."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    if id(value) not in seen:
+        seen[id(value)] = MAX_NODES + 1  # an object inside itself (a recursive alias) is too big
+        items = value.values() if isinstance(value, dict) else value
+        seen[id(value)] = 1 + sum(expanded_size(v, seen) for v in items)
+    return seen[id(value)]
 
 
 def parse_value(text: str) -> Any:
@@ -132,18 +153,21 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_args(args: Iterable[str]) -> dict:
-    """Turn ['epochs=3', '--json', 'sizes=256,512'] into a dict."""
+def parse_args(args: Iterable[str], raw: dict | None = None) -> dict:
+    """Turn ['epochs=3', '--json', 'sizes=256,512'] into a dict; `raw` (when given) receives each value as typed."""
     out: dict[str, Any] = {}
     for arg in args:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
-            out[key.replace("-", "_")] = parse_value(text) if sep else True
-            continue
-        key, sep, text = arg.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key=value, got '{arg}'")
-        out[key] = parse_value(text)
+            key = key.replace("-", "_")
+            out[key] = parse_value(text) if sep else True
+        else:
+            key, sep, text = arg.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"expected key=value, got '{arg}'")
+            out[key] = parse_value(text)
+        if raw is not None and sep:
+            raw[key] = text
     return out
 
 
@@ -152,6 +176,9 @@ def parse_args(args: Iterable[str]) -> dict:
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RANGE = re.compile(rf"(>=|>|<=|<)\s*({_NUM})|({_NUM})\s*\.\.\s*({_NUM})")
 TYPES = frozenset({"int", "float", "bool", "str", "path", "name", "folder", "map", "any", "null"})
+TEXT_KINDS = frozenset({"str", "path", "name", "folder"})  # settings whose value is text as typed
+SHOWN = reprlib.Repr()  # a value in a message, bounded (a list of a million items is not printed whole)
+SHOWN.maxstring, SHOWN.maxother, SHOWN.maxlist, SHOWN.maxdict, SHOWN.maxlevel = 400, 400, 20, 20, 4
 TAGS = frozenset({"runtime", "predict", "fusion"})
 _NO = object()  # "this alternative does not accept the value"
 INT_LIMIT = 2**63  # an int setting fits in 64 bits (numpy, torch and the file formats hold no bigger one)
@@ -188,6 +215,8 @@ def _notes(spec: Spec, value: Any) -> list[str]:
         elif alt.kind == "name":
             problem = name_problem(value) if _scalar(value) else None
             notes.append("a name is one folder name, not a path" + (f"; this one {problem}" if problem else ""))
+        elif alt.kind in ("path", "folder") and isinstance(value, str) and _as_path(value) is _NO:
+            notes.append("a path that is valid UTF-8 text: rename the file or folder")
         elif alt.kind == "folder" and isinstance(value, (str, os.PathLike)) and (problem := folder_problem(value)):
             notes.append(f"a folder to write in; this one {problem}")
         elif alt.kind == "float" and _scalar(value) and _float(value) is not None and not math.isfinite(_float(value)):
@@ -195,6 +224,20 @@ def _notes(spec: Spec, value: Any) -> list[str]:
         elif alt.kind == "int" and not alt.hi and _scalar(value) and not isinstance(value, str) and abs(value) >= INT_LIMIT:
             notes.append("a 64-bit integer, below 2**63")
     return list(dict.fromkeys(notes))
+
+
+def _as_path(v: Any) -> Any:
+    """A path setting's value: text that is valid UTF-8 (a name of another encoding breaks OpenCV and the CSVs every
+    stage writes: rename it), `~` expanded as a shell would (a cfg file's `out: ~/x` means the home folder's x)."""
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str):
+        return _NO
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return _NO
+    return os.path.expanduser(v) if v.startswith("~") else v
 
 
 def _float(v: Any) -> float | None:
@@ -254,11 +297,14 @@ class Alt:
                 return _NO
             if isinstance(v, (int, float)) and k == "str":
                 return str(v)  # name=123 is read as a number
+            if k == "path":
+                return _as_path(v)
             return v if isinstance(v, (str, os.PathLike)) else _NO
         if k == "name":  # one path component (utils.name_problem): it becomes a folder or a file stem
             return str(v) if _scalar(v) and name_problem(v) is None else _NO
         if k == "folder":
-            return v if isinstance(v, (str, os.PathLike)) and folder_problem(v) is None else _NO
+            v = _as_path(v)
+            return v if v is not _NO and folder_problem(v) is None else _NO
         if k in ("word", "@"):
             text = str(v).lower() if isinstance(v, bool) else str(v)
             words = [self.word] if k == "word" else registry.names(self.word)
@@ -355,6 +401,18 @@ class Schema:
     def keys(self, tag: str) -> set[str]:
         return {k for k, s in self.settings.items() if tag in s.tags}
 
+    def as_text(self, key: str, value: Any, text: str) -> Any:
+        """A command-line value that YAML read as a number or a date (0123 -> 83, 1e3 -> 1000.0, 2024-01-01 -> a
+        date), given to a setting that takes it as text first (a name, a path): the text as typed."""
+        if value is None or isinstance(value, (str, bool, list, dict)):
+            return value
+        alts = self.settings[key].parsed.alts
+        first = next((a for a in alts if a.accept(value) is not _NO), None)
+        if first is None or first.kind in TEXT_KINDS:
+            if any(a.kind in TEXT_KINDS and a.accept(text) is not _NO for a in alts):
+                return text
+        return value
+
     def check(self, key: str, value: Any, source: str | None = None) -> Any:
         """The value coerced to the key's spec; a one-line ConfigError when it does not fit."""
         setting = self.settings[key]
@@ -362,7 +420,7 @@ class Schema:
         if out is _NO:
             where = f" in {source}" if source else ""
             expected = setting.parsed.describe(value)
-            raise ConfigError(f"{self.stage} setting {key}={_plain(value)!r}{where}: expected {expected}")
+            raise ConfigError(f"{self.stage} setting {key}={SHOWN.repr(_plain(value))}{where}: expected {expected}")
         return out
 
 
@@ -460,7 +518,8 @@ def load_config(
     """
     spec = schema(stage)
     defaults = {k: s.default for k, s in spec.settings.items()}
-    given = dict(overrides) if isinstance(overrides, Mapping) else parse_args(overrides or [])
+    raw: dict[str, str] = {}  # the command line's values as typed: name=0123 is the name '0123', not YAML's 83
+    given = dict(overrides) if isinstance(overrides, Mapping) else parse_args(overrides or [], raw)
     cfg = Config(copy.deepcopy(defaults))
     source: dict[str, str] = {}
     exp_file = given.pop("cfg", None)
@@ -479,12 +538,13 @@ def load_config(
         head, sub = k.split(".", 1)
         cfg[head] = {**cfg[head], sub: given.pop(k)}
         source.pop(head, None)
-    _check_keys(stage, given, defaults, extra_ok, "the command line")
+    _check_keys(stage, given, defaults, extra_ok, "the settings given" if isinstance(overrides, Mapping) else "the command line")
     cfg.update(given)
     for k in given:
         source.pop(k, None)
     for k in spec.settings:
-        cfg[k] = spec.check(k, cfg[k], source.get(k))
+        value = spec.as_text(k, cfg[k], raw[k]) if k in raw and k in given else cfg[k]
+        cfg[k] = spec.check(k, value, source.get(k))
     extra = {k: v for k, v in cfg.items() if k not in spec.settings}
     if extra and extra_check is not None:
         cfg.update(extra_check(extra))

@@ -71,6 +71,7 @@ STUDY_COLUMNS = {  # the column of train_study_level.csv for each study class
     "atypical": "Atypical Appearance",
 }
 TEXT, INT, FLOAT, JSON = "str", "int", "float", "json"
+MAX_COLUMNS = 1000  # the widest table read here (an external set's labels) has a few dozen
 # The competition's CSVs have a natural size: one row per test study and image (2,477 rows, ~0.5 MB with a few boxes
 # an image), or per train image (6,334). An out-of-fold submission of every train image with 100 boxes each is ~40 MB:
 # 256 MiB leaves room for more members' boxes and still refuses, before reading it, a file that is no such CSV.
@@ -129,6 +130,9 @@ def read_csv(
     path = Path(path)
     dtype = str if text is None else {c: str for c in text}
     data = csv_bytes(path) if data is None else data
+    columns = data.split(b"\n", 1)[0].count(b",") + 1
+    if columns > MAX_COLUMNS:  # pandas would spend minutes and gigabytes on such a header before any check
+        raise DataError(f"{columns} columns on its first line (the tables read here have at most {MAX_COLUMNS})", path)
     try:
         df = pd.read_csv(io.BytesIO(data), dtype=dtype, keep_default_na=False, skip_blank_lines=False, low_memory=False)
     except pd.errors.ParserError as e:
@@ -137,7 +141,8 @@ def read_csv(
         raise DataError("empty CSV (not even a header)", path) from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise DataError(f"missing column(s) {missing}; expected {required} (found {list(df.columns)})", path)
+        found = list(df.columns[:20]) + ([f"... {len(df.columns) - 20} more"] if len(df.columns) > 20 else [])
+        raise DataError(f"missing column(s) {missing[:20]}; expected {required} (found {found})", path)
     if len(df) and _count_lines(data) > len(df) + 1:  # a quoted field spans lines: find the line each record starts on
         starts = _record_lines(data)
         if len(starts) == len(df) + 1 and (starts[1:] - 2 != df.index.to_numpy()).any():

@@ -83,8 +83,8 @@ def _umask() -> int:
 
 
 # ----------------------------------------------------------------------------- reading inputs
-_NOT_FILES = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}  # what a path is when it is no regular file  # fmt: skip
 
 
 def read_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file", links: bool = True) -> bytes:
@@ -105,12 +105,16 @@ def read_input(path: str | os.PathLike, max_bytes: int | None = None, what: str 
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = _NOT_FILES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
             raise DataError(f"{kind}, not a {what}: give a file", path)
         if max_bytes is not None and info.st_size > max_bytes:
             raise DataError(too_big, path)
+        if info.st_size == 0:  # nothing to read; and a file of /proc that says 0 bytes (kmsg) would block the read
+            return b""
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)  # bounded also if it grows meanwhile
+        if data is None:  # a non-blocking read that would have blocked: no file a user means
+            raise DataError(f"a file whose reading blocks, not a {what}", path)
     finally:
         os.close(fd)
     if max_bytes is not None and len(data) > max_bytes:

@@ -282,3 +282,16 @@ def test_a_registry_kind_is_a_choice_list():
     assert checked("@config_test_kind", "alpha") == "alpha" and checked("@config_test_kind", "a") == "a"
     with pytest.raises(ConfigError, match="expected one of alpha, a"):
         checked("@config_test_kind", "beta")
+
+
+def test_a_settings_file_whose_aliases_expand_into_billions_is_refused_at_once(tmp_path):
+    """A few hundred bytes: 9 levels of 9 aliases are 9**9 values once expanded (every check and message walks them)."""
+    lines, prev = ["epochs:", "  - &a [x, x, x, x, x, x, x, x, x]"], "a"
+    for name in "bcdefghi":
+        lines.append(f"  - &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+        prev = name
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="bomb.yaml: its aliases expand into more than 1,000,000 values"):
+        load_config("classify", {"cfg": str(tmp_path / "bomb.yaml")})
+    (tmp_path / "shared.yaml").write_text("lr: &l 0.002\nfine_lr: [*l]\n")  # an ordinary alias is fine
+    assert load_config("classify", {"cfg": str(tmp_path / "shared.yaml")}).fine_lr == [0.002]

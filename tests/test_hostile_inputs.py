@@ -307,6 +307,41 @@ def test_a_file_name_that_is_not_utf8_is_prepared_and_written_safely(tmp_path):
     shutil.rmtree(src)
 
 
+def test_a_png_whose_name_is_not_utf8_is_prepared_in_a_process_that_survives(tmp_path):
+    """OpenCV's imread crashes the whole process (a segfault, no error) on such a name: the picture is decoded from its
+    bytes. A subprocess, so that a crash is a failed test and not a lost test run."""
+    import cv2
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ok, png = cv2.imencode(".png", np.full((40, 50), 128, np.uint8))
+    fd = os.open(os.path.join(os.fsencode(src), b"scan \xe9.png"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, png.tobytes())
+    os.close(fd)
+    done = run_prepare(src, tmp_path / "out")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert Prepared(tmp_path / "out").meta.dicom.tolist() == ["scan \\xe9.png"]
+
+
+@pytest.mark.skipif(not os.access("/proc/kmsg", os.R_OK), reason="needs a readable /proc/kmsg (root on Linux)")
+def test_a_link_to_a_file_that_says_0_bytes_but_blocks_is_never_read(tmp_path):
+    """/proc/kmsg is a 'regular' file of 0 bytes whose read blocks until the kernel logs something."""
+    src = tmp_path / "src"
+    tiny_dicom(src / "chest.dcm")
+    for name in ("kmsg.dcm", "kmsg.png", "kmsg"):
+        (src / name).symlink_to("/proc/kmsg")
+    done = run_prepare(src, tmp_path / "out", timeout=60)  # a hang fails the test (TimeoutExpired), not the suite
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert len(Prepared(tmp_path / "out").meta) == 1 and set(skipped(tmp_path / "out")) == {"kmsg.dcm", "kmsg.png", "kmsg"}
+
+
+def test_a_path_setting_that_is_not_utf8_is_refused_at_load():
+    from siimcovid.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"predict setting out=.*expected folder\? \(a path that is valid UTF-8 text"):
+        load_config("predict", {"out": os.fsdecode(b"/tmp/out \xe9")})
+
+
 # ----------------------------------------------------------------------------- item 3's rule for prepare's folder
 def test_prepare_never_writes_into_nor_deletes_from_a_users_folder(tmp_path):
     src = tmp_path / "src"

@@ -309,3 +309,13 @@ def test_atomic_helpers_name_the_path_and_clean_up(tmp_path, monkeypatch):
     with pytest.raises(PermissionError), atomic_path(tmp_path / "c.txt"):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "input.csv"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "file"]
+
+
+def test_a_csv_with_a_header_of_a_million_columns_is_refused_at_once(tmp_path):
+    """1 MiB, far under any size limit, but pandas would spend minutes and gigabytes on its header."""
+    from siimcovid.tables import MAX_COLUMNS, SUBMISSION
+
+    path = tmp_path / "wide.csv"
+    path.write_text("id,PredictionString" + "," * (1 << 20) + "\n")
+    with pytest.raises(DataError, match=rf"wide.csv: 1048578 columns on its first line \(.* at most {MAX_COLUMNS}\)"):
+        SUBMISSION.read(path)

@@ -247,3 +247,11 @@ def test_a_link_loop_or_a_device_as_project_is_one_line(tmp_path):
     message = r"^predict setting out='/dev/null': expected folder\? \(.* exists and is not a folder\)$"
     with pytest.raises(ConfigError, match=message):
         load_config("predict", {"out": "/dev/null"})
+
+
+@pytest.mark.parametrize("typed", ["0123", "1:30", "0x1f", "1e3", "2024-01-01"])
+def test_a_name_or_folder_typed_on_the_command_line_is_the_text_as_typed(typed):
+    """YAML 1.1 reads 0123 as 83 and 2024-01-01 as a date: a name or a folder is the text the user typed."""
+    assert load_config("fuse", [f"name={typed}"]).name == typed
+    assert str(load_config("fuse", [f"project={typed}"]).project) == typed
+    assert load_config("classify", ["device=0", "workers=3"]).device == 0  # a number where the setting takes one

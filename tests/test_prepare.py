@@ -288,3 +288,13 @@ def test_a_changed_fold_assignment_is_reported_from_the_previous_meta_table(prep
     previous.write_text(previous.read_text().replace("train,", "train,x", 1))  # fold 'x0': unreadable
     warn_if_folds_changed(previous, meta)
     assert "cannot compare the folds with the previous meta table" in caplog.text and "line 2" in caplog.text
+
+
+def test_a_folder_an_earlier_prepare_wrote_still_reads(prepared, tmp_path):
+    """meta.csv of a prepare from before the DICOM tags were recorded has no body_part / view_position: every later
+    stage (fuse, evaluate, classify) reads it through Prepared, which gives those columns as '' (unknown)."""
+    old = Path(shutil.copytree(prepared, tmp_path / "old"))
+    meta = pd.read_csv(old / "meta.csv", dtype=str, keep_default_na=False).drop(columns=["body_part", "view_position"])
+    meta.to_csv(old / "meta.csv", index=False)
+    read = Prepared(old).meta
+    assert (read.body_part == "").all() and (read.view_position == "").all() and len(read) == len(Prepared(prepared).meta)

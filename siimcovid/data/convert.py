@@ -126,6 +126,8 @@ def picture_header(path: str | os.PathLike, max_pixels: int | None = None) -> di
     decode: DataError when it holds more than max_pixels values)."""
     from PIL import Image
 
+    if Path(path).is_file() and os.stat(path).st_size == 0:  # nothing to read (a file of /proc that says 0 bytes blocks)
+        raise DataError("an empty image file", path)
     try:
         with Image.open(path) as im:
             cols, rows = im.size
@@ -149,7 +151,8 @@ def picture_to_uint8(
     if not Path(path).is_file():
         raise DataError("image file not found", path)
     picture_header(path, max_pixels)
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    # from its bytes: cv2.imread crashes the process on a file name that is not UTF-8 (a folder from another system)
+    arr = cv2.imdecode(np.frombuffer(Path(path).read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None or arr.size == 0:
         raise DataError("cannot read image (not a PNG/JPEG OpenCV can decode)", path)
     if arr.ndim == 3:  # OpenCV gives BGR or BGRA

@@ -194,6 +194,8 @@ def read_dicom(path: str | os.PathLike, header_only: bool = False, max_pixels: i
     `max_pixels` values (header_only: the header, unchecked). pydicom inflates the whole of a deflated file even to
     stop before its pixels (a 0.8 MB file of 20000 x 20000 pixels: 1.6 GB of memory); here at most HEADER_BYTES
     for the header, then only what its pixels need. Raises what pydicom raises on a damaged file, or DataError."""
+    if os.stat(path).st_size == 0:  # nothing to read (and a file of /proc that says 0 bytes, e.g. kmsg, blocks a read)
+        raise DataError("an empty file, not a DICOM", path)
     with open(path, "rb") as f:
         if read_preamble(f, force) is None and header_only:  # forced, no DICM prefix: an old ACR-NEMA file, or anything
             return _read_unprefixed(f)

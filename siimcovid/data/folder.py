@@ -37,33 +37,27 @@ from siimcovid.data.dicom import TAGS_CHECKED, header_info, radiograph_problem, 
 from siimcovid.data.layouts import ROW_COLUMNS
 from siimcovid.data.siim import Problems
 from siimcovid.registry import register
-from siimcovid.utils import LOGGER, DataError, SiimError
+from siimcovid.utils import FILE_KINDS, LOGGER, DataError, SiimError
 
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-FILE_KINDS = {
-    stat.S_IFIFO: "a FIFO (named pipe)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
 
 
 def not_a_file(path: Path) -> str | None:
     """Why `path` (followed through symbolic links) is not a regular file prepare may open, or None. Opening a FIFO
     blocks until something writes to it, and /dev/zero reads forever: neither is ever opened."""
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except FileNotFoundError:
         return "a broken symbolic link: not read"
     except OSError as e:
         return f"cannot look at it ({e.strerror or e}): not read"
-    if stat.S_ISREG(mode):
+    if stat.S_ISREG(info.st_mode):
         return None
-    return f"{FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not an image file: not read"
+    return f"{FILE_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not an image file: not read"
 
 
 def list_files(root: Path, problems: Problems) -> list[Path]:
@@ -117,6 +111,8 @@ def _unlistable(error: OSError, problems: Problems) -> None:
 
 
 def has_dicom_preamble(path: Path) -> bool:
+    if os.stat(path).st_size == 0:  # nothing to read (and a file of /proc that says 0 bytes, e.g. kmsg, blocks a read)
+        return False
     with open(path, "rb") as f:
         head = f.read(DICOM_MAGIC_OFFSET + len(DICOM_MAGIC))
     return head[DICOM_MAGIC_OFFSET:] == DICOM_MAGIC

@@ -63,7 +63,11 @@ class Prepared:
         if not meta_path.is_file() or not cfg_path.is_file():
             raise SiimError(f"{self.root} is not a finished prepared dataset (no meta.csv): run `siimcovid prepare` first")
         self.cfg = self.read_cfg(self.root)
-        self.meta = META.read(meta_path)[META.names].reset_index(drop=True)
+        meta = META.read(meta_path)
+        for c in META.columns:  # a column added since (the DICOM tags checked): '' in a folder an earlier prepare wrote
+            if not c.required and c.name not in meta.columns:
+                meta[c.name] = ""
+        self.meta = meta[META.names].reset_index(drop=True)
 
     @staticmethod
     def read_cfg(root: str | os.PathLike) -> dict:
