@@ -1,24 +1,39 @@
 """The one rule for writing into an output folder: siimcovid never deletes or overwrites a file it did not write.
 
-A stage that writes into a folder keeps a record there (predict: predict.yaml; fuse and fuse tune: fuse_files.yaml):
-a YAML mapping whose `files` lists, relative to the folder, every file the stage wrote, beside the stage's own keys.
+A stage that writes into a folder keeps a record there (predict: predict.yaml; fuse and fuse tune: fuse_files.yaml;
+prepare: prepare_files.yaml; pseudo: pseudo_files.yaml): a YAML mapping whose `files` lists, relative to the folder,
+every file the stage wrote, beside the stage's own keys. A record is known by its first line, which only Written.save
+writes ("# siimcovid <stage>'s record of this folder: ..."), never by its name alone: a user's file of the same name
+(an Ultralytics predict.yaml) is a file of the user's like any other, never saved over and never trusted.
 
     check_place(out, sources=(), what="out")
         refused whatever the settings: the filesystem root, the home folder, a folder equal to or above one of
         `sources` (its outputs could land on the input), a path that is a file
-    check_out(out, record, overwrite=False, sources=(), what="out")
-        check_place, then: out may be written when it does not exist, is empty, or holds `record`; anything else is
-        refused ("out=<X> holds files siimcovid did not write (e.g. <a file>): ...") unless overwrite
-    Written(folder, record, stage)            the record; `.data` holds the stage's other keys
+    check_outside(out, folder, what="out", key="source")
+        refuse an out inside a folder the stage reads whole (a folder source): a re-run would read its own outputs
+    check_out(out, record, overwrite=False, sources=(), what="out", earlier=None)
+        check_place, then: out may be written when it does not exist, is empty, holds the stage's record, or is a
+        folder an earlier siimcovid wrote (`earlier`, below); anything else is refused ("out=<X> holds files siimcovid
+        did not write (e.g. <a file>): ...") unless overwrite (None: the stage has no overwrite= to offer); a file of
+        the record's name that is not a record is refused whatever overwrite says (the stage cannot keep its record)
+    Written(folder, record, stage, earlier=None)   the record; `.data` holds the stage's other keys
         .owns(path)        whether the record lists it
         .check(*paths)     refuse a path that exists and is not listed (even with overwrite=true: only the stage's
                            own files are replaced): before long work, for the files it will write at the end
         .claim(*paths)     before writing them: check, then list them and save the record
         .remove(*paths)    unlink the listed ones (never another), forget them
         .remove_all(under) every listed file (under a sub-folder)
-    open_out(out, record, stage, overwrite, sources, what) -> Written
-        check_out, create the folder, save the record first: a stage killed at its first file leaves a folder the
-        re-run still recognises as its own
+    open_out(out, record, stage, overwrite, sources, what, earlier=, check=, claim=) -> Written
+        check_out, create the folder, save the record first (listing `claim`; `check` and `claim` refused first when
+        one is a file the stage did not write): a stage killed at its first file leaves a folder the re-run still
+        recognises as its own
+
+A folder an earlier siimcovid wrote before its stages kept records is adopted: `earlier(folder)` is the stage's own
+test, by evidence only that stage writes (predict: a predict.yaml holding bundle_sha256, settings and members; fuse:
+its config records fuse_<split>.yaml, tune.yaml), and returns an Earlier: the files there whose names the stage writes
+(those become its own: a re-run replaces them as that release did) and the old record's keys; else None. Its helpers:
+is_record(path), read_mapping(path) (a small YAML mapping, else None), present(folder, names, patterns) (the files
+found).
 
 Listed paths are kept only when they are plain relative paths inside the folder (a hostile record cannot point a
 removal anywhere else), and a removal never follows a link out of the folder.
@@ -27,14 +42,66 @@ removal anywhere else), and a removal never follows a link out of the folder.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import yaml
 
-from siimcovid.utils import SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, read_input
 
 FILES_KEY = "files"
+HEADER = (
+    "# siimcovid {stage}'s record of this folder: `files` lists what it wrote here; it never replaces or removes another file\n"
+)
+RECORD_MARK = re.compile(r"# siimcovid [\w-]+'s record of this folder: ")  # HEADER's start, for every stage
+EVIDENCE_BYTES = 1 << 20  # an earlier stage's YAML evidence is small: a larger file is not one
+
+
+class Earlier(NamedTuple):
+    """What a stage found of a folder an earlier siimcovid wrote before records were kept (module docstring)."""
+
+    files: list[str]  # relative: the files there whose names the stage writes
+    data: dict | None = None  # the old record's keys (predict.yaml's), kept as the record's own
+
+
+def is_record(path) -> bool:
+    """Whether `path` is a record siimcovid wrote: a file starting with the line only Written.save writes."""
+    path = Path(path)
+    if not path.is_file():  # also keeps a FIFO of that name from being opened
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return RECORD_MARK.match(head.decode("utf-8", errors="replace")) is not None
+
+
+def not_a_record(path, what: str = "out") -> str:
+    return (
+        f"{path} is not a record siimcovid wrote (its first line is not siimcovid's): siimcovid keeps its record of the "
+        f"folder in a file of that name and never replaces yours; move it away or choose another {what}="
+    )
+
+
+def read_mapping(path) -> dict | None:
+    """The YAML mapping in a small regular file, else None (absent, too large, not YAML, not a mapping): how a stage
+    reads an earlier stage's evidence, which may as well be a file of the user's."""
+    try:
+        data = yaml.safe_load(read_input(path, EVIDENCE_BYTES).decode("utf-8"))
+    except (SiimError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def present(folder, names: Iterable[str] = (), patterns: Iterable[str] = ()) -> list[str]:
+    """Those of `names` (relative paths, taken as they are) and of the files matching the glob `patterns` that are
+    files in `folder`: an earlier stage's outputs found there (Earlier.files)."""
+    folder = Path(folder)
+    found = {n for n in names if (folder / n).is_file()}
+    found |= {p.relative_to(folder).as_posix() for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found)
 
 
 def _home() -> Path | None:
@@ -62,10 +129,19 @@ def check_place(out, sources: Iterable = (), what: str = "out") -> Path:
     return out
 
 
-def foreign_entry(out: Path, record: str) -> str | None:
-    """A top-level entry of `out` that shows it holds something else than the stage's own folder, or None (absent,
-    empty, or holding the record)."""
-    if not out.is_dir() or (out / record).is_file():
+def check_outside(out, folder, what: str = "out", key: str = "source") -> None:
+    """Refuse an `out` inside `folder`, a folder the stage reads whole (a folder source): a re-run would read its own
+    outputs as input."""
+    folder = Path(folder)
+    if folder.is_dir() and Path(out).resolve().is_relative_to(folder.resolve()):
+        raise SiimError(
+            f"{what}={out} lies inside {key}={folder}: a re-run would read its own outputs; choose an {what}= outside it"
+        )
+
+
+def foreign_entry(out: Path) -> str | None:
+    """A top-level entry of `out` (not the stage's own folder), or None when it is absent or empty."""
+    if not out.is_dir():
         return None
     with os.scandir(out) as entries:
         for entry in entries:
@@ -73,14 +149,28 @@ def foreign_entry(out: Path, record: str) -> str | None:
     return None
 
 
-def check_out(out, record: str, overwrite: bool = False, sources: Iterable = (), what: str = "out") -> Path:
-    """The rule before a stage writes into `out` (module docstring); returns it as a Path."""
+Evidence = Callable[[Path], "Earlier | None"]
+
+
+def is_own(out: Path, record: str, earlier: Evidence | None = None) -> bool:
+    """Whether `out` is the stage's folder: it holds the stage's record, or is a folder an earlier siimcovid wrote."""
+    return is_record(out / record) or (earlier is not None and earlier(out) is not None)
+
+
+def check_out(
+    out, record: str, overwrite: bool | None = False, sources: Iterable = (), what: str = "out", earlier: Evidence | None = None
+) -> Path:
+    """The rule before a stage writes into `out` (module docstring); returns it as a Path. Creates nothing."""
     out = check_place(out, sources, what)
-    example = foreign_entry(out, record)
+    if is_own(out, record, earlier):
+        return out
+    if os.path.lexists(out / record):  # the user's file of that name: the stage cannot keep its record there
+        raise SiimError(not_a_record(out / record, what))
+    example = foreign_entry(out)
     if example is not None and not overwrite:
+        offer = "" if overwrite is None else ", or give overwrite=true to write beside them"
         raise SiimError(
-            f"{what}={out} holds files siimcovid did not write (e.g. {example}): choose an empty or new folder, "
-            "or give overwrite=true to write beside them"
+            f"{what}={out} holds files siimcovid did not write (e.g. {example}): choose an empty or new folder{offer}"
         )
     return out
 
@@ -96,21 +186,32 @@ def _plain_relative(text) -> str | None:
 
 
 class Written:
-    """A stage's record in its output folder: what it wrote there (`files`) and the stage's own keys (`data`)."""
+    """A stage's record in its output folder: what it wrote there (`files`) and the stage's own keys (`data`).
+    earlier: the stage's test for a folder an earlier siimcovid wrote without a record (module docstring): such a
+    folder's record starts from what it found (`adopted`), saved at the first claim."""
 
-    def __init__(self, folder, record: str, stage: str):
+    def __init__(self, folder, record: str, stage: str, earlier: Evidence | None = None):
         self.folder, self.stage = Path(folder), stage
         self.path = self.folder / record
-        self.data = self._read()
-        self.files = {p for p in map(_plain_relative, self.data.pop(FILES_KEY, None) or []) if p}
+        self.saved = is_record(self.path)  # False: the record is written at the first claim or save
+        found = earlier(self.folder) if earlier is not None and not self.saved else None
+        self.adopted = found is not None
+        self.data = {k: v for k, v in (found.data or {}).items() if k != FILES_KEY} if found else self._read()
+        listed = found.files if found else self.data.pop(FILES_KEY, None)
+        self.files = {p for p in map(_plain_relative, listed or []) if p}
+        if found:
+            LOGGER.info(f"{stage}: {self.folder} was written by an earlier siimcovid: its {len(self.files)} files of "
+                        f"{stage}'s become its own ({self.path})")  # fmt: skip
 
     def _read(self) -> dict:
-        if not self.path.is_file():
+        if not self.saved:
+            if os.path.lexists(self.path):
+                raise SiimError(not_a_record(self.path))
             return {}
         try:
             data = yaml.safe_load(self.path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError):
-            data = []  # not a YAML mapping: someone else's file
+            data = []  # siimcovid's first line, then no YAML: damaged
         if data is not None and not isinstance(data, dict):
             raise SiimError(f"{self.path} is not a record siimcovid wrote (no YAML mapping): move it or choose another out=")
         return data or {}
@@ -138,7 +239,7 @@ class Written:
         """Before the stage writes `paths`: check them, list them all and save the record."""
         self.check(*paths)
         new = {self.relative(p) for p in paths} - self.files
-        if new or not self.path.is_file():
+        if new or not self.saved:
             self.files |= new
             self.save()
 
@@ -164,18 +265,31 @@ class Written:
         return self.remove(*(self.folder / rel for rel in sorted(self.files) if rel.startswith(prefix)))
 
     def save(self) -> Path:
-        header = (
-            f"# siimcovid {self.stage}'s record of this folder: `{FILES_KEY}` lists what it wrote here; "
-            "it never replaces or removes another file\n"
-        )
         body = yaml.safe_dump({**self.data, FILES_KEY: sorted(self.files)}, sort_keys=False)
-        return atomic_write_text(self.path, header + body)
+        path = atomic_write_text(self.path, HEADER.format(stage=self.stage) + body)
+        self.saved = True
+        return path
 
 
-def open_out(out, record: str, stage: str, overwrite: bool = False, sources: Iterable = (), what: str = "out") -> Written:
-    """check_out, then create the folder and save the record before anything else is written in it."""
-    out = check_out(out, record, overwrite, sources, what)
+def open_out(
+    out,
+    record: str,
+    stage: str,
+    overwrite: bool | None = False,
+    sources: Iterable = (),
+    what: str = "out",
+    *,
+    earlier: Evidence | None = None,
+    check: Iterable = (),
+    claim: Iterable = (),
+) -> Written:
+    """check_out, then create the folder and save the record before anything else is written in it.
+    check: files the stage writes later (refused now when one is not its own; not listed); claim: files listed in
+    that first save (refused the same way): a file of the user's in the way stops the stage before it writes anything."""
+    out = check_out(out, record, overwrite, sources, what, earlier)
+    written = Written(out, record, stage, earlier)
+    claim = list(claim)
+    written.check(*check, *claim)
     out.mkdir(parents=True, exist_ok=True)
-    written = Written(out, record, stage)
-    written.claim()  # saves the record when it is new
+    written.claim(*claim)  # saves the record when it is new (or adopted)
     return written

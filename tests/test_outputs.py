@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from siimcovid.outputs import Written, check_out, open_out
+from siimcovid.outputs import HEADER, Written, check_out, open_out
 from siimcovid.utils import SiimError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,16 +38,48 @@ def test_a_new_an_empty_or_its_own_folder_may_be_written_anything_else_needs_ove
     check_out(tmp_path / "mine", "rec.yaml", overwrite=True)
 
 
-@pytest.mark.parametrize("where", ["root", "home", "parent of the source", "the source"])
-def test_the_root_the_home_folder_and_a_folder_holding_the_source_are_refused_even_with_overwrite(where, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("root", "is the filesystem root"),  # / also holds the source: the root's own message shows its own check
+        ("home", "is your home folder"),
+        ("parent of the source", "holds the input"),
+        ("the source", "holds the input"),
+    ],
+)
+def test_the_root_the_home_folder_and_a_folder_holding_the_source_are_refused_even_with_overwrite(
+    where, message, tmp_path, monkeypatch
+):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     source = tmp_path / "data" / "dicoms"
     source.mkdir(parents=True)
     out = {"root": Path("/"), "home": tmp_path / "home", "parent of the source": source.parent, "the source": source}[where]
-    with pytest.raises(SiimError, match="filesystem root|home folder|holds the input") as e:
+    with pytest.raises(SiimError, match=message) as e:
         check_out(out, "rec.yaml", overwrite=True, sources=[source])
     assert "\n" not in str(e.value)
+
+
+ULTRALYTICS_PREDICT = (
+    "# Ultralytics predict settings of a user's\ntask: detect\nmode: predict\nmodel: yolov8n.pt\nsource: images/\n"
+    "files: [notes.txt, pictures/holiday.jpg]\n"
+)
+
+
+def test_a_file_named_like_a_record_that_siimcovid_did_not_write_is_never_taken_for_one(tmp_path):
+    """A record is recognised by siimcovid's first line, not by its name: the user's file stays theirs, with or
+    without overwrite (the stage cannot keep its record there), and its `files` are never trusted for a removal."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "predict.yaml").write_text(ULTRALYTICS_PREDICT)
+    (out / "notes.txt").write_text("my notes")
+    for overwrite in (False, True):
+        with pytest.raises(SiimError, match=r"predict.yaml is not a record siimcovid wrote") as e:
+            open_out(out, "predict.yaml", "predict", overwrite=overwrite)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SiimError, match=r"predict.yaml is not a record siimcovid wrote"):
+        Written(out, "predict.yaml", "predict").remove_all()
+    assert (out / "predict.yaml").read_text() == ULTRALYTICS_PREDICT and (out / "notes.txt").read_text() == "my notes"
 
 
 def test_a_stage_replaces_and_removes_only_what_its_record_lists(tmp_path):
@@ -76,7 +108,7 @@ def test_a_hostile_record_cannot_point_a_removal_outside_its_folder(tmp_path):
     out.mkdir()
     (out / "linked").symlink_to(elsewhere)
     listed = [str(victim), "../victim.txt", "linked/x.jpg"]
-    (out / "rec.yaml").write_text(yaml.safe_dump({"files": listed}))
+    (out / "rec.yaml").write_text(HEADER.format(stage="test") + yaml.safe_dump({"files": listed}))  # siimcovid's first line
     written = Written(out, "rec.yaml", "test")
     written.remove_all()
     assert victim.read_text() == "keep" and (elsewhere / "x.jpg").read_text() == "keep too"
