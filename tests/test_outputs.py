@@ -214,6 +214,46 @@ def test_fuse_refuses_a_folder_that_holds_its_inputs(fuse_inputs, tmp_path):
     assert not (tmp_path / "fuse_files.yaml").exists()
 
 
+@pytest.mark.parametrize("made_by", [("tune",), ("tune", "fuse oof", "fuse test")])
+def test_fuse_and_tune_take_up_a_folder_the_previous_release_wrote(made_by, fuse_inputs, prepared, tmp_path):
+    """<project>/<name>/ as the release before the outputs rule left it (its config records, no fuse_files.yaml): a
+    re-run of `siimcovid run` fuses and tunes there again, without overwrite; a user's file beside them stays."""
+    project, folder = tmp_path / "runs", tmp_path / "runs" / "mine"
+    test_inputs = [a.replace("split=oof", "split=test").replace(".csv", "_test.csv") for a in fuse_inputs]
+    test_inputs.append(f"sample={tmp_path / 'sample.csv'}")
+    if "fuse test" in made_by:
+        from test_fuse import classifier, exact_detections, truth_images
+
+        from siimcovid.predict.source import write_sample
+
+        images = truth_images(prepared, "test")
+        write_sample(images, tmp_path / "sample.csv")
+        exact_detections(images).to_csv(tmp_path / "det_test.csv", index=False)
+        classifier(images).to_csv(tmp_path / "cls_test.csv", index=False)
+    runs = {"tune": ("tune", *fuse_inputs, "trials=1"), "fuse oof": fuse_inputs, "fuse test": test_inputs}
+    for step in made_by:
+        fuse(*runs[step], project=project)
+    (folder / "fuse_files.yaml").unlink()  # the previous release kept no record
+    (folder / "notes.txt").write_text("my notes")
+    if "fuse test" in made_by:
+        fuse(*test_inputs, project=project)
+    else:
+        fuse("tune", *fuse_inputs, "trials=1", project=project)
+    listed = yaml.safe_load((folder / "fuse_files.yaml").read_text())["files"]
+    assert {"tune.yaml", "trials.csv", "best.yaml"} <= set(listed) and "notes.txt" not in listed
+    assert (folder / "notes.txt").read_text() == "my notes"
+
+
+def test_fuse_does_not_take_a_users_folder_for_a_previous_releases(fuse_inputs, tmp_path):
+    """Only fuse's own config record is evidence: a user's fuse_oof.yaml (not fuse's settings) is not."""
+    folder = tmp_path / "runs" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "fuse_oof.yaml").write_text("my: own settings\n")
+    with pytest.raises(SiimError, match="holds files siimcovid did not write"):
+        fuse(*fuse_inputs, project=tmp_path / "runs")
+    assert sorted(p.name for p in folder.iterdir()) == ["fuse_oof.yaml"]
+
+
 # ----------------------------------------------------------------------------- predict
 def test_predict_refuses_the_root_the_home_folder_and_a_folder_holding_the_source(tmp_path, monkeypatch):
     """Refused before the bundle is even opened (none is needed here), overwrite=true or not."""

@@ -16,34 +16,52 @@ which documents their columns):
     submission.csv        every id of sample_submission.csv, checked; written last
     fuse_files.yaml       the record of what fuse and `fuse tune` wrote in the folder (siimcovid.outputs): they
                           write into a new, empty or own folder (else overwrite=true, beside the other files), and
-                          replace or remove only the files it lists
+                          replace or remove only the files it lists; a folder the release before that rule wrote
+                          (its config records, no fuse_files.yaml) is adopted (earlier_fuse)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
 from siimcovid.fuse.pipeline import Fused, describe_inputs, fold_scores, fuse_split, fusion_params, score_fused
-from siimcovid.outputs import Written, open_out
+from siimcovid.outputs import Earlier, Written, open_out, present, read_mapping
 from siimcovid.submission import pred_to_submission, write_submission
 from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
 from siimcovid.utils import LOGGER, atomic_write_text
 
 RECORD = "fuse_files.yaml"
+SPLITS = ("oof", "test")
+CONFIG_KEYS = {"det", "cls", "data", "split"}  # in every config record fuse and tune save (fuse_<split>.yaml, tune.yaml)
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.project) / cfg.name
 
 
-def open_run_dir(cfg: Config) -> Written:
-    """<project>/<name>/ by the outputs rule (fuse's and tune's record), checked before any input is read; the
-    folder may not hold its inputs."""
+def open_run_dir(cfg: Config, files: Iterable[Path] = ()) -> Written:
+    """<project>/<name>/ by the outputs rule (fuse's and tune's record, listing `files`, the files this run writes),
+    checked before any input is read; the folder may not hold its inputs."""
     inputs = [*cfg.det, *cfg.cls, cfg.data, cfg.get("sample")]
-    return open_out(run_dir(cfg), RECORD, "fuse", cfg.overwrite, inputs, what="project/name")
+    return open_out(run_dir(cfg), RECORD, "fuse", cfg.overwrite, inputs, "project/name", earlier=earlier_fuse, claim=files)
+
+
+def earlier_fuse(folder: Path) -> Earlier | None:
+    """A <project>/<name>/ the release before the outputs rule left (outputs.Earlier): no fuse_files.yaml, and a config
+    record only fuse and tune save (fuse_<split>.yaml, tune.yaml: a mapping of fuse's settings). The files there named
+    as fuse and tune name theirs become their own."""
+    from siimcovid.fuse.tune import OUTPUTS
+
+    configs = [folder / f"fuse_{split}.yaml" for split in SPLITS] + [folder / "tune.yaml"]
+    if os.path.lexists(folder / RECORD) or not any(CONFIG_KEYS <= set(read_mapping(p) or {}) for p in configs):
+        return None
+    names = [p.name for split in SPLITS for p in split_files(folder, split)] + list(OUTPUTS)
+    return Earlier(present(folder, names))
 
 
 def split_files(out: Path, split: str) -> list[Path]:
@@ -90,8 +108,7 @@ def write_test_submission(out: Path, inputs: FuseInputs, fused: Fused, files: di
 
 def fuse(cfg: Config) -> dict:
     """Run fusion on cfg.split. Returns {"dir", "files", "score" (oof: Score), "fused"}."""
-    written = open_run_dir(cfg)
-    written.claim(*split_files(written.folder, cfg.split))
+    written = open_run_dir(cfg, split_files(run_dir(cfg), cfg.split))
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     fused = fuse_split(inputs, fusion_params(cfg), workers=cfg.workers)  # cfg: typed and checked at load

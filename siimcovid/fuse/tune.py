@@ -56,7 +56,7 @@ from siimcovid.fuse.pipeline import (
     fusion_params,
     score_fused,
 )
-from siimcovid.fuse.stage import open_run_dir
+from siimcovid.fuse.stage import open_run_dir, run_dir
 from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
@@ -269,8 +269,7 @@ def tune(cfg: Config) -> dict:
     space = load_space(cfg.space)
     base = canonical(fusion_params(cfg))  # cfg: typed and checked at load
     check_space(space)
-    written = open_run_dir(cfg)
-    written.claim(*(written.folder / name for name in OUTPUTS))  # before the search: a user's best.yaml stops it at once
+    written = open_run_dir(cfg, [run_dir(cfg) / name for name in OUTPUTS])  # a user's best.yaml stops it before the search
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
     search, n_random = search_space(cfg, inputs, base, space)
