@@ -354,3 +354,58 @@ def rebuilt(bundle: Path, copy: Path) -> Path:
     manifest["created"] = "another time"
     (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return copy
+
+
+def test_predict_never_takes_a_users_predict_yaml_for_its_record(bundle, synth_root, tmp_path):
+    """An Ultralytics-style predict.yaml of the user's: the folder is not predict's (no overwrite: refused), and with
+    overwrite=true predict cannot keep its record there (refused too); the file and the photo its `files` names stay."""
+    source, out = dicom_folder(synth_root, tmp_path / "src"), tmp_path / "out"
+    (out / "pictures").mkdir(parents=True)
+    (out / "pictures" / "holiday.jpg").write_bytes(b"a user's photo")
+    (out / "predict.yaml").write_text(ULTRALYTICS_PREDICT)
+    for overwrite in (False, True):
+        with pytest.raises(SiimError, match="predict.yaml is not a record siimcovid wrote") as e:
+            predict(bundle, source, out, overwrite=overwrite)
+        assert "\n" not in str(e.value)
+    assert (out / "predict.yaml").read_text() == ULTRALYTICS_PREDICT
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["pictures", "pictures/holiday.jpg", "predict.yaml"]
+
+
+def as_previous_release_left_it(out: Path) -> None:
+    """A predict out= as the release before the outputs rule (86e827c) left it: predict.yaml without siimcovid's first
+    line and without `files`, no record of fuse's (fuse_files.yaml) or prepare's (prepare_files.yaml), the sample
+    submission in fuse/."""
+    data = yaml.safe_load((out / "predict.yaml").read_text())
+    del data["files"]
+    (out / "predict.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (out / "fuse" / "fuse_files.yaml").unlink()
+    (out / "prepared" / "prepare_files.yaml").unlink()
+    os.replace(out / "sample_submission.csv", out / "fuse" / "sample_submission.csv")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_predict_takes_up_a_folder_the_previous_release_wrote_and_resumes(overwrite, bundle, synth_root, tmp_path, caplog):
+    source, out = dicom_folder(synth_root, tmp_path / "src"), tmp_path / "out"
+    first = predict(bundle, source, out)
+    as_previous_release_left_it(out)
+    (out / "pictures" / "holiday.jpg").write_bytes(b"a user's photo, dropped in later")
+    with caplog.at_level("INFO", logger="siimcovid"):
+        predict(bundle, source, out, overwrite=overwrite)
+    assert caplog.text.count("reusing") == 2  # the members' tables: predict.yaml's members vouch for them
+    record = yaml.safe_load((out / "predict.yaml").read_text())
+    drawn = sorted(f"pictures/{Path(p).name}" for p in pd_read(first["view"]["images"]).picture)
+    assert {"studies.csv", "index.html", "sample_submission.csv", *drawn} <= set(record["files"])
+    assert "pictures/holiday.jpg" not in record["files"] and (out / "pictures" / "holiday.jpg").is_file()
+    assert not (out / "fuse" / "sample_submission.csv").exists()  # the previous release's, replaced by <out>/'s
+    fuse_listed = yaml.safe_load((out / "fuse" / "fuse_files.yaml").read_text())["files"]
+    assert "submission.csv" in fuse_listed and "fuse_test.yaml" in fuse_listed
+
+
+def test_predict_overwrite_reaches_its_prepare(bundle, synth_root, tmp_path):
+    """overwrite=true lets predict write beside a user's files in out=, <out>/prepared/ included."""
+    source, out = dicom_folder(synth_root, tmp_path / "src"), tmp_path / "out"
+    (out / "prepared").mkdir(parents=True)
+    (out / "prepared" / "notes.txt").write_text("a user's notes")
+    predict(bundle, source, out, overwrite=True)
+    assert (out / "prepared" / "notes.txt").read_text() == "a user's notes" and (out / "prepared" / "meta.csv").is_file()
+    assert "notes.txt" not in yaml.safe_load((out / "prepared" / "prepare_files.yaml").read_text())["files"]

@@ -9,6 +9,10 @@
     files                   every file predict wrote in the folder (siimcovid.outputs.Written): only these are ever
                             replaced or removed (a user's photo in pictures/ stays)
 
+The record is known by its first line (siimcovid.outputs.is_record): a predict.yaml of the user's (Ultralytics writes
+files of that name) is never taken for it. One the release before the outputs rule wrote (bundle_sha256, settings
+and members, no first line, no files) is adopted: siimcovid.predict.stage.earlier_outputs.
+
 Another bundle in the same folder: its members' tables (and the fused ones) are removed, not mixed in; a file
 of the user's in those folders stays.
 """
@@ -55,9 +59,11 @@ class Record(Written):
         """Remove the tables another bundle made here (the prepared images stay: same source, same conversion or not):
         only those the records list, predict's and its fusion's."""
         from siimcovid.fuse.stage import RECORD as FUSE_RECORD
+        from siimcovid.fuse.stage import earlier_fuse
 
         removed = [f for d in MEMBER_DIRS for f in self.remove_all(d)]
-        removed += [f"{FUSE_DIR}/{f}" for f in Written(self.folder / FUSE_DIR, FUSE_RECORD, "fuse").remove_all()]
+        fused = Written(self.folder / FUSE_DIR, FUSE_RECORD, "fuse", earlier_fuse)
+        removed += [f"{FUSE_DIR}/{f}" for f in fused.remove_all()]
         LOGGER.warning(f"predict: {self.folder} held predictions of another bundle ({old_bundle}): removed {len(removed)} files")
 
     def reusable(self, key: str, entry: dict, table: Path) -> bool:

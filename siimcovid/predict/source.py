@@ -37,9 +37,17 @@ def source_layout(source: str | os.PathLike) -> str:
 
 
 def prepare_settings(
-    conversion: dict, source: Path, layout: str, out: Path, workers: int | None, on_error: str, **checks
+    conversion: dict,
+    source: Path,
+    layout: str,
+    out: Path,
+    workers: int | None,
+    on_error: str,
+    overwrite: bool = False,
+    **checks,
 ) -> dict:
     """`siimcovid prepare` settings for the source: the bundle's conversion settings, the test split only.
+    overwrite: predict's, for <out>/prepared as for <out> (write beside a user's files there, never over them);
     checks: predict's input checks, passed on as they are (INPUT_CHECKS: max_pixels, modality_check); one not
     given keeps prepare's default."""
     missing = [k for k in PREPARE_KEYS if k not in conversion]
@@ -54,6 +62,7 @@ def prepare_settings(
         "out": str(out),
         "splits": ["test"],
         "on_error": on_error,
+        "overwrite": overwrite,
         "workers": pool_workers(workers),
         "data_yaml_dir": str(out / "data_yaml"),  # test-only: prepare writes none, but never into the current folder
     }

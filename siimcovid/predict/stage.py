@@ -18,8 +18,9 @@ resumes: prepare skips converted images, and each member's table is reused when 
 this bundle made it on these images with this TTA and precision (siimcovid.predict.record).
 
 out= follows the outputs rule (siimcovid.outputs): a new, empty or own folder (it holds predict.yaml), else
-overwrite=true; never the root, the home folder or a folder holding the source. predict.yaml is written first and
-lists every file predict writes: only those are ever replaced or removed (a user's files beside them stay).
+overwrite=true (which reaches its prepare and fuse steps); never the root, the home folder or a folder holding the
+source. predict.yaml is written first and lists every file predict writes: only those are ever replaced or removed (a
+user's files beside them stay). A folder the release before that rule wrote is adopted (earlier_outputs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import pandas as pd
 from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
-from siimcovid.outputs import check_out
+from siimcovid.outputs import Earlier, check_out, check_outside, open_out, present, read_mapping
 from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
 from siimcovid.predict.record import FUSE_DIR, RECORD, Record, file_sha256, images_id
 from siimcovid.predict.source import input_checks, loader_workers, pool_workers, prepare_settings, source_layout, write_sample
@@ -67,9 +68,9 @@ def check_inputs(cfg: Config):
             raise SiimError(f"predict needs {key}=: `siimcovid predict bundle=<bundle> source=<SIIM root | DICOMs> out=<folder>`")
     source, out = Path(cfg.source), Path(cfg.out)
     layout = source_layout(source)
-    check_out(out, RECORD, cfg.overwrite, sources=[source])
-    if layout == "folder" and out.resolve().is_relative_to(source.resolve()):  # a re-run would read its own pictures
-        raise SiimError(f"out={out} lies inside source={source}: choose an out= outside it")
+    check_out(out, RECORD, cfg.overwrite, sources=[source], earlier=earlier_outputs)
+    if layout == "folder":
+        check_outside(out, source)
     if layout == "folder" and source.is_file():
         from siimcovid.data.folder import file_ids
 
@@ -109,7 +110,9 @@ def prepare_source(bundle, cfg: Config, source: Path, layout: str, out: Path) ->
     from siimcovid.data.prepare import prepare
 
     checks = input_checks(cfg)  # max_pixels, modality_check: what prepare refuses to read
-    settings = prepare_settings(bundle.prepare, source, layout, out / "prepared", cfg.workers, cfg.on_error, **checks)
+    settings = prepare_settings(
+        bundle.prepare, source, layout, out / "prepared", cfg.workers, cfg.on_error, overwrite=cfg.overwrite, **checks
+    )
     return Prepared(prepare(stage_config("prepare", None, settings)))
 
 
@@ -237,6 +240,21 @@ def fixed_outputs() -> list[str]:
     return ["submission.csv", SAMPLE_SUBMISSION, SKIPPED_CSV, *PAGE_FILES]
 
 
+def earlier_outputs(out: Path) -> Earlier | None:
+    """A folder the release before the outputs rule left (outputs.Earlier), known by its predict.yaml: bundle_sha256,
+    settings and members, but not the record's first line. predict's files there become its own: the fixed outputs,
+    the member tables, a picture of every image prepared there, the sample submission it kept in fuse/."""
+    from siimcovid.predict.view import PICTURES
+
+    old = read_mapping(out / RECORD)
+    if old is None or not {"bundle_sha256", "settings", "members"} <= set(old):
+        return None
+    pictures = [f"{PICTURES}/{p.stem}.jpg" for p in (out / "prepared").glob("*/images/test/*")]
+    names = [*fixed_outputs(), f"{FUSE_DIR}/{SAMPLE_SUBMISSION}", *pictures]
+    tables = ("detect/*/pred_test.csv", "classify/*/pred_test_image.csv", "classify/*/pred_test_study.csv")
+    return Earlier(present(out, names, tables), old)
+
+
 def predict(cfg: Config) -> dict:
     """Run the steps (module docstring). Returns {"out", "prepared", "submission" (SIIM source, else None),
     "fused" (fuse's result), "view" (the files written), "skipped" (path or None), "seconds", "n_images"}."""
@@ -244,10 +262,11 @@ def predict(cfg: Config) -> dict:
     bundle, source, layout, out = check_inputs(cfg)
     hw = hardware(cfg)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    fixed = [out / name for name in fixed_outputs()]  # a user's file in the way stops it now, not at the end
+    open_out(out, RECORD, "predict", cfg.overwrite, [source], earlier=earlier_outputs, check=fixed)  # the record first
     record = Record(out, cfg.bundle, file_sha256(bundle.root / "manifest.yaml"), dict(cfg))
-    record.save()  # first: a folder predict was killed in is still its own on the re-run
-    record.check(*(out / name for name in fixed_outputs()))  # a user's file in the way stops it now, not at the end
+    record.save()
+    record.remove(out / FUSE_DIR / SAMPLE_SUBMISSION)  # where the release before the outputs rule kept it
     steps = Steps(record)
     try:
         prepared = steps.run("prepare", prepare_source, bundle, cfg, source, layout, out)
