@@ -39,7 +39,7 @@ from siimcovid.data.folds import make_folds
 from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.data.prepared import RECORD, SKIPPED_CSV, folds_fingerprint
 from siimcovid.data.siim import IMAGE_CSV, Problems
-from siimcovid.outputs import Written, check_out, check_place
+from siimcovid.outputs import Earlier, Written, check_out, check_outside, open_out, read_mapping
 from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, printable
 
@@ -117,26 +117,23 @@ def check_settings(cfg: Config) -> Target:
 def earlier_settings(out: Path) -> dict | None:
     """The settings in <out>/prepare.yaml when a siimcovid prepare saved them there (a mapping naming its data), else
     None (no file, or a user's own file of that name)."""
-    try:
-        saved = yaml.safe_load((out / "prepare.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    saved = read_mapping(out / "prepare.yaml")
+    return saved if saved and saved.get("data_resolved") else None
+
+
+def earlier_prepared(out: Path) -> Earlier | None:
+    """A folder an earlier siimcovid prepared before prepare kept a record (outputs.Earlier): its prepare.yaml, no
+    record. Every file in it becomes prepare's."""
+    if os.path.lexists(out / RECORD) or earlier_settings(out) is None:
         return None
-    return saved if isinstance(saved, dict) and saved.get("data_resolved") else None
-
-
-def adopted(out: Path) -> bool:
-    """Whether `out` is a folder an earlier siimcovid prepared before prepare kept a record: its prepare.yaml, no record."""
-    return not (out / RECORD).exists() and earlier_settings(out) is not None
+    return Earlier([p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()])
 
 
 def check_out_folder(out: Path, root: Path, cfg: Config) -> None:
     """The outputs rule for prepare's folder (module docstring), before anything is read or written."""
-    if adopted(out):
-        check_place(out, [root])
-    else:
-        check_out(out, RECORD, cfg.overwrite, sources=[root])
-    if cfg.layout == "folder" and root.is_dir() and out.resolve().is_relative_to(root.resolve()):
-        raise SiimError(f"out={out} lies inside data={root}: a re-run would read its own images; choose an out= outside it")
+    check_out(out, RECORD, cfg.overwrite, sources=[root], earlier=earlier_prepared)
+    if cfg.layout == "folder":
+        check_outside(out, root, key="data")
 
 
 def check_previous(out: Path, root: Path) -> None:
@@ -189,14 +186,6 @@ def output_files(table: pd.DataFrame, cfg: Config, target: Target, label_names: 
     return files
 
 
-def adopt_earlier(out: Path) -> None:
-    """The record of a folder an earlier siimcovid prepared without one (see adopted): every file in it is prepare's."""
-    written = Written(out, RECORD, "prepare")
-    written.files |= {written.relative(p) for p in out.rglob("*") if p.is_file()}
-    written.save()
-    LOGGER.info(f"prepare: {out} was prepared by an earlier siimcovid: its files are listed in {written.path}")
-
-
 def remove_own(written: Written, path: Path) -> None:
     """Delete `path` when the record lists it, never another file. It stays listed: the record is every file this
     prepare may write, whatever it wrote so far, so that a killed run leaves the record an uninterrupted one does."""
@@ -211,13 +200,9 @@ def start_output(cfg: Config, target: Target, files: list[Path], label_names: li
     Until this run ends the folder is unfinished: a run failing half-way never leaves the old table
     beside the new settings, looking complete."""
     out = target.out
-    if adopted(out):
-        adopt_earlier(out)
-    written = Written(out, RECORD, "prepare")
-    written.check(*files)  # a user's file in the way: refused before anything is written
-    check_out(out, RECORD, cfg.overwrite, sources=[target.root])
-    out.mkdir(parents=True, exist_ok=True)
-    written.claim(*files)  # the record first, whole in one write: the same at every moment of a run (see remove_own)
+    # a user's file in the way is refused before anything is written; then the record first, whole in one write: the
+    # same at every moment of a run (see remove_own)
+    written = open_out(out, RECORD, "prepare", cfg.overwrite, [target.root], earlier=earlier_prepared, claim=files)
     previous_meta = out / "meta.previous.csv"
     if (out / "meta.csv").is_file():
         os.replace(out / "meta.csv", previous_meta)
