@@ -29,6 +29,12 @@ The folder (CONTRACT.md section 5; siimcovid.data.extra.ExtraData reads it):
     <size>/fold<k>/masks/<id>.png      0/255 masks of those boxes (boxes and negative images)
     <size>/fold<k>.txt                 fold k's detector list (absolute image paths); fold-1 for teacher=all
     labels.csv                         tables.PSEUDO_LABELS, written last: its presence marks a finished folder
+    pseudo_files.yaml                  pseudo's record (siimcovid.outputs): every file it wrote in the folder
+
+The folder follows the outputs rule: a new, empty or own folder (it holds pseudo's record), never the root, the home
+folder or a folder holding the teachers or the prepared folders; pseudo replaces and removes only the files its record
+lists (a re-run's stale labels and cached predictions included: a user's file beside them stays). A folder the release
+before that rule wrote (its prepare.yaml says layout: pseudo, no record) is adopted (earlier_pseudo).
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ import yaml
 from siimcovid.config import Config, default_name, read_yaml
 from siimcovid.data.boxes import fill_mask, to_yolo
 from siimcovid.data.prepared import Prepared
+from siimcovid.outputs import Earlier, Written, open_out, present, read_mapping
 from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_FOLDS, DETECTIONS, PSEUDO_BOXES, PSEUDO_LABELS, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 
 ALL = -1  # the fold of the all-folds teacher's labels
 LEAK_WARNING = "teacher=all leaks into out-of-fold scores: use it only for the final test-time students"
 LABELS, BOXES, CONFIG = "labels.csv", "boxes.csv", "prepare.yaml"
+RECORD, CACHE = "pseudo_files.yaml", "teachers"  # pseudo's record of the folder; the teachers' predictions
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,7 @@ def teacher_folds(det_dir: Path, cls_dir: Path) -> list[int]:
     return det
 
 
-def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, cache: Path) -> pd.DataFrame:
+def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, written: Written) -> pd.DataFrame:
     """Every fold model's boxes on the source's test images (DETECTIONS; fold = the model's fold)."""
     from siimcovid import stages
 
@@ -173,7 +181,9 @@ def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, cache: Path) ->
     if cfg.reuse and own and (det_dir / "pred_test.csv").is_file():
         LOGGER.info(f"pseudo: reusing {det_dir / 'pred_test.csv'}")
         return DETECTIONS.read(det_dir / "pred_test.csv")
+    cache = written.folder / CACHE
     path = cache / det_dir.name / "pred_test.csv"
+    written.claim(path, cache / "pred_test.csv")  # detect predict's tables with out=cache: never a user's file
     if not path.is_file():
         settings = {"run": [str(det_dir)], "split": ["test"], "source": str(source.root), "out": str(cache)}
         settings |= {"tta": cfg.det_tta, "conf": cfg.det_conf, "batch": cfg.batch, "device": cfg.device or None}
@@ -181,7 +191,7 @@ def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, cache: Path) ->
     return DETECTIONS.read(path)
 
 
-def classifier_probabilities(cfg: Config, cls_dir: Path, source: Prepared, cache: Path) -> pd.DataFrame:
+def classifier_probabilities(cfg: Config, cls_dir: Path, source: Prepared, written: Written) -> pd.DataFrame:
     """Every fold model's probabilities on the source's test images (CLASSIFIER_FOLDS)."""
     from siimcovid.classify import predict
 
@@ -189,7 +199,8 @@ def classifier_probabilities(cfg: Config, cls_dir: Path, source: Prepared, cache
     if cfg.reuse and own and predict.folds_path(cls_dir).is_file():
         LOGGER.info(f"pseudo: reusing {predict.folds_path(cls_dir)}")
         return CLASSIFIER_FOLDS.read(predict.folds_path(cls_dir))
-    path = predict.folds_path(cache / cls_dir.name)
+    path = predict.folds_path(written.folder / CACHE / cls_dir.name)
+    written.claim(path)
     if not path.is_file():
         from siimcovid.classify.dist import pick_device
 
@@ -200,12 +211,16 @@ def classifier_probabilities(cfg: Config, cls_dir: Path, source: Prepared, cache
     return CLASSIFIER_FOLDS.read(path)
 
 
-def claim_cache(cache: Path, definition: dict) -> None:
-    """The teachers' cached predictions belong to one (teachers, source, settings): others are removed, not reused."""
+def claim_cache(written: Written, definition: dict) -> None:
+    """The teachers' cached predictions (<out>/teachers/) belong to one (teachers, source, settings): others are
+    removed (those pseudo's record lists: a user's file there stays), not reused."""
+    cache = written.folder / CACHE
     record = cache / "teachers.yaml"
+    written.check(record)
     if record.is_file() and read_yaml(record) != definition:
-        shutil.rmtree(cache)
-        LOGGER.warning(f"{cache} held other teachers' predictions: removed")
+        gone = written.remove_all(CACHE)
+        LOGGER.warning(f"{cache} held other teachers' predictions: removed {len(gone)} files")
+    written.claim(record)
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_text(record, yaml.safe_dump(definition, sort_keys=False))
 
@@ -231,38 +246,57 @@ def link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def fold_paths(out: Path, size: int, fold: int, image_id: str, ext: str) -> tuple[Path, Path, Path]:
+    """An image's files in teacher fold k's folder of a size: (image, YOLO label, mask)."""
+    base = out / str(size) / f"fold{fold}"
+    return base / "images" / f"{image_id}.{ext}", base / "labels" / f"{image_id}.txt", base / "masks" / f"{image_id}.png"
+
+
+def folder_files(out: Path, sizes: list[int], labels: pd.DataFrame, ext: str) -> list[Path]:
+    """Every file write_folder writes."""
+    files = [out / BOXES, out / LABELS]
+    for size in sizes:
+        files += [out / str(size) / f"fold{fold}.txt" for fold in labels.fold.unique()]
+        for row in labels.itertuples():
+            image, label, mask = fold_paths(out, size, row.fold, row.image_id, ext)
+            files += [image] if row.kind == "soft" else [image, label, mask]
+    return files
+
+
 def write_fold(out: Path, size: int, fold: int, labels: pd.DataFrame, boxes: pd.DataFrame, source: Prepared) -> Path:
     """<size>/fold<k>/ (images, labels, masks) and the detector list <size>/fold<k>.txt of one teacher fold."""
     import cv2
 
     from siimcovid.data.convert import MASK_PARAMS
 
-    base = out / str(size) / f"fold{fold}"
     meta = source.meta.set_index("image_id")
     by_image = {i: g[BOX_COLUMNS].to_numpy() for i, g in boxes.groupby("image_id")}
     listed = []
     for row in labels.itertuples():
-        image = base / "images" / f"{row.image_id}.{source.ext}"
+        image, label, mask = fold_paths(out, size, fold, row.image_id, source.ext)
         link(source.image_path(row.image_id, "test", size), image)
         if row.kind == "soft":
             continue
         rows, cols = int(meta.at[row.image_id, "rows"]), int(meta.at[row.image_id, "cols"])
         found = by_image.get(row.image_id, np.zeros((0, 4)))
         text = "".join(f"0 {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}\n" for xc, yc, w, h in to_yolo(found, cols, rows))
-        atomic_write_text(base / "labels" / f"{row.image_id}.txt", text)
-        with atomic_path(base / "masks" / f"{row.image_id}.png") as tmp:
+        atomic_write_text(label, text)
+        with atomic_path(mask) as tmp:
             cv2.imwrite(str(tmp), fill_mask(found, cols, rows, (size, size)), MASK_PARAMS)
         listed.append(str(image.resolve()))
     return atomic_write_text(out / str(size) / f"fold{fold}.txt", "".join(f"{p}\n" for p in listed))
 
 
-def write_folder(out: Path, sizes: list[int], labels: pd.DataFrame, boxes: pd.DataFrame, source: Prepared) -> None:
-    """Every size and teacher fold's files, boxes.csv, then labels.csv last (the folder is finished)."""
+def write_folder(written: Written, sizes: list[int], labels: pd.DataFrame, boxes: pd.DataFrame, source: Prepared) -> None:
+    """Every size and teacher fold's files, boxes.csv, then labels.csv last (the folder is finished); only files
+    pseudo's record lists are replaced or removed."""
     from tqdm import tqdm
 
-    (out / LABELS).unlink(missing_ok=True)
+    out = written.folder
+    written.remove(out / LABELS)
     for size in sizes:
-        shutil.rmtree(out / str(size), ignore_errors=True)  # no stale images or labels of an earlier run
+        written.remove_all(str(size))  # no stale images or labels of an earlier run (a user's file there stays)
+    written.claim(*folder_files(out, sizes, labels, source.ext))
     jobs = [(s, f) for s in sizes for f in sorted(labels.fold.unique())]
     for size, fold in tqdm(jobs, desc="pseudo folder", unit="fold"):
         write_fold(out, size, fold, labels[labels.fold == fold], boxes[boxes.fold == fold], source)
@@ -284,6 +318,27 @@ def resolve(cfg: Config) -> tuple[Path, Path, Prepared, Prepared, Path]:
     name = cfg.name or default_name("pseudo", f"{det_dir.name}-pseudo", "teacher_det")
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / name
     return det_dir, cls_dir, data, source, out
+
+
+def open_folder(cfg: Config, out: Path, inputs: list[Path]) -> Written:
+    """The pseudo folder by the outputs rule (module docstring), before the teachers predict: pseudo has no
+    overwrite=, so a folder holding other files is refused; so is a user's prepare.yaml, labels.csv or boxes.csv."""
+    what = "out" if cfg.out else "project/name"
+    fixed = [out / name for name in (CONFIG, LABELS, BOXES)]
+    return open_out(out, RECORD, "pseudo", None, inputs, what, earlier=earlier_pseudo, check=fixed)
+
+
+def earlier_pseudo(out: Path) -> Earlier | None:
+    """A pseudo folder the release before the outputs rule wrote (outputs.Earlier): its prepare.yaml says layout:
+    pseudo, and no record. The files there named as pseudo names its own become its own."""
+    config = read_mapping(out / CONFIG)
+    if os.path.lexists(out / RECORD) or not config or config.get("layout") != "pseudo":
+        return None
+    sizes = [str(s) for s in config.get("sizes") or [] if isinstance(s, int)]
+    names = [CONFIG, LABELS, BOXES, f"{CACHE}/teachers.yaml", f"{CACHE}/pred_test.csv"]
+    patterns = [f"{CACHE}/*/pred_test.csv", f"{CACHE}/*/pred_test_image_folds.csv", *(f"{s}/fold*.txt" for s in sizes)]
+    patterns += [f"{s}/fold*/{part}/*" for s in sizes for part in ("images", "labels", "masks")]
+    return Earlier(present(out, names, patterns))
 
 
 def pick_sizes(cfg: Config, source: Prepared, data: Prepared) -> list[int]:
@@ -315,11 +370,11 @@ def definition(cfg: Config, det_dir: Path, cls_dir: Path, data: Prepared, source
     }
 
 
-def teacher_labels(cfg, det_dir: Path, cls_dir: Path, source: Prepared, pool: pd.DataFrame, cache: Path):
+def teacher_labels(cfg, det_dir: Path, cls_dir: Path, source: Prepared, pool: pd.DataFrame, written: Written):
     """The teachers' per-fold predictions -> the labels and boxes of teacher=fold or teacher=all."""
     folds = teacher_folds(det_dir, cls_dir)
-    boxes = detector_boxes(cfg, det_dir, source, cache)
-    probs = classifier_probabilities(cfg, cls_dir, source, cache)
+    boxes = detector_boxes(cfg, det_dir, source, written)
+    probs = classifier_probabilities(cfg, cls_dir, source, written)
     probs = probs[probs.image_id.isin(pool.image_id) & probs.fold.isin(folds)]
     boxes = boxes[boxes.image_id.isin(pool.image_id) & boxes.fold.isin(folds)]
     probs = study_probabilities(probs)
@@ -335,16 +390,18 @@ def pseudo(cfg: Config) -> Path:
     pool = check_source(source, data)
     sizes = pick_sizes(cfg, source, data)
     record = definition(cfg, det_dir, cls_dir, data, source, sizes)
+    written = open_folder(cfg, out, [source.root, data.root, det_dir, cls_dir])
     if cfg.teacher == "all":
         LOGGER.warning(f"pseudo: {LEAK_WARNING}")
     if (out / LABELS).is_file() and (out / CONFIG).is_file() and read_yaml(out / CONFIG) == record:
         LOGGER.info(f"pseudo: {out} is finished with these settings: nothing to do")
         return out
     teachers = ("source", "teacher_det", "teacher_cls", "teacher_weights", "predict")
-    claim_cache(out / "teachers", {k: record[k] for k in teachers})
-    labels, boxes = teacher_labels(cfg, det_dir, cls_dir, source, pool, out / "teachers")
+    claim_cache(written, {k: record[k] for k in teachers})
+    labels, boxes = teacher_labels(cfg, det_dir, cls_dir, source, pool, written)
+    written.claim(out / CONFIG)
     atomic_write_text(out / CONFIG, yaml.safe_dump(record, sort_keys=False))
-    write_folder(out, sizes, labels, boxes, source)
+    write_folder(written, sizes, labels, boxes, source)
     LOGGER.info(f"pseudo: {out}\n{summary(labels).to_string()}")
     return out
 

@@ -254,6 +254,54 @@ def test_fuse_does_not_take_a_users_folder_for_a_previous_releases(fuse_inputs, 
     assert sorted(p.name for p in folder.iterdir()) == ["fuse_oof.yaml"]
 
 
+# ----------------------------------------------------------------------------- pseudo
+def run_pseudo(prepared, base: Path, out, **settings):
+    from test_pseudo import fake_teachers, run_pseudo
+
+    det, cls = fake_teachers(prepared, base)
+    return run_pseudo(det, cls, out, sizes=[64], **settings)
+
+
+def test_pseudo_refuses_the_root_the_home_folder_a_folder_holding_its_inputs_and_a_users_folder(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "labels.csv").write_text("a user's labels")
+    mine = tmp_path / "mine"
+    (mine / "64").mkdir(parents=True)
+    (mine / "64" / "thesis.txt").write_text("four years of work")
+    cases = [("/", "is the filesystem root"), (tmp_path / "home", "is your home folder")]
+    cases += [(tmp_path / "t", "holds the input"), (mine, r"holds files siimcovid did not write \(e.g. 64/\)")]
+    for out, message in cases:
+        with pytest.raises(SiimError, match=message) as e:
+            run_pseudo(prepared, tmp_path / "t", out)
+        assert "\n" not in str(e.value) and "overwrite=" not in str(e.value)  # pseudo has no overwrite= to offer
+    assert (tmp_path / "home" / "labels.csv").read_text() == "a user's labels"
+    assert (mine / "64" / "thesis.txt").read_text() == "four years of work" and sorted(os.listdir(mine)) == ["64"]
+
+
+def test_pseudo_replaces_and_removes_only_its_own_files(prepared, tmp_path):
+    out = run_pseudo(prepared, tmp_path, tmp_path / "pseudo")
+    user = {"notes.txt": "notes", "teachers/mine.csv": "my predictions", "64/fold0/images/mine.png": "my image"}
+    for rel, text in user.items():
+        (out / rel).write_text(text)
+    before = yaml.safe_load((out / "pseudo_files.yaml").read_text())["files"]
+    run_pseudo(prepared, tmp_path, out, teacher="all", det_tta=False)  # other settings: cache and labels are redone
+    assert all((out / rel).read_text() == text for rel, text in user.items())
+    after = yaml.safe_load((out / "pseudo_files.yaml").read_text())["files"]
+    assert "64/fold-1.txt" in after and "64/fold0.txt" in before and not set(user) & set(after)
+
+
+def test_pseudo_takes_up_a_folder_the_previous_release_wrote(prepared, tmp_path):
+    out = run_pseudo(prepared, tmp_path, tmp_path / "pseudo")
+    (out / "pseudo_files.yaml").unlink(missing_ok=True)  # the previous release kept no record
+    (out / "notes.txt").write_text("my notes")
+    run_pseudo(prepared, tmp_path, out, teacher="all")
+    listed = yaml.safe_load((out / "pseudo_files.yaml").read_text())["files"]
+    assert {"labels.csv", "prepare.yaml", "64/fold-1.txt", "teachers/teachers.yaml"} <= set(listed)
+    assert "notes.txt" not in listed and (out / "notes.txt").read_text() == "my notes"
+    assert not (out / "64" / "fold0.txt").exists()  # the previous release's labels: adopted, so replaced
+
+
 # ----------------------------------------------------------------------------- predict
 def test_predict_refuses_the_root_the_home_folder_and_a_folder_holding_the_source(tmp_path, monkeypatch):
     """Refused before the bundle is even opened (none is needed here), overwrite=true or not."""
