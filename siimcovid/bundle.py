@@ -37,10 +37,12 @@ entry by entry as it is extracted, once, into a cache folder named by its sha256
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import zipfile
@@ -444,15 +446,40 @@ def zip_tree(root: Path, out: Path) -> None:
             zf.write(path, path.relative_to(root).as_posix())
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished tree tmp to out; an existing out (overwrite=true) is moved aside first, then removed."""
-    old = None
+def move_into_place(tmp: Path, out: Path, work: Path) -> None:
+    """Rename the finished tree (or zip) tmp to out; an existing out (overwrite=true) is moved aside into the work
+    folder first, and goes with it."""
     if out.exists():
-        old = temp_dir_beside(out, suffix=".old")
-        os.replace(out, old / out.name)
+        os.replace(out, work / "old")
     os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+WORK_MARK = ".siimcovid-export"  # in an export's work folder: the host and process building it
+
+
+def work_folder(out: Path) -> Path:
+    """A new work folder beside out (the bundle is built in it, then renamed to out), marked as this export's; the
+    work folders of exports killed before their end (their process is gone) are removed first."""
+    host = socket.gethostname()
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        mark = folder / WORK_MARK
+        if folder.is_dir() and not folder.is_symlink() and mark.is_file():
+            made_by, _, pid = mark.read_text().partition(" ")
+            if made_by == host and pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+    work = temp_dir_beside(out)
+    (work / WORK_MARK).write_text(f"{host} {os.getpid()}")
+    return work
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def is_bundle(path: Path) -> bool:
@@ -486,7 +513,10 @@ def check_out(out: Path, overwrite: bool, sources: list) -> None:
     if (out.suffix == ".zip") != out.is_file():
         raise SiimError(f"export: {out} exists and is a {'file' if out.is_file() else 'folder'}: not replacing it")
     if not is_bundle(out):
-        raise SiimError(f"export: {out} exists and is not a bundle (no {MANIFEST}): overwrite=true replaces only a bundle")
+        raise SiimError(
+            f"export: {out} exists and is not a bundle as export writes one (a {MANIFEST} and only the files it lists): "
+            "overwrite=true replaces only a bundle"
+        )
 
 
 def export(cfg: Config) -> Path:
@@ -518,8 +548,10 @@ def export(cfg: Config) -> Path:
     record = source_record(src, members, prepared, Path(cfg.project))
     members = ordered([m for m, _ in det], fusion["det"]) + ordered([m for m, _ in cls], fusion["cls"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
+    work = work_folder(out)
+    tmp = work / "bundle"
     try:
+        tmp.mkdir()
         write_yaml(tmp / "prepare.yaml", prepare_settings(prepared, sizes))
         write_yaml(tmp / "fuse.yaml", fusion)
         dtypes = write_members(tmp, members, cfg.half)
@@ -527,11 +559,11 @@ def export(cfg: Config) -> Path:
         if cfg.sign:  # last: it vouches for every file, the manifest included
             signing.sign_bundle(tmp, {rel: sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
         if out.suffix == ".zip":
-            zip_tree(tmp, out)
-        else:
-            move_into_place(tmp, out)
+            zip_tree(tmp, work / out.name)
+            tmp = work / out.name
+        move_into_place(tmp, out, work)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     LOGGER.info(f"export: {out} ({size / 1e6:.1f} MB; {len(members)} models, dtypes {dtypes})")
     return out

@@ -103,6 +103,17 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
     return prepare(stages.stage_config("prepare", None, settings))
 
 
+def detect_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
+    """The `detect train` and `detect predict` configs of the run (typed and checked as on the command line)."""
+    det_project, name = stage_dir(project, "detect"), name or cfg.name
+    settings = section_settings(cfg, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
+    train = stages.stage_config("detect", "train", settings)
+    settings = section_settings(
+        {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_project / name), split=["oof", "test"]
+    )
+    return train, stages.stage_config("detect", "predict", settings)
+
+
 def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
     """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run
     dir and the files detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...}).
@@ -110,15 +121,26 @@ def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, 
     from siimcovid.detect.predict import predict
     from siimcovid.detect.train import train
 
-    det_project, name = stage_dir(project, "detect"), name or cfg.name
-    settings = section_settings(cfg, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
-    train(stages.stage_config("detect", "train", settings))
-    det_dir = det_project / name
-    settings = section_settings(
-        {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_dir), split=["oof", "test"]
-    )
-    written = predict(stages.stage_config("detect", "predict", settings))  # {run name: {split: file}}
+    train_cfg, predict_cfg = detect_configs(cfg, prepared, project, name, **extra)
+    train(train_cfg)
+    det_dir = Path(train_cfg.project) / train_cfg.name
+    written = predict(predict_cfg)  # {run name: {split: file}}
     return det_dir, written[det_dir.name]
+
+
+def classify_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
+    """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line)."""
+    cls_project, name = stage_dir(project, "classify"), name or cfg.name
+    settings = section_settings(cfg, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
+    train = stages.stage_config("classify", "train", settings)
+    settings = section_settings(
+        {"classify_predict": predict_settings(cfg, "classify")},
+        "classify_predict",
+        run=str(cls_project / name),
+        project=str(cls_project),
+        split=["oof", "test"],
+    )
+    return train, stages.stage_config("classify", "predict", settings)
 
 
 def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
@@ -127,19 +149,26 @@ def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None
     name, extra: as for detect."""
     from siimcovid.classify import predict, train
 
-    cls_project, name = stage_dir(project, "classify"), name or cfg.name
-    settings = section_settings(cfg, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
-    train.main(stages.stage_config("classify", "train", settings))  # main: sets up (and tears down) the device group
-    cls_dir = cls_project / name
-    settings = section_settings(
-        {"classify_predict": predict_settings(cfg, "classify")},
-        "classify_predict",
-        run=str(cls_dir),
-        project=str(cls_project),
-        split=["oof", "test"],
-    )
-    written = predict.main(stages.stage_config("classify", "predict", settings))[cls_dir.name]
+    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, **extra)
+    train.main(train_cfg)  # main: sets up (and tears down) the device group
+    cls_dir = Path(train_cfg.project) / train_cfg.name
+    written = predict.main(predict_cfg)[cls_dir.name]
     return cls_dir, {s: written[s] for s in ("oof", "test")}
+
+
+def check_sections(cfg: Config, root: Path, project: Path) -> None:
+    """Every stage's section typed and checked as the stage will check it, before the first stage runs: a bad value
+    in the classify section must not wait for hours of detector training to be found."""
+    prepared = stage_dir(project, "prepare") / cfg.name
+    stages.stage_config("prepare", None, section_settings(cfg, "prepare", data=str(root), name=cfg.name, out=str(prepared)))
+    detect_configs(cfg, prepared, project)
+    classify_configs(cfg, prepared, project)
+    fusion, files = Fusion(cfg, prepared, project), [str(prepared / "checked.csv")]
+    fusion.config("", "oof", files, files)
+    fusion.config("", "oof", files, files, mode="tune")
+    if int((cfg.get("pseudo") or {}).get("rounds") or 0):
+        out = stage_dir(project, "pseudo") / f"{cfg.name}-pseudo1"
+        stages.stage_config("pseudo", None, pseudo_settings(cfg, prepared, prepared, prepared, out))
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -322,6 +351,7 @@ def cv_table(rows: list[dict], out: Path, name: str) -> tuple[pd.DataFrame, floa
 # ----------------------------------------------------------------------------- the pipeline
 def run(cfg: Config) -> dict:
     project = Path(cfg.project)
+    check_sections(cfg, Path(cfg.data), project)  # before anything is written or trained
     out = stage_dir(project, "run") / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("cv_table.csv", "report.md"):  # results of an earlier run under other settings

@@ -108,8 +108,11 @@ def keygen(cfg) -> dict[str, Path]:
     if not cfg.out:
         raise SiimError("keygen needs out=<path>: writes <path>.key (private) and <path>.pub")
     base = Path(cfg.out)
-    if name_problem(base.name):
-        raise SiimError(f"keygen: out={cfg.out} names no file: give a path ending in a name, e.g. out=keys/team")
+    if name_problem(base.name) or str(cfg.out).endswith(("/", os.sep)) or os.path.lexists(base):
+        raise SiimError(
+            f"keygen: out={cfg.out} names no new file (the keys are <out>.key and <out>.pub): give a path ending in a new "
+            "name, e.g. out=keys/team"
+        )
     private, public = base.with_name(base.name + ".key"), base.with_name(base.name + ".pub")
     for p in (private, public):
         if p.exists() or p.is_symlink():

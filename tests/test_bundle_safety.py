@@ -450,7 +450,7 @@ def test_export_overwrite_replaces_only_a_bundle_and_never_a_folder_holding_the_
     mine = tmp_path / "documents"
     mine.mkdir()
     (mine / "thesis.txt").write_text("years of work")
-    with pytest.raises(SiimError, match=r"documents exists and is not a bundle \(no manifest.yaml\): overwrite=true replaces"):
+    with pytest.raises(SiimError, match=r"documents exists and is not a bundle as export writes one .*: overwrite=true"):
         export(runs, run="x", out=str(mine), overwrite=True)
     assert (mine / "thesis.txt").read_text() == "years of work"
     (tmp_path / "notes.zip").write_bytes(b"not a zip of a bundle")
@@ -484,11 +484,13 @@ def test_deep_nesting_and_a_malformed_signature_are_one_line_and_leave_no_cache(
     assert not cache.exists() or not any(cache.iterdir())
 
 
-@pytest.mark.parametrize("out", [".", "/", ".."])
-def test_keygen_needs_a_file_name(out, tmp_path, monkeypatch):
+@pytest.mark.parametrize("out", [".", "/", "..", "keys/", "keys", "/dev/null"])
+def test_keygen_needs_a_new_file_name(out, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SiimError, match="names no file: give a path ending in a name"):
+    (tmp_path / "keys").mkdir()
+    with pytest.raises(SiimError, match="names no new file .*: give a path ending in a new name"):
         call("keygen", out=out)
+    assert not any((tmp_path / "keys").iterdir()) and not list(tmp_path.glob("*.key"))
 
 
 def test_a_pretrained_file_that_names_code_is_refused_before_timm_loads_it(tmp_path):
@@ -502,3 +504,21 @@ def test_a_pretrained_file_that_names_code_is_refused_before_timm_loads_it(tmp_p
     with pytest.raises(SiimError, match="pretrained_file=.*weights.pth: holds Python objects besides weights"):
         build_model({**cfg, "none_head": True}, pretrained_file=str(tmp_path / "weights.pth"))
     assert not marker.exists()
+
+
+def test_the_work_folder_of_an_export_killed_midway_is_removed_by_the_next_one(runs, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from siimcovid.bundle import WORK_MARK
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed, running, mine = (tmp_path / f".b.{k}.tmp" for k in ("killed", "running", "mine"))
+    for folder, pid in ((killed, dead.stdout.strip()), (running, os.getpid())):
+        (folder / "bundle").mkdir(parents=True)
+        (folder / WORK_MARK).write_text(f"{socket.gethostname()} {pid}")
+    (mine / "bundle").mkdir(parents=True)  # no mark: a folder export did not make, whatever its name
+    export(runs, run="x", out=str(tmp_path / "b"))
+    assert not killed.exists() and running.is_dir() and mine.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", running.name, mine.name])

@@ -136,3 +136,21 @@ def test_predict_inherits_the_runtime_settings_of_the_train_section():
     assert predict_settings(cfg, "detect") == {"device": "cpu", "workers": 2, "plots": False}  # predict's own win
     cfg = {"classify": {"device": "cpu", "amp": False, "epochs": 1}, "classify_predict": None}
     assert predict_settings(cfg, "classify") == {"device": "cpu", "amp": False}
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"classify": {"epochs": "three"}}, "classify setting epochs='three'"),
+        ({"detect": {"lr0": float("inf")}}, "detect setting lr0=inf"),
+        ({"fuse": {"iou_thr": 2.0}}, "fuse setting iou_thr=2.0"),
+        ({"pseudo": {"rounds": 1, "box_conf": "high"}}, "pseudo setting box_conf='high'"),
+    ],
+)
+def test_a_bad_value_in_any_section_stops_run_before_anything_is_written(tmp_path, section, message):
+    """A typo in the classify section must not wait for hours of detector training to be found."""
+    from siimcovid.utils import SiimError
+
+    with pytest.raises(SiimError, match=message):
+        call("run", name="x", data=str(tmp_path / "siim"), project=str(tmp_path / "runs"), **section)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "siim").exists()
