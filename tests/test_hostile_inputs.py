@@ -390,6 +390,23 @@ def test_a_folder_an_earlier_siimcovid_prepared_is_adopted_and_resumed(tmp_path)
     assert image.relative_to(out).as_posix() in (out / "prepare_files.yaml").read_text()
 
 
+def test_adopting_an_earlier_folder_takes_only_prepares_own_files(tmp_path):
+    src = tmp_path / "src"
+    tiny_dicom(src / "chest.dcm")
+    out = prepare_folder(src, tmp_path / "out")
+    (out / "prepare_files.yaml").unlink()  # as an earlier siimcovid left it, and the user kept notes there
+    (out / "notes.txt").write_text("mine")
+    (out / "32" / "images" / "test" / "mine.txt").write_text("mine too")
+    prepare_folder(src, out)
+    record = (out / "prepare_files.yaml").read_text()
+    assert "notes.txt" not in record and "mine.txt" not in record and (out / "notes.txt").read_text() == "mine"
+    (out / "prepare_files.yaml").unlink()
+    (out / "skipped.csv").write_text("file,why\nmine,kept for the paper\n")  # a user's table of prepare's name
+    with pytest.raises(SiimError, match="skipped.csv is not a file siimcovid prepare wrote"):
+        prepare_folder(src, out)
+    assert (out / "skipped.csv").read_text() == "file,why\nmine,kept for the paper\n"
+
+
 @pytest.mark.parametrize("where", ["inside", "same", "above"])
 def test_an_out_at_or_around_the_data_is_refused(tmp_path, where):
     src = tmp_path / "src"

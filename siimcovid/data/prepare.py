@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing as mp
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -121,12 +122,31 @@ def earlier_settings(out: Path) -> dict | None:
     return saved if saved and saved.get("data_resolved") else None
 
 
+# What an earlier prepare wrote, by place (its tables also by their header: a user's skipped.csv is not taken for one)
+EARLIER_TABLES = {"meta.csv": META, "meta.previous.csv": META, SKIPPED_CSV: SKIPPED, "labels.csv": EXTERNAL_LABELS}
+EARLIER_FILES = re.compile(
+    r"prepare\.yaml|\d+/(images/(train|test)/[^/]+\.(png|jpg)|labels/train/[^/]+\.txt|masks/train/[^/]+\.png"
+    r"|fold\d+_(train|val)\.txt|test\.txt)"
+)
+
+
 def earlier_prepared(out: Path) -> Earlier | None:
     """A folder an earlier siimcovid prepared before prepare kept a record (outputs.Earlier): its prepare.yaml, no
-    record. Every file in it becomes prepare's."""
+    record. The files of the names and places prepare writes become prepare's (its tables only with their header);
+    any other file stays the user's."""
     if os.path.lexists(out / RECORD) or earlier_settings(out) is None:
         return None
-    return Earlier([p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()])
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.is_symlink()]
+    return Earlier([f for f in files if EARLIER_FILES.fullmatch(f) or earlier_table(out / f, EARLIER_TABLES.get(f))])
+
+
+def earlier_table(path: Path, table) -> bool:
+    """Whether a top-level file is the table prepare writes under that name (its first line: the table's columns)."""
+    if table is None:
+        return False
+    with open(path, "rb") as f:
+        first = f.readline(4096).decode("utf-8", "replace").strip().split(",")
+    return set(table.required) <= set(first)
 
 
 def check_out_folder(out: Path, root: Path, cfg: Config) -> None:
