@@ -227,9 +227,17 @@ class Written:
         return self.relative(path) in self.files
 
     def check(self, *paths) -> None:
-        """Refuse a path that exists and is not the stage's: the stage would overwrite a file it did not write."""
+        """Refuse a path that exists and is not the stage's (the stage would overwrite a file it did not write), and
+        one whose folder is a link out of the stage's folder (it would write wherever the link points)."""
+        root = self.folder.resolve()
+        for folder in {Path(p).parent for p in paths}:  # thousands of images live in a few folders
+            if not folder.resolve().is_relative_to(root):
+                raise SiimError(
+                    f"{folder} leads out of {self.folder} (a symbolic link): siimcovid {self.stage} writes only inside "
+                    "its folder; remove the link or choose another out="
+                )
         for path in paths:
-            if Path(path).exists() and not self.owns(path):
+            if (Path(path).exists() or Path(path).is_symlink()) and not self.owns(path):
                 raise SiimError(
                     f"{path} is not a file siimcovid {self.stage} wrote (not listed in {self.path}): "
                     "move it away or choose another out="

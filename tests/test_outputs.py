@@ -457,3 +457,19 @@ def test_predict_overwrite_reaches_its_prepare(bundle, synth_root, tmp_path):
     predict(bundle, source, out, overwrite=True)
     assert (out / "prepared" / "notes.txt").read_text() == "a user's notes" and (out / "prepared" / "meta.csv").is_file()
     assert "notes.txt" not in yaml.safe_load((out / "prepared" / "prepare_files.yaml").read_text())["files"]
+
+
+def test_a_folder_of_the_out_that_links_elsewhere_is_never_written_through(tmp_path):
+    """out/pictures -> a user's photo folder: the drawings would land among the photos."""
+    from siimcovid.outputs import open_out
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_text("a cat")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pictures").symlink_to(photos)
+    written = open_out(out, "record.yaml", "predict", overwrite=True)
+    with pytest.raises(SiimError, match="pictures leads out of .*out \\(a symbolic link\\): siimcovid predict writes only inside"):
+        written.claim(out / "pictures" / "new.jpg")
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"] and "pictures/new.jpg" not in written.files
