@@ -321,11 +321,11 @@ def resolve(cfg: Config) -> tuple[Path, Path, Prepared, Prepared, Path]:
 
 
 def open_folder(cfg: Config, out: Path, inputs: list[Path]) -> Written:
-    """The pseudo folder by the outputs rule (module docstring), before the teachers predict: pseudo has no
-    overwrite=, so a folder holding other files is refused; so is a user's prepare.yaml, labels.csv or boxes.csv."""
+    """The pseudo folder by the outputs rule (module docstring), before the teachers predict: a folder holding other
+    files is refused unless overwrite=true; a user's prepare.yaml, labels.csv or boxes.csv there is refused anyway."""
     what = "out" if cfg.out else "project/name"
     fixed = [out / name for name in (CONFIG, LABELS, BOXES)]
-    return open_out(out, RECORD, "pseudo", None, inputs, what, earlier=earlier_pseudo, check=fixed)
+    return open_out(out, RECORD, "pseudo", cfg.overwrite, inputs, what, earlier=earlier_pseudo, check=fixed)
 
 
 def earlier_pseudo(out: Path) -> Earlier | None:

@@ -274,9 +274,11 @@ def test_pseudo_refuses_the_root_the_home_folder_a_folder_holding_its_inputs_and
     for out, message in cases:
         with pytest.raises(SiimError, match=message) as e:
             run_pseudo(prepared, tmp_path / "t", out)
-        assert "\n" not in str(e.value) and "overwrite=" not in str(e.value)  # pseudo has no overwrite= to offer
+        assert "\n" not in str(e.value)
     assert (tmp_path / "home" / "labels.csv").read_text() == "a user's labels"
     assert (mine / "64" / "thesis.txt").read_text() == "four years of work" and sorted(os.listdir(mine)) == ["64"]
+    run_pseudo(prepared, tmp_path / "t", mine, overwrite=True)  # beside the user's files, which stay
+    assert (mine / "64" / "thesis.txt").read_text() == "four years of work" and (mine / "labels.csv").is_file()
 
 
 def test_pseudo_replaces_and_removes_only_its_own_files(prepared, tmp_path):

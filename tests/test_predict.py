@@ -39,6 +39,18 @@ def test_a_siim_root_is_told_from_a_folder_of_dicoms_and_from_one_file(tmp_path)
         source_layout(tmp_path / "missing")
 
 
+def test_a_siim_root_without_its_sample_submission_is_refused_not_predicted_as_a_folder(tmp_path):
+    """Else its train images would be predicted beside the test ones, and no submission written, with exit 0."""
+    root = tmp_path / "siim"
+    (root / "test").mkdir(parents=True)
+    (root / "train_image_level.csv").write_text("id,boxes,label,StudyInstanceUID\n")
+    with pytest.raises(SiimError, match=r"looks like a SIIM root .* has no readable sample_submission.csv.*source=.*test"):
+        source_layout(root)
+    (root / SAMPLE_SUBMISSION).mkdir()  # not a file either
+    with pytest.raises(SiimError, match="looks like a SIIM root"):
+        source_layout(root)
+
+
 def test_the_sample_of_a_folder_source_lists_every_prepared_study_then_every_image(tmp_path):
     test = pd.DataFrame({"image_id": ["i1", "i2", "i3"], "study_id": ["s2", "s1", "s2"]})
     path = SAMPLE.write(sample_from_meta(test), tmp_path / SAMPLE_SUBMISSION)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from siimcovid.tables import IMAGE_SUFFIX, SAMPLE, SAMPLE_SUBMISSION, STUDY_SUFFIX
+from siimcovid.tables import IMAGE_CSV, IMAGE_SUFFIX, SAMPLE, SAMPLE_SUBMISSION, STUDY_CSV, STUDY_SUFFIX
 from siimcovid.utils import SiimError
 
 PREPARE_KEYS = ("sizes", "ext", "png_level")  # the bundle's conversion settings (its prepare.yaml)
@@ -33,6 +33,11 @@ def source_layout(source: str | os.PathLike) -> str:
         raise SiimError(f"source not found: {path} (a SIIM root, a folder of DICOMs, or one DICOM file)")
     if path.is_dir() and (path / "test").is_dir() and (path / SAMPLE_SUBMISSION).is_file():
         return "siim"
+    if path.is_dir() and (path / "test").is_dir() and any((path / f).exists() for f in (IMAGE_CSV, STUDY_CSV, SAMPLE_SUBMISSION)):
+        raise SiimError(
+            f"source={path} looks like a SIIM root (test/, the competition's CSVs) but has no readable {SAMPLE_SUBMISSION}: "
+            f"give it back to write a submission, or source={path / 'test'} to predict its DICOMs as a folder"
+        )
     return "folder"
 
 
