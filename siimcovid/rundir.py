@@ -3,11 +3,19 @@ training?" check before predicting, and the "were these folds trained with other
 that guards skip and resume in detect and classify.
 
 A run of a per-fold stage is <project>/<name>/ with one folder fold<k>/ per trained fold.
+
+The outputs rule (siimcovid.outputs) for run folders: a run folder's record is its run config (classify.yaml,
+detect.yaml: is_run_config), a fold folder's the stage's own trace in it (classify: fold<k>/classify.yaml;
+detect: the args.yaml Ultralytics wrote for fold<k>). A training writes only into a run folder that is new, empty or
+its own (check_run_dir), and into fold folders that are new, hold only empty folders, or are its own (check_fold_dir);
+overwrite=true lets it write beside other files, never over them (refuse_existing). A fold started again loses only
+the stage's own files (remove_fold_files).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -56,6 +64,105 @@ def fold_checkpoints(
         raise SiimError(f"{run_dir} has no trained fold (no fold<k>/{relative}): run `siimcovid {stage} train` first")
     check_finished(run_dir, found, is_done, allow_unfinished, stage)
     return found
+
+
+def trained_any(run_dir: str | Path, checkpoint: str) -> bool:
+    """Whether some fold of the run trained an epoch (holds its `checkpoint`, e.g. "last.pt"): before that, the run's
+    saved settings describe nothing trained, and a corrected command may replace them (a check that stopped the
+    first start must not hold the name to its settings)."""
+    return bool(fold_files(run_dir, checkpoint))
+
+
+RUN_FOLDER = "project/name"  # the settings that name a run folder, as its messages name them
+
+
+def is_run_config(path: str | Path) -> bool:
+    """Whether `path` holds a run's settings as `classify train` / `detect train` saved them (the record of a run
+    folder): a mapping recording mode: train and the folds' fingerprint (folds_id). A user's file of that name (a
+    cfg= of their own, another tool's settings) is not one."""
+    from siimcovid.outputs import read_mapping
+
+    data = read_mapping(path)
+    return data is not None and data.get("mode") == "train" and "folds_id" in data
+
+
+def check_run_dir(run_dir: str | Path, config_name: str, overwrite: bool, sources: Iterable = ()) -> bool:
+    """The outputs rule for a run folder, before anything is written there (module docstring); True when it is the
+    stage's own run. Never the root, the home folder or a folder holding an input; a `config_name` there that no
+    training saved is refused even with overwrite=true (the run would save its settings over it)."""
+    from siimcovid.outputs import check_out, check_place
+
+    config = Path(run_dir) / config_name
+    if os.path.lexists(config):
+        if not is_run_config(config):
+            raise SiimError(f"{config} is not a run's settings file siimcovid wrote: move it away or choose another name=")
+        check_place(run_dir, sources, RUN_FOLDER)
+        return True
+    check_out(run_dir, config_name, overwrite, sources, RUN_FOLDER)
+    return False
+
+
+def first_file(folder: str | Path) -> str | None:
+    """The relative path of a file (or link) under `folder`, or None when it holds only empty folders (a kill can leave
+    a fold's folders before its first file)."""
+    for top, dirs, files in os.walk(folder):  # links to folders are listed, never followed
+        dirs.sort()
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+        for name in sorted(files) + links:
+            return Path(os.path.relpath(os.path.join(top, name), folder)).as_posix()
+    return None
+
+
+def refuse_existing(folder: str | Path, outputs: Iterable[str], stage: str) -> None:
+    """Refuse `folder` when it holds one of the `outputs` a training writes (names or glob patterns, relative to it) and
+    that the stage's record does not make its own: siimcovid writes beside a user's files, never over them."""
+    folder = Path(folder)
+    for pattern in outputs:
+        for path in sorted(folder.glob(pattern)):
+            raise SiimError(
+                f"{path} is not a file siimcovid {stage} wrote, and training writes that name: move it away or choose "
+                "another name="
+            )
+
+
+def check_fold_dir(folder: str | Path, own: bool, outputs: Iterable[str], overwrite: bool, stage: str) -> None:
+    """The outputs rule for a fold folder a training will write into (module docstring): `own` when the stage's record
+    says it made it; another folder holding files is refused unless overwrite=true, and then where it holds one of
+    the `outputs` (refuse_existing)."""
+    folder = Path(folder)
+    if own or not os.path.lexists(folder):
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise SiimError(f"{folder} is a file or a link, not a fold folder siimcovid made: move it away or choose another name=")
+    found = first_file(folder)
+    if found is None:
+        return
+    if not overwrite:
+        raise SiimError(
+            f"{folder} holds files siimcovid did not write (e.g. {found}): choose another name=, or give overwrite=true "
+            "to train beside them"
+        )
+    refuse_existing(folder, outputs, stage)
+
+
+def atomic_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files utils.atomic_path leaves beside `names` when a kill interrupts their write
+    (.<stem>.<random>.tmp<suffix>): never read, as large as a checkpoint each."""
+    found = []
+    for name in names:
+        path = Path(folder) / name
+        found += sorted(path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"))
+    return found
+
+
+def remove_fold_files(folder: str | Path, names: Iterable[str]) -> list[str]:
+    """A fold started again: the stage's own files (`names`) and their temporaries removed, nothing else (a user's
+    file beside them stays); the names removed."""
+    names = list(names)
+    gone = [p for p in [Path(folder) / n for n in names] + atomic_temporaries(folder, names) if p.is_file() or p.is_symlink()]
+    for path in gone:
+        path.unlink()
+    return [p.name for p in gone]
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -12,6 +12,11 @@ fold<k>/val_pred_image.csv   the best checkpoint's predictions on the fold's hel
                              (a siimcovid.tables.CLASSIFIER_IMAGES table)
 fold<k>/done.json            written last: the fold is finished and is skipped on a re-run
 
+The run folder is the run's own when its classify.yaml is one a training saved (siimcovid.rundir's outputs rule):
+another folder that holds files is refused unless overwrite=true, which trains beside them, never over them; a
+fold started again (resume=false) loses only the files above (FOLD_FILES), never a user's file beside them. The
+settings saved are held to only once a fold trained an epoch: a start that a check stopped does not bind the name.
+
 Training runs in waves: wave 0 is `epochs` epochs at `lr` with warmup and a cosine decay;
 each later wave (fine_lr, fine_epochs) restarts from the best checkpoint so far with a new
 optimizer and a lower lr (the two-wave schedule of the team notes in shared/seeds/).
@@ -58,7 +63,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -117,6 +121,9 @@ LOSS_PARTS = ["loss", "cls", "none", "mask"]  # what StudyLoss returns, logged a
 EXTRA_SEED = 1000  # the extra data's augmentation stream: seed + rank + this (the SIIM images' stream is unchanged)
 LABEL_PREDICTIONS = "val_pred_labels.csv"  # multi-label runs: the best epoch's validation probabilities
 SYNC_EVERY = 20  # training steps between host syncs (loss check, progress bar)
+RUN_CONFIG = "classify.yaml"  # <run>/ and <run>/fold<k>/: the resolved settings, the record that makes them siimcovid's
+FOLD_FILES = (RUN_CONFIG, "last.pt", "best.pt", "results.csv", "results.png", "val_pred_image.csv", LABEL_PREDICTIONS, P.DONE)
+RUN_FILES = ("pred_*.csv", "scores_oof.csv", "predict.yaml")  # what `classify predict` writes into the run folder
 
 
 # ---------------------------------------------------------------- hooks
@@ -720,10 +727,23 @@ def run_name(cfg) -> str:
     return default_name("classify", name, "model= and imgsz=")  # e.g. hf-hub:timm/<model> holds a '/'
 
 
+def check_run_folders(cfg, run_dir: Path, folds: list[int]) -> None:
+    """The outputs rule for the run folder and each fold folder it trains (siimcovid.rundir), before anything is
+    written: a user's folder is refused unless overwrite=true, a file of training's names in it even then."""
+    sources = [cfg.data, *cfg.extra, cfg.init]
+    own = rundir.check_run_dir(run_dir, RUN_CONFIG, cfg.overwrite, sources)
+    if not own:
+        rundir.refuse_existing(run_dir, RUN_FILES, "classify")
+    for fold in folds:
+        folder = rundir.fold_dir(run_dir, fold)
+        own_fold = own and rundir.is_run_config(folder / RUN_CONFIG)
+        rundir.check_fold_dir(folder, own_fold, FOLD_FILES, cfg.overwrite, "classify")
+
+
 def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
-    """Refuse to resume a run with different fixed settings; save the resolved config."""
-    saved = run_dir / "classify.yaml"
-    if saved.is_file() and cfg.resume:
+    """Refuse to resume a run with different fixed settings (once a fold trained); save the resolved config."""
+    saved = run_dir / RUN_CONFIG
+    if saved.is_file() and cfg.resume and rundir.trained_any(run_dir, "last.pt"):
         from siimcovid.config import read_yaml
 
         changed = rundir.changed_settings(read_yaml(saved), cfg, ignore=runtime_keys("classify"))
@@ -743,15 +763,14 @@ def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist
             metric = "mean AUC" if cfg.get("label_names") else "study mAP"
             LOGGER.info(f"fold {fold}: finished before (best {metric} {result['best_score']:.4f}), skipping")
         return result
-    if not cfg.resume and fold_dir.exists() and d.is_main:
-        shutil.rmtree(fold_dir)
-    if d.is_main and fold_dir.is_dir():  # temporaries of atomic writes a kill -9 interrupted (a checkpoint each)
-        for tmp in fold_dir.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
+    if d.is_main and not cfg.resume:  # only the fold's own files (check_run_folders made sure of them)
+        rundir.remove_fold_files(fold_dir, FOLD_FILES)
+    if d.is_main:  # temporaries of atomic writes a kill -9 interrupted (a checkpoint each)
+        rundir.remove_fold_files(fold_dir, [])
     d.barrier()
     if d.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(fold_dir / "classify.yaml")
+        cfg.save(fold_dir / RUN_CONFIG)
     d.barrier()
     return FoldTrainer(cfg, prep, fold, size, fold_dir, d, callbacks).run()
 
@@ -880,6 +899,7 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
     run_dir = Path(cfg.project) / cfg.name
     masks = not cfg.get("label_names") or bool((prep.meta.n_boxes > 0).any())
     check_files(prep, prep.split("train").assign(split="train"), size, masks=masks)
+    check_run_folders(cfg, run_dir, folds)
     prepare_run_dir(cfg, run_dir, d)
     if cfg.engine == "ray":
         from siimcovid.ray_engine import run_folds
@@ -889,7 +909,7 @@ def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
         results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in finished}
         if not cfg.resume:  # retrain from scratch: cleared here once, so that a task Ray runs again resumes, not restarts
             for fold in folds:
-                shutil.rmtree(rundir.fold_dir(run_dir, fold), ignore_errors=True)
+                rundir.remove_fold_files(rundir.fold_dir(run_dir, fold), FOLD_FILES)
         task_cfg = Config({**cfg, "resume": True}) if not cfg.resume else cfg
         todo = {fold: (task_cfg, fold, size, run_dir.resolve(), callbacks) for fold in folds if fold not in results}
         if todo:

@@ -19,6 +19,10 @@ Pretraining and extra data: `data=<a prepared folder of layout rsna>` trains on 
 tensor whose name and shape match; it logs "Transferred N/M items from pretrained weights");
 `extra=<dir>[,<dir>]` adds ExtraData(dir).detector_images(fold, size) to every fold's TRAINING list through a
 data YAML of the run's own (<run>/data/fold<k>.yaml), its validation list unchanged.
+
+The run folder is the run's own when its detect.yaml is one a training saved, a fold folder when the args.yaml
+Ultralytics wrote there names it (siimcovid.rundir's outputs rule): another folder that holds files is refused
+unless overwrite=true, which trains beside them, never over a file of the names a training writes (FOLD_FILES).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import strip_optimizer
 
+from siimcovid import rundir
 from siimcovid.config import Config, default_name, runtime_keys
 from siimcovid.data.extra import extra_roots, open_extra
 from siimcovid.data.prepared import Prepared
@@ -53,6 +58,7 @@ from siimcovid.detect.common import (
     select_folds,
     train_args,
 )
+from siimcovid.outputs import read_mapping
 from siimcovid.ray_engine import import_ray, run_folds
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed, refuse_init_on_same_folds
 from siimcovid.tables import read_csv
@@ -64,6 +70,10 @@ MAP50 = "metrics/mAP50(B)"
 # resumed fold keeps them from its checkpoint.
 RESUME_KEYS = tuple(k for k in TRAIN_KEYS if k in runtime_keys("detect"))
 START_ARGS = "args_start.yaml"  # a fold's args.yaml as Ultralytics wrote it when the fold started (kept at its first resume)
+# What a fold folder gets from a training (Ultralytics' run folder: its plots under varied names) and the run folder
+# from detect train and predict: in a folder of the user's (overwrite=true) none of them may exist
+FOLD_FILES = ("args.yaml", START_ARGS, "results.csv", "results.png", "weights", "labels", "predictions.json", "*.jpg", "*.png")
+RUN_FILES = ("data", "pred_*.csv", "scores_oof.csv", "predict.yaml")
 
 
 class AtomicFile(type(Path())):
@@ -208,6 +218,24 @@ def keep_start_args(folder: Path) -> None:
     if args.is_file() and not start.is_file():
         with atomic_path(start) as tmp:
             shutil.copyfile(args, tmp)
+
+
+def own_fold(folder: Path) -> bool:
+    """A fold folder detect train made: the args.yaml Ultralytics wrote there says it trained it as name=fold<k>."""
+    started = [read_mapping(folder / name) or {} for name in (START_ARGS, "args.yaml")]
+    return any(args.get("mode") == "train" and args.get("name") == folder.name for args in started)
+
+
+def check_run_folders(cfg: Config, run_dir: Path, folds: list[int], sources: list) -> bool:
+    """The outputs rule for the run folder and each fold folder it trains (module docstring), before anything is
+    written; True when the run folder is the run's own."""
+    own = rundir.check_run_dir(run_dir, RUN_CONFIG, cfg.overwrite, sources)
+    if not own:
+        rundir.refuse_existing(run_dir, RUN_FILES, "detect")
+    for k in folds:
+        folder = fold_dir(run_dir, k)
+        rundir.check_fold_dir(folder, own and own_fold(folder), FOLD_FILES, cfg.overwrite, "detect")
+    return own
 
 
 def remove_temporary_files(folder: Path) -> None:
@@ -365,7 +393,9 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
         check_ray_devices(args["device"], cfg.gpus_per_fold)
     name = cfg.name or default_name("detect", f"{source.name}-{Path(model).stem}", "the dataset and the model")
     run_dir = (Path(cfg.project) / name).resolve()
-    check_run_dataset(run_dir, source)
+    check_run_folders(cfg, run_dir, folds, [source.prepared, *source.yamls.values(), *cfg.extra, cfg.init])
+    if rundir.trained_any(run_dir, "weights/last.pt"):  # before that, another data= may take the name
+        check_run_dataset(run_dir, source)
     saved = Config(
         cfg,
         mode="train",
@@ -384,6 +414,7 @@ def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
             check_fold_settings(fold_dir(run_dir, k), args, model)
     if any(s != "new" for s in states.values()):
         check_run_settings(run_dir, saved)
+    saved.save(run_dir / RUN_CONFIG)  # the record first: a kill in what follows leaves a folder the re-run takes as its own
     yamls = fold_yamls(cfg, source, folds, run_dir)
     saved.data_yamls = {**saved.data_yamls, **{k: str(p.resolve()) for k, p in yamls.items()}}
     saved.save(run_dir / RUN_CONFIG)
