@@ -14,6 +14,9 @@ tta=hflip averages each model's probabilities on the image and its mirror.
 Ensembles (several run=...) combine the runs' tables row by row with siimcovid.ensemble.combine:
 mean, geometric (alias geomean: the product of members, up to a power) or rank (mean of each
 column's percentile rank; keeps only the ordering, which is all that AP reads).
+An ensemble's folder (out=, default <project>/ensemble) follows the outputs rule (siimcovid.outputs): new, empty or an
+ensemble's own (its record ensemble.yaml: the ensemble it holds and the files written), else overwrite=true, which
+writes beside the files there, never over them; never the root, the home folder or a folder holding a run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pandas as pd
 
 from siimcovid import ensemble, metrics, rundir
 from siimcovid.tables import CLASSES, CLASSIFIER_FOLDS, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, as_list
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
@@ -382,6 +385,8 @@ def main(cfg) -> dict[str, dict[str, Path]]:
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
     device = pick_device(cfg.device)
+    if len(runs) > 1:  # before any prediction: a user's file in the way stops it at once
+        open_ensemble_dir(cfg, runs)
     written: dict[str, dict[str, Path]] = {}
     for split in as_list(cfg.split):
         for run_dir, images, studies in split_tables(cfg, runs, split, device):
@@ -413,8 +418,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
                 rundir.save_predict_settings(run_dir, {"tta": cfg.tta, "weights": cfg.weights})
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:
-        out_dir = Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
-        claim_ensemble_dir(out_dir, runs, cfg.ensemble, cfg.tta, cfg.weights)
+        out_dir = ensemble_dir(cfg)
         images = combine([r[1] for r in per_run], cfg.ensemble)
         studies = combine([r[2] for r in per_run], cfg.ensemble)
         write_tables(out_dir, split, images, studies)
@@ -437,24 +441,50 @@ def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, stu
     return path
 
 
-def claim_ensemble_dir(out_dir: Path, runs: list[Path], method: str, tta: str, weights: str) -> None:
-    """Record what an ensemble folder holds; files of another ensemble there are removed, not left stale.
+ENSEMBLE_RECORD = "ensemble.yaml"  # an ensemble folder's record (siimcovid.outputs.Written)
+ENSEMBLE_KEYS = ("runs", "ensemble", "tta", "weights")  # what an ensemble is, recorded beside the files written
+
+
+def ensemble_dir(cfg) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.project) / "ensemble"
+
+
+def open_ensemble_dir(cfg, runs: list[Path]):
+    """The ensemble folder by the outputs rule (module docstring), every table of this command checked before any
+    prediction; the tables of another ensemble there (those its record lists) are removed, not left stale.
 
     Otherwise `split=oof` with runs a,b then `split=test` with runs a,c would leave OOF tables of
     one ensemble beside test tables of another, and fusion would tune on one and apply to the other.
     """
-    import yaml
+    from siimcovid.outputs import open_out
 
-    from siimcovid.config import read_yaml
+    out_dir, splits = ensemble_dir(cfg), as_list(cfg.split)
+    tables = [p for split in splits for p in table_paths(out_dir, split)]
+    tables += [out_dir / "scores_oof.csv"] if "oof" in splits else []
+    definition = dict(zip(ENSEMBLE_KEYS, ([str(Path(r).resolve()) for r in runs], cfg.ensemble, cfg.tta, cfg.weights)))
+    sources = [*runs, cfg.source]
+    written = open_out(
+        out_dir, ENSEMBLE_RECORD, "classify predict", cfg.overwrite, sources, earlier=earlier_ensemble, check=tables
+    )
+    if written.data and written.data != definition:
+        gone = written.remove_all()
+        LOGGER.warning(f"{out_dir} held another ensemble: removed its {len(gone)} prediction file(s)")
+    written.data = definition
+    written.claim(*tables)
+    written.save()
+    return written
 
-    definition = {"runs": [str(Path(r).resolve()) for r in runs], "ensemble": method, "tta": tta, "weights": weights}
-    record = out_dir / "ensemble.yaml"
-    if record.is_file() and read_yaml(record) != definition:
-        stale = sorted(out_dir.glob("pred_*.csv")) + sorted(out_dir.glob("scores_oof.csv"))
-        for f in stale:
-            f.unlink()
-        LOGGER.warning(f"{out_dir} held another ensemble: removed its {len(stale)} prediction file(s)")
-    atomic_write_text(record, yaml.safe_dump(definition, sort_keys=False))
+
+def earlier_ensemble(out_dir: Path):
+    """An ensemble folder of a release before the outputs rule (outputs.Earlier): its ensemble.yaml held the ensemble
+    only, without siimcovid's first line; the tables of the ensemble's names there become its own."""
+    from siimcovid.outputs import Earlier, is_record, present, read_mapping
+
+    record = out_dir / ENSEMBLE_RECORD
+    data = read_mapping(record)
+    if is_record(record) or data is None or set(data) != set(ENSEMBLE_KEYS):
+        return None
+    return Earlier(present(out_dir, ["scores_oof.csv"], ["pred_*_image.csv", "pred_*_study.csv"]), data)
 
 
 def run_data(run_dir: Path, runs: list[Path]) -> str:

@@ -21,6 +21,10 @@ Outputs, in each run dir (and all runs together in <out>/ when out= is set):
                   truth (the unclipped boxes of the CSVs): one row over all train images of the folds
                   predicted, then one per fold (siimcovid.tables.SCORES, plus the `model` column)
 
+out= follows the outputs rule (siimcovid.outputs): a new or empty folder, or detect predict's own (its record
+detect_predict_files.yaml lists the tables it wrote there), else overwrite=true, which writes beside the files
+there, never over them; never the root, the home folder or a folder holding a run or the source.
+
 The detector sees the prepared square image of side s (the run's image size); Ultralytics
 returns boxes in that image's pixels, which map back with x * cols / s, y * rows / s.
 """
@@ -47,6 +51,7 @@ from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 PREDICT_KEYS = ("conf", "iou", "tta", "max_det", "predict_imgsz")  # the settings that change the boxes
+OUT_RECORD = "detect_predict_files.yaml"  # out='s record (siimcovid.outputs.Written): the tables written there
 
 
 @dataclass
@@ -216,12 +221,16 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     splits = as_list(cfg.split)
     if not splits:
         raise SiimError("split= is empty: give oof, test or both")
+    if cfg.out:  # before any run is loaded: a user's file in the way stops it at once
+        open_out_folder(cfg, [Path(r) for r in runs], splits, create=False)
     loaded = [load_run(r, cfg.weights, cfg.allow_unfinished) for r in runs]  # check every run before predicting with any
     if cfg.source:
         loaded = [on_source(run, cfg.source, splits, cfg.out) for run in loaded]
     names = [run.name for run in loaded]
     if len(set(names)) < len(names):
         raise SiimError(f"runs must have different names (the `model` column): {names}")
+    if cfg.out:
+        open_out_folder(cfg, [run.dir for run in loaded], splits, create=True)
     written: dict[str, dict[str, Path]] = {}
     together: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
     for run in loaded:
@@ -231,6 +240,22 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
             path = DETECTIONS.write(pd.concat(frames, ignore_index=True), Path(cfg.out) / f"pred_{split}.csv")
             LOGGER.info(f"detect predict: all runs' {split} boxes -> {path}")
     return written
+
+
+def open_out_folder(cfg: Config, runs: list[Path], splits: list[str], create: bool) -> None:
+    """out= by the outputs rule (module docstring), every table of this command claimed before any prediction: a
+    user's file of that name stops it at once. runs: the run folders (their names: the `model` column); create=False
+    only checks (before the runs are loaded: a refusal leaves the folder as it was, no record in it)."""
+    from siimcovid.outputs import Written, check_out, open_out
+
+    out, sources = Path(cfg.out), [*runs, cfg.source]
+    tables = [out / f"pred_{split}.csv" for split in splits]
+    tables += [out / run.name / "pred_test.csv" for run in runs] if cfg.source else []
+    if create:
+        open_out(out, OUT_RECORD, "detect predict", cfg.overwrite, sources).claim(*tables)
+    else:
+        check_out(out, OUT_RECORD, cfg.overwrite, sources)
+        Written(out, OUT_RECORD, "detect predict").check(*tables)
 
 
 def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[str, list[pd.DataFrame]]) -> dict[str, Path]:
