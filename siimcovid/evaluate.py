@@ -13,11 +13,15 @@ misses, the score Kaggle would give had it accepted the file).
 
 Prints a per-class table (AP, truth and prediction counts), the study mAP, the image mAP and the
 final score; --json prints {"final", "study_map", "image_map", "ap", "n_truth", "n_pred", ...}.
+
+out= writes the same JSON to a file, marked as evaluate's ("written_by": "siimcovid evaluate"): an existing file is
+replaced only when it is such a scores file, never the submission, a file inside data= or any other file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,37 @@ from siimcovid.data.truth import load_truth, truth_rows
 from siimcovid.metrics import Score, score
 from siimcovid.submission import submission_to_pred
 from siimcovid.tables import SUBMISSION
-from siimcovid.utils import LOGGER, DataError, SiimError, atomic_write_text
+from siimcovid.utils import LOGGER, DataError, SiimError, atomic_write_text, read_text_input
+
+WRITTEN_BY = {"written_by": "siimcovid evaluate"}  # the mark of a scores file: the only file out= may replace
+EARLIER_KEYS = {"submission", "data", "split", "fold", "n_ids", "final"}  # a scores file of a release before the mark
+
+
+def is_scores_file(path: Path) -> bool:
+    """Whether `path` holds a scores JSON evaluate wrote (its mark, or every key of an earlier release's)."""
+    try:
+        report = json.loads(read_text_input(path, max_bytes=2**20, what="scores file"))
+    except (SiimError, ValueError):
+        return False
+    return isinstance(report, dict) and (report.get("written_by") == WRITTEN_BY["written_by"] or EARLIER_KEYS <= set(report))
+
+
+def check_out(out, submission, data) -> None:
+    """out= before any work: never the submission it scores, nor a file inside (or the folder of) data=, nor an
+    existing file that is not a scores file of evaluate's (a user's results, a prepared folder's meta.csv)."""
+    if not out:
+        return
+    out, here = Path(out), Path(out).resolve()
+    if here == Path(submission).resolve():
+        raise SiimError(f"out={out} is the submission it scores: choose another out= for the scores")
+    if here.is_relative_to(Path(data).resolve()):
+        raise SiimError(f"out={out} is inside data={data}: evaluate never writes into its data; choose another out=")
+    if here.is_dir():
+        raise SiimError(f"out={out} is a folder: give a file name for the scores, e.g. out={out / 'scores.json'}")
+    if os.path.lexists(out) and not is_scores_file(out):
+        raise SiimError(
+            f"out={out} is a file siimcovid evaluate did not write (no scores of its): move it away or choose another out="
+        )
 
 
 def evaluate(cfg: Config) -> Score:
@@ -37,6 +71,7 @@ def evaluate(cfg: Config) -> Score:
         raise SiimError("evaluate needs submission=<file.csv>")
     if not cfg.data:
         raise SiimError("evaluate needs data=<SIIM root or prepared dir>")
+    check_out(cfg.out, cfg.submission, cfg.data)
     sub_path = Path(cfg.submission)
     pred = submission_to_pred(SUBMISSION.read(sub_path), file=sub_path)
     images = load_truth(cfg.data, cfg.split)
@@ -73,6 +108,7 @@ def evaluate(cfg: Config) -> Score:
     n_rows = truth["id"].nunique()
     if cfg.json or cfg.out:
         report = {
+            **WRITTEN_BY,
             "submission": str(sub_path),
             "data": str(cfg.data),
             "split": cfg.split,
