@@ -94,13 +94,12 @@ def test_existing_dataset_is_kept_unless_overwrite(tmp_path):
         "synth", {"out": str(tmp_path / "d"), "train_studies": 3, "test_studies": 1, "rows": 64, "cols": 64, "workers": 1}
     )
     out = generate(cfg)
-    marker = out / "marker"
-    marker.write_text("x")
+    (out / IMAGE_CSV).write_text("damaged")
     generate(cfg)
-    assert marker.exists()
+    assert (out / IMAGE_CSV).read_text() == "damaged"  # kept: no overwrite
     cfg["overwrite"] = True
     generate(cfg)
-    assert not marker.exists() and not (tmp_path / "d.partial").exists()
+    assert (out / IMAGE_CSV).read_text() != "damaged" and not (tmp_path / "d.partial").exists()
 
 
 def test_never_replaces_a_folder_it_did_not_write(tmp_path):

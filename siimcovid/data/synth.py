@@ -16,6 +16,10 @@ What it draws, so that a model can learn it but not trivially:
   encoders allow), patients with several studies, studies with several images.
 
 Deterministic for a given seed (same CSVs, same pixels).
+
+A dataset is written into <out>.partial and appears only complete. Its marker (.siimcovid-synth) lists the entries of
+`out` synth wrote: overwrite=true replaces those only; a user's file or folder beside them (notes, a prepared folder
+made inside the dataset) stays, and is named. out= a link: the dataset goes where it points.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -57,7 +62,7 @@ from siimcovid.tables import (
     STUDY_LEVEL,
     STUDY_SUFFIX,
 )
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 
@@ -384,6 +389,31 @@ def is_synthetic(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def marker_text(note: str, entries) -> str:
+    """The marker: a line saying what wrote the dataset, then the entries of the folder synth wrote (its record)."""
+    return f"# {note}\n" + yaml.safe_dump({"entries": sorted(entries)})
+
+
+def synth_entries(folder: Path) -> set[str]:
+    """The entries of `folder` its marker says synth wrote; none for the marker of a release that listed none."""
+    try:
+        data = yaml.safe_load((folder / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()
+    listed = data.get("entries") if isinstance(data, dict) else None
+    return {e for e in listed or [] if isinstance(e, str) and e and "/" not in e and e not in (".", "..", MARKER)}
+
+
+def dataset_folder(out) -> Path:
+    """out= as the folder to write: a link is followed (the dataset goes where it points, the link stays)."""
+    out = Path(out)
+    if out.is_symlink():
+        target = out.resolve()
+        LOGGER.info(f"synth: out={out} is a link: writing the dataset into {target}")
+        return target
+    return out
+
+
 def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
     """The <out>.partial folder a dataset is written into (renamed to `out` by finish_partial), holding only the
     marker; None when `done_file` says `out` is already written and overwrite is off."""
@@ -395,7 +425,7 @@ def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
         # a real download still unzipping, or any other folder: never delete it
         raise SiimError(f"synth: {out} exists and is not a synthetic dataset written by `siimcovid synth`: choose another out=")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists() and not is_synthetic(partial):  # a folder of that name synth did not start: never delete it
+    if partial.is_symlink() or (partial.exists() and not is_synthetic(partial)):  # not one synth started: never delete it
         raise SiimError(f"synth: {partial} exists and was not started by `siimcovid synth` (no {MARKER} in it): move it away")
     if partial.exists():
         shutil.rmtree(partial)  # an interrupted synth's
@@ -415,18 +445,41 @@ def write_all(jobs: list, write, workers: int, desc: str) -> None:
                 pass
 
 
-def finish_partial(partial: Path, out: Path, marker: str) -> None:
-    """Mark the written dataset synthetic and put it in place: it appears only once complete."""
-    (partial / MARKER).write_text(marker)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+def finish_partial(partial: Path, out: Path, note: str, done_file: Path) -> None:
+    """Mark the written dataset synthetic (its marker lists what it holds) and put it in place: it appears only once
+    complete. An earlier dataset in `out` loses only the entries its marker lists (module docstring)."""
+    entries = sorted(e for e in os.listdir(partial) if e != MARKER)
+    (partial / MARKER).write_text(marker_text(note, entries))
+    if not out.exists():
+        os.replace(partial, out)
+        return
+    old = synth_entries(out) or set(entries)  # a marker that lists nothing (an earlier release): the names written now
+    others = sorted(set(os.listdir(out)) - old - {MARKER})
+    clash = [e for e in others if e in entries]
+    if clash:
+        raise SiimError(f"synth: {out / clash[0]} was not written by synth, and the new dataset writes that name: move it away")
+    # until the end the marker lists both (a kill in between leaves a folder the re-run still replaces); the done file's
+    # entry goes first and comes back last, so that an interrupted replacement is never taken for a finished dataset
+    atomic_write_text(out / MARKER, marker_text("being replaced by siimcovid synth", old | set(entries)))
+    first = Path(os.path.relpath(done_file, out)).parts[0]
+    for name in sorted(old, key=lambda e: e != first):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    for name in sorted(entries, key=lambda e: e == first):
+        os.replace(partial / name, out / name)
+    os.replace(partial / MARKER, out / MARKER)
+    partial.rmdir()
+    if others:
+        LOGGER.info(f"synth: kept {len(others)} entries of {out} that synth did not write: {', '.join(others[:5])}")
 
 
 def generate(cfg: Config) -> Path:
     if cfg.kind != "siim":  # an external set in its own layout, registered by siimcovid/data/synth_external.py
         return registry.get("synth", cfg.kind)(cfg)
-    out = Path(cfg.out)
+    out = dataset_folder(cfg.out)
     partial = start_partial(out, out / IMAGE_CSV, cfg.overwrite)
     if partial is None:
         return out
@@ -437,7 +490,7 @@ def generate(cfg: Config) -> Path:
     ]
     write_all(jobs, _write_image, cfg.workers or os.cpu_count() or 1, f"synth {len(jobs)} DICOMs")
     write_csvs(studies, partial)
-    finish_partial(partial, out, f"written by siimcovid synth, seed {cfg.seed}\n")
+    finish_partial(partial, out, f"written by siimcovid synth, seed {cfg.seed}", out / IMAGE_CSV)
     n_train = sum(len(s.images) for s in studies if s.split == "train")
     n_test = sum(len(s.images) for s in studies if s.split == "test")
     LOGGER.info(f"synth: wrote {n_train} train and {n_test} test DICOMs in {len(studies)} studies to {out}")

@@ -35,6 +35,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from siimcovid.config import Config
 from siimcovid.data.synth import (
     StudySpec,
+    dataset_folder,
     draw_chest,
     finish_partial,
     make_dicom,
@@ -231,13 +232,13 @@ SETS = {"rsna": rsna_set, "chestxray14": chestxray14_set, "chexpert": chexpert_s
 @register("synth", *SETS)
 def generate_external(cfg: Config) -> Path:
     """Write the kind's set to `out` (all at once: it appears only complete)."""
-    out = Path(cfg.out)
+    out = dataset_folder(cfg.out)
     partial = start_partial(out, out / MAIN_FILE[cfg.kind], cfg.overwrite)
     if partial is None:
         return out
     studies = plan(cfg)
     jobs = SETS[cfg.kind](studies, partial)
     write_all(jobs, write_one, cfg.workers or os.cpu_count() or 1, f"synth {cfg.kind}: {len(jobs)} images")
-    finish_partial(partial, out, f"written by siimcovid synth kind={cfg.kind}, seed {cfg.seed}\n")
+    finish_partial(partial, out, f"written by siimcovid synth kind={cfg.kind}, seed {cfg.seed}", out / MAIN_FILE[cfg.kind])
     LOGGER.info(f"synth: wrote a {cfg.kind} set of {len(jobs)} images ({len(studies)} studies) to {out}")
     return out
