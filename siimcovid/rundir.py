@@ -78,12 +78,12 @@ RUN_FOLDER = "project/name"  # the settings that name a run folder, as its messa
 
 def is_run_config(path: str | Path) -> bool:
     """Whether `path` holds a run's settings as `classify train` / `detect train` saved them (the record of a run
-    folder): a mapping recording mode: train and the folds' fingerprint (folds_id). A user's file of that name (a
-    cfg= of their own, another tool's settings) is not one."""
+    folder): a mapping recording the folds' fingerprint (folds_id, which only a training records: a cfg= read back
+    skips it). A user's file of that name (a cfg= of their own, another tool's settings) is not one."""
     from siimcovid.outputs import read_mapping
 
     data = read_mapping(path)
-    return data is not None and data.get("mode") == "train" and "folds_id" in data
+    return data is not None and "folds_id" in data
 
 
 def check_run_dir(run_dir: str | Path, config_name: str, overwrite: bool, sources: Iterable = ()) -> bool:
@@ -155,11 +155,12 @@ def atomic_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
     return found
 
 
-def remove_fold_files(folder: str | Path, names: Iterable[str]) -> list[str]:
+def remove_fold_files(folder: str | Path, names: Iterable[str], temporaries_only: bool = False) -> list[str]:
     """A fold started again: the stage's own files (`names`) and their temporaries removed, nothing else (a user's
-    file beside them stays); the names removed."""
+    file beside them stays); temporaries_only: those of a kill, before a resume. The names removed."""
     names = list(names)
-    gone = [p for p in [Path(folder) / n for n in names] + atomic_temporaries(folder, names) if p.is_file() or p.is_symlink()]
+    found = atomic_temporaries(folder, names) + ([] if temporaries_only else [Path(folder) / n for n in names])
+    gone = [p for p in found if p.is_file() or p.is_symlink()]
     for path in gone:
         path.unlink()
     return [p.name for p in gone]

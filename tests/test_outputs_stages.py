@@ -136,11 +136,11 @@ def test_detect_and_classify_predict_refuse_a_users_out_before_loading_any_run(t
         runs.append(str(tmp_path / name))
     with pytest.raises(SiimError, match=r"out=.*mine holds files siimcovid did not write .*overwrite=true"):
         call("detect", "predict", run=runs[:1], out=str(mine), device="cpu")
-    with pytest.raises(SiimError, match=r"mine/pred_oof.csv is not a file siimcovid detect predict wrote"):
+    with pytest.raises(SiimError, match=r"mine/pred_oof.csv is not a file siimcovid detect wrote"):
         call("detect", "predict", run=runs[:1], out=str(mine), device="cpu", overwrite=True)
     with pytest.raises(SiimError, match=r"out=.*mine holds files siimcovid did not write .*overwrite=true"):
         call("classify", "predict", run=runs, out=str(mine), device="cpu")
-    with pytest.raises(SiimError, match=r"mine/pred_oof_image.csv is not a file siimcovid classify predict wrote"):
+    with pytest.raises(SiimError, match=r"mine/pred_oof_image.csv is not a file siimcovid classify wrote"):
         call("classify", "predict", run=runs, out=str(mine), device="cpu", overwrite=True)
     with pytest.raises(SiimError, match="holds the input"):  # an out holding a run would write over its tables
         call("classify", "predict", run=runs, out=str(tmp_path), device="cpu", overwrite=True)
@@ -170,6 +170,7 @@ def test_predict_out_writes_beside_a_users_notes_and_takes_up_an_earlier_ensembl
         out.mkdir()
         (out / "notes.txt").write_text("my notes")
         call(stage, "predict", out=str(out), overwrite=True, **settings)
+        call(stage, "predict", out=str(out), **settings)  # its own folder now: no overwrite needed
         assert (out / "notes.txt").read_text() == "my notes"
     assert (tmp_path / "detect" / "pred_oof.csv").is_file() and (tmp_path / "classify" / "pred_oof_image.csv").is_file()
     out = tmp_path / "classify"

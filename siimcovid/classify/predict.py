@@ -464,7 +464,7 @@ def open_ensemble_dir(cfg, runs: list[Path]):
     definition = dict(zip(ENSEMBLE_KEYS, ([str(Path(r).resolve()) for r in runs], cfg.ensemble, cfg.tta, cfg.weights)))
     sources = [*runs, cfg.source]
     written = open_out(
-        out_dir, ENSEMBLE_RECORD, "classify predict", cfg.overwrite, sources, earlier=earlier_ensemble, check=tables
+        out_dir, ENSEMBLE_RECORD, "classify", cfg.overwrite, sources, earlier=earlier_ensemble, check=tables
     )
     if written.data and written.data != definition:
         gone = written.remove_all()

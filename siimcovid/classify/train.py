@@ -766,7 +766,7 @@ def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist
     if d.is_main and not cfg.resume:  # only the fold's own files (check_run_folders made sure of them)
         rundir.remove_fold_files(fold_dir, FOLD_FILES)
     if d.is_main:  # temporaries of atomic writes a kill -9 interrupted (a checkpoint each)
-        rundir.remove_fold_files(fold_dir, [])
+        rundir.remove_fold_files(fold_dir, FOLD_FILES, temporaries_only=True)
     d.barrier()
     if d.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)

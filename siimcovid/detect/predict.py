@@ -252,10 +252,10 @@ def open_out_folder(cfg: Config, runs: list[Path], splits: list[str], create: bo
     tables = [out / f"pred_{split}.csv" for split in splits]
     tables += [out / run.name / "pred_test.csv" for run in runs] if cfg.source else []
     if create:
-        open_out(out, OUT_RECORD, "detect predict", cfg.overwrite, sources).claim(*tables)
+        open_out(out, OUT_RECORD, "detect", cfg.overwrite, sources).claim(*tables)
     else:
         check_out(out, OUT_RECORD, cfg.overwrite, sources)
-        Written(out, OUT_RECORD, "detect predict").check(*tables)
+        Written(out, OUT_RECORD, "detect").check(*tables)
 
 
 def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[str, list[pd.DataFrame]]) -> dict[str, Path]:
