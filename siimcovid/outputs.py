@@ -54,7 +54,7 @@ FILES_KEY = "files"
 HEADER = (
     "# siimcovid {stage}'s record of this folder: `files` lists what it wrote here; it never replaces or removes another file\n"
 )
-RECORD_MARK = re.compile(r"# siimcovid [\w-]+'s record of this folder: ")  # HEADER's start, for every stage
+RECORD_MARK = re.compile(r"# siimcovid [\w -]+'s record of this folder: ")  # HEADER's start, for every stage (and mode)
 EVIDENCE_BYTES = 1 << 20  # an earlier stage's YAML evidence is small: a larger file is not one
 
 

@@ -185,7 +185,8 @@ def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, written: Writte
     path = cache / det_dir.name / "pred_test.csv"
     written.claim(path, cache / "pred_test.csv")  # detect predict's tables with out=cache: never a user's file
     if not path.is_file():
-        settings = {"run": [str(det_dir)], "split": ["test"], "source": str(source.root), "out": str(cache)}
+        # out=cache holds pseudo's own files: detect predict writes beside them (its two tables, which pseudo listed)
+        settings = {"run": [str(det_dir)], "split": ["test"], "source": str(source.root), "out": str(cache), "overwrite": True}
         settings |= {"tta": cfg.det_tta, "conf": cfg.det_conf, "batch": cfg.batch, "device": cfg.device or None}
         stages.load("siimcovid.detect.predict:predict")(stages.stage_config("detect", "predict", settings))
     return DETECTIONS.read(path)
