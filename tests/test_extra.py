@@ -280,16 +280,14 @@ def test_detect_extra_yaml_keeps_validation(prepared, rsna_prepared, pseudo_dir,
         assert not val & {Path(p).stem for p in added}
 
 
+@pytest.mark.slow
 def test_classify_extra_is_a_recorded_setting(prepared, rsna_prepared, tmp_path):
     from test_classify import tiny_cfg
 
-    from siimcovid import rundir
     from siimcovid.classify.train import main
 
-    run = tmp_path / "rec"
-    rundir.fold_dir(run, 0).mkdir(parents=True)
-    cfg = tiny_cfg(prepared, tmp_path, name="rec", fold=0, epochs=1)
-    with pytest.raises(Stop):  # writes classify.yaml, stops before training
-        main(cfg, callbacks={"on_train_data": lambda t: (_ for _ in ()).throw(Stop())})
+    cfg = tiny_cfg(prepared, tmp_path, name="rec", fold=0, epochs=2)
+    with pytest.raises(Stop):  # one epoch trained (the settings bind the name from then on), then stopped
+        main(cfg, callbacks={"on_fit_epoch_end": lambda *a, **k: (_ for _ in ()).throw(Stop())})
     with pytest.raises(SiimError, match="extra"):
-        main(tiny_cfg(prepared, tmp_path, name="rec", fold=0, epochs=1, extra=[str(rsna_prepared)]))
+        main(tiny_cfg(prepared, tmp_path, name="rec", fold=0, epochs=2, extra=[str(rsna_prepared)]))

@@ -17,7 +17,6 @@ Its target is the box mask from prepare, area-downsampled to the head's resoluti
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -185,9 +184,13 @@ def init_weights(path) -> tuple[dict, dict]:
     import pickle
 
     if str(path).endswith(".safetensors"):
-        from siimcovid.weights import load_state
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-        return load_state(Path(path), f"init={path}"), {}
+        try:
+            return load_file(str(path), device="cpu"), {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SiimError(f"init={path}: not a readable safetensors file ({e})") from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

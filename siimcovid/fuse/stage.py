@@ -40,6 +40,9 @@ SPLITS = ("oof", "test")
 CONFIG_KEYS = {"det", "cls", "data", "split"}  # in every config record fuse and tune save (fuse_<split>.yaml, tune.yaml)
 
 
+TUNE_OUTPUTS = ("tune.yaml", "trials.csv", "tune_compare.csv", "best.yaml")  # what `fuse tune` writes (best.yaml last)
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.project) / cfg.name
 
@@ -55,12 +58,10 @@ def earlier_fuse(folder: Path) -> Earlier | None:
     """A <project>/<name>/ the release before the outputs rule left (outputs.Earlier): no fuse_files.yaml, and a config
     record only fuse and tune save (fuse_<split>.yaml, tune.yaml: a mapping of fuse's settings). The files there named
     as fuse and tune name theirs become their own."""
-    from siimcovid.fuse.tune import OUTPUTS
-
     configs = [folder / f"fuse_{split}.yaml" for split in SPLITS] + [folder / "tune.yaml"]
     if os.path.lexists(folder / RECORD) or not any(CONFIG_KEYS <= set(read_mapping(p) or {}) for p in configs):
         return None
-    names = [p.name for split in SPLITS for p in split_files(folder, split)] + list(OUTPUTS)
+    names = [p.name for split in SPLITS for p in split_files(folder, split)] + list(TUNE_OUTPUTS)
     return Earlier(present(folder, names))
 
 

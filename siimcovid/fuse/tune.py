@@ -56,6 +56,7 @@ from siimcovid.fuse.pipeline import (
     fusion_params,
     score_fused,
 )
+from siimcovid.fuse.stage import TUNE_OUTPUTS as OUTPUTS
 from siimcovid.fuse.stage import open_run_dir, run_dir
 from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
@@ -63,7 +64,6 @@ from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
 WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result
-OUTPUTS = ("tune.yaml", "trials.csv", "tune_compare.csv", "best.yaml")  # in the order written (best.yaml last)
 
 
 def load_space(space) -> dict[str, list]:
