@@ -58,7 +58,17 @@ from siimcovid import __version__, outputs, signing, stages, weights
 from siimcovid.config import Config, load_config, read_yaml, schema
 from siimcovid.rundir import saved_predict_settings
 from siimcovid.signing import SIGNATURE
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, name_problem, read_input, temp_dir_beside
+from siimcovid.utils import (
+    LOGGER,
+    SiimError,
+    atomic_path,
+    atomic_write_text,
+    file_sha256,
+    name_problem,
+    read_input,
+    stream_sha256,
+    temp_dir_beside,
+)
 
 FORMAT = 2  # the bundle format this siimcovid writes and reads (1: pickled checkpoints, no longer read)
 MANIFEST = "manifest.yaml"
@@ -98,19 +108,12 @@ class Bundle:
     manifest: dict
     prepare: dict
     fusion: dict
+    manifest_sha256: str  # of the manifest's bytes open_bundle checked: what identifies the bundle
     detectors: list[Member] = field(default_factory=list)
     classifiers: list[Member] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- small shared pieces
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def package_versions() -> dict[str, str | None]:
     """Python and the packages a bundle's models need, as installed here (None: not installed)."""
     out = {"python": ".".join(map(str, sys.version_info[:3]))}
@@ -405,7 +408,7 @@ def manifest_files(root: Path) -> list[str]:
 
 def file_table(root: Path) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file under root but the manifest and the signature."""
-    return {rel: {"sha256": sha256(root / rel), "bytes": (root / rel).stat().st_size} for rel in manifest_files(root)}
+    return {rel: {"sha256": file_sha256(root / rel), "bytes": (root / rel).stat().st_size} for rel in manifest_files(root)}
 
 
 def manifest(root: Path, sources: dict, half: bool, dtypes: dict) -> dict:
@@ -557,7 +560,7 @@ def export(cfg: Config) -> Path:
         dtypes = write_members(tmp, members, cfg.half)
         write_yaml(tmp / MANIFEST, manifest(tmp, record, cfg.half, dtypes))  # it lists every file
         if cfg.sign:  # last: it vouches for every file, the manifest included
-            signing.sign_bundle(tmp, {rel: sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
+            signing.sign_bundle(tmp, {rel: file_sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
         if out.suffix == ".zip":
             zip_tree(tmp, work / out.name)
             tmp = work / out.name
@@ -795,9 +798,7 @@ def extract_zip(path: Path, trust) -> tuple[Path, Header, Path | None]:
     except OSError as e:
         raise SiimError(f"bundle {path}: cannot be read ({e.strerror})") from None
     with handle:
-        digest = hashlib.sha256()
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+        digest = stream_sha256(handle)
         handle.seek(0)
         try:
             zf = zipfile.ZipFile(handle)
@@ -806,7 +807,7 @@ def extract_zip(path: Path, trust) -> tuple[Path, Header, Path | None]:
         with zf:
             prefix, header, entries = zip_entries(zf, path)
             check_header(header, trust, path)
-            cache = cache_dir() / digest.hexdigest()
+            cache = cache_dir() / digest
             copy = cached(cache, prefix, header, path)
             if copy is not None:
                 return cache / prefix, copy, None
@@ -856,7 +857,7 @@ def check_files(root: Path, data: dict, where) -> None:
     for rel, entry in tqdm(listed.items(), desc="check bundle", unit="file", leave=False):
         if rel not in present:
             raise SiimError(f"bundle {where}: {rel} is missing (listed in {MANIFEST}): an incomplete copy?")
-        if (root / rel).stat().st_size != entry["bytes"] or sha256(root / rel) != entry["sha256"]:
+        if (root / rel).stat().st_size != entry["bytes"] or file_sha256(root / rel) != entry["sha256"]:
             raise SiimError(f"bundle {where}: {rel} is corrupt: its checksum does not match {MANIFEST}")
     extra = sorted(present - set(listed) - {MANIFEST, SIGNATURE})
     if extra:
@@ -1006,7 +1007,7 @@ def read_bundle(root: Path, header: Header, where) -> Bundle:
     members = read_members(root, header, fusion, where)
     sizes = {m.settings["size"] for m in members["detect"]} | {m.settings["imgsz"] for m in members["classify"]}
     prepare = prepare_record(bundle_yaml(root, "prepare.yaml", header, where), sizes, where)
-    return Bundle(root, header.manifest, prepare, fusion, members["detect"], members["classify"])
+    return Bundle(root, header.manifest, prepare, fusion, header.manifest_sha256, members["detect"], members["classify"])
 
 
 def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:

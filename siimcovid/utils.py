@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -136,6 +137,31 @@ def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
 def read_text_input(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> str:
     """An input text file (a YAML, a CSV): read_input, then decode_utf8."""
     return decode_utf8(read_input(path, max_bytes, what), path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read by blocks: weights files are hundreds of MB)."""
+    with open(path, "rb") as f:
+        return stream_sha256(f)
+
+
+def stream_sha256(f) -> str:
+    """The sha256 of what is left to read in a binary file object."""
+    digest = hashlib.sha256()
+    while block := f.read(1 << 20):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_state(data: bytes, where: str) -> dict:
+    """A safetensors file's bytes -> its state dict (tensors on the CPU); anything else is a SiimError naming `where`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise SiimError(f"{where}: not a readable safetensors file ({e})") from None
 
 
 def printable(path: str | os.PathLike) -> str:

@@ -75,8 +75,7 @@ def load_state(path: Path, where: str, sha256: str | None = None) -> dict:
     after open_bundle checked it is refused, not loaded."""
     import hashlib
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from siimcovid.utils import safetensors_state
 
     try:
         data = Path(path).read_bytes()
@@ -84,10 +83,7 @@ def load_state(path: Path, where: str, sha256: str | None = None) -> dict:
         raise SiimError(f"{where}: cannot be read ({e.strerror})") from None
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise SiimError(f"{where} changed after the bundle was checked: its checksum no longer matches the manifest")
-    try:
-        return load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise SiimError(f"{where}: not a readable safetensors file ({e})") from None
+    return safetensors_state(data, where)
 
 
 def header_shapes(path: Path, where: str) -> dict[str, tuple]:

@@ -68,19 +68,24 @@ def create_backbone(name: str, pretrained: bool = False, pretrained_file: str | 
     return model
 
 
-def check_weights_only(path) -> None:
-    """pretrained_file= may come from anywhere: a .pth / .pt must load with weights_only=True (tensors and plain
-    containers: nothing it names can run), whichever torch.load default the installed timm passes on."""
+def load_weights_only(path, key: str, advice: str = ""):
+    """torch.load of a file that may come from anywhere (init=, pretrained_file=): weights_only=True, so that only
+    tensors and plain containers load and a pickle naming code to run is refused; errors name `key`."""
     import pickle
 
-    if str(path).endswith(".safetensors"):
-        return
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise SiimError(f"pretrained_file={path}: holds Python objects besides weights (loading them could run code)") from None
+        raise SiimError(f"{key}={path}: holds Python objects besides weights, and loading those could run code{advice}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SiimError(f"pretrained_file={path}: not a weights file ({str(e).splitlines()[0][:160]})") from None
+        raise SiimError(f"{key}={path}: not a PyTorch weights file ({str(e).splitlines()[0][:160]})") from None
+
+
+def check_weights_only(path) -> None:
+    """pretrained_file= must load with weights_only=True, whichever torch.load default the installed timm passes on
+    when it reads the file after this check (a .safetensors holds tensors only)."""
+    if not str(path).endswith(".safetensors"):
+        load_weights_only(path, "pretrained_file")
 
 
 class StudyNet(nn.Module):
@@ -179,27 +184,14 @@ def build_model(
 def init_weights(path) -> tuple[dict, dict]:
     """(weights, model_cfg) of a checkpoint: best.pt's (the evaluated ones) or last.pt's EMA, else its model.
 
-    init= may name a file from elsewhere: it is read with weights_only=True (tensors and plain containers only), so a
-    pickle that names code to run is refused instead of run; a .safetensors file is read as one."""
-    import pickle
-
+    init= may name a file from elsewhere: it is read with weights_only=True (load_weights_only), so a pickle that
+    names code to run is refused instead of run; a .safetensors file is read as one."""
     if str(path).endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from siimcovid.utils import read_input, safetensors_state
 
-        try:
-            return load_file(str(path), device="cpu"), {}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise SiimError(f"init={path}: not a readable safetensors file ({e})") from None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SiimError(
-            f"init={path}: holds Python objects besides weights, and loading those could run code: give a classify run "
-            "(its best.pt holds weights only), or weights as .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SiimError(f"init={path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        return safetensors_state(read_input(path, what="weights file"), f"init={path}"), {}
+    advice = ": give a classify run (its best.pt holds weights only), or weights as .safetensors"
+    ckpt = load_weights_only(path, "init", advice)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise SiimError(f"init={path}: not a siimcovid classify checkpoint (no 'model' weights)")
     state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]

@@ -30,14 +30,6 @@ MEMBER_DIRS = ("detect", "classify")  # where a bundle's members' tables are
 FUSE_DIR = "fuse"  # predict's fusion: `siimcovid fuse` writes <out>/fuse, with a record of its own
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def images_id(image_ids) -> str:
     """A fingerprint of the ordered test images a table was predicted on."""
     return hashlib.sha1("\n".join(map(str, image_ids)).encode()).hexdigest()[:16]

@@ -37,7 +37,7 @@ from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
 from siimcovid.outputs import Earlier, check_out, check_outside, open_out, present, read_mapping
 from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
-from siimcovid.predict.record import FUSE_DIR, RECORD, Record, file_sha256, images_id
+from siimcovid.predict.record import FUSE_DIR, RECORD, Record, images_id
 from siimcovid.predict.source import input_checks, loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
 from siimcovid.submission import write_submission
@@ -264,7 +264,7 @@ def predict(cfg: Config) -> dict:
     created = not out.exists()
     fixed = [out / name for name in fixed_outputs()]  # a user's file in the way stops it now, not at the end
     open_out(out, RECORD, "predict", cfg.overwrite, [source], earlier=earlier_outputs, check=fixed)  # the record first
-    record = Record(out, cfg.bundle, file_sha256(bundle.root / "manifest.yaml"), dict(cfg))
+    record = Record(out, cfg.bundle, bundle.manifest_sha256, dict(cfg))
     record.save()
     record.remove(out / FUSE_DIR / SAMPLE_SUBMISSION)  # where the release before the outputs rule kept it
     steps = Steps(record)
