@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from siimcovid.utils import SiimError
+from siimcovid.utils import SiimError, atomic_temporaries
 
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:
@@ -145,21 +145,12 @@ def check_fold_dir(folder: str | Path, own: bool, outputs: Iterable[str], overwr
     refuse_existing(folder, outputs, stage)
 
 
-def atomic_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
-    """The temporary files utils.atomic_path leaves beside `names` when a kill interrupts their write
-    (.<stem>.<random>.tmp<suffix>): never read, as large as a checkpoint each."""
-    found = []
-    for name in names:
-        path = Path(folder) / name
-        found += sorted(path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"))
-    return found
-
-
 def remove_fold_files(folder: str | Path, names: Iterable[str], temporaries_only: bool = False) -> list[str]:
     """A fold started again: the stage's own files (`names`) and their temporaries removed, nothing else (a user's
     file beside them stays); temporaries_only: those of a kill, before a resume. The names removed."""
     names = list(names)
-    found = atomic_temporaries(folder, names) + ([] if temporaries_only else [Path(folder) / n for n in names])
+    temporaries = [t for n in names for t in atomic_temporaries(Path(folder) / n)]  # as large as a checkpoint each
+    found = temporaries + ([] if temporaries_only else [Path(folder) / n for n in names])
     gone = [p for p in found if p.is_file() or p.is_symlink()]
     for path in gone:
         path.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import logging
 import os
@@ -228,6 +229,13 @@ def atomic_path(path: str | os.PathLike):
         if problem:
             raise SiimError(problem) from e
         raise
+
+
+def atomic_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files atomic_path leaves beside `path` when a kill interrupts its write (its own naming:
+    .<stem>.<random>.tmp<suffix>), never read again."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"))
 
 
 def temp_dir_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:

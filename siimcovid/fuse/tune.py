@@ -60,7 +60,7 @@ from siimcovid.fuse.stage import TUNE_OUTPUTS as OUTPUTS
 from siimcovid.fuse.stage import open_run_dir, run_dir
 from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
-from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, as_list, atomic_temporaries, atomic_write_text
 
 MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
 WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result
@@ -234,8 +234,8 @@ def write_results(
     """tune.yaml, trials.csv, tune_compare.csv and best.yaml in the run dir (claimed by tune: its own to replace);
     returns their paths and tables."""
     out = written.folder
-    for name in OUTPUTS:  # temporaries of writes a kill -9 interrupted (utils.atomic_path names them .<stem>.*.tmp<suffix>)
-        for tmp in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
+    for name in OUTPUTS:  # temporaries of writes a kill -9 interrupted
+        for tmp in atomic_temporaries(out / name):
             tmp.unlink(missing_ok=True)
     # best.yaml goes first and comes back last: present, it always stands beside the files of a finished tune
     (out / "best.yaml").unlink(missing_ok=True)
