@@ -1,5 +1,9 @@
 """The one entry point: ``siimcovid <stage> [mode] key=value ...``.
 
+    siimcovid                  the usage and the stages
+    siimcovid help             the stages and every registry kind with its names (siimcovid.registry), a block each
+    siimcovid <stage> help     a stage's settings, their defaults and what they do
+
 Stages import lazily, so ``siimcovid synth`` does not pay for importing torch.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from siimcovid import registry
 from siimcovid.config import Config, ConfigError, help_text
 from siimcovid.stages import load, modes_by_stage, stage_config
 from siimcovid.utils import LOGGER, SiimError, os_problem
@@ -21,8 +26,8 @@ USAGE = """usage: siimcovid <stage> [mode] [key=value ...]
 stages:
 {stages}
 
-`siimcovid <stage> help` prints a stage's settings and their defaults.
-Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) and key=value.
+`siimcovid help` also lists every registered name; `siimcovid <stage> help` prints a stage's settings and
+their defaults. Settings come from siimcovid/cfg/<stage>.yaml, an experiment file (cfg=my.yaml) and key=value.
 """
 
 
@@ -34,10 +39,28 @@ def usage() -> str:
     return USAGE.format(stages="\n".join(lines))
 
 
+def kind_block(kind: str) -> str:
+    """One kind of `siimcovid help`: `kind: what it chooses`, then its names (aliases included)."""
+    about = registry.BUILTINS[kind].about if kind in registry.BUILTINS else "registered outside siimcovid"
+    try:
+        words = ", ".join(registry.names(kind))
+    except SiimError as e:  # a kind whose built-in module is missing: say so, list the others
+        words = f"(not available: {e})"
+    return f"{kind}: {about}\n  {words}"
+
+
+def listing() -> str:
+    """`siimcovid help`: the usage with the stages, then one block per registry kind but "stage"."""
+    blocks = [kind_block(kind) for kind in registry.kinds() if kind != "stage"]
+    return usage() + "\nregistered names, by kind (siimcovid.registry):\n\n" + "\n\n".join(blocks) + "\n"
+
+
 def resolve(argv: list[str]) -> tuple[Callable[[Config], object] | None, Config | None, str | None]:
     """Split argv into the function to run and its config; (None, None, text) prints text."""
-    if not argv or argv[0] in {"help", "-h", "--help"}:
+    if not argv:
         return None, None, usage()
+    if argv[0] in {"help", "-h", "--help"}:
+        return None, None, listing()
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'.\n{usage()}")

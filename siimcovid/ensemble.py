@@ -3,7 +3,7 @@ ensemble=` and `fuse cls_ensemble=`.
 
 A method is a pair of maps registered under the kind "ensemble": `to` maps each member's
 (n, k) probabilities into the space where members are averaged with weights, `back` maps the
-average back. Adding a method is one registered `Method`.
+average back. Adding a method is one registered `Method` (`registry.add("ensemble", name, Method(to, back))`).
 
     mean       the weighted mean
     geometric  (alias geomean) the weighted geometric mean: exp of the weighted mean log, probabilities
@@ -36,9 +36,9 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-registry.register("ensemble", "mean")(Method(_identity, _identity))
-registry.register("ensemble", "geometric", "geomean")(Method(lambda x: np.log(np.clip(x, EPS, 1.0)), np.exp))
-registry.register("ensemble", "rank")(Method(lambda x: pd.DataFrame(x).rank(pct=True).to_numpy(), _identity))
+registry.add("ensemble", "mean", Method(_identity, _identity))
+registry.add("ensemble", "geometric", Method(lambda x: np.log(np.clip(x, EPS, 1.0)), np.exp), aliases=("geomean",))
+registry.add("ensemble", "rank", Method(lambda x: pd.DataFrame(x).rank(pct=True).to_numpy(), _identity))
 
 
 def methods() -> list[str]:

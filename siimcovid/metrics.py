@@ -1,6 +1,7 @@
 """The competition metric: PASCAL VOC 2010 AP at IoU > 0.5 per class, averaged over classes.
 
-Exactly as ../shared/SIIM_FORMAT.md defines it. Everything works on two tidy tables whose ids
+Exactly as the competition's evaluation page defines it (restated in the README's "Scoring" section; the
+tables below are siimcovid/tables.py's TRUTH and PREDICTIONS). Everything works on two tidy tables whose ids
 carry the submission suffix (``<study>_study``, ``<image>_image``)::
 
     truth  id, cls, x_min, y_min, x_max, y_max         one row per ground-truth box

@@ -1,17 +1,19 @@
-"""The stages of siimcovid, each registered once: what `siimcovid <stage> [mode]` runs, where its
-runs go, and how `siimcovid runs` describes one of them.
+"""The stages of siimcovid, each a `Stage` registered once under the registry kind "stage"
+(siimcovid.registry): what `siimcovid <stage> [mode]` runs, where its runs go, and how `siimcovid runs`
+describes one of them.
 
 The CLI (`siimcovid.cli`), the pipeline (`siimcovid.run`) and the runs table (`siimcovid.runs`)
-read this registry; nothing else lists the stages. Functions are named by "module:function" and
-imported only when used, so reading the registry (or `siimcovid runs`) never imports torch.
+read the registry; nothing else lists the stages (`siimcovid help` prints them). Functions are named
+by "module:function" and imported only when used, so reading the stages (or `siimcovid runs`) never
+imports torch. `STAGES` is a read-only view {name: Stage} of the registry, in registration order.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
+from siimcovid import registry
 from siimcovid.config import Config, load_config
 from siimcovid.utils import SiimError
 
@@ -38,44 +40,45 @@ class Stage:
     extra_check: str | None = None
 
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("synth", {None: "siimcovid.data.synth:main"}),
-        Stage("prepare", {None: "siimcovid.data.prepare:main"}, "prepare", "siimcovid.data.summary:describe"),
-        Stage(
-            "detect",
-            {
-                "train": "siimcovid.detect.train:main",
-                "predict": "siimcovid.detect.predict:main",
-                "evolve": "siimcovid.detect.evolve:main",
-            },
-            "detect",
-            "siimcovid.detect.summary:describe",
-            extra_keys="siimcovid.detect.common:ultralytics_keys",
-            extra_check="siimcovid.detect.common:check_ultralytics_settings",
-        ),
-        Stage("evaluate", {None: "siimcovid.evaluate:main"}),
-        Stage(
-            "classify",
-            {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
-            "classify",
-            "siimcovid.classify.summary:describe",
-        ),
-        Stage(
-            "fuse",
-            {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
-            "fuse",
-            "siimcovid.fuse.summary:describe",
-        ),
-        Stage("pseudo", {None: "siimcovid.pseudo:main"}, "pseudo", "siimcovid.pseudo:describe"),
-        Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
-        Stage("export", {None: "siimcovid.bundle:main"}, "bundle"),
-        Stage("predict", {None: "siimcovid.predict.stage:main"}),
-        Stage("runs", {None: "siimcovid.runs:main"}),
-        Stage("keygen", {None: "siimcovid.signing:main"}),
-    )
-}
+for _stage in (
+    Stage("synth", {None: "siimcovid.data.synth:main"}),
+    Stage("prepare", {None: "siimcovid.data.prepare:main"}, "prepare", "siimcovid.data.summary:describe"),
+    Stage(
+        "detect",
+        {
+            "train": "siimcovid.detect.train:main",
+            "predict": "siimcovid.detect.predict:main",
+            "evolve": "siimcovid.detect.evolve:main",
+        },
+        "detect",
+        "siimcovid.detect.summary:describe",
+        extra_keys="siimcovid.detect.common:ultralytics_keys",
+        extra_check="siimcovid.detect.common:check_ultralytics_settings",
+    ),
+    Stage("evaluate", {None: "siimcovid.evaluate:main"}),
+    Stage(
+        "classify",
+        {"train": "siimcovid.classify.train:main", "predict": "siimcovid.classify.predict:main"},
+        "classify",
+        "siimcovid.classify.summary:describe",
+    ),
+    Stage(
+        "fuse",
+        {None: "siimcovid.fuse.stage:main", "tune": "siimcovid.fuse.tune:main"},
+        "fuse",
+        "siimcovid.fuse.summary:describe",
+    ),
+    Stage("pseudo", {None: "siimcovid.pseudo:main"}, "pseudo", "siimcovid.pseudo:describe"),
+    Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
+    Stage("export", {None: "siimcovid.bundle.export:main"}, "bundle"),
+    Stage("predict", {None: "siimcovid.predict.stage:main"}),
+    Stage("runs", {None: "siimcovid.runs:main"}),
+    Stage("keygen", {None: "siimcovid.signing:main"}),
+):
+    registry.add("stage", _stage.name, _stage)
+
+
+STAGES: Mapping[str, Stage] = registry.view("stage")  # a live, read-only view: callers read stages here
 
 
 def stage(name: str) -> Stage:
@@ -97,8 +100,7 @@ def with_runs() -> list[str]:
 
 def load(target: str) -> Callable:
     """Import "module:function" and return the function."""
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    return registry.resolve(target)
 
 
 def extra_keys(name: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""Submission writing, reading and checking (format: ../shared/SIIM_FORMAT.md).
+"""Submission writing, reading and checking (format: the SUBMISSION table of siimcovid/tables.py).
 
 A submission file is the SUBMISSION table of siimcovid.tables (id, PredictionString), read and
 written through that contract. The metric's tidy prediction rows (siimcovid.tables.PREDICTIONS:

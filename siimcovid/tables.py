@@ -32,6 +32,11 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | SCORES | detect/classify predict, fuse | scores_oof.csv of each stage | runs, people |
 | SKIPPED | prepare (on_error=skip) | runs/prepare/<name>/skipped.csv | fuse (Prepared.was_skipped), people |
 | EXTERNAL_LABELS | prepare layout=rsna, csv | runs/prepare/<name>/labels.csv | extra training data (pretraining) |
+| TRUTH | siimcovid.data.truth (in memory, not a file) | - | the metric (siimcovid.metrics): every score |
+| CLASSIFIER_FOLDS | classify predict per_fold=true | runs/classify/<name>/pred_test_image_folds.csv | pseudo |
+| PSEUDO_LABELS | pseudo | runs/pseudo/<name>/labels.csv | extra training data (siimcovid.data.extra.ExtraData) |
+| PSEUDO_BOXES | pseudo | runs/pseudo/<name>/boxes.csv | people (the boxes are also the folder's YOLO labels) |
+| PREDICTED_STUDIES / PREDICTED_IMAGES / PREDICTED_BOXES | predict | <out>/{studies,images,boxes}.csv | people |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
 contracts too: IMAGE_LEVEL (train_image_level.csv), STUDY_LEVEL (train_study_level.csv) and

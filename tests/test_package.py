@@ -125,6 +125,7 @@ def test_no_private_name_is_imported_from_another_module():
 
 
 def test_light_modules_do_not_import_torch():
+    """Nor do the rows of `siimcovid runs` and `siimcovid help` (which imports every kind's built-in modules)."""
     light = [
         "siimcovid.cli",
         "siimcovid.runs",
@@ -138,7 +139,8 @@ def test_light_modules_do_not_import_torch():
     code = (
         f"import importlib, json, sys\nfor m in {light!r}: importlib.import_module(m)\n"
         "from siimcovid import stages\n"
-        "for s in stages.STAGES.values():\n    s.describe and stages.load(s.describe)\n"  # every row of `siimcovid runs`
+        "for s in stages.STAGES.values():\n    s.describe and stages.load(s.describe)\n"  # each row of `siimcovid runs`
+        "from siimcovid import cli\ncli.listing()\n"  # `siimcovid help`: every registry kind's built-ins imported
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ultralytics', 'timm'))))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

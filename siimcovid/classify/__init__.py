@@ -1,17 +1,21 @@
 """Study classifiers: timm backbone + 4-class study head + none head + auxiliary box-mask head.
 
-Modules (import torch only when used, so `import siimcovid.classify`, `siimcovid <other stage>`
-and `siimcovid runs` stay light):
-    model.py    build_model, StudyNet, StudyLoss (CE + none BCE + mask BCE/Dice), probabilities
-    data.py     prepared images + masks -> tensors: image_table, StudyDataset, build_augment, mask-aware mix_batch
-    train.py    `siimcovid classify train`: main(cfg) (sets up the device group, then train(cfg, dist)):
-                folds, waves, EMA, AMP, DDP, resume
-    predict.py  `siimcovid classify predict`: main(cfg) OOF / test tables, study aggregation, ensembles, scores_oof.csv
-    dist.py     torchrun / DDP helpers: setup, cleanup, pick_device (a world of one without torchrun)
-    summary.py  describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
+`__all__` names every module of the package; each line below names the module's public functions
+(see siimcovid/__init__.py for the rule). torch is imported only when used, so `import
+siimcovid.classify`, `siimcovid <other stage>` and `siimcovid runs` stay light.
 
-Each stage function takes the stage's Config (`siimcovid.config.load_config("classify", ...)`);
-the modes are registered in `siimcovid.stages`.
+Modules:
+    train.py        `siimcovid classify train`: main(cfg), train(cfg, ...) folds, waves, EMA, AMP, DDP, resume
+    predict.py      `siimcovid classify predict`: main(cfg) OOF / test tables, study aggregation, ensembles, scores
+    family.py       TimmFamily, TimmLabelsFamily: the timm study classifier as model families timm, timm-labels
+    files.py        FILES: the run folder's and each fold folder's files, declared once
+    pretrain.py     LabelTrainer: multi-label pretraining on an external labelled set (the family timm-labels)
+    optim.py        a fold's optimisation: the fp16 loss scaler, the weight EMA, a wave's optimizer and scheduler
+    checkpoints.py  a fold's checkpoints and log: what last.pt holds to resume, best.pt's keys, results.csv
+    model.py        build_model(...), StudyNet, StudyLoss (CE + none BCE + mask BCE/Dice), probabilities(...)
+    data.py         prepared images + masks -> tensors: image_table, StudyDataset, build_augment, mask-aware mix_batch
+    dist.py         torchrun / DDP helpers: setup(), cleanup() (a world of one without torchrun)
+    summary.py      describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
 """
 
-__all__ = ["data", "dist", "model", "predict", "summary", "train"]
+__all__ = ["checkpoints", "data", "dist", "family", "files", "model", "optim", "predict", "pretrain", "summary", "train"]

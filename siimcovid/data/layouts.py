@@ -14,8 +14,10 @@ A layout turns a data root into the rows prepare converts, one per image:
     @register("layout", "siim")
     def siim_layout(root: Path, splits: list[str], problems: Problems) -> pd.DataFrame: ...
 
-A layout in another module registers itself there; `siimcovid.registry.KINDS["layout"]` lists the
-modules to import (siim here, rsna and csv in external.py, folder in folder.py).
+A layout in another module registers itself there: siim here, rsna and csv in external.py, folder in
+folder.py (siimcovid.registry.BUILTINS["layout"] names these so `prepare layout=` knows them unimported).
+Your own module needs no edit of siimcovid: its import registers it (see siimcovid.registry for the
+entry point that makes the command line import it).
 Bad inputs go to `problems` (it raises unless on_error=skip), naming file and line.
 """
 

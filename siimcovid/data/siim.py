@@ -1,4 +1,4 @@
-"""The SIIM-FISABIO-RSNA download: its CSVs and folder tree (see SIIM_FORMAT.md).
+"""The SIIM-FISABIO-RSNA download: its CSVs and folder tree (contracts in siimcovid/tables.py: IMAGE_LEVEL, ...).
 
 The CSVs are read through their contracts (siimcovid.tables: IMAGE_LEVEL, STUDY_LEVEL, SAMPLE),
 the ones `siimcovid synth` writes them with. Every parser here checks its input and names the file and line of anything wrong.

@@ -1,16 +1,20 @@
-"""The detection stage: Ultralytics YOLOv5 opacity detectors per fold (train, evolve, predict).
+"""The detection stage: Ultralytics YOLO opacity detectors per fold (train, evolve, predict).
 
-Modules (import Ultralytics, hence torch, only inside the functions that train or predict, so
-`import siimcovid.detect` and `siimcovid runs` stay light):
-    train.py    `siimcovid detect train`: train(cfg) one YOLO per fold into <project>/<name>/fold<k>/, resumable
-    predict.py  `siimcovid detect predict`: predict(cfg) OOF and test boxes in ORIGINAL pixels, load_run, the OOF scores
-    evolve.py   `siimcovid detect evolve`: evolve(cfg) Ultralytics' hyperparameter Tuner on one fold -> a hyp preset
-    common.py   what they share: resolve_data / DataSource, load_hyp / hyp_presets, train_args, check_model,
-                ultralytics_keys (the settings detect passes through), fold_state
-    summary.py  describe(run_dir): the row of a detect run in `siimcovid runs` (yaml and pandas only)
+`__all__` names every module of the package; each line below names the module's public functions
+(see siimcovid/__init__.py for the rule). Ultralytics, hence torch, is imported only inside the
+functions that train or predict, so `import siimcovid.detect` and `siimcovid runs` stay light.
 
-Each stage function takes the stage's Config (`siimcovid.config.load_config("detect", ...)`);
-the modes are registered in `siimcovid.stages`.
+Modules:
+    train.py     `siimcovid detect train`: main(cfg), train(cfg) one YOLO per fold into <project>/<name>/fold<k>/
+    predict.py   `siimcovid detect predict`: main(cfg), predict(cfg) OOF and test boxes in ORIGINAL pixels;
+                 load_run(run_dir), scores_oof(...)
+    evolve.py    `siimcovid detect evolve`: main(cfg), evolve(cfg) Ultralytics' Tuner on one fold -> a hyp preset
+    ray_tune.py  `detect evolve engine=ray`: evolve_ray(...) the evolve trials as Ray Tune trials
+    family.py    YoloFamily: the Ultralytics detector as a model family (registry kind "family", name yolo)
+    files.py     FILES: the run folder's and each fold folder's files, declared once
+    common.py    what they share: resolve_data / DataSource, load_hyp / hyp_presets, train_args, check_model,
+                 ultralytics_keys() (the settings detect passes through), check_ultralytics_settings(settings)
+    summary.py   describe(run_dir): the row of a detect run in `siimcovid runs` (yaml and pandas only)
 """
 
-__all__ = ["common", "evolve", "predict", "summary", "train"]
+__all__ = ["common", "evolve", "family", "files", "predict", "ray_tune", "summary", "train"]
