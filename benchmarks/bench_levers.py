@@ -87,7 +87,7 @@ def settings(args) -> dict:
             "workers": 0,
             "device": "cpu",
         },  # fmt: skip
-        "classify_predict": {"tta": "none", "workers": 0},
+        "classify_predict": {"tta": False, "workers": 0},
         "tune_trials": 4 if q else 12,
         "nested_tuning": True,
         "report": False,

@@ -10,23 +10,34 @@ came from the defaults, a ``cfg=`` file or the command line, before any stage co
 
     epochs: 12        # {int >= 1} epochs of the first wave
     fold: all         # {all | int >= 0 | list[int >= 0]} all, one fold k, or a list
-    name: null        # {name?; runtime} run name
-    project: runs     # {folder; runtime} where the runs go
+    name: null        # {shared} default <model>_<imgsz>
+    project: runs     # {shared}
 
-    spec := alt ('|' alt)* [';' tag (',' tag)*]
+    spec := alt ('|' alt)* [';' tag (',' tag)*]   |   'shared' [';' tag (',' tag)*]
     alt  := int | float | bool | str | path | name | folder | map | any | null, each optionally with a range
             (int and float: '>= x', '> x', '<= x', '< x', 'x..y' inclusive);
             'T?' = 'T | null'; 'list[spec]' (a scalar given for it becomes a one-element list);
-            a bare word = that literal choice; '@kind' = any name of that kind in siimcovid.registry
+            a bare word = that literal choice; '@kind' = any name of that kind in siimcovid.registry;
+            'settings[stage]' or 'settings[stage, key: spec, ...]' = a mapping of that stage's settings (run.yaml's
+            sections), each key checked as that stage checks it (check_section), beside the section's own keys;
+            in cfg/shared.yaml only: 'alt (stage, ...)' = an alternative only those stages take
     tag  := runtime (may differ between a run and its resume: device, workers, project, name ...)
           | predict (a predict-mode setting; may differ on resume too)
           | fusion  (a fusion parameter that `fuse tune` searches and writes to best.yaml)
 
+Shared settings: a key several stages have (workers, device, batch, half, seed, project, name, run, engine, the Ray
+resources) is declared once, in cfg/shared.yaml, with its type, tags and one meaning; a stage's file gives it its
+own default and the spec `{shared}` (`{shared; tag}` adds a tag), then a note on what it does there. Its type in a
+stage is stage_spec(shared type, stage); its help, the shared meaning then "; here: <note>"; `siimcovid <stage>
+help` writes it out (help_text). A stage that gives such a key a spec of its own is refused at schema() time.
+Renamed settings (RENAMED, per stage): an old name anywhere (command line, cfg= file, run.yaml section) is one
+error that says the new one.
+
 Coercion: int takes ints and integral floats (3.0 -> 3) that fit in 64 bits; float takes ints, floats
 and numeric strings (YAML 1.1 reads '1e-3' as a string), finite only (no inf, -inf, nan, 1e400); bool
 takes bools and 'true'/'false'; str takes strings and numbers (name=123 -> '123'); path takes strings
-and path objects; words compare as strings. Inside a ``map`` nothing is checked (run.yaml's sections
-are checked by their own stage). Two kinds of path are checked against what they become:
+and path objects; words compare as strings. Inside a ``map`` nothing is checked (a ``settings[stage]``
+mapping is: see above). Two kinds of path are checked against what they become:
     name    a run name, read as a str: ONE path component (siimcovid.utils.name_problem: not empty, '.' or
             '..', no '/' or '\\', no control characters, at most 200 bytes), because it becomes a folder
             <project>/<stage>/<name> or a file stem; names the code makes (e.g. from a folder) pass check_name
@@ -42,21 +53,25 @@ API:
     runtime_keys(stage) -> set[str]   keys tagged runtime or predict
     fusion_keys() -> list[str]        fuse.yaml's keys tagged fusion, in file order
     default_name(stage, name, made_from) -> name   a run name made in code, checked as name= is
-    load_config(stage, overrides, extra_ok, extra_check) -> Config
+    load_config(stage, overrides, extra_ok, extra_check, where) -> Config
+    help_text(stage) -> str           the stage's commented defaults, its shared keys written out
+    worker_processes(workers) -> int  the shared `workers` as a process count (null: one per core)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import math
 import os
 import re
 import reprlib
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import yaml
 
@@ -263,15 +278,79 @@ def _split(text: str, sep: str) -> list[str]:
     return parts + [text[start:]]
 
 
+_ONLY = re.compile(r"(.*?\S)\s*\(\s*([\w-]+(?:\s*,\s*[\w-]+)*)\s*\)")  # shared.yaml: `alt (stage, ...)`
+
+
+def _parse_alt(part: str) -> list[Alt]:
+    """One alternative's text -> its Alt, and a null Alt after it for `T?`."""
+    head = part.split("[", 1)[0]
+    if head in ("list", "settings") and "]" in part:
+        end = part.rindex("]")
+        if part[end + 1 :].strip() not in ("", "?"):
+            raise ValueError(f"bad alternative '{part}'")
+        body = part[len(head) + 1 : end]
+        alt = Alt("list", item=Spec.parse(body)) if head == "list" else _settings_alt(body)
+        return [alt, Alt("null")] if part.endswith("?") else [alt]
+    # `T?`, `T >= x?` and `T? >= x` all mean "or null"
+    m = re.fullmatch(r"(@?[\w.:-]+)\??\s*(.*?)", part.rstrip("?").strip())
+    if not m:
+        raise ValueError(f"bad alternative '{part}'")
+    word, rest = m.groups()
+    kind = word if word in TYPES else "@" if word.startswith("@") else "word"
+    lo = hi = None
+    if rest:
+        r = _RANGE.fullmatch(rest)
+        if not r or kind not in ("int", "float"):
+            raise ValueError(f"bad range '{rest}' (a range follows int or float)")
+        op, x, a, b = r.groups()
+        if op:
+            bound = (float(x), "=" in op)
+            lo, hi = (bound, None) if op[0] == ">" else (None, bound)
+        else:
+            lo, hi = (float(a), True), (float(b), True)
+    alt = Alt(kind, word.lstrip("@"), lo, hi)
+    return [alt, Alt("null")] if "?" in part else [alt]
+
+
+def _settings_alt(body: str) -> Alt:
+    """`stage` or `stage, key: spec, ...` (the keys a section holds beside the stage's own) -> a settings Alt."""
+    stage, *pairs = [p.strip() for p in _split(body, ",")]
+    if not re.fullmatch(r"[\w-]+", stage):
+        raise ValueError(f"bad stage '{stage}' in settings[...]")
+    extra = []
+    for pair in pairs:
+        key, sep, spec = pair.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
+            raise ValueError(f"bad section key '{pair}' (expected key: spec)")
+        extra.append((key.strip(), Spec.parse(spec)))
+    return Alt("settings", stage, extra=tuple(extra))
+
+
+def stage_spec(text: str, stage: str) -> str:
+    """A shared spec's text as `stage` takes it: alternatives qualified `(stages)` that do not name it dropped, the
+    qualifiers removed, a trailing `T | null` written `T?` (as a stage's file writes it)."""
+    parts = []
+    for part in _split(text, "|"):
+        m = _ONLY.fullmatch(part.strip())
+        if m is None or stage in [s.strip() for s in m[2].split(",")]:
+            parts.append(m[1] if m else part.strip())
+    if len(parts) >= 2 and parts[-1] == "null" and not parts[-2].endswith("?"):
+        parts[-2:] = [parts[-2] + "?"]
+    return " | ".join(parts)
+
+
 @dataclass(frozen=True)
 class Alt:
-    """One alternative of a spec: a type (with an optional range), list[spec], a literal word or @kind."""
+    """One alternative of a spec: a type (with an optional range), list[spec], a literal word, @kind or
+    settings[stage] (a mapping of that stage's settings: a run.yaml section, checked by Schema.check)."""
 
-    kind: str  # a name in TYPES, "list", "word" (a literal choice) or "@" (a registry kind)
-    word: str = ""
+    kind: str  # a name in TYPES, "list", "word" (a literal choice), "@" (a registry kind) or "settings"
+    word: str = ""  # the literal, the registry kind, or the stage of a settings alternative
     lo: tuple[float, bool] | None = None  # (bound, inclusive)
     hi: tuple[float, bool] | None = None
     item: Spec | None = None
+    only: tuple[str, ...] = ()  # shared.yaml's `alt (stage, ...)`: the stages that take it (empty: every stage)
+    extra: tuple[tuple[str, Spec], ...] = ()  # settings[stage, key: spec]: the section's own keys beside the stage's
 
     def accept(self, v: Any) -> Any:
         k = self.kind
@@ -281,7 +360,7 @@ class Alt:
             return None if v is None else _NO
         if v is None:
             return _NO
-        if k == "map":
+        if k in ("map", "settings"):  # a section's keys: check_section (Schema.check calls it)
             return dict(v) if isinstance(v, Mapping) else _NO
         if k == "list":
             if not isinstance(v, (list, tuple)):
@@ -333,40 +412,17 @@ class Spec:
     def parse(cls, text: str) -> Spec:
         alts: list[Alt] = []
         for part in _split(text, "|"):
-            part = part.strip()
-            if part.startswith("list[") and "]" in part:
-                end = part.rindex("]")
-                alts.append(Alt("list", item=cls.parse(part[5:end])))
-                rest = part[end + 1 :].strip()
-            else:  # `T?`, `T >= x?` and `T? >= x` all mean "or null"
-                m = re.fullmatch(r"(@?[\w.:-]+)\??\s*(.*?)", part.rstrip("?").strip())
-                if not m:
-                    raise ValueError(f"bad alternative '{part}'")
-                (word, rest), q = m.groups(), "?" if "?" in part else ""
-                kind = word if word in TYPES else "@" if word.startswith("@") else "word"
-                lo = hi = None
-                if rest:
-                    r = _RANGE.fullmatch(rest)
-                    if not r or kind not in ("int", "float"):
-                        raise ValueError(f"bad range '{rest}' (a range follows int or float)")
-                    op, x, a, b = r.groups()
-                    if op:
-                        bound = (float(x), "=" in op)
-                        lo, hi = (bound, None) if op[0] == ">" else (None, bound)
-                    else:
-                        lo, hi = (float(a), True), (float(b), True)
-                alts.append(Alt(kind, word.lstrip("@"), lo, hi))
-                rest = q or ""
-            if rest not in ("", "?"):
-                raise ValueError(f"bad alternative '{part}'")
-            if rest == "?":
-                alts.append(Alt("null"))
+            part, only = part.strip(), ()
+            if m := _ONLY.fullmatch(part):
+                part, only = m[1], tuple(s.strip() for s in m[2].split(","))
+            alts += [dataclasses.replace(alt, only=only) for alt in _parse_alt(part)]
         return cls(text.strip(), tuple(alts))
 
     def describe(self, value: Any = _NO) -> str:
         """The spec for an error message, a registry kind spelt out: `@ensemble` -> `one of mean, geometric, ...`;
         with the value refused, what it broke that the text does not say (e.g. why a name is not one)."""
         text = re.sub(r"@([\w.:-]+)", lambda m: "one of " + ", ".join(registry.names(m[1])), self.text)
+        text = re.sub(r"settings\[([\w-]+)[^\]]*\]", r"a mapping of \1 settings", text)
         notes = _notes(self, value) if value is not _NO else []
         return text + (f" ({'; '.join(notes)})" if notes else "")
 
@@ -414,8 +470,12 @@ class Schema:
         return value
 
     def check(self, key: str, value: Any, source: str | None = None) -> Any:
-        """The value coerced to the key's spec; a one-line ConfigError when it does not fit."""
+        """The value coerced to the key's spec; a one-line ConfigError when it does not fit. A section (a mapping
+        for a `settings[stage]` spec) is checked key by key as that stage checks its own (check_section)."""
         setting = self.settings[key]
+        section = next((a for a in setting.parsed.alts if a.kind == "settings"), None)
+        if section is not None and isinstance(value, Mapping):
+            return check_section(section, value, f"{self.stage} section {key}" + (f" of {source}" if source else ""))
         out = setting.parsed.accept(value)
         if out is _NO:
             where = f" in {source}" if source else ""
@@ -441,25 +501,54 @@ def _comments(text: str) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def schema(stage: str) -> Schema:
-    """The settings of a stage, read from its commented defaults file."""
+SHARED = "shared"  # cfg/shared.yaml: the settings several stages share, each declared there once
+
+
+def _declared(stage: str) -> Iterator[tuple[str, Any, str, frozenset[str], str]]:
+    """(key, default, spec text, tags, help) of every key of cfg/<stage>.yaml, from its `{spec; tags} help` comment."""
     path = default_config_path(stage)
     defaults, comments = read_yaml(path), _comments(path.read_text())
-    settings = {}
     for key, default in defaults.items():
         m = re.match(r"\{([^{}]*)\}\s*(.*)", comments.get(key, ""))
         if not m:
             raise ConfigError(f"{path}: '{key}' has no type spec ({{...}} at the start of its comment)")
         body, _, tags = m[1].partition(";")
         tags = frozenset(t.strip() for t in tags.split(",") if t.strip())
+        if tags - TAGS:
+            unknown = f"unknown tag(s) {sorted(tags - TAGS)}; known: {sorted(TAGS)}"
+            raise ConfigError(f"{path}: '{key}': type spec {{{m[1]}}}: {unknown}")
+        yield key, default, body.strip(), tags, m[2]
+
+
+def _shared_setting(stage: str, key: str, tags: frozenset[str], note: str, shared: dict) -> tuple[str, frozenset, str]:
+    """A `{shared}` key of a stage: (its spec as this stage takes it, shared tags and the stage's, the shared meaning
+    followed by the stage's note)."""
+    if key not in shared:
+        raise ConfigError(f"{default_config_path(stage)}: '{key}' is marked {{shared}}, but {SHARED}.yaml does not declare it")
+    s = shared[key]
+    return stage_spec(s.spec, stage), s.tags | tags, s.help + (f"; here: {note}" if note else "")
+
+
+@functools.lru_cache(maxsize=None)
+def schema(stage: str) -> Schema:
+    """The settings of a stage, read from its commented defaults file. A key whose spec is `{shared}` (or
+    `{shared; tag}`: tags added) takes its type, tags and meaning from cfg/shared.yaml, as this stage takes them
+    (stage_spec); a key shared.yaml declares must be marked so: a stage sets its own default, never its own meaning."""
+    path = default_config_path(stage)
+    shared = {} if stage == SHARED else schema(SHARED).settings
+    settings = {}
+    for key, default, body, tags, text in _declared(stage):
+        if body == SHARED:
+            body, tags, text = _shared_setting(stage, key, tags, text, shared)
+        elif key in shared:
+            raise ConfigError(f"{path}: '{key}' is a shared setting: its spec is {{shared}} (its meaning: {SHARED}.yaml)")
+        elif stage != SHARED and any(_ONLY.fullmatch(p.strip()) for p in _split(body, "|")):
+            raise ConfigError(f"{path}: '{key}': an alternative for some stages only, `(stage, ...)`, belongs in {SHARED}.yaml")
         try:
-            if tags - TAGS:
-                raise ValueError(f"unknown tag(s) {sorted(tags - TAGS)}; known: {sorted(TAGS)}")
             parsed = Spec.parse(body)
         except ValueError as e:
-            raise ConfigError(f"{path}: '{key}': type spec {{{m[1]}}}: {e}") from None
-        settings[key] = Setting(key, default, parsed.text, tags, m[2], parsed)
+            raise ConfigError(f"{path}: '{key}': type spec {{{body}}}: {e}") from None
+        settings[key] = Setting(key, default, parsed.text, tags, text, parsed)
     return Schema(stage, settings)
 
 
@@ -480,15 +569,47 @@ def fusion_keys() -> list[str]:
     return [k for k, s in schema("fuse").settings.items() if "fusion" in s.tags]
 
 
-# Facts a run records beside its settings (the mode, where its data came from, the fold
-# fingerprint): skipped when a saved run config is read back with cfg=, so that the file a run
-# saved can seed the next one. A key that is a setting of the stage is never skipped.
-RECORDED_KEYS = frozenset(
-    {"mode", "folds_id", "data_resolved", "prepared", "size", "n_folds", "data_yamls", "hyp_values", "label_names"}
-)
+# Settings renamed so that a name has one meaning: an old name in a cfg= file, a run.yaml section or on the command
+# line is one error that says the new name (never an unknown key, nor read with the new key's meaning).
+RENAMED: dict[str, dict[str, str]] = {
+    "detect": {
+        "gpu_per_trial": "gpus_per_trial",  # plural, as gpus_per_fold
+        "cpu_per_trial": "cpus_per_trial",
+        "space": "ranges",  # evolve's {key: [min, max]}; `space` is fuse tune's lists of candidate values
+    },
+    "export": {
+        "run": "pipeline",  # a `siimcovid run`'s name; run= is a run of the stage (classify and detect predict)
+        "half": "fp16_weights",  # fp16 storage of the weights; half= is fp16 inference (predict)
+    },
+}
+
+
+# Values whose meaning moved: tta is on/off for every stage (each model family's own views: the detector's flips and
+# scales, the classifier's mirror), no longer a view name in classify; an old value is one error giving the new one.
+RETIRED: dict[str, dict[str, dict[str, str]]] = {
+    "classify": {"tta": {"hflip": "true", "none": "false"}},
+    "pseudo": {"cls_tta": {"hflip": "true", "none": "false"}},
+}
+
+
+def _retired(stage: str, key: str, value: Any, source: str | None) -> None:
+    new = RETIRED.get(stage, {}).get(key, {}).get(value) if isinstance(value, str) else None
+    if new is not None:
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"{stage} setting {key}={value}{where} is now {key}={new}: {key} is on or off, each model's own views")
+
+
+def _renamed(stage: str, key: str) -> str | None:
+    """The new name of an old setting (`space.mosaic` -> `ranges.mosaic`), or None."""
+    head, dot, rest = key.partition(".")
+    new = RENAMED.get(stage, {}).get(head)
+    return new + dot + rest if new else None
 
 
 def _check_keys(stage: str, given: Mapping, known: Mapping, extra_ok: set[str] | bool, source: str) -> None:
+    old = [f"{stage} setting '{k}' in {source} is now called '{_renamed(stage, k)}'" for k in given if _renamed(stage, k)]
+    if old:
+        raise ConfigError("; ".join(old))
     if extra_ok is True:
         return
     allowed = set(known) | set(extra_ok or ())
@@ -509,12 +630,14 @@ def load_config(
     overrides: Iterable[str] | Mapping[str, Any] | None = None,
     extra_ok: set[str] | bool = (),
     extra_check: Callable[[dict], dict] | None = None,
+    where: str | None = None,
 ) -> Config:
     """Resolve the config of a stage: defaults < cfg=<file> < overrides, every value checked.
 
     ``extra_ok`` names keys allowed beyond the defaults (e.g. Ultralytics train arguments
     that the detect stage passes through); ``True`` allows any key. ``extra_check`` takes a dict
-    of those extra keys and returns it checked (raising a one-line ConfigError).
+    of those extra keys and returns it checked (raising a one-line ConfigError). ``where`` names
+    the overrides in messages (default: the command line, or the settings given).
     """
     spec = schema(stage)
     defaults = {k: s.default for k, s in spec.settings.items()}
@@ -528,7 +651,6 @@ def load_config(
         # An experiment file may hold one section per stage, or plain keys for this stage.
         if isinstance(exp.get(stage), dict):
             exp = exp[stage]
-        exp = {k: v for k, v in exp.items() if k in defaults or k not in RECORDED_KEYS}
         _check_keys(stage, exp, defaults, extra_ok, str(exp_file))
         cfg.update(exp)
         source.update(dict.fromkeys(exp, str(exp_file)))
@@ -537,13 +659,15 @@ def load_config(
     for k in [k for k in given if "." in k and isinstance(cfg.get(k.split(".", 1)[0]), dict)]:
         head, sub = k.split(".", 1)
         cfg[head] = {**cfg[head], sub: given.pop(k)}
-        source.pop(head, None)
-    _check_keys(stage, given, defaults, extra_ok, "the settings given" if isinstance(overrides, Mapping) else "the command line")
+        _given_in(source, head, where)
+    where_given = where or ("the settings given" if isinstance(overrides, Mapping) else "the command line")
+    _check_keys(stage, given, defaults, extra_ok, where_given)
     cfg.update(given)
     for k in given:
-        source.pop(k, None)
+        _given_in(source, k, where)
     for k in spec.settings:
         value = spec.as_text(k, cfg[k], raw[k]) if k in raw and k in given else cfg[k]
+        _retired(stage, k, value, source.get(k))
         cfg[k] = spec.check(k, value, source.get(k))
     extra = {k: v for k, v in cfg.items() if k not in spec.settings}
     if extra and extra_check is not None:
@@ -551,7 +675,72 @@ def load_config(
     return cfg
 
 
-def help_text(stage: str) -> str:
-    """The defaults file of a stage, comments included: the best documentation of its keys."""
-    return default_config_path(stage).read_text()
+def _given_in(source: dict[str, str], key: str, where: str | None) -> None:
+    """Record where a key's value came from (nowhere to name: the command line)."""
+    if where:
+        source[key] = where
+    else:
+        source.pop(key, None)
 
+
+def check_section(alt: Alt, value: Mapping, where: str) -> dict:
+    """A run.yaml section (spec `settings[stage]`, or `settings[stage, key: spec, ...]` with keys of its own): every
+    key checked as `siimcovid <stage>` checks it (its type, unknown and renamed keys, the stage's extra settings such
+    as Ultralytics'), before any work; the keys given, coerced. What a section does not set keeps the stage's default:
+    the stage fills it when run builds its config."""
+    own = dict(alt.extra)
+    for key in own.keys() & value.keys():
+        if own[key].accept(value[key]) is _NO:
+            raise ConfigError(f"{where}: {key}={SHOWN.repr(_plain(value[key]))}: expected {own[key].describe(value[key])}")
+    given = {k: v for k, v in value.items() if k not in own}
+    try:
+        cfg = _section_config(alt.word, given, where)
+    except ConfigError as e:
+        if where in str(e):
+            raise
+        raise ConfigError(f"{where}: {e}") from None  # e.g. the stage's own check of its extra settings
+    out: dict[str, Any] = {}
+    for key, v in value.items():  # `ranges.mosaic` stands for the mapping it changes; cfg= is loaded again by run
+        head = key if key in own or key in cfg or key == "cfg" else key.split(".", 1)[0]
+        out[head] = own[key].accept(v) if key in own else v if key == "cfg" else cfg[head]
+    return out
+
+
+def _section_config(stage: str, given: dict, where: str) -> Config:
+    """The config of a stage from a section's keys, as siimcovid.stages.stage_config builds it (the stage's record
+    read from the registry, since siimcovid.stages imports this module)."""
+    if all(k in schema(stage).settings for k in given):  # no extra settings: no need to import them (Ultralytics)
+        return load_config(stage, given, where=where)
+    record = registry.get("stage", stage)
+    extra_ok = set(registry.resolve(record.extra_keys)()) if record.extra_keys else set()
+    check = registry.resolve(record.extra_check) if record.extra_check else None
+    return load_config(stage, given, extra_ok=extra_ok, extra_check=check, where=where)
+
+
+def worker_processes(workers: int | None) -> int:
+    """The shared `workers` setting (cfg/shared.yaml) as a number of processes beside the main one: null = one per
+    core; 0 = none (the main process does the work)."""
+    return (os.cpu_count() or 1) if workers is None else workers
+
+
+def help_text(stage: str) -> str:
+    """The defaults file of a stage, comments included (the best documentation of its keys), with each `{shared}`
+    comment written out: the type, tags and meaning cfg/shared.yaml gives the key in this stage, then the stage's
+    note."""
+    text = default_config_path(stage).read_text()
+    settings = schema(stage).settings
+    lines, skipping = [], False
+    for line in text.splitlines():
+        m = re.match(r"(([A-Za-z_][\w-]*):.*?)#\s?\{\s*shared\s*(;[^{}]*)?\}", line)
+        if skipping and re.match(r"\s+#", line):
+            continue  # the note's continuation lines: written out above
+        skipping = bool(m) and stage != SHARED
+        if not skipping:
+            lines.append(line)
+            continue
+        s, prefix = settings[m[2]], m[1]
+        tags = ", ".join(sorted(s.tags))
+        comment = "{" + s.spec + (f"; {tags}" if tags else "") + "} " + s.help
+        wrapped = textwrap.wrap(comment, max(40, 118 - len(prefix)), break_long_words=False, break_on_hyphens=False)
+        lines += [prefix + "# " + wrapped[0], *(" " * len(prefix) + "# " + w for w in wrapped[1:])]
+    return "\n".join(lines) + "\n"

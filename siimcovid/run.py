@@ -3,7 +3,9 @@
 Every step is the same stage a user runs by hand: this module builds each stage's config
 (`siimcovid.config.load_config`, typed and checked as on the command line) and calls the
 stage's Python function, so each one skips work already done: re-running `siimcovid run` after
-an interruption resumes. Stages are imported when their step runs (this module stays light:
+an interruption resumes. The run's sections (detect, classify_predict, ...) were checked against
+their stage's settings when the run's own config loaded (run.yaml's `settings[<stage>]` specs):
+here they are plain mappings of checked values. Stages are imported when their step runs (this module stays light:
 `siimcovid runs` imports it for its `describe`).
 
 Outputs in <project>/run/<name>/:
@@ -40,9 +42,9 @@ TUNED = "fused, tuned on all OOF (optimistic: scored where tuned; makes the subm
 
 
 # ----------------------------------------------------------------------------- calling a stage
-def section_settings(cfg, section: str, **fixed) -> dict:
-    """A stage's settings from its section, plus the ones `run` sets itself (which it must own)."""
-    settings = dict(cfg[section] or {})
+def section_settings(settings: dict, section: str, **fixed) -> dict:
+    """A stage's settings (those of the run's `section`, or made from it), plus the ones `run` sets itself (which it
+    must own)."""
     clash = sorted(set(settings) & set(fixed))
     if clash:
         raise SiimError(
@@ -56,8 +58,8 @@ def predict_settings(cfg, stage: str) -> dict:
     `runtime` in cfg/<stage>.yaml: the machine's, e.g. device and workers), so that predict runs
     where train ran unless the predict section says otherwise."""
     runtime = schema(stage).keys("runtime")
-    inherited = {k: v for k, v in (cfg[stage] or {}).items() if k in runtime}
-    return {**inherited, **(cfg[f"{stage}_predict"] or {})}
+    inherited = {k: v for k, v in cfg[stage].items() if k in runtime}
+    return {**inherited, **cfg[f"{stage}_predict"]}
 
 
 def stage_dir(project: Path, stage: str) -> Path:
@@ -90,7 +92,7 @@ def ensure_data(cfg: Config, timings: dict) -> Path:
     if root != Path(read_yaml(default_config_path("run"))["data"]):
         LOGGER.warning(f"run: {root} holds no SIIM data: writing a SYNTHETIC dataset there (synth settings)")
     with step(f"synth -> {root}", "synth", timings):
-        generate(stages.stage_config("synth", None, section_settings(cfg, "synth", out=str(root))))
+        generate(stages.stage_config("synth", None, section_settings(cfg.synth, "synth", out=str(root))))
     return root
 
 
@@ -99,18 +101,17 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
     from siimcovid.data.prepare import prepare
 
     out = stage_dir(project, "prepare") / cfg.name
-    settings = section_settings(cfg, "prepare", data=str(root), name=cfg.name, out=str(out))
+    settings = section_settings(cfg.prepare, "prepare", data=str(root), name=cfg.name, out=str(out))
     return prepare(stages.stage_config("prepare", None, settings))
 
 
 def detect_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
     """The `detect train` and `detect predict` configs of the run (typed and checked as on the command line)."""
     det_project, name = stage_dir(project, "detect"), name or cfg.name
-    settings = section_settings(cfg, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
+    settings = section_settings(cfg.detect, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
     train = stages.stage_config("detect", "train", settings)
-    settings = section_settings(
-        {"detect_predict": predict_settings(cfg, "detect")}, "detect_predict", run=str(det_project / name), split=["oof", "test"]
-    )
+    predict = predict_settings(cfg, "detect")
+    settings = section_settings(predict, "detect_predict", run=str(det_project / name), split=["oof", "test"])
     return train, stages.stage_config("detect", "predict", settings)
 
 
@@ -131,15 +132,10 @@ def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, 
 def classify_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
     """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line)."""
     cls_project, name = stage_dir(project, "classify"), name or cfg.name
-    settings = section_settings(cfg, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
+    settings = section_settings(cfg.classify, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
     train = stages.stage_config("classify", "train", settings)
-    settings = section_settings(
-        {"classify_predict": predict_settings(cfg, "classify")},
-        "classify_predict",
-        run=str(cls_project / name),
-        project=str(cls_project),
-        split=["oof", "test"],
-    )
+    predict, fixed = predict_settings(cfg, "classify"), {"run": str(cls_project / name), "project": str(cls_project)}
+    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"])
     return train, stages.stage_config("classify", "predict", settings)
 
 
@@ -160,13 +156,14 @@ def check_sections(cfg: Config, root: Path, project: Path) -> None:
     """Every stage's section typed and checked as the stage will check it, before the first stage runs: a bad value
     in the classify section must not wait for hours of detector training to be found."""
     prepared = stage_dir(project, "prepare") / cfg.name
-    stages.stage_config("prepare", None, section_settings(cfg, "prepare", data=str(root), name=cfg.name, out=str(prepared)))
+    fixed = {"data": str(root), "name": cfg.name, "out": str(prepared)}
+    stages.stage_config("prepare", None, section_settings(cfg.prepare, "prepare", **fixed))
     detect_configs(cfg, prepared, project)
     classify_configs(cfg, prepared, project)
     fusion, files = Fusion(cfg, prepared, project), [str(prepared / "checked.csv")]
     fusion.config("", "oof", files, files)
     fusion.config("", "oof", files, files, mode="tune")
-    if int((cfg.get("pseudo") or {}).get("rounds") or 0):
+    if cfg.pseudo.get("rounds", 0):
         out = stage_dir(project, "pseudo") / f"{cfg.name}-pseudo1"
         stages.stage_config("pseudo", None, pseudo_settings(cfg, prepared, prepared, prepared, out))
 
@@ -181,13 +178,13 @@ class Fusion:
     """`siimcovid fuse` and `fuse tune` on this run's predictions; a call with tag t writes <project>/fuse/<name><t>/."""
 
     def __init__(self, cfg: Config, prepared: Path, project: Path, name: str | None = None):
-        self.name, self.settings = name or cfg.name, dict(cfg.fuse or {})
+        self.name, self.settings = name or cfg.name, dict(cfg.fuse)
         self.data, self.project = str(prepared), str(stage_dir(project, "fuse"))
 
     def config(self, tag: str, split: str, det: list, cls: list, mode: str | None = None, **extra) -> Config:
         fixed = {"data": self.data, "project": self.project, "name": f"{self.name}{tag}", "split": split}
-        settings = {**self.settings, **extra}
-        return stages.stage_config("fuse", mode, section_settings({"fuse": settings}, "fuse", det=det, cls=cls, **fixed))
+        settings = section_settings({**self.settings, **extra}, "fuse", det=det, cls=cls, **fixed)
+        return stages.stage_config("fuse", mode, settings)
 
     def within(self, folder: str) -> Fusion:
         """This fusion writing <project>/fuse/<folder>/<tag>/ instead: a fuse name is one folder name, so nested
@@ -282,25 +279,23 @@ PSEUDO_ROUND = "pseudo round {r}: "  # the prefix of a round's rows in the CV ta
 def pseudo_settings(cfg: Config, teacher_det: Path, teacher_cls: Path, prepared: Path, out: Path) -> dict:
     """`siimcovid pseudo` settings of a round: the pseudo section (less `rounds`), the teachers' predict TTA and
     machine where it does not say otherwise, and the teachers, data and folder, which run sets itself."""
-    settings = {k: v for k, v in (cfg.get("pseudo") or {}).items() if k != "rounds"}
-    det_tta, cls_tta = (cfg.detect_predict or {}).get("tta"), (cfg.classify_predict or {}).get("tta")
-    machine = {k: v for k, v in (cfg.classify or {}).items() if k in ("device", "workers")}
+    settings = {k: v for k, v in cfg.pseudo.items() if k != "rounds"}
+    det_tta, cls_tta = cfg.detect_predict.get("tta"), cfg.classify_predict.get("tta")
+    machine = {k: v for k, v in cfg.classify.items() if k in ("device", "workers")}
     inherited = {"det_tta": det_tta, "cls_tta": cls_tta, **machine}
     settings = {**{k: v for k, v in inherited.items() if v is not None}, **settings}
     fixed = {"teacher_det": str(teacher_det), "teacher_cls": str(teacher_cls), "data": str(prepared), "out": str(out)}
-    return section_settings({"pseudo": settings}, "pseudo", **fixed)
+    return section_settings(settings, "pseudo", **fixed)
 
 
 def student_extra(cfg: Config, section: str, folder: Path) -> list[str]:
     """A student's extra training data: its section's own extra= (e.g. RSNA boxes), then the round's pseudo-labels."""
-    from siimcovid.utils import as_list
-
-    return [*as_list((cfg[section] or {}).get("extra")), str(folder)]
+    return [*cfg[section].get("extra", []), str(folder)]
 
 
 def students_config(cfg: Config) -> Config:
     """The run's settings with extra= left to student_extra (run sets it for the students)."""
-    drop = lambda section: {k: v for k, v in (cfg[section] or {}).items() if k != "extra"}  # noqa: E731
+    drop = lambda section: {k: v for k, v in cfg[section].items() if k != "extra"}  # noqa: E731
     return Config(cfg, detect=drop("detect"), classify=drop("classify"))
 
 
@@ -311,7 +306,7 @@ def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls
     from siimcovid.pseudo import pseudo
 
     rows = []
-    for r in range(1, int((cfg.get("pseudo") or {}).get("rounds") or 0) + 1):
+    for r in range(1, cfg.pseudo.get("rounds", 0) + 1):
         name = f"{cfg.name}-pseudo{r}"
         with step(f"pseudo round {r}: labels from {det_dir.name} + {cls_dir.name}", f"pseudo{r}", timings):
             settings = pseudo_settings(cfg, det_dir, cls_dir, prepared, stage_dir(project, "pseudo") / name)
@@ -380,7 +375,7 @@ def run(cfg: Config) -> dict:
         from siimcovid.bundle import export
 
         with step("export", "export", timings):
-            settings = {"run": cfg.name, "project": str(project), "overwrite": True}
+            settings = {"pipeline": cfg.name, "project": str(project), "overwrite": True}
             result["bundle"] = export(stages.stage_config("export", None, settings))
     if cfg.report:
         start = time.perf_counter()

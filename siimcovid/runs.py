@@ -24,6 +24,7 @@ import yaml
 
 from siimcovid import stages as registry
 from siimcovid.config import Config
+from siimcovid.rundir import merge_run
 from siimcovid.tables import SCORES, Table
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list, read_text_input
 
@@ -108,7 +109,7 @@ def trained_on(cfg: dict) -> str:
     text = (f" init={Path(str(cfg['init'])).name}" if cfg.get("init") else "") + (
         f" extra={','.join(p.name for p in extra)}" if extra else ""
     )
-    leaky = any(quiet_yaml(p / "prepare.yaml").get("leaky") for p in extra)
+    leaky = any(merge_run(quiet_yaml(p / "prepare.yaml")).get("leaky") for p in extra)
     return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky else "")
 
 

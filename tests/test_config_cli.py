@@ -70,13 +70,13 @@ def test_console_entry_point_runs(tmp_path):
 
 
 def test_mapping_settings_replace_whole_or_update_by_key(tmp_path):
-    space = load_config("detect", []).space
-    cfg = load_config("detect", ["space.mosaic=[0.8,1.0]"])
-    assert cfg.space["mosaic"] == [0.8, 1.0] and cfg.space["mixup"] == space["mixup"]
+    ranges = load_config("detect", []).ranges
+    cfg = load_config("detect", ["ranges.mosaic=[0.8,1.0]"])
+    assert cfg.ranges["mosaic"] == [0.8, 1.0] and cfg.ranges["mixup"] == ranges["mixup"]
     exp = tmp_path / "e.yaml"
-    exp.write_text("space:\n  mixup: [0.0, 0.1]\n")
-    cfg = load_config("detect", [f"cfg={exp}", "space.lr0=[0.01,0.02]"])
-    assert cfg.space == {"mixup": [0.0, 0.1], "lr0": [0.01, 0.02]}  # the file's mapping replaced the default one
+    exp.write_text("ranges:\n  mixup: [0.0, 0.1]\n")
+    cfg = load_config("detect", [f"cfg={exp}", "ranges.lr0=[0.01,0.02]"])
+    assert cfg.ranges == {"mixup": [0.0, 0.1], "lr0": [0.01, 0.02]}  # the file's mapping replaced the default one
 
 
 def test_shipped_experiment_files_load():
@@ -102,10 +102,10 @@ def test_shipped_experiment_files_load():
 
 
 def test_every_key_has_a_spec_and_its_default_passes():
-    from siimcovid.config import CFG_DIR, read_yaml, schema
+    from siimcovid.config import CFG_DIR, SHARED, read_yaml, schema
 
     stages = sorted(p.stem for p in CFG_DIR.glob("*.yaml"))
-    assert set(stages) == set(cli.STAGES)
+    assert set(stages) == set(cli.STAGES) | {SHARED}  # shared.yaml: the settings several stages share
     for stage in stages:
         settings = schema(stage).settings
         assert list(settings) == list(read_yaml(CFG_DIR / f"{stage}.yaml"))  # every top-level key, in order
@@ -148,7 +148,8 @@ def test_spec_grammar_and_coercion(tmp_path):
         (["prepare", "sizes=16"], "sizes", "16", "list[int 32..8192]"),
         (["prepare", "n_folds=abc"], "n_folds", "'abc'", "int >= 2"),
         (["prepare", "n_folds=1"], "n_folds", "1", "int >= 2"),
-        (["prepare", "workers=-3"], "workers", "-3", "int >= 0"),
+        (["prepare", "workers=-3"], "workers", "-3", "int >= 0?"),
+        (["classify", "train", "workers=-3"], "workers", "-3", "int >= 0"),
         (["classify", "train", "epochs=abc"], "epochs", "'abc'", "int >= 1"),
         (["classify", "train", "lr=abc"], "lr", "'abc'", "float > 0"),
         (["fuse", "tune", "trials=abc"], "trials", "'abc'", "int >= 0"),
@@ -217,8 +218,7 @@ def test_a_cfg_file_with_a_wrong_type_names_the_file(tmp_path):
 
 
 def test_a_saved_run_config_is_checked_when_given_back(tmp_path):
-    cfg = load_config("classify", ["epochs=3"])
-    cfg["mode"], cfg["folds_id"] = "train", "abc123"  # recorded facts: skipped, as before
+    cfg = load_config("classify", ["epochs=3"])  # what a run saves: its settings alone (what it learned: apart)
     cfg.save(tmp_path / "config.yaml")
     assert load_config("classify", [f"cfg={tmp_path / 'config.yaml'}"]).epochs == 3
     (tmp_path / "config.yaml").write_text(cfg.to_yaml().replace("epochs: 3", "epochs: three"))
@@ -227,12 +227,13 @@ def test_a_saved_run_config_is_checked_when_given_back(tmp_path):
 
 
 def test_run_sections_are_checked_by_their_stage():
-    cfg = load_config("run", ["detect.epochs=abc"])  # a run section is a map: its stage checks it
-    assert cfg.detect["epochs"] == "abc"
-    with pytest.raises(ConfigError, match="detect setting epochs='abc': expected int >= 1"):
-        cli.stage_function("detect", "train", cfg.detect)
-    with pytest.raises(ConfigError, match="run setting detect=3: expected map"):
+    with pytest.raises(ConfigError, match=r"^detect setting epochs='abc' in run section detect: expected int >= 1$"):
+        load_config("run", ["detect.epochs=abc"])  # at load, as the stage checks it: before any work
+    with pytest.raises(ConfigError, match=r"^run setting detect=3: expected a mapping of detect settings$"):
         load_config("run", ["detect=3"])
+    cfg = load_config("run", ["classify.epochs=3.0", "detect.cos_lr=true"])
+    assert cfg.classify["epochs"] == 3 and type(cfg.classify["epochs"]) is int  # checked values, coerced
+    assert cfg.detect["cos_lr"] is True and cfg.classify["model"] == "resnet10t"  # Ultralytics' keys; the rest kept
 
 
 def test_runtime_and_fusion_keys():
@@ -265,6 +266,7 @@ def test_a_key_without_a_spec_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "CFG_DIR", tmp_path)
     config.schema.cache_clear()
     try:
+        (tmp_path / "shared.yaml").write_text("")  # no shared settings
         (tmp_path / "demo.yaml").write_text("a: 1  # {int >= 0} fine\nb: 2  # no spec here\n")
         with pytest.raises(ConfigError, match="'b' has no type spec"):
             config.schema("demo")

@@ -140,7 +140,7 @@ def test_prepared_dir_without_its_csvs_falls_back_to_meta(synth_root, prepared, 
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copy(prepared / "meta.csv", moved / "meta.csv")
-    cfg = yaml.safe_load((prepared / "prepare.yaml").read_text())
+    cfg = Prepared.read_cfg(prepared)  # its settings and what it learned, written back as one mapping
     cfg["data"] = cfg["data_resolved"] = str(tmp_path / "gone")  # the SIIM root is no longer where it was prepared from
     (moved / "prepare.yaml").write_text(yaml.safe_dump(cfg))
     path = tmp_path / "p.csv"

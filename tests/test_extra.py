@@ -63,7 +63,7 @@ def csv_prepared(tmp_path_factory) -> Path:
 def with_labels(folder: Path, out: Path, labels: pd.DataFrame) -> Path:
     """A copy of an external folder whose labels.csv (and prepare.yaml's label_names) are `labels`."""
     out = Path(shutil.copytree(folder, out))
-    cfg = yaml.safe_load((out / "prepare.yaml").read_text())
+    cfg = Prepared.read_cfg(out)
     (out / "prepare.yaml").write_text(yaml.safe_dump({**cfg, "label_names": list(labels.columns[1:])}, sort_keys=False))
     labels.to_csv(out / "labels.csv", index=False)
     return out
@@ -221,7 +221,7 @@ def test_siim_and_unlabelled_folders_refused(prepared, tmp_path):
     with pytest.raises(SiimError, match="in the folds already"):
         ExtraData(prepared)
     folder = Path(shutil.copytree(prepared, tmp_path / "pool", ignore=shutil.ignore_patterns("128")))
-    cfg = yaml.safe_load((folder / "prepare.yaml").read_text())
+    cfg = Prepared.read_cfg(folder)
     (folder / "prepare.yaml").write_text(yaml.safe_dump({**cfg, "layout": "folder"}))
     with pytest.raises(SiimError, match="siimcovid pseudo"):
         ExtraData(folder)

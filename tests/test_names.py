@@ -18,7 +18,7 @@ from siimcovid.utils import SiimError
 ROOT = Path(__file__).resolve().parents[1]
 BAD_NAMES = ["../../escape", "..", ".", "/abs", "a/b", "a\\b", "", "tab\there", "x" * 201]
 NAME_KEYS = [("prepare", "name"), ("classify", "name"), ("detect", "name"), ("fuse", "name"), ("pseudo", "name"),
-             ("run", "name"), ("export", "run")]  # fmt: skip
+             ("run", "name"), ("export", "pipeline")]  # fmt: skip
 FOLDER_KEYS = [("classify", "project"), ("detect", "project"), ("fuse", "project"), ("pseudo", "project"),
                ("run", "project"), ("export", "project"), ("runs", "project"), ("prepare", "out"),
                ("prepare", "data_yaml_dir"), ("synth", "out"), ("predict", "out"), ("pseudo", "out")]  # fmt: skip

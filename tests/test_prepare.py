@@ -52,7 +52,7 @@ def test_saved_settings_seed_the_next_prepare(prepared):
     from siimcovid.config import load_config
 
     cfg = load_config("prepare", {"cfg": str(prepared / "prepare.yaml"), "name": "again"})
-    saved = yaml.safe_load((prepared / "prepare.yaml").read_text())
+    saved = Prepared.read_cfg(prepared)
     assert cfg.sizes == saved["sizes"] and cfg.n_folds == saved["n_folds"] and cfg.name == "again"
     assert "data_resolved" in saved and "data_resolved" not in cfg  # recorded, not a setting
 

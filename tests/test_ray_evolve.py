@@ -103,7 +103,7 @@ def test_grid_results_reads_ray_results():
 
 def test_gpus_per_trial():
     def cfg(gpu_per_trial=None, device=None):
-        return SimpleNamespace(gpu_per_trial=gpu_per_trial, device=device)
+        return SimpleNamespace(gpus_per_trial=gpu_per_trial, device=device)
 
     gpu_cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 8.0})
     cpu_cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
@@ -113,7 +113,7 @@ def test_gpus_per_trial():
     assert ray_tune.gpus_per_trial(cfg(0.5), gpu_cluster) == 0.5
     with pytest.raises(SiimError, match="one GPU at most"):
         ray_tune.gpus_per_trial(cfg(2), gpu_cluster)
-    with pytest.raises(SiimError, match="has no GPU: gpu_per_trial=0"):
+    with pytest.raises(SiimError, match="has no GPU: gpus_per_trial=0"):
         ray_tune.gpus_per_trial(cfg(1), cpu_cluster)
 
 
@@ -141,7 +141,7 @@ def test_evolve_on_a_local_ray_cluster(prepared, tmp_path):
         assert len(table) == 4 and table.trial.is_unique
         assert set(table.status) <= {"finished", "stopped early"}  # nothing failed
         assert table.epochs.between(1, 2).all() and table.fitness.notna().all()
-        space = yaml.safe_load((run / "detect.yaml").read_text())["space"]
+        space = yaml.safe_load((run / "detect.yaml").read_text())["ranges"]
         assert list(table.columns) == ["trial", "status", "epochs", "fitness", *space]
         start = load_hyp("yolov5x-mosaic")
         assert table.mosaic.iloc[0] == start["mosaic"] and table.mixup.iloc[0] == 0.0  # the first trial is the preset

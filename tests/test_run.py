@@ -18,7 +18,7 @@ def demo(tmp_path_factory):
     """The whole pipeline with every knob at its smallest (conftest.TINY_RUN), with the report and nested tuning:
     its own run, since test_rerun_resumes_without_training_again runs it again under other settings."""
     base = tmp_path_factory.mktemp("run")
-    classify_predict = {"tta": "none", "workers": 0}
+    classify_predict = {"tta": False, "workers": 0}
     result = tiny_run_call(base, detect_predict={"tta": False, "batch": 8}, classify_predict=classify_predict,
                            nested_tuning=True, report=True)  # fmt: skip
     return base, result
@@ -124,9 +124,9 @@ def test_run_owns_the_names_and_paths_of_its_stages():
     from siimcovid.run import section_settings
     from siimcovid.utils import SiimError
 
-    assert section_settings({"detect": {"epochs": 3}}, "detect", name="x") == {"epochs": 3, "name": "x"}
+    assert section_settings({"epochs": 3}, "detect", name="x") == {"epochs": 3, "name": "x"}
     with pytest.raises(SiimError, match=r"run sets \['name'\] of `detect` itself"):
-        section_settings({"detect": {"name": "v5x"}}, "detect", name="x")
+        section_settings({"name": "v5x"}, "detect", name="x")
 
 
 def test_predict_inherits_the_runtime_settings_of_the_train_section():
@@ -134,7 +134,7 @@ def test_predict_inherits_the_runtime_settings_of_the_train_section():
 
     cfg = {"detect": {"device": "cpu", "workers": 0, "plots": False, "epochs": 3, "batch": 8}, "detect_predict": {"workers": 2}}
     assert predict_settings(cfg, "detect") == {"device": "cpu", "workers": 2, "plots": False}  # predict's own win
-    cfg = {"classify": {"device": "cpu", "amp": False, "epochs": 1}, "classify_predict": None}
+    cfg = {"classify": {"device": "cpu", "amp": False, "epochs": 1}, "classify_predict": {}}
     assert predict_settings(cfg, "classify") == {"device": "cpu", "amp": False}
 
 
@@ -145,6 +145,15 @@ def test_predict_inherits_the_runtime_settings_of_the_train_section():
         ({"detect": {"lr0": float("inf")}}, "detect setting lr0=inf"),
         ({"fuse": {"iou_thr": 2.0}}, "fuse setting iou_thr=2.0"),
         ({"pseudo": {"rounds": 1, "box_conf": "high"}}, "pseudo setting box_conf='high'"),
+        ({"pseudo": {"rounds": "one"}}, r"^run section pseudo: rounds='one': expected int >= 0$"),
+        (
+            {"classify_predict": {"tta": True, "epcohs": 3}},
+            r"unknown classify setting 'epcohs' \(did you mean 'epochs'\?\) in run section classify_predict\.",
+        ),
+        (
+            {"detect": {"gpu_per_trial": 1}},
+            r"^detect setting 'gpu_per_trial' in run section detect is now called 'gpus_per_trial'$",
+        ),
     ],
 )
 def test_a_bad_value_in_any_section_stops_run_before_anything_is_written(tmp_path, section, message):

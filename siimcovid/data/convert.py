@@ -19,7 +19,7 @@ import numpy as np
 
 from siimcovid.data.boxes import clip_boxes, fill_mask, to_yolo
 from siimcovid.data.dicom import TAGS_CHECKED, area_resize_with_range, check_pixel_count, dicom_to_uint8, read_header
-from siimcovid.data.layout import image_file, label_file, mask_file
+from siimcovid.data.prepared_paths import image_file, label_file, mask_file
 from siimcovid.utils import DataError, SiimError
 
 MASK_PARAMS = [cv2.IMWRITE_PNG_BILEVEL, 1]  # masks are 1-bit PNGs (read back as 0/255)

@@ -33,20 +33,21 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from siimcovid.config import Config, default_name
+from siimcovid.config import Config, default_name, worker_processes
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.layout import image_file, label_file, mask_file
 from siimcovid.data.prepared import RECORD, SKIPPED_CSV, folds_fingerprint
+from siimcovid.data.prepared_paths import image_file, label_file, mask_file
 from siimcovid.data.siim import IMAGE_CSV, Problems
 from siimcovid.outputs import Earlier, Written, check_out, check_outside, open_out, read_mapping
+from siimcovid.rundir import merge_run, write_run
 from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, printable
 
 
 def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
-    """Yield convert(job) results (convert_one), in parallel when workers > 1, with a progress bar."""
+    """Yield convert(job) results (convert_one), in parallel when workers > 1 (0 or 1: here), with a progress bar."""
     bar = tqdm(total=len(jobs), desc=desc, unit="img", smoothing=0.05)
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -72,7 +73,7 @@ def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
                     raise SiimError(
                         f"a prepare worker died (killed for memory, or crashed in a DICOM decoder) while converting one of "
                         f"{len(running)} images, e.g. {running[0] if running else '?'}: finished images are kept; re-run "
-                        "(with workers=1 to name the file)"
+                        "(with workers=0 to name the file)"
                     ) from None
     finally:
         bar.close()
@@ -118,8 +119,8 @@ def check_settings(cfg: Config) -> Target:
 def earlier_settings(out: Path) -> dict | None:
     """The settings in <out>/prepare.yaml when a siimcovid prepare saved them there (a mapping naming its data), else
     None (no file, or a user's own file of that name)."""
-    saved = read_mapping(out / "prepare.yaml")
-    return saved if saved and saved.get("data_resolved") else None
+    saved = merge_run(read_mapping(out / "prepare.yaml") or {})
+    return saved if saved.get("data_resolved") else None
 
 
 # What an earlier prepare wrote, by place (its tables also by their header: a user's skipped.csv is not taken for one)
@@ -226,16 +227,10 @@ def start_output(cfg: Config, target: Target, files: list[Path], label_names: li
     previous_meta = out / "meta.previous.csv"
     if (out / "meta.csv").is_file():
         os.replace(out / "meta.csv", previous_meta)
-    saved = Config(
-        cfg,
-        name=target.name,
-        out=str(out),
-        sizes=target.sizes,
-        yolo_size=target.yolo_size,
-        data_resolved=str(target.root.resolve()),
-        **({"label_names": list(label_names)} if label_names is not None else {}),
-    )
-    saved.save(out / "prepare.yaml")
+    settings = Config(cfg, name=target.name, out=str(out), sizes=target.sizes, yolo_size=target.yolo_size)
+    learned = {"data_resolved": str(target.root.resolve())}  # apart from the settings: the file stays a valid cfg=
+    learned.update({"label_names": list(label_names)} if label_names is not None else {})
+    write_run(out / "prepare.yaml", "prepare", settings, learned)
     for s in target.sizes:
         for sub in ("images/train", "images/test", "labels/train", "masks/train"):
             (out / str(s) / sub).mkdir(parents=True, exist_ok=True)
@@ -262,9 +257,8 @@ def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Pr
         }
         for r in table.itertuples(index=False)
     ]
-    workers = cfg.workers or os.cpu_count() or 1
     results, converted = {}, 0
-    for res in run_jobs(jobs, workers, f"prepare {target.name} {target.sizes}"):
+    for res in run_jobs(jobs, worker_processes(cfg.workers), f"prepare {target.name} {target.sizes}"):
         if not res["ok"]:
             problems.add(res["error"])  # raises unless on_error=skip
             continue

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from siimcovid.data.layout import image_file, label_file, mask_file
+from siimcovid.data.prepared_paths import image_file, label_file, mask_file
 from siimcovid.tables import META, SKIPPED
 from siimcovid.utils import SiimError, as_list
 
@@ -72,7 +72,9 @@ class Prepared:
     @staticmethod
     def read_cfg(root: str | os.PathLike) -> dict:
         """The settings prepare saved (prepare.yaml): sizes, n_folds, data_resolved..."""
-        return yaml.safe_load((Path(root) / "prepare.yaml").read_text()) or {}
+        from siimcovid.rundir import merge_run
+
+        return merge_run(yaml.safe_load((Path(root) / "prepare.yaml").read_text()) or {})
 
     @property
     def name(self) -> str:

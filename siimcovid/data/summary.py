@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from siimcovid.rundir import merge_run
 from siimcovid.runs import fmt, quiet_table, quiet_yaml, settings_text
 from siimcovid.tables import META
 
 
 def describe(run: Path) -> dict | None:
     """A prepared folder -> image sizes, folds, split settings and its number of images; None if not one."""
-    cfg = quiet_yaml(run / "prepare.yaml")
+    cfg = merge_run(quiet_yaml(run / "prepare.yaml"))
     if not cfg:
         return None
     meta = quiet_table(META, run / "meta.csv")

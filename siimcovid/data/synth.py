@@ -47,7 +47,7 @@ from pydicom.uid import (
 from tqdm import tqdm
 
 from siimcovid import registry
-from siimcovid.config import Config
+from siimcovid.config import Config, worker_processes
 from siimcovid.data.convert import init_worker
 from siimcovid.outputs import check_place
 from siimcovid.tables import (
@@ -435,8 +435,8 @@ def start_partial(out: Path, done_file: Path, overwrite: bool) -> Path | None:
 
 
 def write_all(jobs: list, write, workers: int, desc: str) -> None:
-    """write(job) for every job, in a pool of `workers` processes (1: here), with a progress bar."""
-    if workers == 1:
+    """write(job) for every job, in a pool of `workers` processes (0 or 1: here), with a progress bar."""
+    if workers <= 1:
         for job in tqdm(jobs, desc=desc, unit="img"):
             write(job)
     else:
@@ -488,7 +488,7 @@ def generate(cfg: Config) -> Path:
     jobs = [
         (im, st, partial / st.split / st.study_id / im.series_id / f"{im.image_id}.dcm") for st in studies for im in st.images
     ]
-    write_all(jobs, _write_image, cfg.workers or os.cpu_count() or 1, f"synth {len(jobs)} DICOMs")
+    write_all(jobs, _write_image, worker_processes(cfg.workers), f"synth {len(jobs)} DICOMs")
     write_csvs(studies, partial)
     finish_partial(partial, out, f"written by siimcovid synth, seed {cfg.seed}", out / IMAGE_CSV)
     n_train = sum(len(s.images) for s in studies if s.split == "train")

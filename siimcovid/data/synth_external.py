@@ -22,7 +22,6 @@ latent variables SIIM's labels come from, so that what a model learns on them ca
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from siimcovid.config import Config
+from siimcovid.config import Config, worker_processes
 from siimcovid.data.synth import (
     StudySpec,
     dataset_folder,
@@ -238,7 +237,7 @@ def generate_external(cfg: Config) -> Path:
         return out
     studies = plan(cfg)
     jobs = SETS[cfg.kind](studies, partial)
-    write_all(jobs, write_one, cfg.workers or os.cpu_count() or 1, f"synth {cfg.kind}: {len(jobs)} images")
+    write_all(jobs, write_one, worker_processes(cfg.workers), f"synth {cfg.kind}: {len(jobs)} images")
     finish_partial(partial, out, f"written by siimcovid synth kind={cfg.kind}, seed {cfg.seed}", out / MAIN_FILE[cfg.kind])
     LOGGER.info(f"synth: wrote a {cfg.kind} set of {len(jobs)} images ({len(studies)} studies) to {out}")
     return out

@@ -1,15 +1,15 @@
 """`siimcovid detect evolve`: hyperparameter evolution on one fold, serially with Ultralytics' Tuner or on Ray.
 
     siimcovid detect evolve data=runs/prepare/siim model=yolov5mu.pt hyp=yolov5m fold=0 iterations=30 epochs=10
-    siimcovid detect evolve ... engine=ray [ray_address=head:6379] [grace_period=3] [gpu_per_trial=1]
+    siimcovid detect evolve ... engine=ray [ray_address=head:6379] [grace_period=3] [gpus_per_trial=1]
 
 engine=serial (the default): the first iteration trains with the starting preset (hyp=); each later one
-mutates the best so far inside `space` (detect.yaml: mosaic, mixup, scale, translate, hsv_v, lr0, ...), one
+mutates the best so far inside `ranges` (detect.yaml: mosaic, mixup, scale, translate, hsv_v, lr0, ...), one
 after another in this process. Fitness is Ultralytics' (validation mAP50-95 of each short run). Everything
 stays in <project>/<name>/ (default name <dataset>-<model stem>-evolve):
 
     tune/tune_results.ndjson          every iteration: fitness and hyperparameters (Ultralytics)
-    tune/best_hyperparameters.yaml    the best iteration's values of the space keys (Ultralytics)
+    tune/best_hyperparameters.yaml    the best iteration's values of the `ranges` keys (Ultralytics)
     tune/tune_scatter_plots.png, tune/weights/   plots and the best iteration's weights
     multitrain*/                      the iterations' training runs (Ultralytics keeps the best)
     hyp_evolved.yaml                  the starting preset updated with the best values: a preset that
@@ -21,7 +21,7 @@ iterations so far were trained under it).
 
 engine=ray (siimcovid.detect.ray_tune; `pip install siimcovid[ray]`): `iterations` Ray Tune trials (max_samples)
 on the cluster `ray_address` reaches (null: a local one on 127.0.0.1), as many at once as the cluster has
-`cpu_per_trial` CPUs and `gpu_per_trial` GPUs for. The first trial is the preset, the others sample `space`
+`cpus_per_trial` CPUs and `gpus_per_trial` GPUs for. The first trial is the preset, the others sample `ranges`
 uniformly (tune.uniform(min, max)); every trial reports each validated epoch, and ASHA stops the worse ones
 after `grace_period` epochs. Fitness is detect.yaml's `fitness` (map50 by default: the best validation
 mAP@0.5 of the trial). A trial that dies is restarted up to `max_failures` times (from its last.pt), then
@@ -56,19 +56,19 @@ RESULTS = "tune_results.ndjson"  # Ultralytics' record of the iterations so far:
 CONTINUE_KEYS = frozenset({"iterations", "export"})  # a resumed tuning may run longer, or export elsewhere
 
 
-def load_space(space: Any) -> dict[str, tuple]:
-    """{key: [min, max] or [min, max, gain]} (or a YAML path holding it) -> the Tuner's space."""
-    if isinstance(space, (str, Path)):
-        space = read_yaml(space)
-    if not isinstance(space, dict) or not space:
-        raise SiimError(f"space must map Ultralytics settings to [min, max], got {space!r}")
+def load_space(ranges: Any) -> dict[str, tuple]:
+    """The `ranges` setting, {key: [min, max] or [min, max, gain]} (or a YAML path holding it) -> the Tuner's space."""
+    if isinstance(ranges, (str, Path)):
+        ranges = read_yaml(ranges)
+    if not isinstance(ranges, dict) or not ranges:
+        raise SiimError(f"ranges must map Ultralytics settings to [min, max], got {ranges!r}")
     valid = ultralytics_keys()
     out = {}
-    for key, bounds in space.items():
+    for key, bounds in ranges.items():
         if key not in valid:
-            raise SiimError(f"space: '{key}' is not an Ultralytics setting")
+            raise SiimError(f"ranges: '{key}' is not an Ultralytics setting")
         if not isinstance(bounds, (list, tuple)) or len(bounds) not in (2, 3) or float(bounds[0]) > float(bounds[1]):
-            raise SiimError(f"space: {key} needs [min, max] (or [min, max, gain]) with min <= max, got {bounds!r}")
+            raise SiimError(f"ranges: {key} needs [min, max] (or [min, max, gain]) with min <= max, got {bounds!r}")
         out[key] = tuple(float(b) for b in bounds)
     return out
 
@@ -109,8 +109,6 @@ def write_preset(best: dict, header: list[str], start: dict, hyp_name: str | Non
 
 
 def evolve(cfg: Config) -> Path:
-    from ultralytics import YOLO
-
     source = resolve_data(cfg.data, cfg.data_yaml_dir)
     fold = evolve_fold(cfg.fold, select_folds(cfg.fold, source))
     data_yaml = source.yaml(fold)
@@ -118,7 +116,7 @@ def evolve(cfg: Config) -> Path:
     if isinstance(cfg.pretrained, str):
         check_model(cfg.pretrained, "pretrained")
     hyp = load_hyp(cfg.hyp)
-    space = load_space(cfg.space)
+    space = load_space(cfg.ranges)
     args = train_args(cfg, hyp)
     name = cfg.name or default_name("detect", f"{source.name}-{Path(model).stem}-evolve", "the dataset and the model")
     run_dir = (Path(cfg.project) / name).resolve()
@@ -134,7 +132,7 @@ def evolve(cfg: Config) -> Path:
         size=source.size,
         data_yaml=str(data_yaml.resolve()),
         hyp_values=hyp,
-        space={k: list(v) for k, v in space.items()},
+        ranges={k: list(v) for k, v in space.items()},
     )
     use_ray = cfg.engine == "ray"
     if use_ray:
@@ -146,31 +144,44 @@ def evolve(cfg: Config) -> Path:
     check_tuning_settings(run_dir, tune_dir, saved)
     saved.save(run_dir / RUN_CONFIG)
     out = Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml"
-    if use_ray:
-        best, table = ray_tune.evolve_ray(cfg, model=model, data_yaml=data_yaml, hyp=hyp, space=space, args=args, run_dir=run_dir)
-        header = [
-            f"Best fitness={best.fitness:g} ({cfg.fitness}, best epoch) observed in trial {best.trial} "
-            f"({best.status}, {best.epochs} epochs) of {len(table)} Ray Tune trials ({ray_tune.summary(table)})",
-            f"Trials: {run_dir / ray_tune.TABLE}",
-        ]
-        out = write_preset({k: float(best[k]) for k in space}, header, hyp, cfg.hyp, out)
-    else:
-        LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({data_yaml}) -> {tune_dir}")
-        YOLO(model).tune(
-            data=str(data_yaml),
-            iterations=cfg.iterations,
-            space=space,
-            project=str(run_dir),
-            name=tune_dir.name,
-            resume=(tune_dir / RESULTS).is_file(),
-            **args,
-        )
-        best_file = tune_dir / "best_hyperparameters.yaml"
-        if not best_file.is_file():
-            raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
-        out = export_preset(best_file, hyp, cfg.hyp, out)
+    job = {"model": model, "data_yaml": data_yaml, "hyp": hyp, "space": space, "args": args, "run_dir": run_dir}
+    out = evolve_on_ray(cfg, job, out) if use_ray else evolve_here(cfg, job, tune_dir, fold, out)
     LOGGER.info(f"detect evolve: best hyperparameters -> {out}\n  train with: siimcovid detect train hyp={out} ...")
     return out
+
+
+def evolve_on_ray(cfg: Config, job: dict, out: Path) -> Path:
+    """engine=ray: the trials on Ray Tune (siimcovid.detect.ray_tune); the preset of the best trial, written to out."""
+    from siimcovid.detect import ray_tune
+
+    run_dir, space = job["run_dir"], job["space"]
+    best, table = ray_tune.evolve_ray(cfg, **job)
+    header = [
+        f"Best fitness={best.fitness:g} ({cfg.fitness}, best epoch) observed in trial {best.trial} "
+        f"({best.status}, {best.epochs} epochs) of {len(table)} Ray Tune trials ({ray_tune.summary(table)})",
+        f"Trials: {run_dir / ray_tune.TABLE}",
+    ]
+    return write_preset({k: float(best[k]) for k in space}, header, job["hyp"], cfg.hyp, out)
+
+
+def evolve_here(cfg: Config, job: dict, tune_dir: Path, fold: int, out: Path) -> Path:
+    """engine=serial: Ultralytics' Tuner in this process; the preset of its best iteration, written to out."""
+    from ultralytics import YOLO
+
+    LOGGER.info(f"detect evolve: {cfg.iterations} iterations on fold {fold} ({job['data_yaml']}) -> {tune_dir}")
+    YOLO(job["model"]).tune(
+        data=str(job["data_yaml"]),
+        iterations=cfg.iterations,
+        space=job["space"],
+        project=str(job["run_dir"]),
+        name=tune_dir.name,
+        resume=(tune_dir / RESULTS).is_file(),
+        **job["args"],
+    )
+    best_file = tune_dir / "best_hyperparameters.yaml"
+    if not best_file.is_file():
+        raise SiimError(f"no tuning iteration produced metrics; see the log and {tune_dir}")
+    return export_preset(best_file, job["hyp"], cfg.hyp, out)
 
 
 def main(cfg: Config) -> Path:

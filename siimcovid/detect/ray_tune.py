@@ -39,7 +39,7 @@ METRICS = {"map50": "metrics/mAP50(B)", "map50-95": "metrics/mAP50-95(B)"}  # Ul
 
 
 def search_space(space: dict[str, tuple], tune) -> dict[str, Any]:
-    """siimcovid's space {key: (min, max[, gain])} -> Ray Tune's {key: tune.uniform(min, max)} (the gain, which
+    """detect's `ranges` {key: (min, max[, gain])} -> Ray Tune's {key: tune.uniform(min, max)} (the gain, which
     scales the serial Tuner's mutations, has no use here; min == max is that constant)."""
     return {k: tune.uniform(float(b[0]), float(b[1])) if b[1] > b[0] else float(b[0]) for k, b in space.items()}
 
@@ -58,19 +58,19 @@ def first_point(space: dict[str, tuple], hyp: dict[str, Any]) -> dict[str, float
 
 
 def gpus_per_trial(cfg: Config, ray) -> float:
-    """gpu_per_trial, or (null) one GPU per trial on a cluster that has GPUs unless device=cpu."""
+    """The gpus_per_trial setting, or (null) one GPU per trial on a cluster that has GPUs unless device=cpu."""
     have = float(ray.cluster_resources().get("GPU", 0))
-    if cfg.gpu_per_trial is None:
+    if cfg.gpus_per_trial is None:
         gpus = 0.0 if str(cfg.device).lower() == "cpu" or have < 1 else 1.0
     else:
-        gpus = float(cfg.gpu_per_trial)
+        gpus = float(cfg.gpus_per_trial)
     if gpus > 1:
         raise SiimError(
-            f"gpu_per_trial={cfg.gpu_per_trial}: a Ray trial trains on one GPU at most (DDP inside a trial does not "
+            f"gpus_per_trial={cfg.gpus_per_trial}: a Ray trial trains on one GPU at most (DDP inside a trial does not "
             "report its epochs to Ray Tune); run more trials at once instead"
         )
     if gpus > 0 and have == 0:
-        raise SiimError(f"gpu_per_trial={gpus:g} but the Ray cluster has no GPU: gpu_per_trial=0 trains on its CPUs")
+        raise SiimError(f"gpus_per_trial={gpus:g} but the Ray cluster has no GPU: gpus_per_trial=0 trains on its CPUs")
     return gpus
 
 
@@ -187,30 +187,66 @@ def grid_results(grid) -> list[dict]:
     return out
 
 
-def evolve_ray(
-    cfg: Config, *, model: str, data_yaml: Path, hyp: dict, space: dict[str, tuple], args: dict, run_dir: Path
-) -> tuple[pd.Series, pd.DataFrame]:
-    """Run (or restore and finish) the Ray Tune experiment; write ray_trials.csv. Returns the best trial's row and the table."""
-    from siimcovid.ray_engine import cluster, import_ray
+def trial_model(model: str) -> str:
+    """The model as every trial loads it: a .pt downloaded once, here (a trial runs in its own folder), as an absolute
+    path; an Ultralytics model YAML name as it is."""
+    if Path(model).suffix == ".pt" and not Path(model).is_file():
+        from ultralytics.utils.downloads import attempt_download_asset
 
-    import_ray()  # the one-line install hint, before any work
+        model = attempt_download_asset(model)
+    return str(Path(model).resolve()) if Path(model).is_file() else model
+
+
+def make_tuner(cfg: Config, trainable, space: dict[str, tuple], hyp: dict, args: dict, run_dir: Path):
+    """The Ray Tune experiment in <run>/ray_tune: restored (its unfinished and failed trials run), else a new one."""
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    if Path(model).suffix == ".pt" and not Path(model).is_file():
-        from ultralytics.utils.downloads import attempt_download_asset
+    experiment = run_dir / EXPERIMENT
+    if tune.Tuner.can_restore(str(experiment)):
+        LOGGER.info(f"detect evolve: restoring the Ray Tune experiment {experiment} (its unfinished and failed trials run)")
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    epochs = int(cfg.epochs)
+    asha = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs), reduction_factor=3)
+    search = BasicVariantGenerator(
+        points_to_evaluate=[first_point(space, hyp)], random_state=int(args.get("seed", DEFAULT_CFG_DICT["seed"]))
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(space, tune),
+        tune_config=TuneConfig(
+            metric="fitness",
+            mode="max",
+            num_samples=cfg.iterations,
+            scheduler=asha,
+            search_alg=search,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=RunConfig(
+            storage_path=str(run_dir),
+            name=EXPERIMENT,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            verbose=1,
+        ),
+    )
 
-        model = attempt_download_asset(model)  # once, here: a trial runs in its own folder
-    model = str(Path(model).resolve()) if Path(model).is_file() else model  # a file, or an Ultralytics model YAML name
 
-    from siimcovid.ray_engine import check_fits
+def evolve_ray(
+    cfg: Config, *, model: str, data_yaml: Path, hyp: dict, space: dict[str, tuple], args: dict, run_dir: Path
+) -> tuple[pd.Series, pd.DataFrame]:
+    """Run (or restore and finish) the Ray Tune experiment; write ray_trials.csv. Returns the best trial's row and the table."""
+    from siimcovid.ray_engine import check_fits, cluster, import_ray
 
+    import_ray()  # the one-line install hint, before any work
+    from ray import tune
+
+    model = trial_model(model)
     with cluster(cfg.ray_address) as ray:  # a local one stays on 127.0.0.1 (siimcovid.ray_engine)
         gpus = gpus_per_trial(cfg, ray)
-        check_fits(ray, gpus, cfg.cpu_per_trial, "detect evolve engine=ray")  # Ray Tune would wait forever
+        check_fits(ray, gpus, cfg.cpus_per_trial, "detect evolve engine=ray")  # Ray Tune would wait forever
         job = {
             "model": model,
             "data": str(Path(data_yaml).resolve()),
@@ -219,47 +255,19 @@ def evolve_ray(
             "args": {**args, "device": None if gpus > 0 else "cpu"},  # a trial trains on the GPU Ray gave it (run_trial)
             "cwd": os.getcwd(),  # Ray starts a trial in its own folder: relative paths (pretrained=...) are the command's
         }
-        trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cfg.cpu_per_trial, "gpu": gpus})
-        experiment = run_dir / EXPERIMENT
-        if tune.Tuner.can_restore(str(experiment)):
-            LOGGER.info(f"detect evolve: restoring the Ray Tune experiment {experiment} (its unfinished and failed trials run)")
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            epochs = int(cfg.epochs)
-            asha = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs), reduction_factor=3)
-            search = BasicVariantGenerator(
-                points_to_evaluate=[first_point(space, hyp)], random_state=int(args.get("seed", DEFAULT_CFG_DICT["seed"]))
-            )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=search_space(space, tune),
-                tune_config=TuneConfig(
-                    metric="fitness",
-                    mode="max",
-                    num_samples=cfg.iterations,
-                    scheduler=asha,
-                    search_alg=search,
-                    trial_dirname_creator=lambda trial: trial.trial_id,
-                ),
-                run_config=RunConfig(
-                    storage_path=str(run_dir),
-                    name=EXPERIMENT,
-                    failure_config=FailureConfig(max_failures=cfg.max_failures),
-                    verbose=1,
-                ),
-            )
+        trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": cfg.cpus_per_trial, "gpu": gpus})
+        tuner = make_tuner(cfg, trainable, space, hyp, args, run_dir)
         LOGGER.info(
-            f"detect evolve: {cfg.iterations} Ray Tune trials on {data_yaml} ({cfg.cpu_per_trial} CPU, {gpus:g} GPU each; "
-            f"ASHA after {cfg.grace_period} epochs; fitness {cfg.fitness}) -> {experiment}"
+            f"detect evolve: {cfg.iterations} Ray Tune trials on {data_yaml} ({cfg.cpus_per_trial} CPU, {gpus:g} GPU each; "
+            f"ASHA after {cfg.grace_period} epochs; fitness {cfg.fitness}) -> {run_dir / EXPERIMENT}"
         )
-        grid = tuner.fit()
-        table = trial_rows(grid_results(grid), list(space), int(cfg.epochs))
+        table = trial_rows(grid_results(tuner.fit()), list(space), int(cfg.epochs))
     write_table(table, run_dir / TABLE)
     LOGGER.info(f"detect evolve: {summary(table)} -> {run_dir / TABLE}")
     if len(table) != cfg.iterations:
         LOGGER.warning(
-            f"detect evolve: the Ray Tune experiment in {experiment} has {len(table)} trials (iterations={cfg.iterations}): "
-            "a restored experiment keeps its own number; use another name= for more"
+            f"detect evolve: the Ray Tune experiment in {run_dir / EXPERIMENT} has {len(table)} trials "
+            f"(iterations={cfg.iterations}): a restored experiment keeps its own number; use another name= for more"
         )
     failed = table[table.status == "failed"]
     if len(failed):

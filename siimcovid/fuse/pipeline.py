@@ -142,7 +142,7 @@ class WbfCache:
             self.items.popitem(last=False)
 
 
-def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> pd.DataFrame:
+def fuse_boxes(inputs: FuseInputs, params: dict, workers: int | None = 0, cache: WbfCache | None = None) -> pd.DataFrame:
     """WBF of every image (BOX_PRED_COLUMNS: image_id, conf, box in original px), cached."""
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
     key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights))
@@ -163,7 +163,7 @@ def fuse_boxes(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCac
     return fused
 
 
-def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int = 1) -> np.ndarray:
+def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int | None = 0) -> np.ndarray:
     """Test split: the detector's none computed fold by fold, as out of fold, then averaged.
 
     WBF's confidence averages over its members. Out of fold an image is seen by one fold model
@@ -196,7 +196,7 @@ def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int = 1) -> np.n
     return np.mean(per_fold, axis=0)
 
 
-def detector_none(inputs: FuseInputs, params: dict, wbf_conf: np.ndarray, codes: np.ndarray, workers: int) -> np.ndarray:
+def detector_none(inputs: FuseInputs, params: dict, wbf_conf: np.ndarray, codes: np.ndarray, workers: int | None) -> np.ndarray:
     """none_det per image (NaN without detection files); on test with several folds, fold by fold."""
     n = len(inputs.images)
     if inputs.n_sets == 0:
@@ -241,13 +241,13 @@ def study_table(inputs: FuseInputs, params: dict, images: pd.DataFrame, probs: n
     return studies.set_index("study_id").loc[inputs.study_ids].reset_index()[FUSED_STUDIES.names]
 
 
-def run_fusion(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
+def run_fusion(inputs: FuseInputs, params: dict, workers: int | None = 0, cache: WbfCache | None = None) -> Fused:
     """Fuse one split with a parameter dict built in Python: checked (check_params), then fuse_split."""
     check_params(params)
     return fuse_split(inputs, params, workers, cache)
 
 
-def fuse_split(inputs: FuseInputs, params: dict, workers: int = 1, cache: WbfCache | None = None) -> Fused:
+def fuse_split(inputs: FuseInputs, params: dict, workers: int | None = 0, cache: WbfCache | None = None) -> Fused:
     """Fuse one split with checked parameters (a loaded config's, or checked by check_params); the
     steps of the module docstring."""
     images = inputs.images

@@ -19,14 +19,13 @@ confidence rescaling (conf_type avg: a box found by 2 of 5 folds keeps 2/5 of it
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
-from siimcovid.config import schema
+from siimcovid.config import schema, worker_processes
 from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS
 from siimcovid.utils import SiimError
 
@@ -106,8 +105,25 @@ def _fuse_chunk(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(out_img), np.concatenate(out_box), np.concatenate(out_conf)
 
 
-def resolve_workers(workers: int) -> int:
-    return (os.cpu_count() or 1) if workers <= 0 else workers
+def resolve_workers(workers: int | None) -> int:
+    """fuse's workers (config.worker_processes: null = every core, 0 = none) -> the WBF jobs, at least 1 (1: here)."""
+    return max(1, worker_processes(workers))
+
+
+def _fuse_chunks(images, bounds, sets, norm, scores, fixed: tuple, workers: int | None) -> list[tuple]:
+    """_fuse_chunk over the images split into one chunk per worker (resolve_workers), in a process pool when there
+    are several; fixed: (n_sets, weights, iou_thr, skip_box_thr, conf_type)."""
+    n_workers = min(resolve_workers(workers), max(1, len(images) // 200))  # small inputs: no pool
+    jobs = []
+    for chunk in np.array_split(np.arange(len(images)), n_workers):
+        if len(chunk) == 0:
+            continue
+        lo, hi = bounds[chunk[0]], bounds[chunk[-1] + 1]
+        jobs.append((images[chunk], sets[lo:hi], norm[lo:hi], scores[lo:hi], bounds[chunk[0] : chunk[-1] + 2] - lo, *fixed))
+    if len(jobs) > 1:
+        with ProcessPoolExecutor(len(jobs)) as pool:
+            return list(pool.map(_fuse_chunk, jobs))
+    return [_fuse_chunk(j) for j in jobs]
 
 
 def wbf_table(
@@ -118,7 +134,7 @@ def wbf_table(
     iou_thr: float = 0.6,
     skip_box_thr: float = 0.001,
     conf_type: str = "avg",
-    workers: int = 1,
+    workers: int | None = 0,
 ) -> pd.DataFrame:
     """Fuse every image of a tidy box table.
 
@@ -150,32 +166,7 @@ def wbf_table(
     scores = boxes["conf"].to_numpy(dtype=np.float64)[order]
     images, starts = np.unique(code, return_index=True)
     bounds = np.append(starts, len(code))
-    n_workers = min(resolve_workers(workers), max(1, len(images) // 200))  # small inputs: no pool
-    chunks = np.array_split(np.arange(len(images)), n_workers)
-    jobs = []
-    for chunk in chunks:
-        if len(chunk) == 0:
-            continue
-        lo, hi = bounds[chunk[0]], bounds[chunk[-1] + 1]
-        jobs.append(
-            (
-                images[chunk],
-                sets[lo:hi],
-                norm[lo:hi],
-                scores[lo:hi],
-                bounds[chunk[0] : chunk[-1] + 2] - lo,
-                n_sets,
-                weights,
-                iou_thr,
-                skip_box_thr,
-                conf_type,
-            )
-        )
-    if len(jobs) > 1:
-        with ProcessPoolExecutor(len(jobs)) as pool:
-            parts = list(pool.map(_fuse_chunk, jobs))
-    else:
-        parts = [_fuse_chunk(j) for j in jobs]
+    parts = _fuse_chunks(images, bounds, sets, norm, scores, (n_sets, weights, iou_thr, skip_box_thr, conf_type), workers)
     img = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     box = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 4))
     conf = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)
