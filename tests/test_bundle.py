@@ -16,7 +16,6 @@ import yaml
 
 from siimcovid.bundle import MANIFEST, open_bundle
 from siimcovid.cli import call
-from siimcovid.config import load_config
 from siimcovid.utils import SiimError
 
 CLS_MODEL = {"model": "test_efficientnet", "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0}
@@ -62,12 +61,38 @@ def fake_classify_run(run_dir: Path, prepared: Path) -> Path:
     return run_dir
 
 
-def fake_fuse_run(fuse_dir: Path, det_dirs: list[Path], cls_dirs: list[Path], **params) -> Path:
-    """A fuse run's saved test settings (fuse_test.yaml) over the runs' prediction files."""
+def fake_predictions(run_dir: Path, prepared: Path, kind: str, seed: int) -> Path:
+    """The prediction tables a run's predict writes (detect: pred_{oof,test}.csv; classify: pred_{oof,test}_image.csv),
+    made up but of their contracts: out of fold each train image by its own fold's model, on test every fold's."""
+    import numpy as np
+    import pandas as pd
+
+    from siimcovid.data.prepared import Prepared
+    from siimcovid.tables import CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES
+
+    rng = np.random.default_rng(seed)
+    for split, part in (("oof", "train"), ("test", "test")):
+        meta = Prepared(prepared).split(part)
+        if kind == "detect":
+            folds = [[f] for f in meta.fold] if split == "oof" else [list(FOLDS)] * len(meta)
+            rows = [(i, run_dir.name, f, 10.0, 10.0, 90.0, 120.0, rng.uniform()) for i, fs in zip(meta.image_id, folds)
+                    for f in fs]  # fmt: skip
+            DETECTIONS.write(pd.DataFrame(rows, columns=DETECTIONS.required), run_dir / f"pred_{split}.csv")
+            continue
+        table = pd.DataFrame({"model": run_dir.name, "image_id": meta.image_id, "study_id": meta.study_id})
+        table["fold"] = meta.fold if split == "oof" else -1
+        table[STUDY_CLASSES] = rng.dirichlet(np.ones(4), len(meta))
+        table["none"] = rng.uniform(size=len(meta))
+        CLASSIFIER_IMAGES.write(table, run_dir / f"pred_{split}_image.csv")
+    return run_dir
+
+
+def fake_fuse_run(project: Path, name: str, det_dirs: list[Path], cls_dirs: list[Path], prepared: Path, **params) -> Path:
+    """`siimcovid fuse split=test` of the runs' prediction files (in the order given) into <project>/fuse/<name>."""
     det = [str(d / "pred_test.csv") for d in det_dirs]
     cls = [str(d / "pred_test_image.csv") for d in cls_dirs]
-    load_config("fuse", {"det": det, "cls": cls, "split": "test", **params}).save(fuse_dir / "fuse_test.yaml")
-    return fuse_dir
+    settings = {"det": det, "cls": cls, "split": "test", "data": str(prepared), "workers": 1, **params}
+    return call("fuse", project=str(project / "fuse"), name=name, **settings)["dir"]
 
 
 @pytest.fixture(scope="session")
@@ -85,14 +110,17 @@ def yolo_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def runs(prepared, yolo_checkpoint, tmp_path_factory) -> Path:
     """A project with a `siimcovid run` named x (run.yaml, detect/x, classify/x, fuse/x) and two more detectors
-    and classifiers (v5a, v5b, b3, b5) with a fuse run `ens` that lists them in its own order."""
+    and classifiers (v5a, v5b, b3, b5) with a fuse run `ens` that fused them in its own order (each run with its
+    prediction tables, each fuse run a real `siimcovid fuse split=test` of them: its fusion.yaml)."""
     project = tmp_path_factory.mktemp("project") / "runs"
     run_yaml = {"name": "x", "detect": {"device": "cpu"}, "detect_predict": {"tta": False, "conf": 0.01}}
-    yaml_file(project / "run" / "x" / "run.yaml", {**run_yaml, "classify_predict": {"tta": "none"}})
+    yaml_file(project / "run" / "x" / "run.yaml", {**run_yaml, "classify_predict": {"tta": False}})
     det = [fake_detect_run(project / "detect" / n, prepared, yolo_checkpoint) for n in ("x", "v5a", "v5b")]
     cls = [fake_classify_run(project / "classify" / n, prepared) for n in ("x", "b3", "b5")]
-    fake_fuse_run(project / "fuse" / "x", det[:1], cls[:1], iou_thr=0.55, none_cls_weight=0.7)
-    fake_fuse_run(project / "fuse" / "ens", det[:0:-1], cls[:0:-1], det_weights=[2.0, 1.0], cls_weights=[1.0, 3.0])
+    for seed, run in enumerate(det + cls):
+        fake_predictions(run, prepared, run.parent.name, seed)
+    fake_fuse_run(project, "x", det[:1], cls[:1], prepared, iou_thr=0.55, none_cls_weight=0.7)
+    fake_fuse_run(project, "ens", det[:0:-1], cls[:0:-1], prepared, det_weights=[2.0, 1.0], cls_weights=[1.0, 3.0])
     return project
 
 
@@ -102,7 +130,7 @@ def export(project: Path, **settings) -> Path:
 
 @pytest.fixture
 def bundle(runs, tmp_path) -> Path:
-    return export(runs, run="x", out=str(tmp_path / "b"))
+    return export(runs, pipeline="x", out=str(tmp_path / "b"))
 
 
 def rewrite_manifest(bundle: Path, **changes) -> None:
@@ -130,12 +158,12 @@ def test_export_of_a_run_lays_out_members_settings_and_manifest(runs, bundle):
     assert manifest["sources"]["run"] == "x" and manifest["dtypes"] == {"detect/x": "float16", "classify/x": "float32"}
     # the manifest travels: no absolute path of the machine that made it, only names relative to the project
     assert manifest["sources"]["members"] == {"detect/x": "detect/x", "classify/x": "classify/x"}
-    assert str(runs.parent) not in (bundle / MANIFEST).read_text() and manifest["sources"]["fuse"] == "fuse/x/fuse_test.yaml"
+    assert str(runs.parent) not in (bundle / MANIFEST).read_text() and manifest["sources"]["fuse"] == "fuse/x/fusion.yaml"
     # the run's predict settings (run.yaml's detect_predict / classify_predict), the fusion of its submission
     det = yaml.safe_load((bundle / "detect/x/settings.yaml").read_text())
     assert det["tta"] is False and det["conf"] == 0.01 and det["size"] == 64 and det["imgsz"] == {0: 64, 1: 64}
     cls = yaml.safe_load((bundle / "classify/x/settings.yaml").read_text())
-    assert {k: cls[k] for k in ("imgsz", "tta", "weights")} == {"imgsz": 64, "tta": "none", "weights": "best"}
+    assert {k: cls[k] for k in ("imgsz", "tta", "weights")} == {"imgsz": 64, "tta": False, "weights": "best"}
     assert yaml.safe_load((bundle / "classify/x/model.yaml").read_text()) == {"family": "timm", **CLS_MODEL}
     det_model = yaml.safe_load((bundle / "detect/x/model.yaml").read_text())
     assert det_model["family"] == "ultralytics" and det_model["yaml"]["nc"] == 1
@@ -170,26 +198,27 @@ def test_round_trip_gives_members_in_the_fusion_order(runs, tmp_path):
     assert opened.classifiers[0].weights[1] == out / "classify/b5/fold1.safetensors"
     assert opened.classifiers[0].weights[1].is_file()
     assert opened.detectors[0].settings["tta"] is True  # runs named one by one: cfg/detect.yaml's predict defaults
-    assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"].endswith("ens")
+    assert opened.prepare["sizes"] == [64] and opened.manifest["sources"]["fuse"] == "fuse/ens/fusion.yaml"
 
 
-def test_a_tuned_best_yaml_takes_its_member_order_from_the_tuning_beside_it(runs, tmp_path):
-    tuned = tmp_path / "fuse" / "tuned"
-    tuned.mkdir(parents=True)
-    (tuned / "best.yaml").write_text(yaml.safe_dump({"det_weights": [2.0, 1.0], "iou_thr": 0.5}))
-    det_oof = [str(runs / f"detect/{n}/pred_test.csv") for n in ("v5b", "v5a")]  # the files name their models
-    (tuned / "tune.yaml").write_text(yaml.safe_dump({"det": det_oof, "cls": [str(runs / "classify/b3/pred_test_image.csv")]}))
-    out = export(runs, detect=[str(runs / "detect/v5a"), str(runs / "detect/v5b")], classify=[str(runs / "classify/b3")],
-                 fuse=str(tuned), out=str(tmp_path / "b"))  # fmt: skip
-    opened = open_bundle(out)
-    assert [m.name for m in opened.detectors] == ["v5b", "v5a"] and opened.fusion["det_weights"] == [2.0, 1.0]
+def test_a_tune_without_a_test_fusion_gives_its_best_parameters_and_its_member_order(runs, prepared, tmp_path):
+    det_oof = [str(runs / f"detect/{n}/pred_oof.csv") for n in ("v5b", "v5a")]
+    space = {"det_weights": [0.5, 2.0], "iou_thr": [0.4, 0.5]}
+    tuned = call("fuse", "tune", det=det_oof, cls=[str(runs / "classify/b3/pred_oof_image.csv")], data=str(prepared),
+                 project=str(tmp_path / "fuse"), name="tuned", trials=3, space=space, workers=1)  # fmt: skip
+    runs_given = {"detect": [str(runs / "detect/v5a"), str(runs / "detect/v5b")], "classify": [str(runs / "classify/b3")]}
+    for fuse in (tuned["dir"], tuned["dir"] / "best.yaml"):  # the folder (no test entry: its tune), or best.yaml
+        opened = open_bundle(export(runs, **runs_given, fuse=str(fuse), out=str(tmp_path / fuse.name)))
+        assert [m.name for m in opened.detectors] == ["v5b", "v5a"]  # the order tune searched the weights in
+        assert all(opened.fusion[k] == tuned["best"][k] for k in ("det_weights", "iou_thr", "none_cls_weight"))
+        assert opened.manifest["sources"]["fuse"] == (tmp_path / "fuse/tuned/fusion.yaml").name  # outside the project
 
 
 def test_runs_named_one_by_one_take_the_settings_their_own_predict_recorded(runs, tmp_path):
     from siimcovid.rundir import save_predict_settings
 
     save_predict_settings(runs / "detect/v5a", {"conf": 0.05, "iou": 0.6, "tta": False, "max_det": 50, "predict_imgsz": 96})
-    save_predict_settings(runs / "classify/b5", {"tta": "none", "weights": "best"})
+    save_predict_settings(runs / "classify/b5", {"tta": "none", "weights": "best"})  # as the release before recorded it
     out = export(runs, detect=[str(runs / "detect/v5a"), str(runs / "detect/v5b")], classify=[str(runs / "classify/b3"),
                  str(runs / "classify/b5")], fuse=str(runs / "fuse/ens"), out=str(tmp_path / "ens"))  # fmt: skip
     opened = open_bundle(out)
@@ -197,7 +226,7 @@ def test_runs_named_one_by_one_take_the_settings_their_own_predict_recorded(runs
     assert {k: det["v5a"][k] for k in ("conf", "iou", "tta", "max_det", "predict_imgsz")} == {
         "conf": 0.05, "iou": 0.6, "tta": False, "max_det": 50, "predict_imgsz": 96}  # fmt: skip
     assert det["v5b"]["tta"] is True and det["v5b"]["conf"] == 0.001  # recorded nothing: the defaults
-    assert {m.name: m.settings["tta"] for m in opened.classifiers} == {"b3": "hflip", "b5": "none"}
+    assert {m.name: m.settings["tta"] for m in opened.classifiers} == {"b3": True, "b5": False}  # on or off
 
 
 def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs, tmp_path):
@@ -216,9 +245,9 @@ def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs
 def test_an_existing_out_is_refused_unless_overwrite(runs, bundle):
     before = (bundle / MANIFEST).stat().st_ino
     with pytest.raises(SiimError, match="exists: choose another out= or give overwrite=true"):
-        export(runs, run="x", out=str(bundle))
+        export(runs, pipeline="x", out=str(bundle))
     assert (bundle / MANIFEST).stat().st_ino == before
-    assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle
+    assert export(runs, pipeline="x", out=str(bundle), overwrite=True) == bundle
     assert (bundle / MANIFEST).stat().st_ino != before and not list(bundle.parent.glob(f".{bundle.name}.*"))  # replaced
     open_bundle(bundle)
 
@@ -229,7 +258,7 @@ def test_half_stores_classifiers_in_fp16_and_they_load_back_as_fp32(runs, bundle
 
     from siimcovid import weights
 
-    half = export(runs, run="x", out=str(tmp_path / "half"), half=True)
+    half = export(runs, pipeline="x", out=str(tmp_path / "half"), fp16_weights=True)
     rel = "classify/x/fold0.safetensors"
     full_bytes, half_bytes = ((b / rel).stat().st_size for b in (bundle, half))
     assert half_bytes < 0.6 * full_bytes
@@ -303,7 +332,7 @@ def test_a_member_with_no_folds_is_an_error(bundle):
 
 def test_zip_round_trip_extracts_once_into_the_cache(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("SIIMCOVID_CACHE", str(tmp_path / "cache"))
-    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    out = export(runs, pipeline="x", out=str(tmp_path / "x.zip"))
     with zipfile.ZipFile(out) as zf:
         assert MANIFEST in zf.namelist() and all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
     opened = open_bundle(out)
@@ -318,7 +347,7 @@ def test_zip_round_trip_extracts_once_into_the_cache(runs, tmp_path, monkeypatch
 
 def test_a_corrupt_zip_is_an_error(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("SIIMCOVID_CACHE", str(tmp_path / "cache"))
-    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    out = export(runs, pipeline="x", out=str(tmp_path / "x.zip"))
     data = bytearray(out.read_bytes())
     with zipfile.ZipFile(out) as zf:
         info = zf.getinfo("detect/x/fold0.safetensors")

@@ -232,7 +232,7 @@ def test_a_zip_bomb_is_refused_unread_even_when_listed_with_its_true_size(bundle
 def test_with_trust_a_zip_signed_by_another_key_is_refused_before_extraction(runs, tmp_path, cache):
     other = call("keygen", out=str(tmp_path / "other"))
     mine = call("keygen", out=str(tmp_path / "mine"))
-    out = export(runs, run="x", out=str(tmp_path / "b.zip"), sign=str(other["private"]))
+    out = export(runs, pipeline="x", out=str(tmp_path / "b.zip"), sign=str(other["private"]))
     with pytest.raises(SiimError, match="which trust=.* does not hold"):
         open_bundle(out, trust=mine["public"])
     assert not cache.exists() or not any(cache.rglob("*"))
@@ -249,9 +249,9 @@ def test_a_bundle_refused_after_extraction_leaves_nothing_in_the_cache(bundle, t
 def test_a_cache_entry_not_made_from_the_zip_is_refused(runs, bundle, tmp_path, cache):
     import shutil
 
-    out = export(runs, run="x", out=str(tmp_path / "x.zip"))
+    out = export(runs, pipeline="x", out=str(tmp_path / "x.zip"))
     entry = cache / hashlib.sha256(out.read_bytes()).hexdigest()
-    other = export(runs, run="x", out=str(tmp_path / "other"), half=True)  # another bundle, same names
+    other = export(runs, pipeline="x", out=str(tmp_path / "other"), fp16_weights=True)  # another bundle, same names
     cache.mkdir()
     shutil.copytree(other, entry)  # planted where the zip would be extracted
     with pytest.raises(SiimError, match="holds another manifest than the zip: delete it"):
@@ -269,10 +269,10 @@ def test_weights_changed_after_the_checks_are_refused_when_loaded(runs, keys, tm
 
     from siimcovid import weights
 
-    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    signed = export(runs, pipeline="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
     member = open_bundle(signed, trust=keys["public"]).classifiers[0]
     path = member.weights[0]
-    other = export(runs, run="x", out=str(tmp_path / "other"))  # same architecture, fold 1's weights under fold 0's name
+    other = export(runs, pipeline="x", out=str(tmp_path / "other"))  # same architecture, fold 1's weights under fold 0's name
     path.write_bytes((other / "classify/x/fold1.safetensors").read_bytes())
     with pytest.raises(SiimError, match="fold0.safetensors changed after the bundle was checked"):
         weights.classifier(member.model, path, str(path), torch.device("cpu"), sha256=member.digests[0])
@@ -368,7 +368,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites_o
 
 
 def test_a_signed_bundle_opens_with_its_key_and_names_the_file_changed_after_signing(runs, keys, tmp_path, caplog):
-    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    signed = export(runs, pipeline="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
     assert (signed / SIGNATURE).is_file()
     assert open_bundle(signed, trust=keys["public"]).fusion["iou_thr"] == 0.55
     assert open_bundle(signed, trust=keys["public"].parent).detectors  # a folder of trusted keys
@@ -387,7 +387,7 @@ def test_trust_refuses_an_unsigned_bundle_another_key_and_a_forged_signature(run
     open_bundle(bundle)
     assert f"bundle {bundle} is unsigned" in caplog.text
     other = call("keygen", out=str(tmp_path / "other"))
-    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(other["private"]))
+    signed = export(runs, pipeline="x", out=str(tmp_path / "signed"), sign=str(other["private"]))
     with pytest.raises(SiimError, match=r"signed by key [0-9a-f]{16}, which trust=.* does not hold"):
         open_bundle(signed, trust=keys["public"])
     forged = yaml.safe_load((signed / SIGNATURE).read_text())
@@ -412,7 +412,7 @@ def test_an_openssh_public_key_is_a_trusted_key(runs, keys, tmp_path):
     public = private_key(keys["private"]).public_key()
     ssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     (tmp_path / "id_ed25519.pub").write_bytes(ssh + b" someone@host\n")
-    signed = export(runs, run="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
+    signed = export(runs, pipeline="x", out=str(tmp_path / "signed"), sign=str(keys["private"]))
     assert open_bundle(signed, trust=tmp_path / "id_ed25519.pub").classifiers
 
 
@@ -435,10 +435,14 @@ def test_a_classify_init_from_elsewhere_is_read_as_weights_only(tmp_path, runs):
 def test_a_detector_pt_from_elsewhere_is_named_as_a_pickle(tmp_path, runs, yolo_checkpoint, caplog):  # noqa: F811
     import shutil
 
-    from siimcovid.detect.common import check_model, resolve_init
+    from siimcovid.config import load_config
+    from siimcovid.detect.common import check_model
+    from siimcovid.engine.family import family_class
+    from siimcovid.engine.folds import resolve_init
 
     check_model(str(runs / "detect/x/fold0/weights/best.pt"))  # a run's own checkpoint
-    resolve_init(str(runs / "detect/x"), 0)
+    yolo = family_class("yolo", "detect")(load_config("detect", {}))
+    yolo.check_init(resolve_init(yolo, str(runs / "detect/x"), 0))
     assert "is a pickle" not in caplog.text
     foreign = Path(shutil.copy(yolo_checkpoint, tmp_path / "downloaded.pt"))
     check_model(str(foreign))
@@ -451,23 +455,23 @@ def test_export_overwrite_replaces_only_a_bundle_and_never_a_folder_holding_the_
     mine.mkdir()
     (mine / "thesis.txt").write_text("years of work")
     with pytest.raises(SiimError, match=r"documents exists and is not a bundle as export writes one .*: overwrite=true"):
-        export(runs, run="x", out=str(mine), overwrite=True)
+        export(runs, pipeline="x", out=str(mine), overwrite=True)
     assert (mine / "thesis.txt").read_text() == "years of work"
     (tmp_path / "notes.zip").write_bytes(b"not a zip of a bundle")
     with pytest.raises(SiimError, match="notes.zip exists and is not a bundle"):
-        export(runs, run="x", out=str(tmp_path / "notes.zip"), overwrite=True)
+        export(runs, pipeline="x", out=str(tmp_path / "notes.zip"), overwrite=True)
     with pytest.raises(SiimError, match="holds the input"):  # replacing runs/ (or a folder above it) would delete them
-        export(runs, run="x", out=str(runs), overwrite=True)
+        export(runs, pipeline="x", out=str(runs), overwrite=True)
     assert (runs / "run/x/run.yaml").is_file()
     (mine / MANIFEST).write_text("apiVersion: v1\n")  # a folder that merely holds a file of that name
     with pytest.raises(SiimError, match="documents exists and is not a bundle"):
-        export(runs, run="x", out=str(mine), overwrite=True)
+        export(runs, pipeline="x", out=str(mine), overwrite=True)
     assert (mine / "thesis.txt").read_text() == "years of work"
     (bundle / "notes.txt").write_text("mine")  # a bundle with a user's notes added: not replaced either
     with pytest.raises(SiimError, match="exists and is not a bundle"):
-        export(runs, run="x", out=str(bundle), overwrite=True)
+        export(runs, pipeline="x", out=str(bundle), overwrite=True)
     (bundle / "notes.txt").unlink()
-    assert export(runs, run="x", out=str(bundle), overwrite=True) == bundle  # a bundle: replaced
+    assert export(runs, pipeline="x", out=str(bundle), overwrite=True) == bundle  # a bundle: replaced
 
 
 def test_deep_nesting_and_a_malformed_signature_are_one_line_and_leave_no_cache(bundle, tmp_path, cache):
@@ -519,6 +523,6 @@ def test_the_work_folder_of_an_export_killed_midway_is_removed_by_the_next_one(r
         (folder / "bundle").mkdir(parents=True)
         (folder / WORK_MARK).write_text(f"{socket.gethostname()} {pid}")
     (mine / "bundle").mkdir(parents=True)  # no mark: a folder export did not make, whatever its name
-    export(runs, run="x", out=str(tmp_path / "b"))
+    export(runs, pipeline="x", out=str(tmp_path / "b"))
     assert not killed.exists() and running.is_dir() and mine.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", running.name, mine.name])

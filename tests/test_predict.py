@@ -63,13 +63,13 @@ def test_prepare_takes_the_bundles_conversion_settings_and_only_the_test_split(t
     settings = prepare_settings(conversion, tmp_path / "src", "siim", tmp_path / "out" / "prepared", None, "skip")
     cfg = stage_config("prepare", None, settings)  # typed and checked as on the command line
     assert (cfg.sizes, cfg.ext, cfg.splits, cfg.layout, cfg.on_error) == ([64, 128], "jpg", ["test"], "siim", "skip")
-    assert cfg.workers == 0 and "n_folds" not in settings  # every core; folds mean nothing for test images
+    assert cfg.workers is None and "n_folds" not in settings  # every core; folds mean nothing for test images
     with pytest.raises(SiimError, match=r"lack \['ext'\]"):
         prepare_settings({"sizes": [64], "png_level": 0}, tmp_path, "siim", tmp_path / "p", None, "skip")
 
 
 def test_workers_map_to_pools_and_loaders():
-    assert (pool_workers(None), pool_workers(0), pool_workers(3)) == (0, 1, 3)  # prepare / fuse: 0 = every core
+    assert (pool_workers(None), pool_workers(0), pool_workers(3)) == (None, 0, 3)  # one meaning: null = every core
     assert loader_workers(0) == 0 and loader_workers(2) == 2 and 1 <= loader_workers(None) <= 8
 
 
@@ -109,9 +109,10 @@ def test_an_out_inside_a_folder_source_is_refused_before_anything(tmp_path):
 
 def test_tta_null_keeps_each_members_own_and_a_bool_sets_every_member():
     det = SimpleNamespace(kind="detect", settings={"tta": True})
-    cls = SimpleNamespace(kind="classify", settings={"tta": "hflip"})
-    assert member_tta(det, None) is True and member_tta(cls, None) == "hflip"
-    assert member_tta(det, False) is False and member_tta(cls, False) == "none" and member_tta(cls, True) == "hflip"
+    cls = SimpleNamespace(kind="classify", settings={"tta": True})
+    assert member_tta(det, None) is True and member_tta(cls, None) is True
+    assert member_tta(det, False) is False and member_tta(cls, False) is False and member_tta(cls, True) is True
+    assert member_tta(SimpleNamespace(kind="classify", settings={"tta": False}), None) is False
 
 
 def test_a_detector_members_settings_reach_ultralytics_as_its_run_gave_them():

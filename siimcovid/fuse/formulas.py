@@ -102,11 +102,14 @@ def negative_from_none(negative, mean_none, v: float):
     return (1.0 - v) * np.asarray(negative, dtype=np.float64) + v * np.asarray(mean_none, dtype=np.float64)
 
 
-def study_probabilities(images: pd.DataFrame, negative_none_weight: float = 0.0) -> pd.DataFrame:
+def study_probabilities(images: pd.DataFrame, negative_none_weight: float = 0.0, by="study_id") -> pd.DataFrame:
     """Per-image rows (study_id, the four class columns, none) -> one row per study: the mean over
-    its images (siimcovid.metrics.study_mean), with negative blended with the mean none (negative_from_none)."""
+    its images (siimcovid.metrics.study_mean), with negative blended with the mean none (negative_from_none).
+    by: the study's key, or keys (e.g. ["fold", "study_id"]: one row per fold model and study, as pseudo-labels
+    take each teacher fold's own), its columns first. THE study probability of fusion and of pseudo-labels."""
+    keys = [by] if isinstance(by, str) else list(by)
     borrow = "none" in images.columns and negative_none_weight > 0
-    out = study_mean(images, [*STUDY_CLASSES, "none"] if borrow else STUDY_CLASSES)
+    out = study_mean(images, [*STUDY_CLASSES, "none"] if borrow else STUDY_CLASSES, by=by)
     if borrow:
         out["negative"] = negative_from_none(out["negative"], out["none"], negative_none_weight)
-    return out.reset_index()[["study_id", *STUDY_CLASSES]]
+    return out.reset_index()[[*keys, *STUDY_CLASSES]]

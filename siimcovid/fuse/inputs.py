@@ -36,6 +36,7 @@ import pandas as pd
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import SAMPLE_SUBMISSION, read_sample_submission
 from siimcovid.data.truth import oof_truth
+from siimcovid.fuse.record import input_entry
 from siimcovid.metrics import class_priors
 from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES, file_lines, first_bad
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list
@@ -61,6 +62,7 @@ class FuseInputs:
     truth: pd.DataFrame | None = None  # metric truth rows (oof)
     sample: Path | None = None  # sample_submission.csv (test)
     data: Path | None = None
+    files: dict[str, list[dict]] = field(default_factory=dict)  # {"det" | "cls": [the record's entry of each file]}
 
     @property
     def n_sets(self) -> int:
@@ -77,14 +79,17 @@ def read_detections(path: str | Path) -> pd.DataFrame:
     return out
 
 
-def read_classifier(path: str | Path, fold_of: dict | None = None) -> pd.DataFrame:
+def read_classifier(path: str | Path, fold_of: dict | None = None, models: list | None = None) -> pd.DataFrame:
     """One classifier file (tables.CLASSIFIER_IMAGES), checked, averaged per image:
     image_id, study_id, 4 classes, none (NaN if absent).
 
     fold_of (out of fold): image_id -> its fold; a `fold` column that disagrees is an error.
+    models: filled with the file's `model` names, in order of appearance (none without a model column).
     """
     path = Path(path)
     df = CLASSIFIER_IMAGES.read(path)
+    if models is not None and "model" in df.columns:
+        models.extend(dict.fromkeys(df["model"]))
     if fold_of is not None and "fold" in df.columns:
         wrong = df["image_id"].isin(fold_of) & (df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy())
         first_bad(
@@ -164,9 +169,14 @@ def code_box_sets(df: pd.DataFrame, f: int, path: str, split: str, first: int) -
 
 
 # ----------------------------------------------------------------------------- every file
-def read_detection_files(files: list[str], split: str, meta: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every detection file, read and checked against the split: (boxes with their set, the sets)."""
+def read_detection_files(
+    files: list[str], split: str, meta: pd.DataFrame, record: list | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every detection file, read and checked against the split: (boxes with their set, the sets).
+    record: filled with each file's entry in the fusion record (siimcovid.fuse.record: its sha256 and models)."""
     frames = [read_detections(p) for p in files]
+    if record is not None:  # hashed once read: a regular file of a readable size (read_input's checks)
+        record += [input_entry(path, list(dict.fromkeys(df["model"]))) for df, path in zip(frames, files)]
     boxes, set_rows = [], []
     for f, (df, path) in enumerate(zip(frames, files)):
         check_detections(df, path, split, meta)
@@ -177,10 +187,14 @@ def read_detection_files(files: list[str], split: str, meta: pd.DataFrame) -> tu
     return (pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=BOX_SET_COLUMNS)), sets
 
 
-def read_classifier_files(files: list[str], split: str, meta: pd.DataFrame) -> list[pd.DataFrame]:
-    """Every classifier file, read (one row per image) and checked: images of the split, their prepared study."""
+def read_classifier_files(files: list[str], split: str, meta: pd.DataFrame, record: list | None = None) -> list[pd.DataFrame]:
+    """Every classifier file, read (one row per image) and checked: images of the split, their prepared study.
+    record: filled with each file's entry in the fusion record (siimcovid.fuse.record: its sha256 and models)."""
     fold_of = dict(zip(meta["image_id"], meta["fold"])) if split == "oof" else None
-    members = [read_classifier(p, fold_of) for p in files]
+    names = [[] for _ in files]
+    members = [read_classifier(p, fold_of, models) for p, models in zip(files, names)]
+    if record is not None:  # hashed once read: a regular file of a readable size (read_input's checks)
+        record += [input_entry(path, models) for path, models in zip(files, names)]
     study_of = dict(zip(meta["image_id"], meta["study_id"]))
     for m, path in zip(members, files):
         unknown = ~m["image_id"].isin(set(meta["image_id"]))
@@ -283,8 +297,9 @@ def load_inputs(cfg) -> FuseInputs:
     if meta.empty:
         raise SiimError(f"{prepared.root} has no {'train' if split == 'oof' else 'test'} images")
 
-    boxes, sets = read_detection_files(det_files, split, meta)
-    members = read_classifier_files(cls_files, split, meta)
+    files: dict[str, list[dict]] = {"det": [], "cls": []}
+    boxes, sets = read_detection_files(det_files, split, meta, files["det"])
+    members = read_classifier_files(cls_files, split, meta, files["cls"])
     sample = None
     if split == "oof":
         images = oof_images_to_fuse(cfg, prepared, meta, boxes, sets, members)
@@ -308,4 +323,5 @@ def load_inputs(cfg) -> FuseInputs:
         truth=oof_truth(cfg.data, index) if split == "oof" else None,
         sample=sample,
         data=Path(cfg.data),
+        files=files,
     )

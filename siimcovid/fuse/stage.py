@@ -3,7 +3,9 @@
 Outputs in <project>/<name>/ (CSVs written atomically by their contracts in siimcovid/tables.py,
 which documents their columns):
 
-    fuse_<split>.yaml     the resolved config (written last: it always matches the files beside it)
+    fuse_<split>.yaml     the resolved config (written last but one: it always matches the files beside it)
+    fusion.yaml           the record of what was fused (siimcovid.fuse.record: its `oof` / `test` entry, written last:
+                          the member order, the input files and their sha256, the data, the parameters); export reads it
     pred_<split>.csv      tables.PREDICTIONS: the fused predictions in the metric's tidy form
     images_<split>.csv    tables.FUSED_IMAGES: one row per image (none_cls, none_det, the none written)
     studies_<split>.csv   tables.FUSED_STUDIES: one row per study
@@ -30,6 +32,8 @@ from typing import Iterable
 from siimcovid.config import Config
 from siimcovid.fuse.inputs import FuseInputs, load_inputs
 from siimcovid.fuse.pipeline import Fused, describe_inputs, fold_scores, fuse_split, fusion_params, score_fused
+from siimcovid.fuse.record import NAME as FUSION_RECORD
+from siimcovid.fuse.record import forget, make_entry, remember
 from siimcovid.outputs import Earlier, Written, open_out, present, read_mapping
 from siimcovid.submission import pred_to_submission, write_submission
 from siimcovid.tables import FUSED_BOXES, FUSED_IMAGES, FUSED_STUDIES, PREDICTIONS, SCORES
@@ -38,9 +42,7 @@ from siimcovid.utils import LOGGER, atomic_write_text
 RECORD = "fuse_files.yaml"
 SPLITS = ("oof", "test")
 CONFIG_KEYS = {"det", "cls", "data", "split"}  # in every config record fuse and tune save (fuse_<split>.yaml, tune.yaml)
-
-
-TUNE_OUTPUTS = ("tune.yaml", "trials.csv", "tune_compare.csv", "best.yaml")  # what `fuse tune` writes (best.yaml last)
+TUNE_OUTPUTS = ("tune.yaml", "trials.csv", "tune_compare.csv", "best.yaml", FUSION_RECORD)  # what `fuse tune` writes
 
 
 def run_dir(cfg: Config) -> Path:
@@ -69,6 +71,7 @@ def split_files(out: Path, split: str) -> list[Path]:
     """Every file `fuse split=<split>` writes (module docstring)."""
     names = [f"{t}_{split}.csv" for t in ("pred", "images", "studies", "boxes")] + [f"fuse_{split}.yaml"]
     names += ["scores_oof.csv", "scores_oof.json", "oof_submission.csv"] if split == "oof" else ["submission.csv"]
+    names.append(FUSION_RECORD)
     return [out / n for n in names]
 
 
@@ -112,15 +115,18 @@ def fuse(cfg: Config) -> dict:
     written = open_run_dir(cfg, split_files(run_dir(cfg), cfg.split))
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
-    fused = fuse_split(inputs, fusion_params(cfg), workers=cfg.workers)  # cfg: typed and checked at load
+    params = fusion_params(cfg)  # cfg: typed and checked at load
+    fused = fuse_split(inputs, params, workers=cfg.workers)
     out = written.folder
+    forget(out, inputs.split)  # until its last file is written, the record does not vouch for this split
     files = write_tables(out, inputs.split, fused)
     result: dict = {"dir": out, "files": files, "fused": fused, "score": None}
     if inputs.split == "oof":
         result["score"] = write_oof_scores(out, inputs, fused, files)
     else:
         write_test_submission(out, inputs, fused, files)
-    cfg.save(out / f"fuse_{inputs.split}.yaml")  # last: the settings saved always match the scores beside them
+    cfg.save(out / f"fuse_{inputs.split}.yaml")  # the settings saved always match the scores beside them
+    remember(out, inputs.split, make_entry(cfg, inputs.files, params))  # last: what was fused (export reads it)
     LOGGER.info(f"fuse: outputs in {out}")
     return result
 

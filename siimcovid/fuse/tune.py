@@ -21,6 +21,8 @@ Outputs in <project>/<name>/:
                        AP per class, study_map, image_map, final
     tune_compare.csv   class, default, best, change (the per-class table printed at the end)
     best.yaml          the best parameters (FUSION_KEYS): `siimcovid fuse cfg=best.yaml split=test ...`
+    fusion.yaml        its `tune` entry (siimcovid.fuse.record), written last: the member order, the input files
+                       and their sha256, the data, the folds and the best parameters
     fuse_files.yaml    the record fuse and tune keep of what they wrote here (siimcovid.fuse.stage.open_run_dir:
                        they replace or remove only those files; a folder of other files needs overwrite=true)
 
@@ -56,6 +58,7 @@ from siimcovid.fuse.pipeline import (
     fusion_params,
     score_fused,
 )
+from siimcovid.fuse.record import forget, make_entry, remember
 from siimcovid.fuse.stage import TUNE_OUTPUTS as OUTPUTS
 from siimcovid.fuse.stage import open_run_dir, run_dir
 from siimcovid.outputs import Written
@@ -237,7 +240,9 @@ def write_results(
     for name in OUTPUTS:  # temporaries of writes a kill -9 interrupted
         for tmp in atomic_temporaries(out / name):
             tmp.unlink(missing_ok=True)
-    # best.yaml goes first and comes back last: present, it always stands beside the files of a finished tune
+    # best.yaml (and the record's entry) go first and come back last: present, they always stand beside the files
+    # of a finished tune
+    forget(out, "tune")
     (out / "best.yaml").unlink(missing_ok=True)
     cfg.save(out / "tune.yaml")
     trials = pd.DataFrame(search.rows)
@@ -256,6 +261,7 @@ def write_results(
     )
     body = Config({k: best[k] for k in FUSION_KEYS}).to_yaml()
     best_file = atomic_write_text(out / "best.yaml", header + body)
+    remember(out, "tune", make_entry(cfg, search.inputs.files, best))
     return {"dir": out, "trials": trials, "compare": compare, "best_file": best_file}
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from siimcovid.bundle.files import PREPARE_FILE
 from siimcovid.tables import IMAGE_CSV, IMAGE_SUFFIX, SAMPLE, SAMPLE_SUBMISSION, STUDY_CSV, STUDY_SUFFIX
 from siimcovid.utils import SiimError
 
-PREPARE_KEYS = ("sizes", "ext", "png_level")  # the bundle's conversion settings (its prepare.yaml)
+PREPARE_KEYS = tuple(PREPARE_FILE.names)  # the bundle's conversion settings (its prepare.yaml, declared there)
 INPUT_CHECKS = ("max_pixels", "modality_check")  # predict's own settings that prepare applies to the source
 
 
@@ -73,10 +74,10 @@ def prepare_settings(
     }
 
 
-def pool_workers(workers: int | None) -> int:
-    """predict's workers -> a process pool's (prepare's decoding, fuse's WBF): null = every core (their 0),
-    0 = work in this process (their 1)."""
-    return 0 if workers is None else max(workers, 1)
+def pool_workers(workers: int | None) -> int | None:
+    """predict's workers -> prepare's and fuse's: the same meaning (cfg/shared.yaml: null = every core, 0 = none
+    besides this process)."""
+    return workers
 
 
 def loader_workers(workers: int | None) -> int:

@@ -87,9 +87,9 @@ def check_inputs(cfg: Config):
 
 
 def hardware(cfg: Config) -> Hardware:
-    from siimcovid.classify.dist import pick_device
+    from siimcovid.engine.devices import torch_device
 
-    return Hardware(pick_device(cfg.device), cfg.batch, loader_workers(cfg.workers), cfg.half)
+    return Hardware(torch_device(cfg.device), cfg.batch, loader_workers(cfg.workers), cfg.half)
 
 
 class Steps:
@@ -152,7 +152,15 @@ def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
         return table
     record.forget(key)
     record.claim(*([table] if member.kind == "detect" else table_paths(table.parent, "test")))
-    if member.kind == "detect":
+    if member.family:  # a family of its own: its bundle_kind's predict
+        from siimcovid.bundle.members import kind_of
+
+        found = kind_of(member.kind, member.family).predict(member, prepared, hw, tta)
+        if member.kind == "detect":
+            DETECTIONS.write(found, table)
+        else:
+            write_tables(table.parent, "test", found, study_table(found))
+    elif member.kind == "detect":
         DETECTIONS.write(predict_detector(member, prepared, hw, tta), table)
     else:
         images = predict_classifier(member, prepared, hw, tta)

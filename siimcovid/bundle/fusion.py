@@ -1,0 +1,131 @@
+"""export's fusion: the bundle's fuse.yaml, read from what the fuse run recorded (siimcovid.fuse.record), not rebuilt.
+
+fuse= is a fuse run folder (its fusion.yaml: the `test` entry, the fusion of the submission, else the `tune` entry),
+its fusion.yaml, or one of its settings files (fuse_test.yaml -> test, fuse_oof.yaml -> oof, best.yaml and tune.yaml
+-> tune); any other YAML is a file of fusion parameters (`siimcovid fuse cfg=` style), whose members keep the order
+they are given in. The entry gives the member order (each input file's model names, in the order fused: det_weights
+and cls_weights follow it) and every fusion parameter; each input file still there must be the one fused (its sha256).
+A fuse folder of the release before the record (its settings files, no fusion.yaml) is one error saying how to
+write the record: fuse it again (seconds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from siimcovid.bundle.members import Member, locate
+from siimcovid.config import fusion_keys, load_config
+from siimcovid.fuse.record import FUSION_RECORD, NAME
+from siimcovid.utils import LOGGER, SiimError, file_sha256
+
+ENTRY_OF = {"fuse_test.yaml": "test", "fuse_oof.yaml": "oof", "best.yaml": "tune", "tune.yaml": "tune"}
+RERUN = {"test": ("fuse", "fuse_test.yaml"), "oof": ("fuse", "fuse_oof.yaml"), "tune": ("fuse tune", "tune.yaml")}
+
+
+def rerun(folder: Path, kind: str) -> str:
+    """The command that does a fusion again with its saved settings, into its folder (wherever it lies now)."""
+    command, saved = RERUN[kind]
+    return f"`siimcovid {command} cfg={folder / saved} project={folder.parent} name={folder.name}`"
+
+
+def no_record(folder: Path) -> SiimError:
+    """The error for a fuse folder without fusion.yaml: the previous release's (its settings files), else not one."""
+    for kind in ("test", "tune", "oof"):
+        if (folder / RERUN[kind][1]).is_file():
+            return SiimError(
+                f"export: {folder} has no {NAME}, the record of what it fused that export reads (it was fused by an "
+                f"earlier siimcovid): run {rerun(folder, kind)} to fuse it again and write it (the same fusion into "
+                f"the same folder; {'a search' if kind == 'tune' else 'seconds'})"
+            )
+    return SiimError(f"export: {folder} is not a fuse run folder (no {NAME}): fuse=<a folder `siimcovid fuse` wrote>")
+
+
+def recorded_entry(fuse: Path, kinds: tuple[str, ...] = ("test", "tune")) -> tuple[dict, str, Path] | None:
+    """fuse= -> (the entry export packs, its kind, the record); None: fuse= is a YAML of fusion parameters."""
+    if not fuse.exists():
+        raise SiimError(f"export: fuse={fuse} not found")
+    if fuse.is_file() and fuse.name != NAME and fuse.name not in ENTRY_OF:
+        return None
+    folder = fuse if fuse.is_dir() else fuse.parent
+    if not (folder / NAME).is_file():
+        raise no_record(folder)
+    record = FUSION_RECORD.read(folder / NAME, f"export: {folder / NAME}")
+    kinds = (ENTRY_OF[fuse.name],) if fuse.name in ENTRY_OF else kinds
+    for kind in kinds:
+        if record.get(kind):
+            return record[kind], kind, folder / NAME
+    raise SiimError(
+        f"export: {folder / NAME} records no {' or '.join(kinds)} fusion (that of the submission is `siimcovid fuse "
+        f"split=test`'s): fuse into {folder}, or give fuse= another fuse run folder"
+    )
+
+
+def check_unchanged(entry: dict, kind: str, record: Path, anchors: list[Path]) -> None:
+    """Each input file the entry lists that is still there holds the bytes fused (its sha256): the fusion settings
+    were made for those predictions. One that is gone: its models are the record's (a warning)."""
+    for item in entry["det"] + entry["cls"]:
+        path = locate(item["file"], anchors)
+        if path is None or not path.is_file():
+            LOGGER.warning(f"export: {item['file']}, which {record} fused, is gone: its models {item['models']} as recorded")
+        elif file_sha256(path) != item["sha256"]:
+            raise SiimError(
+                f"export: {path} changed since {record} fused it (another sha256): the fusion settings were made for "
+                f"other predictions; run {rerun(record.parent, kind)} to fuse them again"
+            )
+
+
+def fused_models(entry: dict, members: list[Member], key: str, record: Path) -> list[list[str]]:
+    """The model names of each file the fusion read (the record's), checked against the members exported."""
+    per_file = [item["models"] for item in entry[key]]
+    empty = [item["file"] for item in entry[key] if not item["models"]]
+    if empty:
+        raise SiimError(f"export: {record}: {empty[0]} has no `model` column: which run made it is not known")
+    if key == "cls" and any(len(n) > 1 or "+" in n[0] for n in per_file):
+        raise SiimError(f"export: {record} fused a classifier file of several models {per_file}: fuse each run's own table")
+    names = [n for names in per_file for n in names]
+    if sorted(names) != sorted(m.name for m in members):
+        given = [m.name for m in members]
+        raise SiimError(f"export: {record} fused {key} models {names}, but the runs exported are {given}")
+    return per_file
+
+
+def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path) -> dict:
+    """fuse.yaml of the bundle from a recorded entry: its parameters and its member order; per-file det_weights
+    become per-model ones when one file held several models."""
+    out = dict(entry["params"])
+    det_files, cls_files = fused_models(entry, det, "det", record), fused_models(entry, cls, "cls", record)
+    if isinstance(out["det_weights"], list) and out["det_weights"] and any(len(f) > 1 for f in det_files):
+        out["det_weights"] = {n: w for w, names in zip(out["det_weights"], det_files) for n in names}
+    return {**out, "det": [n for f in det_files for n in f], "cls": [f[0] for f in cls_files]}
+
+
+def from_settings(path: Path | None, det: list[Member], cls: list[Member]) -> dict:
+    """fuse.yaml of the bundle from a YAML of fusion parameters (None: cfg/fuse.yaml's defaults), the members in the
+    order given; such a file names no input files (what fusion read is the record's to say)."""
+    cfg = load_config("fuse", {"cfg": str(path)} if path else {})
+    if cfg.det or cfg.cls:
+        raise SiimError(
+            f"export: {path} lists det/cls files but is not a record of what fuse fused ({NAME}): give "
+            "fuse=<the fuse run folder> (its fusion.yaml), or a YAML of the fusion parameters only"
+        )
+    return {**{k: cfg[k] for k in fusion_keys()}, "det": [m.name for m in det], "cls": [m.name for m in cls]}
+
+
+def fusion_settings(fuse: Path | None, det: list[Member], cls: list[Member], anchors: list[Path]) -> tuple[dict, Path | None]:
+    """(fuse.yaml of the bundle: every fusion parameter and the member order (det, cls), the file it was read from)."""
+    found = recorded_entry(Path(fuse)) if fuse is not None else None
+    if fuse is None:
+        LOGGER.warning("export: no fuse= given: the bundle fuses with cfg/fuse.yaml's defaults, members in the order given")
+        out, source = from_settings(None, det, cls), None
+    elif found is None:
+        LOGGER.info(f"export: fusion parameters from {fuse}, members in the order given")
+        out, source = from_settings(Path(fuse), det, cls), Path(fuse)
+    else:
+        entry, kind, source = found
+        check_unchanged(entry, kind, source, [*anchors, *source.resolve().parents])
+        out = from_record(entry, det, cls, source)
+        LOGGER.info(f"export: fusion settings and member order from {source} ({kind})")
+    for key, names in (("det_weights", out["det"]), ("cls_weights", out["cls"])):
+        if isinstance(out[key], list) and out[key] and len(out[key]) != len(names):
+            raise SiimError(f"export: the fusion's {key}={out[key]} do not match its {len(names)} members {names}")
+    return out, source

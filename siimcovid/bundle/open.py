@@ -1,0 +1,82 @@
+"""open_bundle: a bundle folder or zip -> a checked Bundle, every check done before any work."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from siimcovid import signing
+from siimcovid.bundle.archive import extract_zip
+from siimcovid.bundle.files import FUSION, FUSION_FILE, PREPARE, PREPARE_FILE, TOP_FILES, check_sizes
+from siimcovid.bundle.header import Header, bundle_yaml, check_files, check_header, read_header
+from siimcovid.bundle.members import KINDS, Member, kind_of, member_files, read_member
+from siimcovid.utils import SiimError
+
+
+@dataclass
+class Bundle:
+    """An opened, checked bundle: members in fuse.yaml's order."""
+
+    root: Path
+    manifest: dict
+    prepare: dict
+    fusion: dict
+    manifest_sha256: str  # of the manifest's bytes open_bundle checked: what identifies the bundle
+    detectors: list[Member] = field(default_factory=list)
+    classifiers: list[Member] = field(default_factory=list)
+
+
+def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, list[Member]]:
+    """{kind: members in fuse.yaml's order}; a file that is none of the bundle's files (TOP_FILES and those of the
+    members fuse.yaml names) is an error: a bundle holds nothing else, so nothing else can be slipped in."""
+    listed = header.manifest["files"]
+    read = lambda rel, declared: bundle_yaml(root, rel, header, where, declared)  # noqa: E731
+    out = {kind: [read_member(root, kind, n, listed, read, where) for n in fusion[k.key]] for kind, k in KINDS.items()}
+    if not any(out.values()):
+        raise SiimError(f"bundle {where}: {FUSION} names no member (det: [], cls: [])")
+    known = set(TOP_FILES).union(*(member_files(m, root) for members in out.values() for m in members))
+    unknown = sorted(set(listed) - known)
+    if unknown:
+        first = unknown[0].split("/")
+        key = KINDS[first[0]].key if first[0] in KINDS else None
+        member = key is not None and len(first) > 2 and first[1] not in fusion[key]
+        why = f"{first[0]}/{first[1]}/ is not a member of {FUSION}'s {key}" if member else "not a file of a bundle"
+        raise SiimError(f"bundle {where}: {unknown[0]}: {why} ({len(unknown)} such file(s)): not as exported")
+    return out
+
+
+def read_bundle(root: Path, header: Header, where) -> Bundle:
+    """The checked files of a bundle root -> the Bundle (its YAML parsed from checked bytes, its members)."""
+    fusion = bundle_yaml(root, FUSION, header, where, FUSION_FILE)
+    members = read_members(root, header, fusion, where)
+    sizes = {kind_of(kind, m.family).size(m.settings) for kind, group in members.items() for m in group}
+    prepare = check_sizes(bundle_yaml(root, PREPARE, header, where, PREPARE_FILE), sizes, where)
+    return Bundle(root, header.manifest, prepare, fusion, header.manifest_sha256, members["detect"], members["classify"])
+
+
+def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:
+    """A bundle folder or zip, every check done before any work (each a SiimError naming the bundle and the file).
+    trust: a public key file or a folder of them: the bundle must be signed by one of them (siimcovid.signing)."""
+    where = Path(path)
+    if not where.exists():
+        raise SiimError(f"bundle {where} not found")
+    if trust is not None:
+        signing.trusted_keys(trust)  # a bad trust= fails before a zip is read
+    if where.is_file():
+        root, header, fresh = extract_zip(where, trust)  # its header checked (versions, signature) before extraction
+    else:
+        root, header, fresh = where, read_header(where, where), None
+        check_header(header, trust, where)
+    try:
+        check_files(root, header.manifest, where)
+        bundle = read_bundle(root, header, where)
+    except SiimError as e:
+        if fresh is not None:  # extracted now, refused now: nothing of it stays in the cache
+            shutil.rmtree(fresh, ignore_errors=True)
+        elif root != where:  # a copy extracted earlier from this zip, changed since
+            raise SiimError(f"{e} (in the extracted copy {root}: delete it to extract the zip again)") from None
+        raise
+    if trust is None:
+        signing.unsigned_note(header.signature, where)
+    return bundle
