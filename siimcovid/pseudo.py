@@ -19,7 +19,7 @@ teacher=fold (default) is honest: fold k's students learn only from fold k's tea
 saw fold k's validation images. teacher=all (the fold mean; boxes fused across folds with WBF)
 leaks them into the out-of-fold CV: it is flagged in prepare.yaml, in `siimcovid runs` and in the log.
 
-The folder (CONTRACT.md section 5; siimcovid.data.extra.ExtraData reads it):
+The folder (its format is this list; its tables are declared in siimcovid/tables.py; data.extra.ExtraData reads it):
 
     prepare.yaml                       layout: pseudo, source, teachers, teacher, folds_id, sizes, ext, leaky, rules
     teachers/                          the teachers' per-fold predictions on the source (reused on re-runs)
@@ -49,10 +49,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from siimcovid.classify.files import FILES as CLASSIFY_FILES
 from siimcovid.config import Config, default_name, read_yaml
 from siimcovid.data.boxes import fill_mask, to_yolo
 from siimcovid.data.prepared import Prepared
+from siimcovid.detect.files import FILES as DETECT_FILES
+from siimcovid.fuse.formulas import study_probabilities
 from siimcovid.outputs import Earlier, Written, open_out, present, read_mapping
+from siimcovid.rundir import read_run
 from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_FOLDS, DETECTIONS, PSEUDO_BOXES, PSEUDO_LABELS, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 
@@ -78,13 +82,6 @@ class Rules:
 
 
 # ----------------------------------------------------------------------------- the rules (no I/O)
-def study_probabilities(images: pd.DataFrame) -> pd.DataFrame:
-    """Per (fold, image): the study probabilities (mean over the study's images of that fold's rows) and the image's none."""
-    out = images[["image_id", "study_id", "fold", "none"]].copy()
-    out[STUDY_CLASSES] = images.groupby(["fold", "study_id"])[STUDY_CLASSES].transform("mean")
-    return out
-
-
 def kept_boxes(boxes: pd.DataFrame, rules: Rules) -> pd.DataFrame:
     """Per (fold, image), the at most max_boxes boxes with conf >= box_conf, most confident first."""
     sure = boxes[boxes.conf >= rules.box_conf].sort_values(["fold", "image_id", "conf"], ascending=[True, True, False])
@@ -133,14 +130,13 @@ def fold_fused_boxes(boxes: pd.DataFrame, sizes: pd.DataFrame, folds: list[int])
 # ----------------------------------------------------------------------------- the teachers
 def folds_of(run_dir: Path, config: str) -> str | None:
     """The fold fingerprint a run recorded (detect.yaml / classify.yaml: folds_id)."""
-    saved = run_dir / config
-    return (read_yaml(saved) or {}).get("folds_id") if saved.is_file() else None
+    return read_run(run_dir / config).get("folds_id")
 
 
 def check_teachers(det_dir: Path, cls_dir: Path, data: Prepared) -> None:
     """Refuse teachers trained on other folds than the students' prepared folder: fold k's labels would then come
     from models that saw fold k's validation images."""
-    for run_dir, config in ((det_dir, "detect.yaml"), (cls_dir, "classify.yaml")):
+    for run_dir, config in ((det_dir, DETECT_FILES.settings), (cls_dir, CLASSIFY_FILES.settings)):
         recorded = folds_of(run_dir, config)
         if recorded is None:
             raise SiimError(f"{run_dir} records no fold assignment ({config}: folds_id): its folds cannot be checked")
@@ -177,7 +173,7 @@ def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, written: Writte
     """Every fold model's boxes on the source's test images (DETECTIONS; fold = the model's fold)."""
     from siimcovid import stages
 
-    own = Path(read_yaml(det_dir / "detect.yaml")["prepared"]).resolve() == source.root.resolve()
+    own = Path(read_run(det_dir / DETECT_FILES.settings)["prepared"]).resolve() == source.root.resolve()
     if cfg.reuse and own and (det_dir / "pred_test.csv").is_file():
         LOGGER.info(f"pseudo: reusing {det_dir / 'pred_test.csv'}")
         return DETECTIONS.read(det_dir / "pred_test.csv")
@@ -187,7 +183,7 @@ def detector_boxes(cfg: Config, det_dir: Path, source: Prepared, written: Writte
     if not path.is_file():
         # out=cache holds pseudo's own files: detect predict writes beside them (its two tables, which pseudo listed)
         settings = {"run": [str(det_dir)], "split": ["test"], "source": str(source.root), "out": str(cache), "overwrite": True}
-        settings |= {"tta": cfg.det_tta, "conf": cfg.det_conf, "batch": cfg.batch, "device": cfg.device or None}
+        settings |= {"tta": cfg.det_tta, "conf": cfg.det_conf, "batch": cfg.batch, "device": cfg.device}
         stages.load("siimcovid.detect.predict:predict")(stages.stage_config("detect", "predict", settings))
     return DETECTIONS.read(path)
 
@@ -196,16 +192,16 @@ def classifier_probabilities(cfg: Config, cls_dir: Path, source: Prepared, writt
     """Every fold model's probabilities on the source's test images (CLASSIFIER_FOLDS)."""
     from siimcovid.classify import predict
 
-    own = Path(read_yaml(cls_dir / "classify.yaml")["data"]).resolve() == source.root.resolve()
+    own = Path(read_run(cls_dir / CLASSIFY_FILES.settings)["data"]).resolve() == source.root.resolve()
     if cfg.reuse and own and predict.folds_path(cls_dir).is_file():
         LOGGER.info(f"pseudo: reusing {predict.folds_path(cls_dir)}")
         return CLASSIFIER_FOLDS.read(predict.folds_path(cls_dir))
     path = predict.folds_path(written.folder / CACHE / cls_dir.name)
     written.claim(path)
     if not path.is_file():
-        from siimcovid.classify.dist import pick_device
+        from siimcovid.engine.devices import torch_device
 
-        device = pick_device(cfg.device)
+        device = torch_device(cfg.device)
         how = (cfg.cls_tta, device, cfg.batch, cfg.workers, str(source.root))
         _, _, folds = predict.predict_run_folds(cls_dir, *how)
         CLASSIFIER_FOLDS.write(folds, path)
@@ -311,10 +307,10 @@ def resolve(cfg: Config) -> tuple[Path, Path, Prepared, Prepared, Path]:
     if not cfg.teacher_det or not cfg.teacher_cls:
         raise SiimError("pseudo needs teacher_det=<detect run dir> and teacher_cls=<classify run dir>")
     det_dir, cls_dir = Path(cfg.teacher_det), Path(cfg.teacher_cls)
-    for run_dir, config in ((det_dir, "detect.yaml"), (cls_dir, "classify.yaml")):
+    for run_dir, config in ((det_dir, DETECT_FILES.settings), (cls_dir, CLASSIFY_FILES.settings)):
         if not (run_dir / config).is_file():
             raise SiimError(f"{run_dir} is not a {config.split('.')[0]} run (no {config})")
-    data = Prepared(cfg.data or read_yaml(cls_dir / "classify.yaml")["data"])
+    data = Prepared(cfg.data or read_run(cls_dir / CLASSIFY_FILES.settings)["data"])
     source = Prepared(cfg.source) if cfg.source else data
     name = cfg.name or default_name("pseudo", f"{det_dir.name}-pseudo", "teacher_det")
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / name
@@ -378,7 +374,8 @@ def teacher_labels(cfg, det_dir: Path, cls_dir: Path, source: Prepared, pool: pd
     probs = classifier_probabilities(cfg, cls_dir, source, written)
     probs = probs[probs.image_id.isin(pool.image_id) & probs.fold.isin(folds)]
     boxes = boxes[boxes.image_id.isin(pool.image_id) & boxes.fold.isin(folds)]
-    probs = study_probabilities(probs)
+    studies = study_probabilities(probs, by=["fold", "study_id"])  # each teacher fold's own, as fusion computes them
+    probs = probs[["image_id", "study_id", "fold", "none"]].merge(studies, on=["fold", "study_id"], how="left")
     if cfg.teacher == "all":
         probs, boxes = fold_mean(probs), fold_fused_boxes(boxes, pool[["image_id", "rows", "cols"]], folds)
     return choose(probs, boxes[["image_id", "fold", *BOX_COLUMNS, "conf"]], Rules.of(cfg))

@@ -76,14 +76,40 @@ def trained_any(run_dir: str | Path, checkpoint: str) -> bool:
 RUN_FOLDER = "project/name"  # the settings that name a run folder, as its messages name them
 
 
-def is_run_config(path: str | Path) -> bool:
-    """Whether `path` holds a run's settings as `classify train` / `detect train` saved them (the record of a run
-    folder): a mapping recording the folds' fingerprint (folds_id, which only a training records: a cfg= read back
-    skips it). A user's file of that name (a cfg= of their own, another tool's settings) is not one."""
+LEARNED = "learned"  # the section of a run's settings file that holds what the run learned (write_run)
+
+
+def write_run(path: str | Path, stage: str, settings: Mapping, learned: Mapping) -> Path:
+    """A run's settings file: {<stage>: the settings, learned: what the run learned from its data (the mode, the fold
+    fingerprint folds_id, resolved inputs, ...)}. The file is a valid cfg= as it is (cfg= reads a file's <stage>
+    section), and its `learned` section makes it the record of a run folder (is_run_config)."""
+    from siimcovid.config import Config
+
+    return Config({stage: dict(settings), LEARNED: dict(learned)}).save(path)
+
+
+def read_run(path: str | Path) -> dict:
+    """A run's settings and what it learned, as one mapping (write_run); an earlier release's file held both at its
+    top level, and is read as it is. {} when there is no such mapping."""
     from siimcovid.outputs import read_mapping
 
-    data = read_mapping(path)
-    return data is not None and "folds_id" in data
+    return merge_run(read_mapping(path) or {})
+
+
+def merge_run(data: Mapping) -> dict:
+    """A run's settings file's mapping (write_run) -> its settings and what it learned as one mapping."""
+    sections = [v for k, v in data.items() if k != LEARNED and isinstance(v, Mapping)]
+    if isinstance(data.get(LEARNED), Mapping) and len(sections) == 1 and len(data) == 2:
+        return {**sections[0], **data[LEARNED]}
+    return dict(data)
+
+
+def is_run_config(path: str | Path) -> bool:
+    """Whether `path` holds a run's settings as `classify train` / `detect train` saved them (the record of a run
+    folder): a mapping whose learned section records the folds' fingerprint (folds_id, which only a training records;
+    an earlier release recorded it at the top level). A user's file of that name (a cfg= of their own, another tool's
+    settings) is not one."""
+    return "folds_id" in read_run(path)
 
 
 def check_run_dir(run_dir: str | Path, config_name: str, overwrite: bool, sources: Iterable = ()) -> bool:
@@ -202,10 +228,7 @@ def saved_predict_settings(run_dir: str | Path) -> dict:
 def refuse_init_on_same_folds(init: Any, init_run: Path, folds_id: str | None, config_name: str) -> None:
     """init= a run trained on these very folds: fold k would start from a model that trained on fold k's validation
     images (every fold from fold init_fold's), and its out-of-fold scores would be optimistic. Refused."""
-    import yaml
-
-    saved = Path(init_run) / config_name
-    recorded = (yaml.safe_load(saved.read_text()) or {}).get("folds_id") if saved.is_file() else None
+    recorded = read_run(Path(init_run) / config_name).get("folds_id")
     if folds_id and recorded == folds_id:
         raise SiimError(
             f"init={init} was trained on the same folds as this run's data: every fold would start from a model that "

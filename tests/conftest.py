@@ -67,7 +67,7 @@ TINY_RUN = {
     "detect_predict": {"tta": False},
     "classify": {"model": "resnet10t", "pretrained": False, "imgsz": 64, "epochs": 1, "fine_lr": [], "batch": 8}
     | {"workers": 0, "device": "cpu"},
-    "classify_predict": {"tta": "hflip", "workers": 0},
+    "classify_predict": {"tta": True, "workers": 0},
     "tune_trials": 3,
     "nested_tuning": False,
     "report": False,

@@ -23,6 +23,7 @@ from siimcovid import cli  # noqa: E402
 from siimcovid.classify import predict as P  # noqa: E402
 from siimcovid.config import load_config  # noqa: E402
 from siimcovid.data.prepared import Prepared  # noqa: E402
+from siimcovid.rundir import read_run  # noqa: E402
 from siimcovid.tables import CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES  # noqa: E402
 from siimcovid.utils import SiimError  # noqa: E402
 
@@ -337,7 +338,10 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
         pytest.fail(f"torchrun with 2 gloo processes did not finish in 300 s:\n{err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
     fold = tmp_path / "ddp" / "fold0"
-    assert sorted(p.name for p in fold.iterdir()) == sorted(p.name for p in (run / "fold0").iterdir())
+    def files(folder):
+        return sorted("tensorboard" if p.name.startswith("events.out.tfevents.") else p.name for p in folder.iterdir())
+
+    assert files(fold) == files(run / "fold0")  # rank 0 alone writes, the TensorBoard events too (one file)
     log = pd.read_csv(fold / "results.csv")
     assert log.epoch.tolist() == [1, 2, 3]
     # The validation predictions of both ranks were gathered: every held-out image exactly once.
@@ -457,7 +461,7 @@ def test_checkpoint_rule_decides_which_epoch_best_pt_holds(hooked):
 
 
 def best_data(fold):
-    return yaml.safe_load((fold / "classify.yaml").read_text())["data"]
+    return read_run(fold / "classify.yaml")["data"]
 
 
 @pytest.mark.slow
@@ -535,7 +539,7 @@ def test_predict_writes_oof_and_test_tables(trained, prepared):
 
     run, _ = trained
     cfg = load_config(
-        "classify", {"run": str(run), "split": ["oof", "test"], "tta": "hflip", "workers": 0, "device": "cpu", "batch": 8}
+        "classify", {"run": str(run), "split": ["oof", "test"], "tta": True, "workers": 0, "device": "cpu", "batch": 8}
     )
     main(cfg)
     prep = Prepared(prepared)
@@ -573,8 +577,8 @@ def test_hflip_tta_averages_the_image_and_its_mirror():
         for i in range(2)
     ]
     loader = DataLoader(items, batch_size=2)
-    _, plain, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="none")
-    _, tta, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta="hflip")
+    _, plain, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta=False)
+    _, tta, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta=True)
     assert plain[0, 0] > 0.9 and plain[0, 1] < 0.1
     assert tta[0, 0] == pytest.approx(tta[0, 1]) and tta[0, 0] == pytest.approx((plain[0, 0] + plain[0, 1]) / 2)
 
@@ -643,7 +647,7 @@ def test_predict_ensemble_of_two_runs(trained, tmp_path):
         {
             "run": [str(run), str(other)],
             "split": "oof",
-            "tta": "none",
+            "tta": False,
             "workers": 0,
             "device": "cpu",
             "ensemble": "geomean",
@@ -792,7 +796,7 @@ def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
         fold_checkpoints(copy)
     assert list(fold_checkpoints(copy, allow_unfinished=True)) == [0]
     cfg = yaml.safe_load((copy / "classify.yaml").read_text())
-    cfg["folds_id"] = "0123456789ab"  # trained on another fold assignment
+    cfg["learned"]["folds_id"] = "0123456789ab"  # trained on another fold assignment
     (copy / "classify.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SiimError, match="trained on other folds"):
         predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, allow_unfinished=True)
@@ -833,9 +837,8 @@ def test_predict_with_the_last_epoch_weights(trained, tmp_path):
 
 
 def ckpt_data(run_dir):
-    import yaml
 
-    return yaml.safe_load((run_dir / "classify.yaml").read_text())["data"]
+    return read_run(run_dir / "classify.yaml")["data"]
 
 
 def test_mask_head_stays_in_the_graph_with_mask_weight_zero():
@@ -864,11 +867,15 @@ def test_amp_dtype_follows_the_gpu_generation(monkeypatch):
 
 
 def test_device_names():
-    from siimcovid.classify.dist import pick_device
+    from siimcovid.engine.devices import parse, torch_device
 
-    assert pick_device("cpu").type == "cpu"
+    assert torch_device("cpu").type == "cpu" and torch_device("auto").type in ("cpu", "cuda")
     with pytest.raises(SiimError, match="torchrun"):
-        pick_device("0,1")
+        torch_device("0,1")
+    assert (parse("cuda:1").indices, parse([0, 1]).count, parse("cpu").count, parse(None).count) == ((1,), 2, 0, None)
+    assert parse("0,1").text == "0,1" and parse("cuda").text == "0"
+    with pytest.raises(SiimError, match="device=gpu7: expected cpu, cuda"):
+        parse("gpu7")
     if not torch.cuda.is_available():
         with pytest.raises(SiimError, match="CUDA is not available"):
-            pick_device(0)  # device=0 means the first GPU, as in Ultralytics
+            torch_device(0)  # device=0 means the first GPU, as in Ultralytics

@@ -26,6 +26,7 @@ from siimcovid.data.prepared import Prepared
 from siimcovid.data.siim import IMAGE_CSV, Problems, read_image_level
 from siimcovid.detect.common import HYP_DIR, TRAIN_KEYS, fold_state, hyp_presets, load_hyp
 from siimcovid.detect.predict import boxes_to_original, scores_oof
+from siimcovid.rundir import read_run
 from siimcovid.tables import DETECTIONS
 from siimcovid.utils import SiimError
 
@@ -70,7 +71,7 @@ def test_train_writes_one_finished_ultralytics_run_per_fold(trained, prepared):
         assert args["mixup"] == 0.3  # the command line beats the preset
         assert args["cos_lr"] is True  # an Ultralytics key passed through
         assert args["optimizer"] == "SGD" and args["close_mosaic"] == 0
-    saved = yaml.safe_load((trained / "detect.yaml").read_text())
+    saved = read_run(trained / "detect.yaml")
     assert Path(saved["prepared"]) == Path(prepared).resolve()
     assert saved["size"] == 128 and saved["hyp"] == "yolov5x-mixup"
     # the saved file seeds the next run as is: its settings come back, what it recorded does not
@@ -404,7 +405,7 @@ def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
     assert [r["iteration"] for r in results] == [1, 2]
     assert results[0]["hyperparameters"]["mosaic"] == 1.0  # the first iteration is the starting preset
     assert results[1]["hyperparameters"] != results[0]["hyperparameters"]  # the second one mutates it
-    assert set(results[0]["hyperparameters"]) == set(yaml.safe_load((project / "evo" / "detect.yaml").read_text())["space"])
+    assert set(results[0]["hyperparameters"]) == set(yaml.safe_load((project / "evo" / "detect.yaml").read_text())["ranges"])
 
     preset = load_hyp(str(out))  # what `detect train hyp=<out>` does
     best = yaml.safe_load((tune / "best_hyperparameters.yaml").read_text())
@@ -458,7 +459,7 @@ def test_clear_errors(prepared, project, tmp_path):
     fake = tmp_path / "prepared_without_yamls"  # a prepared folder whose data YAMLs are gone
     fake.mkdir()
     shutil.copy(Path(prepared) / "meta.csv", fake)
-    prep_cfg = yaml.safe_load((Path(prepared) / "prepare.yaml").read_text())
+    prep_cfg = Prepared.read_cfg(prepared)  # its settings and what it learned, written back as one mapping
     (fake / "prepare.yaml").write_text(yaml.safe_dump({**prep_cfg, "data_yaml_dir": str(tmp_path / "nowhere")}))
     with pytest.raises(SiimError, match="data YAML not found"):
         detect("train", f"data={fake}", f"data_yaml_dir={tmp_path / 'nowhere'}", *base)
@@ -509,8 +510,8 @@ def test_predict_refuses_a_run_whose_folds_changed(trained, tmp_path):
 
     copy = Path(shutil.copytree(trained, tmp_path / "moved", ignore=shutil.ignore_patterns("pred_*.csv")))
     cfg = yaml.safe_load((copy / "detect.yaml").read_text())
-    assert cfg["folds_id"] == Prepared(cfg["prepared"]).folds_id
-    cfg["folds_id"] = "0123456789ab"  # trained on another fold assignment (prepare re-ran)
+    assert cfg["learned"]["folds_id"] == Prepared(cfg["learned"]["prepared"]).folds_id
+    cfg["learned"]["folds_id"] = "0123456789ab"  # trained on another fold assignment (prepare re-ran)
     (copy / "detect.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SiimError, match="trained on other folds"):
         load_run(copy)

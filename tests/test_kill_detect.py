@@ -197,10 +197,17 @@ def test_a_resumed_fold_is_checked_against_the_settings_it_started_with(tmp_path
     monkeypatch.setattr(train_module, "YOLO", ResumingYOLO)
     stale = folder / "weights" / ".last.k3j2x.tmp.pt"  # left by a kill in the middle of a save
     stale.write_bytes(b"half")
+    from siimcovid.config import load_config
+    from siimcovid.detect.family import YoloFamily
+    from siimcovid.engine.family import Job
+    from siimcovid.engine.folds import run_fold
+
+    family = YoloFamily(load_config("detect", {"device": "cpu"}))  # what the fold engine hands one fold
+    family.args, family.model, family.yamls = settings, "yolov5n.yaml", {0: tmp_path / "d.yaml"}
     for _ in range(3):  # resumed three times (the second one used to be refused)
         train_module.check_fold_settings(folder, settings, "yolov5n.yaml")
-        train_module.train_fold(settings, "yolov5n.yaml", tmp_path / "d.yaml", tmp_path / "run", 0, "map50", state="partial")
-        assert not stale.exists()
+        run_fold(family, Job(0, folder, tmp_path / "run", "partial", {}, "cpu"))
+        assert not stale.exists()  # the fold engine removed what the kill left before resuming
     assert Path(yaml.safe_load((folder / "args.yaml").read_text())["model"]) == folder / "weights" / "last.pt"
     assert yaml.safe_load((folder / "args_start.yaml").read_text())["model"] == "yolov5n.yaml"  # kept from the first
     train_module.check_fold_settings(folder, settings, "yolov5n.yaml")  # finished: the plain re-run skips it

@@ -21,6 +21,7 @@ from test_extra import csv_prepared, pseudo_dir, rsna_prepared  # noqa: F401  fi
 
 from siimcovid.classify.model import LabelLoss, StudyLoss, build_model, init_from, soft_cross_entropy
 from siimcovid.data.extra import ExtraData
+from siimcovid.rundir import read_run
 from siimcovid.utils import SiimError
 
 # ---------------------------------------------------------------- the soft-target loss
@@ -140,7 +141,7 @@ def test_classify_pretrain_then_finetune(prepared, csv_prepared, tmp_path, caplo
     line = next(m for m in run_log(caplog).splitlines() if m.startswith("init: loaded"))
     assert str(fold / "best.pt") in line and line.endswith("rebuilt: study_head, none_head")
     assert (tmp_path / "fine" / "fold0" / "done.json").is_file()
-    saved = yaml.safe_load((tmp_path / "fine" / "classify.yaml").read_text())
+    saved = read_run(tmp_path / "fine" / "classify.yaml")
     assert saved["init"] == str((tmp_path / "pre").resolve())
     with pytest.raises(SiimError, match="init="):  # a recorded setting: a resume without it is refused
         main(tiny_cfg(prepared, tmp_path, name="fine", fold=0, epochs=1, fine_lr=[]))

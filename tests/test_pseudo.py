@@ -65,8 +65,8 @@ def test_study_labels_are_the_mean_over_the_study_images_of_that_fold():
     images = pd.DataFrame(
         [probs_row("i1", 0, 0.2, 0.6, 0.3, "s"), probs_row("i2", 0, 0.4, 0.4, 0.9, "s"), probs_row("i1", 1, 0.9, 0.1, 0.3, "s")]
     )
-    out = pseudo.study_probabilities(images)
-    assert np.allclose(out.negative, [0.3, 0.3, 0.9]) and out.none.tolist() == [0.3, 0.9, 0.3]  # none stays per image
+    out = pseudo.study_probabilities(images, by=["fold", "study_id"])  # fusion's study probability, per teacher fold
+    assert out.fold.tolist() == [0, 1] and np.allclose(out.negative, [0.3, 0.9]) and np.allclose(out.typical, [0.5, 0.1])
 
 
 # ----------------------------------------------------------------------------- honest folds, refusals, the folder
@@ -218,7 +218,7 @@ def teachers(prepared, tmp_path_factory):
 @pytest.mark.slow
 def test_real_teachers_make_a_folder_and_a_student_trains_on_it(prepared, teachers):
     det, cls, base = teachers
-    out = run_pseudo(det, cls, base / "pseudo", det_tta=False, cls_tta="none", device="cpu", **EASY)
+    out = run_pseudo(det, cls, base / "pseudo", det_tta=False, cls_tta=False, device="cpu", **EASY)
     labels = PSEUDO_LABELS.read(out / "labels.csv")
     test = Prepared(prepared).split("test")
     assert len(labels) == 3 * len(test) and sorted(labels.fold.unique()) == [0, 1, 2]
@@ -247,7 +247,7 @@ def test_run_with_one_pseudo_round_adds_its_rows(tmp_path):
         detect=DETECT_TINY,
         detect_predict={"tta": False, "batch": 8},
         classify=CLASSIFY_TINY,
-        classify_predict={"tta": "none", "workers": 0},
+        classify_predict={"tta": False, "workers": 0},
         tune_trials=2,
         nested_tuning=False,
         report=False,

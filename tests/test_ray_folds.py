@@ -12,13 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from test_classify import TINY
 
 from siimcovid import cli
 from siimcovid.config import load_config, runtime_keys
 from siimcovid.detect.common import fold_state
-from siimcovid.detect.train import check_ray_devices, ray_device
+from siimcovid.engine.devices import check_ray, in_ray_task
+from siimcovid.rundir import read_run
 from siimcovid.utils import SiimError
 
 DETECT_TINY = ["model=yolov5n.yaml", "pretrained=false", "epochs=1", "imgsz=64", "batch=8", "workers=0", "device=cpu"]
@@ -57,7 +57,7 @@ def test_engine_settings_are_runtime_settings():
 
 def test_detect_devices_and_gpus_per_fold_combine_or_say_why_not():
     for device, gpus in [("cpu", 0), (None, 0), (None, 1), (None, 0.5), (0, 1), (3, 0.25)]:
-        check_ray_devices(device, gpus)
+        check_ray(device, gpus)
     for device, gpus, message in [
         ("cpu", 1, "trains on the CPU; set gpus_per_fold=0"),
         (0, 0, "gpus_per_fold must be more than 0 and at most 1"),
@@ -67,24 +67,21 @@ def test_detect_devices_and_gpus_per_fold_combine_or_say_why_not():
         (None, 2, "at most one GPU"),
     ]:
         with pytest.raises(SiimError, match=message):
-            check_ray_devices(device, gpus)
+            check_ray(device, gpus)
     # inside a task: the GPUs Ray gave it, whatever numbers the command named
-    assert ray_device(0, ["5"]) == "5" and ray_device(None, ["5"]) == "5"
-    assert ray_device(None, []) == "cpu" and ray_device("cpu", []) == "cpu"
+    assert in_ray_task(0, ["5"]) == "5" and in_ray_task(None, ["5"]) == "5"
+    assert in_ray_task(None, []) == "cpu" and in_ray_task("cpu", []) == "cpu"
 
 
 def test_classify_ray_refuses_ddp_and_more_than_one_gpu_per_fold(prepared, tmp_path):
-    from siimcovid.classify.dist import Dist
-    from siimcovid.classify.train import check_ray
-
     pytest.importorskip("ray")
-    cfg = load_config("classify", {**CLASSIFY_TINY, "data": str(prepared), "engine": "ray", "gpus_per_fold": 0})
-    check_ray(cfg, Dist())
+    check_ray("cpu", 0)  # the same check as detect's (siimcovid.engine.devices): one reading of device
     with pytest.raises(SiimError, match="under torchrun"):
-        check_ray(cfg, Dist(rank=0, world=2))
-    for device, gpus, message in [("cpu", 1, "set gpus_per_fold=0"), ("cuda", 2, "at most 1"), ("cuda:0", 0, "gives a fold")]:
+        check_ray("cpu", 0, world=2)
+    cases = [("cpu", 1, "set gpus_per_fold=0"), ("cuda", 2, "at most one GPU"), ("cuda:0", 0, "more than 0")]
+    for device, gpus, message in cases:
         with pytest.raises(SiimError, match=message):
-            check_ray(load_config("classify", {**cfg, "device": device, "gpus_per_fold": gpus}), Dist())
+            check_ray(device, gpus)
 
 
 # ---------------------------------------------------------------- on a local Ray cluster
@@ -123,11 +120,11 @@ def test_detect_folds_in_parallel_write_the_serial_run_folder(ray_cluster, prepa
         assert len(pd.read_csv(parallel / f"fold{k}" / "results.csv")) == 1
 
     def settings(run):
-        saved = yaml.safe_load((run / "detect.yaml").read_text())
+        saved = read_run(run / "detect.yaml")
         return {k: v for k, v in saved.items() if k not in runtime_keys("detect")}
 
     assert settings(parallel) == settings(serial)
-    saved = yaml.safe_load((parallel / "detect.yaml").read_text())
+    saved = read_run(parallel / "detect.yaml")
     assert saved["engine"] == "ray" and saved["gpus_per_fold"] == 0
     # finished folds are skipped by the driver (no task), as the serial path skips them
     assert cli.main(["detect", "train", *common, f"project={tmp_path / 'ray'}", *RAY_CPU]) == parallel

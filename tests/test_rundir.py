@@ -66,3 +66,24 @@ def test_check_finished_asks_every_fold_even_when_unfinished_ones_are_allowed(tm
         rundir.check_finished(run, {0: run / "fold0" / "best.pt"}, broken, True, "detect")
     assert asked == ["fold0"]
     rundir.check_finished(run, {0: run / "fold0" / "best.pt"}, is_done, False, "detect")  # finished: no error
+
+
+def test_a_run_settings_file_of_the_release_before_is_read_as_it_is(tmp_path):
+    import yaml
+
+    from siimcovid.config import load_config
+    from siimcovid.rundir import is_run_config, read_run, write_run
+
+    old = tmp_path / "old" / "classify.yaml"  # the release before: settings and what it recorded, at the top level
+    old.parent.mkdir()
+    old.write_text(yaml.safe_dump({"model": "resnet18", "imgsz": 64, "folds_id": "abc", "mode": "train"}))
+    assert read_run(old) == {"model": "resnet18", "imgsz": 64, "folds_id": "abc", "mode": "train"} and is_run_config(old)
+
+    new = write_run(tmp_path / "new" / "classify.yaml", "classify", {"model": "resnet18", "imgsz": 64}, {"folds_id": "abc"})
+    assert yaml.safe_load(new.read_text()) == {"classify": {"model": "resnet18", "imgsz": 64}, "learned": {"folds_id": "abc"}}
+    assert read_run(new) == {"model": "resnet18", "imgsz": 64, "folds_id": "abc"} and is_run_config(new)
+    cfg = load_config("classify", [f"cfg={new}"])  # a valid cfg= as it is: the settings come back, not what it learned
+    assert cfg.model == "resnet18" and cfg.imgsz == 64 and "folds_id" not in cfg
+    mine = tmp_path / "mine.yaml"  # a user's settings file of that name: not a run's record
+    mine.write_text(yaml.safe_dump({"classify": {"model": "resnet18"}, "learned": {"note": "mine"}}))
+    assert not is_run_config(mine) and not is_run_config(tmp_path / "missing.yaml")

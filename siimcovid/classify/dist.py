@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.engine.devices import torch_device
+from siimcovid.utils import LOGGER
 
 
 @dataclass
@@ -51,26 +52,10 @@ class Dist:
         return t.tolist()
 
 
-def pick_device(device: str | None, local_rank: int = 0) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if isinstance(device, (list, tuple)) or (isinstance(device, str) and "," in device):
-        raise SiimError(f"device={device}: one process uses one GPU; for several use torchrun --nproc_per_node=N (see README)")
-    if isinstance(device, int) or str(device).isdigit():
-        device = f"cuda:{device}"  # device=0 as in Ultralytics means the first GPU
-    dev = torch.device(str(device))
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SiimError(f"device={device} but CUDA is not available here; use device=cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
 def setup(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = torch_device(device, local_rank)
     if world > 1 and dev.type == "cuda" and dev.index != local_rank:
         # device=0 under torchrun would put every process on one GPU: each takes its own
         LOGGER.warning(f"device={device} under torchrun: process {rank} uses cuda:{local_rank} (its LOCAL_RANK)")

@@ -259,12 +259,26 @@ def mask_loss(logits: torch.Tensor, mask: torch.Tensor, bce_share: float, dice_s
     return bce_share * F.binary_cross_entropy_with_logits(logits, target) + dice_share * dice_loss(logits, target)
 
 
-class StudyLoss(nn.Module):
+class MaskLoss(nn.Module):
+    """The auxiliary mask loss both losses share: mask_weight * (mask_bce * BCE + mask_dice * Dice) of the mask head."""
+
+    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4):
+        super().__init__()
+        self.mask_weight, self.mask_bce, self.mask_dice = mask_weight, mask_bce, mask_dice
+
+    def mask_part(self, out: dict, mask: torch.Tensor, has_mask=None) -> torch.Tensor:
+        """The mask term (before mask_weight); has_mask: the samples whose mask is known (None: all)."""
+        if self.mask_weight:
+            return mask_loss(out["mask"], mask, self.mask_bce, self.mask_dice, has_mask)
+        # the mask head still runs: tie it to the loss with weight 0, so DDP sees every parameter used
+        return out["mask"].float().sum() * 0.0
+
+
+class StudyLoss(MaskLoss):
     """CE(study) + none_weight * BCE(none) + mask_weight * (mask_bce * BCE + mask_dice * Dice)."""
 
     def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0, label_smoothing=0.0):
-        super().__init__()
-        self.mask_weight, self.mask_bce, self.mask_dice = mask_weight, mask_bce, mask_dice
+        super().__init__(mask_weight, mask_bce, mask_dice)
         self.none_weight, self.label_smoothing = none_weight, label_smoothing
 
     @classmethod
@@ -277,48 +291,26 @@ class StudyLoss(nn.Module):
         has_mask (N,) bool: a batch with extra training data (soft targets, NaN = unknown): the study CE, the none
         BCE and the mask loss each count the samples whose target is known only. None: the plain SIIM loss."""
         if has_mask is not None:
-            return self.masked(out, study, none, mask, has_mask)
-        parts = {"cls": F.cross_entropy(out["study"].float(), study, label_smoothing=self.label_smoothing)}
-        zero = parts["cls"].new_zeros(())
-        parts["none"] = F.binary_cross_entropy_with_logits(out["none"].float(), none.float()) if out["none"] is not None else zero
-        if self.mask_weight:
-            logits = out["mask"].float()
-            target = mask_target(mask, logits.shape[-2:])
-            bce = F.binary_cross_entropy_with_logits(logits, target)
-            parts["mask"] = self.mask_bce * bce + self.mask_dice * dice_loss(logits, target)
+            parts = {"cls": soft_cross_entropy(out["study"], study, self.label_smoothing)}
+            parts["none"] = masked_bce(out["none"], none) if out["none"] is not None else parts["cls"].new_zeros(())
+            parts["mask"] = self.mask_part(out, mask, has_mask.bool())
         else:
-            # the mask head still runs: tie it to the loss with weight 0, so DDP sees every parameter used
-            parts["mask"] = out["mask"].float().sum() * 0.0
-        parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
-        return parts
-
-    def masked(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask) -> dict:
-        """The loss of a batch with soft, partly unknown targets (see forward)."""
-        parts = {"cls": soft_cross_entropy(out["study"], study, self.label_smoothing)}
-        parts["none"] = masked_bce(out["none"], none) if out["none"] is not None else parts["cls"].new_zeros(())
-        if self.mask_weight:
-            parts["mask"] = mask_loss(out["mask"], mask, self.mask_bce, self.mask_dice, has_mask.bool())
-        else:  # tied to the loss with weight 0 (DDP must see every parameter used)
-            parts["mask"] = out["mask"].float().sum() * 0.0
+            parts = {"cls": F.cross_entropy(out["study"].float(), study, label_smoothing=self.label_smoothing)}
+            logits, zero = out["none"], parts["cls"].new_zeros(())
+            parts["none"] = F.binary_cross_entropy_with_logits(logits.float(), none.float()) if logits is not None else zero
+            parts["mask"] = self.mask_part(out, mask)
         parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
         return parts
 
 
-class LabelLoss(nn.Module):
+class LabelLoss(MaskLoss):
     """Multi-label pretraining: BCE over the known labels (NaN = unknown, masked) + mask_weight * the mask loss
     (mask_weight 0: the external set has no boxes). Parts named as StudyLoss's (cls = the label BCE)."""
-
-    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4):
-        super().__init__()
-        self.mask_weight, self.mask_bce, self.mask_dice = mask_weight, mask_bce, mask_dice
 
     def forward(self, out: dict, labels: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask=None) -> dict:
         parts = {"cls": masked_bce(out["labels"], labels)}
         parts["none"] = parts["cls"].new_zeros(())
-        if self.mask_weight:
-            parts["mask"] = mask_loss(out["mask"], mask, self.mask_bce, self.mask_dice, has_mask)
-        else:  # tied to the loss with weight 0 (DDP must see every parameter used)
-            parts["mask"] = out["mask"].float().sum() * 0.0
+        parts["mask"] = self.mask_part(out, mask, has_mask)
         parts["loss"] = parts["cls"] + self.mask_weight * parts["mask"]
         return parts
 

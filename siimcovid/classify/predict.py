@@ -10,7 +10,7 @@ scores_oof.csv           tables.SCORES: AP of the four study classes (on the stu
 
 oof: each fold's best checkpoint predicts its own validation images.
 test: every fold's best checkpoint predicts every test image; the probabilities are averaged.
-tta=hflip averages each model's probabilities on the image and its mirror.
+tta=true averages each model's probabilities on the image and its mirror (the classifier's TTA view, VIEW).
 Ensembles (several run=...) combine the runs' tables row by row with siimcovid.ensemble.combine:
 mean, geometric (alias geomean: the product of members, up to a power) or rank (mean of each
 column's percentile rank; keeps only the ordering, which is all that AP reads).
@@ -29,15 +29,22 @@ import numpy as np
 import pandas as pd
 
 from siimcovid import ensemble, metrics, rundir
+from siimcovid.classify.files import FILES
 from siimcovid.tables import CLASSES, CLASSIFIER_FOLDS, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, as_list
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
-DONE = "done.json"  # fold<k>/done.json, written last by `classify train`: the fold is finished
+VIEW = "hflip"  # the classifier's test-time view: its mirror (the `tta` column of its scores names it)
+DONE = FILES.done  # fold<k>/done.json, written last by `classify train`: the fold is finished
 
 
 # ---------------------------------------------------------------- tables (no torch needed)
+
+
+def view(tta: bool) -> str:
+    """The TTA a table names: the view when on, none when off."""
+    return VIEW if tta else "none"
 
 
 def study_table(images: pd.DataFrame) -> pd.DataFrame:
@@ -138,10 +145,12 @@ def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.Da
 # ---------------------------------------------------------------- inference
 
 
-def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None, progress: bool = False):
+def infer(model, loader, device, amp_dtype=None, tta: bool = False, loss_fn=None, progress: bool = False, outputs=None):
     """Run a model over a loader. Returns (indices, study probs (N,4), none probs (N,) or None, loss sums dict).
 
-    tta=hflip averages the probabilities of each image and its mirror (the loss uses the plain image).
+    tta: the mean of the probabilities of each image and its mirror (the loss uses the plain image).
+    outputs: the model's output -> (probabilities, none or None); default the study softmax and the none sigmoid
+    (multi-label pretraining: the labels' sigmoid).
     """
     import torch
     from tqdm import tqdm
@@ -149,6 +158,7 @@ def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None
     from siimcovid.classify.data import to_device
     from siimcovid.classify.model import probabilities
 
+    outputs = outputs or probabilities
     model.eval()
     idx, studies, nones, sums, n = [], [], [], {}, 0
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -157,14 +167,14 @@ def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None
             b = to_device(batch, device)
             with autocast:
                 out = model(b["image"])
-            study, none = probabilities(out)
+            study, none = outputs(out)
             if loss_fn is not None:
-                parts = loss_fn(out, b["label"], b["none"], b["mask"])
+                parts = loss_fn(out, b["label"], b["none"], b["mask"], b.get("has_mask"))
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(study)
-            if tta == "hflip":
+            if tta:
                 with autocast:
-                    s2, n2 = probabilities(model(b["image"].flip(-1)))
+                    s2, n2 = outputs(model(b["image"].flip(-1)))
                 study = (study + s2) / 2
                 none = (none + n2) / 2 if none is not None else None
             n += len(study)
@@ -178,7 +188,7 @@ def infer(model, loader, device, amp_dtype=None, tta: str = "none", loss_fn=None
 
 def resolve_run(run, project: str | Path) -> Path:
     for cand in (Path(str(run)), Path(project) / str(run)):
-        if (cand / "classify.yaml").is_file():
+        if (cand / FILES.settings).is_file():
             return cand
     raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
 
@@ -195,20 +205,21 @@ def fold_checkpoints(run_dir: Path, allow_unfinished: bool = False, weights: str
 
 def checkpoint_folds_id(path: Path, ckpt: dict) -> str | None:
     """The fold fingerprint a fold's model was trained on: in the checkpoint, else in the fold's classify.yaml."""
-    from siimcovid.config import read_yaml
-
     if ckpt.get("folds_id"):
         return ckpt["folds_id"]
-    saved = path.parent / "classify.yaml"
-    return read_yaml(saved).get("folds_id") if saved.is_file() else None
+    saved = path.parent / FILES.settings
+    return rundir.read_run(saved).get("folds_id")
 
 
 def load_checkpoint_model(path: Path, device, channels_last: bool = False):
     import torch
 
+    from siimcovid.classify.checkpoints import BEST_KEYS
     from siimcovid.classify.model import build_model
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a run's own checkpoint (a bundle: safetensors)
+    if not isinstance(ckpt, dict) or not {"model", "model_cfg"} <= set(ckpt):
+        raise SiimError(f"{path} is not a classify checkpoint (best.pt holds {', '.join(BEST_KEYS)})")
     model = build_model(ckpt["model_cfg"], pretrained=False, channels_last=channels_last)
     # last.pt holds the whole training state: evaluate its EMA weights, as best.pt stores them
     state = ckpt["ema"] if "optimizer" in ckpt and ckpt.get("ema") is not None else ckpt["model"]
@@ -265,10 +276,9 @@ def run_inference(
     weights: str = "best",
 ):
     """What predicting one run needs: (prepared folder, image size, fold checkpoints, Inference); folds checked for oof."""
-    from siimcovid.config import read_yaml
     from siimcovid.data.prepared import Prepared
 
-    run_cfg = read_yaml(run_dir / "classify.yaml")
+    run_cfg = rundir.read_run(run_dir / FILES.settings)
     if run_cfg.get("label_names"):
         raise SiimError(
             f"{run_dir} is a multi-label pretraining run (labels {run_cfg['label_names']}): it predicts no study classes; "
@@ -289,8 +299,25 @@ def run_inference(
     return prep, size, ckpts, how
 
 
+def run_family(run_dir: Path):
+    """The family a classify run was trained with (its learned record; timm for runs of an earlier release)."""
+    from siimcovid.engine.family import family_class
+
+    return family_class(rundir.read_run(Path(run_dir) / FILES.settings).get("family") or "timm", "classify")
+
+
 def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict one run on oof or test; returns (image table, study table). Arguments: those of run_inference."""
+    """Predict one run on oof or test; returns (image table, study table). Arguments: those of run_inference.
+    A run of another family than timm predicts through its family (Family.predict_run)."""
+    from siimcovid.config import Config
+    from siimcovid.engine import folds
+    from siimcovid.engine.family import family_class
+
+    family = run_family(run_dir)
+    if not issubclass(family, family_class("timm", "classify")):
+        tta, device, batch, workers, source, amp, channels_last, allow_unfinished, weights = args
+        images = folds.predict_run(family(Config()), run_dir, split, device, source, allow_unfinished, weights)
+        return images, study_table(images)
     prep, size, ckpts, how = run_inference(run_dir, split, *args, **kwargs)
     images = (predict_oof if split == "oof" else predict_test)(prep, size, ckpts, run_dir.name, how)
     return images, study_table(images)
@@ -304,44 +331,82 @@ def predict_run_folds(run_dir: Path, *args, **kwargs) -> tuple[pd.DataFrame, pd.
     return images, study_table(images), folds
 
 
-def predict_oof(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
-    """Each fold model on its own held-out images: the image table, fold by fold."""
+@dataclass
+class Source:
+    """What one classify run predicts on: the prepared data, the image size, how (Inference), the `model` name;
+    the test table and loader, built once for every fold."""
+
+    prep: object
+    size: int
+    how: Inference
+    name: str
+    test: tuple | None = None
+
+    def test_loader(self):
+        from siimcovid.classify.data import StudyDataset, check_files, image_table
+
+        if self.test is None:
+            table = image_table(self.prep, "test")
+            if table.empty:
+                raise SiimError(f"{self.prep.root} has no test images (prepare with splits=train,test)")
+            check_files(self.prep, table, self.size, masks=False)
+            self.test = table, self.how.loader(StudyDataset(self.prep, table, self.size, masks=False))
+        return self.test
+
+
+def fold_model(src: Source, path: Path) -> tuple:
+    """(model, its checkpoint record or None, path) of one fold: a run's own checkpoint, or Inference.load's."""
+    if src.how.load is not None:
+        return src.how.model(path), None, path
+    model, ckpt = load_checkpoint_model(path, src.how.device, src.how.channels_last)
+    return model, ckpt, path
+
+
+def predict_fold(loaded: tuple, src: Source, fold: int, split: str):
+    """One fold's model: on its held-out images (split train: the image table) or on the test images (the part
+    (fold, study, none) in the test table's row order, averaged by join_folds)."""
     from siimcovid.classify.data import StudyDataset, check_files, image_table
 
-    parts = []
-    for fold, path in ckpts.items():
-        table = image_table(prep, "train", prep.check_fold(fold), "val")
-        check_files(prep, table, size, masks=False)
-        model, ckpt = load_checkpoint_model(path, how.device, how.channels_last)
-        # Per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were.
-        prep.check_folds(checkpoint_folds_id(path, ckpt), str(path.parent))
-        loader = how.loader(StudyDataset(prep, table, size, masks=False))
+    model, ckpt, path = loaded
+    how = src.how
+    if split == "test":
+        table, loader = src.test_loader()
         idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
-        parts.append(image_frame(table.iloc[idx], study, none, name))
-        LOGGER.info(f"{name} fold {fold}: predicted {len(table)} held-out images")
+        order = np.argsort(idx)
+        return fold, study[order], none[order] if none is not None else None
+    table = image_table(src.prep, "train", src.prep.check_fold(fold), "val")
+    check_files(src.prep, table, src.size, masks=False)
+    if ckpt is not None:  # per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were
+        src.prep.check_folds(checkpoint_folds_id(path, ckpt), str(path.parent))
+    loader = how.loader(StudyDataset(src.prep, table, src.size, masks=False))
+    idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
+    LOGGER.info(f"{src.name} fold {fold}: predicted {len(table)} held-out images")
+    return image_frame(table.iloc[idx], study, none, src.name)
+
+
+def run_folds(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference, split: str):
+    """The fold engine's prediction loop (family timm) over one split: {split: joined result}."""
+    from siimcovid.config import Config
+    from siimcovid.engine.family import family_class
+    from siimcovid.engine.folds import predict
+
+    return predict(family_class("timm", "classify")(Config()), Source(prep, size, how, name), ckpts, [split], how.device)[split]
+
+
+def predict_oof(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference) -> pd.DataFrame:
+    """Each fold model on its own held-out images: the image table, fold by fold."""
+    images = run_folds(prep, size, ckpts, name, how, "oof")
     missing = sorted(set(range(prep.n_folds)) - set(ckpts))
     if missing:
         LOGGER.warning(f"{name}: folds {missing} are not trained; OOF covers folds {sorted(ckpts)} only")
-    return pd.concat(parts, ignore_index=True)
+    return images
 
 
 def fold_probabilities(prep, size: int, ckpts: dict[int, Path], how: Inference, name: str):
     """Every fold model on every test image: (the test image table, [(fold, study (N,4), none (N,) or None)]),
     the probabilities in the table's row order."""
-    from siimcovid.classify.data import StudyDataset, check_files, image_table
-
-    table = image_table(prep, "test")
-    if table.empty:
-        raise SiimError(f"{prep.root} has no test images (prepare with splits=train,test)")
-    check_files(prep, table, size, masks=False)
-    loader = how.loader(StudyDataset(prep, table, size, masks=False))
-    per_fold = []
-    for fold, path in ckpts.items():
-        model = how.model(path)
-        idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
-        order = np.argsort(idx)
-        per_fold.append((fold, study[order], none[order] if none is not None else None))
-    LOGGER.info(f"{name}: predicted {len(table)} test images with {len(ckpts)} fold models (tta={how.tta})")
+    table, per_fold = run_folds(prep, size, ckpts, name, how, "test")
+    LOGGER.info(f"{name}: predicted {len(table)} test images with {len(ckpts)} fold models (tta={view(how.tta)})")
     return table, per_fold
 
 
@@ -379,12 +444,12 @@ def main(cfg) -> dict[str, dict[str, Path]]:
 
     Returns, per run (and ensemble) folder name, the files written: {split: image table,
     "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
-    from siimcovid.classify.dist import pick_device
+    from siimcovid.engine.devices import torch_device
 
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
-    device = pick_device(cfg.device)
+    device = torch_device(cfg.device)
     if len(runs) > 1:  # before any prediction: a user's file in the way stops it at once
         open_ensemble_dir(cfg, runs)
     written: dict[str, dict[str, Path]] = {}
@@ -431,12 +496,12 @@ def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, stu
     from siimcovid.data.prepared import Prepared
 
     prep = Prepared(cfg.source or run_data(run_dir, runs))
-    table = oof_scores(prep, images, studies).assign(model=run_dir.name, tta=cfg.tta, weights=cfg.weights)
+    table = oof_scores(prep, images, studies).assign(model=run_dir.name, tta=view(cfg.tta), weights=cfg.weights)
     path = SCORES.write(table, run_dir / "scores_oof.csv")
     overall = table.iloc[0]
     LOGGER.info(
         f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.get('none', float('nan')):.4f}  "
-        f"({overall.n_studies} studies, tta={cfg.tta})\n{table.to_string(index=False)}"
+        f"({overall.n_studies} studies, tta={view(cfg.tta)})\n{table.to_string(index=False)}"
     )
     return path
 
@@ -488,7 +553,6 @@ def earlier_ensemble(out_dir: Path):
 
 
 def run_data(run_dir: Path, runs: list[Path]) -> str:
-    from siimcovid.config import read_yaml
 
-    src = run_dir if (run_dir / "classify.yaml").is_file() else runs[0]
-    return read_yaml(src / "classify.yaml")["data"]
+    src = run_dir if (run_dir / FILES.settings).is_file() else runs[0]
+    return rundir.read_run(src / FILES.settings)["data"]

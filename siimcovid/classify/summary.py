@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from siimcovid.classify.predict import DONE
-from siimcovid.rundir import fold_files
+from siimcovid.classify.files import FILES
+from siimcovid.rundir import fold_files, merge_run
 from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text, trained_on
 
 SETTINGS = ["epochs", "lr", "fine_lr", "optimizer", "mask_weight", "ema", "mixup"]
@@ -14,7 +14,7 @@ SETTINGS = ["epochs", "lr", "fine_lr", "optimizer", "mask_weight", "ema", "mixup
 
 def describe(run: Path) -> dict | None:
     """A classify run -> model, image size, finished folds, the settings that matter, its OOF study mAP; None if not one."""
-    cfg = quiet_yaml(run / "classify.yaml")
+    cfg = merge_run(quiet_yaml(run / FILES.settings))  # an unreadable one: its row says so
     if not cfg:
         return None
     scores = overall_scores(run)
@@ -22,7 +22,7 @@ def describe(run: Path) -> dict | None:
     return {
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
-        "folds": fmt(sorted(fold_files(run, DONE))),
+        "folds": fmt(sorted(fold_files(run, FILES.done))),
         "settings": pretraining(cfg) + settings_text(cfg, SETTINGS) + trained_on(cfg),
         "cv_value": study_map,
         "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",

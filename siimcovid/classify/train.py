@@ -41,9 +41,12 @@ the same (tests/test_kill_classify.py). With workers > 0 the DataLoader workers'
 streams restart at a resume (they live in the workers, out of reach of last.pt), so the resumed
 epochs draw other augmentations than an uninterrupted run would.
 
-Hooks (in the spirit of Ultralytics' trainer callbacks): `train(cfg, d, callbacks={event: fn or [fn]})`
-adds functions to the events below without touching the loop. With none added, training is
-exactly the plain loop: hooks draw no random numbers and change no order of operations.
+The fold engine (siimcovid.engine.folds) runs the folds: skip, resume, init=, extra=, serial or Ray, the outputs
+rule; the family (siimcovid.classify.family, `family=timm`) says what a fold is; this module holds its trainer.
+
+Events (siimcovid.engine.events, the same for every family): `main(cfg, callbacks={event: fn or [fn]})` adds
+functions to them without touching the loop. With none added, training is exactly the plain loop: events draw no
+random numbers and change no order of operations. The classifier's own events:
 
     on_train_data(trainer)                  before the training loader is built: may replace
                                             trainer.train_dataset (e.g. ConcatDataset with pseudo-labelled
@@ -61,7 +64,6 @@ exactly the plain loop: hooks draw no random numbers and change no order of oper
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import time
 from pathlib import Path
@@ -73,57 +75,35 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from siimcovid import rundir
 from siimcovid.classify import predict as P
+from siimcovid.classify.checkpoints import Checkpoints, save_torch
 from siimcovid.classify.data import (
     SoftTargets,
     StudyDataset,
     TargetDataset,
-    augment_state,
     build_augment,
-    check_files,
     check_paths,
     image_table,
     mix_batch,
     seed_worker,
-    set_augment_state,
     to_device,
 )
-from siimcovid.classify.dist import Dist, cleanup, setup
-from siimcovid.classify.model import LabelLoss, StudyLoss, build_model, check_model_name, init_from, model_cfg
-from siimcovid.config import Config, default_name, runtime_keys
-from siimcovid.data.extra import TARGETS, ExtraData, extra_roots, multilabel_layout, open_extra
+from siimcovid.classify.dist import Dist
+from siimcovid.classify.files import FILES
+from siimcovid.classify.model import StudyLoss, build_model, check_model_name, init_from, model_cfg
+from siimcovid.classify.optim import Optimisation
+from siimcovid.config import default_name
+from siimcovid.data.extra import TARGETS, ExtraData
 from siimcovid.data.prepared import Prepared
-from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES, write_csv
-from siimcovid.utils import LOGGER, SiimError, as_list, atomic_path, atomic_write_text, save_png
+from siimcovid.engine.events import EVENTS, Events
+from siimcovid.rundir import fold_dir
+from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES
+from siimcovid.utils import LOGGER, SiimError
 
-LOG_COLUMNS = [
-    "epoch",
-    "wave",
-    "wave_epoch",
-    "lr",
-    "train_loss",
-    "train_cls",
-    "train_none",
-    "train_mask",
-    "val_loss",
-    "val_cls",
-    "val_none",
-    "val_mask",
-    "val_map",
-    "val_none_auc",
-    "best",
-    "train_img_s",
-    "loader_wait",
-    "time_s",
-]
 LOSS_PARTS = ["loss", "cls", "none", "mask"]  # what StudyLoss returns, logged as train_* and val_*
 EXTRA_SEED = 1000  # the extra data's augmentation stream: seed + rank + this (the SIIM images' stream is unchanged)
-LABEL_PREDICTIONS = "val_pred_labels.csv"  # multi-label runs: the best epoch's validation probabilities
 SYNC_EVERY = 20  # training steps between host syncs (loss check, progress bar)
-RUN_CONFIG = "classify.yaml"  # <run>/ and <run>/fold<k>/: the resolved settings, the record that makes them siimcovid's
-FOLD_FILES = (RUN_CONFIG, "last.pt", "best.pt", "results.csv", "results.png", "val_pred_image.csv", LABEL_PREDICTIONS, P.DONE)
-RUN_FILES = ("pred_*.csv", "scores_oof.csv", "predict.yaml")  # what `classify predict` writes into the run folder
+RUN_CONFIG = FILES.settings  # <run>/ and <run>/fold<k>/: the resolved settings, the record that makes them siimcovid's
 
 
 # ---------------------------------------------------------------- hooks
@@ -135,28 +115,9 @@ def study_map_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
     return not math.isnan(score) and score > best["score"]
 
 
-def auc_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
-    """The checkpoint rule of multi-label pretraining: the mean validation ROC AUC over labels beats the best so far."""
-    score = stats["val_auc"]
-    return not math.isnan(score) and score > best["score"]
-
-
-def mean_auc(truth: np.ndarray, probs: np.ndarray) -> float:
-    """Mean ROC AUC over the label columns that have both classes among the known (non-NaN) targets; NaN if none."""
-    from sklearn.metrics import roc_auc_score
-
-    aucs = []
-    for j in range(truth.shape[1]):
-        known = ~np.isnan(truth[:, j])
-        t = truth[known, j] >= 0.5
-        if t.any() and not t.all():
-            aucs.append(roc_auc_score(t, probs[known, j]))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 def default_callbacks() -> dict[str, list[Callable]]:
-    """Every training event with its default functions (see the module docstring)."""
-    return {"on_train_data": [], "on_loss": [], "on_fit_epoch_end": [], "is_better": [study_map_improved]}
+    """Every training event with its default functions (siimcovid.engine.events)."""
+    return {**{event: [] for event in EVENTS}, "is_better": [study_map_improved]}
 
 
 # ---------------------------------------------------------------- settings and files
@@ -184,56 +145,24 @@ def check_config(cfg) -> None:
         raise SiimError(f"optimizer={cfg.optimizer}: not a timm optimizer{hint}")
 
 
-# Not timm.utils.CheckpointSaver: its checkpoints hold model, EMA, optimizer and scaler only (no scheduler, wave, rng,
-# folds_id) under its own keys, and predict reads ours; torch.save to a temporary file + rename keeps the writes atomic.
-def save_torch(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+class FoldTrainer(Events, Optimisation, Checkpoints):
+    """Everything one fold of a study classifier needs; `run()` trains it (or resumes it) to the end.
+    Multi-label pretraining is a subclass (siimcovid.classify.pretrain.LabelTrainer)."""
 
+    metric, metric_name, classes = "val_map", "study mAP", STUDY_CLASSES  # the score of best.pt and of the log's lines
 
-def plot_log(log: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for col in ("train_loss", "val_loss", "train_mask", "val_mask"):
-        axes[0].plot(log.epoch, log[col], marker=".", label=col)
-    axes[0].set_title("loss")
-    metric, title = ("val_auc", "mean ROC AUC") if "val_auc" in log else ("val_map", "study mAP")
-    axes[1].plot(log.epoch, log[metric], marker="o", label=f"val {title}")
-    best = log[log.best.astype(bool)]
-    axes[1].scatter(best.epoch, best[metric], color="red", zorder=3, label="new best")
-    axes[1].set_title(f"validation {title}")
-    axes[2].plot(log.epoch, log.lr, marker=".")
-    axes[2].set_yscale("log")
-    axes[2].set_title("lr (end of epoch)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    save_png(fig, path, dpi=80)
-
-
-class FoldTrainer:
-    """Everything one fold needs; `run()` trains it (or resumes it) to the end."""
-
-    def __init__(self, cfg, prep: Prepared, fold: int, size: int, fold_dir: Path, d: Dist, callbacks: dict | None = None):
+    def __init__(
+        self, cfg, prep: Prepared, fold: int, size: int, fold_dir: Path, d: Dist, callbacks: dict | None = None, init=None
+    ):
         self.cfg, self.prep, self.fold, self.size, self.dir, self.d = cfg, prep, fold, size, fold_dir, d
-        self.callbacks = default_callbacks()
-        for event, fns in (callbacks or {}).items():
-            for fn in as_list(fns):
-                self.add_callback(event, fn)
+        self.init_callbacks(default_callbacks(), callbacks)
+        self.stage, self.family, self.run_dir = "classify", cfg.get("family") or "timm", fold_dir.parent
+        self.project, self.settings, self.epoch, self.is_main = Path(cfg.project), dict(cfg), 0, d.is_main
         self.device = d.device
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         self.channels_last = cfg.channels_last and cuda
-        self.label_names = cfg.get("label_names")  # multi-label pretraining on an external set
-        self.metric = "val_auc" if self.label_names else "val_map"  # the score of best.pt and of the log's lines
         self.amp_dtype = P.amp_dtype_for(self.device, cfg.amp)
         self.scaler = self.new_scaler()
         self.rows: list[dict] = []  # results.csv so far
@@ -244,8 +173,8 @@ class FoldTrainer:
         self.model = build_model(
             model_cfg(cfg), cfg.pretrained or cfg.pretrained_file not in (None, ""), cfg.pretrained_file, self.channels_last
         ).to(self.device)
-        if cfg.get("init"):
-            self.load_init()
+        if init is not None:  # init=: the checkpoint the fold engine resolved
+            self.load_init(Path(init))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_model = self.model
@@ -254,22 +183,9 @@ class FoldTrainer:
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
             torch.manual_seed(cfg.seed + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
-        self.loss_fn = StudyLoss.from_cfg(cfg)
-        if self.label_names:  # the mask loss trains where the external set has boxes (rsna), else it is off
-            self.loss_fn = LabelLoss(cfg.mask_weight if self.has_boxes else 0.0, cfg.mask_bce, cfg.mask_dice)
+        self.loss_fn = self.new_loss()
         self.ema = None
         self.rng = np.random.default_rng(cfg.seed + d.rank)
-
-    # ---------------------------------------------------------------- hooks
-
-    def add_callback(self, event: str, fn: Callable) -> None:
-        if event not in self.callbacks:
-            raise SiimError(f"unknown training event '{event}': expected one of {', '.join(self.callbacks)}")
-        self.callbacks[event].append(fn)
-
-    def run_callbacks(self, event: str, *args) -> list:
-        """Call the event's functions in the order added, with the trainer first; their results."""
-        return [fn(self, *args) for fn in self.callbacks[event]]
 
     def is_better(self, stats: dict) -> bool:
         """The checkpoint rule: the last is_better function added (default: study_map_improved)."""
@@ -284,37 +200,27 @@ class FoldTrainer:
                 parts[name] = value
                 parts["loss"] = parts["loss"] + value
 
-    def load_init(self) -> None:
+    def load_init(self, path: Path) -> None:
         """init=: the model starts from another run's weights (every tensor whose name and shape match)."""
-        path = resolve_init(self.cfg.init, self.cfg.init_fold)
         n, rebuilt = init_from(self.model, path, self.cfg.model)
         if self.d.is_main:
             LOGGER.info(f"init: loaded {n} tensors from {path}, rebuilt: {', '.join(rebuilt) or 'nothing'}")
 
-    # ---------------------------------------------------------------- pieces
-
     def fold_datasets(self, augment) -> tuple[Dataset, Dataset]:
-        """(training dataset, validation dataset): the SIIM fold's, or a multi-label external set's (label_names)."""
-        if not self.label_names:
-            return StudyDataset(self.prep, self.train_tab, self.size, augment), StudyDataset(self.prep, self.val_tab, self.size)
-        ds = []
-        for tab, aug in ((self.train_tab, augment), (self.val_tab, None)):
-            images = [self.prep.image_path(i, "train", self.size) for i in tab.image_id]
-            masks = [self.prep.mask_path(i, self.size) if self.has_boxes else None for i in tab.image_id]
-            ds.append(TargetDataset(images, masks, tab[self.label_names].to_numpy(), np.full(len(tab), np.nan), self.size, aug))
-        return ds[0], ds[1]
+        """(training dataset, validation dataset) of the fold's SIIM images."""
+        return StudyDataset(self.prep, self.train_tab, self.size, augment), StudyDataset(self.prep, self.val_tab, self.size)
 
     def fold_tables(self) -> None:
-        """train_tab / val_tab: the fold's rows (multi-label: image_id, study_id, fold, then the label columns)."""
-        fold = self.fold
-        if self.label_names:
-            labels = ExtraData(self.prep.root).label_table().set_index("image_id")
-            self.has_boxes = bool((self.prep.meta.n_boxes > 0).any())
-            tabs = [self.prep.fold(fold, part)[["image_id", "study_id", "fold"]] for part in ("train", "val")]
-            self.train_tab, self.val_tab = (t.join(labels, on="image_id").reset_index(drop=True) for t in tabs)
-        else:
-            self.train_tab = image_table(self.prep, "train", fold, "train")
-            self.val_tab = image_table(self.prep, "train", fold, "val")
+        """train_tab / val_tab: the fold's rows."""
+        self.train_tab = image_table(self.prep, "train", self.fold, "train")
+        self.val_tab = image_table(self.prep, "train", self.fold, "val")
+
+    def new_loss(self):
+        return StudyLoss.from_cfg(self.cfg)
+
+    def write_best_images(self, images: pd.DataFrame) -> None:
+        """The best epoch's validation predictions: val_pred_image.csv (tables.CLASSIFIER_IMAGES)."""
+        CLASSIFIER_IMAGES.write(images.assign(model=self.cfg.name), self.dir / "val_pred_image.csv")
 
     def build_loaders(self, cuda: bool) -> None:
         """The fold's tables, the training dataset (after on_train_data), its sampler and both loaders."""
@@ -345,54 +251,8 @@ class FoldTrainer:
         val_ds = Subset(val_dataset, list(range(d.rank, len(self.val_tab), d.world)))
         self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
 
-    def new_scaler(self):
-        """timm's NativeScaler for CUDA fp16 only (bf16 and fp32 need no loss scaling), as timm's train.py."""
-        from timm.utils import NativeScaler
-
-        return NativeScaler("cuda") if self.amp_dtype == torch.float16 else None
-
-    def new_ema(self):
-        from timm.utils import ModelEmaV3
-
-        # Warmup: the decay grows with the step count, so short runs still get a useful average.
-        self.ema = ModelEmaV3(self.model, decay=self.cfg.ema, use_warmup=True) if self.cfg.ema > 0 else None
-
-    def new_optimizer(self, lr: float, epochs: int, warmup: int):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        cfg = self.cfg
-        try:
-            opt = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
-        except (AssertionError, ValueError) as e:
-            raise SiimError(f"optimizer={cfg.optimizer}: {e}") from None
-        sched, _ = create_scheduler_v2(
-            opt,
-            sched=cfg.sched,
-            num_epochs=epochs,
-            warmup_epochs=min(warmup, max(epochs - 1, 0)),
-            warmup_lr=cfg.warmup_lr,
-            min_lr=cfg.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=len(self.train_loader),
-        )
-        return opt, sched
-
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.model
-
-    def backward_step(self, loss: torch.Tensor, opt) -> None:
-        """timm's train.py step: the fp16 scaler (scale, backward, unscale, clip, step, update), else backward, clip, step."""
-        from timm.utils import dispatch_clip_grad
-
-        clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else None
-        if self.scaler is not None:
-            self.scaler(loss, opt, clip_grad=clip, parameters=self.model.parameters())
-            return
-        loss.backward()
-        if clip is not None:
-            dispatch_clip_grad(self.model.parameters(), clip)
-        opt.step()
 
     def train_one_epoch(self, epoch: int, opt, sched, step: int) -> tuple[dict, int]:
         cfg, d = self.cfg, self.d
@@ -442,8 +302,6 @@ class FoldTrainer:
             from timm.utils import distribute_bn
 
             distribute_bn(self.eval_model(), self.d.world, reduce=False)
-        if self.label_names:
-            return self.validate_labels()
         idx, study, none, sums = P.infer(self.eval_model(), self.val_loader, self.device, self.amp_dtype, loss_fn=self.loss_fn)
         # Items carry their row in val_tab (not their position in this rank's shard).
         parts = self.d.gather((idx if idx is not None else np.zeros(0, int), study, none, sums))
@@ -456,39 +314,6 @@ class FoldTrainer:
         stats = dict(loss, val_map=P.study_map(self.prep, images), val_none_auc=self.none_auc(images))
         return stats, images
 
-    def infer_labels(self) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Multi-label validation on this rank's shard: (rows of val_tab, label probabilities, loss sums)."""
-        model, idx, probs, sums, n = self.eval_model(), [], [], {}, 0
-        model.eval()
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
-        with torch.inference_mode():
-            for batch in self.val_loader:
-                b = to_device(batch, self.device)
-                with autocast:
-                    out = model(b["image"])
-                for k, v in self.loss_fn(out, b["label"], b["none"], b["mask"], b["has_mask"]).items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(b["image"])
-                n += len(b["image"])
-                idx.append(b["index"].cpu().numpy())
-                probs.append(torch.sigmoid(out["labels"].float()).cpu().numpy())
-        width = len(self.label_names)
-        cat = lambda xs, empty: np.concatenate(xs) if xs else empty  # noqa: E731
-        return cat(idx, np.zeros(0, int)), cat(probs, np.zeros((0, width))), sums | {"n": n}
-
-    def validate_labels(self) -> tuple[dict, pd.DataFrame]:
-        """Multi-label validation: the losses and the mean ROC AUC over labels (val_auc) of every rank's shard."""
-        parts = self.d.gather(self.infer_labels())
-        rows = np.concatenate([p[0] for p in parts])
-        probs = np.concatenate([p[1] for p in parts])
-        n = sum(p[2]["n"] for p in parts)
-        loss = {f"val_{k}": sum(p[2].get(k, 0.0) for p in parts) / max(n, 1) for k in LOSS_PARTS}
-        tab = self.val_tab.iloc[rows]
-        images = pd.DataFrame({"image_id": tab.image_id.values, "study_id": tab.study_id.values, "fold": self.fold})
-        images[self.label_names] = probs
-        auc = mean_auc(tab[self.label_names].to_numpy(dtype=np.float64), probs)
-        stats = dict(loss, val_map=float("nan"), val_none_auc=float("nan"), val_auc=auc)
-        return stats, images.sort_values("image_id").reset_index(drop=True)
-
     def none_auc(self, images: pd.DataFrame) -> float:
         from sklearn.metrics import roc_auc_score
 
@@ -499,122 +324,13 @@ class FoldTrainer:
         if not math.isfinite(loss_sum):
             raise SiimError(f"fold {self.fold} epoch {epoch}: the loss became {loss_sum}; lower lr or turn amp off")
 
-    def rng_streams(self) -> dict:
-        """This process's random streams: mixing (numpy), torch (dropout, drop-path, the validation loader's seed),
-        CUDA, the training loader's generator and the augmentation's generators (with workers=0 they draw here)."""
-        return {
-            "numpy": self.rng.bit_generator.state,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "loader": self.train_loader.generator.get_state(),
-            "augment": augment_state(self.train_dataset),
-        }
-
-    def set_rng_streams(self, streams: dict) -> None:
-        self.rng.bit_generator.state = streams["numpy"]
-        torch.set_rng_state(streams["torch"])
-        if streams["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(streams["cuda"], self.device)
-        self.train_loader.generator.set_state(streams["loader"])
-        if not set_augment_state(self.train_dataset, streams["augment"]) and self.d.is_main:
-            LOGGER.warning(f"fold {self.fold}: the augmentation changed since last.pt; its random draws start afresh")
-
-    def checkpoint(self, opt, sched, wave: int, wave_epoch: int, epoch: int, step: int, streams: list, best_images) -> dict:
-        """last.pt: everything to resume; streams: every rank's rng_streams; best_images: this epoch's validation
-        predictions when it is the best (a resume writes best.pt and val_pred_image.csv again from them)."""
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "wave": wave,
-            "wave_epoch": wave_epoch,
-            "epoch": epoch,
-            "step": step,
-            "best": self.best,
-            "best_images": best_images,
-            "rows": self.rows,
-            "rng_ranks": streams,
-            "model_cfg": model_cfg(self.cfg),
-            "fold": self.fold,
-            "folds_id": self.cfg.folds_id,
-        }
-
-    def load_best_weights(self) -> None:
-        state = torch.load(self.dir / "best.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-
-    # ---------------------------------------------------------------- resume and waves
-
-    def load_resume_state(self) -> dict | None:
-        """last.pt of an interrupted fold (None: a fresh start); restores the best so far and the log up to it."""
-        last_path, log_path = self.dir / "last.pt", self.dir / "results.csv"
-        if not last_path.is_file():
-            return None
-        # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        self.best = state["best"]
-        if "rows" in state:
-            self.rows = [dict(r) for r in state["rows"]]
-        elif log_path.is_file():  # a last.pt of an older version: the log holds the rows
-            self.rows = [r for r in pd.read_csv(log_path).to_dict("records") if r["epoch"] <= state["epoch"]]
-        streams = state.get("rng_ranks")
-        if streams and len(streams) == self.d.world:
-            self.set_rng_streams(streams[self.d.rank])
-        elif "rng" in state:  # a last.pt of an older version: the mixing stream only
-            self.rng.bit_generator.state = state["rng"]
-        elif self.d.is_main:
-            LOGGER.warning(
-                f"fold {self.fold}: last.pt was written by {len(streams or [])} processes, now {self.d.world}: "
-                "the random streams start afresh"
-            )
-        if self.d.is_main:
-            LOGGER.info(
-                f"fold {self.fold}: resuming after epoch {state['epoch']} (wave {state['wave']}, best {self.best['score']:.4f})"
-            )
-            self.rewrite_outputs(state)
-        return state
-
-    def rewrite_outputs(self, state: dict) -> None:
-        """The files that follow last.pt, written again from it: a kill after last.pt and before them must not
-        leave the previous epoch's log or a best.pt older than the best last.pt records."""
-        best_row = [r for r in self.rows if r["epoch"] == state["epoch"]]
-        if state["best"]["epoch"] == state["epoch"] and state.get("best_images") is not None and best_row:
-            weights = state["ema"] if state["ema"] is not None else state["model"]  # as eval_model() gave them
-            self.save_best(state["epoch"], state["wave"], best_row[0][self.metric], state["best_images"], weights)
-        if self.rows:
-            self.write_log()
-
-    def restore(self, state: dict, opt, sched) -> int:
-        """Put the interrupted wave's training state back (the random streams: load_resume_state); returns its step count."""
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        if state["scaler"] and self.scaler is not None:  # empty where the run had no fp16 scaler
-            self.scaler.load_state_dict(state["scaler"])
-        return state["step"]
-
-    def restart_from_best(self, wave: int, lr: float, n_epochs: int) -> None:
-        """A later wave starts from the best checkpoint so far, with a fresh EMA."""
-        self.d.barrier()
-        self.load_best_weights()
-        self.new_ema()
-        if self.d.is_main:
-            LOGGER.info(
-                f"fold {self.fold}: wave {wave} restarts from the best checkpoint (epoch {self.best['epoch']}, "
-                f"{self.metric} {self.best['score']:.4f}) with lr {lr:g} for {n_epochs} epochs"
-            )
-
-    # ---------------------------------------------------------------- one epoch
-
     def fit_epoch(self, epoch: int, wave: int, wave_epoch: int, opt, sched, step: int) -> int:
         """Train, validate, keep the best checkpoint, write the log; returns the step count."""
         t0 = time.perf_counter()
+        self.epoch = epoch
+        self.run_callbacks("on_train_epoch_start")
         train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
+        self.run_callbacks("on_train_epoch_end")
         val_stats, images = self.validate()
         new_best = self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0
         score = val_stats[self.metric]
@@ -639,54 +355,25 @@ class FoldTrainer:
             if new_best:
                 self.save_best(epoch, wave, score, images, self.eval_model().state_dict())
             self.write_log()
-            LOGGER.info(
-                f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
-                f"val loss {row['val_loss']:.4f} {'mean AUC' if self.label_names else 'study mAP'} {row[self.metric]:.4f}"
-                f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
-            )
+            self.log_epoch(row)
+        self.run_callbacks("on_model_save")
         self.run_callbacks("on_fit_epoch_end", row)
         self.d.barrier()
         return step
 
-    def save_best(self, epoch: int, wave: int, score: float, images: pd.DataFrame, weights: dict) -> None:
-        """best.pt (weights: the evaluated ones, EMA when ema > 0) and val_pred_image.csv of the best epoch."""
-        cfg = self.cfg
-        best = {
-            "model": weights,
-            "model_cfg": model_cfg(cfg),
-            "epoch": epoch,
-            "wave": wave,
-            "score": score,
-            "imgsz": self.size,
-            "classes": self.label_names or STUDY_CLASSES,
-            "ema": cfg.ema,
-            "fold": self.fold,
-            "folds_id": cfg.folds_id,  # travels with the weights: predict checks it per fold
-        }
-        save_torch(best, self.dir / "best.pt")
-        if self.label_names:
-            write_csv(images, self.dir / LABEL_PREDICTIONS)
-        else:
-            CLASSIFIER_IMAGES.write(images.assign(model=cfg.name), self.dir / "val_pred_image.csv")
-
-    def log_columns(self) -> list[str]:
-        """LOG_COLUMNS, then the extra loss terms of on_loss hooks in the order they appeared."""
-        extra = dict.fromkeys(k for r in self.rows for k in r if k not in LOG_COLUMNS)
-        return LOG_COLUMNS + list(extra)
-
-    def write_log(self) -> None:
-        """results.csv and results.png of the epochs so far."""
-        log = pd.DataFrame(self.rows, columns=self.log_columns())
-        write_csv(log, self.dir / "results.csv", float_format="%.6g")
-        plot_log(log, self.dir / "results.png")
-
-    # ---------------------------------------------------------------- the fold
+    def log_epoch(self, row: dict) -> None:
+        LOGGER.info(
+            f"fold {self.fold} epoch {row['epoch']} (wave {row['wave']}): loss {row['train_loss']:.4f} "
+            f"val loss {row['val_loss']:.4f} {self.metric_name} {row[self.metric]:.4f}"
+            f"{' *best*' if row['best'] else ''}  {row['train_img_s']:.1f} img/s"
+        )
 
     def run(self) -> dict:
         waves = wave_plan(self.cfg)
         offsets = np.cumsum([0] + [w[1] for w in waves])
         state = self.load_resume_state()
         self.new_ema()
+        self.run_callbacks("on_train_start")
         for wave, (lr, n_epochs, warmup) in enumerate(waves):
             if state is not None and wave < state["wave"]:
                 continue  # finished before the interruption
@@ -714,113 +401,18 @@ class FoldTrainer:
             "epochs": epochs,
         }
         if self.d.is_main:
-            atomic_write_text(self.dir / P.DONE, json.dumps(summary, indent=1))
+            FILES.write_done(self.dir, summary)
         self.d.barrier()
+        self.run_callbacks("on_train_end", summary)
         return summary
 
 
-def run_name(cfg) -> str:
+def run_name(cfg, labels: bool = False) -> str:
     """The name= given, else <model>_<imgsz> (multi-label pretraining: _<the external set's folder name> added)."""
     if cfg.name:
         return cfg.name
-    name = f"{cfg.model}_{cfg.imgsz}" + (f"_{Path(cfg.data).name}" if cfg.get("label_names") else "")
+    name = f"{cfg.model}_{cfg.imgsz}" + (f"_{Path(cfg.data).name}" if labels else "")
     return default_name("classify", name, "model= and imgsz=")  # e.g. hf-hub:timm/<model> holds a '/'
-
-
-def check_run_folders(cfg, run_dir: Path, folds: list[int]) -> None:
-    """The outputs rule for the run folder and each fold folder it trains (siimcovid.rundir), before anything is
-    written: a user's folder is refused unless overwrite=true, a file of training's names in it even then."""
-    sources = [cfg.data, *cfg.extra, cfg.init]
-    own = rundir.check_run_dir(run_dir, RUN_CONFIG, cfg.overwrite, sources)
-    if not own:
-        rundir.refuse_existing(run_dir, RUN_FILES, "classify")
-    for fold in folds:
-        folder = rundir.fold_dir(run_dir, fold)
-        own_fold = own and rundir.is_run_config(folder / RUN_CONFIG)
-        rundir.check_fold_dir(folder, own_fold, FOLD_FILES, cfg.overwrite, "classify")
-
-
-def prepare_run_dir(cfg, run_dir: Path, d: Dist) -> None:
-    """Refuse to resume a run with different fixed settings (once a fold trained); save the resolved config."""
-    saved = run_dir / RUN_CONFIG
-    if saved.is_file() and cfg.resume and rundir.trained_any(run_dir, "last.pt"):
-        from siimcovid.config import read_yaml
-
-        changed = rundir.changed_settings(read_yaml(saved), cfg, ignore=runtime_keys("classify"))
-        folds_note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
-        rundir.refuse_changed(run_dir, changed, f"use another name= or resume=false{folds_note}")
-    if d.is_main:
-        cfg.save(saved)
-
-
-def train_fold(cfg, prep: Prepared, fold: int, size: int, run_dir: Path, d: Dist, callbacks: dict | None) -> dict:
-    """One fold: skipped when finished before (resume), else trained or resumed in fold<k>/."""
-    fold_dir = rundir.fold_dir(run_dir, fold)
-    done = fold_dir / P.DONE
-    if cfg.resume and done.is_file():
-        result = json.loads(done.read_text())
-        if d.is_main:
-            metric = "mean AUC" if cfg.get("label_names") else "study mAP"
-            LOGGER.info(f"fold {fold}: finished before (best {metric} {result['best_score']:.4f}), skipping")
-        return result
-    if d.is_main and not cfg.resume:  # only the fold's own files (check_run_folders made sure of them)
-        rundir.remove_fold_files(fold_dir, FOLD_FILES)
-    if d.is_main:  # temporaries of atomic writes a kill -9 interrupted (a checkpoint each)
-        rundir.remove_fold_files(fold_dir, FOLD_FILES, temporaries_only=True)
-    d.barrier()
-    if d.is_main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(fold_dir / RUN_CONFIG)
-    d.barrier()
-    return FoldTrainer(cfg, prep, fold, size, fold_dir, d, callbacks).run()
-
-
-def check_ray(cfg, d: Dist) -> None:
-    """engine=ray: Ray is installed; each fold is one process on at most one GPU (DDP inside a fold is torchrun)."""
-    from siimcovid.ray_engine import import_ray
-
-    import_ray()
-    if d.world > 1:
-        raise SiimError(
-            "engine=ray trains each fold in one process of its own; under torchrun (DDP inside a fold) use engine=serial"
-        )
-    cpu, gpus = str(cfg.device).lower() == "cpu", cfg.gpus_per_fold
-    if gpus > 1:
-        raise SiimError(
-            f"engine=ray: gpus_per_fold={gpus:g}, but a fold trains in one process on one GPU: at most 1 "
-            "(for DDP inside a fold use torchrun with engine=serial)"
-        )
-    if cpu and gpus > 0:
-        raise SiimError(f"engine=ray: device={cfg.device} trains on the CPU; set gpus_per_fold=0")
-    if cfg.device not in (None, "", "auto") and not cpu and gpus == 0:
-        raise SiimError(f"engine=ray: device={cfg.device} asks for a GPU, but gpus_per_fold=0 gives a fold's task none")
-
-
-def ray_fold(cfg, fold: int, size: int, run_dir: Path, callbacks: dict | None) -> dict:
-    """One fold as a Ray task (engine=ray): train_fold in a world of one, on the GPU Ray gave the task (Ray sets its
-    CUDA_VISIBLE_DEVICES: that GPU is cuda:0 here) or the CPU. A task run again after its process died resumes the
-    fold from its last.pt, as a re-run does."""
-    from siimcovid.ray_engine import task_gpus
-
-    if str(cfg.device).lower() != "cpu":
-        cfg = Config({**cfg, "device": "cuda" if task_gpus() else "cpu"})
-    d = setup(cfg.device)
-    try:
-        return train_fold(cfg, Prepared(cfg.data), fold, size, run_dir, d, callbacks)
-    finally:
-        cleanup(d)
-
-
-def resolve_init(init, init_fold: int) -> Path:
-    """init=: a classify run dir (its fold init_fold's best.pt) or a checkpoint file."""
-    path = Path(init)
-    if path.is_dir():
-        if not (path / "classify.yaml").is_file():
-            raise SiimError(f"init={init}: not a classify run dir (no classify.yaml) and not a .pt file")
-        path = rundir.fold_dir(path, init_fold) / "best.pt"
-    if not path.is_file():
-        raise SiimError(f"init={init}: {path} not found (train that run's fold {init_fold} first, or give init_fold=)")
-    return path.resolve()
 
 
 def extra_data_hook(cfg, extras: list[ExtraData]) -> Callable:
@@ -845,86 +437,9 @@ def extra_data_hook(cfg, extras: list[ExtraData]) -> Callable:
     return add_extra_data
 
 
-def run_callbacks(cfg, prep: Prepared, callbacks: dict | None) -> dict:
-    """The built-in hooks of the run's settings (extra data, the multi-label checkpoint rule), then the caller's."""
-    out: dict[str, list] = {}
-    if cfg.extra:
-        out["on_train_data"] = [extra_data_hook(cfg, open_extra(cfg.extra, prep.folds_id, prep.n_folds))]
-    if cfg.get("label_names"):
-        out["is_better"] = [auc_improved]
-    for event, fns in (callbacks or {}).items():
-        out[event] = out.get(event, []) + as_list(fns)
-    return out
-
-
-def check_multilabel(cfg, prep: Prepared) -> None:
-    """data= an external labelled set (layout rsna or csv): multi-label pretraining over its label_names."""
-    if not multilabel_layout(prep.root):
-        return
-    if cfg.extra:
-        raise SiimError(f"extra= adds SIIM targets to a SIIM run; {prep.root} is an external set (multi-label pretraining)")
-    names = ExtraData(prep.root).label_names
-    if not names:
-        raise SiimError(f"{prep.root}/prepare.yaml names no label_names: nothing to pretrain on")
-    cfg.label_names = list(names)
-    masks = "with the mask head on its boxes" if ExtraData(prep.root).layout == "rsna" else "no mask loss (no boxes)"
-    LOGGER.info(
-        f"classify: multi-label pretraining on {prep.root.name}: {len(names)} labels ({', '.join(names)}), BCE with unknown "
-        f"labels left out, {masks}; best.pt by the mean validation ROC AUC. Then: classify train data=<SIIM> init=<this run>"
-    )
-
-
-def train(cfg, d: Dist, callbacks: dict | None = None) -> dict:
-    """Train the folds of cfg.fold; callbacks: {event: fn or [fn, ...]} added to every fold's trainer.
-
-    engine=ray: each fold is a Ray task (siimcovid/ray_engine.py) running train_fold as the serial path does; the
-    run's checks and settings are done here before any task starts, the OOF report after they all end."""
-    prep = Prepared(cfg.data)
-    size = prep.check_size(cfg.imgsz)
-    folds = prep.select_folds(cfg.fold)
-    check_config(cfg)
-    if cfg.engine == "ray":
-        check_ray(cfg, d)
-    check_multilabel(cfg, prep)
-    cfg.name = run_name(cfg)
-    cfg.data = str(Path(cfg.data).resolve())
-    cfg.imgsz = size
-    cfg.folds_id = prep.folds_id  # predict refuses a run whose folds no longer match
-    if cfg.init:
-        path = resolve_init(cfg.init, cfg.init_fold)  # exists, before any fold starts
-        rundir.refuse_init_on_same_folds(cfg.init, path.parent.parent, prep.folds_id, "classify.yaml")
-        cfg.init = str(Path(cfg.init).resolve())
-    cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
-    callbacks = run_callbacks(cfg, prep, callbacks)
-    run_dir = Path(cfg.project) / cfg.name
-    masks = not cfg.get("label_names") or bool((prep.meta.n_boxes > 0).any())
-    check_files(prep, prep.split("train").assign(split="train"), size, masks=masks)
-    check_run_folders(cfg, run_dir, folds)
-    prepare_run_dir(cfg, run_dir, d)
-    if cfg.engine == "ray":
-        from siimcovid.ray_engine import run_folds
-
-        # the finished folds are skipped here (as train_fold skips them), the others go to Ray
-        finished = [fold for fold in folds if cfg.resume and P.fold_done(rundir.fold_dir(run_dir, fold))]
-        results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in finished}
-        if not cfg.resume:  # retrain from scratch: cleared here once, so that a task Ray runs again resumes, not restarts
-            for fold in folds:
-                rundir.remove_fold_files(rundir.fold_dir(run_dir, fold), FOLD_FILES)
-        task_cfg = Config({**cfg, "resume": True}) if not cfg.resume else cfg
-        todo = {fold: (task_cfg, fold, size, run_dir.resolve(), callbacks) for fold in folds if fold not in results}
-        if todo:
-            results.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "classify"))
-        results = {fold: results[fold] for fold in folds}
-    else:
-        results = {fold: train_fold(cfg, prep, fold, size, run_dir, d, callbacks) for fold in folds}
-    if d.is_main:
-        (report_oof_labels if cfg.get("label_names") else report_oof)(prep, run_dir)
-    return results
-
-
 def report_oof(prep: Prepared, run_dir: Path) -> None:
     """When every fold is finished, print the OOF study mAP of the best checkpoints (no TTA)."""
-    files = [rundir.fold_dir(run_dir, k) / "val_pred_image.csv" for k in range(prep.n_folds)]
+    files = [fold_dir(run_dir, k) / "val_pred_image.csv" for k in range(prep.n_folds)]
     if not all(P.fold_done(f.parent) and f.is_file() for f in files):
         return
     images = pd.concat([CLASSIFIER_IMAGES.read(f) for f in files], ignore_index=True)
@@ -934,24 +449,14 @@ def report_oof(prep: Prepared, run_dir: Path) -> None:
     )
 
 
-def report_oof_labels(prep: Prepared, run_dir: Path) -> None:
-    """Multi-label pretraining: when every fold is finished, the OOF mean ROC AUC over labels of the best checkpoints."""
-    files = [rundir.fold_dir(run_dir, k) / LABEL_PREDICTIONS for k in range(prep.n_folds)]
-    if not all(P.fold_done(f.parent) and f.is_file() for f in files):
-        return
-    probs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
-    labels = ExtraData(prep.root).label_table().set_index("image_id").loc[probs.image_id]
-    names = list(labels.columns)
-    auc = mean_auc(labels.to_numpy(dtype=np.float64), probs[names].to_numpy(dtype=np.float64))
-    LOGGER.info(
-        f"{run_dir.name}: OOF mean ROC AUC over {len(names)} labels ({', '.join(names)}), {prep.n_folds} folds: {auc:.4f}; "
-        f"fine-tune with `siimcovid classify train data=<SIIM prepared> init={run_dir}`"
-    )
+def train(cfg, callbacks: dict | None = None) -> dict:
+    """Train the folds of cfg.fold with the fold engine (family timm, or timm-labels for an external labelled set);
+    callbacks: {event: fn or [fn, ...]} added to every fold's trainer. Returns {fold: its done record}."""
+    from siimcovid.engine.family import create
+    from siimcovid.engine.folds import train as train_folds
+
+    return train_folds(create(cfg, "classify", "timm"), callbacks)
 
 
 def main(cfg, callbacks: dict | None = None) -> dict:
-    d = setup(cfg.device)
-    try:
-        return train(cfg, d, callbacks)
-    finally:
-        cleanup(d)
+    return train(cfg, callbacks)

@@ -216,7 +216,8 @@ def folder_layout(root: Path, splits: list[str], problems: Problems, cfg: Config
             + (f" ({not_chest} by their tags not frontal chest radiographs)" if not_chest else "")
             + ": skipped, listed in skipped.csv with the reason"
         )
-    table = pd.DataFrame(rows, columns=["image_id", "study_id", "series_id", "path"])
+    # object, not pandas' str dtype: a path that is not UTF-8 holds surrogates, which pyarrow (when installed) refuses
+    table = pd.DataFrame(rows, columns=["image_id", "study_id", "series_id", "path"], dtype=object)
     table["image_id"] = unique_ids(list(table.image_id))
     table["boxes"] = [[] for _ in range(len(table))]
     table["study_label"], table["line"], table["split"] = "", None, "test"

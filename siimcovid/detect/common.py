@@ -21,10 +21,12 @@ import yaml
 from siimcovid.config import CFG_DIR, Config, default_config_path, read_yaml
 from siimcovid.data import prepared as prepared_data
 from siimcovid.data.prepared import Prepared
+from siimcovid.detect.files import FILES
+from siimcovid.engine import devices
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_write_text
 
 HYP_DIR = CFG_DIR / "hyp"
-RUN_CONFIG = "detect.yaml"
+RUN_CONFIG = FILES.settings  # the run's settings file (siimcovid.detect.family.FILES)
 
 # Keys of siimcovid/cfg/detect.yaml that go to Ultralytics' trainer under the same name.
 TRAIN_KEYS = ("epochs", "imgsz", "batch", "device", "workers", "pretrained", "plots")
@@ -81,15 +83,8 @@ def passthrough(cfg: Config) -> dict[str, Any]:
 def train_args(cfg: Config, hyp: dict[str, Any]) -> dict[str, Any]:
     """Ultralytics train arguments: hyp preset < siimcovid's train keys < pass-through keys the user gave."""
     args = {**hyp, **{k: cfg[k] for k in TRAIN_KEYS}, **passthrough(cfg)}
-    args["device"] = device_arg(args.get("device"))
+    args["device"] = devices.ultralytics(args.get("device"))
     return args
-
-
-def device_arg(device: Any) -> Any:
-    """device=0,1 arrives as a list; Ultralytics takes the string '0,1' (and starts DDP)."""
-    if isinstance(device, (list, tuple)):
-        return ",".join(str(d) for d in device)
-    return device
 
 
 def check_model(model: Any, key: str = "model") -> str:
@@ -238,9 +233,11 @@ def fold_state(fold_dir: Path) -> str:
 
 def check_run_dataset(run_dir: Path, source: DataSource) -> None:
     """Refuse to put folds of two different datasets into one run."""
+    from siimcovid.rundir import read_run
+
     saved = run_dir / RUN_CONFIG
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = read_run(saved)
         if old.get("prepared") and Path(old["prepared"]) != source.prepared:
             raise SiimError(f"{run_dir} holds a run on {old['prepared']}, not {source.prepared}: choose another name=")
         Prepared(source.prepared).check_folds(old.get("folds_id"), str(run_dir))
@@ -275,19 +272,6 @@ def warn_if_foreign(path: Path, key: str) -> None:
             f"WARNING: {key}={path} is a pickle (as every Ultralytics .pt is): loading it runs any code it holds; "
             "use only checkpoints you made or trust"
         )
-
-
-def resolve_init(init: Any, init_fold: int) -> Path:
-    """init=: a detect run dir (its fold init_fold's weights/best.pt) or a weights file."""
-    path = Path(str(init))
-    if path.is_dir():
-        if not (path / RUN_CONFIG).is_file():
-            raise SiimError(f"init={init}: not a detect run dir (no {RUN_CONFIG}) and not a .pt file")
-        path = path / f"fold{init_fold}" / "weights" / "best.pt"
-    if not path.is_file() or path.suffix != ".pt":
-        raise SiimError(f"init={init}: {path} not found (train that run's fold {init_fold} first, or give init_fold=)")
-    warn_if_foreign(path, "init")
-    return path.resolve()
 
 
 def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list) -> Path:

@@ -45,8 +45,9 @@ from siimcovid.config import Config
 from siimcovid.data.boxes import scale_boxes
 from siimcovid.data.prepared import Prepared
 from siimcovid.data.truth import image_truth, oof_images
-from siimcovid.detect.common import RUN_CONFIG, device_arg, fold_state, passthrough, prepared_of_yaml
-from siimcovid.rundir import fold_checkpoints, fold_dir, save_predict_settings
+from siimcovid.detect.common import RUN_CONFIG, fold_state, passthrough, prepared_of_yaml
+from siimcovid.engine import devices
+from siimcovid.rundir import fold_checkpoints, fold_dir, read_run, save_predict_settings
 from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
 
@@ -66,6 +67,7 @@ class Run:
     imgsz: dict[int, int]  # training image size per fold
     name: str = ""  # the `model` column of its boxes; default: the run folder's name
     load: Callable | None = None  # weights file -> Ultralytics YOLO; None: YOLO(file), a run's own checkpoint
+    family: str = "yolo"  # the model family it was trained with (its learned record)
 
     def __post_init__(self):
         self.name = self.name or self.dir.name
@@ -86,7 +88,7 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     saved = run_dir / RUN_CONFIG
     cfg = {}
     if saved.is_file():  # written by `siimcovid detect train`
-        cfg = yaml.safe_load(saved.read_text()) or {}
+        cfg = read_run(saved)
         prepared, size = Path(cfg["prepared"]), int(cfg["size"])
     else:  # folds trained with the plain `yolo` CLI on a prepared data YAML
         data_yaml = Path(args[min(found)]["data"])
@@ -99,7 +101,8 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     prep = Prepared(prepared)
     prep.check_size(size)
     prep.check_folds(cfg.get("folds_id"), str(run_dir))
-    return Run(run_dir, prep, size, found, {k: int(a.get("imgsz") or size) for k, a in args.items()})
+    imgsz = {k: int(a.get("imgsz") or size) for k, a in args.items()}
+    return Run(run_dir, prep, size, found, imgsz, family=cfg.get("family") or "yolo")
 
 
 def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:
@@ -119,7 +122,7 @@ def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:
     return np.hstack([xyxy, conf])
 
 
-def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, args: dict, bar: tqdm) -> pd.DataFrame:
+def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, args: dict) -> pd.DataFrame:
     """One fold's model on some images, in batches -> tidy rows (the DETECTIONS contract, without tta)."""
     meta = run.prepared.meta.set_index("image_id")
     paths = [run.prepared.image_path(i, split, run.size) for i in image_ids]
@@ -128,46 +131,27 @@ def predict_images(yolo, run: Run, fold: int, image_ids: list[str], split: str, 
         raise SiimError(f"{len(missing)} prepared images missing, e.g. {missing[0]}: re-run `siimcovid prepare`")
     batch = max(args.get("batch") or 1, 1)
     frames = []
-    for start in range(0, len(paths), batch):
-        chunk = image_ids[start : start + batch]
-        results = yolo.predict([str(p) for p in paths[start : start + batch]], **args)
-        for image_id, result in zip(chunk, results):
-            found = boxes_to_original(result, int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"]))
-            frame = pd.DataFrame(found, columns=[*BOX_COLUMNS, "conf"])
-            frame.insert(0, "image_id", image_id)
-            frames.append(frame)
-        bar.update(len(chunk))
+    with tqdm(total=len(paths), desc=f"predict {run.name} fold {fold} {split}", unit="img") as bar:
+        for start in range(0, len(paths), batch):
+            chunk = image_ids[start : start + batch]
+            results = yolo.predict([str(p) for p in paths[start : start + batch]], **args)
+            for image_id, result in zip(chunk, results):
+                found = boxes_to_original(result, int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"]))
+                frame = pd.DataFrame(found, columns=[*BOX_COLUMNS, "conf"])
+                frame.insert(0, "image_id", image_id)
+                frames.append(frame)
+            bar.update(len(chunk))
     out = pd.concat(frames, ignore_index=True) if frames else no_detections()
     out["model"], out["fold"] = run.name, fold
     return out[DETECTIONS.required]
 
 
 def predict_run(run: Run, splits: list[str], cfg: Config) -> dict[str, pd.DataFrame]:
-    """Every fold's model on its OOF images and/or the test images."""
-    from ultralytics import YOLO
+    """Every fold's model on its OOF images and/or the test images (the fold engine's loop, family yolo)."""
+    from siimcovid.engine.family import family_class
+    from siimcovid.engine.folds import predict
 
-    test_ids = list(run.prepared.split("test").image_id) if "test" in splits else []
-    if "test" in splits and not test_ids:
-        LOGGER.warning(f"detect predict: {run.prepared.root} has no test images")
-    jobs = {k: (list(run.prepared.fold(k, "val").image_id) if "oof" in splits else [], test_ids) for k in run.weights}
-    args = predict_args(cfg)
-    out: dict[str, list[pd.DataFrame]] = {s: [] for s in splits}
-    total = sum(len(a) + len(b) for a, b in jobs.values())
-    with tqdm(total=total, desc=f"predict {run.name}", unit="img") as bar:
-        for k, (oof_ids, test) in jobs.items():
-            try:
-                yolo = run.load(run.weights[k]) if run.load else YOLO(str(run.weights[k]))
-            except SiimError:
-                raise
-            except Exception as e:
-                raise SiimError(f"{run.weights[k]} cannot be loaded ({type(e).__name__}: {e})") from None
-            fold_args = {**args, "imgsz": cfg.predict_imgsz or run.imgsz[k]}
-            bar.set_postfix(fold=k)
-            if oof_ids:
-                out["oof"].append(predict_images(yolo, run, k, oof_ids, "train", fold_args, bar))
-            if test:
-                out["test"].append(predict_images(yolo, run, k, test, "test", fold_args, bar))
-    return {s: (pd.concat(f, ignore_index=True) if f else no_detections()) for s, f in out.items()}
+    return predict(family_class(run.family, "detect")(cfg), run, run.weights, splits, cfg.device)
 
 
 def no_detections() -> pd.DataFrame:
@@ -177,7 +161,7 @@ def no_detections() -> pd.DataFrame:
 
 def predict_args(cfg: Config) -> dict:
     """Ultralytics predict arguments: siimcovid's predict keys, then any Ultralytics key the user gave."""
-    device = device_arg(cfg.device)
+    device = devices.ultralytics(cfg.device)
     if isinstance(device, str) and "," in device:
         device = device.split(",")[0]  # inference runs on one GPU
     args = {
@@ -214,8 +198,14 @@ def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: 
     return metrics.fold_scores(truth, boxes, images, classes=["opacity"]).assign(model=model)
 
 
+def resolve_run(run, project: str | Path) -> Path:
+    """A run= value as cfg/shared.yaml means it: a run folder, else a run name under <project> (runs/detect)."""
+    path, under = Path(str(run)), Path(project) / str(run)
+    return under if not path.is_dir() and under.is_dir() else path
+
+
 def predict(cfg: Config) -> dict[str, dict[str, Path]]:
-    runs = as_list(cfg.run)
+    runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("run= is required: a detect run dir (runs/detect/<name>), or several: run=a,b")
     splits = as_list(cfg.split)

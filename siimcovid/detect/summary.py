@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from siimcovid.rundir import fold_dir, fold_numbers
+from siimcovid.detect.files import FILES
+from siimcovid.rundir import fold_dir, fold_numbers, merge_run
 from siimcovid.runs import fmt, overall_scores, quiet_yaml, score, settings_text, trained_on
 
 SETTINGS = ["hyp", "epochs", "batch"]  # of detect.yaml
@@ -14,7 +15,7 @@ TRAINED_WITH = ["mosaic", "mixup", "optimizer", "lr0"]  # as Ultralytics recorde
 
 def describe(run: Path) -> dict | None:
     """A detect run -> model, image size, folds, the settings that matter, and its OOF opacity AP; None if not one."""
-    cfg = quiet_yaml(run / "detect.yaml")
+    cfg = merge_run(quiet_yaml(run / FILES.settings))  # an unreadable one: its row says so
     if not cfg:
         return None
     folds = fold_numbers(run)

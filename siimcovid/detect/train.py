@@ -5,8 +5,9 @@ with a hyperparameter preset (siimcovid/cfg/hyp/) under the command-line setting
 the same command skips folds that finished and resumes an interrupted fold from its last.pt
 (Ultralytics resume), so folds can also go to different machines: `fold=k` on each.
 `device=0,1` trains one fold with Ultralytics DDP over two GPUs. `engine=ray` trains the folds in parallel, each as a
-Ray task (siimcovid/ray_engine.py) running train_fold as the serial path does; with `gpus_per_fold=2 device=0,1` each
-fold's task trains with DDP over the two GPUs Ray gave it.
+Ray task (siimcovid/ray_engine.py) running train_fold as the serial path does, on at most one GPU each (DDP inside a
+Ray task is refused: siimcovid.engine.devices.check_ray). The fold engine (siimcovid.engine.folds) runs the folds; this
+module holds what one Ultralytics fold is (the family: siimcovid.detect.family).
 
 A kill at any instant costs at most the epoch in progress: the trainers write every checkpoint
 through a temporary file and a rename (last.pt last, as the commit of an epoch), a resume trims
@@ -22,7 +23,7 @@ data YAML of the run's own (<run>/data/fold<k>.yaml), its validation list unchan
 
 The run folder is the run's own when its detect.yaml is one a training saved, a fold folder when the args.yaml
 Ultralytics wrote there names it (siimcovid.rundir's outputs rule): another folder that holds files is refused
-unless overwrite=true, which trains beside them, never over a file of the names a training writes (FOLD_FILES).
+unless overwrite=true, which trains beside them, never over a file of the names a training writes (family.FILES).
 """
 
 from __future__ import annotations
@@ -40,40 +41,23 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import strip_optimizer
 
-from siimcovid import rundir
-from siimcovid.config import Config, default_name, runtime_keys
-from siimcovid.data.extra import extra_roots, open_extra
+from siimcovid.config import Config, runtime_keys
+from siimcovid.data.extra import open_extra
 from siimcovid.data.prepared import Prepared
-from siimcovid.detect.common import (
-    RUN_CONFIG,
-    TRAIN_KEYS,
-    ULTRALYTICS_RUNTIME_KEYS,
-    check_model,
-    check_run_dataset,
-    extra_data_yaml,
-    fold_state,
-    load_hyp,
-    resolve_data,
-    resolve_init,
-    select_folds,
-    train_args,
-)
+from siimcovid.detect.common import TRAIN_KEYS, ULTRALYTICS_RUNTIME_KEYS, extra_data_yaml, fold_state
+from siimcovid.detect.files import START_ARGS
+from siimcovid.engine.devices import in_ray_task
 from siimcovid.outputs import read_mapping
-from siimcovid.ray_engine import import_ray, run_folds
-from siimcovid.rundir import changed_settings, fold_dir, refuse_changed, refuse_init_on_same_folds
+from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
-from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
+from siimcovid.utils import LOGGER, atomic_path, atomic_write_text
 
 MAP50 = "metrics/mAP50(B)"
 # What a resume passes on to Ultralytics (it lets a resume change these): the train keys that may differ between a
 # run and its resume. The others, batch included, are refused by check_fold_settings when changed, so the
 # resumed fold keeps them from its checkpoint.
 RESUME_KEYS = tuple(k for k in TRAIN_KEYS if k in runtime_keys("detect"))
-START_ARGS = "args_start.yaml"  # a fold's args.yaml as Ultralytics wrote it when the fold started (kept at its first resume)
-# What a fold folder gets from a training (Ultralytics' run folder: its plots under varied names) and the run folder
-# from detect train and predict: in a folder of the user's (overwrite=true) none of them may exist
-FOLD_FILES = ("args.yaml", START_ARGS, "results.csv", "results.png", "weights", "labels", "predictions.json", "*.jpg", "*.png")
-RUN_FILES = ("data", "pred_*.csv", "scores_oof.csv", "predict.yaml")
+ray_device = in_ray_task  # a Ray task's device (detect evolve's trials too)
 
 
 class AtomicFile(type(Path())):
@@ -226,24 +210,6 @@ def own_fold(folder: Path) -> bool:
     return any(args.get("mode") == "train" and args.get("name") == folder.name for args in started)
 
 
-def check_run_folders(cfg: Config, run_dir: Path, folds: list[int], sources: list) -> bool:
-    """The outputs rule for the run folder and each fold folder it trains (module docstring), before anything is
-    written; True when the run folder is the run's own."""
-    own = rundir.check_run_dir(run_dir, RUN_CONFIG, cfg.overwrite, sources)
-    if not own:
-        rundir.refuse_existing(run_dir, RUN_FILES, "detect")
-    for k in folds:
-        folder = fold_dir(run_dir, k)
-        rundir.check_fold_dir(folder, own and own_fold(folder), FOLD_FILES, cfg.overwrite, "detect")
-    return own
-
-
-def remove_temporary_files(folder: Path) -> None:
-    """Checkpoints a kill left half-written beside the real ones (.last.<random>.tmp.pt): never read, as large as one."""
-    for tmp in (folder / "weights").glob(".*.tmp.pt"):
-        tmp.unlink(missing_ok=True)
-
-
 def train_fold(
     cfg_args: dict,
     model: str,
@@ -264,7 +230,6 @@ def train_fold(
         LOGGER.info(f"detect: {folder} is finished, skipping (delete it to train again)")
         return "skipped"
     trainer = TRAINERS[fitness]
-    remove_temporary_files(folder)
     if state == "partial":
         LOGGER.info(f"detect: resuming {folder} from weights/last.pt")
         keep_start_args(folder)
@@ -279,55 +244,6 @@ def train_fold(
         yolo.add_callback(event, fn)
     yolo.train(trainer=trainer, **kwargs)
     return "resumed" if state == "partial" else "trained"
-
-
-def requested_gpus(device) -> int | None:
-    """How many GPUs an Ultralytics `device` names: None (null: the first GPU if any, else the CPU), 0 (cpu), 1, 2, ..."""
-    text = str(device if device is not None else "").lower().replace("cuda:", "").replace(" ", "")
-    if not text:
-        return None
-    if text in ("cpu", "mps"):
-        return 0
-    return len([d for d in text.split(",") if d])
-
-
-def check_ray_devices(device, gpus: float) -> None:
-    """engine=ray: how `device` and gpus_per_fold combine (each fold's task uses the GPUs Ray gave it, see ray_device)."""
-    n = requested_gpus(device)
-    if (n is not None and n > 1) or gpus > 1:
-        # Ultralytics' DDP ranks run in sessions of their own: a task killed by Ray (memory, a lost node) would leave
-        # them training while Ray's retry trains the same fold beside them
-        raise SiimError(
-            f"engine=ray trains each fold on at most one GPU (device={device}, gpus_per_fold={gpus:g}): DDP inside a fold "
-            "and engine=ray do not combine; use one or the other"
-        )
-    if n == 0 and gpus > 0:
-        raise SiimError(f"engine=ray: device={device} trains on the CPU; set gpus_per_fold=0")
-    if n == 1 and not 0 < gpus <= 1:
-        raise SiimError(
-            f"engine=ray: device={device} trains each fold on one GPU: gpus_per_fold must be more than 0 and at most 1 "
-            f"(0.5: two folds share a GPU), not {gpus:g}"
-        )
-
-
-def ray_device(device, gpus: list[str]):
-    """Inside a fold's Ray task: `device` as the GPUs Ray gave the task (CUDA numbers of the node; Ultralytics sets
-    CUDA_VISIBLE_DEVICES to what it is given, so device=0 would take the node's first GPU whichever the task got)."""
-    n = requested_gpus(device)
-    if n == 0:
-        return device
-    if not gpus:  # device=null and gpus_per_fold=0
-        return "cpu"
-    return ",".join(gpus[: n or 1])
-
-
-def ray_fold(cfg_args: dict, model: str, data_yaml: Path, run_dir: Path, fold: int, fitness: str, callbacks) -> str:
-    """One fold as a Ray task (engine=ray): train_fold on the task's GPUs. The fold's state is read here, not taken
-    from the driver: a task run again after its process died resumes what the dead one left."""
-    from siimcovid.ray_engine import task_gpus
-
-    args = {**cfg_args, "device": ray_device(cfg_args.get("device"), task_gpus())}
-    return train_fold(args, model, data_yaml, run_dir, fold, fitness, callbacks)
 
 
 def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
@@ -352,17 +268,6 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-RUN_SETTINGS = ("init", "init_fold", "extra")  # siimcovid's own settings that change what a fold learns
-
-
-def check_run_settings(run_dir: Path, cfg: Config) -> None:
-    """Refuse to skip or resume folds trained with other init / extra settings (recorded in the run's detect.yaml)."""
-    saved = run_dir / RUN_CONFIG
-    old = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
-    changed = changed_settings({k: old[k] for k in RUN_SETTINGS if k in old}, {k: cfg[k] for k in RUN_SETTINGS})
-    refuse_changed(run_dir, changed, f"use another name=, or delete {run_dir} to train it again")
-
-
 def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path) -> dict[int, Path]:
     """Each fold's data YAML: prepare's, or with extra=, the run's own one whose training list has the extra images."""
     if not cfg.extra:
@@ -372,67 +277,13 @@ def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path) -> dict[int
 
 
 def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
-    source = resolve_data(cfg.data, cfg.data_yaml_dir)
-    folds = select_folds(cfg.fold, source)
-    for k in folds:
-        source.yaml(k)  # every YAML must exist before the first fold starts
-    model = check_model(cfg.model)
-    if isinstance(cfg.pretrained, str):
-        check_model(cfg.pretrained, "pretrained")
-    cfg.extra = [str(p) for p in extra_roots(cfg.extra)]
-    if cfg.init:
-        cfg.init = str(resolve_init(cfg.init, cfg.init_fold))
-        folds_id = Prepared(source.prepared).folds_id if source.prepared else None
-        refuse_init_on_same_folds(cfg.init, Path(cfg.init).parents[2], folds_id, RUN_CONFIG)
-        cfg.pretrained = cfg.init  # Ultralytics transfers every tensor of it whose name and shape match
-        LOGGER.info(f"detect: init from {cfg.init} (Ultralytics logs how many tensors it transferred)")
-    hyp = load_hyp(cfg.hyp)
-    args = train_args(cfg, hyp)
-    if cfg.engine == "ray":
-        import_ray()
-        check_ray_devices(args["device"], cfg.gpus_per_fold)
-    name = cfg.name or default_name("detect", f"{source.name}-{Path(model).stem}", "the dataset and the model")
-    run_dir = (Path(cfg.project) / name).resolve()
-    check_run_folders(cfg, run_dir, folds, [source.prepared, *source.yamls.values(), *cfg.extra, cfg.init])
-    if rundir.trained_any(run_dir, "weights/last.pt"):  # before that, another data= may take the name
-        check_run_dataset(run_dir, source)
-    saved = Config(
-        cfg,
-        mode="train",
-        name=name,
-        model=model,
-        prepared=str(source.prepared),
-        size=source.size,
-        n_folds=source.n_folds,
-        data_yamls={k: str(p.resolve()) for k, p in source.yamls.items()},
-        hyp_values=hyp,
-        folds_id=Prepared(source.prepared).folds_id,
-    )
-    states = {k: fold_state(fold_dir(run_dir, k)) for k in folds}
-    for k in folds:  # before the run's settings are saved over those the folds were trained with
-        if states[k] in ("done", "partial"):
-            check_fold_settings(fold_dir(run_dir, k), args, model)
-    if any(s != "new" for s in states.values()):
-        check_run_settings(run_dir, saved)
-    saved.save(run_dir / RUN_CONFIG)  # the record first: a kill in what follows leaves a folder the re-run takes as its own
-    yamls = fold_yamls(cfg, source, folds, run_dir)
-    saved.data_yamls = {**saved.data_yamls, **{k: str(p.resolve()) for k, p in yamls.items()}}
-    saved.save(run_dir / RUN_CONFIG)
+    """Train the folds of cfg.fold (the fold engine, family yolo); callbacks: siimcovid's events
+    (siimcovid.engine.events: {event: fn or [fn]}). Returns the run folder."""
+    from siimcovid.engine.family import create
+    from siimcovid.engine.folds import train as train_folds
 
-    if cfg.engine == "ray":  # the finished folds are skipped here, the others go to Ray
-        finished = [k for k in folds if states[k] == "done"]
-        done = {k: train_fold(args, model, yamls[k], run_dir, k, cfg.fitness, callbacks, "done") for k in finished}
-        todo = {k: (args, model, yamls[k].resolve(), run_dir, k, cfg.fitness, callbacks) for k in folds if k not in done}
-        if todo:
-            done.update(run_folds(ray_fold, todo, cfg.ray_address, cfg.gpus_per_fold, cfg.cpus_per_fold, "detect"))
-        done = {k: done[k] for k in folds}
-    else:
-        done = {k: train_fold(args, model, yamls[k], run_dir, k, cfg.fitness, callbacks, states[k]) for k in folds}
-    summary = fold_summary(run_dir, folds)
-    LOGGER.info(f"detect train: {run_dir} ({', '.join(f'fold{k} {v}' for k, v in done.items())})")
-    if len(summary):
-        LOGGER.info(summary.to_string(index=False))
-    return run_dir
+    train_folds(create(cfg, "detect", "yolo"), callbacks)
+    return (Path(cfg.project) / cfg.name).resolve()
 
 
 def main(cfg: Config) -> Path:

@@ -20,6 +20,7 @@ import pandas as pd
 
 from siimcovid import weights as weights_of
 from siimcovid.data.prepared import Prepared
+from siimcovid.engine import devices
 from siimcovid.stages import stage_config
 from siimcovid.utils import SiimError
 
@@ -35,18 +36,8 @@ class Hardware:
 
 
 def member_tta(member, tta: bool | None):
-    """The member's TTA: the bundle's (tta=null), or on/off for every member (detector: bool, classifier: hflip | none)."""
-    recorded = member.settings.get("tta")
-    if member.kind == "detect":
-        return bool(recorded) if tta is None else tta
-    if tta is None:
-        return recorded or "none"
-    return "hflip" if tta else "none"
-
-
-def ultralytics_device(device) -> str | int:
-    """A torch.device -> Ultralytics' device argument ('cpu' or the GPU's index)."""
-    return (device.index or 0) if device.type == "cuda" else "cpu"
+    """The member's TTA, on or off: the bundle's (tta=null), or predict's for every member (each its own views)."""
+    return bool(member.settings.get("tta")) if tta is None else bool(tta)
 
 
 def detector_config(member, hw: Hardware, tta: bool):
@@ -60,7 +51,7 @@ def detector_config(member, hw: Hardware, tta: bool):
         "predict_imgsz": s.get("predict_imgsz"),
         "tta": tta,
         "batch": hw.batch,
-        "device": ultralytics_device(hw.device),
+        "device": devices.from_torch(hw.device),
         "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
     }
     return stage_config("detect", "predict", settings)

@@ -1,0 +1,211 @@
+"""The Ultralytics YOLO detector as a model family (`family=yolo`, the default of `siimcovid detect`).
+
+What is its own: the data (prepare's per-fold data YAMLs, siimcovid.detect.common), one fold's training (an
+Ultralytics YOLO training with the checkpoint-safe trainers of siimcovid.detect.train), its fold state (the
+checkpoint says: Ultralytics strips last.pt's optimizer at the end), its TTA (Ultralytics' flips and scales), and
+its predictions (tables.DETECTIONS). The fold engine (siimcovid.engine.folds) does the rest.
+
+Training events: Ultralytics' callbacks call siimcovid's events (siimcovid.engine.events) with a view of the fold
+(YoloView: siimcovid's attributes, and every attribute of Ultralytics' trainer: trainer.start_epoch, save_dir, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from siimcovid.detect.files import FILES
+from siimcovid.engine.family import Family, FoldData, FoldView, Job, register_family
+from siimcovid.utils import LOGGER, SiimError
+
+ULTRALYTICS_EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_epoch_end", "on_model_save")
+NOT_MAPPED = ("on_train_data", "on_loss", "is_better")  # a classifier's loop events: Ultralytics' loop has its own
+
+
+class YoloView(FoldView):
+    """What siimcovid's events see of an Ultralytics training: the fold's attributes, then Ultralytics' trainer's."""
+
+    ultralytics = None
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set: Ultralytics' trainer's
+        trainer = self.__dict__.get("ultralytics")
+        if trainer is None:
+            raise AttributeError(name)
+        return getattr(trainer, name)
+
+
+def epoch_row(trainer) -> dict:
+    """The epoch's results.csv row as Ultralytics logs it: epoch, train losses, metrics, lr."""
+    row = {"epoch": trainer.epoch + 1}
+    row.update(trainer.label_loss_items(trainer.tloss, prefix="train"))
+    row.update({k: float(v) for k, v in (trainer.metrics or {}).items()})
+    row.update(getattr(trainer, "lr", {}) or {})
+    return row
+
+
+def ultralytics_callbacks(hooks: dict, view: YoloView) -> dict:
+    """siimcovid's events as Ultralytics callbacks (on each, view.ultralytics is Ultralytics' trainer)."""
+
+    def call(event: str, *extra):
+        def fn(trainer):
+            view.ultralytics, view.epoch = trainer, getattr(trainer, "epoch", getattr(trainer, "start_epoch", 0)) + 1
+            view.is_main = getattr(trainer.args, "rank", -1) in (-1, 0)
+            for hook in hooks.get(event, []):
+                hook(view, *(e(trainer) for e in extra))
+
+        return fn
+
+    out = {event: call(event) for event in ULTRALYTICS_EVENTS if hooks.get(event)}
+    if hooks.get("on_fit_epoch_end"):
+        out["on_fit_epoch_end"] = call("on_fit_epoch_end", epoch_row)
+    if hooks.get("on_train_end"):
+        out["on_train_end"] = call("on_train_end", train_summary)
+    return out
+
+
+def train_summary(trainer) -> dict:
+    best = trainer.best_fitness
+    return {"best_score": float(best) if best is not None else math.nan, "epochs": trainer.epochs, "fold": None}
+
+
+@register_family("yolo")
+class YoloFamily(Family):
+    stage, output, files = "detect", "det", FILES
+    resolve_run_dir = True
+
+    @classmethod
+    def bundle_kind(cls):
+        """A member of a bundle: siimcovid.bundle.members.KINDS["detect"] (safetensors + a checked description)."""
+        from siimcovid.bundle.members import KINDS
+
+        return KINDS["detect"]
+
+    def open_data(self) -> FoldData:
+        from siimcovid.config import default_name
+        from siimcovid.data.prepared import Prepared
+        from siimcovid.detect.common import check_model, resolve_data, select_folds
+
+        cfg = self.cfg
+        source = resolve_data(cfg.data, cfg.data_yaml_dir)
+        folds = select_folds(cfg.fold, source)
+        for k in folds:
+            source.yaml(k)  # every YAML must exist before the first fold starts
+        self.source, self.model = source, check_model(cfg.model)
+        if isinstance(cfg.pretrained, str):
+            check_model(cfg.pretrained, "pretrained")
+        folds_id = Prepared(source.prepared).folds_id
+        name = default_name("detect", f"{source.name}-{Path(self.model).stem}", "the dataset and the model")
+        learned = {"prepared": str(source.prepared), "size": source.size, "n_folds": source.n_folds}
+        learned["data_yamls"] = {k: str(p.resolve()) for k, p in source.yamls.items()}
+        return FoldData(source, source.n_folds, folds, folds_id, name, [source.prepared, *source.yamls.values()], learned)
+
+    def check_init(self, path: Path) -> None:
+        from siimcovid.detect.common import warn_if_foreign
+
+        if path.suffix != ".pt":
+            raise SiimError(f"init={self.cfg.init}: {path} is not a .pt weights file")
+        warn_if_foreign(path, "init")
+
+    def check(self, data: FoldData) -> None:
+        from siimcovid.detect.common import load_hyp, train_args
+
+        hyp = load_hyp(self.cfg.hyp)
+        self.args = train_args(self.cfg, hyp)
+        if self.cfg.init:  # Ultralytics transfers every tensor of it whose name and shape match
+            self.args["pretrained"] = str(self.init_path)
+            LOGGER.info(f"detect: init from {self.init_path} (Ultralytics logs how many tensors it transferred)")
+        data.learned.update(hyp_values=hyp, folds_id=data.folds_id)
+
+    def own_fold(self, folder: Path, own_run: bool) -> bool:
+        from siimcovid.detect.train import own_fold
+
+        return own_run and own_fold(folder)
+
+    def fold_state(self, folder: Path) -> str:
+        from siimcovid.detect.common import fold_state
+
+        return fold_state(folder)
+
+    def check_resume(self, run_dir: Path, data: FoldData, states: dict[int, str]) -> None:
+        from siimcovid.detect.common import check_run_dataset
+        from siimcovid.detect.train import check_fold_settings
+        from siimcovid.rundir import fold_dir, trained_any
+
+        if trained_any(run_dir, self.files.last):  # before that, another data= may take the name
+            check_run_dataset(run_dir, self.source)
+        for k, state in states.items():  # before the run's settings are saved over those the folds were trained with
+            if state in ("done", "partial"):
+                check_fold_settings(fold_dir(run_dir, k), self.args, self.model)
+
+    def learned(self, data: FoldData) -> dict:
+        return {**super().learned(data), "model": self.model}  # the model file check_model resolved
+
+    def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
+        from siimcovid.detect.train import fold_yamls
+
+        self.yamls = fold_yamls(self.cfg, self.source, folds, run_dir)
+        return {"data_yamls": {**data.learned["data_yamls"], **{k: str(p.resolve()) for k, p in self.yamls.items()}}}
+
+    def callbacks(self, data: FoldData) -> dict:
+        return {}
+
+    def train_fold(self, job: Job) -> str:
+        from siimcovid.detect.train import train_fold
+
+        given = [e for e in NOT_MAPPED if job.callbacks.get(e)]
+        if given:
+            raise SiimError(f"family=yolo: Ultralytics' training loop has no {', '.join(given)} event")
+        args = self.args if job.device == self.cfg.device else {**self.args, "device": job.device}
+        hooks = ultralytics_callbacks(job.callbacks, YoloView(self, job))
+        data_yaml = self.yamls[job.fold].resolve()
+        return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state)
+
+    def skipped(self, job: Job) -> str:
+        return "skipped"
+
+    def report(self, run_dir: Path, data: FoldData, results: dict) -> None:
+        from siimcovid.detect.train import fold_summary
+
+        summary = fold_summary(run_dir, data.folds)
+        LOGGER.info(f"detect train: {run_dir} ({', '.join(f'fold{k} {v}' for k, v in results.items())})")
+        if len(summary):
+            LOGGER.info(summary.to_string(index=False))
+
+    # ---------------------------------------------------------------- prediction
+
+    def load_fold(self, run, fold: int, path: Path, device) -> tuple:
+        """(Ultralytics YOLO, its predict arguments) of one fold's weights."""
+        from ultralytics import YOLO
+
+        from siimcovid.detect.predict import predict_args
+
+        try:
+            yolo = run.load(path) if run.load else YOLO(str(path))
+        except SiimError:
+            raise
+        except Exception as e:
+            raise SiimError(f"{path} cannot be loaded ({type(e).__name__}: {e})") from None
+        return yolo, {**predict_args(self.cfg), "imgsz": self.cfg.predict_imgsz or run.imgsz[fold]}
+
+    def oof_ids(self, run, fold: int) -> list[str]:
+        return list(run.prepared.fold(fold, "val").image_id)
+
+    def test_ids(self, run) -> list[str]:
+        ids = list(run.prepared.split("test").image_id)
+        if not ids:
+            LOGGER.warning(f"detect predict: {run.prepared.root} has no test images")
+        return ids
+
+    def predict_images(self, model, run, fold: int, image_ids: list[str], split: str) -> pd.DataFrame:
+        from siimcovid.detect.predict import predict_images
+
+        yolo, args = model
+        return predict_images(yolo, run, fold, image_ids, split, args)
+
+    def join(self, run, parts: list[pd.DataFrame], split: str) -> pd.DataFrame:
+        from siimcovid.detect.predict import no_detections
+
+        return pd.concat(parts, ignore_index=True) if parts else no_detections()
