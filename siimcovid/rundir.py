@@ -174,9 +174,13 @@ def check_fold_dir(folder: str | Path, own: bool, outputs: Iterable[str], overwr
 def remove_fold_files(folder: str | Path, names: Iterable[str], temporaries_only: bool = False) -> list[str]:
     """A fold started again: the stage's own files (`names`) and their temporaries removed, nothing else (a user's
     file beside them stays); temporaries_only: those of a kill, before a resume. The names removed."""
-    names = list(names)
-    temporaries = [t for n in names for t in atomic_temporaries(Path(folder) / n)]  # as large as a checkpoint each
-    found = temporaries + ([] if temporaries_only else [Path(folder) / n for n in names])
+    import glob
+
+    names, folder = list(names), Path(folder)
+    plain = [n for n in names if not glob.has_magic(n)]
+    temporaries = [t for n in plain for t in atomic_temporaries(folder / n)]  # as large as a checkpoint each
+    own = [folder / n for n in plain] + [p for n in names if glob.has_magic(n) for p in sorted(folder.glob(n))]
+    found = temporaries + ([] if temporaries_only else own)  # a pattern (events.out.tfevents.*): its files, never a folder
     gone = [p for p in found if p.is_file() or p.is_symlink()]
     for path in gone:
         path.unlink()

@@ -133,3 +133,26 @@ def test_a_family_member_whose_tensors_do_not_fit_is_refused(const_bundle, tmp_p
     relist(bundle, "classify/const/fold0.safetensors")
     with pytest.raises(SiimError, match="not a constant model's tensors"):
         open_bundle(bundle)
+
+
+def test_the_engine_refuses_any_changed_setting_or_family_of_a_trained_run_for_every_family(prepared, tmp_path):
+    folds.train(family(prepared, tmp_path, fold=0))
+    with pytest.raises(SiimError, match=r"was trained with seed=42 \(now 2\): use another name=, resume=false, or delete"):
+        folds.train(family(prepared, tmp_path, fold=0, seed=2))
+    from siimcovid import cli
+
+    with pytest.raises(SiimError, match=r"was trained with .*family=constant \(now timm\)"):  # another family, one folder
+        cli.call("classify", "train", data=str(prepared), project=str(tmp_path), name="constant", fold=0, imgsz=64, device="cpu")
+    folds.train(family(prepared, tmp_path, fold=0, seed=2, resume=False))  # trained again from scratch: allowed
+    assert read_run(tmp_path / "constant" / "classify.yaml")["seed"] == 2
+
+
+def test_resume_false_starts_a_fold_again_without_the_tensorboard_events_of_the_attempt_before(prepared, tmp_path):
+    folds.train(family(prepared, tmp_path, fold=0))  # tracking=tensorboard, the default: the engine's events write them
+    fold = tmp_path / "constant" / "fold0"
+    before = sorted(p.name for p in fold.glob("events.out.tfevents.*"))
+    assert len(before) == 1
+    (fold / "notes.txt").write_text("mine")  # a user's file beside the fold's own
+    folds.train(family(prepared, tmp_path, fold=0, resume=False))
+    after = sorted(p.name for p in fold.glob("events.out.tfevents.*"))
+    assert len(after) == 1 and after != before and (fold / "notes.txt").read_text() == "mine"

@@ -29,7 +29,11 @@ TIMING = ["train_img_s", "loader_wait", "time_s"]  # results.csv columns that me
 
 
 def files(run: Path) -> list[str]:
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    def named(p: Path) -> str:  # a TensorBoard file's name holds its time and process
+        tensorboard = p.name.startswith("events.out.tfevents.")
+        return str(p.parent.relative_to(run) / "events.out.tfevents") if tensorboard else str(p.relative_to(run))
+
+    return sorted(named(p) for p in run.rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------- without a cluster
@@ -138,7 +142,7 @@ def kill_once_after_first_epoch(trainer):
     from pathlib import Path
 
     marker = Path(trainer.save_dir).parent / "kill.txt"
-    if trainer.epoch == 0 and not marker.exists():
+    if trainer.epoch == 1 and not marker.exists():  # siimcovid's events count epochs from 1
         marker.write_text(f"{os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 

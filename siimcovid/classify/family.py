@@ -39,7 +39,9 @@ class TimmFamily(Family):
 
     def task_device(self, gpus: list[str]) -> str:
         """Ray sets the task's CUDA_VISIBLE_DEVICES: its GPU is cuda:0 here."""
-        return "cpu" if str(self.cfg.device).lower() == "cpu" or not gpus else "cuda"
+        from siimcovid.engine.devices import parse
+
+        return "cpu" if parse(self.cfg.device).count == 0 or not gpus else "cuda"
 
     def labels(self) -> bool:
         return False
@@ -81,17 +83,6 @@ class TimmFamily(Family):
         prep = self.prep
         masks = not self.labels() or bool((prep.meta.n_boxes > 0).any())
         check_files(prep, prep.split("train").assign(split="train"), self.size, masks=masks)
-
-    def check_resume(self, run_dir: Path, data: FoldData, states: dict[int, str]) -> None:
-        """Refuse to resume a run with different fixed settings (once a fold trained)."""
-        from siimcovid import rundir
-        from siimcovid.config import runtime_keys
-
-        saved = run_dir / self.files.settings
-        if saved.is_file() and self.cfg.resume and rundir.trained_any(run_dir, self.files.last):
-            changed = rundir.changed_settings(rundir.read_run(saved), self.run_config(data), ignore=runtime_keys("classify"))
-            note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
-            rundir.refuse_changed(run_dir, changed, f"use another name= or resume=false{note}")
 
     def callbacks(self, data: FoldData) -> dict:
         """extra=: the extra folders' images join each fold's training data (on_train_data)."""

@@ -75,6 +75,7 @@ def train_summary(trainer) -> dict:
 class YoloFamily(Family):
     stage, output, files = "detect", "det", FILES
     resolve_run_dir = True
+    derived = ("data_yamls",)  # prepare's YAMLs, then the run's own with extra= (before_folds): data= and extra= decide
 
     @classmethod
     def bundle_kind(cls):

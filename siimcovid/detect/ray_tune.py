@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from siimcovid.config import Config
+from siimcovid.engine import devices
 from siimcovid.utils import LOGGER, SiimError, atomic_path
 
 EXPERIMENT = "ray_tune"  # Ray Tune's folder in the run folder
@@ -61,7 +62,7 @@ def gpus_per_trial(cfg: Config, ray) -> float:
     """The gpus_per_trial setting, or (null) one GPU per trial on a cluster that has GPUs unless device=cpu."""
     have = float(ray.cluster_resources().get("GPU", 0))
     if cfg.gpus_per_trial is None:
-        gpus = 0.0 if str(cfg.device).lower() == "cpu" or have < 1 else 1.0
+        gpus = 0.0 if devices.parse(cfg.device).count == 0 or have < 1 else 1.0
     else:
         gpus = float(cfg.gpus_per_trial)
     if gpus > 1:
@@ -113,11 +114,11 @@ def run_trial(config: dict, job: dict) -> None:
     from ultralytics import YOLO
 
     from siimcovid.detect.common import fold_state
-    from siimcovid.detect.train import TRAINERS, ray_device
+    from siimcovid.detect.train import TRAINERS
     from siimcovid.ray_engine import task_gpus
 
     os.chdir(job["cwd"])
-    job = {**job, "args": {**job["args"], "device": ray_device(job["args"]["device"], task_gpus())}}
+    job = {**job, "args": {**job["args"], "device": devices.in_ray_task(job["args"]["device"], task_gpus())}}
     trial = tune.get_context().get_trial_id()
     folder = Path(job["trials_dir"]) / trial
     state = fold_state(folder)

@@ -46,7 +46,6 @@ from siimcovid.data.extra import open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import TRAIN_KEYS, ULTRALYTICS_RUNTIME_KEYS, extra_data_yaml, fold_state
 from siimcovid.detect.files import START_ARGS
-from siimcovid.engine.devices import in_ray_task
 from siimcovid.outputs import read_mapping
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
@@ -57,7 +56,6 @@ MAP50 = "metrics/mAP50(B)"
 # run and its resume. The others, batch included, are refused by check_fold_settings when changed, so the
 # resumed fold keeps them from its checkpoint.
 RESUME_KEYS = tuple(k for k in TRAIN_KEYS if k in runtime_keys("detect"))
-ray_device = in_ray_task  # a Ray task's device (detect evolve's trials too)
 
 
 class AtomicFile(type(Path())):

@@ -142,6 +142,7 @@ class Family:
     output: str = ""  # "det" | "cls": the contract its predictions write, its list in `siimcovid fuse`
     files: FoldFiles
     resolve_run_dir: bool = False  # whether the run folder is made absolute (Ultralytics' project= needs it)
+    derived: tuple[str, ...] = ()  # learned values that follow from the settings compared (not compared themselves)
 
     def __init__(self, cfg):
         self.cfg = cfg

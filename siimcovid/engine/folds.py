@@ -27,8 +27,6 @@ from siimcovid.engine.events import merge
 from siimcovid.engine.family import Family, FoldData, Job
 from siimcovid.utils import LOGGER, SiimError
 
-RUN_SETTINGS = ("init", "init_fold", "extra")  # settings of the engine's own that change what a fold learns
-
 
 def resolve_init(family: Family, init: Any, init_fold: int) -> Path:
     """init=: a run folder of the family's stage (its fold init_fold's best checkpoint) or a checkpoint file."""
@@ -84,14 +82,34 @@ def check_folders(family: Family, run_dir: Path, data: FoldData) -> None:
         rundir.check_fold_dir(folder, family.own_fold(folder, own), files.fold_files, cfg.overwrite, family.stage)
 
 
-def check_changed(family: Family, run_dir: Path, states: dict[int, str]) -> None:
-    """Refuse to skip or resume folds trained with other init / extra settings (recorded in the run's settings)."""
-    if all(s == "new" for s in states.values()):
+def same_init(family: Family, old, old_fold) -> bool:
+    """Whether a recorded init= names the checkpoint this run's init= resolved to (a run folder or its checkpoint: the
+    release before recorded detect's as the checkpoint file)."""
+    try:
+        return resolve_init(family, old, old_fold) == getattr(family, "init_path", None)
+    except SiimError:
+        return False
+
+
+def check_changed(family: Family, run_dir: Path, data: FoldData, states: dict[int, str]) -> None:
+    """Refuse to skip or resume folds trained with other settings (their scores would be reported under settings they
+    never saw): once a fold trained, every setting but the runtime ones, and what the run learned (its family, its fold
+    fingerprint, ...), must be what the run folder recorded. resume=false trains them again: nothing to refuse."""
+    from siimcovid.config import runtime_keys
+
+    files, cfg = family.files, family.cfg
+    if not cfg.get("resume", True) or (all(s == "new" for s in states.values()) and not rundir.trained_any(run_dir, files.last)):
         return
-    old = rundir.read_run(run_dir / family.files.settings)
-    new = {k: family.cfg.get(k) for k in RUN_SETTINGS}
-    changed = rundir.changed_settings({k: old[k] for k in RUN_SETTINGS if k in old}, new)
-    rundir.refuse_changed(run_dir, changed, f"use another name=, or delete {run_dir} to train it again")
+    old = rundir.read_run(run_dir / files.settings)
+    if old.get("init") and cfg.get("init") and same_init(family, old["init"], old.get("init_fold", cfg.get("init_fold"))):
+        # the same checkpoint, named another way (the release before recorded detect's init= as its checkpoint file,
+        # and as its `pretrained`)
+        old = {k: v for k, v in old.items() if k != "init" and not (k == "pretrained" and v == old["init"])}
+    new = {**settings(family), **family.learned(data)}
+    changed = rundir.changed_settings(old, new, ignore=runtime_keys(family.stage) | {"mode", *family.derived})
+    note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
+    again = "resume=false, " if "resume" in cfg else ""
+    rundir.refuse_changed(run_dir, changed, f"use another name=, {again}or delete {run_dir} to train it again{note}")
 
 
 def fold_states(family: Family, run_dir: Path, folds: list[int]) -> dict[int, str]:
@@ -105,7 +123,8 @@ def run_fold(family: Family, job: Job) -> Any:
     """One fold: skipped when done, else its temporaries removed (resume=false: its own files too), then trained."""
     files, world = family.files, family.world
     if job.state == "done":
-        LOGGER.info(f"{family.stage}: {job.folder} is finished, skipping (delete it to train again)")
+        if world.is_main:
+            LOGGER.info(f"{family.stage}: {job.folder} is finished, skipping (delete it to train again)")
         return family.skipped(job)
     if world.is_main:  # a kill's temporaries (a checkpoint each); resume=false: the fold's own files too
         rundir.remove_fold_files(job.folder, files.fold_files, temporaries_only=family.cfg.get("resume", True))
@@ -173,7 +192,7 @@ def train(family: Family, callbacks: dict[str, Callable | list] | None = None) -
         check_folders(family, run_dir, data)
         states = fold_states(family, run_dir, data.folds)
         family.check_resume(run_dir, data, states)
-        check_changed(family, run_dir, states)
+        check_changed(family, run_dir, data, states)
         save_settings(family, run_dir, data)  # the record first: a kill in what follows leaves a folder ours
         data.learned.update(family.before_folds(run_dir, data, data.folds))
         save_settings(family, run_dir, data)
