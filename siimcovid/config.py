@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import yaml
 
 from siimcovid import registry
-from siimcovid.utils import SiimError, atomic_write_text, check_name, decode_utf8, name_problem
+from siimcovid.utils import LOGGER, SiimError, atomic_write_text, check_name, decode_utf8, name_problem
 
 CFG_DIR = Path(__file__).parent / "cfg"
 
@@ -599,6 +599,24 @@ def _retired(stage: str, key: str, value: Any, source: str | None) -> None:
         raise ConfigError(f"{stage} setting {key}={value}{where} is now {key}={new}: {key} is on or off, each model's own views")
 
 
+# What a run of the release before recorded beside its settings, at the top level of its settings file (a run now
+# writes them apart, in the file's `learned` section: siimcovid.rundir.write_run).
+EARLIER_RECORD = frozenset(
+    {"mode", "folds_id", "data_resolved", "prepared", "size", "n_folds", "data_yamls", "hyp_values", "label_names"}
+)
+
+
+def without_earlier_record(exp: dict, defaults: Mapping, path) -> dict:
+    """A cfg= file a run of the release before saved (its fold fingerprint or data root at the top level): what it
+    recorded beside its settings left out, with one warning; any other file as it is."""
+    if not ("folds_id" in exp or "data_resolved" in exp):
+        return exp
+    dropped = sorted(k for k in exp if k in EARLIER_RECORD and k not in defaults)
+    if dropped:
+        LOGGER.warning(f"{path}: a run's settings of an earlier release; left out what it recorded beside them: {dropped}")
+    return {k: v for k, v in exp.items() if k not in dropped}
+
+
 def _renamed(stage: str, key: str) -> str | None:
     """The new name of an old setting (`space.mosaic` -> `ranges.mosaic`), or None."""
     head, dot, rest = key.partition(".")
@@ -651,6 +669,7 @@ def load_config(
         # An experiment file may hold one section per stage, or plain keys for this stage.
         if isinstance(exp.get(stage), dict):
             exp = exp[stage]
+        exp = without_earlier_record(exp, defaults, exp_file)
         _check_keys(stage, exp, defaults, extra_ok, str(exp_file))
         cfg.update(exp)
         source.update(dict.fromkeys(exp, str(exp_file)))

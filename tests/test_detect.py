@@ -405,7 +405,9 @@ def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
     assert [r["iteration"] for r in results] == [1, 2]
     assert results[0]["hyperparameters"]["mosaic"] == 1.0  # the first iteration is the starting preset
     assert results[1]["hyperparameters"] != results[0]["hyperparameters"]  # the second one mutates it
-    assert set(results[0]["hyperparameters"]) == set(yaml.safe_load((project / "evo" / "detect.yaml").read_text())["ranges"])
+    assert set(results[0]["hyperparameters"]) == set(read_run(project / "evo" / "detect.yaml")["ranges"])
+    _, again = cli.stage_function("detect", "evolve", {"cfg": str(project / "evo" / "detect.yaml"), "name": "evo2"})
+    assert again.iterations == 2 and again.fold == 1 and "hyp_values" not in again  # its saved settings: a valid cfg=
 
     preset = load_hyp(str(out))  # what `detect train hyp=<out>` does
     best = yaml.safe_load((tune / "best_hyperparameters.yaml").read_text())
@@ -443,7 +445,7 @@ def test_evolve_continues_a_tuning_run_only_under_its_settings(prepared, tmp_pat
     # more iterations and other runtime settings: the tuning continues where it stopped
     detect("evolve", *[a for a in base if not a.startswith("workers=")], "workers=1", "iterations=4")
     assert calls[-1]["resume"] is True and calls[-1]["iterations"] == 4
-    assert yaml.safe_load((tmp_path / "evo" / "detect.yaml").read_text())["iterations"] == 4
+    assert read_run(tmp_path / "evo" / "detect.yaml")["iterations"] == 4
 
 
 # --- errors and the CLI -----------------------------------------------------------------------------------

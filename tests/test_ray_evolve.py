@@ -19,6 +19,7 @@ from siimcovid import cli
 from siimcovid.detect import ray_tune
 from siimcovid.detect.common import load_hyp
 from siimcovid.detect.evolve import load_space, write_preset
+from siimcovid.rundir import read_run
 from siimcovid.utils import SiimError
 
 TINY = ["model=yolov5n.yaml", "pretrained=false", "imgsz=64", "batch=8", "workers=0", "device=cpu", "plots=false"]
@@ -141,7 +142,7 @@ def test_evolve_on_a_local_ray_cluster(prepared, tmp_path):
         assert len(table) == 4 and table.trial.is_unique
         assert set(table.status) <= {"finished", "stopped early"}  # nothing failed
         assert table.epochs.between(1, 2).all() and table.fitness.notna().all()
-        space = yaml.safe_load((run / "detect.yaml").read_text())["ranges"]
+        space = read_run(run / "detect.yaml")["ranges"]
         assert list(table.columns) == ["trial", "status", "epochs", "fitness", *space]
         start = load_hyp("yolov5x-mosaic")
         assert table.mosaic.iloc[0] == start["mosaic"] and table.mixup.iloc[0] == 0.0  # the first trial is the preset

@@ -78,6 +78,11 @@ def test_a_run_settings_file_of_the_release_before_is_read_as_it_is(tmp_path):
     old.parent.mkdir()
     old.write_text(yaml.safe_dump({"model": "resnet18", "imgsz": 64, "folds_id": "abc", "mode": "train"}))
     assert read_run(old) == {"model": "resnet18", "imgsz": 64, "folds_id": "abc", "mode": "train"} and is_run_config(old)
+    again = load_config("classify", [f"cfg={old}"])  # still seeds the next run: what it recorded is left out
+    assert again.model == "resnet18" and "folds_id" not in again and "mode" not in again
+    flat = tmp_path / "prepare.yaml"
+    flat.write_text(yaml.safe_dump({"sizes": [64], "n_folds": 3, "data_resolved": "/data/siim"}))
+    assert load_config("prepare", [f"cfg={flat}"]).sizes == [64]
 
     new = write_run(tmp_path / "new" / "classify.yaml", "classify", {"model": "resnet18", "imgsz": 64}, {"folds_id": "abc"})
     assert yaml.safe_load(new.read_text()) == {"classify": {"model": "resnet18", "imgsz": 64}, "learned": {"folds_id": "abc"}}

@@ -1,9 +1,10 @@
-"""The members of a bundle, of its two kinds (detect, classify), behind one small per-kind table: KINDS.
+"""The members of a bundle: a member kind per model family, behind one small interface: Kind.
 
-A member is <kind>/<name>/ in the bundle: model.yaml (its data-only description, siimcovid.weights),
-settings.yaml (its predict settings, declared below: DETECT_SETTINGS, CLASSIFY_SETTINGS) and one
-fold<k>.safetensors per finished fold. What export and open_bundle need of a kind, and nothing else, is its
-`Kind` (KINDS[kind]):
+A member is <kind>/<name>/ in the bundle (kind: the stage, detect | classify): model.yaml (its data-only
+description, its `family:` naming the family), settings.yaml (its predict settings, declared: DETECT_SETTINGS,
+CLASSIFY_SETTINGS, a family's own) and one fold<k>.safetensors per finished fold. What export and open_bundle need
+of a member, and nothing else, is its `Kind`, found by kind_of(kind, family): the built-in families' in KINDS (their
+bundle_kind()), any other family's from its builders (family_kind):
 
     key         its list in the bundle's fuse.yaml: det | cls
     settings    the declaration of its settings.yaml (siimcovid.artifacts.Document: writer and reader)
@@ -12,10 +13,12 @@ fold<k>.safetensors per finished fold. What export and open_bundle need of a kin
     size        settings -> the prepared side the member reads (one of prepare.yaml's sizes)
     fit_size    settings -> the image size its weights are checked to run at (weights.check_fits), or None
     check       (settings, model description, folds found, label) -> None: what its settings owe its model and folds
+    describe, fits, predict   a family's own checks of model.yaml and of the tensors, and its prediction (None for
+                the built-in kinds: siimcovid.weights checks them, siimcovid.predict.members predicts them)
 
-Keep this interface narrow: the table is to become model-family methods (family.pack / family.read), one per
-family, with no edit here. A run's checkpoints are the user's own files (pickles are read only there, never from
-a bundle); classify's best.pt is read as classify.predict reads it.
+A family is looked up by name in the registry, never imported by what a bundle says. A run's checkpoints are the
+user's own files (pickles are read only there, never from a bundle); classify's best.pt is read as classify.predict
+reads it.
 """
 
 from __future__ import annotations

@@ -246,7 +246,7 @@ class Inference:
     device: object
     amp_dtype: object
     channels_last: bool
-    tta: str
+    tta: bool
     loader_kw: dict
     load: Callable | None = None  # (weights file, device, channels_last) -> model; None: a run's own checkpoint
 
@@ -265,7 +265,7 @@ class Inference:
 def run_inference(
     run_dir: Path,
     split: str,
-    tta: str,
+    tta: bool,
     device,
     batch: int,
     workers: int,

@@ -49,7 +49,7 @@ from siimcovid.detect.common import (
     train_args,
     ultralytics_keys,
 )
-from siimcovid.rundir import changed_settings, refuse_changed
+from siimcovid.rundir import changed_settings, read_run, refuse_changed, write_run
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text
 
 RESULTS = "tune_results.ndjson"  # Ultralytics' record of the iterations so far: its presence means resume
@@ -86,7 +86,10 @@ def check_tuning_settings(run_dir: Path, tune_dir: Path, saved: Config) -> None:
     if not (tune_dir / RESULTS).is_file() and not (tune_dir / "tuner.pkl").is_file() or not old_file.is_file():
         return
     new = yaml.safe_load(saved.to_yaml())  # as it would be saved: plain values, like the old file's
-    changed = changed_settings(read_yaml(old_file), new, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS | CONTINUE_KEYS)
+    old = read_run(old_file)
+    if "space" in old and "ranges" not in old:  # written before `space` was called `ranges`
+        old["ranges"] = old.pop("space")
+    changed = changed_settings(old, new, runtime_keys("detect") | ULTRALYTICS_RUNTIME_KEYS | CONTINUE_KEYS)
     refuse_changed(run_dir, changed, f"use another name=, or delete {tune_dir} to tune again")
 
 
@@ -122,18 +125,10 @@ def evolve(cfg: Config) -> Path:
     run_dir = (Path(cfg.project) / name).resolve()
     check_run_dataset(run_dir, source)
     tune_dir = run_dir / "tune"
-    saved = Config(
-        cfg,
-        mode="evolve",
-        name=name,
-        model=model,
-        fold=fold,
-        prepared=str(source.prepared),
-        size=source.size,
-        data_yaml=str(data_yaml.resolve()),
-        hyp_values=hyp,
-        ranges={k: list(v) for k, v in space.items()},
-    )
+    ranges = {k: list(v) for k, v in space.items()}
+    settings = Config({k: v for k, v in cfg.items() if k != "mode"}, name=name, fold=fold, ranges=ranges)
+    learned = {"mode": "evolve", "model": model, "prepared": str(source.prepared), "size": source.size}
+    learned.update(data_yaml=str(data_yaml.resolve()), hyp_values=hyp)  # apart: the settings stay a valid cfg=
     use_ray = cfg.engine == "ray"
     if use_ray:
         from siimcovid.detect import ray_tune
@@ -141,8 +136,8 @@ def evolve(cfg: Config) -> Path:
 
         import_ray()  # the install hint before anything is written
         tune_dir = run_dir / ray_tune.EXPERIMENT
-    check_tuning_settings(run_dir, tune_dir, saved)
-    saved.save(run_dir / RUN_CONFIG)
+    check_tuning_settings(run_dir, tune_dir, Config(settings, **learned))
+    write_run(run_dir / RUN_CONFIG, "detect", settings, learned)
     out = Path(cfg.export) if cfg.export else run_dir / "hyp_evolved.yaml"
     job = {"model": model, "data_yaml": data_yaml, "hyp": hyp, "space": space, "args": args, "run_dir": run_dir}
     out = evolve_on_ray(cfg, job, out) if use_ray else evolve_here(cfg, job, tune_dir, fold, out)

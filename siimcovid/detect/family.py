@@ -155,11 +155,17 @@ class YoloFamily(Family):
 
     def train_fold(self, job: Job) -> str:
         from siimcovid.detect.train import train_fold
+        from siimcovid.engine.devices import parse
 
         given = [e for e in NOT_MAPPED if job.callbacks.get(e)]
         if given:
             raise SiimError(f"family=yolo: Ultralytics' training loop has no {', '.join(given)} event")
         args = self.args if job.device == self.cfg.device else {**self.args, "device": job.device}
+        if (parse(args.get("device")).count or 0) > 1 and any(job.callbacks.values()):
+            LOGGER.warning(
+                f"detect: device={args['device']} trains with Ultralytics' DDP in processes of its own, which siimcovid's "
+                "events and tracking= do not reach; Ultralytics' own integrations (`yolo settings`) do"
+            )
         hooks = ultralytics_callbacks(job.callbacks, YoloView(self, job))
         data_yaml = self.yamls[job.fold].resolve()
         return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state)

@@ -12,8 +12,11 @@ BaseTrainer (get_model, get_dataloader, ...) and timm's create_model registry:
     train_fold(job)                     -> the fold's done record (dict); job: Job (fold, folder, callbacks, ...)
     load_fold(data, fold, path, device) -> a model of one fold's checkpoint
     predict_images(model, data, fold, image_ids, split) -> one table (the family's `output` contract)
-    join(data, parts, split)            -> the split's table from every fold's part (test: e.g. the mean over folds)
-    pack(path, dst, half) / load_packed(...)  -> a fold's weights into a bundle, and back (siimcovid.bundle)
+    join(data, parts, split)            -> the split's result from every fold's part (test: e.g. the mean over folds)
+    oof_ids / test_ids, skipped, for_task, start / start_task / stop, report: defaults a family may override
+    pack_state, check_description, check_state, from_state: a fold into a bundle (safetensors + a data-only
+                                        description) and back (siimcovid.bundle.members.family_kind), or
+                                        bundle_kind() -> a member kind of its own (the built-in families')
 
 `output` names the contract its predictions write: "det" (tables.DETECTIONS, the boxes of a detector) or "cls"
 (tables.CLASSIFIER_IMAGES, the study probabilities of a classifier), and so its list in `siimcovid fuse`.

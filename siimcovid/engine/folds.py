@@ -10,7 +10,8 @@ train, for the folds of `fold=`:
    removing only the family's own files (FoldFiles.fold_files); the temporaries a kill left are removed first;
 4. the run's settings are saved (the record that makes the folder ours), then each fold trains, here one after the
    other (engine=serial) or each as a Ray task (engine=ray, siimcovid.ray_engine) running the same per-fold function,
-   so skip and resume are the same on both; the family's done marker is the fold's last write.
+   so skip and resume are the same on both; the family's done marker is the last file of the fold's training (the
+   on_train_end event after it writes only tracking: a TensorBoard summary, MLflow's copies).
 
 predict: every trained fold's model on its own held-out images (oof) and on the test images (test), the family's
 table per fold joined by the family (e.g. the test mean over folds).

@@ -74,7 +74,7 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.
     return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
 
 
-def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str) -> pd.DataFrame:
+def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.DataFrame:
     """Every fold of a classifier member on every test image of `prepared`, averaged: tables.CLASSIFIER_IMAGES."""
     from siimcovid.classify.predict import Inference, amp_dtype_for, predict_test
 
