@@ -3,7 +3,7 @@
     @register("none_det", "prod")             # a function
     def none_prod(conf, codes, n): ...
 
-    @register("family", "yolo")               # a class
+    @register("detect_family", "yolo")        # a class
     class YoloFamily(Family): ...
 
     add("ensemble", "mean", Method(...))      # any other object (the same as register("ensemble", "mean")(obj))
@@ -20,7 +20,8 @@ a kind's first registration creates it. The kinds of siimcovid and the modules t
 built-ins (BUILTINS, the one list of siimcovid's registering modules):
 
     stage       siimcovid.stages: each command's modes ("module:function", imported only when run), its run folder
-    family      detect.family, classify.family: the model families of `detect` / `classify` (yolo, timm, ...)
+    detect_family    detect.family: the model families of `detect train family=` (yolo)
+    classify_family  classify.family: the model families of `classify train family=` (timm, timm-labels)
     layout      data.layouts, data.external, data.folder: the input layouts of `prepare layout=`
     none_det    fuse.formulas: the detector's none from its boxes (`fuse none_det=`)
     none_blend  fuse.formulas: how the classifier's and the detector's none blend (`fuse none_blend=`)
@@ -63,7 +64,8 @@ class Kind:
 
 BUILTINS: dict[str, Kind] = {
     "stage": Kind(("siimcovid.stages",), "siimcovid <stage> [mode]"),
-    "family": Kind(("siimcovid.detect.family", "siimcovid.classify.family"), "model families of detect / classify"),
+    "detect_family": Kind(("siimcovid.detect.family",), "detect train family= (model families of boxes)"),
+    "classify_family": Kind(("siimcovid.classify.family",), "classify train family= (model families of study probabilities)"),
     "layout": Kind(
         ("siimcovid.data.layouts", "siimcovid.data.external", "siimcovid.data.folder"),
         "prepare layout= (input layouts)",
@@ -122,8 +124,10 @@ def _import_plugins() -> None:
 
 def _builtins_first(kind: str) -> None:
     """Reorder a kind's table in place: what its built-in modules define first, whatever was imported before."""
-    table, own = _REGISTRY.get(kind, {}), set(BUILTINS[kind].modules)
-    first = {k: v for k, v in table.items() if getattr(v, "__module__", None) in own}
+    table, modules = _REGISTRY.get(kind, {}), list(BUILTINS[kind].modules)
+    rank = {m: i for i, m in enumerate(modules)}  # in BUILTINS' order of modules, whatever order they were imported in
+    own = [k for k, v in table.items() if getattr(v, "__module__", None) in rank]
+    first = {k: table[k] for k in sorted(own, key=lambda k: rank[table[k].__module__])}
     rest = {k: v for k, v in table.items() if k not in first}
     table.clear()
     table.update(first | rest)

@@ -116,6 +116,20 @@ def test_export_refuses_a_prediction_file_changed_since_it_was_fused(runs, prepa
     assert yaml.safe_load((out / "fuse.yaml").read_text())["det"] == ["x"]
 
 
+def test_export_refuses_another_run_of_the_name_the_fusion_fused(runs, prepared, tmp_path):
+    project = copy_runs(runs, tmp_path)
+    folder = fuse_test(project, prepared, "x", ["x"], ["x"])
+    other = tmp_path / "elsewhere"
+    shutil.copytree(project / "classify/x", other / "classify/x")  # another run of the same name...
+    fake_predictions(other / "classify/x", prepared, "classify", seed=99)  # ...whose own predictions are other ones
+    refused = r"elsewhere/classify/x is not the run .*fusion.yaml fused as 'x': its pred_test_image.csv"
+    with pytest.raises(SiimError, match=refused):
+        export(project, detect=[str(project / "detect/x")], classify=[str(other / "classify/x")], fuse=str(folder),
+               out=str(tmp_path / "b"))  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    assert export_of(project, folder, tmp_path / "b").is_dir()  # the run fused: exported
+
+
 def test_a_record_edited_by_hand_is_refused_naming_the_key(runs, prepared, tmp_path):
     project = copy_runs(runs, tmp_path)
     folder = fuse_test(project, prepared, "x", ["x"], ["x"])

@@ -24,7 +24,7 @@ def family(prepared, project, **kw):
 
 
 def test_a_family_of_one_module_trains_skips_and_predicts_through_the_engine(prepared, tmp_path):
-    assert "constant" in registry.names("family")
+    assert "constant" in registry.names("classify_family") and "constant" not in registry.names("detect_family")
     seen = []
     events = {e: [lambda t, *a, e=e: seen.append((e, t.fold))] for e in ("on_train_start", "on_fit_epoch_end", "on_train_end")}
     results = folds.train(family(prepared, tmp_path), events)
@@ -101,7 +101,7 @@ def test_a_family_of_one_module_exports_into_a_bundle_and_predicts_from_it(const
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.update(family="nosuch"), "model.yaml: its family is not one this siimcovid has"),  # never registered
+        (lambda d: d.update(family="nosuch"), "model.yaml: family .nosuch. is no classify family of this siimcovid"),  # never registered
         (lambda d: d.update(code="__import__('os')"), "described by its family alone"),
         (lambda d: d.update(family="timm"), "model.yaml: model=None is not a str"),  # then timm's checks apply
     ],
@@ -137,6 +137,8 @@ def test_a_family_member_whose_tensors_do_not_fit_is_refused(const_bundle, tmp_p
 
 def test_the_engine_refuses_any_changed_setting_or_family_of_a_trained_run_for_every_family(prepared, tmp_path):
     folds.train(family(prepared, tmp_path, fold=0))
+    folds.train(family(prepared, tmp_path, fold=1))  # another fold of the run, its own job: not a change
+    assert read_run(tmp_path / "constant" / "classify.yaml")["fold"] == 1
     with pytest.raises(SiimError, match=r"was trained with seed=42 \(now 2\): use another name=, resume=false, or delete"):
         folds.train(family(prepared, tmp_path, fold=0, seed=2))
     from siimcovid import cli
@@ -156,3 +158,14 @@ def test_resume_false_starts_a_fold_again_without_the_tensorboard_events_of_the_
     folds.train(family(prepared, tmp_path, fold=0, resume=False))
     after = sorted(p.name for p in fold.glob("events.out.tfevents.*"))
     assert len(after) == 1 and after != before and (fold / "notes.txt").read_text() == "mine"
+
+
+def test_a_tracking_store_that_cannot_be_opened_stops_the_run_before_anything_is_written(prepared, tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow)")
+    for uri, message in [
+        (str(tmp_path / "store"), r"not a tracking store; give a server \(http://host:5000\) or a database \(sqlite:///"),
+        ("sqlite:////proc/no/such/x.db", "the MLflow store cannot be opened"),  # a database it cannot create
+    ]:
+        with pytest.raises(SiimError, match=message):
+            folds.train(family(prepared, tmp_path, tracking="mlflow", tracking_uri=uri))
+        assert not (tmp_path / "constant").exists()  # refused before the run folder

@@ -11,6 +11,7 @@ write the record: fuse it again (seconds).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from siimcovid.bundle.members import Member, locate
@@ -89,6 +90,32 @@ def fused_models(entry: dict, members: list[Member], key: str, record: Path) -> 
     return per_file
 
 
+OWN_TABLE = {"det": "pred_{split}.csv", "cls": "pred_{split}_image.csv"}  # a run's own tables, as its predict writes them
+
+
+def run_folder(member: Member) -> Path | None:
+    """The run folder a member's weights came from (the folder above its fold<k>/)."""
+    weights = next(iter(member.weights.values()), None)
+    folds = [p for p in Path(weights).parents if re.fullmatch(r"fold\d+", p.name)] if weights else []
+    return folds[0].parent if folds else None
+
+
+def check_members_fused(entry: dict, members: list[Member], key: str, record: Path) -> None:
+    """Each member is the run the fusion fused under its name: a run's own table of the split fused, when the fusion read it alone
+    (one model in the file), is the file fused (its sha256). Another run of the same name is refused."""
+    fused = {item["models"][0]: item for item in entry[key] if len(item["models"]) == 1}
+    for m in members:
+        run, item = run_folder(m), fused.get(m.name)
+        table = run / OWN_TABLE[key].format(split=entry.get("split") or "test") if run is not None else None
+        if item is None or table is None or not table.is_file():
+            continue
+        if file_sha256(table) != item["sha256"]:
+            raise SiimError(
+                f"export: {run} is not the run {record} fused as {m.name!r}: its {table.name} is not the file fused "
+                f"({item['file']}); export the run fused, or fuse this one ({rerun(record.parent, 'test')})"
+            )
+
+
 def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path) -> dict:
     """fuse.yaml of the bundle from a recorded entry: its parameters and its member order; per-file det_weights
     become per-model ones when one file held several models."""
@@ -123,6 +150,8 @@ def fusion_settings(fuse: Path | None, det: list[Member], cls: list[Member], anc
     else:
         entry, kind, source = found
         check_unchanged(entry, kind, source, [*anchors, *source.resolve().parents])
+        check_members_fused(entry, det, "det", source)
+        check_members_fused(entry, cls, "cls", source)
         out = from_record(entry, det, cls, source)
         LOGGER.info(f"export: fusion settings and member order from {source} ({kind})")
     for key, names in (("det_weights", out["det"]), ("cls_weights", out["cls"])):

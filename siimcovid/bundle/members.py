@@ -331,7 +331,7 @@ def read_member(root: Path, kind: str, name: str, listed: dict, read_yaml_file: 
     try:  # a name the registry looks up, never a module to import
         spec = kind_of(kind, family)
     except SiimError as e:
-        raise SiimError(f"bundle {where}: {rel}: its family is not one this siimcovid has ({e})") from None
+        raise SiimError(f"bundle {where}: {rel}: family {family!r} is no {kind} family of this siimcovid ({e})") from None
     model = describe(spec, kind, raw, f"bundle {where}: {rel}")
     rel = f"{kind}/{name}/settings.yaml"
     settings = read_yaml_file(rel, spec.settings)

@@ -190,7 +190,10 @@ def resolve_run(run, project: str | Path) -> Path:
     for cand in (Path(str(run)), Path(project) / str(run)):
         if (cand / FILES.settings).is_file():
             return cand
-    raise SiimError(f"run '{run}' not found: no classify.yaml in {run} or {Path(project) / str(run)}")
+    other = next((c for c in (Path(str(run)), Path(project) / str(run)) if (c / "detect.yaml").is_file()), None)
+    if other is not None:
+        raise SiimError(f"run '{run}': {other} is a detect run (its detect.yaml), not a classify one: `siimcovid detect predict`")
+    raise SiimError(f"run '{run}' not found: no {FILES.settings} in {run} or {Path(project) / str(run)}")
 
 
 def fold_done(fold_dir: Path) -> bool:

@@ -10,7 +10,7 @@ Modules:
                  load_run(run_dir), scores_oof(...)
     evolve.py    `siimcovid detect evolve`: main(cfg), evolve(cfg) Ultralytics' Tuner on one fold -> a hyp preset
     ray_tune.py  `detect evolve engine=ray`: evolve_ray(...) the evolve trials as Ray Tune trials
-    family.py    YoloFamily: the Ultralytics detector as a model family (registry kind "family", name yolo)
+    family.py    YoloFamily: the Ultralytics detector as a model family (registry kind "detect_family", name yolo)
     files.py     FILES: the run folder's and each fold folder's files, declared once
     common.py    what they share: resolve_data / DataSource, load_hyp / hyp_presets, train_args, check_model,
                  ultralytics_keys() (the settings detect passes through), check_ultralytics_settings(settings)

@@ -66,6 +66,15 @@ def ultralytics_callbacks(hooks: dict, view: YoloView) -> dict:
     return out
 
 
+def without_ultralytics_mlflow(trainer) -> None:
+    """Ultralytics' own MLflow callbacks off for this trainer only (its settings file is the user's: left as it is)."""
+    from ultralytics.utils.callbacks import mlflow
+
+    for event, fn in mlflow.callbacks.items():
+        if fn in trainer.callbacks.get(event, []):
+            trainer.callbacks[event].remove(fn)
+
+
 def train_summary(trainer) -> dict:
     best = trainer.best_fitness
     return {"best_score": float(best) if best is not None else math.nan, "epochs": trainer.epochs, "fold": None}
@@ -167,6 +176,8 @@ class YoloFamily(Family):
                 "events and tracking= do not reach; Ultralytics' own integrations (`yolo settings`) do"
             )
         hooks = ultralytics_callbacks(job.callbacks, YoloView(self, job))
+        if self.cfg.get("tracking") == "mlflow":  # siimcovid's MLflow run of the fold: not Ultralytics' one beside it
+            hooks["on_pretrain_routine_start"] = without_ultralytics_mlflow
         data_yaml = self.yamls[job.fold].resolve()
         return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state)
 

@@ -82,6 +82,8 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
+    if (run_dir / "classify.yaml").is_file() and not (run_dir / RUN_CONFIG).is_file():
+        raise SiimError(f"{run_dir} is a classify run (its classify.yaml), not a detect one: `siimcovid classify predict`")
     found = fold_checkpoints(run_dir, f"weights/{weights}.pt", fold_done, allow_unfinished, "detect")
     args_files = {k: fold_dir(run_dir, k) / "args.yaml" for k in found}
     args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}

@@ -1,4 +1,5 @@
-"""A model family: what one fold of a model is, registered once (`@register("family", name)`).
+"""A model family: what one fold of a model is, registered once (`@register_family(name)`: registry kind
+"<stage>_family", detect_family or classify_family, which that stage's `family=` setting takes).
 
 The fold engine (siimcovid.engine.folds) owns everything a family shares: fold selection, skip / resume / refusing
 changed settings, `init=` and `extra=`, the temporaries a kill left, serial or Ray dispatch, the device, the done
@@ -283,14 +284,17 @@ class Family:
         return pd.concat(parts, ignore_index=True)
 
 
+STAGES = ("detect", "classify")  # the stages whose runs are families' (their kinds: detect_family, classify_family)
+
+
 def register_family(name: str) -> Callable[[type], type]:
-    """Class decorator: register a Family under `name` (registry kind "family")."""
+    """Class decorator: register a Family under `name`, in the registry kind of its stage ("<stage>_family")."""
 
     def wrap(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, Family)) or not cls.stage or cls.output not in ("det", "cls"):
-            raise SiimError(f"family {name}: a Family subclass with stage= and output= det | cls")
+        if not (isinstance(cls, type) and issubclass(cls, Family)) or cls.stage not in STAGES or cls.output not in ("det", "cls"):
+            raise SiimError(f"family {name}: a Family subclass with stage= detect | classify and output= det | cls")
         cls.name = name
-        return registry.register("family", name)(cls)
+        return registry.register(f"{cls.stage}_family", name)(cls)
 
     return wrap
 
@@ -300,10 +304,11 @@ def create(cfg, stage: str, default: str) -> Family:
     return family_class(cfg.get("family") or default, stage).for_settings(cfg)
 
 
-def family_class(name: str, stage: str | None = None) -> type:
-    """The registered family of that name (of that stage, when given)."""
-    cls = registry.get("family", name)
-    if stage and cls.stage != stage:
-        known = [n for n in registry.names("family") if registry.get("family", n).stage == stage]
-        raise SiimError(f"family={name} is a {cls.stage} family, not a {stage} one ({stage} families: {', '.join(known)})")
-    return cls
+def family_class(name: str, stage: str) -> type:
+    """The registered family of that name of that stage (one of another stage: an error saying so)."""
+    known = registry.names(f"{stage}_family")
+    if name not in known:
+        other = next((s for s in STAGES if s != stage and name in registry.names(f"{s}_family")), None)
+        where = f"a {other} family, not a {stage} one" if other else f"not a {stage} family"
+        raise SiimError(f"family={name} is {where} ({stage} families: {', '.join(known)})")
+    return registry.get(f"{stage}_family", name)

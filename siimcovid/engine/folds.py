@@ -107,7 +107,8 @@ def check_changed(family: Family, run_dir: Path, data: FoldData, states: dict[in
         # and as its `pretrained`)
         old = {k: v for k, v in old.items() if k != "init" and not (k == "pretrained" and v == old["init"])}
     new = {**settings(family), **family.learned(data)}
-    changed = rundir.changed_settings(old, new, ignore=runtime_keys(family.stage) | {"mode", *family.derived})
+    # fold= picks which folds this command trains (one fold per job, each its own command): never a change
+    changed = rundir.changed_settings(old, new, ignore=runtime_keys(family.stage) | {"mode", "fold", *family.derived})
     note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
     again = "resume=false, " if "resume" in cfg else ""
     rundir.refuse_changed(run_dir, changed, f"use another name=, {again}or delete {run_dir} to train it again{note}")
@@ -188,6 +189,7 @@ def train(family: Family, callbacks: dict[str, Callable | list] | None = None) -
         family.check(data)
         check_engine(family)
         cfg = family.cfg
+        tracking = family.tracking()  # a tracking store that cannot be opened stops here, before anything is written
         cfg.name = cfg.name or data.name
         run_dir = (Path(cfg.project) / cfg.name).resolve() if family.resolve_run_dir else Path(cfg.project) / cfg.name
         check_folders(family, run_dir, data)
@@ -197,7 +199,7 @@ def train(family: Family, callbacks: dict[str, Callable | list] | None = None) -
         save_settings(family, run_dir, data)  # the record first: a kill in what follows leaves a folder ours
         data.learned.update(family.before_folds(run_dir, data, data.folds))
         save_settings(family, run_dir, data)
-        hooks = merge(family.callbacks(data), family.tracking(), callbacks)
+        hooks = merge(family.callbacks(data), tracking, callbacks)
         folder = lambda k: rundir.fold_dir(run_dir, k)  # noqa: E731
         record = settings(family), family.learned(data)
         jobs = {k: Job(k, folder(k), run_dir, states[k], hooks, cfg.device, record) for k in data.folds}

@@ -268,10 +268,38 @@ def tensorboard_callbacks(uri: str | None = None) -> dict[str, list[Callable]]:
     return TensorBoard().callbacks()
 
 
+def check_store(uri: str) -> None:
+    """tracking_uri=, checked before any training: a store MLflow opens (a server that answers, a database it can
+    create or read). A plain folder or file path is not one: one line saying what to give instead."""
+    import os
+
+    from mlflow import MlflowClient
+
+    if "://" not in uri and ":" not in uri.split("/")[0]:
+        raise SiimError(
+            f"tracking_uri={uri}: not a tracking store; give a server (http://host:5000) or a database "
+            f"(sqlite:///{Path(uri).expanduser().resolve() / MLFLOW_DB})"
+        )
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # a server that is not there: one answer, not minutes of retries
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SiimError(f"tracking_uri={uri}: the MLflow store cannot be opened ({type(e).__name__}: {first})") from None
+    finally:
+        if retries is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
+
+
 @registry.register("callback", "mlflow")
 def mlflow_callbacks(uri: str | None = None) -> dict[str, list[Callable]]:
-    """An MLflow run per fold in the local store under runs/, or in `uri`."""
+    """An MLflow run per fold in the local store under runs/, or in `uri` (checked here, before any training)."""
     _needs("mlflow", "mlflow (or siimcovid[tracking])")
+    if uri:
+        check_store(uri)
     return MLflow(uri).callbacks()
 
 
