@@ -101,7 +101,7 @@ def test_a_family_of_one_module_exports_into_a_bundle_and_predicts_from_it(const
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.update(family="nosuch"), "model.yaml: family .nosuch. is no classify family of this siimcovid"),  # never registered
+        (lambda d: d.update(family="nosuch"), "family .nosuch. is no classify family of this siimcovid"),  # never registered
         (lambda d: d.update(code="__import__('os')"), "described by its family alone"),
         (lambda d: d.update(family="timm"), "model.yaml: model=None is not a str"),  # then timm's checks apply
     ],
