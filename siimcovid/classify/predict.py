@@ -306,7 +306,11 @@ def run_family(run_dir: Path):
     """The family a classify run was trained with (its learned record; timm for runs of an earlier release)."""
     from siimcovid.engine.family import family_class
 
-    return family_class(rundir.read_run(Path(run_dir) / FILES.settings).get("family") or "timm", "classify")
+    path = Path(run_dir) / FILES.settings
+    try:
+        return family_class(rundir.read_run(path).get("family") or "timm", "classify")
+    except SiimError as e:
+        raise SiimError(f"{path}: the family it learned is not one of this siimcovid ({e})") from None
 
 
 def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
