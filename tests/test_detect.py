@@ -526,3 +526,27 @@ def test_a_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     last.write_bytes(last.read_bytes()[:1000])  # killed while saving
     with pytest.raises(SiimError, match="cannot be read"):
         fold_state(copy)
+
+
+@pytest.mark.slow
+def test_the_is_better_event_decides_the_detectors_best_checkpoint(prepared, project):
+    """The classifier's checkpoint rule event, the same for the detector: the last rule given decides which epoch is
+    best.pt (the first epoch's always is); it sees the epoch's metrics and the best so far."""
+    from ultralytics.utils.patches import torch_load
+
+    from siimcovid.config import load_config
+    from siimcovid.detect.common import ultralytics_keys
+    from siimcovid.detect.train import train
+
+    overrides = dict(item.split("=", 1) for item in TINY)
+    overrides.update(data=str(prepared), fold="0", epochs="3", project=str(project))
+    seen, weights = [], {}
+    for name, rule in (("first", lambda t, stats, best: False), ("last", lambda t, stats, best: True)):
+        cfg = load_config("detect", [f"{k}={v}" for k, v in {**overrides, "name": name}.items()], extra_ok=ultralytics_keys())
+        spy = lambda t, stats, best, rule=rule: seen.append((t.epoch, best["epoch"], "fitness" in stats)) or rule(t, stats, best)  # noqa: E731
+        fold = train(cfg, callbacks={"is_better": spy}) / "fold0" / "weights"
+        weights[name] = [torch_load(fold / f, map_location="cpu")["model"].state_dict() for f in ("best.pt", "last.pt")]
+    same = lambda a, b: all(a[k].equal(b[k]) for k in a)  # noqa: E731
+    assert not same(*weights["first"]) and same(*weights["last"])  # epoch 1 kept as best, or the last epoch
+    assert [(e, f) for e, _, f in seen[:2]] == [(2, True), (3, True)]  # asked from the second epoch on, with the metrics
+    assert seen[0][1] == 1  # the best so far: epoch 1

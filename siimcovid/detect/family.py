@@ -22,7 +22,7 @@ from siimcovid.engine.family import Family, FoldData, FoldView, Job, register_fa
 from siimcovid.utils import LOGGER, SiimError
 
 ULTRALYTICS_EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_epoch_end", "on_model_save")
-NOT_MAPPED = ("on_train_data", "on_loss", "is_better")  # a classifier's loop events: Ultralytics' loop has its own
+NOT_MAPPED = ("on_train_data", "on_loss")  # a classifier's loop events: Ultralytics builds its data and loss itself
 
 
 class YoloView(FoldView):
@@ -64,6 +64,25 @@ def ultralytics_callbacks(hooks: dict, view: YoloView) -> dict:
     if hooks.get("on_train_end"):
         out["on_train_end"] = call("on_train_end", train_summary)
     return out
+
+
+def pretrain_routine(job: Job, view: YoloView, own_mlflow: bool):
+    """Before Ultralytics' training: siimcovid's is_better (the last one added decides) on the trainer, and with
+    tracking=mlflow (siimcovid's MLflow run of the fold) Ultralytics' own MLflow callbacks off."""
+    rules = job.callbacks.get("is_better") or []
+
+    def start(trainer) -> None:
+        view.ultralytics = trainer
+        if rules:
+            trainer.is_better = lambda stats, best: rule(trainer, stats, best)
+
+    def rule(trainer, stats: dict, best: dict) -> bool:
+        view.epoch = trainer.epoch + 1  # the epoch validated
+        return bool(rules[-1](view, stats, best))
+        if own_mlflow:
+            without_ultralytics_mlflow(trainer)
+
+    return start
 
 
 def without_ultralytics_mlflow(trainer) -> None:
@@ -175,9 +194,11 @@ class YoloFamily(Family):
                 f"detect: device={args['device']} trains with Ultralytics' DDP in processes of its own, which siimcovid's "
                 "events and tracking= do not reach; Ultralytics' own integrations (`yolo settings`) do"
             )
-        hooks = ultralytics_callbacks(job.callbacks, YoloView(self, job))
-        if self.cfg.get("tracking") == "mlflow":  # siimcovid's MLflow run of the fold: not Ultralytics' one beside it
-            hooks["on_pretrain_routine_start"] = without_ultralytics_mlflow
+        view = YoloView(self, job)
+        hooks = ultralytics_callbacks(job.callbacks, view)
+        own_mlflow = self.cfg.get("tracking") == "mlflow"
+        if job.callbacks.get("is_better") or own_mlflow:
+            hooks["on_pretrain_routine_start"] = pretrain_routine(job, view, own_mlflow)
         data_yaml = self.yamls[job.fold].resolve()
         return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state)
 

@@ -28,6 +28,7 @@ unless overwrite=true, which trains beside them, never over a file of the names 
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -151,6 +152,24 @@ class AtomicSaveTrainer(DetectionTrainer):
         if RANK in {-1, 0}:  # before the first epoch appends its row
             keep_epochs(self.csv, self.start_epoch if self.resume else 0)
 
+    is_better = None  # siimcovid's checkpoint rule ((stats, best) -> bool), set on a trainer by the yolo family
+
+    def validate(self):
+        """The validation of the fitness rule (validated), then siimcovid's is_better event when one was given: it
+        decides whether this epoch's checkpoint is best.pt (the first epoch's always is)."""
+        best_before = self.best_fitness
+        metrics, fitness = self.validated()
+        if self.is_better is not None and metrics:
+            best = {"score": best_before if best_before is not None else -math.inf, "epoch": getattr(self, "best_epoch", 0)}
+            if best_before is None or self.is_better({**metrics, "fitness": fitness}, best):
+                self.best_fitness, self.best_epoch = fitness, self.epoch + 1
+            else:  # Ultralytics saves best.pt when best_fitness == fitness: a tie the rule refused is one ulp below
+                self.best_fitness = best_before if best_before != fitness else math.nextafter(best_before, -math.inf)
+        return metrics, fitness
+
+    def validated(self):
+        return super().validate()
+
 
 class Map50Trainer(AtomicSaveTrainer):
     """Ultralytics ranks checkpoints by mAP50-95; the competition scores boxes at IoU 0.5.
@@ -159,9 +178,9 @@ class Map50Trainer(AtomicSaveTrainer):
     the validation mAP@0.5 instead.
     """
 
-    def validate(self):
+    def validated(self):
         best_before = self.best_fitness
-        metrics, fitness = super().validate()
+        metrics, fitness = super().validated()
         if metrics and MAP50 in metrics:
             fitness = float(metrics[MAP50])
             self.best_fitness = fitness if best_before is None or fitness > best_before else best_before

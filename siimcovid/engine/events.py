@@ -15,10 +15,12 @@ without touching a training loop. Every function is called with the fold's train
                                              trainer.train_dataset (e.g. add pseudo-labelled or extra images)
     on_loss(trainer, out, batch, parts)      each training step, after the loss: {name: tensor} extra terms, added
                                              to the loss and logged as train_<name> (a classifier's)
-    is_better(trainer, stats, best) -> bool  the checkpoint rule: the last one added decides (a classifier's)
+    is_better(trainer, stats, best) -> bool  the checkpoint rule, the last one added decides: which epoch is best.pt
+                                             (every family's; the first epoch's always is)
 
-The detector (Ultralytics) maps its own callbacks onto these (siimcovid.detect.family); Ultralytics' own integrations
-keep working beside them. With no function added, training is exactly the plain loop: events draw no random numbers.
+The detector (Ultralytics) maps its own callbacks onto these (siimcovid.detect.family); Ultralytics builds its data
+and loss itself, so on_train_data and on_loss are the classifier's (given to a detector: one error). Ultralytics' own
+integrations keep working beside them. With no function added, training is exactly the plain loop: events draw no random numbers.
 """
 
 from __future__ import annotations
