@@ -355,7 +355,10 @@ def definition(cfg: Config, det_dir: Path, cls_dir: Path, data: Prepared, source
         "data": str(data.root.resolve()),
         "teacher_det": str(det_dir.resolve()),
         "teacher_cls": str(cls_dir.resolve()),
-        "teacher_weights": {"det": checkpoints_id(det_dir, "weights/best.pt"), "cls": checkpoints_id(cls_dir, "best.pt")},
+        "teacher_weights": {
+            "det": checkpoints_id(det_dir, DETECT_FILES.best),
+            "cls": checkpoints_id(cls_dir, CLASSIFY_FILES.best),
+        },
         "teacher": cfg.teacher,
         "leaky": cfg.teacher == "all",
         "folds_id": data.folds_id,

@@ -799,7 +799,7 @@ def test_predict_refuses_unfinished_folds_and_changed_folds(trained, tmp_path):
     cfg["learned"]["folds_id"] = "0123456789ab"  # trained on another fold assignment
     (copy / "classify.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SiimError, match="trained on other folds"):
-        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, allow_unfinished=True)
+        predict_run(copy, "oof", False, torch.device("cpu"), 8, 0, allow_unfinished=True)
 
 
 @pytest.mark.slow
@@ -812,11 +812,11 @@ def test_predict_checks_the_folds_of_each_fold_model(trained, tmp_path):
     copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("pred_*.csv")))
     ckpt = torch.load(copy / "fold0" / "best.pt", weights_only=False)
     assert ckpt["folds_id"] == Prepared(ckpt_data(copy)).folds_id and ckpt["fold"] == 0
-    predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0)  # as trained: fine
+    predict_run(copy, "oof", False, torch.device("cpu"), 8, 0)  # as trained: fine
     torch.save({**ckpt, "folds_id": "0123456789ab"}, copy / "fold0" / "best.pt")
     with pytest.raises(SiimError, match=r"fold0 was trained on other folds"):
-        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0)
-    predict_run(copy, "test", "none", torch.device("cpu"), 8, 0)  # test images were never trained on
+        predict_run(copy, "oof", False, torch.device("cpu"), 8, 0)
+    predict_run(copy, "test", False, torch.device("cpu"), 8, 0)  # test images were never trained on
 
 
 @pytest.mark.slow
@@ -828,12 +828,12 @@ def test_predict_with_the_last_epoch_weights(trained, tmp_path):
     copy = Path(shutil.copytree(run_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("pred_*.csv")))
     last = torch.load(copy / "fold0" / "last.pt", weights_only=False)
     assert last["ema"] is not None and last["epoch"] == 3
-    with_last, _ = predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="last")
+    with_last, _ = predict_run(copy, "oof", False, torch.device("cpu"), 8, 0, weights="last")
     torch.save({"model": last["ema"], "model_cfg": last["model_cfg"], "folds_id": last["folds_id"]}, copy / "fold0" / "best.pt")
-    as_best, _ = predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="best")
+    as_best, _ = predict_run(copy, "oof", False, torch.device("cpu"), 8, 0, weights="best")
     np.testing.assert_allclose(with_last[STUDY_CLASSES], as_best[STUDY_CLASSES], atol=1e-6)
     with pytest.raises(SiimError, match=r"no trained fold \(no fold<k>/final.pt\)"):  # the config only allows best, last
-        predict_run(copy, "oof", "none", torch.device("cpu"), 8, 0, weights="final")
+        predict_run(copy, "oof", False, torch.device("cpu"), 8, 0, weights="final")
 
 
 def ckpt_data(run_dir):

@@ -134,7 +134,7 @@ def test_classify_pretrain_then_finetune(prepared, csv_prepared, tmp_path, caplo
     from siimcovid.classify.predict import predict_run
 
     with pytest.raises(SiimError, match="multi-label pretraining run"):  # no study head to predict with
-        predict_run(tmp_path / "pre", "oof", "none", torch.device("cpu"), 4, 0)
+        predict_run(tmp_path / "pre", "oof", False, torch.device("cpu"), 4, 0)
 
     caplog.clear()
     main(tiny_cfg(prepared, tmp_path, name="fine", fold=0, epochs=1, fine_lr=[], init=str(tmp_path / "pre")))

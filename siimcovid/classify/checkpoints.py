@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from siimcovid.classify.data import augment_state, set_augment_state
+from siimcovid.classify.files import FILES
 from siimcovid.classify.model import model_cfg
 from siimcovid.tables import write_csv
 from siimcovid.utils import LOGGER, atomic_path, save_png
@@ -125,12 +126,12 @@ class Checkpoints:
         }
 
     def load_best_weights(self) -> None:
-        state = torch.load(self.dir / "best.pt", map_location=self.device, weights_only=False)
+        state = torch.load(self.dir / FILES.best, map_location=self.device, weights_only=False)  # the run's own
         self.model.load_state_dict(state["model"])
 
     def load_resume_state(self) -> dict | None:
         """last.pt of an interrupted fold (None: a fresh start); restores the best so far and the log up to it."""
-        last_path, log_path = self.dir / "last.pt", self.dir / "results.csv"
+        last_path, log_path = self.dir / FILES.last, self.dir / FILES.log
         if not last_path.is_file():
             return None
         # CPU: load_state_dict moves what belongs on the GPU; Adam's step counters must stay on the CPU
@@ -195,7 +196,7 @@ class Checkpoints:
         cfg = self.cfg
         values = (weights, model_cfg(cfg), epoch, wave, score, self.size, self.classes, cfg.ema, self.fold, cfg.folds_id)
         best = dict(zip(BEST_KEYS, values))  # folds_id travels with the weights: predict checks it per fold
-        save_torch(best, self.dir / "best.pt")
+        save_torch(best, self.dir / FILES.best)
         self.write_best_images(images)
 
     def log_columns(self) -> list[str]:
@@ -206,5 +207,5 @@ class Checkpoints:
     def write_log(self) -> None:
         """results.csv and results.png of the epochs so far."""
         log = pd.DataFrame(self.rows, columns=self.log_columns())
-        write_csv(log, self.dir / "results.csv", float_format="%.6g")
+        write_csv(log, self.dir / FILES.log, float_format="%.6g")
         plot_log(log, self.dir / "results.png")

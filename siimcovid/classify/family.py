@@ -112,7 +112,7 @@ class TimmFamily(Family):
 
     def train_fold(self, job: Job) -> dict:
         folder, d = job.folder, self.d
-        init = getattr(self, "init_path", None) if self.cfg.get("init") else None
+        init = self.init_path
         return self.trainer_class()(self.saved, self.prep, job.fold, self.size, folder, d, job.callbacks, init).run()
 
     def report(self, run_dir: Path, data: FoldData, results: dict) -> None:

@@ -4,10 +4,12 @@ folder (the layout in siimcovid/classify/train.py's docstring; best.pt's keys: s
 
 from siimcovid.engine.family import FoldFiles
 
+VAL_IMAGES = "val_pred_image.csv"  # the best epoch's predictions on the fold's held-out images (CLASSIFIER_IMAGES)
+VAL_LABELS = "val_pred_labels.csv"  # multi-label pretraining: the best epoch's validation probabilities
 FILES = FoldFiles(
     settings="classify.yaml",
     best="best.pt",
     last="last.pt",
     done="done.json",
-    fold=("results.png", "val_pred_image.csv", "val_pred_labels.csv"),
+    fold=("results.png", VAL_IMAGES, VAL_LABELS),
 )

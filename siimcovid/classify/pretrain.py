@@ -19,14 +19,13 @@ from torch.utils.data import Dataset
 
 from siimcovid.classify import predict as P
 from siimcovid.classify.data import TargetDataset
+from siimcovid.classify.files import VAL_LABELS
 from siimcovid.classify.model import LabelLoss
 from siimcovid.classify.train import LOSS_PARTS, FoldTrainer
 from siimcovid.data.extra import ExtraData
 from siimcovid.rundir import fold_dir
 from siimcovid.tables import write_csv
 from siimcovid.utils import LOGGER
-
-LABEL_PREDICTIONS = "val_pred_labels.csv"  # the best epoch's validation probabilities
 
 
 def auc_improved(trainer: "FoldTrainer", stats: dict, best: dict) -> bool:
@@ -76,7 +75,7 @@ class LabelTrainer(FoldTrainer):
         return LabelLoss(cfg.mask_weight if self.has_boxes else 0.0, cfg.mask_bce, cfg.mask_dice)
 
     def write_best_images(self, images: pd.DataFrame) -> None:
-        write_csv(images, self.dir / LABEL_PREDICTIONS)
+        write_csv(images, self.dir / VAL_LABELS)
 
     def validate(self) -> tuple[dict, pd.DataFrame]:
         """The losses and the mean ROC AUC over labels (val_auc) of every rank's shard."""
@@ -104,7 +103,7 @@ class LabelTrainer(FoldTrainer):
 
 def report_oof_labels(prep, run_dir: Path) -> None:
     """Multi-label pretraining: when every fold is finished, the OOF mean ROC AUC over labels of the best checkpoints."""
-    files = [fold_dir(run_dir, k) / LABEL_PREDICTIONS for k in range(prep.n_folds)]
+    files = [fold_dir(run_dir, k) / VAL_LABELS for k in range(prep.n_folds)]
     if not all(P.fold_done(f.parent) and f.is_file() for f in files):
         return
     probs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)

@@ -89,7 +89,7 @@ from siimcovid.classify.data import (
     to_device,
 )
 from siimcovid.classify.dist import Dist
-from siimcovid.classify.files import FILES
+from siimcovid.classify.files import FILES, VAL_IMAGES
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, init_from, model_cfg
 from siimcovid.classify.optim import Optimisation
 from siimcovid.config import default_name
@@ -220,7 +220,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
 
     def write_best_images(self, images: pd.DataFrame) -> None:
         """The best epoch's validation predictions: val_pred_image.csv (tables.CLASSIFIER_IMAGES)."""
-        CLASSIFIER_IMAGES.write(images.assign(model=self.cfg.name), self.dir / "val_pred_image.csv")
+        CLASSIFIER_IMAGES.write(images.assign(model=self.cfg.name), self.dir / VAL_IMAGES)
 
     def build_loaders(self, cuda: bool) -> None:
         """The fold's tables, the training dataset (after on_train_data), its sampler and both loaders."""
@@ -351,7 +351,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         if self.d.is_main:
             # last.pt first, the record of the epoch; then what follows from it (rewrite_outputs on a resume)
             last = self.checkpoint(opt, sched, wave, wave_epoch, epoch, step, streams, images if new_best else None)
-            save_torch(last, self.dir / "last.pt")
+            save_torch(last, self.dir / FILES.last)
             if new_best:
                 self.save_best(epoch, wave, score, images, self.eval_model().state_dict())
             self.write_log()
@@ -439,7 +439,7 @@ def extra_data_hook(cfg, extras: list[ExtraData]) -> Callable:
 
 def report_oof(prep: Prepared, run_dir: Path) -> None:
     """When every fold is finished, print the OOF study mAP of the best checkpoints (no TTA)."""
-    files = [fold_dir(run_dir, k) / "val_pred_image.csv" for k in range(prep.n_folds)]
+    files = [fold_dir(run_dir, k) / VAL_IMAGES for k in range(prep.n_folds)]
     if not all(P.fold_done(f.parent) and f.is_file() for f in files):
         return
     images = pd.concat([CLASSIFIER_IMAGES.read(f) for f in files], ignore_index=True)

@@ -212,7 +212,7 @@ def fold_state(fold_dir: Path) -> str:
     """
     from ultralytics.utils.patches import torch_load
 
-    last = Path(fold_dir) / "weights" / "last.pt"
+    last = Path(fold_dir) / FILES.last
     if not last.is_file():
         return "new"
     try:

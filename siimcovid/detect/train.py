@@ -46,7 +46,7 @@ from siimcovid.config import Config, runtime_keys
 from siimcovid.data.extra import open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import TRAIN_KEYS, ULTRALYTICS_RUNTIME_KEYS, extra_data_yaml, fold_state
-from siimcovid.detect.files import START_ARGS
+from siimcovid.detect.files import FILES, START_ARGS
 from siimcovid.outputs import read_mapping
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
@@ -250,7 +250,7 @@ def train_fold(
     if state == "partial":
         LOGGER.info(f"detect: resuming {folder} from weights/last.pt")
         keep_start_args(folder)
-        yolo = YOLO(str(folder / "weights" / "last.pt"))
+        yolo = YOLO(str(folder / FILES.last))
         kwargs = {"resume": True, "data": str(data_yaml), **{k: cfg_args[k] for k in RESUME_KEYS if k in cfg_args}}
     else:
         LOGGER.info(f"detect: training fold {fold} -> {folder}")
@@ -267,7 +267,7 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     """Best validation mAP@0.5 and mAP50-95 per fold, from each fold's results.csv."""
     rows = []
     for k in folds:
-        csv = fold_dir(run_dir, k) / "results.csv"
+        csv = fold_dir(run_dir, k) / FILES.log
         if not csv.is_file():
             continue
         res = read_csv(csv, [], text=[])  # Ultralytics' numbers, inferred

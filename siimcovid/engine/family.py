@@ -147,6 +147,7 @@ class Family:
     files: FoldFiles
     resolve_run_dir: bool = False  # whether the run folder is made absolute (Ultralytics' project= needs it)
     derived: tuple[str, ...] = ()  # learned values that follow from the settings compared (not compared themselves)
+    init_path: Path | None = None  # the checkpoint init= names, resolved by the engine (None: no init=)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -87,7 +87,7 @@ def same_init(family: Family, old, old_fold) -> bool:
     """Whether a recorded init= names the checkpoint this run's init= resolved to (a run folder or its checkpoint: the
     release before recorded detect's as the checkpoint file)."""
     try:
-        return resolve_init(family, old, old_fold) == getattr(family, "init_path", None)
+        return resolve_init(family, old, old_fold) == family.init_path
     except SiimError:
         return False
 
