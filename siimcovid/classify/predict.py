@@ -158,6 +158,8 @@ def infer(model, loader, device, amp_dtype=None, tta: bool = False, loss_fn=None
     from siimcovid.classify.data import to_device
     from siimcovid.classify.model import probabilities
 
+    if not isinstance(tta, bool):  # the view name of the release before ("hflip", "none") would read as on
+        raise SiimError(f"tta={tta!r}: tta is on or off (True or False)")
     outputs = outputs or probabilities
     model.eval()
     idx, studies, nones, sums, n = [], [], [], {}, 0
