@@ -68,6 +68,7 @@ class Run:
     name: str = ""  # the `model` column of its boxes; default: the run folder's name
     load: Callable | None = None  # weights file -> Ultralytics YOLO; None: YOLO(file), a run's own checkpoint
     family: str = "yolo"  # the model family it was trained with (its learned record)
+    task: str = "opacity"  # what its boxes are: "opacity" (the competition's) or "lung" (one box around both lungs)
 
     def __post_init__(self):
         self.name = self.name or self.dir.name
@@ -104,7 +105,7 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     prep.check_size(size)
     prep.check_folds(cfg.get("folds_id"), str(run_dir))
     imgsz = {k: int(a.get("imgsz") or size) for k, a in args.items()}
-    return Run(run_dir, prep, size, found, imgsz, family=cfg.get("family") or "yolo")
+    return Run(run_dir, prep, size, found, imgsz, family=cfg.get("family") or "yolo", task=cfg.get("task") or "opacity")
 
 
 def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:
