@@ -11,7 +11,9 @@ write the record: fuse it again (seconds).
 
 from __future__ import annotations
 
+import math
 import re
+from numbers import Real
 from pathlib import Path
 
 from siimcovid.bundle.members import Member, locate
@@ -117,13 +119,35 @@ def check_members_fused(entry: dict, members: list[Member], key: str, record: Pa
 
 
 def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path) -> dict:
-    """fuse.yaml of the bundle from a recorded entry: its parameters and its member order; per-file det_weights
-    become per-model ones when one file held several models."""
+    """fuse.yaml of the bundle from a recorded entry: its parameters and its member order; per-file det_weights and
+    det_scale become per-model ones when one file held several models."""
     out = dict(entry["params"])
     det_files, cls_files = fused_models(entry, det, "det", record), fused_models(entry, cls, "cls", record)
-    if isinstance(out["det_weights"], list) and out["det_weights"] and any(len(f) > 1 for f in det_files):
-        out["det_weights"] = {n: w for w, names in zip(out["det_weights"], det_files) for n in names}
+    for key in PER_DET_FILE:
+        if isinstance(out[key], list) and out[key] and any(len(f) > 1 for f in det_files):
+            if len(out[key]) != len(det_files):
+                raise SiimError(f"export: {record}: {key}={out[key]} for {len(det_files)} detection file(s) {det_files}")
+            out[key] = {n: w for w, names in zip(out[key], det_files) for n in names}
     return {**out, "det": [n for f in det_files for n in f], "cls": [f[0] for f in cls_files]}
+
+
+PER_DET_FILE = ("det_weights", "det_scale")  # fusion settings given per det file (a list) or per model (a mapping)
+MEMBER_SETTINGS = {"det_weights": "det", "det_scale": "det", "cls_weights": "cls"}  # and the member list each follows
+
+
+def check_member_settings(fusion: dict, where) -> None:
+    """A bundle's (or export's) per-member fusion settings against its member lists: a list holds one value per
+    member, a mapping names members only, every value a finite number > 0 (fuse.yaml's spec does not look inside a
+    mapping, and a bundle is hostile: refused when it is opened, not after its members have predicted)."""
+    for key, members in MEMBER_SETTINGS.items():
+        value, names = fusion.get(key) or [], list(fusion.get(members) or [])
+        values = list(value.values()) if isinstance(value, dict) else list(value)
+        if isinstance(value, dict) and not set(map(str, value)) <= set(names):
+            raise SiimError(f"{where}: {key} names {sorted(set(map(str, value)) - set(names))}, not members {names}")
+        if not isinstance(value, dict) and values and len(values) != len(names):
+            raise SiimError(f"{where}: the fusion's {key}={value} do not match its {len(names)} members {names}")
+        if any(isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0 for v in values):
+            raise SiimError(f"{where}: {key}={value}: every value must be a number > 0")
 
 
 def from_settings(path: Path | None, det: list[Member], cls: list[Member]) -> dict:
@@ -154,7 +178,5 @@ def fusion_settings(fuse: Path | None, det: list[Member], cls: list[Member], anc
         check_members_fused(entry, cls, "cls", source)
         out = from_record(entry, det, cls, source)
         LOGGER.info(f"export: fusion settings and member order from {source} ({kind})")
-    for key, names in (("det_weights", out["det"]), ("cls_weights", out["cls"])):
-        if isinstance(out[key], list) and out[key] and len(out[key]) != len(names):
-            raise SiimError(f"export: the fusion's {key}={out[key]} do not match its {len(names)} members {names}")
+    check_member_settings(out, "export")
     return out, source

@@ -2,7 +2,9 @@
 
     run_fusion(inputs, params) -> Fused    (params built in Python: checked first by check_params)
     fuse_split(inputs, params) -> Fused    (params of a loaded config: checked at load)
-        1. WBF of every image's box sets (siimcovid.fuse.wbf), weights per set from det_weights
+        1. WBF of every image's box sets (siimcovid.fuse.wbf), weights per set from det_weights, each box's conf
+           first multiplied by its member's det_scale (clipped to 1: a calibration of an over- or under-confident
+           member, as the 1st place's 0.78 for Faster R-CNN)
         2. none_det from the fused confidences, by the registered `none_det` kind
            (prod: prod(1 - conf); max: 1 - max(conf))
         3. classifier members combined by siimcovid.ensemble.combine (cls_ensemble, cls_weights);
@@ -16,11 +18,12 @@
 
 The parameters are FUSION_KEYS (siimcovid.config.fusion_keys(): the keys of cfg/fuse.yaml that
 `fuse tune` searches and writes to best.yaml). WBF results are cached per (iou_thr,
-skip_box_thr, conf_type, weights), so a search over the cheap formula parameters costs one WBF.
+skip_box_thr, conf_type, weights, scales), so a search over the cheap formula parameters costs one WBF.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from numbers import Real
@@ -74,29 +77,42 @@ def check_params(params: dict) -> None:
         check_param(key, params[key])
 
 
-def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list:
-    """One WBF weight per box set, from det_weights: [] (all 1), a list (one per det file), or a
-    mapping {model name: weight} (models not named get 1)."""
-    if det_weights is None or (isinstance(det_weights, (list, tuple, dict)) and len(det_weights) == 0):
+def per_set(sets: pd.DataFrame, value, det_files: list[str], key: str = "det_weights") -> list[float]:
+    """One factor per box set from a per-member setting (det_weights, det_scale): [] (all 1), a list (one per det
+    file), or a mapping {model name: factor} (models not named get 1). A mapping's values are checked here (fuse.yaml's
+    spec checks a list's, not a map's: a bundle's or a cfg file's mapping is hostile)."""
+    if value is None or (isinstance(value, (list, tuple, dict)) and len(value) == 0):
         return [1.0] * len(sets)
-    if isinstance(det_weights, dict):
-        unknown = sorted(set(map(str, det_weights)) - set(sets["model"]))
+    if isinstance(value, dict):
+        unknown = sorted(set(map(str, value)) - set(sets["model"]))
         if unknown:
-            raise SiimError(
-                f"det_weights names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})"
-            )
-        weights = [det_weights.get(m, 1.0) for m in sets["model"]]
-        if any(isinstance(w, bool) or not isinstance(w, Real) or w <= 0 for w in weights):  # fuse.yaml checks lists, not maps
-            raise SiimError(f"det_weights must be numbers > 0 (leave a model out rather than weight it 0), got {det_weights}")
-    else:
-        per_file = as_list(det_weights)
-        if len(per_file) != len(det_files):
-            raise SiimError(
-                f"det_weights has {len(per_file)} value(s) for {len(det_files)} det file(s): "
-                "give one per file, e.g. det_weights=2,1"
-            )
-        weights = [per_file[f] for f in sets["file"]]
-    return weights
+            raise SiimError(f"{key} names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})")
+        bad = [v for v in value.values() if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0]
+        if bad:
+            raise SiimError(f"{key} must be numbers > 0 (leave a model out rather than give it 0), got {value}")
+        return [float(value.get(m, 1.0)) for m in sets["model"]]
+    per_file = as_list(value)
+    if len(per_file) != len(det_files):
+        raise SiimError(f"{key} has {len(per_file)} value(s) for {len(det_files)} det file(s): give one per file, e.g. {key}=2,1")
+    return [float(per_file[f]) for f in sets["file"]]
+
+
+def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list[float]:
+    """One WBF weight per box set, from det_weights (per_set)."""
+    return per_set(sets, det_weights, det_files, "det_weights")
+
+
+def scaled_boxes(inputs: FuseInputs, det_scale) -> pd.DataFrame:
+    """inputs.boxes with each box's conf times its set's det_scale, clipped to [0, 1] (det_scale all 1: as they are).
+
+    A calibration of a member's confidences: applied before WBF, so the fused boxes, the skip_box_thr cut and the
+    detector's none (computed from the fused boxes) all see the calibrated confidences, on OOF (where tune fits the
+    none formulas) as on test."""
+    scale = np.asarray(per_set(inputs.sets, det_scale, inputs.det_files, "det_scale"), dtype=np.float64)
+    if not len(inputs.boxes) or (scale == 1.0).all():
+        return inputs.boxes
+    factor = scale[inputs.boxes["set"].to_numpy(dtype=np.int64)]
+    return inputs.boxes.assign(conf=np.clip(inputs.boxes["conf"].to_numpy(dtype=np.float64) * factor, 0.0, 1.0))
 
 
 @dataclass
@@ -145,11 +161,12 @@ class WbfCache:
 def fuse_boxes(inputs: FuseInputs, params: dict, workers: int | None = 0, cache: WbfCache | None = None) -> pd.DataFrame:
     """WBF of every image (BOX_PRED_COLUMNS: image_id, conf, box in original px), cached."""
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
-    key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights))
+    scales = per_set(inputs.sets, params["det_scale"], inputs.det_files, "det_scale")
+    key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights), tuple(scales))
     fused = cache.get(key) if cache is not None else None
     if fused is None:
         fused = wbf_table(
-            inputs.boxes,
+            scaled_boxes(inputs, params["det_scale"]),
             inputs.images[["image_id", "rows", "cols"]],
             inputs.n_sets,
             weights,
@@ -175,11 +192,12 @@ def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int | None = 0) 
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
     n = len(inputs.images)
     index = pd.Index(inputs.images["image_id"])
+    scaled = scaled_boxes(inputs, params["det_scale"])
     per_fold = []
     for fold in sorted(set(inputs.sets["fold"])):
         members = inputs.sets.loc[inputs.sets["fold"] == fold, "set"].to_numpy()
         recode = {int(s): i for i, s in enumerate(members)}
-        boxes = inputs.boxes[inputs.boxes["set"].isin(members)]
+        boxes = scaled[scaled["set"].isin(members)]
         boxes = boxes.assign(set=boxes["set"].map(recode).to_numpy(dtype=np.int64))
         fused = wbf_table(
             boxes,

@@ -8,10 +8,13 @@ tries every value of its list with the others held at the best so far. The best 
 highest final score; ties keep the earlier trial, so the result never scores below trial 0 on the
 data it was tuned on. Last, each changed parameter is put back to its starting value when that
 scores as well (phase "simplify"): a parameter that does not move the score stays as it was.
+Per-member settings are lists, one value per file, and refine one member at a time: det_weights and
+cls_weights are relative (the first file stays 1); det_scale, each detection file's confidence factor,
+is drawn for every file (absolute confidences count: the none formulas see them).
 
 WBF is the cost (its clustering is pure Python: ~10 s per 250,000 boxes on one core); the
 formulas and the metric are vectorised (~0.4 s a trial on 6,334 images). So the random trials
-share `wbf_pool` WBF settings (iou_thr, skip_box_thr, conf_type, det_weights; trial 0's first),
+share `wbf_pool` WBF settings (iou_thr, skip_box_thr, conf_type, det_weights, det_scale; trial 0's first),
 each drawn once, while the formula parameters are drawn afresh per trial; trials run grouped by
 WBF setting. The refinement pass costs one WBF per value of a WBF parameter.
 
@@ -65,8 +68,12 @@ from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_temporaries, atomic_write_text
 
-MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}
-WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights")  # what changes the WBF result
+MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}  # relative: the first member stays 1
+# det_scale is searched for every member, none held at 1: WBF's order sees only the ratios, but skip_box_thr, the clip
+# at 1 and the detector's none (prod(1 - conf), 1 - max(conf)) see absolute confidences (one detector alone too)
+MEMBER_SCALE_KEYS = {"det_scale": "det_files"}
+MEMBER_KEYS = MEMBER_WEIGHT_KEYS | MEMBER_SCALE_KEYS  # per-member lists: one value per file
+WBF_KEYS = ("iou_thr", "skip_box_thr", "conf_type", "det_weights", "det_scale")  # what changes the WBF result
 
 
 def load_space(space) -> dict[str, list]:
@@ -88,11 +95,16 @@ def load_space(space) -> dict[str, list]:
 
 
 def canonical(params: dict) -> dict:
-    """Member weights that are all equal mean the same as none given ([]): only their ratios count."""
+    """Member weights that are all equal mean the same as none given ([]): only their ratios count; so do member
+    scales that are all 1."""
     out = dict(params)
     for k in MEMBER_WEIGHT_KEYS:
         w = out.get(k)
         if isinstance(w, list) and len({float(v) for v in w}) <= 1:
+            out[k] = []
+    for k in MEMBER_SCALE_KEYS:
+        w = out.get(k)
+        if isinstance(w, list) and all(float(v) == 1.0 for v in w):
             out[k] = []
     return out
 
@@ -139,32 +151,32 @@ def _flat(value):
 def _draw(rng: np.random.Generator, base: dict, space: dict, n_members: dict[str, int]) -> dict:
     params = dict(base)
     for k, values in space.items():
-        if k in MEMBER_WEIGHT_KEYS:
-            n = n_members[k]
-            if n > 1 and not isinstance(base.get(k), dict):
-                params[k] = [1.0] + [float(values[rng.integers(len(values))]) for _ in range(n - 1)]
+        if k in MEMBER_KEYS:
+            n, first = n_members[k], int(k in MEMBER_WEIGHT_KEYS)  # relative weights: the first member stays 1
+            if n > first and not isinstance(base.get(k), dict):
+                params[k] = [1.0] * first + [float(values[rng.integers(len(values))]) for _ in range(n - first)]
         else:
             params[k] = values[int(rng.integers(len(values)))]
     return params
 
 
 def _neighbours(best: dict, key: str, values: list, n_members: dict[str, int]) -> list[dict]:
-    if key not in MEMBER_WEIGHT_KEYS:
+    if key not in MEMBER_KEYS:
         return [{**best, key: v} for v in values]
-    n = n_members[key]
-    if n < 2 or isinstance(best.get(key), dict):
+    n, first = n_members[key], int(key in MEMBER_WEIGHT_KEYS)
+    if n <= first or isinstance(best.get(key), dict):
         return []
     current = [float(w) for w in (best.get(key) or [1.0] * n)]
-    return [{**best, key: current[:i] + [float(v)] + current[i + 1 :]} for i in range(1, n) for v in values]
+    return [{**best, key: current[:i] + [float(v)] + current[i + 1 :]} for i in range(first, n) for v in values]
 
 
 def check_space(space: dict) -> None:
-    """Every candidate value of the space against its spec in cfg/fuse.yaml (a relative member
-    weight as a one-member list), before reading large files: the trials are built of these values."""
+    """Every candidate value of the space against its spec in cfg/fuse.yaml (a member's weight or scale as a
+    one-member list), before reading large files: the trials are built of these values."""
     for key, values in space.items():
         for v in values:
             try:
-                check_param(key, [v] if key in MEMBER_WEIGHT_KEYS else v)
+                check_param(key, [v] if key in MEMBER_KEYS else v)
             except SiimError as e:
                 raise SiimError(f"space: {key}: {e}") from None
 
@@ -217,7 +229,7 @@ def simplify(search: Search, base: dict) -> tuple[float, dict]:
 
 def search_space(cfg: Config, inputs: FuseInputs, base: dict, space: dict) -> tuple[Search, int]:
     """Trial 0 (base), the random trials, the refinement pass; returns the search and the number of random trials."""
-    n_members = {"det_weights": len(inputs.det_files), "cls_weights": len(inputs.member_files)}
+    n_members = {k: len(getattr(inputs, files)) for k, files in MEMBER_KEYS.items()}
     search = Search(inputs, cfg.workers)
     rng = np.random.default_rng(cfg.seed)
     search.evaluate(base, "default")
