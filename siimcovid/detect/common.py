@@ -274,11 +274,12 @@ def warn_if_foreign(path: Path, key: str) -> None:
         )
 
 
-def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list) -> Path:
-    """The fold's data YAML with extra training images: `train` = [the fold's list, a list of the extra images];
-    `val` (and test) as prepare wrote them. Written to <run>/data/fold<k>.yaml beside fold<k>_extra.txt."""
+def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list, crops: list[str] = ()) -> Path:
+    """The fold's data YAML with extra training images: `train` = [the fold's list, a list of the extra images (extra=
+    data, then crop=lung's crops of the fold's training images)]; `val` (and test) as prepare wrote them. Written to
+    <run>/data/fold<k>.yaml beside fold<k>_extra.txt."""
     base = yaml.safe_load(source.yaml(fold).read_text()) or {}
-    images = [p for e in extras for p in e.detector_images(fold, source.size)]
+    images = [p for e in extras for p in e.detector_images(fold, source.size)] + list(crops)
     missing = [p for p in images if not Path(p).is_file()]
     if missing:
         raise SiimError(f"extra data: {len(missing)} image(s) not found, e.g. {missing[0]}")

@@ -175,7 +175,7 @@ class YoloFamily(Family):
     def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
         from siimcovid.detect.train import fold_yamls
 
-        self.yamls = fold_yamls(self.cfg, self.source, folds, run_dir)
+        self.yamls = fold_yamls(self.cfg, self.source, folds, run_dir, self.lung_boxes(data.folds_id))
         return {"data_yamls": {**data.learned["data_yamls"], **{k: str(p.resolve()) for k, p in self.yamls.items()}}}
 
     def callbacks(self, data: FoldData) -> dict:
@@ -242,7 +242,32 @@ class YoloFamily(Family):
         from siimcovid.detect.predict import predict_images
 
         yolo, args = model
-        return predict_images(yolo, run, fold, image_ids, split, args)
+        lungs = self.lung_boxes(run.prepared.folds_id)
+        if lungs is None:
+            return predict_images(yolo, run, fold, image_ids, split, args)
+        from siimcovid.tables import DETECTIONS
+        from siimcovid.views import detect_views
+
+        desc = f"predict {run.name} fold {fold} {split} (whole + lung crop)"
+        detector = lambda arrays: self.detect_arrays(model, arrays, args["augment"])  # noqa: E731
+        found = detect_views(detector, run.prepared, run.size, fold, image_ids, split, lungs, self.cfg, desc)
+        found["model"], found["fold"] = run.name, fold
+        return found[DETECTIONS.required]
+
+    def detect_arrays(self, model, images: list, tta: bool) -> list:
+        """Boxes of each image (uint8 gray or BGR, any size: Ultralytics letterboxes it to imgsz), (n, 5) [x_min, y_min,
+        x_max, y_max, conf] in that array's pixels (Ultralytics undoes its letterbox)."""
+        import numpy as np
+
+        yolo, args = model
+        arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
+        batch, out = max(int(args.get("batch") or 1), 1), []
+        for start in range(0, len(arrays), batch):
+            for result in yolo.predict(arrays[start : start + batch], **{**args, "augment": tta}):
+                xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64).reshape(-1, 4)
+                conf = result.boxes.conf.cpu().numpy().astype(np.float64).reshape(-1, 1)
+                out.append(np.hstack([xyxy, conf]))
+        return out
 
     def join(self, run, parts: list[pd.DataFrame], split: str) -> pd.DataFrame:
         from siimcovid.detect.predict import no_detections

@@ -285,12 +285,17 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path) -> dict[int, Path]:
-    """Each fold's data YAML: prepare's, or with extra=, the run's own one whose training list has the extra images."""
-    if not cfg.extra:
+def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path, lungs=None) -> dict[int, Path]:
+    """Each fold's data YAML: prepare's, or with extra= (or crop=lung crop_train=true), the run's own one whose training
+    list has the extra images (and the lung crops of the fold's training images: siimcovid.detect.crops)."""
+    from siimcovid.detect.crops import fold_crops, write_crops
+
+    prepared = Prepared(source.prepared)
+    crops = write_crops(prepared, source.size, lungs, cfg, run_dir) if lungs is not None and cfg.crop_train else None
+    if not cfg.extra and crops is None:
         return {k: source.yaml(k) for k in folds}
-    extras = open_extra(cfg.extra, Prepared(source.prepared).folds_id, source.n_folds)
-    return {k: extra_data_yaml(source, k, run_dir, extras) for k in folds}
+    extras = open_extra(cfg.extra, prepared.folds_id, source.n_folds) if cfg.extra else []
+    return {k: extra_data_yaml(source, k, run_dir, extras, fold_crops(prepared, crops, k) if crops else []) for k in folds}
 
 
 def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:

@@ -270,6 +270,17 @@ class Family:
         """A fold's model from a bundle's tensors and description (what load_fold returns for a run's checkpoint)."""
         raise SiimError(f"family={self.name} defines no from_state")
 
+    def lung_boxes(self, folds_id: str | None):
+        """crop=lung: the lung boxes its crop views come from (siimcovid.views.LungBoxes, read once and checked to be
+        of the same folds as the model's, folds_id), else None: whole images only."""
+        if not hasattr(self, "_lungs"):
+            from siimcovid.views import lungs_of
+
+            self._lungs = lungs_of(self.cfg)
+            if self._lungs is not None:
+                self._lungs.check_folds(folds_id, f"this {self.stage} run")
+        return self._lungs
+
     def oof_ids(self, data, fold: int) -> list[str]:
         """The images fold k's model predicts out of fold: its held-out train images."""
         return list(data.fold(fold, "val").image_id)

@@ -187,6 +187,7 @@ def train(family: Family, callbacks: dict[str, Callable | list] | None = None) -
         data = family.open_data()
         resolve_inputs(family, data)
         family.check(data)
+        family.lung_boxes(data.folds_id)  # crop=lung: its lung run read and checked before anything is written
         check_engine(family)
         cfg = family.cfg
         tracking = family.tracking()  # a tracking store that cannot be opened stops here, before anything is written

@@ -1,0 +1,264 @@
+"""Views of an image (`crop=lung`): the whole prepared image, and the same image cropped to its lungs, as the 1st
+place looked at every image twice. Every model family predicts each view; the views are then fused like folds and TTA.
+
+The crop of an image in fold k's model comes from the lung detector of the same fold (a `detect train task=lung` run):
+out of fold, fold k's lung model on fold k's held-out images (its pred_oof.csv rows of fold k), on test images fold k's
+lung model (its pred_test.csv rows of fold k), so no view leaks what another fold learned. The window is the lung box of
+highest confidence at or above `lung_conf`, widened by `crop_margin` of its size on each side and clipped to the image;
+an image with no confident lung box has no crop (its crop view is the whole image).
+
+Coordinates: a window is in ORIGINAL pixels (x0, y0, x1, y1) (meta.csv's rows and cols). The model sees that window of
+the prepared s x s image (the window times s / cols, s / rows, rounded outwards to whole pixels), resized to its input;
+a box it finds in the crop's pixels maps back to original pixels exactly through the crop's own window
+(window_of_crop: the whole pixels cut, in original coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from siimcovid.tables import BOX_COLUMNS, DETECTIONS
+from siimcovid.utils import SiimError
+
+CROPS = ("none", "lung")  # the crop= choices (cfg/shared.yaml)
+Window = tuple[float, float, float, float]
+
+
+# ----------------------------------------------------------------------------- geometry (pure)
+def as_rows(boxes) -> np.ndarray:
+    """Boxes as a float64 (n, k) copy: one box (k,) is one row; nothing is (0, 4)."""
+    boxes = np.array(boxes, dtype=np.float64)
+    if boxes.ndim >= 2:
+        return boxes.reshape(-1, boxes.shape[-1])
+    return boxes.reshape(1, -1) if boxes.size else np.zeros((0, 4))
+
+
+def widen(box, rows: int, cols: int, margin: float) -> Window:
+    """A lung box (original pixels) widened by `margin` of its width / height on each side, clipped to the image."""
+    x0, y0, x1, y1 = map(float, box)
+    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
+    return max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(cols), x1 + dx), min(float(rows), y1 + dy)
+
+
+def pixel_window(window: Window, rows: int, cols: int, size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The whole pixels of an h x w image of the original (the prepared square: h = w = s) that cover `window`:
+    rounded outwards, at least one pixel, inside the image."""
+    h, w = size_hw
+    sx, sy = w / cols, h / rows
+    px0, py0 = int(math.floor(window[0] * sx + 1e-9)), int(math.floor(window[1] * sy + 1e-9))
+    px1, py1 = int(math.ceil(window[2] * sx - 1e-9)), int(math.ceil(window[3] * sy - 1e-9))
+    px0, py0 = min(max(px0, 0), w - 1), min(max(py0, 0), h - 1)
+    return px0, py0, min(max(px1, px0 + 1), w), min(max(py1, py0 + 1), h)
+
+
+def window_of_crop(pixels: tuple[int, int, int, int], rows: int, cols: int, size_hw: tuple[int, int]) -> Window:
+    """The original-pixel window that the cut pixels (px0, py0, px1, py1) of an h x w image of the original show."""
+    h, w = size_hw
+    return pixels[0] * cols / w, pixels[1] * rows / h, pixels[2] * cols / w, pixels[3] * rows / h
+
+
+def cut(image: np.ndarray, window: Window, rows: int, cols: int) -> tuple[np.ndarray, Window]:
+    """(the crop of an image of the original that shows `window`, the exact original window the crop shows)."""
+    pixels = pixel_window(window, rows, cols, image.shape[:2])
+    px0, py0, px1, py1 = pixels
+    return image[py0:py1, px0:px1], window_of_crop(pixels, rows, cols, image.shape[:2])
+
+
+def to_original(boxes: np.ndarray, shape_hw: tuple[int, int], window: Window) -> np.ndarray:
+    """Boxes (n, 4 or 5: x0 y0 x1 y1 [conf]) in the pixels of an h x w array showing `window` -> original pixels."""
+    boxes = as_rows(boxes)
+    h, w = shape_hw
+    sx, sy = (window[2] - window[0]) / w, (window[3] - window[1]) / h
+    boxes[:, [0, 2]] = window[0] + boxes[:, [0, 2]] * sx
+    boxes[:, [1, 3]] = window[1] + boxes[:, [1, 3]] * sy
+    return boxes
+
+
+def from_original(boxes: np.ndarray, shape_hw: tuple[int, int], window: Window) -> np.ndarray:
+    """The inverse of to_original: original-pixel boxes -> the pixels of an h x w array showing `window`, clipped to
+    it (training labels of a crop: a box partly outside keeps its inside part)."""
+    boxes = as_rows(boxes)
+    h, w = shape_hw
+    sx, sy = w / (window[2] - window[0]), h / (window[3] - window[1])
+    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - window[0]) * sx).clip(0, w)
+    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - window[1]) * sy).clip(0, h)
+    return boxes
+
+
+def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Boxes found on a horizontally flipped image of this width -> the unflipped image's boxes."""
+    boxes = as_rows(boxes)
+    boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+    return boxes
+
+
+def fuse_boxes(views: list[np.ndarray], rows: int, cols: int, method: str, iou: float) -> np.ndarray:
+    """One image's boxes from its views' boxes ((n, 5) each, original pixels): wbf (Weighted Boxes Fusion, every view
+    one member, as folds are fused) or concat (every view's boxes, for a later fusion to merge)."""
+    views = [np.asarray(v, dtype=np.float64).reshape(-1, 5) for v in views]
+    if method == "concat" or len(views) == 1:
+        return np.concatenate(views) if views else np.zeros((0, 5))
+    if method != "wbf":
+        raise SiimError(f"view_fusion={method}: wbf or concat")
+    from siimcovid.fuse.wbf import denormalise_boxes, normalise_boxes, wbf_image
+
+    sets = [normalise_boxes(v[:, :4], rows, cols) for v in views]
+    boxes, scores = wbf_image(sets, [v[:, 4] for v in views], iou_thr=iou, skip_box_thr=0.0)
+    return np.hstack([denormalise_boxes(boxes, rows, cols), scores.reshape(-1, 1)])
+
+
+# ----------------------------------------------------------------------------- the lung windows of a fold
+@dataclass
+class LungBoxes:
+    """A lung detector's boxes (DETECTIONS tables: its OOF and test predictions), the windows of the crop views.
+
+    tables: {split: table}; the `fold` column says which fold's lung model found the box. source: where they came from
+    (messages). folds_id: the fold fingerprint of the lung run (must be the model's: the same folds, no leak).
+    """
+
+    tables: dict[str, pd.DataFrame]
+    source: str
+    folds_id: str | None = None
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> "LungBoxes":
+        """A lung run's predictions (`siimcovid detect predict run=<lung run>` writes them), checked to be a lung run's."""
+        from siimcovid.rundir import read_run
+
+        run_dir = Path(run_dir)
+        settings = run_dir / "detect.yaml"
+        if not settings.is_file():
+            raise SiimError(f"lung={run_dir}: not a detect run (no detect.yaml): give a `detect train task=lung` run")
+        record = read_run(settings)
+        if (record.get("task") or "opacity") != "lung":
+            task = record.get("task") or "opacity"
+            raise SiimError(f"lung={run_dir} is a detect run of task={task}, not a lung detector (task=lung)")
+        tables = {}
+        for split in ("oof", "test"):
+            path = run_dir / f"pred_{split}.csv"
+            if path.is_file():
+                tables[split] = DETECTIONS.read(path)
+        if not tables:
+            raise SiimError(f"lung={run_dir} has no predictions: run `siimcovid detect predict run={run_dir}` first")
+        return cls(tables, str(run_dir), record.get("folds_id"))
+
+    def check_folds(self, folds_id: str | None, what: str) -> None:
+        """The lung run was trained on the same folds as the model it crops for (else a crop view leaks)."""
+        if self.folds_id and folds_id and self.folds_id != folds_id:
+            raise SiimError(
+                f"lung={self.source} was trained on other folds (fingerprint {self.folds_id}) than {what} ({folds_id}): "
+                "its fold k model has seen images of fold k's validation; train both on the same prepared folder"
+            )
+
+    def windows(self, meta: pd.DataFrame, fold: int, image_ids: list[str], split: str, conf: float, margin: float) -> dict:
+        """{image_id: window (original pixels) or None (no lung box at or above conf: the whole image)} of fold k's
+        model. split: oof (or "train", the prepared split of out-of-fold images) or test."""
+        split = "oof" if split == "train" else split
+        table = self.tables.get(split)
+        if table is None:
+            how = f"`siimcovid detect predict run={self.source} split={split}`"
+            raise SiimError(f"lung={self.source} has no {split} predictions: {how}")
+        wanted = set(image_ids)
+        seen = table[table.image_id.isin(wanted)]
+        if wanted and seen.empty:
+            raise SiimError(
+                f"lung={self.source} has no {split} boxes of these {len(wanted)} images (e.g. {image_ids[0]}): predict them "
+                "with the lung run first (`siimcovid detect predict run=<lung run>`, source= for another prepared folder)"
+            )
+        if split == "oof" and wanted and seen[seen.fold == fold].empty:
+            raise SiimError(f"lung={self.source} has no out-of-fold boxes of fold {fold}: train and predict that fold of it")
+        rows = seen[(seen.fold == fold) & (seen.conf >= conf)]
+        best = rows.sort_values("conf", ascending=False, kind="stable").drop_duplicates("image_id").set_index("image_id")
+        sizes = meta.set_index("image_id")
+        out = {}
+        for image_id in image_ids:
+            if image_id in best.index:
+                r, c = int(sizes.at[image_id, "rows"]), int(sizes.at[image_id, "cols"])
+                out[image_id] = widen(best.loc[image_id, BOX_COLUMNS].to_numpy(), r, c, margin)
+            else:
+                out[image_id] = None
+        return out
+
+
+def lungs_of(cfg) -> LungBoxes | None:
+    """The lung boxes of a stage's settings: crop=lung needs lung=<a lung run>; crop=none, none. (A bundle's predict
+    hands its lung member's boxes in as cfg's `lung_boxes`.)"""
+    crop = cfg.get("crop") or "none"
+    if crop == "none":
+        return None
+    if crop not in CROPS:
+        raise SiimError(f"crop={crop}: one of {', '.join(CROPS)}")
+    given = cfg.get("lung_boxes")
+    if isinstance(given, LungBoxes):
+        return given
+    if not cfg.get("lung"):
+        raise SiimError("crop=lung needs lung=<a lung detector run> (`siimcovid detect train task=lung`, then `detect predict`)")
+    return LungBoxes.of_run(cfg.lung)
+
+
+def views_of(image: np.ndarray, window: Window | None, rows: int, cols: int, flips: bool = False) -> list[tuple]:
+    """The views of one image of the original: [(array, the original window it shows, flipped)]: the whole image,
+    then its crop (where there is a window), each also flipped when `flips`."""
+    whole: Window = (0.0, 0.0, float(cols), float(rows))
+    out = [(image, whole, False)]
+    if window is not None:
+        crop, shown = cut(image, window, rows, cols)
+        out.append((crop, shown, False))
+    if flips:
+        out += [(np.ascontiguousarray(a[:, ::-1]), w, True) for a, w, _ in list(out)]
+    return out
+
+
+def view_boxes(boxes: np.ndarray, array: np.ndarray, window: Window, flipped: bool) -> np.ndarray:
+    """Boxes a model found on one view (that array's pixels) -> original pixels."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    if flipped:
+        boxes = hflip_boxes(boxes, array.shape[1])
+    return to_original(boxes, array.shape[:2], window)
+
+
+def read_gray(path: Path) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise SiimError(f"{path} cannot be read as an image: re-run `siimcovid prepare`")
+    return image
+
+
+def detect_views(
+    detect_arrays, prepared, size: int, fold: int, image_ids: list[str], split: str, lungs: LungBoxes, cfg, desc: str
+) -> pd.DataFrame:
+    """A detector's boxes of its views of each image (whole and lung crop), fused per image (cfg.view_fusion), in
+    original pixels: columns image_id + BOX_COLUMNS + conf. detect_arrays(arrays) -> [(n, 5) in each array's pixels]
+    is the family's (its TTA flips inside)."""
+    from tqdm import tqdm
+
+    meta = prepared.meta.set_index("image_id")
+    windows = lungs.windows(prepared.meta, fold, image_ids, split, cfg.lung_conf, cfg.crop_margin)
+    batch = max(int(cfg.get("batch") or 1), 1)
+    frames = []
+    with tqdm(total=len(image_ids), desc=desc, unit="img") as bar:
+        for start in range(0, len(image_ids), batch):
+            chunk = image_ids[start : start + batch]
+            views = []
+            for image_id in chunk:
+                rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
+                image = read_gray(prepared.image_path(image_id, split, size))
+                views.append(views_of(image, windows[image_id], rows, cols))
+            found = iter(detect_arrays([a for v in views for a, _, _ in v]))
+            for image_id, image_views in zip(chunk, views):
+                rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
+                boxes = [view_boxes(next(found), a, w, f) for a, w, f in image_views]
+                fused = fuse_boxes(boxes, rows, cols, cfg.view_fusion, cfg.view_iou)
+                fused[:, [0, 2]], fused[:, [1, 3]] = fused[:, [0, 2]].clip(0, cols), fused[:, [1, 3]].clip(0, rows)
+                frame = pd.DataFrame(fused, columns=[*BOX_COLUMNS, "conf"])
+                frame.insert(0, "image_id", image_id)
+                frames.append(frame)
+            bar.update(len(chunk))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image_id", *BOX_COLUMNS, "conf"])
