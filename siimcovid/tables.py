@@ -32,6 +32,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | SCORES | detect/classify predict, fuse | scores_oof.csv of each stage | runs, people |
 | SKIPPED | prepare (on_error=skip) | runs/prepare/<name>/skipped.csv | fuse (Prepared.was_skipped), people |
 | EXTERNAL_LABELS | prepare layout=rsna, csv | runs/prepare/<name>/labels.csv | extra training data (pretraining) |
+| LUNG_BOXES | prepare lung_boxes= | runs/prepare/<name>/lungs.csv | the lung detector's data and score, lung crops |
 | TRUTH | siimcovid.data.truth (in memory, not a file) | - | the metric (siimcovid.metrics): every score |
 | CLASSIFIER_FOLDS | classify predict per_fold=true | runs/classify/<name>/pred_test_image_folds.csv | pseudo |
 | PSEUDO_LABELS | pseudo | runs/pseudo/<name>/labels.csv | extra training data (siimcovid.data.extra.ExtraData) |
@@ -559,6 +560,16 @@ EXTERNAL_LABELS = Table(
     key=("image_id",),
 )
 
+LUNG_BOXES = Table(
+    "lung boxes",
+    "runs/prepare/<name>/lungs.csv",
+    (Column("image_id", TEXT, "the train image (meta.csv's image_id)"), *_BOX),
+    "One box around both lungs per train image (prepare lung_boxes=: the 1st-place team's Pascal VOC .xml or YOLO .txt "
+    "per image, read by siimcovid.data.lungs), in ORIGINAL pixels; what the lung detector (detect train task=lung) learns.",
+    checks=(_not_empty("image_id"), _boxes_ordered),
+    key=("image_id",),
+)
+
 SCORES = Table(
     "scores",
     "runs/<stage>/<name>/scores_oof.csv",
@@ -568,6 +579,7 @@ SCORES = Table(
         Column("n_studies", INT, "studies scored"),
         *[Column(c, FLOAT, f"AP({c}); absent when not scored, empty when a fold lacks it", required=False, nullable=True)
           for c in CLASSES],
+        Column("lung", FLOAT, "AP(lung) of a lung detector (detect task=lung) against lungs.csv", required=False, nullable=True),
         Column("study_map", FLOAT, "mean AP of the study classes scored", required=False, nullable=True),
         Column("image_map", FLOAT, "mean AP of opacity and none, those scored", required=False, nullable=True),
         Column("final", FLOAT, "mean AP over every class scored", nullable=True),
@@ -582,7 +594,8 @@ SCORES = Table(
 
 # Column lists derived from the contracts, for the code that builds these tables
 BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id, conf, x_min, y_min, x_max, y_max
-SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT]  # AP per class, study_map, image_map, final
+# AP per class, study_map, image_map, final (the competition's: a lung detector's AP is its own scores_oof.csv's only)
+SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT and c.name != "lung"]
 
 
 # ----------------------------------------------------------------------------- per-fold teachers and pseudo-labels (issue 12)

@@ -16,6 +16,12 @@ may write there is listed in the record before any is written, so a user's file 
 work, and only listed files are replaced or removed. A folder an earlier siimcovid prepared (its prepare.yaml,
 no record) is adopted as prepare's own. A data YAML is replaced only when it is one prepare wrote (its first line
 says so): data_yaml_dir is shared by every dataset, a user's YAML of the same name stays.
+
+lung_boxes=<folder> (siimcovid.data.lungs) also writes lungs.csv (tables.LUNG_BOXES) and, per size, the lung
+detector's one-class YOLO dataset <size>/lung/ on the same folds, whose images are links to the prepared ones (a
+symbolic link, else a hard link, else a copy), and data_yaml/<name>_lung_fold<k>.yaml (layout: siimcovid.data.prepared).
+A train image whose lung box file is bad or missing stops prepare, or with on_error=skip is left out of the lung data
+only (listed in skipped.csv). Without lung_boxes=, a re-run removes the lung files an earlier run wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import inspect
 import multiprocessing as mp
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -37,13 +44,14 @@ from siimcovid.config import Config, default_name, worker_processes
 from siimcovid.data.boxes import as_array, boxes_to_json
 from siimcovid.data.convert import convert_one, encode_params, init_worker
 from siimcovid.data.folds import make_folds
-from siimcovid.data.prepared import RECORD, SKIPPED_CSV, folds_fingerprint
+from siimcovid.data.lungs import box_files, no_box_file, read_lung_boxes, yolo_line
+from siimcovid.data.prepared import LUNG, LUNGS_CSV, RECORD, SKIPPED_CSV, data_yaml_name, folds_fingerprint
 from siimcovid.data.prepared_paths import image_file, label_file, mask_file
 from siimcovid.data.siim import IMAGE_CSV, Problems
 from siimcovid.outputs import Earlier, Written, check_out, check_outside, open_out, read_mapping
 from siimcovid.rundir import merge_run, write_run
-from siimcovid.tables import EXTERNAL_LABELS, META, SKIPPED, STUDY_CLASSES
-from siimcovid.utils import LOGGER, SiimError, atomic_write_text, printable
+from siimcovid.tables import BOX_COLUMNS, EXTERNAL_LABELS, LUNG_BOXES, META, SKIPPED, STUDY_CLASSES
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text, printable
 
 
 def run_jobs(jobs: list[dict], workers: int, desc: str, convert=convert_one):
@@ -113,7 +121,19 @@ def check_settings(cfg: Config) -> Target:
     target = Target(root, name, out, sizes, yolo_size)
     if "train" in cfg.splits:
         check_data_yamls(data_yaml_paths(name, cfg.n_folds, Path(cfg.data_yaml_dir)))
+    if cfg.lung_boxes:
+        check_lung_settings(cfg, name)
     return target
+
+
+def check_lung_settings(cfg: Config, name: str) -> None:
+    """lung_boxes=: a folder, boxes for the train split, data YAMLs that are prepare's to replace."""
+    folder = Path(cfg.lung_boxes)
+    if not folder.is_dir():
+        raise SiimError(f"lung_boxes={folder}: no such folder (a folder of <image_id>.xml or .txt lung box files)")
+    if "train" not in cfg.splits:
+        raise SiimError(f"lung_boxes={folder} boxes the train images: give splits= with train")
+    check_data_yamls(data_yaml_paths(name, cfg.n_folds, Path(cfg.data_yaml_dir), LUNG))
 
 
 def earlier_settings(out: Path) -> dict | None:
@@ -204,6 +224,32 @@ def output_files(table: pd.DataFrame, cfg: Config, target: Target, label_names: 
     if (table.split == "train").any():
         files += [out / str(target.yolo_size) / f"fold{k}_{part}.txt" for k in range(cfg.n_folds) for part in ("train", "val")]
         files += [out / str(target.yolo_size) / "test.txt"]
+    if cfg.lung_boxes:
+        files += lung_files(table, out, target.sizes, cfg.n_folds, cfg.ext)
+    return files
+
+
+def lung_folder(out: Path, size: int) -> Path:
+    return out / str(size) / LUNG
+
+
+def lung_image(out: Path, size: int, split: str, image_id: str, ext: str) -> Path:
+    return lung_folder(out, size) / "images" / split / f"{image_id}.{ext}"
+
+
+def lung_label(out: Path, size: int, image_id: str) -> Path:
+    return lung_folder(out, size) / "labels" / "train" / f"{image_id}.txt"
+
+
+def lung_files(table: pd.DataFrame, out: Path, sizes: list[int], n_folds: int, ext: str) -> list[Path]:
+    """Every file of the lung data prepare may write (lung_boxes=): lungs.csv, and per size the links, labels, lists."""
+    files = [out / LUNGS_CSV]
+    for s in sizes:
+        for r in table.itertuples(index=False):
+            files.append(lung_image(out, s, r.split, r.image_id, ext))
+            files += [lung_label(out, s, r.image_id)] if r.split == "train" else []
+        lists = [f"fold{k}_{part}.txt" for k in range(n_folds) for part in ("train", "val")] + ["test.txt"]
+        files += [lung_folder(out, s) / n for n in lists]
     return files
 
 
@@ -316,8 +362,8 @@ def write_yolo_lists(meta: pd.DataFrame, out: Path, size: int, n_folds: int, exc
 DATA_YAML_HEAD = "# Generated by `siimcovid prepare`"  # the first line of every data YAML prepare writes
 
 
-def data_yaml_paths(name: str, n_folds: int, yaml_dir: Path) -> list[Path]:
-    return [yaml_dir / f"{name}_fold{k}.yaml" for k in range(n_folds)]
+def data_yaml_paths(name: str, n_folds: int, yaml_dir: Path, task: str = "opacity") -> list[Path]:
+    return [yaml_dir / data_yaml_name(name, k, task) for k in range(n_folds)]
 
 
 def check_data_yamls(paths: list[Path]) -> None:
@@ -337,19 +383,26 @@ def _starts_with(path: Path, head: str) -> bool:
         return False
 
 
-def write_data_yamls(name: str, out: Path, size: int, n_folds: int, yaml_dir: Path, has_test: bool) -> list[Path]:
-    """data_yaml/<name>_fold<k>.yaml: plain Ultralytics data files, usable with `yolo detect train`."""
-    paths = data_yaml_paths(name, n_folds, yaml_dir)
+def write_data_yamls(
+    name: str, out: Path, size: int, n_folds: int, yaml_dir: Path, has_test: bool, task: str = "opacity"
+) -> list[Path]:
+    """data_yaml/<name>_fold<k>.yaml: plain Ultralytics data files, usable with `yolo detect train`; task=lung:
+    <name>_lung_fold<k>.yaml, the lung detector's (its lists in <size>/lung/: `path` stays <prepared>/<size>, so
+    every reader finds the prepared folder above it)."""
+    paths = data_yaml_paths(name, n_folds, yaml_dir, task)
     check_data_yamls(paths)
+    lists, names = (f"{LUNG}/", {0: LUNG}) if task == LUNG else ("", {0: "opacity"})
     for k, path in enumerate(paths):
         data = {
             "path": str((out / str(size)).resolve()),
-            "train": f"fold{k}_train.txt",
-            "val": f"fold{k}_val.txt",
-            **({"test": "test.txt"} if has_test else {}),
-            "names": {0: "opacity"},
+            "train": f"{lists}fold{k}_train.txt",
+            "val": f"{lists}fold{k}_val.txt",
+            **({"test": f"{lists}test.txt"} if has_test else {}),
+            **({"nc": 1} if task == LUNG else {}),
+            "names": names,
         }
-        text = f"{DATA_YAML_HEAD} from {out}: fold {k} of {n_folds}, {size} px images.\n"
+        what = f"{task} boxes, " if task == LUNG else ""
+        text = f"{DATA_YAML_HEAD} from {out}: fold {k} of {n_folds}, {what}{size} px images.\n"
         text += yaml.safe_dump(data, sort_keys=False)
         atomic_write_text(path, text)
     return paths
@@ -393,16 +446,97 @@ def write_labels(table: pd.DataFrame, meta: pd.DataFrame, label_names: list[str]
     EXTERNAL_LABELS.write(pd.concat([kept[["image_id"]], values], axis=1), path)
 
 
+def check_lung_files(cfg: Config, table: pd.DataFrame) -> None:
+    """on_error=raise: a train image without a lung box file stops prepare before the first decode (a wrong folder
+    is told at once, not after hours of DICOMs); its contents are read once the image sizes are known (read_lungs)."""
+    if not cfg.lung_boxes or cfg.on_error != "raise":
+        return
+    folder = Path(cfg.lung_boxes)
+    names = {p.name for p in folder.iterdir()}
+    for image_id in table.image_id[table.split == "train"]:
+        if not box_files(folder, str(image_id), names):
+            raise no_box_file(folder, str(image_id))
+
+
+def read_lungs(cfg: Config, meta: pd.DataFrame, problems: Problems) -> pd.DataFrame | None:
+    """The lung box of every prepared train image (lung_boxes=; None without it): bad or missing files go to
+    `problems` (on_error=skip: those images are left out of the lung data); none read at all is an error."""
+    if not cfg.lung_boxes:
+        return None
+    train = meta[meta.split == "train"]
+    lungs = read_lung_boxes(cfg.lung_boxes, train, problems)
+    if len(train) and lungs.empty:
+        first = printable(str(problems.items[-1])) if problems.items else "?"
+        raise SiimError(f"lung_boxes={cfg.lung_boxes}: no lung box read for any of the {len(train)} train images (last: {first})")
+    return lungs
+
+
+def link_image(target: Path, link: Path) -> None:
+    """`link` shows the prepared image `target` without a copy: a relative symbolic link (the prepared folder may
+    move), else a hard link, else a copy (a filesystem without links). A symbolic link already right is kept; the
+    others are made again (a re-decoded image is a new file)."""
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    with atomic_path(link) as tmp:
+        os.unlink(tmp)
+        try:
+            os.symlink(relative, tmp)
+        except OSError:
+            try:
+                os.link(target, tmp)
+            except OSError:
+                shutil.copyfile(target, tmp)
+
+
+def write_lung_data(meta: pd.DataFrame, lungs: pd.DataFrame | None, cfg: Config, target: Target, written: Written) -> list[Path]:
+    """lungs.csv and, per size, the lung detector's YOLO dataset <size>/lung/ (module docstring); its data YAMLs
+    (returned). lungs None (no lung_boxes=): the lung files an earlier run wrote are removed."""
+    out = target.out
+    if lungs is None:
+        for rel in sorted(written.files):
+            if rel == LUNGS_CSV or re.fullmatch(rf"\d+/{LUNG}/.+", rel):
+                remove_own(written, out / rel)
+        return []
+    LUNG_BOXES.write(lungs, out / LUNGS_CSV)
+    boxes = lungs.set_index("image_id")
+    train, test = meta[meta.split == "train"], meta[meta.split == "test"]
+    boxed = train[train.image_id.isin(boxes.index)]
+    for s in target.sizes:
+        for r in boxed.itertuples(index=False):
+            link_image(image_file(out, s, "train", r.image_id, cfg.ext), lung_image(out, s, "train", r.image_id, cfg.ext))
+            atomic_write_text(lung_label(out, s, r.image_id), yolo_line(list(boxes.loc[r.image_id, BOX_COLUMNS]), r.rows, r.cols))
+        for r in train[~train.image_id.isin(boxes.index)].itertuples(index=False):  # skipped now: an earlier run's go
+            remove_own(written, lung_image(out, s, "train", r.image_id, cfg.ext))
+            remove_own(written, lung_label(out, s, r.image_id))
+        for r in test.itertuples(index=False):
+            link_image(image_file(out, s, "test", r.image_id, cfg.ext), lung_image(out, s, "test", r.image_id, cfg.ext))
+        rel = lambda df, split: "".join(f"./images/{split}/{i}.{cfg.ext}\n" for i in df.image_id)  # noqa: E731
+        for k in range(cfg.n_folds):
+            atomic_write_text(lung_folder(out, s) / f"fold{k}_train.txt", rel(boxed[boxed.fold != k], "train"))
+            atomic_write_text(lung_folder(out, s) / f"fold{k}_val.txt", rel(boxed[boxed.fold == k], "train"))
+        atomic_write_text(lung_folder(out, s) / "test.txt", rel(test, "test"))
+    yaml_dir, has_test = Path(cfg.data_yaml_dir), bool(len(test))
+    return write_data_yamls(target.name, out, target.yolo_size, cfg.n_folds, yaml_dir, has_test, LUNG)
+
+
 def write_outputs(
-    meta: pd.DataFrame, cfg: Config, target: Target, problems: Problems, previous_meta: Path, written: Written
+    meta: pd.DataFrame,
+    cfg: Config,
+    target: Target,
+    problems: Problems,
+    previous_meta: Path,
+    written: Written,
+    lungs: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Image lists, data YAMLs, skipped.csv, then meta.csv (last: its presence marks a finished prepare).
-    Returns the data YAMLs written. Every file in the folder was claimed by start_output."""
+    """Image lists, data YAMLs, the lung data, skipped.csv, then meta.csv (last: its presence marks a finished
+    prepare). Returns the data YAMLs written. Every file in the folder was claimed by start_output."""
     out, yamls = target.out, []
     if (meta.split == "train").any():
         write_yolo_lists(meta, out, target.yolo_size, cfg.n_folds, cfg.yolo_exclude_none, cfg.ext)
         has_test = (meta.split == "test").any()
         yamls = write_data_yamls(target.name, out, target.yolo_size, cfg.n_folds, Path(cfg.data_yaml_dir), has_test)
+    yamls += write_lung_data(meta, lungs, cfg, target, written)
     if problems.items:
         SKIPPED.write(problems.table(), out / SKIPPED_CSV)
     else:
@@ -450,6 +584,7 @@ def prepare(cfg: Config) -> Path:
     table = read_inputs(target.root, cfg.splits, problems, cfg.layout, cfg)
     label_names = table.attrs.get("label_names")
     check_folds_possible(table, cfg.n_folds, cfg.seed)
+    check_lung_files(cfg, table)
     created = not target.out.exists()
     previous_meta, written = start_output(cfg, target, output_files(table, cfg, target, label_names), label_names)
     try:
@@ -461,14 +596,17 @@ def prepare(cfg: Config) -> Path:
             abandon_output(written)
         raise
     meta = build_meta(table, results, target.root, cfg.n_folds, cfg.seed)
+    lungs = read_lungs(cfg, meta, problems)
     write_labels(table, meta, label_names, written)
-    yamls = write_outputs(meta, cfg, target, problems, previous_meta, written)
+    yamls = write_outputs(meta, cfg, target, problems, previous_meta, written, lungs)
 
     n_train = int((meta.split == "train").sum())
     LOGGER.info(
         f"prepare: {n_train} train + {len(meta) - n_train} test images -> {target.out} "
         f"({converted} decoded, {len(results) - converted} already done, {len(problems.items)} skipped)"
     )
+    if lungs is not None:
+        LOGGER.info(f"prepare: {len(lungs)} lung boxes of {n_train} train images -> {target.out / LUNGS_CSV}")
     if n_train:
         LOGGER.info("folds (grouped by patient):\n" + fold_summary(meta))
         LOGGER.info(f"data YAMLs: {yamls[0]} ... {yamls[-1].name}")

@@ -10,6 +10,11 @@ Layout of <out> (default runs/prepare/<name>)::
     <size>/labels/train/<image_id>.txt   YOLO labels: `0 xc yc w h`, normalised, clipped
     <size>/masks/train/<image_id>.png    0/255 masks with the opacity boxes filled
     <size>/fold<k>_train.txt, fold<k>_val.txt, test.txt   image lists for Ultralytics
+    lungs.csv                            with lung_boxes=: one lung box per train image (siimcovid.tables.LUNG_BOXES)
+    <size>/lung/images/{train,test}/<image_id>.<ext>   with lung_boxes=: links to the prepared images (Ultralytics
+                                         finds a label by the image's path: /images/ -> /labels/)
+    <size>/lung/labels/train/<image_id>.txt, <size>/lung/fold<k>_{train,val}.txt, test.txt   the lung detector's
+                                         one-class YOLO dataset (data_yaml/<name>_lung_fold<k>.yaml)
 
 meta.csv is written last: a folder without it is not a finished prepare.
 Coordinates in meta.csv are ORIGINAL DICOM pixels; an image of size s is the original
@@ -26,11 +31,18 @@ import pandas as pd
 import yaml
 
 from siimcovid.data.prepared_paths import image_file, label_file, mask_file
-from siimcovid.tables import META, SKIPPED
+from siimcovid.tables import LUNG_BOXES, META, SKIPPED
 from siimcovid.utils import SiimError, as_list
 
 SKIPPED_CSV = "skipped.csv"  # written by prepare only when it dropped inputs (on_error=skip)
 RECORD = "prepare_files.yaml"  # prepare's record of its folder (siimcovid.outputs): prepare.yaml stays a valid cfg=
+LUNGS_CSV = "lungs.csv"  # the lung boxes (prepare lung_boxes=)
+LUNG = "lung"  # the lung detector's task, its YOLO dataset's folder <size>/lung/ and its one class name
+
+
+def data_yaml_name(name: str, fold: int, task: str = "opacity") -> str:
+    """The data YAML prepare writes for a fold: <name>_fold<k>.yaml (opacity), <name>_lung_fold<k>.yaml (lung)."""
+    return f"{name}_lung_fold{fold}.yaml" if task == LUNG else f"{name}_fold{fold}.yaml"
 
 
 def folds_fingerprint(meta: pd.DataFrame) -> str:
@@ -139,6 +151,12 @@ class Prepared:
         rows = self.skipped()
         names = rows["file"].str.contains(image_id, regex=False) | rows["problem"].str.contains(image_id, regex=False)
         return bool(names.any())
+
+    def lungs(self) -> pd.DataFrame | None:
+        """The lung boxes prepare read (tables.LUNG_BOXES: one box per train image, original pixels); None when it was
+        given no lung_boxes=."""
+        path = self.root / LUNGS_CSV
+        return LUNG_BOXES.read(path) if path.is_file() else None
 
     def split(self, split: str) -> pd.DataFrame:
         return self.meta[self.meta.split == split].reset_index(drop=True)

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from siimcovid import registry
 from siimcovid.config import Config, worker_processes
 from siimcovid.data.convert import init_worker
+from siimcovid.data.lungs import write_lung_files
 from siimcovid.outputs import check_place
 from siimcovid.tables import (
     IMAGE_CSV,
@@ -120,6 +121,23 @@ def _lung_geometry(rng: np.random.Generator) -> dict:
         "ax": 0.15 + rng.uniform(-0.015, 0.015),
         "ay": 0.29 + rng.uniform(-0.03, 0.03),
     }
+
+
+def lung_box(spec: ImageSpec) -> list[float]:
+    """One box around both lung fields as draw_chest draws them, in original pixels: the 1st place's lung boxes."""
+    geo = spec.geo
+    (left, cy), (right, _), ax, ay = geo["left"], geo["right"], geo["ax"], geo["ay"]
+    return [(left - ax) * spec.cols, (cy - ay) * spec.rows, (right + ax) * spec.cols, (cy + ay) * spec.rows]
+
+
+LUNG_BOXES_DIR = "lung_boxes"  # <root>/lung_boxes/<image_id>.xml and .txt of the train images (prepare lung_boxes=)
+
+
+def write_lung_boxes(studies: list[StudySpec], folder: Path) -> None:
+    """Each train image's lung box in both formats the 1st place published (siimcovid.data.lungs)."""
+    for st in studies:
+        for im in st.images if st.split == "train" else []:
+            write_lung_files(folder, im.image_id, lung_box(im), im.rows, im.cols)
 
 
 def _place_box(rng, geo, side: str, zone: str, rows: int, cols: int, scale: float = 1.0) -> list:
@@ -490,6 +508,7 @@ def generate(cfg: Config) -> Path:
     ]
     write_all(jobs, _write_image, worker_processes(cfg.workers), f"synth {len(jobs)} DICOMs")
     write_csvs(studies, partial)
+    write_lung_boxes(studies, partial / LUNG_BOXES_DIR)
     finish_partial(partial, out, f"written by siimcovid synth, seed {cfg.seed}", out / IMAGE_CSV)
     n_train = sum(len(s.images) for s in studies if s.split == "train")
     n_test = sum(len(s.images) for s in studies if s.split == "test")
