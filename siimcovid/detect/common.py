@@ -151,8 +151,16 @@ def prepared_of_yaml(path: Path) -> Path:
     return images.parent
 
 
-def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
-    """data= is a prepared folder, a dataset name (data_yaml/<name>_fold<k>.yaml) or one data YAML path."""
+def yaml_task(path: Path) -> str:
+    """The task of a data YAML by its one class name: lung (prepare's lung YAMLs) or opacity (any other)."""
+    names = (yaml.safe_load(path.read_text()) or {}).get("names")
+    names = list(names.values()) if isinstance(names, dict) else names
+    return prepared_data.LUNG if names == [prepared_data.LUNG] else "opacity"
+
+
+def resolve_data(data: Any, data_yaml_dir: str | Path, task: str = "opacity") -> DataSource:
+    """data= is a prepared folder, a dataset name (data_yaml/<name>_fold<k>.yaml) or one data YAML path; task=lung:
+    the lung detector's YAMLs (<name>_lung_fold<k>.yaml, from prepare lung_boxes=) of that prepared folder."""
     if not data:
         raise SiimError("data= is required: a prepared folder (runs/prepare/<name>) or a data YAML name")
     path, only_fold = Path(data), None
@@ -165,11 +173,16 @@ def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
         match = re.fullmatch(r"(.+)_fold(\d+)", path.stem)
         if not match:
             raise SiimError(f"{path}: expected a data YAML named <name>_fold<k>.yaml, as `siimcovid prepare` writes them")
+        if yaml_task(path) != task:
+            expected = prepared_data.data_yaml_name("<name>", "<k>", task)
+            raise SiimError(f"{path} holds {yaml_task(path)} boxes: task={task} trains on a data YAML {expected}")
         only_fold = int(match.group(2))
     elif len(path.parts) > 1:  # a path, not a dataset name
         raise SiimError(f"data folder not found: {path} (run `siimcovid prepare` first)")
     else:
-        first = Path(data_yaml_dir) / f"{path.name}_fold0.yaml"
+        first = Path(data_yaml_dir) / prepared_data.data_yaml_name(path.name, 0, task)
+        if not first.is_file() and (Path(data_yaml_dir) / prepared_data.data_yaml_name(path.name, 0)).is_file():
+            first = Path(data_yaml_dir) / prepared_data.data_yaml_name(path.name, 0)  # no lung boxes: said below
         if not first.is_file():
             raise SiimError(f"data '{path.name}' is neither a prepared folder nor a data YAML name: {first} not found")
         prepared = prepared_of_yaml(first)
@@ -178,15 +191,20 @@ def resolve_data(data: Any, data_yaml_dir: str | Path) -> DataSource:
         raise SiimError(f"{prepared} has no train images: detectors need the train split")
     if prep.cfg.get("layout") == "csv":
         raise SiimError(f"{prepared} is a labelled-CSV set (layout=csv): it has no boxes to train a detector on")
+    if task == prepared_data.LUNG and prep.lungs() is None:
+        raise SiimError(
+            f"{prepared} has no lung boxes (no {prepared_data.LUNGS_CSV}): task=lung trains on them; run "
+            "`siimcovid prepare ... lung_boxes=<folder of the <image_id>.xml or .txt lung box files>` first"
+        )
     size = prep.cfg.get("yolo_size") or max(prep.sizes)
     if only_fold is not None:
         yamls = {only_fold: path}
     else:
-        yaml_dir = Path(data_yaml_dir)
+        yaml_dir, first = Path(data_yaml_dir), prepared_data.data_yaml_name(prep.name, 0, task)
         recorded = Path(str(prep.cfg.get("data_yaml_dir") or yaml_dir))
-        if not (yaml_dir / f"{prep.name}_fold0.yaml").is_file() and (recorded / f"{prep.name}_fold0.yaml").is_file():
+        if not (yaml_dir / first).is_file() and (recorded / first).is_file():
             yaml_dir = recorded  # where prepare wrote them
-        yamls = {k: yaml_dir / f"{prep.name}_fold{k}.yaml" for k in range(prep.n_folds)}
+        yamls = {k: yaml_dir / prepared_data.data_yaml_name(prep.name, k, task) for k in range(prep.n_folds)}
     return DataSource(prepared.resolve(), prep.name, size, prep.n_folds, yamls, only_fold)
 
 

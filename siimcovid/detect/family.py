@@ -99,6 +99,17 @@ def train_summary(trainer) -> dict:
     return {"best_score": float(best) if best is not None else math.nan, "epochs": trainer.epochs, "fold": None}
 
 
+def check_task(cfg) -> None:
+    """task=lung learns the lung boxes of data= alone: extra= images hold opacity boxes, and a lung detector crops
+    the images itself (crop=lung needs one)."""
+    if cfg.get("task") != "lung":
+        return
+    if cfg.get("extra"):
+        raise SiimError("detect task=lung trains on the lung boxes of data= only: extra= adds images of opacity boxes")
+    if cfg.get("crop") == "lung":
+        raise SiimError("detect task=lung is the lung detector that crop=lung crops with: train it with crop=none")
+
+
 @register_family("yolo")
 class YoloFamily(Family):
     stage, output, files = "detect", "det", FILES
@@ -118,7 +129,8 @@ class YoloFamily(Family):
         from siimcovid.detect.common import check_model, resolve_data, select_folds
 
         cfg = self.cfg
-        source = resolve_data(cfg.data, cfg.data_yaml_dir)
+        check_task(cfg)
+        source = resolve_data(cfg.data, cfg.data_yaml_dir, cfg.task)
         folds = select_folds(cfg.fold, source)
         for k in folds:
             source.yaml(k)  # every YAML must exist before the first fold starts
@@ -126,7 +138,8 @@ class YoloFamily(Family):
         if isinstance(cfg.pretrained, str):
             check_model(cfg.pretrained, "pretrained")
         folds_id = Prepared(source.prepared).folds_id
-        name = default_name("detect", f"{source.name}-{Path(self.model).stem}", "the dataset and the model")
+        stem = f"{source.name}-{'lung-' if cfg.task == 'lung' else ''}{Path(self.model).stem}"
+        name = default_name("detect", stem, "the dataset, the task and the model")
         learned = {"prepared": str(source.prepared), "size": source.size, "n_folds": source.n_folds}
         learned["data_yamls"] = {k: str(p.resolve()) for k, p in source.yamls.items()}
         return FoldData(source, source.n_folds, folds, folds_id, name, [source.prepared, *source.yamls.values()], learned)

@@ -190,15 +190,33 @@ def on_source(run: Run, source, splits: list[str], out) -> Run:
     return replace(run, prepared=prepared)
 
 
-def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: str) -> pd.DataFrame:
+def scores_oof(pred: pd.DataFrame, prepared: Prepared, folds: list[int], model: str, task: str = "opacity") -> pd.DataFrame:
     """The competition's opacity AP of out-of-fold boxes (a DETECTIONS table) against the competition's
     truth (siimcovid.data.truth: the unclipped boxes): the SCORES table over every train image of
-    `folds` ("all", first), then per fold, with the `model` column."""
+    `folds` ("all", first), then per fold, with the `model` column. task=lung: the AP (IoU 0.5, the same
+    metric) of a lung detector's boxes against the lung boxes (Prepared.lungs), class `lung`, over the
+    train images that have one."""
     train = prepared.split("train")
     images = train[train.fold.isin(folds)]
+    if task == "lung":
+        return lung_scores(pred, prepared, images).assign(model=model)
     truth = image_truth(oof_images(prepared.root, images.image_id))
     boxes = metrics.image_pred(pred[BOX_PRED_COLUMNS], None)
     return metrics.fold_scores(truth, boxes, images, classes=["opacity"]).assign(model=model)
+
+
+def lung_scores(pred: pd.DataFrame, prepared: Prepared, images: pd.DataFrame) -> pd.DataFrame:
+    """AP(lung) of out-of-fold lung boxes against lungs.csv, over `images` that have a lung box (SCORES rows)."""
+    from siimcovid.tables import IMAGE_SUFFIX
+
+    lungs = prepared.lungs()
+    if lungs is None:
+        raise SiimError(f"{prepared.root} has no lung boxes (lungs.csv) to score a lung detector on: re-run prepare lung_boxes=")
+    images = images[images.image_id.isin(set(lungs.image_id))]
+    truth = lungs[lungs.image_id.isin(set(images.image_id))]
+    truth = pd.DataFrame({"id": truth.image_id + IMAGE_SUFFIX, "cls": "lung", **{c: truth[c] for c in BOX_COLUMNS}})
+    boxes = metrics.image_pred(pred[BOX_PRED_COLUMNS], None).assign(cls="lung")
+    return metrics.fold_scores(truth.reset_index(drop=True), boxes, images, classes=["lung"])
 
 
 def resolve_run(run, project: str | Path) -> Path:
@@ -267,9 +285,10 @@ def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[s
         saved = {k: cfg[k] for k in (*PREDICT_KEYS, "weights")}
         save_predict_settings(run.dir, {**saved, "ultralytics": passthrough(cfg)} if passthrough(cfg) else saved)
     if "oof" in splits:
-        table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name)
+        table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name, run.task)
         written["scores"] = SCORES.write(table, run.dir / "scores_oof.csv")
-        LOGGER.info(f"detect predict: OOF opacity AP (IoU 0.5, unclipped truth) of {run.name}:\n{table.to_string(index=False)}")
+        truth = "the lung boxes of lungs.csv" if run.task == "lung" else "unclipped truth"
+        LOGGER.info(f"detect predict: OOF {run.task} AP (IoU 0.5, {truth}) of {run.name}:\n{table.to_string(index=False)}")
     LOGGER.info(f"detect predict: {', '.join(str(p) for p in written.values())}")
     return written
 

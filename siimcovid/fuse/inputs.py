@@ -168,12 +168,26 @@ def code_box_sets(df: pd.DataFrame, f: int, path: str, split: str, first: int) -
     return coded[BOX_SET_COLUMNS], rows
 
 
+def refuse_lung_run(path: str | Path) -> None:
+    """A lung detector's boxes (a detect run of task=lung, its settings beside the file) are lungs, not opacities."""
+    from siimcovid.rundir import read_run
+
+    settings = Path(path).parent / "detect.yaml"
+    if settings.is_file() and read_run(settings).get("task") == "lung":
+        raise SiimError(
+            f"det={path} holds the boxes of a lung detector ({settings}: task=lung), not opacities: fuse takes opacity "
+            "detectors; a lung run crops the images of the others (crop=lung lung=<that run>)"
+        )
+
+
 # ----------------------------------------------------------------------------- every file
 def read_detection_files(
     files: list[str], split: str, meta: pd.DataFrame, record: list | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every detection file, read and checked against the split: (boxes with their set, the sets).
     record: filled with each file's entry in the fusion record (siimcovid.fuse.record: its sha256 and models)."""
+    for path in files:
+        refuse_lung_run(path)
     frames = [read_detections(p) for p in files]
     if record is not None:  # hashed once read: a regular file of a readable size (read_input's checks)
         record += [input_entry(path, list(dict.fromkeys(df["model"]))) for df, path in zip(frames, files)]
