@@ -20,7 +20,7 @@ a kind's first registration creates it. The kinds of siimcovid and the modules t
 built-ins (BUILTINS, the one list of siimcovid's registering modules):
 
     stage       siimcovid.stages: each command's modes ("module:function", imported only when run), its run folder
-    detect_family    detect.family: the model families of `detect train family=` (yolo)
+    detect_family    detect.family, detect.torchvision_family: the model families of `detect train family=` (yolo, torchvision)
     classify_family  classify.family: the model families of `classify train family=` (timm, timm-labels)
     layout      data.layouts, data.external, data.folder: the input layouts of `prepare layout=`
     none_det    fuse.formulas: the detector's none from its boxes (`fuse none_det=`)
@@ -64,7 +64,9 @@ class Kind:
 
 BUILTINS: dict[str, Kind] = {
     "stage": Kind(("siimcovid.stages",), "siimcovid <stage> [mode]"),
-    "detect_family": Kind(("siimcovid.detect.family",), "detect train family= (model families of boxes)"),
+    "detect_family": Kind(
+        ("siimcovid.detect.family", "siimcovid.detect.torchvision_family"), "detect train family= (model families of boxes)"
+    ),
     "classify_family": Kind(("siimcovid.classify.family",), "classify train family= (model families of study probabilities)"),
     "layout": Kind(
         ("siimcovid.data.layouts", "siimcovid.data.external", "siimcovid.data.folder"),

@@ -74,24 +74,32 @@ class Run:
         self.name = self.name or self.dir.name
 
 
-def fold_done(fold_dir: Path) -> bool:
-    """A fold whose training finished (its last.pt says so)."""
-    return fold_state(fold_dir) == "done"
+def fold_done(fold_dir: Path, family: str = "yolo") -> bool:
+    """A fold whose training finished, as its family tells (YOLO: its last.pt says so; others: their done marker)."""
+    if family == "yolo":
+        return fold_state(fold_dir) == "done"
+    from siimcovid.engine.family import family_class
+
+    return family_class(family, "detect")(Config()).fold_state(Path(fold_dir)) == "done"
 
 
 def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool = False) -> Run:
+    """A trained detect run of any family: the run's learned `family` picks its fold files and what a finished fold
+    is; YOLO's folds give their imgsz in Ultralytics' args.yaml, another family's the run's settings (imgsz)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SiimError(f"run not found: {run_dir} (train it with `siimcovid detect train`)")
     if (run_dir / "classify.yaml").is_file() and not (run_dir / RUN_CONFIG).is_file():
         raise SiimError(f"{run_dir} is a classify run (its classify.yaml), not a detect one: `siimcovid classify predict`")
+    saved = run_dir / RUN_CONFIG
+    cfg = read_run(saved) if saved.is_file() else {}  # written by `siimcovid detect train`
+    family = cfg.get("family") or "yolo"
+    if family != "yolo":
+        return family_run(run_dir, cfg, family, weights, allow_unfinished)
     found = fold_checkpoints(run_dir, f"weights/{weights}.pt", fold_done, allow_unfinished, "detect")
     args_files = {k: fold_dir(run_dir, k) / "args.yaml" for k in found}
     args = {k: (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {} for k, f in args_files.items()}
-    saved = run_dir / RUN_CONFIG
-    cfg = {}
-    if saved.is_file():  # written by `siimcovid detect train`
-        cfg = read_run(saved)
+    if cfg:
         prepared, size = Path(cfg["prepared"]), int(cfg["size"])
     else:  # folds trained with the plain `yolo` CLI on a prepared data YAML
         data_yaml = Path(args[min(found)]["data"])
@@ -105,7 +113,22 @@ def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool 
     prep.check_size(size)
     prep.check_folds(cfg.get("folds_id"), str(run_dir))
     imgsz = {k: int(a.get("imgsz") or size) for k, a in args.items()}
-    return Run(run_dir, prep, size, found, imgsz, family=cfg.get("family") or "yolo", task=cfg.get("task") or "opacity")
+    return Run(run_dir, prep, size, found, imgsz, family=family, task=cfg.get("task") or "opacity")
+
+
+def family_run(run_dir: Path, cfg: dict, family: str, weights: str, allow_unfinished: bool) -> Run:
+    """A detect run of a family other than YOLO: its files (FoldFiles) say where each fold's checkpoint is, its
+    fold_state which are finished; its settings the prepared folder, the side read and the training imgsz."""
+    from siimcovid.engine.family import family_class
+
+    files = family_class(family, "detect").files
+    done = lambda folder: fold_done(folder, family)  # noqa: E731
+    found = fold_checkpoints(run_dir, files.checkpoint(Path(), weights).as_posix(), done, allow_unfinished, "detect")
+    prep = Prepared(cfg["prepared"])
+    size = prep.check_size(int(cfg["size"]))
+    prep.check_folds(cfg.get("folds_id"), str(run_dir))
+    imgsz = {k: int(cfg.get("imgsz") or size) for k in found}
+    return Run(run_dir, prep, size, found, imgsz, family=family, task=cfg.get("task") or "opacity")
 
 
 def boxes_to_original(result, rows: int, cols: int) -> np.ndarray:

@@ -1,0 +1,239 @@
+"""One fold of the torchvision detector family (siimcovid.detect.torchvision_family): its data, its training loop,
+its checkpoints and its resume.
+
+The data are the prepared folder's, as YOLO reads them: <prepared>/<size>/images/train/<id>.png and the YOLO labels
+<size>/labels/train/<id>.txt (class x_center y_center width height, normalised); an image without a label file or
+with an empty one is a negative (torchvision takes an empty target). Each image is resized to imgsz x imgsz (the
+prepared image is the original squashed to a square: so is what the model reads) and flipped left-right with
+probability fliplr; the flips of epoch e are drawn from (seed, e, image): a resumed fold draws what the killed one
+would have.
+
+A fold folder (FILES of the family):
+
+    last.pt       what resumes: model, optimizer, scaler, epoch, best ({score, epoch}), the log's rows; written first
+                  each epoch, atomically (our own file: torch.load(weights_only=True)); once every epoch trained,
+                  without its optimizer (twice the model's size, nothing left to resume)
+    best.pt       the best epoch's model (by the val AP@0.5, or the last is_better event), arch and imgsz
+    results.csv   one row per epoch (rewritten from last.pt's rows: a kill between the two leaves nothing wrong)
+    done.json     the done record (best_score, best_epoch, epochs), written last
+
+The lr follows Ultralytics' linear schedule (lr0 to lr0 * lrf over the epochs) after a linear warmup of
+warmup_epochs: a function of the step, so a resumed fold needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from siimcovid.data.boxes import from_yolo
+from siimcovid.tables import write_csv
+from siimcovid.utils import LOGGER, SiimError, atomic_path
+
+
+def read_labels(path: Path, side: int) -> np.ndarray:
+    """A YOLO label file -> (n, 4) x1y1x2y2 boxes in the pixels of the side x side image (missing file: no box)."""
+    if not path.is_file():
+        return np.zeros((0, 4))
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            values = [float(v) for v in parts[1:5]] if len(parts) == 5 else None
+        except ValueError:
+            values = None
+        if values is None or not all(map(math.isfinite, values)):
+            raise SiimError(f"{path} line {line_no}: not a YOLO label (class x_center y_center width height): {line!r}")
+        rows.append(values)
+    return from_yolo(np.asarray(rows).reshape(-1, 4), side, side)
+
+
+def to_tensor(image: np.ndarray, imgsz: int) -> torch.Tensor:
+    """A uint8 gray (HxW) or 3-channel image -> the model's input: 3 x imgsz x imgsz floats in [0, 1]."""
+    import cv2
+
+    if image.shape[:2] != (imgsz, imgsz):
+        image = cv2.resize(image, (imgsz, imgsz), interpolation=cv2.INTER_AREA)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+class FoldImages(torch.utils.data.Dataset):
+    """The training images of a fold: (image tensor, target {boxes, labels}) at imgsz, flipped with prob fliplr."""
+
+    def __init__(self, prep, image_ids: list[str], size: int, imgsz: int, fliplr: float, seed: int):
+        self.prep, self.ids, self.size, self.imgsz, self.fliplr, self.seed = prep, list(image_ids), size, imgsz, fliplr, seed
+        self.epoch = 0  # set before each epoch (workers are not persistent: each epoch's loader copies it)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        import cv2
+
+        image_id = self.ids[i]
+        path = self.prep.image_path(image_id, "train", self.size)
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise SiimError(f"{path} cannot be read: re-run `siimcovid prepare`")
+        boxes = read_labels(self.prep.label_path(image_id, self.size), self.size) * (self.imgsz / self.size)
+        tensor = to_tensor(image, self.imgsz)
+        if np.random.default_rng([self.seed, self.epoch, i]).random() < self.fliplr:
+            tensor = tensor.flip(-1)
+            boxes = np.stack([self.imgsz - boxes[:, 2], boxes[:, 1], self.imgsz - boxes[:, 0], boxes[:, 3]], axis=1)
+        boxes = boxes.clip(0, self.imgsz)
+        boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)]  # torchvision refuses empty boxes
+        target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
+        target["labels"] = torch.ones(len(boxes), dtype=torch.int64)  # 1: opacity (0 is torchvision's background)
+        return tensor, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def save_torch(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_own(path: Path) -> dict:
+    """One of our own checkpoints (tensors and plain values only: weights_only, nothing to execute)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SiimError(f"{path} cannot be read ({type(e).__name__}): delete its fold folder to train it again") from None
+
+
+def lr_at(step: int, steps_per_epoch: int, hp: dict) -> float:
+    """Ultralytics' linear schedule after a linear warmup (module docstring); step counts from 0."""
+    epoch = step / max(steps_per_epoch, 1)
+    lr = hp["lr0"] * ((1 - epoch / hp["epochs"]) * (1 - hp["lrf"]) + hp["lrf"])
+    warm = hp["warmup_epochs"] * steps_per_epoch
+    return lr * min(1.0, 0.1 + 0.9 * step / warm) if warm > 0 and step < warm else lr
+
+
+def new_optimizer(model, hp: dict):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hp["optimizer"] == "AdamW":
+        return torch.optim.AdamW(params, lr=hp["lr0"], betas=(hp["momentum"], 0.999), weight_decay=hp["weight_decay"])
+    return torch.optim.SGD(params, lr=hp["lr0"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], nesterov=True)
+
+
+class FoldTrainer:
+    """One fold's training (module docstring): the family gives the model, the data and how to validate."""
+
+    def __init__(self, family, job, view, model, hp: dict, device):
+        self.family, self.job, self.view, self.model, self.hp, self.device = family, job, view, model, hp, device
+        self.files, self.dir = family.files, Path(job.folder)
+        self.amp = device.type == "cuda" and bool(hp["amp"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.opt = new_optimizer(model, hp)
+        self.best, self.rows, self.start = {"score": -math.inf, "epoch": 0}, [], 1
+
+    def loader(self, dataset):
+        cfg = self.family.cfg
+        gen = torch.Generator().manual_seed(int(self.hp["seed"]) * 1000 + dataset.epoch)  # the epoch's order, resumable
+        kw = {"num_workers": cfg.workers, "pin_memory": self.device.type == "cuda", "collate_fn": collate}
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.hp["batch"], shuffle=True, drop_last=len(dataset) > self.hp["batch"], generator=gen, **kw
+        )
+
+    def resume(self) -> None:
+        """A partial fold: the state of its last finished epoch; best.pt and results.csv made to agree with it."""
+        ckpt = load_own(self.dir / self.files.last)
+        self.model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer") is not None:  # None: every epoch trained (the end strips it), the done marker not yet
+            self.opt.load_state_dict(ckpt["optimizer"])
+        if self.amp and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.best, self.rows, self.start = dict(ckpt["best"]), list(ckpt["rows"]), int(ckpt["epoch"]) + 1
+        best_path = self.dir / self.files.best
+        if self.best["epoch"] == ckpt["epoch"] and (not best_path.is_file() or load_own(best_path).get("epoch") != ckpt["epoch"]):
+            self.save_best(ckpt["epoch"], self.best["score"])  # killed between last.pt and best.pt
+        self.write_log()
+        LOGGER.info(f"detect: {self.dir} resumes at epoch {self.start} of {self.hp['epochs']}")
+
+    def train_epoch(self, dataset, epoch: int) -> dict:
+        self.model.train()
+        dataset.epoch = epoch
+        loader = self.loader(dataset)
+        steps, sums, n, t0 = len(loader), {}, 0, time.perf_counter()
+        for i, (images, targets) in enumerate(loader):
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at((epoch - 1) * steps + i, steps, self.hp)
+            images = [im.to(self.device, non_blocking=True) for im in images]
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                parts = self.model(images, targets)
+            loss = sum(parts.values())
+            if not torch.isfinite(loss):
+                raise SiimError(f"{self.dir}: epoch {epoch}: the loss became {float(loss)}; lower lr0 or turn amp off")
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(images)
+            n += len(images)
+        stats = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+        return {**stats, "lr": self.opt.param_groups[0]["lr"], "train_img_s": n / max(time.perf_counter() - t0, 1e-9)}
+
+    def is_better(self, stats: dict) -> bool:
+        rules = self.job.callbacks.get("is_better") or []
+        if rules:
+            return bool(rules[-1](self.view, stats, dict(self.best)))
+        return stats["val_ap50"] > self.best["score"]  # nan (no opacity in the fold's val images): never better
+
+    def save_best(self, epoch: int, score: float) -> None:
+        record = {"model": self.model.state_dict(), "epoch": epoch, "score": score, "fold": self.job.fold}
+        save_torch({**record, **self.family.description()}, self.dir / self.files.best)
+
+    def write_log(self) -> None:
+        write_csv(pd.DataFrame(self.rows), self.dir / self.files.log)
+
+    def fit(self, dataset, validate) -> dict:
+        """Every epoch from self.start: train, validate, checkpoints (last.pt first), the log, the events."""
+        job, view = self.job, self.view
+        job.fire("on_train_start", view)
+        for epoch in range(self.start, self.hp["epochs"] + 1):
+            view.epoch, t0 = epoch, time.perf_counter()
+            job.fire("on_train_epoch_start", view)
+            stats = self.train_epoch(dataset, epoch)
+            job.fire("on_train_epoch_end", view)
+            self.model.eval()
+            stats["val_ap50"] = validate(self.model)
+            new_best = self.best["epoch"] == 0 or self.is_better(stats)
+            if new_best:
+                score = stats["val_ap50"]
+                self.best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epoch}
+            row = {"epoch": epoch, **stats, "best": self.best["epoch"] == epoch, "time_s": time.perf_counter() - t0}
+            self.rows.append(row)
+            last = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+            save_torch({**last, "epoch": epoch, "best": self.best, "rows": self.rows, **self.family.description()},
+                       self.dir / self.files.last)  # fmt: skip
+            if new_best:
+                self.save_best(epoch, self.best["score"])
+            self.write_log()
+            LOGGER.info(f"detect fold {job.fold} epoch {epoch}: loss {stats.get('train_loss', math.nan):.4f} "
+                        f"val AP50 {stats['val_ap50']:.4f}{' *best*' if new_best else ''}")  # fmt: skip
+            job.fire("on_model_save", view)
+            job.fire("on_fit_epoch_end", view, row)
+        summary = {"fold": job.fold, "best_score": self.best["score"], "best_epoch": self.best["epoch"]}
+        summary["epochs"] = self.hp["epochs"]
+        last = load_own(self.dir / self.files.last)
+        if last.pop("optimizer", None) is not None:  # nothing left to resume: the optimizer's state (2x the model) goes
+            save_torch({k: v for k, v in last.items() if k != "scaler"}, self.dir / self.files.last)
+        self.files.write_done(self.dir, summary)  # last: the fold is finished
+        job.fire("on_train_end", view, summary)
+        return summary
