@@ -101,51 +101,97 @@ def prepare_data(cfg: Config, root: Path, project: Path) -> Path:
     from siimcovid.data.prepare import prepare
 
     out = stage_dir(project, "prepare") / cfg.name
-    settings = section_settings(cfg.prepare, "prepare", data=str(root), name=cfg.name, out=str(out))
+    settings = section_settings(cfg.prepare, "prepare", data=str(root), name=cfg.name, out=str(out), **lung_boxes(cfg, root))
     return prepare(stages.stage_config("prepare", None, settings))
 
 
-def detect_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
-    """The `detect train` and `detect predict` configs of the run (typed and checked as on the command line)."""
-    det_project, name = stage_dir(project, "detect"), name or cfg.name
-    settings = section_settings(cfg.detect, "detect", data=str(prepared), name=name, project=str(det_project), **extra)
-    train = stages.stage_config("detect", "train", settings)
-    predict = predict_settings(cfg, "detect")
-    settings = section_settings(predict, "detect_predict", run=str(det_project / name), split=["oof", "test"])
+def lung_boxes(cfg: Config, root: Path) -> dict:
+    """crop=lung: prepare's lung_boxes= (the prepare section's, else <data>/lung_boxes, which `siimcovid synth` writes)."""
+    if cfg.crop != "lung" or cfg.prepare.get("lung_boxes"):
+        return {}
+    found = Path(root) / "lung_boxes"
+    if not found.is_dir() and Path(root).exists():
+        raise SiimError(f"crop=lung: the lung detector needs lung boxes: prepare.lung_boxes=<folder> ({found} does not exist)")
+    return {"lung_boxes": str(found)}
+
+
+LUNG, SECOND = "lung_detect", "detect2"  # run.yaml's sections of the lung detector (crop=lung) and of a second detector
+
+
+def lung_name(cfg) -> str:
+    """The run name of the pipeline's lung detector (crop=lung): <name>-lung."""
+    return f"{cfg['name']}-lung"
+
+
+def detector_names(cfg) -> list[str]:
+    """The run names of the pipeline's opacity detectors: <name>, and <name>-<family> of a detect2 section."""
+    second = cfg.get(SECOND)
+    return [cfg["name"]] + ([f"{cfg['name']}-{second.get('family') or 'yolo'}"] if second else [])
+
+
+def crop_views(cfg, lung_dir: Path | None) -> dict:
+    """The settings run gives every model's train and predict for its views: crop=lung and the run's lung detector."""
+    return {"crop": "lung", "lung": str(lung_dir)} if lung_dir is not None else {}
+
+
+def detect_configs(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, section: str = "detect", views: dict | None = None,
+    **extra,
+) -> tuple[Config, Config]:
+    """The `detect train` and `detect predict` configs of the run (typed and checked as on the command line): of its
+    `section` (detect; lung: task=lung; detect2), with the views run gives train and predict (crop=lung, lung=)."""
+    det_project, name, views = stage_dir(project, "detect"), name or cfg.name, views or {}
+    fixed = {"data": str(prepared), "name": name, "project": str(det_project), **views, **extra}
+    if section == LUNG:
+        fixed["task"] = "lung"
+    train = stages.stage_config("detect", "train", section_settings(cfg[section], section, **fixed))
+    runtime = schema("detect").keys("runtime")
+    predict = {**{k: v for k, v in cfg[section].items() if k in runtime}, **cfg["detect_predict"]}
+    if section != "detect":  # another detector's own predict settings (e.g. its family's tta) are its section's
+        predict.update({k: v for k, v in cfg[section].items() if k in schema("detect").keys("predict")})
+    settings = section_settings(predict, "detect_predict", run=str(det_project / name), split=["oof", "test"], **views)
     return train, stages.stage_config("detect", "predict", settings)
 
 
-def detect(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
-    """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run
-    dir and the files detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...}).
-    name: the run's name (default the run's); extra: settings run sets itself (e.g. extra=<pseudo folder>)."""
+def detect(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, section: str = "detect", views: dict | None = None,
+    **extra,
+) -> tuple[Path, dict[str, Path]]:
+    """`siimcovid detect train`, then `detect predict` of the OOF and test splits; the detect run dir and the files
+    detect predict wrote ({"oof": pred_oof.csv, "test": pred_test.csv, "scores": ...}). name: the run's name (default
+    the run's); section: run.yaml's (detect, lung, detect2); views: crop=lung's settings (crop_views); extra: settings
+    run sets itself (e.g. extra=<pseudo folder>)."""
     from siimcovid.detect.predict import predict
     from siimcovid.detect.train import train
 
-    train_cfg, predict_cfg = detect_configs(cfg, prepared, project, name, **extra)
+    train_cfg, predict_cfg = detect_configs(cfg, prepared, project, name, section, views, **extra)
     train(train_cfg)
     det_dir = Path(train_cfg.project) / train_cfg.name
     written = predict(predict_cfg)  # {run name: {split: file}}
     return det_dir, written[det_dir.name]
 
 
-def classify_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
+def classify_configs(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
+) -> tuple[Config, Config]:
     """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line)."""
-    cls_project, name = stage_dir(project, "classify"), name or cfg.name
-    settings = section_settings(cfg.classify, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
-    train = stages.stage_config("classify", "train", settings)
+    cls_project, name, views = stage_dir(project, "classify"), name or cfg.name, views or {}
+    fixed = {"data": str(prepared), "name": name, "project": str(cls_project), **views, **extra}
+    train = stages.stage_config("classify", "train", section_settings(cfg.classify, "classify", **fixed))
     predict, fixed = predict_settings(cfg, "classify"), {"run": str(cls_project / name), "project": str(cls_project)}
-    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"])
+    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"], **views)
     return train, stages.stage_config("classify", "predict", settings)
 
 
-def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
+def classify(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
+) -> tuple[Path, dict[str, Path]]:
     """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify
     run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv}).
-    name, extra: as for detect."""
+    name, views, extra: as for detect."""
     from siimcovid.classify import predict, train
 
-    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, **extra)
+    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, views, **extra)
     train.main(train_cfg)  # main: sets up (and tears down) the device group
     cls_dir = Path(train_cfg.project) / train_cfg.name
     written = predict.main(predict_cfg)[cls_dir.name]
@@ -156,9 +202,13 @@ def check_sections(cfg: Config, root: Path, project: Path) -> None:
     """Every stage's section typed and checked as the stage will check it, before the first stage runs: a bad value
     in the classify section must not wait for hours of detector training to be found."""
     prepared = stage_dir(project, "prepare") / cfg.name
-    fixed = {"data": str(root), "name": cfg.name, "out": str(prepared)}
+    fixed = {"data": str(root), "name": cfg.name, "out": str(prepared), **lung_boxes(cfg, root)}
     stages.stage_config("prepare", None, section_settings(cfg.prepare, "prepare", **fixed))
-    detect_configs(cfg, prepared, project)
+    views = crop_views(cfg, stage_dir(project, "detect") / lung_name(cfg)) if cfg.crop == "lung" else {}
+    if views:
+        detect_configs(cfg, prepared, project, lung_name(cfg), LUNG)
+    for name, section in zip(detector_names(cfg), ("detect", SECOND)):
+        detect_configs(cfg, prepared, project, name, section, views)
     classify_configs(cfg, prepared, project)
     fusion, files = Fusion(cfg, prepared, project), [str(prepared / "checked.csv")]
     fusion.config("", "oof", files, files)
@@ -225,9 +275,10 @@ def nested_tuning(prepared: Path, fusion: Fusion, oof: tuple[list, list], trials
     return {"score": metrics.score(oof_truth(prepared, images.image_id), pred)}
 
 
-def fusion_rows(cfg: Config, fusion: Fusion, det: dict, cls: dict, prepared: Path) -> tuple[list[dict], dict, dict]:
-    """The CV rows of the fusion (tuned when tune_trials > 0) and of the baselines; the fused OOF and test results."""
-    both = {"oof": ([det["oof"]], [cls["oof"]]), "test": ([det["test"]], [cls["test"]])}
+def fusion_rows(cfg: Config, fusion: Fusion, det: list[dict], cls: dict, prepared: Path) -> tuple[list[dict], dict, dict]:
+    """The CV rows of the fusion (tuned when tune_trials > 0) and of the baselines; the fused OOF and test results.
+    det: each detector's {split: its boxes}; cls: the classifier's {split: its table}."""
+    both = {s: ([d[s] for d in det], [cls[s]]) for s in ("oof", "test")}
     rows = [cv_row("fused, default fusion settings", fusion.fuse("-default", "oof", *both["oof"]))]
     tuned = {}
     if cfg.tune_trials > 0:
@@ -240,10 +291,11 @@ def fusion_rows(cfg: Config, fusion: Fusion, det: dict, cls: dict, prepared: Pat
     return rows + baseline_rows(fusion, det, cls, prepared, fused), fused, test
 
 
-def baseline_rows(fusion: Fusion, det: dict, cls: dict, prepared: Path, fused: dict) -> list[dict]:
-    """The baselines on the images the fusion scored: class priors, the detector alone, the classifier alone."""
+def baseline_rows(fusion: Fusion, det: list[dict], cls: dict, prepared: Path, fused: dict) -> list[dict]:
+    """The baselines on the images the fusion scored: class priors, the detector alone (the first: the pipeline's
+    YOLO), the classifier alone."""
     priors = {"score": priors_baseline(scored_truth(prepared, fused))}
-    detector = fusion.fuse("-baseline-detector", "oof", [det["oof"]], [], none_det="max", none_cls_weight=0.0)
+    detector = fusion.fuse("-baseline-detector", "oof", [det[0]["oof"]], [], none_det="max", none_cls_weight=0.0)
     classifier = fusion.fuse("-baseline-classifier", "oof", [], [cls["oof"]])
     return [
         cv_row("baseline: class priors, no boxes", priors),
@@ -299,10 +351,13 @@ def students_config(cfg: Config) -> Config:
     return Config(cfg, detect=drop("detect"), classify=drop("classify"))
 
 
-def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls_dir: Path, timings: dict) -> list[dict]:
+def pseudo_rounds(
+    cfg: Config, prepared: Path, project: Path, det_dir: Path, cls_dir: Path, timings: dict, views: dict | None = None
+) -> list[dict]:
     """`pseudo.rounds` rounds: round r pseudo-labels the unlabelled pool (the run's test split, or pseudo.source) with
     the previous round's models, trains <name>-pseudo<r> students on the train split plus those labels (extra=),
-    predicts and fuses them; the round's CV rows, prefixed "pseudo round r: " (none when rounds is 0)."""
+    predicts and fuses them; the round's CV rows, prefixed "pseudo round r: " (none when rounds is 0). The students
+    see the views the first models saw (crop=lung); the teachers label whole images (the pool has no lung boxes)."""
     from siimcovid.pseudo import pseudo
 
     rows = []
@@ -313,9 +368,10 @@ def pseudo_rounds(cfg: Config, prepared: Path, project: Path, det_dir: Path, cls
             folder = pseudo(stages.stage_config("pseudo", None, settings))
         with step(f"pseudo round {r}: students {name}", f"pseudo{r} students", timings):
             students = students_config(cfg)
-            det_dir, det_files = detect(students, prepared, project, name=name, extra=student_extra(cfg, "detect", folder))
+            extra = {"views": views, "name": name}
+            det_dir, det_files = detect(students, prepared, project, extra=student_extra(cfg, "detect", folder), **extra)
             cls_dir, cls_files = classify(students, prepared, project, name=name, extra=student_extra(cfg, "classify", folder))
-            det = {s: str(det_files[s]) for s in ("oof", "test")}
+            det = [{s: str(det_files[s]) for s in ("oof", "test")}]
             cls = {s: str(cls_files[s]) for s in ("oof", "test")}
             found, _, _ = fusion_rows(cfg, Fusion(cfg, prepared, project, name=name), det, cls, prepared)
         leaky = " [LEAKY: teacher=all]" if settings.get("teacher") == "all" else ""
@@ -357,15 +413,23 @@ def run(cfg: Config) -> dict:
     root = ensure_data(cfg, timings)
     with step("prepare", "prepare", timings):
         prepared = prepare_data(cfg, root, project)
-    with step("detect train", "detect", timings):
-        det_dir, det_files = detect(cfg, prepared, project)
+    lung_dir = None
+    if cfg.crop == "lung":
+        with step("lung detector train", "lung", timings):
+            lung_dir, _ = detect(cfg, prepared, project, name=lung_name(cfg), section=LUNG)
+    views = crop_views(cfg, lung_dir)
+    det = []
+    for name, section in zip(detector_names(cfg), ("detect", SECOND)):
+        with step(f"{section} train", section, timings):
+            det_dir, det_files = detect(cfg, prepared, project, name=name, section=section, views=views)
+            det.append({s: str(det_files[s]) for s in ("oof", "test")})
+    det_dir = stage_dir(project, "detect") / cfg.name  # the pipeline's own detector: the pseudo teacher, the report's
     with step("classify train", "classify", timings):
-        cls_dir, cls_files = classify(cfg, prepared, project)
+        cls_dir, cls_files = classify(cfg, prepared, project)  # the classifiers have no crop views yet: whole images
     with step("fuse", "fuse", timings):
-        det = {s: str(det_files[s]) for s in ("oof", "test")}
         cls = {s: str(cls_files[s]) for s in ("oof", "test")}
         rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)
-    rows += pseudo_rounds(cfg, prepared, project, det_dir, cls_dir, timings)
+    rows += pseudo_rounds(cfg, prepared, project, det_dir, cls_dir, timings, views)
 
     table, margin = cv_table(rows, out, cfg.name)
     submission = test["files"]["submission"]

@@ -240,6 +240,25 @@ def test_task_lung_on_a_prepared_folder_without_lung_boxes_says_prepare_lung_box
     assert not list(tmp_path.iterdir())
 
 
+def test_lung_settings_are_checked_before_anything_is_read(tiny_root, lung_prepared, tmp_path):
+    settings = {"data": str(tiny_root), "out": str(tmp_path / "p"), "workers": 1, "data_yaml_dir": str(tmp_path / "dy")}
+    with pytest.raises(SiimError, match=r"lung_boxes=.*nowhere: no such folder"):
+        prepare(load_config("prepare", {**settings, "lung_boxes": str(tmp_path / "nowhere")}))
+    with pytest.raises(SiimError, match="boxes the train images: give splits= with train"):
+        prepare(load_config("prepare", {**settings, "lung_boxes": str(tiny_root / "lung_boxes"), "splits": ["test"]}))
+    assert not (tmp_path / "p").exists()
+    yamls = lung_prepared.parent / "data_yaml"
+    train = ["detect", "train", "model=yolov5n.yaml", f"project={tmp_path / 'runs'}"]
+    wrong = r"lungy_fold0.yaml holds opacity boxes: task=lung trains on a data YAML <name>_lung_fold"
+    with pytest.raises(SiimError, match=wrong):
+        cli.main([*train, f"data={yamls / 'lungy_fold0.yaml'}", "task=lung"])
+    with pytest.raises(SiimError, match=r"lungy_lung_fold0.yaml holds lung boxes: task=opacity trains on a data YAML"):
+        cli.main([*train, f"data={yamls / 'lungy_lung_fold0.yaml'}"])
+    with pytest.raises(SiimError, match="task=lung trains on the lung boxes of data= only: extra="):
+        cli.main([*train, f"data={lung_prepared}", "task=lung", f"extra={lung_prepared}"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_fuse_refuses_the_boxes_of_a_lung_run(lung_prepared, tmp_path):
     run = tmp_path / "lungy-lung-yolov5n"
     run.mkdir()

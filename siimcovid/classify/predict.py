@@ -455,6 +455,8 @@ def main(cfg) -> dict[str, dict[str, Path]]:
     "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
     from siimcovid.engine.devices import torch_device
 
+    if (cfg.get("crop") or "none") != "none":
+        raise SiimError(f"crop={cfg.crop}: the classifiers have no lung-crop views yet (family=yolo's detectors have them)")
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")

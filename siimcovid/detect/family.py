@@ -114,6 +114,7 @@ def check_task(cfg) -> None:
 class YoloFamily(Family):
     stage, output, files = "detect", "det", FILES
     resolve_run_dir = True
+    crops = True  # crop=lung: predict_images sees each image whole and cropped to its lungs; training adds the crops
     derived = ("data_yamls",)  # prepare's YAMLs, then the run's own with extra= (before_folds): data= and extra= decide
 
     @classmethod

@@ -148,6 +148,7 @@ class Family:
     resolve_run_dir: bool = False  # whether the run folder is made absolute (Ultralytics' project= needs it)
     derived: tuple[str, ...] = ()  # learned values that follow from the settings compared (not compared themselves)
     init_path: Path | None = None  # the checkpoint init= names, resolved by the engine (None: no init=)
+    crops: bool = False  # whether it trains and predicts crop=lung's views (siimcovid.views); else crop=lung is refused
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -275,6 +276,9 @@ class Family:
         of the same folds as the model's, folds_id), else None: whole images only."""
         if not hasattr(self, "_lungs"):
             from siimcovid.views import lungs_of
+
+            if (self.cfg.get("crop") or "none") != "none" and not self.crops:
+                raise SiimError(f"crop={self.cfg.crop}: family={self.name} has no lung-crop views yet (family=yolo has them)")
 
             self._lungs = lungs_of(self.cfg)
             if self._lungs is not None:

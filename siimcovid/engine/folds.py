@@ -224,6 +224,7 @@ def predict(family: Family, data, checkpoints: dict[int, Path], splits: list[str
 
     data: what the family predicts on (it gives `oof_ids(fold)` and `test_ids()`); checkpoints: {fold: file}.
     """
+    family.lung_boxes(None)  # crop=lung: read (or refused for a family without views) before the first fold
     parts: dict[str, list] = {s: [] for s in splits}
     test_ids = family.test_ids(data) if "test" in splits else []
     for k, path in checkpoints.items():
