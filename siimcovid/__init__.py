@@ -42,6 +42,7 @@ Modules:
     ray_engine.py  `engine=ray`: run_folds(...) over a Ray cluster (Ray is optional)
     report.py      the report's plots: plot_pr_curves, plot_confusion, plot_samples
     utils.py       SiimError, DataError, atomic writes, as_list, LOGGER
+    views.py       crop=lung: LungBoxes, lungs_of(cfg), detect_views(...), cut, to_original: the lung-crop views
 """
 
 __version__ = "0.1.0"
@@ -74,5 +75,6 @@ __all__ = [
     "submission",
     "tables",
     "utils",
+    "views",
     "weights",
 ]

@@ -246,7 +246,7 @@ def test_runtime_and_fusion_keys():
         "run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse", "per_fold"
     }  # fmt: skip
     expected = [
-        "det_weights", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
+        "det_weights", "det_scale", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
         "none_det", "none_cls_weight", "none_blend", "opacity_exponent", "negative_none_weight",
     ]  # fmt: skip
     assert fusion_keys() == expected

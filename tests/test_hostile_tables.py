@@ -93,6 +93,7 @@ KEYED = {name: t for name, t in vars(tables).items() if isinstance(t, Table) and
 def test_which_contracts_have_a_key():
     assert {n: t.key for n, t in KEYED.items()} == {
         "META": ("image_id",),
+        "LUNG_BOXES": ("image_id",),
         "CLASSIFIER_IMAGES": ("image_id", "fold", "model"),
         "CLASSIFIER_STUDIES": ("study_id", "fold", "model"),
         "FUSED_IMAGES": ("image_id",),

@@ -22,6 +22,7 @@ Modules:
     folds.py           make_folds(...): grouped by patient, stratified by study class and box presence
     prepared_paths.py  where the prepared files live: image_file(...), label_file(...), mask_file(...)
     summary.py         describe(run_dir): the row of a prepared folder in `siimcovid runs` (yaml and pandas only)
+    lungs.py           read_lung_boxes(...): the lung boxes of prepare lung_boxes= (Pascal VOC .xml or YOLO .txt)
 """
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "folder",
     "folds",
     "layouts",
+    "lungs",
     "prepare",
     "prepared",
     "prepared_paths",

@@ -15,6 +15,14 @@ Modules:
     common.py    what they share: resolve_data / DataSource, load_hyp / hyp_presets, train_args, check_model,
                  ultralytics_keys() (the settings detect passes through), check_ultralytics_settings(settings)
     summary.py   describe(run_dir): the row of a detect run in `siimcovid runs` (yaml and pandas only)
+    crops.py     crop=lung, crop_train: write_crops(...), fold_crops(...) the lung crops as extra training images
+    torchvision_family.py  TorchvisionFamily: torchvision's Faster R-CNN / RetinaNet / FCOS (family name torchvision)
+    torchvision_train.py   its fold training loop (resume from its last checkpoint, AMP on a GPU)
+    torchvision_model.py   build(arch, imgsz, pretrained), new_predictor(model, arch): its detectors
+    torchvision_bundle.py  bundle_kind(), check_description(...), check_state(...): its bundle member
 """
 
-__all__ = ["common", "evolve", "family", "files", "predict", "ray_tune", "summary", "train"]
+__all__ = [
+    "common", "crops", "evolve", "family", "files", "predict", "ray_tune", "summary", "torchvision_bundle",
+    "torchvision_family", "torchvision_model", "torchvision_train", "train",
+]  # fmt: skip

@@ -20,7 +20,7 @@ from siimcovid.utils import SiimError
 def check_description(desc: dict, where: str) -> dict:
     """model.yaml of a torchvision member (beside `family`), every field checked."""
     from siimcovid.bundle.files import typed
-    from siimcovid.detect.torchvision_family import ARCHS, DESCRIPTION_KEYS, NUM_CLASSES
+    from siimcovid.detect.torchvision_model import ARCHS, DESCRIPTION_KEYS, NUM_CLASSES
 
     if not isinstance(desc, dict) or set(desc) != set(DESCRIPTION_KEYS):
         keys = sorted(map(str, desc)) if isinstance(desc, dict) else type(desc).__name__
@@ -37,7 +37,7 @@ def check_state(desc: dict, shapes: dict, where: str) -> None:
     """The tensors of a fold (names and shapes, from the safetensors header) are exactly the described model's."""
     import torch
 
-    from siimcovid.detect.torchvision_family import build
+    from siimcovid.detect.torchvision_model import build
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build(desc["arch"], desc["imgsz"]).state_dict().items()}
