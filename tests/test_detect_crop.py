@@ -148,3 +148,17 @@ def test_detect_views_map_each_views_boxes_back_to_original_pixels(prepared, tmp
     fused = views.detect_views(bright, prep, 128, 0, [image_id], "train", lungs, cfg, "test")
     assert len(fused) == 1
     assert fused.iloc[0][["x_min", "y_min", "x_max", "y_max"]].to_numpy(dtype=float) == pytest.approx(expected)
+
+
+def test_a_family_checks_the_lung_runs_folds_on_every_call_that_gives_them(prepared, tmp_path):
+    """The lung boxes are read once; the fold check is not skipped because an earlier call (the engine's, before the
+    first fold) gave no fingerprint."""
+    from siimcovid.config import load_config
+    from siimcovid.detect.family import YoloFamily
+
+    prep = Prepared(prepared)
+    other = fake_lung_run(tmp_path / "other", prep, folds_id="0123456789ab")
+    family = YoloFamily(load_config("detect", {"crop": "lung", "lung": str(other)}))
+    assert family.lung_boxes(None) is not None
+    with pytest.raises(SiimError, match="other folds"):
+        family.lung_boxes(prep.folds_id)

@@ -272,17 +272,16 @@ class Family:
         raise SiimError(f"family={self.name} defines no from_state")
 
     def lung_boxes(self, folds_id: str | None):
-        """crop=lung: the lung boxes its crop views come from (siimcovid.views.LungBoxes, read once and checked to be
-        of the same folds as the model's, folds_id), else None: whole images only."""
+        """crop=lung: the lung boxes its crop views come from (siimcovid.views.LungBoxes, read once), checked on every
+        call that gives the model's fold fingerprint (folds_id) to be of the same folds; else None: whole images only."""
         if not hasattr(self, "_lungs"):
             from siimcovid.views import lungs_of
 
             if (self.cfg.get("crop") or "none") != "none" and not self.crops:
                 raise SiimError(f"crop={self.cfg.crop}: family={self.name} has no lung-crop views yet (family=yolo has them)")
-
             self._lungs = lungs_of(self.cfg)
-            if self._lungs is not None:
-                self._lungs.check_folds(folds_id, f"this {self.stage} run")
+        if self._lungs is not None:
+            self._lungs.check_folds(folds_id, f"this {self.stage} run")
         return self._lungs
 
     def oof_ids(self, data, fold: int) -> list[str]:
