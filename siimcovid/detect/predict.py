@@ -74,13 +74,9 @@ class Run:
         self.name = self.name or self.dir.name
 
 
-def fold_done(fold_dir: Path, family: str = "yolo") -> bool:
-    """A fold whose training finished, as its family tells (YOLO: its last.pt says so; others: their done marker)."""
-    if family == "yolo":
-        return fold_state(fold_dir) == "done"
-    from siimcovid.engine.family import family_class
-
-    return family_class(family, "detect")(Config()).fold_state(Path(fold_dir)) == "done"
+def fold_done(fold_dir: Path) -> bool:
+    """A YOLO fold whose training finished (its last.pt says so)."""
+    return fold_state(fold_dir) == "done"
 
 
 def load_run(run_dir: str | Path, weights: str = "best", allow_unfinished: bool = False) -> Run:
@@ -121,9 +117,9 @@ def family_run(run_dir: Path, cfg: dict, family: str, weights: str, allow_unfini
     fold_state which are finished; its settings the prepared folder, the side read and the training imgsz."""
     from siimcovid.engine.family import family_class
 
-    files = family_class(family, "detect").files
-    done = lambda folder: fold_done(folder, family)  # noqa: E731
-    found = fold_checkpoints(run_dir, files.checkpoint(Path(), weights).as_posix(), done, allow_unfinished, "detect")
+    own = family_class(family, "detect")(Config())
+    done = lambda folder: own.fold_state(Path(folder)) == "done"  # noqa: E731
+    found = fold_checkpoints(run_dir, own.files.checkpoint(Path(), weights).as_posix(), done, allow_unfinished, "detect")
     prep = Prepared(cfg["prepared"])
     size = prep.check_size(int(cfg["size"]))
     prep.check_folds(cfg.get("folds_id"), str(run_dir))
