@@ -53,12 +53,13 @@ def section_settings(settings: dict, section: str, **fixed) -> dict:
     return {**settings, **fixed}
 
 
-def predict_settings(cfg, stage: str) -> dict:
+def predict_settings(cfg, stage: str, section: str | None = None) -> dict:
     """The `<stage>_predict` section, over the train section's runtime settings (those tagged
     `runtime` in cfg/<stage>.yaml: the machine's, e.g. device and workers), so that predict runs
-    where train ran unless the predict section says otherwise."""
+    where train ran unless the predict section says otherwise. section: the train section (default the stage's; the
+    detector sections lung_detect and detect2 share detect_predict)."""
     runtime = schema(stage).keys("runtime")
-    inherited = {k: v for k, v in cfg[stage].items() if k in runtime}
+    inherited = {k: v for k, v in cfg[section or stage].items() if k in runtime}
     return {**inherited, **cfg[f"{stage}_predict"]}
 
 
@@ -145,8 +146,7 @@ def detect_configs(
     if section == LUNG:
         fixed["task"] = "lung"
     train = stages.stage_config("detect", "train", section_settings(cfg[section], section, **fixed))
-    runtime = schema("detect").keys("runtime")
-    predict = {**{k: v for k, v in cfg[section].items() if k in runtime}, **cfg["detect_predict"]}
+    predict = predict_settings(cfg, "detect", section)
     if section != "detect":  # another detector's own predict settings (e.g. its family's tta) are its section's
         predict.update({k: v for k, v in cfg[section].items() if k in schema("detect").keys("predict")})
     settings = section_settings(predict, "detect_predict", run=str(det_project / name), split=["oof", "test"], **views)
@@ -171,27 +171,23 @@ def detect(
     return det_dir, written[det_dir.name]
 
 
-def classify_configs(
-    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
-) -> tuple[Config, Config]:
+def classify_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
     """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line)."""
-    cls_project, name, views = stage_dir(project, "classify"), name or cfg.name, views or {}
-    fixed = {"data": str(prepared), "name": name, "project": str(cls_project), **views, **extra}
-    train = stages.stage_config("classify", "train", section_settings(cfg.classify, "classify", **fixed))
+    cls_project, name = stage_dir(project, "classify"), name or cfg.name
+    settings = section_settings(cfg.classify, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
+    train = stages.stage_config("classify", "train", settings)
     predict, fixed = predict_settings(cfg, "classify"), {"run": str(cls_project / name), "project": str(cls_project)}
-    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"], **views)
+    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"])
     return train, stages.stage_config("classify", "predict", settings)
 
 
-def classify(
-    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
-) -> tuple[Path, dict[str, Path]]:
+def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
     """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify
     run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv}).
-    name, views, extra: as for detect."""
+    name, extra: as for detect. The classifiers have no crop views yet: they see whole images."""
     from siimcovid.classify import predict, train
 
-    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, views, **extra)
+    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, **extra)
     train.main(train_cfg)  # main: sets up (and tears down) the device group
     cls_dir = Path(train_cfg.project) / train_cfg.name
     written = predict.main(predict_cfg)[cls_dir.name]
@@ -368,8 +364,8 @@ def pseudo_rounds(
             folder = pseudo(stages.stage_config("pseudo", None, settings))
         with step(f"pseudo round {r}: students {name}", f"pseudo{r} students", timings):
             students = students_config(cfg)
-            extra = {"views": views, "name": name}
-            det_dir, det_files = detect(students, prepared, project, extra=student_extra(cfg, "detect", folder), **extra)
+            det_extra = student_extra(cfg, "detect", folder)
+            det_dir, det_files = detect(students, prepared, project, name=name, views=views, extra=det_extra)
             cls_dir, cls_files = classify(students, prepared, project, name=name, extra=student_extra(cfg, "classify", folder))
             det = [{s: str(det_files[s]) for s in ("oof", "test")}]
             cls = {s: str(cls_files[s]) for s in ("oof", "test")}
@@ -425,7 +421,7 @@ def run(cfg: Config) -> dict:
             det.append({s: str(det_files[s]) for s in ("oof", "test")})
     det_dir = stage_dir(project, "detect") / cfg.name  # the pipeline's own detector: the pseudo teacher, the report's
     with step("classify train", "classify", timings):
-        cls_dir, cls_files = classify(cfg, prepared, project)  # the classifiers have no crop views yet: whole images
+        cls_dir, cls_files = classify(cfg, prepared, project)
     with step("fuse", "fuse", timings):
         cls = {s: str(cls_files[s]) for s in ("oof", "test")}
         rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)
