@@ -11,13 +11,12 @@ write the record: fuse it again (seconds).
 
 from __future__ import annotations
 
-import math
 import re
-from numbers import Real
 from pathlib import Path
 
 from siimcovid.bundle.members import Member, locate
 from siimcovid.config import fusion_keys, load_config
+from siimcovid.fuse.pipeline import not_factors
 from siimcovid.fuse.record import FUSION_RECORD, NAME
 from siimcovid.utils import LOGGER, SiimError, file_sha256
 
@@ -146,7 +145,7 @@ def check_member_settings(fusion: dict, where) -> None:
             raise SiimError(f"{where}: {key} names {sorted(set(map(str, value)) - set(names))}, not members {names}")
         if not isinstance(value, dict) and values and len(values) != len(names):
             raise SiimError(f"{where}: the fusion's {key}={value} do not match its {len(names)} members {names}")
-        if any(isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0 for v in values):
+        if not_factors(values):
             raise SiimError(f"{where}: {key}={value}: every value must be a number > 0")
 
 

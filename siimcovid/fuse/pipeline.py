@@ -77,6 +77,11 @@ def check_params(params: dict) -> None:
         check_param(key, params[key])
 
 
+def not_factors(values) -> list:
+    """The values that are no fusion factor (a finite number > 0, not a bool): what a per-member setting refuses."""
+    return [v for v in values if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0]
+
+
 def per_set(sets: pd.DataFrame, value, det_files: list[str], key: str = "det_weights") -> list[float]:
     """One factor per box set from a per-member setting (det_weights, det_scale): [] (all 1), a list (one per det
     file), or a mapping {model name: factor} (models not named get 1). A mapping's values are checked here (fuse.yaml's
@@ -87,8 +92,7 @@ def per_set(sets: pd.DataFrame, value, det_files: list[str], key: str = "det_wei
         unknown = sorted(set(map(str, value)) - set(sets["model"]))
         if unknown:
             raise SiimError(f"{key} names model(s) {unknown} not in the detection files (models: {sorted(set(sets['model']))})")
-        bad = [v for v in value.values() if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0]
-        if bad:
+        if not_factors(value.values()):
             raise SiimError(f"{key} must be numbers > 0 (leave a model out rather than give it 0), got {value}")
         return [float(value.get(m, 1.0)) for m in sets["model"]]
     per_file = as_list(value)
@@ -102,13 +106,18 @@ def set_weights(sets: pd.DataFrame, det_weights, det_files: list[str]) -> list[f
     return per_set(sets, det_weights, det_files, "det_weights")
 
 
-def scaled_boxes(inputs: FuseInputs, det_scale) -> pd.DataFrame:
-    """inputs.boxes with each box's conf times its set's det_scale, clipped to [0, 1] (det_scale all 1: as they are).
+def set_scales(inputs: FuseInputs, det_scale) -> list[float]:
+    """One confidence factor per box set, from det_scale (per_set)."""
+    return per_set(inputs.sets, det_scale, inputs.det_files, "det_scale")
+
+
+def scaled_boxes(inputs: FuseInputs, scales: list[float]) -> pd.DataFrame:
+    """inputs.boxes with each box's conf times its set's factor (set_scales), clipped to [0, 1] (all 1: as they are).
 
     A calibration of a member's confidences: applied before WBF, so the fused boxes, the skip_box_thr cut and the
     detector's none (computed from the fused boxes) all see the calibrated confidences, on OOF (where tune fits the
     none formulas) as on test."""
-    scale = np.asarray(per_set(inputs.sets, det_scale, inputs.det_files, "det_scale"), dtype=np.float64)
+    scale = np.asarray(scales, dtype=np.float64)
     if not len(inputs.boxes) or (scale == 1.0).all():
         return inputs.boxes
     factor = scale[inputs.boxes["set"].to_numpy(dtype=np.int64)]
@@ -161,12 +170,12 @@ class WbfCache:
 def fuse_boxes(inputs: FuseInputs, params: dict, workers: int | None = 0, cache: WbfCache | None = None) -> pd.DataFrame:
     """WBF of every image (BOX_PRED_COLUMNS: image_id, conf, box in original px), cached."""
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
-    scales = per_set(inputs.sets, params["det_scale"], inputs.det_files, "det_scale")
+    scales = set_scales(inputs, params["det_scale"])
     key = (params["iou_thr"], params["skip_box_thr"], params["conf_type"], tuple(weights), tuple(scales))
     fused = cache.get(key) if cache is not None else None
     if fused is None:
         fused = wbf_table(
-            scaled_boxes(inputs, params["det_scale"]),
+            scaled_boxes(inputs, scales),
             inputs.images[["image_id", "rows", "cols"]],
             inputs.n_sets,
             weights,
@@ -192,7 +201,7 @@ def none_det_by_fold(inputs: FuseInputs, params: dict, workers: int | None = 0) 
     weights = set_weights(inputs.sets, params["det_weights"], inputs.det_files)
     n = len(inputs.images)
     index = pd.Index(inputs.images["image_id"])
-    scaled = scaled_boxes(inputs, params["det_scale"])
+    scaled = scaled_boxes(inputs, set_scales(inputs, params["det_scale"]))
     per_fold = []
     for fold in sorted(set(inputs.sets["fold"])):
         members = inputs.sets.loc[inputs.sets["fold"] == fold, "set"].to_numpy()
