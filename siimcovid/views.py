@@ -25,7 +25,6 @@ import pandas as pd
 from siimcovid.tables import BOX_COLUMNS, DETECTIONS
 from siimcovid.utils import SiimError
 
-CROPS = ("none", "lung")  # the crop= choices (cfg/shared.yaml)
 Window = tuple[float, float, float, float]
 
 
@@ -97,7 +96,7 @@ def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     return boxes
 
 
-def fuse_boxes(views: list[np.ndarray], rows: int, cols: int, method: str, iou: float) -> np.ndarray:
+def fuse_view_boxes(views: list[np.ndarray], rows: int, cols: int, method: str, iou: float) -> np.ndarray:
     """One image's boxes from its views' boxes ((n, 5) each, original pixels): wbf (Weighted Boxes Fusion, every view
     one member, as folds are fused) or concat (every view's boxes, for a later fusion to merge)."""
     views = [np.asarray(v, dtype=np.float64).reshape(-1, 5) for v in views]
@@ -186,16 +185,10 @@ class LungBoxes:
 
 
 def lungs_of(cfg) -> LungBoxes | None:
-    """The lung boxes of a stage's settings: crop=lung needs lung=<a lung run>; crop=none, none. (A bundle's predict
-    hands its lung member's boxes in as cfg's `lung_boxes`.)"""
-    crop = cfg.get("crop") or "none"
-    if crop == "none":
+    """The lung boxes of a stage's settings (crop: none | lung, checked as a setting): crop=lung needs lung=<a lung
+    run>; crop=none, none."""
+    if (cfg.get("crop") or "none") == "none":
         return None
-    if crop not in CROPS:
-        raise SiimError(f"crop={crop}: one of {', '.join(CROPS)}")
-    given = cfg.get("lung_boxes")
-    if isinstance(given, LungBoxes):
-        return given
     if not cfg.get("lung"):
         raise SiimError("crop=lung needs lung=<a lung detector run> (`siimcovid detect train task=lung`, then `detect predict`)")
     return LungBoxes.of_run(cfg.lung)
@@ -246,16 +239,15 @@ def detect_views(
     with tqdm(total=len(image_ids), desc=desc, unit="img") as bar:
         for start in range(0, len(image_ids), batch):
             chunk = image_ids[start : start + batch]
-            views = []
-            for image_id in chunk:
-                rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
-                image = read_gray(prepared.image_path(image_id, split, size))
-                views.append(views_of(image, windows[image_id], rows, cols))
+            sizes = [(int(meta.at[i, "rows"]), int(meta.at[i, "cols"])) for i in chunk]
+            views = [
+                views_of(read_gray(prepared.image_path(i, split, size)), windows[i], rows, cols)
+                for i, (rows, cols) in zip(chunk, sizes)
+            ]
             found = iter(detect_arrays([a for v in views for a, _, _ in v]))
-            for image_id, image_views in zip(chunk, views):
-                rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
+            for image_id, (rows, cols), image_views in zip(chunk, sizes, views):
                 boxes = [view_boxes(next(found), a, w, f) for a, w, f in image_views]
-                fused = fuse_boxes(boxes, rows, cols, cfg.view_fusion, cfg.view_iou)
+                fused = fuse_view_boxes(boxes, rows, cols, cfg.view_fusion, cfg.view_iou)
                 fused[:, [0, 2]], fused[:, [1, 3]] = fused[:, [0, 2]].clip(0, cols), fused[:, [1, 3]].clip(0, rows)
                 frame = pd.DataFrame(fused, columns=[*BOX_COLUMNS, "conf"])
                 frame.insert(0, "image_id", image_id)
