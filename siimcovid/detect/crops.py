@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siimcovid.utils import LOGGER, atomic_write_text
+from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 from siimcovid.views import LungBoxes, cut, from_original, read_gray
 
 MIN_SIDE = 1.0  # a box clipped to less than one crop pixel wide or high is left out of the crop's labels
@@ -64,10 +64,9 @@ def write_crops(prepared, size: int, lungs: LungBoxes, cfg, run_dir: Path) -> di
             unit = (shown[0] / cols, shown[1] / rows, shown[2] / cols, shown[3] / rows)  # the window, normalised
             labels = crop_labels(yolo_labels(prepared.label_path(image_id, size)), crop.shape[:2], unit)
             path = folder / "images" / f"{image_id}.png"
-            ok, png = cv2.imencode(".png", crop)
-            tmp = path.with_suffix(".png.tmp")
-            tmp.write_bytes(png.tobytes())
-            tmp.replace(path)
+            with atomic_path(path) as tmp:  # a kill leaves the crop before, or this one
+                if not cv2.imwrite(str(tmp), crop):
+                    raise SiimError(f"{path}: the crop could not be written")
             atomic_write_text(folder / "labels" / f"{image_id}.txt", labels)
             out[image_id] = path.resolve()
     LOGGER.info(f"detect: {len(out)} of {len(train)} train images have a lung crop ({folder})")
