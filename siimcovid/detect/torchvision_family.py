@@ -126,8 +126,6 @@ class TorchvisionFamily(Family):
             raise SiimError("family=torchvision: extra= is not supported (a YOLO run takes extra training images)")
         if (cfg.get("task") or "opacity") != "opacity":
             raise SiimError(f"family=torchvision trains opacity detectors only, not task={cfg.task}")
-        if cfg.get("crop") == "lung" and cfg.get("crop_train"):
-            raise SiimError("family=torchvision trains on whole images: give crop_train=false (crop=lung views at predict)")
         if not isinstance(cfg.pretrained, bool):
             raise SiimError(
                 f"family=torchvision: pretrained={cfg.pretrained}: true (COCO) or false (give a run's checkpoint as init=)"
@@ -183,7 +181,7 @@ class TorchvisionFamily(Family):
         def validate(model) -> float:
             from siimcovid import metrics
 
-            pred = self.boxes_table(Detector(model, cfg.imgsz, device, False), run, job.fold, val_ids, "train", False, False)
+            pred = self.boxes_table(Detector(model, cfg.imgsz, device, False), run, job.fold, val_ids, "train", False)
             return float(metrics.average_precision(truth, metrics.image_pred(pred), "opacity"))
 
         return trainer.fit(dataset, validate)
@@ -244,20 +242,12 @@ class TorchvisionFamily(Family):
     def predict_images(self, model: Detector, run, fold: int, image_ids: list[str], split: str) -> pd.DataFrame:
         return self.boxes_table(model, run, fold, image_ids, split, bool(self.cfg.get("tta")))
 
-    def boxes_table(self, model: Detector, run, fold: int, image_ids: list[str], split: str, tta: bool, crop: bool = True):
-        """The images' boxes in ORIGINAL pixels, tables.DETECTIONS (crop=lung: the views of siimcovid.views; crop=False,
-        a fold's validation in training: the whole images)."""
+    def boxes_table(self, model: Detector, run, fold: int, image_ids: list[str], split: str, tta: bool):
+        """The images' boxes in ORIGINAL pixels, tables.DETECTIONS (whole images: the family has no crop=lung views
+        yet, Family.crops; the engine refuses crop=lung)."""
         from siimcovid.detect.predict import no_detections
         from siimcovid.tables import DETECTIONS
 
-        lungs = self.lung_boxes(run.prepared.folds_id) if crop and self.cfg.get("crop") == "lung" else None
-        if lungs is not None:  # whole image and lung crop (siimcovid.views), as the YOLO family
-            from siimcovid.views import detect_views
-
-            desc = f"predict {run.name} fold {fold} {split} (whole + lung crop)"
-            found = detect_views(lambda arrays: self.detect_arrays(model, arrays, tta), run.prepared, run.size, fold,
-                                 image_ids, split, lungs, self.cfg, desc)  # fmt: skip
-            return found.assign(model=run.name, fold=fold)[DETECTIONS.required]
         meta, frames = run.prepared.meta.set_index("image_id"), []
         for start in range(0, len(image_ids), 64):  # a few images in memory at a time
             chunk = image_ids[start : start + 64]
