@@ -58,6 +58,10 @@ def project(tmp_path) -> Path:
     write_scores(det, opacity=0.41234, final=0.41234, image_map=0.41234)
     pd.DataFrame({"model": ["v5n"], "fold": ["all"], "opacity_ap": [0.9]}).to_csv(det / "oof_ap.csv", index=False)  # old name
     (p / "detect" / "notes").mkdir()  # no detect.yaml: not a run
+    lung = p / "detect" / "siim-lung-v5n"
+    write_yaml(lung / "detect.yaml", {"model": "models/yolov5n.yaml", "imgsz": 128, "task": "lung"})
+    (lung / "fold0").mkdir()
+    write_scores(lung, lung=0.987, final=0.987, image_map=0.987)
 
     cls = p / "classify" / "r10"
     write_yaml(cls / "classify.yaml", {"model": "resnet10t", "imgsz": 128, "epochs": 8, "lr": 0.001})
@@ -90,8 +94,8 @@ def rows_by_name(table: pd.DataFrame) -> dict[str, dict]:
 
 def test_every_stage_describes_its_runs_with_the_cv_of_its_scores_file(project):
     rows = rows_by_name(list_runs(project))
-    assert set(rows) == {"prepare/siim", "prepare/half", "detect/v5n", "classify/r10", "fuse/best", "fuse/plain", "pseudo/pool",
-                         "run/demo"}  # fmt: skip
+    assert set(rows) == {"prepare/siim", "prepare/half", "detect/v5n", "detect/siim-lung-v5n", "classify/r10", "fuse/best",
+                         "fuse/plain", "pseudo/pool", "run/demo"}  # fmt: skip
     assert "LEAKY" in rows["pseudo/pool"]["cv"]
     assert list(list_runs(project).stage.unique()) == stages.with_runs()
 
@@ -102,6 +106,8 @@ def test_every_stage_describes_its_runs_with_the_cv_of_its_scores_file(project):
     assert det["cv"] == "opacity AP 0.4123" and det["cv_value"] == pytest.approx(0.41234)  # scores_oof.csv, not oof_ap.csv
     assert (det["model"], det["imgsz"], det["folds"]) == ("yolov5n.yaml", "128", "0,1")
     assert det["settings"] == "hyp=yolov5m epochs=20 batch=16 mosaic=0.5 optimizer=AdamW lr0=0.004"
+    lung = rows["detect/siim-lung-v5n"]  # a lung detector's cv is its lung AP, not an opacity AP it never had
+    assert lung["cv"] == "lung AP 0.9870" and lung["cv_value"] == pytest.approx(0.987)
 
     cls = rows["classify/r10"]
     assert cls["cv"] == "study mAP 0.5000, AP(none) 0.7500" and cls["cv_value"] == 0.5

@@ -112,7 +112,7 @@ def write_preset(best: dict, header: list[str], start: dict, hyp_name: str | Non
 
 
 def evolve(cfg: Config) -> Path:
-    source = resolve_data(cfg.data, cfg.data_yaml_dir)
+    source = resolve_data(cfg.data, cfg.data_yaml_dir, cfg.task)  # task=lung evolves the lung detector's preset
     fold = evolve_fold(cfg.fold, select_folds(cfg.fold, source))
     data_yaml = source.yaml(fold)
     model = check_model(cfg.model)

@@ -14,7 +14,8 @@ TRAINED_WITH = ["mosaic", "mixup", "optimizer", "lr0"]  # as Ultralytics recorde
 
 
 def describe(run: Path) -> dict | None:
-    """A detect run -> model, image size, folds, the settings that matter, and its OOF opacity AP; None if not one."""
+    """A detect run -> model, image size, folds, the settings that matter, and its OOF AP (opacity; lung for a lung
+    detector); None if not one."""
     cfg = merge_run(quiet_yaml(run / FILES.settings))  # an unreadable one: its row says so
     if not cfg:
         return None
@@ -22,12 +23,13 @@ def describe(run: Path) -> dict | None:
     # what a fold really trained with (preset + overrides), as Ultralytics recorded it
     used = quiet_yaml(fold_dir(run, folds[0]) / "args.yaml") if folds else {}
     used = used or cfg.get("hyp_values") or {}
-    ap = score(overall_scores(run), "opacity")
+    task = "lung" if cfg.get("task") == "lung" else "opacity"
+    ap = score(overall_scores(run), task)
     return {
         "model": Path(str(cfg.get("model", ""))).name,
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(folds),
         "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH) + trained_on(cfg),
         "cv_value": ap,
-        "cv": "" if math.isnan(ap) else f"opacity AP {ap:.4f}",
+        "cv": "" if math.isnan(ap) else f"{task} AP {ap:.4f}",
     }
