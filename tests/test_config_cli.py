@@ -243,7 +243,8 @@ def test_runtime_and_fusion_keys():
     assert {"device", "workers", "name", "project", "resume", "tta", "split"} <= keys and "lr" not in keys
     assert {"device", "workers", "plots", "data"} <= runtime_keys("detect") and "epochs" not in runtime_keys("detect")
     assert schema("classify").keys("predict") == {
-        "run", "split", "tta", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse", "per_fold"
+        "run", "split", "tta", "view_fusion", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse",
+        "per_fold",
     }  # fmt: skip
     expected = [
         "det_weights", "det_scale", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",

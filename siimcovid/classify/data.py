@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from siimcovid.data.prepared import Prepared
 from siimcovid.tables import STUDY_CLASSES
 from siimcovid.utils import SiimError
+from siimcovid.views import cut
 
 
 def image_table(prep: Prepared, split: str, fold: int | None = None, part: str = "val") -> pd.DataFrame:
@@ -132,15 +133,36 @@ def read_square(path, size: int) -> np.ndarray:
     return img
 
 
-class StudyDataset(Dataset):
-    """Items: image (1,H,W) uint8, mask (1,H,W) uint8 0/255, label (int64), none (float32), index."""
+def crop_view(image: np.ndarray, mask: np.ndarray, window, rows: int, cols: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lung-crop view of a prepared size x size image and its mask (the same geometry): the prepared pixels that
+    show `window` (original pixels; siimcovid.views.cut), resized to the model's input size x size. The mask stays
+    0/255 (nearest neighbour)."""
+    crop, _ = cut(image, window, rows, cols)
+    crop_mask, _ = cut(mask, window, rows, cols)
+    return (
+        cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR),
+        cv2.resize(crop_mask, (size, size), interpolation=cv2.INTER_NEAREST),
+    )
 
-    def __init__(self, prep: Prepared, table: pd.DataFrame, size: int, augment=None, masks: bool = True):
+
+class StudyDataset(Dataset):
+    """Items: image (1,H,W) uint8, mask (1,H,W) uint8 0/255, label (int64), none (float32), index.
+
+    windows (crop=lung): one per row, the original-pixel window of its lung-crop view (crop_view), or None: the row
+    is the whole image."""
+
+    def __init__(self, prep: Prepared, table: pd.DataFrame, size: int, augment=None, masks: bool = True, windows=None):
         self.table, self.size, self.augment, self.masks = table, size, augment, masks
         self.images = [prep.image_path(i, s, size) for i, s in zip(table.image_id, table.split)]
         self.mask_paths = [prep.mask_path(i, size) for i in table.image_id] if masks else None
         self.labels = table["label"].to_numpy(dtype=np.int64)
         self.none = np.nan_to_num(table["none"].to_numpy(dtype=np.float32), nan=0.0)  # test rows: no target
+        self.windows = None
+        if windows is not None:
+            if len(windows) != len(table):
+                raise SiimError(f"StudyDataset: {len(windows)} windows for {len(table)} rows")
+            shapes = prep.meta.set_index("image_id").loc[list(table.image_id), ["rows", "cols"]].to_numpy(dtype=int)
+            self.windows = [None if w is None else (w, int(r), int(c)) for w, (r, c) in zip(windows, shapes)]
 
     def __len__(self) -> int:
         return len(self.table)
@@ -148,6 +170,8 @@ class StudyDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         img = read_square(self.images[i], self.size)
         mask = read_grey(self.mask_paths[i]) if self.masks else np.zeros_like(img)
+        if self.windows is not None and self.windows[i] is not None:
+            img, mask = crop_view(img, mask, *self.windows[i], self.size)
         if self.augment is not None:
             res = self.augment(image=img, mask=mask)
             img, mask = res["image"], res["mask"]

@@ -20,6 +20,7 @@ from siimcovid.utils import LOGGER, SiimError
 @register_family("timm")
 class TimmFamily(Family):
     stage, output, files = "classify", "cls", FILES
+    crops = True  # crop=lung: each image also seen cropped to its lungs (classify.predict.Views); training adds crops
 
     def start(self) -> None:
         from siimcovid.classify.dist import setup
@@ -74,6 +75,8 @@ class TimmFamily(Family):
         check_config(cfg)
         name = run_name(cfg, self.labels())
         cfg.data, cfg.imgsz = str(Path(cfg.data).resolve()), size
+        if cfg.get("lung"):  # recorded as an absolute path, like data=
+            cfg.lung = str(Path(cfg.lung).resolve())
         self.prep, self.size = prep, size
         return FoldData(prep, prep.n_folds, folds, prep.folds_id, name, [cfg.data], {"folds_id": prep.folds_id})
 
@@ -83,6 +86,19 @@ class TimmFamily(Family):
         prep = self.prep
         masks = not self.labels() or bool((prep.meta.n_boxes > 0).any())
         check_files(prep, prep.split("train").assign(split="train"), self.size, masks=masks)
+        self.check_views(data)
+
+    def check_views(self, data: FoldData) -> None:
+        """crop=lung: the lung run is readable, of these folds, with the out-of-fold boxes that training crops with
+        (before anything is written)."""
+        if (self.cfg.get("crop") or "none") == "none":
+            return
+        if self.labels():
+            raise SiimError("crop=lung: multi-label pretraining (an external labelled set) has no lung crops; use crop=none")
+        lungs = self.lung_boxes(data.folds_id)
+        if "oof" not in lungs.tables:
+            where = lungs.source
+            raise SiimError(f"lung={where} has no out-of-fold boxes (pred_oof.csv): `siimcovid detect predict run={where}`")
 
     def callbacks(self, data: FoldData) -> dict:
         """extra=: the extra folders' images join each fold's training data (on_train_data)."""
@@ -135,6 +151,8 @@ class TimmFamily(Family):
         return list(src.prep.split("test").image_id)
 
     def predict_images(self, model, src, fold: int, image_ids: list[str], split: str):
+        """One fold's model on its held-out (split train) or test images; crop=lung: each also seen cropped to the
+        lungs by fold k's lung windows (src.how.views; siimcovid.classify.predict.with_crop_views)."""
         from siimcovid.classify.predict import predict_fold
 
         return predict_fold(model, src, fold, split)

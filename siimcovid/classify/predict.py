@@ -11,6 +11,10 @@ scores_oof.csv           tables.SCORES: AP of the four study classes (on the stu
 oof: each fold's best checkpoint predicts its own validation images.
 test: every fold's best checkpoint predicts every test image; the probabilities are averaged.
 tta=true averages each model's probabilities on the image and its mirror (the classifier's TTA view, VIEW).
+crop=lung (lung=<a lung detector run>): each fold model also sees each image cropped to the lung window that the lung
+run's model of the same fold found (oof: its out-of-fold boxes; test: its test boxes; siimcovid.views), resized to the
+input size, mirrored too with tta; the two views' probabilities combine per image by view_fusion (fuse_views). An image
+without a confident lung box is seen whole only. crop=none is the path of a single view, unchanged.
 Ensembles (several run=...) combine the runs' tables row by row with siimcovid.ensemble.combine:
 mean, geometric (alias geomean: the product of members, up to a power) or rank (mean of each
 column's percentile rank; keeps only the ordering, which is all that AP reads).
@@ -142,6 +146,91 @@ def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.Da
     return CLASSIFIER_IMAGES.write(images, image_path), CLASSIFIER_STUDIES.write(studies, study_path)
 
 
+# ---------------------------------------------------------------- views (crop=lung)
+
+VIEW_FUSIONS = ("mean", "gmean")  # cfg/classify.yaml view_fusion
+VIEW_KEYS = ("lung_conf", "crop_margin", "view_fusion")  # what turns a lung box into a view, and the views into one
+EPS = 1e-12  # the least probability gmean takes the log of (a float32 softmax may underflow to 0)
+
+
+def fuse_probabilities(views: list[np.ndarray], method: str, total: bool) -> np.ndarray:
+    """One probability array from its views' (arrays of one shape): mean, or gmean, the geometric mean, renormalised:
+    total=True, rows that sum to 1 (the study softmax: each row divided by its sum); total=False, probabilities of
+    a yes/no event (none: p against 1 - p, so that gmean treats the two outcomes alike)."""
+    stack = np.stack([np.asarray(v, dtype=np.float64) for v in views])
+    if method == "mean":
+        return stack.mean(axis=0)
+    if method != "gmean":
+        raise SiimError(f"view_fusion={method}: one of {', '.join(VIEW_FUSIONS)}")
+    log_yes = np.log(stack.clip(EPS, 1.0)).mean(axis=0)
+    if total:
+        g = np.exp(log_yes - log_yes.max(axis=-1, keepdims=True))
+        return g / g.sum(axis=-1, keepdims=True)
+    yes, no = np.exp(log_yes), np.exp(np.log((1.0 - stack).clip(EPS, 1.0)).mean(axis=0))
+    return yes / (yes + no)
+
+
+def fuse_views(study, none, at, crop_study, crop_none, method: str):
+    """The whole view's probabilities (study (N,4), none (N,) or None) with the crop view's of rows `at` fused in."""
+    study = np.array(study, dtype=np.float64)
+    study[at] = fuse_probabilities([study[at], crop_study], method, total=True)
+    if none is not None:
+        none = np.array(none, dtype=np.float64)
+        none[at] = fuse_probabilities([none[at], crop_none], method, total=False)
+    return study, none
+
+
+@dataclass
+class Views:
+    """crop=lung: the lung boxes whose windows make each fold's crop views (a siimcovid.views.LungBoxes, or any object
+    with its windows(meta, fold, image_ids, split, conf, margin): a bundle hands in its own), the settings that turn a
+    box into a window (lung_conf, crop_margin) and how the views' probabilities combine (view_fusion)."""
+
+    lungs: object
+    conf: float
+    margin: float
+    fusion: str
+
+    def __post_init__(self):
+        if self.fusion not in VIEW_FUSIONS:  # a bundle's value too: checked before any image is predicted
+            raise SiimError(f"view_fusion={self.fusion}: one of {', '.join(VIEW_FUSIONS)}")
+
+    @classmethod
+    def of(cls, cfg, folds_id: str | None) -> "Views | None":
+        """The views of these settings (crop, lung, lung_conf, crop_margin, view_fusion); None for crop=none. The lung
+        run must have the folds of the model (folds_id), else a crop view leaks."""
+        from siimcovid.views import lungs_of
+
+        lungs = lungs_of(cfg)
+        if lungs is None:
+            return None
+        lungs.check_folds(folds_id, "this classify run")
+        return cls(lungs, cfg.lung_conf, cfg.crop_margin, cfg.view_fusion)
+
+    def windows(self, prep, fold: int, table: pd.DataFrame, split: str) -> list:
+        """Each row's window (original pixels) or None, from fold k's lung model: oof (split oof or train: the
+        held-out images of fold k) or test."""
+        which = "test" if split == "test" else "oof"
+        found = self.lungs.windows(prep.meta, fold, list(table.image_id), which, self.conf, self.margin)
+        return [found[i] for i in table.image_id]
+
+
+def own_fold_windows(views: Views, prep, table: pd.DataFrame) -> list:
+    """Each training row's window from the lung run's out-of-fold boxes of the row's OWN fold j: found by lung model
+    j, which never saw the image (fold k's lung model trained on it, so its boxes would be too good to be a view)."""
+    table = table.reset_index(drop=True)
+    found = {}
+    for j, part in table.groupby("fold", sort=True):
+        found.update(zip(part.index, views.windows(prep, int(j), part, "oof")))
+    return [found[i] for i in table.index]
+
+
+def crop_subset(table: pd.DataFrame, windows: list) -> tuple[np.ndarray, pd.DataFrame, list]:
+    """(the rows that have a window, their table, their windows): the images a crop view is made of."""
+    at = np.array([i for i, w in enumerate(windows) if w is not None], dtype=int)
+    return at, table.iloc[at].reset_index(drop=True), [windows[i] for i in at]
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -254,6 +343,7 @@ class Inference:
     tta: bool
     loader_kw: dict
     load: Callable | None = None  # (weights file, device, channels_last) -> model; None: a run's own checkpoint
+    views: Views | None = None  # crop=lung: the lung-crop views (None: the whole image only)
 
     def model(self, path: Path):
         """The model of one fold's weights file, on the device, in eval mode."""
@@ -279,8 +369,10 @@ def run_inference(
     channels_last: bool = True,
     allow_unfinished: bool = False,
     weights: str = "best",
+    views_cfg=None,
 ):
-    """What predicting one run needs: (prepared folder, image size, fold checkpoints, Inference); folds checked for oof."""
+    """What predicting one run needs: (prepared folder, image size, fold checkpoints, Inference); folds checked for oof.
+    views_cfg: the settings of the views (crop=, lung=, ...: classify predict's), None for the whole image only."""
     from siimcovid.data.prepared import Prepared
 
     run_cfg = rundir.read_run(run_dir / FILES.settings)
@@ -300,6 +392,7 @@ def run_inference(
         channels_last and device.type == "cuda",
         tta,
         {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"},
+        views=Views.of(views_cfg, run_cfg.get("folds_id")) if views_cfg is not None else None,
     )
     return prep, size, ckpts, how
 
@@ -324,6 +417,8 @@ def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFram
 
     family = run_family(run_dir)
     if not issubclass(family, family_class("timm", "classify")):
+        if kwargs.get("views_cfg") is not None:
+            raise SiimError(f"crop=lung: {run_dir} is a run of family={family.name}, which has no lung-crop views (crop=none)")
         tta, device, batch, workers, source, amp, channels_last, allow_unfinished, weights = args
         images = folds.predict_run(family(Config()), run_dir, split, device, source, allow_unfinished, weights)
         return images, study_table(images)
@@ -382,7 +477,10 @@ def predict_fold(loaded: tuple, src: Source, fold: int, split: str):
         table, loader = src.test_loader()
         idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
         order = np.argsort(idx)
-        return fold, study[order], none[order] if none is not None else None
+        study, none = study[order], none[order] if none is not None else None
+        if how.views is not None:
+            study, none = with_crop_views(model, src, fold, split, table, study, none)
+        return fold, study, none
     table = image_table(src.prep, "train", src.prep.check_fold(fold), "val")
     check_files(src.prep, table, src.size, masks=False)
     if ckpt is not None:  # per fold, not only per run: `train resume=false fold=0` leaves the other folds as they were
@@ -390,7 +488,31 @@ def predict_fold(loaded: tuple, src: Source, fold: int, split: str):
     loader = how.loader(StudyDataset(src.prep, table, src.size, masks=False))
     idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
     LOGGER.info(f"{src.name} fold {fold}: predicted {len(table)} held-out images")
+    if how.views is not None:
+        table = table.iloc[idx].reset_index(drop=True)
+        study, none = with_crop_views(model, src, fold, split, table, study, none)
+        return image_frame(table, study, none, src.name)
     return image_frame(table.iloc[idx], study, none, src.name)
+
+
+def with_crop_views(model, src: Source, fold: int, split: str, table: pd.DataFrame, study, none):
+    """crop=lung: the whole view's probabilities (in the rows of `table`) fused with the lung-crop view's, by fold
+    `fold`'s lung windows; rows without a window keep the whole view's."""
+    from siimcovid.classify.data import StudyDataset
+
+    how, views = src.how, src.how.views
+    at, crops, windows = crop_subset(table, views.windows(src.prep, fold, table, split))
+    LOGGER.info(
+        f"{src.name} fold {fold} {'test' if split == 'test' else 'oof'}: {len(at)} of {len(table)} images also seen "
+        f"cropped to the lungs (view_fusion={views.fusion})"
+    )
+    if not len(at):
+        return study, none
+    dataset = StudyDataset(src.prep, crops, src.size, masks=False, windows=windows)
+    idx, crop_study, crop_none, _ = infer(model, how.loader(dataset), how.device, how.amp_dtype, how.tta, progress=True)
+    order = np.argsort(idx)
+    crop_none = crop_none[order] if crop_none is not None else None
+    return fuse_views(study, none, at, crop_study[order], crop_none, views.fusion)
 
 
 def run_folds(prep, size: int, ckpts: dict[int, Path], name: str, how: Inference, split: str):
@@ -455,8 +577,6 @@ def main(cfg) -> dict[str, dict[str, Path]]:
     "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
     from siimcovid.engine.devices import torch_device
 
-    if (cfg.get("crop") or "none") != "none":
-        raise SiimError(f"crop={cfg.crop}: the classifiers have no lung-crop views yet (family=yolo's detectors have them)")
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
@@ -483,15 +603,18 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
         else:
             how = (cfg.tta, device, cfg.batch, cfg.workers, cfg.source, cfg.amp, cfg.channels_last)
             how += (cfg.allow_unfinished, cfg.weights)
+            crops = (cfg.get("crop") or "none") != "none"
+            views = {"views_cfg": cfg} if crops else {}  # crop=none: as before
             if cfg.per_fold and split == "test":
-                images, studies, folds = predict_run_folds(run_dir, *how)
+                images, studies, folds = predict_run_folds(run_dir, *how, **views)
                 CLASSIFIER_FOLDS.write(folds, folds_path(run_dir))
                 LOGGER.info(f"{run_dir.name}: wrote each fold model's test predictions to {folds_path(run_dir)}")
             else:
-                images, studies = predict_run(run_dir, split, *how)
+                images, studies = predict_run(run_dir, split, *how, **views)
             write_tables(run_dir, split, images, studies)
             if not cfg.source and split == "test":  # what made the run's test tables: `siimcovid export` packs these
-                rundir.save_predict_settings(run_dir, {"tta": cfg.tta, "weights": cfg.weights})
+                saved = {"tta": cfg.tta, "weights": cfg.weights} | (view_settings(cfg) if crops else {})
+                rundir.save_predict_settings(run_dir, saved)
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:
         out_dir = ensemble_dir(cfg)
@@ -500,6 +623,11 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
         write_tables(out_dir, split, images, studies)
         per_run.append((out_dir, images, studies))
     return per_run
+
+
+def view_settings(cfg) -> dict:
+    """crop=lung: the settings that made a run's views (recorded beside tta and weights, for `export`)."""
+    return {"crop": cfg.crop, "lung": str(Path(cfg.lung).resolve()), **{k: cfg[k] for k in VIEW_KEYS}}
 
 
 def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> Path:

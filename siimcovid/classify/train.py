@@ -32,6 +32,12 @@ Pretraining and extra data (siimcovid/data/extra.py):
 - extra=<dir>[,<dir>]: every fold's TRAINING data gains ExtraData(dir).classifier_rows(fold, imgsz) through the
   on_train_data hook (soft targets, unknown ones masked out of the loss); the validation images never change.
 
+Lung-crop views (crop=lung, lung=<a lung detector run>; siimcovid.views): with crop_train=true each training image
+that has a lung window joins the fold's training data once more, cropped to it (its mask cut the same way, the same
+labels); the window comes from the lung run's OUT-OF-FOLD boxes of the image's own fold, found by a lung model that
+never saw it. Validation (best.pt's epoch) sees what `classify predict` sees: each held-out image whole and, where
+fold k's lung model found a window, cropped, the two views' probabilities fused by view_fusion (no TTA).
+
 Kill -9 at any instant costs at most the epoch in progress. last.pt is the record of an epoch:
 written (atomically) before the files that follow from it (best.pt, val_pred_image.csv,
 results.csv), which a resume writes again from last.pt, so a kill between them leaves nothing
@@ -167,6 +173,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         self.scaler = self.new_scaler()
         self.rows: list[dict] = []  # results.csv so far
         self.best = {"score": -math.inf, "epoch": 0, "wave": 0}
+        self.views = P.Views.of(cfg, prep.folds_id)  # crop=lung: the lung-crop views (module docstring); else None
         self.build_loaders(cuda)
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -207,8 +214,30 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
             LOGGER.info(f"init: loaded {n} tensors from {path}, rebuilt: {', '.join(rebuilt) or 'nothing'}")
 
     def fold_datasets(self, augment) -> tuple[Dataset, Dataset]:
-        """(training dataset, validation dataset) of the fold's SIIM images."""
-        return StudyDataset(self.prep, self.train_tab, self.size, augment), StudyDataset(self.prep, self.val_tab, self.size)
+        """(training dataset, validation dataset) of the fold's SIIM images; crop=lung with crop_train: the training
+        images that have a lung window once more, cropped (module docstring)."""
+        table, windows = self.train_tab, None
+        if self.views is not None and self.cfg.crop_train:
+            _, crops, found = P.crop_subset(table, P.own_fold_windows(self.views, self.prep, table))
+            windows = [None] * len(table) + found
+            table = pd.concat([table, crops], ignore_index=True)
+            if self.d.is_main:
+                LOGGER.info(f"fold {self.fold}: {len(self.train_tab)} training images + {len(crops)} lung crops of them")
+        train = StudyDataset(self.prep, table, self.size, augment, windows=windows)
+        return train, StudyDataset(self.prep, self.val_tab, self.size)
+
+    def crop_val_loader(self, kw: dict):
+        """crop=lung: a loader of this rank's share of the lung-crop views of the validation images that have a
+        window (fold k's lung model's out-of-fold boxes, as `classify predict` sees them); None: whole images only."""
+        if self.views is None:
+            return None
+        at, crops, windows = P.crop_subset(self.val_tab, self.views.windows(self.prep, self.fold, self.val_tab, "oof"))
+        if not len(at):
+            return None
+        self.val_crop_rows = at  # crop row i is val_tab row at[i]
+        dataset = StudyDataset(self.prep, crops, self.size, masks=False, windows=windows)
+        share = Subset(dataset, list(range(self.d.rank, len(crops), self.d.world)))
+        return DataLoader(share, batch_size=self.batch * 2, shuffle=False, **kw)
 
     def fold_tables(self) -> None:
         """train_tab / val_tab: the fold's rows."""
@@ -250,6 +279,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         # Validation: rank r takes images r, r+world, ...; the ranks' predictions are gathered.
         val_ds = Subset(val_dataset, list(range(d.rank, len(self.val_tab), d.world)))
         self.val_loader = DataLoader(val_ds, batch_size=self.batch * 2, shuffle=False, **kw)
+        self.val_crop_loader = self.crop_val_loader(kw)
 
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.model
@@ -310,9 +340,22 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         none = np.concatenate([p[2] for p in parts if p[2] is not None]) if parts[0][2] is not None else None
         n = sum(p[3]["n"] for p in parts)
         loss = {f"val_{k}": sum(p[3].get(k, 0.0) for p in parts) / max(n, 1) for k in LOSS_PARTS}
+        if self.val_crop_loader is not None:  # the loss stays the whole view's
+            study, none = self.with_crop_views(rows, study, none)
         images = P.image_frame(self.val_tab.iloc[rows], study, none, self.cfg.name).sort_values("image_id").reset_index(drop=True)
         stats = dict(loss, val_map=P.study_map(self.prep, images), val_none_auc=self.none_auc(images))
         return stats, images
+
+    def with_crop_views(self, rows: np.ndarray, study: np.ndarray, none):
+        """The validation probabilities (of val_tab rows `rows`) fused with the lung-crop views' (view_fusion)."""
+        idx, crop_study, crop_none, _ = P.infer(self.eval_model(), self.val_crop_loader, self.device, self.amp_dtype)
+        parts = self.d.gather((idx if idx is not None else np.zeros(0, int), crop_study, crop_none))
+        crop_rows = self.val_crop_rows[np.concatenate([p[0] for p in parts]).astype(int)]
+        crop_study = np.concatenate([p[1] for p in parts if p[1] is not None])
+        crop_none = np.concatenate([p[2] for p in parts if p[2] is not None]) if none is not None else None
+        where = {int(r): i for i, r in enumerate(rows)}
+        at = np.array([where[int(r)] for r in crop_rows], dtype=int)
+        return P.fuse_views(study, none, at, crop_study, crop_none, self.views.fusion)
 
     def none_auc(self, images: pd.DataFrame) -> float:
         from sklearn.metrics import roc_auc_score
