@@ -171,23 +171,30 @@ def detect(
     return det_dir, written[det_dir.name]
 
 
-def classify_configs(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Config, Config]:
-    """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line)."""
-    cls_project, name = stage_dir(project, "classify"), name or cfg.name
-    settings = section_settings(cfg.classify, "classify", data=str(prepared), name=name, project=str(cls_project), **extra)
-    train = stages.stage_config("classify", "train", settings)
-    predict, fixed = predict_settings(cfg, "classify"), {"run": str(cls_project / name), "project": str(cls_project)}
-    settings = section_settings(predict, "classify_predict", **fixed, split=["oof", "test"])
+def classify_configs(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
+) -> tuple[Config, Config]:
+    """The `classify train` and `classify predict` configs of the run (typed and checked as on the command line), with
+    the views run gives train and predict (crop=lung, lung=); predict crops as train did (the classify section's
+    crop_margin and lung_conf, unless classify_predict says otherwise)."""
+    cls_project, name, views = stage_dir(project, "classify"), name or cfg.name, views or {}
+    fixed = {"data": str(prepared), "name": name, "project": str(cls_project), **views, **extra}
+    train = stages.stage_config("classify", "train", section_settings(cfg.classify, "classify", **fixed))
+    shaped = {k: v for k, v in cfg.classify.items() if k in ("crop_margin", "lung_conf")} if views else {}
+    fixed = {"run": str(cls_project / name), "project": str(cls_project), "split": ["oof", "test"], **views}
+    settings = section_settings({**shaped, **predict_settings(cfg, "classify")}, "classify_predict", **fixed)
     return train, stages.stage_config("classify", "predict", settings)
 
 
-def classify(cfg: Config, prepared: Path, project: Path, name: str | None = None, **extra) -> tuple[Path, dict[str, Path]]:
+def classify(
+    cfg: Config, prepared: Path, project: Path, name: str | None = None, views: dict | None = None, **extra
+) -> tuple[Path, dict[str, Path]]:
     """`siimcovid classify train`, then `classify predict` of the OOF and test splits; the classify
     run dir and its per-image tables ({"oof": pred_oof_image.csv, "test": pred_test_image.csv}).
-    name, extra: as for detect. The classifiers have no crop views yet: they see whole images."""
+    name, views, extra: as for detect (crop=lung: train with crop_train's crops, predict whole + crop)."""
     from siimcovid.classify import predict, train
 
-    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, **extra)
+    train_cfg, predict_cfg = classify_configs(cfg, prepared, project, name, views, **extra)
     train.main(train_cfg)  # main: sets up (and tears down) the device group
     cls_dir = Path(train_cfg.project) / train_cfg.name
     written = predict.main(predict_cfg)[cls_dir.name]
@@ -205,7 +212,7 @@ def check_sections(cfg: Config, root: Path, project: Path) -> None:
         detect_configs(cfg, prepared, project, lung_name(cfg), LUNG)
     for name, section in zip(detector_names(cfg), ("detect", SECOND)):
         detect_configs(cfg, prepared, project, name, section, views)
-    classify_configs(cfg, prepared, project)
+    classify_configs(cfg, prepared, project, views=views)
     fusion, files = Fusion(cfg, prepared, project), [str(prepared / "checked.csv")]
     fusion.config("", "oof", files, files)
     fusion.config("", "oof", files, files, mode="tune")
@@ -366,7 +373,8 @@ def pseudo_rounds(
             students = students_config(cfg)
             det_extra = student_extra(cfg, "detect", folder)
             det_dir, det_files = detect(students, prepared, project, name=name, views=views, extra=det_extra)
-            cls_dir, cls_files = classify(students, prepared, project, name=name, extra=student_extra(cfg, "classify", folder))
+            cls_extra = student_extra(cfg, "classify", folder)
+            cls_dir, cls_files = classify(students, prepared, project, name=name, views=views, extra=cls_extra)
             det = [{s: str(det_files[s]) for s in ("oof", "test")}]
             cls = {s: str(cls_files[s]) for s in ("oof", "test")}
             found, _, _ = fusion_rows(cfg, Fusion(cfg, prepared, project, name=name), det, cls, prepared)
@@ -421,7 +429,7 @@ def run(cfg: Config) -> dict:
             det.append({s: str(det_files[s]) for s in ("oof", "test")})
     det_dir = stage_dir(project, "detect") / cfg.name  # the pipeline's own detector: the pseudo teacher, the report's
     with step("classify train", "classify", timings):
-        cls_dir, cls_files = classify(cfg, prepared, project)
+        cls_dir, cls_files = classify(cfg, prepared, project, views=views)
     with step("fuse", "fuse", timings):
         cls = {s: str(cls_files[s]) for s in ("oof", "test")}
         rows, fused, test = fusion_rows(cfg, Fusion(cfg, prepared, project), det, cls, prepared)

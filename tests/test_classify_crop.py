@@ -322,3 +322,21 @@ def test_train_and_predict_with_lung_crops_write_the_contract_tables(prepared, t
     assert sorted(images.image_id) == sorted(prep.fold(0, "val").image_id)
     test, _ = P.read_tables(folder, "test")
     assert sorted(test.image_id) == sorted(prep.split("test").image_id) and np.allclose(test[STUDY_CLASSES].sum(axis=1), 1)
+
+
+# ---------------------------------------------------------------- siimcovid run
+
+
+def test_run_gives_the_classifier_its_views_for_train_and_predict(tmp_path):
+    """crop=lung in `run`: classify train and predict get the lung run; predict crops as train did (the classify
+    section's crop_margin) and fuses by classify_predict's view_fusion; crop=none: whole images, as before."""
+    from siimcovid.run import classify_configs, crop_views
+
+    sections = {"classify": {"crop_margin": 0.2, "crop_train": False}, "classify_predict": {"view_fusion": "gmean"}}
+    cfg = load_config("run", {"name": "x", "data": str(tmp_path / "siim"), "crop": "lung", **sections})
+    lung = tmp_path / "runs" / "detect" / "x-lung"
+    train, predict = classify_configs(cfg, tmp_path / "prep", tmp_path / "runs", views=crop_views(cfg, lung))
+    assert (train.crop, train.lung, train.crop_margin, train.crop_train) == ("lung", str(lung), 0.2, False)
+    assert (predict.crop, predict.lung, predict.crop_margin, predict.view_fusion) == ("lung", str(lung), 0.2, "gmean")
+    train, predict = classify_configs(cfg, tmp_path / "prep", tmp_path / "runs")
+    assert train.crop == predict.crop == "none" and predict.crop_margin == 0.05
