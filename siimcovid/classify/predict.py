@@ -488,11 +488,10 @@ def predict_fold(loaded: tuple, src: Source, fold: int, split: str):
     loader = how.loader(StudyDataset(src.prep, table, src.size, masks=False))
     idx, study, none, _ = infer(model, loader, how.device, how.amp_dtype, how.tta, progress=True)
     LOGGER.info(f"{src.name} fold {fold}: predicted {len(table)} held-out images")
+    table = table.iloc[idx].reset_index(drop=True)  # the rows in the order predicted
     if how.views is not None:
-        table = table.iloc[idx].reset_index(drop=True)
         study, none = with_crop_views(model, src, fold, split, table, study, none)
-        return image_frame(table, study, none, src.name)
-    return image_frame(table.iloc[idx], study, none, src.name)
+    return image_frame(table, study, none, src.name)
 
 
 def with_crop_views(model, src: Source, fold: int, split: str, table: pd.DataFrame, study, none):
