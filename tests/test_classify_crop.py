@@ -262,6 +262,19 @@ def test_crop_none_asks_for_no_lung_run_and_crop_lung_needs_one(prepared, tmp_pa
     assert views.fusion == "gmean" and set(views.lungs.tables) == {"oof", "test"}
 
 
+def test_train_refuses_a_lung_run_without_out_of_fold_boxes_before_writing(prepared, tmp_path):
+    """Training crops with the lung run's out-of-fold boxes: a lung run with test boxes only is refused up front."""
+    from siimcovid.classify.train import main as train
+
+    run = lung_run(Prepared(prepared), tmp_path / "lung")
+    (run / "pred_oof.csv").unlink()
+    settings = {"model": "resnet10t", "pretrained": False, "imgsz": S, "workers": 0, "device": "cpu", "name": "c"}
+    cfg = load_config("classify", {**settings, "data": str(prepared), "project": str(tmp_path / "runs")})
+    with pytest.raises(SiimError, match=r"no out-of-fold boxes \(pred_oof.csv\)"):
+        train(load_config("classify", {**cfg, "crop": "lung", "lung": str(run)}))
+    assert not (tmp_path / "runs" / "c").exists()
+
+
 # ---------------------------------------------------------------- training
 
 
