@@ -135,6 +135,11 @@ def crop_views(cfg, lung_dir: Path | None) -> dict:
     return {"crop": "lung", "lung": str(lung_dir)} if lung_dir is not None else {}
 
 
+def view_shape(section: dict, views: dict) -> dict:
+    """A model's own crop_margin and lung_conf (its run.yaml section's), for its predict: it crops as it trained."""
+    return {k: v for k, v in section.items() if k in ("crop_margin", "lung_conf")} if views else {}
+
+
 def detect_configs(
     cfg: Config, prepared: Path, project: Path, name: str | None = None, section: str = "detect", views: dict | None = None,
     **extra,
@@ -146,7 +151,7 @@ def detect_configs(
     if section == LUNG:
         fixed["task"] = "lung"
     train = stages.stage_config("detect", "train", section_settings(cfg[section], section, **fixed))
-    predict = predict_settings(cfg, "detect", section)
+    predict = {**view_shape(cfg[section], views), **predict_settings(cfg, "detect", section)}
     if section != "detect":  # another detector's own predict settings (e.g. its family's tta) are its section's
         predict.update({k: v for k, v in cfg[section].items() if k in schema("detect").keys("predict")})
     settings = section_settings(predict, "detect_predict", run=str(det_project / name), split=["oof", "test"], **views)
@@ -180,9 +185,9 @@ def classify_configs(
     cls_project, name, views = stage_dir(project, "classify"), name or cfg.name, views or {}
     fixed = {"data": str(prepared), "name": name, "project": str(cls_project), **views, **extra}
     train = stages.stage_config("classify", "train", section_settings(cfg.classify, "classify", **fixed))
-    shaped = {k: v for k, v in cfg.classify.items() if k in ("crop_margin", "lung_conf")} if views else {}
     fixed = {"run": str(cls_project / name), "project": str(cls_project), "split": ["oof", "test"], **views}
-    settings = section_settings({**shaped, **predict_settings(cfg, "classify")}, "classify_predict", **fixed)
+    predict = {**view_shape(cfg.classify, views), **predict_settings(cfg, "classify")}
+    settings = section_settings(predict, "classify_predict", **fixed)
     return train, stages.stage_config("classify", "predict", settings)
 
 

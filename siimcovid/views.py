@@ -169,8 +169,12 @@ class LungBoxes:
                 f"lung={self.source} has no {split} boxes of these {len(wanted)} images (e.g. {image_ids[0]}): predict them "
                 "with the lung run first (`siimcovid detect predict run=<lung run>`, source= for another prepared folder)"
             )
-        if split == "oof" and wanted and seen[seen.fold == fold].empty:
-            raise SiimError(f"lung={self.source} has no out-of-fold boxes of fold {fold}: train and predict that fold of it")
+        if wanted and seen[seen.fold == fold].empty:  # never the whole image silently, out of fold or on test
+            which = "out-of-fold" if split == "oof" else split
+            raise SiimError(
+                f"lung={self.source} has no {which} boxes of fold {fold} on these {len(wanted)} images (its fold {fold} model "
+                "was not trained and predicted, or found no lung at all): train and predict that fold of it"
+            )
         rows = seen[(seen.fold == fold) & (seen.conf >= conf)]
         best = rows.sort_values("conf", ascending=False, kind="stable").drop_duplicates("image_id").set_index("image_id")
         sizes = meta.set_index("image_id")

@@ -57,6 +57,13 @@ def test_windows_come_from_the_same_folds_lung_model_and_its_best_box(prepared, 
         lungs.windows(prep.meta, 0, ["not-an-image"], "test", 0.5, 0.0)
     # below lung_conf: the whole image
     assert set(lungs.windows(prep.meta, 1, list(val.image_id), "oof", 0.95, 0.0).values()) == {None}
+    # a lung run without fold 2's test boxes (fold 2 never trained): fold 2's model never sees the test images whole silently
+    test = lungs.tables["test"]
+    lungs.tables["test"] = test[test.fold != 2]
+    ids = list(prep.split("test").image_id)
+    assert len(lungs.windows(prep.meta, 1, ids, "test", 0.5, 0.0)) == len(ids)
+    with pytest.raises(SiimError, match="no test boxes of fold 2"):
+        lungs.windows(prep.meta, 2, ids, "test", 0.5, 0.0)
     assert widen((10, 20, 110, 220), 230, 115, 0.1) == pytest.approx((0, 0, 115, 230))
 
 

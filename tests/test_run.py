@@ -138,6 +138,23 @@ def test_predict_inherits_the_runtime_settings_of_the_train_section():
     assert predict_settings(cfg, "classify") == {"device": "cpu", "amp": False}
 
 
+def test_run_gives_each_detector_its_views_and_it_predicts_with_the_margin_it_trained_with(tmp_path):
+    from siimcovid.config import load_config
+    from siimcovid.run import SECOND, crop_views, detect_configs
+
+    sections = {"detect": {"crop_margin": 0.2, "lung_conf": 0.4}, "detect2": {"family": "torchvision", "crop_margin": 0.1}}
+    cfg = load_config("run", {"name": "x", "data": str(tmp_path / "siim"), "crop": "lung", **sections})
+    lung = tmp_path / "runs" / "detect" / "x-lung"
+    views = crop_views(cfg, lung)
+    train, predict = detect_configs(cfg, tmp_path / "prep", tmp_path / "runs", views=views)
+    assert (train.crop, train.lung, train.crop_margin, train.lung_conf) == ("lung", str(lung), 0.2, 0.4)
+    assert (predict.crop, predict.lung, predict.crop_margin, predict.lung_conf) == ("lung", str(lung), 0.2, 0.4)
+    train, predict = detect_configs(cfg, tmp_path / "prep", tmp_path / "runs", "x-torchvision", SECOND, views)
+    assert (train.crop_margin, predict.crop_margin, predict.lung_conf) == (0.1, 0.1, 0.25)  # its own section's, else the default
+    train, predict = detect_configs(cfg, tmp_path / "prep", tmp_path / "runs")  # no views: whole images
+    assert train.crop == predict.crop == "none" and predict.crop_margin == 0.05
+
+
 @pytest.mark.parametrize(
     "section, message",
     [
