@@ -23,6 +23,28 @@ the same seed (mean +- std of the per-seed gains): a gain smaller than its sprea
     python benchmarks/bench_levers.py                       # 3 seeds, about 40 minutes on 2 CPU cores
     python benchmarks/bench_levers.py --seeds 0 --quick     # one seed, the smallest settings (a smoke test)
 
+Issue 19, item 4 (`--levers detect`): the podium's detector levers, on synthetic data with lung boxes
+(`siimcovid synth` writes <root>/lung_boxes; run's crop=lung reads them), three arms per seed:
+
+    baseline        `siimcovid run`, crop=none: one YOLO detector, whole images
+    crop            the same with crop=lung: run trains the lung detector first (section lung_detect, run
+                    <name>-lung), the YOLO detector trains on and predicts whole + lung-crop views (and the
+                    classifiers too where run gives them the views: this script does not care)
+    frcnn           the baseline + detect2 = torchvision Faster R-CNN (family=torchvision, --frcnn-arch, from
+                    scratch) fused with the YOLO detector; fuse tune searches det_scale per member. It is the
+                    baseline's run given detect2: the baseline's YOLO and classifier are reused as trained (run
+                    resumes them), so its gain is the second detector's and nothing else's
+
+Per arm: the OOF opacity AP of its YOLO detector (and of the Faster R-CNN), the lung detector's OOF AP@0.5
+(class lung of its scores_oof.csv), the nested fused opacity AP and final; gains over the baseline of the
+same seed as above. Then the predict-time cost of each lever: `detect predict split=test` of every detector
+the arm needs (crop: the lung detector, then the crop detector; frcnn: YOLO, then Faster R-CNN), all arms
+timed side by side in this process, interleaved, the fastest of --timing-repeats; seconds per test image
+(all folds' models: each image passes every fold's model, and every view of it) and the ratio to the baseline.
+
+    python benchmarks/bench_levers.py --levers detect --out /tmp/bench             # 3 seeds, ~45 min on 2 cores
+    python benchmarks/bench_levers.py --levers detect --seeds 0 --quick            # the smoke test
+
 Tiny models (YOLOv5n and ResNet10t from scratch, 64 px, a few epochs) on a 2-core CPU: the point is a
 correct, honest procedure that runs anywhere; the size of a gain here says little about the real data.
 """
@@ -30,9 +52,12 @@ correct, honest procedure that runs anywhere; the size of a gain here says littl
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -171,6 +196,188 @@ def one_seed(args, seed: int) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- issue 19: the detector levers
+DETECT_ARMS = {
+    "baseline": "baseline (YOLO, whole images)",
+    "crop": "crop=lung (lung detector + lung-crop views)",
+    "frcnn": "YOLO + Faster R-CNN fused (det_scale tuned)",
+}
+DETECT_COLUMNS = {
+    "det_opacity_ap": "YOLO opacity AP",
+    "det2_opacity_ap": "Faster R-CNN opacity AP",
+    "lung_ap": "lung detector AP@0.5",
+    "fused_opacity_ap": "fused opacity AP (nested)",
+    "fused_final": "fused final (nested)",
+}
+
+
+def detect_settings(args) -> dict:
+    """The shared tiny settings with the detectors at --det-imgsz (at 64 px from scratch YOLO found no opacity in the
+    data group), no bundle export (not what is measured), more tuning trials (det_scale is one more parameter)."""
+    shared = settings(args)
+    size = args.det_imgsz
+    return {
+        **shared,
+        "prepare": {**shared["prepare"], "sizes": sorted({size, shared["classify"]["imgsz"]})},
+        "detect": {**shared["detect"], "imgsz": size},
+        "export": False,
+        "tune_trials": 4 if args.quick else 16,
+    }
+
+
+def lung_settings(args, shared: dict) -> dict:
+    """The lung detector's `detect train` settings (run's lung_detect section): the opacity detector's tiny YOLO."""
+    return {**shared["detect"], "epochs": 2 if args.quick else args.lung_epochs}
+
+
+def frcnn_settings(args, shared: dict) -> dict:
+    """The second detector (run's detect2 section): torchvision's Faster R-CNN from scratch, on the CPU."""
+    machine = {k: shared["detect"][k] for k in ("device", "workers")}
+    return {
+        "family": "torchvision", "arch": args.frcnn_arch, "pretrained": False, "imgsz": args.frcnn_imgsz,
+        "epochs": 2 if args.quick else args.frcnn_epochs, "batch": 8, "optimizer": "AdamW", "lr0": args.frcnn_lr,
+        **machine,
+    }  # fmt: skip
+
+
+def detect_scores(args, name: str, table: pd.DataFrame) -> dict:
+    """An arm's numbers: its detectors' OOF scores (YOLO <name>, lung <name>-lung, Faster R-CNN <name>-torchvision,
+    nan where the arm has none) and the nested fused opacity AP and final."""
+    det = args.out / "runs" / "detect"
+    nested = table[table.method == NESTED]
+    row = nested.iloc[0] if len(nested) else {}
+    return {
+        "det_opacity_ap": score(overall_scores(det / name), "opacity"),
+        "det2_opacity_ap": score(overall_scores(det / f"{name}-torchvision"), "opacity"),
+        "lung_ap": score(overall_scores(det / f"{name}-lung"), "lung"),
+        "fused_opacity_ap": float(row["opacity"]) if len(nested) else float("nan"),
+        "fused_final": float(row["final"]) if len(nested) else float("nan"),
+    }
+
+
+def tuned_det_scale(args, name: str) -> str:
+    """The det_scale fuse tune chose on all OOF (best.yaml of <project>/fuse/<name>), as text."""
+    from siimcovid.config import read_yaml
+
+    best = args.out / "runs" / "fuse" / name / "best.yaml"
+    return str((read_yaml(best) or {}).get("det_scale", "-")) if best.is_file() else "-"
+
+
+def keep_table(args, name: str, arm: str, seed: int) -> None:
+    """A copy of the arm's cv_table.csv (the frcnn arm re-runs the baseline's run name, which rewrites it)."""
+    kept = args.out / "cv_tables"
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.out / "runs" / "run" / name / "cv_table.csv", kept / f"{arm}-s{seed}.csv")
+
+
+def make_siim(args, seed: int, studies: int) -> Path:
+    """A seed's SIIM-like set; `siimcovid synth` writes its lung boxes (<root>/lung_boxes) beside it."""
+    siim = args.out / f"seed{seed}" / "siim"
+    cli.call("synth", out=str(siim), train_studies=studies, test_studies=args.test_studies, rows=256, cols=300,
+             workers=2, seed=seed)  # fmt: skip
+    return siim
+
+
+@dataclass
+class Predicts:
+    """What `detect predict` of one arm runs at predict time, in order: (run dir, the views settings it needs)."""
+
+    prepared: Path
+    runs: list[tuple[Path, dict]]
+
+
+def arm_predicts(args, base: str, crop: str) -> dict[str, Predicts]:
+    """The detectors each arm predicts with (its lung detector first: the crop views need its boxes)."""
+    det, prep = args.out / "runs" / "detect", args.out / "runs" / "prepare"
+    views = {"crop": "lung", "lung": str(det / f"{crop}-lung")}
+    return {
+        "baseline": Predicts(prep / base, [(det / base, {})]),
+        "crop": Predicts(prep / crop, [(det / f"{crop}-lung", {}), (det / crop, views)]),
+        "frcnn": Predicts(prep / base, [(det / base, {}), (det / f"{base}-torchvision", {})]),
+    }
+
+
+def time_predict(args, shared: dict, what: Predicts, out: Path) -> float:
+    """Seconds of `detect predict split=test` of each of the arm's detectors on its prepared test images (model load
+    included), one after another, into a fresh out= (source= the same prepared folder: the runs' own files stay)."""
+    settings = {**shared["detect_predict"], "device": shared["detect"]["device"], "workers": shared["detect"]["workers"]}
+    start = time.perf_counter()
+    for k, (run, views) in enumerate(what.runs):
+        cli.call("detect", "predict", run=str(run), split=["test"], source=str(what.prepared), out=str(out / f"m{k}"),
+                 **settings, **views)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def predict_costs(args, shared: dict, seed: int, base: str, crop: str) -> list[dict]:
+    """Each arm's predict seconds per test image, the arms interleaved (a slow moment of a shared CPU hits all), the
+    fastest of --timing-repeats, after one untimed warm-up; rows {seed, arm, images, s_per_image}."""
+    from siimcovid.data.prepared import Prepared
+
+    arms = arm_predicts(args, base, crop)
+    images = len(Prepared(arms["baseline"].prepared).split("test"))
+    work = args.out / "timing" / f"s{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    time_predict(args, shared, arms["baseline"], work / "warmup")
+    best = {arm: float("inf") for arm in arms}
+    for r in range(args.timing_repeats):
+        for arm, what in arms.items():
+            best[arm] = min(best[arm], time_predict(args, shared, what, work / f"r{r}" / arm))
+    shutil.rmtree(work, ignore_errors=True)
+    return [{"seed": seed, "arm": arm, "images": images, "s_per_image": best[arm] / max(images, 1)} for arm in arms]
+
+
+def one_seed_detect(args, seed: int) -> tuple[list[dict], list[dict]]:
+    """The three arms of a seed: ([score rows], [predict-cost rows])."""
+    siim = make_siim(args, seed, args.train_studies)
+    shared = detect_settings(args)
+    base, crop = f"dbase-s{seed}", f"dcrop-s{seed}"
+    out = []
+    table = run_arm(args, base, siim, shared)
+    out.append({"seed": seed, "arm": "baseline", **detect_scores(args, base, table), "det_scale": "-"})
+    keep_table(args, base, "baseline", seed)
+    table = run_arm(args, crop, siim, shared, crop="lung", lung_detect=lung_settings(args, shared))
+    out.append({"seed": seed, "arm": "crop", **detect_scores(args, crop, table), "det_scale": "-"})
+    keep_table(args, crop, "crop", seed)
+    table = run_arm(args, base, siim, shared, detect2=frcnn_settings(args, shared))  # the baseline's models resumed
+    out.append({"seed": seed, "arm": "frcnn", **detect_scores(args, base, table), "det_scale": tuned_det_scale(args, base)})
+    keep_table(args, base, "frcnn", seed)
+    return out, predict_costs(args, shared, seed, base, crop)
+
+
+def summarise_costs(costs: pd.DataFrame, arms: dict = DETECT_ARMS) -> str:
+    """Predict seconds per test image per arm (mean +- std over seeds) and the ratio to the baseline of the same seed."""
+    base = costs[costs.arm == "baseline"].set_index("seed").s_per_image
+    lines = ["predict time (`detect predict split=test`, every fold's model and view; seconds per test image):"]
+    for arm in [a for a in arms if a in set(costs.arm)]:
+        mine = costs[costs.arm == arm].set_index("seed").s_per_image
+        ratio = mine / base
+        lines.append(
+            f"  {arms[arm]:<55} {mine.mean():.4f} +- {mine.std():.4f} s/image  x{ratio.mean():.2f} the baseline's"
+            f" ({int(costs.images.iloc[0])} test images)"
+        )
+    return "\n".join(lines)
+
+
+def run_detect(args) -> str:
+    rows, costs = [], []
+    for seed in args.seeds:
+        found, cost = one_seed_detect(args, seed)
+        rows, costs = rows + found, costs + cost
+        pd.DataFrame(rows).to_csv(args.out / "levers_detect.csv", index=False)  # survives an interruption
+        pd.DataFrame(costs).to_csv(args.out / "levers_detect_costs.csv", index=False)
+    table = pd.DataFrame(rows)
+    scales = ", ".join(f"seed {r.seed}: {r.det_scale}" for r in table[table.arm == "frcnn"].itertuples())
+    text = "\n\n".join(
+        [
+            summarise(table.drop(columns="det_scale"), DETECT_ARMS, DETECT_COLUMNS),
+            f"det_scale tuned on all OOF (YOLO, Faster R-CNN): {scales}",
+            summarise_costs(pd.DataFrame(costs)),
+        ]
+    )
+    (args.out / "levers_detect.txt").write_text(text + "\n")
+    return text
+
+
 # ----------------------------------------------------------------------------- the report
 def verdict(mean: float, std: float) -> str:
     if pd.isna(mean) or pd.isna(std):
@@ -180,47 +387,104 @@ def verdict(mean: float, std: float) -> str:
     return "gain" if mean > 0 else "loss"
 
 
-def summarise(rows: pd.DataFrame) -> str:
+def cells(values: dict, columns: dict, fmt) -> str:
+    """The cells of one line, a column left out where the arm has no such number (all nan: e.g. lung AP off crop)."""
+    return "  ".join(fmt(c) for c in columns if values.get(c, False))
+
+
+def summarise(rows: pd.DataFrame, arms: dict = ARMS, columns: dict = COLUMNS) -> str:
     """Per seed, mean +- std over seeds, and each arm's gain over the baseline of the same seed."""
-    lines = ["per seed:", rows.rename(columns=COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.4f}"), ""]
-    stats = rows.groupby("arm", sort=False)[list(COLUMNS)].agg(["mean", "std"])
+    columns = {c: t for c, t in columns.items() if c in rows}
+    shown = rows.rename(columns={**columns, "arm": "arm"})
+    lines = ["per seed:", shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"), ""]
+    stats = rows.groupby("arm", sort=False)[list(columns)].agg(["mean", "std"])
     lines.append("mean +- std over seeds:")
     for arm, r in stats.iterrows():
-        cells = "  ".join(f"{COLUMNS[c]} {r[(c, 'mean')]:.4f} +- {r[(c, 'std')]:.4f}" for c in COLUMNS)
-        lines.append(f"  {ARMS[arm]:<55} {cells}")
-    base = rows[rows.arm == "baseline"].set_index("seed")[list(COLUMNS)]
+        has = {c: not pd.isna(r[(c, "mean")]) for c in columns}
+        text = cells(has, columns, lambda c: f"{columns[c]} {r[(c, 'mean')]:.4f} +- {r[(c, 'std')]:.4f}")
+        lines.append(f"  {arms[arm]:<55} {text}")
+    base = rows[rows.arm == "baseline"].set_index("seed")[list(columns)]
     lines += ["", "gain over the baseline (same seed), mean +- std of the per-seed gains:"]
-    for arm in [a for a in ARMS if a != "baseline" and a in set(rows.arm)]:
-        gains = rows[rows.arm == arm].set_index("seed")[list(COLUMNS)] - base
-        cells = "  ".join(
-            f"{COLUMNS[c]} {gains[c].mean():+.4f} +- {gains[c].std():.4f} ({verdict(gains[c].mean(), gains[c].std())})"
-            for c in COLUMNS
-        )
-        lines.append(f"  {ARMS[arm]:<55} {cells}")
+    for arm in [a for a in arms if a != "baseline" and a in set(rows.arm)]:
+        gains = rows[rows.arm == arm].set_index("seed")[list(columns)] - base
+        has = {c: gains[c].notna().any() for c in columns}
+        text = cells(
+            has, columns,
+            lambda c: f"{columns[c]} {gains[c].mean():+.4f} +- {gains[c].std():.4f} ({verdict(gains[c].mean(), gains[c].std())})",
+        )  # fmt: skip
+        lines.append(f"  {arms[arm]:<55} {text}")
     return "\n".join(lines)
+
+
+def run_data(args) -> str:
+    rows = []
+    for seed in args.seeds:
+        rows += one_seed(args, seed)
+        pd.DataFrame(rows).to_csv(args.out / "levers.csv", index=False)  # what is done so far survives an interruption
+    text = summarise(pd.DataFrame(rows))
+    (args.out / "levers.txt").write_text(text + "\n")
+    return text
+
+
+@dataclass
+class Group:
+    """A group of arms (--levers): what runs them, what it writes."""
+
+    run: Callable
+    table: str
+
+
+GROUPS = {
+    "data": Group(run_data, "levers.csv"),  # issue 12: external data, pseudo-labels
+    "detect": Group(run_detect, "levers_detect.csv"),  # issue 19: lung-crop views, a second detector family
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--levers",
+        choices=list(GROUPS),
+        default="data",
+        help="data: issue 12's (external data, pseudo-labels); detect: issue 19's (crop=lung, Faster R-CNN)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_levers")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-studies", type=int, default=48, help="labelled SIIM train studies (small on purpose)")
-    parser.add_argument("--pool-studies", type=int, default=144, help="unlabelled pool: the SIIM test split")
-    parser.add_argument("--external-studies", type=int, default=240, help="RSNA-like and NIH-like studies each")
-    parser.add_argument("--det-epochs", type=int, default=12)
+    parser.add_argument(
+        "--train-studies",
+        type=int,
+        default=None,
+        help="labelled SIIM train studies (small on purpose); default 48 (data), 80 (detect)",
+    )
+    parser.add_argument("--pool-studies", type=int, default=144, help="data: unlabelled pool, the SIIM test split")
+    parser.add_argument("--external-studies", type=int, default=240, help="data: RSNA-like and NIH-like studies each")
+    parser.add_argument("--det-epochs", type=int, default=None, help="default 12 (data), 16 (detect)")
     parser.add_argument("--cls-epochs", type=int, default=6)
-    parser.add_argument("--box-conf", type=float, default=0.25, help="pseudo: teacher box confidence kept")
+    parser.add_argument("--box-conf", type=float, default=0.25, help="data, pseudo: teacher box confidence kept")
+    parser.add_argument("--test-studies", type=int, default=24, help="detect: the test split (the predict-time cost)")
+    parser.add_argument("--det-imgsz", type=int, default=128, help="detect: the detectors' image size")
+    parser.add_argument("--lung-epochs", type=int, default=10, help="detect: the lung detector's epochs")
+    parser.add_argument("--frcnn-arch", default="fasterrcnn_mobilenet_v3_large_fpn", help="detect: detect2's arch")
+    parser.add_argument(
+        "--frcnn-imgsz",
+        type=int,
+        default=128,
+        help="detect: detect2's input size (at 64 px its anchors, 32 px and up, fit no box)",
+    )
+    parser.add_argument("--frcnn-epochs", type=int, default=8, help="detect: detect2's epochs")
+    parser.add_argument("--frcnn-lr", type=float, default=0.001, help="detect: detect2's AdamW lr0")
+    parser.add_argument("--timing-repeats", type=int, default=2, help="detect: predict timings per arm (the fastest)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, few tuning trials: a smoke test")
     args = parser.parse_args()
     args.out = args.out.resolve()
-    start, rows = time.perf_counter(), []
-    for seed in args.seeds:
-        rows += one_seed(args, seed)
-        pd.DataFrame(rows).to_csv(args.out / "levers.csv", index=False)  # what is done so far survives an interruption
-    table = pd.DataFrame(rows)
-    text = summarise(table)
-    (args.out / "levers.txt").write_text(text + "\n")
-    print(f"\n{text}\n\n{len(args.seeds)} seed(s) in {(time.perf_counter() - start) / 60:.1f} min; {args.out / 'levers.csv'}")
+    for key, per_group in {"train_studies": {"data": 48, "detect": 80}, "det_epochs": {"data": 12, "detect": 16}}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, per_group[args.levers])
+    args.out.mkdir(parents=True, exist_ok=True)
+    group, start = GROUPS[args.levers], time.perf_counter()
+    text = group.run(args)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\n{text}\n\n{len(args.seeds)} seed(s) in {minutes:.1f} min; {args.out / group.table}")
 
 
 if __name__ == "__main__":
