@@ -5,12 +5,16 @@ The data are the prepared folder's, as YOLO reads them: <prepared>/<size>/images
 <size>/labels/train/<id>.txt (class x_center y_center width height, normalised); an image without a label file or
 with an empty one is a negative (torchvision takes an empty target). Each image is resized to imgsz x imgsz (the
 prepared image is the original squashed to a square: so is what the model reads) and flipped left-right with
-probability fliplr; the flips of epoch e are drawn from (seed, e, image): a resumed fold draws what the killed one
-would have.
+probability fliplr; the flips of epoch e are drawn from (seed, e, image) and its batches from a generator seeded
+by (seed, e): a resumed fold draws what the killed one would have. crop=lung with crop_train=true: each training
+image with a confident lung box is also one more training item, cropped to its window (siimcovid.views: the lung
+run's out-of-fold box of the image's own fold, whose lung model never saw it) and resized to imgsz, its boxes mapped
+into the crop (the part inside it kept).
 
 A fold folder (FILES of the family):
 
-    last.pt       what resumes: model, optimizer, scaler, epoch, best ({score, epoch}), the log's rows; written first
+    last.pt       what resumes: model, optimizer, scaler, the random state (the samplers of the RPN and the ROI
+                  heads draw from torch's generator), epoch, best ({score, epoch}), the log's rows; written first
                   each epoch, atomically (our own file: torch.load(weights_only=True)); once every epoch trained,
                   without its optimizer (twice the model's size, nothing left to resume)
     best.pt       the best epoch's model (by the val AP@0.5, or the last is_better event), arch and imgsz
@@ -18,7 +22,13 @@ A fold folder (FILES of the family):
     done.json     the done record (best_score, best_epoch, epochs), written last
 
 The lr follows Ultralytics' linear schedule (lr0 to lr0 * lrf over the epochs) after a linear warmup of
-warmup_epochs: a function of the step, so a resumed fold needs no scheduler state.
+warmup_epochs: a function of the step, so a resumed fold needs no scheduler state. So on the CPU a fold killed after
+any epoch and resumed ends with the weights of one never killed (tests/test_torchvision_resume.py); on a GPU up to
+its kernels' nondeterminism.
+
+AMP (amp=true, Ultralytics' default): on a CUDA device only, the forward pass under torch.autocast(float16) and the
+loss scaled by a GradScaler (unscaled before the gradient clipping; its state in last.pt); on the CPU both are off
+(autocast disabled, the scaler a pass-through), whatever amp says.
 """
 
 from __future__ import annotations
@@ -67,24 +77,27 @@ def to_tensor(image: np.ndarray, imgsz: int) -> torch.Tensor:
 
 
 class FoldImages(torch.utils.data.Dataset):
-    """The training images of a fold: (image tensor, target {boxes, labels}) at imgsz, flipped with prob fliplr."""
+    """The training images of a fold: (image tensor, target {boxes, labels}) at imgsz, flipped with prob fliplr; then
+    the lung crops {image_id: window (original pixels)} of crop_train, one item each (module docstring)."""
 
-    def __init__(self, prep, image_ids: list[str], size: int, imgsz: int, fliplr: float, seed: int):
+    def __init__(self, prep, image_ids: list[str], size: int, imgsz: int, fliplr: float, seed: int, crops=None):
         self.prep, self.ids, self.size, self.imgsz, self.fliplr, self.seed = prep, list(image_ids), size, imgsz, fliplr, seed
+        self.crops = list((crops or {}).items())
+        self.sizes = prep.meta.set_index("image_id")[["rows", "cols"]] if self.crops else None
         self.epoch = 0  # set before each epoch (workers are not persistent: each epoch's loader copies it)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.ids) + len(self.crops)
 
     def __getitem__(self, i: int):
-        import cv2
+        from siimcovid.views import read_gray
 
-        image_id = self.ids[i]
-        path = self.prep.image_path(image_id, "train", self.size)
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise SiimError(f"{path} cannot be read: re-run `siimcovid prepare`")
-        boxes = read_labels(self.prep.label_path(image_id, self.size), self.size) * (self.imgsz / self.size)
+        image_id, window = self.crops[i - len(self.ids)] if i >= len(self.ids) else (self.ids[i], None)
+        image = read_gray(self.prep.image_path(image_id, "train", self.size))
+        boxes = read_labels(self.prep.label_path(image_id, self.size), self.size)  # the prepared image's pixels
+        if window is not None:
+            image, boxes = self.crop(image_id, image, boxes, window)
+        boxes = boxes * (self.imgsz / np.array([image.shape[1], image.shape[0]] * 2, dtype=np.float64))
         tensor = to_tensor(image, self.imgsz)
         if np.random.default_rng([self.seed, self.epoch, i]).random() < self.fliplr:
             tensor = tensor.flip(-1)
@@ -94,6 +107,15 @@ class FoldImages(torch.utils.data.Dataset):
         target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)}
         target["labels"] = torch.ones(len(boxes), dtype=torch.int64)  # 1: opacity (0 is torchvision's background)
         return tensor, target
+
+    def crop(self, image_id: str, image: np.ndarray, boxes: np.ndarray, window) -> tuple[np.ndarray, np.ndarray]:
+        """(the crop of the prepared image showing the window, its boxes in the crop's pixels)."""
+        from siimcovid.views import cut, from_original
+
+        rows, cols = (int(v) for v in self.sizes.loc[image_id, ["rows", "cols"]])
+        crop, shown = cut(image, window, rows, cols)
+        scale = np.array([cols / self.size, rows / self.size] * 2, dtype=np.float64)
+        return crop, from_original(boxes * scale, crop.shape[:2], shown)
 
 
 def collate(batch):
@@ -111,6 +133,33 @@ def load_own(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SiimError(f"{path} cannot be read ({type(e).__name__}): delete its fold folder to train it again") from None
+
+
+def own_fold_windows(prep, lungs, image_ids: list[str], conf: float, margin: float) -> dict:
+    """{image_id: window} of the training images with a confident lung box, each from the lung run's out-of-fold boxes
+    of the image's OWN fold (its lung model never saw the image; fold k's, which trained on it, would be too good)."""
+    table = prep.split("train").set_index("image_id").loc[list(image_ids)]
+    found = {}
+    for fold, part in table.groupby("fold", sort=True):
+        found.update(lungs.windows(prep.meta, int(fold), list(part.index), "oof", conf, margin))
+    return {i: w for i, w in found.items() if w is not None}
+
+
+def rng_state(device) -> dict:
+    """torch's random state (CPU, and the CUDA device's): the RPN's and the ROI heads' samplers draw from it."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict | None, device) -> None:
+    if not state:  # a checkpoint from before it was saved: the resumed epochs draw other samples
+        LOGGER.warning("detect: last.pt has no random state: the resumed epochs sample other anchors than a run never killed")
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def lr_at(step: int, steps_per_epoch: int, hp: dict) -> float:
@@ -134,7 +183,7 @@ class FoldTrainer:
     def __init__(self, family, job, view, model, hp: dict, device):
         self.family, self.job, self.view, self.model, self.hp, self.device = family, job, view, model, hp, device
         self.files, self.dir = family.files, Path(job.folder)
-        self.amp = device.type == "cuda" and bool(hp["amp"])
+        self.amp = device.type == "cuda" and bool(hp["amp"])  # never on the CPU (module docstring)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.opt = new_optimizer(model, hp)
         self.best, self.rows, self.start = {"score": -math.inf, "epoch": 0}, [], 1
@@ -156,6 +205,8 @@ class FoldTrainer:
         if self.amp and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.best, self.rows, self.start = dict(ckpt["best"]), list(ckpt["rows"]), int(ckpt["epoch"]) + 1
+        if self.start <= self.hp["epochs"]:
+            set_rng_state(ckpt.get("rng"), self.device)
         best_path = self.dir / self.files.best
         if self.best["epoch"] == ckpt["epoch"] and (not best_path.is_file() or load_own(best_path).get("epoch") != ckpt["epoch"]):
             self.save_best(ckpt["epoch"], self.best["score"])  # killed between last.pt and best.pt
@@ -220,6 +271,7 @@ class FoldTrainer:
             row = {"epoch": epoch, **stats, "best": self.best["epoch"] == epoch, "time_s": time.perf_counter() - t0}
             self.rows.append(row)
             last = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+            last["rng"] = rng_state(self.device)  # after validation (which draws nothing): the next epoch's
             save_torch({**last, "epoch": epoch, "best": self.best, "rows": self.rows, **self.family.description()},
                        self.dir / self.files.last)  # fmt: skip
             if new_best:
@@ -233,7 +285,7 @@ class FoldTrainer:
         summary["epochs"] = self.hp["epochs"]
         last = load_own(self.dir / self.files.last)
         if last.pop("optimizer", None) is not None:  # nothing left to resume: the optimizer's state (2x the model) goes
-            save_torch({k: v for k, v in last.items() if k != "scaler"}, self.dir / self.files.last)
+            save_torch({k: v for k, v in last.items() if k not in ("scaler", "rng")}, self.dir / self.files.last)
         self.files.write_done(self.dir, summary)  # last: the fold is finished
         job.fire("on_train_end", view, summary)
         return summary
