@@ -219,7 +219,7 @@ def detect_settings(args) -> dict:
     return {
         **shared,
         "prepare": {**shared["prepare"], "sizes": sorted({size, shared["classify"]["imgsz"]})},
-        "detect": {**shared["detect"], "imgsz": size},
+        "detect": {**shared["detect"], "imgsz": size, "batch": 8},  # more steps: from scratch YOLO needs them
         "export": False,
         "tune_trials": 4 if args.quick else 16,
     }
@@ -458,12 +458,12 @@ def main() -> None:
     )
     parser.add_argument("--pool-studies", type=int, default=144, help="data: unlabelled pool, the SIIM test split")
     parser.add_argument("--external-studies", type=int, default=240, help="data: RSNA-like and NIH-like studies each")
-    parser.add_argument("--det-epochs", type=int, default=None, help="default 12 (data), 16 (detect)")
+    parser.add_argument("--det-epochs", type=int, default=None, help="default 12 (data), 30 (detect)")
     parser.add_argument("--cls-epochs", type=int, default=6)
     parser.add_argument("--box-conf", type=float, default=0.25, help="data, pseudo: teacher box confidence kept")
     parser.add_argument("--test-studies", type=int, default=24, help="detect: the test split (the predict-time cost)")
     parser.add_argument("--det-imgsz", type=int, default=128, help="detect: the detectors' image size")
-    parser.add_argument("--lung-epochs", type=int, default=10, help="detect: the lung detector's epochs")
+    parser.add_argument("--lung-epochs", type=int, default=20, help="detect: the lung detector's epochs")
     parser.add_argument("--frcnn-arch", default="fasterrcnn_mobilenet_v3_large_fpn", help="detect: detect2's arch")
     parser.add_argument(
         "--frcnn-imgsz",
@@ -471,13 +471,13 @@ def main() -> None:
         default=128,
         help="detect: detect2's input size (at 64 px its anchors, 32 px and up, fit no box)",
     )
-    parser.add_argument("--frcnn-epochs", type=int, default=8, help="detect: detect2's epochs")
+    parser.add_argument("--frcnn-epochs", type=int, default=10, help="detect: detect2's epochs")
     parser.add_argument("--frcnn-lr", type=float, default=0.001, help="detect: detect2's AdamW lr0")
     parser.add_argument("--timing-repeats", type=int, default=2, help="detect: predict timings per arm (the fastest)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, few tuning trials: a smoke test")
     args = parser.parse_args()
     args.out = args.out.resolve()
-    for key, per_group in {"train_studies": {"data": 48, "detect": 80}, "det_epochs": {"data": 12, "detect": 16}}.items():
+    for key, per_group in {"train_studies": {"data": 48, "detect": 80}, "det_epochs": {"data": 12, "detect": 30}}.items():
         if getattr(args, key) is None:
             setattr(args, key, per_group[args.levers])
     args.out.mkdir(parents=True, exist_ok=True)
