@@ -15,8 +15,14 @@ Same data and folds as YOLO: the prepared folder's images and YOLO labels (siimc
 patient-grouped folds. The Ultralytics settings of the same meaning are read too (given on the command line as for
 YOLO; their defaults Ultralytics'): lr0, lrf, momentum, weight_decay, optimizer (SGD, AdamW; auto = SGD),
 warmup_epochs, amp (mixed precision with a GradScaler on a GPU; off on the CPU), seed and fliplr (the training flips);
-any other Ultralytics setting is refused. Validation each epoch: the AP@0.5 of the fold's val images against the
-competition's truth (as `detect predict` scores its out-of-fold boxes) picks best.pt.
+any other Ultralytics setting is refused. Validation each epoch: the AP@0.5 of the fold's val images (whole, one view)
+against the competition's truth (as `detect predict` scores its out-of-fold boxes) picks best.pt. task=opacity only:
+the lung detector that crop=lung crops with is a YOLO run (`detect train task=lung`).
+
+crop=lung (lung=<a lung run>; siimcovid.views, as family=yolo): with crop_train=true each training image's lung crop is
+one more training item (siimcovid.detect.torchvision_train); at predict each image is seen whole and cropped to fold
+k's lung box (views.detect_views), each view through detect_arrays (with its tta flip), the views' boxes mapped to
+ORIGINAL pixels and fused by view_fusion.
 
 Prediction (detect_arrays): each image resized to imgsz x imgsz, and with tta=true also its left-right flip, the
 flip's boxes mirrored back and both views' boxes merged by WBF (iou=, skip below conf=); boxes map back to the
@@ -73,6 +79,7 @@ def flip_back(boxes: np.ndarray, width: float) -> np.ndarray:
 @register_family("torchvision")
 class TorchvisionFamily(Family):
     stage, output, files = "detect", "det", FILES
+    crops = True  # crop=lung: the crops train (crop_train) and predict_images sees each image whole and cropped
 
     @classmethod
     def bundle_kind(cls):
@@ -100,7 +107,12 @@ class TorchvisionFamily(Family):
         from siimcovid.detect.common import resolve_data, select_folds
 
         cfg = self.cfg
-        source = resolve_data(cfg.data, cfg.data_yaml_dir)
+        if (cfg.get("task") or "opacity") != "opacity":  # before the data: task=lung would look for the lung YAMLs
+            raise SiimError(
+                f"family=torchvision trains opacity detectors only, not task={cfg.task}: the lung detector is family=yolo "
+                "(`siimcovid detect train task=lung`), whose boxes crop=lung gives a torchvision run too"
+            )
+        source = resolve_data(cfg.data, cfg.data_yaml_dir, "opacity")
         self.prep, self.size = Prepared(source.prepared), source.size
         folds = select_folds(cfg.fold, source)
         name = default_name("detect", f"{source.name}-{cfg.arch}", "the dataset and the arch")
@@ -124,8 +136,6 @@ class TorchvisionFamily(Family):
             raise SiimError(f"family=torchvision reads the Ultralytics settings {', '.join(HYP_KEYS)} only, not {other}")
         if cfg.extra:
             raise SiimError("family=torchvision: extra= is not supported (a YOLO run takes extra training images)")
-        if (cfg.get("task") or "opacity") != "opacity":
-            raise SiimError(f"family=torchvision trains opacity detectors only, not task={cfg.task}")
         if not isinstance(cfg.pretrained, bool):
             raise SiimError(
                 f"family=torchvision: pretrained={cfg.pretrained}: true (COCO) or false (give a run's checkpoint as init=)"
@@ -152,7 +162,7 @@ class TorchvisionFamily(Family):
         import torch
 
         from siimcovid.data.truth import image_truth, oof_images
-        from siimcovid.detect.torchvision_train import FoldImages, FoldTrainer, load_own
+        from siimcovid.detect.torchvision_train import FoldImages, FoldTrainer, load_own, own_fold_windows
         from siimcovid.engine.devices import torch_device
 
         given = [e for e in ("on_train_data", "on_loss") if job.callbacks.get(e)]
@@ -174,7 +184,11 @@ class TorchvisionFamily(Family):
         if job.state == "partial":
             trainer.resume()
         train_ids, val_ids = list(prep.fold(job.fold, "train").image_id), list(prep.fold(job.fold, "val").image_id)
-        dataset = FoldImages(prep, train_ids, self.size, cfg.imgsz, float(hp["fliplr"]), int(hp["seed"]))
+        lungs, crops = self.lung_boxes(prep.folds_id), None
+        if lungs is not None and cfg.crop_train:
+            crops = own_fold_windows(prep, lungs, train_ids, cfg.lung_conf, cfg.crop_margin)
+            LOGGER.info(f"detect fold {job.fold}: {len(train_ids)} training images + {len(crops)} lung crops of them")
+        dataset = FoldImages(prep, train_ids, self.size, cfg.imgsz, float(hp["fliplr"]), int(hp["seed"]), crops)
         truth = image_truth(oof_images(prep.root, val_ids))
         run = ValRun(prep, self.size, cfg.name or job.run_dir.name)
 
@@ -240,11 +254,23 @@ class TorchvisionFamily(Family):
         return out
 
     def predict_images(self, model: Detector, run, fold: int, image_ids: list[str], split: str) -> pd.DataFrame:
-        return self.boxes_table(model, run, fold, image_ids, split, bool(self.cfg.get("tta")))
+        """tables.DETECTIONS in ORIGINAL pixels; crop=lung: of each image's views, whole and lung crop (module
+        docstring), as family=yolo."""
+        tta, lungs = bool(self.cfg.get("tta")), self.lung_boxes(run.prepared.folds_id)
+        if lungs is None:
+            return self.boxes_table(model, run, fold, image_ids, split, tta)
+        from siimcovid.tables import DETECTIONS
+        from siimcovid.views import detect_views
+
+        desc = f"predict {run.name} fold {fold} {split} (whole + lung crop)"
+        detector = lambda arrays: self.detect_arrays(model, arrays, tta)  # noqa: E731
+        found = detect_views(detector, run.prepared, run.size, fold, image_ids, split, lungs, self.cfg, desc)
+        found["model"], found["fold"] = run.name, fold
+        return found[DETECTIONS.required]
 
     def boxes_table(self, model: Detector, run, fold: int, image_ids: list[str], split: str, tta: bool):
-        """The images' boxes in ORIGINAL pixels, tables.DETECTIONS (whole images: the family has no crop=lung views
-        yet, Family.crops; the engine refuses crop=lung)."""
+        """The images' boxes in ORIGINAL pixels, tables.DETECTIONS, of the whole images (one view: a fold's validation
+        in training, and predict with crop=none)."""
         from siimcovid.detect.predict import no_detections
         from siimcovid.tables import DETECTIONS
 
