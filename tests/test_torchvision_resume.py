@@ -25,7 +25,7 @@ from siimcovid.detect.torchvision_train import load_own
 from siimcovid.engine.family import create
 
 ROOT = Path(__file__).parents[1]
-EPOCHS = 3
+EPOCHS = 2
 TINY = ["family=torchvision", "arch=fasterrcnn_mobilenet_v3_large_fpn", "pretrained=false", f"epochs={EPOCHS}", "imgsz=64"]
 TINY += ["batch=4", "workers=0", "device=cpu", "fold=0"]
 TIMES = ["time_s", "train_img_s"]  # what differs between two identical runs
