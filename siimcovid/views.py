@@ -146,6 +146,14 @@ class LungBoxes:
             raise SiimError(f"lung={run_dir} has no predictions: run `siimcovid detect predict run={run_dir}` first")
         return cls(tables, str(run_dir), record.get("folds_id"))
 
+    def own_fold_windows(self, meta: pd.DataFrame, train: pd.DataFrame, conf: float, margin: float) -> dict:
+        """{image_id: window or None} of training rows (image_id, fold), each from the out-of-fold boxes of the image's
+        OWN fold j: found by lung model j, which never saw it (a lung model that trained on it would be too good)."""
+        found = {}
+        for fold, part in train.groupby("fold", sort=True):
+            found.update(self.windows(meta, int(fold), list(part.image_id), "oof", conf, margin))
+        return found
+
     def check_folds(self, folds_id: str | None, what: str) -> None:
         """The lung run was trained on the same folds as the model it crops for (else a crop view leaks)."""
         if self.folds_id and folds_id and self.folds_id != folds_id:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import make_synth
 
 from siimcovid.config import load_config
 from siimcovid.data.convert import convert_one, picture_to_uint8
@@ -22,7 +23,6 @@ from siimcovid.data.prepared import Prepared
 from siimcovid.data.synth import MARKER
 from siimcovid.tables import EXTERNAL_LABELS, SKIPPED
 from siimcovid.utils import DataError
-from tests.conftest import make_synth
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_KINDS = "26bffe883b72a5ee4bfaa1b3ae10ffba605ca403"  # main before `synth kind=`: kind=siim must write what it wrote

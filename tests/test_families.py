@@ -53,6 +53,9 @@ def test_the_engine_refuses_a_run_of_other_settings_and_a_family_of_another_stag
         folds.train(family(prepared, tmp_path, fold=0, extra=[str(other)]))
     with pytest.raises(SiimError, match="family=constant is a classify family, not a detect one"):
         family_class("constant", "detect")
+    # a family without lung-crop views (crops=False) refuses crop=lung, naming the families that have them
+    with pytest.raises(SiimError, match=r"family=constant has no lung-crop views \(classify families with them: timm"):
+        folds.train(family(prepared, tmp_path, fold=0, crop="lung", lung=str(other)))
 
 
 def test_a_family_of_one_module_runs_from_the_command_line_and_predicts_its_tables(prepared, tmp_path):

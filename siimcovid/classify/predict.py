@@ -217,12 +217,9 @@ class Views:
 
 def own_fold_windows(views: Views, prep, table: pd.DataFrame) -> list:
     """Each training row's window from the lung run's out-of-fold boxes of the row's OWN fold j: found by lung model
-    j, which never saw the image (fold k's lung model trained on it, so its boxes would be too good to be a view)."""
-    table = table.reset_index(drop=True)
-    found = {}
-    for j, part in table.groupby("fold", sort=True):
-        found.update(zip(part.index, views.windows(prep, int(j), part, "oof")))
-    return [found[i] for i in table.index]
+    j, which never saw the image (views.LungBoxes.own_fold_windows)."""
+    found = views.lungs.own_fold_windows(prep.meta, table, views.conf, views.margin)
+    return [found[i] for i in table.image_id]
 
 
 def crop_subset(table: pd.DataFrame, windows: list) -> tuple[np.ndarray, pd.DataFrame, list]:

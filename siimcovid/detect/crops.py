@@ -52,23 +52,20 @@ def write_crops(prepared, size: int, lungs: LungBoxes, cfg, run_dir: Path) -> di
     (folder / "labels").mkdir(parents=True, exist_ok=True)
     sizes = train.set_index("image_id")
     out = {}
-    for fold in sorted(train.fold.unique()):
-        ids = list(train[train.fold == fold].image_id)
-        windows = lungs.windows(prepared.meta, int(fold), ids, "oof", cfg.lung_conf, cfg.crop_margin)
-        for image_id, window in windows.items():
-            if window is None:
-                continue
-            rows, cols = int(sizes.at[image_id, "rows"]), int(sizes.at[image_id, "cols"])
-            image = read_gray(prepared.image_path(image_id, "train", size))
-            crop, shown = cut(image, window, rows, cols)
-            unit = (shown[0] / cols, shown[1] / rows, shown[2] / cols, shown[3] / rows)  # the window, normalised
-            labels = crop_labels(yolo_labels(prepared.label_path(image_id, size)), crop.shape[:2], unit)
-            path = folder / "images" / f"{image_id}.png"
-            with atomic_path(path) as tmp:  # a kill leaves the crop before, or this one
-                if not cv2.imwrite(str(tmp), crop):
-                    raise SiimError(f"{path}: the crop could not be written")
-            atomic_write_text(folder / "labels" / f"{image_id}.txt", labels)
-            out[image_id] = path.resolve()
+    for image_id, window in lungs.own_fold_windows(prepared.meta, train, cfg.lung_conf, cfg.crop_margin).items():
+        if window is None:
+            continue
+        rows, cols = int(sizes.at[image_id, "rows"]), int(sizes.at[image_id, "cols"])
+        image = read_gray(prepared.image_path(image_id, "train", size))
+        crop, shown = cut(image, window, rows, cols)
+        unit = (shown[0] / cols, shown[1] / rows, shown[2] / cols, shown[3] / rows)  # the window, normalised
+        labels = crop_labels(yolo_labels(prepared.label_path(image_id, size)), crop.shape[:2], unit)
+        path = folder / "images" / f"{image_id}.png"
+        with atomic_path(path) as tmp:  # a kill leaves the crop before, or this one
+            if not cv2.imwrite(str(tmp), crop):
+                raise SiimError(f"{path}: the crop could not be written")
+        atomic_write_text(folder / "labels" / f"{image_id}.txt", labels)
+        out[image_id] = path.resolve()
     LOGGER.info(f"detect: {len(out)} of {len(train)} train images have a lung crop ({folder})")
     return out
 

@@ -137,12 +137,9 @@ def load_own(path: Path) -> dict:
 
 def own_fold_windows(prep, lungs, image_ids: list[str], conf: float, margin: float) -> dict:
     """{image_id: window} of the training images with a confident lung box, each from the lung run's out-of-fold boxes
-    of the image's OWN fold (its lung model never saw the image; fold k's, which trained on it, would be too good)."""
-    table = prep.split("train").set_index("image_id").loc[list(image_ids)]
-    found = {}
-    for fold, part in table.groupby("fold", sort=True):
-        found.update(lungs.windows(prep.meta, int(fold), list(part.index), "oof", conf, margin))
-    return {i: w for i, w in found.items() if w is not None}
+    of the image's OWN fold (views.LungBoxes.own_fold_windows)."""
+    table = prep.split("train").set_index("image_id").loc[list(image_ids)].reset_index()
+    return {i: w for i, w in lungs.own_fold_windows(prep.meta, table, conf, margin).items() if w is not None}
 
 
 def rng_state(device) -> dict:

@@ -278,7 +278,11 @@ class Family:
             from siimcovid.views import lungs_of
 
             if (self.cfg.get("crop") or "none") != "none" and not self.crops:
-                raise SiimError(f"crop={self.cfg.crop}: family={self.name} has no lung-crop views yet (family=yolo has them)")
+                have = [n for n in registry.names(f"{self.stage}_family") if family_class(n, self.stage).crops]
+                raise SiimError(
+                    f"crop={self.cfg.crop}: family={self.name} has no lung-crop views ({self.stage} families with them: "
+                    f"{', '.join(have)})"
+                )
             self._lungs = lungs_of(self.cfg)
         if self._lungs is not None:
             self._lungs.check_folds(folds_id, f"this {self.stage} run")
