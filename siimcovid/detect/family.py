@@ -131,6 +131,8 @@ class YoloFamily(Family):
 
         cfg = self.cfg
         check_task(cfg)
+        if cfg.get("lung"):  # recorded as an absolute path, like data=: a resume from elsewhere reads the same lung run
+            cfg.lung = str(Path(cfg.lung).resolve())
         source = resolve_data(cfg.data, cfg.data_yaml_dir, cfg.task)
         folds = select_folds(cfg.fold, source)
         for k in folds:

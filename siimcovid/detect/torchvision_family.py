@@ -112,6 +112,8 @@ class TorchvisionFamily(Family):
                 f"family=torchvision trains opacity detectors only, not task={cfg.task}: the lung detector is family=yolo "
                 "(`siimcovid detect train task=lung`), whose boxes crop=lung gives a torchvision run too"
             )
+        if cfg.get("lung"):  # recorded as an absolute path, like data=: a resume from elsewhere reads the same lung run
+            cfg.lung = str(Path(cfg.lung).resolve())
         source = resolve_data(cfg.data, cfg.data_yaml_dir, "opacity")
         self.prep, self.size = Prepared(source.prepared), source.size
         folds = select_folds(cfg.fold, source)
