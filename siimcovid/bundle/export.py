@@ -23,7 +23,7 @@ from siimcovid.bundle.files import (
     manifest_files,
 )
 from siimcovid.bundle.fusion import fusion_settings
-from siimcovid.bundle.members import Member, describe, kind_of, run_family
+from siimcovid.bundle.members import LUNG, Member, describe, kind_of, run_family
 from siimcovid.bundle.place import check_out, move_into_place, work_folder
 from siimcovid.config import Config, read_yaml
 from siimcovid.rundir import saved_predict_settings
@@ -52,11 +52,15 @@ def run_sources(cfg: Config, project: Path, anchors: list[Path]) -> Sources:
     run_yaml = project / stages.stage("run").folder / cfg.pipeline / "run.yaml"
     if not run_yaml.is_file():
         raise SiimError(f"export: {run_yaml} not found: pipeline=<name> names a `siimcovid run` under project={project}")
-    folder = lambda stage: project / stages.stage(stage).folder / cfg.pipeline  # noqa: E731
+    from siimcovid.run import detector_names
+
+    folder = lambda stage, name=cfg.pipeline: project / stages.stage(stage).folder / name  # noqa: E731
     fuse = folder("fuse") / "fuse_test.yaml"  # the fusion of its submission: the `test` entry of its fusion.yaml
     if not fuse.is_file():
         raise SiimError(f"export: {fuse} not found: run {cfg.pipeline} has not written its submission (finish `siimcovid run`)")
-    return Sources(cfg.pipeline, [folder("detect")], [folder("classify")], fuse, read_yaml(run_yaml), anchors)
+    settings = read_yaml(run_yaml)
+    detect = [folder("detect", n) for n in detector_names({**settings, "name": cfg.pipeline})]  # detect2: a second one
+    return Sources(cfg.pipeline, detect, [folder("classify")], fuse, settings, anchors)
 
 
 def export_sources(cfg: Config) -> Sources:
@@ -97,6 +101,28 @@ def kind_members(kind: str, src: Sources, weights_name: str | None) -> list[tupl
     if len(set(names)) < len(names):
         raise SiimError(f"export: two {kind} runs share a name {names}: fusion tells members apart by name")
     return out
+
+
+def lung_members(members: list[Member], src: Sources) -> list[tuple[Member, Path, Path]]:
+    """(Member, prepared folder, run folder) of each lung detector that the members of crop=lung cropped with (their
+    `lung`, the lung run's folder until now: from here the lung member's name), every fold they crop packed."""
+    pcfg, found = predict_config("detect", src, None), {}
+    for m in members:
+        if m.settings.get("crop") != "lung":
+            continue
+        run = Path(m.settings["lung"])
+        if run not in found:
+            lung, prepared = LUNG.member(run, pcfg, src.anchors)
+            found[run] = (lung, prepared, run)
+        lung = found[run][0]
+        lacking = sorted(set(m.weights) - set(lung.weights))
+        if lacking:
+            raise SiimError(f"export: {m.kind}/{m.name} crops with the lung run {run}, which has no finished fold(s) {lacking}")
+        m.settings["lung"] = lung.name
+    names = [lung.name for lung, _, _ in found.values()]
+    if len(set(names)) < len(names):
+        raise SiimError(f"export: lung runs of one name {sorted(map(str, found))}: a bundle tells its lung members apart by name")
+    return list(found.values())
 
 
 def note_unsaved(src: Sources, weights_name: str | None) -> None:
@@ -160,9 +186,13 @@ def portable(path: str | Path, project: Path) -> str:
     return path.relative_to(project).as_posix() if path.is_relative_to(project) else path.name
 
 
-def source_record(src: Sources, members: list[Member], prepared: list[Path], fuse: Path | None, project: Path) -> dict:
-    """Where a bundle came from: the run, each member's run folder, the fusion file read, the prepared folders."""
+def source_record(
+    src: Sources, members: list[Member], prepared: list[Path], fuse: Path | None, project: Path, lungs: list
+) -> dict:
+    """Where a bundle came from: the run, each member's run folder (the lung members' too), the fusion file read,
+    the prepared folders."""
     dirs = {f"{m.kind}/{m.name}": portable(d, project) for m, d in zip(members, src.detect + src.classify)}
+    dirs |= {f"{m.kind}/{m.name}": portable(d, project) for m, _, d in lungs}
     return {
         "run": src.name if src.run else None,
         "members": dirs,
@@ -193,13 +223,16 @@ def export(cfg: Config) -> Path:
     note_unsaved(src, cfg.weights)
     det, cls = kind_members("detect", src, cfg.weights), kind_members("classify", src, cfg.weights)
     fusion, fuse_file = fusion_settings(src.fuse, [m for m, _ in det], [m for m, _ in cls], src.anchors)
-    prepared = [p for _, p in det + cls]
+    lungs = lung_members([m for m, _ in det + cls], src)  # crop=lung: the lung detectors the members cropped with
+    packed = det + cls + [(m, p) for m, p, _ in lungs]
+    prepared = [p for _, p in packed]
     files = {
-        "prepare": prepare_settings(prepared, [kind_of(m.kind, m.family).size(m.settings) for m, _ in det + cls]),
+        "prepare": prepare_settings(prepared, [kind_of(m.kind, m.family).size(m.settings) for m, _ in packed]),
         "fusion": fusion,
-        "sources": source_record(src, [m for m, _ in det + cls], prepared, fuse_file, Path(cfg.project)),
+        "sources": source_record(src, [m for m, _ in det + cls], prepared, fuse_file, Path(cfg.project), lungs),
     }
     members = ordered([m for m, _ in det], fusion["det"]) + ordered([m for m, _ in cls], fusion["cls"])
+    members += [m for m, _, _ in lungs]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_folder(out)
     tmp = work / "bundle"

@@ -1,6 +1,7 @@
 """The members of a bundle: a member kind per model family, behind one small interface: Kind.
 
-A member is <kind>/<name>/ in the bundle (kind: the stage, detect | classify): model.yaml (its data-only
+A member is <kind>/<name>/ in the bundle (kind: the stage, detect | classify; or lung, the YOLO lung detector that the
+members of crop=lung crop with: LUNG): model.yaml (its data-only
 description, its `family:` naming the family), settings.yaml (its predict settings, declared: DETECT_SETTINGS,
 CLASSIFY_SETTINGS, a family's own) and one fold<k>.safetensors per finished fold. What export and open_bundle need
 of a member, and nothing else, is its `Kind`, found by kind_of(kind, family): the built-in families' in KINDS (their
@@ -15,6 +16,13 @@ bundle_kind()), any other family's from its builders (family_kind):
     check       (settings, model description, folds found, label) -> None: what its settings owe its model and folds
     describe, fits, predict   a family's own checks of model.yaml and of the tensors, and its prediction (None for
                 the built-in kinds: siimcovid.weights checks them, siimcovid.predict.members predicts them)
+
+Lung-crop views (crop=lung, siimcovid.views): a member whose run's predict made its tables with crop=lung carries, in
+its settings.yaml, crop: lung, lung: <the name of the lung member it crops with> and the settings that turn a lung box
+into a window and the views into one (DETECT_VIEW_KEYS, CLASSIFY_VIEW_KEYS: check_views). That is the one place the
+fact is kept: the bundle's lung members (lung/<name>/, a YOLO detector member of task=lung) are those its members name;
+one that no member names, or a name with no such member, is refused when the bundle is opened. Lung fold k crops for
+fold k of each member, so a lung member has every fold of the members that crop with it.
 
 A family is looked up by name in the registry, never imported by what a bundle says. A run's checkpoints are the
 user's own files (pickles are read only there, never from a bundle); classify's best.pt is read as classify.predict
@@ -34,9 +42,12 @@ from siimcovid.bundle.files import MAX_YAML_BYTES, typed
 from siimcovid.config import Config
 from siimcovid.detect.predict import PREDICT_KEYS
 from siimcovid.rundir import read_run, saved_predict_settings
-from siimcovid.utils import LOGGER, SiimError
+from siimcovid.utils import LOGGER, SiimError, name_problem
 
 ULTRALYTICS_PREDICT = {"agnostic_nms": bool, "classes": list}  # Ultralytics predict arguments a bundle may carry
+LUNG_KIND = "lung"  # the lung detectors' kind (their folder in a bundle): members name them, fuse.yaml does not
+DETECT_VIEW_KEYS = ("crop_margin", "lung_conf", "view_fusion", "view_iou")  # crop=lung: a detector's views (cfg/detect.yaml)
+CLASSIFY_VIEW_KEYS = ("crop_margin", "lung_conf", "view_fusion")  # crop=lung: a classifier's (cfg/classify.yaml)
 
 
 @dataclass
@@ -79,6 +90,65 @@ def locate(text: str | Path, anchors: list[Path]) -> Path | None:
     return None
 
 
+# ----------------------------------------------------------------------------- lung-crop views
+def lung_of(settings: dict) -> str | None:
+    """The lung member a member's settings crop with (crop=lung), else None: whole images only."""
+    return settings.get("lung") if settings.get("crop", "none") == "lung" else None
+
+
+def member_name(value, label: str) -> str:
+    """lung: the name of the lung member a member crops with (lung/<name>/ of the bundle): one plain name."""
+    if not isinstance(value, str) or name_problem(value):
+        raise SiimError(f"{label}: lung={value!r} is not the name of a lung member (lung/<name>/)")
+    return value
+
+
+def view_keys(stage: str, keys: tuple[str, ...]) -> tuple[Key, ...]:
+    """The optional keys of a member's lung-crop views (absent: crop=none), each typed as cfg/<stage>.yaml types it."""
+    crop = Key("crop", f"{stage} predict's crop: lung = each image also seen cropped to its lung box (absent: none)",
+               typed(stage, "crop"), optional=True)  # fmt: skip
+    lung = Key("lung", "crop=lung: the lung member (lung/<name>/) whose fold k boxes crop for fold k", member_name, optional=True)
+    views = (Key(k, f"crop=lung: {stage} predict's {k} (cfg/{stage}.yaml)", typed(stage, k), optional=True) for k in keys)
+    return (crop, lung, *views)
+
+
+def check_views(settings: dict, keys: tuple[str, ...], label: str) -> None:
+    """crop=lung gives the lung member and every view setting; crop=none (or absent) none of them."""
+    views = ("lung", *keys)
+    if settings.get("crop", "none") == "lung":
+        missing = [k for k in views if k not in settings]
+        if missing:
+            raise SiimError(f"{label}: crop=lung without {', '.join(missing)}: not as exported")
+    elif any(k in settings for k in views):
+        raise SiimError(f"{label}: {', '.join(k for k in views if k in settings)} given with crop=none: not as exported")
+
+
+def view_settings(run_dir: Path, saved: dict, stage: str, keys: tuple[str, ...], anchors: list[Path]) -> dict:
+    """The lung-crop views a run's predict made its test tables with (its predict.yaml: crop, lung and `keys`); {} for
+    crop=none. The lung run is checked to be one (task=lung, its predictions) of the run's folds; `lung` is its folder
+    until export names the lung member (lung_members)."""
+    from siimcovid.views import LungBoxes
+
+    if saved.get("crop", "none") == "none":
+        trained = read_run(Path(run_dir) / f"{stage}.yaml") if (Path(run_dir) / f"{stage}.yaml").is_file() else {}
+        if trained.get("crop") == "lung":
+            LOGGER.warning(
+                f"export: {run_dir} trained with crop=lung, but its predict recorded whole images only (crop=none): the "
+                f"bundle predicts whole images; `siimcovid {stage} predict run={run_dir} crop=lung lung=<its lung run>` "
+                "first to carry its views"
+            )
+        return {}
+    lung = locate(saved.get("lung") or "", anchors) if saved.get("lung") else None
+    if lung is None:
+        raise SiimError(f"export: {run_dir}: its predict cropped with lung={saved.get('lung')}, which is not found")
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise SiimError(f"export: {run_dir}: its predict.yaml says crop=lung but not {', '.join(missing)}: predict it again")
+    own = read_run(Path(run_dir) / f"{stage}.yaml").get("folds_id") if (Path(run_dir) / f"{stage}.yaml").is_file() else None
+    LungBoxes.of_run(lung).check_folds(own, f"export: {run_dir}")
+    return {"crop": "lung", "lung": str(Path(lung).resolve()), **{k: saved[k] for k in keys}}
+
+
 # ----------------------------------------------------------------------------- detect
 def fold_sizes(value, label: str) -> dict[int, int]:
     """imgsz: {fold: the image size it trained at}."""
@@ -115,6 +185,7 @@ DETECT_SETTINGS = Document(
             ultralytics_args,
             optional=True,
         ),
+        *view_keys("detect", DETECT_VIEW_KEYS),
     ),
     "a detector's predict settings, as its run's predict made its pred_test.csv",
     max_bytes=MAX_YAML_BYTES,
@@ -139,7 +210,19 @@ def detector_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit: 
     extra = {k: v for k, v in extra.items() if k in ULTRALYTICS_PREDICT}
     if extra:
         settings["ultralytics"] = extra
+    settings |= view_settings(run_dir, saved, "detect", DETECT_VIEW_KEYS, anchors)
     return Member("detect", run.name, dict(run.weights), settings), run.prepared.root
+
+
+def lung_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit: str | None = None) -> tuple[Member, Path]:
+    """A finished lung detector run (`detect train task=lung`, family yolo) -> its Member of kind lung (the weights
+    its predict recorded, not export's weights=: what made the boxes the members cropped with)."""
+    record = read_run(Path(run_dir) / "detect.yaml") if (Path(run_dir) / "detect.yaml").is_file() else {}
+    if record.get("task") != "lung" or (record.get("family") or "yolo") != "yolo":
+        raise SiimError(f"export: {run_dir} is not a lung detector run (`detect train task=lung`, family yolo)")
+    member, prepared = detector_member(run_dir, pcfg, anchors, None)
+    member.kind = LUNG_KIND
+    return member, prepared
 
 
 def pack_detector(src: Path, dst: Path, half: bool) -> tuple[str, dict, None]:
@@ -169,6 +252,14 @@ def check_detector(settings: dict, model: dict, folds: set, label: str) -> None:
             raise SiimError(f"{label}: ultralytics {key}={value!r}: expected {what}")
     if not settings.get("ultralytics"):
         settings.pop("ultralytics", None)
+    check_views(settings, DETECT_VIEW_KEYS, label)
+
+
+def check_lung(settings: dict, model: dict, folds: set, label: str) -> None:
+    """A lung member: a detector's settings, and it crops with nothing itself (it makes the crops)."""
+    check_detector(settings, model, folds, label)
+    if settings.get("crop", "none") != "none":
+        raise SiimError(f"{label}: a lung detector with crop={settings['crop']}: it makes the crops, it is not cropped")
 
 
 # ----------------------------------------------------------------------------- classify
@@ -185,6 +276,7 @@ CLASSIFY_SETTINGS = Document(
         Key("tta", "classify predict's tta (cfg/classify.yaml): on or off", classifier_tta),
         Key("weights", "the fold checkpoints packed: best | last", typed("classify", "weights")),
         Key("folds_id", "{fold: the fold fingerprint it trained on}", lambda v, label: v if isinstance(v, dict) else {}),
+        *view_keys("classify", CLASSIFY_VIEW_KEYS),
     ),
     "a classifier's predict settings, as its run's predict made its pred_test tables",
     max_bytes=MAX_YAML_BYTES,
@@ -207,6 +299,7 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
     settings = {"imgsz": int(run_cfg["imgsz"]), "tta": saved.get("tta", pcfg.tta), "weights": chosen}
+    settings |= view_settings(run_dir, saved, "classify", CLASSIFY_VIEW_KEYS, anchors)
     return Member("classify", run_dir.name, weights_files, settings), prepared
 
 
@@ -229,10 +322,17 @@ KINDS = {  # the member kinds of the built-in families (their bundle_kind): the 
     ),
     "classify": Kind(
         "cls", CLASSIFY_SETTINGS, classifier_member, pack_classifier, lambda s: s["imgsz"], lambda s: s["imgsz"],
-        lambda settings, model, folds, label: None,
+        lambda settings, model, folds, label: check_views(settings, CLASSIFY_VIEW_KEYS, label),
     ),
 }  # fmt: skip
+LUNG = Kind(LUNG_KIND, DETECT_SETTINGS, lung_member, pack_detector, lambda s: s["size"], lambda s: None, check_lung)
 BUILTIN = {"detect": ("yolo", "ultralytics"), "classify": ("timm", "timm-labels")}  # families (and model.yaml's names)
+BUILTIN[LUNG_KIND] = BUILTIN["detect"]
+
+
+def stage_of(kind: str) -> str:
+    """The stage whose models a member kind holds (a lung member: a detector)."""
+    return "detect" if kind == LUNG_KIND else kind
 
 
 def kind_of(kind: str, family: str | None = None) -> Kind:
@@ -240,8 +340,12 @@ def kind_of(kind: str, family: str | None = None) -> Kind:
     own: family_kind), the family looked up by name in the registry: a bundle never names a module to import."""
     from siimcovid.engine.family import family_class
 
+    if kind == LUNG_KIND:  # the lung detector is a YOLO one (detect train task=lung is family yolo only)
+        if family not in ("", None, *BUILTIN[LUNG_KIND]):
+            raise SiimError(f"family={family}: a lung detector member is family yolo (`detect train task=lung`)")
+        return LUNG
     if kind not in KINDS:
-        raise SiimError(f"no member kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise SiimError(f"no member kind {kind!r} (kinds: {', '.join([*KINDS, LUNG_KIND])})")
     cls = family_class(family or BUILTIN[kind][0], kind)
     spec = cls.bundle_kind() or family_kind(kind, cls)
     own = spec in KINDS.values() or None not in (spec.describe, spec.fits, spec.predict)
@@ -300,19 +404,20 @@ def run_family(run_dir: Path, kind: str) -> str:
     """The family a run folder recorded (its settings file's learned section; "" for the built-in one)."""
     from siimcovid.engine.family import family_class
 
-    family = read_run(Path(run_dir) / family_class(BUILTIN[kind][0], kind).files.settings).get("family") or ""
+    stage = stage_of(kind)
+    family = read_run(Path(run_dir) / family_class(BUILTIN[kind][0], stage).files.settings).get("family") or ""
     return "" if family in BUILTIN[kind] else family
 
 
 def describe(spec: Kind, kind: str, model, label: str) -> dict:
     """A member's model.yaml checked by its kind (the built-in: siimcovid.weights) or its family."""
-    return spec.describe(model, label) if spec.describe else weights.check_description(model, kind, label)
+    return spec.describe(model, label) if spec.describe else weights.check_description(model, stage_of(kind), label)
 
 
 def fits(spec: Kind, kind: str, model: dict, shapes: dict, label: str, size) -> None:
     if spec.fits:
         return spec.fits(model, shapes, label, size)
-    weights.check_fits(model, kind, shapes, label, size)
+    weights.check_fits(model, stage_of(kind), shapes, label, size)
 
 
 # ----------------------------------------------------------------------------- reading a member (open_bundle)

@@ -10,7 +10,7 @@ from siimcovid import signing
 from siimcovid.bundle.archive import extract_zip
 from siimcovid.bundle.files import FUSION, FUSION_FILE, PREPARE, PREPARE_FILE, TOP_FILES, check_sizes
 from siimcovid.bundle.header import Header, bundle_yaml, check_files, check_header, read_header
-from siimcovid.bundle.members import KINDS, Member, kind_of, member_files, read_member
+from siimcovid.bundle.members import KINDS, LUNG_KIND, Member, kind_of, lung_of, member_files, read_member
 from siimcovid.utils import SiimError
 
 
@@ -25,16 +25,43 @@ class Bundle:
     manifest_sha256: str  # of the manifest's bytes open_bundle checked: what identifies the bundle
     detectors: list[Member] = field(default_factory=list)
     classifiers: list[Member] = field(default_factory=list)
+    lungs: list[Member] = field(default_factory=list)  # the lung detectors the members of crop=lung name (members.LUNG)
+
+
+def lung_members(root: Path, members: list[Member], listed: dict, read, where) -> list[Member]:
+    """The lung members that the members of crop=lung name (members.LUNG), each read and checked as a member, with
+    every fold of the members that crop with it (lung fold k crops for their fold k)."""
+    out: dict[str, Member] = {}
+    for m in members:
+        name = lung_of(m.settings)
+        if name is None:
+            continue
+        if name not in out:
+            if not any(rel.startswith(f"{LUNG_KIND}/{name}/") for rel in listed):
+                raise SiimError(
+                    f"bundle {where}: {m.kind}/{m.name}/settings.yaml crops with the lung detector {name!r}, but "
+                    f"{LUNG_KIND}/{name}/ is not in the bundle: not as exported"
+                )
+            out[name] = read_member(root, LUNG_KIND, name, listed, read, where)
+        lacking = sorted(set(m.weights) - set(out[name].weights))
+        if lacking:
+            raise SiimError(
+                f"bundle {where}: {m.kind}/{m.name} crops fold(s) {lacking} with {LUNG_KIND}/{name}, which has no such "
+                "fold: not as exported"
+            )
+    return list(out.values())
 
 
 def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, list[Member]]:
-    """{kind: members in fuse.yaml's order}; a file that is none of the bundle's files (TOP_FILES and those of the
-    members fuse.yaml names) is an error: a bundle holds nothing else, so nothing else can be slipped in."""
+    """{kind: members in fuse.yaml's order; lung: the lung members they name}; a file that is none of the bundle's
+    files (TOP_FILES and those of these members) is an error: a bundle holds nothing else, so nothing else can be
+    slipped in."""
     listed = header.manifest["files"]
     read = lambda rel, declared: bundle_yaml(root, rel, header, where, declared)  # noqa: E731
     out = {kind: [read_member(root, kind, n, listed, read, where) for n in fusion[k.key]] for kind, k in KINDS.items()}
     if not any(out.values()):
         raise SiimError(f"bundle {where}: {FUSION} names no member (det: [], cls: [])")
+    out[LUNG_KIND] = lung_members(root, [m for group in out.values() for m in group], listed, read, where)
     known = set(TOP_FILES).union(*(member_files(m, root) for members in out.values() for m in members))
     unknown = sorted(set(listed) - known)
     if unknown:
@@ -42,6 +69,8 @@ def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, l
         key = KINDS[first[0]].key if first[0] in KINDS else None
         member = key is not None and len(first) > 2 and first[1] not in fusion[key]
         why = f"{first[0]}/{first[1]}/ is not a member of {FUSION}'s {key}" if member else "not a file of a bundle"
+        if first[0] == LUNG_KIND and len(first) > 2:
+            why = f"{LUNG_KIND}/{first[1]}/ is the lung detector of no member (none crops with it)"
         raise SiimError(f"bundle {where}: {unknown[0]}: {why} ({len(unknown)} such file(s)): not as exported")
     return out
 
@@ -52,7 +81,8 @@ def read_bundle(root: Path, header: Header, where) -> Bundle:
     members = read_members(root, header, fusion, where)
     sizes = {kind_of(kind, m.family).size(m.settings) for kind, group in members.items() for m in group}
     prepare = check_sizes(bundle_yaml(root, PREPARE, header, where, PREPARE_FILE), sizes, where)
-    return Bundle(root, header.manifest, prepare, fusion, header.manifest_sha256, members["detect"], members["classify"])
+    found = (members["detect"], members["classify"], members[LUNG_KIND])
+    return Bundle(root, header.manifest, prepare, fusion, header.manifest_sha256, *found)
 
 
 def open_bundle(path: str | Path, trust: str | Path | None = None) -> Bundle:

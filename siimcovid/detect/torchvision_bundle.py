@@ -2,7 +2,8 @@
 
     detect/<name>/model.yaml         {family: torchvision, arch: <one of ARCHS>, num_classes: 2, imgsz: <int>}
     detect/<name>/settings.yaml      the detector's settings (members.DETECT_SETTINGS: size, imgsz per fold, conf, iou,
-                                     tta, max_det, predict_imgsz, weights), as the run's own predict made its boxes
+                                     tta, max_det, predict_imgsz, weights; crop=lung: crop, lung and the view
+                                     settings), as the run's own predict made its boxes
     detect/<name>/fold<k>.safetensors the state dict of fold k's best.pt
 
 A bundle is a file from elsewhere: model.yaml must hold exactly those keys, each of its type and range; the
@@ -53,7 +54,7 @@ def bundle_kind(cls):
     """The member kind of the torchvision family: DETECT_SETTINGS and detector_member as YOLO's (detect predict's
     load_run reads the run by its family), its own packing, checks and prediction."""
     from siimcovid import weights
-    from siimcovid.bundle.members import DETECT_SETTINGS, Kind, detector_member
+    from siimcovid.bundle.members import DETECT_SETTINGS, DETECT_VIEW_KEYS, Kind, check_views, detector_member
 
     def pack(src: Path, dst: Path, half: bool):
         from siimcovid.config import Config
@@ -66,6 +67,7 @@ def bundle_kind(cls):
         if folds - set(sizes) or any(sizes[k] != model["imgsz"] for k in folds):
             raise SiimError(f"{label}: imgsz {sizes} is not the model's {model['imgsz']} for every fold {sorted(folds)}")
         settings.pop("ultralytics", None)  # YOLO's predict arguments (agnostic_nms, classes): nothing to a torchvision model
+        check_views(settings, DETECT_VIEW_KEYS, label)
 
     def describe(desc, label: str) -> dict:
         if not isinstance(desc, dict) or desc.get("family") != cls.name:
@@ -75,12 +77,14 @@ def bundle_kind(cls):
     def fits(desc: dict, shapes: dict, label: str, size) -> None:
         check_state(desc, shapes, label)
 
-    def predict(member, prepared, hw, tta: bool):
+    def predict(member, prepared, hw, tta: bool, lungs: dict | None = None):
+        """Every fold on the test images (crop=lung: each whole and cropped to its lung member's box of the same fold,
+        `lungs` {lung member name: LungBoxes}, as siimcovid.predict.members.predict_detector)."""
         from siimcovid.detect.predict import Run
         from siimcovid.engine import folds
         from siimcovid.predict.members import detector_config
 
-        family = cls(detector_config(member, hw, tta))
+        family = cls(detector_config(member, hw, tta, lungs))
         model = {k: v for k, v in member.model.items() if k != "family"}
         family.packed = {path: (model, member.digests.get(k)) for k, path in member.weights.items()}
         size = prepared.check_size(member.settings["size"])

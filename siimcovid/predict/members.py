@@ -9,6 +9,11 @@ bundle's checkpoints), so a bundle predicts what its runs predicted on the same 
                 test image in batches of `batch` -> tables.DETECTIONS
     classifier  siimcovid.classify.predict.predict_test: one loader for all folds, each fold's model
                 rebuilt once (siimcovid.weights.classifier), the fold mean (and hflip TTA) -> tables.CLASSIFIER_IMAGES
+    lung        a lung member (siimcovid.bundle.members.LUNG) predicts first, as a detector with its own settings;
+                its table becomes the "test" split of a siimcovid.views.LungBoxes (lung_boxes), which each member
+                of crop=lung gets (`lungs`): fold k of the member crops with lung fold k's boxes of the new images,
+                as `detect predict crop=lung` and `classify predict crop=lung` crop test images; an image with no
+                confident lung box is seen whole only
 """
 
 from __future__ import annotations
@@ -40,9 +45,39 @@ def member_tta(member, tta: bool | None):
     return bool(member.settings.get("tta")) if tta is None else bool(tta)
 
 
-def detector_config(member, hw: Hardware, tta: bool):
-    """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones."""
-    s = member.settings
+def lung_boxes(table: pd.DataFrame, name: str, where) -> "LungBoxes":  # noqa: F821
+    """A lung member's boxes of the new images (tables.DETECTIONS, its `fold` the lung fold) as the crop windows of the
+    members that crop with it: the "test" split of a LungBoxes (the bundle checked the folds when it was opened)."""
+    from siimcovid.views import LungBoxes
+
+    return LungBoxes({"test": table}, f"{where} (the bundle's lung detector lung/{name})")
+
+
+def member_lungs(member, lungs: dict | None):
+    """The LungBoxes a member of crop=lung crops with (lungs: {lung member name: LungBoxes}); None: whole images."""
+    from siimcovid.bundle.members import lung_of
+
+    name = lung_of(member.settings)
+    if name is None:
+        return None
+    if not lungs or name not in lungs:
+        raise SiimError(f"{member.kind}/{member.name} crops with lung/{name}, whose boxes were not predicted first")
+    return lungs[name]
+
+
+def crop_counts(member, lungs: dict, prepared: Prepared) -> dict[int, int]:
+    """{fold: how many of the test images fold k of a crop=lung member sees cropped (a confident lung box)}."""
+    s, ids, boxes = member.settings, list(prepared.split("test").image_id), member_lungs(member, lungs)
+    found = {k: boxes.windows(prepared.meta, k, ids, "test", s["lung_conf"], s["crop_margin"]) for k in member.weights}
+    return {int(k): sum(w is not None for w in windows.values()) for k, windows in sorted(found.items())}
+
+
+def detector_config(member, hw: Hardware, tta: bool, lungs=None):
+    """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones;
+    crop=lung: its view settings, and its lung member's LungBoxes (of `lungs`) handed in (siimcovid.views.lungs_of)."""
+    from siimcovid.bundle.members import DETECT_VIEW_KEYS, lung_of
+
+    s, crops = member.settings, lung_of(member.settings) is not None
     settings = {
         **(s.get("ultralytics") or {}),  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
         "conf": s["conf"],
@@ -54,11 +89,17 @@ def detector_config(member, hw: Hardware, tta: bool):
         "device": devices.from_torch(hw.device),
         "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
     }
-    return stage_config("detect", "predict", settings)
+    if crops:
+        settings |= {"crop": "lung", **{k: s[k] for k in DETECT_VIEW_KEYS}}
+    cfg = stage_config("detect", "predict", settings)
+    if crops:
+        cfg["lungs"] = member_lungs(member, lungs)
+    return cfg
 
 
-def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.DataFrame:
-    """Every fold of a detector member on every test image of `prepared`: tables.DETECTIONS (model = member name)."""
+def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
+    """Every fold of a detector member (or a lung member) on every test image of `prepared`: tables.DETECTIONS
+    (model = member name); lungs: {lung member name: its LungBoxes}, of which a member of crop=lung crops with its own."""
     from siimcovid.detect.predict import Run, predict_run
 
     s = member.settings
@@ -71,12 +112,13 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
-    return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
+    return predict_run(run, ["test"], detector_config(member, hw, tta, lungs))["test"]
 
 
-def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool) -> pd.DataFrame:
-    """Every fold of a classifier member on every test image of `prepared`, averaged: tables.CLASSIFIER_IMAGES."""
-    from siimcovid.classify.predict import Inference, amp_dtype_for, predict_test
+def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
+    """Every fold of a classifier member on every test image of `prepared`, averaged: tables.CLASSIFIER_IMAGES;
+    lungs: as for a detector (crop=lung: each image whole and cropped, the views fused by its view_fusion)."""
+    from siimcovid.classify.predict import Inference, Views, amp_dtype_for, predict_test
 
     size = prepared.check_size(member.settings["imgsz"])
     cuda = hw.device.type == "cuda"
@@ -87,5 +129,7 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool) -> p
     where = f"{member.kind}/{member.name}"
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl, sha[path])  # noqa: E731
-    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader, load)
+    s, boxes = member.settings, member_lungs(member, lungs)
+    views = Views(boxes, s["lung_conf"], s["crop_margin"], s["view_fusion"]) if boxes is not None else None
+    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader, load, views=views)
     return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)

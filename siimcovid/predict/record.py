@@ -5,6 +5,8 @@
     members                 {"detect/<name>" | "classify/<name>": {images, tta, half}}, added as each member's
                             table is written: a table is reused only when its entry matches what would make it now
                             (same bundle, the same prepared test images, TTA and precision) and the file is there
+    views                   crop=lung: {"<kind>/<name>": {lung: the lung member it cropped with, cropped: {fold: how
+                            many of the images that fold saw cropped to a confident lung box (the rest: whole only)}}}
     n_images, seconds       the images predicted and the time of each step of the last run
     files                   every file predict wrote in the folder (siimcovid.outputs.Written): only these are ever
                             replaced or removed (a user's photo in pictures/ stays)
@@ -26,7 +28,7 @@ from siimcovid.outputs import Written
 from siimcovid.utils import LOGGER
 
 RECORD = "predict.yaml"
-MEMBER_DIRS = ("detect", "classify")  # where a bundle's members' tables are
+MEMBER_DIRS = ("detect", "classify", "lung")  # where a bundle's members' tables are (lung: its lung detectors')
 FUSE_DIR = "fuse"  # predict's fusion: `siimcovid fuse` writes <out>/fuse, with a record of its own
 
 
@@ -45,7 +47,7 @@ class Record(Written):
             self.clear_results(old.get("bundle"))
             members = {}
         self.data = {"bundle": str(bundle), "bundle_sha256": bundle_sha256, "settings": settings, "members": members}
-        self.data["seconds"] = {}
+        self.data["seconds"] = {}  # (and `views`, of this run's members of crop=lung, as each is predicted)
 
     def clear_results(self, old_bundle) -> None:
         """Remove the tables another bundle made here (the prepared images stay: same source, same conversion or not):
@@ -69,6 +71,11 @@ class Record(Written):
 
     def done(self, key: str, entry: dict) -> None:
         self.data["members"][key] = entry
+        self.save()
+
+    def views(self, key: str, lung: str, cropped: dict[int, int]) -> None:
+        """A member of crop=lung: the lung member it crops with and how many images each fold saw cropped."""
+        self.data.setdefault("views", {})[key] = {"lung": lung, "cropped": dict(cropped)}
         self.save()
 
     def timed(self, step: str, seconds: float) -> None:

@@ -5,12 +5,15 @@ A bundle's models on new data, with nothing else present (no runs folder, no tra
     1. open_bundle: every check of the bundle (signature with trust=, files, checksums, versions) before any work
     2. `siimcovid prepare` of the source into <out>/prepared with the bundle's conversion settings
        (test split only; layout siim for a SIIM root, else folder; unreadable files skipped and listed)
-    3. every detector member's folds on every image -> <out>/detect/<name>/pred_test.csv
-    4. every classifier member's folds -> <out>/classify/<name>/pred_test_image.csv
-    5. `siimcovid fuse split=test` of those with the bundle's fusion settings -> <out>/fuse/
+    3. crop=lung: the lung detector(s) the members crop with, first -> <out>/lung/<name>/pred_test.csv
+       (siimcovid.predict.members: fold k of a member crops with lung fold k's boxes; predict.yaml `views`
+       counts the images each fold saw cropped)
+    4. every detector member's folds on every image -> <out>/detect/<name>/pred_test.csv
+    5. every classifier member's folds -> <out>/classify/<name>/pred_test_image.csv
+    6. `siimcovid fuse split=test` of those with the bundle's fusion settings -> <out>/fuse/
        (submission.csv checked against the SIIM root's sample_submission.csv, or against one
        written from the prepared images: every study and image found)
-    6. <out>/submission.csv (SIIM source), then the tables, pictures and index.html (siimcovid.predict.view)
+    7. <out>/submission.csv (SIIM source), then the tables, pictures and index.html (siimcovid.predict.view)
 
 On a SIIM root the submission is the one the bundle's run wrote with `fuse split=test` on the same
 images (same conversion, same models, same batches, same fusion). Re-running with the same out=
@@ -36,7 +39,7 @@ from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
 from siimcovid.outputs import Earlier, check_out, check_outside, open_out, present, read_mapping
-from siimcovid.predict.members import Hardware, member_tta, predict_classifier, predict_detector
+from siimcovid.predict.members import Hardware, crop_counts, lung_boxes, member_tta, predict_classifier, predict_detector
 from siimcovid.predict.record import FUSE_DIR, RECORD, Record, images_id
 from siimcovid.predict.source import input_checks, loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
@@ -139,34 +142,50 @@ def list_skipped(prepared: Prepared, out: Path, record: Record) -> Path | None:
     return path
 
 
-def member_table(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record) -> Path:
-    """A member's prediction table on the prepared test images: reused when the record vouches for it, else predicted."""
+def member_table(
+    member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record, lungs: dict | None = None
+) -> Path:
+    """A member's prediction table on the prepared test images: reused when the record vouches for it, else predicted.
+    lungs: {lung member name: LungBoxes of the images} (lung_tables), which a member of crop=lung crops with. A lung
+    member predicts with its own TTA (its boxes are the crops the members were made with, not a prediction)."""
+    from siimcovid.bundle.members import LUNG_KIND, lung_of
     from siimcovid.classify.predict import study_table, table_paths, write_tables
 
-    key = f"{member.kind}/{member.name}"
-    tta = member_tta(member, cfg.tta)
-    table = out / key / ("pred_test.csv" if member.kind == "detect" else "pred_test_image.csv")
+    key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
+    tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
+    table = out / key / ("pred_test.csv" if boxes else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
+    lung = lung_of(member.settings)
+    if lung is not None:  # the images each fold sees cropped: what the views did, in the record
+        record.views(key, lung, crop_counts(member, lungs, prepared))
     if record.reusable(key, entry, table):
         LOGGER.info(f"predict: {key}: reusing {table} (this bundle, these images)")
         return table
     record.forget(key)
-    record.claim(*([table] if member.kind == "detect" else table_paths(table.parent, "test")))
+    record.claim(*([table] if boxes else table_paths(table.parent, "test")))
+    views = {"lungs": lungs} if lung is not None else {}  # a family without views is never given them
     if member.family:  # a family of its own: its bundle_kind's predict
         from siimcovid.bundle.members import kind_of
 
-        found = kind_of(member.kind, member.family).predict(member, prepared, hw, tta)
-        if member.kind == "detect":
+        found = kind_of(member.kind, member.family).predict(member, prepared, hw, tta, **views)
+        if boxes:
             DETECTIONS.write(found, table)
         else:
             write_tables(table.parent, "test", found, study_table(found))
-    elif member.kind == "detect":
-        DETECTIONS.write(predict_detector(member, prepared, hw, tta), table)
+    elif boxes:
+        DETECTIONS.write(predict_detector(member, prepared, hw, tta, **views), table)
     else:
-        images = predict_classifier(member, prepared, hw, tta)
+        images = predict_classifier(member, prepared, hw, tta, **views)
         write_tables(table.parent, "test", images, study_table(images))
     record.done(key, entry)
     return table
+
+
+def lung_tables(bundle, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record, steps) -> dict:
+    """crop=lung: each lung member's boxes of the images, first ({name: siimcovid.views.LungBoxes}; {} when no member
+    crops)."""
+    tables = {m.name: steps.run(f"{m.kind}/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.lungs}
+    return {name: lung_boxes(DETECTIONS.read(path), name, cfg.bundle) for name, path in tables.items()}
 
 
 def sample_for(layout: str, source: Path, prepared: Prepared, out: Path, record: Record) -> Path:
@@ -287,8 +306,9 @@ def predict(cfg: Config) -> dict:
         raise
     skipped = list_skipped(prepared, out, record)
     n_images = record.data["n_images"] = len(prepared.split("test"))
-    det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.detectors]
-    cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record) for m in bundle.classifiers]
+    lungs = lung_tables(bundle, prepared, hw, cfg, out, record, steps)  # crop=lung: the lung boxes, before the members
+    det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.detectors]
+    cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.classifiers]
     sample = sample_for(layout, source, prepared, out, record)
     fuse_cfg = fuse_config(bundle, prepared, det, cls, sample, out, cfg)
     fused = steps.run("fuse", run_fuse, fuse_cfg)
