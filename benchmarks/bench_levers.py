@@ -42,10 +42,10 @@ the arm needs (crop: the lung detector, then the crop detector; frcnn: YOLO, the
 timed side by side in this process, interleaved, the fastest of --timing-repeats; seconds per test image
 (all folds' models: each image passes every fold's model, and every view of it) and the ratio to the baseline.
 
-    python benchmarks/bench_levers.py --levers detect --out /tmp/bench             # 3 seeds, ~45 min on 2 cores
+    python benchmarks/bench_levers.py --levers detect --out /tmp/bench             # 3 seeds, 28 min on 2 cores
     python benchmarks/bench_levers.py --levers detect --seeds 0 --quick            # the smoke test
 
-Tiny models (YOLOv5n and ResNet10t from scratch, 64 px, a few epochs) on a 2-core CPU: the point is a
+Tiny models (YOLOv5n and ResNet10t from scratch, 64 px, the detect group's detectors 128 px) on 2 CPU cores: the point is a
 correct, honest procedure that runs anywhere; the size of a gain here says little about the real data.
 """
 
