@@ -198,12 +198,9 @@ class LungBoxes:
 
 def lungs_of(cfg) -> LungBoxes | None:
     """The lung boxes of a stage's settings (crop: none | lung, checked as a setting): crop=lung needs lung=<a lung
-    run>; crop=none, none. A bundle's predict hands in its lung member's test boxes as cfg's `lungs` (a LungBoxes built
-    in code; no stage has a setting of that name, so none comes from outside)."""
+    run>; crop=none, none."""
     if (cfg.get("crop") or "none") == "none":
         return None
-    if isinstance(cfg.get("lungs"), LungBoxes):
-        return cfg["lungs"]
     if not cfg.get("lung"):
         raise SiimError("crop=lung needs lung=<a lung detector run> (`siimcovid detect train task=lung`, then `detect predict`)")
     return LungBoxes.of_run(cfg.lung)

@@ -82,9 +82,9 @@ def bundle_kind(cls):
         `lungs` {lung member name: LungBoxes}, as siimcovid.predict.members.predict_detector)."""
         from siimcovid.detect.predict import Run
         from siimcovid.engine import folds
-        from siimcovid.predict.members import detector_config
+        from siimcovid.predict.members import detector_family
 
-        family = cls(detector_config(member, hw, tta, lungs))
+        family = detector_family(cls, member, hw, tta, lungs)
         model = {k: v for k, v in member.model.items() if k != "family"}
         family.packed = {path: (model, member.digests.get(k)) for k, path in member.weights.items()}
         size = prepared.check_size(member.settings["size"])

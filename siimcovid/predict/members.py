@@ -72,12 +72,23 @@ def crop_counts(member, lungs: dict, prepared: Prepared) -> dict[int, int]:
     return {int(k): sum(w is not None for w in windows.values()) for k, windows in sorted(found.items())}
 
 
-def detector_config(member, hw: Hardware, tta: bool, lungs=None):
+def detector_family(cls, member, hw: Hardware, tta: bool, lungs: dict | None = None):
+    """The family `cls` (a detect family) built for a detector member's predict (detector_config); crop=lung: with its
+    lung member's LungBoxes (of `lungs`) handed in as the boxes its views crop with. Family.lung_boxes reads a run's
+    once into `_lungs`; a bundle has no lung run on disk, so its boxes are put there instead (see request bundle-2)."""
+    family = cls(detector_config(member, hw, tta))
+    boxes = member_lungs(member, lungs)
+    if boxes is not None:
+        family._lungs = boxes
+    return family
+
+
+def detector_config(member, hw: Hardware, tta: bool):
     """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones;
-    crop=lung: its view settings, and its lung member's LungBoxes (of `lungs`) handed in (siimcovid.views.lungs_of)."""
+    crop=lung: its view settings (the boxes its views crop with: detector_family)."""
     from siimcovid.bundle.members import DETECT_VIEW_KEYS, lung_of
 
-    s, crops = member.settings, lung_of(member.settings) is not None
+    s = member.settings
     settings = {
         **(s.get("ultralytics") or {}),  # Ultralytics predict arguments the run gave (e.g. agnostic_nms)
         "conf": s["conf"],
@@ -89,18 +100,17 @@ def detector_config(member, hw: Hardware, tta: bool, lungs=None):
         "device": devices.from_torch(hw.device),
         "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
     }
-    if crops:
+    if lung_of(s) is not None:
         settings |= {"crop": "lung", **{k: s[k] for k in DETECT_VIEW_KEYS}}
-    cfg = stage_config("detect", "predict", settings)
-    if crops:
-        cfg["lungs"] = member_lungs(member, lungs)
-    return cfg
+    return stage_config("detect", "predict", settings)
 
 
 def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
     """Every fold of a detector member (or a lung member) on every test image of `prepared`: tables.DETECTIONS
     (model = member name); lungs: {lung member name: its LungBoxes}, of which a member of crop=lung crops with its own."""
-    from siimcovid.detect.predict import Run, predict_run
+    from siimcovid.detect.predict import Run
+    from siimcovid.engine.family import family_class
+    from siimcovid.engine.folds import predict
 
     s = member.settings
     size = prepared.check_size(s["size"])
@@ -112,7 +122,8 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
-    return predict_run(run, ["test"], detector_config(member, hw, tta, lungs))["test"]
+    family = detector_family(family_class(run.family, "detect"), member, hw, tta, lungs)
+    return predict(family, run, run.weights, ["test"], family.cfg.device)["test"]
 
 
 def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
