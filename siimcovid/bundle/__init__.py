@@ -23,11 +23,18 @@ declaration; `print(<declaration>.describe())` prints its keys):
     detect/<name>/model.yaml       the detector's description: its Ultralytics model YAML, class names (siimcovid.weights)
     detect/<name>/settings.yaml    members.DETECT_SETTINGS: size (prepared side it reads), imgsz {fold: int}, conf, iou,
                                    tta, max_det, predict_imgsz, weights (and `ultralytics`: agnostic_nms / classes,
-                                   when the run gave them)
+                                   when the run gave them; crop=lung: crop, lung (the lung member it crops with),
+                                   crop_margin, lung_conf, view_fusion, view_iou, as its run's predict recorded them)
     detect/<name>/fold<k>.safetensors  the weights predict evaluates (Ultralytics' EMA, fp16 as training left them)
     classify/<name>/model.yaml     the classifier's description: timm name and build_model's arguments
     classify/<name>/settings.yaml  members.CLASSIFY_SETTINGS: imgsz, tta, weights, folds_id {fold: its fold fingerprint}
+                                   (crop=lung: crop, lung, crop_margin, lung_conf, view_fusion)
     classify/<name>/fold<k>.safetensors  the weights load_checkpoint_model evaluates (EMA); fp16 with fp16_weights=true
+    lung/<name>/                   crop=lung: the YOLO lung detector (`detect train task=lung`) that members name in
+                                   their `lung`, packed as a detector (model.yaml, settings.yaml, fold<k>.safetensors:
+                                   every fold of the members that crop with it); `siimcovid predict` runs it first and
+                                   crops fold k of each member with lung fold k's boxes of the new images. A lung
+                                   member that no member names, or a name with no such member, is refused
 
 Only finished folds are packed (the predict stages' rules). The bundle is built in a temporary
 folder beside `out` and renamed at the end (a zip: a temporary file, renamed): an `out` that exists
@@ -39,10 +46,11 @@ entry by entry as it is extracted, once, into a cache folder named by its sha256
 (~/.cache/siimcovid/bundles/<sha256>, or $SIIMCOVID_CACHE/<sha256>); nothing unlisted is written there.
 
 Modules:
-    export.py   main(cfg), export(cfg): the runs to pack, their members, the bundle written and renamed into place
+    export.py   main(cfg), export(cfg): the runs to pack (pipeline=: its detectors, detect2's too), their members
+                (and the lung runs they cropped with), the bundle written and renamed into place
     fusion.py   fusion_settings(...): the bundle's fuse.yaml from the fuse run's record (siimcovid.fuse.record)
-    members.py  the two member kinds behind one per-kind table (KINDS): Member, pack_detector, pack_classifier,
-                read_member, the declarations of their settings.yaml
+    members.py  the two member kinds behind one per-kind table (KINDS), and the lung detectors' (LUNG): Member,
+                pack_detector, pack_classifier, read_member, the declarations of their settings.yaml
     files.py    the declarations of manifest.yaml, prepare.yaml and fuse.yaml; file_table, package_versions
     header.py   what a bundle says of itself (Header: manifest and signature), check_files
     archive.py  zip bundles: zip_tree, extract_zip (checked entry by entry into the cache)
