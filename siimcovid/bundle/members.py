@@ -256,8 +256,10 @@ def check_detector(settings: dict, model: dict, folds: set, label: str) -> None:
 
 
 def check_lung(settings: dict, model: dict, folds: set, label: str) -> None:
-    """A lung member: a detector's settings, and it crops with nothing itself (it makes the crops)."""
+    """A lung member: a detector of one class, lung (`detect train task=lung`), that crops with nothing itself."""
     check_detector(settings, model, folds, label)
+    if list(model["names"]) != ["lung"]:
+        raise SiimError(f"{label}: a lung member detects lung alone, not {list(model['names'])}: not a lung detector")
     if settings.get("crop", "none") != "none":
         raise SiimError(f"{label}: a lung detector with crop={settings['crop']}: it makes the crops, it is not cropped")
 
