@@ -27,6 +27,20 @@ from siimcovid.utils import SiimError
 
 Window = tuple[float, float, float, float]
 
+# the settings that turn a lung box into a window and the views into one, per stage (cfg/shared.yaml, cfg/<stage>.yaml)
+VIEW_KEYS = {
+    "detect": ("crop_margin", "lung_conf", "view_fusion", "view_iou"),
+    "classify": ("crop_margin", "lung_conf", "view_fusion"),
+}
+
+
+def view_record(cfg, stage: str) -> dict:
+    """crop=lung: the settings that made a run's views, as its predict.yaml records them beside tta and weights (what
+    `export` packs); crop=none: nothing (the file as before views existed)."""
+    if (cfg.get("crop") or "none") == "none":
+        return {}
+    return {"crop": cfg.crop, "lung": str(Path(cfg.lung).resolve()), **{k: cfg[k] for k in VIEW_KEYS[stage]}}
+
 
 # ----------------------------------------------------------------------------- geometry (pure)
 def as_rows(boxes) -> np.ndarray:
@@ -98,7 +112,9 @@ def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
 
 def fuse_view_boxes(views: list[np.ndarray], rows: int, cols: int, method: str, iou: float) -> np.ndarray:
     """One image's boxes from its views' boxes ((n, 5) each, original pixels): wbf (Weighted Boxes Fusion, every view
-    one member, as folds are fused) or concat (every view's boxes, for a later fusion to merge)."""
+    one member, as folds are fused: a box only one of two views found keeps half its confidence) or concat (every
+    view's boxes, for a later fusion to merge). One view (an image without a lung window, whose crop view is the whole
+    image: WBF of a view with itself) is that view's boxes as they are."""
     views = [np.asarray(v, dtype=np.float64).reshape(-1, 5) for v in views]
     if method == "concat" or len(views) == 1:
         return np.concatenate(views) if views else np.zeros((0, 5))

@@ -120,6 +120,10 @@ def test_yolo_trains_on_crops_and_predicts_both_views(prepared, tmp_path, monkey
     assert np.array_equal(read_gray(crop), expected)
 
     out = cli.main(["detect", "predict", f"run={run}", "device=cpu", "tta=false", "crop=lung", f"lung={lung}", "conf=0.0001"])
+    from siimcovid.rundir import saved_predict_settings
+
+    saved = saved_predict_settings(run)  # what made pred_test.csv, for export: the views too
+    assert (saved["crop"], saved["lung"], saved["crop_margin"], saved["view_fusion"]) == ("lung", str(lung), 0.05, "wbf")
     oof = DETECTIONS.read(out["crop"]["oof"])
     assert set(oof.image_id) <= set(prep.fold(0, "val").image_id) and (oof.fold == 0).all()
     meta = prep.meta.set_index("image_id")

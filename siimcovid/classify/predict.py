@@ -36,6 +36,7 @@ from siimcovid import ensemble, metrics, rundir
 from siimcovid.classify.files import FILES
 from siimcovid.tables import CLASSES, CLASSIFIER_FOLDS, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, as_list
+from siimcovid.views import view_record
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
@@ -149,7 +150,6 @@ def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.Da
 # ---------------------------------------------------------------- views (crop=lung)
 
 VIEW_FUSIONS = ("mean", "gmean")  # cfg/classify.yaml view_fusion
-VIEW_KEYS = ("lung_conf", "crop_margin", "view_fusion")  # what turns a lung box into a view, and the views into one
 EPS = 1e-12  # the least probability gmean takes the log of (a float32 softmax may underflow to 0)
 
 
@@ -609,7 +609,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
                 images, studies = predict_run(run_dir, split, *how, **views)
             write_tables(run_dir, split, images, studies)
             if not cfg.source and split == "test":  # what made the run's test tables: `siimcovid export` packs these
-                saved = {"tta": cfg.tta, "weights": cfg.weights} | (view_settings(cfg) if crops else {})
+                saved = {"tta": cfg.tta, "weights": cfg.weights} | view_record(cfg, "classify")
                 rundir.save_predict_settings(run_dir, saved)
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:
@@ -619,11 +619,6 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
         write_tables(out_dir, split, images, studies)
         per_run.append((out_dir, images, studies))
     return per_run
-
-
-def view_settings(cfg) -> dict:
-    """crop=lung: the settings that made a run's views (recorded beside tta and weights, for `export`)."""
-    return {"crop": cfg.crop, "lung": str(Path(cfg.lung).resolve()), **{k: cfg[k] for k in VIEW_KEYS}}
 
 
 def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> Path:

@@ -50,6 +50,7 @@ from siimcovid.engine import devices
 from siimcovid.rundir import fold_checkpoints, fold_dir, read_run, save_predict_settings
 from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
+from siimcovid.views import view_record
 
 PREDICT_KEYS = ("conf", "iou", "tta", "max_det", "predict_imgsz")  # the settings that change the boxes
 OUT_RECORD = "detect_predict_files.yaml"  # out='s record (siimcovid.outputs.Written): the tables written there
@@ -301,7 +302,7 @@ def predict_and_score(run: Run, splits: list[str], cfg: Config, together: dict[s
         written[split] = DETECTIONS.write(df, where / f"pred_{split}.csv")
         together[split].append(df)
     if not cfg.source and "test" in splits:  # what made the run's test boxes: `siimcovid export` packs these settings
-        saved = {k: cfg[k] for k in (*PREDICT_KEYS, "weights")}
+        saved = {k: cfg[k] for k in (*PREDICT_KEYS, "weights")} | view_record(cfg, "detect")  # crop=lung: its views too
         save_predict_settings(run.dir, {**saved, "ultralytics": passthrough(cfg)} if passthrough(cfg) else saved)
     if "oof" in splits:
         table = scores_oof(preds["oof"], run.prepared, sorted(run.weights), run.name, run.task)

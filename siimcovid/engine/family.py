@@ -271,6 +271,13 @@ class Family:
         """A fold's model from a bundle's tensors and description (what load_fold returns for a run's checkpoint)."""
         raise SiimError(f"family={self.name} defines no from_state")
 
+    def use_lungs(self, boxes) -> None:
+        """crop=lung with lung boxes handed in (a LungBoxes: a bundle's lung member on new images) instead of lung= read
+        from disk; lung_boxes checks them like a lung run's."""
+        if not self.crops:
+            raise SiimError(f"family={self.name} has no lung-crop views: it cannot take lung boxes")
+        self._lungs = boxes
+
     def lung_boxes(self, folds_id: str | None):
         """crop=lung: the lung boxes its crop views come from (siimcovid.views.LungBoxes, read once), checked on every
         call that gives the model's fold fingerprint (folds_id) to be of the same folds; else None: whole images only."""
