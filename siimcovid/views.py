@@ -34,6 +34,25 @@ VIEW_KEYS = {
 }
 
 
+def warn_other_views(trained, cfg, what: str) -> list[str]:
+    """Predicting with views other than the model trained with (crop=, crop_margin=, lung_conf=: predict does not take
+    them from the run): a warning naming each, since a crop-trained model on whole images is an experiment, not an
+    error. The differences, [] when none."""
+    from siimcovid.utils import LOGGER
+
+    was, now = trained.get("crop") or "none", (cfg or {}).get("crop") or "none"
+    if was != now:
+        diffs = [f"crop={now} (trained with crop={was})"]
+    elif now == "none":
+        diffs = []
+    else:
+        shape = [k for k in ("crop_margin", "lung_conf") if k in trained and trained[k] != cfg[k]]
+        diffs = [f"{k}={cfg[k]} (trained with {trained[k]})" for k in shape]
+    if diffs:
+        LOGGER.warning(f"{what}: predicting with {', '.join(diffs)}: give the training's values to predict what it saw")
+    return diffs
+
+
 def view_record(cfg, stage: str) -> dict:
     """crop=lung: the settings that made a run's views, as its predict.yaml records them beside tta and weights (what
     `export` packs); crop=none: nothing (the file as before views existed)."""

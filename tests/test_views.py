@@ -89,3 +89,18 @@ def test_hflip_twice_is_the_identity():
     once = V.hflip_boxes(boxes, 64)
     assert once[0].tolist() == [54.0, 4.0, 61.0, 12.0, 0.5]
     assert np.allclose(V.hflip_boxes(once, 64), boxes)
+
+
+def test_predicting_with_other_views_than_the_training_warns_naming_each():
+    from siimcovid.views import warn_other_views
+
+    trained = {"crop": "lung", "crop_margin": 0.1, "lung_conf": 0.25}
+    assert warn_other_views(trained, {"crop": "none"}, "run") == ["crop=none (trained with crop=lung)"]
+    assert warn_other_views({}, {"crop": "lung", "crop_margin": 0.05, "lung_conf": 0.25}, "run") == [
+        "crop=lung (trained with crop=none)"
+    ]
+    assert warn_other_views(trained, {"crop": "lung", "crop_margin": 0.05, "lung_conf": 0.25}, "run") == [
+        "crop_margin=0.05 (trained with 0.1)"
+    ]
+    assert warn_other_views(trained, {"crop": "lung", "crop_margin": 0.1, "lung_conf": 0.25}, "run") == []
+    assert warn_other_views({}, None, "run") == []  # crop=none both: nothing to say

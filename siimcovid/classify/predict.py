@@ -36,7 +36,7 @@ from siimcovid import ensemble, metrics, rundir
 from siimcovid.classify.files import FILES
 from siimcovid.tables import CLASSES, CLASSIFIER_FOLDS, CLASSIFIER_IMAGES, CLASSIFIER_STUDIES, SCORES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, as_list
-from siimcovid.views import view_record
+from siimcovid.views import view_record, warn_other_views
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
@@ -373,6 +373,7 @@ def run_inference(
     from siimcovid.data.prepared import Prepared
 
     run_cfg = rundir.read_run(run_dir / FILES.settings)
+    warn_other_views(run_cfg, views_cfg, str(run_dir))
     if run_cfg.get("label_names"):
         raise SiimError(
             f"{run_dir} is a multi-label pretraining run (labels {run_cfg['label_names']}): it predicts no study classes; "

@@ -50,7 +50,7 @@ from siimcovid.engine import devices
 from siimcovid.rundir import fold_checkpoints, fold_dir, read_run, save_predict_settings
 from siimcovid.tables import BOX_COLUMNS, BOX_PRED_COLUMNS, DETECTIONS, SCORES
 from siimcovid.utils import LOGGER, SiimError, as_list
-from siimcovid.views import view_record
+from siimcovid.views import view_record, warn_other_views
 
 PREDICT_KEYS = ("conf", "iou", "tta", "max_det", "predict_imgsz")  # the settings that change the boxes
 OUT_RECORD = "detect_predict_files.yaml"  # out='s record (siimcovid.outputs.Written): the tables written there
@@ -255,6 +255,8 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     if cfg.out:  # before any run is loaded: a user's file in the way stops it at once
         open_out_folder(cfg, [Path(r) for r in runs], splits, create=False)
     loaded = [load_run(r, cfg.weights, cfg.allow_unfinished) for r in runs]  # check every run before predicting with any
+    for run in loaded:
+        warn_other_views(read_run(run.dir / RUN_CONFIG), cfg, str(run.dir))
     if cfg.source:
         loaded = [on_source(run, cfg.source, splits, cfg.out) for run in loaded]
     names = [run.name for run in loaded]
