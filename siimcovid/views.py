@@ -210,7 +210,7 @@ class LungBoxes:
         if wanted and seen.empty:
             raise SiimError(
                 f"lung={self.source} has no {split} boxes of these {len(wanted)} images (e.g. {image_ids[0]}): predict them "
-                "with the lung run first (`siimcovid detect predict run=<lung run>`, source= for another prepared folder)"
+                "with the lung run first (`siimcovid detect predict run=<lung run>`; new images: `siimcovid predict` of a bundle)"
             )
         if wanted and seen[seen.fold == fold].empty:  # never the whole image silently, out of fold or on test
             which = "out-of-fold" if split == "oof" else split
@@ -238,6 +238,11 @@ def lungs_of(cfg) -> LungBoxes | None:
         return None
     if not cfg.get("lung"):
         raise SiimError("crop=lung needs lung=<a lung detector run> (`siimcovid detect train task=lung`, then `detect predict`)")
+    if cfg.get("source"):  # a lung run's boxes are of its own prepared folder's images only
+        raise SiimError(
+            f"crop=lung with source={cfg.source}: lung={cfg.lung} has boxes of its own prepared folder's images only; to "
+            "crop new images, `siimcovid export` the runs and `siimcovid predict` them (a bundle crops with its lung detector)"
+        )
     return LungBoxes.of_run(cfg.lung)
 
 
