@@ -80,10 +80,11 @@ def test_lung_runs_are_checked(prepared, tmp_path):
     with pytest.raises(SiimError, match="needs lung="):
         cli.main(["detect", "train", f"data={prepared}", *TINY, f"project={tmp_path}", "crop=lung"])
     # another prepared folder's images (source=): the lung run has no boxes of them; the bundle's predict crops new images
+    from siimcovid.config import Config
     from siimcovid.views import lungs_of
 
     with pytest.raises(SiimError, match="crop=lung with source=.*siimcovid predict"):
-        lungs_of({"crop": "lung", "lung": str(other), "source": str(prepared)})
+        lungs_of(Config(crop="lung", lung=str(other), source=str(prepared)))
 
 
 def test_crop_labels_are_the_boxes_in_the_crops_pixels(prepared):
