@@ -19,7 +19,7 @@ bundle_kind()), any other family's from its builders (family_kind):
 
 Lung-crop views (crop=lung, siimcovid.views): a member whose run's predict made its tables with crop=lung carries, in
 its settings.yaml, crop: lung, lung: <the name of the lung member it crops with> and the settings that turn a lung box
-into a window and the views into one (DETECT_VIEW_KEYS, CLASSIFY_VIEW_KEYS: check_views). That is the one place the
+into a window and the views into one (siimcovid.views.VIEW_KEYS of its stage: check_views). That is the one place the
 fact is kept: the bundle's lung members (lung/<name>/, a YOLO detector member of task=lung) are those its members name;
 one that no member names, or a name with no such member, is refused when the bundle is opened. Lung fold k crops for
 fold k of each member, so a lung member has every fold of the members that crop with it.
@@ -43,11 +43,10 @@ from siimcovid.config import Config
 from siimcovid.detect.predict import PREDICT_KEYS
 from siimcovid.rundir import read_run, saved_predict_settings
 from siimcovid.utils import LOGGER, SiimError, name_problem
+from siimcovid.views import VIEW_KEYS
 
 ULTRALYTICS_PREDICT = {"agnostic_nms": bool, "classes": list}  # Ultralytics predict arguments a bundle may carry
 LUNG_KIND = "lung"  # the lung detectors' kind (their folder in a bundle): members name them, fuse.yaml does not
-DETECT_VIEW_KEYS = ("crop_margin", "lung_conf", "view_fusion", "view_iou")  # crop=lung: a detector's views (cfg/detect.yaml)
-CLASSIFY_VIEW_KEYS = ("crop_margin", "lung_conf", "view_fusion")  # crop=lung: a classifier's (cfg/classify.yaml)
 
 
 @dataclass
@@ -103,18 +102,20 @@ def member_name(value, label: str) -> str:
     return value
 
 
-def view_keys(stage: str, keys: tuple[str, ...]) -> tuple[Key, ...]:
-    """The optional keys of a member's lung-crop views (absent: crop=none), each typed as cfg/<stage>.yaml types it."""
+def view_keys(stage: str) -> tuple[Key, ...]:
+    """The optional keys of a member's lung-crop views (absent: crop=none): crop, lung and the stage's VIEW_KEYS, each
+    typed as cfg/<stage>.yaml types it."""
     crop = Key("crop", f"{stage} predict's crop: lung = each image also seen cropped to its lung box (absent: none)",
                typed(stage, "crop"), optional=True)  # fmt: skip
     lung = Key("lung", "crop=lung: the lung member (lung/<name>/) whose fold k boxes crop for fold k", member_name, optional=True)
+    keys = VIEW_KEYS[stage]
     views = (Key(k, f"crop=lung: {stage} predict's {k} (cfg/{stage}.yaml)", typed(stage, k), optional=True) for k in keys)
     return (crop, lung, *views)
 
 
-def check_views(settings: dict, keys: tuple[str, ...], label: str) -> None:
-    """crop=lung gives the lung member and every view setting; crop=none (or absent) none of them."""
-    views = ("lung", *keys)
+def check_views(settings: dict, stage: str, label: str) -> None:
+    """crop=lung gives the lung member and every view setting of the stage; crop=none (or absent) none of them."""
+    views = ("lung", *VIEW_KEYS[stage])
     if settings.get("crop", "none") == "lung":
         missing = [k for k in views if k not in settings]
         if missing:
@@ -123,14 +124,16 @@ def check_views(settings: dict, keys: tuple[str, ...], label: str) -> None:
         raise SiimError(f"{label}: {', '.join(k for k in views if k in settings)} given with crop=none: not as exported")
 
 
-def view_settings(run_dir: Path, saved: dict, stage: str, keys: tuple[str, ...], anchors: list[Path]) -> dict:
-    """The lung-crop views a run's predict made its test tables with (its predict.yaml: crop, lung and `keys`); {} for
-    crop=none. The lung run is checked to be one (task=lung, its predictions) of the run's folds; `lung` is its folder
-    until export names the lung member (lung_members)."""
+def view_settings(run_dir: Path, saved: dict, stage: str, anchors: list[Path]) -> dict:
+    """The lung-crop views a run's predict made its test tables with (its predict.yaml: crop, lung and the stage's
+    VIEW_KEYS, as siimcovid.views.view_record writes them); {} for crop=none. The lung run is checked to be one
+    (task=lung, its predictions) of the run's folds; `lung` is its folder until export names the lung member
+    (export.lung_members)."""
     from siimcovid.views import LungBoxes
 
+    record = Path(run_dir) / f"{stage}.yaml"
+    trained = read_run(record) if record.is_file() else {}
     if saved.get("crop", "none") == "none":
-        trained = read_run(Path(run_dir) / f"{stage}.yaml") if (Path(run_dir) / f"{stage}.yaml").is_file() else {}
         if trained.get("crop") == "lung":
             LOGGER.warning(
                 f"export: {run_dir} trained with crop=lung, but its predict recorded whole images only (crop=none): the "
@@ -138,15 +141,14 @@ def view_settings(run_dir: Path, saved: dict, stage: str, keys: tuple[str, ...],
                 "first to carry its views"
             )
         return {}
-    lung = locate(saved.get("lung") or "", anchors) if saved.get("lung") else None
+    lung = locate(saved["lung"], anchors) if saved.get("lung") else None
     if lung is None:
         raise SiimError(f"export: {run_dir}: its predict cropped with lung={saved.get('lung')}, which is not found")
-    missing = [k for k in keys if k not in saved]
+    missing = [k for k in VIEW_KEYS[stage] if k not in saved]
     if missing:
         raise SiimError(f"export: {run_dir}: its predict.yaml says crop=lung but not {', '.join(missing)}: predict it again")
-    own = read_run(Path(run_dir) / f"{stage}.yaml").get("folds_id") if (Path(run_dir) / f"{stage}.yaml").is_file() else None
-    LungBoxes.of_run(lung).check_folds(own, f"export: {run_dir}")
-    return {"crop": "lung", "lung": str(Path(lung).resolve()), **{k: saved[k] for k in keys}}
+    LungBoxes.of_run(lung).check_folds(trained.get("folds_id"), f"export: {run_dir}")
+    return {"crop": "lung", "lung": str(Path(lung).resolve()), **{k: saved[k] for k in VIEW_KEYS[stage]}}
 
 
 # ----------------------------------------------------------------------------- detect
@@ -185,7 +187,7 @@ DETECT_SETTINGS = Document(
             ultralytics_args,
             optional=True,
         ),
-        *view_keys("detect", DETECT_VIEW_KEYS),
+        *view_keys("detect"),
     ),
     "a detector's predict settings, as its run's predict made its pred_test.csv",
     max_bytes=MAX_YAML_BYTES,
@@ -210,7 +212,7 @@ def detector_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit: 
     extra = {k: v for k, v in extra.items() if k in ULTRALYTICS_PREDICT}
     if extra:
         settings["ultralytics"] = extra
-    settings |= view_settings(run_dir, saved, "detect", DETECT_VIEW_KEYS, anchors)
+    settings |= view_settings(run_dir, saved, "detect", anchors)
     return Member("detect", run.name, dict(run.weights), settings), run.prepared.root
 
 
@@ -252,7 +254,7 @@ def check_detector(settings: dict, model: dict, folds: set, label: str) -> None:
             raise SiimError(f"{label}: ultralytics {key}={value!r}: expected {what}")
     if not settings.get("ultralytics"):
         settings.pop("ultralytics", None)
-    check_views(settings, DETECT_VIEW_KEYS, label)
+    check_views(settings, "detect", label)
 
 
 def check_lung(settings: dict, model: dict, folds: set, label: str) -> None:
@@ -278,7 +280,7 @@ CLASSIFY_SETTINGS = Document(
         Key("tta", "classify predict's tta (cfg/classify.yaml): on or off", classifier_tta),
         Key("weights", "the fold checkpoints packed: best | last", typed("classify", "weights")),
         Key("folds_id", "{fold: the fold fingerprint it trained on}", lambda v, label: v if isinstance(v, dict) else {}),
-        *view_keys("classify", CLASSIFY_VIEW_KEYS),
+        *view_keys("classify"),
     ),
     "a classifier's predict settings, as its run's predict made its pred_test tables",
     max_bytes=MAX_YAML_BYTES,
@@ -301,7 +303,7 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
     settings = {"imgsz": int(run_cfg["imgsz"]), "tta": saved.get("tta", pcfg.tta), "weights": chosen}
-    settings |= view_settings(run_dir, saved, "classify", CLASSIFY_VIEW_KEYS, anchors)
+    settings |= view_settings(run_dir, saved, "classify", anchors)
     return Member("classify", run_dir.name, weights_files, settings), prepared
 
 
@@ -324,7 +326,7 @@ KINDS = {  # the member kinds of the built-in families (their bundle_kind): the 
     ),
     "classify": Kind(
         "cls", CLASSIFY_SETTINGS, classifier_member, pack_classifier, lambda s: s["imgsz"], lambda s: s["imgsz"],
-        lambda settings, model, folds, label: check_views(settings, CLASSIFY_VIEW_KEYS, label),
+        lambda settings, model, folds, label: check_views(settings, "classify", label),
     ),
 }  # fmt: skip
 LUNG = Kind(LUNG_KIND, DETECT_SETTINGS, lung_member, pack_detector, lambda s: s["size"], lambda s: None, check_lung)

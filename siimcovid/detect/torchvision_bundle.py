@@ -54,7 +54,7 @@ def bundle_kind(cls):
     """The member kind of the torchvision family: DETECT_SETTINGS and detector_member as YOLO's (detect predict's
     load_run reads the run by its family), its own packing, checks and prediction."""
     from siimcovid import weights
-    from siimcovid.bundle.members import DETECT_SETTINGS, DETECT_VIEW_KEYS, Kind, check_views, detector_member
+    from siimcovid.bundle.members import DETECT_SETTINGS, Kind, check_views, detector_member
 
     def pack(src: Path, dst: Path, half: bool):
         from siimcovid.config import Config
@@ -67,7 +67,7 @@ def bundle_kind(cls):
         if folds - set(sizes) or any(sizes[k] != model["imgsz"] for k in folds):
             raise SiimError(f"{label}: imgsz {sizes} is not the model's {model['imgsz']} for every fold {sorted(folds)}")
         settings.pop("ultralytics", None)  # YOLO's predict arguments (agnostic_nms, classes): nothing to a torchvision model
-        check_views(settings, DETECT_VIEW_KEYS, label)
+        check_views(settings, "detect", label)
 
     def describe(desc, label: str) -> dict:
         if not isinstance(desc, dict) or desc.get("family") != cls.name:

@@ -86,7 +86,8 @@ def detector_family(cls, member, hw: Hardware, tta: bool, lungs: dict | None = N
 def detector_config(member, hw: Hardware, tta: bool):
     """The `detect predict` config of a detector member: its recorded predict settings, predict's runtime ones;
     crop=lung: its view settings (the boxes its views crop with: detector_family)."""
-    from siimcovid.bundle.members import DETECT_VIEW_KEYS, lung_of
+    from siimcovid.bundle.members import lung_of
+    from siimcovid.views import VIEW_KEYS
 
     s = member.settings
     settings = {
@@ -101,14 +102,15 @@ def detector_config(member, hw: Hardware, tta: bool):
         "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
     }
     if lung_of(s) is not None:
-        settings |= {"crop": "lung", **{k: s[k] for k in DETECT_VIEW_KEYS}}
+        settings |= {"crop": "lung", **{k: s[k] for k in VIEW_KEYS["detect"]}}
     return stage_config("detect", "predict", settings)
 
 
 def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
     """Every fold of a detector member (or a lung member) on every test image of `prepared`: tables.DETECTIONS
     (model = member name); lungs: {lung member name: its LungBoxes}, of which a member of crop=lung crops with its own."""
-    from siimcovid.detect.predict import Run
+    from siimcovid.bundle.members import lung_of
+    from siimcovid.detect.predict import Run, predict_run
     from siimcovid.engine.family import family_class
     from siimcovid.engine.folds import predict
 
@@ -122,7 +124,9 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
-    family = detector_family(family_class(run.family, "detect"), member, hw, tta, lungs)
+    if lung_of(s) is None:  # detect predict's own loop (which builds its family from the settings alone)
+        return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
+    family = detector_family(family_class(run.family, "detect"), member, hw, tta, lungs)  # the same, with the lung boxes
     return predict(family, run, run.weights, ["test"], family.cfg.device)["test"]
 
 
