@@ -1,6 +1,7 @@
-"""A bundle's detector levers on a folder of new DICOMs: a member of crop=lung carries its lung detector and `siimcovid
-predict` crops with it; two detector families (YOLO and torchvision's Faster R-CNN) fused, exported with
-`export pipeline=` (run.yaml's detect2) and predicted, each member's boxes those of its own `detect predict`.
+"""A bundle's detector levers on a folder of new DICOMs: a member of crop=lung (YOLO, torchvision, a classifier)
+carries its lung detector and `siimcovid predict` crops with it as the member's own predict did; two detector families
+(YOLO and torchvision's Faster R-CNN) fused, exported with `export pipeline=` (run.yaml's detect2) and predicted, each
+member's boxes those of its own `detect predict`.
 
 Tiny models on the 10-study synthetic root prepared with its lung boxes (test_lungs.lung_prepared, 2 folds, 64 px);
 the classifier every bundle needs is test_bundle's (random weights, no training). Predict reads the root's test DICOMs
