@@ -74,12 +74,12 @@ def crop_counts(member, lungs: dict, prepared: Prepared) -> dict[int, int]:
 
 def detector_family(cls, member, hw: Hardware, tta: bool, lungs: dict | None = None):
     """The family `cls` (a detect family) built for a detector member's predict (detector_config); crop=lung: with its
-    lung member's LungBoxes (of `lungs`) handed in as the boxes its views crop with. Family.lung_boxes reads a run's
-    once into `_lungs`; a bundle has no lung run on disk, so its boxes are put there instead (see request bundle-2)."""
+    lung member's LungBoxes (of `lungs`) handed in as the boxes its views crop with (Family.use_lungs: a bundle has no
+    lung run on disk)."""
     family = cls(detector_config(member, hw, tta))
     boxes = member_lungs(member, lungs)
     if boxes is not None:
-        family._lungs = boxes
+        family.use_lungs(boxes)
     return family
 
 
