@@ -34,6 +34,7 @@ from siimcovid import metrics, stages
 from siimcovid.config import Config, default_config_path, read_yaml, schema
 from siimcovid.data.siim import IMAGE_CSV
 from siimcovid.runs import quiet_csv, quiet_yaml
+from siimcovid.stages import SECOND, detector_names
 from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, check_name
 
@@ -116,18 +117,12 @@ def lung_boxes(cfg: Config, root: Path) -> dict:
     return {"lung_boxes": str(found)}
 
 
-LUNG, SECOND = "lung_detect", "detect2"  # run.yaml's sections of the lung detector (crop=lung) and of a second detector
+LUNG = "lung_detect"  # run.yaml's section of the lung detector (crop=lung); SECOND (detect2): stages.py's, with export
 
 
 def lung_name(cfg) -> str:
     """The run name of the pipeline's lung detector (crop=lung): <name>-lung."""
     return f"{cfg['name']}-lung"
-
-
-def detector_names(cfg) -> list[str]:
-    """The run names of the pipeline's opacity detectors: <name>, and <name>-<family> of a detect2 section."""
-    second = cfg.get(SECOND)
-    return [cfg["name"]] + ([f"{cfg['name']}-{second.get('family') or 'yolo'}"] if second else [])
 
 
 def crop_views(cfg, lung_dir: Path | None) -> dict:

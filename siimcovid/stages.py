@@ -118,3 +118,13 @@ def stage_config(name: str, mode: str | None, overrides) -> Config:
     if mode is not None:
         cfg["mode"] = mode
     return cfg
+
+
+SECOND = "detect2"  # run.yaml's section of a pipeline's second detector
+
+
+def detector_names(cfg) -> list[str]:
+    """The run names of a `siimcovid run` pipeline's opacity detectors (run.py trains them, export packs them): <name>,
+    and <name>-<family> of a detect2 section."""
+    second = cfg.get(SECOND)
+    return [cfg["name"]] + ([f"{cfg['name']}-{second.get('family') or 'yolo'}"] if second else [])

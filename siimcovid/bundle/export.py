@@ -52,14 +52,12 @@ def run_sources(cfg: Config, project: Path, anchors: list[Path]) -> Sources:
     run_yaml = project / stages.stage("run").folder / cfg.pipeline / "run.yaml"
     if not run_yaml.is_file():
         raise SiimError(f"export: {run_yaml} not found: pipeline=<name> names a `siimcovid run` under project={project}")
-    from siimcovid.run import detector_names
-
     folder = lambda stage, name=cfg.pipeline: project / stages.stage(stage).folder / name  # noqa: E731
     fuse = folder("fuse") / "fuse_test.yaml"  # the fusion of its submission: the `test` entry of its fusion.yaml
     if not fuse.is_file():
         raise SiimError(f"export: {fuse} not found: run {cfg.pipeline} has not written its submission (finish `siimcovid run`)")
     settings = read_yaml(run_yaml)
-    detect = [folder("detect", n) for n in detector_names({**settings, "name": cfg.pipeline})]  # detect2: a second one
+    detect = [folder("detect", n) for n in stages.detector_names({**settings, "name": cfg.pipeline})]  # detect2: a second one
     return Sources(cfg.pipeline, detect, [folder("classify")], fuse, settings, anchors)
 
 
