@@ -180,6 +180,39 @@ def test_mix_batch_moves_masks_with_the_pixels():
     assert torch.allclose(mix["mask"][0], torch.full((1, 32, 32), 255 * (1 - lam)))
 
 
+def test_mixup_stops_for_the_last_mixup_off_epochs_of_the_fold_across_its_waves(prepared, tmp_path):
+    from siimcovid.classify.train import check_config, mixes
+
+    cfg = tiny_cfg(prepared, tmp_path, mixup=0.5, epochs=3, fine_lr=[1e-4], fine_epochs=2, mixup_off_epochs=2)
+    assert [mixes(cfg, e) for e in range(1, 6)] == [True, True, True, False, False]  # epochs 4-5: the second wave
+    assert [mixes(tiny_cfg(prepared, tmp_path, mixup=0.5, epochs=3, fine_lr=[]), e) for e in (1, 3)] == [True, True]
+    assert not mixes(tiny_cfg(prepared, tmp_path, mixup=0.0, epochs=3), 1)
+    with pytest.raises(SiimError, match="mixup_off_epochs=5: the fold has 5 epochs, so none would mix"):
+        check_config(tiny_cfg(prepared, tmp_path, mixup=0.5, epochs=3, fine_lr=[1e-4], fine_epochs=2, mixup_off_epochs=5))
+
+
+@pytest.mark.slow
+def test_a_training_mixes_no_batch_in_its_mixup_off_epochs(prepared, tmp_path, monkeypatch):
+    from siimcovid.classify import train as T
+
+    mixed, epoch_now = [], [0]  # the epoch of each mixed batch
+    real, start = T.mix_batch, T.FoldTrainer.train_one_epoch
+
+    def counting(batch, *args, **kw):
+        mixed.append(epoch_now[0])
+        return real(batch, *args, **kw)
+
+    def remember(self, epoch, *a, **kw):
+        epoch_now[0] = epoch
+        return start(self, epoch, *a, **kw)
+
+    monkeypatch.setattr(T, "mix_batch", counting)
+
+    monkeypatch.setattr(T.FoldTrainer, "train_one_epoch", remember)
+    T.main(tiny_cfg(prepared, tmp_path, name="m", fold=0, epochs=3, fine_lr=[], mixup=1.0, mixup_off_epochs=1))
+    assert mixed and set(mixed) == {1, 2}  # every batch of epochs 1-2 mixed (mixup=1), none of epoch 3
+
+
 # ---------------------------------------------------------------- training runs
 
 

@@ -129,6 +129,13 @@ def default_callbacks() -> dict[str, list[Callable]]:
 # ---------------------------------------------------------------- settings and files
 
 
+def mixes(cfg, epoch: int) -> bool:
+    """Whether epoch `epoch` (1-based, over all waves) mixes batches: mixup > 0, and not one of the last
+    mixup_off_epochs epochs of the fold."""
+    total = sum(n for _, n, _ in wave_plan(cfg))
+    return cfg.mixup > 0 and epoch <= total - cfg.mixup_off_epochs
+
+
 def wave_plan(cfg) -> list[tuple[float, int, int]]:
     """[(lr, epochs, warmup_epochs)] per wave; later waves restart from the best checkpoint, no warmup."""
     waves = [(cfg.lr, cfg.epochs, cfg.warmup_epochs)]
@@ -140,6 +147,11 @@ def check_config(cfg) -> None:
     """What the settings' declared types and ranges cannot say: combinations, timm's model and optimizer names."""
     if cfg.mixup > 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         raise SiimError("mixup > 0 needs mixup_alpha > 0 or cutmix_alpha > 0")
+    total = sum(n for _, n, _ in wave_plan(cfg))
+    if cfg.mixup > 0 and cfg.mixup_off_epochs >= total:
+        raise SiimError(
+            f"mixup_off_epochs={cfg.mixup_off_epochs}: the fold has {total} epochs, so none would mix; give fewer or mixup=0"
+        )
     check_model_name(cfg.model)
     from timm.optim import list_optimizers
 
@@ -289,7 +301,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         self.train_model.train()
         self.sampler.set_epoch(epoch)
         sums, n, wait, t0 = {}, 0, 0.0, time.perf_counter()
-        mixing = cfg.mixup > 0
+        mixing = mixes(cfg, epoch)
         bar = tqdm(self.train_loader, desc=f"fold {self.fold} epoch {epoch}", unit="batch", disable=not d.is_main, leave=False)
         tw = time.perf_counter()
         for batch in bar:
