@@ -213,6 +213,32 @@ def test_a_training_mixes_no_batch_in_its_mixup_off_epochs(prepared, tmp_path, m
     assert mixed and set(mixed) == {1, 2}  # every batch of epochs 1-2 mixed (mixup=1), none of epoch 3
 
 
+@pytest.mark.slow
+def test_freeze_epochs_train_the_heads_only_then_everything(prepared, tmp_path, monkeypatch):
+    from siimcovid.classify import train as T
+
+    states, start = {}, T.FoldTrainer.train_one_epoch
+
+    def snapshot(self, epoch, *a, **kw):  # the model's tensors before and after each epoch
+        states[epoch, "before"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        out = start(self, epoch, *a, **kw)
+        states[epoch, "after"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return out
+
+    monkeypatch.setattr(T.FoldTrainer, "train_one_epoch", snapshot)
+    T.main(tiny_cfg(prepared, tmp_path, name="f", fold=0, epochs=2, fine_lr=[], freeze_epochs=1))
+
+    def changed(epoch, part):
+        a, b = states[epoch, "before"], states[epoch, "after"]
+        return [k for k in a if k.startswith(part) and a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+
+    assert changed(1, "backbone.") == []  # weights and batch-norm statistics as they were
+    assert changed(1, "study_head.") and changed(1, "mask_head.")
+    assert changed(2, "backbone.")  # from epoch 2 the backbone trains
+    with pytest.raises(SiimError, match="freeze_epochs=2: the fold has 2 epochs"):
+        T.check_config(tiny_cfg(prepared, tmp_path, epochs=2, fine_lr=[], freeze_epochs=2))
+
+
 # ---------------------------------------------------------------- training runs
 
 

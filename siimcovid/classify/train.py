@@ -148,6 +148,8 @@ def check_config(cfg) -> None:
     if cfg.mixup > 0 and cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
         raise SiimError("mixup > 0 needs mixup_alpha > 0 or cutmix_alpha > 0")
     total = sum(n for _, n, _ in wave_plan(cfg))
+    if cfg.freeze_epochs >= total:
+        raise SiimError(f"freeze_epochs={cfg.freeze_epochs}: the fold has {total} epochs, so the backbone would never train")
     if cfg.mixup > 0 and cfg.mixup_off_epochs >= total:
         raise SiimError(
             f"mixup_off_epochs={cfg.mixup_off_epochs}: the fold has {total} epochs, so none would mix; give fewer or mixup=0"
@@ -199,6 +201,9 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         self.train_model = self.model
         if d.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if cfg.freeze_epochs > 0:  # DDP's reducer waits for the gradients of every parameter it was built with
+                raise SiimError("freeze_epochs > 0 runs in one process only for now (not under torchrun): give freeze_epochs=0")
 
             self.train_model = DDP(self.model, device_ids=[self.device.index] if cuda else None)
             torch.manual_seed(cfg.seed + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
@@ -296,9 +301,20 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.model
 
+    def freeze_backbone(self, frozen: bool) -> None:
+        """freeze_epochs: the backbone without gradients and in eval mode (its batch-norm statistics kept), the heads
+        training; from the epoch after, everything trains."""
+        backbone = self.model.backbone
+        for p in backbone.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:
+            backbone.eval()
+
     def train_one_epoch(self, epoch: int, opt, sched, step: int) -> tuple[dict, int]:
         cfg, d = self.cfg, self.d
         self.train_model.train()
+        if cfg.freeze_epochs:
+            self.freeze_backbone(epoch <= cfg.freeze_epochs)
         self.sampler.set_epoch(epoch)
         sums, n, wait, t0 = {}, 0, 0.0, time.perf_counter()
         mixing = mixes(cfg, epoch)
