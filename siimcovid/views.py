@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from siimcovid.tables import BOX_COLUMNS, DETECTIONS
-from siimcovid.utils import SiimError
+from siimcovid.utils import SiimError, file_sha256
 
 Window = tuple[float, float, float, float]
 
@@ -153,11 +153,14 @@ class LungBoxes:
 
     tables: {split: table}; the `fold` column says which fold's lung model found the box. source: where they came from
     (messages). folds_id: the fold fingerprint of the lung run (must be the model's: the same folds, no leak).
+    oof_sha256: of the lung run's pred_oof.csv, what training crops come from (a run records it: a resume must not
+    crop its later folds with boxes predicted again since).
     """
 
     tables: dict[str, pd.DataFrame]
     source: str
     folds_id: str | None = None
+    oof_sha256: str | None = None
 
     @classmethod
     def of_run(cls, run_dir: str | Path) -> "LungBoxes":
@@ -179,7 +182,8 @@ class LungBoxes:
                 tables[split] = DETECTIONS.read(path)
         if not tables:
             raise SiimError(f"lung={run_dir} has no predictions: run `siimcovid detect predict run={run_dir}` first")
-        return cls(tables, str(run_dir), record.get("folds_id"))
+        oof = run_dir / "pred_oof.csv"
+        return cls(tables, str(run_dir), record.get("folds_id"), file_sha256(oof) if oof.is_file() else None)
 
     def own_fold_windows(self, meta: pd.DataFrame, train: pd.DataFrame, conf: float, margin: float) -> dict:
         """{image_id: window or None} of training rows (image_id, fold), each from the out-of-fold boxes of the image's

@@ -136,6 +136,13 @@ def test_yolo_trains_on_crops_and_predicts_both_views(prepared, tmp_path, monkey
     assert (oof.x_max <= meta.loc[oof.image_id, "cols"].to_numpy() + 1e-6).all()
     with pytest.raises(SiimError, match="needs lung="):
         cli.main(["detect", "predict", f"run={run}", "device=cpu", "crop=lung"])
+    # the lung run predicted again since (other boxes): the trained folds cropped with the old ones, so no resume
+    boxes = DETECTIONS.read(lung / "pred_oof.csv")
+    DETECTIONS.write(boxes.assign(conf=boxes.conf * 0.99), lung / "pred_oof.csv")
+    with pytest.raises(SiimError, match="was trained with lung_oof_sha256="):
+        cli.main(
+            ["detect", "train", f"data={prepared}", *TINY, f"project={tmp_path}", "name=crop", "fold=0", "crop=lung", "lung=lung"]
+        )
 
 
 def test_detect_views_map_each_views_boxes_back_to_original_pixels(prepared, tmp_path, monkeypatch):

@@ -187,7 +187,9 @@ def train(family: Family, callbacks: dict[str, Callable | list] | None = None) -
         data = family.open_data()
         resolve_inputs(family, data)
         family.check(data)
-        family.lung_boxes(data.folds_id)  # crop=lung: its lung run read and checked before anything is written
+        lungs = family.lung_boxes(data.folds_id)  # crop=lung: its lung run read and checked before anything is written
+        if lungs is not None and lungs.oof_sha256:  # what the training crops come from: a resume must crop with the same
+            data.learned["lung_oof_sha256"] = lungs.oof_sha256
         check_engine(family)
         cfg = family.cfg
         tracking = family.tracking()  # a tracking store that cannot be opened stops here, before anything is written
