@@ -24,6 +24,7 @@ The folder (its format is this list; its tables are declared in siimcovid/tables
     prepare.yaml                       layout: pseudo, source, teachers, teacher, folds_id, sizes, ext, leaky, rules
     teachers/                          the teachers' per-fold predictions on the source (reused on re-runs)
     boxes.csv                          tables.PSEUDO_BOXES: the kept boxes (original pixels)
+    copies.csv                         tables.COPIES: pool images left out as SIIM's own under other ids (dedup=drop)
     <size>/fold<k>/images/<id>.<ext>   hard link (else copy) of the source's prepared test image
     <size>/fold<k>/labels/<id>.txt     YOLO labels (boxes and negative images)
     <size>/fold<k>/masks/<id>.png      0/255 masks of those boxes (boxes and negative images)
@@ -63,6 +64,7 @@ from siimcovid.utils import LOGGER, SiimError, atomic_path, atomic_write_text
 ALL = -1  # the fold of the all-folds teacher's labels
 LEAK_WARNING = "teacher=all leaks into out-of-fold scores: use it only for the final test-time students"
 LABELS, BOXES, CONFIG = "labels.csv", "boxes.csv", "prepare.yaml"
+COPIES_CSV = "copies.csv"  # tables.COPIES: the pool images dedup=drop left out as SIIM's own
 RECORD, CACHE = "pseudo_files.yaml", "teachers"  # pseudo's record of the folder; the teachers' predictions
 
 
@@ -367,7 +369,35 @@ def definition(cfg: Config, det_dir: Path, cls_dir: Path, data: Prepared, source
         "ext": source.ext,
         "rules": rules,
         "predict": {"det_tta": cfg.det_tta, "cls_tta": cfg.cls_tta, "det_conf": cfg.det_conf, "reuse": cfg.reuse},
+        "dedup": {"mode": cfg.dedup, "distance": cfg.dedup_distance},
     }
+
+
+def without_copies(cfg: Config, source: Prepared, data: Prepared, pool: pd.DataFrame, sizes: list[int], written: Written):
+    """The pool less its images whose pixels are a SIIM train or test image's (siimcovid.data.dedup): the SIIM data
+    was drawn from the public sets, so a pool holds SIIM's own images under other ids. dedup=drop leaves them out and
+    lists them in copies.csv, refuse raises naming them, keep (and a pool that is the data's own test split) passes."""
+    out = written.folder / COPIES_CSV
+    if cfg.dedup == "keep" or source.root.resolve() == data.root.resolve():
+        written.remove(out)
+        return pool
+    from siimcovid.data.dedup import siim_copies
+    from siimcovid.tables import COPIES
+
+    copies = siim_copies(source, data, min(sizes), cfg.dedup_distance)
+    pairs = ", ".join(f"{r.image_id} = {r.siim_split} {r.siim_image_id} ({r.distance} bits)" for r in copies.head(3).itertuples())
+    if cfg.dedup == "refuse" and len(copies):
+        raise SiimError(
+            f"{source.root}: {len(copies)} pool images are SIIM images of {data.root} under other ids (perceptual hash "
+            f"within dedup_distance={cfg.dedup_distance} bits), e.g. {pairs}; dedup=drop leaves them out"
+        )
+    written.claim(out)
+    COPIES.write(copies, out)
+    if len(copies):
+        LOGGER.warning(f"pseudo: left out {len(copies)} of {len(pool)} pool images, SIIM's own ({out}), e.g. {pairs}")
+    else:
+        LOGGER.info(f"pseudo: no pool image is a SIIM image's copy (dedup_distance={cfg.dedup_distance}; {out})")
+    return pool[~pool.image_id.isin(copies.image_id)].reset_index(drop=True)
 
 
 def teacher_labels(cfg, det_dir: Path, cls_dir: Path, source: Prepared, pool: pd.DataFrame, written: Written):
@@ -399,6 +429,7 @@ def pseudo(cfg: Config) -> Path:
         return out
     teachers = ("source", "teacher_det", "teacher_cls", "teacher_weights", "predict")
     claim_cache(written, {k: record[k] for k in teachers})
+    pool = without_copies(cfg, source, data, pool, sizes, written)
     labels, boxes = teacher_labels(cfg, det_dir, cls_dir, source, pool, written)
     written.claim(out / CONFIG)
     atomic_write_text(out / CONFIG, yaml.safe_dump(record, sort_keys=False))

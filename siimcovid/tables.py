@@ -37,6 +37,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | CLASSIFIER_FOLDS | classify predict per_fold=true | runs/classify/<name>/pred_test_image_folds.csv | pseudo |
 | PSEUDO_LABELS | pseudo | runs/pseudo/<name>/labels.csv | extra training data (siimcovid.data.extra.ExtraData) |
 | PSEUDO_BOXES | pseudo | runs/pseudo/<name>/boxes.csv | people (the boxes are also the folder's YOLO labels) |
+| COPIES | pseudo (dedup=drop) | runs/pseudo/<name>/copies.csv | people (the pool images left out as SIIM's own) |
 | PREDICTED_STUDIES / PREDICTED_IMAGES / PREDICTED_BOXES | predict | <out>/{studies,images,boxes}.csv | people |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
@@ -650,6 +651,21 @@ PSEUDO_BOXES = Table(
     ),
     "The confident teacher boxes written as pseudo-labels, one row per box.",
     checks=(_not_empty("image_id"), _boxes_ordered),
+)
+
+COPIES = Table(
+    "copies",
+    "runs/pseudo/<name>/copies.csv",
+    (
+        Column("image_id", TEXT, "the pool image (its id in the source's prepared folder) that is a SIIM image's copy"),
+        Column("siim_image_id", TEXT, "the SIIM image it matches (the nearest perceptual hash)"),
+        Column("siim_split", TEXT, "train | test: the SIIM split of that image"),
+        Column("distance", INT, "the Hamming distance of their 64-bit perceptual hashes (<= dedup_distance)", lo=0, hi=64),
+    ),
+    "The pool images `siimcovid pseudo` left out (dedup=drop) as SIIM's own under another id (siimcovid.data.dedup), "
+    "one row per image; written even when empty.",
+    checks=(_not_empty("image_id", "siim_image_id"),),
+    key=("image_id",),
 )
 
 

@@ -104,6 +104,7 @@ def test_which_contracts_have_a_key():
         "SCORES": ("fold", "model"),
         "CLASSIFIER_FOLDS": ("image_id", "fold", "model"),
         "PSEUDO_LABELS": ("image_id", "fold"),
+        "COPIES": ("image_id",),
         "PREDICTED_STUDIES": ("study_id",),
         "PREDICTED_IMAGES": ("image_id",),
     }

@@ -14,6 +14,7 @@ Modules:
     external.py        rsna_layout(...), csv_layout(...): the layouts rsna and csv (external labelled sets)
     folder.py          folder_layout(...): the layout folder (any tree of DICOMs or images, unlabelled)
     extra.py           ExtraData(root), extra_roots(...): extra training data (external sets, pseudo-labels) per fold
+    dedup.py           image_hash(path), find_copies(...), siim_copies(...): pool images that are SIIM's own (perceptual hash)
     prepared.py        Prepared(dir): read access to a prepared folder; select_folds(...) (THE fold=all|k|list parser)
     truth.py           THE ground truth (unclipped CSV boxes): load_truth, truth_rows, oof_images, oof_truth
     dicom.py           DICOM -> 8-bit image: dicom_to_uint8(...), read_header(...)
@@ -28,6 +29,7 @@ Modules:
 __all__ = [
     "boxes",
     "convert",
+    "dedup",
     "dicom",
     "external",
     "extra",
