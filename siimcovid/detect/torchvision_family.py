@@ -43,6 +43,7 @@ import pandas as pd
 from siimcovid.detect.torchvision_model import ARCHS, DESCRIPTION_KEYS, NUM_CLASSES, build, new_predictor  # noqa: F401
 from siimcovid.engine.family import Family, FoldData, FoldFiles, FoldView, Job, register_family
 from siimcovid.utils import LOGGER, SiimError
+from siimcovid.views import hflip_boxes, read_gray
 
 # The Ultralytics settings this family reads, in the same meaning (their defaults: Ultralytics' DEFAULT_CFG_DICT)
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "optimizer", "warmup_epochs", "amp", "seed", "fliplr")
@@ -69,11 +70,6 @@ class Detector:
     imgsz: int
     device: Any
     half: bool = False
-
-
-def flip_back(boxes: np.ndarray, width: float) -> np.ndarray:
-    """x1y1x2y2 boxes found on a left-right flipped image -> on the image (x -> width - x, the corners swapped)."""
-    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1).reshape(-1, 4)
 
 
 @register_family("torchvision")
@@ -243,7 +239,7 @@ class TorchvisionFamily(Family):
             for i, array in enumerate(chunk):
                 sets = [boxes_of(found[v][i], side) for v in range(len(views))]
                 if tta:
-                    sets[1][:, :4] = flip_back(sets[1][:, :4], side)
+                    sets[1][:, :4] = hflip_boxes(sets[1][:, :4], side)
                     fused, conf = wbf_image([s[:, :4] / side for s in sets], [s[:, 4] for s in sets],
                                             iou_thr=cfg.get("iou", 0.5), skip_box_thr=cfg.get("conf", 0.001))  # fmt: skip
                     boxes = np.hstack([fused * side, conf[:, None]])
@@ -279,7 +275,7 @@ class TorchvisionFamily(Family):
         meta, frames = run.prepared.meta.set_index("image_id"), []
         for start in range(0, len(image_ids), 64):  # a few images in memory at a time
             chunk = image_ids[start : start + 64]
-            arrays = [read_prepared(run.prepared, i, split, run.size) for i in chunk]
+            arrays = [read_gray(run.prepared.image_path(i, split, run.size)) for i in chunk]
             for image_id, boxes in zip(chunk, self.detect_arrays(model, arrays, tta)):
                 rows, cols = int(meta.at[image_id, "rows"]), int(meta.at[image_id, "cols"])
                 frames.append(to_original(boxes, run.size, rows, cols).assign(image_id=image_id))
@@ -343,13 +339,3 @@ def to_original(boxes: np.ndarray, size: int, rows: int, cols: int) -> pd.DataFr
     frame = pd.DataFrame(xyxy, columns=BOX_COLUMNS)
     frame["conf"] = boxes[:, 4]
     return frame
-
-
-def read_prepared(prepared, image_id: str, split: str, size: int) -> np.ndarray:
-    import cv2
-
-    path = prepared.image_path(image_id, split, size)
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
-    if image is None:
-        raise SiimError(f"{path}: a prepared image missing or unreadable: re-run `siimcovid prepare`")
-    return image
