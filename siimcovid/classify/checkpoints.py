@@ -111,6 +111,7 @@ class Checkpoints:
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
+            "swa": self.swa_state(),  # the SWA average so far and its n_averaged (siimcovid.classify.swa)
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "wave": wave,
             "wave_epoch": wave_epoch,

@@ -98,10 +98,12 @@ from siimcovid.classify.dist import Dist
 from siimcovid.classify.files import FILES, VAL_IMAGES
 from siimcovid.classify.model import StudyLoss, build_model, check_model_name, init_from, model_cfg
 from siimcovid.classify.optim import Optimisation
+from siimcovid.classify.swa import FoldSWA
 from siimcovid.config import default_name
 from siimcovid.data.extra import TARGETS, ExtraData
 from siimcovid.data.prepared import Prepared
 from siimcovid.engine.events import EVENTS, Events
+from siimcovid.engine.swa import SWA, check_swa
 from siimcovid.rundir import fold_dir
 from siimcovid.tables import CLASSIFIER_IMAGES, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError
@@ -154,6 +156,7 @@ def check_config(cfg) -> None:
         raise SiimError(
             f"mixup_off_epochs={cfg.mixup_off_epochs}: the fold has {total} epochs, so none would mix; give fewer or mixup=0"
         )
+    check_swa(cfg, total, wave_plan(cfg)[-1][1])  # swa_epochs: in the last wave
     check_model_name(cfg.model)
     from timm.optim import list_optimizers
 
@@ -165,7 +168,7 @@ def check_config(cfg) -> None:
         raise SiimError(f"optimizer={cfg.optimizer}: not a timm optimizer{hint}")
 
 
-class FoldTrainer(Events, Optimisation, Checkpoints):
+class FoldTrainer(Events, Optimisation, Checkpoints, FoldSWA):
     """Everything one fold of a study classifier needs; `run()` trains it (or resumes it) to the end.
     Multi-label pretraining is a subclass (siimcovid.classify.pretrain.LabelTrainer)."""
 
@@ -209,6 +212,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
             torch.manual_seed(cfg.seed + d.rank)  # weights are equal now; dropout / drop-path masks differ per rank
         self.loss_fn = self.new_loss()
         self.ema = None
+        self.swa, self.final_model = SWA.of(cfg, sum(n for _, n, _ in wave_plan(cfg))), None  # SWA (classify.swa)
         self.rng = np.random.default_rng(cfg.seed + d.rank)
 
     def is_better(self, stats: dict) -> bool:
@@ -299,6 +303,8 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         self.val_crop_loader = self.crop_val_loader(kw)
 
     def eval_model(self):
+        if self.final_model is not None:  # the SWA weights at the fold's end
+            return self.final_model
         return self.ema.module if self.ema is not None else self.model
 
     def freeze_backbone(self, frozen: bool) -> None:
@@ -400,7 +406,8 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         t0 = time.perf_counter()
         self.epoch = epoch
         self.run_callbacks("on_train_epoch_start")
-        train_stats, step = self.train_one_epoch(epoch, opt, sched, step)
+        train_stats, step = self.train_one_epoch(epoch, opt, self.swa_sched(opt, sched, epoch), step)
+        self.swa_update(epoch)
         self.run_callbacks("on_train_epoch_end")
         val_stats, images = self.validate()
         new_best = self.is_better({**train_stats, **val_stats}) or self.best["epoch"] == 0
@@ -444,6 +451,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
         offsets = np.cumsum([0] + [w[1] for w in waves])
         state = self.load_resume_state()
         self.new_ema()
+        self.swa_resume(state)
         self.run_callbacks("on_train_start")
         for wave, (lr, n_epochs, warmup) in enumerate(waves):
             if state is not None and wave < state["wave"]:
@@ -460,6 +468,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
             state = None
             for wave_epoch in range(start, n_epochs):
                 step = self.fit_epoch(int(offsets[wave]) + wave_epoch + 1, wave, wave_epoch, opt, sched, step)
+        self.swa_finish(int(offsets[-1]), len(waves) - 1)
         return self.finish(int(offsets[-1]))
 
     def finish(self, epochs: int) -> dict:
@@ -470,6 +479,7 @@ class FoldTrainer(Events, Optimisation, Checkpoints):
             "best_epoch": self.best["epoch"],
             "best_wave": self.best["wave"],
             "epochs": epochs,
+            **self.swa_summary(),
         }
         if self.d.is_main:
             FILES.write_done(self.dir, summary)
