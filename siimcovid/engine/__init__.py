@@ -9,6 +9,7 @@ Modules:
     devices.py   parse(device) -> Devices: the one reading of `device=` for every stage and family
     events.py    Events, merge(...): the training events (on_train_start, ..., is_better) every family calls
     tracking.py  tracking_callbacks(tracking, uri): TensorBoard / MLflow, registered under the kind "callback"
+    swa.py       SWA, check_swa(cfg, total): SWA of a fold's last epochs (swa_epochs, swa_lr) for every family
 """
 
-__all__ = ["devices", "events", "family", "folds", "tracking"]
+__all__ = ["devices", "events", "family", "folds", "swa", "tracking"]
