@@ -26,6 +26,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | DETECTIONS | detect predict (or any detector) | runs/detect/<name>/pred_{oof,test}.csv | fuse |
 | CLASSIFIER_IMAGES | classify predict | runs/classify/<name>/pred_{oof,test}_image.csv | fuse, classify ensembles |
 | CLASSIFIER_STUDIES | classify predict | runs/classify/<name>/pred_{oof,test}_study.csv | classify ensembles |
+| NONE_IMAGES | classify predict of a task=none run | runs/classify/<name>/pred_{oof,test}_none.csv | fuse (none_cls=) |
 | PREDICTIONS | fuse | runs/fuse/<name>/pred_{oof,test}.csv | report, evaluate (as the metric's rows) |
 | FUSED_IMAGES / FUSED_STUDIES / FUSED_BOXES | fuse | runs/fuse/<name>/{images,studies,boxes}_<split>.csv | people, report |
 | SUBMISSION | fuse, predict | submission.csv, oof_submission.csv | evaluate, Kaggle |
@@ -435,6 +436,23 @@ CLASSIFIER_STUDIES = Table(
     key=("study_id", "fold", "model"),
 )
 
+NONE_IMAGES = Table(
+    "none images",
+    "runs/classify/<name>/pred_{oof,test}_none.csv",
+    (
+        Column("model", TEXT, "run name of the none model (fusion weights and bundle members key on it)", required=False),
+        Column("image_id", TEXT, "SOP instance UID, without _image"),
+        Column("study_id", TEXT, "StudyInstanceUID (checked against the prepared data when present)", required=False),
+        Column("fold", INT, "oof: the fold the image was held out in; test: -1", required=False),
+        Column("none", FLOAT, "P(image has no opacity box) of a binary none model (classify task=none)", lo=0.0, hi=1.0),
+    ),
+    "One row per image and fold model of a binary none model (`classify train task=none`): what `siimcovid fuse "
+    "none_cls=` blends with the classifiers' none (none_model_weight). Rows of one image from several folds are "
+    "averaged by fusion; two rows of one image, fold and model are an error.",
+    checks=(_not_empty("image_id"),),
+    key=("image_id", "fold", "model"),
+)
+
 PREDICTIONS = Table(
     "predictions",
     "runs/fuse/<name>/pred_{oof,test}.csv",
@@ -468,8 +486,9 @@ FUSED_IMAGES = Table(
         Column("rows", INT, "original height"),
         Column("cols", INT, "original width"),
         Column("n_boxes", INT, "fused boxes"),
-        Column("none_cls", FLOAT, "the classifiers' none (empty without classifier files)", nullable=True),
+        Column("none_cls", FLOAT, "the classifiers' none, the none models' blended in (empty without either)", nullable=True),
         Column("none_det", FLOAT, "the detectors' none (empty without detection files)", nullable=True),
+        Column("none_model", FLOAT, "the none models' none (fuse none_cls=; empty without)", required=False, nullable=True),
         Column("none", FLOAT, "the none written"),
     ),
     key=("image_id",),

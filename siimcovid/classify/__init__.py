@@ -10,6 +10,8 @@ Modules:
     family.py       TimmFamily, TimmLabelsFamily: the timm study classifier as model families timm, timm-labels
     files.py        FILES: the run folder's and each fold folder's files, declared once
     pretrain.py     LabelTrainer: multi-label pretraining on an external labelled set (the family timm-labels)
+    none.py         task=none, the binary none model: check_task, none_ap, its predict table (tables.NONE_IMAGES)
+    none_trainer.py NoneTrainer, none_ap_improved, report_oof_none: its fold trainer (best.pt by AP(none))
     optim.py        a fold's optimisation: the fp16 loss scaler, the weight EMA, a wave's optimizer and scheduler
     checkpoints.py  a fold's checkpoints and log: what last.pt holds to resume, best.pt's keys, results.csv
     model.py        build_model(...), StudyNet, StudyLoss (CE + none BCE + mask BCE/Dice), probabilities(...)
@@ -18,4 +20,7 @@ Modules:
     summary.py      describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
 """
 
-__all__ = ["checkpoints", "data", "dist", "family", "files", "model", "optim", "predict", "pretrain", "summary", "train"]
+__all__ = [
+    "checkpoints", "data", "dist", "family", "files", "model", "none", "none_trainer", "optim", "predict", "pretrain",
+    "summary", "train",
+]  # fmt: skip

@@ -63,6 +63,8 @@ def plot_log(log: pd.DataFrame, path: Path) -> None:
         axes[0].plot(log.epoch, log[col], marker=".", label=col)
     axes[0].set_title("loss")
     metric, title = ("val_auc", "mean ROC AUC") if "val_auc" in log else ("val_map", "study mAP")
+    if "val_none_ap" in log:  # a binary none model (task=none): its checkpoint score
+        metric, title = "val_none_ap", "AP(none)"
     axes[1].plot(log.epoch, log[metric], marker="o", label=f"val {title}")
     best = log[log.best.astype(bool)]
     axes[1].scatter(best.epoch, best[metric], color="red", zorder=3, label="new best")
@@ -109,9 +111,9 @@ class Checkpoints:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "swa": self.swa_state(),  # the SWA average so far and its n_averaged (siimcovid.classify.swa)
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "swa": self.swa_state(),  # the SWA average so far and its n_averaged (siimcovid.classify.swa)
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "wave": wave,
             "wave_epoch": wave_epoch,

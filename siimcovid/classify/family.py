@@ -82,7 +82,9 @@ class TimmFamily(Family):
 
     def check(self, data: FoldData) -> None:
         from siimcovid.classify.data import check_files
+        from siimcovid.classify.none import check_task
 
+        check_task(self.cfg, self.labels())  # task=none: the binary none model (siimcovid.classify.none)
         prep = self.prep
         masks = not self.labels() or bool((prep.meta.n_boxes > 0).any())
         check_files(prep, prep.split("train").assign(split="train"), self.size, masks=masks)
@@ -102,12 +104,16 @@ class TimmFamily(Family):
 
     def callbacks(self, data: FoldData) -> dict:
         """extra=: the extra folders' images join each fold's training data (on_train_data)."""
+        from siimcovid.classify.none import is_none_task
+        from siimcovid.classify.none_trainer import none_ap_improved
         from siimcovid.classify.train import extra_data_hook
         from siimcovid.data.extra import open_extra
 
+        hooks = {"is_better": [none_ap_improved]} if is_none_task(self.cfg) else {}  # task=none: best.pt by AP(none)
         if not self.cfg.extra:
-            return {}
-        return {"on_train_data": [extra_data_hook(self.cfg, open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds))]}
+            return hooks
+        extras = open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds)
+        return hooks | {"on_train_data": [extra_data_hook(self.cfg, extras)]}
 
     def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
         self.saved = self.run_config(data)
@@ -122,9 +128,11 @@ class TimmFamily(Family):
         return task
 
     def trainer_class(self):
+        from siimcovid.classify.none import is_none_task
+        from siimcovid.classify.none_trainer import NoneTrainer
         from siimcovid.classify.train import FoldTrainer
 
-        return FoldTrainer
+        return NoneTrainer if is_none_task(self.cfg) else FoldTrainer
 
     def train_fold(self, job: Job) -> dict:
         folder, d = job.folder, self.d
@@ -132,10 +140,12 @@ class TimmFamily(Family):
         return self.trainer_class()(self.saved, self.prep, job.fold, self.size, folder, d, job.callbacks, init).run()
 
     def report(self, run_dir: Path, data: FoldData, results: dict) -> None:
+        from siimcovid.classify.none import is_none_task
+        from siimcovid.classify.none_trainer import report_oof_none
         from siimcovid.classify.train import report_oof
 
         if self.d.is_main:
-            report_oof(self.prep, run_dir)
+            (report_oof_none if is_none_task(self.cfg) else report_oof)(self.prep, run_dir)
 
     # ---------------------------------------------------------------- prediction (siimcovid.classify.predict.Source)
 

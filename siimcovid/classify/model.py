@@ -275,15 +275,18 @@ class MaskLoss(nn.Module):
 
 
 class StudyLoss(MaskLoss):
-    """CE(study) + none_weight * BCE(none) + mask_weight * (mask_bce * BCE + mask_dice * Dice)."""
+    """study_weight * CE(study) + none_weight * BCE(none) + mask_weight * (mask_bce * BCE + mask_dice * Dice).
 
-    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0, label_smoothing=0.0):
+    study_weight 0: task=none, a binary none model (the study head's CE still computed and logged, not learned)."""
+
+    def __init__(self, mask_weight=4.0, mask_bce=0.6, mask_dice=0.4, none_weight=1.0, label_smoothing=0.0, study_weight=1.0):
         super().__init__(mask_weight, mask_bce, mask_dice)
-        self.none_weight, self.label_smoothing = none_weight, label_smoothing
+        self.none_weight, self.label_smoothing, self.study_weight = none_weight, label_smoothing, study_weight
 
     @classmethod
     def from_cfg(cls, cfg) -> "StudyLoss":
-        return cls(cfg.mask_weight, cfg.mask_bce, cfg.mask_dice, cfg.none_weight, cfg.label_smoothing)
+        study = 0.0 if (cfg.get("task") or "study") == "none" else 1.0
+        return cls(cfg.mask_weight, cfg.mask_bce, cfg.mask_dice, cfg.none_weight, cfg.label_smoothing, study)
 
     def forward(self, out: dict, study: torch.Tensor, none: torch.Tensor, mask: torch.Tensor, has_mask=None) -> dict:
         """study: (N,) class indices or (N,4) soft targets; none: (N,) in [0,1]; mask: (N,1,H,W) box masks.
@@ -299,7 +302,7 @@ class StudyLoss(MaskLoss):
             logits, zero = out["none"], parts["cls"].new_zeros(())
             parts["none"] = F.binary_cross_entropy_with_logits(logits.float(), none.float()) if logits is not None else zero
             parts["mask"] = self.mask_part(out, mask)
-        parts["loss"] = parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
+        parts["loss"] = self.study_weight * parts["cls"] + self.none_weight * parts["none"] + self.mask_weight * parts["mask"]
         return parts
 
 

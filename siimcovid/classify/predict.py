@@ -147,6 +147,27 @@ def write_tables(out_dir: Path, split: str, images: pd.DataFrame, studies: pd.Da
     return CLASSIFIER_IMAGES.write(images, image_path), CLASSIFIER_STUDIES.write(studies, study_path)
 
 
+def run_table_paths(out_dir: Path, split: str) -> dict[str, Path]:
+    """{split: image table, "<split>_study": study table} of a run or an ensemble; a none model (task=none):
+    {split: its none table} (tables.NONE_IMAGES, siimcovid.classify.none)."""
+    from siimcovid.classify.none import is_none_run, none_path
+
+    if is_none_run(out_dir):
+        return {split: none_path(out_dir, split)}
+    return dict(zip((split, f"{split}_study"), table_paths(out_dir, split)))
+
+
+def write_run_tables(run_dir: Path, split: str, images: pd.DataFrame, studies: pd.DataFrame) -> None:
+    """A run's tables of a split (write_tables); a none model's: its none table alone (its study head learned nothing)."""
+    from siimcovid.classify.none import is_none_run, none_path, none_table
+    from siimcovid.tables import NONE_IMAGES
+
+    if is_none_run(run_dir):
+        NONE_IMAGES.write(none_table(images), none_path(run_dir, split))
+    else:
+        write_tables(run_dir, split, images, studies)
+
+
 # ---------------------------------------------------------------- views (crop=lung)
 
 VIEW_FUSIONS = ("mean", "gmean")  # cfg/classify.yaml view_fusion
@@ -572,11 +593,13 @@ def main(cfg) -> dict[str, dict[str, Path]]:
 
     Returns, per run (and ensemble) folder name, the files written: {split: image table,
     "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
+    from siimcovid.classify.none import refuse_none_runs
     from siimcovid.engine.devices import torch_device
 
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
+    refuse_none_runs(runs, cfg.per_fold)  # task=none: predicted alone, its own table (siimcovid.classify.none)
     device = torch_device(cfg.device)
     if len(runs) > 1:  # before any prediction: a user's file in the way stops it at once
         open_ensemble_dir(cfg, runs)
@@ -584,10 +607,10 @@ def main(cfg) -> dict[str, dict[str, Path]]:
     for split in as_list(cfg.split):
         for run_dir, images, studies in split_tables(cfg, runs, split, device):
             files = written.setdefault(run_dir.name, {})
-            files[split], files[f"{split}_study"] = table_paths(run_dir, split)
+            files.update(run_table_paths(run_dir, split))
             if split == "oof":
                 files["scores"] = write_scores(cfg, run_dir, runs, images, studies)
-            LOGGER.info(f"{run_dir.name}: wrote {files[split]} and {files[f'{split}_study'].name}")
+            LOGGER.info(f"{run_dir.name}: wrote {', '.join(str(files[k]) for k in run_table_paths(run_dir, split))}")
     return written
 
 
@@ -608,7 +631,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
                 LOGGER.info(f"{run_dir.name}: wrote each fold model's test predictions to {folds_path(run_dir)}")
             else:
                 images, studies = predict_run(run_dir, split, *how, **views)
-            write_tables(run_dir, split, images, studies)
+            write_run_tables(run_dir, split, images, studies)
             if not cfg.source and split == "test":  # what made the run's test tables: `siimcovid export` packs these
                 saved = {"tta": cfg.tta, "weights": cfg.weights} | view_record(cfg, "classify")
                 rundir.save_predict_settings(run_dir, saved)
@@ -624,10 +647,12 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
 
 def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, studies: pd.DataFrame) -> Path:
     """scores_oof.csv of a run's (or an ensemble's) OOF tables (full precision, as every stage writes it)."""
+    from siimcovid.classify.none import is_none_run, none_scores
     from siimcovid.data.prepared import Prepared
 
     prep = Prepared(cfg.source or run_data(run_dir, runs))
-    table = oof_scores(prep, images, studies).assign(model=run_dir.name, tta=view(cfg.tta), weights=cfg.weights)
+    scores = none_scores(prep, images) if is_none_run(run_dir) else oof_scores(prep, images, studies)  # task=none: AP(none)
+    table = scores.assign(model=run_dir.name, tta=view(cfg.tta), weights=cfg.weights)
     path = SCORES.write(table, run_dir / "scores_oof.csv")
     overall = table.iloc[0]
     LOGGER.info(

@@ -19,13 +19,17 @@ def describe(run: Path) -> dict | None:
         return None
     scores = overall_scores(run)
     study_map, none_ap = score(scores, "study_map"), score(scores, "none")
+    task = "task=none " if (cfg.get("task") or "study") == "none" else ""  # a none model: scored on AP(none) alone
+    cv = "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}"
+    if task:
+        cv = "" if math.isnan(none_ap) else f"AP(none) {none_ap:.4f} (none model)"
     return {
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(sorted(fold_files(run, FILES.done))),
-        "settings": pretraining(cfg) + settings_text(cfg, SETTINGS) + trained_on(cfg),
-        "cv_value": study_map,
-        "cv": "" if math.isnan(study_map) else f"study mAP {study_map:.4f}, AP(none) {none_ap:.4f}",
+        "settings": pretraining(cfg) + task + settings_text(cfg, SETTINGS) + trained_on(cfg),
+        "cv_value": none_ap if task else study_map,
+        "cv": cv,
     }
 
 

@@ -15,6 +15,9 @@ tuned on out-of-fold predictions. Why each exists:
   a = 0 leaves the detector's confidences alone, larger a trusts the image-level none more.
 * Study "negative" and image "none" are nearly the same label (a negative study has no boxes),
   so the study's negative can borrow from the mean none of its images.
+* A binary none model (`classify train task=none`, fuse none_cls=) learns that one label alone; its none joins the
+  classifiers' on the classifier side (none_with_model) before the blend with the detector's.
+  4th place: none = p_neg^0.8 x (1 - p_opacity)^0.2 = none_model_weight=1 none_blend=geometric none_det=max none_cls_weight=0.8.
 
 The choices of `none_det` and `none_blend` are functions registered here under those kinds
 (`siimcovid.registry`): adding one is one registered function, and the settings' checks list
@@ -67,6 +70,12 @@ def none_from_classifier(negative, none=None):
     P(negative) is a fair stand-in (negative studies have no boxes) but not the same thing:
     images of positive studies can be empty too (often a study's second, duplicate image)."""
     return np.asarray(negative if none is None else none, dtype=np.float64)
+
+
+def none_with_model(none_cls, none_model, w: float) -> np.ndarray:
+    """The classifier side's none with a binary none model's: (1 - w) * none_cls + w * none_model. w = 1: the none
+    model alone (what the 4th place blended with the detector); w = 0: the classifiers alone."""
+    return (1.0 - w) * np.asarray(none_cls, dtype=np.float64) + w * np.asarray(none_model, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- none_blend: classifier + detector

@@ -17,6 +17,9 @@ and, where there is one, the line):
   (image, fold, model) are an error naming both lines (the contract's key). `none` is P(image has
   no opacity) from a none head. Study probabilities are computed by fusion, as the mean over the
   study's images (a study-level file is not accepted: it has no none).
+* none model rows (none_cls=, the contract `siimcovid.tables.NONE_IMAGES` of a binary none model, `classify train
+  task=none`: pred_<split>_none.csv) are checked as classifier rows are (the split's images, their prepared study where
+  the file has study_id, out of fold the image's fold) and averaged per image; a file without a row is refused.
 
 The prepared dir (data=) gives each image's original rows / cols, its study, its fold and, out of
 fold, the truth (siimcovid.data.truth: the unclipped boxes of the original CSVs when reachable).
@@ -38,7 +41,7 @@ from siimcovid.data.siim import SAMPLE_SUBMISSION, read_sample_submission
 from siimcovid.data.truth import oof_truth
 from siimcovid.fuse.record import input_entry
 from siimcovid.metrics import class_priors
-from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, STUDY_CLASSES, file_lines, first_bad
+from siimcovid.tables import BOX_COLUMNS, CLASSIFIER_IMAGES, DETECTIONS, NONE_IMAGES, STUDY_CLASSES, file_lines, first_bad
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list
 
 DET_COLUMNS = DETECTIONS.required  # image_id, model, fold, x_min, y_min, x_max, y_max, conf
@@ -62,7 +65,9 @@ class FuseInputs:
     truth: pd.DataFrame | None = None  # metric truth rows (oof)
     sample: Path | None = None  # sample_submission.csv (test)
     data: Path | None = None
-    files: dict[str, list[dict]] = field(default_factory=dict)  # {"det" | "cls": [the record's entry of each file]}
+    files: dict[str, list[dict]] = field(default_factory=dict)  # {"det" | "cls" | "none_cls": [the record's entry of each file]}
+    none_members: list[np.ndarray] = field(default_factory=list)  # per none_cls file, aligned with images: its none
+    none_files: list[str] = field(default_factory=list)
 
     @property
     def n_sets(self) -> int:
@@ -79,6 +84,17 @@ def read_detections(path: str | Path) -> pd.DataFrame:
     return out
 
 
+def check_models_folds(df: pd.DataFrame, path: Path, fold_of: dict | None, models: list | None) -> None:
+    """models: filled with the file's `model` names; fold_of (out of fold): a `fold` column must be the image's fold."""
+    if models is not None and "model" in df.columns:
+        models.extend(dict.fromkeys(df["model"]))
+    if fold_of is not None and "fold" in df.columns:
+        wrong = df["image_id"].isin(fold_of) & (df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy())
+        first_bad(
+            wrong, path, "predicted by another fold's model than the image's fold: not out-of-fold (a test file? split=test)"
+        )
+
+
 def read_classifier(path: str | Path, fold_of: dict | None = None, models: list | None = None) -> pd.DataFrame:
     """One classifier file (tables.CLASSIFIER_IMAGES), checked, averaged per image:
     image_id, study_id, 4 classes, none (NaN if absent).
@@ -88,17 +104,24 @@ def read_classifier(path: str | Path, fold_of: dict | None = None, models: list 
     """
     path = Path(path)
     df = CLASSIFIER_IMAGES.read(path)
-    if models is not None and "model" in df.columns:
-        models.extend(dict.fromkeys(df["model"]))
-    if fold_of is not None and "fold" in df.columns:
-        wrong = df["image_id"].isin(fold_of) & (df["fold"].to_numpy() != df["image_id"].map(fold_of).to_numpy())
-        first_bad(
-            wrong, path, "predicted by another fold's model than the image's fold: not out-of-fold (a test file? split=test)"
-        )
+    check_models_folds(df, path, fold_of, models)
     if "none" not in df.columns:
         df["none"] = np.nan
     out = df.groupby("image_id", sort=False).agg({"study_id": "first", **{c: "mean" for c in [*STUDY_CLASSES, "none"]}})
     return out.reset_index()
+
+
+def read_none_model(path: str | Path, fold_of: dict | None = None, models: list | None = None) -> pd.DataFrame:
+    """One none model file (tables.NONE_IMAGES), checked as read_classifier checks a classifier file, averaged per
+    image: image_id, study_id (NaN if absent), none. A file of no row is refused (it would empty the fusion)."""
+    path = Path(path)
+    df = NONE_IMAGES.read(path)
+    if df.empty:
+        raise DataError("no rows: a none model file holds one row per image it predicted (none_cls=)", path)
+    check_models_folds(df, path, fold_of, models)
+    if "study_id" not in df.columns:
+        df["study_id"] = np.nan
+    return df.groupby("image_id", sort=False).agg(study_id=("study_id", "first"), none=("none", "mean")).reset_index()
 
 
 def split_name(split: str) -> str:
@@ -201,14 +224,24 @@ def read_detection_files(
     return (pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=BOX_SET_COLUMNS)), sets
 
 
-def read_classifier_files(files: list[str], split: str, meta: pd.DataFrame, record: list | None = None) -> list[pd.DataFrame]:
+def read_classifier_files(
+    files: list[str], split: str, meta: pd.DataFrame, record: list | None = None, reader=read_classifier
+) -> list[pd.DataFrame]:
     """Every classifier file, read (one row per image) and checked: images of the split, their prepared study.
-    record: filled with each file's entry in the fusion record (siimcovid.fuse.record: its sha256 and models)."""
+    record: filled with each file's entry in the fusion record (siimcovid.fuse.record: its sha256 and models).
+    reader: read_none_model for the none model files (none_cls=), checked alike."""
     fold_of = dict(zip(meta["image_id"], meta["fold"])) if split == "oof" else None
     names = [[] for _ in files]
-    members = [read_classifier(p, fold_of, models) for p, models in zip(files, names)]
+    members = [reader(p, fold_of, models) for p, models in zip(files, names)]
     if record is not None:  # hashed once read: a regular file of a readable size (read_input's checks)
         record += [input_entry(path, models) for path, models in zip(files, names)]
+    check_split_images(members, files, split, meta)
+    return members
+
+
+def check_split_images(members: list[pd.DataFrame], files: list[str], split: str, meta: pd.DataFrame) -> None:
+    """Each file's images are the split's (named by the prepared data), with their prepared study (a study_id of NaN:
+    the file named none)."""
     study_of = dict(zip(meta["image_id"], meta["study_id"]))
     for m, path in zip(members, files):
         unknown = ~m["image_id"].isin(set(meta["image_id"]))
@@ -218,13 +251,12 @@ def read_classifier_files(files: list[str], split: str, meta: pd.DataFrame, reco
                 "(wrong split= or data=?)",
                 path,
             )
-        clash = m["study_id"] != m["image_id"].map(study_of)
+        clash = (m["study_id"] != m["image_id"].map(study_of)) & m["study_id"].notna()
         if clash.any():
             rec = m[clash].iloc[0]
             raise DataError(
                 f"image {rec.image_id}: study_id {rec.study_id} but the prepared data says {study_of[rec.image_id]}", path
             )
-    return members
 
 
 # ----------------------------------------------------------------------------- the images to fuse
@@ -302,7 +334,8 @@ def load_inputs(cfg) -> FuseInputs:
     """Read and check cfg.det / cfg.cls / cfg.data for cfg.split (see the module docstring)."""
     split = cfg.split
     det_files, cls_files = [str(p) for p in as_list(cfg.det)], [str(p) for p in as_list(cfg.cls)]
-    if not det_files and not cls_files:
+    none_files = [str(p) for p in as_list(cfg.get("none_cls") or [])]
+    if not det_files and not cls_files and not none_files:
         raise SiimError("fuse needs det=<detection predictions.csv> and/or cls=<classifier predictions.csv>")
     if not cfg.data:
         raise SiimError("fuse needs data=<prepared dir> (original image sizes, studies, folds, truth)")
@@ -311,16 +344,17 @@ def load_inputs(cfg) -> FuseInputs:
     if meta.empty:
         raise SiimError(f"{prepared.root} has no {'train' if split == 'oof' else 'test'} images")
 
-    files: dict[str, list[dict]] = {"det": [], "cls": []}
+    files: dict[str, list[dict]] = {"det": [], "cls": [], "none_cls": []}
     boxes, sets = read_detection_files(det_files, split, meta, files["det"])
     members = read_classifier_files(cls_files, split, meta, files["cls"])
+    nones = read_classifier_files(none_files, split, meta, files["none_cls"], reader=read_none_model)
     sample = None
-    if split == "oof":
-        images = oof_images_to_fuse(cfg, prepared, meta, boxes, sets, members)
+    if split == "oof":  # the images of every file: classifier and none model files alike
+        images = oof_images_to_fuse(cfg, prepared, meta, boxes, sets, members + nones)
         study_ids = list(pd.unique(images["study_id"]))
     else:
         sample = sample_path(cfg, prepared)
-        images, study_ids = submission_images(sample, prepared, meta, members, cls_files)
+        images, study_ids = submission_images(sample, prepared, meta, members + nones, cls_files + none_files)
 
     images = images[["image_id", "study_id", "fold", "rows", "cols"]].reset_index(drop=True)
     index = pd.Index(images["image_id"])
@@ -333,6 +367,8 @@ def load_inputs(cfg) -> FuseInputs:
         members=align_members(members, index),
         member_files=cls_files,
         det_files=det_files,
+        none_members=[m.set_index("image_id").loc[index, "none"].to_numpy(dtype=np.float64) for m in nones],
+        none_files=none_files,
         priors=class_priors(prepared.split("train")),  # the study rows when no classifier file is given
         truth=oof_truth(cfg.data, index) if split == "oof" else None,
         sample=sample,

@@ -9,7 +9,9 @@
            (prod: prod(1 - conf); max: 1 - max(conf))
         3. classifier members combined by siimcovid.ensemble.combine (cls_ensemble, cls_weights);
            none_cls = their none (none_source: auto = a file's none column where it has one,
-           else its P(negative))
+           else its P(negative)); with none model files (none_cls=): none_model = their weighted mean
+           (none_model_weights), and none_cls = (1 - none_model_weight) * none_cls + none_model_weight * none_model
+           (formulas.none_with_model; without classifier files, none_model alone)
         4. none = the registered `none_blend` of (none_cls, none_det) with weight none_cls_weight;
            one source alone if only one kind of file was given
         5. opacity conf *= (1 - none)^opacity_exponent
@@ -255,6 +257,31 @@ def classifier_table(inputs: FuseInputs, params: dict) -> np.ndarray | None:
         raise SiimError(f"cls_weights / cls_ensemble: {e}") from None
 
 
+def model_none(inputs: FuseInputs, params: dict) -> np.ndarray | None:
+    """The none models' none per image (none_cls= files): their mean weighted by none_model_weights; None without."""
+    if not inputs.none_members:
+        return None
+    weights = [float(w) for w in as_list(params["none_model_weights"])] or [1.0] * len(inputs.none_members)
+    if len(weights) != len(inputs.none_members):
+        raise SiimError(
+            f"none_model_weights has {len(weights)} value(s) for {len(inputs.none_members)} none_cls file(s): give one per file"
+        )
+    return np.average(np.stack(inputs.none_members), axis=0, weights=weights)
+
+
+def classifier_none(inputs: FuseInputs, params: dict, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(none_cls, none_model): the classifier side's none (the classifiers' none with the none models' blended in by
+    none_model_weight) and the none models' alone (NaN without none_cls files; none_cls NaN without either)."""
+    n = len(inputs.images)
+    none_cls = probs[:, 4] if probs is not None else np.full(n, np.nan)
+    none_model = model_none(inputs, params)
+    if none_model is None:
+        return none_cls, np.full(n, np.nan)
+    if probs is None:
+        return none_model, none_model
+    return formulas.none_with_model(none_cls, none_model, params["none_model_weight"]), none_model
+
+
 def study_table(inputs: FuseInputs, params: dict, images: pd.DataFrame, probs: np.ndarray | None) -> pd.DataFrame:
     """One FUSED_STUDIES row per study of inputs.study_ids: the mean of its images' classifier
     probabilities (the train class frequencies without classifier files), negative blended with none."""
@@ -279,14 +306,14 @@ def fuse_split(inputs: FuseInputs, params: dict, workers: int | None = 0, cache:
     steps of the module docstring."""
     images = inputs.images
     n = len(images)
-    has_det, has_cls = inputs.n_sets > 0, bool(inputs.members)
+    has_det, has_cls = inputs.n_sets > 0, bool(inputs.members) or bool(inputs.none_members)
     boxes = fuse_boxes(inputs, params, workers, cache) if has_det else FUSED_BOXES.empty()[BOX_PRED_COLUMNS]
     codes = pd.Index(images["image_id"]).get_indexer(boxes["image_id"])
     wbf_conf = boxes["conf"].to_numpy(dtype=np.float64)
 
     none_det = detector_none(inputs, params, wbf_conf, codes, workers)
     probs = classifier_table(inputs, params)
-    none_cls = probs[:, 4] if probs is not None else np.full(n, np.nan)
+    none_cls, none_model = classifier_none(inputs, params, probs)
     if has_det and has_cls:
         none = formulas.blend_none(none_cls, none_det, params["none_cls_weight"], params["none_blend"])
     else:
@@ -299,6 +326,7 @@ def fuse_split(inputs: FuseInputs, params: dict, workers: int | None = 0, cache:
         n_boxes=np.bincount(codes, minlength=n) if len(codes) else np.zeros(n, dtype=np.int64),
         none_cls=none_cls,
         none_det=none_det,
+        none_model=none_model,
         none=none,
     )[FUSED_IMAGES.names]
     studies = study_table(inputs, params, image_table, probs)
@@ -322,4 +350,5 @@ def fold_scores(inputs: FuseInputs, fused: Fused) -> pd.DataFrame:
 def describe_inputs(inputs: FuseInputs) -> None:
     det = f"{inputs.n_sets} box set(s) from {len(inputs.det_files)} file(s)" if inputs.n_sets else "no detection file"
     cls = f"{len(inputs.members)} classifier file(s)" if inputs.members else "no classifier file (study rows: class frequencies)"
+    cls += f"; {len(inputs.none_files)} none model file(s)" if inputs.none_files else ""
     LOGGER.info(f"fuse: {inputs.split}: {len(inputs.images)} images, {len(inputs.study_ids)} studies; {det}; {cls}")

@@ -14,6 +14,8 @@ still the files fused. One entry per kind of run in the folder, the latest of ea
       det, cls       the input files in the order given (the member order: det_weights and cls_weights follow it),
                      each {file: as given, sha256: of its bytes when fused, models: its `model` names in order of
                      appearance}
+      none_cls       the none model files (fuse none_cls=; none_model_weights follows their order), as det and cls;
+                     absent when the fusion had none
       params         every fusion parameter (fuse.yaml's keys tagged fusion), as fused; one a later siimcovid adds
                      and an older record lacks: cfg/fuse.yaml's default
 
@@ -34,7 +36,7 @@ NAME = "fusion.yaml"
 FORMAT = 1
 ENTRIES = ("test", "oof", "tune")  # export packs the first one present of test and tune
 SPLITS = ("oof", "test")
-ENTRY_KEYS = ("split", "data", "folds", "det", "cls", "params")
+ENTRY_KEYS = ("split", "data", "folds", "det", "cls", "none_cls", "params")
 INPUT_KEYS = ("file", "sha256", "models")
 
 
@@ -78,6 +80,8 @@ def entry_of(value, label: str) -> dict:
     out = {"split": value["split"], "data": typed("data", value.get("data"), label)}
     out["folds"] = typed("folds", value.get("folds", "all"), label)
     out |= {kind: input_files(value.get(kind, []), f"{label}: {kind}") for kind in ("det", "cls")}
+    if "none_cls" in value:  # the none model files (a record of before them has none)
+        out["none_cls"] = input_files(value["none_cls"], f"{label}: none_cls")
     out["params"] = params_of(value.get("params"), label)
     return out
 
@@ -121,6 +125,8 @@ def make_entry(cfg, files: dict[str, list[dict]], params: dict) -> dict:
     """The entry of one run: cfg's split, data and folds, its input files (FuseInputs.files), the parameters."""
     entry = {"split": cfg.split, "data": str(cfg.data), "folds": cfg.folds if cfg.split == "oof" else "all"}
     entry |= {kind: list(files.get(kind, [])) for kind in ("det", "cls")}
+    if files.get("none_cls"):  # listed when fused (fuse none_cls=)
+        entry["none_cls"] = list(files["none_cls"])
     entry["params"] = {k: params[k] for k in fusion_keys()}
     return entry
 

@@ -52,7 +52,7 @@ def run_dir(cfg: Config) -> Path:
 def open_run_dir(cfg: Config, files: Iterable[Path] = ()) -> Written:
     """<project>/<name>/ by the outputs rule (fuse's and tune's record, listing `files`, the files this run writes),
     checked before any input is read; the folder may not hold its inputs."""
-    inputs = [*cfg.det, *cfg.cls, cfg.data, cfg.get("sample")]
+    inputs = [*cfg.det, *cfg.cls, *(cfg.get("none_cls") or []), cfg.data, cfg.get("sample")]
     return open_out(run_dir(cfg), RECORD, "fuse", cfg.overwrite, inputs, "project/name", earlier=earlier_fuse, claim=files)
 
 

@@ -8,8 +8,8 @@ tries every value of its list with the others held at the best so far. The best 
 highest final score; ties keep the earlier trial, so the result never scores below trial 0 on the
 data it was tuned on. Last, each changed parameter is put back to its starting value when that
 scores as well (phase "simplify"): a parameter that does not move the score stays as it was.
-Per-member settings are lists, one value per file, and refine one member at a time: det_weights and
-cls_weights are relative (the first file stays 1); det_scale, each detection file's confidence factor,
+Per-member settings are lists, one value per file, and refine one member at a time: det_weights,
+cls_weights and none_model_weights are relative (the first file stays 1); det_scale, each detection file's confidence factor,
 is drawn for every file (absolute confidences count: the none formulas see them).
 
 WBF is the cost (its clustering is pure Python: ~10 s per 250,000 boxes on one core); the
@@ -68,7 +68,8 @@ from siimcovid.outputs import Written
 from siimcovid.tables import SCORE_COLUMNS, write_csv
 from siimcovid.utils import LOGGER, SiimError, as_list, atomic_temporaries, atomic_write_text
 
-MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files"}  # relative: the first member stays 1
+# relative: the first member stays 1
+MEMBER_WEIGHT_KEYS = {"det_weights": "det_files", "cls_weights": "member_files", "none_model_weights": "none_files"}
 # det_scale is searched for every member, none held at 1: WBF's order sees only the ratios, but skip_box_thr, the clip
 # at 1 and the detector's none (prod(1 - conf), 1 - max(conf)) see absolute confidences (one detector alone too)
 MEMBER_SCALE_KEYS = {"det_scale": "det_files"}
