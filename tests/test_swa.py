@@ -186,3 +186,73 @@ def test_a_fold_stopped_in_its_swa_epochs_resumes_to_the_same_weights(swa_run, p
                 assert_same_tensors(a[key], b[key], f"{name}:{key}")
     for name in ("done.json", "val_pred_image.csv"):
         assert (fold / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------- a torchvision detector fold
+
+TV_RUN = {"family": "torchvision", "arch": "fasterrcnn_mobilenet_v3_large_fpn", "pretrained": False, "imgsz": 64}
+TV_RUN.update(batch=4, workers=0, device="cpu", fold=0, epochs=3, swa_epochs=2, swa_lr=0.005)
+
+
+def tv_cfg(prepared, project, **kw):
+    return load_config("detect", {**TV_RUN, "data": str(prepared), "project": str(project), **kw})
+
+
+def record_last(seen: list):
+    """on_fit_epoch_end: the model of each epoch's last.pt (written just before)."""
+
+    def fn(view, row):
+        seen.append(load(view.dir / "last.pt")["model"])
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def tv_run(prepared, tmp_path_factory):
+    from siimcovid.detect.train import train
+
+    project, seen = tmp_path_factory.mktemp("swa_tv"), []
+    train(tv_cfg(prepared, project, name="whole"), {"on_fit_epoch_end": record_last(seen)})
+    return project / "whole" / "fold0", seen
+
+
+@pytest.mark.slow
+def test_a_torchvision_fold_ends_with_the_mean_of_its_swa_epochs(tv_run):
+    fold, seen = tv_run
+    best, last = load(fold / "best.pt"), load(fold / "last.pt")
+    names = [k for k, v in seen[0].items() if v.is_floating_point() and "running" not in k]
+    assert len(seen) == 3 and names
+    for name in names:
+        assert torch.allclose(best["model"][name], (seen[1][name] + seen[2][name]) / 2, atol=1e-6), name
+    assert any(not torch.equal(best["model"][k], seen[2][k]) for k in names)
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"]) and last.get("optimizer") is None
+    running = [k for k in best["model"] if k.endswith("running_mean")]
+    assert running and any(not torch.equal(best["model"][k], last["swa"]["model"][k]) for k in running)  # update_bn
+    done = json.loads((fold / "done.json").read_text())
+    assert done["swa"] is True and done["n_averaged"] == 2 and done["best_epoch"] == 3 == best["epoch"]
+    log = pd.read_csv(fold / "results.csv")
+    assert log.lr.tolist()[1:] == pytest.approx([0.005, 0.005]) and log.lr.tolist()[0] != pytest.approx(0.005)
+
+
+@pytest.mark.slow
+def test_a_torchvision_fold_stopped_in_its_swa_epochs_resumes_to_the_same_weights(tv_run, prepared, tmp_path):
+    from siimcovid.detect.train import train
+
+    whole, _ = tv_run
+    fold = tmp_path / "whole" / "fold0"
+    for epoch in (2, 3):
+        with pytest.raises(Stop):
+            train(tv_cfg(prepared, tmp_path, name="whole"), {"on_fit_epoch_end": stop_after(epoch)})
+        assert load(fold / "last.pt")["swa"]["n_averaged"] == epoch - 1 and not (fold / "done.json").exists()
+    train(tv_cfg(prepared, tmp_path, name="whole"))
+    for name in ("best.pt", "last.pt"):
+        a, b = load(fold / name)["model"], load(whole / name)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (fold / "done.json").read_bytes() == (whole / "done.json").read_bytes()
+
+
+def test_a_torchvision_run_refuses_swa_epochs_of_every_epoch(prepared, tmp_path):
+    from siimcovid.detect.train import train
+
+    with pytest.raises(SiimError, match="the fold has 3 epochs"):
+        train(tv_cfg(prepared, tmp_path, name="bad", swa_epochs=3))

@@ -157,6 +157,8 @@ class YoloFamily(Family):
     def check(self, data: FoldData) -> None:
         from siimcovid.detect.common import load_hyp, train_args
 
+        if self.cfg.get("swa_epochs"):
+            raise SiimError("swa_epochs > 0: SWA trains classify and family=torchvision runs; not family=yolo yet")
         hyp = load_hyp(self.cfg.hyp)
         self.args = train_args(self.cfg, hyp)
         if self.cfg.init:  # Ultralytics transfers every tensor of it whose name and shape match

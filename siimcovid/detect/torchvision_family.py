@@ -95,6 +95,8 @@ class TorchvisionFamily(Family):
             "optimizer": OPTIMIZERS.get(str(hp["optimizer"]), hp["optimizer"]),
             "epochs": cfg.epochs,
             "batch": cfg.batch,
+            "swa_epochs": cfg.get("swa_epochs") or 0,
+            "swa_lr": cfg.get("swa_lr"),
         }
 
     def open_data(self) -> FoldData:
@@ -129,6 +131,9 @@ class TorchvisionFamily(Family):
         cfg = self.cfg
         if cfg.arch not in ARCHS:
             raise SiimError(f"family=torchvision: arch={cfg.arch}: one of {', '.join(ARCHS)}")
+        from siimcovid.engine.swa import check_swa
+
+        check_swa(cfg, cfg.epochs)  # swa_epochs < epochs (siimcovid.engine.swa)
         other = sorted(set(passthrough(cfg)) - set(HYP_KEYS))
         if other:
             raise SiimError(f"family=torchvision reads the Ultralytics settings {', '.join(HYP_KEYS)} only, not {other}")

@@ -26,6 +26,14 @@ warmup_epochs: a function of the step, so a resumed fold needs no scheduler stat
 any epoch and resumed ends with the weights of one never killed (tests/test_torchvision_resume.py); on a GPU up to
 its kernels' nondeterminism.
 
+SWA (swa_epochs, swa_lr; siimcovid.engine.swa): the last swa_epochs epochs average the model's weights (at swa_lr's
+constant lr, else the schedule's), the average in last.pt ("swa") so that a resume averages the same; after the last
+epoch its batch-norm statistics are recomputed (update_bn: one pass over the training loader, model(images, targets)
+in train mode, no gradients, torch's random state forked and seeded: the same whether resumed or not), it is
+validated, and it is the fold's weights: best.pt (its AP@0.5 the best_score, its epoch the last) and last.pt's model;
+the done record says swa: true and n_averaged. With a pretrained backbone (FrozenBatchNorm2d) there is no
+batch-norm statistic to recompute.
+
 AMP (amp=true, Ultralytics' default): on a CUDA device only, the forward pass under torch.autocast(float16) and the
 loss scaled by a GradScaler (unscaled before the gradient clipping; its state in last.pt); on the CPU both are off
 (autocast disabled, the scaler a pass-through), whatever amp says.
@@ -42,6 +50,7 @@ import pandas as pd
 import torch
 
 from siimcovid.data.boxes import from_yolo
+from siimcovid.engine.swa import SWA, SWA_KEY
 from siimcovid.tables import write_csv
 from siimcovid.utils import LOGGER, SiimError, atomic_path
 
@@ -184,6 +193,7 @@ class FoldTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.opt = new_optimizer(model, hp)
         self.best, self.rows, self.start = {"score": -math.inf, "epoch": 0}, [], 1
+        self.swa = SWA.of(hp, hp["epochs"])  # swa_epochs > 0 (module docstring)
 
     def loader(self, dataset):
         cfg = self.family.cfg
@@ -202,6 +212,8 @@ class FoldTrainer:
         if self.amp and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.best, self.rows, self.start = dict(ckpt["best"]), list(ckpt["rows"]), int(ckpt["epoch"]) + 1
+        if self.swa is not None:
+            self.swa.load_state_dict(ckpt.get(SWA_KEY), self.model)
         if self.start <= self.hp["epochs"]:
             set_rng_state(ckpt.get("rng"), self.device)
         best_path = self.dir / self.files.best
@@ -215,8 +227,11 @@ class FoldTrainer:
         dataset.epoch = epoch
         loader = self.loader(dataset)
         steps, sums, n, t0 = len(loader), {}, 0, time.perf_counter()
+        scheduled = self.swa is None or not self.swa.owns_lr(epoch)  # else SWALR holds swa_lr
+        if self.swa is not None:
+            self.swa.set_lr(self.opt, epoch)
         for i, (images, targets) in enumerate(loader):
-            for group in self.opt.param_groups:
+            for group in self.opt.param_groups if scheduled else ():
                 group["lr"] = lr_at((epoch - 1) * steps + i, steps, self.hp)
             images = [im.to(self.device, non_blocking=True) for im in images]
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
@@ -247,6 +262,27 @@ class FoldTrainer:
         record = {"model": self.model.state_dict(), "epoch": epoch, "score": score, "fold": self.job.fold}
         save_torch({**record, **self.family.description()}, self.dir / self.files.best)
 
+    def swa_finish(self, dataset, validate) -> dict:
+        """The SWA average, batch-norm recomputed, validated and made the fold's weights (self.model, best.pt); the
+        done record's SWA keys."""
+        epochs, before = self.hp["epochs"], dict(self.best)
+        dataset.epoch = epochs + 1  # an order and flips of its own
+        batches = ({"images": [im.to(self.device) for im in images], "targets": [{k: v.to(self.device) for k, v in t.items()}
+                    for t in targets]} for images, targets in self.loader(dataset))  # fmt: skip
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int(self.hp["seed"]) * 1000 + epochs + 1)  # the samplers' draws: the same after a resume
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                average = self.swa.final_model(batches, lambda model, b: model(b["images"], b["targets"]))
+        self.model.load_state_dict(average.state_dict())
+        self.model.eval()
+        score = validate(self.model)
+        self.best = {"score": score if not math.isnan(score) else -math.inf, "epoch": epochs}
+        self.save_best(epochs, self.best["score"])
+        LOGGER.info(f"detect fold {self.job.fold}: SWA of the last {self.swa.epochs} epochs ({self.swa.n_averaged} averaged): "
+                    f"val AP50 {score:.4f} (the best epoch before: {before['epoch']}, {before['score']:.4f}); best.pt and "
+                    "last.pt hold the SWA weights")  # fmt: skip
+        return {"swa": True, "swa_epochs": self.swa.epochs, "n_averaged": self.swa.n_averaged}
+
     def write_log(self) -> None:
         write_csv(pd.DataFrame(self.rows), self.dir / self.files.log)
 
@@ -258,6 +294,8 @@ class FoldTrainer:
             view.epoch, t0 = epoch, time.perf_counter()
             job.fire("on_train_epoch_start", view)
             stats = self.train_epoch(dataset, epoch)
+            if self.swa is not None:
+                self.swa.update(self.model, epoch)
             job.fire("on_train_epoch_end", view)
             self.model.eval()
             stats["val_ap50"] = validate(self.model)
@@ -269,6 +307,7 @@ class FoldTrainer:
             self.rows.append(row)
             last = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
             last["rng"] = rng_state(self.device)  # after validation (which draws nothing): the next epoch's
+            last[SWA_KEY] = self.swa.state_dict() if self.swa is not None else None
             save_torch({**last, "epoch": epoch, "best": self.best, "rows": self.rows, **self.family.description()},
                        self.dir / self.files.last)  # fmt: skip
             if new_best:
@@ -278,10 +317,12 @@ class FoldTrainer:
                         f"val AP50 {stats['val_ap50']:.4f}{' *best*' if new_best else ''}")  # fmt: skip
             job.fire("on_model_save", view)
             job.fire("on_fit_epoch_end", view, row)
-        summary = {"fold": job.fold, "best_score": self.best["score"], "best_epoch": self.best["epoch"]}
-        summary["epochs"] = self.hp["epochs"]
         last = load_own(self.dir / self.files.last)
-        if last.pop("optimizer", None) is not None:  # nothing left to resume: the optimizer's state (2x the model) goes
+        swa = self.swa_finish(dataset, validate) if self.swa is not None else {}
+        summary = {"fold": job.fold, "best_score": self.best["score"], "best_epoch": self.best["epoch"]}
+        summary.update(epochs=self.hp["epochs"], **swa)
+        if last.pop("optimizer", None) is not None or swa:  # nothing left to resume: the optimizer's state (2x the model) goes
+            last.update({"model": self.model.state_dict()} if swa else {})  # the SWA weights
             save_torch({k: v for k, v in last.items() if k not in ("scaler", "rng")}, self.dir / self.files.last)
         self.files.write_done(self.dir, summary)  # last: the fold is finished
         job.fire("on_train_end", view, summary)
