@@ -6,6 +6,9 @@ on the session's prepared folder.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -252,3 +255,45 @@ def test_a_none_run_is_not_a_member_of_a_classifier_ensemble(none_run):
     run_dir, _, _ = none_run
     with pytest.raises(SiimError, match="none model"):
         predict(load_config("classify", {"run": [str(run_dir), str(run_dir)], "workers": 0, "device": "cpu"}))
+
+
+@pytest.mark.slow
+def test_export_and_predict_carry_the_none_model(none_run, prepared, synth_root, tmp_path):
+    """The none model goes into a bundle as a classify member of task none (fuse.yaml's none_cls) and predict fuses
+    its none as the run's own `fuse split=test none_cls=` did."""
+    from siimcovid.cli import call
+
+    run_dir, _, _ = none_run
+    args = [f"data={prepared}", "split=test", f"none_cls={run_dir / 'pred_test_none.csv'}", "none_model_weight=1"]
+    fused = run(args, tmp_path, name="nf")
+    settings = {"project": str(tmp_path / "runs"), "classify": str(run_dir), "fuse": str(fused["dir"])}
+    bundle = call("export", **settings, out=str(tmp_path / "b"))
+    fusion = yaml.safe_load((bundle / "fuse.yaml").read_text())
+    assert fusion["none_cls"] == ["nm"] and fusion["cls"] == [] and fusion["none_model_weight"] == 1
+    assert yaml.safe_load((bundle / "classify" / "nm" / "settings.yaml").read_text())["task"] == "none"
+    result = call("predict", bundle=str(bundle), source=str(synth_root), out=str(tmp_path / "out"), workers=0)
+    table = NONE_IMAGES.read(result["out"] / "classify" / "nm" / "pred_test_none.csv").set_index("image_id")
+    images = pd.read_csv(result["fused"]["dir"] / "images_test.csv", dtype={"image_id": str}).set_index("image_id")
+    assert images.none.to_numpy() == pytest.approx(table.loc[images.index, "none"].to_numpy())  # none_model_weight=1
+    # the run's own predict on the images the bundle prepared: the same none, image for image
+    from siimcovid.classify.predict import main as predict
+
+    copy = shutil.copytree(run_dir, tmp_path / "nm")  # the module's run keeps its own tables
+    settings = {"run": str(copy), "split": ["test"], "source": str(result["prepared"]), "workers": 0, "device": "cpu"}
+    predict(load_config("classify", settings))
+    own = NONE_IMAGES.read(copy / "pred_test_none.csv").set_index("image_id")
+    assert sorted(own.index) == sorted(table.index)
+    assert table.loc[own.index, "none"].to_numpy() == pytest.approx(own.none.to_numpy(), rel=1e-6)
+    # a bundle that lists its none model as a study classifier is refused when opened
+    from siimcovid.bundle import open_bundle
+    from siimcovid.utils import file_sha256
+
+    tampered = Path(shutil.copytree(bundle, tmp_path / "tampered"))
+    (tampered / "fuse.yaml").write_text(yaml.safe_dump({**fusion, "cls": ["nm"], "none_cls": []}))
+    manifest = yaml.safe_load((tampered / "manifest.yaml").read_text())
+    entry = manifest["files"]["fuse.yaml"]
+    entry["sha256"] = file_sha256(tampered / "fuse.yaml")
+    entry |= {k: (tampered / "fuse.yaml").stat().st_size for k in ("bytes", "size") if k in entry}
+    (tampered / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    with pytest.raises(SiimError, match="classify/nm/settings.yaml says task none, but fuse.yaml lists it in cls"):
+        open_bundle(tampered)

@@ -230,6 +230,7 @@ def export(cfg: Config) -> Path:
         "sources": source_record(src, [m for m, _ in det + cls], prepared, fuse_file, Path(cfg.project), lungs),
     }
     members = ordered([m for m, _ in det], fusion["det"]) + ordered([m for m, _ in cls], fusion["cls"])
+    members += ordered([m for m, _ in cls], fusion.get("none_cls") or [])  # the none models (task=none), classify kind
     members += [m for m, _, _ in lungs]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = work_folder(out)

@@ -3,7 +3,7 @@ them with these declarations, open_bundle reads them with the same ones.
 
     manifest.yaml    MANIFEST_FILE: format, siimcovid, created, sources, versions, half, dtypes, files
     prepare.yaml     PREPARE_FILE: sizes, ext, png_level (the conversion predict gives new images)
-    fuse.yaml        FUSION_FILE: every fusion setting, det and cls (the member order)
+    fuse.yaml        FUSION_FILE: every fusion setting, det, cls and none_cls (the member order)
     signature.yaml   siimcovid.signing (sign=<private key> only)
 
 `print(MANIFEST_FILE.describe())` prints one. The members' files: siimcovid.bundle.members.
@@ -220,6 +220,8 @@ def fusion_file() -> Document:
     keys += [
         Key("det", "the detector members' names in fusion order (det_weights follow it)", member_list("det")),
         Key("cls", "the classifier members' names in fusion order (cls_weights follow it)", member_list("cls")),
+        Key("none_cls", "the none model members' names (classify/<name>/ of task none) in fusion order (none_model_weights "
+            "follow it); absent: none", member_list("none_cls"), optional=True),  # fmt: skip
     ]
     doc = "the fusion settings of the run's submission (every fusion key) and the member order; a key a later "
     doc += "siimcovid adds and an older bundle lacks: cfg/fuse.yaml's default"

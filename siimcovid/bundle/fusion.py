@@ -65,7 +65,7 @@ def recorded_entry(fuse: Path, kinds: tuple[str, ...] = ("test", "tune")) -> tup
 def check_unchanged(entry: dict, kind: str, record: Path, anchors: list[Path]) -> None:
     """Each input file the entry lists that is still there holds the bytes fused (its sha256): the fusion settings
     were made for those predictions. One that is gone: its models are the record's (a warning)."""
-    for item in entry["det"] + entry["cls"]:
+    for item in entry["det"] + entry["cls"] + entry.get("none_cls", []):
         path = locate(item["file"], anchors)
         if path is None or not path.is_file():
             LOGGER.warning(f"export: {item['file']}, which {record} fused, is gone: its models {item['models']} as recorded")
@@ -78,11 +78,11 @@ def check_unchanged(entry: dict, kind: str, record: Path, anchors: list[Path]) -
 
 def fused_models(entry: dict, members: list[Member], key: str, record: Path) -> list[list[str]]:
     """The model names of each file the fusion read (the record's), checked against the members exported."""
-    per_file = [item["models"] for item in entry[key]]
-    empty = [item["file"] for item in entry[key] if not item["models"]]
+    per_file = [item["models"] for item in entry.get(key, [])]  # none_cls: absent from a fusion without none models
+    empty = [item["file"] for item in entry.get(key, []) if not item["models"]]
     if empty:
         raise SiimError(f"export: {record}: {empty[0]} has no `model` column: which run made it is not known")
-    if key == "cls" and any(len(n) > 1 or "+" in n[0] for n in per_file):
+    if key in ("cls", "none_cls") and any(len(n) > 1 or "+" in n[0] for n in per_file):
         raise SiimError(f"export: {record} fused a classifier file of several models {per_file}: fuse each run's own table")
     names = [n for names in per_file for n in names]
     if sorted(names) != sorted(m.name for m in members):
@@ -91,7 +91,7 @@ def fused_models(entry: dict, members: list[Member], key: str, record: Path) -> 
     return per_file
 
 
-OWN_TABLE = {"det": "pred_{split}.csv", "cls": "pred_{split}_image.csv"}  # a run's own tables, as its predict writes them
+OWN_TABLE = {"det": "pred_{split}.csv", "cls": "pred_{split}_image.csv", "none_cls": "pred_{split}_none.csv"}  # a run's own
 
 
 def run_folder(member: Member) -> Path | None:
@@ -104,7 +104,7 @@ def run_folder(member: Member) -> Path | None:
 def check_members_fused(entry: dict, members: list[Member], key: str, record: Path) -> None:
     """Each member is the run the fusion fused under its name: a run's own table of the split fused, when the fusion read it alone
     (one model in the file), is the file fused (its sha256). Another run of the same name is refused."""
-    fused = {item["models"][0]: item for item in entry[key] if len(item["models"]) == 1}
+    fused = {item["models"][0]: item for item in entry.get(key, []) if len(item["models"]) == 1}
     for m in members:
         run, item = run_folder(m), fused.get(m.name)
         table = run / OWN_TABLE[key].format(split=entry.get("split") or "test") if run is not None else None
@@ -117,7 +117,7 @@ def check_members_fused(entry: dict, members: list[Member], key: str, record: Pa
             )
 
 
-def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path) -> dict:
+def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path, nones: list[Member] = ()) -> dict:
     """fuse.yaml of the bundle from a recorded entry: its parameters and its member order; per-file det_weights and
     det_scale become per-model ones when one file held several models."""
     out = dict(entry["params"])
@@ -127,11 +127,14 @@ def from_record(entry: dict, det: list[Member], cls: list[Member], record: Path)
             if len(out[key]) != len(det_files):
                 raise SiimError(f"export: {record}: {key}={out[key]} for {len(det_files)} detection file(s) {det_files}")
             out[key] = {n: w for w, names in zip(out[key], det_files) for n in names}
+    none_files = fused_models(entry, list(nones), "none_cls", record)  # none models: listed when there are some
+    out |= {"none_cls": [f[0] for f in none_files]} if none_files else {}
     return {**out, "det": [n for f in det_files for n in f], "cls": [f[0] for f in cls_files]}
 
 
 PER_DET_FILE = ("det_weights", "det_scale")  # fusion settings given per det file (a list) or per model (a mapping)
 MEMBER_SETTINGS = {"det_weights": "det", "det_scale": "det", "cls_weights": "cls"}  # and the member list each follows
+MEMBER_SETTINGS["none_model_weights"] = "none_cls"
 
 
 def check_member_settings(fusion: dict, where) -> None:
@@ -149,33 +152,39 @@ def check_member_settings(fusion: dict, where) -> None:
             raise SiimError(f"{where}: {key}={value}: every value must be a number > 0")
 
 
-def from_settings(path: Path | None, det: list[Member], cls: list[Member]) -> dict:
+def from_settings(path: Path | None, det: list[Member], cls: list[Member], nones: list[Member] = ()) -> dict:
     """fuse.yaml of the bundle from a YAML of fusion parameters (None: cfg/fuse.yaml's defaults), the members in the
     order given; such a file names no input files (what fusion read is the record's to say)."""
     cfg = load_config("fuse", {"cfg": str(path)} if path else {})
-    if cfg.det or cfg.cls:
+    if cfg.det or cfg.cls or cfg.get("none_cls"):
         raise SiimError(
             f"export: {path} lists det/cls files but is not a record of what fuse fused ({NAME}): give "
             "fuse=<the fuse run folder> (its fusion.yaml), or a YAML of the fusion parameters only"
         )
-    return {**{k: cfg[k] for k in fusion_keys()}, "det": [m.name for m in det], "cls": [m.name for m in cls]}
+    names = {"det": [m.name for m in det], "cls": [m.name for m in cls]}
+    names |= {"none_cls": [m.name for m in nones]} if nones else {}
+    return {**{k: cfg[k] for k in fusion_keys()}, **names}
 
 
 def fusion_settings(fuse: Path | None, det: list[Member], cls: list[Member], anchors: list[Path]) -> tuple[dict, Path | None]:
-    """(fuse.yaml of the bundle: every fusion parameter and the member order (det, cls), the file it was read from)."""
+    """(fuse.yaml of the bundle: every fusion parameter and the member order (det, cls, none_cls), the file it was read
+    from). cls: the classify members, the none models (task=none: fuse's none_cls) among them."""
+    nones = [m for m in cls if m.settings.get("task") == "none"]
+    cls = [m for m in cls if m.settings.get("task") != "none"]
     found = recorded_entry(Path(fuse)) if fuse is not None else None
     if fuse is None:
         LOGGER.warning("export: no fuse= given: the bundle fuses with cfg/fuse.yaml's defaults, members in the order given")
-        out, source = from_settings(None, det, cls), None
+        out, source = from_settings(None, det, cls, nones), None
     elif found is None:
         LOGGER.info(f"export: fusion parameters from {fuse}, members in the order given")
-        out, source = from_settings(Path(fuse), det, cls), Path(fuse)
+        out, source = from_settings(Path(fuse), det, cls, nones), Path(fuse)
     else:
         entry, kind, source = found
         check_unchanged(entry, kind, source, [*anchors, *source.resolve().parents])
         check_members_fused(entry, det, "det", source)
         check_members_fused(entry, cls, "cls", source)
-        out = from_record(entry, det, cls, source)
+        check_members_fused(entry, nones, "none_cls", source)
+        out = from_record(entry, det, cls, source, nones)
         LOGGER.info(f"export: fusion settings and member order from {source} ({kind})")
     check_member_settings(out, "export")
     return out, source

@@ -280,6 +280,8 @@ CLASSIFY_SETTINGS = Document(
         Key("tta", "classify predict's tta (cfg/classify.yaml): on or off", classifier_tta),
         Key("weights", "the fold checkpoints packed: best | last", typed("classify", "weights")),
         Key("folds_id", "{fold: the fold fingerprint it trained on}", lambda v, label: v if isinstance(v, dict) else {}),
+        Key("task", "classify train's task: none = a binary none model, listed in fuse.yaml's none_cls (absent: study)",
+            typed("classify", "task"), optional=True),  # fmt: skip
         *view_keys("classify"),
     ),
     "a classifier's predict settings, as its run's predict made its pred_test tables",
@@ -303,6 +305,7 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
     settings = {"imgsz": int(run_cfg["imgsz"]), "tta": saved.get("tta", pcfg.tta), "weights": chosen}
+    settings |= {"task": "none"} if run_cfg.get("task") == "none" else {}  # a binary none model (fuse's none_cls)
     settings |= view_settings(run_dir, saved, "classify", anchors)
     return Member("classify", run_dir.name, weights_files, settings), prepared
 

@@ -52,6 +52,24 @@ def lung_members(root: Path, members: list[Member], listed: dict, read, where) -
     return list(out.values())
 
 
+def none_members(root: Path, fusion: dict, classifiers: list[Member], listed: dict, read, where) -> list[Member]:
+    """fuse.yaml's none_cls: the binary none models (classify/<name>/, task: none), read as classify members after the
+    classifiers. Each list's members are of its task, and no name is in both: else not as exported."""
+    names = fusion.get("none_cls") or []
+    both = sorted(set(names) & set(fusion["cls"]))
+    if both:
+        raise SiimError(f"bundle {where}: {FUSION} lists {both[0]} in both cls and none_cls: not as exported")
+    nones = [read_member(root, "classify", n, listed, read, where) for n in names]
+    for m in classifiers + nones:
+        task = m.settings.get("task") or "study"
+        if (task == "none") != (m.name in names):
+            raise SiimError(
+                f"bundle {where}: classify/{m.name}/settings.yaml says task {task}, but {FUSION} lists it in "
+                f"{'none_cls' if m.name in names else 'cls'}: not as exported"
+            )
+    return nones
+
+
 def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, list[Member]]:
     """{kind: members in fuse.yaml's order; lung: the lung members they name}; a file that is none of the bundle's
     files (TOP_FILES and those of these members) is an error: a bundle holds nothing else, so nothing else can be
@@ -59,6 +77,7 @@ def read_members(root: Path, header: Header, fusion: dict, where) -> dict[str, l
     listed = header.manifest["files"]
     read = lambda rel, declared: bundle_yaml(root, rel, header, where, declared)  # noqa: E731
     out = {kind: [read_member(root, kind, n, listed, read, where) for n in fusion[k.key]] for kind, k in KINDS.items()}
+    out["classify"] += none_members(root, fusion, out["classify"], listed, read, where)
     if not any(out.values()):
         raise SiimError(f"bundle {where}: {FUSION} names no member (det: [], cls: [])")
     out[LUNG_KIND] = lung_members(root, [m for group in out.values() for m in group], listed, read, where)

@@ -34,8 +34,9 @@ def describe(run: Path) -> dict | None:
     )
     if (run / "submission.csv").exists():
         cv = (cv + "; " if cv else "") + "submission.csv"
+    nones = len(cfg.get("none_cls") or [])  # binary none models (fuse none_cls=)
     return {
-        "model": f"{len(cfg.get('det') or [])} det + {len(cfg.get('cls') or [])} cls",
+        "model": f"{len(cfg.get('det') or [])} det + {len(cfg.get('cls') or [])} cls" + (f" + {nones} none" if nones else ""),
         "settings": fusion_changes(cfg),
         "cv_value": final,
         "cv": cv,

@@ -9,7 +9,8 @@ A bundle's models on new data, with nothing else present (no runs folder, no tra
        (siimcovid.predict.members: fold k of a member crops with lung fold k's boxes; predict.yaml `views`
        counts the images each fold saw cropped)
     4. every detector member's folds on every image -> <out>/detect/<name>/pred_test.csv
-    5. every classifier member's folds -> <out>/classify/<name>/pred_test_image.csv
+    5. every classifier member's folds -> <out>/classify/<name>/pred_test_image.csv (a none model, task=none:
+       pred_test_none.csv, tables.NONE_IMAGES, fused as none_cls)
     6. `siimcovid fuse split=test` of those with the bundle's fusion settings -> <out>/fuse/
        (submission.csv checked against the SIIM root's sample_submission.csv, or against one
        written from the prepared images: every study and image found)
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from siimcovid.classify.none import none_path, none_table
 from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
@@ -47,6 +49,7 @@ from siimcovid.submission import write_submission
 from siimcovid.tables import (
     DETECTIONS,
     IMAGE_SUFFIX,
+    NONE_IMAGES,
     SAMPLE,
     SAMPLE_SUBMISSION,
     SKIPPED,
@@ -55,6 +58,8 @@ from siimcovid.tables import (
     SUBMISSION,
 )
 from siimcovid.utils import LOGGER, DataError, SiimError
+
+NONE_TABLE = none_path(Path(), "test").name  # a none model member's table (classify task=none), fused as none_cls
 
 
 def offline() -> None:
@@ -152,8 +157,9 @@ def member_table(
     from siimcovid.classify.predict import study_table, table_paths, write_tables
 
     key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
+    none = not boxes and member.settings.get("task") == "none"  # a binary none model: its none table (fuse none_cls=)
     tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
-    table = out / key / ("pred_test.csv" if boxes else "pred_test_image.csv")
+    table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
     lung = lung_of(member.settings)
     if lung is not None:  # the images each fold sees cropped: what the views did, in the record
@@ -162,7 +168,7 @@ def member_table(
         LOGGER.info(f"predict: {key}: reusing {table} (this bundle, these images)")
         return table
     record.forget(key)
-    record.claim(*([table] if boxes else table_paths(table.parent, "test")))
+    record.claim(*([table] if boxes or none else table_paths(table.parent, "test")))
     views = {"lungs": lungs} if lung is not None else {}  # a family without views is never given them
     if member.family:  # a family of its own: its bundle_kind's predict
         from siimcovid.bundle.members import kind_of
@@ -176,7 +182,10 @@ def member_table(
         DETECTIONS.write(predict_detector(member, prepared, hw, tta, **views), table)
     else:
         images = predict_classifier(member, prepared, hw, tta, **views)
-        write_tables(table.parent, "test", images, study_table(images))
+        if none:
+            NONE_IMAGES.write(none_table(images), table)
+        else:
+            write_tables(table.parent, "test", images, study_table(images))
     record.done(key, entry)
     return table
 
@@ -244,7 +253,8 @@ def fuse_config(bundle, prepared: Prepared, det: list[Path], cls: list[Path], sa
     params = {k: v for k, v in bundle.fusion.items() if k in set(fusion_keys())}
     fixed = {"data": str(prepared.root), "split": "test", "sample": str(sample), "project": str(out), "name": FUSE_DIR}
     fixed |= {"overwrite": cfg.overwrite, "workers": pool_workers(cfg.workers)}
-    members = {"det": [str(p) for p in det], "cls": [str(p) for p in cls]}
+    members = {"det": [str(p) for p in det], "cls": [str(p) for p in cls if p.name != NONE_TABLE]}
+    members["none_cls"] = [str(p) for p in cls if p.name == NONE_TABLE]  # the none models' tables, in their order
     return stage_config("fuse", None, {**params, **fixed, **members})
 
 
