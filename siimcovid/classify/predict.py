@@ -650,13 +650,14 @@ def write_scores(cfg, run_dir: Path, runs: list[Path], images: pd.DataFrame, stu
     from siimcovid.classify.none import is_none_run, none_scores
     from siimcovid.data.prepared import Prepared
 
-    prep = Prepared(cfg.source or run_data(run_dir, runs))
-    scores = none_scores(prep, images) if is_none_run(run_dir) else oof_scores(prep, images, studies)  # task=none: AP(none)
+    prep, none_model = Prepared(cfg.source or run_data(run_dir, runs)), is_none_run(run_dir)
+    scores = none_scores(prep, images) if none_model else oof_scores(prep, images, studies)  # task=none: AP(none) alone
     table = scores.assign(model=run_dir.name, tta=view(cfg.tta), weights=cfg.weights)
     path = SCORES.write(table, run_dir / "scores_oof.csv")
     overall = table.iloc[0]
+    study = "" if none_model else f"study mAP {overall.study_map:.4f}  "
     LOGGER.info(
-        f"{run_dir.name}: OOF study mAP {overall.study_map:.4f}  AP(none) {overall.get('none', float('nan')):.4f}  "
+        f"{run_dir.name}: OOF {study}AP(none) {overall.get('none', float('nan')):.4f}  "
         f"({overall.n_studies} studies, tta={view(cfg.tta)})\n{table.to_string(index=False)}"
     )
     return path

@@ -116,6 +116,8 @@ def read_none_model(path: str | Path, fold_of: dict | None = None, models: list 
     image: image_id, study_id (NaN if absent), none. A file of no row is refused (it would empty the fusion)."""
     path = Path(path)
     df = NONE_IMAGES.read(path)
+    if set(STUDY_CLASSES) <= set(df.columns):  # its none head's column read as a none model's: allowed, but likely a slip
+        LOGGER.warning(f"fuse: none_cls={path} has the study classes of a classifier's table (cls=): read its `none` column")
     if df.empty:
         raise DataError("no rows: a none model file holds one row per image it predicted (none_cls=)", path)
     check_models_folds(df, path, fold_of, models)
