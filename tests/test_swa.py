@@ -256,3 +256,78 @@ def test_a_torchvision_run_refuses_swa_epochs_of_every_epoch(prepared, tmp_path)
 
     with pytest.raises(SiimError, match="the fold has 3 epochs"):
         train(tv_cfg(prepared, tmp_path, name="bad", swa_epochs=3))
+
+
+# ---------------------------------------------------------------- a YOLO fold (Ultralytics)
+
+YOLO_RUN = {"model": "yolov5n.yaml", "pretrained": False, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu"}
+YOLO_RUN.update(plots=False, fold=0, epochs=3, swa_epochs=2, swa_lr=0.002)
+
+
+def yolo_train(prepared, project, callbacks=None):
+    from siimcovid.detect.common import ultralytics_keys
+    from siimcovid.detect.train import train
+
+    settings = {**YOLO_RUN, "data": str(prepared), "project": str(project), "name": "yolo", "warmup_epochs": 0}
+    cfg = load_config("detect", settings, extra_ok=ultralytics_keys())  # no warmup: it would set the lr of every step
+    return train(cfg, callbacks)
+
+
+def record_raw(seen: dict):
+    """on_train_epoch_end: Ultralytics' raw model's weights (not its EMA's) after each epoch's steps."""
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    def fn(view):
+        seen[view.epoch] = {k: v.detach().float().clone() for k, v in unwrap_model(view.model).state_dict().items()}
+
+    return fn
+
+
+def stop_at_save(epoch: int):
+    def fn(view):
+        if view.epoch == epoch:
+            raise Stop(epoch)
+
+    return fn
+
+
+@pytest.mark.slow
+def test_a_yolo_fold_stopped_in_its_swa_epochs_ends_with_the_mean_of_their_raw_weights(prepared, tmp_path):
+    from siimcovid.detect.common import fold_state
+    from siimcovid.detect.predict import main as predict
+
+    seen, fold = {}, tmp_path / "yolo" / "fold0"
+    with pytest.raises(Stop):  # after epoch 2's checkpoints (the first SWA epoch)
+        yolo_train(prepared, tmp_path, {"on_train_epoch_end": record_raw(seen), "on_model_save": stop_at_save(2)})
+    assert fold_state(fold) == "partial"
+    partial = load(fold / "weights" / "last.pt")
+    assert partial["swa"]["n_averaged"] == 1
+    yolo_train(prepared, tmp_path, {"on_train_epoch_end": record_raw(seen)})  # resumes epoch 3
+    assert fold_state(fold) == "done" and sorted(seen) == [1, 2, 3]
+
+    best, last = (load(fold / "weights" / f"{n}.pt") for n in ("best", "last"))
+    assert best["swa"] == last["swa"] == {"swa": True, "swa_epochs": 2, "n_averaged": 2}
+    weights = best["model"].float().state_dict()
+    names = [n for n, _ in best["model"].named_parameters()]
+    for name in names:  # the mean of epochs 2 and 3 (epoch 2's from before the stop), as Ultralytics stores it: fp16
+        mean = ((seen[2][name] + seen[3][name]) / 2).half().float()
+        assert torch.allclose(weights[name], mean, atol=1e-3, rtol=1e-3), name
+    assert any(not torch.allclose(weights[n], seen[3][n].half().float()) for n in names)
+    last_weights = last["model"].float().state_dict()
+    assert all(torch.equal(weights[k], last_weights[k]) for k in weights)
+    log = pd.read_csv(fold / "results.csv")
+    log.columns = [c.strip() for c in log.columns]
+    assert log["lr/pg0"].tolist()[1:] == pytest.approx([0.002, 0.002])
+
+    predict(load_config("detect", {"run": str(tmp_path / "yolo"), "split": ["oof"], "device": "cpu", "tta": False}))
+    assert list(tmp_path.glob("yolo/pred_oof*.csv"))  # Ultralytics' format: detect predict reads the SWA weights
+
+
+def test_a_yolo_run_refuses_swa_epochs_of_every_epoch_and_ultralytics_ddp(prepared, tmp_path):
+    from siimcovid.detect.train import train
+
+    base = {**YOLO_RUN, "data": str(prepared), "project": str(tmp_path), "name": "bad"}
+    with pytest.raises(SiimError, match="the fold has 3 epochs"):
+        train(load_config("detect", {**base, "swa_epochs": 3}))
+    with pytest.raises(SiimError, match="swa_epochs > 0 trains on one device"):
+        train(load_config("detect", {**base, "device": "0,1"}))

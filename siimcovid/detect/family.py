@@ -156,9 +156,12 @@ class YoloFamily(Family):
 
     def check(self, data: FoldData) -> None:
         from siimcovid.detect.common import load_hyp, train_args
+        from siimcovid.engine.devices import parse
+        from siimcovid.engine.swa import check_swa
 
-        if self.cfg.get("swa_epochs"):
-            raise SiimError("swa_epochs > 0: SWA trains classify and family=torchvision runs; not family=yolo yet")
+        check_swa(self.cfg, self.cfg.epochs)
+        if self.cfg.get("swa_epochs") and (parse(self.cfg.device).count or 0) > 1:  # DDP's processes: not reached
+            raise SiimError(f"swa_epochs > 0 trains on one device, not device={self.cfg.device} (Ultralytics' DDP)")
         hyp = load_hyp(self.cfg.hyp)
         self.args = train_args(self.cfg, hyp)
         if self.cfg.init:  # Ultralytics transfers every tensor of it whose name and shape match
@@ -218,7 +221,8 @@ class YoloFamily(Family):
         if job.callbacks.get("is_better") or own_mlflow:
             hooks["on_pretrain_routine_start"] = pretrain_routine(job, view, own_mlflow)
         data_yaml = self.yamls[job.fold].resolve()
-        return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state)
+        swa = (int(self.cfg.get("swa_epochs") or 0), self.cfg.get("swa_lr"))
+        return train_fold(args, self.model, data_yaml, job.run_dir, job.fold, self.cfg.fitness, hooks, job.state, swa)
 
     def skipped(self, job: Job) -> str:
         return "skipped"

@@ -21,6 +21,15 @@ tensor whose name and shape match; it logs "Transferred N/M items from pretraine
 `extra=<dir>[,<dir>]` adds ExtraData(dir).detector_images(fold, size) to every fold's TRAINING list through a
 data YAML of the run's own (<run>/data/fold<k>.yaml), its validation list unchanged.
 
+SWA (swa_epochs, swa_lr; siimcovid.engine.swa; one process only, not Ultralytics' DDP): the last swa_epochs epochs
+average the model's own weights (Ultralytics' raw model, not its ModelEMA: the EMA still validates each epoch and
+picks best.pt until the end), at swa_lr (SWALR, set again after each epoch's scheduler step; the warmup's
+iterations, if they reach that far, set their own). The average travels in last.pt under "swa" (a resume puts it
+back). When the training stops (its last epoch, or early stopping), the average's batch-norm statistics are
+recomputed over the training loader (update_bn) and it is saved as the checkpoint's "ema", Ultralytics' own format,
+in last.pt and best.pt both (so the final validation, `detect predict` and a bundle read it unchanged); the stripped
+checkpoints keep "swa": {swa: true, swa_epochs, n_averaged}, the fold's record.
+
 The run folder is the run's own when its detect.yaml is one a training saved, a fold folder when the args.yaml
 Ultralytics wrote there names it (siimcovid.rundir's outputs rule): another folder that holds files is refused
 unless overwrite=true, which trains beside them, never over a file of the names a training writes (family.FILES).
@@ -30,23 +39,26 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 from unittest import mock
 
 import pandas as pd
+import torch
 import ultralytics.engine.trainer as ultralytics_trainer
 import yaml
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
-from ultralytics.utils.torch_utils import strip_optimizer
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from siimcovid.config import Config, runtime_keys
 from siimcovid.data.extra import open_extra
 from siimcovid.data.prepared import Prepared
 from siimcovid.detect.common import TRAIN_KEYS, ULTRALYTICS_RUNTIME_KEYS, extra_data_yaml, fold_state
 from siimcovid.detect.files import FILES, START_ARGS
+from siimcovid.engine.swa import SWA, SWA_KEY
 from siimcovid.outputs import read_mapping
 from siimcovid.rundir import changed_settings, fold_dir, refuse_changed
 from siimcovid.tables import read_csv
@@ -132,16 +144,66 @@ class AtomicSaveTrainer(DetectionTrainer):
     Kept at module level: DDP pickles the trainer class by reference into the script torchrun runs.
     """
 
+    swa: SWA | None = None  # swa_epochs > 0: set on the trainer by train_fold (module docstring)
+
     def save_model(self):
-        paths = self.wdir, self.last, self.best
+        paths, final = (self.wdir, self.last, self.best), self.swa_weights()
         self.wdir, self.best = AtomicFile(self.wdir), AtomicFile(self.best)
         self.last = last = PendingFile(paths[1])
         try:
-            saved = super().save_model()
+            with self.swa_in_checkpoint(final):
+                saved = super().save_model()
+            if final is not None:  # best.pt holds the SWA weights too
+                self.best.write_bytes(last.data)
         finally:
             self.wdir, self.last, self.best = paths
         last.commit()
         return saved
+
+    def swa_weights(self):
+        """When the training stops with SWA epochs averaged: the average, batch-norm recomputed (else None)."""
+        if self.swa is None or not self.stop or not self.swa.n_averaged:
+            if self.swa is not None and self.stop:
+                LOGGER.warning(f"detect: {self.save_dir} stopped before its first SWA epoch: no SWA weights")
+            return None
+        batches = (self.preprocess_batch(batch)["img"] for batch in self.train_loader)
+        with torch.autocast(self.device.type, enabled=bool(self.amp)):
+            return self.swa.final_model(batches)
+
+    @contextmanager
+    def swa_in_checkpoint(self, final):
+        """The checkpoint Ultralytics serializes gains "swa" (the average so far); final: the SWA weights stand in for
+        its "ema", and "swa" becomes the fold's record."""
+        if self.swa is None:
+            yield
+            return
+        record = {"swa": True, "swa_epochs": self.swa.epochs, "n_averaged": self.swa.n_averaged}
+        extra = record if final is not None else self.swa.state_dict()
+        save, ema = torch.save, self.ema.ema
+
+        def with_swa(obj, f, *args, **kwargs):
+            return save({**obj, SWA_KEY: extra} if isinstance(obj, dict) and "ema" in obj else obj, f, *args, **kwargs)
+
+        if final is not None:
+            self.ema.ema = final
+        try:
+            with mock.patch.object(ultralytics_trainer.torch, "save", with_swa):
+                yield
+        finally:
+            self.ema.ema = ema
+        if final is not None:
+            LOGGER.info(f"detect: {self.save_dir}: SWA of {self.swa.n_averaged} epochs; best.pt and last.pt hold it")
+
+    def _model_train(self):
+        """Each epoch, after the scheduler's step: SWALR's swa_lr in the SWA epochs."""
+        super()._model_train()
+        if self.swa is not None:
+            self.swa.set_lr(self.optimizer, self.epoch + 1)
+
+    def swa_update(self) -> None:
+        """on_train_epoch_end: the raw model's weights join the average in the SWA epochs."""
+        if self.swa is not None:
+            self.swa.update(unwrap_model(self.model), self.epoch + 1)
 
     def final_eval(self):
         with mock.patch.object(ultralytics_trainer, "strip_optimizer", strip_optimizer_atomically):
@@ -151,6 +213,9 @@ class AtomicSaveTrainer(DetectionTrainer):
         super().resume_training(ckpt)
         if RANK in {-1, 0}:  # before the first epoch appends its row
             keep_epochs(self.csv, self.start_epoch if self.resume else 0)
+        if self.swa is not None and self.resume and ckpt:
+            self.swa.load_state_dict(ckpt.get(SWA_KEY), unwrap_model(self.model))
+            LOGGER.info(f"detect: {self.save_dir} resumes SWA with {self.swa.n_averaged} epochs averaged")
 
     is_better = None  # siimcovid's checkpoint rule ((stats, best) -> bool), set on a trainer by the yolo family
 
@@ -236,10 +301,12 @@ def train_fold(
     fitness: str,
     callbacks: dict[str, Callable] | None = None,
     state: str | None = None,
+    swa: tuple[int, float | None] = (0, None),
 ) -> str:
     """Train (or resume, or skip) one fold. Returns what happened: trained, resumed or skipped.
 
-    `state`: the fold's fold_state when the caller has it (it loads last.pt, which is large).
+    `state`: the fold's fold_state when the caller has it (it loads last.pt, which is large); `swa`: (swa_epochs,
+    swa_lr), SWA of the last epochs (module docstring).
     """
     folder = fold_dir(run_dir, fold)
     state = state or fold_state(folder)
@@ -259,6 +326,9 @@ def train_fold(
         kwargs = {**cfg_args, "data": str(data_yaml), "project": str(run_dir), "name": folder.name, "exist_ok": True}
     for event, fn in (callbacks or {}).items():
         yolo.add_callback(event, fn)
+    if swa[0] > 0:
+        yolo.add_callback("on_pretrain_routine_start", lambda t: setattr(t, "swa", SWA(swa[0], t.epochs, swa[1])))
+        yolo.add_callback("on_train_epoch_end", lambda t: t.swa_update())
     yolo.train(trainer=trainer, **kwargs)
     return "resumed" if state == "partial" else "trained"
 

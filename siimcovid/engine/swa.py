@@ -20,6 +20,7 @@ update(model, epoch) after it, and at the end final_model(batches, forward).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -55,7 +56,7 @@ class SWA:
     def __init__(self, epochs: int, total: int, lr: float | None = None):
         self.epochs, self.total, self.lr = int(epochs), int(total), lr
         self.averaged: torch.optim.swa_utils.AveragedModel | None = None
-        self.sched_for = None  # the optimizer SWALR was put on
+        self.sched = self.sched_for = None  # SWALR and the optimizer it was put on
 
     @classmethod
     def of(cls, cfg, total: int) -> "SWA | None":
@@ -79,10 +80,16 @@ class SWA:
         return self.lr is not None and self.averaging(epoch)
 
     def set_lr(self, opt, epoch: int) -> None:
-        """swa_lr: from the first SWA epoch on, SWALR's constant lr (anneal_epochs=0); once per optimizer."""
-        if self.owns_lr(epoch) and self.sched_for is not opt:
-            torch.optim.swa_utils.SWALR(opt, swa_lr=float(self.lr), anneal_epochs=0)
-            self.sched_for = opt
+        """swa_lr: from the first SWA epoch on, SWALR's constant lr (anneal_epochs=0), put on the optimizer once and
+        stepped at each later call (a family whose scheduler steps every epoch, Ultralytics', sets it again)."""
+        if not self.owns_lr(epoch):
+            return
+        if self.sched_for is not opt:
+            self.sched, self.sched_for = torch.optim.swa_utils.SWALR(opt, swa_lr=float(self.lr), anneal_epochs=0), opt
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": it only sets swa_lr
+            self.sched.step()
 
     def update(self, model: torch.nn.Module, epoch: int) -> None:
         """After epoch `epoch`'s training steps: the model's weights join the average when it is an SWA epoch."""
