@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 TINY = {"model": "test_efficientnet", "pretrained": False, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu"}
 TINY |= {"drop_rate": 0.0, "drop_path_rate": 0.0, "epochs": 1, "fine_lr": [], "warmup_epochs": 0, "tracking": "none"}
+DEFAULT_NONE_MODEL_WEIGHT = load_config("fuse").none_model_weight
 
 
 def none_table(images, seed=0, folds=True) -> pd.DataFrame:
@@ -297,3 +298,15 @@ def test_export_and_predict_carry_the_none_model(none_run, prepared, synth_root,
     (tampered / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     with pytest.raises(SiimError, match="classify/nm/settings.yaml says task none, but fuse.yaml lists it in cls"):
         open_bundle(tampered)
+
+
+def test_fuse_tune_spends_no_trial_on_none_model_weight_without_none_files(prepared, tmp_path):
+    oof_inputs(prepared, tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"none_model_weight": [0.0, 1.0], "none_cls_weight": [0.5, 1.0]}))
+    from siimcovid import cli
+
+    args = [f"data={prepared}", f"cls={tmp_path / 'cls.csv'}", f"space={space}", "trials=3"]
+    cli.main(["fuse", "tune", *args, f"project={tmp_path / 'runs'}", "name=t", "workers=1"])
+    trials = pd.read_csv(tmp_path / "runs" / "t" / "trials.csv")
+    assert set(trials.none_model_weight) == {DEFAULT_NONE_MODEL_WEIGHT}

@@ -4,7 +4,8 @@ itself when data= is one.
 
 What is its own: the data (a prepared folder's folds), one fold's training (siimcovid.classify.train.FoldTrainer,
 under torchrun one process per GPU), its files (FILES), its TTA (the horizontal mirror) and its predictions
-(tables.CLASSIFIER_IMAGES). The fold engine (siimcovid.engine.folds) does the rest.
+(tables.CLASSIFIER_IMAGES). The fold engine (siimcovid.engine.folds) does the rest. task=none is the same family
+trained as a binary none model (siimcovid.classify.none: its trainer, checkpoint rule and report).
 """
 
 from __future__ import annotations

@@ -291,6 +291,8 @@ def tune(cfg: Config) -> dict:
     written = open_run_dir(cfg, [run_dir(cfg) / name for name in OUTPUTS])  # a user's best.yaml stops it before the search
     inputs = load_inputs(cfg)
     describe_inputs(inputs)
+    if not inputs.none_files:  # without none_cls= files the none models' weight changes nothing: no trial spent on it
+        space.pop("none_model_weight", None)
     search, n_random = search_space(cfg, inputs, base, space)
     default_score = search.rows[0]["final"]
     best_score, best = simplify(search, base)
