@@ -2,7 +2,8 @@
 siimcovid/classify/train.py's docstring): what last.pt holds to resume, best.pt, results.csv and results.png.
 
 best.pt (BEST_KEYS), read by `classify predict` and `siimcovid export`:
-    model       the evaluated weights of the best epoch (EMA weights when ema > 0): a state dict
+    model       the evaluated weights of the best epoch (EMA weights when ema > 0): a state dict; swa_epochs > 0:
+                the SWA weights of the fold's end (siimcovid.classify.swa), also last.pt's model once the fold ends
     model_cfg   build_model's arguments (siimcovid.classify.model.MODEL_KEYS; multi-label: labels)
     epoch, wave, score   the best epoch (1-based), its wave and its checkpoint score (study mAP or mean AUC)
     imgsz       the input size; classes: the output classes (STUDY_CLASSES, or the pretraining's labels)

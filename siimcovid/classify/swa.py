@@ -37,6 +37,12 @@ class FoldSWA:
 
     def swa_resume(self, state: dict | None) -> None:
         """The average as last.pt holds it (a fresh start: none)."""
+        if self.swa is not None and self.d.is_main:
+            ema = f"; ema={self.cfg.ema} still validates each epoch, the EMA is not what SWA averages" if self.cfg.ema > 0 else ""
+            LOGGER.info(
+                f"fold {self.fold}: SWA averages the model's own weights of epochs {self.swa.first}-{self.swa.total}{ema}; "
+                "the fold ends with the SWA weights"
+            )
         if self.swa is not None and state is not None:
             self.swa.load_state_dict(state.get(SWA_KEY), self.model)
             if self.d.is_main and self.swa.n_averaged:

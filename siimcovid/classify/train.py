@@ -5,7 +5,8 @@ Run dir <project>/<name>/ (the resolved config in classify.yaml), one folder per
 fold<k>/classify.yaml        the resolved config
 fold<k>/last.pt              everything to resume: model, EMA, optimizer, scheduler, scaler, wave/epoch, the log,
                              every random stream (numpy, torch, loader, augmentation; per rank); written first each epoch
-fold<k>/best.pt              the weights of the best epoch by the checkpoint rule (EMA weights when ema > 0)
+fold<k>/best.pt              the weights of the best epoch by the checkpoint rule (EMA weights when ema > 0);
+                             swa_epochs > 0: at the fold's end, the SWA weights (siimcovid.classify.swa)
 fold<k>/results.csv          one row per epoch (columns: LOG_COLUMNS, then any extra loss term of an on_loss hook)
 fold<k>/results.png          losses, study mAP and lr per epoch
 fold<k>/val_pred_image.csv   the best checkpoint's predictions on the fold's held-out images, no TTA
