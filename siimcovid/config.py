@@ -584,12 +584,9 @@ RENAMED: dict[str, dict[str, str]] = {
 }
 
 
-# Values whose meaning moved: tta is on/off for every stage (each model family's own views: the detector's flips and
-# scales, the classifier's mirror), no longer a view name in classify; an old value is one error giving the new one.
-RETIRED: dict[str, dict[str, dict[str, str]]] = {
-    "classify": {"tta": {"hflip": "true", "none": "false"}},
-    "pseudo": {"cls_tta": {"hflip": "true", "none": "false"}},
-}
+# Values whose meaning moved: an old value is one error giving the new one ({stage: {key: {old: new}}}). (classify's
+# tta is a view name again, none | hflip | vflip | d4, its true / false of the release before read as hflip / none.)
+RETIRED: dict[str, dict[str, dict[str, str]]] = {}
 
 
 def _retired(stage: str, key: str, value: Any, source: str | None) -> None:

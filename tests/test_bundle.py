@@ -163,7 +163,7 @@ def test_export_of_a_run_lays_out_members_settings_and_manifest(runs, bundle):
     det = yaml.safe_load((bundle / "detect/x/settings.yaml").read_text())
     assert det["tta"] is False and det["conf"] == 0.01 and det["size"] == 64 and det["imgsz"] == {0: 64, 1: 64}
     cls = yaml.safe_load((bundle / "classify/x/settings.yaml").read_text())
-    assert {k: cls[k] for k in ("imgsz", "tta", "weights")} == {"imgsz": 64, "tta": False, "weights": "best"}
+    assert {k: cls[k] for k in ("imgsz", "tta", "weights")} == {"imgsz": 64, "tta": "none", "weights": "best"}
     assert yaml.safe_load((bundle / "classify/x/model.yaml").read_text()) == {"family": "timm", **CLS_MODEL}
     det_model = yaml.safe_load((bundle / "detect/x/model.yaml").read_text())
     assert det_model["family"] == "ultralytics" and det_model["yaml"]["nc"] == 1
@@ -226,7 +226,7 @@ def test_runs_named_one_by_one_take_the_settings_their_own_predict_recorded(runs
     assert {k: det["v5a"][k] for k in ("conf", "iou", "tta", "max_det", "predict_imgsz")} == {
         "conf": 0.05, "iou": 0.6, "tta": False, "max_det": 50, "predict_imgsz": 96}  # fmt: skip
     assert det["v5b"]["tta"] is True and det["v5b"]["conf"] == 0.001  # recorded nothing: the defaults
-    assert {m.name: m.settings["tta"] for m in opened.classifiers} == {"b3": True, "b5": False}  # on or off
+    assert {m.name: m.settings["tta"] for m in opened.classifiers} == {"b3": "hflip", "b5": "none"}  # view names
 
 
 def test_export_refuses_unfinished_folds_and_members_the_fusion_did_not_use(runs, tmp_path):

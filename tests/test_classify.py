@@ -638,8 +638,8 @@ def test_hflip_tta_averages_the_image_and_its_mirror():
     loader = DataLoader(items, batch_size=2)
     _, plain, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta=False)
     _, tta, _, _ = P.infer(LeftRight(), loader, torch.device("cpu"), tta=True)
-    with pytest.raises(SiimError, match=r"tta='none': tta is on or off"):  # a view name of the release before
-        P.infer(LeftRight(), loader, torch.device("cpu"), tta="none")
+    with pytest.raises(SiimError, match=r"tta='mirror': tta is one of none, hflip, vflip, d4"):
+        P.infer(LeftRight(), loader, torch.device("cpu"), tta="mirror")
     assert plain[0, 0] > 0.9 and plain[0, 1] < 0.1
     assert tta[0, 0] == pytest.approx(tta[0, 1]) and tta[0, 0] == pytest.approx((plain[0, 0] + plain[0, 1]) / 2)
 

@@ -107,12 +107,13 @@ def test_an_out_inside_a_folder_source_is_refused_before_anything(tmp_path):
     assert not (tmp_path / "dicoms" / "out").exists()
 
 
-def test_tta_null_keeps_each_members_own_and_a_bool_sets_every_member():
-    det = SimpleNamespace(kind="detect", settings={"tta": True})
-    cls = SimpleNamespace(kind="classify", settings={"tta": True})
-    assert member_tta(det, None) is True and member_tta(cls, None) is True
-    assert member_tta(det, False) is False and member_tta(cls, False) is False and member_tta(cls, True) is True
-    assert member_tta(SimpleNamespace(kind="classify", settings={"tta": False}), None) is False
+def test_tta_null_keeps_each_members_own_and_a_value_sets_every_member():
+    det = SimpleNamespace(kind="detect", name="d", settings={"tta": True})
+    cls = SimpleNamespace(kind="classify", name="c", settings={"tta": "d4"})
+    assert member_tta(det, None) is True and member_tta(cls, None) == "d4"
+    assert member_tta(det, False) is False and member_tta(cls, False) == "none" and member_tta(cls, True) == "hflip"
+    assert member_tta(det, "none") is False and member_tta(det, "vflip") is True and member_tta(cls, "vflip") == "vflip"
+    assert member_tta(SimpleNamespace(kind="classify", name="c", settings={"tta": False}), None) == "none"  # an old bundle
 
 
 def test_a_detector_members_settings_reach_ultralytics_as_its_run_gave_them():

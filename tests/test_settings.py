@@ -183,13 +183,14 @@ def test_the_run_yaml_a_run_saves_is_a_valid_cfg(tmp_path):
     assert load_config("run", [f"cfg={tmp_path / 'run.yaml'}"]) == cfg
 
 
-def test_tta_is_on_or_off_everywhere_and_an_old_view_name_says_the_new_value(tmp_path):
+def test_a_classifiers_tta_is_a_view_name_and_true_false_still_read(tmp_path):
     from siimcovid.bundle.members import classifier_tta
 
-    assert load_config("classify", {}).tta is True and load_config("detect", {}).tta is True
-    with pytest.raises(ConfigError, match=r"^classify setting tta=hflip is now tta=true"):
-        load_config("classify", ["tta=hflip"])
+    assert load_config("classify", {}).tta == "hflip" and load_config("detect", {}).tta is True
+    assert load_config("classify", ["tta=d4"]).tta == "d4" and load_config("classify", ["tta=false"]).tta is False
     (tmp_path / "old.yaml").write_text("cls_tta: none\n")
-    with pytest.raises(ConfigError, match=r"pseudo setting cls_tta=none in .*old.yaml is now cls_tta=false"):
-        load_config("pseudo", [f"cfg={tmp_path / 'old.yaml'}"])
-    assert classifier_tta("hflip", "x") is True and classifier_tta("none", "x") is False  # a bundle of the release before
+    assert load_config("pseudo", [f"cfg={tmp_path / 'old.yaml'}"]).cls_tta == "none"
+    with pytest.raises(ConfigError, match=r"^classify setting tta='d8': expected none \| hflip \| vflip \| d4 \| bool"):
+        load_config("classify", ["tta=d8"])
+    assert classifier_tta(True, "x") == "hflip" and classifier_tta(False, "x") == "none"  # a bundle of tta on / off
+    assert classifier_tta("hflip", "x") == "hflip" and classifier_tta("vflip", "x") == "vflip"

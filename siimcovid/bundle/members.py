@@ -267,9 +267,12 @@ def check_lung(settings: dict, model: dict, folds: set, label: str) -> None:
 
 
 # ----------------------------------------------------------------------------- classify
-def classifier_tta(value, label: str) -> bool:
-    """tta: on or off; a bundle of the release before says hflip (on) or none (off), its view's name."""
-    return typed("classify", "tta")({"hflip": True, "none": False}.get(value, value) if isinstance(value, str) else value, label)
+def classifier_tta(value, label: str) -> str:
+    """tta: a view name (siimcovid.classify.tta); a bundle of the releases where tta was on or off says true / false,
+    read as hflip / none (its one view), and predicts as it did."""
+    from siimcovid.classify.tta import tta_name
+
+    return tta_name(typed("classify", "tta")(value, label), f"{label}: tta")
 
 
 CLASSIFY_SETTINGS = Document(
@@ -277,7 +280,7 @@ CLASSIFY_SETTINGS = Document(
     "<bundle>/classify/<name>/settings.yaml",
     (
         Key("imgsz", "the image size it trained at and reads (one of prepare.yaml's sizes)", typed("classify", "imgsz")),
-        Key("tta", "classify predict's tta (cfg/classify.yaml): on or off", classifier_tta),
+        Key("tta", "classify predict's tta: none | hflip | vflip | d4 (true / false: hflip / none)", classifier_tta),
         Key("weights", "the fold checkpoints packed: best | last", typed("classify", "weights")),
         Key("folds_id", "{fold: the fold fingerprint it trained on}", lambda v, label: v if isinstance(v, dict) else {}),
         Key("task", "classify train's task: none = a binary none model, listed in fuse.yaml's none_cls (absent: study)",
@@ -304,7 +307,8 @@ def classifier_member(run_dir: Path, pcfg: Config, anchors: list[Path], explicit
     prepared = locate(run_cfg["data"], [*anchors, *run_dir.resolve().parents])
     if prepared is None:
         raise SiimError(f"export: {saved}: its prepared folder {run_cfg['data']} is not found")
-    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": saved.get("tta", pcfg.tta), "weights": chosen}
+    tta = classifier_tta(saved.get("tta", pcfg.tta), f"export: {run_dir}")  # a view name (true / false recorded before)
+    settings = {"imgsz": int(run_cfg["imgsz"]), "tta": tta, "weights": chosen}
     settings |= {"task": "none"} if run_cfg.get("task") == "none" else {}  # a binary none model (fuse's none_cls)
     settings |= view_settings(run_dir, saved, "classify", anchors)
     return Member("classify", run_dir.name, weights_files, settings), prepared

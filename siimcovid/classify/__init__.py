@@ -15,6 +15,7 @@ Modules:
     optim.py        a fold's optimisation: the fp16 loss scaler, the weight EMA, a wave's optimizer and scheduler
     checkpoints.py  a fold's checkpoints and log: what last.pt holds to resume, best.pt's keys, results.csv
     model.py        build_model(...), StudyNet, StudyLoss (CE + none BCE + mask BCE/Dice), probabilities(...)
+    tta.py          tta=none | hflip | vflip | d4: tta_name, tta_views, apply / invert a view, detector_tta (on or off)
     data.py         prepared images + masks -> tensors: image_table, StudyDataset, build_augment, mask-aware mix_batch
     dist.py         torchrun / DDP helpers: setup(), cleanup() (a world of one without torchrun)
     summary.py      describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
@@ -22,5 +23,5 @@ Modules:
 
 __all__ = [
     "checkpoints", "data", "dist", "family", "files", "model", "none", "none_trainer", "optim", "predict", "pretrain",
-    "summary", "train",
+    "summary", "train", "tta",
 ]  # fmt: skip

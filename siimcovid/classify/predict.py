@@ -10,10 +10,11 @@ scores_oof.csv           tables.SCORES: AP of the four study classes (on the stu
 
 oof: each fold's best checkpoint predicts its own validation images.
 test: every fold's best checkpoint predicts every test image; the probabilities are averaged.
-tta=true averages each model's probabilities on the image and its mirror (the classifier's TTA view, VIEW).
+tta=none | hflip | vflip | d4 averages each model's probabilities over those views of each image (siimcovid.classify.tta:
+the mirror, the upside-down mirror, the 8 turns and mirrors of the square); true / false, as tta was before, = hflip / none.
 crop=lung (lung=<a lung detector run>): each fold model also sees each image cropped to the lung window that the lung
 run's model of the same fold found (oof: its out-of-fold boxes; test: its test boxes; siimcovid.views), resized to the
-input size, mirrored too with tta; the two views' probabilities combine per image by view_fusion (fuse_views). An image
+input size, seen in the same TTA views; the two views' probabilities combine per image by view_fusion (fuse_views). An image
 without a confident lung box is seen whole only. crop=none is the path of a single view, unchanged.
 Ensembles (several run=...) combine the runs' tables row by row with siimcovid.ensemble.combine:
 mean, geometric (alias geomean: the product of members, up to a power) or rank (mean of each
@@ -40,16 +41,17 @@ from siimcovid.views import view_record, warn_other_views
 
 PROB_COLUMNS = [c for c in CLASSIFIER_STUDIES.names if c in CLASSES]  # the four study classes and none
 SCORED_CLASSES = STUDY_CLASSES + ["none"]  # what scores_oof.csv scores
-VIEW = "hflip"  # the classifier's test-time view: its mirror (the `tta` column of its scores names it)
 DONE = FILES.done  # fold<k>/done.json, written last by `classify train`: the fold is finished
 
 
 # ---------------------------------------------------------------- tables (no torch needed)
 
 
-def view(tta: bool) -> str:
-    """The TTA a table names: the view when on, none when off."""
-    return VIEW if tta else "none"
+def view(tta) -> str:
+    """The TTA a table (the `tta` column of scores) and a record name: the view name (true = hflip, false = none)."""
+    from siimcovid.classify.tta import tta_name
+
+    return tta_name(tta)
 
 
 def study_table(images: pd.DataFrame) -> pd.DataFrame:
@@ -252,10 +254,11 @@ def crop_subset(table: pd.DataFrame, windows: list) -> tuple[np.ndarray, pd.Data
 # ---------------------------------------------------------------- inference
 
 
-def infer(model, loader, device, amp_dtype=None, tta: bool = False, loss_fn=None, progress: bool = False, outputs=None):
+def infer(model, loader, device, amp_dtype=None, tta="none", loss_fn=None, progress: bool = False, outputs=None):
     """Run a model over a loader. Returns (indices, study probs (N,4), none probs (N,) or None, loss sums dict).
 
-    tta: the mean of the probabilities of each image and its mirror (the loss uses the plain image).
+    tta: none | hflip | vflip | d4 (true = hflip, false = none): the mean of the probabilities of the views of each
+    image (siimcovid.classify.tta), made of the batch on the device (the loss uses the plain image).
     outputs: the model's output -> (probabilities, none or None); default the study softmax and the none sigmoid
     (multi-label pretraining: the labels' sigmoid).
     """
@@ -264,9 +267,9 @@ def infer(model, loader, device, amp_dtype=None, tta: bool = False, loss_fn=None
 
     from siimcovid.classify.data import to_device
     from siimcovid.classify.model import probabilities
+    from siimcovid.classify.tta import apply, tta_views
 
-    if not isinstance(tta, bool):  # the view name of the release before ("hflip", "none") would read as on
-        raise SiimError(f"tta={tta!r}: tta is on or off (True or False)")
+    views = tta_views(tta)[1:]  # the first is the image as it is
     outputs = outputs or probabilities
     model.eval()
     idx, studies, nones, sums, n = [], [], [], {}, 0
@@ -281,11 +284,14 @@ def infer(model, loader, device, amp_dtype=None, tta: bool = False, loss_fn=None
                 parts = loss_fn(out, b["label"], b["none"], b["mask"], b.get("has_mask"))
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(study)
-            if tta:
+            for v in views:
                 with autocast:
-                    s2, n2 = outputs(model(b["image"].flip(-1)))
-                study = (study + s2) / 2
-                none = (none + n2) / 2 if none is not None else None
+                    s2, n2 = outputs(model(apply(v, b["image"])))
+                study = study + s2
+                none = none + n2 if none is not None else None
+            if views:
+                study = study / (len(views) + 1)
+                none = none / (len(views) + 1) if none is not None else None
             n += len(study)
             idx.append(b["index"].cpu())
             studies.append(study.cpu())
@@ -358,7 +364,7 @@ class Inference:
     device: object
     amp_dtype: object
     channels_last: bool
-    tta: bool
+    tta: str | bool  # a view name of siimcovid.classify.tta (true / false: hflip / none)
     loader_kw: dict
     load: Callable | None = None  # (weights file, device, channels_last) -> model; None: a run's own checkpoint
     views: Views | None = None  # crop=lung: the lung-crop views (None: the whole image only)
@@ -378,7 +384,7 @@ class Inference:
 def run_inference(
     run_dir: Path,
     split: str,
-    tta: bool,
+    tta: str | bool,
     device,
     batch: int,
     workers: int,
@@ -633,7 +639,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
                 images, studies = predict_run(run_dir, split, *how, **views)
             write_run_tables(run_dir, split, images, studies)
             if not cfg.source and split == "test":  # what made the run's test tables: `siimcovid export` packs these
-                saved = {"tta": cfg.tta, "weights": cfg.weights} | view_record(cfg, "classify")
+                saved = {"tta": view(cfg.tta), "weights": cfg.weights} | view_record(cfg, "classify")
                 rundir.save_predict_settings(run_dir, saved)
         per_run.append((run_dir, images, studies))
     if len(runs) > 1:
@@ -683,18 +689,23 @@ def open_ensemble_dir(cfg, runs: list[Path]):
     out_dir, splits = ensemble_dir(cfg), as_list(cfg.split)
     tables = [p for split in splits for p in table_paths(out_dir, split)]
     tables += [out_dir / "scores_oof.csv"] if "oof" in splits else []
-    definition = dict(zip(ENSEMBLE_KEYS, ([str(Path(r).resolve()) for r in runs], cfg.ensemble, cfg.tta, cfg.weights)))
+    definition = dict(zip(ENSEMBLE_KEYS, ([str(Path(r).resolve()) for r in runs], cfg.ensemble, view(cfg.tta), cfg.weights)))
     sources = [*runs, cfg.source]
     written = open_out(
         out_dir, ENSEMBLE_RECORD, "classify", cfg.overwrite, sources, earlier=earlier_ensemble, check=tables
     )
-    if written.data and written.data != definition:
+    if written.data and same_tta(written.data) != definition:
         gone = written.remove_all()
         LOGGER.warning(f"{out_dir} held another ensemble: removed its {len(gone)} prediction file(s)")
     written.data = definition
     written.claim(*tables)
     written.save()
     return written
+
+
+def same_tta(record: dict) -> dict:
+    """An ensemble record whose tta is true / false (tta on or off, as it was) with the view name it meant."""
+    return {**record, "tta": view(record["tta"])} if isinstance(record.get("tta"), bool) else record
 
 
 def earlier_ensemble(out_dir: Path):

@@ -8,7 +8,7 @@ bundle's checkpoints), so a bundle predicts what its runs predicted on the same 
                 model rebuilt once from its description and weights (siimcovid.weights.detector), every
                 test image in batches of `batch` -> tables.DETECTIONS
     classifier  siimcovid.classify.predict.predict_test: one loader for all folds, each fold's model
-                rebuilt once (siimcovid.weights.classifier), the fold mean (and hflip TTA) -> tables.CLASSIFIER_IMAGES
+                rebuilt once (siimcovid.weights.classifier), the fold mean (over its TTA views) -> tables.CLASSIFIER_IMAGES
     lung        a lung member (siimcovid.bundle.members.LUNG) predicts first, as a detector with its own settings;
                 its table becomes the "test" split of a siimcovid.views.LungBoxes (lung_boxes), which each member
                 of crop=lung gets (`lungs`): fold k of the member crops with lung fold k's boxes of the new images,
@@ -40,9 +40,17 @@ class Hardware:
     half: bool
 
 
-def member_tta(member, tta: bool | None):
-    """The member's TTA, on or off: the bundle's (tta=null), or predict's for every member (each its own views)."""
-    return bool(member.settings.get("tta")) if tta is None else bool(tta)
+def member_tta(member, tta: str | bool | None) -> str | bool:
+    """The member's TTA: the bundle's (tta=null), or predict's for every member (cfg/predict.yaml tta). A classifier's
+    is a view name (siimcovid.classify.tta; true / false: hflip / none); a detector's on or off, its own views
+    (detector_tta: none / false off, any other on)."""
+    from siimcovid.classify.tta import detector_tta, tta_name
+
+    value = member.settings.get("tta") if tta is None else tta
+    where = f"{member.kind}/{getattr(member, 'name', '?')}: tta"
+    if member.kind == "classify":
+        return tta_name(value, where)
+    return detector_tta(bool(value) if value is None else value, where)
 
 
 def lung_boxes(table: pd.DataFrame, name: str, where) -> "LungBoxes":  # noqa: F821
@@ -130,7 +138,7 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=
     return predict(family, run, run.weights, ["test"], family.cfg.device)["test"]
 
 
-def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=None) -> pd.DataFrame:
+def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str, lungs=None) -> pd.DataFrame:
     """Every fold of a classifier member on every test image of `prepared`, averaged: tables.CLASSIFIER_IMAGES;
     lungs: as for a detector (crop=lung: each image whole and cropped, the views fused by its view_fusion)."""
     from siimcovid.classify.predict import Inference, Views, amp_dtype_for, predict_test
