@@ -687,6 +687,23 @@ COPIES = Table(
     key=("image_id",),
 )
 
+DISTILL_TARGETS = Table(
+    "distillation targets",
+    "runs/classify/<student>/fold<k>/distill_targets.csv (classify train distill=)",
+    (
+        Column("image_id", TEXT, "a training image of the student's fold k (never one of fold k's validation images)"),
+        Column("study_id", TEXT, "its study"),
+        Column("fold", INT, "k: the student fold that learns from the row, and the teacher fold whose models predicted it", lo=0),
+        *[Column(c, FLOAT, f"soft target P({c}): the teachers' mean fold-k probability", lo=0.0, hi=1.0) for c in STUDY_CLASSES],
+        Column("none", FLOAT, "soft target P(image has no opacity): the mean of the teachers' fold-k none", lo=0.0, hi=1.0),
+        Column("teachers_id", TEXT, "a fingerprint of the teachers (runs, sha256 of their fold-k best.pt) and their TTA"),
+    ),
+    "The soft targets of one student fold (siimcovid.classify.distill), one row per training image: its cache, reused "
+    "while teachers_id is that of the teachers given.",
+    checks=(_not_empty("image_id", "study_id", "teachers_id"), _one_study_per_image),
+    key=("image_id",),
+)
+
 
 # ----------------------------------------------------------------------------- predict's tables for people
 PREDICTED_STUDIES = Table(

@@ -90,6 +90,12 @@ class TimmFamily(Family):
         masks = not self.labels() or bool((prep.meta.n_boxes > 0).any())
         check_files(prep, prep.split("train").assign(split="train"), self.size, masks=masks)
         self.check_views(data)
+        if self.cfg.get("distill"):  # the teachers checked and recorded (siimcovid.classify.distill)
+            from siimcovid.classify.distill import prepare_run
+
+            if self.labels():
+                raise SiimError("distill=: multi-label pretraining (an external labelled set) has no study targets to distill")
+            self.teachers = prepare_run(self.cfg, prep, data.folds, data)
 
     def check_views(self, data: FoldData) -> None:
         """crop=lung: the lung run is readable, of these folds, with the out-of-fold boxes that training crops with
@@ -111,10 +117,14 @@ class TimmFamily(Family):
         from siimcovid.data.extra import open_extra
 
         hooks = {"is_better": [none_ap_improved]} if is_none_task(self.cfg) else {}  # task=none: best.pt by AP(none)
-        if not self.cfg.extra:
-            return hooks
-        extras = open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds)
-        return hooks | {"on_train_data": [extra_data_hook(self.cfg, extras)]}
+        data_hooks = []
+        if self.cfg.extra:
+            data_hooks.append(extra_data_hook(self.cfg, open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds)))
+        if getattr(self, "teachers", None):  # distill=: after extra=, the fold's own images get the teachers' soft targets
+            from siimcovid.classify.distill import distill_hook
+
+            data_hooks.append(distill_hook(self.teachers))
+        return hooks | ({"on_train_data": data_hooks} if data_hooks else {})
 
     def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
         self.saved = self.run_config(data)

@@ -6,10 +6,11 @@ from siimcovid.engine.family import FoldFiles
 
 VAL_IMAGES = "val_pred_image.csv"  # the best epoch's predictions on the fold's held-out images (CLASSIFIER_IMAGES)
 VAL_LABELS = "val_pred_labels.csv"  # multi-label pretraining: the best epoch's validation probabilities
+DISTILL = "distill_targets.csv"  # distill=: the fold's soft targets from its teachers (tables.DISTILL_TARGETS), a cache
 FILES = FoldFiles(
     settings="classify.yaml",
     best="best.pt",
     last="last.pt",
     done="done.json",
-    fold=("results.png", VAL_IMAGES, VAL_LABELS),
+    fold=("results.png", VAL_IMAGES, VAL_LABELS, DISTILL),
 )
