@@ -39,6 +39,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | PSEUDO_LABELS | pseudo | runs/pseudo/<name>/labels.csv | extra training data (siimcovid.data.extra.ExtraData) |
 | PSEUDO_BOXES | pseudo | runs/pseudo/<name>/boxes.csv | people (the boxes are also the folder's YOLO labels) |
 | COPIES | pseudo (dedup=drop) | runs/pseudo/<name>/copies.csv | people (the pool images left out as SIIM's own) |
+| DISTILL_TARGETS | classify train distill= | runs/classify/<student>/fold<k>/distill_targets.csv | its fold k (a cache) |
 | PREDICTED_STUDIES / PREDICTED_IMAGES / PREDICTED_BOXES | predict | <out>/{studies,images,boxes}.csv | people |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are

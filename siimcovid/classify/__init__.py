@@ -18,10 +18,11 @@ Modules:
     tta.py          tta=none | hflip | vflip | d4: tta_name, tta_views, apply / invert a view, detector_tta (on or off)
     data.py         prepared images + masks -> tensors: image_table, StudyDataset, build_augment, mask-aware mix_batch
     dist.py         torchrun / DDP helpers: setup(), cleanup() (a world of one without torchrun)
+    distill.py      distill=: prepare_run (the teachers checked, recorded), soft_targets, distill_hook (a student's targets)
     summary.py      describe(run_dir): the row of a classify run in `siimcovid runs` (yaml and pandas only)
 """
 
 __all__ = [
-    "checkpoints", "data", "dist", "family", "files", "model", "none", "none_trainer", "optim", "predict", "pretrain",
+    "checkpoints", "data", "dist", "distill", "family", "files", "model", "none", "none_trainer", "optim", "predict", "pretrain",
     "summary", "train", "tta",
 ]  # fmt: skip
