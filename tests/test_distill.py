@@ -133,3 +133,34 @@ def test_a_resume_with_a_changed_teacher_is_refused(student, teacher, prepared, 
     with pytest.raises(SiimError, match="distill_teachers"):
         train(settings(prepared, students, "student2", fold=0, distill=[str(copy)], distill_weight=1.0))
     assert yaml.safe_load(path.read_text())["learned"]["distill_teachers"][0]["run"] == str(copy)
+
+
+def test_with_extra_data_only_the_siim_images_get_the_teachers_targets(prepared, tmp_path):
+    """The hook after extra=: the ConcatDataset's first part (the fold's own images) is distilled, the extra part kept;
+    a cached table of these teachers is read, not computed again."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import ConcatDataset
+
+    from siimcovid.classify.data import SoftTargets, StudyDataset, TargetDataset, image_table
+    from siimcovid.classify.distill import Teacher, distill_hook, teachers_id
+    from siimcovid.config import Config
+    from siimcovid.engine.family import World
+
+    prep = Prepared(prepared)
+    table = image_table(prep, "train", 0, "train")
+    teachers = [Teacher(tmp_path / "t", prep.folds_id, 64, {0: tmp_path / "t" / "fold0" / "best.pt"}, {0: "0" * 64})]
+    soft = table[["image_id", "study_id"]].assign(fold=0, negative=0.1, typical=0.6, indeterminate=0.2, atypical=0.1, none=0.3)
+    DISTILL_TARGETS.write(soft.assign(teachers_id=teachers_id(teachers, 0, "hflip")), tmp_path / DISTILL)
+    own = StudyDataset(prep, table, 64)
+    image = prep.image_path(table.image_id[0], "train", 64)
+    extra = TargetDataset([image], [None], np.full((1, 4), np.nan, dtype=np.float32), np.array([0.5], np.float32), 64)
+    cfg = Config(distill_tta="hflip", distill_weight=0.5, batch=8, workers=0)
+    trainer = SimpleNamespace(cfg=cfg, dir=tmp_path, fold=0, d=World(), prep=prep, device=torch.device("cpu"))
+    trainer.train_dataset, trainer.train_tab = ConcatDataset([SoftTargets(own, 4), extra]), table
+    distill_hook(teachers)(trainer)  # the teachers' best.pt does not exist: the cache must be what is read
+    first, last = trainer.train_dataset[0], trainer.train_dataset[len(table)]
+    hard = np.eye(4)[table.label[0]]
+    assert first["label"].numpy() == pytest.approx(0.5 * np.array([0.1, 0.6, 0.2, 0.1]) + 0.5 * hard)
+    assert float(first["none"]) == pytest.approx(0.5 * 0.3 + 0.5 * table.none[0]) and bool(first["has_mask"])
+    assert np.isnan(last["label"].numpy()).all() and float(last["none"]) == 0.5  # the extra image as it was

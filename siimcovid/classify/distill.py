@@ -79,7 +79,7 @@ class Teacher:
 def teacher_dir(given, project: str | Path) -> Path:
     """A teacher as given (a classify run folder, or a run name under project=) -> its folder; a table refused."""
     path = Path(str(given))
-    if path.is_file() or path.suffix in (".csv", ".pt"):
+    if path.is_file() or path.suffix in (".csv", ".pt"):  # a table (or one checkpoint): not per fold k
         raise SiimError(f"distill={given}: {LEAKY_TABLE}")
     for cand in (path, Path(project) / str(given)):
         if (cand / FILES.settings).is_file():
