@@ -248,7 +248,8 @@ def test_runtime_and_fusion_keys():
     }  # fmt: skip
     expected = [
         "det_weights", "det_scale", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
-        "none_det", "none_cls_weight", "none_blend", "opacity_exponent", "negative_none_weight",
+        "none_det", "none_cls_weight", "none_blend", "none_model_weight", "none_model_weights", "opacity_exponent",
+        "negative_none_weight",
     ]  # fmt: skip
     assert fusion_keys() == expected
     from siimcovid.fuse.pipeline import FUSION_KEYS

@@ -96,6 +96,8 @@ def test_which_contracts_have_a_key():
         "LUNG_BOXES": ("image_id",),
         "CLASSIFIER_IMAGES": ("image_id", "fold", "model"),
         "CLASSIFIER_STUDIES": ("study_id", "fold", "model"),
+        "NONE_IMAGES": ("image_id", "fold", "model"),
+        "DISTILL_TARGETS": ("image_id",),
         "FUSED_IMAGES": ("image_id",),
         "FUSED_STUDIES": ("study_id",),
         "SUBMISSION": ("id",),
