@@ -381,22 +381,13 @@ def without_copies(cfg: Config, source: Prepared, data: Prepared, pool: pd.DataF
     if cfg.dedup == "keep" or source.root.resolve() == data.root.resolve():
         written.remove(out)
         return pool
-    from siimcovid.data.dedup import siim_copies
+    from siimcovid.data.dedup import check_pool, siim_copies
     from siimcovid.tables import COPIES
 
     copies = siim_copies(source, data, min(sizes), cfg.dedup_distance)
-    pairs = ", ".join(f"{r.image_id} = {r.siim_split} {r.siim_image_id} ({r.distance} bits)" for r in copies.head(3).itertuples())
-    if cfg.dedup == "refuse" and len(copies):
-        raise SiimError(
-            f"{source.root}: {len(copies)} pool images are SIIM images of {data.root} under other ids (perceptual hash "
-            f"within dedup_distance={cfg.dedup_distance} bits), e.g. {pairs}; dedup=drop leaves them out"
-        )
+    check_pool(copies, f"{source.root} (against {data.root})", "pool images", len(pool), cfg.dedup, cfg.dedup_distance, out)
     written.claim(out)
     COPIES.write(copies, out)
-    if len(copies):
-        LOGGER.warning(f"pseudo: left out {len(copies)} of {len(pool)} pool images, SIIM's own ({out}), e.g. {pairs}")
-    else:
-        LOGGER.info(f"pseudo: no pool image is a SIIM image's copy (dedup_distance={cfg.dedup_distance}; {out})")
     return pool[~pool.image_id.isin(copies.image_id)].reset_index(drop=True)
 
 

@@ -101,3 +101,56 @@ def test_refuse_names_the_pair_and_keep_leaves_the_pool_as_it_is(prepared, pool,
     kept, source, _ = dedup_run(prepared, pool, tmp_path / "kept", "keep")
     assert kept.image_id.tolist() == source.split("test").image_id.tolist()
     assert not (tmp_path / "kept" / "copies.csv").exists()
+
+
+def as_external(prepared, out: Path) -> Path:
+    """A copy of the SIIM prepared folder (its 64 px images) that says it is an external set of layout rsna."""
+    import yaml
+
+    root = Path(shutil.copytree(prepared, out, ignore=shutil.ignore_patterns("128")))
+    saved = yaml.safe_load((root / "prepare.yaml").read_text())
+    section = next(k for k, v in saved.items() if k != "learned" and isinstance(v, dict))
+    saved[section] = {**saved[section], "layout": "rsna", "sizes": [64]}
+    (root / "prepare.yaml").write_text(yaml.safe_dump(saved))
+    return root
+
+
+@pytest.fixture
+def external(prepared, tmp_path) -> Path:
+    """An external labelled set (layout rsna) whose train images are the SIIM train images, but image 0 is a re-encoded
+    copy of SIIM train image 5 (under image 0's id) and image 1 a distinct image."""
+    root = as_external(prepared, tmp_path / "ext")
+    source, data = Prepared(root), Prepared(prepared)
+    train = data.split("train").image_id.tolist()
+    original = cv2.imread(str(data.image_path(train[5], "train", 64)), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(source.image_path(train[0], "train", 64)), as_a_copy(original))
+    cv2.imwrite(str(source.image_path(train[1], "train", 64)), distinct(64))
+    return root
+
+
+def test_extra_drops_an_external_sets_siim_copies_from_every_fold_and_lists_them(prepared, external, tmp_path):
+    from siimcovid.data.extra import open_extra
+
+    data = Prepared(prepared)
+    train = data.split("train").image_id.tolist()
+    (e,) = open_extra([external], data.folds_id, data.n_folds, (data, 64, "drop", 8, tmp_path))
+    copies = COPIES.read(tmp_path / "copies_ext.csv")
+    assert copies.set_index("image_id").loc[train[0]].siim_image_id == train[5]  # the hidden copy, under its own id
+    assert train[1] not in set(copies.image_id) and set(copies.image_id) == set(train) - {train[1]}  # the rest: byte copies
+    for fold in range(data.n_folds):
+        assert [Path(p).stem for p in e.detector_images(fold, 64)] == [train[1]]
+        assert [Path(p).stem for p in e.classifier_rows(fold, 64).image] == [train[1]]
+    (kept,) = open_extra([external], data.folds_id, data.n_folds, (data, 64, "keep", 8, tmp_path / "kept"))
+    assert len(kept.classifier_rows(0, 64)) == len(train) and not (tmp_path / "kept").exists()
+    with pytest.raises(SiimError, match=rf"ext: {len(train) - 1} extra images are SIIM images under other ids"):
+        open_extra([external], data.folds_id, data.n_folds, (data, 64, "refuse", 8, tmp_path / "refused"))
+
+
+def test_an_external_set_that_is_all_copies_says_so_and_names_dedup_keep(prepared, tmp_path):
+    from siimcovid.data.extra import open_extra
+
+    root = as_external(prepared, tmp_path / "same")
+    data = Prepared(prepared)
+    (e,) = open_extra([root], data.folds_id, data.n_folds, (data, 64, "drop", 8, tmp_path))
+    with pytest.raises(SiimError, match="all of its .* images are SIIM images' copies .*dedup=keep"):
+        e.classifier_rows(0, 64)

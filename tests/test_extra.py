@@ -253,7 +253,7 @@ def classify_sets(prepared, project, **kw) -> dict:
 
 def test_classify_extra_grows_training_not_validation(prepared, rsna_prepared, pseudo_dir, tmp_path):
     plain = classify_sets(prepared, tmp_path, name="plain")
-    extra = classify_sets(prepared, tmp_path, name="extra", extra=[str(rsna_prepared), str(pseudo_dir)])
+    extra = classify_sets(prepared, tmp_path, name="extra", extra=[str(rsna_prepared), str(pseudo_dir)], dedup="keep")
     n_rsna = len(ExtraData(rsna_prepared).classifier_rows(0, 64))
     n_pseudo = len(ExtraData(pseudo_dir).classifier_rows(0, 64))
     assert plain["n_train"] == plain["n_siim"]

@@ -155,7 +155,7 @@ def test_classify_extra_trains(prepared, rsna_prepared, pseudo_dir, tmp_path, ca
 
     caplog.set_level(logging.INFO, logger="siimcovid")
     extra = [str(rsna_prepared), str(pseudo_dir)]
-    main(tiny_cfg(prepared, tmp_path, name="x", fold=0, epochs=1, fine_lr=[], extra=extra, mixup=0.5))
+    main(tiny_cfg(prepared, tmp_path, name="x", fold=0, epochs=1, fine_lr=[], extra=extra, mixup=0.5, dedup="keep"))
     assert "training images +" in run_log(caplog)
     assert (tmp_path / "x" / "fold0" / "done.json").is_file()
     log = pd.read_csv(tmp_path / "x" / "fold0" / "results.csv")
@@ -187,7 +187,7 @@ def test_detect_pretrain_on_rsna_then_finetune(prepared, rsna_prepared, pseudo_d
     lines: list[str] = []
     logging.getLogger("ultralytics").addHandler(messages)
     try:
-        detect(*common, "name=fine", f"init={tmp_path / 'rsna'}", extra)
+        detect(*common, "name=fine", f"init={tmp_path / 'rsna'}", extra, "dedup=keep")
     finally:
         logging.getLogger("ultralytics").removeHandler(messages)
     out = capfd.readouterr()

@@ -119,7 +119,8 @@ class TimmFamily(Family):
         hooks = {"is_better": [none_ap_improved]} if is_none_task(self.cfg) else {}  # task=none: best.pt by AP(none)
         data_hooks = []
         if self.cfg.extra:
-            data_hooks.append(extra_data_hook(self.cfg, open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds)))
+            dedup = (self.prep, int(self.cfg.imgsz), self.cfg.dedup, int(self.cfg.dedup_distance), self.run_dir)
+            data_hooks.append(extra_data_hook(self.cfg, open_extra(self.cfg.extra, self.prep.folds_id, self.prep.n_folds, dedup)))
         if getattr(self, "teachers", None):  # distill=: after extra=, the fold's own images get the teachers' soft targets
             from siimcovid.classify.distill import distill_hook
 
@@ -128,6 +129,7 @@ class TimmFamily(Family):
 
     def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
         self.saved = self.run_config(data)
+        self.run_dir = Path(run_dir)  # where extra='s copies CSVs go (callbacks)
         return {}
 
     def for_task(self) -> "TimmFamily":

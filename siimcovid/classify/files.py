@@ -13,4 +13,5 @@ FILES = FoldFiles(
     last="last.pt",
     done="done.json",
     fold=("results.png", VAL_IMAGES, VAL_LABELS, DISTILL),
+    run=("pred_*.csv", "scores_oof.csv", "predict.yaml", "copies_*.csv"),  # copies_<folder>.csv: extra='s SIIM copies
 )

@@ -12,7 +12,8 @@ within `max_distance` bits of a SIIM image is a copy. benchmarks/bench_dedup.py 
     hash_split(prep, split, size) -> (ids, hashes) a prepared folder's split
     distances(a, b) -> np.ndarray                 every pairwise Hamming distance (pure, vectorised)
     find_copies(pool, siim, max_distance)         per pool image, its nearest SIIM image when within max_distance
-    siim_copies(source, data, size, max_distance) the tables.COPIES rows of a pool against SIIM train and test
+    siim_copies(source, data, size, max_distance, pool_split) the tables.COPIES rows of a pool against SIIM train and test
+    check_pool(copies, where, ...)  dedup=refuse's error; the log line of what dedup=drop left out
 """
 
 from __future__ import annotations
@@ -77,14 +78,15 @@ def find_copies(pool: np.ndarray, siim: np.ndarray, max_distance: int) -> tuple[
     return found, nearest[found], best[found]
 
 
-def siim_copies(source, data, size: int, max_distance: int) -> pd.DataFrame:
-    """The tables.COPIES rows: the test (pool) images of `source` whose pixels match a train or test image of the
-    SIIM prepared folder `data` (both Prepared, hashed at the prepared `size` both have)."""
+def siim_copies(source, data, size: int, max_distance: int, pool_split: str = "test") -> pd.DataFrame:
+    """The tables.COPIES rows: the `pool_split` images of `source` (a pool's: test; an external labelled set's: train)
+    whose pixels match a train or test image of the SIIM prepared folder `data` (both Prepared, hashed at the prepared
+    `size` both have)."""
     from siimcovid.tables import COPIES
 
     if size not in source.sizes or size not in data.sizes:
         raise SiimError(f"dedup: {source.root} (sizes {source.sizes}) and {data.root} (sizes {data.sizes}) lack size {size}")
-    pool_ids, pool = hash_split(source, "test", size)
+    pool_ids, pool = hash_split(source, pool_split, size)
     siim_ids, siim_splits, siim = [], [], []
     for split in ("train", "test"):
         ids, hashes = hash_split(data, split, size)
@@ -101,3 +103,20 @@ def siim_copies(source, data, size: int, max_distance: int) -> pd.DataFrame:
         }
     )
     return COPIES.check(rows) if len(rows) else COPIES.empty()
+
+
+def check_pool(copies: pd.DataFrame, where: str, noun: str, n: int, mode: str, max_distance: int, listed) -> None:
+    """dedup=refuse: an error naming the first copies; otherwise the log line of what dedup=drop leaves out (of n).
+    where: the folder checked; noun: what its images are ("pool images", "extra images"); listed: the copies CSV."""
+    from siimcovid.utils import LOGGER
+
+    pairs = ", ".join(f"{r.image_id} = {r.siim_split} {r.siim_image_id} ({r.distance} bits)" for r in copies.head(3).itertuples())
+    if mode == "refuse" and len(copies):
+        raise SiimError(
+            f"{where}: {len(copies)} {noun} are SIIM images under other ids (perceptual hash within "
+            f"dedup_distance={max_distance} bits), e.g. {pairs}; dedup=drop leaves them out"
+        )
+    if len(copies):
+        LOGGER.warning(f"dedup: left out {len(copies)} of {n} {noun} of {where}, SIIM's own ({listed}), e.g. {pairs}")
+    else:
+        LOGGER.info(f"dedup: none of the {n} {noun} of {where} is a SIIM image's copy (dedup_distance={max_distance}; {listed})")

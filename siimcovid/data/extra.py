@@ -10,7 +10,10 @@
                     none, confident boxes and masks); refused unless the folder's folds_id is the student's
     layout folder   unlabelled images: refused (make pseudo-labels from it first with `siimcovid pseudo`)
 
-A SIIM-layout folder is refused: its images are in the folds already.
+A SIIM-layout folder is refused: its images are in the folds already. An external set (rsna, csv) can hold SIIM train
+or test images under other ids (the SIIM images were drawn from public sets): with `dedup=drop` (the default) they are
+left out of every fold's training data and listed in the run folder's copies_<folder>.csv (siimcovid.data.dedup);
+`dedup=refuse` stops, `dedup=keep` does not check. A pseudo folder was checked when `siimcovid pseudo` made it.
 """
 
 from __future__ import annotations
@@ -55,8 +58,34 @@ class ExtraData:
         else:
             raise SiimError(f"extra data {self.root}: unknown layout '{self.layout}' (expected rsna, csv or pseudo)")
 
+        self.copies: set[str] = set()  # its train images that are SIIM images (drop_siim_copies): never trained on
+
     def __repr__(self) -> str:
         return f"ExtraData({self.root}, layout={self.layout})"
+
+    def copies_path(self, out_dir: Path) -> Path:
+        return Path(out_dir) / f"copies_{self.root.name}.csv"
+
+    def drop_siim_copies(self, data: Prepared, size: int, mode: str, max_distance: int, out_dir: Path) -> None:
+        """An external set's train images whose pixels are a SIIM train or test image's (siimcovid.data.dedup), at the
+        size the run trains: drop: left out of every fold (listed in out_dir/copies_<folder>.csv, tables.COPIES); refuse:
+        an error naming them; keep, and a pseudo folder (`siimcovid pseudo` checked its pool): unchecked."""
+        if mode == "keep" or self.layout not in EXTERNAL:
+            return
+        from siimcovid.data.dedup import check_pool, siim_copies
+        from siimcovid.tables import COPIES
+
+        self.check_size(size)
+        copies = siim_copies(self.prep, data, size, max_distance, pool_split="train")
+        listed = self.copies_path(out_dir)
+        check_pool(copies, str(self.root), "extra images", len(self.prep.split("train")), mode, max_distance, listed)
+        COPIES.write(copies, listed)
+        self.copies = set(copies.image_id)
+
+    def own_train(self) -> pd.DataFrame:
+        """The external set's train rows less the SIIM copies (drop_siim_copies)."""
+        train = self.prep.split("train")
+        return train[~train.image_id.isin(self.copies)] if self.copies else train
 
     # ---------------------------------------------------------------- checks
 
@@ -106,7 +135,7 @@ class ExtraData:
             return [Path(line.strip()) for line in listed.read_text().splitlines() if line.strip()]
         if self.layout != "rsna":
             raise SiimError(f"extra data {self.root} (layout {self.layout}) has no boxes: detectors take rsna or pseudo folders")
-        train = self.prep.split("train")
+        train = self.own_train()
         return [self.prep.image_path(i, "train", size).resolve() for i in train.image_id]
 
     # ---------------------------------------------------------------- classifier
@@ -118,6 +147,11 @@ class ExtraData:
             rows = self.pseudo_rows(fold, size)
         else:
             rows = self.external_rows(size)
+        if rows.empty and self.copies:
+            raise SiimError(
+                f"extra data {self.root}: all of its {len(self.copies)} images are SIIM images' copies (dedup=drop): nothing "
+                "to add. If they are not (a synthetic set: its images share one template), dedup=keep"
+            )
         if rows[TARGETS].isna().all().all():
             raise SiimError(
                 f"extra data {self.root} (labels {getattr(self, 'label_names', [])}) has none of the classifier's targets "
@@ -140,7 +174,7 @@ class ExtraData:
         )
 
     def external_rows(self, size: int) -> pd.DataFrame:
-        train = self.prep.split("train")
+        train = self.own_train()
         out = pd.DataFrame({"image": [self.prep.image_path(i, "train", size) for i in train.image_id]})
         for c in TARGETS:
             out[c] = np.nan
@@ -183,11 +217,17 @@ def extra_roots(extra) -> list[Path]:
     return [p.resolve() for p in roots]
 
 
-def open_extra(extra, folds_id: str, n_folds: int) -> list[ExtraData]:
-    """Every folder of `extra=`, read and checked against the SIIM prepared data the run trains on."""
+def open_extra(extra, folds_id: str, n_folds: int, dedup: tuple | None = None) -> list[ExtraData]:
+    """Every folder of `extra=`, read and checked against the SIIM prepared data the run trains on.
+    dedup: (data: Prepared, size, mode, max_distance, out_dir): each external set's SIIM copies (drop_siim_copies)."""
     out = [ExtraData(p) for p in extra_roots(extra)]
+    names = [e.root.name for e in out]
     for e in out:
         e.check_student(folds_id, n_folds)
+        if dedup is not None:
+            if names.count(e.root.name) > 1 and dedup[2] != "keep":
+                raise SiimError(f"extra data: two folders named {e.root.name} (their copies CSVs would share a name): rename one")
+            e.drop_siim_copies(*dedup)
     return out
 
 

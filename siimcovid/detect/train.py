@@ -364,7 +364,8 @@ def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path, lungs=None)
     crops = write_crops(prepared, source.size, lungs, cfg, run_dir) if lungs is not None and cfg.crop_train else None
     if not cfg.extra and crops is None:
         return {k: source.yaml(k) for k in folds}
-    extras = open_extra(cfg.extra, prepared.folds_id, source.n_folds) if cfg.extra else []
+    dedup = (prepared, source.size, cfg.dedup, int(cfg.dedup_distance), run_dir)
+    extras = open_extra(cfg.extra, prepared.folds_id, source.n_folds, dedup) if cfg.extra else []
     return {k: extra_data_yaml(source, k, run_dir, extras, fold_crops(prepared, crops, k) if crops else []) for k in folds}
 
 
