@@ -154,13 +154,18 @@ class LungBoxes:
     tables: {split: table}; the `fold` column says which fold's lung model found the box. source: where they came from
     (messages). folds_id: the fold fingerprint of the lung run (must be the model's: the same folds, no leak).
     oof_sha256: of the lung run's pred_oof.csv, what training crops come from (a run records it: a resume must not
-    crop its later folds with boxes predicted again since).
+    crop its later folds with boxes predicted again since; export refuses a member whose record differs: check_oof).
+    unboxed_whole: a fold or an image with no lung box at all is seen whole (None), not refused. Only a bundle's own
+    lung member on new images sets it (siimcovid.predict.members.lung_boxes): there every lung fold predicted every
+    image, so a missing box means that fold found no lung (a blank or non-chest image). A lung run's boxes keep it off:
+    a missing fold or image there is a lung run not trained or predicted on these images, never a silent whole image.
     """
 
     tables: dict[str, pd.DataFrame]
     source: str
     folds_id: str | None = None
     oof_sha256: str | None = None
+    unboxed_whole: bool = False
 
     @classmethod
     def of_run(cls, run_dir: str | Path) -> "LungBoxes":
@@ -201,27 +206,46 @@ class LungBoxes:
                 "its fold k model has seen images of fold k's validation; train both on the same prepared folder"
             )
 
+    def check_oof(self, recorded: str | None, record: str | Path) -> None:
+        """A model trained with crops of this lung run (its record's lung_oof_sha256, of the lung run's pred_oof.csv
+        then) is refused when pred_oof.csv is another file now: the lung run was predicted again since, and the model's
+        training and out-of-fold crops came from other boxes than these."""
+        if recorded and recorded != self.oof_sha256:
+            now = f"sha256 {self.oof_sha256[:12]}" if self.oof_sha256 else "gone"
+            raise SiimError(
+                f"{record} records its crops from lung boxes of sha256 {recorded[:12]}, but {Path(self.source) / 'pred_oof.csv'} "
+                f"is now {now}: the lung run was predicted again after this model trained (its crops came from other "
+                "boxes); train the model again with this lung run, or give the lung run that made its crops"
+            )
+
+    def check_boxed(self, seen: pd.DataFrame, fold: int, image_ids: list[str], split: str) -> None:
+        """The lung run's boxes `seen` of these images have some of fold k: never the whole image silently, out of fold
+        or on test (a lung run not predicted on them, or a fold of it not trained)."""
+        if image_ids and seen.empty:
+            raise SiimError(
+                f"lung={self.source} has no {split} boxes of these {len(image_ids)} images (e.g. {image_ids[0]}): predict "
+                "them with the lung run first (`siimcovid detect predict run=<lung run>`; new images: `siimcovid predict` of "
+                "a bundle)"
+            )
+        if image_ids and seen[seen.fold == fold].empty:
+            which = "out-of-fold" if split == "oof" else split
+            raise SiimError(
+                f"lung={self.source} has no {which} boxes of fold {fold} on these {len(image_ids)} images (its fold {fold} "
+                "model was not trained and predicted, or found no lung at all): train and predict that fold of it"
+            )
+
     def windows(self, meta: pd.DataFrame, fold: int, image_ids: list[str], split: str, conf: float, margin: float) -> dict:
         """{image_id: window (original pixels) or None (no lung box at or above conf: the whole image)} of fold k's
-        model. split: oof (or "train", the prepared split of out-of-fold images) or test."""
+        model. split: oof (or "train", the prepared split of out-of-fold images) or test. A fold or image with no box at
+        all is refused, unless unboxed_whole (a bundle's lung member on new images: None, the whole image)."""
         split = "oof" if split == "train" else split
         table = self.tables.get(split)
         if table is None:
             how = f"`siimcovid detect predict run={self.source} split={split}`"
             raise SiimError(f"lung={self.source} has no {split} predictions: {how}")
-        wanted = set(image_ids)
-        seen = table[table.image_id.isin(wanted)]
-        if wanted and seen.empty:
-            raise SiimError(
-                f"lung={self.source} has no {split} boxes of these {len(wanted)} images (e.g. {image_ids[0]}): predict them "
-                "with the lung run first (`siimcovid detect predict run=<lung run>`; new images: `siimcovid predict` of a bundle)"
-            )
-        if wanted and seen[seen.fold == fold].empty:  # never the whole image silently, out of fold or on test
-            which = "out-of-fold" if split == "oof" else split
-            raise SiimError(
-                f"lung={self.source} has no {which} boxes of fold {fold} on these {len(wanted)} images (its fold {fold} model "
-                "was not trained and predicted, or found no lung at all): train and predict that fold of it"
-            )
+        seen = table[table.image_id.isin(set(image_ids))]
+        if not self.unboxed_whole:
+            self.check_boxed(seen, fold, image_ids, split)
         rows = seen[(seen.fold == fold) & (seen.conf >= conf)]
         best = rows.sort_values("conf", ascending=False, kind="stable").drop_duplicates("image_id").set_index("image_id")
         sizes = meta.set_index("image_id")

@@ -233,6 +233,90 @@ def test_export_refuses_a_lung_run_that_is_gone_or_short_of_a_fold(crop_runs, tm
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
 
 
+@pytest.mark.slow
+def test_predict_sees_whole_the_images_a_lung_fold_found_no_box_on(crop_runs, _tiny_source, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """The bundle's lung member finds no lung on the first new image (no box of any fold) nor on any image with its fold
+    1: predict completes, and each (image, fold) without a lung box is seen whole only, a detector's boxes those of the
+    bundle predicted whole, the others those of the bundle predicted with every crop (the classifier's probabilities are
+    not compared: the tiny lung detector's box is about the whole image, and its crop view gives what the whole does)."""
+    from siimcovid.predict import stage
+
+    real, first = stage.predict_detector, {}
+
+    def lost_lungs(member, prepared, hw, tta, **views):
+        table = real(member, prepared, hw, tta, **views)
+        if member.kind != "lung":
+            return table
+        first["id"] = str(prepared.split("test").image_id.iloc[0])
+        return table[(table.fold == 0) & (table.image_id != first["id"])]
+
+    monkeypatch.setattr(stage, "predict_detector", lost_lungs)
+    with caplog.at_level("INFO", logger="siimcovid"):
+        result = predict(crop_runs["bundles"]["crop"], _tiny_source / "test", tmp_path / "out")
+    out, n = result["out"], result["n_images"]
+    record = yaml.safe_load((out / "predict.yaml").read_text())["views"]
+    assert record["detect/det"]["cropped"] == record["classify/cls"]["cropped"] == {0: n - 1, 1: 0}
+    assert record["detect/tv"]["cropped"] == {0: n - 1}
+    assert f"detect/det: no lung crop for some images (fold 0: 1 of {n}, fold 1: {n} of {n}" in caplog.text
+    outs = {view: crop_runs["out"][view]["out"] for view in ("whole", "crop")}
+    for name in crop_runs["runs"]:
+        found = DETECTIONS.read(out / "detect" / name / "pred_test.csv")
+        table = {view: DETECTIONS.read(o / "detect" / name / "pred_test.csv") for view, o in outs.items()}
+        cropped = lambda t: (t.fold == 0) & (t.image_id != first["id"])  # noqa: E731
+        expected = pd.concat([table["crop"][cropped(table["crop"])], table["whole"][~cropped(table["whole"])]])
+        same_boxes(found, expected)
+
+
+def lung_copy(crop_runs, tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of the lung run, a copy of the detector det whose predict cropped with that copy), weights linked; the
+    classifier to export beside it must not crop with the lung run itself (two lung runs of one name)."""
+    lung = Path(shutil.copytree(crop_runs["lung"], tmp_path / "lung", copy_function=os.link))
+    det = Path(shutil.copytree(crop_runs["runs"]["det"], tmp_path / "det", copy_function=os.link))
+    saved = yaml.safe_load((det / "predict.yaml").read_text())
+    (det / "predict.yaml").unlink()  # a link: written anew, the run's own stays
+    (det / "predict.yaml").write_text(yaml.safe_dump({**saved, "lung": str(lung)}))
+    return lung, det
+
+
+@pytest.mark.slow
+def test_export_packs_the_lung_folds_the_members_crop_with_and_open_refuses_more(crop_runs, lung_prepared, tmp_path):  # noqa: F811
+    plain = fake_classify_run(tmp_path / "classify" / "plain", lung_prepared)  # whole images: crops no fold
+    bundle = export(tmp_path, tmp_path / "b", detect=[str(crop_runs["runs"]["tv"])], classify=[str(plain)])  # tv: fold 0
+    files = set(yaml.safe_load((bundle / MANIFEST).read_text())["files"])
+    assert "lung/lung/fold0.safetensors" in files and "lung/lung/fold1.safetensors" not in files
+    settings_file = bundle / "lung/lung/settings.yaml"
+    settings = yaml.safe_load(settings_file.read_text())
+    assert set(settings["imgsz"]) == {0}
+    assert [sorted(m.weights) for m in open_bundle(bundle).lungs] == [[0]]
+    shutil.copy(bundle / "lung/lung/fold0.safetensors", bundle / "lung/lung/fold1.safetensors")  # as the release before
+    settings_file.write_text(yaml.safe_dump({**settings, "imgsz": {**settings["imgsz"], 1: settings["imgsz"][0]}}))
+    rewrite_manifest(bundle)
+    with pytest.raises(SiimError, match=r"lung/lung/fold1.safetensors: lung fold\(s\) \[1\] crop for no member .*folds \[0\]"):
+        open_bundle(bundle)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_member_whose_lung_run_was_predicted_again(crop_runs, tmp_path):
+    lung, det = lung_copy(crop_runs, tmp_path)
+    oof = DETECTIONS.read(lung / "pred_oof.csv")
+    (lung / "pred_oof.csv").unlink()
+    DETECTIONS.write(oof.assign(conf=oof.conf * 0.5), lung / "pred_oof.csv")  # other boxes than det trained its crops with
+    with pytest.raises(SiimError, match=r"det/detect.yaml records its crops from lung boxes .*, but .*lung/pred_oof.csv is now"):
+        export(tmp_path, tmp_path / "b", detect=[str(det)], classify=[str(crop_runs["cls"])])
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_export_names_a_lung_run_that_saved_no_predict_settings(crop_runs, lung_prepared, tmp_path, caplog):  # noqa: F811
+    lung, det = lung_copy(crop_runs, tmp_path)
+    (lung / "predict.yaml").unlink()
+    plain = fake_classify_run(tmp_path / "classify" / "plain", lung_prepared)
+    with caplog.at_level("INFO", logger="siimcovid"):
+        export(tmp_path, tmp_path / "b", detect=[str(det)], classify=[str(plain)])
+    notes = [line for line in caplog.text.splitlines() if "saved no predict settings" in line]
+    assert len(notes) == 1 and str(lung) in notes[0] and str(det) not in notes[0]  # det's predict saved them
+
+
 # ----------------------------------------------------------------------------- two detector families
 @pytest.fixture(scope="module")
 def two_families(lung_prepared, _tiny_source, tmp_path_factory):  # noqa: F811

@@ -103,8 +103,9 @@ def kind_members(kind: str, src: Sources, weights_name: str | None) -> list[tupl
 
 def lung_members(members: list[Member], src: Sources) -> list[tuple[Member, Path, Path]]:
     """(Member, prepared folder, run folder) of each lung detector that the members of crop=lung cropped with (their
-    `lung`, the lung run's folder until now: from here the lung member's name), every fold they crop packed."""
-    pcfg, found = predict_config("detect", src, None), {}
+    `lung`, the lung run's folder until now: from here the lung member's name), the folds they crop packed and no
+    other (open_bundle refuses a lung fold no member crops with: a bundle predicts every fold it holds)."""
+    pcfg, found, used = predict_config("detect", src, None), {}, {}
     for m in members:
         if m.settings.get("crop") != "lung":
             continue
@@ -117,15 +118,20 @@ def lung_members(members: list[Member], src: Sources) -> list[tuple[Member, Path
         if lacking:
             raise SiimError(f"export: {m.kind}/{m.name} crops with the lung run {run}, which has no finished fold(s) {lacking}")
         m.settings["lung"] = lung.name
+        used.setdefault(run, set()).update(m.weights)
+    for run, (lung, _, _) in found.items():
+        lung.weights = {k: w for k, w in sorted(lung.weights.items()) if k in used[run]}
+        lung.settings["imgsz"] = {k: v for k, v in lung.settings["imgsz"].items() if k in used[run]}
     names = [lung.name for lung, _, _ in found.values()]
     if len(set(names)) < len(names):
         raise SiimError(f"export: lung runs of one name {sorted(map(str, found))}: a bundle tells its lung members apart by name")
     return list(found.values())
 
 
-def note_unsaved(src: Sources, weights_name: str | None) -> None:
-    """Runs named one by one whose predict recorded no settings take the stages' defaults: say which."""
-    unsaved = [d for d in src.detect + src.classify if not saved_predict_settings(d)]
+def note_unsaved(src: Sources, weights_name: str | None, lung_runs: list[Path]) -> None:
+    """Runs named one by one whose predict recorded no settings take the stages' defaults: say which (the lung runs
+    the members crop with too: a lung member predicts the new images with them)."""
+    unsaved = [d for d in [*src.detect, *src.classify, *lung_runs] if not saved_predict_settings(d)]
     if unsaved and not src.run:
         from siimcovid.detect.predict import PREDICT_KEYS
 
@@ -218,10 +224,10 @@ def export(cfg: Config) -> Path:
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite, [Path(cfg.project), *src.detect, *src.classify, src.fuse])
-    note_unsaved(src, cfg.weights)
     det, cls = kind_members("detect", src, cfg.weights), kind_members("classify", src, cfg.weights)
     fusion, fuse_file = fusion_settings(src.fuse, [m for m, _ in det], [m for m, _ in cls], src.anchors)
     lungs = lung_members([m for m, _ in det + cls], src)  # crop=lung: the lung detectors the members cropped with
+    note_unsaved(src, cfg.weights, [d for _, _, d in lungs])
     packed = det + cls + [(m, p) for m, p, _ in lungs]
     prepared = [p for _, p in packed]
     files = {

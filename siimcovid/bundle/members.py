@@ -127,8 +127,8 @@ def check_views(settings: dict, stage: str, label: str) -> None:
 def view_settings(run_dir: Path, saved: dict, stage: str, anchors: list[Path]) -> dict:
     """The lung-crop views a run's predict made its test tables with (its predict.yaml: crop, lung and the stage's
     VIEW_KEYS, as siimcovid.views.view_record writes them); {} for crop=none. The lung run is checked to be one
-    (task=lung, its predictions) of the run's folds; `lung` is its folder until export names the lung member
-    (export.lung_members)."""
+    (task=lung, its predictions) of the run's folds, whose pred_oof.csv is the one the run trained its crops with (its
+    lung_oof_sha256); `lung` is its folder until export names the lung member (export.lung_members)."""
     from siimcovid.views import LungBoxes
 
     record = Path(run_dir) / f"{stage}.yaml"
@@ -147,7 +147,9 @@ def view_settings(run_dir: Path, saved: dict, stage: str, anchors: list[Path]) -
     missing = [k for k in VIEW_KEYS[stage] if k not in saved]
     if missing:
         raise SiimError(f"export: {run_dir}: its predict.yaml says crop=lung but not {', '.join(missing)}: predict it again")
-    LungBoxes.of_run(lung).check_folds(trained.get("folds_id"), f"export: {run_dir}")
+    boxes = LungBoxes.of_run(lung)
+    boxes.check_folds(trained.get("folds_id"), f"export: {run_dir}")
+    boxes.check_oof(trained.get("lung_oof_sha256"), f"export: {record}")  # its crops came from these boxes, not others
     return {"crop": "lung", "lung": str(Path(lung).resolve()), **{k: saved[k] for k in VIEW_KEYS[stage]}}
 
 

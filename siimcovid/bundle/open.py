@@ -30,8 +30,10 @@ class Bundle:
 
 def lung_members(root: Path, members: list[Member], listed: dict, read, where) -> list[Member]:
     """The lung members that the members of crop=lung name (members.LUNG), each read and checked as a member, with
-    every fold of the members that crop with it (lung fold k crops for their fold k)."""
+    every fold of the members that crop with it (lung fold k crops for their fold k) and no other: export packs those
+    folds alone, and predict would run a fold nobody crops with (unused_lung_folds)."""
     out: dict[str, Member] = {}
+    used: dict[str, set] = {}
     for m in members:
         name = lung_of(m.settings)
         if name is None:
@@ -49,7 +51,22 @@ def lung_members(root: Path, members: list[Member], listed: dict, read, where) -
                 f"bundle {where}: {m.kind}/{m.name} crops fold(s) {lacking} with {LUNG_KIND}/{name}, which has no such "
                 "fold: not as exported"
             )
+        used.setdefault(name, set()).update(m.weights)
+    for name, lung in out.items():
+        unused_lung_folds(lung, used[name], root, where)
     return list(out.values())
+
+
+def unused_lung_folds(lung: Member, used: set, root: Path, where) -> None:
+    """A lung member's folds are those its members crop with (used): a fold more is refused, naming its file."""
+    extra = sorted(set(lung.weights) - used)
+    if extra:
+        rel = lung.weights[extra[0]].relative_to(root).as_posix()
+        raise SiimError(
+            f"bundle {where}: {rel}: lung fold(s) {extra} crop for no member (the members of crop=lung with "
+            f"{LUNG_KIND}/{lung.name} have folds {sorted(used)}): not as exported (a bundle of an earlier siimcovid "
+            "packed every fold of the lung run: `siimcovid export` it again)"
+        )
 
 
 def none_members(root: Path, fusion: dict, classifiers: list[Member], listed: dict, read, where) -> list[Member]:

@@ -27,7 +27,7 @@ from siimcovid import weights as weights_of
 from siimcovid.data.prepared import Prepared
 from siimcovid.engine import devices
 from siimcovid.stages import stage_config
-from siimcovid.utils import SiimError
+from siimcovid.utils import LOGGER, SiimError
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,12 @@ def member_tta(member, tta: str | bool | None) -> str | bool:
 
 def lung_boxes(table: pd.DataFrame, name: str, where) -> "LungBoxes":  # noqa: F821
     """A lung member's boxes of the new images (tables.DETECTIONS, its `fold` the lung fold) as the crop windows of the
-    members that crop with it: the "test" split of a LungBoxes (the bundle checked the folds when it was opened)."""
+    members that crop with it: the "test" split of a LungBoxes (the bundle checked the folds when it was opened).
+    Every lung fold predicted every image, so a fold that found no lung box on an image means no crop there: that image
+    is seen whole only (unboxed_whole; crop_counts counts and logs them), never the abort a lung run's missing boxes are."""
     from siimcovid.views import LungBoxes
 
-    return LungBoxes({"test": table}, f"{where} (the bundle's lung detector lung/{name})")
+    return LungBoxes({"test": table}, f"{where} (the bundle's lung detector lung/{name})", unboxed_whole=True)
 
 
 def member_lungs(member, lungs: dict | None):
@@ -74,10 +76,21 @@ def member_lungs(member, lungs: dict | None):
 
 
 def crop_counts(member, lungs: dict, prepared: Prepared) -> dict[int, int]:
-    """{fold: how many of the test images fold k of a crop=lung member sees cropped (a confident lung box)}."""
+    """{fold: how many of the test images fold k of a crop=lung member sees cropped (a confident lung box)}; the images
+    a fold sees whole only (its lung fold found no box at or above lung_conf) are logged."""
+    from siimcovid.bundle.members import lung_of
+
     s, ids, boxes = member.settings, list(prepared.split("test").image_id), member_lungs(member, lungs)
     found = {k: boxes.windows(prepared.meta, k, ids, "test", s["lung_conf"], s["crop_margin"]) for k in member.weights}
-    return {int(k): sum(w is not None for w in windows.values()) for k, windows in sorted(found.items())}
+    counts = {int(k): sum(w is not None for w in windows.values()) for k, windows in sorted(found.items())}
+    whole = {k: len(ids) - n for k, n in counts.items() if n < len(ids)}
+    if whole:
+        each = ", ".join(f"fold {k}: {n} of {len(ids)}" for k, n in whole.items())
+        LOGGER.info(
+            f"predict: {member.kind}/{member.name}: no lung crop for some images ({each}: no lung box at or above "
+            f"lung_conf={s['lung_conf']} from lung/{lung_of(s)}): those are seen whole only"
+        )
+    return counts
 
 
 def detector_family(cls, member, hw: Hardware, tta: bool, lungs: dict | None = None):
