@@ -22,7 +22,9 @@ its settings.yaml, crop: lung, lung: <the name of the lung member it crops with>
 into a window and the views into one (siimcovid.views.VIEW_KEYS of its stage: check_views). That is the one place the
 fact is kept: the bundle's lung members (lung/<name>/, a YOLO detector member of task=lung) are those its members name;
 one that no member names, or a name with no such member, is refused when the bundle is opened. Lung fold k crops for
-fold k of each member, so a lung member has every fold of the members that crop with it.
+fold k of each member, so a lung member has every fold of the members that crop with it, and no other (export packs
+those; open_bundle refuses a fold more). Export refuses a member whose run recorded crops of another pred_oof.csv of
+the lung run than the one there now (lung_oof_sha256: the lung run was predicted again after it trained).
 
 A family is looked up by name in the registry, never imported by what a bundle says. A run's checkpoints are the
 user's own files (pickles are read only there, never from a bundle); classify's best.pt is read as classify.predict
