@@ -170,7 +170,9 @@ def test_export_of_a_run_lays_out_members_settings_and_manifest(runs, bundle):
     assert det_model["yaml"]["yaml_file"] == "yolov5n.yaml"  # the file's name, without the folders of the machine
     fusion = yaml.safe_load((bundle / "fuse.yaml").read_text())
     assert fusion["iou_thr"] == 0.55 and fusion["none_cls_weight"] == 0.7 and fusion["det"] == ["x"] and fusion["cls"] == ["x"]
-    assert yaml.safe_load((bundle / "prepare.yaml").read_text()) == {"sizes": [64], "ext": "png", "png_level": 0}
+    # the folder it trained on was prepared at 64 and 128 px: its 64 px images were resized from 128
+    bundled = yaml.safe_load((bundle / "prepare.yaml").read_text())
+    assert bundled == {"sizes": [64], "resize_from": 128, "ext": "png", "png_level": 0}
 
 
 def test_classifier_weights_are_the_evaluated_state_dict_in_safetensors(runs, bundle):

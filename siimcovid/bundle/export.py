@@ -148,10 +148,18 @@ def prepare_settings(prepared: list[Path], sizes: list[int]) -> dict:
     trained on."""
     from siimcovid.data.prepared import Prepared
 
-    conversions = {str(p): {k: Prepared.read_cfg(p).get(k) for k in CONVERSION_KEYS} for p in dict.fromkeys(prepared)}
+    conversions = {str(p): conversion(Prepared.read_cfg(p)) for p in dict.fromkeys(prepared)}
     if len({tuple(c.values()) for c in conversions.values()}) > 1:
         raise SiimError(f"export: the members trained on images converted differently, {conversions}: one bundle holds one")
-    return {"sizes": sorted(set(sizes)), **next(iter(conversions.values()))}
+    found = next(iter(conversions.values()))
+    source = found.pop("resize_from")  # a smaller size's pixels are those of the larger one it was resized from
+    return {"sizes": sorted(set(sizes)), **({"resize_from": source} if source > max(sizes) else {}), **found}
+
+
+def conversion(prepare_cfg: dict) -> dict:
+    """What makes a prepared folder's pixels (CONVERSION_KEYS) and the size its sizes were resized from."""
+    made_from = prepare_cfg.get("resize_from") or max(int(s) for s in prepare_cfg["sizes"])
+    return {"resize_from": int(made_from), **{k: prepare_cfg.get(k) for k in CONVERSION_KEYS}}
 
 
 def ordered(members: list[Member], names: list[str]) -> list[Member]:

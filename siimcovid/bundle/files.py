@@ -188,6 +188,12 @@ PREPARE_FILE = Document(
             "the prepared sizes the members read (each an image written per source image), no more",
             typed("prepare", "sizes"),
         ),
+        Key(
+            "resize_from",
+            "the size the members' prepared folder made its smaller sizes from (prepare's resize_from; absent: the largest size)",
+            typed("prepare", "resize_from"),
+            optional=True,
+        ),
         Key("ext", "the image format the members trained on (prepare's ext)", typed("prepare", "ext")),
         Key("png_level", "its PNG compression level (prepare's png_level)", typed("prepare", "png_level")),
     ),

@@ -179,7 +179,8 @@ def convert_one(job: dict) -> dict:
         if all(image_is_whole(p, s, ext) for s, p in targets.items()):  # done by an earlier run
             info, converted = (picture_header if picture else read_header)(job["path"]), False
         else:
-            images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], sizes, job.get("max_pixels"))
+            made = sorted({*sizes, job.get("resize_from") or max(sizes)})  # resize_from: made first, not written
+            images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], made, job.get("max_pixels"))
             for s, p in targets.items():
                 _write_image(p, images[s], ext, job.get("params") or encode_params(ext))
             converted = True

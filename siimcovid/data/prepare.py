@@ -111,6 +111,8 @@ def check_settings(cfg: Config) -> Target:
     sizes = sorted(set(cfg.sizes))
     if not sizes:  # each size's type and range is checked with the settings (cfg/prepare.yaml)
         raise SiimError("sizes= is empty: give at least one image size")
+    if cfg.get("resize_from") is not None and cfg.resize_from < sizes[-1]:
+        raise SiimError(f"resize_from={cfg.resize_from} is smaller than the largest of sizes {sizes}: it makes them, give null")
     yolo_size = cfg.yolo_size or sizes[-1]
     if yolo_size not in sizes:
         raise SiimError(f"yolo_size {yolo_size} is not one of sizes {sizes}")
@@ -291,6 +293,7 @@ def decode_images(table: pd.DataFrame, cfg: Config, target: Target, problems: Pr
         {
             "out": str(target.out),
             "sizes": target.sizes,
+            "resize_from": cfg.get("resize_from"),
             "ext": cfg.ext,
             "params": params,
             "image_id": r.image_id,

@@ -56,11 +56,11 @@ def prepare_settings(
     overwrite: predict's, for <out>/prepared as for <out> (write beside a user's files there, never over them);
     checks: predict's input checks, passed on as they are (INPUT_CHECKS: max_pixels, modality_check); one not
     given keeps prepare's default."""
-    missing = [k for k in PREPARE_KEYS if k not in conversion]
+    missing = [k for k in PREPARE_KEYS if k not in conversion and k != "resize_from"]  # an older bundle has no resize_from
     if missing:
         raise SiimError(f"the bundle's prepare settings lack {missing}: export the bundle again")
     return {
-        **{k: conversion[k] for k in PREPARE_KEYS},
+        **{k: conversion.get(k) for k in PREPARE_KEYS},
         **{k: v for k, v in checks.items() if v is not None},
         "data": str(source),
         "layout": layout,
