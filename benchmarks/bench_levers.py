@@ -45,6 +45,22 @@ timed side by side in this process, interleaved, the fastest of --timing-repeats
     python benchmarks/bench_levers.py --levers detect --out /tmp/bench             # 3 seeds, 28 min on 2 cores
     python benchmarks/bench_levers.py --levers detect --seeds 0 --quick            # the smoke test
 
+Issue 20, item 6 (`--levers classify`): the podium's classifier levers, four arms per seed on one `siimcovid run`
+(the baseline: its prepared data, its YOLO detector's OOF boxes and its classifier), each fused by `siimcovid fuse
+split=oof` with the SAME default parameters (no tuning: only the classifier side differs between arms):
+
+    baseline        the run's classifier, no TTA
+    swa             the same classifier trained with swa_epochs=--swa-epochs (SWA of its last epochs)
+    d4              the baseline's classifier predicted with tta=d4 (8 views) instead of none
+    none_model      the baseline + a binary none model (classify train task=none) as none_cls=, none_model_weight 0.5
+
+Per arm: the classifier's OOF study mAP and the fused AP(none), opacity AP and final (fuse's scores_oof.csv), gains
+over the baseline of the same seed as above. The student of distillation has its own script,
+benchmarks/bench_distill.py (its score against its teachers' and the predict time of one model against theirs).
+
+    python benchmarks/bench_levers.py --levers classify --out /tmp/bench_cls        # 3 seeds
+    python benchmarks/bench_levers.py --levers classify --seeds 0 --quick           # the smoke test
+
 Tiny models (YOLOv5n and ResNet10t from scratch, 64 px, the detect group's detectors 128 px) on 2 CPU cores: the point is a
 correct, honest procedure that runs anywhere; the size of a gain here says little about the real data.
 """
@@ -378,6 +394,71 @@ def run_detect(args) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- issue 20: the classifier levers
+CLASSIFY_ARMS = {
+    "baseline": "baseline (classifier, tta=none)",
+    "swa": "SWA of the classifier's last epochs",
+    "d4": "tta=d4 (8 views) at predict",
+    "none_model": "+ a binary none model (none_cls=)",
+}
+CLASSIFY_COLUMNS = {
+    "cls_study_map": "classifier study mAP",
+    "fused_none_ap": "fused AP(none)",
+    "fused_opacity_ap": "fused opacity AP",
+    "fused_final": "fused final (default fusion)",
+}
+
+
+def fused(args, name: str, prepared: Path, det: Path, cls: Path, none_cls: Path | None = None) -> dict:
+    """`siimcovid fuse split=oof` of the baseline's detector boxes and this classifier side, default parameters."""
+    project = args.out / "runs" / "fuse_levers"
+    cli.call("fuse", split="oof", data=str(prepared), det=[str(det)], cls=[str(cls)],
+             none_cls=[str(none_cls)] if none_cls else [], project=str(project), name=name, overwrite=True)  # fmt: skip
+    found = overall_scores(project / name)
+    return {f"fused_{c}" if c == "final" else f"fused_{c}_ap": score(found, c) for c in ("none", "opacity", "final")}
+
+
+def one_seed_classify(args, seed: int) -> list[dict]:
+    """The four arms of a seed on one baseline run (its prepared data and detector boxes shared by all)."""
+    siim = make_siim(args, seed, args.train_studies)
+    shared = settings(args)
+    base = f"cbase-s{seed}"
+    run_arm(args, base, siim, shared)
+    runs = args.out / "runs"
+    prepared, det = runs / "prepare" / base, runs / "detect" / base / "pred_oof.csv"
+    cls_dir, project = runs / "classify" / base, str(runs / "classify")
+    train = {**shared["classify"], "data": str(prepared), "project": project}
+    predict = {**shared["classify_predict"], "split": ["oof"]}
+    row = {"seed": seed}
+    out = [{**row, "arm": "baseline", "cls_study_map": score(overall_scores(cls_dir), "study_map"),
+            **fused(args, f"{base}-baseline", prepared, det, cls_dir / "pred_oof_image.csv")}]  # fmt: skip
+    swa = f"{base}-swa"
+    cli.call("classify", "train", name=swa, swa_epochs=min(args.swa_epochs, train["epochs"] - 1), **train)
+    cli.call("classify", "predict", run=swa, **{**predict, "project": project})
+    out.append({**row, "arm": "swa", "cls_study_map": score(overall_scores(runs / "classify" / swa), "study_map"),
+                **fused(args, swa, prepared, det, runs / "classify" / swa / "pred_oof_image.csv")})  # fmt: skip
+    none = f"{base}-none"
+    cli.call("classify", "train", name=none, task="none", **train)
+    cli.call("classify", "predict", run=none, **{**predict, "project": project})
+    none_oof = runs / "classify" / none / "pred_oof_none.csv"
+    out.append({**row, "arm": "none_model", "cls_study_map": out[0]["cls_study_map"],
+                **fused(args, none, prepared, det, cls_dir / "pred_oof_image.csv", none_oof)})  # fmt: skip
+    cli.call("classify", "predict", run=base, **{**predict, "project": project, "tta": "d4"})  # rewrites the base's OOF
+    out.append({**row, "arm": "d4", "cls_study_map": score(overall_scores(cls_dir), "study_map"),
+                **fused(args, f"{base}-d4", prepared, det, cls_dir / "pred_oof_image.csv")})  # fmt: skip
+    return out
+
+
+def run_classify(args) -> str:
+    rows = []
+    for seed in args.seeds:
+        rows += one_seed_classify(args, seed)
+        pd.DataFrame(rows).to_csv(args.out / "levers_classify.csv", index=False)  # survives an interruption
+    text = summarise(pd.DataFrame(rows), CLASSIFY_ARMS, CLASSIFY_COLUMNS)
+    (args.out / "levers_classify.txt").write_text(text + "\n")
+    return text
+
+
 # ----------------------------------------------------------------------------- the report
 def verdict(mean: float, std: float) -> str:
     if pd.isna(mean) or pd.isna(std):
@@ -437,6 +518,7 @@ class Group:
 GROUPS = {
     "data": Group(run_data, "levers.csv"),  # issue 12: external data, pseudo-labels
     "detect": Group(run_detect, "levers_detect.csv"),  # issue 19: lung-crop views, a second detector family
+    "classify": Group(run_classify, "levers_classify.csv"),  # issue 20: SWA, d4 TTA, a binary none model
 }
 
 
@@ -446,7 +528,8 @@ def main() -> None:
         "--levers",
         choices=list(GROUPS),
         default="data",
-        help="data: issue 12's (external data, pseudo-labels); detect: issue 19's (crop=lung, Faster R-CNN)",
+        help="data: issue 12's (external data, pseudo-labels); detect: issue 19's (crop=lung, Faster R-CNN); "
+        "classify: issue 20's (SWA, d4 TTA, a binary none model)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_levers")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -474,10 +557,15 @@ def main() -> None:
     parser.add_argument("--frcnn-epochs", type=int, default=10, help="detect: detect2's epochs")
     parser.add_argument("--frcnn-lr", type=float, default=0.001, help="detect: detect2's AdamW lr0")
     parser.add_argument("--timing-repeats", type=int, default=2, help="detect: predict timings per arm (the fastest)")
+    parser.add_argument("--swa-epochs", type=int, default=3, help="classify: the SWA arm's swa_epochs")
     parser.add_argument("--quick", action="store_true", help="2 epochs, few tuning trials: a smoke test")
     args = parser.parse_args()
     args.out = args.out.resolve()
-    for key, per_group in {"train_studies": {"data": 48, "detect": 80}, "det_epochs": {"data": 12, "detect": 30}}.items():
+    defaults = {
+        "train_studies": {"data": 48, "detect": 80, "classify": 80},
+        "det_epochs": {"data": 12, "detect": 30, "classify": 12},
+    }
+    for key, per_group in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, per_group[args.levers])
     args.out.mkdir(parents=True, exist_ok=True)
