@@ -43,10 +43,10 @@ def parse(argv=None):
     p.add_argument("--train-studies", type=int, default=96)
     p.add_argument("--test-studies", type=int, default=32)
     p.add_argument("--distill-weight", type=float, default=0.7)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the smallest settings (a smoke test)")
-    p.add_argument("--keep", action="store_true", help="keep --out (default: removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep --out, and reuse what it holds (default: a fresh one, removed)")
     args = p.parse_args(argv)
     if args.quick:
         args.train_studies, args.test_studies, args.epochs, args.imgsz, args.repeats = 36, 8, 1, 64, 1
@@ -59,12 +59,14 @@ def train_settings(args, model: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    shutil.rmtree(args.out, ignore_errors=True)
-    root, project = args.out / "siim", args.out / "runs" / "classify"
-    cli.call("synth", out=str(root), train_studies=args.train_studies, test_studies=args.test_studies, rows=256, cols=300,
-             workers=2, seed=args.seed)  # fmt: skip
-    data = cli.call("prepare", data=str(root), name="siim", out=str(args.out / "prepared"), sizes=[args.imgsz], n_folds=3,
-                    workers=2, data_yaml_dir=str(args.out / "data_yaml"))  # fmt: skip
+    if not args.keep:
+        shutil.rmtree(args.out, ignore_errors=True)
+    root, project, data = args.out / "siim", args.out / "runs" / "classify", args.out / "prepared"
+    if not (data / "prepare.yaml").is_file():  # --keep: a second run reuses the data, the finished runs are skipped
+        cli.call("synth", out=str(root), train_studies=args.train_studies, test_studies=args.test_studies, rows=256,
+                 cols=300, workers=2, seed=args.seed)  # fmt: skip
+        cli.call("prepare", data=str(root), name="siim", out=str(data), sizes=[args.imgsz], n_folds=3, workers=2,
+                 data_yaml_dir=str(args.out / "data_yaml"))  # fmt: skip
     common = {"data": str(data), "project": str(project), "workers": 0, "device": "cpu", "seed": args.seed, "tracking": "none"}
     teachers = [f"teacher_{m}" for m in args.teachers.split(",")]
     for name, model in zip(teachers, args.teachers.split(",")):
