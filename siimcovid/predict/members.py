@@ -49,7 +49,7 @@ def member_tta(member, tta: str | bool | None) -> str | bool:
     value = member.settings.get("tta") if tta is None else tta
     where = f"{member.kind}/{getattr(member, 'name', '?')}: tta"
     if member.kind == "classify":
-        return tta_name(value, where)
+        return tta_name("none" if value is None else value, where)  # a family of its own may record no tta: none
     return detector_tta(bool(value) if value is None else value, where)
 
 
