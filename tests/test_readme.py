@@ -16,7 +16,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_commands() -> list[str]:
     commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", README.read_text(), re.S):
+    # every fenced block, its language after the opening fence (a block's closing fence never opens the next one)
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)^```", README.read_text(), re.S | re.M):
+        if lang not in ("", "bash", "sh"):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = re.split(r"\s#|\s>\s", line)[0].strip()  # drop comments and redirections
             if line.startswith("siimcovid ") and "<" not in line and "..." not in line:
