@@ -51,3 +51,13 @@ def test_export_records_the_size_a_members_images_were_resized_from(prepared, tm
     assert settings["resize_from"] == 128 and settings["sizes"] == [64]
     older = {k: v for k, v in recorded.items() if k != "resize_from"}  # a bundle of the release before
     assert predict_settings(older, tmp_path / "new", "folder", tmp_path / "out", 0, "raise")["resize_from"] is None
+
+
+def test_a_rerun_that_would_make_kept_images_from_another_size_is_refused(synth_root, tmp_path):
+    prepare_at(synth_root, tmp_path / "p", sizes=[64, 128])
+    with pytest.raises(SiimError, match=r"images at \[64\] px were made from 128 px .* give resize_from=128"):
+        prepare_at(synth_root, tmp_path / "p", sizes=[64])
+    again = prepare_at(synth_root, tmp_path / "p", sizes=[64], resize_from=128)  # the same pixels: resumed
+    assert again.sizes == [64]
+    with pytest.raises(SiimError, match=r"made from 128 px .* another out="):
+        prepare_at(synth_root, tmp_path / "p", sizes=[64, 256])

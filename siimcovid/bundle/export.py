@@ -158,8 +158,9 @@ def prepare_settings(prepared: list[Path], sizes: list[int]) -> dict:
 
 def conversion(prepare_cfg: dict) -> dict:
     """What makes a prepared folder's pixels (CONVERSION_KEYS) and the size its sizes were resized from."""
-    made_from = prepare_cfg.get("resize_from") or max(int(s) for s in prepare_cfg["sizes"])
-    return {"resize_from": int(made_from), **{k: prepare_cfg.get(k) for k in CONVERSION_KEYS}}
+    from siimcovid.data.prepare import made_from
+
+    return {"resize_from": made_from(prepare_cfg), **{k: prepare_cfg.get(k) for k in CONVERSION_KEYS}}
 
 
 def ordered(members: list[Member], names: list[str]) -> list[Member]:

@@ -120,6 +120,7 @@ def check_settings(cfg: Config) -> Target:
         raise SiimError("splits= is empty: give train, test or both")
     check_out_folder(out, root, cfg)
     check_previous(out, root)
+    check_made_from(out, sizes, cfg.get("resize_from"))
     target = Target(root, name, out, sizes, yolo_size)
     if "train" in cfg.splits:
         check_data_yamls(data_yaml_paths(name, cfg.n_folds, Path(cfg.data_yaml_dir)))
@@ -185,6 +186,28 @@ def check_previous(out: Path, root: Path) -> None:
     if old is not None and old["data_resolved"] != str(root.resolve()):
         raise SiimError(
             f"{out} already holds data prepared from {old['data_resolved']}; choose another name= or out= for {root.resolve()}"
+        )
+
+
+def made_from(settings: dict) -> int:
+    """The size a prepared folder's images were made at, every smaller size area-resized from it: resize_from, else
+    the largest of its sizes (the one place of that rule: prepare writes by it, export records it for predict)."""
+    return int(settings.get("resize_from") or max(int(s) for s in settings["sizes"]))
+
+
+def check_made_from(out: Path, sizes: list[int], resize_from: int | None) -> None:
+    """Refuse a re-run whose images of a size both runs write would be made from another size: the earlier images are
+    kept (prepare converts only what is missing), so the record would describe pixels they were not made from."""
+    old = earlier_settings(out)
+    if old is None or not old.get("sizes"):
+        return
+    before, now = made_from(old), made_from({"sizes": sizes, "resize_from": resize_from})
+    shared = sorted(set(sizes) & {int(s) for s in old["sizes"]})
+    if before != now and shared:
+        hint = f"give resize_from={before}" if before >= max(sizes) else "prepare into another out= (or name=)"
+        raise SiimError(
+            f"{out}: its images at {shared} px were made from {before} px (sizes {sorted(old['sizes'])}); these "
+            f"settings would make them from {now} px and keep the old ones: {hint}"
         )
 
 
