@@ -25,10 +25,12 @@ SWA (swa_epochs, swa_lr; siimcovid.engine.swa; one process only, not Ultralytics
 average the model's own weights (Ultralytics' raw model, not its ModelEMA: the EMA still validates each epoch and
 picks best.pt until the end), at swa_lr (SWALR, set again after each epoch's scheduler step; the warmup's
 iterations, if they reach that far, set their own). The average travels in last.pt under "swa" (a resume puts it
-back). When the training stops (its last epoch, or early stopping), the average's batch-norm statistics are
-recomputed over the training loader (update_bn) and it is saved as the checkpoint's "ema", Ultralytics' own format,
-in last.pt and best.pt both (so the final validation, `detect predict` and a bundle read it unchanged); the stripped
-checkpoints keep "swa": {swa: true, swa_epochs, n_averaged}, the fold's record.
+back; the raw model it goes on averaging is the one Ultralytics' resume rebuilds from its EMA, so a resumed fold is
+close to, not equal to, an uninterrupted one). When the training stops (its last epoch, or early stopping), the
+average's batch-norm statistics are recomputed over the training loader (update_bn) and it is saved as the
+checkpoint's "ema", Ultralytics' own format, in last.pt and best.pt both (so the final validation, `detect predict`
+and a bundle read it unchanged); the stripped checkpoints keep "swa": {swa: true, swa_epochs, n_averaged}, the fold's
+record.
 
 The run folder is the run's own when its detect.yaml is one a training saved, a fold folder when the args.yaml
 Ultralytics wrote there names it (siimcovid.rundir's outputs rule): another folder that holds files is refused
