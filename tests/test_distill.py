@@ -164,3 +164,29 @@ def test_with_extra_data_only_the_siim_images_get_the_teachers_targets(prepared,
     assert first["label"].numpy() == pytest.approx(0.5 * np.array([0.1, 0.6, 0.2, 0.1]) + 0.5 * hard)
     assert float(first["none"]) == pytest.approx(0.5 * 0.3 + 0.5 * table.none[0]) and bool(first["has_mask"])
     assert np.isnan(last["label"].numpy()).all() and float(last["none"]) == 0.5  # the extra image as it was
+
+
+@pytest.mark.slow
+def test_a_student_is_exported_alone_and_predicts_as_its_run_does(tmp_path):
+    """The point of a student is a cheaper bundle: one classify member, its test probabilities those of its run."""
+    from conftest import make_synth
+
+    from siimcovid.cli import call
+    from siimcovid.tables import CLASSIFIER_IMAGES
+
+    root = make_synth(tmp_path / "root", train_studies=30, test_studies=3, rows=160, cols=180, seed=3)
+    prep = call("prepare", data=str(root), name="d", out=str(tmp_path / "prep"), sizes=[64], n_folds=3, workers=0,
+                data_yaml_dir=str(tmp_path / "dy"))  # fmt: skip
+    project = tmp_path / "runs" / "classify"
+    common = {**TINY, "data": str(prep), "project": str(project)}
+    call("classify", "train", **common, name="t")
+    call("classify", "train", **common, name="s", distill=[str(project / "t")])
+    bundle = call("export", project=str(tmp_path / "runs"), classify=str(project / "s"), out=str(tmp_path / "bundle"))
+    assert sorted(p.name for p in (bundle / "classify").iterdir()) == ["s"]  # the teacher is not in it
+    result = call("predict", bundle=str(bundle), source=str(root), out=str(tmp_path / "out"), workers=0)
+    bundled = CLASSIFIER_IMAGES.read(result["out"] / "classify" / "s" / "pred_test_image.csv").set_index("image_id")
+    call("classify", "predict", run=str(project / "s"), split=["test"], source=str(result["prepared"]), workers=0,
+         device="cpu", project=str(project))  # fmt: skip
+    own = CLASSIFIER_IMAGES.read(project / "s" / "pred_test_image.csv").set_index("image_id")
+    assert sorted(own.index) == sorted(bundled.index) and len(own) == 3
+    assert bundled.loc[own.index, STUDY_CLASSES].to_numpy() == pytest.approx(own[STUDY_CLASSES].to_numpy(), rel=1e-5)
