@@ -158,7 +158,7 @@ def prepare_settings(prepared: list[Path], sizes: list[int]) -> dict:
 
 def conversion(prepare_cfg: dict) -> dict:
     """What makes a prepared folder's pixels (CONVERSION_KEYS) and the size its sizes were resized from."""
-    from siimcovid.data.prepare import made_from
+    from siimcovid.data.convert import made_from
 
     return {"resize_from": made_from(prepare_cfg), **{k: prepare_cfg.get(k) for k in CONVERSION_KEYS}}
 

@@ -170,6 +170,13 @@ def picture_to_uint8(
     return images, _picture_info(arr.shape[0], arr.shape[1], 16 if arr.dtype == np.uint16 else 8)
 
 
+def made_from(settings: dict) -> int:
+    """The size a prepared folder's images were made at, every smaller size area-resized from it: resize_from, else
+    the largest of its sizes (the one place of that rule: convert_one makes images by it, prepare checks a re-run
+    against it, export records it for predict)."""
+    return int(settings.get("resize_from") or max(int(s) for s in settings["sizes"]))
+
+
 def convert_one(job: dict) -> dict:
     """Convert one DICOM or PNG/JPEG file (worker). Returns header info and clipped boxes, or the DataError."""
     out, sizes, ext, image_id, split = Path(job["out"]), job["sizes"], job["ext"], job["image_id"], job["split"]
@@ -179,7 +186,7 @@ def convert_one(job: dict) -> dict:
         if all(image_is_whole(p, s, ext) for s, p in targets.items()):  # done by an earlier run
             info, converted = (picture_header if picture else read_header)(job["path"]), False
         else:
-            made = sorted({*sizes, job.get("resize_from") or max(sizes)})  # resize_from: made first, not written
+            made = sorted({*sizes, made_from(job)})  # resize_from: made first, not written
             images, info = (picture_to_uint8 if picture else dicom_to_uint8)(job["path"], made, job.get("max_pixels"))
             for s, p in targets.items():
                 _write_image(p, images[s], ext, job.get("params") or encode_params(ext))

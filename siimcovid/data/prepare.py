@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from siimcovid.config import Config, default_name, worker_processes
 from siimcovid.data.boxes import as_array, boxes_to_json
-from siimcovid.data.convert import convert_one, encode_params, init_worker
+from siimcovid.data.convert import convert_one, encode_params, init_worker, made_from
 from siimcovid.data.folds import make_folds
 from siimcovid.data.lungs import box_files, no_box_file, read_lung_boxes, yolo_line
 from siimcovid.data.prepared import LUNG, LUNGS_CSV, RECORD, SKIPPED_CSV, data_yaml_name, folds_fingerprint
@@ -187,12 +187,6 @@ def check_previous(out: Path, root: Path) -> None:
         raise SiimError(
             f"{out} already holds data prepared from {old['data_resolved']}; choose another name= or out= for {root.resolve()}"
         )
-
-
-def made_from(settings: dict) -> int:
-    """The size a prepared folder's images were made at, every smaller size area-resized from it: resize_from, else
-    the largest of its sizes (the one place of that rule: prepare writes by it, export records it for predict)."""
-    return int(settings.get("resize_from") or max(int(s) for s in settings["sizes"]))
 
 
 def check_made_from(out: Path, sizes: list[int], resize_from: int | None) -> None:
