@@ -214,11 +214,14 @@ class TargetDataset(Dataset):
 
 
 class SoftTargets(Dataset):
-    """A StudyDataset whose items look like TargetDataset's (one-hot study target, has_mask True): the two can
-    then share a ConcatDataset and a batch."""
+    """A StudyDataset whose items look like TargetDataset's (a (n_classes,) float study target, has_mask True): the
+    two can then share a ConcatDataset and a batch. targets: (study (n, n_classes), none (n,)) of its own (e.g.
+    distillation's soft targets); None: the one-hot study label and the image's own none."""
 
-    def __init__(self, dataset: StudyDataset, n_classes: int):
-        self.dataset, self.n_classes = dataset, n_classes
+    def __init__(self, dataset: StudyDataset, n_classes: int, targets: tuple | None = None):
+        if targets is not None and len(targets[0]) != len(dataset):
+            raise SiimError(f"{len(targets[0])} targets for {len(dataset)} training images")
+        self.dataset, self.n_classes, self.targets = dataset, n_classes, targets
 
     @property
     def augment(self):  # seed_worker and the resume's augment_state reach the wrapped dataset's pipeline
@@ -229,7 +232,11 @@ class SoftTargets(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
-        item["label"] = torch.nn.functional.one_hot(item["label"], self.n_classes).float()
+        if self.targets is None:
+            item["label"] = torch.nn.functional.one_hot(item["label"], self.n_classes).float()
+        else:
+            item["label"] = torch.from_numpy(self.targets[0][i].copy())
+            item["none"] = torch.tensor(self.targets[1][i], dtype=torch.float32)
         item["has_mask"] = torch.tensor(self.dataset.masks)
         return item
 

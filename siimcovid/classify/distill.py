@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset
 
 from siimcovid import rundir
 from siimcovid.classify.files import DISTILL, FILES
@@ -245,32 +245,6 @@ def mixed_targets(table: pd.DataFrame, targets: pd.DataFrame, weight: float) -> 
     return study.astype(np.float32), none.astype(np.float32)
 
 
-class DistilledDataset(Dataset):
-    """A fold's StudyDataset whose items carry the distillation targets (label (4,) float, none float, has_mask
-    True): the loss takes its soft path, and the items fit a batch with extra data's (TargetDataset)."""
-
-    def __init__(self, dataset, study: np.ndarray, none: np.ndarray):
-        if len(study) != len(dataset):
-            raise SiimError(f"distillation: {len(study)} targets for {len(dataset)} training images")
-        self.dataset, self.study, self.none = dataset, study, none
-
-    @property
-    def augment(self):  # seed_worker and the resume's augment_state reach the wrapped dataset's pipeline
-        return self.dataset.augment
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        item = self.dataset[i]
-        item["label"] = torch.from_numpy(self.study[i].copy())
-        item["none"] = torch.tensor(self.none[i], dtype=torch.float32)
-        item["has_mask"] = torch.tensor(self.dataset.masks)
-        return item
-
-
 def distill_hook(teachers: list[Teacher]):
     """on_train_data: the fold's SIIM training images get their distillation targets (after extra=, whose
     ConcatDataset starts with them)."""
@@ -282,7 +256,7 @@ def distill_hook(teachers: list[Teacher]):
         parts = ds.datasets if isinstance(ds, ConcatDataset) else [ds]
         own = parts[0].dataset if isinstance(parts[0], SoftTargets) else parts[0]
         study, none = mixed_targets(own.table, targets, trainer.cfg.distill_weight)
-        distilled = DistilledDataset(own, study, none)
+        distilled = SoftTargets(own, len(STUDY_CLASSES), (study, none))  # the loss takes its soft path
         if isinstance(ds, ConcatDataset):
             trainer.train_dataset = ConcatDataset([distilled, *parts[1:]])
         else:
