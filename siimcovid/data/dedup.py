@@ -12,6 +12,7 @@ within `max_distance` bits of a SIIM image is a copy. benchmarks/bench_dedup.py 
     hash_split(prep, split, size) -> (ids, hashes) a prepared folder's split
     distances(a, b) -> np.ndarray                 every pairwise Hamming distance (pure, vectorised)
     find_copies(pool, siim, max_distance)         per pool image, its nearest SIIM image when within max_distance
+    siim_hashes(data, size) -> (ids, splits, hashes)  every SIIM train and test image's, once for several pools
     siim_copies(source, data, size, max_distance, pool_split) the tables.COPIES rows of a pool against SIIM train and test
     check_pool(copies, where, ...)  dedup=refuse's error; the log line of what dedup=drop left out
 """
@@ -78,22 +79,29 @@ def find_copies(pool: np.ndarray, siim: np.ndarray, max_distance: int) -> tuple[
     return found, nearest[found], best[found]
 
 
-def siim_copies(source, data, size: int, max_distance: int, pool_split: str = "test") -> pd.DataFrame:
+def siim_hashes(data, size: int) -> tuple[list[str], list[str], np.ndarray]:
+    """(image ids, their splits, hashes) of every train and test image of the SIIM prepared folder `data` at `size`:
+    what pools are compared with (hashed once for several pools: siim_copies' siim=)."""
+    ids, splits, hashes = [], [], []
+    for split in ("train", "test"):
+        found, values = hash_split(data, split, size)
+        ids += found
+        splits += [split] * len(found)
+        hashes.append(values)
+    return ids, splits, np.concatenate(hashes)
+
+
+def siim_copies(source, data, size: int, max_distance: int, pool_split: str = "test", siim=None) -> pd.DataFrame:
     """The tables.COPIES rows: the `pool_split` images of `source` (a pool's: test; an external labelled set's: train)
     whose pixels match a train or test image of the SIIM prepared folder `data` (both Prepared, hashed at the prepared
-    `size` both have)."""
+    `size` both have). siim: siim_hashes(data, size) when the caller has them already."""
     from siimcovid.tables import COPIES
 
     if size not in source.sizes or size not in data.sizes:
         raise SiimError(f"dedup: {source.root} (sizes {source.sizes}) and {data.root} (sizes {data.sizes}) lack size {size}")
     pool_ids, pool = hash_split(source, pool_split, size)
-    siim_ids, siim_splits, siim = [], [], []
-    for split in ("train", "test"):
-        ids, hashes = hash_split(data, split, size)
-        siim_ids += ids
-        siim_splits += [split] * len(ids)
-        siim.append(hashes)
-    i, j, d = find_copies(pool, np.concatenate(siim), max_distance)
+    siim_ids, siim_splits, hashes = siim if siim is not None else siim_hashes(data, size)
+    i, j, d = find_copies(pool, hashes, max_distance)
     rows = pd.DataFrame(
         {
             "image_id": np.array(pool_ids, dtype=object)[i],

@@ -66,17 +66,18 @@ class ExtraData:
     def copies_path(self, out_dir: Path) -> Path:
         return Path(out_dir) / f"copies_{self.root.name}.csv"
 
-    def drop_siim_copies(self, data: Prepared, size: int, mode: str, max_distance: int, out_dir: Path) -> None:
+    def drop_siim_copies(self, data: Prepared, size: int, mode: str, max_distance: int, out_dir: Path, siim=None) -> None:
         """An external set's train images whose pixels are a SIIM train or test image's (siimcovid.data.dedup), at the
         size the run trains: drop: left out of every fold (listed in out_dir/copies_<folder>.csv, tables.COPIES); refuse:
-        an error naming them; keep, and a pseudo folder (`siimcovid pseudo` checked its pool): unchecked."""
+        an error naming them; keep, and a pseudo folder (`siimcovid pseudo` checked its pool): unchecked. siim: the SIIM
+        images' dedup.siim_hashes, when open_extra has them from another folder."""
         if mode == "keep" or self.layout not in EXTERNAL:
             return
         from siimcovid.data.dedup import check_pool, siim_copies
         from siimcovid.tables import COPIES
 
         self.check_size(size)
-        copies = siim_copies(self.prep, data, size, max_distance, pool_split="train")
+        copies = siim_copies(self.prep, data, size, max_distance, pool_split="train", siim=siim)
         listed = self.copies_path(out_dir)
         check_pool(copies, str(self.root), "extra images", len(self.prep.split("train")), mode, max_distance, listed)
         COPIES.write(copies, listed)
@@ -224,10 +225,20 @@ def open_extra(extra, folds_id: str, n_folds: int, dedup: tuple | None = None) -
     names = [e.root.name for e in out]
     for e in out:
         e.check_student(folds_id, n_folds)
-        if dedup is not None:
-            if names.count(e.root.name) > 1 and dedup[2] != "keep":
-                raise SiimError(f"extra data: two folders named {e.root.name} (their copies CSVs would share a name): rename one")
-            e.drop_siim_copies(*dedup)
+    if dedup is None or dedup[2] == "keep":
+        return out
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:
+        raise SiimError(f"extra data: two folders named {twice[0]} (their copies CSVs would share a name): rename one")
+    from siimcovid.data.dedup import siim_hashes
+
+    data, size, siim = dedup[0], dedup[1], None
+    for e in out:
+        if e.layout in EXTERNAL:
+            e.check_size(size)
+            if siim is None and size in data.sizes:
+                siim = siim_hashes(data, size)  # once for every external set (without the size: siim_copies says so)
+        e.drop_siim_copies(*dedup, siim=siim)
     return out
 
 
