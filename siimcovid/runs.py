@@ -103,12 +103,15 @@ def settings_text(cfg: dict, keys) -> str:
 
 
 def trained_on(cfg: dict) -> str:
-    """` init=<name> extra=<names>` of a detect/classify run, flagged LEAKY when an extra folder holds all-folds
-    pseudo-labels (`siimcovid pseudo teacher=all`: the run's out-of-fold scores are optimistic)."""
+    """` init=<name> extra=<names> distill=<names> (weight w)` of a detect/classify run, flagged LEAKY when an extra
+    folder holds all-folds pseudo-labels (`siimcovid pseudo teacher=all`: the run's out-of-fold scores are optimistic).
+    A distilled student is never LEAKY: its teachers of fold k never saw fold k's validation images (others refused)."""
     extra = [Path(str(p)) for p in (cfg.get("extra") or [])]
     text = (f" init={Path(str(cfg['init'])).name}" if cfg.get("init") else "") + (
         f" extra={','.join(p.name for p in extra)}" if extra else ""
     )
+    teachers = [Path(str(p)).name for p in cfg.get("distill") or []]
+    text += f" distill={','.join(teachers)} (weight {fmt(cfg.get('distill_weight', ''))})" if teachers else ""
     leaky = any(merge_run(quiet_yaml(p / "prepare.yaml")).get("leaky") for p in extra)
     return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky else "")
 

@@ -40,6 +40,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | PSEUDO_BOXES | pseudo | runs/pseudo/<name>/boxes.csv | people (the boxes are also the folder's YOLO labels) |
 | COPIES | pseudo (dedup=drop) | runs/pseudo/<name>/copies.csv | people (the pool images left out as SIIM's own) |
 | DISTILL_TARGETS | classify train distill= | runs/classify/<student>/fold<k>/distill_targets.csv | its fold k (a cache) |
+| DISTILL_BOXES | detect train distill= | runs/detect/<student>/distill/fold<k>/boxes.csv | people (also the fold's YOLO labels) |
 | PREDICTED_STUDIES / PREDICTED_IMAGES / PREDICTED_BOXES | predict | <out>/{studies,images,boxes}.csv | people |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
@@ -356,6 +357,19 @@ def _not_empty(*columns: str):
     return check
 
 
+def _file_names(*columns: str):
+    """Ids that name files (prepare's images, a student's labels): one file name each, never a path that leaves its
+    folder (a hostile meta.csv would otherwise write outside the run)."""
+
+    def check(df: pd.DataFrame, path) -> None:
+        for c in columns:
+            text = df[c].astype(str)
+            bad = text.str.contains(r"[/\\\x00]", regex=True) | text.isin([".", ".."])
+            first_bad(bad, path, f"{c} is not a file name (a path separator, NUL, '.' or '..')")
+
+    return check
+
+
 _BOX = [Column(c, FLOAT, f"box {c[0]} {c[2:]} in ORIGINAL DICOM pixels") for c in BOX_COLUMNS]
 
 META = Table(
@@ -383,6 +397,7 @@ META = Table(
         Column("dicom", TEXT, "path of the input file (DICOM, PNG or JPEG) relative to the data root"),
     ),
     "One row per prepared image, train and test; written last by prepare (its presence marks a finished prepare).",
+    checks=(_file_names("image_id"),),
     key=("image_id",),
 )
 
@@ -703,6 +718,22 @@ DISTILL_TARGETS = Table(
     "while teachers_id is that of the teachers given.",
     checks=(_not_empty("image_id", "study_id", "teachers_id"), _one_study_per_image),
     key=("image_id",),
+)
+
+DISTILL_BOXES = Table(
+    "distilled boxes",
+    "runs/detect/<student>/distill/fold<k>/boxes.csv (detect train distill=)",
+    (
+        Column("image_id", TEXT, "a training image of the student's fold k (never one of fold k's validation images)"),
+        Column("fold", INT, "k: the student fold that learns the box, and the teacher fold whose models predicted it", lo=0),
+        *_BOX,
+        Column("conf", FLOAT, "(1 - w) [a hard box] + w x the teachers' mean, w = distill_weight", lo=0, hi=1),
+        Column("hard", INT, "1: the box holds one of the image's hard boxes (IoU >= 0.5); 0: the teachers' alone", lo=0, hi=1),
+        Column("teachers_id", TEXT, "a fingerprint of the teachers (runs, sha256 of their fold-k checkpoint) and the blend"),
+    ),
+    "The labels of one student fold (siimcovid.detect.distill), one row per box (an image without one has no row; its "
+    "label file is empty): what the fold's YOLO label files say, in original pixels.",
+    checks=(_not_empty("image_id", "teachers_id"),),
 )
 
 

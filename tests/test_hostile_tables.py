@@ -323,3 +323,15 @@ def test_a_csv_with_a_header_of_a_million_columns_is_refused_at_once(tmp_path):
     path.write_text("id,PredictionString" + "," * (1 << 20) + "\n")
     with pytest.raises(DataError, match=rf"wide.csv: 1048578 columns on its first line \(.* at most {MAX_COLUMNS}\)"):
         SUBMISSION.read(path)
+
+
+@pytest.mark.parametrize("image_id", ["../../escape", "a/b", "..", "c\\d"])
+def test_a_meta_table_whose_image_id_is_a_path_is_refused_naming_the_file_and_line(prepared, tmp_path, image_id):
+    """Image ids name files (prepared images, a distilled student's labels, pseudo's folders): a hostile meta.csv whose
+    id leaves its folder is refused on read, before any file is written by it."""
+    meta = tables.META.read(Path(prepared) / "meta.csv")
+    meta.loc[3, "image_id"] = image_id
+    path = tmp_path / "meta.csv"
+    meta.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"meta.csv, line 5: image_id is not a file name"):
+        tables.META.read(path)

@@ -27,7 +27,7 @@ def describe(run: Path) -> dict | None:
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(sorted(fold_files(run, FILES.done))),
-        "settings": pretraining(cfg) + task + settings_text(cfg, SETTINGS) + trained_on(cfg) + distilled(cfg),
+        "settings": pretraining(cfg) + task + settings_text(cfg, SETTINGS) + trained_on(cfg),
         "cv_value": none_ap if task else study_map,
         "cv": cv,
     }
@@ -39,8 +39,3 @@ def pretraining(cfg: dict) -> str:
     return f"multi-label on {Path(str(cfg.get('data', ''))).name} ({len(labels)} labels) " if labels else ""
 
 
-def distilled(cfg: dict) -> str:
-    """' distill=<teacher names> (weight w)' of a student (siimcovid.classify.distill: its teachers never saw its
-    folds' validation images, so nothing is flagged LEAKY), else ''."""
-    runs = [Path(str(p)).name for p in cfg.get("distill") or []]
-    return f" distill={','.join(runs)} (weight {fmt(cfg.get('distill_weight', ''))})" if runs else ""

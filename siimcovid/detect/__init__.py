@@ -16,6 +16,7 @@ Modules:
                  ultralytics_keys() (the settings detect passes through), check_ultralytics_settings(settings)
     summary.py   describe(run_dir): the row of a detect run in `siimcovid runs` (yaml and pandas only)
     crops.py     crop=lung, crop_train: write_crops(...), fold_crops(...) the lung crops as extra training images
+    distill.py   distill=: prepare_run(...) the teachers checked, fold_list(...) a fold's labels blended with theirs
     torchvision_family.py  TorchvisionFamily: torchvision's Faster R-CNN / RetinaNet / FCOS (family name torchvision)
     torchvision_train.py   its fold training loop (resume from its last checkpoint, AMP on a GPU)
     torchvision_model.py   build(arch, imgsz, pretrained), new_predictor(model, arch): its detectors
@@ -23,6 +24,6 @@ Modules:
 """
 
 __all__ = [
-    "common", "crops", "evolve", "family", "files", "predict", "ray_tune", "summary", "torchvision_bundle",
+    "common", "crops", "distill", "evolve", "family", "files", "predict", "ray_tune", "summary", "torchvision_bundle",
     "torchvision_family", "torchvision_model", "torchvision_train", "train",
 ]  # fmt: skip

@@ -292,10 +292,10 @@ def warn_if_foreign(path: Path, key: str) -> None:
         )
 
 
-def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list, crops: list[str] = ()) -> Path:
-    """The fold's data YAML with extra training images: `train` = [the fold's list, a list of the extra images (extra=
-    data, then crop=lung's crops of the fold's training images)]; `val` (and test) as prepare wrote them. Written to
-    <run>/data/fold<k>.yaml beside fold<k>_extra.txt."""
+def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list, crops: list[str] = (), train=None) -> Path:
+    """The fold's data YAML with extra training images: `train` = [the fold's list (or `train`: lists of its own, e.g.
+    distill='s), a list of the extra images (extra= data, then crop=lung's crops of the fold's training images)]; `val`
+    (and test) as prepare wrote them. Written to <run>/data/fold<k>.yaml beside fold<k>_extra.txt."""
     base = yaml.safe_load(source.yaml(fold).read_text()) or {}
     images = [p for e in extras for p in e.detector_images(fold, source.size)] + list(crops)
     missing = [p for p in images if not Path(p).is_file()]
@@ -304,11 +304,13 @@ def extra_data_yaml(source: DataSource, fold: int, run_dir: Path, extras: list, 
     folder = run_dir / "data"
     listed = folder / f"fold{fold}_extra.txt"
     atomic_write_text(listed, "".join(f"{Path(p).resolve()}\n" for p in images))
-    root = Path(str(base["path"]))
-    train = [str(root / t) if not Path(t).is_absolute() else t for t in as_list(base["train"])]
-    data = {**base, "train": train + [str(listed.resolve())]}
+    root, own = Path(str(base["path"])), train is not None
+    if train is None:
+        train = [str(root / t) if not Path(t).is_absolute() else t for t in as_list(base["train"])]
+    data = {**base, "train": train + ([str(listed.resolve())] if images else [])}
     path = folder / f"fold{fold}.yaml"
-    text = f"# Written by `siimcovid detect train`: fold {fold} of {source.prepared} + {len(images)} extra training images.\n"
+    labels = f" (its training images' labels: {', '.join(train)})" if own else ""
+    text = f"# Written by `siimcovid detect train`: fold {fold} of {source.prepared}{labels} + {len(images)} extra images.\n"
     atomic_write_text(path, text + yaml.safe_dump(data, sort_keys=False))
     LOGGER.info(f"detect: fold {fold} trains on its {len(list_lines(train))} images + {len(images)} extra ({path})")
     return path

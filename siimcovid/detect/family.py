@@ -156,9 +156,11 @@ class YoloFamily(Family):
 
     def check(self, data: FoldData) -> None:
         from siimcovid.detect.common import load_hyp, train_args
+        from siimcovid.detect.distill import check_student, prepare_run
         from siimcovid.engine.devices import parse
         from siimcovid.engine.swa import check_swa
 
+        check_student(self.cfg)
         check_swa(self.cfg, self.cfg.epochs)
         if self.cfg.get("swa_epochs") and (parse(self.cfg.device).count or 0) > 1:  # DDP's processes: not reached
             raise SiimError(f"swa_epochs > 0 trains on one device, not device={self.cfg.device} (Ultralytics' DDP)")
@@ -168,6 +170,7 @@ class YoloFamily(Family):
             self.args["pretrained"] = str(self.init_path)
             LOGGER.info(f"detect: init from {self.init_path} (Ultralytics logs how many tensors it transferred)")
         data.learned.update(hyp_values=hyp, folds_id=data.folds_id)
+        self.teachers = prepare_run(self.cfg, data.folds_id, data.folds, data)
 
     def own_fold(self, folder: Path, own_run: bool) -> bool:
         from siimcovid.detect.train import own_fold
@@ -196,7 +199,8 @@ class YoloFamily(Family):
     def before_folds(self, run_dir: Path, data: FoldData, folds: list[int]) -> dict:
         from siimcovid.detect.train import fold_yamls
 
-        self.yamls = fold_yamls(self.cfg, self.source, folds, run_dir, self.lung_boxes(data.folds_id))
+        lungs, teachers = self.lung_boxes(data.folds_id), getattr(self, "teachers", [])
+        self.yamls = fold_yamls(self.cfg, self.source, folds, run_dir, lungs, teachers)
         return {"data_yamls": {**data.learned["data_yamls"], **{k: str(p.resolve()) for k, p in self.yamls.items()}}}
 
     def callbacks(self, data: FoldData) -> dict:

@@ -12,6 +12,7 @@ FILES = FoldFiles(
     done=None,  # Ultralytics' last.pt says so (fold_state)
     # Ultralytics' run folder: its plots under varied names
     fold=("args.yaml", START_ARGS, "results.png", "weights", "labels", "predictions.json", "*.jpg", "*.png"),
-    run=("data", "pred_*.csv", "scores_oof.csv", "predict.yaml", "copies_*.csv"),  # copies_<folder>.csv: extra='s SIIM copies
+    # copies_<folder>.csv: extra='s SIIM copies; distill: distill='s training sets (siimcovid.detect.distill)
+    run=("data", "distill", "pred_*.csv", "scores_oof.csv", "predict.yaml", "copies_*.csv"),
     copy_settings=False,  # Ultralytics' args.yaml is the fold folder's trace (detect.train.own_fold)
 )

@@ -139,6 +139,8 @@ class TorchvisionFamily(Family):
             raise SiimError(f"family=torchvision reads the Ultralytics settings {', '.join(HYP_KEYS)} only, not {other}")
         if cfg.extra:
             raise SiimError("family=torchvision: extra= is not supported (a YOLO run takes extra training images)")
+        if cfg.get("distill"):
+            raise SiimError("family=torchvision: distill= is not supported (a YOLO student, family=yolo, learns from teachers)")
         if not isinstance(cfg.pretrained, bool):
             raise SiimError(
                 f"family=torchvision: pretrained={cfg.pretrained}: true (COCO) or false (give a run's checkpoint as init=)"

@@ -357,18 +357,24 @@ def fold_summary(run_dir: Path, folds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path, lungs=None) -> dict[int, Path]:
-    """Each fold's data YAML: prepare's, or with extra= (or crop=lung crop_train=true), the run's own one whose training
-    list has the extra images (and the lung crops of the fold's training images: siimcovid.detect.crops)."""
+def fold_yamls(cfg: Config, source, folds: list[int], run_dir: Path, lungs=None, teachers=()) -> dict[int, Path]:
+    """Each fold's data YAML: prepare's, or with extra= (or crop=lung crop_train=true, or distill=), the run's own one
+    whose training list has the extra images (and the lung crops of the fold's training images: siimcovid.detect.crops;
+    distill=: the fold's training images with the distilled labels instead of prepare's, siimcovid.detect.distill)."""
     from siimcovid.detect.crops import fold_crops, write_crops
+    from siimcovid.detect.distill import fold_list
 
     prepared = Prepared(source.prepared)
     crops = write_crops(prepared, source.size, lungs, cfg, run_dir) if lungs is not None and cfg.crop_train else None
-    if not cfg.extra and crops is None:
+    if not cfg.extra and crops is None and not teachers:
         return {k: source.yaml(k) for k in folds}
     dedup = (prepared, source.size, cfg.dedup, int(cfg.dedup_distance), run_dir)
     extras = open_extra(cfg.extra, prepared.folds_id, source.n_folds, dedup) if cfg.extra else []
-    return {k: extra_data_yaml(source, k, run_dir, extras, fold_crops(prepared, crops, k) if crops else []) for k in folds}
+    yamls = {}
+    for k in folds:
+        train = [str(fold_list(cfg, prepared, source.size, k, teachers, run_dir).resolve())] if teachers else None
+        yamls[k] = extra_data_yaml(source, k, run_dir, extras, fold_crops(prepared, crops, k) if crops else [], train)
+    return yamls
 
 
 def train(cfg: Config, callbacks: dict[str, Callable] | None = None) -> Path:
