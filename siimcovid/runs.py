@@ -112,8 +112,12 @@ def trained_on(cfg: dict) -> str:
     )
     teachers = [Path(str(p)).name for p in cfg.get("distill") or []]
     text += f" distill={','.join(teachers)} (weight {fmt(cfg.get('distill_weight', ''))})" if teachers else ""
-    leaky = any(merge_run(quiet_yaml(p / "prepare.yaml")).get("leaky") for p in extra)
-    return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky else "")
+    return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky_extras(cfg) else "")
+
+
+def leaky_extras(cfg: dict) -> list[str]:
+    """The extra= folders of a run's settings that hold all-folds pseudo-labels (their prepare.yaml says leaky)."""
+    return [str(p) for p in cfg.get("extra") or [] if merge_run(quiet_yaml(Path(str(p)) / "prepare.yaml")).get("leaky")]
 
 
 # ----------------------------------------------------------------------------- the table

@@ -47,6 +47,22 @@ def test_distill_weight_one_is_the_teachers_mean_alone_and_a_miss_counts_zero():
     assert boxes.shape == (0, 4) and conf.shape == (0,)
 
 
+def test_a_cluster_holds_one_box_of_each_source_so_the_blend_stays_linear():
+    """ensemble-boxes would put a teacher's two overlapping boxes into the hard box's cluster (and score it otherwise):
+    here the second is a cluster of its own, of the teacher's share alone."""
+    two = np.array([[0.1, 0.1, 0.4, 0.5], [0.11, 0.1, 0.41, 0.5]])
+    boxes, conf, hard = blend(HARD, [(two, np.array([0.8, 0.6]))], weight=0.5, iou=0.55, conf=0.0)
+    assert conf == pytest.approx([0.5 + 0.5 * 0.8, 0.5 * 0.6]) and hard.tolist() == [True, False]
+    apart = np.array([[0.6, 0.6, 0.9, 0.9]])
+    _, conf, _ = blend(HARD, [(apart, np.array([0.9])), (apart, np.array([0.9]))], weight=0.25, iou=0.55, conf=0.3)
+    assert conf == pytest.approx([0.75])  # both teachers' box: 0.25 x 0.9 < distill_conf, below the weight as promised
+    boxes, conf, hard = blend(HARD, [(apart, np.array([0.9]))], weight=0.0, iou=0.55, conf=0.0)
+    assert boxes == pytest.approx(HARD) and conf == pytest.approx([1.0]) and np.isfinite(boxes).all()
+    near = np.array([[0.1, 0.1, 0.4, 0.56]])  # IoU 0.89 with the hard box: below distill_iou=0.95, its own cluster
+    _, conf, hard = blend(HARD, [(near, np.array([0.8]))], weight=0.5, iou=0.95, conf=0.0)
+    assert conf == pytest.approx([0.5, 0.4]) and hard.tolist() == [True, False]
+
+
 # ---------------------------------------------------------------- a tiny teacher and its student (Ultralytics)
 
 YOLO = {"model": "yolov5n.yaml", "pretrained": False, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu"}
@@ -157,3 +173,39 @@ def test_a_resume_with_a_retrained_teacher_is_refused_and_the_same_one_skips(stu
     path.write_text(path.read_text().replace(str(teacher), str(copy)))  # as if it had learnt from the copy before
     with pytest.raises(SiimError, match="distill_teachers"):
         detect_train(prepared, students, "student", **{**again, "distill": [str(copy)]})
+
+
+@pytest.mark.slow
+def test_a_student_trains_fold_by_fold_as_its_teacher_finishes_them(teacher, prepared, tmp_path):
+    """fold=0 then, once the teacher finished fold 1, fold=1 in another command (one fold per job): no change refused,
+    and the record then holds both teacher folds."""
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    detect_train(prepared, tmp_path, "s", fold=0, distill=[str(copy)])
+    detect_train(prepared, tmp_path, "teacher", fold=1, seed=1)
+    detect_train(prepared, tmp_path, "s", fold=1, distill=[str(copy)])
+    learned = yaml.safe_load((tmp_path / "s" / "detect.yaml").read_text())["learned"]
+    assert sorted(learned["distill_teachers"][0]["best_sha256"]) == ["0", "1"]
+    assert (fold_folder(tmp_path / "s", 1) / RECORD).is_file() and (tmp_path / "s" / "fold1" / "weights" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_teacher_trained_on_all_folds_pseudo_labels_is_refused(teacher, prepared, tmp_path):
+    from siimcovid.rundir import read_run, write_run
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "prepare.yaml").write_text(yaml.safe_dump({"layout": "pseudo", "teacher": "all", "leaky": True}))
+    other = tmp_path / "leaky"
+    shutil.copytree(teacher, other)
+    learned = yaml.safe_load((other / "detect.yaml").read_text())["learned"]
+    record = read_run(other / "detect.yaml")
+    settings = {**{k: v for k, v in record.items() if k not in learned}, "extra": [str(pool)]}
+    write_run(other / "detect.yaml", "detect", settings, learned)
+    with pytest.raises(SiimError, match="all-folds pseudo-labels"):
+        detect_train(prepared, tmp_path, "s", fold=0, distill=[str(other)])
+    from siimcovid.classify.distill import open_teacher
+
+    (other / "classify.yaml").write_text((other / "detect.yaml").read_text())  # the same rule, the classify side
+    with pytest.raises(SiimError, match="all-folds pseudo-labels"):
+        open_teacher(other, Prepared(prepared), [0], tmp_path)

@@ -43,6 +43,7 @@ from torch.utils.data import ConcatDataset
 
 from siimcovid import rundir
 from siimcovid.classify.files import DISTILL, FILES
+from siimcovid.engine.distill import check_not_leaky
 from siimcovid.tables import DISTILL_TARGETS, STUDY_CLASSES
 from siimcovid.utils import LOGGER, SiimError, file_sha256
 
@@ -106,6 +107,7 @@ def open_teacher(given, prep, folds: list[int], project: str | Path) -> Teacher:
     """One teacher, checked against the student's prepared folder and the folds it trains (module docstring)."""
     run = teacher_dir(given, project)
     cfg = rundir.read_run(run / FILES.settings)
+    check_not_leaky(run, cfg)  # siimcovid.engine.distill
     check_kind(run, cfg)
     recorded = cfg.get("folds_id")
     if not recorded:

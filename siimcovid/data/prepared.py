@@ -98,7 +98,12 @@ class Prepared:
 
     @property
     def ext(self) -> str:
-        return self.cfg["ext"]
+        """The image format (cfg/prepare.yaml ext): a prepare.yaml that says anything else is refused (image names
+        are <id>.<ext>, written by pseudo and distill= too)."""
+        ext = self.cfg.get("ext")
+        if ext not in ("png", "jpg"):
+            raise SiimError(f"{self.root / 'prepare.yaml'}: ext={ext!r} is not png or jpg")
+        return ext
 
     @property
     def n_folds(self) -> int:

@@ -4,9 +4,9 @@
 
 The student of fold k trains on fold k's training images with labels that blend their hard boxes with the teachers'
 soft ones. Teacher fold k of every teacher (trained on every fold but k, so no model that saw fold k's validation images)
-predicts each of fold k's training images; per image, Weighted Boxes Fusion (ensemble-boxes, conf_type avg) fuses the
-hard boxes (confidence 1, weight 1 - distill_weight) with each of the T teachers' boxes (their confidence, weight
-distill_weight / T) at IoU distill_iou. A fused box's confidence is then
+predicts each of fold k's training images; per image, Weighted Boxes Fusion's clustering (at IoU distill_iou, at most
+one box of each source in a cluster: blend) fuses the hard boxes (confidence 1, weight 1 - distill_weight) with each of
+the T teachers' boxes (their confidence, weight distill_weight / T). A fused box's confidence is then
 
     (1 - distill_weight) * [a hard box is in it] + distill_weight * (the teachers' mean confidence in it, 0 for a miss)
 
@@ -46,6 +46,7 @@ import yaml
 
 from siimcovid import rundir
 from siimcovid.detect.files import FILES
+from siimcovid.engine.distill import check_not_leaky
 from siimcovid.tables import BOX_COLUMNS, DISTILL_BOXES
 from siimcovid.utils import LOGGER, SiimError, atomic_write_text, file_sha256
 
@@ -109,6 +110,7 @@ def open_teacher(given, folds_id: str, folds: list[int], project: str | Path) ->
         raise SiimError(f"distill={run} is a task={cfg.get('task')} detector: a teacher finds opacity boxes")
     if (cfg.get("crop") or "none") != "none":
         raise SiimError(f"distill={run} predicts with lung-crop views (crop={cfg.get('crop')}): not yet a teacher")
+    check_not_leaky(run, cfg)  # siimcovid.engine.distill
     recorded = cfg.get("folds_id")
     if not recorded:
         raise SiimError(f"distill={run} records no fold assignment ({FILES.settings}: folds_id): its folds cannot be checked")
@@ -187,41 +189,54 @@ def teacher_boxes(teacher: Teacher, fold: int, image_ids: list[str], cfg) -> pd.
     return family.predict_images(model, run, fold, image_ids, "train")
 
 
+def iou_with(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x1y1x2y2 box with each of (n, 4) boxes."""
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
 def blend(hard: np.ndarray, teachers: list[tuple[np.ndarray, np.ndarray]], weight: float, iou: float, conf: float):
     """One image's labels: hard boxes (n, 4) and each teacher's (boxes (m, 4), confidences (m,)), all normalised
-    x1y1x2y2 -> (boxes (k, 4), blended confidences (k,), whether a hard box is in each), confidence >= conf only."""
-    from ensemble_boxes import weighted_boxes_fusion
+    x1y1x2y2 -> (boxes (k, 4), blended confidences (k,), whether a hard box is in each), confidence >= conf only.
 
-    sets = ([] if weight >= 1 else [(hard, np.ones(len(hard)), 1.0 - weight)]) + [
-        (b, s, weight / len(teachers)) for b, s in teachers
-    ]
-    boxes, scores, weights = [], [], []
-    for b, s, w in sets:
-        b, s = np.asarray(b, dtype=np.float64).reshape(-1, 4).clip(0, 1), np.asarray(s, dtype=np.float64).reshape(-1)
-        ok = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 0) & (s > 0)  # ensemble-boxes warns of zero-area boxes
-        boxes.append(b[ok])
-        scores.append(s[ok])
-        weights.append(w)
-    if not any(len(s) for s in scores):
-        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=bool)
-    found, fused, _ = weighted_boxes_fusion(
-        boxes, scores, [np.zeros(len(s)) for s in scores], weights=weights, iou_thr=iou, skip_box_thr=0.0, conf_type="avg"
-    )
-    found, fused = np.asarray(found, dtype=np.float64).reshape(-1, 4), np.clip(np.asarray(fused, dtype=np.float64), 0, 1)
-    has_hard = np.array([covers(f, boxes[0]) for f in found], dtype=bool) if weight < 1 else np.zeros(len(found), bool)
-    keep = fused >= conf - 1e-9
+    Weighted Boxes Fusion's clustering (ensemble-boxes' rule: most confident first, a box joins the cluster whose fused
+    box it overlaps most at IoU >= iou; corners: the confidence-weighted mean), written here because ensemble-boxes lets
+    one source put two boxes into one cluster, which breaks the linear blend: here a cluster holds at most one box of
+    each source (the hard boxes, each teacher), so its confidence is exactly (1 - weight) [a hard box] + weight x the
+    teachers' mean (a miss counts 0)."""
+    sources = [] if weight >= 1 else [(np.asarray(hard, dtype=np.float64).reshape(-1, 4), None, 1.0 - weight)]
+    if weight > 0:  # weight 0: the teachers weigh nothing (their boxes alone would be labels of confidence 0)
+        sources += [(np.asarray(b, dtype=np.float64).reshape(-1, 4), s, weight / len(teachers)) for b, s in teachers]
+    items = []  # (weighted score, source, box)
+    for src, (boxes, scores, w) in enumerate(sources):
+        scores = np.ones(len(boxes)) if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+        for box, score in zip(boxes.clip(0, 1), scores):
+            if (box[2] - box[0]) * (box[3] - box[1]) > 0 and score > 0:
+                items.append((w * score, src, box))
+    items.sort(key=lambda t: -t[0])
+    clusters: list[dict] = []  # sources in it, the sum of their weighted scores, of their weighted corners, the box
+    for score, src, box in items:
+        free = [c for c in clusters if src not in c["sources"]]
+        overlaps = iou_with(box, np.array([c["box"] for c in free])) if free else np.zeros(0)
+        best = int(np.argmax(overlaps)) if len(overlaps) else -1
+        if best >= 0 and overlaps[best] >= iou:
+            c = free[best]
+        else:
+            c = {"sources": set(), "sum": 0.0, "corners": np.zeros(4)}
+            clusters.append(c)
+        c["sources"].add(src)
+        c["sum"] += score
+        c["corners"] = c["corners"] + score * box
+        c["box"] = c["corners"] / c["sum"]
+    found = np.array([c["box"] for c in clusters]).reshape(-1, 4)
+    fused = np.clip(np.array([c["sum"] for c in clusters], dtype=np.float64), 0, 1)
+    has_hard = np.array([weight < 1 and 0 in c["sources"] for c in clusters], dtype=bool)
+    keep = np.flatnonzero((fused >= conf - 1e-9) & (fused > 0))
+    keep = keep[np.argsort(-fused[keep], kind="stable")]
     return found[keep], fused[keep], has_hard[keep]
-
-
-def covers(box: np.ndarray, hard: np.ndarray, iou: float = 0.5) -> bool:
-    """Whether a fused box holds a hard box (IoU at least 0.5 with one): the `hard` column, for people."""
-    if not len(hard):
-        return False
-    x1, y1 = np.maximum(box[0], hard[:, 0]), np.maximum(box[1], hard[:, 1])
-    x2, y2 = np.minimum(box[2], hard[:, 2]), np.minimum(box[3], hard[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1]) + (hard[:, 2] - hard[:, 0]) * (hard[:, 3] - hard[:, 1]) - inter
-    return bool((inter / np.maximum(area, 1e-12) >= iou).any())
 
 
 def fold_labels(prep, size: int, fold: int, teachers: list[Teacher], cfg) -> pd.DataFrame:
@@ -276,23 +291,31 @@ def same_file(copy: Path, source: Path) -> bool:
     return a.st_nlink == 1 and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
-def write_fold(prep, size: int, fold: int, table: pd.DataFrame, folder: Path, want: str) -> None:
-    """fold<k>/ of distill/: the images (hard links), the YOLO labels (an empty file: a background image), boxes.csv,
-    then the record (the fold's labels are complete)."""
-    from siimcovid.data.boxes import to_yolo
+def link_images(prep, size: int, fold: int, folder: Path) -> list[str]:
+    """fold<k>/images/ of distill/: a hard link of each of the fold's prepared training images, made again where the
+    prepared file is another since (a prepare run again); the fold's image ids."""
     from siimcovid.pseudo import link
+
+    ids = list(prep.fold(fold, "train").image_id)
+    for image_id in ids:
+        image, source = folder / "images" / f"{image_id}.{prep.ext}", prep.image_path(image_id, "train", size)
+        if not source.is_file():
+            raise SiimError(f"{source}: a prepared image is missing: re-run `siimcovid prepare`")
+        if not same_file(image, source):
+            link(source, image)
+    return ids
+
+
+def write_fold(prep, size: int, fold: int, table: pd.DataFrame, folder: Path, want: str) -> None:
+    """fold<k>/ of distill/: the YOLO labels (an empty file: a background image), boxes.csv, the list Ultralytics
+    reads, then the record (the fold's labels are complete)."""
+    from siimcovid.data.boxes import to_yolo
 
     (folder / RECORD).unlink(missing_ok=True)  # incomplete from here until the record is written again
     meta = prep.meta.set_index("image_id")
     by_image = {i: g for i, g in table.groupby("image_id")}
     ids = list(prep.fold(fold, "train").image_id)
     for image_id in ids:
-        image = folder / "images" / f"{image_id}.{prep.ext}"
-        source = prep.image_path(image_id, "train", size)
-        if not source.is_file():
-            raise SiimError(f"{source}: a prepared image is missing: re-run `siimcovid prepare`")
-        if not same_file(image, source):
-            link(source, image)
         g = by_image.get(image_id)
         lines = ""
         if g is not None:
@@ -312,7 +335,7 @@ def fold_list(cfg, prep, size: int, fold: int, teachers: list[Teacher], run_dir:
     """Fold k's training list of the student (distill/fold<k>.txt), its labels made or reused."""
     folder = fold_folder(run_dir, fold)
     want = teachers_id(teachers, fold, cfg, prep, size)
-    ids = list(prep.fold(fold, "train").image_id)
+    ids = link_images(prep, size, fold, folder)  # also on a cache hit: the labels are the teachers', the pixels prepare's
     if not cached(folder, want, ids):
         LOGGER.info(f"detect: fold {fold}: the teachers predict its {len(ids)} training images (distill_tta={cfg.distill_tta})")
         table = fold_labels(prep, size, fold, teachers, cfg)

@@ -10,6 +10,7 @@ Modules:
     events.py    Events, merge(...): the training events (on_train_start, ..., is_better) every family calls
     tracking.py  tracking_callbacks(tracking, uri): TensorBoard / MLflow, registered under the kind "callback"
     swa.py       SWA, check_swa(cfg, total): SWA of a fold's last epochs (swa_epochs, swa_lr) for every family
+    distill.py   check_not_leaky(run, cfg), same_teachers(old, new): what distill='s teachers must be, every stage
 """
 
-__all__ = ["devices", "events", "family", "folds", "swa", "tracking"]
+__all__ = ["devices", "distill", "events", "family", "folds", "swa", "tracking"]

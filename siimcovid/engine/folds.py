@@ -97,6 +97,7 @@ def check_changed(family: Family, run_dir: Path, data: FoldData, states: dict[in
     never saw): once a fold trained, every setting but the runtime ones, and what the run learned (its family, its fold
     fingerprint, ...), must be what the run folder recorded. resume=false trains them again: nothing to refuse."""
     from siimcovid.config import runtime_keys
+    from siimcovid.engine.distill import same_teachers
 
     files, cfg = family.files, family.cfg
     if not cfg.get("resume", True) or (all(s == "new" for s in states.values()) and not rundir.trained_any(run_dir, files.last)):
@@ -108,7 +109,11 @@ def check_changed(family: Family, run_dir: Path, data: FoldData, states: dict[in
         old = {k: v for k, v in old.items() if k != "init" and not (k == "pretrained" and v == old["init"])}
     new = {**settings(family), **family.learned(data)}
     # fold= picks which folds this command trains (one fold per job, each its own command): never a change
-    changed = rundir.changed_settings(old, new, ignore=runtime_keys(family.stage) | {"mode", "fold", *family.derived})
+    ignore = runtime_keys(family.stage) | {"mode", "fold", "distill_teachers", *family.derived}
+    changed = rundir.changed_settings(old, new, ignore=ignore)
+    teachers = old.get("distill_teachers"), new.get("distill_teachers")
+    if "distill_teachers" in old and "distill_teachers" in new and not same_teachers(*teachers):
+        changed.append(("distill_teachers", *teachers))  # a teacher's fold finished since is no change
     note = " (folds_id: the prepared folds changed since)" if any(k == "folds_id" for k, _, _ in changed) else ""
     again = "resume=false, " if "resume" in cfg else ""
     rundir.refuse_changed(run_dir, changed, f"use another name=, {again}or delete {run_dir} to train it again{note}")
