@@ -1,7 +1,7 @@
 """Time per image of each step of `siimcovid predict`, on real-size synthetic DICOMs, and the projection for
 the competition's test set (1,263 images; 2 detectors + 2 classifiers x 5 folds, flip TTA).
 
-    PYTHONPATH=. python benchmarks/bench_predict.py [--images 2] [--repeat 1] [--work runs/bench_predict]
+    PYTHONPATH=. python benchmarks/bench_predict.py [--images 2] [--repeat 1] [--work runs/bench_predict] [--precision fp32,bf16]
 
 Writes --images test DICOMs of real size (about 2544 x 3028, 10-16 bit, a share compressed: RLE, JPEG 2000,
 JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures on this machine's CPU
@@ -20,6 +20,9 @@ JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures 
   fuse          WBF of 2 detectors x 5 folds x 2 TTA variants (~20 boxes each) + the formulas, per image
                 (siimcovid.fuse.pipeline.run_fusion on 200 synthetic images, one process)
   view          write_view: the tables, one drawn picture per image (640 px) and the page, per image
+
+--precision: each model is also timed in those CPU precisions (bf16: under torch.autocast, classifiers channels_last:
+`siimcovid predict precision=bf16`), right after its fp32 run; a table of both and the ensemble's projection in each.
 
 GFLOPs per forward (torch's FlopCounterMode) come with each model: the GPU projection is a formula over
 them and the CPU numbers, with the GPU's throughput as an assumption, NOT a measurement.
@@ -144,37 +147,50 @@ def detector_weights(yaml: str, work: Path):
     return weights.detector(desc, path, str(path))
 
 
-def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, repeat: int) -> dict:
+def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, repeat: int, precision: str = "fp32") -> dict:
+    """precision: siimcovid's on the CPU (siimcovid.engine.devices: bf16 = under autocast, as predict precision=bf16)."""
     import torch
+
+    from siimcovid.engine.devices import cpu_autocast
 
     yolo = detector_weights(yaml, work)
     args = dict(imgsz=size, conf=0.001, iou=0.5, max_det=100, device="cpu", verbose=False)
-    plain = np.mean([best_of(lambda im=im: yolo.predict(im, **args), repeat) for im in images])
-    flip = np.mean([best_of(lambda im=im: yolo.predict([im, im[:, ::-1].copy()], **args), repeat) for im in images])
-    augment = best_of(lambda: yolo.predict(images[0], augment=True, **args), repeat)  # the first image only: costly
+
+    def predict(batch, **kw):
+        with cpu_autocast("cpu", precision):
+            return yolo.predict(batch, **args, **kw)
+
+    plain = np.mean([best_of(lambda im=im: predict(im), repeat) for im in images])
+    flip = np.mean([best_of(lambda im=im: predict([im, im[:, ::-1].copy()]), repeat) for im in images])
+    augment = best_of(lambda: predict(images[0], augment=True), repeat)  # the first image only: costly
     x = torch.zeros(1, 3, size, size)
     return {"plain": plain, "flip": flip, "augment": augment, "gflops": gflops(yolo.model.float().eval(), x)}
 
 
-def bench_classifier(name: str, size: int, images: list[np.ndarray], repeat: int) -> dict:
+def bench_classifier(name: str, size: int, images: list[np.ndarray], repeat: int, precision: str = "fp32") -> dict:
+    """precision bf16: autocast and channels_last, as predict precision=bf16 runs a classifier on the CPU."""
     import torch
 
     from siimcovid.classify.model import build_model, probabilities
+    from siimcovid.engine.devices import cpu_autocast, cpu_precision
 
+    bf16 = cpu_precision("cpu", precision) == "bf16"
     cfg = {"model": name, "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0, "mask_stride": 16, "none_head": True}
     with contextlib.redirect_stderr(io.StringIO()):  # timm's deprecation note on the _ns names
-        model = build_model(cfg, pretrained=False).eval()
+        model = build_model(cfg, pretrained=False, channels_last=bf16).eval()
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
     tensors = [torch.from_numpy(cv2.resize(im[..., 0], (size, size))).float().div(255).expand(1, 3, size, size) for im in images]
 
     def run(x, flip: bool):
-        with torch.no_grad():
+        with torch.no_grad(), cpu_autocast("cpu", precision):
             probabilities(model(x))
             if flip:
                 probabilities(model(x.flip(-1)))
 
     plain = np.mean([best_of(lambda x=x: run(x, False), repeat) for x in tensors])
     flip = np.mean([best_of(lambda x=x: run(x, True), repeat) for x in tensors])
-    return {"plain": plain, "flip": flip, "gflops": gflops(model, tensors[0])}
+    return {"plain": plain, "flip": flip, "gflops": gflops(model.float(), tensors[0])}
 
 
 def bench_fusion(n_images: int = 200, boxes: int = 20) -> float:
@@ -212,11 +228,12 @@ def bench_view(prepared: Path, meta: pd.DataFrame, work: Path) -> float:
     return seconds / n
 
 
-def projection(t: dict, det_size: int, cls_size: int) -> dict:
+def projection(t: dict, det_size: int, cls_size: int, precision: str = "fp32") -> dict:
     """CPU seconds per test image of the competition's ensemble: both detectors at det_size, both classifiers at
-    cls_size, 5 folds, flip TTA; and its parts."""
-    det = FOLDS * sum(t[("detect", m, det_size)]["flip"] for m in DETECTORS)
-    cls = FOLDS * sum(t[("classify", m, cls_size)]["flip"] for m in CLASSIFIERS)
+    cls_size, 5 folds, flip TTA, the models in `precision`; and its parts."""
+    key = lambda *k: k if precision == "fp32" else (*k, precision)  # noqa: E731
+    det = FOLDS * sum(t[key("detect", m, det_size)]["flip"] for m in DETECTORS)
+    cls = FOLDS * sum(t[key("classify", m, cls_size)]["flip"] for m in CLASSIFIERS)
     flops = (
         FOLDS
         * TTA
@@ -270,6 +287,30 @@ def print_report(t: dict, n_images: int) -> None:
     print("  (the GPU also runs the decode concurrently: the larger of prepare / c and G / F bounds the time, not their sum)")
 
 
+def print_precisions(t: dict, precisions: list[str]) -> None:
+    """The models' flip-TTA seconds per image in each precision, measured one after the other here, and the
+    projection of the ensemble in each (siimcovid predict precision=...)."""
+    from siimcovid.engine.devices import cpu_has_bf16
+
+    others = [p for p in precisions if p != "fp32"]
+    if not others:
+        return
+    print(f"\nPrecision on this CPU (AVX-512 BF16 / AMX: {'yes' if cpu_has_bf16() else 'no'}), one fold, flip TTA, s/image:")
+    print(f"  {'model':<36} {'fp32':>8} " + " ".join(f"{p:>8} {'x':>6}" for p in others))
+    for kind, models in (("detect", DETECTORS), ("classify", CLASSIFIERS)):
+        for m in models:
+            for s in SIZES:
+                base = t[(kind, m, s)]["flip"]
+                cells = " ".join(f"{t[(kind, m, s, p)]['flip']:8.3f} {base / t[(kind, m, s, p)]['flip']:5.2f}x" for p in others)
+                print(f"  {f'{kind} {m} @{s}':<36} {base:8.3f} {cells}")
+    for det_size, cls_size in ((512, 512), (640, 640)):
+        parts = {p: projection(t, det_size, cls_size, p) for p in precisions}
+        total = {p: sum(v for k, v in q.items() if k != "gflops") for p, q in parts.items()}
+        line = ", ".join(f"{p} {total[p]:.1f} s ({total[p] * TEST_IMAGES / 3600:.1f} h)" for p in precisions)
+        print(f"  ensemble, detectors @{det_size}, classifiers @{cls_size}: {line}; fp32 / {others[0]} = "
+              f"{total['fp32'] / total[others[0]]:.2f}x")  # fmt: skip
+
+
 def threads() -> int:
     import torch
 
@@ -281,7 +322,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="real-size test DICOMs to time (each model runs on each)")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best kept), after one warm-up")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_predict")
+    ap.add_argument("--precision", default="fp32,bf16", help="the models' CPU precisions to time side by side (fp32 first)")
     args = ap.parse_args()
+    precisions = ["fp32", *[p for p in args.precision.split(",") if p != "fp32"]]
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     t: dict = {}
@@ -290,15 +333,20 @@ def main() -> None:
     big = [cv2.imread(str(prepared / "640" / "images" / "test" / f"{i}.png")) for i in meta.image_id]
     for m in DETECTORS:
         for s in SIZES:
-            t[("detect", m, s)] = bench_detector(m, s, big, args.work, args.repeat)
-            print(f"  detect {m} @{s}: {t[('detect', m, s)]}", flush=True)
+            for p in precisions:  # one after the other: the same load on the machine for both
+                key = ("detect", m, s) if p == "fp32" else ("detect", m, s, p)
+                t[key] = bench_detector(m, s, big, args.work, args.repeat, p)
+                print(f"  detect {m} @{s} {p}: {t[key]}", flush=True)
     for m in CLASSIFIERS:
         for s in SIZES:
-            t[("classify", m, s)] = bench_classifier(m, s, big, args.repeat)
-            print(f"  classify {m} @{s}: {t[('classify', m, s)]}", flush=True)
+            for p in precisions:
+                key = ("classify", m, s) if p == "fp32" else ("classify", m, s, p)
+                t[key] = bench_classifier(m, s, big, args.repeat, p)
+                print(f"  classify {m} @{s} {p}: {t[key]}", flush=True)
     t["fuse"] = bench_fusion()
     t["view"] = bench_view(prepared, meta[["image_id", "study_id", "rows", "cols"]], args.work)
     print_report(t, len(meta))
+    print_precisions(t, precisions)
     print(f"\n(benchmark wall time {time.perf_counter() - start:.0f} s)")
 
 

@@ -244,8 +244,9 @@ def test_runtime_and_fusion_keys():
     assert {"device", "workers", "plots", "data"} <= runtime_keys("detect") and "epochs" not in runtime_keys("detect")
     assert schema("classify").keys("predict") == {
         "run", "split", "tta", "view_fusion", "weights", "ensemble", "out", "source", "allow_unfinished", "reuse",
-        "per_fold",
+        "per_fold", "precision",
     }  # fmt: skip
+    assert "precision" in runtime_keys("classify") and "precision" in runtime_keys("detect")  # never a changed run
     expected = [
         "det_weights", "det_scale", "cls_weights", "cls_ensemble", "iou_thr", "skip_box_thr", "conf_type", "none_source",
         "none_det", "none_cls_weight", "none_blend", "none_model_weight", "none_model_weights", "opacity_exponent",

@@ -348,9 +348,15 @@ def load_checkpoint_model(path: Path, device, channels_last: bool = False):
     return model.eval(), ckpt
 
 
-def amp_dtype_for(device, amp: bool):
+def amp_dtype_for(device, amp: bool, precision: str | None = None):
+    """The autocast dtype of inference: on a GPU (amp) bf16 or fp16; on the CPU bf16 where `precision` says so
+    (siimcovid.engine.devices.cpu_precision), else None (fp32)."""
     import torch
 
+    from siimcovid.engine.devices import cpu_precision
+
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_precision(device, precision) == "bf16" else None
     if not amp or device.type != "cuda":
         return None
     # bf16 needs Ampere or newer; is_bf16_supported() also says yes to emulated bf16 (T4, V100: slow)
@@ -394,9 +400,11 @@ def run_inference(
     allow_unfinished: bool = False,
     weights: str = "best",
     views_cfg=None,
+    precision: str | None = None,
 ):
     """What predicting one run needs: (prepared folder, image size, fold checkpoints, Inference); folds checked for oof.
-    views_cfg: the settings of the views (crop=, lung=, ...: classify predict's), None for the whole image only."""
+    views_cfg: the settings of the views (crop=, lung=, ...: classify predict's), None for the whole image only;
+    precision: on the CPU, fp32 / bf16 / auto (bf16: autocast and channels_last)."""
     from siimcovid.data.prepared import Prepared
 
     run_cfg = rundir.read_run(run_dir / FILES.settings)
@@ -411,10 +419,11 @@ def run_inference(
     if split == "oof":
         prep.check_folds(run_cfg.get("folds_id"), str(run_dir))
     ckpts = fold_checkpoints(run_dir, allow_unfinished, weights)
+    amp_dtype = amp_dtype_for(device, amp, precision)
     how = Inference(
         device,
-        amp_dtype_for(device, amp),
-        channels_last and device.type == "cuda",
+        amp_dtype,
+        (channels_last and device.type == "cuda") or (device.type == "cpu" and amp_dtype is not None),
         tta,
         {"batch_size": batch, "num_workers": workers, "pin_memory": device.type == "cuda"},
         views=Views.of(views_cfg, run_cfg.get("folds_id")) if views_cfg is not None else None,
@@ -631,6 +640,7 @@ def split_tables(cfg, runs: list[Path], split: str, device) -> list[tuple[Path, 
             how += (cfg.allow_unfinished, cfg.weights)
             crops = (cfg.get("crop") or "none") != "none"
             views = {"views_cfg": cfg} if crops else {}  # crop=none: as before
+            views["precision"] = cfg.get("precision")
             if cfg.per_fold and split == "test":
                 images, studies, folds = predict_run_folds(run_dir, *how, **views)
                 CLASSIFIER_FOLDS.write(folds, folds_path(run_dir))

@@ -266,11 +266,13 @@ class YoloFamily(Family):
 
     def predict_images(self, model, run, fold: int, image_ids: list[str], split: str) -> pd.DataFrame:
         from siimcovid.detect.predict import predict_images
+        from siimcovid.engine.devices import cpu_autocast
 
         yolo, args = model
         lungs = self.lung_boxes(run.prepared.folds_id)
         if lungs is None:
-            return predict_images(yolo, run, fold, image_ids, split, args)
+            with cpu_autocast(args.get("device"), self.cfg.get("precision")):  # precision=bf16 on the CPU
+                return predict_images(yolo, run, fold, image_ids, split, args)
         from siimcovid.tables import DETECTIONS
         from siimcovid.views import detect_views
 
@@ -285,11 +287,15 @@ class YoloFamily(Family):
         x_max, y_max, conf] in that array's pixels (Ultralytics undoes its letterbox)."""
         import numpy as np
 
+        from siimcovid.engine.devices import cpu_autocast
+
         yolo, args = model
         arrays = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in images]
         batch, out = max(int(args.get("batch") or 1), 1), []
         for start in range(0, len(arrays), batch):
-            for result in yolo.predict(arrays[start : start + batch], **{**args, "augment": tta}):
+            with cpu_autocast(args.get("device"), self.cfg.get("precision")):
+                results = yolo.predict(arrays[start : start + batch], **{**args, "augment": tta})
+            for result in results:
                 xyxy = result.boxes.xyxy.cpu().numpy().astype(np.float64).reshape(-1, 4)
                 conf = result.boxes.conf.cpu().numpy().astype(np.float64).reshape(-1, 1)
                 out.append(np.hstack([xyxy, conf]))

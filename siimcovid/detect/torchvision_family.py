@@ -70,6 +70,7 @@ class Detector:
     imgsz: int
     device: Any
     half: bool = False
+    bf16: bool = False  # the CPU under autocast(bfloat16): precision=bf16 (siimcovid.engine.devices.cpu_precision)
 
 
 @register_family("torchvision")
@@ -224,8 +225,11 @@ class TorchvisionFamily(Family):
         net.load_state_dict(state)
         cfg = self.cfg
         set_postprocess(net, cfg.get("conf", 0.001), cfg.get("iou", 0.5), cfg.get("max_det", 100), cfg.get("predict_imgsz"))
+        from siimcovid.engine.devices import cpu_precision
+
         half = device.type == "cuda" and cfg.get("quantize") != 32
-        return Detector(net.eval().to(device), int(cfg.get("predict_imgsz") or desc["imgsz"]), device, half)
+        bf16 = cpu_precision(device, cfg.get("precision")) == "bf16"
+        return Detector(net.eval().to(device), int(cfg.get("predict_imgsz") or desc["imgsz"]), device, half, bf16)
 
     def detect_arrays(self, model: Detector, images: list[np.ndarray], tta: bool) -> list[np.ndarray]:
         """Boxes of each image (uint8, HxW gray or HxWx3; the prepared image or a crop of it, any size: resized to the
@@ -241,7 +245,8 @@ class TorchvisionFamily(Family):
             chunk = images[start : start + batch]
             inputs = [to_tensor(a, side).to(model.device) for a in chunk]
             views = [inputs, [t.flip(-1) for t in inputs]] if tta else [inputs]
-            with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.float16, enabled=model.half):
+            dtype = torch.bfloat16 if model.bf16 else torch.float16
+            with torch.no_grad(), torch.autocast(model.device.type, dtype=dtype, enabled=model.half or model.bf16):
                 found = [model.net(v) for v in views]
             for i, array in enumerate(chunk):
                 sets = [boxes_of(found[v][i], side) for v in range(len(views))]

@@ -8,11 +8,21 @@
 `parse` reads it once; the families take what they hand on from the result: Ultralytics' device argument
 (`ultralytics`), a torch.device (`torch_device`), the GPUs of a Ray task (`in_ray_task`); `check_ray` is the one check
 of how `device` and gpus_per_fold combine under engine=ray.
+
+`precision` (inference on the CPU; a GPU's is `half`): `cpu_precision` reads it once for every family, `cpu_autocast`
+is the context its models predict under.
+
+    fp32   as trained (the default: `predict` then writes what the run's own tables say, byte for byte)
+    bf16   torch.autocast(cpu, bfloat16) (and channels_last for classifiers): on a CPU with AVX-512 BF16 or AMX several
+           times faster; on other CPUs torch emulates bf16, slower than fp32
+    auto   bf16 where the CPU has AVX-512 BF16 or AMX (cpu_has_bf16), else fp32
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from siimcovid.utils import SiimError
@@ -119,3 +129,40 @@ def in_ray_task(device: Any, gpus: list[str]) -> str:
     if parse(device).count == 0:
         return device
     return gpus[0] if gpus else "cpu"
+
+
+# ---------------------------------------------------------------- precision on the CPU
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names of the instructions that compute bf16 natively
+
+
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX, as Linux's /proc/cpuinfo lists its flags). torch's
+    own check (mkldnn bf16 support) also says yes to CPUs that emulate it with AVX-512, where bf16 is slower than fp32;
+    another system (no /proc/cpuinfo): no."""
+    try:
+        words = set(Path(cpuinfo).read_text(errors="replace").split())
+    except OSError:
+        return False
+    return any(flag in words for flag in BF16_FLAGS)
+
+
+def cpu_precision(device, precision: str | None) -> str:
+    """What a model on `device` computes in on the CPU: "bf16" or "fp32" (module docstring). A GPU: "fp32" here (its
+    `half` setting decides its fp16)."""
+    kind = device.type if hasattr(device, "type") else torch_device(device).type
+    if kind != "cpu":
+        return "fp32"
+    precision = precision or "fp32"
+    if precision not in ("fp32", "bf16", "auto"):
+        raise SiimError(f"precision={precision}: expected fp32, bf16 or auto")
+    return "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_bf16()) else "fp32"
+
+
+@contextmanager
+def cpu_autocast(device, precision: str | None):
+    """torch.autocast(cpu, bfloat16) where cpu_precision says bf16, else nothing."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_precision(device, precision) == "bf16"):
+        yield

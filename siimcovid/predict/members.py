@@ -38,6 +38,7 @@ class Hardware:
     batch: int
     loader_workers: int
     half: bool
+    precision: str = "fp32"  # what the CPU computes in, resolved (siimcovid.engine.devices.cpu_precision): fp32 or bf16
 
 
 def member_tta(member, tta: str | bool | None) -> str | bool:
@@ -121,6 +122,7 @@ def detector_config(member, hw: Hardware, tta: bool):
         "batch": hw.batch,
         "device": devices.from_torch(hw.device),
         "quantize": 16 if hw.half else 32,  # Ultralytics' precision (its `half` before 8.4): fp16 on a GPU, fp32 on the CPU
+        "precision": hw.precision,  # the CPU's: bf16 = under autocast (siimcovid.engine.devices)
     }
     if lung_of(s) is not None:
         settings |= {"crop": "lung", **{k: s[k] for k in VIEW_KEYS["detect"]}}
@@ -161,11 +163,12 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str, lungs
     # one loader for every fold; its worker processes live through the fold loop instead of restarting per fold
     loader = {"batch_size": hw.batch, "num_workers": hw.loader_workers, "pin_memory": cuda}
     loader["persistent_workers"] = hw.loader_workers > 0
-    channels_last = cuda  # as `classify predict` does by default
+    amp_dtype = amp_dtype_for(hw.device, hw.half, hw.precision)
+    channels_last = cuda or amp_dtype is not None  # as `classify predict` does by default (and the CPU's bf16)
     where = f"{member.kind}/{member.name}"
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl, sha[path])  # noqa: E731
     s, boxes = member.settings, member_lungs(member, lungs)
     views = Views(boxes, s["lung_conf"], s["crop_margin"], s["view_fusion"]) if boxes is not None else None
-    how = Inference(hw.device, amp_dtype_for(hw.device, hw.half), channels_last, tta, loader, load, views=views)
+    how = Inference(hw.device, amp_dtype, channels_last, tta, loader, load, views=views)
     return predict_test(prepared, size, dict(sorted(member.weights.items())), member.name, how)

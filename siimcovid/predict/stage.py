@@ -95,9 +95,15 @@ def check_inputs(cfg: Config):
 
 
 def hardware(cfg: Config) -> Hardware:
-    from siimcovid.engine.devices import torch_device
+    """Where the members run: the device, and on the CPU its precision (precision=auto: what this CPU has, logged)."""
+    from siimcovid.engine.devices import cpu_has_bf16, cpu_precision, torch_device
 
-    return Hardware(torch_device(cfg.device), cfg.batch, loader_workers(cfg.workers), cfg.half)
+    device = torch_device(cfg.device)
+    precision = cpu_precision(device, cfg.precision)
+    if device.type == "cpu":
+        why = {"auto": f" (precision=auto: this CPU {'has' if cpu_has_bf16() else 'lacks'} AVX-512 BF16 / AMX)"}
+        LOGGER.info(f"predict: the members compute in {precision} on the CPU{why.get(cfg.precision, '')}")
+    return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision)
 
 
 class Steps:
@@ -161,6 +167,7 @@ def member_table(
     tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
     table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
+    entry["precision"] = hw.precision  # a table of another precision is predicted again, not reused
     lung = lung_of(member.settings)
     if lung is not None:  # the images each fold sees cropped: what the views did, in the record
         record.views(key, lung, crop_counts(member, lungs, prepared))
