@@ -82,8 +82,11 @@ def matched(fp32: np.ndarray, bf16: np.ndarray, iou: float = 0.95, conf: float =
 
 @pytest.mark.slow
 def test_a_detector_in_bf16_finds_the_fp32_boxes(tiny_run):
-    """The tiny run's YOLO fold 0 on its test images, fp32 and bf16: each fp32 box of confidence 0.05 or more has a
-    bf16 box at IoU >= 0.95 with its confidence within 0.02, and the other way round."""
+    """The tiny run's YOLO fold 0 on its test and some train images, fp32 and bf16. Its one epoch leaves confidences of
+    about 0.01, so the gate is relative: each box of at least half its image's best confidence, in either precision,
+    has a box of the other at IoU >= 0.95 with a confidence within 10% of that best."""
+    import cv2
+
     from siimcovid.config import Config
     from siimcovid.detect.family import YoloFamily
     from siimcovid.detect.predict import load_run
@@ -91,20 +94,19 @@ def test_a_detector_in_bf16_finds_the_fp32_boxes(tiny_run):
     base, _ = tiny_run
     run = load_run(base / "runs" / "detect" / "e2e")
     prep = run.prepared
-    import cv2
-
     images = [cv2.imread(str(prep.image_path(i, "test", run.size))) for i in prep.split("test").image_id]
+    images += [cv2.imread(str(prep.image_path(i, "train", run.size))) for i in prep.split("train").image_id[:8]]
     found = {}
     for precision in ("fp32", "bf16"):
-        cfg = load_config("detect", {"device": "cpu", "conf": 0.01, "tta": False, "precision": precision})
+        cfg = load_config("detect", {"device": "cpu", "conf": 0.001, "tta": False, "precision": precision})
         family = YoloFamily(Config(cfg))
-        model = family.load_fold(run, 0, run.weights[0], CPU)
-        found[precision] = family.detect_arrays(model, images, tta=False)
-    sure = [b[b[:, 4] >= 0.05] for b in found["fp32"]]
-    assert sum(len(b) for b in sure) > 0  # something to compare
+        found[precision] = family.detect_arrays(family.load_fold(run, 0, run.weights[0], CPU), images, tta=False)
     differs = False
     for a, b in zip(found["fp32"], found["bf16"]):
-        assert matched(a[a[:, 4] >= 0.05], b) and matched(b[b[:, 4] >= 0.05], a)
+        assert len(a) and len(b)
+        for one, other in ((a, b), (b, a)):
+            best = one[:, 4].max()
+            assert matched(one[one[:, 4] >= 0.5 * best], other, iou=0.95, conf=0.1 * best)
         differs |= a.shape != b.shape or not np.array_equal(a, b)
     assert differs  # bf16 ran
 
