@@ -18,7 +18,8 @@ the teachers' ensemble (all folds' models, tta=hflip), measured side by side in 
 gains on the real data.
 
 --stage detect: the same three arms with YOLO detectors from scratch at --det-imgsz (teachers --det-teachers, default
-yolov5n and yolov5s; student and alone --det-student, default yolov5n; distill_weight --det-distill-weight). Printed:
+yolov5n and yolov5s; student and alone --det-student, default yolov5n; distill_weight --det-distill-weight; AdamW at
+lr0 0.004 and mosaic 0.5, bench_levers.py's tiny YOLO settings). Printed:
 the OOF opacity AP of each, of the teachers' ensemble (WBF of their OOF boxes, equal weights, iou 0.6), and the time
 of `detect predict split=test` (tta=false) of the student against the teachers', side by side, the best of --repeats.
 """
@@ -136,6 +137,7 @@ def detect_arms(args, data: Path) -> dict:
     common = {"data": str(data), "data_yaml_dir": str(args.out / "data_yaml"), "project": str(project), "workers": 0}
     common |= {"device": "cpu", "seed": args.seed, "imgsz": args.det_imgsz, "epochs": args.det_epochs, "batch": 8}
     common |= {"pretrained": False, "hyp": "yolov5m", "plots": False, "tracking": "none"}
+    common |= {"optimizer": "AdamW", "lr0": 0.004, "mosaic": 0.5}  # bench_levers' tiny YOLO: SGD at 0.01 learns nothing here
     models = args.det_teachers.split(",")
     teachers = [f"teacher_{Path(m).stem}" for m in models]
     for name, model in zip(teachers, models):

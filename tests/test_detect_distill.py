@@ -123,6 +123,9 @@ def test_a_student_learns_from_teacher_fold_k_on_fold_k_training_images_only(stu
     assert (student / "fold0" / "weights" / "best.pt").is_file()
     learned = yaml.safe_load((student / "detect.yaml").read_text())["learned"]
     assert learned["distill_teachers"][0]["run"] == str(teacher)
+    from siimcovid.detect.summary import describe
+
+    assert "distill=teacher (weight 1)" in describe(student)["settings"]  # its row in `siimcovid runs`
 
 
 @pytest.mark.slow
