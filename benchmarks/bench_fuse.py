@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from ensemble_boxes import weighted_boxes_fusion
 
+from siimcovid.config import fusion_keys, load_config
 from siimcovid.data.truth import image_truth, study_truth
 from siimcovid.fuse.inputs import FuseInputs
 from siimcovid.fuse.pipeline import run_fusion
@@ -32,20 +33,8 @@ from siimcovid.fuse.wbf import wbf_table
 from siimcovid.metrics import score
 from siimcovid.tables import BOX_COLUMNS, STUDY_CLASSES
 
-PARAMS = {
-    "det_weights": [],
-    "cls_weights": [],
-    "cls_ensemble": "mean",
-    "iou_thr": 0.6,
-    "skip_box_thr": 0.001,
-    "conf_type": "avg",
-    "none_source": "auto",
-    "none_det": "prod",
-    "none_cls_weight": 0.8,
-    "none_blend": "linear",
-    "opacity_exponent": 0.5,
-    "negative_none_weight": 0.0,
-}
+# fuse's defaults of every fusion parameter (cfg/fuse.yaml), not a copy of them that goes stale
+PARAMS = {k: load_config("fuse", {})[k] for k in fusion_keys()}
 
 
 def build(n_images: int, n_sets: int, boxes: int, seed: int = 0, folds: np.ndarray | None = None):
