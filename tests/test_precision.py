@@ -14,6 +14,7 @@ from siimcovid.engine import devices
 from siimcovid.utils import SiimError
 
 CPU = torch.device("cpu")
+BOX = ["x_min", "y_min", "x_max", "y_max"]
 
 
 def test_auto_is_bf16_only_on_a_cpu_that_computes_it(tmp_path, monkeypatch):
@@ -35,6 +36,27 @@ def test_auto_is_bf16_only_on_a_cpu_that_computes_it(tmp_path, monkeypatch):
         assert load_config(stage, {}).precision == "fp32"
         with pytest.raises(ConfigError, match="precision"):
             load_config(stage, {"precision": "fp16"})
+
+
+def test_a_member_of_a_family_that_does_not_read_precision_is_recorded_as_fp32(caplog):
+    from types import SimpleNamespace
+
+    import constant_family  # noqa: F401  (registers the classify family "constant", which predicts without autocast)
+
+    from siimcovid.predict.members import Hardware
+    from siimcovid.predict.stage import member_precision
+
+    hw = Hardware(CPU, 4, 0, True, "bf16")
+    own = SimpleNamespace(kind="classify", name="c", family="")
+    assert member_precision(own, hw) == "bf16"
+    assert member_precision(SimpleNamespace(kind="detect", name="d", family="torchvision"), hw) == "bf16"
+    assert member_precision(SimpleNamespace(kind="classify", name="k", family="constant"), hw) == "fp32"
+    assert "family=constant) predicts in fp32" in caplog.text
+    assert member_precision(own, Hardware(CPU, 4, 0, True, "fp32")) == "fp32"
+
+
+def test_fp32_never_reads_the_device():
+    assert devices.cpu_precision(-1, "fp32") == "fp32" and devices.cpu_precision("cuda:7", None) == "fp32"
 
 
 def test_cpu_autocast_computes_in_bf16_only_when_asked():
@@ -101,6 +123,18 @@ def test_a_detector_in_bf16_finds_the_fp32_boxes(tiny_run):
         cfg = load_config("detect", {"device": "cpu", "conf": 0.001, "tta": False, "precision": precision})
         family = YoloFamily(Config(cfg))
         found[precision] = family.detect_arrays(family.load_fold(run, 0, run.weights[0], CPU), images, tta=False)
+    tables = {}
+    for precision in ("fp32", "bf16"):  # the crop=none path (detect predict's, a bundle's detectors): predict_images
+        cfg = load_config("detect", {"device": "cpu", "conf": 0.001, "tta": False, "precision": precision})
+        family = YoloFamily(Config(cfg))
+        ids = list(prep.split("test").image_id)
+        tables[precision] = family.predict_images(family.load_fold(run, 0, run.weights[0], CPU), run, 0, ids, "test")
+    assert not tables["fp32"].equals(tables["bf16"])  # bf16 ran there too
+    for image_id, a in tables["fp32"].groupby("image_id"):
+        b = tables["bf16"][tables["bf16"].image_id == image_id]
+        one, other = a[[*BOX, "conf"]].to_numpy(), b[[*BOX, "conf"]].to_numpy()
+        best = one[:, 4].max()
+        assert matched(one[one[:, 4] >= 0.5 * best], other, iou=0.95, conf=0.1 * best)
     differs = False
     for a, b in zip(found["fp32"], found["bf16"]):
         assert len(a) and len(b)
@@ -129,5 +163,8 @@ def test_the_bundle_in_bf16_scores_within_0_01_of_fp32_and_records_its_precision
         score = call("evaluate", submission=str(done["submission"]), data=str(base / "siim"), split="test")
         scores[precision] = score.final
     assert tables["fp32"] != tables["bf16"]  # bf16 ran
+    for stage in ("detect", "classify"):  # into a run's own tables (what fuse and export read): refused
+        with pytest.raises(SiimError, match="would write the run's own prediction tables"):
+            call(stage, "predict", run=str(base / "runs" / stage / "e2e"), split=["test"], precision="bf16", device="cpu")
     assert abs(scores["bf16"] - scores["fp32"]) <= 0.01
     assert (tmp_path / "fp32" / "submission.csv").read_bytes() == result["submission"].read_bytes()  # fp32: the run's own

@@ -22,6 +22,7 @@ from siimcovid.utils import LOGGER, SiimError
 class TimmFamily(Family):
     stage, output, files = "classify", "cls", FILES
     crops = True  # crop=lung: each image also seen cropped to its lungs (classify.predict.Views); training adds crops
+    reads_precision = True  # classify.predict.run_inference: amp_dtype_for(device, amp, precision)
 
     def start(self) -> None:
         from siimcovid.classify.dist import setup

@@ -447,6 +447,7 @@ def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFram
     A run of another family than timm predicts through its family (Family.predict_run)."""
     from siimcovid.config import Config
     from siimcovid.engine import folds
+    from siimcovid.engine.devices import cpu_precision
     from siimcovid.engine.family import family_class
 
     family = run_family(run_dir)
@@ -454,6 +455,8 @@ def predict_run(run_dir: Path, split: str, *args, **kwargs) -> tuple[pd.DataFram
         if kwargs.get("views_cfg") is not None:
             raise SiimError(f"crop=lung: {run_dir} is a run of family={family.name}, which has no lung-crop views (crop=none)")
         tta, device, batch, workers, source, amp, channels_last, allow_unfinished, weights = args
+        if not family.reads_precision and cpu_precision(device, kwargs.get("precision")) != "fp32":
+            LOGGER.warning(f"{run_dir}: family={family.name} predicts in fp32 (it does not read precision=)")
         images = folds.predict_run(family(Config()), run_dir, split, device, source, allow_unfinished, weights)
         return images, study_table(images)
     prep, size, ckpts, how = run_inference(run_dir, split, *args, **kwargs)
@@ -609,13 +612,14 @@ def main(cfg) -> dict[str, dict[str, Path]]:
     Returns, per run (and ensemble) folder name, the files written: {split: image table,
     "<split>_study": study table, "scores": scores_oof.csv}, as `detect predict` does."""
     from siimcovid.classify.none import refuse_none_runs
-    from siimcovid.engine.devices import torch_device
+    from siimcovid.engine.devices import check_run_precision, torch_device
 
     runs = [resolve_run(r, cfg.project) for r in as_list(cfg.run)]
     if not runs:
         raise SiimError("predict needs run=<name or dir> (several: run=a,b)")
     refuse_none_runs(runs, cfg.per_fold)  # task=none: predicted alone, its own table (siimcovid.classify.none)
     device = torch_device(cfg.device)
+    check_run_precision("classify", device, cfg.get("precision"), cfg.source)
     if len(runs) > 1:  # before any prediction: a user's file in the way stops it at once
         open_ensemble_dir(cfg, runs)
     written: dict[str, dict[str, Path]] = {}

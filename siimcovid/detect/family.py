@@ -116,6 +116,7 @@ class YoloFamily(Family):
     resolve_run_dir = True
     crops = True  # crop=lung: predict_images sees each image whole and cropped to its lungs; training adds the crops
     derived = ("data_yamls",)  # prepare's YAMLs, then the run's own with extra= (before_folds): data= and extra= decide
+    reads_precision = True  # predict_images and detect_arrays under cpu_autocast
 
     @classmethod
     def bundle_kind(cls):

@@ -252,6 +252,7 @@ def predict(cfg: Config) -> dict[str, dict[str, Path]]:
     splits = as_list(cfg.split)
     if not splits:
         raise SiimError("split= is empty: give oof, test or both")
+    devices.check_run_precision("detect", cfg.device, cfg.get("precision"), cfg.source)
     if cfg.out:  # before any run is loaded: a user's file in the way stops it at once
         open_out_folder(cfg, [Path(r) for r in runs], splits, create=False)
     loaded = [load_run(r, cfg.weights, cfg.allow_unfinished) for r in runs]  # check every run before predicting with any

@@ -77,6 +77,7 @@ class Detector:
 class TorchvisionFamily(Family):
     stage, output, files = "detect", "det", FILES
     crops = True  # crop=lung: the crops train (crop_train) and predict_images sees each image whole and cropped
+    reads_precision = True  # from_state: Detector.bf16
 
     @classmethod
     def bundle_kind(cls):

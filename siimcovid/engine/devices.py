@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def in_ray_task(device: Any, gpus: list[str]) -> str:
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo's names of the instructions that compute bf16 natively
 
 
+@lru_cache(maxsize=4)
 def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX, as Linux's /proc/cpuinfo lists its flags). torch's
     own check (mkldnn bf16 support) also says yes to CPUs that emulate it with AVX-512, where bf16 is slower than fp32;
@@ -150,12 +152,14 @@ def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 def cpu_precision(device, precision: str | None) -> str:
     """What a model on `device` computes in on the CPU: "bf16" or "fp32" (module docstring). A GPU: "fp32" here (its
     `half` setting decides its fp16)."""
-    kind = device.type if hasattr(device, "type") else torch_device(device).type
-    if kind != "cpu":
-        return "fp32"
     precision = precision or "fp32"
     if precision not in ("fp32", "bf16", "auto"):
         raise SiimError(f"precision={precision}: expected fp32, bf16 or auto")
+    if precision == "fp32":  # before the device is read: fp32 is the path it always was (device=-1 included)
+        return "fp32"
+    kind = device.type if hasattr(device, "type") else torch_device(device).type
+    if kind != "cpu":
+        return "fp32"
     return "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_bf16()) else "fp32"
 
 
@@ -166,3 +170,22 @@ def cpu_autocast(device, precision: str | None):
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_precision(device, precision) == "bf16"):
         yield
+
+
+def check_run_precision(stage: str, device, precision: str | None, source) -> str:
+    """`detect predict` / `classify predict`: the precision that will run, logged once; bf16 into a run's own tables
+    (no source=) refused: fuse, `siimcovid run` and `export` take those as the run's fp32 predictions, so a bundle
+    would no longer reproduce the run's submission."""
+    from siimcovid.utils import LOGGER
+
+    chosen = cpu_precision(device, precision)
+    if chosen == "bf16" and not source:
+        raise SiimError(
+            f"{stage} predict precision={precision} (bf16 on this CPU) would write the run's own prediction tables, which "
+            f"fuse and export take as its fp32 ones: predict in bf16 with source=<prepared folder> out=<folder>, or "
+            "with `siimcovid predict` on a bundle"
+        )
+    if precision not in (None, "fp32"):
+        has = "has" if cpu_has_bf16() else "lacks"
+        LOGGER.info(f"{stage} predict: precision={precision}: {chosen} (this CPU {has} AVX-512 BF16 / AMX)")
+    return chosen

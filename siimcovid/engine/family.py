@@ -147,6 +147,7 @@ class Family:
     files: FoldFiles
     resolve_run_dir: bool = False  # whether the run folder is made absolute (Ultralytics' project= needs it)
     derived: tuple[str, ...] = ()  # learned values that follow from the settings compared (not compared themselves)
+    reads_precision = False  # predicts in cfg.precision on the CPU (bf16: siimcovid.engine.devices); else always fp32
     init_path: Path | None = None  # the checkpoint init= names, resolved by the engine (None: no init=)
     crops: bool = False  # whether it trains and predicts crop=lung's views (siimcovid.views); else crop=lung is refused
 

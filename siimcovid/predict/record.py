@@ -2,7 +2,7 @@
 
     bundle, bundle_sha256   the bundle and the sha256 of its manifest.yaml (which holds every file's sha256)
     settings                predict's resolved settings
-    members                 {"detect/<name>" | "classify/<name>": {images, tta, half}}, added as each member's
+    members                 {"detect/<name>" | "classify/<name>": {images, tta, half, precision}}, added as each member's
                             table is written: a table is reused only when its entry matches what would make it now
                             (same bundle, the same prepared test images, TTA and precision) and the file is there
     views                   crop=lung: {"<kind>/<name>": {lung: the lung member it cropped with, cropped: {fold: how

@@ -94,6 +94,20 @@ def check_inputs(cfg: Config):
     return bundle, source, layout, out
 
 
+def member_precision(member, hw: Hardware) -> str:
+    """The precision a member computes in: predict's (hw.precision), or fp32 for a member of a family that does not
+    read it (Family.reads_precision: the built-in families do), said once."""
+    from siimcovid.bundle.members import LUNG_KIND
+    from siimcovid.engine.family import family_class
+
+    stage = "detect" if member.kind in ("detect", LUNG_KIND) else "classify"
+    family = family_class(member.family or ("yolo" if stage == "detect" else "timm"), stage)
+    if hw.precision != "fp32" and not family.reads_precision:
+        LOGGER.warning(f"predict: {member.kind}/{member.name} (family={family.name}) predicts in fp32, not {hw.precision}")
+        return "fp32"
+    return hw.precision
+
+
 def hardware(cfg: Config) -> Hardware:
     """Where the members run: the device, and on the CPU its precision (precision=auto: what this CPU has, logged)."""
     from siimcovid.engine.devices import cpu_has_bf16, cpu_precision, torch_device
@@ -167,7 +181,7 @@ def member_table(
     tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
     table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
-    entry["precision"] = hw.precision  # a table of another precision is predicted again, not reused
+    entry["precision"] = member_precision(member, hw)  # a table of another precision is predicted again, not reused
     lung = lung_of(member.settings)
     if lung is not None:  # the images each fold sees cropped: what the views did, in the record
         record.views(key, lung, crop_counts(member, lungs, prepared))
