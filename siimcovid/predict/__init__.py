@@ -10,7 +10,8 @@ Modules:
     members.py  one detector or classifier member of a bundle on a prepared folder: predict_detector(...),
                 predict_classifier(...)
     record.py   Record: <out>/predict.yaml, which bundle made the tables in <out>, so a re-run reuses only those
+    plan.py     plan(...): each member timed on a few images, the projected total, budget= (the cuts that fit)
     view.py     write_view(...): the tables, pictures and HTML page a person reads
 """
 
-__all__ = ["members", "record", "source", "stage", "view"]
+__all__ = ["members", "plan", "record", "source", "stage", "view"]

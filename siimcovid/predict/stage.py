@@ -29,6 +29,7 @@ user's files beside them stay). A folder the release before that rule wrote is a
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -190,25 +191,48 @@ def member_table(
         return table
     record.forget(key)
     record.claim(*([table] if boxes or none else table_paths(table.parent, "test")))
-    views = {"lungs": lungs} if lung is not None else {}  # a family without views is never given them
+    found = predict_member(member, prepared, hw, tta, lungs)
+    if boxes:
+        DETECTIONS.write(found, table)
+    elif none and not member.family:  # (a family of its own writes the tables of a classifier, as it did)
+        NONE_IMAGES.write(none_table(found), table)
+    else:
+        write_tables(table.parent, "test", found, study_table(found))
+    record.done(key, entry)
+    return table
+
+
+def predict_member(member, prepared: Prepared, hw: Hardware, tta, lungs: dict | None = None) -> pd.DataFrame:
+    """Every fold of a member on every test image of `prepared`: its family's bundle kind's predict (a family of its
+    own), predict_detector or predict_classifier; a member of crop=lung crops with its lung member's boxes."""
+    from siimcovid.bundle.members import lung_of
+
+    views = {"lungs": lungs} if lung_of(member.settings) is not None else {}  # a family without views is never given them
     if member.family:  # a family of its own: its bundle_kind's predict
         from siimcovid.bundle.members import kind_of
 
-        found = kind_of(member.kind, member.family).predict(member, prepared, hw, tta, **views)
-        if boxes:
-            DETECTIONS.write(found, table)
-        else:
-            write_tables(table.parent, "test", found, study_table(found))
-    elif boxes:
-        DETECTIONS.write(predict_detector(member, prepared, hw, tta, **views), table)
-    else:
-        images = predict_classifier(member, prepared, hw, tta, **views)
-        if none:
-            NONE_IMAGES.write(none_table(images), table)
-        else:
-            write_tables(table.parent, "test", images, study_table(images))
-    record.done(key, entry)
-    return table
+        return kind_of(member.kind, member.family).predict(member, prepared, hw, tta, **views)
+    if member.kind != "classify":
+        return predict_detector(member, prepared, hw, tta, **views)
+    return predict_classifier(member, prepared, hw, tta, **views)
+
+
+def run_plan(bundle, prepared: Prepared, hw: Hardware, cfg: Config, lungs: dict, record: Record) -> None:
+    """siimcovid.predict.plan on the members whose tables this out= does not hold yet; the plan and its time go into
+    the record (predict.yaml `plan`, `seconds.plan`) when it ran."""
+    from siimcovid.predict.plan import plan
+
+    todo = [m for m in [*bundle.detectors, *bundle.classifiers] if f"{m.kind}/{m.name}" not in record.data["members"]]
+    if not todo:
+        return
+    start = time.perf_counter()
+    view = copy.copy(bundle)
+    view.detectors, view.classifiers = [m for m in todo if m.kind != "classify"], [m for m in todo if m.kind == "classify"]
+    planned = plan(view, prepared, hw, cfg, lungs, dict(record.data["seconds"]), predict_member)
+    if planned is not None:
+        record.data["plan"] = planned
+        record.data["seconds"]["plan"] = round(time.perf_counter() - start, 3)
+        record.save()
 
 
 def lung_tables(bundle, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, record: Record, steps) -> dict:
@@ -338,6 +362,7 @@ def predict(cfg: Config) -> dict:
     skipped = list_skipped(prepared, out, record)
     n_images = record.data["n_images"] = len(prepared.split("test"))
     lungs = lung_tables(bundle, prepared, hw, cfg, out, record, steps)  # crop=lung: the lung boxes, before the members
+    run_plan(bundle, prepared, hw, cfg, lungs, record)  # the projection (and budget=) before the long work
     det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.detectors]
     cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.classifiers]
     sample = sample_for(layout, source, prepared, out, record)

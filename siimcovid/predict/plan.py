@@ -1,0 +1,164 @@
+"""predict's runtime plan: before the long work, each member's time measured on this machine and projected to every
+image of the source; `budget=<hours>` stops there when the projection is over it, with the cuts that fit.
+
+Per detector and classifier member (the lung members have run: their boxes are what crop=lung members crop with), one
+fold predicts the first image and then the first plan_images images of the prepared source, with the member's TTA and
+again without it (where it has one). The difference of the two calls is the cost per image and fold (its load and
+set-up: the rest), so
+
+    member = folds x (load + images x per image)
+
+and the projection is prepare (measured: it ran) + every member + fuse and view (not timed: about 0.05 s per image
+in all by benchmarks/bench_predict.py, small beside the models). The cuts, each with its saving measured this way:
+tta=none for every member (a predict setting), precision=bf16 where the CPU computes bf16 (a predict setting; timed
+only then), one fold fewer of a member (export has no fold selector yet), a member left out (`export` again without
+it; never the only detector or classifier). The plan costs
+about 2 x plan_images images of one fold per member, twice with TTA; it is skipped when the source has no more
+images than that (the run itself is then about as short).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+
+from siimcovid.utils import LOGGER, SiimError
+
+FEWER = "one fold fewer (a bundle of fewer folds: export has no fold selector yet)"
+LEFT_OUT = "left out (export the bundle again without it)"
+
+
+@dataclass
+class Cost:
+    """One member's measured cost: per fold, its load and set-up (s) and seconds per image, with its TTA and without."""
+
+    key: str
+    folds: int
+    load: float
+    per_image: float
+    per_image_no_tta: float | None  # None: its TTA is already off
+    per_image_bf16: float | None = None  # timed only when bf16 would be a cut (an fp32 run on a bf16 CPU)
+
+    def seconds(self, n: int, per_image: float | None = None, folds: int | None = None) -> float:
+        return (self.folds if folds is None else folds) * (self.load + n * (self.per_image if per_image is None else per_image))
+
+
+def first_images(prepared, n: int):
+    """The prepared folder, seen with its first n test images only (a shallow copy: the same files)."""
+    view = copy.copy(prepared)
+    test = prepared.meta[prepared.meta.split == "test"].head(n)
+    view.meta = test.reset_index(drop=True)
+    return view
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(member, prepared, hw, tta, lungs, n: int, predict_member) -> tuple[float, float]:
+    """(load, per image) of one fold of a member: the first image, then the first n (module docstring)."""
+    fold = min(member.weights)
+    one = replace(member, weights={fold: member.weights[fold]})
+    small, large = first_images(prepared, 1), first_images(prepared, n)
+    t1 = timed(lambda: predict_member(one, small, hw, tta, lungs))
+    tn = timed(lambda: predict_member(one, large, hw, tta, lungs))
+    per = max(tn - t1, 0.0) / max(n - 1, 1)
+    return max(t1 - per, 0.0), per
+
+
+def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: bool) -> Cost:
+    from siimcovid.classify.tta import tta_name
+
+    key = f"{member.kind}/{member.name}"
+    load, per = measure(member, prepared, hw, tta, lungs, n, predict_member)
+    has_tta = (tta_name(tta, key) != "none") if member.kind == "classify" else bool(tta)
+    no_tta = None
+    if has_tta:
+        off = "none" if member.kind == "classify" else False
+        no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
+    in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
+    return Cost(key, len(member.weights), load, per, no_tta, in_bf16)
+
+
+def cuts(costs: list[Cost], n: int) -> list[tuple[str, float]]:
+    """(what to do, seconds it saves) of each cut, largest saving first."""
+    out = []
+    tta = sum(c.seconds(n) - c.seconds(n, c.per_image_no_tta) for c in costs if c.per_image_no_tta is not None)
+    if tta > 0:
+        out.append(("tta=none (every member)", tta))
+    bf16 = sum(c.seconds(n) - c.seconds(n, c.per_image_bf16) for c in costs if c.per_image_bf16 is not None)
+    if bf16 > 0:
+        out.append(("precision=bf16 (this CPU computes it)", bf16))
+    kinds = [c.key.split("/")[0] for c in costs]
+    for c, kind in zip(costs, kinds):
+        if c.folds > 1:
+            out.append((f"{c.key}: {FEWER}", c.load + n * c.per_image))
+        if kinds.count(kind) > 1:  # a bundle keeps a detector and a classifier
+            out.append((f"{c.key} {LEFT_OUT}", c.seconds(n)))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def fitting(total: float, budget: float, options: list[tuple[str, float]]) -> list[str]:
+    """The single cuts that alone fit the budget (the smallest saving first), else the fewest of the largest that do
+    together: the settings and one fold fewer of each member (savings added up: a guide, they overlap a little), never
+    a member left out in a combination; [] when none fits."""
+    alone = [what for what, saved in options if total - saved <= budget]
+    if alone:
+        return alone[-1:] + [f"(or: {w})" for w in alone[:-1]]
+    chosen, left = [], total
+    for what, saved in options:  # largest first
+        if what.endswith(LEFT_OUT):
+            continue
+        chosen.append(what)
+        left -= saved
+        if left <= budget:
+            return chosen
+    return []
+
+
+def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dict | None:
+    """Measure every detector and classifier member, log the projection, and stop when it is over budget= (hours).
+    Returns the plan for predict.yaml, or None when skipped (plan=false, or too few images)."""
+    from siimcovid.engine.devices import cpu_has_bf16
+    from siimcovid.predict.members import member_tta
+
+    n = len(prepared.split("test"))
+    k = int(cfg.plan_images)
+    if not cfg.plan or n <= 2 * k:
+        if cfg.get("budget"):
+            LOGGER.info(f"predict: {n} images, no more than the plan would time (2 x plan_images={k}): no plan, no budget check")
+        return None
+    bf16 = hw.device.type == "cpu" and hw.precision == "fp32" and cpu_has_bf16()
+    costs = []
+    for member in [*bundle.detectors, *bundle.classifiers]:
+        tta = member_tta(member, cfg.tta)
+        costs.append(member_cost(member, prepared, hw, tta, lungs, k, predict_member, bf16))
+    done = sum(seconds.values())  # prepare and the lung members: measured, they ran
+    total = done + sum(c.seconds(n) for c in costs)
+    lines = [
+        f"  {c.key:<32} {c.folds} folds x ({c.load:.2f} s + {n} x {c.per_image:.4f} s) = {c.seconds(n) / 60:8.1f} min"
+        for c in costs
+    ]
+    LOGGER.info(
+        f"predict: plan for {n} images on this machine ({hw.device}, {hw.precision}), one fold of each member timed "
+        f"on {k} images:\n" + "\n".join(lines) + f"\n  {'done (prepare, lung members)':<32} {done / 60:8.1f} min"
+        f"\n  {'projected total':<32} {total / 3600:8.2f} h (fuse and view not included: about 0.05 s per image)"
+    )
+    options = cuts(costs, n)
+    record = {"images": n, "timed_images": k, "projected_hours": round(total / 3600, 4), "members": {}}
+    for c in costs:
+        record["members"][c.key] = {"folds": c.folds, "load_s": round(c.load, 4), "s_per_image": round(c.per_image, 6)}
+    record["cuts"] = {what: round(saved / 3600, 4) for what, saved in options}
+    budget = cfg.get("budget")
+    if budget and total > budget * 3600:
+        fit = fitting(total, budget * 3600, options)
+        shown = "\n".join(f"  {what}: saves {saved / 3600:.2f} h" for what, saved in options)
+        advice = ("these cuts fit it: " + "; ".join(fit)) if fit else "no cut measured here fits it"
+        raise SiimError(
+            f"predict: the projection is {total / 3600:.2f} h for {n} images, over budget={budget:g} h; {advice}. "
+            f"Each cut, measured on this machine:\n{shown}"
+        )
+    return record
