@@ -27,6 +27,9 @@ def test_the_cuts_are_measured_savings_and_the_smallest_that_fits_comes_first():
     fit = fitting(total, total - 300, cuts([det, cls], n))  # no cut alone: the largest together (250 + 102)
     assert fit == ["tta=none (every member)", f"detect/x: {FEWER}"]
     assert fitting(total, 10.0, cuts([det, cls], n)) == []  # nothing fits: said so
+    halves = [("tta=none (every member)", 50.0), ("precision=bf16 (this CPU computes it)", 50.0)]
+    assert fitting(100.0, 20.0, halves) == []  # each halves the time: together a quarter (25 s) is left, not nothing
+    assert fitting(100.0, 30.0, halves) == ["tta=none (every member)", "precision=bf16 (this CPU computes it)"]
     other = Cost("classify/b3", folds=5, load=1.0, per_image=0.3, per_image_no_tta=None)
     assert dict(cuts([det, cls, other], n))["classify/b3 left out (export the bundle again without it)"] == pytest.approx(155)
 

@@ -13,8 +13,8 @@ in all by benchmarks/bench_predict.py, small beside the models). The cuts, each 
 tta=none for every member (a predict setting), precision=bf16 where the CPU computes bf16 (a predict setting; timed
 only then), one fold fewer of a member (export has no fold selector yet), a member left out (`export` again without
 it; never the only detector or classifier). The plan costs
-about 2 x plan_images images of one fold per member, twice with TTA; it is skipped when the source has no more
-images than that (the run itself is then about as short).
+about 3 x plan_images images of one fold per member, twice with TTA (a first untimed call warms each member up); it is
+skipped when the source has no more than 2 x plan_images images (the run itself is then about as short).
 """
 
 from __future__ import annotations
@@ -52,17 +52,27 @@ def first_images(prepared, n: int):
     return view
 
 
+def span(seconds: float) -> str:
+    """A duration as a person reads it: seconds, minutes or hours."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def measure(member, prepared, hw, tta, lungs, n: int, predict_member) -> tuple[float, float]:
-    """(load, per image) of one fold of a member: the first image, then the first n (module docstring)."""
+def measure(member, prepared, hw, tta, lungs, n: int, predict_member, warm: bool = False) -> tuple[float, float]:
+    """(load, per image) of one fold of a member: the first image, then the first n (module docstring); warm: one
+    untimed call first (imports and first-call set-up happen once per process, not once per fold)."""
     fold = min(member.weights)
     one = replace(member, weights={fold: member.weights[fold]})
     small, large = first_images(prepared, 1), first_images(prepared, n)
+    if warm:
+        predict_member(one, small, hw, tta, lungs)
     t1 = timed(lambda: predict_member(one, small, hw, tta, lungs))
     tn = timed(lambda: predict_member(one, large, hw, tta, lungs))
     per = max(tn - t1, 0.0) / max(n - 1, 1)
@@ -73,7 +83,7 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
     from siimcovid.classify.tta import tta_name
 
     key = f"{member.kind}/{member.name}"
-    load, per = measure(member, prepared, hw, tta, lungs, n, predict_member)
+    load, per = measure(member, prepared, hw, tta, lungs, n, predict_member, warm=True)
     has_tta = (tta_name(tta, key) != "none") if member.kind == "classify" else bool(tta)
     no_tta = None
     if has_tta:
@@ -101,20 +111,22 @@ def cuts(costs: list[Cost], n: int) -> list[tuple[str, float]]:
     return sorted(out, key=lambda t: -t[1])
 
 
-def fitting(total: float, budget: float, options: list[tuple[str, float]]) -> list[str]:
+def fitting(total: float, budget: float, options: list[tuple[str, float]], done: float = 0.0) -> list[str]:
     """The single cuts that alone fit the budget (the smallest saving first), else the fewest of the largest that do
-    together: the settings and one fold fewer of each member (savings added up: a guide, they overlap a little), never
-    a member left out in a combination; [] when none fits."""
+    together: the settings and one fold fewer of each member, never a member left out in a combination; [] when none
+    fits. Together, each cut saves its share of what the models still take (tta=none and bf16 each halve the time:
+    both leave a quarter, not nothing): a guide, measured one cut at a time."""
     alone = [what for what, saved in options if total - saved <= budget]
     if alone:
         return alone[-1:] + [f"(or: {w})" for w in alone[:-1]]
-    chosen, left = [], total
+    models = max(total - done, 1e-9)
+    chosen, left = [], models
     for what, saved in options:  # largest first
         if what.endswith(LEFT_OUT):
             continue
         chosen.append(what)
-        left -= saved
-        if left <= budget:
+        left *= 1 - min(saved / models, 1.0)
+        if done + left <= budget:
             return chosen
     return []
 
@@ -139,13 +151,13 @@ def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dic
     done = sum(seconds.values())  # prepare and the lung members: measured, they ran
     total = done + sum(c.seconds(n) for c in costs)
     lines = [
-        f"  {c.key:<32} {c.folds} folds x ({c.load:.2f} s + {n} x {c.per_image:.4f} s) = {c.seconds(n) / 60:8.1f} min"
+        f"  {c.key:<32} {c.folds} folds x ({c.load:.3g} s + {n} x {c.per_image:.3g} s) = {span(c.seconds(n))}"
         for c in costs
     ]
     LOGGER.info(
         f"predict: plan for {n} images on this machine ({hw.device}, {hw.precision}), one fold of each member timed "
-        f"on {k} images:\n" + "\n".join(lines) + f"\n  {'done (prepare, lung members)':<32} {done / 60:8.1f} min"
-        f"\n  {'projected total':<32} {total / 3600:8.2f} h (fuse and view not included: about 0.05 s per image)"
+        f"on {k} images:\n" + "\n".join(lines) + f"\n  {'done (prepare, lung members)':<32} {span(done)}"
+        f"\n  {'projected total':<32} {span(total)} (fuse and view not included: about 0.05 s per image)"
     )
     options = cuts(costs, n)
     record = {"images": n, "timed_images": k, "projected_hours": round(total / 3600, 4), "members": {}}
@@ -154,11 +166,11 @@ def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dic
     record["cuts"] = {what: round(saved / 3600, 4) for what, saved in options}
     budget = cfg.get("budget")
     if budget and total > budget * 3600:
-        fit = fitting(total, budget * 3600, options)
-        shown = "\n".join(f"  {what}: saves {saved / 3600:.2f} h" for what, saved in options)
+        fit = fitting(total, budget * 3600, options, done)
+        shown = "\n".join(f"  {what}: saves {span(saved)}" for what, saved in options)
         advice = ("these cuts fit it: " + "; ".join(fit)) if fit else "no cut measured here fits it"
         raise SiimError(
-            f"predict: the projection is {total / 3600:.2f} h for {n} images, over budget={budget:g} h; {advice}. "
+            f"predict: the projection is {span(total)} for {n} images, over budget={budget:g} h; {advice}. "
             f"Each cut, measured on this machine:\n{shown}"
         )
     return record
