@@ -34,6 +34,21 @@ def test_the_cuts_are_measured_savings_and_the_smallest_that_fits_comes_first():
     assert dict(cuts([det, cls, other], n))["classify/b3 left out (export the bundle again without it)"] == pytest.approx(155)
 
 
+def test_a_budget_without_the_plan_is_refused_before_any_work(tmp_path):
+    from siimcovid.cli import call
+
+    with pytest.raises(SiimError, match="budget= is checked against the plan"):
+        call("predict", bundle=str(tmp_path / "b"), source=str(tmp_path / "s"), out=str(tmp_path / "o"), plan=False, budget=1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_none_model_is_no_second_study_classifier_to_leave_out():
+    study = Cost("classify/b5", folds=5, load=1.0, per_image=0.4, per_image_no_tta=None, group="classify")
+    none = Cost("classify/none_b7", folds=5, load=1.0, per_image=0.4, per_image_no_tta=None, group="none")
+    det = Cost("detect/x", folds=5, load=1.0, per_image=0.4, per_image_no_tta=None)
+    assert not any("left out" in what for what, _ in cuts([study, none, det], 10))
+
+
 @pytest.fixture(scope="module")
 def bundle_and_source(tiny_run, synth_root):
     """The session's tiny bundle, and a SIIM root with more test images than the plan times (2 x plan_images)."""
@@ -66,3 +81,8 @@ def test_a_budget_below_the_projection_stops_before_the_members_run(bundle_and_s
         call("predict", bundle=str(bundle), source=str(root), out=str(out), workers=0, plan_images=2, budget=1e-7)
     assert not (out / "detect" / "e2e" / "pred_test.csv").exists() and not (out / "submission.csv").exists()
     assert (out / "prepared" / "meta.csv").is_file()  # prepare ran: a re-run with cuts reuses it
+    done = call("predict", bundle=str(bundle), source=str(root), out=str(out), workers=0, plan_images=2, tta="none")
+    record = yaml.safe_load((out / "predict.yaml").read_text())
+    assert done["submission"].is_file() and "plan" in record  # the same out=, other settings: planned again, then run
+    with pytest.raises(SiimError, match="over budget"):  # another tta: the tables are not reused, so the plan checks
+        call("predict", bundle=str(bundle), source=str(root), out=str(out), workers=0, plan_images=2, budget=1e-7)

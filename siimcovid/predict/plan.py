@@ -39,6 +39,7 @@ class Cost:
     per_image: float
     per_image_no_tta: float | None  # None: its TTA is already off
     per_image_bf16: float | None = None  # timed only when bf16 would be a cut (an fp32 run on a bf16 CPU)
+    group: str = ""  # what may be left out only beside another of it: detect, classify, none (default: the key's kind)
 
     def seconds(self, n: int, per_image: float | None = None, folds: int | None = None) -> float:
         return (self.folds if folds is None else folds) * (self.load + n * (self.per_image if per_image is None else per_image))
@@ -90,7 +91,8 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         off = "none" if member.kind == "classify" else False
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
-    return Cost(key, len(member.weights), load, per, no_tta, in_bf16)
+    group = "none" if member.kind == "classify" and member.settings.get("task") == "none" else member.kind
+    return Cost(key, len(member.weights), load, per, no_tta, in_bf16, group)
 
 
 def cuts(costs: list[Cost], n: int) -> list[tuple[str, float]]:
@@ -102,7 +104,7 @@ def cuts(costs: list[Cost], n: int) -> list[tuple[str, float]]:
     bf16 = sum(c.seconds(n) - c.seconds(n, c.per_image_bf16) for c in costs if c.per_image_bf16 is not None)
     if bf16 > 0:
         out.append(("precision=bf16 (this CPU computes it)", bf16))
-    kinds = [c.key.split("/")[0] for c in costs]
+    kinds = [c.group or c.key.split("/")[0] for c in costs]
     for c, kind in zip(costs, kinds):
         if c.folds > 1:
             out.append((f"{c.key}: {FEWER}", c.load + n * c.per_image))

@@ -75,6 +75,8 @@ def check_inputs(cfg: Config):
     for key in ("bundle", "source", "out"):
         if not cfg[key]:
             raise SiimError(f"predict needs {key}=: `siimcovid predict bundle=<bundle> source=<SIIM root | DICOMs> out=<folder>`")
+    if cfg.get("budget") and not cfg.plan:
+        raise SiimError("budget= is checked against the plan (siimcovid.predict.plan): give plan=true, the default, with it")
     source, out = Path(cfg.source), Path(cfg.out)
     layout = source_layout(source)
     check_out(out, RECORD, cfg.overwrite, sources=[source], earlier=earlier_outputs)
@@ -174,15 +176,12 @@ def member_table(
     """A member's prediction table on the prepared test images: reused when the record vouches for it, else predicted.
     lungs: {lung member name: LungBoxes of the images} (lung_tables), which a member of crop=lung crops with. A lung
     member predicts with its own TTA (its boxes are the crops the members were made with, not a prediction)."""
-    from siimcovid.bundle.members import LUNG_KIND, lung_of
+    from siimcovid.bundle.members import lung_of
     from siimcovid.classify.predict import study_table, table_paths, write_tables
 
-    key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
+    key, table, entry = member_entry(member, prepared, hw, cfg, out)
+    boxes, tta = member.kind != "classify", entry["tta"]
     none = not boxes and member.settings.get("task") == "none"  # a binary none model: its none table (fuse none_cls=)
-    tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
-    table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
-    entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
-    entry["precision"] = member_precision(member, hw)  # a table of another precision is predicted again, not reused
     lung = lung_of(member.settings)
     if lung is not None:  # the images each fold sees cropped: what the views did, in the record
         record.views(key, lung, crop_counts(member, lungs, prepared))
@@ -202,6 +201,20 @@ def member_table(
     return table
 
 
+def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path) -> tuple[str, Path, dict]:
+    """(key, table, record entry) of a member: what its table would be made from now (the record reuses a table only
+    for the same entry)."""
+    from siimcovid.bundle.members import LUNG_KIND
+
+    key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
+    none = not boxes and member.settings.get("task") == "none"
+    tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
+    table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
+    entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
+    entry["precision"] = member_precision(member, hw)  # a table of another precision is predicted again, not reused
+    return key, table, entry
+
+
 def predict_member(member, prepared: Prepared, hw: Hardware, tta, lungs: dict | None = None) -> pd.DataFrame:
     """Every fold of a member on every test image of `prepared`: its family's bundle kind's predict (a family of its
     own), predict_detector or predict_classifier; a member of crop=lung crops with its lung member's boxes."""
@@ -217,12 +230,17 @@ def predict_member(member, prepared: Prepared, hw: Hardware, tta, lungs: dict | 
     return predict_classifier(member, prepared, hw, tta, **views)
 
 
-def run_plan(bundle, prepared: Prepared, hw: Hardware, cfg: Config, lungs: dict, record: Record) -> None:
-    """siimcovid.predict.plan on the members whose tables this out= does not hold yet; the plan and its time go into
-    the record (predict.yaml `plan`, `seconds.plan`) when it ran."""
+def run_plan(bundle, prepared: Prepared, hw: Hardware, cfg: Config, lungs: dict, out: Path, record: Record) -> None:
+    """siimcovid.predict.plan on the members whose tables this out= does not hold for these images and settings (the
+    record's own test, member_entry); the plan and its time go into the record (predict.yaml `plan`, `seconds.plan`)
+    when it ran."""
     from siimcovid.predict.plan import plan
 
-    todo = [m for m in [*bundle.detectors, *bundle.classifiers] if f"{m.kind}/{m.name}" not in record.data["members"]]
+    def reused(member) -> bool:
+        key, table, entry = member_entry(member, prepared, hw, cfg, out)
+        return record.reusable(key, entry, table)
+
+    todo = [m for m in [*bundle.detectors, *bundle.classifiers] if not reused(m)]
     if not todo:
         return
     start = time.perf_counter()
@@ -362,7 +380,7 @@ def predict(cfg: Config) -> dict:
     skipped = list_skipped(prepared, out, record)
     n_images = record.data["n_images"] = len(prepared.split("test"))
     lungs = lung_tables(bundle, prepared, hw, cfg, out, record, steps)  # crop=lung: the lung boxes, before the members
-    run_plan(bundle, prepared, hw, cfg, lungs, record)  # the projection (and budget=) before the long work
+    run_plan(bundle, prepared, hw, cfg, lungs, out, record)  # the projection (and budget=) before the long work
     det = [steps.run(f"detect/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.detectors]
     cls = [steps.run(f"classify/{m.name}", member_table, m, prepared, hw, cfg, out, record, lungs) for m in bundle.classifiers]
     sample = sample_for(layout, source, prepared, out, record)
