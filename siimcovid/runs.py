@@ -25,7 +25,7 @@ import yaml
 from siimcovid import stages as registry
 from siimcovid.config import Config
 from siimcovid.rundir import merge_run
-from siimcovid.tables import SCORES, Table
+from siimcovid.tables import COPIES, SCORES, Table
 from siimcovid.utils import LOGGER, DataError, SiimError, as_list, read_text_input
 
 COLUMNS = ["stage", "name", "model", "imgsz", "folds", "settings", "cv", "cv_value", "date"]
@@ -102,17 +102,26 @@ def settings_text(cfg: dict, keys) -> str:
     return " ".join(f"{k}={fmt(cfg[k])}" for k in keys if k in cfg and cfg[k] not in (None, [], {}))
 
 
-def trained_on(cfg: dict) -> str:
-    """` init=<name> extra=<names> distill=<names> (weight w)` of a detect/classify run, flagged LEAKY when an extra
-    folder holds all-folds pseudo-labels (`siimcovid pseudo teacher=all`: the run's out-of-fold scores are optimistic).
-    A distilled student is never LEAKY: its teachers of fold k never saw fold k's validation images (others refused)."""
+def trained_on(cfg: dict, run: Path | None = None) -> str:
+    """` init=<name> extra=<names> (N SIIM copies dropped) distill=<names> (weight w)` of a detect/classify run (the
+    copies: extra='s dedup=drop lists, the run's copies_<folder>.csv), flagged LEAKY when an extra folder holds
+    all-folds pseudo-labels (`siimcovid pseudo teacher=all`: the run's out-of-fold scores are optimistic). A distilled
+    student is never LEAKY: its teachers of fold k never saw fold k's validation images (others refused)."""
     extra = [Path(str(p)) for p in (cfg.get("extra") or [])]
     text = (f" init={Path(str(cfg['init'])).name}" if cfg.get("init") else "") + (
         f" extra={','.join(p.name for p in extra)}" if extra else ""
     )
+    copies = dropped_copies(run) if run is not None and extra else 0
+    text += f" ({copies} SIIM copies dropped)" if copies else ""
     teachers = [Path(str(p)).name for p in cfg.get("distill") or []]
     text += f" distill={','.join(teachers)} (weight {fmt(cfg.get('distill_weight', ''))})" if teachers else ""
     return text + (" LEAKY (teacher=all pseudo-labels: optimistic OOF)" if leaky_extras(cfg) else "")
+
+
+def dropped_copies(run: Path) -> int:
+    """The external images extra= left out of a run as SIIM's own (its copies_<folder>.csv, tables.COPIES)."""
+    tables = [quiet_table(COPIES, p) for p in sorted(Path(run).glob("copies_*.csv"))]
+    return sum(len(t) for t in tables if t is not None)
 
 
 def leaky_extras(cfg: dict) -> list[str]:

@@ -13,7 +13,7 @@ import yaml
 from siimcovid import cli, stages
 from siimcovid.config import default_config_path, fusion_keys, read_yaml
 from siimcovid.runs import list_runs
-from siimcovid.tables import META, SCORES
+from siimcovid.tables import COPIES, META, SCORES
 from siimcovid.utils import SiimError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,22 @@ def test_runs_trained_with_all_folds_pseudo_labels_are_flagged_leaky(project):
         assert "extra=honest,all LEAKY" in table[stage, "final"]
     write_yaml(project / "classify" / "nih" / "classify.yaml", {"model": "r", "data": "/x/nih14", "label_names": ["a", "b"]})
     assert list_runs(project, ["classify"]).set_index("name").settings["nih"].startswith("multi-label on nih14 (2 labels)")
+
+
+def test_a_run_shows_how_many_external_images_it_dropped_as_siim_copies(project):
+    rsna = project / "prepare" / "rsna"
+    write_yaml(rsna / "prepare.yaml", {"layout": "rsna"})
+    for stage, config in (("detect", "detect.yaml"), ("classify", "classify.yaml")):
+        run = project / stage / "with-rsna"
+        write_yaml(run / config, {"model": "m", "imgsz": 128, "extra": [str(rsna)]})
+        copies = pd.DataFrame({"image_id": ["r1", "r2"], "siim_image_id": ["s1", "s2"], "siim_split": "train", "distance": 3})
+        COPIES.write(copies, run / "copies_rsna.csv")
+        write_yaml(project / stage / "none-dropped" / config, {"model": "m", "imgsz": 128, "extra": [str(rsna)]})
+        COPIES.write(copies.head(0), project / stage / "none-dropped" / "copies_rsna.csv")
+    table = list_runs(project, ["detect", "classify"]).set_index(["stage", "name"]).settings
+    for stage in ("detect", "classify"):
+        assert table[stage, "with-rsna"].endswith("extra=rsna (2 SIIM copies dropped)")
+        assert table[stage, "none-dropped"].endswith("extra=rsna")
 
 
 def test_fuse_shows_the_fusion_parameters_that_differ_from_the_defaults(project):

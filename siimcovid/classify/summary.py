@@ -27,7 +27,7 @@ def describe(run: Path) -> dict | None:
         "model": str(cfg.get("model", "")),
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(sorted(fold_files(run, FILES.done))),
-        "settings": pretraining(cfg) + task + settings_text(cfg, SETTINGS) + trained_on(cfg),
+        "settings": pretraining(cfg) + task + settings_text(cfg, SETTINGS) + trained_on(cfg, run),
         "cv_value": none_ap if task else study_map,
         "cv": cv,
     }

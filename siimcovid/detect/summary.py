@@ -29,7 +29,7 @@ def describe(run: Path) -> dict | None:
         "model": Path(str(cfg.get("model", ""))).name,
         "imgsz": str(cfg.get("imgsz", "")),
         "folds": fmt(folds),
-        "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH) + trained_on(cfg),
+        "settings": settings_text(cfg, SETTINGS) + " " + settings_text(used, TRAINED_WITH) + trained_on(cfg, run),
         "cv_value": ap,
         "cv": "" if math.isnan(ap) else f"{task} AP {ap:.4f}",
     }
