@@ -68,7 +68,11 @@ def test_the_plan_times_each_member_and_changes_no_output(bundle_and_source, tmp
     assert set(record["plan"]["members"]) == {"detect/e2e", "classify/e2e"} and record["plan"]["projected_hours"] > 0
     assert all(m["s_per_image"] >= 0 and m["folds"] == 2 for m in record["plan"]["members"].values())
     assert "plan" in planned["seconds"] and "plan" not in plain["seconds"]
-    assert "projected total" in caplog.text and "tta=none" in "".join(record["plan"]["cuts"])
+    assert "projected total" in caplog.text
+    # which cuts save time here is timing (a tiny model's TTA costs about nothing): their kinds and signs are not
+    kinds = ("tta=none", "precision=bf16", "one fold fewer", "left out")
+    assert record["plan"]["cuts"] and all(any(k in cut for k in kinds) for cut in record["plan"]["cuts"])
+    assert all(hours >= 0 for hours in record["plan"]["cuts"].values())
 
 
 @pytest.mark.slow
