@@ -91,12 +91,11 @@ def test_a_classifier_in_bf16_gives_the_fp32_probabilities_within_1e_2(prepared)
 
 def matched(fp32: np.ndarray, bf16: np.ndarray, iou: float = 0.95, conf: float = 0.02) -> bool:
     """Whether every fp32 box (n, 5: xyxy, conf) has a bf16 box at IoU >= iou with its confidence within conf."""
+    from siimcovid.metrics import box_iou
+
     for box in fp32:
-        x1, y1 = np.maximum(box[0], bf16[:, 0]), np.maximum(box[1], bf16[:, 1])
-        x2, y2 = np.minimum(box[2], bf16[:, 2]), np.minimum(box[3], bf16[:, 3])
-        inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-        union = (box[2] - box[0]) * (box[3] - box[1]) + (bf16[:, 2] - bf16[:, 0]) * (bf16[:, 3] - bf16[:, 1]) - inter
-        ok = (inter / np.maximum(union, 1e-9) >= iou) & (np.abs(bf16[:, 4] - box[4]) <= conf)
+        overlap = box_iou(np.broadcast_to(box[:4], bf16[:, :4].shape), bf16[:, :4])
+        ok = (overlap >= iou) & (np.abs(bf16[:, 4] - box[4]) <= conf)
         if not ok.any():
             return False
     return True

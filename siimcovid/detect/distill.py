@@ -189,15 +189,6 @@ def teacher_boxes(teacher: Teacher, fold: int, image_ids: list[str], cfg) -> pd.
     return family.predict_images(model, run, fold, image_ids, "train")
 
 
-def iou_with(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one x1y1x2y2 box with each of (n, 4) boxes."""
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    return inter / np.maximum(union, 1e-12)
-
-
 def blend(hard: np.ndarray, teachers: list[tuple[np.ndarray, np.ndarray]], weight: float, iou: float, conf: float):
     """One image's labels: hard boxes (n, 4) and each teacher's (boxes (m, 4), confidences (m,)), all normalised
     x1y1x2y2 -> (boxes (k, 4), blended confidences (k,), whether a hard box is in each), confidence >= conf only.
@@ -216,11 +207,14 @@ def blend(hard: np.ndarray, teachers: list[tuple[np.ndarray, np.ndarray]], weigh
         for box, score in zip(boxes.clip(0, 1), scores):
             if (box[2] - box[0]) * (box[3] - box[1]) > 0 and score > 0:
                 items.append((w * score, src, box))
+    from siimcovid.metrics import box_iou
+
     items.sort(key=lambda t: -t[0])
     clusters: list[dict] = []  # sources in it, the sum of their weighted scores, of their weighted corners, the box
     for score, src, box in items:
         free = [c for c in clusters if src not in c["sources"]]
-        overlaps = iou_with(box, np.array([c["box"] for c in free])) if free else np.zeros(0)
+        candidates = np.array([c["box"] for c in free]).reshape(-1, 4)
+        overlaps = box_iou(np.broadcast_to(box, candidates.shape), candidates)
         best = int(np.argmax(overlaps)) if len(overlaps) else -1
         if best >= 0 and overlaps[best] >= iou:
             c = free[best]
