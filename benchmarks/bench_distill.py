@@ -104,25 +104,37 @@ def main(argv=None) -> dict:
     cli.call("classify", "predict", run=runs, split=["oof"], out=str(ensemble), reuse=True, **pred)
     maps["teachers' ensemble"] = score(overall_scores(ensemble), "study_map")
 
+    best = time_predict(args, "classify", project, teachers, pred)
+    scores = f"OOF study mAP (synthetic data, {args.imgsz} px, {args.epochs} epochs, 3 folds, from scratch, tta=hflip)"
+    report(args, maps, scores, best, f"predict split=test ({len(Prepared(data).split('test'))} images, 3 fold models "
+           f"per run, tta=hflip, CPU, best of {args.repeats})")  # fmt: skip
+    return {"map": maps, "predict_s": best}
+
+
+def time_predict(args, stage: str, project: Path, teachers: list[str], pred: dict) -> dict:
+    """`<stage> predict split=test` of the student and of the teachers' ensemble, in turns (a busy neighbour slows
+    both), the best of --repeats each: {arm: seconds}."""
     arms = {"student": [str(project / "student")], "teachers' ensemble": [str(project / t) for t in teachers]}
     best = dict.fromkeys(arms, float("inf"))
-    for _ in range(args.repeats):  # in turns: a busy neighbour slows both, the best round is the model's cost
+    for _ in range(args.repeats):
         for arm, runs in arms.items():
             t0 = time.perf_counter()
             out = {"out": str(args.out / "timing" / arm.replace("'", "").replace(" ", "_"))} if len(runs) > 1 else {}
-            cli.call("classify", "predict", run=runs, split=["test"], **pred, **out)
+            cli.call(stage, "predict", run=runs, split=["test"], **pred, **out)
             best[arm] = min(best[arm], time.perf_counter() - t0)
+    return best
 
-    n_test = len(Prepared(data).split("test"))
-    print(f"\nOOF study mAP (synthetic data, {args.imgsz} px, {args.epochs} epochs, 3 folds, from scratch, tta=hflip):")
-    for name, value in maps.items():
+
+def report(args, scores: dict, scores_title: str, best: dict, timing_title: str) -> None:
+    """The scores and the predict times, printed; --out removed unless --keep."""
+    print(f"\n{scores_title}:")
+    for name, value in scores.items():
         print(f"  {name:24s} {value:.4f}")
-    print(f"\npredict split=test ({n_test} images, 3 fold models per run, tta=hflip, CPU, best of {args.repeats}):")
+    print(f"\n{timing_title}:")
     for arm, seconds in best.items():
         print(f"  {arm:24s} {seconds:7.2f} s  ({seconds / best['student']:.2f}x the student)")
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
-    return {"map": maps, "predict_s": best}
 
 
 def detect_arms(args, data: Path) -> dict:
@@ -160,23 +172,10 @@ def detect_arms(args, data: Path) -> dict:
     table = scores_oof(fused, prep, sorted(prep.split("train").fold.unique()), "ensemble")
     aps["teachers' ensemble"] = float(table[table.fold == "all"]["opacity"].iloc[0])
 
-    arms = {"student": [str(project / "student")], "teachers' ensemble": [str(project / t) for t in teachers]}
-    best = dict.fromkeys(arms, float("inf"))
-    for _ in range(args.repeats):  # in turns: a busy neighbour slows both, the best round is the model's cost
-        for arm, runs in arms.items():
-            t0 = time.perf_counter()
-            out = {"out": str(args.out / "timing" / arm.replace("'", "").replace(" ", "_"))} if len(runs) > 1 else {}
-            cli.call("detect", "predict", run=runs, split=["test"], **pred, **out)
-            best[arm] = min(best[arm], time.perf_counter() - t0)
-    n_test = len(prep.split("test"))
-    print(f"\nOOF opacity AP (synthetic data, {args.det_imgsz} px, {args.det_epochs} epochs, 3 folds, from scratch):")
-    for name, value in aps.items():
-        print(f"  {name:24s} {value:.4f}")
-    print(f"\ndetect predict split=test ({n_test} images, 3 fold models per run, tta=false, CPU, best of {args.repeats}):")
-    for arm, seconds in best.items():
-        print(f"  {arm:24s} {seconds:7.2f} s  ({seconds / best['student']:.2f}x the student)")
-    if not args.keep:
-        shutil.rmtree(args.out, ignore_errors=True)
+    best = time_predict(args, "detect", project, teachers, pred)
+    scores = f"OOF opacity AP (synthetic data, {args.det_imgsz} px, {args.det_epochs} epochs, 3 folds, from scratch)"
+    report(args, aps, scores, best, f"detect predict split=test ({len(prep.split('test'))} images, 3 fold models per "
+           f"run, tta=false, CPU, best of {args.repeats})")  # fmt: skip
     return {"ap": aps, "predict_s": best}
 
 
