@@ -97,16 +97,17 @@ def check_inputs(cfg: Config):
     return bundle, source, layout, out
 
 
-def member_precision(member, hw: Hardware) -> str:
+def member_precision(member, hw: Hardware, warn: bool = True) -> str:
     """The precision a member computes in: predict's (hw.precision), or fp32 for a member of a family that does not
-    read it (Family.reads_precision: the built-in families do), said once."""
+    read it (Family.reads_precision: the built-in families do), said when `warn` (once per member: when it predicts)."""
     from siimcovid.bundle.members import LUNG_KIND
     from siimcovid.engine.family import family_class
 
     stage = "detect" if member.kind in ("detect", LUNG_KIND) else "classify"
     family = family_class(member.family or ("yolo" if stage == "detect" else "timm"), stage)
     if hw.precision != "fp32" and not family.reads_precision:
-        LOGGER.warning(f"predict: {member.kind}/{member.name} (family={family.name}) predicts in fp32, not {hw.precision}")
+        if warn:
+            LOGGER.warning(f"predict: {member.kind}/{member.name} (family={family.name}) predicts in fp32, not {hw.precision}")
         return "fp32"
     return hw.precision
 
@@ -201,9 +202,9 @@ def member_table(
     return table
 
 
-def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path) -> tuple[str, Path, dict]:
+def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, warn: bool = True) -> tuple[str, Path, dict]:
     """(key, table, record entry) of a member: what its table would be made from now (the record reuses a table only
-    for the same entry)."""
+    for the same entry); warn: member_precision's (the plan asks first, quietly)."""
     from siimcovid.bundle.members import LUNG_KIND
 
     key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
@@ -211,7 +212,7 @@ def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
     tta = member_tta(member, None if member.kind == LUNG_KIND else cfg.tta)
     table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
-    entry["precision"] = member_precision(member, hw)  # a table of another precision is predicted again, not reused
+    entry["precision"] = member_precision(member, hw, warn)  # a table of another precision is predicted again, not reused
     return key, table, entry
 
 
@@ -237,7 +238,7 @@ def run_plan(bundle, prepared: Prepared, hw: Hardware, cfg: Config, lungs: dict,
     from siimcovid.predict.plan import plan
 
     def reused(member) -> bool:
-        key, table, entry = member_entry(member, prepared, hw, cfg, out)
+        key, table, entry = member_entry(member, prepared, hw, cfg, out, warn=False)
         return record.reusable(key, entry, table)
 
     todo = [m for m in [*bundle.detectors, *bundle.classifiers] if not reused(m)]
