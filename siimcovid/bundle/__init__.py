@@ -2,6 +2,7 @@
 
     siimcovid export pipeline=demo                          # runs/run/demo's models and fusion -> runs/bundle/demo
     siimcovid export pipeline=demo out=demo.zip fp16_weights=true  # one zip file, the classifiers' weights in fp16
+    siimcovid export pipeline=demo formats=openvino,onnx   # every fold also as OpenVINO IR and ONNX (predict backend=)
     siimcovid export detect=runs/detect/v5m,runs/detect/v5x classify=runs/classify/b3,runs/classify/b5 \\
         fuse=runs/fuse/ens out=ens.zip                      # runs named one by one: an ensemble bundle
 
@@ -30,6 +31,8 @@ declaration; `print(<declaration>.describe())` prints its keys):
     classify/<name>/settings.yaml  members.CLASSIFY_SETTINGS: imgsz, tta, weights, folds_id {fold: its fold fingerprint}
                                    (crop=lung: crop, lung, crop_margin, lung_conf, view_fusion)
     classify/<name>/fold<k>.safetensors  the weights load_checkpoint_model evaluates (EMA); fp16 with fp16_weights=true
+    <kind>/<name>/fold<k>.onnx     formats=onnx: the fold's network as ONNX; fold<k>.xml + fold<k>.bin: formats=openvino,
+                                   its OpenVINO IR (every fold of a built-in member or none: siimcovid.bundle.engines)
     lung/<name>/                   crop=lung: the YOLO lung detector (`detect train task=lung`) that members name in
                                    their `lung`, packed as a detector (model.yaml, settings.yaml, fold<k>.safetensors:
                                    every fold of the members that crop with it); `siimcovid predict` runs it first and
@@ -51,6 +54,7 @@ Modules:
     fusion.py   fusion_settings(...): the bundle's fuse.yaml from the fuse run's record (siimcovid.fuse.record)
     members.py  the two member kinds behind one per-kind table (KINDS), and the lung detectors' (LUNG): Member,
                 pack_detector, pack_classifier, read_member, the declarations of their settings.yaml
+    engines.py  the exported engines: export_engines (formats=), found_engines (open), Net (predict backend=)
     files.py    the declarations of manifest.yaml, prepare.yaml and fuse.yaml; file_table, package_versions
     header.py   what a bundle says of itself (Header: manifest and signature), check_files
     archive.py  zip bundles: zip_tree, extract_zip (checked entry by entry into the cache)
@@ -65,6 +69,6 @@ from siimcovid.bundle.open import Bundle, open_bundle
 from siimcovid.bundle.place import WORK_MARK
 
 __all__ = [  # the modules, then what this package re-exports (export: the function, as `from siimcovid.bundle import export`)
-    "archive", "export", "files", "fusion", "header", "members", "open", "place",
+    "archive", "engines", "export", "files", "fusion", "header", "members", "open", "place",
     "Bundle", "FORMAT", "KINDS", "MANIFEST", "Member", "WORK_MARK", "file_table", "main", "open_bundle",
 ]  # fmt: skip

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from siimcovid import signing, stages, weights
 from siimcovid.artifacts import dump_yaml
 from siimcovid.bundle.archive import zip_tree
+from siimcovid.bundle.engines import check_formats, export_engines
 from siimcovid.bundle.files import (
     CONVERSION_KEYS,
     FUSION,
@@ -220,6 +221,7 @@ def write_bundle(tmp: Path, members: list[Member], files: dict, cfg: Config) -> 
     PREPARE_FILE.write(files["prepare"], tmp / PREPARE)
     FUSION_FILE.write(files["fusion"], tmp / FUSION)
     dtypes = write_members(tmp, members, cfg.fp16_weights)
+    export_engines(tmp, members, cfg.formats)  # read back from the safetensors just written: what predict would load
     MANIFEST_FILE.write(manifest(tmp, files["sources"], cfg.fp16_weights, dtypes), tmp / MANIFEST)
     if cfg.sign:
         signing.sign_bundle(tmp, {rel: file_sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
@@ -230,6 +232,7 @@ def export(cfg: Config) -> Path:
     """`siimcovid export`: pack the run(s) into a bundle folder or zip; returns its path."""
     if cfg.sign:
         signing.private_key(cfg.sign)  # a key that cannot sign fails before any packing
+    check_formats(cfg.formats)
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite, [Path(cfg.project), *src.detect, *src.classify, src.fuse])

@@ -40,6 +40,7 @@ from typing import Callable
 
 from siimcovid import weights
 from siimcovid.artifacts import Document, Key, check_keys
+from siimcovid.bundle.engines import engine_files, found_engines
 from siimcovid.bundle.files import MAX_YAML_BYTES, typed
 from siimcovid.config import Config
 from siimcovid.detect.predict import PREDICT_KEYS
@@ -64,6 +65,8 @@ class Member:
     model: dict = field(default_factory=dict)
     digests: dict[int, str] = field(default_factory=dict)  # {fold: sha256 of its weights file}: checked when loaded
     family: str = ""  # the model family that trained it (siimcovid.engine.family); "": its kind's built-in one
+    engines: dict[str, dict[int, Path]] = field(default_factory=dict)  # {onnx | openvino: {fold: file}} (bundle.engines)
+    engine_digests: dict[str, str] = field(default_factory=dict)  # {engine file name: its sha256 in the manifest}
 
 
 @dataclass(frozen=True)
@@ -464,11 +467,16 @@ def read_member(root: Path, kind: str, name: str, listed: dict, read_yaml_file: 
             fits(spec, kind, model, fold, f"bundle {where}: {rel}", spec.fit_size(settings))
             shapes = fold
     digests = {k: listed[p.relative_to(root).as_posix()]["sha256"] for k, p in found.items()}
-    return Member(kind, name, dict(sorted(found.items())), settings, model, digests, family)
+    member = Member(kind, name, dict(sorted(found.items())), settings, model, digests, family)
+    member.engines = found_engines(kind, name, listed, root, set(found), where)
+    if member.engines and family:
+        raise SiimError(f"bundle {where}: {kind}/{name}/ (family={family}) holds exported engines: export writes none for it")
+    member.engine_digests = {Path(rel).name: listed[rel]["sha256"] for rel in engine_files(member, root)}
+    return member
 
 
 def member_files(member: Member, root: Path) -> set[str]:
     """The files of one member (relative paths), as export writes them."""
     folder = f"{member.kind}/{member.name}"
     weights_files = {p.relative_to(root).as_posix() for p in member.weights.values()}
-    return {f"{folder}/{weights.DESCRIPTION}", f"{folder}/settings.yaml", *weights_files}
+    return {f"{folder}/{weights.DESCRIPTION}", f"{folder}/settings.yaml", *weights_files, *engine_files(member, root)}

@@ -18,7 +18,7 @@ bundle's checkpoints), so a bundle predicts what its runs predicted on the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +39,46 @@ class Hardware:
     loader_workers: int
     half: bool
     precision: str = "fp32"  # what the CPU computes in, resolved (siimcovid.engine.devices.cpu_precision): fp32 or bf16
+    backend: str = "torch"  # predict's backend= (torch | openvino | onnx | auto): member_backend resolves it per member
+
+
+def member_backend(member, hw: Hardware) -> str:
+    """What runs a member's folds: torch, or an engine the bundle exported for it (siimcovid.bundle.engines).
+    backend=auto: on the CPU, OpenVINO where the member has it, else ONNX Runtime in fp32, else torch; on a GPU torch.
+    A named engine the member lacks, or cannot run here, is an error naming the fix."""
+    from siimcovid.bundle.engines import available, check_runtime
+
+    where = f"predict: {member.kind}/{member.name}"
+    if hw.backend == "torch":
+        return "torch"
+    if hw.backend == "auto":
+        if hw.device.type != "cpu":
+            return "torch"
+        usable = [e for e in ("openvino", "onnx") if e in member.engines and available(e)]
+        usable = [e for e in usable if e != "onnx" or hw.precision == "fp32"]  # bf16 asked: torch's bf16 beats ORT's fp32
+        return usable[0] if usable else "torch"
+    if hw.backend not in member.engines:
+        raise SiimError(
+            f"{where}: the bundle holds no {hw.backend} engine of it (`siimcovid export ... formats={hw.backend}` writes "
+            f"one{'; a family of its own has none' if member.family else ''}): backend=auto uses what is there, torch the rest"
+        )
+    check_runtime(hw.backend, where)
+    if hw.backend == "onnx" and hw.precision != "fp32":
+        raise SiimError(f"{where}: backend=onnx computes in fp32 here, not {hw.precision}: backend=openvino for bf16")
+    return hw.backend
+
+
+def engine_load(member, hw: Hardware, engine: str, load, wrap):
+    """load (weights file -> model) with the fold's network replaced by `engine`'s (wrap(model or None, Net))."""
+    from siimcovid.bundle.engines import Net, engine_paths
+
+    where = f"{member.kind}/{member.name}"
+    files = {path: engine_paths(member.engines[engine][k].parent, k, engine) for k, path in member.weights.items()}
+    return lambda path, *args: wrap(load, path, args, Net(engine, files[path], member.engine_digests, hw.precision, where))
+
+
+def hw_precision(hw: Hardware, engine: str) -> str:
+    return "fp16" if engine == "torch" and hw.half and hw.device.type == "cuda" else hw.precision
 
 
 def member_tta(member, tta: str | bool | None) -> str | bool:
@@ -146,6 +186,13 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=
     folder = Path(next(iter(weights.values()))).parent
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
+    engine = member_backend(member, hw)
+    LOGGER.info(f"predict: {member.kind}/{member.name}: backend {engine}, {hw_precision(hw, engine)}")
+    if engine != "torch":  # the engine is the network; Ultralytics around it computes in fp32 (no autocast)
+        from siimcovid.bundle.engines import detector_on
+
+        load = engine_load(member, hw, engine, load, lambda base, path, args, net: detector_on(base(path), net))
+        hw = replace(hw, precision="fp32")
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
     if lung_of(s) is None:  # detect predict's own loop (which builds its family from the settings alone)
         return predict_run(run, ["test"], detector_config(member, hw, tta))["test"]
@@ -168,6 +215,13 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str, lungs
     where = f"{member.kind}/{member.name}"
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl, sha[path])  # noqa: E731
+    engine = member_backend(member, hw)
+    if engine != "torch":  # the engine is the whole network: nothing of the torch model is built
+        from siimcovid.bundle.engines import ClassifierOn
+
+        load = engine_load(member, hw, engine, load, lambda base, path, args, net: ClassifierOn(net))
+        amp_dtype, channels_last = None, False
+    LOGGER.info(f"predict: {member.kind}/{member.name}: backend {engine}, {hw_precision(hw, engine)}")
     s, boxes = member.settings, member_lungs(member, lungs)
     views = Views(boxes, s["lung_conf"], s["crop_margin"], s["view_fusion"]) if boxes is not None else None
     how = Inference(hw.device, amp_dtype, channels_last, tta, loader, load, views=views)

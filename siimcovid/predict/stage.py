@@ -19,7 +19,11 @@ A bundle's models on new data, with nothing else present (no runs folder, no tra
 On a SIIM root the submission is the one the bundle's run wrote with `fuse split=test` on the same
 images (same conversion, same models, same batches, same fusion). Re-running with the same out=
 resumes: prepare skips converted images, and each member's table is reused when predict.yaml says
-this bundle made it on these images with this TTA and precision (siimcovid.predict.record).
+this bundle made it on these images with this TTA, precision and backend (siimcovid.predict.record).
+
+backend= (torch by default) runs each member's folds with torch or with an engine the bundle holds (`export
+formats=openvino,onnx`: siimcovid.bundle.engines); the engine replaces the network's forward only, inside the same
+Ultralytics predict and classifier TTA, so an fp32 engine gives torch's tables within 1e-4 (tests/test_engines.py).
 
 out= follows the outputs rule (siimcovid.outputs): a new, empty or own folder (it holds predict.yaml), else
 overwrite=true (which reaches its prepare and fuse steps); never the root, the home folder or a folder holding the
@@ -42,7 +46,15 @@ from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepare import NothingReadable
 from siimcovid.data.prepared import SKIPPED_CSV, Prepared
 from siimcovid.outputs import Earlier, check_out, check_outside, open_out, present, read_mapping
-from siimcovid.predict.members import Hardware, crop_counts, lung_boxes, member_tta, predict_classifier, predict_detector
+from siimcovid.predict.members import (
+    Hardware,
+    crop_counts,
+    lung_boxes,
+    member_backend,
+    member_tta,
+    predict_classifier,
+    predict_detector,
+)
 from siimcovid.predict.record import FUSE_DIR, RECORD, Record, images_id
 from siimcovid.predict.source import input_checks, loader_workers, pool_workers, prepare_settings, source_layout, write_sample
 from siimcovid.stages import stage_config
@@ -121,7 +133,7 @@ def hardware(cfg: Config) -> Hardware:
     if device.type == "cpu":
         why = {"auto": f" (precision=auto: this CPU {'has' if cpu_has_bf16() else 'lacks'} AVX-512 BF16 / AMX)"}
         LOGGER.info(f"predict: the members compute in {precision} on the CPU{why.get(cfg.precision, '')}")
-    return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision)
+    return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision, cfg.backend)
 
 
 class Steps:
@@ -213,6 +225,7 @@ def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
     table = out / key / ("pred_test.csv" if boxes else NONE_TABLE if none else "pred_test_image.csv")
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
     entry["precision"] = member_precision(member, hw, warn)  # a table of another precision is predicted again, not reused
+    entry["backend"] = member_backend(member, hw)  # and of another engine
     return key, table, entry
 
 

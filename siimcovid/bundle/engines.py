@@ -1,0 +1,330 @@
+"""Exported inference engines in a bundle: ONNX and OpenVINO copies of every fold, beside its safetensors.
+
+    siimcovid export pipeline=demo formats=openvino,onnx          # fold<k>.onnx, fold<k>.xml + fold<k>.bin per member
+    siimcovid predict bundle=... source=... out=... backend=auto   # OpenVINO where present (bf16 with precision=bf16|auto)
+
+What an engine replaces is the network's forward pass and nothing else, so the pre- and post-processing stay the code
+the PyTorch path runs: a detector's engine stands in for the DetectionModel's `_predict_once` inside Ultralytics
+(its letterbox, its TTA views (augment), its NMS and box scaling unchanged), a classifier's for StudyNet's forward
+inside classify's `infer` (its TTA views unchanged). Both are exported with dynamic batch, height and width, so the
+last short batch, Ultralytics' TTA scales and lung crops run as they are.
+
+    fold<k>.onnx            the network traced from the bundle's own fold<k>.safetensors (opset OPSET, every weight
+                            inside the file), outputs: a detector's decoded boxes (B, 4 + nc, anchors); a classifier's
+                            `study` logits (B, 4) and `none` logits (B,) where it has a none head (no mask head)
+    fold<k>.xml, fold<k>.bin  the same network as OpenVINO IR (fp32 weights), read from that ONNX by OpenVINO's runtime;
+                            bf16 is chosen when it is compiled (INFERENCE_PRECISION_HINT), not stored
+
+Each engine file is listed and checksummed in the manifest like every other file, and is read into memory, hashed
+against that checksum and handed to its runtime as bytes (never by path: nothing changes between check and use). An
+ONNX file must hold its weights itself (external data would name other files to read) and use the standard operator
+set only; neither runtime is given an extension library, so a bundle cannot run code through its engines.
+
+Why not Ultralytics' own exporter: it converts with openvino.convert_model, whose tool layer may send telemetry,
+and may pip-install what it lacks at run time; this module needs neither (torch.onnx, then OpenVINO's runtime).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from siimcovid import weights as weights_of
+from siimcovid.utils import LOGGER, SiimError
+
+ENGINES = ("onnx", "openvino")  # what export formats= writes and predict backend= reads besides torch
+SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # the files of one fold, the first the one named
+PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}  # the runtime each engine needs (pip install siimcovid[engines])
+OPSET = 17
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def available(engine: str) -> bool:
+    """Whether this Python can run `engine` (check_runtime passes)."""
+    return engine == "torch" or all(has_module(n) for n in [PACKAGES[engine]] + (["onnx"] if engine == "onnx" else []))
+
+
+def check_formats(formats, where: str = "export") -> list[str]:
+    """export's formats=: a list of ENGINES whose writers are installed (onnx: torch.onnx's; openvino: its runtime)."""
+    formats = list(dict.fromkeys(formats or []))
+    wrong = [f for f in formats if f not in ENGINES]
+    if wrong:
+        raise SiimError(f"{where}: formats={wrong[0]!r}: expected any of {', '.join(ENGINES)}")
+    needed = (["onnx"] if formats else []) + (["openvino"] if "openvino" in formats else [])
+    missing = [name for name in needed if not has_module(name)]
+    if missing:
+        raise SiimError(f"{where}: formats={','.join(formats)} needs {' and '.join(missing)}: pip install 'siimcovid[engines]'")
+    return formats
+
+
+def check_runtime(engine: str, where: str) -> None:
+    """predict's backend=: its runtime installed (onnx: onnxruntime, and onnx to check the file before it runs)."""
+    missing = [name for name in ([PACKAGES[engine]] + (["onnx"] if engine == "onnx" else [])) if not has_module(name)]
+    if missing:
+        raise SiimError(f"{where}: backend={engine} needs {' and '.join(missing)}: pip install 'siimcovid[engines]'")
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ----------------------------------------------------------------------------- export
+class DetectorGraph:
+    """A DetectionModel's forward as predict runs it (eval, conv and batch norm fused): the decoded boxes only."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Graph(torch.nn.Module):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net._predict_once(x)[0]
+
+        net = copy.deepcopy(model).float().eval()
+        net = net.fuse(verbose=False) if hasattr(net, "fuse") else net
+        for m in net.modules():  # the anchor grid traced from the input's shape, not one cached by an earlier call
+            if hasattr(m, "dynamic") and hasattr(m, "anchors"):
+                m.dynamic, m.shape = True, None
+        return Graph(net).eval()
+
+
+def classifier_graph(model):
+    """A StudyNet's forward without its mask head: (study logits, none logits) or (study logits,)."""
+    import torch
+
+    class Graph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            return (out["study"], out["none"]) if out["none"] is not None else (out["study"],)
+
+    return Graph(model).eval()
+
+
+def onnx_bytes(graph, example, outputs: list[str]) -> bytes:
+    """The ONNX file of `graph` traced on `example` (dynamic batch, height and width), every weight inside it."""
+    import torch
+
+    buffer = io.BytesIO()
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}, **{name: {0: "batch"} for name in outputs}}
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python control flow: the shapes are dynamic axes
+        torch.onnx.export(graph, example, buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
+                          output_names=outputs, dynamic_axes=axes, do_constant_folding=True)  # fmt: skip
+    return buffer.getvalue()
+
+
+def member_graph(member, path: Path):
+    """(graph to trace, example input, output names) of one fold of a built-in member, read back from the bundle's own
+    safetensors (what predict's PyTorch path loads), on the CPU in fp32."""
+    import torch
+
+    where = f"export: {member.kind}/{member.name}/{path.name}"
+    if member.kind == "classify":
+        model = weights_of.classifier(member.model, path, where, torch.device("cpu"))
+        size = int(member.settings["imgsz"])
+        example = torch.rand(1, 1, size, size)
+        with torch.no_grad():
+            has_none = model(example)["none"] is not None
+        return classifier_graph(model), example, ["study", "none"] if has_none else ["study"]
+    fold = int(re.fullmatch(r"fold(\d+)" + re.escape(weights_of.SUFFIX), path.name)[1])
+    size = int({int(k): v for k, v in (member.settings.get("imgsz") or {}).items()}[fold])
+    model = weights_of.detector(member.model, path, where).model
+    return DetectorGraph(model), torch.rand(1, 3, size, size), ["boxes"]
+
+
+def engine_paths(folder: Path, fold: int, engine: str) -> list[Path]:
+    return [folder / f"fold{fold}{suffix}" for suffix in SUFFIXES[engine]]
+
+
+def export_engines(root: Path, members: list, formats: list[str]) -> dict[str, list[str]]:
+    """The engines of every built-in member's folds into the bundle folder `root` (beside the safetensors written
+    there); a member of a family of its own is left as PyTorch only, said. Returns {member key: formats written}."""
+    from tqdm import tqdm
+
+    if not formats:
+        return {}
+    written, jobs = {}, []
+    for m in members:
+        if m.family:
+            LOGGER.warning(f"export: {m.kind}/{m.name} (family={m.family}) has no exported engine: it predicts with torch")
+            continue
+        written[f"{m.kind}/{m.name}"] = formats
+        jobs += [(m, k, root / f"{m.kind}/{m.name}/fold{k}{weights_of.SUFFIX}") for k in sorted(m.weights)]
+    for m, k, path in tqdm(jobs, desc=f"export {','.join(formats)}", unit="fold"):
+        graph, example, outputs = member_graph(m, path)
+        data = onnx_bytes(graph, example, outputs)
+        onnx_path = engine_paths(path.parent, k, "onnx")[0]
+        onnx_path.write_bytes(data)
+        if "openvino" in formats:
+            import openvino as ov
+
+            xml = engine_paths(path.parent, k, "openvino")[0]
+            ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+        if "onnx" not in formats:
+            onnx_path.unlink()
+    return written
+
+
+# ----------------------------------------------------------------------------- a bundle's engine files
+def found_engines(kind: str, name: str, listed: dict, root: Path, folds: set, where) -> dict[str, dict[int, Path]]:
+    """{engine: {fold: its first file}} of a member, from the manifest's files; an engine is all of the member's folds
+    or none of them, each fold with every file of its engine (an IR without its weights is refused)."""
+    out = {}
+    for engine, suffixes in SUFFIXES.items():
+        files = {}
+        for suffix in suffixes:
+            pattern = re.compile(rf"{re.escape(kind)}/{re.escape(name)}/fold(\d{{1,4}}){re.escape(suffix)}")
+            files[suffix] = {int(m[1]) for rel in listed if (m := pattern.fullmatch(rel))}
+        every = set().union(*files.values())
+        if not every:
+            continue
+        incomplete = sorted(set(folds) - every) or sorted(every - set(folds))
+        for suffix, have in files.items():
+            if have != every:
+                fold = sorted(every - have)[0]
+                raise SiimError(
+                    f"bundle {where}: {kind}/{name}/fold{fold}{suffixes[0]} has no fold{fold}{suffix}: not as exported"
+                )
+        if incomplete:
+            raise SiimError(
+                f"bundle {where}: {kind}/{name}/ has {engine} files for folds {sorted(every)} but weights for folds "
+                f"{sorted(folds)}: an engine is exported for every fold (not as exported)"
+            )
+        out[engine] = {k: root / f"{kind}/{name}/fold{k}{suffixes[0]}" for k in sorted(every)}
+    return out
+
+
+def engine_files(member, root: Path) -> set[str]:
+    """The engine files of a member (relative paths), as export writes them."""
+    return {
+        p.relative_to(root).as_posix()
+        for engine, folds in member.engines.items()
+        for k, first in folds.items()
+        for p in engine_paths(first.parent, k, engine)
+    }
+
+
+def checked_bytes(path: Path, sha256: str | None, where: str) -> bytes:
+    """A file's bytes, hashed against what the manifest says (read once: the bytes checked are the bytes used)."""
+    data = path.read_bytes()
+    if sha256 is None:
+        raise SiimError(f"{where}: not in the bundle's manifest")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SiimError(f"{where}: its sha256 is not the manifest's (the file changed after the bundle was opened)")
+    return data
+
+
+def check_onnx(data: bytes, where: str) -> None:
+    """An ONNX model that names no other file (external data) and only the standard operators (no custom domain)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:
+        raise SiimError(f"{where}: not an ONNX model ({type(e).__name__}: {e})") from None
+    domains = {o.domain for o in model.opset_import} | {f.domain for f in model.functions}
+
+    def walk(graph):
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            domains.add(node.domain)
+            for a in node.attribute:
+                yield from ([a.t] if a.HasField("t") else [])
+                yield from a.tensors
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from walk(g)
+
+    if any(uses_external_data(t) for t in walk(model.graph)):
+        raise SiimError(f"{where}: the ONNX model keeps weights in other files (external data): refused, it would read them")
+    odd = sorted(domains - set(STANDARD_DOMAINS))
+    if odd:
+        raise SiimError(f"{where}: the ONNX model uses operators of domain {odd[0]!r}: only the standard operator set is run")
+
+
+# ----------------------------------------------------------------------------- running one
+def threads() -> int:
+    """The threads an engine computes with: torch's (torch.set_num_threads, OMP_NUM_THREADS), so that a backend is
+    compared with torch, and shares a machine, on the same cores."""
+    import torch
+
+    return max(int(torch.get_num_threads()), 1)
+
+
+class Net:
+    """One fold's exported network: net(array) -> its outputs {name: array} (float32 in, float32 out)."""
+
+    def __init__(self, engine: str, files: list[Path], digests: dict, precision: str, where: str):
+        self.engine, self.precision = engine, precision
+        data = [checked_bytes(p, digests.get(p.name), f"{where}/{p.name}") for p in files]
+        if engine == "onnx":
+            import onnxruntime as ort
+
+            check_onnx(data[0], f"{where}/{files[0].name}")
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.intra_op_num_threads = threads()
+            self.session = ort.InferenceSession(data[0], options, providers=["CPUExecutionProvider"])
+            self.names = [o.name for o in self.session.get_outputs()]
+        else:
+            import openvino as ov
+
+            core = ov.Core()
+            model = core.read_model(model=data[0], weights=ov.Tensor(np.frombuffer(data[1], dtype=np.uint8)))
+            hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO picks bf16 by itself on such CPUs: say which
+            config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads()}
+            self.compiled = core.compile_model(model, "CPU", config)
+            self.names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.engine == "onnx":
+            found = self.session.run(None, {"images": x})
+        else:
+            result = self.compiled(x)
+            found = [result[o] for o in self.compiled.outputs]
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.names, found)}
+
+
+def detector_on(yolo, net: Net):
+    """An Ultralytics YOLO (weights.detector's) whose network's forward is the engine's: Ultralytics' own predict
+    around it (letterbox, augment's scales and flips, NMS) is left as it is."""
+    import torch
+
+    def predict_once(x, *args, **kwargs):
+        return torch.from_numpy(net(x.detach().float().cpu().numpy())["boxes"]).to(x.device), None
+
+    yolo.model._predict_once = predict_once  # DetectionModel.predict and _predict_augment both call it
+    return yolo
+
+
+class ClassifierOn:
+    """A StudyNet stand-in: model(x) -> {"study", "none", "mask": None} from the engine (classify's infer calls it)."""
+
+    def __init__(self, net: Net):
+        self.net = net
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        out = {k: torch.from_numpy(v).to(x.device) for k, v in self.net(x.detach().float().cpu().numpy()).items()}
+        return {"study": out["study"], "none": out.get("none"), "mask": None}

@@ -1,0 +1,239 @@
+"""Exported engines (siimcovid.bundle.engines): `export formats=onnx,openvino` writes every fold of every member as ONNX
+and OpenVINO IR, listed in the manifest; `predict backend=` runs them. The gates against PyTorch fp32 on the same
+inputs: network outputs within 1e-4 (fp32 engines) or 1e-2 (OpenVINO bf16), the tiny bundle's detector boxes matched at
+IoU >= 0.95 and its test score within 0.002 (fp32) or 0.01 (bf16); torch stays byte for byte the run's own. And the
+engine files are as hostile as any: checksummed, all folds or none, no external data, no custom operators."""
+
+# ruff: noqa: F811  (bundle, runs, yolo_checkpoint: fixtures of test_bundle.py, imported, then test arguments)
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_bundle import export, runs, yolo_checkpoint  # noqa: F401  (fixtures)
+from test_bundle_safety import relist
+from test_precision import BOX, matched
+
+from siimcovid.bundle import MANIFEST, engines, open_bundle
+from siimcovid.cli import call
+from siimcovid.utils import SiimError
+
+pytestmark = pytest.mark.skipif(not (engines.available("onnx") and engines.available("openvino")),
+                                reason="the engines extra is not installed: pip install -e '.[engines]'")  # fmt: skip
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def engine_bundle(runs, tmp_path) -> Path:
+    return export(runs, pipeline="x", out=str(tmp_path / "b"), formats=["openvino", "onnx"])
+
+
+def torch_and_nets(member, fold: int, precision: str = "fp32"):
+    """(the torch network predict's PyTorch path runs, its input shape, {engine: Net}) of one fold of a member."""
+    from siimcovid import weights as weights_of
+
+    path = member.weights[fold]
+    files = {e: engines.engine_paths(path.parent, fold, e) for e in engines.ENGINES}
+    nets = {e: engines.Net(e, files[e], member.engine_digests, "fp32", "test") for e in engines.ENGINES}
+    if precision != "fp32":
+        nets = {"openvino": engines.Net("openvino", files["openvino"], member.engine_digests, precision, "test")}
+    if member.kind == "classify":
+        model = weights_of.classifier(member.model, path, "test", CPU)
+        return (lambda x: {k: v for k, v in model(x).items() if k != "mask" and v is not None}), (1, 64), nets
+    model = weights_of.detector(member.model, path, "test").model.fuse(verbose=False).eval()
+    return (lambda x: {"boxes": model._predict_once(x)[0]}), (3, 64), nets
+
+
+def test_export_writes_every_fold_of_every_member_as_each_engine_listed_in_the_manifest(engine_bundle, runs, tmp_path):
+    listed = yaml.safe_load((engine_bundle / MANIFEST).read_text())["files"]
+    opened = open_bundle(engine_bundle)
+    for member in opened.detectors + opened.classifiers:
+        assert set(member.engines) == {"onnx", "openvino"}
+        for engine, folds in member.engines.items():
+            assert set(folds) == set(member.weights)
+            for k in folds:
+                for path in engines.engine_paths(folds[k].parent, k, engine):
+                    assert path.relative_to(engine_bundle).as_posix() in listed
+    plain = open_bundle(export(runs, pipeline="x", out=str(tmp_path / "plain")))
+    assert all(not m.engines for m in plain.detectors + plain.classifiers)  # formats=[] (the default): none
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 1e-2)])
+def test_each_engine_computes_the_torch_network_within_its_tolerance(engine_bundle, precision, tolerance):
+    """Both members' folds, at the trained size and at the other shapes predict feeds them (a short last batch, an
+    Ultralytics TTA scale, a lung crop): classifier probabilities within `tolerance`, detector boxes within it
+    relative to the image side."""
+    opened = open_bundle(engine_bundle)
+    for member in opened.detectors + opened.classifiers:
+        for fold in member.weights:
+            reference, (channels, side), nets = torch_and_nets(member, fold, precision)
+            for shape in [(4, channels, side, side), (1, channels, side, side), (2, channels, 96, 64)]:
+                x = torch.rand(*shape, generator=torch.Generator().manual_seed(fold))
+                with torch.inference_mode():
+                    want = {k: v.numpy() for k, v in reference(x).items()}
+                for engine, net in nets.items():
+                    got = net(x.numpy())
+                    assert set(got) == set(want), (member.name, engine)
+                    for key in want:
+                        a, b = want[key], got[key]
+                        assert a.shape == b.shape
+                        if key == "boxes":  # pixels: within tolerance x the side; class scores within tolerance
+                            assert np.abs(a[:, :4] - b[:, :4]).max() <= tolerance * max(shape[2:]), (engine, key)
+                            assert np.abs(a[:, 4:] - b[:, 4:]).max() <= tolerance, (engine, key)
+                        else:
+                            p, q = torch.softmax(torch.from_numpy(a), -1), torch.softmax(torch.from_numpy(b), -1)
+                            if key == "none":
+                                p, q = torch.sigmoid(torch.from_numpy(a)), torch.sigmoid(torch.from_numpy(b))
+                            assert (p - q).abs().max() <= tolerance, (member.name, engine, key)
+
+
+def test_engine_files_are_all_folds_or_none_each_fold_whole(engine_bundle):
+    det = engine_bundle / "detect" / "x"
+    (det / "fold1.onnx").unlink()
+    data = yaml.safe_load((engine_bundle / MANIFEST).read_text())
+    del data["files"]["detect/x/fold1.onnx"]
+    (engine_bundle / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SiimError, match=r"detect/x/ has onnx files for folds \[0\] but weights for folds \[0, 1\]"):
+        open_bundle(engine_bundle)
+    (det / "fold0.onnx").unlink()
+    del data["files"]["detect/x/fold0.onnx"]
+    (det / "fold0.bin").unlink()
+    del data["files"]["detect/x/fold0.bin"]
+    (engine_bundle / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SiimError, match="detect/x/fold0.xml has no fold0.bin"):
+        open_bundle(engine_bundle)
+
+
+def onnx_model(external: Path | None = None, domain: str = ""):
+    """A one-node ONNX model (images -> Relu -> boxes); external: its weight kept in that file; domain: its node's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1,), np.float32), "w")
+    if external is not None:
+        external.write_bytes(np.ones((1,), np.float32).tobytes())
+        weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[1])
+        weight.data_location = TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value=str(external))
+    node = helper.make_node("Add", ["images", "w"], ["boxes"], domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1])], [weight])  # fmt: skip
+    opsets = [helper.make_opsetid("", engines.OPSET)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return onnx.helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def test_an_onnx_engine_that_reads_other_files_or_runs_custom_operators_is_refused(engine_bundle, tmp_path):
+    """An attacker's ONNX file, listed with recomputed checksums: external data naming a file of this machine, or an
+    operator of a custom domain, is refused before onnxruntime sees it; the plain one of the same kind runs."""
+    secret = tmp_path / "secret.bin"
+    engines.check_onnx(onnx_model(), "plain")
+    for body, message in ((onnx_model(external=secret), "external data"), (onnx_model(domain="evil.ops"), "evil.ops")):
+        with pytest.raises(SiimError, match=message):
+            engines.check_onnx(body, "hostile")
+        (engine_bundle / "classify" / "x" / "fold0.onnx").write_bytes(body)
+        relist(engine_bundle, "classify/x/fold0.onnx")
+        member = open_bundle(engine_bundle).classifiers[0]
+        files = engines.engine_paths(member.weights[0].parent, 0, "onnx")
+        with pytest.raises(SiimError, match=message):
+            engines.Net("onnx", files, member.engine_digests, "fp32", "classify/x")
+    with pytest.raises(SiimError, match="not an ONNX model"):
+        engines.check_onnx(b"\x08\x07garbage", "garbage")
+
+
+def test_an_engine_file_changed_after_the_bundle_was_opened_is_refused(engine_bundle):
+    member = open_bundle(engine_bundle).detectors[0]
+    files = engines.engine_paths(member.weights[0].parent, 0, "openvino")
+    engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")  # as opened: runs
+    files[1].write_bytes(files[1].read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(SiimError, match="fold0.bin: its sha256 is not the manifest's"):
+        engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")
+
+
+def test_formats_and_backends_are_checked_before_any_work(runs, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from siimcovid.predict.members import Hardware, member_backend
+
+    with pytest.raises(SiimError, match=r"formats=\['tensorrt'\]: expected list\[onnx \| openvino\]"):
+        export(runs, pipeline="x", out=str(tmp_path / "t"), formats=["tensorrt"])
+    assert not (tmp_path / "t").exists()
+    member = SimpleNamespace(kind="detect", name="d", family="", engines={"onnx": {0: Path("fold0.onnx")}})
+    assert member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "torch")) == "torch"
+    assert member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "auto")) == "onnx"
+    assert member_backend(member, Hardware(CPU, 4, 0, True, "bf16", "auto")) == "torch"  # ORT's fp32 is slower than bf16
+    gpu = SimpleNamespace(type="cuda")
+    assert member_backend(member, Hardware(gpu, 4, 0, True, "fp32", "auto")) == "torch"
+    with pytest.raises(SiimError, match="no openvino engine of it .*formats=openvino"):
+        member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "openvino"))
+    with pytest.raises(SiimError, match="backend=onnx computes in fp32 here, not bf16"):
+        member_backend(member, Hardware(CPU, 4, 0, True, "bf16", "onnx"))
+    monkeypatch.setattr(engines, "has_module", lambda name: name != "onnxruntime")
+    with pytest.raises(SiimError, match=r"backend=onnx needs onnxruntime: pip install 'siimcovid\[engines\]'"):
+        member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "onnx"))
+    assert member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "auto")) == "torch"  # auto: what can run here
+    monkeypatch.setattr(engines, "has_module", lambda name: name != "openvino")
+    with pytest.raises(SiimError, match="formats=openvino needs openvino"):
+        export(runs, pipeline="x", out=str(tmp_path / "t"), formats=["openvino"])
+
+
+@pytest.mark.slow
+def test_the_tiny_bundle_scores_the_same_on_every_backend_and_records_which_ran(tiny_run, tmp_path):
+    """The tiny run exported with both engines, predicted on its test images by torch, onnx, openvino (fp32 and bf16)
+    and auto: the classifier probabilities within 1e-4 (fp32) or 1e-2 (bf16) of torch's, every confident box matched,
+    the score within 0.002 (fp32) or 0.01 (bf16); torch is the run's own submission byte for byte; detector TTA
+    (Ultralytics' augment: other shapes) runs through the engine too."""
+    import pandas as pd
+
+    base, result = tiny_run
+    bundle = call("export", project=str(base / "runs"), pipeline="e2e", out=str(tmp_path / "b.zip"), formats=["openvino", "onnx"])
+    runs = {"torch": {}, "onnx": {}, "openvino": {}, "openvino-bf16": {"precision": "bf16"}, "auto": {},
+            "torch-tta": {"tta": True}, "openvino-tta": {"tta": True}}  # fmt: skip
+    scores, images, boxes, record = {}, {}, {}, {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        done = call("predict", bundle=str(bundle), source=str(base / "siim"), out=str(out), workers=0, plan=False,
+                    backend=name.split("-")[0], **extra)  # fmt: skip
+        record[name] = yaml.safe_load((out / "predict.yaml").read_text())["members"]
+        scores[name] = call("evaluate", submission=str(done["submission"]), data=str(base / "siim"), split="test").final
+        images[name] = pd.read_csv(out / "classify" / "e2e" / "pred_test_image.csv").sort_values("image_id")
+        boxes[name] = pd.read_csv(out / "detect" / "e2e" / "pred_test.csv")
+        if name == "torch":
+            assert (out / "submission.csv").read_bytes() == result["submission"].read_bytes()
+    assert {m["backend"] for m in record["auto"].values()} == {"openvino"}
+    assert {(m["backend"], m["precision"]) for m in record["openvino-bf16"].values()} == {("openvino", "bf16")}
+    probability = [c for c in images["torch"].columns if images["torch"][c].dtype.kind == "f"]
+    for name, tolerance in (("onnx", 1e-4), ("openvino", 1e-4), ("openvino-bf16", 1e-2), ("auto", 1e-4)):
+        difference = np.abs(images[name][probability].to_numpy() - images["torch"][probability].to_numpy()).max()
+        assert difference <= tolerance, name
+        assert abs(scores[name] - scores["torch"]) <= (0.01 if "bf16" in name else 0.002), name
+    for name, want in (("onnx", "torch"), ("openvino", "torch"), ("openvino-bf16", "torch"), ("openvino-tta", "torch-tta")):
+        for image_id, a in boxes[want].groupby(["image_id", "fold"]):
+            b = boxes[name][(boxes[name].image_id == image_id[0]) & (boxes[name].fold == image_id[1])]
+            for one, other in ((a, b), (b, a)):
+                one, other = one[[*BOX, "conf"]].to_numpy(), other[[*BOX, "conf"]].to_numpy()
+                best = one[:, 4].max()
+                assert matched(one[one[:, 4] >= 0.5 * best], other, iou=0.95, conf=0.1 * best), (name, image_id)
+    assert not boxes["torch-tta"].equals(boxes["torch"])  # TTA ran
+
+
+def test_a_detector_traced_after_a_call_still_follows_the_shape_of_its_input(tmp_path):
+    """Ultralytics' Detect caches its anchor grid for the last input shape; the trace must not bake it in, or an
+    Ultralytics TTA scale or a lung crop (other shapes) would be refused by ONNX Runtime, or wrong."""
+    import hashlib
+
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov5n.yaml", nc=1, verbose=False).float().eval()
+    with torch.no_grad():
+        model._predict_once(torch.rand(1, 3, 64, 64))  # the grid of 64 x 64 cached
+    body = engines.onnx_bytes(engines.DetectorGraph(model), torch.rand(1, 3, 64, 64), ["boxes"])
+    path = tmp_path / "fold0.onnx"
+    path.write_bytes(body)
+    net = engines.Net("onnx", [path], {path.name: hashlib.sha256(body).hexdigest()}, "fp32", "test")
+    x = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        want = model._predict_once(x)[0].numpy()
+    assert np.abs(net(x.numpy())["boxes"] - want).max() <= 1e-4 * 96
