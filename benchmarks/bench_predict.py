@@ -2,6 +2,7 @@
 the competition's test set (1,263 images; 2 detectors + 2 classifiers x 5 folds, flip TTA).
 
     PYTHONPATH=. python benchmarks/bench_predict.py [--images 2] [--repeat 1] [--work runs/bench_predict] [--precision fp32,bf16]
+        [--backends torch,openvino,onnx]
 
 Writes --images test DICOMs of real size (about 2544 x 3028, 10-16 bit, a share compressed: RLE, JPEG 2000,
 JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures on this machine's CPU
@@ -21,8 +22,11 @@ JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures 
                 (siimcovid.fuse.pipeline.run_fusion on 200 synthetic images, one process)
   view          write_view: the tables, one drawn picture per image (640 px) and the page, per image
 
---precision: each model is also timed in those CPU precisions (bf16: under torch.autocast, classifiers channels_last:
-`siimcovid predict precision=bf16`), right after its fp32 run; a table of both and the ensemble's projection in each.
+--precision, --backends: each model is also timed in those CPU precisions and backends, one right after the other
+(torch bf16: under torch.autocast, classifiers channels_last, `siimcovid predict precision=bf16`; openvino / onnx: the
+network exported as `siimcovid export formats=` exports it and run as `predict backend=` runs it (bf16: OpenVINO's
+inference precision; ONNX Runtime in fp32 only), inside the same Ultralytics predict and softmax); a table of every
+variant and the ensemble's projection in each.
 
 GFLOPs per forward (torch's FlopCounterMode) come with each model: the GPU projection is a formula over
 them and the CPU numbers, with the GPU's throughput as an assumption, NOT a measurement.
@@ -147,13 +151,49 @@ def detector_weights(yaml: str, work: Path):
     return weights.detector(desc, path, str(path))
 
 
+def engine_net(graph, example, outputs: list[str], variant: str, work: Path, stem: str):
+    """The network `graph` exported (siimcovid.bundle.engines, as export formats= writes it) and loaded as predict
+    backend= loads it; variant: <backend>-<precision>."""
+    import hashlib
+
+    from siimcovid.bundle import engines
+
+    backend, precision = variant.split("-")
+    onnx_path = work / f"{stem}.onnx"
+    if not onnx_path.is_file():
+        onnx_path.write_bytes(engines.onnx_bytes(graph, example, outputs))
+    files = [onnx_path]
+    if backend == "openvino":
+        import openvino as ov
+
+        files = [work / f"{stem}.xml", work / f"{stem}.bin"]
+        if not files[0].is_file():
+            ov.save_model(ov.Core().read_model(str(onnx_path)), str(files[0]), compress_to_fp16=False)
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return engines.Net(backend, files, digests, precision, stem)
+
+
+def torch_precision(variant: str) -> str:
+    return variant if "-" not in variant else "fp32"  # an engine's precision is its own; torch around it runs fp32
+
+
 def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, repeat: int, precision: str = "fp32") -> dict:
-    """precision: siimcovid's on the CPU (siimcovid.engine.devices: bf16 = under autocast, as predict precision=bf16)."""
+    """precision: a variant, siimcovid's CPU precision for torch (siimcovid.engine.devices: bf16 = under autocast, as
+    predict precision=bf16) or <backend>-<precision> for an exported engine (predict backend=)."""
     import torch
 
     from siimcovid.engine.devices import cpu_autocast
 
     yolo = detector_weights(yaml, work)
+    gflop = gflops(yolo.model.float().eval(), torch.zeros(1, 3, size, size))
+    if "-" in precision:
+        from siimcovid.bundle.engines import DetectorGraph, detector_on
+
+        net = engine_net(
+            DetectorGraph(yolo.model), torch.zeros(1, 3, size, size), ["boxes"], precision, work, f"{Path(yaml).stem}-{size}"
+        )
+        yolo = detector_on(yolo, net)
+        precision = torch_precision(precision)
     args = dict(imgsz=size, conf=0.001, iou=0.5, max_det=100, device="cpu", verbose=False)
 
     def predict(batch, **kw):
@@ -163,17 +203,18 @@ def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, r
     plain = np.mean([best_of(lambda im=im: predict(im), repeat) for im in images])
     flip = np.mean([best_of(lambda im=im: predict([im, im[:, ::-1].copy()]), repeat) for im in images])
     augment = best_of(lambda: predict(images[0], augment=True), repeat)  # the first image only: costly
-    x = torch.zeros(1, 3, size, size)
-    return {"plain": plain, "flip": flip, "augment": augment, "gflops": gflops(yolo.model.float().eval(), x)}
+    return {"plain": plain, "flip": flip, "augment": augment, "gflops": gflop}
 
 
-def bench_classifier(name: str, size: int, images: list[np.ndarray], repeat: int, precision: str = "fp32") -> dict:
-    """precision bf16: autocast and channels_last, as predict precision=bf16 runs a classifier on the CPU."""
+def bench_classifier(name: str, size: int, images: list[np.ndarray], work: Path, repeat: int, precision: str = "fp32") -> dict:
+    """precision bf16: autocast and channels_last, as predict precision=bf16 runs a classifier on the CPU;
+    <backend>-<precision>: the exported engine, as predict backend= runs it."""
     import torch
 
     from siimcovid.classify.model import build_model, probabilities
     from siimcovid.engine.devices import cpu_autocast, cpu_precision
 
+    variant, precision = precision, torch_precision(precision)
     bf16 = cpu_precision("cpu", precision) == "bf16"
     cfg = {"model": name, "in_chans": 3, "drop_rate": 0.0, "drop_path_rate": 0.0, "mask_stride": 16, "none_head": True}
     with contextlib.redirect_stderr(io.StringIO()):  # timm's deprecation note on the _ns names
@@ -181,6 +222,12 @@ def bench_classifier(name: str, size: int, images: list[np.ndarray], repeat: int
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     tensors = [torch.from_numpy(cv2.resize(im[..., 0], (size, size))).float().div(255).expand(1, 3, size, size) for im in images]
+    gflop = gflops(model.float(), tensors[0])
+    if "-" in variant:
+        from siimcovid.bundle.engines import ClassifierOn, classifier_graph
+
+        net = engine_net(classifier_graph(model), tensors[0], ["study", "none"], variant, work, f"{name}-{size}")
+        model = ClassifierOn(net)
 
     def run(x, flip: bool):
         with torch.no_grad(), cpu_autocast("cpu", precision):
@@ -190,7 +237,7 @@ def bench_classifier(name: str, size: int, images: list[np.ndarray], repeat: int
 
     plain = np.mean([best_of(lambda x=x: run(x, False), repeat) for x in tensors])
     flip = np.mean([best_of(lambda x=x: run(x, True), repeat) for x in tensors])
-    return {"plain": plain, "flip": flip, "gflops": gflops(model.float(), tensors[0])}
+    return {"plain": plain, "flip": flip, "gflops": gflop}
 
 
 def bench_fusion(n_images: int = 200, boxes: int = 20) -> float:
@@ -295,20 +342,23 @@ def print_precisions(t: dict, precisions: list[str]) -> None:
     others = [p for p in precisions if p != "fp32"]
     if not others:
         return
-    print(f"\nPrecision on this CPU (AVX-512 BF16 / AMX: {'yes' if cpu_has_bf16() else 'no'}), one fold, flip TTA, s/image:")
-    print(f"  {'model':<36} {'fp32':>8} " + " ".join(f"{p:>8} {'x':>6}" for p in others))
+    print(f"\nPrecision and backend on this CPU (AVX-512 BF16 / AMX: {'yes' if cpu_has_bf16() else 'no'}), one fold, flip TTA, "
+          "s/image (x: torch fp32 / it):")  # fmt: skip
+    print(f"  {'model':<36} {'fp32':>8} " + " ".join(f"{p:>13} {'x':>6}" for p in others))
     for kind, models in (("detect", DETECTORS), ("classify", CLASSIFIERS)):
         for m in models:
             for s in SIZES:
                 base = t[(kind, m, s)]["flip"]
-                cells = " ".join(f"{t[(kind, m, s, p)]['flip']:8.3f} {base / t[(kind, m, s, p)]['flip']:5.2f}x" for p in others)
+                cells = " ".join(f"{t[(kind, m, s, p)]['flip']:13.3f} {base / t[(kind, m, s, p)]['flip']:5.2f}x" for p in others)
                 print(f"  {f'{kind} {m} @{s}':<36} {base:8.3f} {cells}")
     for det_size, cls_size in ((512, 512), (640, 640)):
         parts = {p: projection(t, det_size, cls_size, p) for p in precisions}
         total = {p: sum(v for k, v in q.items() if k != "gflops") for p, q in parts.items()}
-        line = ", ".join(f"{p} {total[p]:.1f} s ({total[p] * TEST_IMAGES / 3600:.1f} h)" for p in precisions)
-        print(f"  ensemble, detectors @{det_size}, classifiers @{cls_size}: {line}; fp32 / {others[0]} = "
-              f"{total['fp32'] / total[others[0]]:.2f}x")  # fmt: skip
+        print(f"  ensemble, detectors @{det_size}, classifiers @{cls_size}, s/image (hours for {TEST_IMAGES}; torch fp32 / it):")
+        for p in precisions:
+            print(f"    {p:<14} {total[p]:7.1f} s ({total[p] * TEST_IMAGES / 3600:5.1f} h; {total['fp32'] / total[p]:.2f}x)")
+        fastest = min(others, key=total.get)
+        print(f"    fastest: {fastest}, {total['fp32'] / total[fastest]:.2f}x torch fp32 (the goal: 4x)")
 
 
 def threads() -> int:
@@ -323,8 +373,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best kept), after one warm-up")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_predict")
     ap.add_argument("--precision", default="fp32,bf16", help="the models' CPU precisions to time side by side (fp32 first)")
+    ap.add_argument("--backends", default="torch,openvino,onnx", help="predict backend= values to time (torch first)")
     args = ap.parse_args()
-    precisions = ["fp32", *[p for p in args.precision.split(",") if p != "fp32"]]
+    asked = ["fp32", *[p for p in args.precision.split(",") if p != "fp32"]]
+    backends = ["torch", *[b for b in args.backends.split(",") if b not in ("torch", "")]]
+    # every backend in every precision it computes (ONNX Runtime: fp32), torch fp32 first: "fp32", "bf16", "openvino-bf16"
+    precisions = [p if b == "torch" else f"{b}-{p}" for b in backends for p in asked if b != "onnx" or p == "fp32"]
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     t: dict = {}
@@ -341,7 +395,7 @@ def main() -> None:
         for s in SIZES:
             for p in precisions:
                 key = ("classify", m, s) if p == "fp32" else ("classify", m, s, p)
-                t[key] = bench_classifier(m, s, big, args.repeat, p)
+                t[key] = bench_classifier(m, s, big, args.work, args.repeat, p)
                 print(f"  classify {m} @{s} {p}: {t[key]}", flush=True)
     t["fuse"] = bench_fusion()
     t["view"] = bench_view(prepared, meta[["image_id", "study_id", "rows", "cols"]], args.work)

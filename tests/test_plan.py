@@ -32,6 +32,10 @@ def test_the_cuts_are_measured_savings_and_the_smallest_that_fits_comes_first():
     assert fitting(100.0, 30.0, halves) == ["tta=none (every member)", "precision=bf16 (this CPU computes it)"]
     other = Cost("classify/b3", folds=5, load=1.0, per_image=0.3, per_image_no_tta=None)
     assert dict(cuts([det, cls, other], n))["classify/b3 left out (export the bundle again without it)"] == pytest.approx(155)
+    exported = Cost("detect/x", folds=5, load=2.0, per_image=1.0, per_image_no_tta=0.5, per_image_engine=0.3)
+    engine = dict(cuts([exported, cls], n, "backend=auto precision=bf16"))
+    assert engine["backend=auto precision=bf16 (the bundle's exported engines)"] == pytest.approx(5 * 100 * 0.7)
+    assert not any(k.startswith("backend") for k in options)  # no member with an engine: no such cut
 
 
 def test_a_budget_without_the_plan_is_refused_before_any_work(tmp_path):

@@ -10,7 +10,8 @@ set-up: the rest), so
 
 and the projection is prepare (measured: it ran) + every member + fuse and view (not timed: about 0.05 s per image
 in all by benchmarks/bench_predict.py, small beside the models). The cuts, each with its saving measured this way:
-tta=none for every member (a predict setting), precision=bf16 where the CPU computes bf16 (a predict setting; timed
+tta=none for every member (a predict setting), backend=auto where the bundle holds exported engines (timed in
+bf16 where the CPU computes it: siimcovid.bundle.engines), precision=bf16 where the CPU computes bf16 (a predict setting; timed
 only then), one fold fewer of a member (export has no fold selector yet), a member left out (`export` again without
 it; never the only detector or classifier). The plan costs
 about 3 x plan_images images of one fold per member, twice with TTA (a first untimed call warms each member up); it is
@@ -39,6 +40,7 @@ class Cost:
     per_image: float
     per_image_no_tta: float | None  # None: its TTA is already off
     per_image_bf16: float | None = None  # timed only when bf16 would be a cut (an fp32 run on a bf16 CPU)
+    per_image_engine: float | None = None  # timed only when the member has an exported engine and backend=torch runs
     group: str = ""  # what may be left out only beside another of it: detect, classify, none (default: the key's kind)
 
     def seconds(self, n: int, per_image: float | None = None, folds: int | None = None) -> float:
@@ -80,7 +82,8 @@ def measure(member, prepared, hw, tta, lungs, n: int, predict_member, warm: bool
     return max(t1 - per, 0.0), per
 
 
-def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: bool) -> Cost:
+def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: bool, engine=None) -> Cost:
+    """engine: the Hardware of the backend cut (backend=auto, maybe in bf16), timed where the member has an engine."""
     from siimcovid.classify.tta import tta_name
 
     key = f"{member.kind}/{member.name}"
@@ -91,13 +94,19 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         off = "none" if member.kind == "classify" else False
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
+    on_engine = None
+    if engine is not None and member.engines:
+        on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)[1]
     group = "none" if member.kind == "classify" and member.settings.get("task") == "none" else member.kind
-    return Cost(key, len(member.weights), load, per, no_tta, in_bf16, group)
+    return Cost(key, len(member.weights), load, per, no_tta, in_bf16, on_engine, group)
 
 
-def cuts(costs: list[Cost], n: int) -> list[tuple[str, float]]:
-    """(what to do, seconds it saves) of each cut, largest saving first."""
+def cuts(costs: list[Cost], n: int, engine: str = "backend=auto") -> list[tuple[str, float]]:
+    """(what to do, seconds it saves) of each cut, largest saving first; engine: the backend cut's settings."""
     out = []
+    fast = sum(c.seconds(n) - c.seconds(n, c.per_image_engine) for c in costs if c.per_image_engine is not None)
+    if fast > 0:
+        out.append((f"{engine} (the bundle's exported engines)", fast))
     tta = sum(c.seconds(n) - c.seconds(n, c.per_image_no_tta) for c in costs if c.per_image_no_tta is not None)
     if tta > 0:
         out.append(("tta=none (every member)", tta))
@@ -146,22 +155,26 @@ def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dic
             LOGGER.info(f"predict: {n} images, no more than the plan would time (2 x plan_images={k}): no plan, no budget check")
         return None
     bf16 = hw.device.type == "cpu" and hw.precision == "fp32" and cpu_has_bf16()
+    engine = None  # the backend cut: a torch run on the CPU of a bundle with exported engines, in bf16 where it computes
+    if hw.device.type == "cpu" and hw.backend == "torch" and any(m.engines for m in [*bundle.detectors, *bundle.classifiers]):
+        engine = replace(hw, backend="auto", precision="bf16" if cpu_has_bf16() else hw.precision)
     costs = []
     for member in [*bundle.detectors, *bundle.classifiers]:
         tta = member_tta(member, cfg.tta)
-        costs.append(member_cost(member, prepared, hw, tta, lungs, k, predict_member, bf16))
+        costs.append(member_cost(member, prepared, hw, tta, lungs, k, predict_member, bf16, engine))
     done = sum(seconds.values())  # prepare and the lung members: measured, they ran
     total = done + sum(c.seconds(n) for c in costs)
     lines = [
-        f"  {c.key:<32} {c.folds} folds x ({c.load:.3g} s + {n} x {c.per_image:.3g} s) = {span(c.seconds(n))}"
-        for c in costs
+        f"  {c.key:<32} {c.folds} folds x ({c.load:.3g} s + {n} x {c.per_image:.3g} s) = {span(c.seconds(n))}" for c in costs
     ]
     LOGGER.info(
         f"predict: plan for {n} images on this machine ({hw.device}, {hw.precision}), one fold of each member timed "
         f"on {k} images:\n" + "\n".join(lines) + f"\n  {'done (prepare, lung members)':<32} {span(done)}"
         f"\n  {'projected total':<32} {span(total)} (fuse and view not included: about 0.05 s per image)"
     )
-    options = cuts(costs, n)
+    options = cuts(
+        costs, n, "backend=auto" + (f" precision={engine.precision}" if engine and engine.precision != hw.precision else "")
+    )
     record = {"images": n, "timed_images": k, "projected_hours": round(total / 3600, 4), "members": {}}
     for c in costs:
         record["members"][c.key] = {"folds": c.folds, "load_s": round(c.load, 4), "s_per_image": round(c.per_image, 6)}
