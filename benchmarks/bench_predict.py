@@ -169,7 +169,7 @@ def engine_net(graph, example, outputs: list[str], variant: str, work: Path, ste
         files = [work / f"{stem}.xml", work / f"{stem}.bin"]
         if not files[0].is_file():
             ov.save_model(ov.Core().read_model(str(onnx_path)), str(files[0]), compress_to_fp16=False)
-    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    digests = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size} for p in files}
     return engines.Net(backend, files, digests, precision, stem)
 
 

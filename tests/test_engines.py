@@ -141,14 +141,79 @@ def test_an_onnx_engine_that_reads_other_files_or_runs_custom_operators_is_refus
             engines.Net("onnx", files, member.engine_digests, "fp32", "classify/x")
     with pytest.raises(SiimError, match="not an ONNX model"):
         engines.check_onnx(b"\x08\x07garbage", "garbage")
+    with pytest.raises(SiimError, match="external data"):  # hidden in a node attribute's sparse tensor
+        engines.check_onnx(sparse_constant(secret), "hostile")
+
+
+def sparse_constant(external: Path) -> bytes:
+    """A Constant node whose sparse_value's values are external data (the file `external`)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    external.write_bytes(np.ones((1,), np.float32).tobytes())
+    values = TensorProto(name="v", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    values.external_data.add(key="location", value=external.name)
+    sparse = onnx.SparseTensorProto(values=values, indices=numpy_helper.from_array(np.zeros((1,), np.int64)), dims=[4])
+    node = helper.make_node("Constant", [], ["boxes"], sparse_value=sparse)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", engines.OPSET)]).SerializeToString()
+
+
+def test_an_openvino_engine_that_is_not_an_ir_is_refused_before_openvino_reads_it(engine_bundle, tmp_path):
+    """OpenVINO's read_model guesses the format from the bytes: an ONNX model (with external data naming a file of this
+    machine) written as fold0.xml, listed with recomputed checksums, would be read as ONNX, unchecked."""
+    secret = tmp_path / "secret.bin"
+    for body in (
+        onnx_model(external=secret),
+        b'<!DOCTYPE net [<!ENTITY a "aaaa">]><net>&a;</net>',
+        b"<?xml version='1.0'?><graph/>",
+    ):
+        (engine_bundle / "detect" / "x" / "fold0.xml").write_bytes(body)
+        relist(engine_bundle, "detect/x/fold0.xml")
+        member = open_bundle(engine_bundle).detectors[0]
+        with pytest.raises(SiimError, match="not an OpenVINO IR"):
+            engines.Net("openvino", engines.engine_paths(member.weights[0].parent, 0, "openvino"), member.engine_digests,
+                        "fp32", "detect/x")  # fmt: skip
+
+
+def test_the_engine_runs_inside_ultralytics_predict_as_the_torch_network_does(engine_bundle):
+    """weights.detector's YOLO with its network replaced by the engine (detector_on), through Ultralytics' own predict
+    (its AutoBackend copies and fuses the model): the engine is called, and the boxes are torch's."""
+    from siimcovid import weights as weights_of
+
+    member = open_bundle(engine_bundle).detectors[0]
+    path = member.weights[0]
+    net = engines.Net("openvino", engines.engine_paths(path.parent, 0, "openvino"), member.engine_digests, "fp32", "x")
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape)
+        return net(x)
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    args = dict(imgsz=64, conf=0.0001, iou=0.5, max_det=50, device="cpu", verbose=False)
+    want = weights_of.detector(member.model, path, "x").predict(image, **args)[0].boxes
+    got = engines.detector_on(weights_of.detector(member.model, path, "x"), counted).predict(image, **args)[0].boxes
+    assert calls and len(want) == len(got) > 0
+    assert (
+        np.abs(want.xyxy.numpy() - got.xyxy.numpy()).max() <= 1e-2 and np.abs(want.conf.numpy() - got.conf.numpy()).max() <= 1e-4
+    )
 
 
 def test_an_engine_file_changed_after_the_bundle_was_opened_is_refused(engine_bundle):
     member = open_bundle(engine_bundle).detectors[0]
     files = engines.engine_paths(member.weights[0].parent, 0, "openvino")
     engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")  # as opened: runs
-    files[1].write_bytes(files[1].read_bytes()[:-4] + b"\0\0\0\0")
+    body = files[1].read_bytes()
+    files[1].write_bytes(body[:-4] + b"\0\0\0\0")
     with pytest.raises(SiimError, match="fold0.bin: its sha256 is not the manifest's"):
+        engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")
+    files[1].write_bytes(body + b"\0" * 1024)  # another size: refused before it is read
+    with pytest.raises(SiimError, match="fold0.bin: not the file the manifest lists"):
+        engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")
+    files[1].unlink()
+    files[1].symlink_to(engine_bundle / "detect" / "x" / "fold1.bin")  # a link, even to a file of the bundle
+    with pytest.raises(SiimError, match="fold0.bin: cannot be read"):
         engines.Net("openvino", files, member.engine_digests, "fp32", "detect/x")
 
 
@@ -160,12 +225,16 @@ def test_formats_and_backends_are_checked_before_any_work(runs, tmp_path, monkey
     with pytest.raises(SiimError, match=r"formats=\['tensorrt'\]: expected list\[onnx \| openvino\]"):
         export(runs, pipeline="x", out=str(tmp_path / "t"), formats=["tensorrt"])
     assert not (tmp_path / "t").exists()
+    with pytest.raises(SiimError, match="formats='tensorrt': expected any of onnx, openvino"):  # the Python API's own check
+        engines.check_formats(["tensorrt"])
     member = SimpleNamespace(kind="detect", name="d", family="", engines={"onnx": {0: Path("fold0.onnx")}})
     assert member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "torch")) == "torch"
     assert member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "auto")) == "onnx"
     assert member_backend(member, Hardware(CPU, 4, 0, True, "bf16", "auto")) == "torch"  # ORT's fp32 is slower than bf16
     gpu = SimpleNamespace(type="cuda")
     assert member_backend(member, Hardware(gpu, 4, 0, True, "fp32", "auto")) == "torch"
+    with pytest.raises(SiimError, match="backend=onnx runs on the CPU"):  # named on a GPU: said, not run on the CPU unseen
+        member_backend(member, Hardware(gpu, 4, 0, True, "fp32", "onnx"))
     with pytest.raises(SiimError, match="no openvino engine of it .*formats=openvino"):
         member_backend(member, Hardware(CPU, 4, 0, True, "fp32", "openvino"))
     with pytest.raises(SiimError, match="backend=onnx computes in fp32 here, not bf16"):
@@ -232,7 +301,9 @@ def test_a_detector_traced_after_a_call_still_follows_the_shape_of_its_input(tmp
     body = engines.onnx_bytes(engines.DetectorGraph(model), torch.rand(1, 3, 64, 64), ["boxes"])
     path = tmp_path / "fold0.onnx"
     path.write_bytes(body)
-    net = engines.Net("onnx", [path], {path.name: hashlib.sha256(body).hexdigest()}, "fp32", "test")
+    net = engines.Net(
+        "onnx", [path], {path.name: {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}}, "fp32", "test"
+    )
     x = torch.rand(2, 3, 96, 64)
     with torch.no_grad():
         want = model._predict_once(x)[0].numpy()

@@ -144,7 +144,18 @@ def member_graph(member, path: Path):
     fold = int(re.fullmatch(r"fold(\d+)" + re.escape(weights_of.SUFFIX), path.name)[1])
     size = int({int(k): v for k, v in (member.settings.get("imgsz") or {}).items()}[fold])
     model = weights_of.detector(member.model, path, where).model
-    return DetectorGraph(model), torch.rand(1, 3, size, size), ["boxes"]
+    if getattr(model, "end2end", False):
+        raise SiimError(f"{where}: an end-to-end head selects its boxes inside the network: no exported engine for it")
+    channels = int((member.model.get("yaml") or {}).get("channels") or 3)
+    return DetectorGraph(model), torch.rand(1, channels, size, size), ["boxes"]
+
+
+def end_to_end(member) -> bool:
+    """A detector whose head selects its boxes itself (Ultralytics' end2end heads, e.g. YOLOv10 / YOLO26)."""
+    if member.kind == "classify":
+        return False
+    arch = member.model.get("yaml") or {}
+    return bool(arch.get("end2end")) or any(str(layer[2]).startswith("v10Detect") for layer in arch.get("head") or [])
 
 
 def engine_paths(folder: Path, fold: int, engine: str) -> list[Path]:
@@ -160,8 +171,9 @@ def export_engines(root: Path, members: list, formats: list[str]) -> dict[str, l
         return {}
     written, jobs = {}, []
     for m in members:
-        if m.family:
-            LOGGER.warning(f"export: {m.kind}/{m.name} (family={m.family}) has no exported engine: it predicts with torch")
+        if m.family or end_to_end(m):  # an end-to-end head's top-k is traced with max_det fixed: not torch's predict
+            why = f"family={m.family}" if m.family else "an end-to-end head"
+            LOGGER.warning(f"export: {m.kind}/{m.name} ({why}) has no exported engine: it predicts with torch")
             continue
         written[f"{m.kind}/{m.name}"] = formats
         jobs += [(m, k, root / f"{m.kind}/{m.name}/fold{k}{weights_of.SUFFIX}") for k in sorted(m.weights)]
@@ -219,43 +231,75 @@ def engine_files(member, root: Path) -> set[str]:
     }
 
 
-def checked_bytes(path: Path, sha256: str | None, where: str) -> bytes:
-    """A file's bytes, hashed against what the manifest says (read once: the bytes checked are the bytes used)."""
-    data = path.read_bytes()
-    if sha256 is None:
+def checked_bytes(path: Path, listed: dict | None, where: str) -> bytes:
+    """A file's bytes, checked against its manifest entry (listed: {sha256, bytes}): a regular file, not a link, of the
+    listed size, read once (the bytes checked are the bytes used; a file swapped for a huge one or a FIFO is refused
+    before it is read)."""
+    import os
+    import stat
+
+    if not listed:
         raise SiimError(f"{where}: not in the bundle's manifest")
-    if hashlib.sha256(data).hexdigest() != sha256:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise SiimError(f"{where}: cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size != int(listed["bytes"]):
+            raise SiimError(f"{where}: not the file the manifest lists (a regular file of {listed['bytes']} bytes)")
+        data = f.read(int(listed["bytes"]) + 1)
+    if len(data) != int(listed["bytes"]) or hashlib.sha256(data).hexdigest() != listed["sha256"]:
         raise SiimError(f"{where}: its sha256 is not the manifest's (the file changed after the bundle was opened)")
     return data
 
 
 def check_onnx(data: bytes, where: str) -> None:
-    """An ONNX model that names no other file (external data) and only the standard operators (no custom domain)."""
+    """An ONNX model that names no other file (external data) and only the standard operators (no custom domain).
+    Every message of the model is walked (graphs, functions, attributes, sparse tensors): a tensor anywhere may name
+    external data, and ONNX Runtime reads it relative to the working folder."""
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:
         raise SiimError(f"{where}: not an ONNX model ({type(e).__name__}: {e})") from None
-    domains = {o.domain for o in model.opset_import} | {f.domain for f in model.functions}
+    external, domains = [], {o.domain for o in model.opset_import}
 
-    def walk(graph):
-        yield from graph.initializer
-        yield from (s.values for s in graph.sparse_initializer)
-        for node in graph.node:
-            domains.add(node.domain)
-            for a in node.attribute:
-                yield from ([a.t] if a.HasField("t") else [])
-                yield from a.tensors
-                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    yield from walk(g)
+    def walk(message) -> None:
+        if isinstance(message, onnx.TensorProto) and message.data_location == onnx.TensorProto.EXTERNAL:
+            external.append(message.name)
+        if isinstance(message, (onnx.NodeProto, onnx.FunctionProto)):
+            domains.add(message.domain)
+        for field, value in message.ListFields():
+            if field.type != field.TYPE_MESSAGE:
+                continue
+            for item in value if field.is_repeated else [value]:
+                walk(item)
 
-    if any(uses_external_data(t) for t in walk(model.graph)):
+    walk(model)
+    if external:
         raise SiimError(f"{where}: the ONNX model keeps weights in other files (external data): refused, it would read them")
     odd = sorted(domains - set(STANDARD_DOMAINS))
     if odd:
         raise SiimError(f"{where}: the ONNX model uses operators of domain {odd[0]!r}: only the standard operator set is run")
+
+
+def check_ir(data: bytes, where: str) -> None:
+    """OpenVINO IR: XML whose root is <net>, without a DOCTYPE (no entities to expand). OpenVINO's read_model guesses
+    the format from the bytes, so an ONNX model (whose external data could name any file) in fold<k>.xml would
+    otherwise be read as ONNX, unchecked."""
+    import xml.etree.ElementTree as ElementTree
+
+    head = data[:4096].lstrip()
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data or not head.startswith((b"<?xml", b"<net")):
+        raise SiimError(f"{where}: not an OpenVINO IR (XML with a <net> root, no DOCTYPE)")
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as e:
+        raise SiimError(f"{where}: not an OpenVINO IR ({e})") from None
+    if root.tag != "net":
+        raise SiimError(f"{where}: not an OpenVINO IR (its root is <{root.tag}>, not <net>)")
 
 
 # ----------------------------------------------------------------------------- running one
@@ -272,7 +316,7 @@ class Net:
 
     def __init__(self, engine: str, files: list[Path], digests: dict, precision: str, where: str):
         self.engine, self.precision = engine, precision
-        data = [checked_bytes(p, digests.get(p.name), f"{where}/{p.name}") for p in files]
+        data = [checked_bytes(p, digests.get(p.name), f"{where}/{p.name}") for p in files]  # digests: manifest entries
         if engine == "onnx":
             import onnxruntime as ort
 
@@ -285,11 +329,15 @@ class Net:
         else:
             import openvino as ov
 
+            check_ir(data[0], f"{where}/{files[0].name}")
             core = ov.Core()
             model = core.read_model(model=data[0], weights=ov.Tensor(np.frombuffer(data[1], dtype=np.uint8)))
             hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO picks bf16 by itself on such CPUs: say which
             config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads()}
             self.compiled = core.compile_model(model, "CPU", config)
+            ran = str(self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+            if ran != hint:  # OpenVINO falls back to f32 where the CPU lacks bf16, silently: say so, record nothing false
+                raise SiimError(f"{where}: OpenVINO computes in {ran} on this CPU, not {precision}: precision=fp32 or auto")
             self.names = [o.get_any_name() for o in self.compiled.outputs]
 
     def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -66,7 +66,7 @@ class Member:
     digests: dict[int, str] = field(default_factory=dict)  # {fold: sha256 of its weights file}: checked when loaded
     family: str = ""  # the model family that trained it (siimcovid.engine.family); "": its kind's built-in one
     engines: dict[str, dict[int, Path]] = field(default_factory=dict)  # {onnx | openvino: {fold: file}} (bundle.engines)
-    engine_digests: dict[str, str] = field(default_factory=dict)  # {engine file name: its sha256 in the manifest}
+    engine_digests: dict[str, dict] = field(default_factory=dict)  # {engine file name: its manifest entry (sha256, bytes)}
 
 
 @dataclass(frozen=True)
@@ -471,7 +471,7 @@ def read_member(root: Path, kind: str, name: str, listed: dict, read_yaml_file: 
     member.engines = found_engines(kind, name, listed, root, set(found), where)
     if member.engines and family:
         raise SiimError(f"bundle {where}: {kind}/{name}/ (family={family}) holds exported engines: export writes none for it")
-    member.engine_digests = {Path(rel).name: listed[rel]["sha256"] for rel in engine_files(member, root)}
+    member.engine_digests = {Path(rel).name: listed[rel] for rel in engine_files(member, root)}
     return member
 
 

@@ -63,6 +63,8 @@ def member_backend(member, hw: Hardware) -> str:
             f"one{'; a family of its own has none' if member.family else ''}): backend=auto uses what is there, torch the rest"
         )
     check_runtime(hw.backend, where)
+    if hw.device.type != "cpu":
+        raise SiimError(f"{where}: backend={hw.backend} runs on the CPU, not {hw.device}: device=cpu, or backend=torch (or auto)")
     if hw.backend == "onnx" and hw.precision != "fp32":
         raise SiimError(f"{where}: backend=onnx computes in fp32 here, not {hw.precision}: backend=openvino for bf16")
     return hw.backend

@@ -42,6 +42,7 @@ class Cost:
     per_image_bf16: float | None = None  # timed only when bf16 would be a cut (an fp32 run on a bf16 CPU)
     per_image_engine: float | None = None  # timed only when the member has an exported engine and backend=torch runs
     group: str = ""  # what may be left out only beside another of it: detect, classify, none (default: the key's kind)
+    load_engine: float | None = None  # the engine's load and compile per fold (with per_image_engine)
 
     def seconds(self, n: int, per_image: float | None = None, folds: int | None = None) -> float:
         return (self.folds if folds is None else folds) * (self.load + n * (self.per_image if per_image is None else per_image))
@@ -94,17 +95,24 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         off = "none" if member.kind == "classify" else False
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
-    on_engine = None
-    if engine is not None and member.engines:
-        on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)[1]
+    from siimcovid.predict.members import member_backend
+
+    on_engine = None  # (load, per image) on an exported engine: only where backend=auto would run one for this member
+    if engine is not None and member.engines and member_backend(member, engine) != "torch":
+        on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)
     group = "none" if member.kind == "classify" and member.settings.get("task") == "none" else member.kind
-    return Cost(key, len(member.weights), load, per, no_tta, in_bf16, on_engine, group)
+    engine_load, engine_per = on_engine or (None, None)
+    return Cost(key, len(member.weights), load, per, no_tta, in_bf16, engine_per, group, engine_load)
 
 
 def cuts(costs: list[Cost], n: int, engine: str = "backend=auto") -> list[tuple[str, float]]:
     """(what to do, seconds it saves) of each cut, largest saving first; engine: the backend cut's settings."""
     out = []
-    fast = sum(c.seconds(n) - c.seconds(n, c.per_image_engine) for c in costs if c.per_image_engine is not None)
+    on_engine = [c for c in costs if c.per_image_engine is not None]
+    fast = sum(
+        c.seconds(n) - c.folds * ((c.load if c.load_engine is None else c.load_engine) + n * c.per_image_engine)
+        for c in on_engine
+    )
     if fast > 0:
         out.append((f"{engine} (the bundle's exported engines)", fast))
     tta = sum(c.seconds(n) - c.seconds(n, c.per_image_no_tta) for c in costs if c.per_image_no_tta is not None)

@@ -216,8 +216,10 @@ def member_table(
 
 def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Path, warn: bool = True) -> tuple[str, Path, dict]:
     """(key, table, record entry) of a member: what its table would be made from now (the record reuses a table only
-    for the same entry); warn: member_precision's (the plan asks first, quietly)."""
-    from siimcovid.bundle.members import LUNG_KIND
+    for the same entry: a crop=lung member's includes its lung boxes' sha256, which another backend or precision of
+    the lung member changes); warn: member_precision's (the plan asks first, quietly)."""
+    from siimcovid.bundle.members import LUNG_KIND, lung_of
+    from siimcovid.utils import file_sha256
 
     key, boxes = f"{member.kind}/{member.name}", member.kind != "classify"
     none = not boxes and member.settings.get("task") == "none"
@@ -226,6 +228,10 @@ def member_entry(member, prepared: Prepared, hw: Hardware, cfg: Config, out: Pat
     entry = {"images": images_id(prepared.split("test").image_id), "tta": tta, "half": hw.half and hw.device.type == "cuda"}
     entry["precision"] = member_precision(member, hw, warn)  # a table of another precision is predicted again, not reused
     entry["backend"] = member_backend(member, hw)  # and of another engine
+    lung = lung_of(member.settings)
+    if lung is not None:  # crop=lung: the crops are its lung member's boxes, as this run predicted them
+        boxes_file = out / LUNG_KIND / lung / "pred_test.csv"
+        entry["lung_sha256"] = file_sha256(boxes_file) if boxes_file.is_file() else None
     return key, table, entry
 
 
