@@ -164,11 +164,9 @@ def engine_net(graph, example, outputs: list[str], variant: str, work: Path, ste
         onnx_path.write_bytes(engines.onnx_bytes(graph, example, outputs))
     files = [onnx_path]
     if backend == "openvino":
-        import openvino as ov
-
         files = [work / f"{stem}.xml", work / f"{stem}.bin"]
         if not files[0].is_file():
-            ov.save_model(ov.Core().read_model(str(onnx_path)), str(files[0]), compress_to_fp16=False)
+            engines.save_ir(onnx_path, files[0])
     digests = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size} for p in files}
     return engines.Net(backend, files, digests, precision, stem)
 
@@ -187,10 +185,10 @@ def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, r
     yolo = detector_weights(yaml, work)
     gflop = gflops(yolo.model.float().eval(), torch.zeros(1, 3, size, size))
     if "-" in precision:
-        from siimcovid.bundle.engines import DetectorGraph, detector_on
+        from siimcovid.bundle.engines import detector_graph, detector_on
 
         net = engine_net(
-            DetectorGraph(yolo.model), torch.zeros(1, 3, size, size), ["boxes"], precision, work, f"{Path(yaml).stem}-{size}"
+            detector_graph(yolo.model), torch.zeros(1, 3, size, size), ["boxes"], precision, work, f"{Path(yaml).stem}-{size}"
         )
         yolo = detector_on(yolo, net)
         precision = torch_precision(precision)

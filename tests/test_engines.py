@@ -298,7 +298,7 @@ def test_a_detector_traced_after_a_call_still_follows_the_shape_of_its_input(tmp
     model = DetectionModel("yolov5n.yaml", nc=1, verbose=False).float().eval()
     with torch.no_grad():
         model._predict_once(torch.rand(1, 3, 64, 64))  # the grid of 64 x 64 cached
-    body = engines.onnx_bytes(engines.DetectorGraph(model), torch.rand(1, 3, 64, 64), ["boxes"])
+    body = engines.onnx_bytes(engines.detector_graph(model), torch.rand(1, 3, 64, 64), ["boxes"])
     path = tmp_path / "fold0.onnx"
     path.write_bytes(body)
     net = engines.Net(

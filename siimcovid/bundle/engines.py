@@ -77,26 +77,24 @@ def has_module(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- export
-class DetectorGraph:
+def detector_graph(model):
     """A DetectionModel's forward as predict runs it (eval, conv and batch norm fused): the decoded boxes only."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class Graph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
 
-        class Graph(torch.nn.Module):
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
+        def forward(self, x):
+            return self.net._predict_once(x)[0]
 
-            def forward(self, x):
-                return self.net._predict_once(x)[0]
-
-        net = copy.deepcopy(model).float().eval()
-        net = net.fuse(verbose=False) if hasattr(net, "fuse") else net
-        for m in net.modules():  # the anchor grid traced from the input's shape, not one cached by an earlier call
-            if hasattr(m, "dynamic") and hasattr(m, "anchors"):
-                m.dynamic, m.shape = True, None
-        return Graph(net).eval()
+    net = copy.deepcopy(model).float().eval()
+    net = net.fuse(verbose=False) if hasattr(net, "fuse") else net
+    for m in net.modules():  # the anchor grid traced from the input's shape, not one cached by an earlier call
+        if hasattr(m, "dynamic") and hasattr(m, "anchors"):
+            m.dynamic, m.shape = True, None
+    return Graph(net).eval()
 
 
 def classifier_graph(model):
@@ -147,7 +145,7 @@ def member_graph(member, path: Path):
     if getattr(model, "end2end", False):
         raise SiimError(f"{where}: an end-to-end head selects its boxes inside the network: no exported engine for it")
     channels = int((member.model.get("yaml") or {}).get("channels") or 3)
-    return DetectorGraph(model), torch.rand(1, channels, size, size), ["boxes"]
+    return detector_graph(model), torch.rand(1, channels, size, size), ["boxes"]
 
 
 def end_to_end(member) -> bool:
@@ -158,38 +156,38 @@ def end_to_end(member) -> bool:
     return bool(arch.get("end2end")) or any(str(layer[2]).startswith("v10Detect") for layer in arch.get("head") or [])
 
 
+def save_ir(onnx_path: Path, xml_path: Path) -> None:
+    """The ONNX file as OpenVINO IR (xml + bin, fp32 weights), by OpenVINO's runtime (not its telemetry-sending tools)."""
+    import openvino as ov
+
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+
+
 def engine_paths(folder: Path, fold: int, engine: str) -> list[Path]:
     return [folder / f"fold{fold}{suffix}" for suffix in SUFFIXES[engine]]
 
 
-def export_engines(root: Path, members: list, formats: list[str]) -> dict[str, list[str]]:
+def export_engines(root: Path, members: list, formats: list[str]) -> None:
     """The engines of every built-in member's folds into the bundle folder `root` (beside the safetensors written
-    there); a member of a family of its own is left as PyTorch only, said. Returns {member key: formats written}."""
+    there); a member of a family of its own, or with an end-to-end head, is left as PyTorch only, said."""
     from tqdm import tqdm
 
     if not formats:
-        return {}
-    written, jobs = {}, []
+        return
+    jobs = []
     for m in members:
         if m.family or end_to_end(m):  # an end-to-end head's top-k is traced with max_det fixed: not torch's predict
             why = f"family={m.family}" if m.family else "an end-to-end head"
             LOGGER.warning(f"export: {m.kind}/{m.name} ({why}) has no exported engine: it predicts with torch")
             continue
-        written[f"{m.kind}/{m.name}"] = formats
         jobs += [(m, k, root / f"{m.kind}/{m.name}/fold{k}{weights_of.SUFFIX}") for k in sorted(m.weights)]
     for m, k, path in tqdm(jobs, desc=f"export {','.join(formats)}", unit="fold"):
-        graph, example, outputs = member_graph(m, path)
-        data = onnx_bytes(graph, example, outputs)
         onnx_path = engine_paths(path.parent, k, "onnx")[0]
-        onnx_path.write_bytes(data)
+        onnx_path.write_bytes(onnx_bytes(*member_graph(m, path)))
         if "openvino" in formats:
-            import openvino as ov
-
-            xml = engine_paths(path.parent, k, "openvino")[0]
-            ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+            save_ir(onnx_path, engine_paths(path.parent, k, "openvino")[0])
         if "onnx" not in formats:
             onnx_path.unlink()
-    return written
 
 
 # ----------------------------------------------------------------------------- a bundle's engine files

@@ -70,13 +70,18 @@ def member_backend(member, hw: Hardware) -> str:
     return hw.backend
 
 
-def engine_load(member, hw: Hardware, engine: str, load, wrap):
-    """load (weights file -> model) with the fold's network replaced by `engine`'s (wrap(model or None, Net))."""
+def with_backend(member, hw: Hardware, load, wrap) -> tuple[str, object]:
+    """(the member's backend, its fold loader): `load` (weights file, ... -> torch model) as it is for torch, else
+    wrap(path, args, Net) with the fold's exported network (siimcovid.bundle.engines); the choice logged."""
     from siimcovid.bundle.engines import Net, engine_paths
 
+    engine = member_backend(member, hw)
     where = f"{member.kind}/{member.name}"
+    LOGGER.info(f"predict: {where}: backend {engine}, {hw_precision(hw, engine)}")
+    if engine == "torch":
+        return engine, load
     files = {path: engine_paths(member.engines[engine][k].parent, k, engine) for k, path in member.weights.items()}
-    return lambda path, *args: wrap(load, path, args, Net(engine, files[path], member.engine_digests, hw.precision, where))
+    return engine, lambda path, *args: wrap(path, args, Net(engine, files[path], member.engine_digests, hw.precision, where))
 
 
 def hw_precision(hw: Hardware, engine: str) -> str:
@@ -188,12 +193,10 @@ def predict_detector(member, prepared: Prepared, hw: Hardware, tta: bool, lungs=
     folder = Path(next(iter(weights.values()))).parent
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path: weights_of.detector(member.model, path, f"{member.kind}/{member.name}/{path.name}", sha[path])  # noqa: E731
-    engine = member_backend(member, hw)
-    LOGGER.info(f"predict: {member.kind}/{member.name}: backend {engine}, {hw_precision(hw, engine)}")
-    if engine != "torch":  # the engine is the network; Ultralytics around it computes in fp32 (no autocast)
-        from siimcovid.bundle.engines import detector_on
+    from siimcovid.bundle.engines import detector_on
 
-        load = engine_load(member, hw, engine, load, lambda base, path, args, net: detector_on(base(path), net))
+    engine, load = with_backend(member, hw, load, lambda path, args, net, torch_load=load: detector_on(torch_load(path), net))
+    if engine != "torch":  # the engine is the network; Ultralytics around it computes in fp32 (no autocast)
         hw = replace(hw, precision="fp32")
     run = Run(folder, prepared, size, weights, imgsz, name=member.name, load=load)
     if lung_of(s) is None:  # detect predict's own loop (which builds its family from the settings alone)
@@ -217,13 +220,11 @@ def predict_classifier(member, prepared: Prepared, hw: Hardware, tta: str, lungs
     where = f"{member.kind}/{member.name}"
     sha = {path: member.digests.get(k) for k, path in member.weights.items()}  # what each file hashed to when opened
     load = lambda path, device, cl: weights_of.classifier(member.model, path, f"{where}/{path.name}", device, cl, sha[path])  # noqa: E731
-    engine = member_backend(member, hw)
-    if engine != "torch":  # the engine is the whole network: nothing of the torch model is built
-        from siimcovid.bundle.engines import ClassifierOn
+    from siimcovid.bundle.engines import ClassifierOn
 
-        load = engine_load(member, hw, engine, load, lambda base, path, args, net: ClassifierOn(net))
+    engine, load = with_backend(member, hw, load, lambda path, args, net: ClassifierOn(net))
+    if engine != "torch":  # the engine is the whole network: nothing of the torch model is built
         amp_dtype, channels_last = None, False
-    LOGGER.info(f"predict: {member.kind}/{member.name}: backend {engine}, {hw_precision(hw, engine)}")
     s, boxes = member.settings, member_lungs(member, lungs)
     views = Views(boxes, s["lung_conf"], s["crop_margin"], s["view_fusion"]) if boxes is not None else None
     how = Inference(hw.device, amp_dtype, channels_last, tta, loader, load, views=views)

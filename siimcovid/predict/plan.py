@@ -44,8 +44,9 @@ class Cost:
     group: str = ""  # what may be left out only beside another of it: detect, classify, none (default: the key's kind)
     load_engine: float | None = None  # the engine's load and compile per fold (with per_image_engine)
 
-    def seconds(self, n: int, per_image: float | None = None, folds: int | None = None) -> float:
-        return (self.folds if folds is None else folds) * (self.load + n * (self.per_image if per_image is None else per_image))
+    def seconds(self, n: int, per_image: float | None = None, folds: int | None = None, load: float | None = None) -> float:
+        load = self.load if load is None else load
+        return (self.folds if folds is None else folds) * (load + n * (self.per_image if per_image is None else per_image))
 
 
 def first_images(prepared, n: int):
@@ -86,6 +87,7 @@ def measure(member, prepared, hw, tta, lungs, n: int, predict_member, warm: bool
 def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: bool, engine=None) -> Cost:
     """engine: the Hardware of the backend cut (backend=auto, maybe in bf16), timed where the member has an engine."""
     from siimcovid.classify.tta import tta_name
+    from siimcovid.predict.members import member_backend
 
     key = f"{member.kind}/{member.name}"
     load, per = measure(member, prepared, hw, tta, lungs, n, predict_member, warm=True)
@@ -95,8 +97,6 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         off = "none" if member.kind == "classify" else False
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
-    from siimcovid.predict.members import member_backend
-
     on_engine = None  # (load, per image) on an exported engine: only where backend=auto would run one for this member
     if engine is not None and member.engines and member_backend(member, engine) != "torch":
         on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)
@@ -108,10 +108,8 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
 def cuts(costs: list[Cost], n: int, engine: str = "backend=auto") -> list[tuple[str, float]]:
     """(what to do, seconds it saves) of each cut, largest saving first; engine: the backend cut's settings."""
     out = []
-    on_engine = [c for c in costs if c.per_image_engine is not None]
     fast = sum(
-        c.seconds(n) - c.folds * ((c.load if c.load_engine is None else c.load_engine) + n * c.per_image_engine)
-        for c in on_engine
+        c.seconds(n) - c.seconds(n, c.per_image_engine, load=c.load_engine) for c in costs if c.per_image_engine is not None
     )
     if fast > 0:
         out.append((f"{engine} (the bundle's exported engines)", fast))
