@@ -42,6 +42,7 @@ every other input error of siimcovid does, and the contracts are a dozen lines o
 | DISTILL_TARGETS | classify train distill= | runs/classify/<student>/fold<k>/distill_targets.csv | its fold k (a cache) |
 | DISTILL_BOXES | detect train distill= | runs/detect/<student>/distill/fold<k>/boxes.csv | people (also the fold's YOLO labels) |
 | PREDICTED_STUDIES / PREDICTED_IMAGES / PREDICTED_BOXES | predict | <out>/{studies,images,boxes}.csv | people |
+| DICOM_RESULTS | predict dicom= | <out>/dicom.csv | people, a DICOM node (the objects under <out>/dicom/) |
 
 The competition's own CSVs, as Kaggle ships them (and `siimcovid synth` writes them), are
 contracts too: IMAGE_LEVEL (train_image_level.csv), STUDY_LEVEL (train_study_level.csv) and
@@ -583,6 +584,23 @@ SKIPPED = Table(
     ),
     "The inputs prepare dropped with on_error=skip (and, whatever on_error, the images modality_check refuses), one row "
     "per problem; absent when it dropped none.",
+)
+
+DICOM_RESULTS = Table(
+    "dicom results",
+    "<predict out>/dicom.csv",
+    (
+        Column("study_id", TEXT, "the study (studies.csv)"),
+        Column("kind", TEXT, "sr (Comprehensive 3D SR, TID 1500) | gsps (presentation state) | sc (secondary capture)"),
+        Column("file", TEXT, "the DICOM file, relative to the output folder"),
+        Column("sop_instance_uid", TEXT, "its SOP Instance UID (the same for the same prediction: siimcovid.predict.dicom)"),
+        Column("series_instance_uid", TEXT, "its series (one per kind and study)"),
+        Column("study_instance_uid", TEXT, "the source's StudyInstanceUID, which it joins"),
+        Column("references", TEXT, "the SOP Instance UIDs of the source images it references, space-separated"),
+    ),
+    "One row per DICOM object `siimcovid predict dicom=` wrote (siimcovid.predict.dicom).",
+    checks=(_not_empty("study_id", "kind", "file", "sop_instance_uid"),),
+    key=("sop_instance_uid",),
 )
 
 EXTERNAL_LABELS = Table(

@@ -12,6 +12,8 @@ Modules:
     record.py   Record: <out>/predict.yaml, which bundle made the tables in <out>, so a re-run reuses only those
     plan.py     plan(...): each member timed on a few images, the projected total, budget= (the cuts that fit)
     view.py     write_view(...): the tables, pictures and HTML page a person reads
+    dicom.py    write_results(...), write_dicom(...): dicom=: the results as DICOM SR, presentation states and
+                secondary captures, for a PACS and its viewers
 """
 
-__all__ = ["members", "plan", "record", "source", "stage", "view"]
+__all__ = ["dicom", "members", "plan", "record", "source", "stage", "view"]

@@ -15,6 +15,7 @@ A bundle's models on new data, with nothing else present (no runs folder, no tra
        (submission.csv checked against the SIIM root's sample_submission.csv, or against one
        written from the prepared images: every study and image found)
     7. <out>/submission.csv (SIIM source), then the tables, pictures and index.html (siimcovid.predict.view)
+    8. dicom=sr,gsps,sc: the results as DICOM objects under <out>/dicom/, listed in dicom.csv (siimcovid.predict.dicom)
 
 On a SIIM root the submission is the one the bundle's run wrote with `fuse split=test` on the same
 images (same conversion, same models, same batches, same fusion). Re-running with the same out=
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from siimcovid import __version__
 from siimcovid.classify.none import none_path, none_table
 from siimcovid.config import Config, fusion_keys
 from siimcovid.data.prepare import NothingReadable
@@ -353,11 +355,22 @@ def write_view(prepared: Prepared, fused: dict, out: Path, record: Record) -> di
     return view(prepared.root, fused["dir"], out, record=record)
 
 
+def write_dicom(bundle, cfg: Config, out: Path, record: Record) -> Path | None:
+    """dicom=: the DICOM results of the tables the view wrote (siimcovid.predict.dicom), listed in <out>/dicom.csv;
+    without it, an earlier run's DICOM results are removed (they would no longer be this prediction's)."""
+    from siimcovid.predict.dicom import write_results
+
+    algorithm = {"version": __version__, "bundle": Path(cfg.bundle).name, "bundle_sha256": bundle.manifest_sha256}
+    kinds, max_pixels = tuple(cfg.dicom or ()), input_checks(cfg).get("max_pixels")
+    return write_results(out, record, kinds, algorithm, cfg.dicom_min_conf, max_pixels)
+
+
 def fixed_outputs() -> list[str]:
     """The files predict writes in <out> whatever the images (the pictures' names come with the images)."""
+    from siimcovid.predict.dicom import DICOM_CSV
     from siimcovid.predict.view import PAGE_FILES
 
-    return ["submission.csv", SAMPLE_SUBMISSION, SKIPPED_CSV, *PAGE_FILES]
+    return ["submission.csv", SAMPLE_SUBMISSION, SKIPPED_CSV, *PAGE_FILES, DICOM_CSV]
 
 
 def earlier_outputs(out: Path) -> Earlier | None:
@@ -377,7 +390,8 @@ def earlier_outputs(out: Path) -> Earlier | None:
 
 def predict(cfg: Config) -> dict:
     """Run the steps (module docstring). Returns {"out", "prepared", "submission" (SIIM source, else None),
-    "fused" (fuse's result), "view" (the files written), "skipped" (path or None), "seconds", "n_images"}."""
+    "fused" (fuse's result), "view" (the files written), "dicom" (dicom.csv with dicom=, else None), "skipped" (path or
+    None), "seconds", "n_images"}."""
     offline()
     bundle, source, layout, out = check_inputs(cfg)
     hw = hardware(cfg)
@@ -408,6 +422,7 @@ def predict(cfg: Config) -> dict:
     fused = steps.run("fuse", run_fuse, fuse_cfg)
     submission = complete_submission(fused, source, out, record) if layout == "siim" else None
     view = steps.run("view", write_view, prepared, fused, out, record)
+    dicom = steps.run("dicom", write_dicom, bundle, cfg, out, record) if cfg.dicom else write_dicom(bundle, cfg, out, record)
     log_seconds(record.data["seconds"], n_images)
     if skipped is not None:
         LOGGER.warning(f"WARNING: predict: {len(prepared.skipped())} file(s) skipped, listed in {skipped}")
@@ -417,6 +432,7 @@ def predict(cfg: Config) -> dict:
         "submission": submission,
         "fused": fused,
         "view": view,
+        "dicom": dicom,
         "skipped": skipped,
         "seconds": dict(record.data["seconds"]),
         "n_images": n_images,

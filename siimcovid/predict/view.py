@@ -108,12 +108,18 @@ def picture_shape(rows: int, cols: int, side: int) -> tuple[int, int]:
 
 def draw_picture(square: np.ndarray, rows: int, cols: int, boxes: pd.DataFrame) -> np.ndarray:
     """The prepared (square, grey) image back to the original aspect ratio, with `boxes` (original pixels) and
-    their confidences drawn in red (OpenCV's built-in Hershey font: nothing to download)."""
+    their confidences drawn in red."""
     h, w = picture_shape(rows, cols, square.shape[0])
     picture = cv2.cvtColor(cv2.resize(square, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+    return draw_boxes(picture, boxes, w / cols, h / rows)
+
+
+def draw_boxes(picture: np.ndarray, boxes: pd.DataFrame, sx: float = 1.0, sy: float = 1.0) -> np.ndarray:
+    """`boxes` (original pixels, scaled by sx, sy) and their confidences drawn in red on the BGR `picture`, in place
+    (OpenCV's built-in Hershey font: nothing to download)."""
+    h, w = picture.shape[:2]
     thick = max(2, round(max(h, w) / 300))
     font_scale = max(0.45, max(h, w) / 1000)
-    sx, sy = w / cols, h / rows
     for b in boxes.itertuples(index=False):
         x1, y1, x2, y2 = round(b.x_min * sx), round(b.y_min * sy), round(b.x_max * sx), round(b.y_max * sy)
         cv2.rectangle(picture, (x1, y1), (x2, y2), BOX_BGR, thick)
