@@ -109,6 +109,7 @@ def test_which_contracts_have_a_key():
         "COPIES": ("image_id",),
         "PREDICTED_STUDIES": ("study_id",),
         "PREDICTED_IMAGES": ("image_id",),
+        "DICOM_RESULTS": ("sop_instance_uid",),
     }
     for table in KEYED.values():
         assert set(table.key) <= set(table.names)
