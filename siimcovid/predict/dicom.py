@@ -87,11 +87,6 @@ def result_uid(*parts) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def is_dicom_uid(value: str) -> bool:
-    parts = str(value).split(".")
-    return 0 < len(str(value)) <= 64 and all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts)
-
-
 # Type 2 attributes (present, possibly empty) of the patient and study modules that the results copy from their
 # source: a source without one is still referenced, the result says it is unknown.
 PATIENT_STUDY = (
@@ -442,12 +437,15 @@ def make_sc(study, source: Source, image, shown: pd.DataFrame, algorithm: dict, 
     return sc
 
 
-def study_uids(study_uid: str, sources: list[Source], images: pd.DataFrame, boxes: pd.DataFrame, study, algorithm: dict) -> dict:
-    """The series and SR UIDs of a study's results, determined by what they say (module docstring)."""
+def study_uids(
+    study_uid: str, sources: list[Source], images: pd.DataFrame, boxes: pd.DataFrame, shown, study, algorithm: dict
+) -> dict:
+    """The series and SR UIDs of a study's results, determined by what they say (module docstring): the SR's boxes
+    and the ones the presentation states and captures draw (dicom_min_conf above MIN_CONF leaves some out of the SR)."""
     said = [algorithm["bundle_sha256"], study_uid, *(round(float(getattr(study, c)), 6) for c in STUDY_CLASSES)]
     for s in sources:
-        mine = boxes[boxes.image_id == s.row.image_id]
-        said += [s.sop_uid, round(float(images.loc[s.row.image_id, "none"]), 6), mine.round(3).to_csv(index=False)]
+        mine = [b[b.image_id == s.row.image_id].round(3).to_csv(index=False) for b in (boxes, shown)]
+        said += [s.sop_uid, round(float(images.loc[s.row.image_id, "none"]), 6), *mine]
     uids = {"sr": result_uid("sr", *said)}
     uids |= {f"{k}_series": result_uid(k, "series", *said) for k in KINDS}
     return uids
@@ -511,7 +509,7 @@ def write_dicom(
         sources = study_sources(by_study.get(study.study_id, images.iloc[:0]), max_pixels, pixels)
         if not sources:
             continue
-        uids = study_uids(sources[0].study_uid, sources, images, boxes, study, algorithm)
+        uids = study_uids(sources[0].study_uid, sources, images, boxes, shown, study, algorithm)
         folder, made = out / DICOM_DIR / study.study_id, []
         if "sr" in kinds:
             try:
