@@ -20,6 +20,7 @@ Packages (stages import torch / Ultralytics only when they run):
     fuse/        `siimcovid fuse` and `fuse tune`: WBF and the none / opacity formulas
     bundle/      `siimcovid export`: main(cfg), export(cfg) the portable bundle; open_bundle(path) reads one back
     predict/     `siimcovid predict`: a bundle's models on new data
+    serve/       `siimcovid serve`: a DICOM node that predicts studies as they arrive and sends the results back
 Modules:
     cli.py         main(argv), call(stage, mode, **settings), resolve(argv), listing(): the entry point
     stages.py      Stage, stage(name), stage_config(name, mode, overrides): each stage's modes, run folder, runs row
@@ -70,6 +71,7 @@ __all__ = [
     "run",
     "rundir",
     "runs",
+    "serve",
     "signing",
     "stages",
     "submission",

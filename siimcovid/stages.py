@@ -72,6 +72,7 @@ for _stage in (
     Stage("run", {None: "siimcovid.run:main"}, "run", "siimcovid.run:describe"),
     Stage("export", {None: "siimcovid.bundle.export:main"}, "bundle"),
     Stage("predict", {None: "siimcovid.predict.stage:main"}),
+    Stage("serve", {None: "siimcovid.serve.node:main", "status": "siimcovid.serve.node:main"}),
     Stage("runs", {None: "siimcovid.runs:main"}),
     Stage("keygen", {None: "siimcovid.signing:main"}),
 ):
