@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import signal
 import socket
@@ -73,13 +74,14 @@ def c_store(port: int, files, calling="SENDER", called="SIIMCOVID", tls=None) ->
 class Recorder:
     """A destination node (a PACS stand-in) on 127.0.0.1 that counts every SOP Instance UID it is sent."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, classes=None):
         self.port = port or free_port()
         self.received: collections.Counter = collections.Counter()
         self.datasets: dict[str, pydicom.Dataset] = {}
         ae = AE(ae_title="PACS")
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if classes is None or cx.abstract_syntax in classes:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.store)])
 
     def store(self, event):
@@ -137,7 +139,7 @@ def test_a_uid_that_is_no_uid_or_an_unreadable_dataset_is_refused_and_nothing_wr
     node = node_of(tmp_path / "node")
     good = pydicom.dcmread(test_dicoms(_tiny_source)[0])
     for study, sop in [("../../evil", "1.2.3"), ("1.2.3", "../../../etc/x"), ("1.2.3", "/abs"), ("1.2.3", "1." + "2" * 70)]:
-        ds = good.copy()
+        ds = copy.deepcopy(good)
         ds.StudyInstanceUID, ds.SOPInstanceUID = study, sop
         assert node.receive(ds) == CANNOT_UNDERSTAND
     broken = pydicom.Dataset()  # no UIDs at all
@@ -266,6 +268,10 @@ def test_with_tls_only_a_caller_that_speaks_tls_and_trusts_the_node_stores(scp, 
     assert c_store(node.cfg.port, files, tls=(untrusting, "127.0.0.1")) is None
     trusting = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     assert c_store(node.cfg.port, files, tls=(trusting, "127.0.0.1")) == [0]
+    with socket.create_connection(("127.0.0.1", node.cfg.port)):  # a connection that never speaks stops no other
+        start = time.time()
+        assert c_store(node.cfg.port, files[:1], tls=(trusting, "127.0.0.1")) == [0]
+        assert time.time() - start < 10
     assert len(rows(node, "instances")) == 1
 
 
@@ -296,6 +302,101 @@ def test_settings_that_cannot_work_stop_before_anything_listens(tmp_path, capsys
     assert not (tmp_path / "node").exists()
     with pytest.raises(SiimError, match="queue.sqlite"):
         call("serve", "status", out=str(tmp_path))
+
+
+def test_a_result_the_destination_cannot_take_is_refused_once_and_the_others_still_go(tmp_path, _tiny_source):
+    src = pydicom.dcmread(test_dicoms(_tiny_source)[0])
+    pacs = Recorder(classes={src.SOPClassUID})  # a PACS that takes this one kind of object only
+    node = node_of(tmp_path / "node", send_to=f"PACS@127.0.0.1:{pacs.port}", backoff=0.1)
+    results = node.root / "results"
+    results.mkdir(parents=True)
+    other = copy.deepcopy(src)
+    other.SOPClassUID = other.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    src.save_as(results / "kept.dcm")
+    other.save_as(results / "other.dcm")
+    node.queue.add_instance("1.2.9", "1.2.9.1", "store/x", 1)
+    files = [(str(other.SOPInstanceUID), "other.dcm"), ("1.2.9.77", "gone.dcm"), (str(src.SOPInstanceUID), "kept.dcm")]
+    node.queue.predicted("1.2.9", [(node.cfg.send_to, uid, f"results/{f}") for uid, f in files])
+    try:
+        node.send_due()
+        states = {r["file"]: (r["state"], r["error"]) for r in rows(node, "sends")}
+        assert states["results/kept.dcm"] == ("sent", None) and pacs.received == {str(src.SOPInstanceUID): 1}
+        assert (
+            states["results/other.dcm"][0] == "refused" and "does not accept Secondary Capture" in states["results/other.dcm"][1]
+        )
+        assert states["results/gone.dcm"][0] == "refused" and "cannot be read" in states["results/gone.dcm"][1]
+        assert node.queue.study("1.2.9")["state"] == "done" and node.queue.pending() == 0
+        (row,) = node.queue.table()
+        assert (row["sent"], row["refused"], row["unsent"]) == (1, 2, 0)
+    finally:
+        pacs.close()
+        node.queue.close()
+
+
+def test_an_instance_that_arrives_while_a_study_is_taken_keeps_it_receiving(tmp_path):
+    queue = Queue(tmp_path)
+    queue.add_instance("1.2.1", "1.2.1.1", "store/a", 10, now=100.0)
+    (listed,) = queue.complete(quiet=10, now=200.0)
+    queue.add_instance("1.2.1", "1.2.1.2", "store/b", 10)  # a new instance, after the listing
+    assert queue.begin(listed["uid"], quiet=10) is None and queue.study("1.2.1")["state"] == "receiving"
+    queue._write(("UPDATE studies SET last_instance = 0", ()))
+    assert [queue.begin("1.2.1", quiet=10) for _ in range(2)] == [1, 2]  # a restart counts the tries
+    queue.close()
+
+
+def test_one_node_per_folder(tmp_path):
+    from siimcovid.serve.node import one_node
+    from siimcovid.utils import SiimError
+
+    first = one_node(tmp_path / QUEUE_FILE)
+    with pytest.raises(SiimError, match="one node per folder"):
+        one_node(tmp_path / QUEUE_FILE)
+    first.close()
+    one_node(tmp_path / QUEUE_FILE).close()
+
+
+class FakeServer:
+    """A DICOMweb server's answers (QIDO JSON, WADO datasets), as dicomweb-client returns them; counts the fetches."""
+
+    def __init__(self):
+        self.studies: dict[str, list[pydicom.Dataset]] = {}
+        self.fetches = collections.Counter()
+
+    def search_for_studies(self, fields=None, get_remaining=False):
+        return [
+            {"0020000D": {"vr": "UI", "Value": [u]}, "00201208": {"vr": "IS", "Value": [len(d)]}} for u, d in self.studies.items()
+        ]
+
+    def search_for_series(self, uid, fields=None):
+        return [{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}, "00200011": {"vr": "IS", "Value": [1]}}]
+
+    def retrieve_series(self, uid, series):
+        self.fetches[uid] += 1
+        return self.studies[uid]
+
+
+def test_a_polled_server_s_crafted_instances_are_left_out_and_its_study_fetched_once(tmp_path, _tiny_source):
+    from siimcovid.predict.dicom import MANUFACTURER
+
+    node = node_of(tmp_path / "node", source="dicomweb://127.0.0.1:1/dicom-web", quiet=0.01)
+    server = FakeServer()
+    server.studies["1.2.5"] = []
+    node.poll(server)  # the first search: 1.2.5 was there before the node
+    good = pydicom.dcmread(test_dicoms(_tiny_source)[0])
+    crafted = copy.deepcopy(good)
+    crafted.SOPInstanceUID, crafted.Manufacturer, crafted.SeriesNumber = generate_uid(), MANUFACTURER, None
+    no_meta = copy.deepcopy(good)
+    no_meta.SOPInstanceUID = generate_uid()
+    del no_meta.file_meta
+    server.studies[str(good.StudyInstanceUID)] = [crafted, no_meta, good]
+    for _ in range(3):
+        node.poll(server)
+        time.sleep(0.05)
+    assert server.fetches == {str(good.StudyInstanceUID): 1} and "1.2.5" not in server.fetches
+    assert {r["sop_uid"] for r in rows(node, "instances")} >= {str(good.SOPInstanceUID)}
+    assert [s["uid"] for s in node.queue.complete(node.cfg.quiet, fetched_only=True)] == [str(good.StudyInstanceUID)]
+    node.queue.close()
 
 
 # end to end, with a bundle

@@ -12,8 +12,9 @@
 The SCP answers with the DICOM status: 0xA700 (out of resources) for an instance that would pass max_study_mb or
 max_store_gb or the disk's free space, 0xC210 (cannot understand) for one that cannot be read as DICOM or whose
 UIDs are no UIDs (a UID names a file: "../x" is never one), 0x0000 for a copy of an instance already held (not
-written again). An instance of a study already predicted is answered 0x0000 and not stored: a study is predicted
-once, on what arrived before its quiet time ended (logged). The node's own results, sent back to it, are ignored.
+written again). An instance of a study already predicted is kept and not predicted: a study is predicted once, on
+what arrived before its quiet time ended (logged). The node's own results, sent back to it, are ignored. A study
+whose predict was cut PREDICT_TRIES times (a crash, a kill) is failed rather than tried forever.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from pydicom.uid import UID
 from siimcovid.config import Config
 from siimcovid.outputs import check_place, open_out
 from siimcovid.predict.dicom import MANUFACTURER, SERIES_NUMBER
-from siimcovid.serve.queue import QUEUE_FILE, Queue
+from siimcovid.serve.queue import PREDICT_TRIES, QUEUE_FILE, Queue
 from siimcovid.serve.send import (
+    REFUSED,
+    SENT,
     fetch_study,
     parse_node,
     store_scu,
@@ -56,15 +59,15 @@ OWN_SERIES = set(SERIES_NUMBER.values())
 
 def is_uid(text) -> bool:
     """A DICOM UID (digits and dots, at most 64 characters): the only text the node makes a file name of."""
-    return isinstance(text, str) and UID(text).is_valid
+    return isinstance(text, str) and UID(text) == text and UID(text).is_valid
 
 
 def own_result(ds) -> bool:
-    return (
-        str(ds.get("Manufacturer", "")) == MANUFACTURER
-        and ds.get("SeriesNumber") is not None
-        and int(ds.SeriesNumber) in OWN_SERIES
-    )
+    """One of the node's results (predict.dicom's manufacturer and series numbers), sent back to it."""
+    try:
+        return str(ds.get("Manufacturer", "")) == MANUFACTURER and int(ds.get("SeriesNumber")) in OWN_SERIES
+    except (TypeError, ValueError):
+        return False
 
 
 class Node:
@@ -104,9 +107,8 @@ class Node:
                 return 0x0000
             if known and known["state"] != "receiving":
                 LOGGER.warning(
-                    f"serve: instance {sop} of study {study} came after the study was {known['state']}: not predicted, not kept"
+                    f"serve: instance {sop} of study {study} came after the study was {known['state']}: kept, not predicted"
                 )
-                return 0x0000
             data = encoded if encoded is not None else dataset_bytes(ds)
             refused = self.refusal(known, len(data))
             if refused:
@@ -134,7 +136,14 @@ class Node:
     # predict
     def predict(self, study: dict) -> None:
         uid = study["uid"]
-        self.queue.set_state(uid, "predicting")
+        with self.store_lock:  # no instance of it is being written: it is complete, or it goes on receiving
+            tries = self.queue.begin(uid, self.cfg.quiet, fetched_only=bool(self.cfg.source))
+        if tries is None:
+            return
+        if tries > PREDICT_TRIES:
+            LOGGER.error(f"serve: study {uid} failed: its predict was cut {PREDICT_TRIES} times (a crash or a kill)")
+            self.queue.set_state(uid, "failed", f"predict did not end in {PREDICT_TRIES} tries")
+            return
         out = self.root / RESULTS / uid
         LOGGER.info(f"serve: study {uid}: {study['instances']} instance(s) complete, predicting into {out}")
         from siimcovid.cli import call
@@ -154,11 +163,11 @@ class Node:
                 backend=self.cfg.backend,
                 plan=False,
             )
+            table = DICOM_RESULTS.read(done["dicom"]) if done.get("dicom") else pd.DataFrame(columns=DICOM_RESULTS.names)
         except Exception as e:  # predict refused the study (no readable image, ...), or failed: kept as failed, with the reason
             LOGGER.error(f"serve: study {uid} failed: {e}", exc_info=not isinstance(e, SiimError))
             self.queue.set_state(uid, "failed", f"{type(e).__name__}: {e}"[:1000])
             return
-        table = DICOM_RESULTS.read(done["dicom"]) if done.get("dicom") else pd.DataFrame(columns=DICOM_RESULTS.names)
         sends = [
             (d, r.sop_instance_uid, str(Path(RESULTS) / uid / r.file)) for d in self.destinations for r in table.itertuples()
         ]
@@ -178,12 +187,15 @@ class Node:
                     result = stow(list(files), destination)
                 else:
                     result = store_scu(self.cfg.ae_title, list(files), destination, self.tls)
-            except Exception as e:  # an unreadable result file, a TLS error: every send of this round waits and retries
-                result = dict.fromkeys(files, f"{type(e).__name__}: {e}")
-            for f, why in result.items():
+            except Exception as e:  # a TLS error, a bug: every send of this round waits and retries
+                result = dict.fromkeys(files, ("retry", f"{type(e).__name__}: {e}"))
+            for f, (state, why) in result.items():
                 row = files[f]
-                if why is None:
+                if state == SENT:
                     self.queue.sent(destination, row["sop_uid"])
+                elif state == REFUSED:
+                    self.queue.refused(destination, row["sop_uid"], why)
+                    LOGGER.error(f"serve: study {row['study_uid']}: {Path(f).name} is not sent to {destination}: {why}")
                 else:
                     wait = self.queue.failed_send(destination, row["sop_uid"], why, self.cfg.backoff)
                     LOGGER.warning(f"serve: study {row['study_uid']}: sending {Path(f).name} to {destination} failed "
@@ -211,7 +223,7 @@ class Node:
                 continue
             self.queue.saw(uid, count, now)
             seen = self.queue.seen(uid)
-            if seen["instances"] < 0:
+            if seen["instances"] < 0:  # there before the node (-1), or fetched (-2)
                 continue
             if now - seen["changed"] < self.cfg.quiet:
                 self.last_activity = now  # a study on its way: the node is not idle
@@ -221,16 +233,21 @@ class Node:
             except Exception as e:
                 LOGGER.warning(f"serve: fetching study {uid} failed ({type(e).__name__}: {e}); tried again at the next search")
                 continue
-            statuses = [self.receive(ds, where=self.cfg.source) for ds in datasets]
-            if not any(s == 0 for s in statuses) or self.queue.study(uid) is None:
+            for ds in datasets:
+                try:
+                    self.receive(ds, where=self.cfg.source)
+                except Exception as e:  # a crafted instance: logged, the rest of the study goes on
+                    LOGGER.warning(
+                        f"serve: an instance of study {uid} from {self.cfg.source} is not kept ({type(e).__name__}: {e})"
+                    )
+            if self.queue.study(uid) is None:
                 LOGGER.warning(f"serve: study {uid} on {self.cfg.source} has no instance to predict")
-                continue
-            self.queue.fetched(uid)  # complete: fetched whole, predicted at the next step
+            self.queue.fetched(uid)  # complete (predicted at the next step) and never fetched again
 
     def step(self) -> bool:
         """The work that is due now, one study at a time; True when something was done."""
         worked = False
-        for study in self.queue.complete(self.cfg.quiet):
+        for study in self.queue.complete(self.cfg.quiet, fetched_only=bool(self.cfg.source)):
             self.predict(study)
             worked = True
             self.send_due()
@@ -256,6 +273,9 @@ def scp_handlers(node: Node):
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            if str(ds.get("SOPInstanceUID", "")) != str(event.request.AffectedSOPInstanceUID):
+                LOGGER.warning(f"serve: an instance from {where} is not the one its request names: refused")
+                return CANNOT_UNDERSTAND
             return node.receive(ds, event.encoded_dataset(), where)
         except Exception as e:  # never an instance lost silently: the sender is told it failed
             LOGGER.warning(f"serve: an instance from {where} could not be stored ({type(e).__name__}: {e})")
@@ -265,6 +285,22 @@ def scp_handlers(node: Node):
         return 0x0000
 
     return [(evt.EVT_C_STORE, on_store), (evt.EVT_C_ECHO, on_echo)]
+
+
+def deferred_tls_server():
+    """pynetdicom's threaded server with the TLS handshake moved out of its accept loop: pynetdicom wraps each accepted
+    socket there, handshake included, so one connection that never speaks would stop every other; here each
+    association's thread makes its own handshake (its first read), bounded by the association's timeouts."""
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class DeferredTLS(ThreadedAssociationServer):
+        def get_request(self):
+            sock, address = self.socket.accept()
+            if self.ssl_context:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return sock, address
+
+    return DeferredTLS
 
 
 def start_scp(node: Node, cfg: Config):
@@ -279,7 +315,11 @@ def start_scp(node: Node, cfg: Config):
     if cfg.allowed_aets:
         ae.require_calling_aet = list(cfg.allowed_aets)
     tls = tls_server(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert else None
-    server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=scp_handlers(node), ssl_context=tls)
+    server = ae.make_server(
+        (cfg.host, cfg.port), ssl_context=tls, evt_handlers=scp_handlers(node), server_class=deferred_tls_server()
+    )
+    ae._servers.append(server)  # as ae.start_server does: server.shutdown() takes it off the list
+    threading.Thread(target=server.serve_forever, name="serve-scp", daemon=True).start()
     LOGGER.info(f"serve: {cfg.ae_title} listening on {cfg.host}:{cfg.port}{' (TLS)' if tls else ''}")
     return server
 
@@ -298,8 +338,11 @@ def check(cfg: Config) -> None:
         LOGGER.warning("serve: no send_to= or stow_to=: results stay in <out>/results/ only")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise SiimError("tls_cert= and tls_key= go together (the SCP's certificate and its private key)")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.allowed_aets and cfg.tls_cert):
-        LOGGER.warning(f"serve: host={cfg.host} listens beyond this machine: set allowed_aets= and tls_cert= for a network")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.allowed_aets and cfg.tls_cert and cfg.tls_ca):
+        LOGGER.warning(
+            f"serve: host={cfg.host} listens beyond this machine: on a network set allowed_aets= (AE titles are easily "
+            "claimed), and tls_cert=, tls_key= with tls_ca= (only callers with a certificate the CA signed)"
+        )
 
 
 def serve(cfg: Config) -> dict:
@@ -311,10 +354,13 @@ def serve(cfg: Config) -> dict:
     bundle = open_bundle(cfg.bundle, cfg.trust)  # every check of the bundle, before anything listens
     record = open_out(cfg.out, RECORD, "serve", None, claim=[Path(cfg.out) / QUEUE_FILE])
     record.save()
+    lock = one_node(Path(cfg.out) / QUEUE_FILE)
     node = Node(cfg, bundle.manifest_sha256)
     left = node.queue.pending()
     if left:
         LOGGER.info(f"serve: {left} study or send left in {node.queue.path} from before: going on with them")
+    for old in set(node.queue.destinations()) - set(node.destinations):
+        LOGGER.warning(f"serve: results are still owed to {old} (a destination of an earlier start): they are sent there")
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     server = client = None
@@ -341,7 +387,22 @@ def serve(cfg: Config) -> dict:
             signal.signal(s, handler)
         table = node.queue.table()
         node.queue.close()
+        lock.close()
     return {"out": Path(cfg.out), "studies": table}
+
+
+def one_node(queue: Path):
+    """One node per folder: an exclusive lock on its queue file (never replaced, unlike the record), held while it runs
+    (two nodes would predict a study twice); SQLite's own locks are another kind (fcntl), untouched by it."""
+    import fcntl
+
+    handle = open(queue, "ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SiimError(f"another siimcovid serve runs with out={queue.parent}: one node per folder") from None
+    return handle
 
 
 def active(server) -> bool:

@@ -1,6 +1,8 @@
 """The node's queue on disk (SQLite, `<out>/queue.sqlite`): every study received, its instances and every send.
 
-A study moves receiving -> predicting -> sending -> done (or failed: predict refused it, the reason kept). Each
+A study moves receiving -> predicting -> sending -> done (or failed: predict refused it, or did not end in
+PREDICT_TRIES tries, the reason kept); a send is pending, then sent (or refused: the destination cannot take that
+kind of object, or the file is gone: not tried again, the reason kept). Each
 step is one transaction, committed before the next begins, so a node killed at any moment (kill -9 included)
 restarts where it was: a study caught predicting is predicted again into the same folder (predict resumes, and the
 results' UIDs follow from the prediction, so they are the same objects), a send not marked sent is sent again (a
@@ -21,11 +23,13 @@ from pathlib import Path
 QUEUE_FILE = "queue.sqlite"
 STATES = ("receiving", "predicting", "sending", "done", "failed")
 MAX_WAIT = 3600.0  # seconds: the longest wait between two tries of a send
+PREDICT_TRIES = 3  # a study whose predict was cut (a kill, a crash) this many times is failed, not tried forever
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     uid TEXT PRIMARY KEY, state TEXT NOT NULL, received REAL NOT NULL, last_instance REAL NOT NULL,
-    instances INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, predicted REAL, finished REAL, error TEXT
+    instances INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, predicted REAL, finished REAL, error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, file TEXT NOT NULL, bytes INTEGER NOT NULL, received REAL NOT NULL
@@ -93,18 +97,42 @@ class Queue:
             ("UPDATE studies SET instances = instances + 1, bytes = bytes + ? WHERE uid = ?", (size, study_uid)),
         )  # fmt: skip
 
-    def complete(self, quiet: float, now: float | None = None) -> list[dict]:
-        """Studies to predict: caught predicting by a kill, then those receiving with no instance for `quiet` seconds."""
+    def complete(self, quiet: float, now: float | None = None, fetched_only: bool = False) -> list[dict]:
+        """Studies to predict: caught predicting by a kill, then those receiving with no instance for `quiet` seconds
+        (fetched_only: those a poll fetched whole, marked by fetched())."""
         now = time.time() if now is None else now
         return self._rows(
             "SELECT * FROM studies WHERE state = 'predicting' OR (state = 'receiving' AND last_instance <= ?) "
             "ORDER BY state = 'receiving', last_instance",
-            (now - quiet,),
+            (0 if fetched_only else now - quiet,),
         )
 
+    def begin(self, uid: str, quiet: float, fetched_only: bool = False) -> int | None:
+        """Mark a study predicting, if it still is complete (no instance came since complete() listed it), counting
+        the try in the same commit; returns the tries so far, or None when it is not complete any more."""
+        limit = 0 if fetched_only else time.time() - quiet
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self.db.execute(
+                    "UPDATE studies SET state = 'predicting', attempts = attempts + 1 WHERE uid = ? AND "
+                    "(state = 'predicting' OR (state = 'receiving' AND last_instance <= ?))",
+                    (uid, limit),
+                )
+                tries = self.db.execute("SELECT attempts FROM studies WHERE uid = ?", (uid,)).fetchone()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return int(tries[0]) if cur.rowcount == 1 else None
+
     def fetched(self, uid: str) -> None:
-        """A polled study fetched whole: complete now (its quiet time was counted on the server)."""
-        self._write(("UPDATE studies SET last_instance = 0 WHERE uid = ? AND state = 'receiving'", (uid,)))
+        """A polled study fetched whole (or found with nothing to predict): complete now (its quiet time was counted
+        on the server), and never fetched again."""
+        self._write(
+            ("UPDATE studies SET last_instance = 0 WHERE uid = ? AND state = 'receiving'", (uid,)),
+            ("UPDATE seen SET instances = -2 WHERE uid = ?", (uid,)),
+        )
 
     def set_state(self, uid: str, state: str, error: str | None = None) -> None:
         assert state in STATES, state
@@ -134,16 +162,21 @@ class Queue:
     def failed_send(self, destination: str, sop_uid: str, error: str, backoff: float) -> float:
         """One more failed try: the next one waits backoff * 2**(attempts - 1), at most MAX_WAIT; returns the wait."""
         row = self._rows("SELECT attempts FROM sends WHERE destination = ? AND sop_uid = ?", (destination, sop_uid))[0]
-        wait = min(backoff * 2 ** row["attempts"], MAX_WAIT)
+        wait = min(backoff * 2.0 ** min(row["attempts"], 40), MAX_WAIT)
         self._write(("UPDATE sends SET attempts = attempts + 1, next_try = ?, error = ? WHERE destination = ? AND sop_uid = ?",
                      (time.time() + wait, error, destination, sop_uid)))  # fmt: skip
         return wait
 
+    def refused(self, destination: str, sop_uid: str, error: str) -> None:
+        """A send that no retry can make (the destination takes no object of its kind, the file is gone): kept, not tried."""
+        sql = "UPDATE sends SET state = 'refused', attempts = attempts + 1, error = ? WHERE destination = ? AND sop_uid = ?"
+        self._write((sql, (error, destination, sop_uid)))
+
     def finish_sent(self) -> list[str]:
-        """Studies sending whose every send is sent: done (returned)."""
+        """Studies sending with no send pending: done (returned)."""
         rows = self._rows(
             "SELECT uid FROM studies WHERE state = 'sending' AND NOT EXISTS "
-            "(SELECT 1 FROM sends WHERE sends.study_uid = studies.uid AND sends.state != 'sent')"
+            "(SELECT 1 FROM sends WHERE sends.study_uid = studies.uid AND sends.state = 'pending')"
         )
         for row in rows:
             self.set_state(row["uid"], "done")
@@ -152,10 +185,14 @@ class Queue:
     def pending(self) -> int:
         """Work left: studies not done or failed, plus sends not sent."""
         rows = self._rows("SELECT (SELECT COUNT(*) FROM studies WHERE state NOT IN ('done', 'failed')) "
-                          "+ (SELECT COUNT(*) FROM sends WHERE state != 'sent') AS n")  # fmt: skip
+                          "+ (SELECT COUNT(*) FROM sends WHERE state = 'pending') AS n")  # fmt: skip
         return int(rows[0]["n"])
 
     # a polled server's studies
+    def destinations(self) -> list[str]:
+        """Where pending sends go: a restart with other destinations still owes these."""
+        return [r["destination"] for r in self._rows("SELECT DISTINCT destination FROM sends WHERE state = 'pending'")]
+
     def seen(self, uid: str) -> dict | None:
         rows = self._rows("SELECT * FROM seen WHERE uid = ?", (uid,))
         return rows[0] if rows else None
@@ -183,7 +220,8 @@ class Queue:
         return self._rows(
             "SELECT s.uid, s.state, s.instances, s.bytes, s.received, s.predicted, s.finished, s.error, "
             "(SELECT COUNT(*) FROM sends d WHERE d.study_uid = s.uid AND d.state = 'sent') AS sent, "
-            "(SELECT COUNT(*) FROM sends d WHERE d.study_uid = s.uid AND d.state != 'sent') AS unsent, "
+            "(SELECT COUNT(*) FROM sends d WHERE d.study_uid = s.uid AND d.state = 'pending') AS unsent, "
+            "(SELECT COUNT(*) FROM sends d WHERE d.study_uid = s.uid AND d.state = 'refused') AS refused, "
             "(SELECT MAX(d.error) FROM sends d WHERE d.study_uid = s.uid AND d.state != 'sent') AS send_error "
             "FROM studies s ORDER BY s.received"
         )

@@ -39,25 +39,81 @@ def web_url(text: str, key: str = "source") -> str:
     return f"{WEB_SCHEMES.get(scheme, scheme)}://{rest.rstrip('/')}"
 
 
-def store_scu(ae_title: str, files: list[Path], node: str, tls: ssl.SSLContext | None = None) -> dict[Path, str | None]:
-    """C-STORE `files` to node (AE@HOST:PORT) in one association: {file: None when stored, else why not}."""
+SENT, RETRY, REFUSED = "sent", "retry", "refused"  # what became of one send: stored, try again later, never (the reason kept)
+
+
+def read_result(f: Path):
+    """A result file to send, or why it cannot be (gone, not DICOM: a retry would not change that)."""
+    try:
+        return pydicom.dcmread(f), None
+    except Exception as e:
+        return None, f"{f} cannot be read ({type(e).__name__}: {e})"[:300]
+
+
+def store_scu(
+    ae_title: str, files: list[Path], node: str, tls: ssl.SSLContext | None = None
+) -> dict[Path, tuple[str, str | None]]:
+    """C-STORE `files` to node (AE@HOST:PORT) in one association: {file: (SENT | RETRY | REFUSED, why)}. A file of a
+    kind the node did not accept (no presentation context) is REFUSED; a node that cannot be reached, RETRY."""
     from pynetdicom import AE
 
     called, host, port = parse_node(node)
-    datasets = {f: pydicom.dcmread(f) for f in files}
+    out: dict[Path, tuple[str, str | None]] = {}
+    datasets = {}
+    for f in files:
+        ds, why = read_result(f)
+        if ds is None:
+            out[f] = (REFUSED, why)
+        else:
+            datasets[f] = ds
+    if not datasets:
+        return out
     ae = AE(ae_title=ae_title)
     add_contexts(ae, datasets.values())
     assoc = ae.associate(host, port, ae_title=called, tls_args=(tls, host) if tls else None)
     if not assoc.is_established:
-        return dict.fromkeys(files, f"no association with {node} (refused, rejected or unreachable)")
-    out: dict[Path, str | None] = {}
+        return {**out, **dict.fromkeys(datasets, (RETRY, f"no association with {node} (refused, rejected or unreachable)"))}
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     try:
         for f, ds in datasets.items():
-            status = assoc.send_c_store(ds)
-            code = getattr(status, "Status", None)
-            out[f] = None if code in SUCCESS else ("no answer" if code is None else f"status 0x{code:04X}")
+            if (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) not in accepted:
+                out[f] = (REFUSED, f"{node} does not accept {ds.SOPClassUID.name} in {ds.file_meta.TransferSyntaxUID.name}")
+                continue
+            if not assoc.is_established:
+                out[f] = (RETRY, f"the association with {node} ended")
+                continue
+            code = getattr(assoc.send_c_store(ds), "Status", None)
+            out[f] = (SENT, None) if code in SUCCESS else (RETRY, "no answer" if code is None else f"status 0x{code:04X}")
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def stow(files: list[Path], url: str) -> dict[Path, tuple[str, str | None]]:
+    """STOW-RS `files` to the DICOMweb root `url`, one request per file: {file: (SENT | RETRY | REFUSED, why)}; a
+    file counts as stored only when the server's answer lists it (an HTTP 200 may carry a FailedSOPSequence)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url)
+    out: dict[Path, tuple[str, str | None]] = {}
+    for f in files:
+        ds, why = read_result(f)
+        if ds is None:
+            out[f] = (REFUSED, why)
+            continue
+        try:
+            answer = client.store_instances([ds])
+        except Exception as e:  # requests' errors, an HTTP status: the send is retried, the reason kept
+            out[f] = (RETRY, f"{type(e).__name__}: {e}"[:300])
+            continue
+        stored = {str(r.get("ReferencedSOPInstanceUID", "")) for r in getattr(answer, "ReferencedSOPSequence", [])}
+        failed = getattr(answer, "FailedSOPSequence", None)
+        if failed or str(ds.SOPInstanceUID) not in stored:
+            reason = f"failure reason {int(failed[0].get('FailureReason', 0)):#06x}" if failed else "not listed as stored"
+            out[f] = (RETRY, f"STOW-RS to {url}: {reason}")
+        else:
+            out[f] = (SENT, None)
     return out
 
 
@@ -68,21 +124,6 @@ def add_contexts(ae, datasets) -> None:
         ae.add_requested_context(cls, syntax)
 
 
-def stow(files: list[Path], url: str) -> dict[Path, str | None]:
-    """STOW-RS `files` to the DICOMweb root `url`, one request per file: {file: None when stored, else why not}."""
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(url)
-    out: dict[Path, str | None] = {}
-    for f in files:
-        try:
-            client.store_instances([pydicom.dcmread(f)])
-            out[f] = None
-        except Exception as e:  # requests' errors, an HTTP status: the send is retried, the reason kept
-            out[f] = f"{type(e).__name__}: {e}"[:300]
-    return out
-
-
 def web_client(url: str):
     from dicomweb_client.api import DICOMwebClient
 
@@ -91,7 +132,7 @@ def web_client(url: str):
 
 def studies_on(client) -> dict[str, int]:
     """QIDO-RS: every study of the server and its instance count."""
-    found = client.search_for_studies(fields=["StudyInstanceUID", "NumberOfStudyRelatedInstances"])
+    found = client.search_for_studies(fields=["StudyInstanceUID", "NumberOfStudyRelatedInstances"], get_remaining=True)
     out = {}
     for item in found:
         ds = pydicom.Dataset.from_json(item)
