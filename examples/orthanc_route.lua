@@ -7,5 +7,5 @@ function OnStableStudy(studyId, tags, metadata)
       end
    end
    print('siimcovid: routing study ' .. studyId .. ' to siimcovid serve')
-   SendToModality(studyId, 'siimcovid')
+   RestApiPost('/modalities/siimcovid/store', studyId)  -- SendToModality takes instances only
 end

@@ -5,7 +5,8 @@ setting to bind one address). Prints one JSON line of what it saw; the test asse
     python tests/orthanc_scenario.py WORK BUNDLE DICOM_DIR_1 DICOM_DIR_2
 
 1. storescu (dcmtk) sends study 1 to Orthanc; Orthanc forwards it to `serve` (C-STORE, its REST /modalities/.../store,
-   as a routing rule would); serve predicts it and C-STOREs the results back; the test reads them from Orthanc's REST.
+   as a routing rule would); serve is killed (-9) while it predicts, started again, predicts it and C-STOREs the
+   results back; the test reads them from Orthanc's REST (one SR, one presentation state per image).
 2. study 2 is stored in Orthanc only; `serve source=dicomweb://` finds it (QIDO-RS), fetches it (WADO-RS) and stores
    the results back (STOW-RS).
 """
@@ -80,6 +81,15 @@ def results_of(study_uid: str) -> dict:
     return out
 
 
+def predicting(node: Path) -> bool:
+    import sqlite3
+
+    if not (node / "queue.sqlite").exists():
+        return False
+    with sqlite3.connect(node / "queue.sqlite", timeout=30) as db:
+        return bool(db.execute("SELECT 1 FROM studies WHERE state = 'predicting'").fetchall())
+
+
 def refs(tags: dict) -> set[str]:
     """The SOP Instance UIDs a presentation state (or SR) references, from Orthanc's simplified tags."""
     found = set()
@@ -110,12 +120,16 @@ def main(work: Path, bundle: str, first: Path, second: Path) -> dict:
         files1 = sorted(first.rglob("*.dcm"))
         uid1 = str(pydicom.dcmread(files1[0]).StudyInstanceUID)
         sop1 = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files1}
-        subprocess.run(["storescu", "-aec", "ORTHANC", "127.0.0.1", str(DICOM), *map(str, files1)], check=True)
+        subprocess.run(["storescu", "-R", "-aec", "ORTHANC", "127.0.0.1", str(DICOM), *map(str, files1)], check=True)
         node = serve(work, bundle, "node", send_to=f"ORTHANC@127.0.0.1:{DICOM}")
         until(lambda: listening(NODE), 120)
         oid = rest("/tools/lookup", uid1.encode())[0]["ID"]
         rest("/modalities/siimcovid/store", json.dumps({"Resources": [oid], "Synchronous": True}).encode())
         forwarded = time.time()  # the last instance is with serve
+        until(lambda: predicting(work / "node"), 120)
+        node.kill()  # kill -9 in the middle of the study, then the same command again
+        node.wait()
+        node = serve(work, bundle, "node", send_to=f"ORTHANC@127.0.0.1:{DICOM}")
         got = until(lambda: (r := results_of(uid1)) and {"SR", "PR"} <= set(r) and r, 300)
         seen["scp_seconds"] = time.time() - forwarded
         seen["scp"] = {m: [sorted(refs(t)) for t in tags] for m, tags in got.items() if m in ("SR", "PR", "OT", "DX", "CR")}
@@ -127,7 +141,7 @@ def main(work: Path, bundle: str, first: Path, second: Path) -> dict:
         until(lambda: "before this node" in (work / "poll.log").read_text(), 120)  # its first search: study 1 is old
         files2 = sorted(second.rglob("*.dcm"))
         uid2 = str(pydicom.dcmread(files2[0]).StudyInstanceUID)
-        subprocess.run(["storescu", "-aec", "ORTHANC", "127.0.0.1", str(DICOM), *map(str, files2)], check=True)
+        subprocess.run(["storescu", "-R", "-aec", "ORTHANC", "127.0.0.1", str(DICOM), *map(str, files2)], check=True)
         stored = time.time()
         got = until(lambda: (r := results_of(uid2)) and {"SR", "PR"} <= set(r) and r, 300)
         seen["poll_seconds"] = time.time() - stored

@@ -447,7 +447,7 @@ def test_a_node_killed_mid_study_then_restarted_delivers_every_result_once(tiny_
         proc.send_signal(signal.SIGKILL)  # in the middle of its first study
         proc.wait()
         proc = serve_process(result["bundle"], out, port, pacs.port, log, exit_idle=3)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
         assert set(states(out).values()) == {"done"}
         made = [DICOM_RESULTS.read(p) for p in (out / "results").glob("*/dicom.csv")]
         expected = {uid for table in made for uid in table.sop_instance_uid}
