@@ -50,7 +50,7 @@ def test_a_shared_key_is_declared_once_and_every_stage_takes_it_from_there():
             assert setting.tags >= shared[key].tags and setting.help.startswith(shared[key].help), (stage, key)
         for alt in schema(SHARED).settings[key].parsed.alts:  # `alt (stage, ...)` names stages that have the key
             assert set(alt.only) <= set(stages), (key, alt.only, stages)
-    assert users["workers"] == ["synth", "prepare", "detect", "classify", "fuse", "pseudo", "predict"]
+    assert users["workers"] == ["synth", "prepare", "detect", "classify", "fuse", "pseudo", "predict", "serve"]
 
 
 def test_a_stage_cannot_give_a_shared_key_a_meaning_of_its_own(tmp_path, monkeypatch):
