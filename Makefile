@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-ray bench clean
+.PHONY: install demo test test-ray bench docs docs-serve clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ test: install
 test-ray: install
 	$(BIN)/pip install --quiet -e '.[test,ray]'
 	$(BIN)/python -m pytest -q tests/test_ray_folds.py tests/test_ray_evolve.py
+
+# the documentation site into site/ (its reference generated from the code; --strict: a broken link fails)
+docs: install
+	$(BIN)/pip install --quiet -e '.[docs]'
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: docs
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py

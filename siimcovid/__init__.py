@@ -42,6 +42,7 @@ Modules:
     weights.py     save_state, load_state: weights that travel (safetensors + a data-only model description)
     ray_engine.py  `engine=ray`: run_folds(...) over a Ray cluster (Ray is optional)
     report.py      the report's plots: plot_pr_curves, plot_confusion, plot_samples
+    reference.py   pages(): the documentation site's reference pages, generated from the cfg files, tables and registry
     utils.py       SiimError, DataError, atomic writes, as_list, LOGGER
     views.py       crop=lung: LungBoxes, lungs_of(cfg), detect_views(...), cut, to_original: the lung-crop views
 """
@@ -66,6 +67,7 @@ __all__ = [
     "predict",
     "pseudo",
     "ray_engine",
+    "reference",
     "registry",
     "report",
     "run",
