@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-ray bench docs docs-serve clean
+.PHONY: install demo test test-ray test-pacs bench docs docs-serve clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/siimcovid run
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not pacs"
 
 # the Ray tests (engine=ray on a local cluster on 127.0.0.1), with the optional ray extra
 test-ray: install
@@ -33,6 +33,11 @@ docs: install
 
 docs-serve: docs
 	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+# siimcovid serve against a real PACS (Orthanc in a network namespace of its own; root, and orthanc, orthanc-dicomweb,
+# dcmtk installed: .ci/run installs them), about a minute; the tests skip and say why where they cannot run
+test-pacs: install
+	$(BIN)/python -m pytest -q -m pacs
 
 bench: install
 	$(BIN)/python benchmarks/bench_prepare.py

@@ -65,7 +65,7 @@ def start_orthanc(work: Path) -> subprocess.Popen:
 
 
 def serve(work: Path, bundle: str, name: str, **settings) -> subprocess.Popen:
-    args = {"bundle": bundle, "out": work / name, "quiet": 2, "workers": 0, "exit_idle": 8, **settings}
+    args = {"bundle": bundle, "out": work / name, "quiet": 1, "workers": 0, "exit_idle": 3, **settings}
     cmd = [sys.executable, "-m", "siimcovid", "serve", *(f"{k}={v}" for k, v in args.items())]
     return subprocess.Popen(cmd, stdout=(work / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
 
@@ -137,7 +137,7 @@ def main(work: Path, bundle: str, first: Path, second: Path) -> dict:
         seen["scp_exit"] = node.wait(timeout=120)
 
         seen["study1_before"] = {m: len(t) for m, t in results_of(uid1).items()}
-        poll = serve(work, bundle, "poll", source=f"dicomweb://127.0.0.1:{HTTP}/dicom-web", poll=1)
+        poll = serve(work, bundle, "poll", source=f"dicomweb://127.0.0.1:{HTTP}/dicom-web", poll=1, exit_idle=6)
         until(lambda: "before this node" in (work / "poll.log").read_text(), 120)  # its first search: study 1 is old
         files2 = sorted(second.rglob("*.dcm"))
         uid2 = str(pydicom.dcmread(files2[0]).StudyInstanceUID)

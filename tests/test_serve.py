@@ -483,6 +483,7 @@ def orthanc_missing() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.pacs
 @pytest.mark.skipif(orthanc_missing() is not None, reason=str(orthanc_missing()))
 def test_a_real_pacs_forwards_a_study_and_gets_its_results_back_and_a_polled_one_too(tiny_run, tmp_path):
     import json
