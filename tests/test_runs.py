@@ -199,7 +199,8 @@ def test_stage_selection_sorting_and_formats(project, capsys):
 def test_the_cli_reads_the_stage_registry():
     assert cli.STAGES == stages.modes_by_stage()
     assert stages.with_runs() == ["prepare", "detect", "classify", "fuse", "pseudo", "run"]
-    assert {s.name for s in stages.STAGES.values() if s.folder is None} == {"synth", "evaluate", "runs", "predict", "keygen", "serve"}
+    no_runs = {"synth", "evaluate", "runs", "predict", "keygen", "serve"}
+    assert {s.name for s in stages.STAGES.values() if s.folder is None} == no_runs
     assert stages.extra_keys("prepare") == set()
     with pytest.raises(SiimError, match="unknown stage 'nope'"):
         stages.stage("nope")
