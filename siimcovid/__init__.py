@@ -24,7 +24,7 @@ Packages (stages import torch / Ultralytics only when they run):
 Modules:
     cli.py         main(argv), call(stage, mode, **settings), resolve(argv), listing(): the entry point
     stages.py      Stage, stage(name), stage_config(name, mode, overrides): each stage's modes, run folder, runs row
-    registry.py    register(kind, name), add(kind, name, obj), get(kind, name), names(kind), kinds(): named things
+    registry.py    register(kind, name), add(kind, name, obj), get(kind, name), names(kind), about(kind), kinds(): named things
     config.py      load_config(stage, overrides), Config, read_yaml, fusion_keys(), runtime_keys(stage)
     tables.py      Table: the contracts of every table crossing a stage boundary, and the class / box constants
     artifacts.py   Document: the declarations of the YAML files crossing a stage boundary (as tables.py for CSVs)

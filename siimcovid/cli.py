@@ -41,7 +41,7 @@ def usage() -> str:
 
 def kind_block(kind: str) -> str:
     """One kind of `siimcovid help`: `kind: what it chooses`, then its names (aliases included)."""
-    about = registry.BUILTINS[kind].about if kind in registry.BUILTINS else "registered outside siimcovid"
+    about = registry.about(kind)
     try:
         words = ", ".join(registry.names(kind))
     except SiimError as e:  # a kind whose built-in module is missing: say so, list the others

@@ -14,6 +14,7 @@ from __future__ import annotations
 from siimcovid import registry, tables
 from siimcovid.config import default_config_path, schema
 from siimcovid.stages import STAGES
+from siimcovid.utils import SiimError
 
 REFERENCE = "reference"
 
@@ -86,10 +87,10 @@ def registries_page() -> str:
         "|---|---|---|",
     ]
     for kind in registry.kinds():
-        about = registry.BUILTINS[kind].about if kind in registry.BUILTINS else "registered outside siimcovid"
+        about = registry.about(kind)
         try:
             names = ", ".join(f"`{n}`" for n in registry.names(kind))
-        except Exception as e:  # a kind whose module is missing here: said, the others listed
+        except SiimError as e:  # a kind whose built-in module is missing here: said, the others listed (as `siimcovid help`)
             names = f"(not available: {cell(e)})"
         lines.append(f"| `{kind}` | {cell(about)} | {names} |")
     return "\n".join(lines) + "\n"

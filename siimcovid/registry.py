@@ -153,6 +153,11 @@ def kinds() -> list[str]:
     return list(BUILTINS) + [k for k in _REGISTRY if k not in BUILTINS]
 
 
+def about(kind: str) -> str:
+    """What a kind chooses (its built-in declaration), for `siimcovid help` and the site's registries page."""
+    return BUILTINS[kind].about if kind in BUILTINS else "registered outside siimcovid"
+
+
 def names(kind: str) -> list[str]:
     """Every registered name of a kind (aliases included): the built-ins, then the others, in registration order."""
     return list(_load(kind))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from orthanc_scenario import listening  # tests/: the scenario's own helpers
 from pydicom.uid import generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
@@ -22,8 +23,6 @@ from siimcovid.serve.node import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, STORE, Nod
 from siimcovid.serve.queue import QUEUE_FILE, Queue
 from siimcovid.serve.send import add_contexts
 from siimcovid.stages import stage_config
-
-SHA = "ab" * 32
 
 
 def free_port() -> int:
@@ -54,7 +53,7 @@ def one_study(root: Path, to: Path, n: int) -> list[Path]:
 def node_of(out: Path, **settings) -> Node:
     cfg = stage_config("serve", None, {"bundle": "unused", "out": str(out), "port": free_port(), **settings})
     out.mkdir(parents=True, exist_ok=True)
-    return Node(cfg, SHA)
+    return Node(cfg)
 
 
 def c_store(port: int, files, calling="SENDER", called="SIIMCOVID", tls=None) -> list[int] | None:
@@ -425,11 +424,6 @@ def states(out: Path) -> dict[str, str]:
         return {}
     with sqlite3.connect(out / QUEUE_FILE, timeout=30) as db:
         return dict(db.execute("SELECT uid, state FROM studies").fetchall())
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.slow

@@ -36,6 +36,7 @@ from siimcovid.predict.dicom import MANUFACTURER, SERIES_NUMBER
 from siimcovid.serve.queue import PREDICT_TRIES, QUEUE_FILE, Queue
 from siimcovid.serve.send import (
     REFUSED,
+    RETRY,
     SENT,
     fetch_study,
     parse_node,
@@ -50,7 +51,7 @@ from siimcovid.serve.send import (
 from siimcovid.tables import DICOM_RESULTS
 from siimcovid.utils import LOGGER, SiimError
 
-RECORD = "serve.yaml"  # the node's record of its folder (siimcovid.outputs): queue.sqlite; store/ and results/ are listed in it
+RECORD = "serve.yaml"  # the node's record of its folder (siimcovid.outputs): it lists queue.sqlite, which lists the rest
 STORE, RESULTS = "store", "results"
 OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0xA700, 0xC210, 0xC211
 FREE_MARGIN = 1 << 30  # bytes the disk keeps free whatever max_store_gb says
@@ -73,8 +74,8 @@ def own_result(ds) -> bool:
 class Node:
     """The node's folder, queue and settings; `receive` stores one dataset, `step` does the work that is due."""
 
-    def __init__(self, cfg: Config, bundle_sha: str):
-        self.cfg, self.bundle_sha = cfg, bundle_sha
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
         self.root = Path(cfg.out)
         self.queue = Queue(self.root)
         self.destinations = [d for d in (cfg.send_to, self.stow_url()) if d]
@@ -188,7 +189,7 @@ class Node:
                 else:
                     result = store_scu(self.cfg.ae_title, list(files), destination, self.tls)
             except Exception as e:  # a TLS error, a bug: every send of this round waits and retries
-                result = dict.fromkeys(files, ("retry", f"{type(e).__name__}: {e}"))
+                result = dict.fromkeys(files, (RETRY, f"{type(e).__name__}: {e}"))
             for f, (state, why) in result.items():
                 row = files[f]
                 if state == SENT:
@@ -351,11 +352,11 @@ def serve(cfg: Config) -> dict:
     check_place(cfg.out)
     from siimcovid.bundle import open_bundle
 
-    bundle = open_bundle(cfg.bundle, cfg.trust)  # every check of the bundle, before anything listens
+    open_bundle(cfg.bundle, cfg.trust)  # every check of the bundle, before anything listens (predict opens it per study)
     record = open_out(cfg.out, RECORD, "serve", None, claim=[Path(cfg.out) / QUEUE_FILE])
     record.save()
     lock = one_node(Path(cfg.out) / QUEUE_FILE)
-    node = Node(cfg, bundle.manifest_sha256)
+    node = Node(cfg)
     left = node.queue.pending()
     if left:
         LOGGER.info(f"serve: {left} study or send left in {node.queue.path} from before: going on with them")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 QUEUE_FILE = "queue.sqlite"
@@ -59,16 +60,22 @@ class Queue:
         with self.lock:
             self.db.close()
 
-    def _write(self, *statements: tuple[str, tuple]) -> None:
+    @contextmanager
+    def _transaction(self):
+        """One write transaction under the lock: committed whole, or rolled back."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self.db.execute(sql, args)
+                yield self.db
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+
+    def _write(self, *statements: tuple[str, tuple]) -> None:
+        with self._transaction() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self.lock:
@@ -111,19 +118,13 @@ class Queue:
         """Mark a study predicting, if it still is complete (no instance came since complete() listed it), counting
         the try in the same commit; returns the tries so far, or None when it is not complete any more."""
         limit = 0 if fetched_only else time.time() - quiet
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self.db.execute(
-                    "UPDATE studies SET state = 'predicting', attempts = attempts + 1 WHERE uid = ? AND "
-                    "(state = 'predicting' OR (state = 'receiving' AND last_instance <= ?))",
-                    (uid, limit),
-                )
-                tries = self.db.execute("SELECT attempts FROM studies WHERE uid = ?", (uid,)).fetchone()
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE studies SET state = 'predicting', attempts = attempts + 1 WHERE uid = ? AND "
+                "(state = 'predicting' OR (state = 'receiving' AND last_instance <= ?))",
+                (uid, limit),
+            )
+            tries = db.execute("SELECT attempts FROM studies WHERE uid = ?", (uid,)).fetchone()
         return int(tries[0]) if cur.rowcount == 1 else None
 
     def fetched(self, uid: str) -> None:

@@ -93,9 +93,7 @@ def store_scu(
 def stow(files: list[Path], url: str) -> dict[Path, tuple[str, str | None]]:
     """STOW-RS `files` to the DICOMweb root `url`, one request per file: {file: (SENT | RETRY | REFUSED, why)}; a
     file counts as stored only when the server's answer lists it (an HTTP 200 may carry a FailedSOPSequence)."""
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(url)
+    client = web_client(url)
     out: dict[Path, tuple[str, str | None]] = {}
     for f in files:
         ds, why = read_result(f)
