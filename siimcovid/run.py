@@ -204,6 +204,8 @@ def classify(
 def check_sections(cfg: Config, root: Path, project: Path) -> None:
     """Every stage's section typed and checked as the stage will check it, before the first stage runs: a bad value
     in the classify section must not wait for hours of detector training to be found."""
+    if cfg.get("demo_range") and (len(cfg.demo_range) != 2 or cfg.demo_range[0] > cfg.demo_range[1]):
+        raise SiimError(f"run setting demo_range={cfg.demo_range}: expected [low, high] with low <= high, or null")
     prepared = stage_dir(project, "prepare") / cfg.name
     fixed = {"data": str(root), "name": cfg.name, "out": str(prepared), **lung_boxes(cfg, root)}
     stages.stage_config("prepare", None, section_settings(cfg.prepare, "prepare", **fixed))
@@ -403,6 +405,52 @@ def cv_table(rows: list[dict], out: Path, name: str) -> tuple[pd.DataFrame, floa
     return table, margin
 
 
+# ----------------------------------------------------------------------------- the demo's measured range
+SPREAD_KEYS = frozenset({"seed"})  # the seeds are what demo_range spans: a run at other seeds is still the demo
+
+
+def demo_differences(cfg: Config) -> list[str]:
+    """This run's settings that may move its CV and differ from the demo's (run.yaml's defaults), as
+    `section.key` names; [] = the demo at some seed. Runtime settings (device, workers, name...) and seeds do not count."""
+    demo, run_schema = stages.stage_config("run", None, {}), schema("run")
+    differ = []
+    for key, setting in run_schema.settings.items():
+        if key == "demo_range" or "runtime" in setting.tags:
+            continue
+        mine, theirs = cfg.get(key), demo.get(key)
+        stage = next((a.word for a in setting.parsed.alts if a.kind == "settings"), None)
+        if stage and isinstance(mine, dict) and isinstance(theirs, dict):
+            skip = schema(stage).keys("runtime") | SPREAD_KEYS
+            differ += [f"{key}.{k}" for k in sorted((mine.keys() | theirs.keys()) - skip) if mine.get(k) != theirs.get(k)]
+        elif key == "data" and mine and theirs:
+            differ += [] if Path(mine).resolve() == Path(theirs).resolve() else [key]
+        elif mine != theirs:
+            differ.append(key)
+    return differ
+
+
+def compare_with_demo(cfg: Config, final: float) -> str | None:
+    """One line: the run's final CV inside or outside the demo's measured range (demo_range), or why there is no range
+    to compare with. None when demo_range is null."""
+    if not cfg.get("demo_range"):
+        return None
+    lo, hi = cfg.demo_range
+    differ = demo_differences(cfg)
+    if differ:
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        return f"not the demo's settings ({shown}): the demo's range ({lo:.3f}-{hi:.3f}, demo_range) does not apply"
+    if lo <= final <= hi:
+        return (
+            f"final CV {final:.4f} is inside the demo's range {lo:.3f}-{hi:.3f} (its spread over seeds, demo_range): "
+            "a difference from the README's table is training noise"
+        )
+    side = "below" if final < lo else "above"
+    return (
+        f"final CV {final:.4f} is {side} the demo's range {lo:.3f}-{hi:.3f} (its spread over seeds, demo_range): not "
+        "noise seen so far; compare `pip list` with the packages of the table (docs/get-started/demo.md) and the code's commit"
+    )
+
+
 # ----------------------------------------------------------------------------- the pipeline
 def run(cfg: Config) -> dict:
     project = Path(cfg.project)
@@ -436,9 +484,12 @@ def run(cfg: Config) -> dict:
     rows += pseudo_rounds(cfg, prepared, project, det_dir, cls_dir, timings, views)
 
     table, margin = cv_table(rows, out, cfg.name)
+    demo = compare_with_demo(cfg, float(table.final[0]))
+    if demo:
+        LOGGER.info(demo)
     submission = test["files"]["submission"]
     LOGGER.info(f"submission: {submission}")
-    result = {"dir": out, "table": table, "submission": submission, "timings": timings, "margin": margin}
+    result = {"dir": out, "table": table, "submission": submission, "timings": timings, "margin": margin, "demo": demo}
     if cfg.export:  # the trained pipeline as one portable bundle (siimcovid predict bundle=<project>/bundle/<name>)
         from siimcovid.bundle import export
 

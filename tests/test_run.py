@@ -42,6 +42,7 @@ def test_run_writes_a_valid_submission_and_the_cv_table(demo):
     assert (nested / "fold0" / "best.yaml").exists() and (nested / "fold1" / "scores_oof.csv").exists()
     priors = table[table.method.str.contains("priors")].iloc[0]
     assert priors.opacity == 0  # no boxes, no opacity AP
+    assert result["demo"].startswith("not the demo's settings (")  # tiny models: the demo's range does not apply
 
 
 @pytest.mark.slow
@@ -167,6 +168,7 @@ def test_run_gives_each_detector_its_views_and_it_predicts_with_the_margin_it_tr
             {"classify_predict": {"tta": True, "epcohs": 3}},
             r"unknown classify setting 'epcohs' \(did you mean 'epochs'\?\) in run section classify_predict\.",
         ),
+        ({"demo_range": [0.7, 0.5]}, r"demo_range=\[0.7, 0.5\]: expected \[low, high\] with low <= high"),
         (
             {"detect": {"gpu_per_trial": 1}},
             r"^detect setting 'gpu_per_trial' in run section detect is now called 'gpus_per_trial'$",
@@ -180,3 +182,23 @@ def test_a_bad_value_in_any_section_stops_run_before_anything_is_written(tmp_pat
     with pytest.raises(SiimError, match=message):
         call("run", name="x", data=str(tmp_path / "siim"), project=str(tmp_path / "runs"), **section)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "siim").exists()
+
+
+def test_the_demo_at_other_seeds_is_compared_with_its_range_and_a_changed_run_is_not():
+    """A newcomer's demo that prints another table than the README's is told whether that is noise seen before."""
+    from siimcovid import run, stages
+
+    def config(**settings):
+        return stages.stage_config("run", None, settings)
+
+    lo, hi = config().demo_range
+    seeds = config(**{"detect.seed": 3, "classify.seed": 7, "detect.device": "0", "classify.workers": 4, "name": "seed3"})
+    assert run.demo_differences(seeds) == []  # seeds, devices, workers and names leave it the demo
+    assert "inside the demo's range" in run.compare_with_demo(seeds, (lo + hi) / 2)
+    assert "below the demo's range" in run.compare_with_demo(seeds, lo - 0.05)
+    assert "above the demo's range" in run.compare_with_demo(seeds, hi + 0.05)
+    changed = config(**{"detect.epochs": 30, "fuse.iou_thr": 0.5, "nested_tuning": False, "data": "elsewhere"})
+    assert run.demo_differences(changed) == ["data", "detect.epochs", "fuse.iou_thr", "nested_tuning"]
+    assert run.compare_with_demo(changed, (lo + hi) / 2).startswith("not the demo's settings (data, detect.epochs")
+    assert run.demo_differences(config(data="./datasets/../datasets/siim-synth")) == []  # the same folder, spelt otherwise
+    assert run.compare_with_demo(config(demo_range=None), 0.1) is None
