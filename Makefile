@@ -29,10 +29,10 @@ test-ray: install
 # the documentation site into site/ (its reference generated from the code; --strict: a broken link fails)
 docs: install
 	$(BIN)/pip install --quiet -e '.[docs]'
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: docs
-	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # siimcovid serve against a real PACS (Orthanc in a network namespace of its own; root, and orthanc, orthanc-dicomweb,
 # dcmtk installed: .ci/run installs them), about a minute; the tests skip and say why where they cannot run

@@ -652,7 +652,7 @@ BOX_PRED_COLUMNS = [c for c in FUSED_BOXES.names if c != "wbf_conf"]  # image_id
 SCORE_COLUMNS = [c.name for c in SCORES.columns if c.dtype == FLOAT and c.name != "lung"]
 
 
-# ----------------------------------------------------------------------------- per-fold teachers and pseudo-labels (issue 12)
+# ----------------------------------------------------------------------------- per-fold teachers and pseudo-labels
 CLASSIFIER_FOLDS = Table(
     "classifier folds",
     "runs/classify/<name>/pred_test_image_folds.csv (classify predict per_fold=true)",

@@ -82,3 +82,14 @@ def test_every_page_is_in_the_navigation_and_every_readme_block_it_shows_exists(
         for name in re.findall(r'^--8<-- "README.md:([\w-]+)"', page.read_text(), re.M):
             start, end = f"<!-- --8<-- [start:{name}] -->", f"<!-- --8<-- [end:{name}] -->"
             assert start in readme and end in readme and readme.index(start) < readme.index(end), (page, name)
+
+
+def test_the_demo_range_the_readme_shows_is_the_one_run_compares_with():
+    """The range beside the README's table and the one `siimcovid run` prints are one fact (run.yaml's demo_range)."""
+    from siimcovid import stages
+
+    lo, hi = stages.stage_config("run", None, {}).demo_range
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- --8<-- [start:demo-range] -->", 1)[1].split("<!-- --8<-- [end:demo-range] -->", 1)[0]
+    assert f"inside {lo:.2f}-{hi:.2f} (`demo_range`" in block
+    assert '--8<-- "README.md:demo-range"' in (ROOT / "docs" / "get-started" / "demo.md").read_text()
