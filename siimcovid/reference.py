@@ -20,13 +20,16 @@ REFERENCE = "reference"
 
 
 def cell(text) -> str:
-    """Text for a Markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for a Markdown table cell: one line; outside code spans pipes escaped and `<` an entity (`copies_<folder>.csv`
+    is no HTML tag); inside them as written (the table extension splits cells around code spans, and shows a backslash)."""
+    parts = " ".join(str(text).split()).split("`")
+    return "`".join(p if i % 2 else p.replace("|", "\\|").replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def code(value) -> str:
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return f"`{cell(text)}`" if text else "` `"
+    text = " ".join(text.split())
+    return f"`{text}`" if text else "` `"
 
 
 def configured_stages() -> list[str]:
@@ -38,6 +41,9 @@ def settings_page(stage: str) -> str:
     modes = [m for m in STAGES[stage].modes if m]
     usage = " | ".join(modes)
     lines = [
+        "---",
+        "hide: [toc]",  # one table and no headings: the page's width goes to the table
+        "---",
         f"# `siimcovid {stage}`" + (f" (modes: {usage})" if usage else ""),
         "",
         f"Generated from `siimcovid/cfg/{stage}.yaml` (what `siimcovid {stage} help` prints). Give a setting as",

@@ -47,7 +47,14 @@ def test_a_stage_s_page_lists_exactly_its_settings_with_their_types_and_defaults
     assert rows(page) == list(settings)
     for key, s in settings.items():
         row = next(line for line in page.splitlines() if line.startswith(f"| `{key}` |"))
-        assert f"`{reference.cell(s.spec)}`" in row and s.help.split()[0] in row
+        assert reference.code(s.spec) in row and s.help.split()[0] in row
+
+
+def test_a_cell_shows_its_text_as_written():
+    """A pipe outside code would split the cell and `<folder>` would vanish as an HTML tag; inside a code span the
+    table extension keeps a pipe whole and would show an escape's backslash."""
+    assert reference.cell("a | b `x | y` in copies_<folder>.csv") == "a \\| b `x | y` in copies_&lt;folder>.csv"
+    assert reference.code("all | int >= 0") == "`all | int >= 0`"
 
 
 def test_the_formats_page_lists_every_contract_and_its_columns():
