@@ -46,6 +46,18 @@ def prepared(synth_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prepared_small(_tiny_source, tmp_path_factory) -> Path:
+    """The 10-study tiny root prepared at 64 px, 3 folds: for tests of a slow model's mechanics (torchvision's Faster
+    R-CNN resuming, averaging, predicting: ~0.1 s per training image on the CPU at any size), not of what it learns."""
+    from siimcovid.config import load_config
+    from siimcovid.data.prepare import prepare
+
+    base = tmp_path_factory.mktemp("prepared_small")
+    settings = {"data": str(_tiny_source), "name": "small", "out": str(base / "small"), "sizes": [64], "n_folds": 3}
+    return prepare(load_config("prepare", {**settings, "workers": 1, "data_yaml_dir": str(base / "data_yaml")}))
+
+
+@pytest.fixture(scope="session")
 def _tiny_source(tmp_path_factory) -> Path:
     return make_synth(tmp_path_factory.mktemp("tiny") / "root", train_studies=10, test_studies=2, rows=160, cols=180, seed=3)
 

@@ -208,11 +208,11 @@ def record_last(seen: list):
 
 
 @pytest.fixture(scope="module")
-def tv_run(prepared, tmp_path_factory):
+def tv_run(prepared_small, tmp_path_factory):
     from siimcovid.detect.train import train
 
     project, seen = tmp_path_factory.mktemp("swa_tv"), []
-    train(tv_cfg(prepared, project, name="whole"), {"on_fit_epoch_end": record_last(seen)})
+    train(tv_cfg(prepared_small, project, name="whole"), {"on_fit_epoch_end": record_last(seen)})
     return project / "whole" / "fold0", seen
 
 
@@ -235,16 +235,16 @@ def test_a_torchvision_fold_ends_with_the_mean_of_its_swa_epochs(tv_run):
 
 
 @pytest.mark.slow
-def test_a_torchvision_fold_stopped_in_its_swa_epochs_resumes_to_the_same_weights(tv_run, prepared, tmp_path):
+def test_a_torchvision_fold_stopped_in_its_swa_epochs_resumes_to_the_same_weights(tv_run, prepared_small, tmp_path):
     from siimcovid.detect.train import train
 
     whole, _ = tv_run
     fold = tmp_path / "whole" / "fold0"
     for epoch in (2, 3):
         with pytest.raises(Stop):
-            train(tv_cfg(prepared, tmp_path, name="whole"), {"on_fit_epoch_end": stop_after(epoch)})
+            train(tv_cfg(prepared_small, tmp_path, name="whole"), {"on_fit_epoch_end": stop_after(epoch)})
         assert load(fold / "last.pt")["swa"]["n_averaged"] == epoch - 1 and not (fold / "done.json").exists()
-    train(tv_cfg(prepared, tmp_path, name="whole"))
+    train(tv_cfg(prepared_small, tmp_path, name="whole"))
     for name in ("best.pt", "last.pt"):
         a, b = load(fold / name)["model"], load(whole / name)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

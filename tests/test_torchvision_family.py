@@ -19,9 +19,9 @@ TINY += ["batch=4", "workers=0", "device=cpu"]
 
 
 @pytest.mark.slow
-def test_a_torchvision_fold_trains_and_predicts_in_original_pixels(prepared, tmp_path):
-    prep = Prepared(prepared)
-    run = cli.main(["detect", "train", f"data={prepared}", *TINY, f"project={tmp_path}", "name=tv", "fold=0"])
+def test_a_torchvision_fold_trains_and_predicts_in_original_pixels(prepared_small, tmp_path):
+    prep = Prepared(prepared_small)
+    run = cli.main(["detect", "train", f"data={prepared_small}", *TINY, f"project={tmp_path}", "name=tv", "fold=0"])
     out = cli.main(["detect", "predict", f"run={run}", "device=cpu", "tta=true"])["tv"]
     oof, test = DETECTIONS.read(out["oof"]), DETECTIONS.read(out["test"])
     assert set(oof.image_id) <= set(prep.fold(0, "val").image_id) and (oof.fold == 0).all()
@@ -112,12 +112,12 @@ def test_torchvision_refuses_task_lung(prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_torchvision_fold_trains_on_lung_crops_and_predicts_both_views(prepared, tmp_path, caplog):
-    prep = Prepared(prepared)
+def test_a_torchvision_fold_trains_on_lung_crops_and_predicts_both_views(prepared_small, tmp_path, caplog):
+    prep = Prepared(prepared_small)
     lung = fake_lung_run(tmp_path / "lung", prep)
     crop = ["crop=lung", f"lung={lung}"]
     with caplog.at_level("INFO", logger="siimcovid"):
-        run = cli.main(["detect", "train", f"data={prepared}", *TINY, f"project={tmp_path}", "name=tv", "fold=0", *crop])
+        run = cli.main(["detect", "train", f"data={prepared_small}", *TINY, f"project={tmp_path}", "name=tv", "fold=0", *crop])
     n = len(prep.fold(0, "train"))
     assert f"{n} training images + {n} lung crops of them" in caplog.text
     out = cli.main(["detect", "predict", f"run={run}", "device=cpu", "tta=true", "split=oof", "conf=0.0001", *crop])

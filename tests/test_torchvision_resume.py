@@ -58,8 +58,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_torchvision_fold_killed_after_an_epoch_resumes_to_the_uninterrupted_fold(prepared, tmp_path, caplog):
-    common = ["detect", "train", f"data={prepared}", *TINY, f"project={tmp_path}"]
+def test_a_torchvision_fold_killed_after_an_epoch_resumes_to_the_uninterrupted_fold(prepared_small, tmp_path, caplog):
+    common = ["detect", "train", f"data={prepared_small}", *TINY, f"project={tmp_path}"]
     fold = tmp_path / "killed" / "fold0"
     run = start([*common, "name=killed"], tmp_path / "killed.log")
     kill_when(run, (fold / "last.pt").is_file, tmp_path / "killed.log")
