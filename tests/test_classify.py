@@ -361,11 +361,11 @@ def test_resume_continues_from_the_last_epoch(prepared, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
+def test_ddp_two_gloo_processes_same_layout(trained, prepared_small, tmp_path):
     run, _ = trained
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [f"{k}={v}" for k, v in TINY.items()] + [
-        f"data={prepared}",
+    args = [f"{k}={v}" for k, v in {**TINY, "batch": 4}.items()] + [  # the small set: 7 training images
+        f"data={prepared_small}",
         f"project={tmp_path}",
         "name=ddp",
         "fold=0",
@@ -405,7 +405,7 @@ def test_ddp_two_gloo_processes_same_layout(trained, prepared, tmp_path):
     assert log.epoch.tolist() == [1, 2, 3]
     # The validation predictions of both ranks were gathered: every held-out image exactly once.
     oof = pd.read_csv(fold / "val_pred_image.csv", dtype={"image_id": str})
-    assert sorted(oof.image_id) == sorted(Prepared(prepared).fold(0, "val").image_id)
+    assert sorted(oof.image_id) == sorted(Prepared(prepared_small).fold(0, "val").image_id)
 
 
 # ---------------------------------------------------------------- trainer hooks

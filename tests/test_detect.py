@@ -394,11 +394,12 @@ def test_a_run_from_the_plain_yolo_cli_loads_with_a_warning_about_its_folds(trai
 
 
 @pytest.mark.slow
-def test_evolve_runs_two_iterations_and_exports_a_preset(prepared, project):
+def test_evolve_runs_two_iterations_and_exports_a_preset(prepared_small, project):
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
     out = detect(
-        "evolve", f"data={prepared}", *TINY, f"project={project}", "name=evo", "fold=1", "iterations=2", "hyp=yolov5x-mosaic"
+        "evolve", f"data={prepared_small}", *TINY, f"project={project}", "name=evo", "fold=1", "iterations=2",
+        "hyp=yolov5x-mosaic",
     )
     tune = project / "evo" / "tune"
     results = [json.loads(line) for line in (tune / "tune_results.ndjson").read_text().splitlines() if line.strip()]
