@@ -23,7 +23,8 @@ def cell(text) -> str:
     """Text for a Markdown table cell: one line; outside code spans pipes escaped and `<` an entity (`copies_<folder>.csv`
     is no HTML tag); inside them as written (the table extension splits cells around code spans, and shows a backslash)."""
     parts = " ".join(str(text).split()).split("`")
-    return "`".join(p if i % 2 else p.replace("|", "\\|").replace("<", "&lt;") for i, p in enumerate(parts))
+    code = len(parts) % 2  # an odd number of backticks is no code span: every part is text
+    return "`".join(p if i % 2 and code else p.replace("|", "\\|").replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def code(value) -> str:

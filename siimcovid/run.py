@@ -406,21 +406,33 @@ def cv_table(rows: list[dict], out: Path, name: str) -> tuple[pd.DataFrame, floa
 
 
 # ----------------------------------------------------------------------------- the demo's measured range
-SPREAD_KEYS = frozenset({"seed"})  # the seeds are what demo_range spans: a run at other seeds is still the demo
+SPREAD = {"detect": {"seed"}, "classify": {"seed"}}  # what demo_range spans: a run at other training seeds is the demo
+OFF_CV = frozenset({"demo_range", "export", "report"})  # run settings that never move the CV
+MOVES_CV = frozenset({"precision"})  # tagged runtime (a run may resume under another), yet bf16 inference moves the CV
+
+
+def unused_sections(cfg: Config) -> set[str]:
+    """The run's sections that this run's settings leave unused (a lung detector with crop=none, pseudo without rounds)."""
+    unused = set() if cfg.get("crop") == "lung" else {"lung_detect"}
+    return unused | (set() if (cfg.get("pseudo") or {}).get("rounds", 0) else {"pseudo"})
 
 
 def demo_differences(cfg: Config) -> list[str]:
-    """This run's settings that may move its CV and differ from the demo's (run.yaml's defaults), as
-    `section.key` names; [] = the demo at some seed. Runtime settings (device, workers, name...) and seeds do not count."""
+    """This run's settings that may move its CV and differ from the demo's (run.yaml's defaults), as `section.key`
+    names; [] = the demo at other training seeds. A section is compared as its stage will run it (the stage's default
+    where the section gives no value); runtime settings (device, workers, name...) do not count, nor unused sections."""
     demo, run_schema = stages.stage_config("run", None, {}), schema("run")
-    differ = []
+    differ, unused = [], unused_sections(cfg) & unused_sections(demo)
     for key, setting in run_schema.settings.items():
-        if key == "demo_range" or "runtime" in setting.tags:
+        if key in OFF_CV or key in unused or "runtime" in setting.tags:
             continue
         mine, theirs = cfg.get(key), demo.get(key)
         stage = next((a.word for a in setting.parsed.alts if a.kind == "settings"), None)
         if stage and isinstance(mine, dict) and isinstance(theirs, dict):
-            skip = schema(stage).keys("runtime") | SPREAD_KEYS
+            stage_schema = schema(stage)
+            defaults = {k: st.default for k, st in stage_schema.settings.items()}
+            mine, theirs = {**defaults, **mine}, {**defaults, **theirs}
+            skip = (stage_schema.keys("runtime") - MOVES_CV) | SPREAD.get(key, set())
             differ += [f"{key}.{k}" for k in sorted((mine.keys() | theirs.keys()) - skip) if mine.get(k) != theirs.get(k)]
         elif key == "data" and mine and theirs:
             differ += [] if Path(mine).resolve() == Path(theirs).resolve() else [key]
@@ -485,8 +497,6 @@ def run(cfg: Config) -> dict:
 
     table, margin = cv_table(rows, out, cfg.name)
     demo = compare_with_demo(cfg, float(table.final[0]))
-    if demo:
-        LOGGER.info(demo)
     submission = test["files"]["submission"]
     LOGGER.info(f"submission: {submission}")
     result = {"dir": out, "table": table, "submission": submission, "timings": timings, "margin": margin, "demo": demo}
@@ -498,8 +508,10 @@ def run(cfg: Config) -> dict:
             result["bundle"] = export(stages.stage_config("export", None, settings))
     if cfg.report:
         start = time.perf_counter()
-        result["report"] = write_report(out, cfg, table, fused, prepared, det_dir, cls_dir, submission, timings)
+        result["report"] = write_report(out, cfg, table, fused, prepared, det_dir, cls_dir, submission, timings, demo)
         timings["report"] = time.perf_counter() - start
+    if demo:
+        LOGGER.info(demo)  # the last line: how this CV compares with the demo's spread over seeds
     return result
 
 
@@ -514,8 +526,9 @@ def write_report(
     cls_dir: Path,
     submission: Path,
     timings: dict,
+    demo: str | None = None,
 ) -> Path:
-    """The plots and report.md with the CV table."""
+    """The plots and report.md with the CV table (and `demo`, the comparison with the demo's range, when there is one)."""
     from siimcovid import report
     from siimcovid.data.prepared import Prepared
     from siimcovid.data.truth import truth_rows
@@ -530,6 +543,7 @@ def write_report(
     report.plot_samples(Prepared(prepared), fused["fused"].boxes, fused["fused"].images, out / "samples.png")
     sources = f"""Data: `{cfg.data}`, prepared in `{prepared}`. Detector: `{det_dir}`. Classifier: `{cls_dir}`.
 Submission (test split): `{submission}`."""
+    sources += f"\n\n{demo[0].upper()}{demo[1:]}." if demo else ""
     return atomic_write_text(out / "report.md", report_text(cfg.name, sources, table, confusion, timings))
 
 

@@ -55,6 +55,7 @@ def test_a_cell_shows_its_text_as_written():
     table extension keeps a pipe whole and would show an escape's backslash."""
     assert reference.cell("a | b `x | y` in copies_<folder>.csv") == "a \\| b `x | y` in copies_&lt;folder>.csv"
     assert reference.code("all | int >= 0") == "`all | int >= 0`"
+    assert reference.cell("a `b | c") == "a `b \\| c"  # one backtick opens no code span
 
 
 def test_the_formats_page_lists_every_contract_and_its_columns():

@@ -101,9 +101,9 @@ def assert_nothing_looks_finished_early(fold: Path) -> str:
 
 
 @pytest.mark.slow
-def test_detect_train_killed_anywhere_resumes_to_a_finished_fold(prepared_small, tmp_path, monkeypatch):
+def test_detect_train_killed_anywhere_resumes_to_a_finished_fold(prepared, tmp_path, monkeypatch):
     rng = random.Random(10)
-    common = ["detect", "train", f"data={prepared_small}", "fold=0", f"epochs={EPOCHS}", *TINY, f"project={tmp_path}"]
+    common = ["detect", "train", f"data={prepared}", "fold=0", f"epochs={EPOCHS}", *TINY, f"project={tmp_path}"]
     killed = [*common, "name=killed"]
     fold = tmp_path / "killed" / "fold0"
     csv, last = fold / "results.csv", fold / "weights" / "last.pt"

@@ -53,6 +53,7 @@ def test_run_report_and_outputs(demo):
         assert (out / name).stat().st_size > 0, name
     text = (out / "report.md").read_text()
     assert "baseline: detector alone" in text and "![PR curves](pr_curves.png)" in text
+    assert "Not the demo's settings (" in text  # the log's last word on the range, beside the table
     assert (base / "runs" / "detect" / "e2e" / "pred_oof.csv").exists()
     assert (base / "runs" / "classify" / "e2e" / "pred_test_image.csv").exists()
 
@@ -201,4 +202,12 @@ def test_the_demo_at_other_seeds_is_compared_with_its_range_and_a_changed_run_is
     assert run.demo_differences(changed) == ["data", "detect.epochs", "fuse.iou_thr", "nested_tuning"]
     assert run.compare_with_demo(changed, (lo + hi) / 2).startswith("not the demo's settings (data, detect.epochs")
     assert run.demo_differences(config(data="./datasets/../datasets/siim-synth")) == []  # the same folder, spelt otherwise
+    # a section runs as its stage fills it: a default spelt out, or the unused lung and pseudo sections, are the demo
+    same = {"classify.lr": 0.001, "fuse.det_scale": [], "export": False, "lung_detect.epochs": 3, "pseudo.source": "x"}
+    assert run.demo_differences(config(**same)) == []
+    other = {"synth.seed": 2, "prepare.seed": 1, "fuse.seed": 3, "detect_predict.precision": "bf16", "crop": "lung"}
+    other["lung_detect.epochs"] = 3
+    assert run.demo_differences(config(**other)) == [
+        "synth.seed", "prepare.seed", "detect_predict.precision", "crop", "lung_detect.epochs", "fuse.seed"
+    ]  # other data, folds, tuning draws or numerics; crop=lung brings its lung detector's section in
     assert run.compare_with_demo(config(demo_range=None), 0.1) is None

@@ -22,8 +22,9 @@ TINY += ["batch=4", "workers=0", "device=cpu"]
 def test_a_torchvision_fold_trains_and_predicts_in_original_pixels(prepared_small, tmp_path):
     prep = Prepared(prepared_small)
     run = cli.main(["detect", "train", f"data={prepared_small}", *TINY, f"project={tmp_path}", "name=tv", "fold=0"])
-    out = cli.main(["detect", "predict", f"run={run}", "device=cpu", "tta=true"])["tv"]
+    out = cli.main(["detect", "predict", f"run={run}", "device=cpu", "tta=true", "conf=0.0001"])["tv"]
     oof, test = DETECTIONS.read(out["oof"]), DETECTIONS.read(out["test"])
+    assert len(oof) and len(test)  # boxes to check: an empty table would pass every check below
     assert set(oof.image_id) <= set(prep.fold(0, "val").image_id) and (oof.fold == 0).all()
     assert set(test.image_id) <= set(prep.split("test").image_id)
     meta = prep.meta.set_index("image_id")
