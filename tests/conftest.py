@@ -23,38 +23,26 @@ def synth_root(tmp_path_factory) -> Path:
     return make_synth(out, train_studies=48, test_studies=8, rows=256, cols=300, seed=7)
 
 
-@pytest.fixture(scope="session")
-def prepared(synth_root, tmp_path_factory) -> Path:
-    """synth_root prepared at 64 and 128 px, 3 folds; data YAMLs in a temp data_yaml/."""
+def make_prepared(root: Path, base: Path, name: str, **settings) -> Path:
+    """`root` prepared in this process (workers=1) into base/<name>, its data YAMLs in base/data_yaml/."""
     from siimcovid.config import load_config
     from siimcovid.data.prepare import prepare
 
-    base = tmp_path_factory.mktemp("prepared")
-    cfg = load_config(
-        "prepare",
-        {
-            "data": str(synth_root),
-            "name": "tiny",
-            "out": str(base / "tiny"),
-            "sizes": [64, 128],
-            "n_folds": 3,
-            "workers": 1,
-            "data_yaml_dir": str(base / "data_yaml"),
-        },
-    )
-    return prepare(cfg)
+    given = {"data": str(root), "name": name, "out": str(base / name), "workers": 1, "data_yaml_dir": str(base / "data_yaml")}
+    return prepare(load_config("prepare", {**given, **settings}))
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root, tmp_path_factory) -> Path:
+    """synth_root prepared at 64 and 128 px, 3 folds; data YAMLs in a temp data_yaml/."""
+    return make_prepared(synth_root, tmp_path_factory.mktemp("prepared"), "tiny", sizes=[64, 128], n_folds=3)
 
 
 @pytest.fixture(scope="session")
 def prepared_small(_tiny_source, tmp_path_factory) -> Path:
     """The 10-study tiny root prepared at 64 px, 3 folds: for tests of a slow model's mechanics (torchvision's Faster
     R-CNN resuming, averaging, predicting: ~0.1 s per training image on the CPU at any size), not of what it learns."""
-    from siimcovid.config import load_config
-    from siimcovid.data.prepare import prepare
-
-    base = tmp_path_factory.mktemp("prepared_small")
-    settings = {"data": str(_tiny_source), "name": "small", "out": str(base / "small"), "sizes": [64], "n_folds": 3}
-    return prepare(load_config("prepare", {**settings, "workers": 1, "data_yaml_dir": str(base / "data_yaml")}))
+    return make_prepared(_tiny_source, tmp_path_factory.mktemp("prepared_small"), "small", sizes=[64], n_folds=3)
 
 
 @pytest.fixture(scope="session")

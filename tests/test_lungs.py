@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import make_prepared
 
 from siimcovid import cli
 from siimcovid.config import load_config
@@ -165,10 +166,8 @@ def test_synth_writes_both_files_of_each_train_image_at_the_generators_lung_fiel
 @pytest.fixture(scope="module")
 def lung_prepared(_tiny_source, tmp_path_factory) -> Path:
     """The 10-study synthetic root prepared at 64 and 96 px, 2 folds, with its lung boxes."""
-    base = tmp_path_factory.mktemp("lung_prepared")
-    settings = {"data": str(_tiny_source), "lung_boxes": str(_tiny_source / "lung_boxes"), "name": "lungy"}
-    settings |= {"out": str(base / "lungy"), "sizes": [64, 96], "n_folds": 2, "workers": 1}
-    return prepare(load_config("prepare", {**settings, "data_yaml_dir": str(base / "data_yaml")}))
+    base, lungs = tmp_path_factory.mktemp("lung_prepared"), str(_tiny_source / "lung_boxes")
+    return make_prepared(_tiny_source, base, "lungy", lung_boxes=lungs, sizes=[64, 96], n_folds=2)
 
 
 def test_prepare_writes_lungs_csv_and_a_yolo_lung_dataset_of_links(lung_prepared, _tiny_source):
