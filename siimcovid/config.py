@@ -457,6 +457,13 @@ class Schema:
     def keys(self, tag: str) -> set[str]:
         return {k for k, s in self.settings.items() if tag in s.tags}
 
+    def defaults(self) -> dict[str, Any]:
+        return {k: s.default for k, s in self.settings.items()}
+
+    def section(self, key: str) -> Alt | None:
+        """The `settings[stage]` alternative of a key's spec (a run.yaml section: its `word` is the stage), or None."""
+        return next((a for a in self.settings[key].parsed.alts if a.kind == "settings"), None)
+
     def as_text(self, key: str, value: Any, text: str) -> Any:
         """A command-line value that YAML read as a number or a date (0123 -> 83, 1e3 -> 1000.0, 2024-01-01 -> a
         date), given to a setting that takes it as text first (a name, a path): the text as typed."""
@@ -472,8 +479,7 @@ class Schema:
     def check(self, key: str, value: Any, source: str | None = None) -> Any:
         """The value coerced to the key's spec; a one-line ConfigError when it does not fit. A section (a mapping
         for a `settings[stage]` spec) is checked key by key as that stage checks its own (check_section)."""
-        setting = self.settings[key]
-        section = next((a for a in setting.parsed.alts if a.kind == "settings"), None)
+        setting, section = self.settings[key], self.section(key)
         if section is not None and isinstance(value, Mapping):
             return check_section(section, value, f"{self.stage} section {key}" + (f" of {source}" if source else ""))
         out = setting.parsed.accept(value)
@@ -655,7 +661,7 @@ def load_config(
     the overrides in messages (default: the command line, or the settings given).
     """
     spec = schema(stage)
-    defaults = {k: s.default for k, s in spec.settings.items()}
+    defaults = spec.defaults()
     raw: dict[str, str] = {}  # the command line's values as typed: name=0123 is the name '0123', not YAML's 83
     given = dict(overrides) if isinstance(overrides, Mapping) else parse_args(overrides or [], raw)
     cfg = Config(copy.deepcopy(defaults))

@@ -426,11 +426,10 @@ def demo_differences(cfg: Config) -> list[str]:
     for key, setting in run_schema.settings.items():
         if key in OFF_CV or key in unused or "runtime" in setting.tags:
             continue
-        mine, theirs = cfg.get(key), demo.get(key)
-        stage = next((a.word for a in setting.parsed.alts if a.kind == "settings"), None)
-        if stage and isinstance(mine, dict) and isinstance(theirs, dict):
-            stage_schema = schema(stage)
-            defaults = {k: st.default for k, st in stage_schema.settings.items()}
+        mine, theirs, section = cfg.get(key), demo.get(key), run_schema.section(key)
+        if section and isinstance(mine, dict) and isinstance(theirs, dict):
+            stage_schema = schema(section.word)
+            defaults = stage_schema.defaults()
             mine, theirs = {**defaults, **mine}, {**defaults, **theirs}
             skip = (stage_schema.keys("runtime") - MOVES_CV) | SPREAD.get(key, set())
             differ += [f"{key}.{k}" for k in sorted((mine.keys() | theirs.keys()) - skip) if mine.get(k) != theirs.get(k)]
@@ -451,15 +450,13 @@ def compare_with_demo(cfg: Config, final: float) -> str | None:
     if differ:
         shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         return f"not the demo's settings ({shown}): the demo's range ({lo:.3f}-{hi:.3f}, demo_range) does not apply"
+    where = f"the demo's range {lo:.3f}-{hi:.3f} (its spread over seeds, demo_range)"
     if lo <= final <= hi:
-        return (
-            f"final CV {final:.4f} is inside the demo's range {lo:.3f}-{hi:.3f} (its spread over seeds, demo_range): "
-            "a difference from the README's table is training noise"
-        )
+        return f"final CV {final:.4f} is inside {where}: a difference from the README's table is training noise"
     side = "below" if final < lo else "above"
     return (
-        f"final CV {final:.4f} is {side} the demo's range {lo:.3f}-{hi:.3f} (its spread over seeds, demo_range): not "
-        "noise seen so far; compare `pip list` with the packages of the table (docs/get-started/demo.md) and the code's commit"
+        f"final CV {final:.4f} is {side} {where}: not noise seen so far; compare `pip list` with the packages of the "
+        "table (docs/get-started/demo.md) and the code's commit"
     )
 
 
