@@ -151,9 +151,9 @@ def detector_weights(yaml: str, work: Path):
     return weights.detector(desc, path, str(path))
 
 
-def engine_net(graph, example, outputs: list[str], variant: str, work: Path, stem: str):
-    """The network `graph` exported (siimcovid.bundle.engines, as export formats= writes it) and loaded as predict
-    backend= loads it; variant: <backend>-<precision>."""
+def engine_net(graph, example, outputs: list[str], variant: str, work: Path, stem: str, samples: list[np.ndarray]):
+    """The network `graph` exported (siimcovid.bundle.engines, as export formats= / int8= writes it) and loaded as
+    predict backend= / precision=int8 loads it; variant: <backend>-<precision>; samples: int8's calibration inputs."""
     import hashlib
 
     from siimcovid.bundle import engines
@@ -163,12 +163,25 @@ def engine_net(graph, example, outputs: list[str], variant: str, work: Path, ste
     if not onnx_path.is_file():
         onnx_path.write_bytes(engines.onnx_bytes(graph, example, outputs))
     files = [onnx_path]
-    if backend == "openvino":
+    if precision == "int8":
+        backend, files = engines.INT8, [work / f"{stem}.int8.xml", work / f"{stem}.int8.bin"]
+        if not files[0].is_file():
+            engines.quantize(onnx_path, samples, work / f"{stem}.int8.onnx")
+            engines.save_ir(work / f"{stem}.int8.onnx", files[0])
+    elif backend == "openvino":
         files = [work / f"{stem}.xml", work / f"{stem}.bin"]
         if not files[0].is_file():
             engines.save_ir(onnx_path, files[0])
     digests = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size} for p in files}
     return engines.Net(backend, files, digests, precision, stem)
+
+
+def letterboxed(image: np.ndarray, size: int) -> np.ndarray:
+    """A BGR image as Ultralytics' predict feeds a square network: letterboxed, RGB, (1, 3, size, size) in [0, 1]."""
+    from ultralytics.data.augment import LetterBox
+
+    boxed = LetterBox((size, size), auto=False, stride=32)(image=image)[..., ::-1]
+    return np.ascontiguousarray(boxed.transpose(2, 0, 1))[None].astype(np.float32) / 255
 
 
 def torch_precision(variant: str) -> str:
@@ -187,9 +200,9 @@ def bench_detector(yaml: str, size: int, images: list[np.ndarray], work: Path, r
     if "-" in precision:
         from siimcovid.bundle.engines import detector_graph, detector_on
 
-        net = engine_net(
-            detector_graph(yolo.model), torch.zeros(1, 3, size, size), ["boxes"], precision, work, f"{Path(yaml).stem}-{size}"
-        )
+        samples = [letterboxed(im, size) for im in images]  # int8's calibration: these images
+        graph, stem = detector_graph(yolo.model), f"{Path(yaml).stem}-{size}"
+        net = engine_net(graph, torch.zeros(1, 3, size, size), ["boxes"], precision, work, stem, samples)
         yolo = detector_on(yolo, net)
         precision = torch_precision(precision)
     args = dict(imgsz=size, conf=0.001, iou=0.5, max_det=100, device="cpu", verbose=False)
@@ -224,7 +237,8 @@ def bench_classifier(name: str, size: int, images: list[np.ndarray], work: Path,
     if "-" in variant:
         from siimcovid.bundle.engines import ClassifierOn, classifier_graph
 
-        net = engine_net(classifier_graph(model), tensors[0], ["study", "none"], variant, work, f"{name}-{size}")
+        samples = [x.contiguous().numpy() for x in tensors]  # int8's calibration: these images
+        net = engine_net(classifier_graph(model), tensors[0], ["study", "none"], variant, work, f"{name}-{size}", samples)
         model = ClassifierOn(net)
 
     def run(x, flip: bool):
@@ -273,12 +287,14 @@ def bench_view(prepared: Path, meta: pd.DataFrame, work: Path) -> float:
     return seconds / n
 
 
-def projection(t: dict, det_size: int, cls_size: int, precision: str = "fp32") -> dict:
+def projection(t: dict, det_size: int, cls_size: int, precision: str = "fp32", cls_precision: str | None = None) -> dict:
     """CPU seconds per test image of the competition's ensemble: both detectors at det_size, both classifiers at
-    cls_size, 5 folds, flip TTA, the models in `precision`; and its parts."""
-    key = lambda *k: k if precision == "fp32" else (*k, precision)  # noqa: E731
-    det = FOLDS * sum(t[key("detect", m, det_size)]["flip"] for m in DETECTORS)
-    cls = FOLDS * sum(t[key("classify", m, cls_size)]["flip"] for m in CLASSIFIERS)
+    cls_size, 5 folds, flip TTA, the detectors in `precision`, the classifiers in cls_precision (default the same);
+    and its parts."""
+    key = lambda p, *k: k if p == "fp32" else (*k, p)  # noqa: E731
+    cls_precision = cls_precision or precision
+    det = FOLDS * sum(t[key(precision, "detect", m, det_size)]["flip"] for m in DETECTORS)
+    cls = FOLDS * sum(t[key(cls_precision, "classify", m, cls_size)]["flip"] for m in CLASSIFIERS)
     flops = (
         FOLDS
         * TTA
@@ -349,13 +365,17 @@ def print_precisions(t: dict, precisions: list[str]) -> None:
                 base = t[(kind, m, s)]["flip"]
                 cells = " ".join(f"{t[(kind, m, s, p)]['flip']:13.3f} {base / t[(kind, m, s, p)]['flip']:5.2f}x" for p in others)
                 print(f"  {f'{kind} {m} @{s}':<36} {base:8.3f} {cells}")
+    # export int8=detect + predict backend=auto precision=int8: the detectors' int8 engines, the classifiers as auto
+    mixed = {"openvino-int8": "openvino-bf16" if cpu_has_bf16() else "openvino-fp32"}
+    mixed = {d: c for d, c in mixed.items() if d in precisions and c in precisions}
     for det_size, cls_size in ((512, 512), (640, 640)):
         parts = {p: projection(t, det_size, cls_size, p) for p in precisions}
+        parts |= {f"{d} + {c.split('-')[1]} classifiers": projection(t, det_size, cls_size, d, c) for d, c in mixed.items()}
         total = {p: sum(v for k, v in q.items() if k != "gflops") for p, q in parts.items()}
         print(f"  ensemble, detectors @{det_size}, classifiers @{cls_size}, s/image (hours for {TEST_IMAGES}; torch fp32 / it):")
-        for p in precisions:
-            print(f"    {p:<14} {total[p]:7.1f} s ({total[p] * TEST_IMAGES / 3600:5.1f} h; {total['fp32'] / total[p]:.2f}x)")
-        fastest = min(others, key=total.get)
+        for p in total:
+            print(f"    {p:<36} {total[p]:7.1f} s ({total[p] * TEST_IMAGES / 3600:5.1f} h; {total['fp32'] / total[p]:.2f}x)")
+        fastest = min([p for p in total if p != "fp32"], key=total.get)
         print(f"    fastest: {fastest}, {total['fp32'] / total[fastest]:.2f}x torch fp32 (the goal: 4x)")
 
 
@@ -370,13 +390,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="real-size test DICOMs to time (each model runs on each)")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per measurement (best kept), after one warm-up")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_predict")
-    ap.add_argument("--precision", default="fp32,bf16", help="the models' CPU precisions to time side by side (fp32 first)")
+    ap.add_argument("--precision", default="fp32,bf16,int8",
+                    help="the models' CPU precisions to time side by side (fp32 first; int8: OpenVINO's only)")  # fmt: skip
     ap.add_argument("--backends", default="torch,openvino,onnx", help="predict backend= values to time (torch first)")
     args = ap.parse_args()
     asked = ["fp32", *[p for p in args.precision.split(",") if p != "fp32"]]
     backends = ["torch", *[b for b in args.backends.split(",") if b not in ("torch", "")]]
-    # every backend in every precision it computes (ONNX Runtime: fp32), torch fp32 first: "fp32", "bf16", "openvino-bf16"
-    precisions = [p if b == "torch" else f"{b}-{p}" for b in backends for p in asked if b != "onnx" or p == "fp32"]
+    # every backend in every precision it computes (ONNX Runtime: fp32; int8: OpenVINO, export int8='s engines), torch
+    # fp32 first: "fp32", "bf16", "openvino-bf16", "openvino-int8"
+    computes = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16", "int8")}
+    precisions = [p if b == "torch" else f"{b}-{p}" for b in backends for p in asked if p in computes[b]]
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     t: dict = {}

@@ -124,23 +124,26 @@ def test_importing_predict_and_opening_a_bundle_tries_no_connection(request):
 EXPORT_ENGINES = """
 from siimcovid.bundle import engines, open_bundle
 from siimcovid.cli import call
-out = call("export", project={project!r}, pipeline="x", out={out!r}, formats=["openvino", "onnx"])
+out = call("export", project={project!r}, pipeline="x", out={out!r}, formats=["openvino", "onnx"], int8=["detect"], calibration=2)
 b = open_bundle(out)
 for m in b.detectors + b.classifiers:
     for engine, folds in m.engines.items():
         for k, first in folds.items():
-            engines.Net(engine, engines.engine_paths(first.parent, k, engine), m.engine_digests, "fp32", "test")
+            precision = "int8" if engine == engines.INT8 else "fp32"
+            engines.Net(engine, engines.engine_paths(first.parent, k, engine), m.engine_digests, precision, "test")
 """
 
 
 @needs_bundle
 def test_exporting_and_loading_the_engines_tries_no_connection(request, tmp_path):
     """OpenVINO's conversion tools and NNCF send usage telemetry by default; siimcovid.bundle.engines uses neither
-    (torch.onnx, then OpenVINO's runtime): its export and both runtimes' loading, under the guard in a fresh process."""
+    (torch.onnx, ONNX Runtime's quantiser for int8, then OpenVINO's runtime): its export and both runtimes' loading,
+    under the guard in a fresh process."""
     pytest.importorskip("openvino"), pytest.importorskip("onnxruntime"), pytest.importorskip("onnx")
     code = PREDICT_IMPORTS + EXPORT_ENGINES.format(project=str(request.getfixturevalue("runs")), out=str(tmp_path / "b"))
     assert run_guarded(code) == []
     assert (tmp_path / "b" / "detect" / "x" / "fold0.xml").is_file()
+    assert (tmp_path / "b" / "detect" / "x" / "fold0.int8.xml").is_file()
 
 
 @pytest.mark.slow

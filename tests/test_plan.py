@@ -94,3 +94,20 @@ def test_a_budget_below_the_projection_stops_before_the_members_run(bundle_and_s
     assert done["submission"].is_file() and "plan" in record  # the same out=, other settings: planned again, then run
     with pytest.raises(SiimError, match="over budget"):  # another tta: the tables are not reused, so the plan checks
         call("predict", bundle=str(bundle), source=str(root), out=str(out), workers=0, plan_images=2, budget=1e-7)
+
+
+def test_the_engine_cut_names_the_settings_it_changes():
+    """The engine cut's label: backend=auto from a torch run, precision=int8 where the bundle holds int8 engines and
+    predict did not ask for them, precision=bf16 where only the CPU's precision changes; nothing when there is no cut."""
+    import torch
+
+    from siimcovid.predict.members import Hardware
+    from siimcovid.predict.plan import engine_cut
+
+    cpu = torch.device("cpu")
+    torch_fp32 = Hardware(cpu, 4, 0, True, "fp32", "torch")
+    assert engine_cut(torch_fp32, None) == ""
+    assert engine_cut(torch_fp32, Hardware(cpu, 4, 0, True, "bf16", "auto")) == "backend=auto precision=bf16"
+    assert engine_cut(torch_fp32, Hardware(cpu, 4, 0, True, "bf16", "auto", int8=True)) == "backend=auto precision=int8"
+    auto_bf16 = Hardware(cpu, 4, 0, True, "bf16", "auto")
+    assert engine_cut(auto_bf16, Hardware(cpu, 4, 0, True, "bf16", "auto", int8=True)) == "precision=int8"

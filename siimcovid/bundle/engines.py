@@ -14,6 +14,14 @@ last short batch, Ultralytics' TTA scales and lung crops run as they are.
                             `study` logits (B, 4) and `none` logits (B,) where it has a none head (no mask head)
     fold<k>.xml, fold<k>.bin  the same network as OpenVINO IR (fp32 weights), read from that ONNX by OpenVINO's runtime;
                             bf16 is chosen when it is compiled (INFERENCE_PRECISION_HINT), not stored
+    fold<k>.int8.xml, .bin  export int8=<kinds>: the network quantised to int8 (weights per channel, activations per
+                            tensor, calibrated on `calibration` of the fold's own training images as predict feeds them),
+                            as OpenVINO IR; predict precision=int8 runs it (the convolutions and matrix products in int8,
+                            the rest in fp32)
+
+Why ONNX Runtime's quantiser (onnxruntime.quantization.quantize_static, QDQ format) and not NNCF: NNCF sends usage
+telemetry unless a consent file opts out, and it would be one more package; ONNX Runtime is already here, and OpenVINO
+runs its QuantizeLinear / DequantizeLinear graph as int8 kernels.
 
 Each engine file is listed and checksummed in the manifest like every other file, and is read into memory, hashed
 against that checksum and handed to its runtime as bytes (never by path: nothing changes between check and use). An
@@ -39,8 +47,10 @@ from siimcovid import weights as weights_of
 from siimcovid.utils import LOGGER, SiimError
 
 ENGINES = ("onnx", "openvino")  # what export formats= writes and predict backend= reads besides torch
-SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin")}  # the files of one fold, the first the one named
-PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}  # the runtime each engine needs (pip install siimcovid[engines])
+INT8 = "int8"  # the int8 OpenVINO IR (export int8=, predict precision=int8): an engine of its own, run by OpenVINO
+SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml", ".bin"), INT8: (".int8.xml", ".int8.bin")}  # a fold's files, the first named
+PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino", INT8: "openvino"}  # each engine's runtime (siimcovid[engines])
+INT8_KINDS = ("detect", "classify", "lung")  # export int8='s values: the member kinds quantised
 OPSET = 17
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -68,6 +78,18 @@ def check_runtime(engine: str, where: str) -> None:
     missing = [name for name in ([PACKAGES[engine]] + (["onnx"] if engine == "onnx" else [])) if not has_module(name)]
     if missing:
         raise SiimError(f"{where}: backend={engine} needs {' and '.join(missing)}: pip install 'siimcovid[engines]'")
+
+
+def check_int8(kinds, formats, where: str = "export") -> list[str]:
+    """export's int8=: member kinds (INT8_KINDS) to quantise; needs ONNX Runtime's quantiser and OpenVINO."""
+    kinds = list(dict.fromkeys(kinds or []))
+    wrong = [k for k in kinds if k not in INT8_KINDS]
+    if wrong:
+        raise SiimError(f"{where}: int8={wrong[0]!r}: expected any of {', '.join(INT8_KINDS)} (the members to quantise)")
+    missing = [name for name in (("onnx", "onnxruntime", "openvino") if kinds else ()) if not has_module(name)]
+    if missing:
+        raise SiimError(f"{where}: int8={','.join(kinds)} needs {' and '.join(missing)}: pip install 'siimcovid[engines]'")
+    return kinds
 
 
 def has_module(name: str) -> bool:
@@ -167,12 +189,84 @@ def engine_paths(folder: Path, fold: int, engine: str) -> list[Path]:
     return [folder / f"fold{fold}{suffix}" for suffix in SUFFIXES[engine]]
 
 
-def export_engines(root: Path, members: list, formats: list[str]) -> None:
+def calibration_inputs(member, fold: int, prepared: Path, n: int) -> list[np.ndarray]:
+    """`n` of fold k's own training images (a fixed draw of prepared.fold(k, "train")), each as the fold's network
+    receives it in predict: a classifier's (1, 1, imgsz, imgsz) grey in [0, 1]; a detector's letterboxed to its fold's
+    imgsz as Ultralytics does, (1, channels, imgsz, imgsz) RGB in [0, 1]. Whole images: a crop=lung member's crops
+    span the same pixel values."""
+    import cv2
+
+    from siimcovid.data.prepared import Prepared
+
+    data = Prepared(prepared)
+    train = data.fold(fold, "train")
+    if train.empty:
+        raise SiimError(f"export int8: {member.kind}/{member.name} fold {fold}: {prepared} has no training image to calibrate on")
+    ids = train.image_id.sample(min(n, len(train)), random_state=fold).tolist()
+    s, out = member.settings, []
+    for image_id in ids:
+        if member.kind == "classify":
+            size = data.check_size(int(s["imgsz"]))
+            grey = read_image(data.image_path(image_id, "train", size), cv2.IMREAD_GRAYSCALE)
+            out.append(cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)[None, None].astype(np.float32) / 255)
+            continue
+        from ultralytics.data.augment import LetterBox
+
+        imgsz = int({int(k): v for k, v in (s.get("imgsz") or {}).items()}[fold])
+        channels = int((member.model.get("yaml") or {}).get("channels") or 3)
+        image = read_image(data.image_path(image_id, "train", data.check_size(int(s["size"]))), cv2.IMREAD_COLOR)
+        image = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=image)
+        image = image[..., :1] if channels == 1 else image[..., ::-1]  # Ultralytics feeds RGB
+        out.append(np.ascontiguousarray(image.transpose(2, 0, 1))[None].astype(np.float32) / 255)
+    return out
+
+
+def read_image(path: Path, flags: int) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise SiimError(f"export int8: could not read the calibration image {path}")
+    return image
+
+
+def quantize(onnx_path: Path, samples: list[np.ndarray], out: Path) -> None:
+    """The ONNX model at onnx_path quantised to int8 (QDQ) into `out`, by ONNX Runtime's static quantiser: the
+    convolutions' and matrix products' inputs, weights per output channel (signed), activations per tensor (unsigned,
+    ranges the min and max over `samples`); every other operator (a detector's box decoding, softmax, sigmoid) stays
+    fp32."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Samples(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(samples)
+
+        def get_next(self):
+            x = next(self.left, None)
+            return None if x is None else {"images": x}
+
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its notes on biases built by Constant nodes (they stay fp32)
+    try:
+        quantize_static(str(onnx_path), str(out), Samples(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)  # fmt: skip (MinMax keeps two numbers per tensor per sample)
+    finally:
+        root.level = level
+
+
+def export_engines(
+    root: Path, members: list, formats: list[str], int8: list[str] = (), prepared: dict | None = None, calibration: int = 64
+) -> None:
     """The engines of every built-in member's folds into the bundle folder `root` (beside the safetensors written
-    there); a member of a family of its own, or with an end-to-end head, is left as PyTorch only, said."""
+    there); a member of a family of its own, or with an end-to-end head, is left as PyTorch only, said. int8: the
+    member kinds also quantised (fold<k>.int8.xml), on `calibration` images of prepared[(kind, name)], the prepared
+    folder the member trained on."""
     from tqdm import tqdm
 
-    if not formats:
+    if not formats and not int8:
         return
     jobs = []
     for m in members:
@@ -181,11 +275,17 @@ def export_engines(root: Path, members: list, formats: list[str]) -> None:
             LOGGER.warning(f"export: {m.kind}/{m.name} ({why}) has no exported engine: it predicts with torch")
             continue
         jobs += [(m, k, root / f"{m.kind}/{m.name}/fold{k}{weights_of.SUFFIX}") for k in sorted(m.weights)]
-    for m, k, path in tqdm(jobs, desc=f"export {','.join(formats)}", unit="fold"):
+    what = ",".join([*formats, *([f"int8 ({','.join(int8)})"] if int8 else [])])
+    for m, k, path in tqdm(jobs, desc=f"export {what}", unit="fold"):
         onnx_path = engine_paths(path.parent, k, "onnx")[0]
         onnx_path.write_bytes(onnx_bytes(*member_graph(m, path)))
         if "openvino" in formats:
             save_ir(onnx_path, engine_paths(path.parent, k, "openvino")[0])
+        if m.kind in int8:
+            quantized = path.parent / f"fold{k}.int8.onnx"  # the bundle's work folder: removed once it is IR
+            quantize(onnx_path, calibration_inputs(m, k, prepared[(m.kind, m.name)], calibration), quantized)
+            save_ir(quantized, engine_paths(path.parent, k, INT8)[0])
+            quantized.unlink()
         if "onnx" not in formats:
             onnx_path.unlink()
 
@@ -330,7 +430,8 @@ class Net:
             check_ir(data[0], f"{where}/{files[0].name}")
             core = ov.Core()
             model = core.read_model(model=data[0], weights=ov.Tensor(np.frombuffer(data[1], dtype=np.uint8)))
-            hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # OpenVINO picks bf16 by itself on such CPUs: say which
+            # OpenVINO picks bf16 by itself on such CPUs: say which; an int8 IR's other operators in fp32
+            hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
             config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads()}
             self.compiled = core.compile_model(model, "CPU", config)
             ran = str(self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())

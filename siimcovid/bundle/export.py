@@ -11,7 +11,7 @@ from tqdm import tqdm
 from siimcovid import signing, stages, weights
 from siimcovid.artifacts import dump_yaml
 from siimcovid.bundle.archive import zip_tree
-from siimcovid.bundle.engines import check_formats, export_engines
+from siimcovid.bundle.engines import check_formats, check_int8, export_engines
 from siimcovid.bundle.files import (
     CONVERSION_KEYS,
     FUSION,
@@ -215,13 +215,15 @@ def source_record(
     }
 
 
-def write_bundle(tmp: Path, members: list[Member], files: dict, cfg: Config) -> dict[str, str]:
+def write_bundle(tmp: Path, members: list[Member], files: dict, cfg: Config, prepared: dict) -> dict[str, str]:
     """Every file of the bundle into the folder tmp: prepare.yaml, fuse.yaml, the members, the manifest (which lists
-    every other file: written last but the signature), the signature (sign=: it vouches for every file)."""
+    every other file: written last but the signature), the signature (sign=: it vouches for every file). prepared:
+    {(kind, name): the prepared folder the member trained on} (int8's calibration images)."""
     PREPARE_FILE.write(files["prepare"], tmp / PREPARE)
     FUSION_FILE.write(files["fusion"], tmp / FUSION)
     dtypes = write_members(tmp, members, cfg.fp16_weights)
-    export_engines(tmp, members, cfg.formats)  # read back from the safetensors just written: what predict would load
+    # read back from the safetensors just written: what predict would load
+    export_engines(tmp, members, cfg.formats, cfg.int8, prepared, cfg.calibration)
     MANIFEST_FILE.write(manifest(tmp, files["sources"], cfg.fp16_weights, dtypes), tmp / MANIFEST)
     if cfg.sign:
         signing.sign_bundle(tmp, {rel: file_sha256(tmp / rel) for rel in [MANIFEST, *manifest_files(tmp)]}, cfg.sign)
@@ -233,6 +235,7 @@ def export(cfg: Config) -> Path:
     if cfg.sign:
         signing.private_key(cfg.sign)  # a key that cannot sign fails before any packing
     check_formats(cfg.formats)
+    check_int8(cfg.int8, cfg.formats)
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite, [Path(cfg.project), *src.detect, *src.classify, src.fuse])
@@ -255,7 +258,7 @@ def export(cfg: Config) -> Path:
     tmp = work / "bundle"
     try:
         tmp.mkdir()
-        dtypes = write_bundle(tmp, members, files, cfg)
+        dtypes = write_bundle(tmp, members, files, cfg, {(m.kind, m.name): Path(p) for m, p in packed})
         if out.suffix == ".zip":
             zip_tree(tmp, work / out.name)
             tmp = work / out.name

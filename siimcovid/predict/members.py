@@ -39,16 +39,29 @@ class Hardware:
     loader_workers: int
     half: bool
     precision: str = "fp32"  # what the CPU computes in, resolved (siimcovid.engine.devices.cpu_precision): fp32 or bf16
-    backend: str = "torch"  # predict's backend= (torch | openvino | onnx | auto): member_backend resolves it per member
+    backend: str = "torch"  # predict's backend= (torch | openvino | onnx | auto): member_engine resolves it per member
+    int8: bool = False  # precision=int8: the members' int8 engines where the bundle has them; the rest in `precision`
 
 
 def member_backend(member, hw: Hardware) -> str:
-    """What runs a member's folds: torch, or an engine the bundle exported for it (siimcovid.bundle.engines).
+    """What runs a member's folds, as predict.yaml records it: torch, onnx or openvino (an int8 engine is OpenVINO's)."""
+    from siimcovid.bundle.engines import INT8
+
+    engine = member_engine(member, hw)
+    return "openvino" if engine == INT8 else engine
+
+
+def member_engine(member, hw: Hardware) -> str:
+    """The engine a member's folds run: torch, or one the bundle exported for it (siimcovid.bundle.engines).
+    precision=int8 (hw.int8): the member's int8 engine where it has one (the others as below, in hw.precision).
     backend=auto: on the CPU, OpenVINO where the member has it, else ONNX Runtime in fp32, else torch; on a GPU torch.
     A named engine the member lacks, or cannot run here, is an error naming the fix."""
-    from siimcovid.bundle.engines import available, check_runtime
+    from siimcovid.bundle.engines import INT8, available, check_runtime
 
     where = f"predict: {member.kind}/{member.name}"
+    if hw.int8 and INT8 in member.engines and hw.backend in ("openvino", "auto") and hw.device.type == "cpu":
+        check_runtime(INT8, where)
+        return INT8
     if hw.backend == "torch":
         return "torch"
     if hw.backend == "auto":
@@ -71,20 +84,26 @@ def member_backend(member, hw: Hardware) -> str:
 
 
 def with_backend(member, hw: Hardware, load, wrap) -> tuple[str, object]:
-    """(the member's backend, its fold loader): `load` (weights file, ... -> torch model) as it is for torch, else
+    """(the member's engine, its fold loader): `load` (weights file, ... -> torch model) as it is for torch, else
     wrap(path, args, Net) with the fold's exported network (siimcovid.bundle.engines); the choice logged."""
     from siimcovid.bundle.engines import Net, engine_paths
 
-    engine = member_backend(member, hw)
+    engine = member_engine(member, hw)
     where = f"{member.kind}/{member.name}"
-    LOGGER.info(f"predict: {where}: backend {engine}, {hw_precision(hw, engine)}")
+    LOGGER.info(f"predict: {where}: backend {member_backend(member, hw)}, {hw_precision(hw, engine)}")
     if engine == "torch":
         return engine, load
     files = {path: engine_paths(member.engines[engine][k].parent, k, engine) for k, path in member.weights.items()}
-    return engine, lambda path, *args: wrap(path, args, Net(engine, files[path], member.engine_digests, hw.precision, where))
+    precision = hw_precision(hw, engine)
+    return engine, lambda path, *args: wrap(path, args, Net(engine, files[path], member.engine_digests, precision, where))
 
 
 def hw_precision(hw: Hardware, engine: str) -> str:
+    """What an engine (member_engine's) computes in: int8 for the int8 engine, fp16 for torch on a GPU with half=."""
+    from siimcovid.bundle.engines import INT8
+
+    if engine == INT8:
+        return "int8"
     return "fp16" if engine == "torch" and hw.half and hw.device.type == "cuda" else hw.precision
 
 

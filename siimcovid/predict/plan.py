@@ -10,10 +10,10 @@ set-up: the rest), so
 
 and the projection is prepare (measured: it ran) + every member + fuse and view (not timed: about 0.05 s per image
 in all by benchmarks/bench_predict.py, small beside the models). The cuts, each with its saving measured this way:
-tta=none for every member (a predict setting), backend=auto where the bundle holds exported engines (timed in
-bf16 where the CPU computes it: siimcovid.bundle.engines), precision=bf16 where the CPU computes bf16 (a predict setting; timed
-only then), one fold fewer of a member (export has no fold selector yet), a member left out (`export` again without
-it; never the only detector or classifier). The plan costs
+tta=none for every member (a predict setting); backend=auto where the bundle holds exported engines (timed in bf16
+where the CPU computes it: siimcovid.bundle.engines), with precision=int8 where it holds int8 engines (`export int8=`);
+precision=bf16 where the CPU computes bf16 (a predict setting; timed only then); one fold fewer of a member (export has
+no fold selector yet); a member left out (`export` again without it; never the only detector or classifier). The plan costs
 about 3 x plan_images images of one fold per member, twice with TTA (a first untimed call warms each member up); it is
 skipped when the source has no more than 2 x plan_images images (the run itself is then about as short).
 """
@@ -24,6 +24,7 @@ import copy
 import time
 from dataclasses import dataclass, replace
 
+from siimcovid.bundle.engines import INT8
 from siimcovid.utils import LOGGER, SiimError
 
 FEWER = "one fold fewer (a bundle of fewer folds: export has no fold selector yet)"
@@ -87,7 +88,7 @@ def measure(member, prepared, hw, tta, lungs, n: int, predict_member, warm: bool
 def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: bool, engine=None) -> Cost:
     """engine: the Hardware of the backend cut (backend=auto, maybe in bf16), timed where the member has an engine."""
     from siimcovid.classify.tta import tta_name
-    from siimcovid.predict.members import member_backend
+    from siimcovid.predict.members import member_engine
 
     key = f"{member.kind}/{member.name}"
     load, per = measure(member, prepared, hw, tta, lungs, n, predict_member, warm=True)
@@ -97,8 +98,8 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         off = "none" if member.kind == "classify" else False
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
-    on_engine = None  # (load, per image) on an exported engine: only where backend=auto would run one for this member
-    if engine is not None and member.engines and member_backend(member, engine) != "torch":
+    on_engine = None  # (load, per image) on an exported engine: only where the cut would run another one for this member
+    if engine is not None and member.engines and member_engine(member, engine) != member_engine(member, hw):
         on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)
     group = "none" if member.kind == "classify" and member.settings.get("task") == "none" else member.kind
     engine_load, engine_per = on_engine or (None, None)
@@ -148,6 +149,18 @@ def fitting(total: float, budget: float, options: list[tuple[str, float]], done:
     return []
 
 
+def engine_cut(hw, engine) -> str:
+    """The settings of the engine cut (plan's `engine` Hardware) that differ from predict's: backend=auto, precision=."""
+    if engine is None:
+        return ""
+    changed = ["backend=auto"] if engine.backend != hw.backend else []
+    if engine.int8 and not hw.int8:
+        changed.append("precision=int8")
+    elif engine.precision != hw.precision:
+        changed.append(f"precision={engine.precision}")
+    return " ".join(changed)
+
+
 def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dict | None:
     """Measure every detector and classifier member, log the projection, and stop when it is over budget= (hours).
     Returns the plan for predict.yaml, or None when skipped (plan=false, or too few images)."""
@@ -161,9 +174,13 @@ def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dic
             LOGGER.info(f"predict: {n} images, no more than the plan would time (2 x plan_images={k}): no plan, no budget check")
         return None
     bf16 = hw.device.type == "cpu" and hw.precision == "fp32" and cpu_has_bf16()
-    engine = None  # the backend cut: a torch run on the CPU of a bundle with exported engines, in bf16 where it computes
-    if hw.device.type == "cpu" and hw.backend == "torch" and any(m.engines for m in [*bundle.detectors, *bundle.classifiers]):
-        engine = replace(hw, backend="auto", precision="bf16" if cpu_has_bf16() else hw.precision)
+    # the engine cut, on the CPU: a torch run of a bundle with exported engines (backend=auto, in bf16 where the CPU
+    # computes it), and int8 engines not asked for (precision=int8)
+    engine, members, cpu = None, [*bundle.detectors, *bundle.classifiers], hw.device.type == "cpu"
+    int8 = cpu and hw.backend != "onnx" and not hw.int8 and any(INT8 in m.engines for m in members)
+    if cpu and (int8 or (hw.backend == "torch" and any(m.engines for m in members))):
+        backend = "auto" if hw.backend == "torch" else hw.backend
+        engine = replace(hw, backend=backend, precision="bf16" if cpu_has_bf16() else hw.precision, int8=int8 or hw.int8)
     costs = []
     for member in [*bundle.detectors, *bundle.classifiers]:
         tta = member_tta(member, cfg.tta)
@@ -178,9 +195,7 @@ def plan(bundle, prepared, hw, cfg, lungs, seconds: dict, predict_member) -> dic
         f"on {k} images:\n" + "\n".join(lines) + f"\n  {'done (prepare, lung members)':<32} {span(done)}"
         f"\n  {'projected total':<32} {span(total)} (fuse and view not included: about 0.05 s per image)"
     )
-    options = cuts(
-        costs, n, "backend=auto" + (f" precision={engine.precision}" if engine and engine.precision != hw.precision else "")
-    )
+    options = cuts(costs, n, engine_cut(hw, engine))
     record = {"images": n, "timed_images": k, "projected_hours": round(total / 3600, 4), "members": {}}
     for c in costs:
         record["members"][c.key] = {"folds": c.folds, "load_s": round(c.load, 4), "s_per_image": round(c.per_image, 6)}

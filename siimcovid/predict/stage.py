@@ -53,6 +53,7 @@ from siimcovid.predict.members import (
     crop_counts,
     lung_boxes,
     member_backend,
+    member_engine,
     member_tta,
     predict_classifier,
     predict_detector,
@@ -111,14 +112,29 @@ def check_inputs(cfg: Config):
     return bundle, source, layout, out
 
 
+def check_int8(bundle, hw: Hardware, name) -> None:
+    """precision=int8 with a bundle that has no int8 engine: an error naming the export that writes them."""
+    from siimcovid.bundle.engines import INT8
+
+    members = [*bundle.detectors, *bundle.classifiers, *bundle.lungs]
+    if hw.int8 and not any(INT8 in m.engines for m in members):
+        raise SiimError(
+            f"predict: precision=int8: bundle {name} holds no int8 engine (`siimcovid export ... int8=detect,classify` "
+            "writes them): precision=auto computes in what this CPU has"
+        )
+
+
 def member_precision(member, hw: Hardware, warn: bool = True) -> str:
     """The precision a member computes in: predict's (hw.precision), or fp32 for a member of a family that does not
     read it (Family.reads_precision: the built-in families do), said when `warn` (once per member: when it predicts)."""
+    from siimcovid.bundle.engines import INT8
     from siimcovid.bundle.members import LUNG_KIND
     from siimcovid.engine.family import family_class
 
     stage = "detect" if member.kind in ("detect", LUNG_KIND) else "classify"
     family = family_class(member.family or ("yolo" if stage == "detect" else "timm"), stage)
+    if member_engine(member, hw) == INT8:
+        return "int8"
     if hw.precision != "fp32" and not family.reads_precision:
         if warn:
             LOGGER.warning(f"predict: {member.kind}/{member.name} (family={family.name}) predicts in fp32, not {hw.precision}")
@@ -127,15 +143,23 @@ def member_precision(member, hw: Hardware, warn: bool = True) -> str:
 
 
 def hardware(cfg: Config) -> Hardware:
-    """Where the members run: the device, and on the CPU its precision (precision=auto: what this CPU has, logged)."""
+    """Where the members run: the device, and on the CPU its precision (precision=auto: what this CPU has, logged;
+    int8: the bundle's int8 engines, the other members as auto)."""
     from siimcovid.engine.devices import cpu_has_bf16, cpu_precision, torch_device
 
     device = torch_device(cfg.device)
-    precision = cpu_precision(device, cfg.precision)
+    int8 = cfg.precision == "int8"
+    if int8 and (device.type != "cpu" or cfg.backend not in ("openvino", "auto")):
+        raise SiimError(
+            f"predict: precision=int8 runs the bundle's int8 engines (`export int8=`) with OpenVINO on the CPU: "
+            f"backend=auto (or openvino) and device=cpu, not backend={cfg.backend} device={cfg.device}"
+        )
+    precision = cpu_precision(device, "auto" if int8 else cfg.precision)
     if device.type == "cpu":
         why = {"auto": f" (precision=auto: this CPU {'has' if cpu_has_bf16() else 'lacks'} AVX-512 BF16 / AMX)"}
+        why["int8"] = f" where a member has no int8 engine{why['auto'][:-1]})"
         LOGGER.info(f"predict: the members compute in {precision} on the CPU{why.get(cfg.precision, '')}")
-    return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision, cfg.backend)
+    return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision, cfg.backend, int8)
 
 
 class Steps:
@@ -395,6 +419,7 @@ def predict(cfg: Config) -> dict:
     offline()
     bundle, source, layout, out = check_inputs(cfg)
     hw = hardware(cfg)
+    check_int8(bundle, hw, cfg.bundle)
     created = not out.exists()
     fixed = [out / name for name in fixed_outputs()]  # a user's file in the way stops it now, not at the end
     open_out(out, RECORD, "predict", cfg.overwrite, [source], earlier=earlier_outputs, check=fixed)  # the record first
