@@ -317,7 +317,8 @@ def test_a_detector_traced_after_a_call_still_follows_the_shape_of_its_input(tmp
 # ----------------------------------------------------------------------------- int8
 @pytest.fixture
 def int8_bundle(runs, tmp_path) -> Path:
-    return export(runs, pipeline="x", out=str(tmp_path / "b8"), formats=["openvino", "onnx"], int8=["detect", "classify"], calibration=6)
+    both = ["detect", "classify"]
+    return export(runs, pipeline="x", out=str(tmp_path / "b8"), formats=["openvino", "onnx"], int8=both, calibration=6)
 
 
 def test_int8_engines_are_every_fold_listed_and_compute_the_torch_network_within_1e_2(int8_bundle):
