@@ -32,7 +32,9 @@ declaration; `print(<declaration>.describe())` prints its keys):
                                    (crop=lung: crop, lung, crop_margin, lung_conf, view_fusion)
     classify/<name>/fold<k>.safetensors  the weights load_checkpoint_model evaluates (EMA); fp16 with fp16_weights=true
     <kind>/<name>/fold<k>.onnx     formats=onnx: the fold's network as ONNX; fold<k>.xml + fold<k>.bin: formats=openvino,
-                                   its OpenVINO IR (every fold of a built-in member or none: siimcovid.bundle.engines)
+                                   its OpenVINO IR; fold<k>.int8.xml + fold<k>.int8.bin: int8=<kind>, the network
+                                   quantised to int8, as OpenVINO IR (each engine: every fold of a built-in member or
+                                   none: siimcovid.bundle.engines)
     lung/<name>/                   crop=lung: the YOLO lung detector (`detect train task=lung`) that members name in
                                    their `lung`, packed as a detector (model.yaml, settings.yaml, fold<k>.safetensors:
                                    every fold of the members that crop with it); `siimcovid predict` runs it first and

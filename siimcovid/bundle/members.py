@@ -65,7 +65,7 @@ class Member:
     model: dict = field(default_factory=dict)
     digests: dict[int, str] = field(default_factory=dict)  # {fold: sha256 of its weights file}: checked when loaded
     family: str = ""  # the model family that trained it (siimcovid.engine.family); "": its kind's built-in one
-    engines: dict[str, dict[int, Path]] = field(default_factory=dict)  # {onnx | openvino: {fold: file}} (bundle.engines)
+    engines: dict[str, dict[int, Path]] = field(default_factory=dict)  # {onnx | openvino | int8: {fold: its first file}}
     engine_digests: dict[str, dict] = field(default_factory=dict)  # {engine file name: its manifest entry (sha256, bytes)}
 
 

@@ -153,8 +153,6 @@ def cpu_precision(device, precision: str | None) -> str:
     """What a model on `device` computes in on the CPU: "bf16" or "fp32" (module docstring). A GPU: "fp32" here (its
     `half` setting decides its fp16)."""
     precision = precision or "fp32"
-    if precision == "int8":
-        raise SiimError("precision=int8 runs a bundle's int8 engines (`siimcovid export int8=`): `siimcovid predict`'s only")
     if precision not in ("fp32", "bf16", "auto"):
         raise SiimError(f"precision={precision}: expected fp32, bf16 or auto")
     if precision == "fp32":  # before the device is read: fp32 is the path it always was (device=-1 included)

@@ -41,7 +41,7 @@ class Cost:
     per_image: float
     per_image_no_tta: float | None  # None: its TTA is already off
     per_image_bf16: float | None = None  # timed only when bf16 would be a cut (an fp32 run on a bf16 CPU)
-    per_image_engine: float | None = None  # timed only when the member has an exported engine and backend=torch runs
+    per_image_engine: float | None = None  # timed only when the engine cut changes what the member runs (plan's engine)
     group: str = ""  # what may be left out only beside another of it: detect, classify, none (default: the key's kind)
     load_engine: float | None = None  # the engine's load and compile per fold (with per_image_engine)
 
@@ -99,7 +99,9 @@ def member_cost(member, prepared, hw, tta, lungs, n: int, predict_member, bf16: 
         no_tta = measure(member, prepared, hw, off, lungs, n, predict_member)[1]
     in_bf16 = measure(member, prepared, replace(hw, precision="bf16"), tta, lungs, n, predict_member)[1] if bf16 else None
     on_engine = None  # (load, per image) on an exported engine: only where the cut would run another one for this member
-    if engine is not None and member.engines and member_engine(member, engine) != member_engine(member, hw):
+    if engine is not None and member.engines and (
+        engine.precision != hw.precision or member_engine(member, engine) != member_engine(member, hw)
+    ):
         on_engine = measure(member, prepared, engine, tta, lungs, n, predict_member, warm=True)
     group = "none" if member.kind == "classify" and member.settings.get("task") == "none" else member.kind
     engine_load, engine_per = on_engine or (None, None)

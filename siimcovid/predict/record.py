@@ -2,9 +2,10 @@
 
     bundle, bundle_sha256   the bundle and the sha256 of its manifest.yaml (which holds every file's sha256)
     settings                predict's resolved settings
-    members                 {"detect/<name>" | "classify/<name>": {images, tta, half, precision}}, added as each member's
-                            table is written: a table is reused only when its entry matches what would make it now
-                            (same bundle, the same prepared test images, TTA and precision) and the file is there
+    members                 {"detect/<name>" | "classify/<name>": {images, tta, half, precision, backend}}, added as
+                            each member's table is written: a table is reused only when its entry matches what would
+                            make it now (same bundle, the same prepared test images, TTA, precision and backend; an int8
+                            engine: backend openvino, precision int8) and the file is there
     views                   crop=lung: {"<kind>/<name>": {lung: the lung member it cropped with, cropped: {fold: how
                             many of the images that fold saw cropped to a confident lung box (the rest: whole only)}}}
     n_images, seconds       the images predicted and the time of each step of the last run

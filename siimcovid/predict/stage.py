@@ -112,11 +112,14 @@ def check_inputs(cfg: Config):
     return bundle, source, layout, out
 
 
-def check_int8(bundle, hw: Hardware, name) -> None:
-    """precision=int8 with a bundle that has no int8 engine: an error naming the export that writes them."""
+def check_engines(bundle, hw: Hardware, name) -> None:
+    """Before any work: every member's engine can run here (member_engine: a named backend a member lacks, a missing
+    runtime), and precision=int8 has an int8 engine to run."""
     from siimcovid.bundle.engines import INT8
 
     members = [*bundle.detectors, *bundle.classifiers, *bundle.lungs]
+    for member in members:
+        member_engine(member, hw)
     if hw.int8 and not any(INT8 in m.engines for m in members):
         raise SiimError(
             f"predict: precision=int8: bundle {name} holds no int8 engine (`siimcovid export ... int8=detect,classify` "
@@ -419,7 +422,7 @@ def predict(cfg: Config) -> dict:
     offline()
     bundle, source, layout, out = check_inputs(cfg)
     hw = hardware(cfg)
-    check_int8(bundle, hw, cfg.bundle)
+    check_engines(bundle, hw, cfg.bundle)
     created = not out.exists()
     fixed = [out / name for name in fixed_outputs()]  # a user's file in the way stops it now, not at the end
     open_out(out, RECORD, "predict", cfg.overwrite, [source], earlier=earlier_outputs, check=fixed)  # the record first
