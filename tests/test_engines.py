@@ -420,12 +420,13 @@ def test_precision_int8_is_checked_before_any_work(runs, synth_root, tmp_path):
     assert member_engine(member, Hardware(CPU, 4, 0, True, "bf16", "auto")) == "openvino"  # int8 not asked
 
 
-def test_export_measures_each_int8_fold_against_fp32_and_warns_beyond_the_tolerance(engine_bundle, caplog):
+def test_export_measures_each_int8_fold_against_fp32_and_warns_beyond_the_tolerance(engine_bundle, caplog, monkeypatch):
     """int8_deviation: zero for a network against itself; for two different networks (fold 0 against fold 1, both
     fp32 IR) the largest difference of their probabilities (classifier) or confidences (detector), as torch computes
     them; log_int8: one line per member, a warning naming the fold beyond INT8_TOLERANCE."""
     import logging
 
+    monkeypatch.setattr(engines, "int8_rest", lambda: "f32")  # the "int8" side in f32 too: the measure, exactly
     opened = open_bundle(engine_bundle)
     rng = np.random.default_rng(0)
     for member in opened.detectors + opened.classifiers:
@@ -433,7 +434,8 @@ def test_export_measures_each_int8_fold_against_fp32_and_warns_beyond_the_tolera
         channels = 1 if member.kind == "classify" else 3
         inputs = [rng.random((1, channels, 64, 64), dtype=np.float32) for _ in range(3)]
         same = engines.int8_deviation(member, xml[0], xml[0], inputs)
-        assert set(same) == ({"probability"} if member.kind == "classify" else {"confidence", "box"})
+        # (the box term needs a confident anchor (CONFIDENT): this untrained detector has none)
+        assert set(same) == ({"probability"} if member.kind == "classify" else {"confidence"})
         assert max(same.values()) == 0
         other = engines.int8_deviation(member, xml[0], xml[1], inputs)
         with torch.no_grad():
@@ -455,3 +457,17 @@ def test_export_measures_each_int8_fold_against_fp32_and_warns_beyond_the_tolera
     assert "confidence 0.004 (fold 1), box 0.001 of the side (fold 0) (within 0.01)" in within.getMessage()
     assert beyond.levelno == logging.WARNING and "confidence 0.03 (fold 1)" in beyond.getMessage()
     assert "beyond the 0.01" in beyond.getMessage() and "int8= without detect" in beyond.getMessage()
+
+
+def test_the_detector_deviation_compares_corners_of_the_confident_anchors_only():
+    """Ultralytics' decoded boxes are centre x, centre y, width, height: a width 2 px wider moves each side's corner by
+    1 px; an anchor below CONFIDENT (or below half the image's best) counts for the scores, never for the boxes."""
+    u = np.array([[50.0, 20.0], [40.0, 20.0], [10.0, 4.0], [8.0, 4.0], [0.9, 0.05]])  # two anchors, one class
+    v = u.copy()
+    v[2, 0] += 2  # the confident anchor: 2 px wider
+    v[0, 1] += 30  # the unconfident one: moved far
+    v[4, 1] += 0.02
+    found = engines.detector_deviation(u, v, 100)
+    assert found == pytest.approx({"confidence": 0.02, "box": 0.01})
+    u[4, 0] = 0.05  # nothing confident: no box term
+    assert set(engines.detector_deviation(u, v, 100)) == {"confidence"}

@@ -235,7 +235,7 @@ def export(cfg: Config) -> Path:
     if cfg.sign:
         signing.private_key(cfg.sign)  # a key that cannot sign fails before any packing
     check_formats(cfg.formats)
-    check_int8(cfg.int8, cfg.formats)
+    check_int8(cfg.int8)
     src = export_sources(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.project) / stages.stage("export").folder / src.name
     check_out(out, cfg.overwrite, [Path(cfg.project), *src.detect, *src.classify, src.fuse])

@@ -60,7 +60,7 @@ def member_engine(member, hw: Hardware) -> str:
 
     where = f"predict: {member.kind}/{member.name}"
     if hw.int8 and INT8 in member.engines and hw.backend in ("openvino", "auto") and hw.device.type == "cpu":
-        check_runtime(INT8, where)
+        check_runtime("openvino", where)  # its runtime
         return INT8
     if hw.backend == "torch":
         return "torch"
