@@ -1,8 +1,8 @@
 """Time per image of each step of `siimcovid predict`, on real-size synthetic DICOMs, and the projection for
 the competition's test set (1,263 images; 2 detectors + 2 classifiers x 5 folds, flip TTA).
 
-    PYTHONPATH=. python benchmarks/bench_predict.py [--images 2] [--repeat 1] [--work runs/bench_predict] [--precision fp32,bf16]
-        [--backends torch,openvino,onnx]
+    PYTHONPATH=. python benchmarks/bench_predict.py [--images 2] [--repeat 1] [--work runs/bench_predict]
+        [--precision fp32,bf16,int8] [--backends torch,openvino,onnx]
 
 Writes --images test DICOMs of real size (about 2544 x 3028, 10-16 bit, a share compressed: RLE, JPEG 2000,
 JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures on this machine's CPU
@@ -25,8 +25,10 @@ JPEG-LS; `siimcovid synth rows=2544 cols=3028`) once into --work, then measures 
 --precision, --backends: each model is also timed in those CPU precisions and backends, one right after the other
 (torch bf16: under torch.autocast, classifiers channels_last, `siimcovid predict precision=bf16`; openvino / onnx: the
 network exported as `siimcovid export formats=` exports it and run as `predict backend=` runs it (bf16: OpenVINO's
-inference precision; ONNX Runtime in fp32 only), inside the same Ultralytics predict and softmax); a table of every
-variant and the ensemble's projection in each.
+inference precision; ONNX Runtime in fp32 only; openvino int8: the network quantised as `export int8=` quantises it,
+calibrated on the --images, and run as `predict precision=int8` runs it), inside the same Ultralytics predict and
+softmax); a table of every variant and the ensemble's projection in each, and of int8 detectors with bf16 (or fp32)
+classifiers, what `export int8=detect` + `predict backend=auto precision=int8` runs.
 
 GFLOPs per forward (torch's FlopCounterMode) come with each model: the GPU projection is a formula over
 them and the CPU numbers, with the GPU's throughput as an assumption, NOT a measurement.
@@ -399,6 +401,8 @@ def main() -> None:
     # every backend in every precision it computes (ONNX Runtime: fp32; int8: OpenVINO, export int8='s engines), torch
     # fp32 first: "fp32", "bf16", "openvino-bf16", "openvino-int8"
     computes = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16", "int8")}
+    if set(backends) - set(computes):
+        ap.error(f"--backends: expected any of {', '.join(computes)}, not {', '.join(sorted(set(backends) - set(computes)))}")
     precisions = [p if b == "torch" else f"{b}-{p}" for b in backends for p in asked if p in computes[b]]
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
