@@ -116,7 +116,7 @@ def stage_config(name: str, mode: str | None, overrides) -> Config:
     spec = stage(name)
     check = load(spec.extra_check) if spec.extra_check else None
     cfg = load_config(name, overrides, extra_ok=extra_keys(name), extra_check=check)
-    if name != "predict" and cfg.get("precision") == "int8":  # the shared type's one value that is predict's alone
+    if name not in ("predict", "serve") and cfg.get("precision") == "int8":  # the shared type's value that is predict's
         raise SiimError(f"{name}: precision=int8 runs a bundle's int8 engines (`export int8=`): `siimcovid predict`'s only")
     if mode is not None:
         cfg["mode"] = mode

@@ -471,3 +471,18 @@ def test_the_detector_deviation_compares_corners_of_the_confident_anchors_only()
     assert found == pytest.approx({"confidence": 0.02, "box": 0.01})
     u[4, 0] = 0.05  # nothing confident: no box term
     assert set(engines.detector_deviation(u, v, 100)) == {"confidence"}
+
+
+def test_serve_checks_its_backend_and_precision_against_the_bundle_before_it_listens(runs, tmp_path):
+    """serve passes backend= and precision= to every study's predict; one its bundle cannot run is refused at the
+    start, not study by study after the node has taken them."""
+    bundle = export(runs, pipeline="x", out=str(tmp_path / "b"))
+    node = tmp_path / "node"
+    for bad, words in [
+        ({"backend": "openvino"}, "holds no openvino engine of it"),
+        ({"backend": "torch", "precision": "int8"}, "precision=int8 runs the bundle's int8 engines"),
+        ({"backend": "auto", "precision": "int8"}, "holds no int8 engine"),
+    ]:
+        with pytest.raises(SiimError, match=words):
+            call("serve", bundle=str(bundle), out=str(node), exit_idle=1, **bad)
+        assert not node.exists()

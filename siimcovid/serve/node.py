@@ -162,6 +162,7 @@ class Node:
                 device=self.cfg.device,
                 workers=self.cfg.workers,
                 backend=self.cfg.backend,
+                precision=self.cfg.precision,
                 plan=False,
             )
             table = DICOM_RESULTS.read(done["dicom"]) if done.get("dicom") else pd.DataFrame(columns=DICOM_RESULTS.names)
@@ -346,13 +347,23 @@ def check(cfg: Config) -> None:
         )
 
 
+def predict_settings(cfg: Config) -> Config:
+    """The predict settings a study runs with (Node.predict's), as predict types and checks them."""
+    from siimcovid.stages import stage_config
+
+    keys = ("bundle", "trust", "device", "workers", "backend", "precision")
+    return stage_config("predict", None, {k: cfg[k] for k in keys})
+
+
 def serve(cfg: Config) -> dict:
     """Run the node until stopped (SIGINT, SIGTERM) or `exit_idle` seconds with nothing to do; returns the queue's table."""
     check(cfg)
     check_place(cfg.out)
     from siimcovid.bundle import open_bundle
+    from siimcovid.predict.stage import check_engines, hardware
 
-    open_bundle(cfg.bundle, cfg.trust)  # every check of the bundle, before anything listens (predict opens it per study)
+    bundle = open_bundle(cfg.bundle, cfg.trust)  # every check of the bundle, before anything listens (predict opens it per study)
+    check_engines(bundle, hardware(predict_settings(cfg)), cfg.bundle)  # and that its members can run as asked
     record = open_out(cfg.out, RECORD, "serve", None, claim=[Path(cfg.out) / QUEUE_FILE])
     record.save()
     lock = one_node(Path(cfg.out) / QUEUE_FILE)
