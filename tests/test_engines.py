@@ -486,3 +486,21 @@ def test_serve_checks_its_backend_and_precision_against_the_bundle_before_it_lis
         with pytest.raises(SiimError, match=words):
             call("serve", bundle=str(bundle), out=str(node), exit_idle=1, **bad)
         assert not node.exists()
+
+
+def test_an_int8_engine_that_is_not_an_ir_is_refused_and_one_that_was_swapped_is_seen(int8_bundle, tmp_path):
+    """An attacker's fold0.int8.xml, listed with recomputed checksums: an ONNX model naming a file of this machine, or an
+    XML with entities, is refused before OpenVINO reads it, as for the fp32 IR; and a swapped int8 .bin fails its sha256."""
+    secret = tmp_path / "secret.bin"
+    for body in (onnx_model(external=secret), b'<!DOCTYPE net [<!ENTITY a "aaaa">]><net>&a;</net>'):
+        (int8_bundle / "classify" / "x" / "fold0.int8.xml").write_bytes(body)
+        relist(int8_bundle, "classify/x/fold0.int8.xml")
+        member = open_bundle(int8_bundle).classifiers[0]
+        files = engines.engine_paths(member.weights[0].parent, 0, engines.INT8)
+        with pytest.raises(SiimError, match="not an OpenVINO IR"):
+            engines.Net(engines.INT8, files, member.engine_digests, "int8", "classify/x")
+    member = open_bundle(int8_bundle).detectors[0]
+    files = engines.engine_paths(member.weights[0].parent, 0, engines.INT8)
+    files[1].write_bytes(files[1].read_bytes()[:-4] + b"\0\0\0\0")  # after opening: not what the manifest lists
+    with pytest.raises(SiimError, match=r"fold0.int8.bin: its sha256 is not the manifest's"):
+        engines.Net(engines.INT8, files, member.engine_digests, "int8", "detect/x")
