@@ -162,12 +162,21 @@ def member_graph(member, path: Path):
             has_none = model(example)["none"] is not None
         return classifier_graph(model), example, ["study", "none"] if has_none else ["study"]
     fold = int(re.fullmatch(r"fold(\d+)" + re.escape(weights_of.SUFFIX), path.name)[1])
-    size = int({int(k): v for k, v in (member.settings.get("imgsz") or {}).items()}[fold])
+    size = fold_imgsz(member.settings, fold)
     model = weights_of.detector(member.model, path, where).model
     if getattr(model, "end2end", False):
         raise SiimError(f"{where}: an end-to-end head selects its boxes inside the network: no exported engine for it")
-    channels = int((member.model.get("yaml") or {}).get("channels") or 3)
-    return detector_graph(model), torch.rand(1, channels, size, size), ["boxes"]
+    return detector_graph(model), torch.rand(1, detector_channels(member), size, size), ["boxes"]
+
+
+def fold_imgsz(settings: dict, fold: int) -> int:
+    """A detector member's training size of fold k (settings.yaml's imgsz {fold: size}; YAML may key it as text)."""
+    return int({int(k): v for k, v in (settings.get("imgsz") or {}).items()}[fold])
+
+
+def detector_channels(member) -> int:
+    """The input channels of a detector member's network (its model YAML's `channels`, Ultralytics' default 3)."""
+    return int((member.model.get("yaml") or {}).get("channels") or 3)
 
 
 def end_to_end(member) -> bool:
@@ -214,12 +223,11 @@ def network_inputs(member, fold: int, prepared: Path, n: int, part: str = "train
             continue
         from ultralytics.data.augment import LetterBox
 
-        imgsz = int(s.get("predict_imgsz") or {int(k): v for k, v in (s.get("imgsz") or {}).items()}[fold])
+        imgsz = int(s.get("predict_imgsz") or fold_imgsz(s, fold))
         imgsz = -(-imgsz // 32) * 32  # as Ultralytics' check_imgsz rounds it up to the stride (32; a P6 model's 64 aside)
-        channels = int((member.model.get("yaml") or {}).get("channels") or 3)
         image = read_image(data.image_path(image_id, "train", data.check_size(int(s["size"]))), cv2.IMREAD_COLOR)
         image = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=image)
-        image = image[..., :1] if channels == 1 else image[..., ::-1]  # Ultralytics feeds RGB
+        image = image[..., :1] if detector_channels(member) == 1 else image[..., ::-1]  # Ultralytics feeds RGB
         out.append(np.ascontiguousarray(image.transpose(2, 0, 1))[None].astype(np.float32) / 255)
     return out
 
@@ -229,7 +237,7 @@ def read_image(path: Path, flags: int) -> np.ndarray:
 
     image = cv2.imread(str(path), flags)
     if image is None:
-        raise SiimError(f"export int8: could not read the calibration image {path}")
+        raise SiimError(f"export int8: could not read the image {path}")
     return image
 
 
@@ -292,7 +300,8 @@ def export_engines(
             LOGGER.warning(f"export: {m.kind}/{m.name} ({why}) has no exported engine: it predicts with torch")
             continue
         jobs += [(m, k, root / f"{m.kind}/{m.name}/fold{k}{weights_of.SUFFIX}") for k in sorted(m.weights)]
-    what, checked = ",".join([*formats, *([f"int8 ({','.join(int8)})"] if int8 else [])]), {}
+    what = ",".join([*formats, *([f"int8 ({','.join(int8)})"] if int8 else [])])
+    checked: dict[tuple[str, str], tuple] = {}  # {(kind, name): (member, {fold: its int8 deviation})}
     for m, k, path in tqdm(jobs, desc=f"export {what}", unit="fold"):
         onnx_path = engine_paths(path.parent, k, "onnx")[0]
         onnx_path.write_bytes(onnx_bytes(*member_graph(m, path)))
@@ -300,11 +309,11 @@ def export_engines(
             save_ir(onnx_path, engine_paths(path.parent, k, "openvino")[0])
         if m.kind in int8:
             quantized = path.parent / f"fold{k}.int8.onnx"  # the bundle's work folder: removed once it is IR
-            quantize(onnx_path, network_inputs(m, k, prepared[(m.kind, m.name)], calibration), quantized)
-            save_ir(quantized, engine_paths(path.parent, k, INT8)[0])
+            trained_on, xml = prepared[(m.kind, m.name)], engine_paths(path.parent, k, INT8)[0]
+            quantize(onnx_path, network_inputs(m, k, trained_on, calibration), quantized)
+            save_ir(quantized, xml)
             quantized.unlink()
-            found = check_int8_fold(m, k, onnx_path, engine_paths(path.parent, k, INT8)[0], prepared[(m.kind, m.name)])
-            checked.setdefault((m.kind, m.name), (m, {}))[1][k] = found
+            checked.setdefault((m.kind, m.name), (m, {}))[1][k] = check_int8_fold(m, k, onnx_path, xml, trained_on)
         if "onnx" not in formats:
             onnx_path.unlink()
     for m, found in checked.values():
@@ -342,8 +351,12 @@ def int8_deviation(member, fp32: Path, int8: Path, inputs: list[np.ndarray]) -> 
     def note(key: str, value: float) -> None:
         worst[key] = max(worst.get(key, 0.0), float(value))
 
+    def outputs(net, x) -> dict[str, np.ndarray]:
+        result = net(x)
+        return {o.get_any_name(): np.asarray(result[o], np.float64) for o in net.outputs}
+
     for x in inputs:
-        a, b = ({o.get_any_name(): np.asarray(r[o], np.float64) for o in net.outputs} for net, r in ((n, n(x)) for n in nets))
+        a, b = (outputs(net, x) for net in nets)
         if member.kind == "classify":
             keys = ["none"] if member.settings.get("task") == "none" else [k for k in ("study", "none") if k in a]
             for key in keys:

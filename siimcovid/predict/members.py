@@ -88,13 +88,12 @@ def with_backend(member, hw: Hardware, load, wrap) -> tuple[str, object]:
     wrap(path, args, Net) with the fold's exported network (siimcovid.bundle.engines); the choice logged."""
     from siimcovid.bundle.engines import Net, engine_paths
 
-    engine = member_engine(member, hw)
-    where = f"{member.kind}/{member.name}"
-    LOGGER.info(f"predict: {where}: backend {member_backend(member, hw)}, {hw_precision(hw, engine)}")
+    engine, where = member_engine(member, hw), f"{member.kind}/{member.name}"
+    precision = hw_precision(hw, engine)
+    LOGGER.info(f"predict: {where}: backend {member_backend(member, hw)}, {precision}")
     if engine == "torch":
         return engine, load
     files = {path: engine_paths(member.engines[engine][k].parent, k, engine) for k, path in member.weights.items()}
-    precision = hw_precision(hw, engine)
     return engine, lambda path, *args: wrap(path, args, Net(engine, files[path], member.engine_digests, precision, where))
 
 

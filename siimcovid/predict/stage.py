@@ -159,8 +159,8 @@ def hardware(cfg: Config) -> Hardware:
         )
     precision = cpu_precision(device, "auto" if int8 else cfg.precision)
     if device.type == "cpu":
-        why = {"auto": f" (precision=auto: this CPU {'has' if cpu_has_bf16() else 'lacks'} AVX-512 BF16 / AMX)"}
-        why["int8"] = f" where a member has no int8 engine{why['auto'][:-1]})"
+        cpu = f"precision=auto: this CPU {'has' if cpu_has_bf16() else 'lacks'} AVX-512 BF16 / AMX"
+        why = {"auto": f" ({cpu})", "int8": f" where a member has no int8 engine ({cpu})"}
         LOGGER.info(f"predict: the members compute in {precision} on the CPU{why.get(cfg.precision, '')}")
     return Hardware(device, cfg.batch, loader_workers(cfg.workers), cfg.half, precision, cfg.backend, int8)
 

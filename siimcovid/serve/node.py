@@ -51,6 +51,8 @@ from siimcovid.serve.send import (
 from siimcovid.tables import DICOM_RESULTS
 from siimcovid.utils import LOGGER, SiimError
 
+PREDICT_KEYS = ("bundle", "trust", "device", "workers", "backend", "precision")  # serve's settings each study's predict takes
+
 RECORD = "serve.yaml"  # the node's record of its folder (siimcovid.outputs): it lists queue.sqlite, which lists the rest
 STORE, RESULTS = "store", "results"
 OUT_OF_RESOURCES, CANNOT_UNDERSTAND, PROCESSING_FAILURE = 0xA700, 0xC210, 0xC211
@@ -153,16 +155,11 @@ class Node:
         try:
             done = call(
                 "predict",
-                bundle=self.cfg.bundle,
-                trust=self.cfg.trust,
+                **{k: self.cfg[k] for k in PREDICT_KEYS},
                 source=str(self.root / STORE / uid),
                 out=str(out),
                 dicom=list(self.cfg.dicom),
                 dicom_min_conf=self.cfg.dicom_min_conf,
-                device=self.cfg.device,
-                workers=self.cfg.workers,
-                backend=self.cfg.backend,
-                precision=self.cfg.precision,
                 plan=False,
             )
             table = DICOM_RESULTS.read(done["dicom"]) if done.get("dicom") else pd.DataFrame(columns=DICOM_RESULTS.names)
@@ -348,11 +345,10 @@ def check(cfg: Config) -> None:
 
 
 def predict_settings(cfg: Config) -> Config:
-    """The predict settings a study runs with (Node.predict's), as predict types and checks them."""
+    """The node's settings every study's predict runs with (PREDICT_KEYS), as predict types and checks them."""
     from siimcovid.stages import stage_config
 
-    keys = ("bundle", "trust", "device", "workers", "backend", "precision")
-    return stage_config("predict", None, {k: cfg[k] for k in keys})
+    return stage_config("predict", None, {k: cfg[k] for k in PREDICT_KEYS})
 
 
 def serve(cfg: Config) -> dict:
